@@ -1,0 +1,53 @@
+"""Counting each event once: remember event ids for a window of event time.
+
+>>> d = Deduplicator(window_s=60)
+>>> d.seen("e1", ts=1000.0), d.seen("e1", ts=1001.0), d.seen("e2", ts=1002.0)
+(False, True, False)
+>>> d.seen("e3", ts=2000.0), d.seen("e1", ts=2001.0)  # e1 left the window 60 s after the newest event
+(False, False)
+"""
+from __future__ import annotations
+
+from collections import deque
+
+
+class Deduplicator:
+    """Event ids seen within ``window_s`` seconds (event time) of the newest event, at most ``max_ids``.
+
+    Parameters
+    ----------
+    window_s
+        How long, in event time, an id is remembered after the newest event seen.
+    max_ids
+        Memory bound: past it the oldest ids are forgotten first.
+    """
+
+    def __init__(self, window_s: float = 86_400.0, max_ids: int = 2_000_000):
+        self.window_s = window_s
+        self.max_ids = max_ids
+        self._ids: set[str] = set()
+        self._order: deque[tuple[float, str]] = deque()
+        self._newest = float("-inf")
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, event_id: str) -> bool:
+        return event_id in self._ids
+
+    def seen(self, event_id: str, ts: float) -> bool:
+        """True if ``event_id`` was seen in the window (a duplicate); else remember it and return False."""
+        if event_id in self._ids:
+            return True
+        self._ids.add(event_id)
+        self._order.append((ts, event_id))
+        if ts > self._newest:
+            self._newest = ts
+        self._evict()
+        return False
+
+    def _evict(self) -> None:
+        horizon = self._newest - self.window_s
+        order, ids = self._order, self._ids
+        while order and (order[0][0] < horizon or len(ids) > self.max_ids):
+            ids.discard(order.popleft()[1])

@@ -1,0 +1,236 @@
+"""The event record of the ``events`` topic, and its validation as pure functions.
+
+Every record a producer sends is parsed by :func:`parse_event`: it either becomes a
+normalised :class:`Event` or raises :class:`InvalidEvent` whose ``reason`` tells a
+person what to fix. PII fields are dropped here and never reach any state.
+
+>>> e = parse_event(b'{"event_id": "e1", "user_id": 42, "type": "Click", "item_id": "sku-7",'
+...                 b' "ts": "2024-11-24T12:00:00Z", "email": "a@b.c"}', now=1.8e9)
+>>> e.user_id, e.type, e.ts
+('42', 'click', 1732449600.0)
+>>> try:
+...     parse_event(b'{"event_id": "e2", "user_id": "u1", "type": "view", "ts": 1.7e9}', now=1.8e9)
+... except InvalidEvent as exc:
+...     print(exc.reason)
+field 'item_id' is required for 'view' events
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+import orjson
+
+#: Event types of the contract. ``forget`` is the in-stream erasure request.
+EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "rate", "impression", "dismiss",
+               "push_open", "push_click", "forget")
+#: Types that concern one item and so must carry ``item_id``.
+ITEM_EVENT_TYPES = frozenset({"view", "click", "add_to_cart", "purchase", "rate", "impression", "dismiss"})
+#: Fields that would identify a person; dropped at ingest wherever they appear.
+PII_FIELDS = frozenset({"email", "phone", "ip", "name", "first_name", "last_name", "full_name",
+                        "phone_number", "ip_address", "address", "email_address"})
+_MAX_ID_LEN = 256
+_MAX_CONTEXT_KEYS = 32
+
+
+class InvalidEvent(ValueError):
+    """A record that is not a valid event; ``reason`` says what is wrong and how to fix it."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What :func:`parse_event` accepts beyond the schema."""
+
+    max_bytes: int = 16_384
+    min_ts: float = 631_152_000.0  # 1990-01-01T00:00:00Z
+    max_future_s: float = 86_400.0
+    allow_unknown_types: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One normalised behaviour event; time is ``ts``, epoch seconds (UTC)."""
+
+    event_id: str
+    user_id: str
+    type: str
+    ts: float
+    item_id: str | None = None
+    value: float | None = None
+    rating: float | None = None
+    session_id: str | None = None
+    context: Mapping[str, str] | None = None
+
+    def to_dict(self) -> dict:
+        """The event as on the topic (None fields left out)."""
+        d = {"event_id": self.event_id, "user_id": self.user_id, "type": self.type, "ts": self.ts}
+        for k in ("item_id", "value", "rating", "session_id"):
+            v = getattr(self, k)
+            if v is not None:
+                d[k] = v
+        if self.context:
+            d["context"] = dict(self.context)
+        return d
+
+
+_FIELDS = Event.__slots__
+
+
+def as_event(obj: Event | Mapping) -> Event:
+    """Trusting conversion of an already valid event dict (the model entry point); no validation."""
+    if isinstance(obj, Event):
+        return obj
+    return Event(**{k: obj[k] for k in _FIELDS if k in obj})
+
+
+def parse_event(raw: bytes | bytearray | memoryview | None, *, now: float, limits: Limits = Limits()) -> Event:
+    """Decode, validate and normalise one raw record; raise :class:`InvalidEvent` with a reason.
+
+    ``now`` is the caller's clock (epoch seconds), used only to reject events from the future.
+    """
+    if raw is None:
+        raise InvalidEvent("empty record: the message value is null; send one JSON object per message")
+    if len(raw) > limits.max_bytes:
+        raise InvalidEvent(f"payload is {len(raw)} bytes, over the limit of {limits.max_bytes} bytes")
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEvent(f"not valid JSON: {exc}") from None
+    return validate_event(doc, now=now, limits=limits)
+
+
+def validate_event(doc: object, *, now: float, limits: Limits = Limits()) -> Event:
+    """Validate and normalise a decoded JSON document (see :func:`parse_event`)."""
+    if not isinstance(doc, dict):
+        raise InvalidEvent(f"an event must be a JSON object, got {_json_type(doc)}")
+    event_id = _required_id(doc, "event_id")
+    user_id = _required_id(doc, "user_id")
+    etype = doc.get("type")
+    if etype is None:
+        raise InvalidEvent("missing required field 'type'")
+    if not isinstance(etype, str):
+        raise InvalidEvent(f"field 'type' must be a string, got {_json_type(etype)}")
+    etype = etype.strip().lower()
+    if etype not in EVENT_TYPES and not limits.allow_unknown_types:
+        raise InvalidEvent(f"unknown event type {etype[:40]!r}; expected one of {', '.join(EVENT_TYPES)}")
+    ts = _timestamp(doc, now, limits)
+    item_id = _optional_id(doc, "item_id")
+    if item_id is None and etype in ITEM_EVENT_TYPES:
+        raise InvalidEvent(f"field 'item_id' is required for {etype!r} events")
+    value = _optional_number(doc, "value", -1e9, 1e9)
+    rating = _optional_number(doc, "rating", 0.0, 10.0)
+    session_id = _optional_id(doc, "session_id")
+    context = _context(doc.get("context"))
+    return Event(event_id, user_id, etype, ts, item_id, value, rating, session_id, context)
+
+
+def _json_type(v: object) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list):
+        return "an array"
+    if isinstance(v, dict):
+        return "an object"
+    return type(v).__name__
+
+
+def _id(name: str, v: object) -> str:
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        raise InvalidEvent(f"field {name!r} must be a string (or an integer), got {_json_type(v)}")
+    s = str(v).strip()
+    if not s:
+        raise InvalidEvent(f"field {name!r} is empty")
+    if len(s) > _MAX_ID_LEN:
+        raise InvalidEvent(f"field {name!r} is {len(s)} characters long, over the limit of {_MAX_ID_LEN}")
+    if not s.isprintable():
+        raise InvalidEvent(f"field {name!r} contains control characters")
+    return s
+
+
+def _required_id(doc: dict, name: str) -> str:
+    if doc.get(name) is None:
+        raise InvalidEvent(f"missing required field {name!r}")
+    return _id(name, doc[name])
+
+
+def _optional_id(doc: dict, name: str) -> str | None:
+    v = doc.get(name)
+    return None if v is None else _id(name, v)
+
+
+def _optional_number(doc: dict, name: str, lo: float, hi: float) -> float | None:
+    v = doc.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise InvalidEvent(f"field {name!r} must be a number, got {_json_type(v)}")
+    f = float(v)
+    if not math.isfinite(f) or not lo <= f <= hi:
+        raise InvalidEvent(f"field {name!r} is {v!r}, outside the accepted range [{lo:g}, {hi:g}]")
+    return f
+
+
+def _timestamp(doc: dict, now: float, limits: Limits) -> float:
+    v = doc.get("ts")
+    if v is None:
+        raise InvalidEvent("missing required field 'ts'")
+    if isinstance(v, bool):
+        raise InvalidEvent("field 'ts' must be epoch seconds or an ISO-8601 string with a zone, got a boolean")
+    if isinstance(v, (int, float)):
+        ts = float(v)
+        if not math.isfinite(ts):
+            raise InvalidEvent(f"field 'ts' is {v!r}; expected finite epoch seconds")
+        if 1e11 < ts < 1e14:  # epoch milliseconds, as many producers send: normalise to seconds
+            ts /= 1000.0
+    elif isinstance(v, str):
+        try:
+            dt = datetime.fromisoformat(v.strip().replace("Z", "+00:00") if v.strip().endswith("Z") else v.strip())
+        except ValueError:
+            raise InvalidEvent(f"field 'ts' {v[:40]!r} is not ISO-8601; send epoch seconds or e.g. "
+                               "'2024-11-24T12:00:00+01:00'") from None
+        if dt.tzinfo is None:
+            raise InvalidEvent(f"field 'ts' {v[:40]!r} has no time zone; add 'Z' or an offset such as '+01:00'")
+        ts = dt.timestamp()
+    else:
+        raise InvalidEvent(f"field 'ts' must be epoch seconds or an ISO-8601 string with a zone, got {_json_type(v)}")
+    if ts < limits.min_ts:
+        raise InvalidEvent(f"field 'ts' is {ts:.0f}, before the earliest accepted time {limits.min_ts:.0f} "
+                           "(epoch seconds); check the unit and the clock of the producer")
+    if ts > now + limits.max_future_s:
+        raise InvalidEvent(f"field 'ts' is {ts - now:.0f} s in the future of the worker's clock "
+                           f"(at most {limits.max_future_s:.0f} s accepted); check the producer's clock")
+    return ts
+
+
+def _context(v: object) -> dict[str, str] | None:
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise InvalidEvent(f"field 'context' must be an object, got {_json_type(v)}")
+    if len(v) > _MAX_CONTEXT_KEYS:
+        raise InvalidEvent(f"field 'context' has {len(v)} keys, over the limit of {_MAX_CONTEXT_KEYS}")
+    out: dict[str, str] = {}
+    for k, x in v.items():
+        if k in PII_FIELDS or x is None:
+            continue
+        if isinstance(x, bool) or not isinstance(x, (str, int, float)):
+            raise InvalidEvent(f"field 'context.{k[:40]}' must be a string, got {_json_type(x)}")
+        if isinstance(x, float) and not math.isfinite(x):
+            raise InvalidEvent(f"field 'context.{k[:40]}' is {x!r}; expected a string")
+        s = str(x)
+        if len(s) > _MAX_ID_LEN:
+            raise InvalidEvent(f"field 'context.{k[:40]}' is {len(s)} characters long, over the limit of {_MAX_ID_LEN}")
+        out[k] = s
+    return out or None

@@ -1,0 +1,62 @@
+"""Ingest: raw Kafka records in, valid unique events or dead letters out.
+
+The worker never dies on a bad record: every rejection becomes a :class:`DeadLetter`
+that goes to ``events.dlq`` with the raw bytes untouched as the message value and the
+reason in the headers (``reason``, ``source_topic``, ``source_partition``, ``source_offset``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from models.dedupe import Deduplicator
+from models.events import Event, InvalidEvent, Limits, parse_event
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A rejected record, as it will be written to the dead-letter topic."""
+
+    raw: bytes | None
+    key: bytes | None
+    reason: str
+    topic: str
+    partition: int
+    offset: int
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return [("reason", self.reason.encode()), ("source_topic", self.topic.encode()),
+                ("source_partition", str(self.partition).encode()), ("source_offset", str(self.offset).encode())]
+
+
+@dataclass
+class IngestResult:
+    events: list[Event] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+    duplicates: int = 0
+
+
+class Ingest:
+    """Validate, normalise and deduplicate records (see :mod:`models.events`)."""
+
+    def __init__(self, limits: Limits, dedupe: Deduplicator):
+        self.limits = limits
+        self.dedupe = dedupe
+
+    def accept(self, records, now: float) -> IngestResult:
+        """Split aiokafka ``ConsumerRecord``-likes (``value``, ``key``, ``topic``, ``partition``, ``offset``)."""
+        out = IngestResult()
+        for rec in records:
+            try:
+                event = parse_event(rec.value, now=now, limits=self.limits)
+            except InvalidEvent as exc:
+                out.dead.append(DeadLetter(rec.value, rec.key, exc.reason, rec.topic, rec.partition, rec.offset))
+                continue
+            except Exception as exc:  # a bug in validation must not stop the stream: the record is kept in the DLQ
+                out.dead.append(DeadLetter(rec.value, rec.key, f"internal validation error: {type(exc).__name__}",
+                                           rec.topic, rec.partition, rec.offset))
+                continue
+            if self.dedupe.seen(event.event_id, event.ts):
+                out.duplicates += 1
+                continue
+            out.events.append(event)
+        return out

@@ -1,0 +1,33 @@
+"""The Redis key layout of the contract, in one place for the writer and the readers.
+
+>>> k = RedisKeys("ig:")
+>>> k.recs("u42"), k.similar("sku-7"), k.trending(), k.trending(3), k.segment("u42")
+('ig:recs:u42', 'ig:similar:sku-7', 'ig:trending', 'ig:trending:seg:3', 'ig:segment:u42')
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class RedisKeys:
+    prefix: str = "ig:"
+
+    def recs(self, user_id: str) -> str:
+        return f"{self.prefix}recs:{user_id}"
+
+    def similar(self, item_id: str) -> str:
+        return f"{self.prefix}similar:{item_id}"
+
+    def trending(self, segment: int | str | None = None) -> str:
+        return f"{self.prefix}trending" if segment is None else f"{self.prefix}trending:seg:{segment}"
+
+    def segment(self, user_id: str) -> str:
+        return f"{self.prefix}segment:{user_id}"
+
+    def experiment(self, experiment: str, variant: str) -> str:
+        return f"{self.prefix}exp:{experiment}:{variant}"
+
+    def user_keys(self, user_id: str) -> list[str]:
+        """Every key that holds data about one user (for erasure)."""
+        return [self.recs(user_id), self.segment(user_id)]

@@ -1,0 +1,265 @@
+"""The stream worker: ``events`` in micro-batches, recommendations to Redis and pushes out.
+
+One asyncio process. The high-volume ``events`` topic is read with an aiokafka consumer
+group in batches (``getmany``), offsets committed by hand only after the batch's Redis
+writes, dead letters and pushes are acknowledged (at-least-once; duplicates are counted
+once by ``event_id``). The compacted ``items`` and ``users`` topics are read whole by every
+worker (a global table) and caught up to their end before each batch, so a catalog or
+consent change produced before an event is applied before that event.
+
+Per batch: ingest (validate, dedupe, DLQ) → ``models.Engine.learn_many`` → for each touched
+user ``recommend`` → push policy → one Redis pipeline → DLQ/push produce → commit.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import orjson
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from models import Engine, EngineConfig
+from models.dedupe import Deduplicator
+from models.events import Event, Limits
+from models.push_policy import PushConfig, PushPolicy, UserPrefs
+from stream.ingest import DeadLetter, Ingest
+from stream.redis_keys import RedisKeys
+from stream.redis_store import RedisStore
+from stream.settings import Settings
+
+log = logging.getLogger("infogap.worker")
+
+
+@dataclass
+class WorkerStats:
+    """Counters a person (and /metrics) reads to see what the worker did."""
+
+    events_in: int = 0
+    events_ok: int = 0
+    dead_letters: int = 0
+    duplicates: int = 0
+    erased_users: int = 0
+    pushes: int = 0
+    batches: int = 0
+    recs_written: int = 0
+    last_batch_s: float = 0.0
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    return EngineConfig(half_life_days=settings.half_life_days, top_n=settings.top_n)
+
+
+class Worker:
+    """Consumes ``events`` (plus ``items`` and ``users``) and serves the results.
+
+    ``clock`` gives wall-clock epoch seconds: used to reject events from the future and to
+    stamp ``generated_at``. Model time always comes from the events.
+    """
+
+    def __init__(self, settings: Settings, *, engine: Engine | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.settings = settings
+        self.topics = settings.topics
+        self.engine = engine or Engine(engine_config(settings))
+        self.ingest = Ingest(Limits(settings.max_event_bytes, settings.min_event_ts, settings.max_future_s,
+                                    settings.allow_unknown_types),
+                             Deduplicator(settings.dedupe_window_s, settings.dedupe_max_ids))
+        self.push_policy = PushPolicy(PushConfig(min_new_items=settings.push_min_new_items,
+                                                 daily_cap=dict(settings.push_daily_cap),
+                                                 repeat_window_s=settings.push_repeat_window_s,
+                                                 ttl_s=settings.push_ttl_s, items_per_push=settings.push_items))
+        self.prefs: dict[str, UserPrefs] = {}
+        self.clock = clock
+        self.stats = WorkerStats()
+        self.ready = asyncio.Event()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._side: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._redis: aioredis.Redis | None = None
+        self._store: RedisStore | None = None
+        self._side_parts: list[TopicPartition] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Run until ``stop`` is set (or forever); always closes its connections."""
+        stop = stop or asyncio.Event()
+        s = self.settings
+        self._redis = aioredis.Redis.from_url(s.redis_url)
+        self._store = RedisStore(self._redis, RedisKeys(s.redis_prefix), s.recs_ttl_s)
+        self._producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, linger_ms=5, acks="all")
+        self._consumer = AIOKafkaConsumer(
+            self.topics.events, bootstrap_servers=s.kafka_bootstrap, group_id=s.consumer_group,
+            enable_auto_commit=False, auto_offset_reset="earliest",
+            max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=32 * 1024 * 1024)
+        self._side = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=None,
+                                      enable_auto_commit=False, auto_offset_reset="earliest")
+        try:
+            await self._producer.start()
+            await self._side.start()
+            await self._assign_side()
+            await self._consumer.start()
+            await self._sync_side()
+            self.ready.set()
+            log.info("worker ready: group=%s topics=%s", s.consumer_group, self.topics.events)
+            while not stop.is_set():
+                batch = await self._consumer.getmany(timeout_ms=s.batch_timeout_ms,
+                                                     max_records=s.batch_max_records)
+                records = [r for recs in batch.values() for r in recs]
+                await self._sync_side()
+                if records:
+                    await self.process(records)
+                    await self._consumer.commit()
+        finally:
+            for closer in (self._consumer.stop, self._side.stop, self._producer.stop, self._redis.aclose):
+                try:
+                    await closer()
+                except Exception:  # closing is best effort: the process is ending anyway
+                    log.exception("error while closing")
+
+    # ------------------------------------------------------------------ side topics
+    async def _assign_side(self) -> None:
+        parts = []
+        for topic in (self.topics.items, self.topics.users):
+            partitions = await self._wait_partitions(self._side, topic)
+            parts += [TopicPartition(topic, p) for p in sorted(partitions)]
+        self._side.assign(parts)
+        await self._side.seek_to_beginning(*parts)
+        self._side_parts = parts
+
+    @staticmethod
+    async def _wait_partitions(consumer: AIOKafkaConsumer, topic: str, deadline_s: float = 30.0) -> set[int]:
+        end = time.monotonic() + deadline_s
+        while True:
+            partitions = consumer.partitions_for_topic(topic)
+            if partitions:
+                return partitions
+            if time.monotonic() > end:
+                raise RuntimeError(f"topic {topic!r} does not exist; run `infogap up` to create the topics")
+            await consumer._client.force_metadata_update()
+            await asyncio.sleep(0.2)
+
+    async def _sync_side(self) -> None:
+        """Apply ``items`` and ``users`` records up to their current end offsets."""
+        side = self._side
+        ends = await side.end_offsets(self._side_parts)
+        while True:
+            behind = [tp for tp in self._side_parts if await side.position(tp) < ends[tp]]
+            if not behind:
+                return
+            batch = await side.getmany(*behind, timeout_ms=200, max_records=10_000)
+            for tp, recs in batch.items():
+                for rec in recs:
+                    await self._apply_side(rec)
+
+    async def _apply_side(self, rec) -> None:
+        key = rec.key.decode("utf-8", "replace") if rec.key is not None else None
+        try:
+            if rec.topic == self.topics.items:
+                if rec.value is None:
+                    if key:
+                        self.engine.remove_item(key)
+                    return
+                doc = orjson.loads(rec.value)
+                if not isinstance(doc, dict) or not doc.get("item_id"):
+                    raise ValueError("items record must be a JSON object with 'item_id'")
+                self.engine.upsert_item(doc)
+            else:
+                if rec.value is None:
+                    if key:
+                        await self.erase_user(key)
+                    return
+                prefs = UserPrefs.from_record(orjson.loads(rec.value))
+                self.prefs[prefs.user_id] = prefs
+        except (ValueError, TypeError) as exc:  # orjson.JSONDecodeError is a ValueError
+            reason = f"bad {rec.topic} record: {exc}"
+            self.stats.by_reason[reason[:80]] = self.stats.by_reason.get(reason[:80], 0) + 1
+            await self._send_dead([DeadLetter(rec.value, rec.key, reason, rec.topic, rec.partition, rec.offset)])
+
+    # ------------------------------------------------------------------ the batch
+    async def process(self, records) -> None:
+        """Process one micro-batch of ``events`` records end to end (all but the commit)."""
+        t0 = time.perf_counter()
+        now = self.clock()
+        result = self.ingest.accept(records, now)
+        st = self.stats
+        st.events_in += len(records)
+        st.duplicates += result.duplicates
+        st.dead_letters += len(result.dead)
+        for d in result.dead:
+            key = d.reason.split(":")[0][:60]
+            st.by_reason[key] = st.by_reason.get(key, 0) + 1
+
+        touched: dict[str, float] = {}  # user -> newest event time in this batch
+        chunk: list[Event] = []
+        erased: list[str] = []
+        for e in result.events:
+            if e.type == "forget":
+                self._learn(chunk)
+                chunk = []
+                self._forget_in_memory(e.user_id)
+                touched.pop(e.user_id, None)
+                erased.append(e.user_id)
+                continue
+            chunk.append(e)
+            if e.ts > touched.get(e.user_id, float("-inf")):
+                touched[e.user_id] = e.ts
+        self._learn(chunk)
+        st.events_ok += len(result.events)
+
+        docs, segments, pushes = [], {}, []
+        top_n = self.settings.top_n
+        for user_id, user_ts in touched.items():
+            recs = self.engine.recommend(user_id, n=top_n)
+            seg = self.engine.segment(user_id)
+            segments[user_id] = seg
+            docs.append({"user_id": user_id,
+                         "items": [{"item_id": r.item_id, "score": round(float(r.score), 6), "reason": r.reason}
+                                   for r in recs],
+                         "segment": seg, "generated_at": now, "model_version": self.settings.model_version})
+            if self.settings.push_enabled:
+                prefs = self.prefs.get(user_id)
+                if prefs is not None:
+                    pushes += self.push_policy.decide(prefs, recs, now=user_ts)
+
+        await self._store.write(recs=docs, segments=segments)
+        for user_id in erased:
+            await self._store.erase_user(user_id)
+        futures = [await self._producer.send(self.topics.push, orjson.dumps(m.to_dict()), key=m.user_id.encode())
+                   for m in pushes]
+        futures += await self._dead_futures(result.dead)
+        if futures:
+            await asyncio.gather(*futures)
+        st.pushes += len(pushes)
+        st.erased_users += len(erased)
+        st.recs_written += len(docs)
+        st.batches += 1
+        st.last_batch_s = time.perf_counter() - t0
+
+    def _learn(self, events: list[Event]) -> None:
+        if events:
+            self.engine.learn_many(events)
+
+    # ------------------------------------------------------------------ erasure and DLQ
+    def _forget_in_memory(self, user_id: str) -> None:
+        self.engine.forget_user(user_id)
+        self.push_policy.forget_user(user_id)
+        self.prefs.pop(user_id, None)
+
+    async def erase_user(self, user_id: str) -> None:
+        """Remove every trace of a user: model state, push state, preferences and Redis keys."""
+        self._forget_in_memory(user_id)
+        await self._store.erase_user(user_id)
+        self.stats.erased_users += 1
+
+    async def _dead_futures(self, dead: list[DeadLetter]) -> list:
+        return [await self._producer.send(self.topics.dlq, d.raw, key=d.key, headers=d.headers()) for d in dead]
+
+    async def _send_dead(self, dead: list[DeadLetter]) -> None:
+        futures = await self._dead_futures(dead)
+        if futures:
+            await asyncio.gather(*futures)
