@@ -1,0 +1,71 @@
+"""Small helpers for integration tests: produce, read a topic, run a worker in-process."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+
+async def produce(settings, topic: str, records: list[tuple[bytes | str | None, bytes | dict | None]]) -> None:
+    """Send ``(key, value)`` pairs in order and wait for every ack; dict values are JSON-encoded."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        for key, value in records:
+            k = key.encode() if isinstance(key, str) else key
+            v = orjson.dumps(value) if isinstance(value, dict) else value
+            await (await producer.send(topic, v, key=k))
+    finally:
+        await producer.stop()
+
+
+async def read_topic(settings, topic: str, *, until=None, deadline_s: float = 20.0) -> list:
+    """Read ``topic`` from the beginning until ``until(records)`` holds or the deadline passes."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    out: list = []
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        if not parts:
+            await consumer._client.force_metadata_update()
+            parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end:
+            batch = await consumer.getmany(timeout_ms=200)
+            for recs in batch.values():
+                out.extend(recs)
+            if until is not None and until(out):
+                break
+            if until is None:
+                ends = await consumer.end_offsets(parts)
+                if all([await consumer.position(tp) >= ends[tp] for tp in parts]):
+                    break
+    finally:
+        await consumer.stop()
+    return out
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings, **kwargs):
+    """A :class:`stream.worker.Worker` running as a task; stopped (and checked for errors) on exit."""
+    from stream.worker import Worker
+
+    worker = Worker(settings, **kwargs)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    ready = asyncio.create_task(worker.ready.wait())
+    await asyncio.wait({task, ready}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()  # raises the worker's startup error
+    assert worker.ready.is_set(), "worker did not become ready within 60 s"
+    try:
+        yield worker
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)

@@ -1,0 +1,72 @@
+"""The push rules: consent, quiet hours in the user's zone, daily caps, no repeats, material change."""
+from __future__ import annotations
+
+import pytest
+
+from models.push_policy import PushConfig, PushPolicy, UserPrefs
+
+NOON_UTC = 1_732_449_600.0  # 2024-11-24 12:00 UTC
+
+
+def prefs(**kw) -> UserPrefs:
+    doc = {"user_id": "u1", "consent": {"email": True, "app": True, "ads": False}, "timezone": "UTC",
+           "quiet_hours": [22, 8]}
+    doc.update(kw)
+    return UserPrefs.from_record(doc)
+
+
+def recs(*items):
+    return [(i, 1.0 - k / 10, f"because {i}") for k, i in enumerate(items)]
+
+
+def test_consented_channels_only():
+    msgs = PushPolicy(PushConfig(min_new_items=1)).decide(prefs(), recs("a", "b"), now=NOON_UTC)
+    assert sorted(m.channel for m in msgs) == ["app", "email"]
+    assert PushPolicy().decide(prefs(consent={"email": False}), recs("a"), now=NOON_UTC) == []
+    assert PushPolicy().decide(None, recs("a"), now=NOON_UTC) == []
+
+
+def test_quiet_hours_are_in_the_users_time_zone_and_dropped():
+    tokyo = prefs(timezone="Asia/Tokyo")  # 12:00 UTC is 21:00 in Tokyo, 23:00 at UTC+11
+    assert PushPolicy(PushConfig(min_new_items=1)).decide(tokyo, recs("a"), now=NOON_UTC)
+    late = prefs(timezone="Pacific/Noumea")
+    assert PushPolicy(PushConfig(min_new_items=1)).decide(late, recs("a"), now=NOON_UTC) == []
+
+
+def test_daily_cap_resets_on_the_users_local_day():
+    p = PushPolicy(PushConfig(min_new_items=1, daily_cap={"email": 2}))
+    u = prefs(consent={"email": True})
+    sent = [len(p.decide(u, recs(f"i{k}"), now=NOON_UTC + k * 60)) for k in range(4)]
+    assert sent == [1, 1, 0, 0]
+    assert len(p.decide(u, recs("next-day"), now=NOON_UTC + 86_400)) == 1
+
+
+def test_an_item_is_not_pushed_twice_within_the_window():
+    p = PushPolicy(PushConfig(min_new_items=1, daily_cap={"app": 100}, repeat_window_s=3600))
+    u = prefs(consent={"app": True})
+    first = p.decide(u, recs("a", "b"), now=NOON_UTC)
+    again = p.decide(u, recs("c", "a", "b"), now=NOON_UTC + 60)
+    assert [i["item_id"] for i in first[0].items] == ["a", "b"]
+    assert [i["item_id"] for i in again[0].items] == ["c"]
+    assert p.decide(u, recs("a", "b"), now=NOON_UTC + 120) == []  # only repeats left
+    later = p.decide(u, recs("z", "b", "a"), now=NOON_UTC + 7200)  # the window has passed: a and b again
+    assert [i["item_id"] for i in later[0].items] == ["z", "b", "a"]
+
+
+def test_only_a_material_change_of_the_top_n_pushes():
+    p = PushPolicy(PushConfig(min_new_items=2, daily_cap={"app": 100}, repeat_window_s=0))
+    u = prefs(consent={"app": True})
+    assert p.decide(u, recs("a", "b", "c"), now=NOON_UTC)
+    assert p.decide(u, recs("a", "b", "d"), now=NOON_UTC + 1) == []  # one new item: not material
+    assert p.decide(u, recs("a", "e", "f"), now=NOON_UTC + 2)
+
+
+@pytest.mark.parametrize("doc, reason", [
+    ({"consent": {}}, "non-empty 'user_id'"),
+    ({"user_id": "u", "timezone": "Mars/Base"}, "unknown time zone"),
+    ({"user_id": "u", "quiet_hours": [25, 3]}, "'quiet_hours' must be"),
+    ({"user_id": "u", "consent": ["email"]}, "'consent' must be an object"),
+])
+def test_bad_users_records_are_explained(doc, reason):
+    with pytest.raises(ValueError, match=reason):
+        UserPrefs.from_record(doc)
