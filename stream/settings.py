@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     dedupe_window_s: float = 86_400.0
     dedupe_max_ids: int = 2_000_000
 
+    # --- health and metrics (None: no HTTP server)
+    http_host: str = "0.0.0.0"
+    http_port: int | None = 8080
+
     # --- processing
     batch_max_records: int = 5_000
     batch_timeout_ms: int = 100

@@ -16,10 +16,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
+import numpy as np
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from models import Engine, EngineConfig
@@ -27,27 +28,12 @@ from models.dedupe import Deduplicator
 from models.events import Event, Limits
 from models.push_policy import PushConfig, PushPolicy, UserPrefs
 from stream.ingest import DeadLetter, Ingest
+from stream.observability import WorkerStats, build_app, serve
 from stream.redis_keys import RedisKeys
 from stream.redis_store import RedisStore
 from stream.settings import Settings
 
 log = logging.getLogger("infogap.worker")
-
-
-@dataclass
-class WorkerStats:
-    """Counters a person (and /metrics) reads to see what the worker did."""
-
-    events_in: int = 0
-    events_ok: int = 0
-    dead_letters: int = 0
-    duplicates: int = 0
-    erased_users: int = 0
-    pushes: int = 0
-    batches: int = 0
-    recs_written: int = 0
-    last_batch_s: float = 0.0
-    by_reason: dict[str, int] = field(default_factory=dict)
 
 
 def engine_config(settings: Settings) -> EngineConfig:
@@ -89,7 +75,7 @@ class Worker:
         """Run until ``stop`` is set (or forever); always closes its connections."""
         stop = stop or asyncio.Event()
         s = self.settings
-        self._redis = aioredis.Redis.from_url(s.redis_url)
+        self._redis = aioredis.Redis.from_url(s.redis_url, socket_timeout=5, socket_connect_timeout=2)
         self._store = RedisStore(self._redis, RedisKeys(s.redis_prefix), s.recs_ttl_s)
         self._producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, linger_ms=5, acks="all")
         self._consumer = AIOKafkaConsumer(
@@ -98,14 +84,18 @@ class Worker:
             max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=32 * 1024 * 1024)
         self._side = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=None,
                                       enable_auto_commit=False, auto_offset_reset="earliest")
+        http = None
         try:
+            if s.http_port is not None:
+                http = await serve(build_app(self.stats, {"kafka": self._kafka_ok, "redis": self._redis_ok}),
+                                   s.http_host, s.http_port)
             await self._producer.start()
             await self._side.start()
             await self._assign_side()
             await self._consumer.start()
             await self._sync_side()
             self.ready.set()
-            log.info("worker ready: group=%s topics=%s", s.consumer_group, self.topics.events)
+            log.info("worker ready: group=%s topic=%s", s.consumer_group, self.topics.events)
             while not stop.is_set():
                 batch = await self._consumer.getmany(timeout_ms=s.batch_timeout_ms,
                                                      max_records=s.batch_max_records)
@@ -114,12 +104,30 @@ class Worker:
                 if records:
                     await self.process(records)
                     await self._consumer.commit()
+                    self.stats.lag = await self._lag()
         finally:
-            for closer in (self._consumer.stop, self._side.stop, self._producer.stop, self._redis.aclose):
+            closers = [self._consumer.stop, self._side.stop, self._producer.stop, self._redis.aclose]
+            if http is not None:
+                closers.append(http.cleanup)
+            for closer in closers:
                 try:
                     await closer()
                 except Exception:  # closing is best effort: the process is ending anyway
                     log.exception("error while closing")
+
+    async def _kafka_ok(self) -> bool:
+        return bool(await self._producer.client.force_metadata_update())
+
+    async def _redis_ok(self) -> bool:
+        return bool(await self._redis.ping())
+
+    async def _lag(self) -> int:
+        lag = 0
+        for tp in self._consumer.assignment():
+            hw = self._consumer.highwater(tp)
+            if hw is not None:
+                lag += max(0, hw - await self._consumer.position(tp))
+        return lag
 
     # ------------------------------------------------------------------ side topics
     async def _assign_side(self) -> None:
@@ -177,7 +185,7 @@ class Worker:
                 self.prefs[prefs.user_id] = prefs
         except (ValueError, TypeError) as exc:  # orjson.JSONDecodeError is a ValueError
             reason = f"bad {rec.topic} record: {exc}"
-            self.stats.by_reason[reason[:80]] = self.stats.by_reason.get(reason[:80], 0) + 1
+            self.stats.count_dead(reason)
             await self._send_dead([DeadLetter(rec.value, rec.key, reason, rec.topic, rec.partition, rec.offset)])
 
     # ------------------------------------------------------------------ the batch
@@ -189,10 +197,8 @@ class Worker:
         st = self.stats
         st.events_in += len(records)
         st.duplicates += result.duplicates
-        st.dead_letters += len(result.dead)
         for d in result.dead:
-            key = d.reason.split(":")[0][:60]
-            st.by_reason[key] = st.by_reason.get(key, 0) + 1
+            st.count_dead(d.reason)
 
         touched: dict[str, float] = {}  # user -> newest event time in this batch
         chunk: list[Event] = []
@@ -212,7 +218,7 @@ class Worker:
         st.events_ok += len(result.events)
 
         docs, segments, pushes = [], {}, []
-        top_n = self.settings.top_n
+        top_n, version = self.settings.top_n, self.settings.model_version
         for user_id, user_ts in touched.items():
             recs = self.engine.recommend(user_id, n=top_n)
             seg = self.engine.segment(user_id)
@@ -220,25 +226,43 @@ class Worker:
             docs.append({"user_id": user_id,
                          "items": [{"item_id": r.item_id, "score": round(float(r.score), 6), "reason": r.reason}
                                    for r in recs],
-                         "segment": seg, "generated_at": now, "model_version": self.settings.model_version})
+                         "segment": seg, "generated_at": now, "model_version": version})
             if self.settings.push_enabled:
                 prefs = self.prefs.get(user_id)
                 if prefs is not None:
                     pushes += self.push_policy.decide(prefs, recs, now=user_ts)
 
-        await self._store.write(recs=docs, segments=segments)
+        await self._redis_retrying(self._store.write, recs=docs, segments=segments)
         for user_id in erased:
-            await self._store.erase_user(user_id)
+            await self._redis_retrying(self._store.erase_user, user_id)
         futures = [await self._producer.send(self.topics.push, orjson.dumps(m.to_dict()), key=m.user_id.encode())
                    for m in pushes]
         futures += await self._dead_futures(result.dead)
         if futures:
             await asyncio.gather(*futures)
+        done = self.clock()
+        created = np.fromiter((r.timestamp for r in records if r.timestamp is not None), float)
+        st.freshness_seconds.add_many(done - created / 1000.0)
+        for m in pushes:
+            st.pushes_by_channel[m.channel] = st.pushes_by_channel.get(m.channel, 0) + 1
         st.pushes += len(pushes)
         st.erased_users += len(erased)
         st.recs_written += len(docs)
         st.batches += 1
         st.last_batch_s = time.perf_counter() - t0
+        st.batch_seconds.add(st.last_batch_s)
+
+    async def _redis_retrying(self, fn, *args, **kwargs):
+        """Retry a Redis write until it succeeds: offsets are not committed meanwhile, so nothing is lost."""
+        delay = 0.1
+        while True:
+            try:
+                return await fn(*args, **kwargs)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                self.stats.redis_retries += 1
+                log.warning("Redis unavailable (%s); retrying in %.1f s", type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def _learn(self, events: list[Event]) -> None:
         if events:
@@ -253,7 +277,7 @@ class Worker:
     async def erase_user(self, user_id: str) -> None:
         """Remove every trace of a user: model state, push state, preferences and Redis keys."""
         self._forget_in_memory(user_id)
-        await self._store.erase_user(user_id)
+        await self._redis_retrying(self._store.erase_user, user_id)
         self.stats.erased_users += 1
 
     async def _dead_futures(self, dead: list[DeadLetter]) -> list:

@@ -36,7 +36,8 @@ def settings(local_stack):
 
     tag = uuid.uuid4().hex[:10]
     s = local_stack.model_copy(update={"topic_prefix": f"t{tag}.", "redis_prefix": f"test:{tag}:",
-                                       "consumer_group": f"g-{tag}", "batch_timeout_ms": 50})
+                                       "consumer_group": f"g-{tag}", "batch_timeout_ms": 50,
+                                       "http_port": None})
     local.ensure_topics(s)
     return s
 

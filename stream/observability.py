@@ -1,0 +1,171 @@
+"""Health and metrics of a worker over HTTP: ``/health``, ``/metrics`` (Prometheus) and ``/stats`` (JSON).
+
+``/health`` answers 200 only while both Kafka and Redis answer (checked live, with a short timeout),
+else 503 with what is down. ``/stats`` gives the counters and freshness percentiles that
+``infogap bench`` reads.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+
+log = logging.getLogger("infogap.http")
+
+
+class Reservoir:
+    """The last ``size`` samples of a latency, for percentiles (a ring buffer).
+
+    >>> r = Reservoir(4)
+    >>> for x in (1.0, 2.0, 3.0, 4.0, 5.0): r.add(x)
+    >>> r.percentiles((50,)), r.count
+    ({'p50': 3.5}, 5)
+    >>> r.add_many(np.array([6.0, 7.0, 8.0, 9.0, 10.0, 11.0])); sorted(r.values().tolist()), r.count
+    ([8.0, 9.0, 10.0, 11.0], 11)
+    """
+
+    def __init__(self, size: int = 100_000):
+        self._buf = np.zeros(size)
+        self._n = 0
+        self.count = 0
+        self.total = 0.0
+
+    def add(self, x: float) -> None:
+        self._buf[self._n % len(self._buf)] = x
+        self._n += 1
+        self.count += 1
+        self.total += x
+
+    def add_many(self, xs: np.ndarray) -> None:
+        """Add an array of samples at once (vectorised)."""
+        n = len(xs)
+        if not n:
+            return
+        size = len(self._buf)
+        tail = xs[-size:]
+        self._buf[(self._n + n - len(tail) + np.arange(len(tail))) % size] = tail
+        self._n += n
+        self.count += n
+        self.total += float(xs.sum())
+
+    def values(self) -> np.ndarray:
+        return self._buf[: min(self._n, len(self._buf))]
+
+    def percentiles(self, ps=(50, 95, 99)) -> dict[str, float]:
+        v = self.values()
+        if not len(v):
+            return {}
+        return {f"p{p}": float(x) for p, x in zip(ps, np.percentile(v, ps))}
+
+
+@dataclass
+class WorkerStats:
+    """What the worker did; the single source of the counters on ``/metrics`` and ``/stats``."""
+
+    events_in: int = 0
+    events_ok: int = 0
+    dead_letters: int = 0
+    duplicates: int = 0
+    erased_users: int = 0
+    pushes: int = 0
+    batches: int = 0
+    recs_written: int = 0
+    redis_retries: int = 0
+    last_batch_s: float = 0.0
+    lag: int = 0
+    dlq_by_reason: dict[str, int] = field(default_factory=dict)
+    pushes_by_channel: dict[str, int] = field(default_factory=dict)
+    batch_seconds: Reservoir = field(default_factory=lambda: Reservoir(10_000))
+    freshness_seconds: Reservoir = field(default_factory=Reservoir)
+
+    def count_dead(self, reason: str) -> None:
+        key = reason.split(":")[0].split(",")[0][:60]  # the kind of reason, not its details (bounded labels)
+        self.dlq_by_reason[key] = self.dlq_by_reason.get(key, 0) + 1
+        self.dead_letters += 1
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if not isinstance(v, (Reservoir, dict))}
+        d["dlq_by_reason"] = dict(self.dlq_by_reason)
+        d["pushes_by_channel"] = dict(self.pushes_by_channel)
+        d["batch_seconds"] = self.batch_seconds.percentiles()
+        d["freshness_seconds"] = self.freshness_seconds.percentiles()
+        d["freshness_samples"] = self.freshness_seconds.count
+        return d
+
+
+class StatsCollector:
+    """Exposes :class:`WorkerStats` to Prometheus at scrape time (no second set of counters)."""
+
+    def __init__(self, stats: WorkerStats):
+        self.stats = stats
+
+    def collect(self):
+        s = self.stats
+        for name, doc, value in (("events_in", "records read from the events topic", s.events_in),
+                                 ("events_ok", "valid, unique events applied", s.events_ok),
+                                 ("duplicates", "events skipped as duplicates by event_id", s.duplicates),
+                                 ("erasures", "users erased", s.erased_users),
+                                 ("batches", "micro-batches processed", s.batches),
+                                 ("recs_written", "ig:recs documents written", s.recs_written),
+                                 ("redis_retries", "Redis writes retried after an error", s.redis_retries)):
+            yield CounterMetricFamily(f"infogap_{name}", doc, value=value)
+        dlq = CounterMetricFamily("infogap_dlq", "records sent to the dead-letter topic", labels=["reason"])
+        for reason, n in s.dlq_by_reason.items():
+            dlq.add_metric([reason], n)
+        yield dlq
+        pushes = CounterMetricFamily("infogap_pushes", "push messages sent", labels=["channel"])
+        for channel, n in s.pushes_by_channel.items():
+            pushes.add_metric([channel], n)
+        yield pushes
+        yield GaugeMetricFamily("infogap_consumer_lag", "records behind the end of the events topic", value=s.lag)
+        for name, res in (("batch_seconds", s.batch_seconds), ("freshness_seconds", s.freshness_seconds)):
+            summary = SummaryMetricFamily(f"infogap_{name}", f"{name.replace('_', ' ')} (recent percentiles as gauges)",
+                                          count_value=res.count, sum_value=res.total)
+            yield summary
+            for p, v in res.percentiles().items():
+                yield GaugeMetricFamily(f"infogap_{name}_{p}", f"{name} {p} over recent samples", value=v)
+
+
+def build_app(stats: WorkerStats, checks: dict[str, Callable[[], Awaitable[bool]]]) -> web.Application:
+    """The HTTP app of a worker; ``checks`` name each dependency's live probe."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatsCollector(stats))
+
+    async def health(_request: web.Request) -> web.Response:
+        results = {}
+        for name, check in checks.items():
+            try:
+                results[name] = bool(await asyncio.wait_for(check(), 2.0))
+            except Exception:  # unreachable: a failed probe is an answer, not an error of the endpoint
+                results[name] = False
+        ok = all(results.values())
+        body = {"status": "ok" if ok else "unhealthy", "checks": {k: "up" if v else "down" for k, v in results.items()}}
+        return web.json_response(body, status=200 if ok else 503)
+
+    async def metrics(_request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), content_type="text/plain", charset="utf-8")
+
+    async def stats_json(_request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps(stats.to_dict()), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/stats", stats_json)
+    return app
+
+
+async def serve(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Start serving ``app``; returns the runner to ``cleanup()`` on shutdown."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    log.info("health and metrics on http://%s:%d/health /metrics /stats", host, port)
+    return runner
