@@ -39,7 +39,26 @@ def settings(local_stack):
                                        "consumer_group": f"g-{tag}", "batch_timeout_ms": 50,
                                        "http_port": None})
     local.ensure_topics(s)
-    return s
+    yield s
+    _delete_topics(s)
+
+
+def _delete_topics(s) -> None:
+    """Drop a test's topics so the local broker does not accumulate partitions run after run."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    async def drop():
+        admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.delete_topics(list(s.topics.all().values()))
+        finally:
+            await admin.close()
+
+    try:
+        asyncio.run(drop())
+    except Exception:  # a failed cleanup must not fail the test that ran
+        pass
 
 
 async def wait_for(predicate, *, deadline_s: float = 20.0, interval_s: float = 0.05, what: str = "condition"):

@@ -1,0 +1,751 @@
+"""Apache Kafka (KRaft) and Redis on loopback, for development, the demo and the integration tests.
+
+``up`` is idempotent: what already answers at ``settings.kafka_bootstrap`` / ``settings.redis_url`` is left
+alone, anything missing is started from ``settings.local_dir``, and the contract topics are created.
+``down`` stops only the processes ``up`` started (by pid file, after checking ``/proc/<pid>/cmdline``).
+
+Layout of ``settings.local_dir``::
+
+    kafka-libs/            jars copied by Maven from deploy/pom.xml (+ .fetched stamp)
+    kafka/server.properties, kafka/log4j2.properties, kafka/data/, kafka/kafka.log, kafka/kafka.pid
+    redis/redis.log, redis/redis.pid
+
+>>> props = server_properties(Settings(kafka_bootstrap="127.0.0.1:19092", local_dir=Path("/tmp/x")))
+>>> props["listeners"], props["process.roles"]
+('PLAINTEXT://127.0.0.1:19092,CONTROLLER://127.0.0.1:9093', 'broker,controller')
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+from stream.settings import COMPACTED_TOPICS, TOPIC_PARTITIONS, Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+POM = Path(__file__).resolve().parent.parent / "deploy" / "pom.xml"
+KAFKA_MAIN = "kafka.Kafka"
+STORAGE_TOOL = "kafka.tools.StorageTool"
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+START_TIMEOUT_S = 120.0  # both servers answering, from process start
+STOP_TIMEOUT_S = 30.0  # SIGTERM -> SIGKILL
+FETCH_TIMEOUT_S = 900.0  # mvn on a cold ~/.m2
+TOPIC_TIMEOUT_S = 60.0
+
+_TOPIC_ALREADY_EXISTS = 36
+
+
+class LocalServerError(RuntimeError):
+    """A local server could not be fetched, started, reached or stopped; the message says what to look at."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where ``up`` keeps jars, configuration, data, logs and pid files."""
+
+    root: Path
+
+    @property
+    def libs(self) -> Path:
+        return self.root / "kafka-libs"
+
+    @property
+    def libs_stamp(self) -> Path:
+        return self.libs / ".fetched"
+
+    @property
+    def kafka_dir(self) -> Path:
+        return self.root / "kafka"
+
+    @property
+    def kafka_data(self) -> Path:
+        return self.kafka_dir / "data"
+
+    @property
+    def kafka_props(self) -> Path:
+        return self.kafka_dir / "server.properties"
+
+    @property
+    def kafka_log4j(self) -> Path:
+        return self.kafka_dir / "log4j2.properties"
+
+    @property
+    def kafka_log(self) -> Path:
+        return self.kafka_dir / "kafka.log"
+
+    @property
+    def kafka_pid(self) -> Path:
+        return self.kafka_dir / "kafka.pid"
+
+    @property
+    def redis_dir(self) -> Path:
+        return self.root / "redis"
+
+    @property
+    def redis_log(self) -> Path:
+        return self.redis_dir / "redis.log"
+
+    @property
+    def redis_pid(self) -> Path:
+        return self.redis_dir / "redis.pid"
+
+
+def paths(settings: Settings) -> Paths:
+    return Paths(Path(settings.local_dir).expanduser())
+
+
+# --------------------------------------------------------------------------------------------- public API
+
+
+def up(settings: Settings) -> None:
+    """Make Kafka and Redis answer at the configured addresses and create the contract topics.
+
+    Servers that already answer are left alone (whoever started them); missing ones are started on loopback
+    from ``settings.local_dir``. Raises :class:`LocalServerError` with the log file to read if they don't come up.
+    """
+    t0 = time.monotonic()
+    p = paths(settings)
+    kafka_ok, redis_ok = _run(_probe_both(settings))
+    if not (kafka_ok and redis_ok):
+        with _lock(p):  # two `up`s at once (CLI + tests, xdist workers): one starts, the other waits
+            kafka_ok, redis_ok = _run(_probe_both(settings))
+            started: list[str] = []
+            if not kafka_ok:
+                _start_kafka(settings, p)
+                started.append("kafka")
+            if not redis_ok:
+                _start_redis(settings, p)
+                started.append("redis")
+            _wait_until_answering(settings, p, started)
+    ensure_topics(settings)
+    log.info("local servers up (kafka %s, redis %s) in %.1f s",
+             settings.kafka_bootstrap, settings.redis_url, time.monotonic() - t0)
+
+
+def down(settings: Settings) -> None:
+    """Stop the Kafka and Redis that ``up`` started from ``settings.local_dir``; anything else is left alone."""
+    p = paths(settings)
+    _stop("redis", p.redis_pid, _is_our_redis(settings))
+    _stop("kafka", p.kafka_pid, _is_our_kafka(p))
+
+
+def status(settings: Settings) -> dict[str, Any]:
+    """What runs and what answers: ``{"kafka": {...}, "redis": {...}, "topics": {name: partitions}}``."""
+    p = paths(settings)
+    kafka_ok, redis_ok = _run(_probe_both(settings))
+    kpid = _live_pid(p.kafka_pid, _is_our_kafka(p))
+    rpid = _live_pid(p.redis_pid, _is_our_redis(settings))
+    out: dict[str, Any] = {
+        "kafka": {"address": settings.kafka_bootstrap, "answering": kafka_ok, "pid": kpid,
+                  "managed": kpid is not None, "log": str(p.kafka_log)},
+        "redis": {"address": settings.redis_url, "answering": redis_ok, "pid": rpid,
+                  "managed": rpid is not None, "log": str(p.redis_log)},
+        "topics": {},
+    }
+    if kafka_ok:
+        try:
+            out["topics"] = _run(_describe_topics(settings, list(settings.topics.all().values())))
+        except Exception as exc:  # noqa: BLE001 - status reports, it does not fail
+            out["topics_error"] = repr(exc)
+    return out
+
+
+def ensure_topics(settings: Settings, *, replication_factor: int = 1) -> None:
+    """Create the contract topics (``TOPIC_PARTITIONS``, prefix applied, compaction for ``COMPACTED_TOPICS``);
+    existing topics are kept and only checked. ``replication_factor`` 1 suits the single local node; use 3 on a
+    production cluster (``python -m stream.local ensure-topics --replication-factor 3``)."""
+    _run(_ensure_topics(settings, replication_factor))
+
+
+def fetch_kafka_jars(settings: Settings, *, force: bool = False) -> Path:
+    """Copy the Kafka jars of ``deploy/pom.xml`` into ``<local_dir>/kafka-libs`` (once per pom version)."""
+    p = paths(settings)
+    if not POM.is_file():
+        raise LocalServerError(f"{POM} not found: run from a checkout of infogap (pip install -e .)")
+    stamp = hashlib.sha256(POM.read_bytes()).hexdigest()
+    if not force and p.libs_stamp.is_file() and p.libs_stamp.read_text().strip() == stamp:
+        return p.libs
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise LocalServerError("Maven (mvn) is not on PATH; install it (apt-get install -y maven) "
+                               "or run deploy/install.sh")
+    if p.libs.is_symlink():
+        p.libs.unlink()
+    elif p.libs.exists():
+        shutil.rmtree(p.libs)
+    p.libs.mkdir(parents=True)
+    cmd = [mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies", f"-DoutputDirectory={p.libs}"]
+    if settings.maven_repo is not None:
+        cmd.append(f"-Dmaven.repo.local={Path(settings.maven_repo).expanduser()}")
+    log.info("fetching Kafka jars: %s", " ".join(cmd))
+    t0 = time.monotonic()
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=FETCH_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise LocalServerError(f"mvn did not finish within {FETCH_TIMEOUT_S:.0f} s: {' '.join(cmd)}") from exc
+    if res.returncode != 0 or not any(p.libs.glob("kafka_2.13-*.jar")):
+        tail = (res.stdout + res.stderr)[-3000:]
+        raise LocalServerError(f"mvn failed (exit {res.returncode}) fetching Kafka jars: {' '.join(cmd)}\n{tail}")
+    p.libs_stamp.write_text(stamp + "\n")
+    log.info("Kafka jars in %s (%.1f s)", p.libs, time.monotonic() - t0)
+    return p.libs
+
+
+def server_properties(settings: Settings) -> dict[str, str]:
+    """The KRaft configuration of the single combined broker+controller node."""
+    p = paths(settings)
+    host, port, cport = settings.kafka_host, settings.kafka_port, settings.kafka_controller_port
+    return {
+        "process.roles": "broker,controller",
+        "node.id": "1",
+        "controller.quorum.bootstrap.servers": f"{host}:{cport}",
+        "listeners": f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{cport}",
+        "advertised.listeners": f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{cport}",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "controller.listener.names": "CONTROLLER",
+        "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        "log.dirs": str(p.kafka_data),
+        "num.partitions": "6",
+        "default.replication.factor": "1",
+        "min.insync.replicas": "1",
+        "auto.create.topics.enable": "false",
+        "offsets.topic.replication.factor": "1",
+        "offsets.topic.num.partitions": "12",  # default 50 makes the first consumer group slow to start
+        "transaction.state.log.replication.factor": "1",
+        "transaction.state.log.min.isr": "1",
+        "transaction.state.log.num.partitions": "6",
+        "share.coordinator.state.topic.replication.factor": "1",
+        "share.coordinator.state.topic.min.isr": "1",
+        "group.initial.rebalance.delay.ms": "0",
+        "log.retention.hours": "168",
+        "log.segment.bytes": str(256 * 1024 * 1024),
+        "num.io.threads": "4",
+        "num.network.threads": "3",
+        "delete.topic.enable": "true",
+    }
+
+
+# --------------------------------------------------------------------------------------------- probes
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion from sync code, also when the caller already runs an event loop."""
+    try:
+        asyncio.get_running_loop()
+        in_loop = True
+    except RuntimeError:
+        in_loop = False
+    if not in_loop:
+        return asyncio.run(coro)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = asyncio.run(coro)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = exc
+
+    th = threading.Thread(target=target, name="infogap-local", daemon=True)
+    th.start()
+    th.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _tcp_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+async def _kafka_answers(settings: Settings, timeout: float = 5.0) -> bool:
+    """True when a metadata request returns at least one registered broker."""
+    if not _tcp_open(settings.kafka_host, settings.kafka_port):
+        return False
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="infogap-local",
+                                request_timeout_ms=int(timeout * 1000))
+    try:
+        async with asyncio.timeout(timeout):
+            await admin.start()
+            cluster = await admin.describe_cluster()
+        return bool(cluster.get("brokers"))
+    except Exception as exc:  # noqa: BLE001 - "not answering" is the answer
+        log.debug("kafka at %s not answering: %r", settings.kafka_bootstrap, exc)
+        return False
+    finally:
+        await admin.close()
+
+
+async def _redis_answers(settings: Settings, timeout: float = 2.0) -> bool:
+    if urlparse(settings.redis_url).scheme != "unix" and not _tcp_open(settings.redis_host, settings.redis_port):
+        return False
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    try:
+        return bool(await client.ping())
+    except Exception as exc:  # noqa: BLE001
+        log.debug("redis at %s not answering: %r", settings.redis_url, exc)
+        return False
+    finally:
+        await client.aclose()
+
+
+async def _probe_both(settings: Settings) -> tuple[bool, bool]:
+    k, r = await asyncio.gather(_kafka_answers(settings), _redis_answers(settings))
+    return k, r
+
+
+# --------------------------------------------------------------------------------------------- processes
+
+
+@contextlib.contextmanager
+def _lock(p: Paths) -> Iterator[None]:
+    p.root.mkdir(parents=True, exist_ok=True)
+    with open(p.root / ".up.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _read_pid(pid_file: Path) -> int | None:
+    try:
+        return int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
+
+
+def _is_our_kafka(p: Paths):
+    props = str(p.kafka_props)
+
+    def check(argv: list[str]) -> bool:
+        return bool(argv) and os.path.basename(argv[0]) == "java" and KAFKA_MAIN in argv and props in argv
+
+    return check
+
+
+def _is_our_redis(settings: Settings):
+    # as started: redis-server --bind H --port P ...; once running, redis rewrites it to "redis-server H:P"
+    port = str(settings.redis_port)
+
+    def check(argv: list[str]) -> bool:
+        if not argv or "redis-server" not in os.path.basename(argv[0].split()[0]):
+            return False
+        words = " ".join(argv).split()
+        return any(w.endswith(f":{port}") for w in words) or any(
+            a == "--port" and b == port for a, b in zip(words, words[1:]))
+
+    return check
+
+
+def _live_pid(pid_file: Path, is_ours) -> int | None:
+    """The pid in ``pid_file`` if that process still runs and still is the server we started."""
+    pid = _read_pid(pid_file)
+    if pid is None or _is_zombie(pid) or not is_ours(_cmdline(pid)):
+        return None
+    return pid
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _gone(pid: int) -> bool:
+    _reap(pid)
+    return not Path(f"/proc/{pid}").exists() or _is_zombie(pid)
+
+
+def _stop(name: str, pid_file: Path, is_ours) -> None:
+    pid = _read_pid(pid_file)
+    if pid is None:
+        log.info("%s: no pid file at %s, nothing to stop", name, pid_file)
+        return
+    if _gone(pid) or not is_ours(_cmdline(pid)):
+        log.info("%s: pid %d from %s is not running (or is no longer ours); leaving it alone", name, pid, pid_file)
+        pid_file.unlink(missing_ok=True)
+        return
+    log.info("%s: stopping pid %d", name, pid)
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while time.monotonic() < deadline and not _gone(pid):
+        time.sleep(0.1)
+    if not _gone(pid):
+        log.warning("%s: pid %d ignored SIGTERM for %.0f s; sending SIGKILL", name, pid, STOP_TIMEOUT_S)
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and not _gone(pid):
+            time.sleep(0.05)
+    pid_file.unlink(missing_ok=True)
+    log.info("%s: stopped", name)
+
+
+def _spawn(cmd: list[str], log_file: Path, pid_file: Path, cwd: Path) -> int:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as out:
+        out.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
+        out.flush()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                cwd=cwd, start_new_session=True, close_fds=True)
+    pid_file.write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
+def _require_loopback(what: str, host: str, address: str) -> None:
+    if host not in LOOPBACK:
+        raise LocalServerError(f"{what} at {address} does not answer, and infogap only starts servers on "
+                               f"loopback (127.0.0.1); start it yourself or point the settings at a local address")
+
+
+def _java() -> str:
+    java = shutil.which("java")
+    if java is None:
+        raise LocalServerError("java is not on PATH; Kafka 4.3 needs Java 17+ (apt-get install -y openjdk-17-jre-headless)")
+    return java
+
+
+def _write_kafka_config(settings: Settings, p: Paths) -> None:
+    p.kafka_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["# written by infogap (stream/local.py); edits are overwritten by `infogap up`"]
+    lines += [f"{k}={v}" for k, v in server_properties(settings).items()]
+    p.kafka_props.write_text("\n".join(lines) + "\n")
+    p.kafka_log4j.write_text(
+        "# written by infogap (stream/local.py)\n"
+        "status = warn\n"
+        "shutdownHook = disable\n"  # else log4j stops before Kafka has logged its controlled shutdown
+        "appender.console.type = Console\n"
+        "appender.console.name = STDOUT\n"
+        "appender.console.layout.type = PatternLayout\n"
+        "appender.console.layout.pattern = [%d] %p %m (%c)%n\n"
+        "rootLogger.level = INFO\n"
+        "rootLogger.appenderRef.stdout.ref = STDOUT\n"
+        "logger.statechange.name = state.change.logger\n"
+        "logger.statechange.level = WARN\n"
+        "logger.request.name = kafka.request.logger\n"
+        "logger.request.level = WARN\n"
+        "logger.clients.name = org.apache.kafka.clients\n"
+        "logger.clients.level = WARN\n"
+    )
+
+
+def _new_cluster_id() -> str:
+    while True:  # Kafka's Uuid.randomUuid() also avoids ids that start with '-' (they look like CLI flags)
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
+
+
+def _format_storage(settings: Settings, p: Paths) -> None:
+    if (p.kafka_data / "meta.properties").is_file():
+        return
+    cid = _new_cluster_id()
+    cmd = [_java(), "-Xmx256m", f"-Dlog4j2.configurationFile={p.kafka_log4j}", "-cp", f"{p.libs}/*",
+           STORAGE_TOOL, "format", "--standalone", "--ignore-formatted", "-t", cid, "-c", str(p.kafka_props)]
+    log.info("formatting Kafka storage in %s (cluster id %s)", p.kafka_data, cid)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    with open(p.kafka_log, "a") as out:
+        out.write(f"\n===== format: {' '.join(cmd)}\n{res.stdout}{res.stderr}")
+    if res.returncode != 0:
+        raise LocalServerError(f"Kafka storage format failed (exit {res.returncode}); see {p.kafka_log}:\n"
+                               f"{(res.stdout + res.stderr)[-2000:]}")
+
+
+def _start_kafka(settings: Settings, p: Paths) -> None:
+    if _live_pid(p.kafka_pid, _is_our_kafka(p)) is not None:
+        log.info("kafka: pid %s is starting already; waiting for it", _read_pid(p.kafka_pid))
+        return
+    _require_loopback("Kafka", settings.kafka_host, settings.kafka_bootstrap)
+    if _tcp_open(settings.kafka_host, settings.kafka_port):
+        raise LocalServerError(f"port {settings.kafka_port} is taken by something that is not a Kafka broker; "
+                               f"free it or set INFOGAP_KAFKA_BOOTSTRAP to another port")
+    java = _java()
+    fetch_kafka_jars(settings)
+    _write_kafka_config(settings, p)
+    p.kafka_data.mkdir(parents=True, exist_ok=True)
+    _format_storage(settings, p)
+    cmd = [java, f"-Xmx{settings.kafka_heap}", f"-Xms{settings.kafka_heap}", "-XX:+UseG1GC",
+           "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true",
+           f"-Dlog4j2.configurationFile={p.kafka_log4j}", f"-Dkafka.logs.dir={p.kafka_dir}",
+           "-cp", f"{p.libs}/*", KAFKA_MAIN, str(p.kafka_props)]
+    pid = _spawn(cmd, p.kafka_log, p.kafka_pid, p.kafka_dir)
+    log.info("kafka: started pid %d on %s (log %s)", pid, settings.kafka_bootstrap, p.kafka_log)
+
+
+def _start_redis(settings: Settings, p: Paths) -> None:
+    if _live_pid(p.redis_pid, _is_our_redis(settings)) is not None:
+        log.info("redis: pid %s is starting already; waiting for it", _read_pid(p.redis_pid))
+        return
+    url = urlparse(settings.redis_url)
+    if url.scheme != "redis":
+        raise LocalServerError(f"redis at {settings.redis_url} does not answer; infogap only starts a local "
+                               f"redis for redis:// URLs")
+    _require_loopback("Redis", settings.redis_host, settings.redis_url)
+    if _tcp_open(settings.redis_host, settings.redis_port):
+        raise LocalServerError(f"port {settings.redis_port} is taken by something that does not answer Redis PING; "
+                               f"free it or set INFOGAP_REDIS_URL to another port")
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise LocalServerError("redis-server is not on PATH; apt-get install -y redis-server (or deploy/install.sh)")
+    p.redis_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [exe, "--bind", settings.redis_host, "--port", str(settings.redis_port), "--protected-mode", "yes",
+           "--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", str(p.redis_dir),
+           "--loglevel", "notice"]
+    if url.password:
+        cmd += ["--requirepass", url.password]
+    pid = _spawn(cmd, p.redis_log, p.redis_pid, p.redis_dir)
+    log.info("redis: started pid %d on %s:%d (log %s)", pid, settings.redis_host, settings.redis_port, p.redis_log)
+
+
+def _wait_until_answering(settings: Settings, p: Paths, started: list[str]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    waiting = {"kafka": "kafka" in started, "redis": "redis" in started}
+    checks = {
+        "kafka": (lambda: _run(_kafka_answers(settings, timeout=3.0)), p.kafka_pid, _is_our_kafka(p), p.kafka_log),
+        "redis": (lambda: _run(_redis_answers(settings)), p.redis_pid, _is_our_redis(settings), p.redis_log),
+    }
+    while any(waiting.values()):
+        for name, pending in waiting.items():
+            if not pending:
+                continue
+            answers, pid_file, is_ours, log_file = checks[name]
+            if answers():
+                waiting[name] = False
+                log.info("%s: answering", name)
+            elif _live_pid(pid_file, is_ours) is None:
+                raise LocalServerError(f"{name} exited during startup; see {log_file}:\n{_tail(log_file)}")
+        if not any(waiting.values()):
+            break
+        if time.monotonic() > deadline:
+            late = [n for n, w in waiting.items() if w]
+            logs = ", ".join(str(checks[n][3]) for n in late)
+            raise LocalServerError(f"{' and '.join(late)} did not answer within {START_TIMEOUT_S:.0f} s; see {logs}")
+        time.sleep(0.25)
+
+
+def _tail(path: Path, n: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+# --------------------------------------------------------------------------------------------- topics
+
+
+async def _describe_topics(settings: Settings, names: list[str]) -> dict[str, int]:
+    """Existing topics among ``names`` -> partition count."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="infogap-local")
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [n for n in names if n in existing]
+        if not wanted:
+            return {}
+        return {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics(wanted) if t["error_code"] == 0}
+    finally:
+        await admin.close()
+
+
+async def _ensure_topics(settings: Settings, replication_factor: int = 1) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    names = settings.topics.all()
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="infogap-local",
+                                request_timeout_ms=15_000)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + TOPIC_TIMEOUT_S
+        created_any = False
+        while True:
+            existing = set(await admin.list_topics())
+            missing = [c for c, real in names.items() if real not in existing]
+            if not missing:
+                break
+            new = [NewTopic(names[c], TOPIC_PARTITIONS[c], replication_factor,
+                            topic_configs={"cleanup.policy": "compact"} if c in COMPACTED_TOPICS else {})
+                   for c in missing]
+            resp = await admin.create_topics(new, timeout_ms=15_000)
+            errors = {t[0]: t[1] for t in resp.topic_errors if t[1] not in (0, _TOPIC_ALREADY_EXISTS)}
+            created = [names[c] for c in missing if names[c] not in errors]
+            if created:
+                created_any = True
+                log.info("created topics %s", ", ".join(created))
+            if not errors:
+                break
+            if time.monotonic() > deadline:
+                raise LocalServerError(f"could not create topics at {settings.kafka_bootstrap}: "
+                                       f"{errors} (Kafka error codes)")
+            log.debug("topic creation not ready yet (%s); retrying", errors)
+            await asyncio.sleep(0.5)
+        partitions = await _wait_for_leaders(admin, list(names.values()), settings)
+        if created_any:
+            await _wait_until_servable(settings, partitions)
+        await _check_topics(admin, settings)
+        await _warm_group_coordinator(admin, settings)
+    finally:
+        await admin.close()
+
+
+async def _wait_for_leaders(admin, topics: list[str], settings: Settings) -> dict[str, list[int]]:
+    """Return once every partition of ``topics`` has a leader, so that the first produce after
+    ``ensure_topics`` does not meet NotLeaderForPartition while a new topic is still being placed."""
+    deadline = time.monotonic() + TOPIC_TIMEOUT_S
+    while True:
+        described = await admin.describe_topics(topics)
+        pending = [t["topic"] for t in described
+                   if t["error_code"] != 0 or any(p["error_code"] != 0 or p["leader"] < 0 for p in t["partitions"])]
+        if not pending:
+            return {t["topic"]: [p["partition"] for p in t["partitions"]] for t in described}
+        if time.monotonic() > deadline:
+            raise LocalServerError(f"topics {pending} at {settings.kafka_bootstrap} have no leader after "
+                                   f"{TOPIC_TIMEOUT_S:.0f} s")
+        await asyncio.sleep(0.1)
+
+
+async def _wait_until_servable(settings: Settings, partitions: dict[str, list[int]]) -> None:
+    """Metadata names a leader a moment before the broker serves a new partition; ask every partition's
+    leader for its end offset (aiokafka retries NotLeaderForPartition) so that the caller's first produce
+    succeeds at once."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, client_id="infogap-local",
+                                enable_auto_commit=False, request_timeout_ms=int(TOPIC_TIMEOUT_S * 1000),
+                                retry_backoff_ms=20)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(t, p) for t, ps in partitions.items() for p in ps]
+        async with asyncio.timeout(TOPIC_TIMEOUT_S):
+            await consumer.end_offsets(tps)
+    finally:
+        await consumer.stop()
+
+
+async def _check_topics(admin, settings: Settings) -> None:
+    """Warn (do not change) when an existing topic differs from the contract."""
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    names = settings.topics.all()
+    described = {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics(list(names.values()))}
+    for contract, real in names.items():
+        have = described.get(real)
+        if have is not None and have != TOPIC_PARTITIONS[contract]:
+            log.warning("topic %s has %d partitions, the contract says %d (left as is)",
+                        real, have, TOPIC_PARTITIONS[contract])
+    compacted = [names[c] for c in COMPACTED_TOPICS]
+    resources = [ConfigResource(ConfigResourceType.TOPIC, n, configs={"cleanup.policy": None}) for n in compacted]
+    for resp in await admin.describe_configs(resources):
+        for res in resp.resources:
+            topic, entries = res[3], res[4]
+            policy = next((e[1] for e in entries if e[0] == "cleanup.policy"), None)
+            if policy is not None and "compact" not in policy:
+                log.warning("topic %s has cleanup.policy=%s, the contract says compact (left as is)", topic, policy)
+
+
+async def _warm_group_coordinator(admin, settings: Settings) -> None:
+    """Ask for a group coordinator until one answers, so that Kafka creates ``__consumer_offsets`` now and the
+    first consumer group that joins does not log GroupCoordinatorNotAvailable while it is being created."""
+    deadline = time.monotonic() + TOPIC_TIMEOUT_S
+    while True:
+        try:
+            await admin.find_coordinator(settings.consumer_group)
+            return
+        except Exception as exc:  # noqa: BLE001 - retriable while __consumer_offsets is being created
+            if time.monotonic() > deadline:
+                raise LocalServerError(f"no group coordinator at {settings.kafka_bootstrap} after "
+                                       f"{TOPIC_TIMEOUT_S:.0f} s: {exc!r}") from exc
+            log.debug("group coordinator not available yet: %r", exc)
+            await asyncio.sleep(0.2)
+
+
+def wait_for_kafka(settings: Settings, timeout_s: float) -> None:
+    """Block until Kafka answers a metadata request (used by the one-shot topic job of docker-compose / k8s)."""
+    deadline = time.monotonic() + timeout_s
+    while not _run(_kafka_answers(settings, timeout=5.0)):
+        if time.monotonic() > deadline:
+            raise LocalServerError(f"Kafka at {settings.kafka_bootstrap} did not answer within {timeout_s:.0f} s")
+        time.sleep(1.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m stream.local {up,down,status,ensure-topics}``: the same operations without the infogap CLI
+    (the topic job of deploy/docker-compose.yml and deploy/k8s/ runs ``ensure-topics``)."""
+    import argparse
+    import json
+
+    from stream.settings import load
+
+    parser = argparse.ArgumentParser(prog="python -m stream.local", description=main.__doc__)
+    parser.add_argument("command", choices=["up", "down", "status", "ensure-topics"])
+    parser.add_argument("--replication-factor", type=int, default=1, help="ensure-topics: replication factor")
+    parser.add_argument("--wait", type=float, default=0.0, help="ensure-topics: wait this long for Kafka first")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = load()
+    try:
+        if args.command == "up":
+            up(settings)
+        elif args.command == "down":
+            down(settings)
+        elif args.command == "status":
+            log.info("%s", json.dumps(status(settings), indent=2))
+        else:
+            if args.wait > 0:
+                wait_for_kafka(settings, args.wait)
+            ensure_topics(settings, replication_factor=args.replication_factor)
+    except LocalServerError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
