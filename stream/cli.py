@@ -206,10 +206,40 @@ def evaluate() -> None:
 
 
 @app.command()
-def bench() -> None:
-    """End-to-end throughput and freshness benchmark (not yet: comes with the stream-at-scale issue)."""
-    console.print("not yet: `infogap bench` arrives with the stream-at-scale work (issue 4)")
-    raise typer.Exit(2)
+def bench(
+    events: int = typer.Option(200_000, help="Events pre-loaded for the throughput run."),
+    rate: float = typer.Option(2_000, help="Events/s produced during the freshness run."),
+    seconds: float = typer.Option(20, help="Length of the freshness run."),
+    out: Path = typer.Option(Path("out/bench"), help="Where bench.json and the worker logs go."),
+    memory: bool = typer.Option(True, help="Also measure model memory per 100k users and 10k items."),
+) -> None:
+    """End to end with real Kafka, Redis and a worker process: throughput, freshness, lag, memory."""
+    from stream.bench import run
+
+    settings = load()
+    res = asyncio.run(run(settings, events=events, rate=rate, seconds=seconds, out=out, memory=memory))
+    tp, fr = res["throughput"], res["freshness"]
+    table = Table(title=f"infogap bench ({res['machine']['cores']} cores)")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    rows = [("throughput, one worker", f"{tp['events_per_s']:,} events/s ({tp['events']:,} events, {tp['seconds']} s)"),
+            ("producer (for reference)", f"{tp['producer_events_per_s']:,} events/s"),
+            ("batch latency p50 / p95 / p99", " / ".join(f"{v * 1000:.0f} ms" for v in tp["batch_seconds"].values()
+                                                  if v is not None) or "-"),
+            ("max consumer lag (throughput run)", f"{tp['max_lag']:,}"),
+            ("worker RSS after throughput run", f"{tp['worker_memory']['rss_mb']} MB"),
+            (f"freshness at {fr['target_rate']:,.0f} ev/s p50/p95/p99",
+             " / ".join(f"{v:.0f} ms" for v in fr["freshness_ms"].values())),
+            ("achieved produce rate", f"{fr['achieved_rate']:,} events/s"),
+            ("max consumer lag (freshness run)", f"{fr['max_lag']:,}")]
+    if "model_memory" in res:
+        mm = res["model_memory"]
+        rows += [("model memory per 100k users", f"{mm['mb_per_100k_users']} MB"),
+                 ("model memory per 10k items", f"{mm['mb_per_10k_items']} MB")]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"JSON: {out / 'bench.json'}")
 
 
 def main() -> None:

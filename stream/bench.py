@@ -1,0 +1,220 @@
+"""``infogap bench``: end-to-end throughput, freshness, lag and memory of one worker process.
+
+Three measurements, each on its own topics, consumer group and Redis prefix:
+
+1. **throughput**: N synthetic events are loaded into Kafka first, then one worker process
+   (``infogap worker``, a real subprocess) drains them; events/s is measured from its first
+   consumed batch to the last, so producer speed does not cap it.
+2. **freshness**: the worker runs while events are produced at a fixed rate; freshness is the
+   time from the producer's send (the Kafka record's CreateTime) to the batch's Redis write
+   being acknowledged, as the worker measures it (``/stats``): p50, p95, p99. Consumer lag is
+   sampled meanwhile.
+3. **memory**: the worker's RSS after each run, and the model's own memory per 100k users and
+   per 10k items (tracemalloc over an in-process ``models.Engine``).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tracemalloc
+import uuid
+from pathlib import Path
+
+import aiohttp
+import orjson
+import redis.asyncio as aioredis
+from aiokafka.admin import AIOKafkaAdminClient
+
+from stream import local
+from stream.replay import publish
+from stream.settings import Settings
+from stream.synthetic import SyntheticStream
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rss_mb(pid: int) -> dict[str, float]:
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line.split(":")[0]] = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return {"rss_mb": round(out.get("VmRSS", 0.0), 1), "peak_rss_mb": round(out.get("VmHWM", 0.0), 1)}
+
+
+class WorkerProcess:
+    """An ``infogap worker`` subprocess on its own topics, group, Redis prefix and HTTP port."""
+
+    def __init__(self, settings: Settings, log_path: Path):
+        self.settings = settings
+        self.port = _free_port()
+        env = dict(os.environ, INFOGAP_TOPIC_PREFIX=settings.topic_prefix,
+                   INFOGAP_CONSUMER_GROUP=settings.consumer_group, INFOGAP_REDIS_PREFIX=settings.redis_prefix,
+                   INFOGAP_KAFKA_BOOTSTRAP=settings.kafka_bootstrap, INFOGAP_REDIS_URL=settings.redis_url,
+                   INFOGAP_HTTP_HOST="127.0.0.1", INFOGAP_HTTP_PORT=str(self.port))
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "--log-level", "WARNING", "worker"],
+                                     env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    async def stats(self) -> dict | None:
+        try:
+            async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{self.port}/stats") as r:
+                return orjson.loads(await r.read())
+        except aiohttp.ClientError:
+            return None
+
+    async def wait_until(self, predicate, deadline_s: float, what: str, interval: float = 0.05) -> dict:
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the worker exited with {self.proc.returncode}; see {self._log.name}")
+            st = await self.stats()
+            if st is not None and predicate(st):
+                return st
+            await asyncio.sleep(interval)
+        raise TimeoutError(f"timed out after {deadline_s:.0f} s waiting for {what}; see {self._log.name}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._log.close()
+
+
+def _scoped(settings: Settings, tag: str) -> Settings:
+    return settings.model_copy(update={"topic_prefix": f"bench-{tag}.", "consumer_group": f"bench-{tag}",
+                                       "redis_prefix": f"bench:{tag}:"})
+
+
+async def _cleanup(s: Settings) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics(list(s.topics.all().values()))
+    except Exception:  # cleanup is best effort; topics of a bench are harmless
+        pass
+    finally:
+        await admin.close()
+    r = aioredis.Redis.from_url(s.redis_url)
+    keys = [k async for k in r.scan_iter(match=f"{s.redis_prefix}*", count=10_000)]
+    for i in range(0, len(keys), 10_000):
+        await r.delete(*keys[i:i + 10_000])
+    await r.aclose()
+
+
+async def throughput(settings: Settings, n: int, stream: SyntheticStream, out: Path) -> dict:
+    s = _scoped(settings, "tp-" + uuid.uuid4().hex[:6])
+    local.ensure_topics(s)
+    events = [orjson.dumps(e) for e in stream.events(n, start_ts=time.time() - n / 1000.0)]
+    t0 = time.perf_counter()
+    await publish(s, events, total=n, items=stream.items(), progress=False)
+    produce_s = time.perf_counter() - t0
+    worker = WorkerProcess(s, out / "bench-worker-throughput.log")
+    try:
+        first = await worker.wait_until(lambda st: st["events_in"] > 0, 120, "the first batch")
+        t_first, n_first = time.perf_counter(), first["events_in"]
+        lags = []
+
+        def done(st):
+            lags.append(st["lag"])
+            return st["events_in"] >= n
+
+        last = await worker.wait_until(done, 600, f"{n} events consumed")
+        elapsed = time.perf_counter() - t_first
+        mem = _rss_mb(worker.proc.pid)
+    finally:
+        worker.stop()
+        await _cleanup(s)
+    return {"events": n, "producer_events_per_s": round(n / produce_s), "seconds": round(elapsed, 2),
+            "events_per_s": round((last["events_in"] - n_first) / max(elapsed, 1e-9)),
+            "batches": last["batches"], "batch_seconds": last["batch_seconds"], "recs_written": last["recs_written"],
+            "max_lag": max(lags, default=0), "worker_memory": mem}
+
+
+async def freshness(settings: Settings, rate: float, seconds: float, stream: SyntheticStream, out: Path) -> dict:
+    s = _scoped(settings, "fr-" + uuid.uuid4().hex[:6])
+    local.ensure_topics(s)
+    n = int(rate * seconds)
+    events = [orjson.dumps(e) for e in stream.events(n, start_ts=time.time() - seconds, per_second=rate,
+                                                     prefix="f")]
+    worker = WorkerProcess(s, out / "bench-worker-freshness.log")
+    try:
+        await publish(s, [], items=stream.items(), progress=False)
+        await worker.wait_until(lambda st: st["batches"] >= 0, 120, "the worker to start")
+        await asyncio.sleep(2.0)  # the worker joins its group and catches up on the catalog
+        lags: list[int] = []
+
+        async def sample_lag():
+            while True:
+                st = await worker.stats()
+                if st:
+                    lags.append(st["lag"])
+                await asyncio.sleep(0.25)
+
+        sampler = asyncio.create_task(sample_lag())
+        t0 = time.perf_counter()
+        await publish(s, events, total=n, rate=rate, progress=False)
+        sent_s = time.perf_counter() - t0
+        last = await worker.wait_until(lambda st: st["events_in"] >= n, 120, f"{n} events consumed")
+        sampler.cancel()
+        mem = _rss_mb(worker.proc.pid)
+    finally:
+        worker.stop()
+        await _cleanup(s)
+    f = last["freshness_seconds"]
+    return {"target_rate": rate, "achieved_rate": round(n / sent_s), "events": n,
+            "freshness_ms": {k: round(v * 1000, 1) for k, v in f.items()}, "max_lag": max(lags, default=0),
+            "worker_memory": mem}
+
+
+def model_memory(users: int = 100_000, items: int = 10_000, events_per_user: int = 5) -> dict:
+    """Traced memory of an in-process Engine: per 10k items (catalog + co-occurrence) and per 100k users."""
+    from models import Engine, EngineConfig
+
+    stream = SyntheticStream(n_users=users, n_items=items, groups=16, seed=7)
+    engine = Engine(EngineConfig())
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    for it in stream.items():
+        engine.upsert_item(it)
+    engine.learn_many([{"event_id": f"w{i}", "user_id": "warmup", "item_id": f"i{i}", "type": "view",
+                        "ts": 1.7e9 + i} for i in range(items)])
+    engine.forget_user("warmup")
+    after_items = tracemalloc.get_traced_memory()[0]
+    t0 = 1.7e9 + items
+    evs = [dict(e, user_id=f"u{k % users}") for k, e in
+           enumerate(stream.events(users * events_per_user, start_ts=t0, per_second=1000.0, prefix="m"))]
+    engine.learn_many(evs)
+    after_users = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return {"items": items, "users": users, "events": len(evs),
+            "mb_per_10k_items": round((after_items - base) / 2**20 * 10_000 / items, 1),
+            "mb_per_100k_users": round((after_users - after_items) / 2**20 * 100_000 / users, 1)}
+
+
+async def run(settings: Settings, *, events: int, rate: float, seconds: float, out: Path,
+              users: int = 20_000, items: int = 5_000, memory: bool = True) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    local.up(settings)
+    stream = SyntheticStream(n_users=users, n_items=items, groups=16, seed=42)
+    result = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]},
+              "throughput": await throughput(settings, events, stream, out),
+              "freshness": await freshness(settings, rate, seconds, stream, out)}
+    if memory:
+        result["model_memory"] = model_memory()
+    (out / "bench.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    return result
