@@ -27,10 +27,8 @@ from pathlib import Path
 
 import aiohttp
 import orjson
-import redis.asyncio as aioredis
-from aiokafka.admin import AIOKafkaAdminClient
 
-from stream import local
+from stream import connections, local
 from stream.replay import publish
 from stream.settings import Settings
 from stream.synthetic import SyntheticStream
@@ -101,7 +99,7 @@ def _scoped(settings: Settings, tag: str) -> Settings:
 
 
 async def _cleanup(s: Settings) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
+    admin = connections.admin(s)
     await admin.start()
     try:
         await admin.delete_topics(list(s.topics.all().values()))
@@ -109,7 +107,7 @@ async def _cleanup(s: Settings) -> None:
         pass
     finally:
         await admin.close()
-    r = aioredis.Redis.from_url(s.redis_url)
+    r = connections.redis_async(s)
     keys = [k async for k in r.scan_iter(match=f"{s.redis_prefix}*", count=10_000)]
     for i in range(0, len(keys), 10_000):
         await r.delete(*keys[i:i + 10_000])

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from stream import connections
 from stream.settings import load
 
 app = typer.Typer(help="infogap: real-time personalization from Kafka clickstreams to Redis and push.",
@@ -107,7 +108,7 @@ def recs(user: str = typer.Argument(..., help="User id, as in the events.")) -> 
     from stream.client import InfogapClient
 
     settings = load()
-    found = InfogapClient.from_url(settings.redis_url, settings.redis_prefix).recommendations(user)
+    found = InfogapClient(connections.redis_sync(settings), settings.redis_prefix).recommendations(user)
     if found is None:
         console.print(f"no recommendations for {user!r} in Redis (unknown user, expired, or erased)")
         raise typer.Exit(1)
@@ -141,7 +142,7 @@ def demo(
 
 
 async def _demo(settings, limit: int, n_users: int) -> None:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import TopicPartition
 
     from stream.client import InfogapClient
     from stream.movielens import load_movielens
@@ -152,7 +153,7 @@ async def _demo(settings, limit: int, n_users: int) -> None:
     w = Worker(settings)
     stop = asyncio.Event()
     task = asyncio.create_task(w.run(stop))
-    push = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None)
+    push = connections.consumer(settings, group_id=None)
     await push.start()
     try:
         await asyncio.wait_for(w.ready.wait(), 60)
@@ -170,7 +171,7 @@ async def _demo(settings, limit: int, n_users: int) -> None:
         st = w.stats
         console.print(f"[bold]3.[/] worker processed {st.events_in} events in {st.batches} batches "
                       f"({st.dead_letters} to DLQ, {st.duplicates} duplicates), {st.pushes} pushes")
-        client = InfogapClient.from_url(settings.redis_url, settings.redis_prefix)
+        client = InfogapClient(connections.redis_sync(settings), settings.redis_prefix)
         counts: dict[str, int] = {}
         for e in load_movielens().events[:limit]:
             counts[e["user_id"]] = counts.get(e["user_id"], 0) + 1

@@ -14,9 +14,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import orjson
-from aiokafka import AIOKafkaProducer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from stream import connections
 from stream.settings import Settings
 
 _TIMEZONES = ("America/New_York", "America/Chicago", "America/Los_Angeles", "Europe/London", "Europe/Paris")
@@ -60,8 +60,7 @@ async def publish(settings: Settings, events: Iterable[bytes | dict], *, total: 
                   progress: bool = True) -> int:
     """Send items, users, then events (at ``rate`` events/s, or as fast as possible); return events sent."""
     topics = settings.topics
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=20,
-                                max_batch_size=512 * 1024, acks="all")
+    producer = connections.producer(settings, linger_ms=20, max_batch_size=512 * 1024, acks="all")
     await producer.start()
     sent = 0
     try:

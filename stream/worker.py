@@ -27,6 +27,7 @@ from models import Engine, EngineConfig
 from models.dedupe import Deduplicator
 from models.events import Event, Limits
 from models.push_policy import PushConfig, PushPolicy, UserPrefs
+from stream import connections
 from stream.ingest import DeadLetter, Ingest
 from stream.observability import WorkerStats, build_app, serve
 from stream.redis_keys import RedisKeys
@@ -75,15 +76,15 @@ class Worker:
         """Run until ``stop`` is set (or forever); always closes its connections."""
         stop = stop or asyncio.Event()
         s = self.settings
-        self._redis = aioredis.Redis.from_url(s.redis_url, socket_timeout=5, socket_connect_timeout=2)
+        self._redis = connections.redis_async(s, socket_timeout=5, socket_connect_timeout=2)
         self._store = RedisStore(self._redis, RedisKeys(s.redis_prefix), s.recs_ttl_s)
-        self._producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, linger_ms=5, acks="all")
-        self._consumer = AIOKafkaConsumer(
-            self.topics.events, bootstrap_servers=s.kafka_bootstrap, group_id=s.consumer_group,
+        self._producer = connections.producer(s, linger_ms=5, acks="all")
+        self._consumer = connections.consumer(
+            s, self.topics.events, group_id=s.consumer_group,
             enable_auto_commit=False, auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=32 * 1024 * 1024)
-        self._side = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=None,
-                                      enable_auto_commit=False, auto_offset_reset="earliest")
+        self._side = connections.consumer(s, group_id=None, enable_auto_commit=False,
+                                          auto_offset_reset="earliest")
         http = None
         try:
             if s.http_port is not None:

@@ -45,10 +45,10 @@ def settings(local_stack):
 
 def _delete_topics(s) -> None:
     """Drop a test's topics so the local broker does not accumulate partitions run after run."""
-    from aiokafka.admin import AIOKafkaAdminClient
+    from stream import connections
 
     async def drop():
-        admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
+        admin = connections.admin(s)
         await admin.start()
         try:
             await admin.delete_topics(list(s.topics.all().values()))

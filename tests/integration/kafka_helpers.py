@@ -6,12 +6,14 @@ import contextlib
 import time
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import TopicPartition
+
+from stream import connections
 
 
 async def produce(settings, topic: str, records: list[tuple[bytes | str | None, bytes | dict | None]]) -> None:
     """Send ``(key, value)`` pairs in order and wait for every ack; dict values are JSON-encoded."""
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    producer = connections.producer(settings, acks="all")
     await producer.start()
     try:
         for key, value in records:
@@ -24,8 +26,7 @@ async def produce(settings, topic: str, records: list[tuple[bytes | str | None, 
 
 async def read_topic(settings, topic: str, *, until=None, deadline_s: float = 20.0) -> list:
     """Read ``topic`` from the beginning until ``until(records)`` holds or the deadline passes."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
-                                auto_offset_reset="earliest")
+    consumer = connections.consumer(settings, group_id=None, auto_offset_reset="earliest")
     await consumer.start()
     out: list = []
     try:
