@@ -23,6 +23,8 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -30,13 +32,13 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
-from stream.settings import COMPACTED_TOPICS, TOPIC_PARTITIONS, Settings
+from stream.settings import COMPACTED_TOPICS, TOPIC_CONFIGS, TOPIC_PARTITIONS, Settings
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +119,18 @@ def paths(settings: Settings) -> Paths:
 # --------------------------------------------------------------------------------------------- public API
 
 
-def up(settings: Settings) -> None:
+def up(settings: Settings, *, sasl_users: Mapping[str, str] | None = None,
+       redis_users: Mapping[str, str] | None = None) -> None:
     """Make Kafka and Redis answer at the configured addresses and create the contract topics.
 
     Servers that already answer are left alone (whoever started them); missing ones are started on loopback
     from ``settings.local_dir``. Raises :class:`LocalServerError` with the log file to read if they don't come up.
+
+    Secured servers (for tests of authentication; the default path starts neither): ``sasl_users`` (user ->
+    password) makes the broker's client listener SASL_PLAINTEXT with the PLAIN mechanism, and ``settings``
+    must then name one of these users (``kafka_security_protocol="SASL_PLAINTEXT"``, ``kafka_username``,
+    ``kafka_password``). A Redis started here requires the settings' password (``requirepass``, or an ACL user
+    for ``redis_username``); ``redis_users`` (user -> password) adds ACL users with full access.
     """
     t0 = time.monotonic()
     p = paths(settings)
@@ -131,10 +140,10 @@ def up(settings: Settings) -> None:
             kafka_ok, redis_ok = _run(_probe_both(settings))
             started: list[str] = []
             if not kafka_ok:
-                _start_kafka(settings, p)
+                _start_kafka(settings, p, sasl_users)
                 started.append("kafka")
             if not redis_ok:
-                _start_redis(settings, p)
+                _start_redis(settings, p, redis_users)
                 started.append("redis")
             _wait_until_answering(settings, p, started)
     ensure_topics(settings)
@@ -211,8 +220,54 @@ def fetch_kafka_jars(settings: Settings, *, force: bool = False) -> Path:
     return p.libs
 
 
-def server_properties(settings: Settings) -> dict[str, str]:
-    """The KRaft configuration of the single combined broker+controller node."""
+def server_properties(settings: Settings, *, sasl_users: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The KRaft configuration of the single combined broker+controller node.
+
+    With ``sasl_users`` (user -> password) the client listener is SASL_PLAINTEXT with the PLAIN mechanism
+    (users in ``listener.name.sasl_plaintext.plain.sasl.jaas.config``), and the broker authenticates to itself
+    and to its controller as :data:`BROKER_USER` with a random password made here; no listener is left
+    unauthenticated.
+    """
+    props = _plain_properties(settings)
+    if sasl_users is None:
+        return props
+    return {**props, **_sasl_properties(settings, sasl_users)}
+
+
+#: the user the broker authenticates as to itself and to the controller, when SASL is on
+BROKER_USER = "infogap-broker"
+_SASL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _sasl_properties(settings: Settings, sasl_users: Mapping[str, str]) -> dict[str, str]:
+    if not sasl_users:
+        raise LocalServerError("sasl_users is empty: give at least one user -> password")
+    for user, password in sasl_users.items():
+        if not _SASL_NAME.fullmatch(user) or user == BROKER_USER:
+            raise LocalServerError(f"SASL user name {user!r} must be 1-64 of A-Z a-z 0-9 _ - and not {BROKER_USER}")
+        if not password or any(c in password for c in '"\\;') or not password.isprintable():
+            raise LocalServerError(f"the password of SASL user {user!r} must be non-empty printable text "
+                                   f"without quotes, backslashes or semicolons")
+    broker_pw = secrets.token_hex(24)  # the broker's own password: new at every start, known to nobody else
+    users = {BROKER_USER: broker_pw, **sasl_users}
+    jaas = ("org.apache.kafka.common.security.plain.PlainLoginModule required "
+            f'username="{BROKER_USER}" password="{broker_pw}" '
+            + " ".join(f'user_{u}="{pw}"' for u, pw in users.items()) + ";")
+    host, port, cport = settings.kafka_host, settings.kafka_port, settings.kafka_controller_port
+    return {
+        "listeners": f"SASL_PLAINTEXT://{host}:{port},CONTROLLER://{host}:{cport}",
+        "advertised.listeners": f"SASL_PLAINTEXT://{host}:{port},CONTROLLER://{host}:{cport}",
+        "inter.broker.listener.name": "SASL_PLAINTEXT",
+        "listener.security.protocol.map": "CONTROLLER:SASL_PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT",
+        "sasl.enabled.mechanisms": "PLAIN",
+        "sasl.mechanism.inter.broker.protocol": "PLAIN",
+        "sasl.mechanism.controller.protocol": "PLAIN",
+        "listener.name.sasl_plaintext.plain.sasl.jaas.config": jaas,
+        "listener.name.controller.plain.sasl.jaas.config": jaas,
+    }
+
+
+def _plain_properties(settings: Settings) -> dict[str, str]:
     p = paths(settings)
     host, port, cport = settings.kafka_host, settings.kafka_port, settings.kafka_controller_port
     return {
@@ -287,13 +342,19 @@ async def _kafka_answers(settings: Settings, timeout: float = 5.0) -> bool:
         return False
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="infogap-local",
+    from stream import connections
+
+    admin = AIOKafkaAdminClient(**connections.kafka_options(settings), client_id="infogap-local",
                                 request_timeout_ms=int(timeout * 1000))
     try:
         async with asyncio.timeout(timeout):
+            if settings.kafka_security_protocol != "PLAINTEXT":
+                await connections.check_kafka(settings, timeout)  # a refused login is an error, not "down"
             await admin.start()
             cluster = await admin.describe_cluster()
         return bool(cluster.get("brokers"))
+    except connections.CredentialsRefused as exc:
+        raise LocalServerError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - "not answering" is the answer
         log.debug("kafka at %s not answering: %r", settings.kafka_bootstrap, exc)
         return False
@@ -304,16 +365,16 @@ async def _kafka_answers(settings: Settings, timeout: float = 5.0) -> bool:
 async def _redis_answers(settings: Settings, timeout: float = 2.0) -> bool:
     if urlparse(settings.redis_url).scheme != "unix" and not _tcp_open(settings.redis_host, settings.redis_port):
         return False
-    import redis.asyncio as aioredis
+    from stream import connections
 
-    client = aioredis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
     try:
-        return bool(await client.ping())
+        await connections.check_redis(settings, timeout)
+        return True
+    except connections.CredentialsRefused as exc:
+        raise LocalServerError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001
         log.debug("redis at %s not answering: %r", settings.redis_url, exc)
         return False
-    finally:
-        await client.aclose()
 
 
 async def _probe_both(settings: Settings) -> tuple[bool, bool]:
@@ -449,11 +510,11 @@ def _java() -> str:
     return java
 
 
-def _write_kafka_config(settings: Settings, p: Paths) -> None:
+def _write_kafka_config(settings: Settings, p: Paths, sasl_users: Mapping[str, str] | None = None) -> None:
     p.kafka_dir.mkdir(parents=True, exist_ok=True)
     lines = ["# written by infogap (stream/local.py); edits are overwritten by `infogap up`"]
-    lines += [f"{k}={v}" for k, v in server_properties(settings).items()]
-    p.kafka_props.write_text("\n".join(lines) + "\n")
+    lines += [f"{k}={v}" for k, v in server_properties(settings, sasl_users=sasl_users).items()]
+    _write_private(p.kafka_props, "\n".join(lines) + "\n")
     p.kafka_log4j.write_text(
         "# written by infogap (stream/local.py)\n"
         "status = warn\n"
@@ -495,7 +556,15 @@ def _format_storage(settings: Settings, p: Paths) -> None:
                                f"{(res.stdout + res.stderr)[-2000:]}")
 
 
-def _start_kafka(settings: Settings, p: Paths) -> None:
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (it may hold passwords)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
+
+def _start_kafka(settings: Settings, p: Paths, sasl_users: Mapping[str, str] | None = None) -> None:
     if _live_pid(p.kafka_pid, _is_our_kafka(p)) is not None:
         log.info("kafka: pid %s is starting already; waiting for it", _read_pid(p.kafka_pid))
         return
@@ -503,9 +572,21 @@ def _start_kafka(settings: Settings, p: Paths) -> None:
     if _tcp_open(settings.kafka_host, settings.kafka_port):
         raise LocalServerError(f"port {settings.kafka_port} is taken by something that is not a Kafka broker; "
                                f"free it or set INFOGAP_KAFKA_BOOTSTRAP to another port")
+    if sasl_users is not None:
+        s = settings
+        if (s.kafka_security_protocol != "SASL_PLAINTEXT" or s.kafka_sasl_mechanism != "PLAIN"
+                or s.kafka_username not in sasl_users or s.kafka_password is None
+                or sasl_users[s.kafka_username] != s.kafka_password.get_secret_value()):
+            raise LocalServerError("a broker started with sasl_users is checked with the settings' credentials: "
+                                   "set kafka_security_protocol=SASL_PLAINTEXT, kafka_sasl_mechanism=PLAIN and "
+                                   "kafka_username / kafka_password to one of sasl_users")
+    elif settings.kafka_security_protocol != "PLAINTEXT":
+        raise LocalServerError(f"Kafka at {settings.kafka_bootstrap} does not answer, and infogap starts a local "
+                               f"broker with {settings.kafka_security_protocol} only for tests (sasl_users); "
+                               f"start it yourself or unset INFOGAP_KAFKA_SECURITY_PROTOCOL")
     java = _java()
     fetch_kafka_jars(settings)
-    _write_kafka_config(settings, p)
+    _write_kafka_config(settings, p, sasl_users)
     p.kafka_data.mkdir(parents=True, exist_ok=True)
     _format_storage(settings, p)
     cmd = [java, f"-Xmx{settings.kafka_heap}", f"-Xms{settings.kafka_heap}", "-XX:+UseG1GC",
@@ -516,7 +597,16 @@ def _start_kafka(settings: Settings, p: Paths) -> None:
     log.info("kafka: started pid %d on %s (log %s)", pid, settings.kafka_bootstrap, p.kafka_log)
 
 
-def _start_redis(settings: Settings, p: Paths) -> None:
+def _redis_acl_line(user: str, password: str) -> str:
+    """An ACL rule with full access that stores only the SHA-256 of the password (no secret on disk or argv)."""
+    if not _SASL_NAME.fullmatch(user):
+        raise LocalServerError(f"Redis user name {user!r} must be 1-64 of A-Z a-z 0-9 _ -")
+    if not password:
+        raise LocalServerError(f"the password of Redis user {user!r} is empty")
+    return f"user {user} reset on #{hashlib.sha256(password.encode()).hexdigest()} ~* &* +@all"
+
+
+def _start_redis(settings: Settings, p: Paths, redis_users: Mapping[str, str] | None = None) -> None:
     if _live_pid(p.redis_pid, _is_our_redis(settings)) is not None:
         log.info("redis: pid %s is starting already; waiting for it", _read_pid(p.redis_pid))
         return
@@ -532,11 +622,20 @@ def _start_redis(settings: Settings, p: Paths) -> None:
     if exe is None:
         raise LocalServerError("redis-server is not on PATH; apt-get install -y redis-server (or deploy/install.sh)")
     p.redis_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [exe, "--bind", settings.redis_host, "--port", str(settings.redis_port), "--protected-mode", "yes",
-           "--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", str(p.redis_dir),
-           "--loglevel", "notice"]
-    if url.password:
-        cmd += ["--requirepass", url.password]
+    acl = {user: pw for user, pw in (redis_users or {}).items()}
+    if settings.redis_password is not None:  # the settings' own credentials always work
+        acl[settings.redis_username or "default"] = settings.redis_password.get_secret_value()
+    elif settings.redis_username:
+        raise LocalServerError("redis_username without redis_password")
+    cmd = [exe]
+    if acl:  # passwords (as hashes) in a private config file, never on the command line or in the log
+        conf = p.redis_dir / "acl.conf"
+        _write_private(conf, "# written by infogap (stream/local.py)\n"
+                       + "".join(_redis_acl_line(u, pw) + "\n" for u, pw in acl.items()))
+        cmd.append(str(conf))
+    cmd += ["--bind", settings.redis_host, "--port", str(settings.redis_port), "--protected-mode", "yes",
+            "--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", str(p.redis_dir),
+            "--loglevel", "notice"]
     pid = _spawn(cmd, p.redis_log, p.redis_pid, p.redis_dir)
     log.info("redis: started pid %d on %s:%d (log %s)", pid, settings.redis_host, settings.redis_port, p.redis_log)
 
@@ -556,7 +655,8 @@ def _wait_until_answering(settings: Settings, p: Paths, started: list[str]) -> N
             if answers():
                 waiting[name] = False
                 log.info("%s: answering", name)
-            elif _live_pid(pid_file, is_ours) is None:
+            elif (pid := _read_pid(pid_file)) is None or _gone(pid):
+                # (not _live_pid: right after the fork /proc/<pid>/cmdline can still be empty for a moment)
                 raise LocalServerError(f"{name} exited during startup; see {log_file}:\n{_tail(log_file)}")
         if not any(waiting.values()):
             break
@@ -581,7 +681,9 @@ async def _describe_topics(settings: Settings, names: list[str]) -> dict[str, in
     """Existing topics among ``names`` -> partition count."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="infogap-local")
+    from stream import connections
+
+    admin = AIOKafkaAdminClient(**connections.kafka_options(settings), client_id="infogap-local")
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -597,7 +699,9 @@ async def _ensure_topics(settings: Settings, replication_factor: int = 1) -> Non
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
     names = settings.topics.all()
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="infogap-local",
+    from stream import connections
+
+    admin = AIOKafkaAdminClient(**connections.kafka_options(settings), client_id="infogap-local",
                                 request_timeout_ms=15_000)
     await admin.start()
     try:
@@ -609,7 +713,8 @@ async def _ensure_topics(settings: Settings, replication_factor: int = 1) -> Non
             if not missing:
                 break
             new = [NewTopic(names[c], TOPIC_PARTITIONS[c], replication_factor,
-                            topic_configs={"cleanup.policy": "compact"} if c in COMPACTED_TOPICS else {})
+                            topic_configs={**({"cleanup.policy": "compact"} if c in COMPACTED_TOPICS else {}),
+                                           **TOPIC_CONFIGS.get(c, {})})
                    for c in missing]
             resp = await admin.create_topics(new, timeout_ms=15_000)
             errors = {t[0]: t[1] for t in resp.topic_errors if t[1] not in (0, _TOPIC_ALREADY_EXISTS)}
@@ -655,7 +760,9 @@ async def _wait_until_servable(settings: Settings, partitions: dict[str, list[in
     succeeds at once."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, client_id="infogap-local",
+    from stream import connections
+
+    consumer = AIOKafkaConsumer(**connections.kafka_options(settings), client_id="infogap-local",
                                 enable_auto_commit=False, request_timeout_ms=int(TOPIC_TIMEOUT_S * 1000),
                                 retry_backoff_ms=20)
     await consumer.start()

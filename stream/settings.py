@@ -11,14 +11,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from typing import Literal
+from urllib.parse import parse_qsl, unquote, urlencode, urlparse
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Partition counts of the contract topics (events is keyed by user_id; 6 lets up to 6 workers share it).
-TOPIC_PARTITIONS = {"events": 6, "events.dlq": 1, "items": 3, "users": 6, "cooc": 6, "push": 6}
-COMPACTED_TOPICS = ("items", "users")
+TOPIC_PARTITIONS = {"events": 6, "events.dlq": 1, "items": 3, "users": 6, "cooc": 6, "push": 6,
+                    "state.users": 6, "state.items": 6}
+COMPACTED_TOPICS = ("items", "users", "state.users", "state.items")
+#: Extra topic configs: state snapshots (one compressed record per partition) can be large.
+_SNAPSHOT_CONFIG = {"max.message.bytes": str(64 * 1024 * 1024), "segment.ms": str(10 * 60 * 1000),
+                    "min.cleanable.dirty.ratio": "0.1"}
+TOPIC_CONFIGS = {"state.users": _SNAPSHOT_CONFIG, "state.items": _SNAPSHOT_CONFIG}
 
 
 @dataclass(frozen=True)
@@ -31,17 +37,21 @@ class Topics:
     users: str
     cooc: str
     push: str
+    state_users: str
+    state_items: str
 
     def all(self) -> dict[str, str]:
         """Contract name -> real topic name."""
         return {"events": self.events, "events.dlq": self.dlq, "items": self.items,
-                "users": self.users, "cooc": self.cooc, "push": self.push}
+                "users": self.users, "cooc": self.cooc, "push": self.push,
+                "state.users": self.state_users, "state.items": self.state_items}
 
 
 class Settings(BaseSettings):
     """Everything an infogap process can be told; see README "Configuration"."""
 
-    model_config = SettingsConfigDict(env_prefix="INFOGAP_", extra="ignore")
+    # hide_input_in_errors: a validation error must not echo a password given in the environment
+    model_config = SettingsConfigDict(env_prefix="INFOGAP_", extra="ignore", hide_input_in_errors=True)
 
     # --- connections
     kafka_bootstrap: str = "127.0.0.1:9092"
@@ -84,6 +94,118 @@ class Settings(BaseSettings):
     push_ttl_s: float = 86_400.0
     push_items: int = 5
 
+    # --- security (README "Security and privacy"; secrets are SecretStr: repr, str and dumps show '**********')
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_username: str | None = None
+    kafka_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None  # None with SSL/SASL_SSL: the system's CA store
+    kafka_ssl_certfile: Path | None = None  # client certificate (mutual TLS), PEM
+    kafka_ssl_keyfile: Path | None = None  # its private key, PEM (may also sit in the certfile)
+    kafka_ssl_key_password: SecretStr | None = None
+    redis_username: str | None = None  # an ACL user; None: the "default" user
+    redis_password: SecretStr | None = None  # credentials inside redis_url are moved here
+    redis_ssl_cafile: Path | None = None  # rediss:// only
+    redis_ssl_certfile: Path | None = None
+    redis_ssl_keyfile: Path | None = None
+    pseudonym_key: SecretStr | None = None  # HMAC key of user ids (stream/pseudonym.py); None: ids as given
+
+    @field_validator("kafka_security_protocol", mode="before")
+    @classmethod
+    def _protocol_spelling(cls, v: object) -> object:
+        return v.strip().upper().replace("-", "_") if isinstance(v, str) else v  # sasl_ssl, SASL-SSL -> SASL_SSL
+
+    @field_validator("kafka_sasl_mechanism", mode="before")
+    @classmethod
+    def _mechanism_spelling(cls, v: object) -> object:
+        return v.strip().upper().replace("_", "-") if isinstance(v, str) else v  # scram_sha_256 -> SCRAM-SHA-256
+
+    @field_validator("pseudonym_key")
+    @classmethod
+    def _key_long_enough(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value().encode()) < 16:
+            raise ValueError("INFOGAP_PSEUDONYM_KEY must be at least 16 bytes long (unset it to keep user ids as "
+                             "given); generate one with: python -c 'import secrets; print(secrets.token_hex(32))'")
+        return v
+
+    @model_validator(mode="after")
+    def _security_consistent(self) -> Settings:
+        errors: list[str] = []
+        proto = self.kafka_security_protocol
+        sasl, tls = proto.startswith("SASL_"), proto.endswith("SSL")
+        if sasl and not self.kafka_username:
+            errors.append(f"INFOGAP_KAFKA_SECURITY_PROTOCOL={proto} needs INFOGAP_KAFKA_USERNAME")
+        if sasl and (self.kafka_password is None or not self.kafka_password.get_secret_value()):
+            errors.append(f"INFOGAP_KAFKA_SECURITY_PROTOCOL={proto} needs INFOGAP_KAFKA_PASSWORD")
+        if not sasl and (self.kafka_username or self.kafka_password is not None):
+            errors.append(f"INFOGAP_KAFKA_USERNAME/INFOGAP_KAFKA_PASSWORD are set but "
+                          f"INFOGAP_KAFKA_SECURITY_PROTOCOL={proto} does not authenticate; use SASL_SSL "
+                          f"(or SASL_PLAINTEXT on a trusted network)")
+        kafka_files = {"INFOGAP_KAFKA_SSL_CAFILE": self.kafka_ssl_cafile,
+                       "INFOGAP_KAFKA_SSL_CERTFILE": self.kafka_ssl_certfile,
+                       "INFOGAP_KAFKA_SSL_KEYFILE": self.kafka_ssl_keyfile}
+        if not tls and (any(kafka_files.values()) or self.kafka_ssl_key_password is not None):
+            errors.append(f"Kafka TLS files are set but INFOGAP_KAFKA_SECURITY_PROTOCOL={proto} does not use TLS; "
+                          f"use SSL or SASL_SSL")
+        if self.kafka_ssl_keyfile and not self.kafka_ssl_certfile:
+            errors.append("INFOGAP_KAFKA_SSL_KEYFILE needs INFOGAP_KAFKA_SSL_CERTFILE (the client certificate)")
+
+        # credentials inside the URL move to redis_username / redis_password, so that no secret is in redis_url
+        url = urlparse(self.redis_url)
+        query = parse_qsl(url.query, keep_blank_values=True)
+        url_user = unquote(url.username) if url.username else dict(query).get("username") or None
+        url_pw = unquote(url.password) if url.password else dict(query).get("password") or None
+        if url_pw is not None and self.redis_password is not None and url_pw != self.redis_password.get_secret_value():
+            errors.append("INFOGAP_REDIS_URL and INFOGAP_REDIS_PASSWORD give different passwords; set only one")
+        elif url_pw is not None:
+            self.redis_password = SecretStr(url_pw)
+        if url_user is not None and self.redis_username is not None and url_user != self.redis_username:
+            errors.append("INFOGAP_REDIS_URL and INFOGAP_REDIS_USERNAME give different users; set only one")
+        elif url_user is not None:
+            self.redis_username = url_user
+        if url_user is not None or url_pw is not None:
+            netloc = url.hostname or ""
+            if ":" in netloc:
+                netloc = f"[{netloc}]"
+            if url.port:
+                netloc += f":{url.port}"
+            kept = urlencode([(k, v) for k, v in query if k not in ("username", "password")])
+            self.redis_url = f"{url.scheme}://{netloc}{url.path}" + (f"?{kept}" if kept else "")
+        if self.redis_username and self.redis_password is None:
+            errors.append(f"INFOGAP_REDIS_USERNAME={self.redis_username} needs INFOGAP_REDIS_PASSWORD")
+        redis_files = {"INFOGAP_REDIS_SSL_CAFILE": self.redis_ssl_cafile,
+                       "INFOGAP_REDIS_SSL_CERTFILE": self.redis_ssl_certfile,
+                       "INFOGAP_REDIS_SSL_KEYFILE": self.redis_ssl_keyfile}
+        if any(redis_files.values()) and url.scheme != "rediss":
+            errors.append("Redis TLS files are set but INFOGAP_REDIS_URL does not start with rediss://")
+        if self.redis_ssl_keyfile and not self.redis_ssl_certfile:
+            errors.append("INFOGAP_REDIS_SSL_KEYFILE needs INFOGAP_REDIS_SSL_CERTFILE (the client certificate)")
+        for name, path in {**kafka_files, **redis_files}.items():
+            if path is not None and not Path(path).expanduser().is_file():
+                errors.append(f"{name}={path} is not a readable file")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    # --- experiments (see README "Experiments, ROI and channels")
+    experiment: dict | None = None  # {"name": "recs-v2", "variants": {"A": 0.5, "B": 0.5}, "overrides": {"B": {...}}}
+    experiment_cost_per_message: dict[str, float] = Field(
+        default_factory=lambda: {"email": 0.001, "app": 0.0005, "ads": 0.01})
+    experiment_attribution_window_s: float = 86_400.0
+    experiment_message_ttl_s: float = 259_200.0
+    experiment_max_messages: int = 500_000
+
+    # --- channel workers (infogap channel email|app|ads)
+    channel_smtp_host: str = "127.0.0.1"
+    channel_smtp_port: int = 1025
+    channel_smtp_timeout_s: float = 10.0
+    channel_email_from: str = "infogap@example.invalid"
+    channel_email_domain: str = "example.invalid"
+    channel_sink_dir: Path | None = None  # None: <local_dir>/channels
+    channel_open_rate: float = 0.0
+    channel_click_rate: float = 0.0
+    channel_skip_expired: bool = True
+
     @field_validator("kafka_bootstrap")
     @classmethod
     def _bootstrap_has_port(cls, v: str) -> str:
@@ -97,14 +219,16 @@ class Settings(BaseSettings):
     @classmethod
     def _redis_scheme(cls, v: str) -> str:
         if urlparse(v).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {v!r}")
+            # the scheme only: the URL may carry a password
+            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {urlparse(v).scheme!r}://...")
         return v
 
     @property
     def topics(self) -> Topics:
         p = self.topic_prefix
         return Topics(events=f"{p}events", dlq=f"{p}events.dlq", items=f"{p}items",
-                      users=f"{p}users", cooc=f"{p}cooc", push=f"{p}push")
+                      users=f"{p}users", cooc=f"{p}cooc", push=f"{p}push",
+                      state_users=f"{p}state.users", state_items=f"{p}state.items")
 
     @property
     def kafka_host(self) -> str:

@@ -1,0 +1,137 @@
+"""Experiment metrics in Redis: one hash per experiment and variant, absolute values.
+
+Layout (``RedisKeys.experiment``)::
+
+    ig:exp:{experiment}:{variant}     a hash; one field per shard, campaign, channel and count:
+        "{shard}|{campaign}|{channel}|{count}" -> number
+    e.g. HGETALL ig:exp:ranker-v2:B  ->  0|recs|email|sent 120, 0|recs|email|clicks 9, 0|recs|email|revenue 310.5, ...
+
+``count`` is one of :data:`models.experiments.COUNT_FIELDS` (sent, impressions, opens, clicks,
+conversions, revenue, revenue_sq, cost): additive sums only; rates, ROI and intervals are derived
+when read (:func:`models.experiments.summarize`), so every reader computes them the same way.
+
+Values are written with HSET, never HINCRBY: a batch replayed after a crash rewrites the same
+absolute values instead of counting twice. The shard (a partition of ``events``, see
+``MetricsConfig.shards``) gives every field a single writer when several workers share the topic;
+readers sum over shards. Campaign names may contain ``|`` (fields are split from both ends);
+variant names may not contain ``:``.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+
+import redis.asyncio as aioredis
+
+from models.experiments import COUNT_FIELDS, Counts, Experiment, MetricsConfig, Segment
+from stream.redis_keys import RedisKeys
+from stream.settings import TOPIC_PARTITIONS, Settings
+
+_SEP = "|"
+
+
+def field_name(seg: Segment, count: str) -> str:
+    """The hash field of one count of one segment (the variant is in the key).
+
+    >>> field_name(Segment(0, "recs", "email", "B"), "sent")
+    '0|recs|email|sent'
+    """
+    return f"{seg.shard}{_SEP}{seg.campaign}{_SEP}{seg.channel}{_SEP}{count}"
+
+
+def parse_fields(variant: str, raw: Mapping) -> dict[Segment, Counts]:
+    """A hash as HGETALL returns it (bytes or str) -> counts per segment; unknown fields ignored.
+
+    >>> got = parse_fields("B", {b"0|recs|email|sent": b"3", b"0|recs|email|revenue": b"12.5", b"junk": b"1"})
+    >>> [(seg, c.sent, c.revenue) for seg, c in got.items()]
+    [(Segment(shard=0, campaign='recs', channel='email', variant='B'), 3, 12.5)]
+    """
+    grouped: dict[Segment, dict[str, str]] = {}
+    for f, v in raw.items():
+        f = f.decode() if isinstance(f, bytes) else f
+        v = v.decode() if isinstance(v, bytes) else v
+        shard, sep, rest = f.partition(_SEP)
+        campaign, sep2, tail = rest.rpartition(_SEP)
+        campaign, sep3, channel = campaign.rpartition(_SEP)
+        if not (sep and sep2 and sep3 and shard.isdigit() and tail in COUNT_FIELDS):
+            continue
+        grouped.setdefault(Segment(int(shard), campaign, channel, variant), {})[tail] = v
+    return {seg: Counts.from_dict(d) for seg, d in grouped.items()}
+
+
+def experiment_from_settings(settings: Settings) -> Experiment | None:
+    """The configured experiment (``INFOGAP_EXPERIMENT``, a JSON object), or None.
+
+    >>> from types import SimpleNamespace
+    >>> experiment_from_settings(SimpleNamespace(experiment={"name": "x", "variants": {"A": 1}})).assign("u1")
+    'A'
+    """
+    spec = getattr(settings, "experiment", None)
+    return Experiment.from_spec(spec) if spec else None
+
+
+def metrics_config(settings: Settings, shards: int | None = None, shard: int | None = None) -> MetricsConfig:
+    """Attribution and cost settings (``experiment_*``; defaults of :class:`MetricsConfig` where absent).
+
+    ``shards`` should be the partition count of ``events`` (default: what ``infogap up`` creates);
+    ``shard``: a fixed shard, for one metrics object per input partition.
+    """
+    values = {"shards": shards or TOPIC_PARTITIONS["events"], "shard": shard}
+    for name in ("cost_per_message", "attribution_window_s", "message_ttl_s", "max_messages"):
+        v = getattr(settings, f"experiment_{name}", None)
+        if v is not None:
+            values[name] = dict(v) if name == "cost_per_message" else v
+    return replace(MetricsConfig(), **values)
+
+
+class ExperimentStore:
+    """Writes and reads :class:`~models.experiments.Counts` per segment under ``ig:exp:{experiment}:{variant}``."""
+
+    def __init__(self, client: aioredis.Redis, keys: RedisKeys):
+        self.client = client
+        self.keys = keys
+
+    async def write(self, experiment: str, counts: Mapping[Segment, Counts]) -> int:
+        """HSET the absolute counts of the given segments in one pipeline; returns how many segments."""
+        by_key: dict[str, dict[str, str]] = {}
+        for seg, c in counts.items():
+            mapping = by_key.setdefault(self.keys.experiment(experiment, seg.variant), {})
+            for name, value in c.to_dict().items():
+                mapping[field_name(seg, name)] = repr(value) if isinstance(value, float) else str(value)
+        if by_key:
+            pipe = self.client.pipeline(transaction=False)
+            for key, mapping in by_key.items():
+                pipe.hset(key, mapping=mapping)
+            await pipe.execute()
+        return len(counts)
+
+    async def experiments(self) -> dict[str, list[str]]:
+        """Experiment name -> its variants found in Redis (by SCAN)."""
+        head = self.keys.experiment("", "")[:-1]  # "{prefix}exp:"
+        found: dict[str, list[str]] = {}
+        async for key in self.client.scan_iter(match=_glob_escape(head) + "*", count=1000):
+            key = key.decode() if isinstance(key, bytes) else key
+            name, sep, variant = key[len(head):].rpartition(":")
+            if sep and name:
+                found.setdefault(name, []).append(variant)
+        return {k: sorted(v) for k, v in sorted(found.items())}
+
+    async def read(self, experiment: str, variants: list[str] | None = None) -> dict[Segment, Counts]:
+        """Every segment of ``experiment`` (all variants found, or the ones given), per shard."""
+        if variants is None:
+            variants = (await self.experiments()).get(experiment, [])
+        pipe = self.client.pipeline(transaction=False)
+        for v in variants:
+            pipe.hgetall(self.keys.experiment(experiment, v))
+        out: dict[Segment, Counts] = {}
+        for v, raw in zip(variants, await pipe.execute() if variants else []):
+            out.update(parse_fields(v, raw))
+        return out
+
+    async def read_shard(self, experiment: str, shard: int) -> dict[Segment, Counts]:
+        """The segments of one shard (to ``ExperimentMetrics.restore`` when a worker takes a partition over)."""
+        return {s: c for s, c in (await self.read(experiment)).items() if s.shard == shard}
+
+
+def _glob_escape(s: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in s)

@@ -1,0 +1,99 @@
+"""State snapshots tied to offsets, kept in a compacted Kafka topic.
+
+The state of input partition ``p`` (of ``events`` for the user stage, of ``cooc`` for the item
+stage) is written as one compressed record to partition ``p`` of the stage's state topic, with
+the input offset it covers. A worker commits its input offsets only right after a snapshot, so
+after a crash it restores the snapshot and resumes exactly from the offset it covers:
+nothing lost, nothing applied twice. Only the last record of a state partition matters
+(compaction keeps it; reading needs just that one record).
+
+Snapshots are pickles: the state topics are internal to infogap and must be writable only by
+its workers (Kafka ACLs in production).
+"""
+from __future__ import annotations
+
+import pickle
+import zlib
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaProducer, TopicPartition
+
+from stream import connections
+from stream.settings import Settings
+
+MAX_SNAPSHOT_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    partition: int
+    offset: int  # the next input offset to process after restoring
+    state: object
+
+
+def encode(snapshot: Snapshot) -> bytes:
+    return zlib.compress(pickle.dumps((snapshot.partition, snapshot.offset, snapshot.state), protocol=5), 1)
+
+
+def decode(blob: bytes) -> Snapshot:
+    partition, offset, state = pickle.loads(zlib.decompress(blob))
+    return Snapshot(partition, offset, state)
+
+
+class SnapshotStore:
+    """Save and load the latest snapshot per partition of one state topic."""
+
+    def __init__(self, settings: Settings, topic: str):
+        self.settings = settings
+        self.topic = topic
+        self._producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        self._producer = connections.producer(self.settings, acks="all", max_request_size=MAX_SNAPSHOT_BYTES)
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+
+    async def save_many(self, snapshots: list[Snapshot]) -> int:
+        """Write snapshots and wait until Kafka has them all; returns the bytes written."""
+        futures, size = [], 0
+        for snap in snapshots:
+            blob = encode(snap)
+            if len(blob) > MAX_SNAPSHOT_BYTES:
+                raise ValueError(f"snapshot of partition {snap.partition} is {len(blob)} bytes, over "
+                                 f"{MAX_SNAPSHOT_BYTES}: add partitions or workers so each holds less state")
+            size += len(blob)
+            futures.append(await self._producer.send(self.topic, blob, key=f"p{snap.partition}".encode(),
+                                                     partition=snap.partition))
+        for f in futures:
+            await f
+        return size
+
+    async def load(self, partitions: list[int]) -> dict[int, Snapshot]:
+        """The latest snapshot of each partition that has one."""
+        if not partitions:
+            return {}
+        consumer = connections.consumer(self.settings, group_id=None, enable_auto_commit=False,
+                                        max_partition_fetch_bytes=MAX_SNAPSHOT_BYTES,
+                                        fetch_max_bytes=MAX_SNAPSHOT_BYTES)
+        await consumer.start()
+        out: dict[int, Snapshot] = {}
+        try:
+            tps = [TopicPartition(self.topic, p) for p in partitions]
+            consumer.assign(tps)
+            ends = await consumer.end_offsets(tps)
+            wanted = {tp: ends[tp] - 1 for tp in tps if ends[tp] > 0}
+            for tp, last in wanted.items():
+                consumer.seek(tp, last)
+            while wanted:
+                batch = await consumer.getmany(*wanted, timeout_ms=1000)
+                for tp, records in batch.items():
+                    for rec in records:
+                        if rec.offset >= wanted.get(tp, float("inf")):
+                            out[tp.partition] = decode(rec.value)
+                            wanted.pop(tp, None)
+        finally:
+            await consumer.stop()
+        return out
