@@ -5,7 +5,9 @@
 >>> client.recommendations("u42")  # doctest: +SKIP
 Recs(user_id='u42', items=[RecItem(item_id='m50', score=0.91, reason='...')], ...)
 
-The redis-cli equivalents are in the README ("Reading recommendations").
+When the workers pseudonymise user ids (``INFOGAP_PSEUDONYM_KEY``), give the client the same key and keep
+asking by the raw id; ``InfogapClient.from_settings(load())`` takes the key, credentials and TLS from the
+environment like the workers do. The redis-cli equivalents are in the README ("Reading recommendations").
 """
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ from dataclasses import dataclass
 
 import orjson
 import redis
+from pydantic import SecretStr
 
+from stream.pseudonym import Pseudonymizer
 from stream.redis_keys import RedisKeys
 
 
@@ -51,20 +55,41 @@ class SimilarItem:
 
 
 class InfogapClient:
-    """Reads recommendations, neighbours, trending and segments (sync redis-py client)."""
+    """Reads recommendations, neighbours, trending and segments (sync redis-py client).
 
-    def __init__(self, client: redis.Redis, prefix: str = "ig:"):
+    ``pseudonym_key``: the workers' ``INFOGAP_PSEUDONYM_KEY`` when they pseudonymise user ids; user-facing
+    methods then take the raw id, and :class:`Recs` carries the id the caller asked for.
+    """
+
+    def __init__(self, client: redis.Redis, prefix: str = "ig:", *,
+                 pseudonym_key: SecretStr | str | bytes | None = None):
         self.client = client
         self.keys = RedisKeys(prefix)
+        self._pseudonym = Pseudonymizer(pseudonym_key)
 
     @classmethod
-    def from_url(cls, url: str = "redis://127.0.0.1:6379/0", prefix: str = "ig:", **kwargs) -> InfogapClient:
-        return cls(redis.Redis.from_url(url, **kwargs), prefix)
+    def from_url(cls, url: str = "redis://127.0.0.1:6379/0", prefix: str = "ig:", *,
+                 pseudonym_key: SecretStr | str | bytes | None = None, **kwargs) -> InfogapClient:
+        """``kwargs`` go to ``redis.Redis.from_url`` (``username=``, ``password=``, ``ssl_ca_certs=`` ...)."""
+        return cls(redis.Redis.from_url(url, **kwargs), prefix, pseudonym_key=pseudonym_key)
+
+    @classmethod
+    def from_settings(cls, settings, **kwargs) -> InfogapClient:
+        """Address, credentials, TLS, key prefix and pseudonym key from :class:`stream.settings.Settings`."""
+        from stream import connections
+
+        return cls(connections.redis_sync(settings, **kwargs), settings.redis_prefix,
+                   pseudonym_key=settings.pseudonym_key)
 
     def recommendations(self, user_id: str) -> Recs | None:
         """The user's top-N, or None if the user has none (unknown, expired or erased)."""
-        raw = self.client.get(self.keys.recs(user_id))
-        return None if raw is None else Recs.from_json(raw)
+        raw = self.client.get(self.keys.recs(self._pseudonym(user_id)))
+        if raw is None:
+            return None
+        recs = Recs.from_json(raw)
+        if self._pseudonym.enabled:  # the stored id is the pseudonym; the caller knows the person by the raw id
+            recs = Recs(str(user_id).strip(), recs.items, recs.segment, recs.generated_at, recs.model_version)
+        return recs
 
     def similar(self, item_id: str) -> list[SimilarItem]:
         raw = self.client.get(self.keys.similar(item_id))
@@ -79,5 +104,5 @@ class InfogapClient:
         return [(item.decode() if isinstance(item, bytes) else item, float(score)) for item, score in rows]
 
     def segment(self, user_id: str) -> int | None:
-        raw = self.client.get(self.keys.segment(user_id))
+        raw = self.client.get(self.keys.segment(self._pseudonym(user_id)))
         return None if raw is None else int(raw)
