@@ -57,7 +57,7 @@ class WorkerProcess:
     def __init__(self, settings: Settings, log_path: Path):
         self.settings = settings
         self.port = _free_port()
-        env = dict(os.environ, INFOGAP_TOPIC_PREFIX=settings.topic_prefix,
+        env = dict(os.environ, **connections.child_env(settings), INFOGAP_TOPIC_PREFIX=settings.topic_prefix,
                    INFOGAP_CONSUMER_GROUP=settings.consumer_group, INFOGAP_REDIS_PREFIX=settings.redis_prefix,
                    INFOGAP_KAFKA_BOOTSTRAP=settings.kafka_bootstrap, INFOGAP_REDIS_URL=settings.redis_url,
                    INFOGAP_HTTP_HOST="127.0.0.1", INFOGAP_HTTP_PORT=str(self.port))

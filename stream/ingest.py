@@ -6,7 +6,8 @@ reason in the headers (``reason``, ``source_topic``, ``source_partition``, ``sou
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 from models.dedupe import Deduplicator
 from models.events import Event, InvalidEvent, Limits, parse_event
@@ -38,9 +39,10 @@ class IngestResult:
 class Ingest:
     """Validate, normalise and deduplicate records (see :mod:`models.events`)."""
 
-    def __init__(self, limits: Limits, dedupe: Deduplicator):
+    def __init__(self, limits: Limits, dedupe: Deduplicator, pseudonymize: Callable[[str], str] | None = None):
         self.limits = limits
         self.dedupe = dedupe
+        self.pseudonymize = pseudonymize
 
     def accept(self, records, now: float) -> IngestResult:
         """Split aiokafka ``ConsumerRecord``-likes (``value``, ``key``, ``topic``, ``partition``, ``offset``)."""
@@ -55,6 +57,8 @@ class Ingest:
                 out.dead.append(DeadLetter(rec.value, rec.key, f"internal validation error: {type(exc).__name__}",
                                            rec.topic, rec.partition, rec.offset))
                 continue
+            if self.pseudonymize is not None:
+                event = replace(event, user_id=self.pseudonymize(event.user_id))
             if self.dedupe.seen(event.event_id, event.ts):
                 out.duplicates += 1
                 continue

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import orjson
@@ -26,10 +27,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from models import Engine, EngineConfig
 from models.dedupe import Deduplicator
 from models.events import Event, Limits
+from models.experiments import FEEDBACK_TYPES, ExperimentMetrics
 from models.push_policy import PushConfig, PushPolicy, UserPrefs
 from stream import connections
+from stream.experiments_store import ExperimentStore, experiment_from_settings, metrics_config
 from stream.ingest import DeadLetter, Ingest
 from stream.observability import WorkerStats, build_app, serve
+from stream.pseudonym import Pseudonymizer
 from stream.redis_keys import RedisKeys
 from stream.redis_store import RedisStore
 from stream.settings import Settings
@@ -53,14 +57,18 @@ class Worker:
         self.settings = settings
         self.topics = settings.topics
         self.engine = engine or Engine(engine_config(settings))
+        self.pseudonymize = Pseudonymizer.from_settings(settings)
         self.ingest = Ingest(Limits(settings.max_event_bytes, settings.min_event_ts, settings.max_future_s,
                                     settings.allow_unknown_types),
-                             Deduplicator(settings.dedupe_window_s, settings.dedupe_max_ids))
+                             Deduplicator(settings.dedupe_window_s, settings.dedupe_max_ids), self.pseudonymize)
         self.push_policy = PushPolicy(PushConfig(min_new_items=settings.push_min_new_items,
                                                  daily_cap=dict(settings.push_daily_cap),
                                                  repeat_window_s=settings.push_repeat_window_s,
                                                  ttl_s=settings.push_ttl_s, items_per_push=settings.push_items))
         self.prefs: dict[str, UserPrefs] = {}
+        self.experiment = experiment_from_settings(settings)
+        self.exp_metrics = ExperimentMetrics(metrics_config(settings))
+        self.exp_name = self.experiment.name if self.experiment else self.push_policy.config.campaign
         self.clock = clock
         self.stats = WorkerStats()
         self.ready = asyncio.Event()
@@ -76,8 +84,10 @@ class Worker:
         """Run until ``stop`` is set (or forever); always closes its connections."""
         stop = stop or asyncio.Event()
         s = self.settings
+        await self._check_credentials()
         self._redis = connections.redis_async(s, socket_timeout=5, socket_connect_timeout=2)
         self._store = RedisStore(self._redis, RedisKeys(s.redis_prefix), s.recs_ttl_s)
+        self._exp_store = ExperimentStore(self._redis, RedisKeys(s.redis_prefix))
         self._producer = connections.producer(s, linger_ms=5, acks="all")
         self._consumer = connections.consumer(
             s, self.topics.events, group_id=s.consumer_group,
@@ -115,6 +125,17 @@ class Worker:
                     await closer()
                 except Exception:  # closing is best effort: the process is ending anyway
                     log.exception("error while closing")
+
+    async def _check_credentials(self) -> None:
+        """Fail fast, with the server's reason, on refused credentials; an unreachable server is only logged
+        (the worker then waits for it like for any outage)."""
+        for name, check in (("Kafka", connections.check_kafka), ("Redis", connections.check_redis)):
+            try:
+                await check(self.settings)
+            except connections.CredentialsRefused:
+                raise
+            except ConnectionError as exc:
+                log.warning("%s is not reachable yet (%s); waiting for it", name, exc)
 
     async def _kafka_ok(self) -> bool:
         return bool(await self._producer.client.force_metadata_update())
@@ -180,9 +201,10 @@ class Worker:
             else:
                 if rec.value is None:
                     if key:
-                        await self.erase_user(key)
+                        await self.erase_user(self.pseudonymize(key))
                     return
                 prefs = UserPrefs.from_record(orjson.loads(rec.value))
+                prefs = replace(prefs, user_id=self.pseudonymize(prefs.user_id))
                 self.prefs[prefs.user_id] = prefs
         except (ValueError, TypeError) as exc:  # orjson.JSONDecodeError is a ValueError
             reason = f"bad {rec.topic} record: {exc}"
@@ -213,6 +235,8 @@ class Worker:
                 erased.append(e.user_id)
                 continue
             chunk.append(e)
+            if e.type in FEEDBACK_TYPES:
+                self.exp_metrics.observe(e)
             if e.ts > touched.get(e.user_id, float("-inf")):
                 touched[e.user_id] = e.ts
         self._learn(chunk)
@@ -221,6 +245,7 @@ class Worker:
         docs, segments, pushes = [], {}, []
         top_n, version = self.settings.top_n, self.settings.model_version
         for user_id, user_ts in touched.items():
+            variant = self.experiment.assign(user_id) if self.experiment else None
             recs = self.engine.recommend(user_id, n=top_n)
             seg = self.engine.segment(user_id)
             segments[user_id] = seg
@@ -231,9 +256,13 @@ class Worker:
             if self.settings.push_enabled:
                 prefs = self.prefs.get(user_id)
                 if prefs is not None:
-                    pushes += self.push_policy.decide(prefs, recs, now=user_ts)
+                    pushes += self.push_policy.decide(prefs, recs, now=user_ts, variant=variant)
 
+        self.exp_metrics.record_sends(pushes)
         await self._redis_retrying(self._store.write, recs=docs, segments=segments)
+        changed = self.exp_metrics.drain_changed()
+        if changed:
+            await self._redis_retrying(self._exp_store.write, self.exp_name, changed)
         for user_id in erased:
             await self._redis_retrying(self._store.erase_user, user_id)
         futures = [await self._producer.send(self.topics.push, orjson.dumps(m.to_dict()), key=m.user_id.encode())
@@ -273,6 +302,7 @@ class Worker:
     def _forget_in_memory(self, user_id: str) -> None:
         self.engine.forget_user(user_id)
         self.push_policy.forget_user(user_id)
+        self.exp_metrics.forget_user(user_id)
         self.prefs.pop(user_id, None)
 
     async def erase_user(self, user_id: str) -> None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import orjson
-import redis.asyncio as aioredis
+from stream import connections
 
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import produce, read_topic, running_worker
@@ -17,7 +17,7 @@ def ev(n: int, user: str, item: str, t: float, typ: str = "click", **extra) -> d
 
 
 async def _redis(settings):
-    return aioredis.Redis.from_url(settings.redis_url)
+    return connections.redis_async(settings)
 
 
 async def test_event_on_topic_shows_up_as_recommendations_in_redis(settings):
