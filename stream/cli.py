@@ -197,12 +197,145 @@ async def _demo(settings, limit: int, n_users: int) -> None:
         await asyncio.wait_for(task, 30)
 
 
+# ----------------------------------------------------------------------- report and channel (experiments helper)
+@app.command()
+def report(
+    experiment: Optional[str] = typer.Option(None, "--experiment", "-e", help="Only this experiment."),
+) -> None:
+    """Experiment metrics from Redis per variant, campaign and channel, with 95 % intervals."""
+    settings = load()
+    data = asyncio.run(_read_experiments(settings, experiment))
+    if not data:
+        which = f"experiment {experiment!r}" if experiment else "any experiment"
+        console.print(f"no metrics for {which} in Redis under {settings.redis_prefix}exp:* "
+                      "(no experiment configured, no pushes sent yet, or another INFOGAP_REDIS_PREFIX)")
+        raise typer.Exit(1)
+    for name, counts in data.items():
+        console.print(_experiment_table(name, counts))
+    console.print("CTR, open and conversion rates are per message sent (Wilson intervals); revenue per message "
+                  "and ROI = (revenue - cost) / cost use a normal approximation.")
+
+
+async def _read_experiments(settings, only: str | None) -> dict:
+    from stream.experiments_store import ExperimentStore
+    from stream.redis_keys import RedisKeys
+
+    client = connections.redis_async(settings)
+    try:
+        store = ExperimentStore(client, RedisKeys(settings.redis_prefix))
+        found = await store.experiments()
+        out = {}
+        for n in ([only] if only is not None else list(found)):
+            if n in found:
+                out[n] = await store.read(n, found[n])
+        return {n: c for n, c in out.items() if c}
+    finally:
+        await client.aclose()
+
+
+def _experiment_table(name: str, counts) -> Table:
+    from models.experiments import summarize
+
+    def ci(x, bounds, fmt) -> str:
+        if x is None:
+            return "-"
+        return fmt(x) + (f" [{fmt(bounds[0])}, {fmt(bounds[1])}]" if bounds else "")
+
+    def pct(x):
+        return f"{100 * x:.1f}%"
+
+    def num(x):
+        return f"{x:,.2f}"
+
+    table = Table(title=f"experiment {name}")
+    for col in ("variant", "campaign", "channel", "sent", "opens", "clicks", "CTR [95% CI]", "conversion [95% CI]",
+                "revenue", "cost", "revenue/msg [95% CI]", "ROI [95% CI]"):
+        table.add_column(col, justify="left" if col in ("variant", "campaign", "channel") else "right")
+    rows = summarize(counts, by=("variant", "campaign", "channel"))
+    totals = summarize(counts, by=("variant",))
+    for (variant,), total in totals.items():
+        mine = [(k, f) for k, f in rows.items() if k[0] == variant]
+        for (_, campaign, channel), f in mine + ([((variant, "all", "all"), total)] if len(mine) > 1 else []):
+            style = "bold" if campaign == "all" and channel == "all" else None
+            table.add_row(variant, campaign, channel, f"{f.sent:,}", f"{f.opens:,}", f"{f.clicks:,}",
+                          ci(f.ctr, f.ctr_ci, pct), ci(f.conversion_rate, f.conversion_rate_ci, pct),
+                          num(f.revenue), num(f.cost), ci(f.revenue_per_message, f.revenue_per_message_ci, num),
+                          ci(f.roi, f.roi_ci, num), style=style)
+        table.add_section()
+    return table
+
+
+@app.command()
+def channel(
+    name: str = typer.Argument(..., metavar="CHANNEL", help="The channel: email, app or ads."),
+    smtp_host: Optional[str] = typer.Option(None, help="SMTP server for email (default 127.0.0.1)."),
+    smtp_port: Optional[int] = typer.Option(None, help="SMTP port for email (default 1025)."),
+    sink_dir: Optional[Path] = typer.Option(None, help="Where app/ads append {channel}.jsonl (default ~/.infogap/channels)."),
+    simulate_open_rate: Optional[float] = typer.Option(None, help="Report this share of deliveries as opened (demo)."),
+    simulate_click_rate: Optional[float] = typer.Option(None, help="Report this share of opens as clicked (demo)."),
+    skip_expired: Optional[bool] = typer.Option(None, "--skip-expired/--no-skip-expired",
+                                                help="Skip messages past expires_at (default); --no-skip-expired "
+                                                     "for replays of historical data, whose pushes are born expired."),
+) -> None:
+    """Run a channel worker: deliver the channel's `push` messages and report impressions (and opens/clicks)."""
+    from stream.channels import ChannelConfig, ChannelWorker
+
+    settings = load()
+    try:
+        cfg = ChannelConfig.from_settings(settings, name, smtp_host=smtp_host, smtp_port=smtp_port, sink_dir=sink_dir,
+                                          open_rate=simulate_open_rate, click_rate=simulate_click_rate,
+                                          skip_expired=skip_expired)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    target = f"{cfg.smtp_host}:{cfg.smtp_port}" if name == "email" else str(cfg.sink_dir / f"{name}.jsonl")
+    console.print(f"{name} channel: {settings.topics.push} -> {target}; reporting to {settings.topics.events}")
+    asyncio.run(_run_worker(ChannelWorker(settings, cfg)))
+
+
 # ----------------------------------------------------------------------- evaluate (owned by the eval helper)
 @app.command()
-def evaluate() -> None:
-    """Prequential evaluation against batch peers (coming with the model-core issue)."""
-    console.print("not yet: `infogap evaluate` arrives with the model core")
-    raise typer.Exit(2)
+def evaluate(
+    dataset: str = typer.Option("movielens", help="Built-in dataset: movielens (MovieLens-100K, recbole wheel)."),
+    events_file: Optional[Path] = typer.Option(None, "--events-file",
+                                               help="JSON-lines contract events instead of --dataset."),
+    out: Path = typer.Option(Path("out/evaluate"), help="Directory for evaluation.json and hr_curve.png."),
+    refit_every: list[str] = typer.Option(["1000"], help="Refit interval of the implicit peers in events: N, "
+                                          "or PEER=N (als=5000); repeatable."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N events (in time order)."),
+    models: str = typer.Option("all", help="Comma-separated: infogap, popularity, decayed-popularity, "
+                               "implicit-itemknn, implicit-als (or pop, decayed, knn, als), or all."),
+    k: int = typer.Option(10, help="List length: HR@k and NDCG@k."),
+    half_life_days: float = typer.Option(7.0, help="Half-life of the decayed-popularity baseline."),
+    window: int = typer.Option(5000, help="Moving window (tested events) of the HR curve."),
+    jobs: int = typer.Option(1, help="Models run at once, each in its own process "
+                             "(>1 shares the cores: events/s then less fair)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Prequential (test-then-learn) HR@k, NDCG@k, coverage, events/s and memory: infogap vs baselines and implicit."""
+    from stream.evaluate import EvalOptions, evaluate as run_evaluation, parse_models, parse_refit, table
+    from stream.movielens import MovieLensUnavailable
+
+    if events_file is None and dataset.lower() not in ("movielens", "ml-100k", "movielens-100k"):
+        raise typer.BadParameter(f"unknown dataset {dataset!r}; use movielens or --events-file PATH",
+                                 param_hint="--dataset")
+    if events_file is not None and not events_file.is_file():
+        raise typer.BadParameter(f"no such file: {events_file}", param_hint="--events-file")
+    try:
+        default_refit, per_peer = parse_refit(refit_every)
+        opts = EvalOptions(events_file=events_file, limit=limit, models=parse_models(models), k=k,
+                           refit_every=per_peer, default_refit_every=default_refit,
+                           half_life_days=half_life_days, window=window, jobs=jobs)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    try:
+        report = run_evaluation(opts, out, console=console, show_progress=progress)
+    except (MovieLensUnavailable, ValueError) as exc:
+        console.print(f"[red]evaluate failed:[/] {exc}")
+        raise typer.Exit(1) from None
+    console.print(table(report))
+    if report.n_invalid:
+        console.print(f"{report.n_invalid} invalid line(s) in {events_file} were skipped")
+    console.print(f"wrote {out / 'evaluation.json'} and {out / 'hr_curve.png'} ({report.seconds:.1f} s)")
 # ----------------------------------------------------------------------- end evaluate
 
 
