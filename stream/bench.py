@@ -54,13 +54,12 @@ def _rss_mb(pid: int) -> dict[str, float]:
 class WorkerProcess:
     """An ``infogap worker`` subprocess on its own topics, group, Redis prefix and HTTP port."""
 
-    def __init__(self, settings: Settings, log_path: Path):
+    def __init__(self, settings: Settings, log_path: Path, extra_env: dict[str, str] | None = None):
         self.settings = settings
         self.port = _free_port()
-        env = dict(os.environ, **connections.child_env(settings), INFOGAP_TOPIC_PREFIX=settings.topic_prefix,
-                   INFOGAP_CONSUMER_GROUP=settings.consumer_group, INFOGAP_REDIS_PREFIX=settings.redis_prefix,
-                   INFOGAP_KAFKA_BOOTSTRAP=settings.kafka_bootstrap, INFOGAP_REDIS_URL=settings.redis_url,
-                   INFOGAP_HTTP_HOST="127.0.0.1", INFOGAP_HTTP_PORT=str(self.port))
+        env = {**os.environ, **connections.child_env(settings), "INFOGAP_TOPIC_PREFIX": settings.topic_prefix,
+               "INFOGAP_CONSUMER_GROUP": settings.consumer_group, "INFOGAP_REDIS_PREFIX": settings.redis_prefix,
+               "INFOGAP_HTTP_HOST": "127.0.0.1", "INFOGAP_HTTP_PORT": str(self.port), **(extra_env or {})}
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "--log-level", "WARNING", "worker"],
                                      env=env, stdout=self._log, stderr=subprocess.STDOUT)

@@ -78,6 +78,7 @@ class WorkerStats:
     batches: int = 0
     recs_written: int = 0
     redis_retries: int = 0
+    kafka_retries: int = 0
     last_batch_s: float = 0.0
     lag: int = 0
     dlq_by_reason: dict[str, int] = field(default_factory=dict)
@@ -114,7 +115,8 @@ class StatsCollector:
                                  ("erasures", "users erased", s.erased_users),
                                  ("batches", "micro-batches processed", s.batches),
                                  ("recs_written", "ig:recs documents written", s.recs_written),
-                                 ("redis_retries", "Redis writes retried after an error", s.redis_retries)):
+                                 ("redis_retries", "Redis writes retried after an error", s.redis_retries),
+                                 ("kafka_retries", "Kafka operations retried after an error", s.kafka_retries)):
             yield CounterMetricFamily(f"infogap_{name}", doc, value=value)
         dlq = CounterMetricFamily("infogap_dlq", "records sent to the dead-letter topic", labels=["reason"])
         for reason, n in s.dlq_by_reason.items():

@@ -86,6 +86,8 @@ class Settings(BaseSettings):
     recs_ttl_s: int = 7 * 86_400
     model_version: str = "v1"
 
+    snapshot_interval_s: float = 10.0  # state snapshot + offset commit cadence; 0: commit every batch, no snapshots
+
     # --- push
     push_enabled: bool = True
     push_min_new_items: int = 3  # top-N "changed materially": at least this many new items

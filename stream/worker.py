@@ -22,7 +22,8 @@ import numpy as np
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaConnectionError, KafkaError, KafkaTimeoutError
 
 from models import Engine, EngineConfig
 from models.dedupe import Deduplicator
@@ -37,8 +38,21 @@ from stream.pseudonym import Pseudonymizer
 from stream.redis_keys import RedisKeys
 from stream.redis_store import RedisStore
 from stream.settings import Settings
+from stream.snapshots import Snapshot, SnapshotStore
 
 log = logging.getLogger("infogap.worker")
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, worker: "Worker"):
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        if revoked and self.worker._snapshots is not None and self.worker.ready.is_set():
+            await self.worker.checkpoint()
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        await self.worker.on_assigned(assigned)
 
 
 def engine_config(settings: Settings) -> EngineConfig:
@@ -90,34 +104,42 @@ class Worker:
         self._exp_store = ExperimentStore(self._redis, RedisKeys(s.redis_prefix))
         self._producer = connections.producer(s, linger_ms=5, acks="all")
         self._consumer = connections.consumer(
-            s, self.topics.events, group_id=s.consumer_group,
+            s, group_id=s.consumer_group,
             enable_auto_commit=False, auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=32 * 1024 * 1024)
         self._side = connections.consumer(s, group_id=None, enable_auto_commit=False,
                                           auto_offset_reset="earliest")
+        self._snapshots = SnapshotStore(s, self.topics.state_users) if s.snapshot_interval_s > 0 else None
         http = None
         try:
             if s.http_port is not None:
                 http = await serve(build_app(self.stats, {"kafka": self._kafka_ok, "redis": self._redis_ok}),
                                    s.http_host, s.http_port)
-            await self._producer.start()
-            await self._side.start()
-            await self._assign_side()
-            await self._consumer.start()
-            await self._sync_side()
+            self._consumer.subscribe([self.topics.events], listener=_Rebalance(self))
+            await self._kafka_retrying("start the Kafka clients", self._start_kafka)
+            await self._kafka_retrying("read items and users", self._sync_side)
             self.ready.set()
             log.info("worker ready: group=%s topic=%s", s.consumer_group, self.topics.events)
+            last_snapshot = time.monotonic()
             while not stop.is_set():
                 batch = await self._consumer.getmany(timeout_ms=s.batch_timeout_ms,
                                                      max_records=s.batch_max_records)
                 records = [r for recs in batch.values() for r in recs]
-                await self._sync_side()
+                await self._kafka_retrying("read items and users", self._sync_side)
                 if records:
                     await self.process(records)
-                    await self._consumer.commit()
                     self.stats.lag = await self._lag()
+                    if self._snapshots is None:
+                        await self._kafka_retrying("commit offsets", self._consumer.commit)
+                if self._snapshots is not None and time.monotonic() - last_snapshot >= s.snapshot_interval_s:
+                    await self.checkpoint()
+                    last_snapshot = time.monotonic()
+            if self._snapshots is not None and self._consumer.assignment():
+                await self.checkpoint()
         finally:
             closers = [self._consumer.stop, self._side.stop, self._producer.stop, self._redis.aclose]
+            if self._snapshots is not None:
+                closers.append(self._snapshots.stop)
             if http is not None:
                 closers.append(http.cleanup)
             for closer in closers:
@@ -125,6 +147,79 @@ class Worker:
                     await closer()
                 except Exception:  # closing is best effort: the process is ending anyway
                     log.exception("error while closing")
+
+    async def _start_kafka(self) -> None:
+        await self._producer.start()
+        if self._snapshots is not None:
+            await self._snapshots.start()
+        await self._side.start()
+        await self._assign_side()
+        await self._consumer.start()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> dict:
+        """Everything a restarted worker needs to continue exactly (items and users are re-read from Kafka)."""
+        return {"engine": self.engine, "dedupe": self.ingest.dedupe, "push": self.push_policy,
+                "experiments": self.exp_metrics}
+
+    def restore(self, state: dict) -> None:
+        self.engine = state["engine"]
+        self.ingest.dedupe = state["dedupe"]
+        self.push_policy = state["push"]
+        self.exp_metrics = state["experiments"]
+
+    async def checkpoint(self) -> None:
+        """Snapshot the state with the offsets it covers, then commit exactly those offsets.
+
+        The state is the whole worker's for now (one snapshot, keyed by the set of partitions it covers):
+        a worker restarted with the same assignment resumes exactly; per-partition state, which lets a
+        rebalance move users between workers, comes with the partitioned user stage.
+        """
+        assigned = sorted(self._consumer.assignment(), key=lambda tp: tp.partition)
+        if not assigned:
+            return
+        offsets = {tp: await self._consumer.position(tp) for tp in assigned}
+        snap = Snapshot(0, 0, {"partitions": [tp.partition for tp in assigned],
+                               "offsets": {tp.partition: off for tp, off in offsets.items()},
+                               "state": self.state()})
+        t0 = time.perf_counter()
+        size = await self._kafka_retrying("write a state snapshot", self._snapshots.save_many, [snap])
+        await self._kafka_retrying("commit offsets", self._consumer.commit, offsets)
+        log.info("checkpoint: %d bytes, offsets %s (%.2f s)", size,
+                 {tp.partition: o for tp, o in offsets.items()}, time.perf_counter() - t0)
+
+    async def on_assigned(self, assigned) -> None:
+        """Restore the snapshot that covers exactly this assignment, and resume from its offsets."""
+        if self._snapshots is None or not assigned:
+            return
+        found = (await self._snapshots.load([0])).get(0)
+        if found is None:
+            return
+        parts = sorted(tp.partition for tp in assigned)
+        if found.state["partitions"] != parts:
+            log.warning("snapshot covers partitions %s, this worker got %s: starting from committed offsets",
+                        found.state["partitions"], parts)
+            return
+        self.restore(found.state["state"])
+        for tp in assigned:
+            self._consumer.seek(tp, found.state["offsets"][tp.partition])
+        log.info("restored the snapshot of partitions %s at offsets %s", parts, found.state["offsets"])
+
+    async def _kafka_retrying(self, what: str, fn, *args):
+        """Retry a Kafka operation through a broker outage: the worker waits, it does not die."""
+        delay = 0.2
+        while True:
+            try:
+                return await fn(*args)
+            except (KafkaError, OSError) as exc:
+                if isinstance(exc, KafkaError) and not getattr(exc, "retriable", True) \
+                        and not isinstance(exc, (KafkaConnectionError, KafkaTimeoutError, CommitFailedError)):
+                    raise
+                self.stats.kafka_retries += 1
+                log.warning("Kafka unavailable while trying to %s (%s); retrying in %.1f s", what,
+                            type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _check_credentials(self) -> None:
         """Fail fast, with the server's reason, on refused credentials; an unreachable server is only logged
@@ -265,11 +360,8 @@ class Worker:
             await self._redis_retrying(self._exp_store.write, self.exp_name, changed)
         for user_id in erased:
             await self._redis_retrying(self._store.erase_user, user_id)
-        futures = [await self._producer.send(self.topics.push, orjson.dumps(m.to_dict()), key=m.user_id.encode())
-                   for m in pushes]
-        futures += await self._dead_futures(result.dead)
-        if futures:
-            await asyncio.gather(*futures)
+        await self._send_all([(self.topics.push, orjson.dumps(m.to_dict()), m.user_id.encode(), None)
+                              for m in pushes] + self._dead_messages(result.dead))
         done = self.clock()
         created = np.fromiter((r.timestamp for r in records if r.timestamp is not None), float)
         st.freshness_seconds.add_many(done - created / 1000.0)
@@ -311,10 +403,32 @@ class Worker:
         await self._redis_retrying(self._store.erase_user, user_id)
         self.stats.erased_users += 1
 
-    async def _dead_futures(self, dead: list[DeadLetter]) -> list:
-        return [await self._producer.send(self.topics.dlq, d.raw, key=d.key, headers=d.headers()) for d in dead]
+    def _dead_messages(self, dead: list[DeadLetter]) -> list[tuple]:
+        return [(self.topics.dlq, d.raw, d.key, d.headers()) for d in dead]
 
     async def _send_dead(self, dead: list[DeadLetter]) -> None:
-        futures = await self._dead_futures(dead)
-        if futures:
-            await asyncio.gather(*futures)
+        await self._send_all(self._dead_messages(dead))
+
+    async def _send_all(self, messages: list[tuple]) -> None:
+        """Produce ``(topic, value, key, headers)`` messages; resend those that failed until all are acked."""
+        delay = 0.2
+        while messages:
+            futures = []
+            for topic, value, key, headers in messages:
+                try:
+                    futures.append(await self._producer.send(topic, value, key=key, headers=headers))
+                except (KafkaError, OSError) as exc:
+                    futures.append(exc)
+            results = [f if isinstance(f, BaseException) else None for f in futures]
+            pending = [(k, f) for k, f in enumerate(futures) if not isinstance(f, BaseException)]
+            done = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+            for (k, _), r in zip(pending, done):
+                results[k] = r if isinstance(r, BaseException) else None
+            failed = [m for m, r in zip(messages, results) if r is not None]
+            if failed:
+                self.stats.kafka_retries += 1
+                log.warning("%d of %d messages not acknowledged (%s); resending in %.1f s", len(failed),
+                            len(messages), type(next(r for r in results if r is not None)).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            messages = failed
