@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 from collections import deque
 
 
@@ -17,7 +18,8 @@ class Deduplicator:
     Parameters
     ----------
     window_s
-        How long, in event time, an id is remembered after the newest event seen.
+        How long, in event time, an id is remembered after the newest event seen. Ids are kept as
+        8-byte digests: compact, and an erased user's id is not readable in them.
     max_ids
         Memory bound: past it the oldest ids are forgotten first.
     """
@@ -25,22 +27,23 @@ class Deduplicator:
     def __init__(self, window_s: float = 86_400.0, max_ids: int = 2_000_000):
         self.window_s = window_s
         self.max_ids = max_ids
-        self._ids: set[str] = set()
-        self._order: deque[tuple[float, str]] = deque()
+        self._ids: set[bytes] = set()
+        self._order: deque[tuple[float, bytes]] = deque()
         self._newest = float("-inf")
 
     def __len__(self) -> int:
         return len(self._ids)
 
     def __contains__(self, event_id: str) -> bool:
-        return event_id in self._ids
+        return _digest(event_id) in self._ids
 
     def seen(self, event_id: str, ts: float) -> bool:
         """True if ``event_id`` was seen in the window (a duplicate); else remember it and return False."""
-        if event_id in self._ids:
+        key = _digest(event_id)
+        if key in self._ids:
             return True
-        self._ids.add(event_id)
-        self._order.append((ts, event_id))
+        self._ids.add(key)
+        self._order.append((ts, key))
         if ts > self._newest:
             self._newest = ts
         self._evict()
@@ -51,3 +54,7 @@ class Deduplicator:
         order, ids = self._order, self._ids
         while order and (order[0][0] < horizon or len(ids) > self.max_ids):
             ids.discard(order.popleft()[1])
+
+
+def _digest(event_id: str) -> bytes:
+    return hashlib.blake2b(event_id.encode(), digest_size=8).digest()

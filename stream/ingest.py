@@ -39,10 +39,16 @@ class IngestResult:
 class Ingest:
     """Validate, normalise and deduplicate records (see :mod:`models.events`)."""
 
-    def __init__(self, limits: Limits, dedupe: Deduplicator, pseudonymize: Callable[[str], str] | None = None):
+    def __init__(self, limits: Limits, dedupe: Deduplicator, pseudonymize: Callable[[str], str] | None = None,
+                 *, max_lateness_s: float = float("inf"), known_item: Callable[[str], bool] | None = None):
         self.limits = limits
         self.dedupe = dedupe
         self.pseudonymize = pseudonymize
+        self.max_lateness_s = max_lateness_s
+        self.known_item = known_item
+        #: newest accepted event time per (topic, partition): events older than it by more than the
+        #: allowed lateness are rejected; those within it are applied (the models decay by event time).
+        self.watermarks: dict[tuple[str, int], float] = {}
 
     def accept(self, records, now: float) -> IngestResult:
         """Split aiokafka ``ConsumerRecord``-likes (``value``, ``key``, ``topic``, ``partition``, ``offset``)."""
@@ -57,6 +63,22 @@ class Ingest:
                 out.dead.append(DeadLetter(rec.value, rec.key, f"internal validation error: {type(exc).__name__}",
                                            rec.topic, rec.partition, rec.offset))
                 continue
+            if self.known_item is not None and event.item_id is not None and not self.known_item(event.item_id):
+                out.dead.append(DeadLetter(rec.value, rec.key,
+                                           f"item {event.item_id[:60]!r} is not in the catalog; publish it to the "
+                                           "items topic first, or set INFOGAP_UNKNOWN_ITEMS=accept",
+                                           rec.topic, rec.partition, rec.offset))
+                continue
+            where = (rec.topic, rec.partition)
+            newest = self.watermarks.get(where, float("-inf"))
+            if event.ts < newest - self.max_lateness_s:
+                out.dead.append(DeadLetter(rec.value, rec.key,
+                                           f"late event: {newest - event.ts:.0f} s older than the newest event of its "
+                                           f"partition, more than the {self.max_lateness_s:.0f} s of lateness accepted "
+                                           "(INFOGAP_MAX_LATENESS_S)", rec.topic, rec.partition, rec.offset))
+                continue
+            if event.ts > newest:
+                self.watermarks[where] = event.ts
             if self.pseudonymize is not None:
                 event = replace(event, user_id=self.pseudonymize(event.user_id))
             if self.dedupe.seen(event.event_id, event.ts):

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from typing import Literal
 from urllib.parse import parse_qsl, unquote, urlencode, urlparse
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -71,6 +72,8 @@ class Settings(BaseSettings):
     min_event_ts: float = 631_152_000.0  # 1990-01-01T00:00:00Z; older is taken for a unit mistake
     max_future_s: float = 86_400.0  # events more than a day ahead of the worker's clock are rejected
     allow_unknown_types: bool = False
+    max_lateness_s: float = 86_400.0  # out-of-order events within this are applied; older ones go to the DLQ
+    unknown_items: Literal["accept", "dlq"] = "accept"  # "dlq": events for items not on the items topic
     dedupe_window_s: float = 86_400.0
     dedupe_max_ids: int = 2_000_000
 

@@ -72,9 +72,12 @@ class Worker:
         self.topics = settings.topics
         self.engine = engine or Engine(engine_config(settings))
         self.pseudonymize = Pseudonymizer.from_settings(settings)
+        self.catalog_ids: set[str] = set()  # items published on the items topic
         self.ingest = Ingest(Limits(settings.max_event_bytes, settings.min_event_ts, settings.max_future_s,
                                     settings.allow_unknown_types),
-                             Deduplicator(settings.dedupe_window_s, settings.dedupe_max_ids), self.pseudonymize)
+                             Deduplicator(settings.dedupe_window_s, settings.dedupe_max_ids), self.pseudonymize,
+                             max_lateness_s=settings.max_lateness_s,
+                             known_item=self.catalog_ids.__contains__ if settings.unknown_items == "dlq" else None)
         self.push_policy = PushPolicy(PushConfig(min_new_items=settings.push_min_new_items,
                                                  daily_cap=dict(settings.push_daily_cap),
                                                  repeat_window_s=settings.push_repeat_window_s,
@@ -159,12 +162,13 @@ class Worker:
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict:
         """Everything a restarted worker needs to continue exactly (items and users are re-read from Kafka)."""
-        return {"engine": self.engine, "dedupe": self.ingest.dedupe, "push": self.push_policy,
-                "experiments": self.exp_metrics}
+        return {"engine": self.engine, "dedupe": self.ingest.dedupe, "watermarks": self.ingest.watermarks,
+                "push": self.push_policy, "experiments": self.exp_metrics}
 
     def restore(self, state: dict) -> None:
         self.engine = state["engine"]
         self.ingest.dedupe = state["dedupe"]
+        self.ingest.watermarks = state["watermarks"]
         self.push_policy = state["push"]
         self.exp_metrics = state["experiments"]
 
@@ -288,11 +292,13 @@ class Worker:
                 if rec.value is None:
                     if key:
                         self.engine.remove_item(key)
+                        self.catalog_ids.discard(key)
                     return
                 doc = orjson.loads(rec.value)
                 if not isinstance(doc, dict) or not doc.get("item_id"):
                     raise ValueError("items record must be a JSON object with 'item_id'")
                 self.engine.upsert_item(doc)
+                self.catalog_ids.add(str(doc["item_id"]))
             else:
                 if rec.value is None:
                     if key:
