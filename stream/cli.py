@@ -134,10 +134,15 @@ def demo(
     """Start the servers, run a worker, replay the sample and show recommendations and a push."""
     from stream import local
 
-    settings = load()
+    base = load()
     t0 = time.perf_counter()
-    local.up(settings)
-    console.print(f"[bold]1.[/] Kafka and Redis up ({time.perf_counter() - t0:.1f} s)")
+    local.up(base)
+    # the demo's own topics, emptied each run, and a fresh consumer group: a second demo shows the same thing
+    settings = base.model_copy(update={"topic_prefix": f"{base.topic_prefix}demo.",
+                                       "consumer_group": f"{base.consumer_group}-demo-{int(time.time())}"})
+    local.reset_topics(settings)
+    console.print(f"[bold]1.[/] Kafka and Redis up ({time.perf_counter() - t0:.1f} s); demo topics "
+                  f"{settings.topics.events}, {settings.topics.push}, ... created empty")
     asyncio.run(_demo(settings, limit, users))
 
 

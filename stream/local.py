@@ -186,6 +186,33 @@ def ensure_topics(settings: Settings, *, replication_factor: int = 1) -> None:
     _run(_ensure_topics(settings, replication_factor))
 
 
+def reset_topics(settings: Settings) -> None:
+    """Delete the contract topics of ``settings`` (its prefix) and create them empty again."""
+    _run(_delete_topics(settings))
+    ensure_topics(settings)
+
+
+async def _delete_topics(settings: Settings) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from stream import connections
+
+    admin = AIOKafkaAdminClient(**connections.kafka_options(settings), client_id="infogap-local")
+    await admin.start()
+    try:
+        names = set(settings.topics.all().values())
+        existing = [t for t in await admin.list_topics() if t in names]
+        if existing:
+            await admin.delete_topics(existing)
+        deadline = time.monotonic() + TOPIC_TIMEOUT_S
+        while names & set(await admin.list_topics()):
+            if time.monotonic() > deadline:
+                raise LocalServerError(f"topics {sorted(names)} were not deleted within {TOPIC_TIMEOUT_S:.0f} s")
+            await asyncio.sleep(0.2)
+    finally:
+        await admin.close()
+
+
 def fetch_kafka_jars(settings: Settings, *, force: bool = False) -> Path:
     """Copy the Kafka jars of ``deploy/pom.xml`` into ``<local_dir>/kafka-libs`` (once per pom version)."""
     p = paths(settings)
