@@ -113,14 +113,22 @@ async def _cleanup(s: Settings) -> None:
     await r.aclose()
 
 
-async def throughput(settings: Settings, n: int, stream: SyntheticStream, out: Path) -> dict:
-    s = _scoped(settings, "tp-" + uuid.uuid4().hex[:6])
+BAD_RECORDS = (b"{not json", b'{"event_id": "x", "user_id": "u", "type": "view", "ts": "yesterday"}',
+               b'{"event_id": "y", "type": "view", "ts": 1.7e9}', b"\xff\xfe", b"[1, 2, 3]")
+
+
+async def throughput(settings: Settings, n: int, stream: SyntheticStream, out: Path, bad_per_good: int = 0) -> dict:
+    """Drain ``n`` preloaded good events (with ``bad_per_good`` bad records after each, for the flood run)."""
+    s = _scoped(settings, ("fl-" if bad_per_good else "tp-") + uuid.uuid4().hex[:6])
     local.ensure_topics(s)
-    events = [orjson.dumps(e) for e in stream.events(n, start_ts=time.time() - n / 1000.0)]
+    good = [orjson.dumps(e) for e in stream.events(n, start_ts=time.time() - n / 1000.0)]
+    events = [x for k, g in enumerate(good)
+              for x in [g] + [BAD_RECORDS[(k + j) % len(BAD_RECORDS)] for j in range(bad_per_good)]]
+    n = len(events)
     t0 = time.perf_counter()
     await publish(s, events, total=n, items=stream.items(), progress=False)
     produce_s = time.perf_counter() - t0
-    worker = WorkerProcess(s, out / "bench-worker-throughput.log")
+    worker = WorkerProcess(s, out / f"bench-worker-{'flood' if bad_per_good else 'throughput'}.log")
     try:
         first = await worker.wait_until(lambda st: st["events_in"] > 0, 120, "the first batch")
         t_first, n_first = time.perf_counter(), first["events_in"]
@@ -136,8 +144,10 @@ async def throughput(settings: Settings, n: int, stream: SyntheticStream, out: P
     finally:
         worker.stop()
         await _cleanup(s)
+    rate = (last["events_in"] - n_first) / max(elapsed, 1e-9)
     return {"events": n, "producer_events_per_s": round(n / produce_s), "seconds": round(elapsed, 2),
-            "events_per_s": round((last["events_in"] - n_first) / max(elapsed, 1e-9)),
+            "events_per_s": round(rate), "good_events_per_s": round(rate / (1 + bad_per_good)),
+            "bad_per_good": bad_per_good, "dead_letters": last["dead_letters"],
             "batches": last["batches"], "batch_seconds": last["batch_seconds"], "recs_written": last["recs_written"],
             "max_lag": max(lags, default=0), "worker_memory": mem}
 
@@ -210,6 +220,7 @@ async def run(settings: Settings, *, events: int, rate: float, seconds: float, o
     stream = SyntheticStream(n_users=users, n_items=items, groups=16, seed=42)
     result = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]},
               "throughput": await throughput(settings, events, stream, out),
+              "flood": await throughput(settings, max(1, events // 10), stream, out, bad_per_good=10),
               "freshness": await freshness(settings, rate, seconds, stream, out)}
     if memory:
         result["model_memory"] = model_memory()

@@ -366,6 +366,8 @@ def bench(
             ("batch latency p50 / p95 / p99", " / ".join(f"{v * 1000:.0f} ms" for v in tp["batch_seconds"].values()
                                                   if v is not None) or "-"),
             ("max consumer lag (throughput run)", f"{tp['max_lag']:,}"),
+            ("flood: 10 bad records per good event", f"{res['flood']['good_events_per_s']:,} good events/s, "
+             f"{tp['good_events_per_s'] / max(1, res['flood']['good_events_per_s']):.1f}x slower per good event"),
             ("worker RSS after throughput run", f"{tp['worker_memory']['rss_mb']} MB"),
             (f"freshness at {fr['target_rate']:,.0f} ev/s p50/p95/p99",
              " / ".join(f"{v:.0f} ms" for v in fr["freshness_ms"].values())),
