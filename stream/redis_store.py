@@ -42,9 +42,13 @@ class RedisStore:
             n += 1
         for seg, ranked in (trending or {}).items():
             key = k.trending(seg)
-            pipe.delete(key)
-            if ranked:
-                pipe.zadd(key, {item: float(score) for item, score in ranked})
+            if ranked:  # written aside then renamed: readers never see a half-written or empty set
+                tmp = f"{key}:next"
+                pipe.delete(tmp)
+                pipe.zadd(tmp, {item: float(score) for item, score in ranked})
+                pipe.rename(tmp, key)
+            else:
+                pipe.delete(key)
             n += 1
         if n:
             await pipe.execute()

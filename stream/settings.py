@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     half_life_days: float = 7.0
     recs_ttl_s: int = 7 * 86_400
     model_version: str = "v1"
+    publish_interval_s: float = 1.0  # ig:similar of touched items and ig:trending are rewritten at most this often
+    similar_n: int = 20
+    trending_n: int = 100
 
     snapshot_interval_s: float = 10.0  # state snapshot + offset commit cadence; 0: commit every batch, no snapshots
 

@@ -88,6 +88,8 @@ class Worker:
         self.exp_name = self.experiment.name if self.experiment else self.push_policy.config.campaign
         self.clock = clock
         self.stats = WorkerStats()
+        self._dirty_items: set[str] = set()
+        self._published_at = float("-inf")
         self.ready = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
         self._side: AIOKafkaConsumer | None = None
@@ -325,6 +327,7 @@ class Worker:
             st.count_dead(d.reason)
 
         touched: dict[str, float] = {}  # user -> newest event time in this batch
+        chunk_items = {e.item_id for e in result.events if e.item_id is not None}
         chunk: list[Event] = []
         erased: list[str] = []
         for e in result.events:
@@ -360,7 +363,7 @@ class Worker:
                     pushes += self.push_policy.decide(prefs, recs, now=user_ts, variant=variant)
 
         self.exp_metrics.record_sends(pushes)
-        await self._redis_retrying(self._store.write, recs=docs, segments=segments)
+        await self._redis_retrying(self._store.write, recs=docs, segments=segments, **self._serving(chunk_items))
         changed = self.exp_metrics.drain_changed()
         if changed:
             await self._redis_retrying(self._exp_store.write, self.exp_name, changed)
@@ -379,6 +382,22 @@ class Worker:
         st.batches += 1
         st.last_batch_s = time.perf_counter() - t0
         st.batch_seconds.add(st.last_batch_s)
+
+    def _serving(self, items: set[str]) -> dict:
+        """Neighbour lists of items touched since the last publish, and trending, at most every second."""
+        self._dirty_items |= items
+        now = time.monotonic()
+        if now - self._published_at < self.settings.publish_interval_s:
+            return {}
+        self._published_at = now
+        similar = {i: [n._asdict() for n in self.engine.similar(i, n=self.settings.similar_n)]
+                   for i in self._dirty_items}
+        self._dirty_items = set()
+        k = self.settings.trending_n
+        trending = {None: self.engine.trending(n=k)}
+        for seg in range(self.engine.config.n_segments):
+            trending[seg] = self.engine.trending(n=k, segment=seg)
+        return {"similar": similar, "trending": trending}
 
     async def _redis_retrying(self, fn, *args, **kwargs):
         """Retry a Redis write until it succeeds: offsets are not committed meanwhile, so nothing is lost."""

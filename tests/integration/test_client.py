@@ -1,0 +1,39 @@
+"""The app-backend client reads what the worker wrote: recs, neighbours, trending, segments."""
+from __future__ import annotations
+
+import asyncio
+
+from stream import connections
+from stream.client import InfogapClient
+from tests.conftest import wait_for
+from tests.integration.kafka_helpers import produce, running_worker
+
+T0 = 1_732_460_000.0
+CATALOG = [{"item_id": f"sku-{i}", "title": f"Product {i}", "category": "shoes" if i % 2 else "hats",
+            "tags": [], "available": True} for i in range(8)]
+
+
+async def test_the_client_reads_what_the_worker_wrote(settings):
+    s = settings.model_copy(update={"publish_interval_s": 0.0})
+    events = [{"event_id": f"e{u}-{k}", "user_id": f"u{u}", "item_id": f"sku-{(u + k) % 4}", "type": "purchase",
+               "ts": T0 + 10 * u + k} for u in range(12) for k in range(3)]
+    async with running_worker(s) as worker:
+        await produce(s, s.topics.items, [(it["item_id"], it) for it in CATALOG])
+        await produce(s, s.topics.events, [(e["user_id"], e) for e in events])
+        await wait_for(lambda: worker.stats.events_ok >= len(events), what="all events applied")
+        expected_recs = worker.engine.recommend("u3", n=s.top_n)
+        expected_similar = worker.engine.similar("sku-1", n=s.similar_n)
+        expected_trending = worker.engine.trending(n=5)
+        expected_segment = worker.engine.segment("u3")
+    client = InfogapClient(connections.redis_sync(s), s.redis_prefix)
+    recs = await asyncio.to_thread(client.recommendations, "u3")
+    assert recs is not None and recs.user_id == "u3" and recs.model_version == s.model_version
+    assert [(i.item_id, i.reason) for i in recs.items] == [(r.item_id, r.reason) for r in expected_recs]
+    assert recs.segment == expected_segment == client.segment("u3")
+    similar = client.similar("sku-1")
+    assert [(n.item_id, round(n.lift, 6)) for n in similar] == [(n.item_id, round(n.lift, 6))
+                                                                for n in expected_similar]
+    assert similar and all(n.support >= 2 for n in similar)  # rare pairs are not published
+    trending = client.trending(n=5)
+    assert [i for i, _ in trending] == [i for i, _ in expected_trending]
+    assert client.recommendations("nobody") is None
