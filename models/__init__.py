@@ -1,0 +1,10 @@
+"""The pure model core of infogap: no I/O, no clock reads, time comes from the events.
+
+>>> from models import Engine, EngineConfig
+>>> Engine(EngineConfig(top_n=5)).recommend("nobody")
+[]
+"""
+from models.engine import DEFAULT_EVENT_WEIGHTS, Engine, EngineConfig
+from models.ranker import Neighbour, Recommendation
+
+__all__ = ["DEFAULT_EVENT_WEIGHTS", "Engine", "EngineConfig", "Neighbour", "Recommendation"]

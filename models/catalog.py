@@ -1,0 +1,187 @@
+"""The item catalog: ids to dense rows, category and tags as feature ids, availability.
+
+Every other model keys its numpy arrays by the row this catalog hands out, so an item seen
+only in events and an item announced on the ``items`` topic live in the same row space.
+Rows are never reused: a removed item keeps its row (and its aggregate statistics) but is
+marked unavailable, so it is never recommended until it is upserted again.
+
+>>> c = Catalog()
+>>> r = c.upsert({"item_id": "sku-1", "title": "Mug", "category": "Kitchen", "tags": ["gift"]}, now=10.0)
+>>> c.find("sku-1") == r, c.category_name(r), c.feature_names(r)
+(True, 'Kitchen', ['Kitchen', 'gift'])
+>>> c.remove("sku-1"); bool(c.available[r])
+False
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+
+import numpy as np
+
+#: At most this many features (category first, then tags) are kept per item.
+MAX_ITEM_FEATURES = 8
+
+
+class Catalog:
+    """Item ids, titles, category/tag feature ids and availability, in growable numpy arrays.
+
+    Parameters
+    ----------
+    capacity
+        Initial number of rows; arrays double when full.
+    recent_len
+        How many recently upserted items are remembered as candidates for "new in ..." slots.
+
+    Examples
+    --------
+    >>> c = Catalog()
+    >>> c.row("a"), c.row("b"), c.row("a")
+    (0, 1, 0)
+    >>> c.find("zzz") is None, len(c)
+    (True, 2)
+    """
+
+    def __init__(self, capacity: int = 1024, recent_len: int = 256):
+        self.capacity = capacity
+        self.recent_len = recent_len
+        self._index: dict[str, int] = {}
+        self._ids: list[str] = []
+        self._titles: list[str | None] = []
+        self._feat_lists: list[tuple[int, ...]] = []
+        self._feat_index: dict[str, int] = {}
+        self._feat_names: list[str] = []
+        self._recent: deque[int] = deque(maxlen=recent_len)
+        self.n_unavailable = 0
+        cap = max(int(capacity), 1)
+        self.category = np.full(cap, -1, np.int32)
+        self.available = np.ones(cap, bool)
+        self.in_catalog = np.zeros(cap, bool)
+        self.added_ts = np.full(cap, np.nan)
+        self.price = np.full(cap, np.nan)
+
+    # ------------------------------------------------------------------ rows
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def find(self, item_id: str) -> int | None:
+        """The row of ``item_id`` or None (read only)."""
+        return self._index.get(item_id)
+
+    def row(self, item_id: str) -> int:
+        """The row of ``item_id``, created (available, no metadata) when unknown."""
+        r = self._index.get(item_id)
+        if r is None:
+            r = len(self._ids)
+            if r >= self.category.shape[0]:
+                self._grow(2 * self.category.shape[0])
+            self._index[item_id] = r
+            self._ids.append(item_id)
+            self._titles.append(None)
+            self._feat_lists.append(())
+        return r
+
+    def item_id(self, row: int) -> str:
+        """The id of a row."""
+        return self._ids[row]
+
+    def _grow(self, cap: int) -> None:
+        def grow(a: np.ndarray, fill) -> np.ndarray:
+            out = np.full(cap, fill, a.dtype)
+            out[: a.shape[0]] = a
+            return out
+
+        self.category = grow(self.category, -1)
+        self.available = grow(self.available, True)
+        self.in_catalog = grow(self.in_catalog, False)
+        self.added_ts = grow(self.added_ts, np.nan)
+        self.price = grow(self.price, np.nan)
+
+    # ------------------------------------------------------------------ metadata
+    def feature(self, name: str) -> int:
+        """The id of a category/tag name, created when new."""
+        f = self._feat_index.get(name)
+        if f is None:
+            f = len(self._feat_names)
+            self._feat_index[name] = f
+            self._feat_names.append(name)
+        return f
+
+    def feature_name(self, f: int) -> str:
+        """The category/tag name of a feature id."""
+        return self._feat_names[f]
+
+    @property
+    def n_features(self) -> int:
+        """Number of distinct categories and tags seen."""
+        return len(self._feat_names)
+
+    def upsert(self, item: Mapping, now: float | None = None) -> int:
+        """Insert or replace an item's metadata (``items`` topic record); returns its row.
+
+        ``now`` is the engine's event-time clock, remembered as the time the item was added
+        (None before any event: such items are never "new").
+        """
+        item_id = item.get("item_id")
+        if item_id is None or str(item_id) == "":
+            raise ValueError("an item needs a non-empty 'item_id'")
+        r = self.row(str(item_id))
+        title = item.get("title")
+        self._titles[r] = None if title is None else str(title)
+        names: list[str] = []
+        cat = item.get("category")
+        if cat is not None and str(cat) != "":
+            names.append(str(cat))
+        tags = item.get("tags") or ()
+        if isinstance(tags, str):
+            tags = (tags,)
+        for t in tags:
+            if t is not None and str(t) != "" and str(t) not in names:
+                names.append(str(t))
+        feats = tuple(self.feature(x) for x in names[:MAX_ITEM_FEATURES])
+        self._feat_lists[r] = feats
+        self.category[r] = feats[0] if cat is not None and str(cat) != "" and feats else -1
+        price = item.get("price")
+        self.price[r] = float(price) if isinstance(price, (int, float)) and not isinstance(price, bool) else np.nan
+        avail = bool(item.get("available", True))
+        if avail != bool(self.available[r]):
+            self.n_unavailable += -1 if avail else 1
+        self.available[r] = avail
+        if not self.in_catalog[r]:
+            self.in_catalog[r] = True
+            self.added_ts[r] = np.nan if now is None or not math.isfinite(now) else float(now)
+            self._recent.append(r)
+        return r
+
+    def remove(self, item_id: str) -> None:
+        """Delete an item from the catalog: it is never recommended again until re-upserted."""
+        r = self._index.get(item_id)
+        if r is not None:
+            if self.available[r]:
+                self.n_unavailable += 1
+            self.available[r] = False
+            self.in_catalog[r] = False
+            if r in self._recent:
+                self._recent.remove(r)
+
+    def features(self, row: int) -> tuple[int, ...]:
+        """Feature ids (category first, then tags) of a row."""
+        return self._feat_lists[row]
+
+    def feature_names(self, row: int) -> list[str]:
+        """Category and tag names of a row."""
+        return [self._feat_names[f] for f in self._feat_lists[row]]
+
+    def category_name(self, row: int) -> str | None:
+        """The category of a row, or None."""
+        c = int(self.category[row])
+        return None if c < 0 else self._feat_names[c]
+
+    def title(self, row: int) -> str:
+        """Display name: the title when known, else the id."""
+        return self._titles[row] or self._ids[row]
+
+    def recent_rows(self) -> list[int]:
+        """Rows of the most recently upserted items, newest last."""
+        return list(self._recent)

@@ -1,0 +1,515 @@
+"""The ``models.Engine`` facade: one in-process model that the stream, the evaluation and the tests share.
+
+It wires the pure models together, all keyed by dense rows (``Catalog`` for items,
+``Profiles`` for users):
+
+- :class:`~models.profile.Profiles`: decayed behaviour vectors (items, categories/tags), RFM,
+  bounded history, consumed items;
+- :class:`~models.cooccurrence.CoOccurrence`: decayed top-M item-item neighbours, directional and
+  symmetric, with support/confidence/lift;
+- :class:`~models.segments.Segmenter`: River KMeans segments with stable ids;
+- :class:`~models.trending.Trending`: global and per-segment decayed popularity;
+- :mod:`models.ranker`: the hybrid blend, filters, diversity and reasons.
+
+Time is the events' ``ts`` (epoch seconds); the engine's clock is the newest ``ts`` seen. There is
+no I/O, no clock read and no randomness. ``learn_many`` runs the same code as ``learn_one`` over
+whole batches (numpy for the pair generation and array updates), so both give the same state.
+
+**What ``forget_user`` keeps.** Every per-user structure is erased: history, behaviour vectors,
+RFM, consumed items, segment membership. Aggregates that many users feed are kept: item
+co-occurrence weights and counts, item popularity/trending and the segment centers. They hold no
+user id, and a pair is published by :meth:`Engine.similar` or cited in a reason only once at least
+``min_support`` co-occurrences back it, so a single user's contribution is not exposed.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from models.catalog import Catalog
+from models.cooccurrence import CoOccurrence, PairWeights
+from models.events import EVENT_TYPES, Event, as_event
+from models.profile import Profiles
+from models.ranker import Neighbour, Recommendation, rank
+from models.segments import Segmenter
+from models.trending import Trending
+
+__all__ = ["DEFAULT_EVENT_WEIGHTS", "Engine", "EngineConfig", "Neighbour", "Recommendation"]
+
+#: Weight of each event type in the behaviour vector; ``rate`` is scaled by ``rating / rating_scale``.
+#: Non-positive weights never enter the history or the co-occurrence; a negative weight lowers the
+#: user's affinity for the item's categories.
+DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
+    "view": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0, "rate": 3.0,
+    "impression": 0.0, "dismiss": -2.0, "push_open": 0.5, "push_click": 2.0,
+}
+_TYPE_CODE = {t: i for i, t in enumerate(EVENT_TYPES)}
+#: The reference time is moved when ``lambda * (ts - t0)`` of the fastest decay passes this.
+_RENORM_EXPONENT = 40.0
+STATE_VERSION = 1
+#: learn_many works through batches of at most this many events (bounds temporary arrays).
+_CHUNK = 1024
+#: The co-occurrence admission door is reset every this many learned events (a multiple of _CHUNK).
+_DOOR_PERIOD = 128 * _CHUNK
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every tunable of the engine (defaults tuned on MovieLens-100K, prequential).
+
+    Examples
+    --------
+    >>> EngineConfig(half_life_days=7, top_n=10).top_n
+    10
+    >>> EngineConfig(window=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: window must be >= 1, got 0
+    """
+
+    # profile
+    half_life_days: float = 7.0
+    top_n: int = 10
+    event_weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
+    rating_scale: float = 3.0
+    rating_in_pairs: bool = False
+    exclude_types: tuple[str, ...] = ("purchase", "rate", "dismiss")
+    history_len: int = 50
+    max_consumed: int = 5000
+    # co-occurrence (learning)
+    cooc_half_life_days: float | None = 60.0
+    window: int = 10
+    dir_window: int = 10
+    dir_decay: float = 0.7
+    sym_decay: float = 0.95
+    gap_tau_s: float = 3600.0
+    gap_floor: float = 0.2
+    n_neighbours: int = 100
+    evict_fraction: float = 0.25
+    min_support: int = 2
+    door_bits: int = 22
+    pop_exponent: float = 0.2
+    # ranker (query)
+    query_len: int = 20
+    query_dir_len: int = 5
+    query_dir_decay: float = 0.7
+    query_sym_decay: float = 0.9
+    query_gap_tau_s: float = 3600.0
+    query_gap_floor: float = 0.2
+    sym_weight: float = 0.5
+    w_cooc: float = 1.0
+    w_segment: float = 0.02
+    w_global: float = 0.01
+    w_content: float = 0.01
+    content_history: int = 5
+    max_category_share: float = 0.6
+    new_item_slots: int = 1
+    new_item_days: float = 14.0
+    new_item_max_events: int = 5
+    new_item_min_share: float = 0.15
+    # segments and trending
+    n_segments: int = 8
+    segment_every: int = 100
+    segment_step: float = 0.05
+    segment_categories: int = 8
+    segment_margin: float = 0.1
+    trending_half_life_days: float = 3.0
+    momentum_half_life_days: float = 30.0
+    momentum: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("top_n", "history_len", "window", "n_neighbours", "query_len", "n_segments", "segment_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.window > self.history_len:
+            raise ValueError(f"window ({self.window}) must not exceed history_len ({self.history_len})")
+        for name in ("half_life_days", "trending_half_life_days"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"{name} must be > 0 days (or None for no decay), got {v}")
+        if self.cooc_half_life_days is not None and not self.cooc_half_life_days > 0:
+            raise ValueError(f"cooc_half_life_days must be > 0 (or None), got {self.cooc_half_life_days}")
+        if not self.rating_scale > 0:
+            raise ValueError(f"rating_scale must be > 0, got {self.rating_scale}")
+        unknown = set(self.event_weights) - set(EVENT_TYPES)
+        if unknown:
+            raise ValueError(f"event_weights has unknown types {sorted(unknown)}; known: {', '.join(EVENT_TYPES)}")
+
+    def fingerprint(self) -> str:
+        """A short hash of the configuration, to stamp cached results with."""
+        return hashlib.sha256(repr(sorted(asdict(self).items())).encode()).hexdigest()[:12]
+
+
+class Engine:
+    """The pure online model core: learn from events, recommend, explain.
+
+    Parameters
+    ----------
+    config
+        An :class:`EngineConfig` (defaults when None).
+
+    Examples
+    --------
+    >>> e = Engine(EngineConfig(half_life_days=7, top_n=10))
+    >>> e.upsert_item({"item_id": "tea", "title": "Green tea", "category": "Drinks"})
+    >>> baskets = [("a", "tea"), ("a", "cup"), ("b", "tea"), ("b", "cup"), ("c", "tea"), ("c", "cup"),
+    ...            ("d", "jam"), ("d", "tea"), ("e", "tea")]
+    >>> events = [{"event_id": f"e{k}", "user_id": u, "type": "purchase", "ts": 1000.0 + k, "item_id": i}
+    ...           for k, (u, i) in enumerate(baskets)]
+    >>> e.learn_many(events)
+    >>> [(r.item_id, r.reason) for r in e.recommend("e", n=1)]
+    [('cup', 'bought together with Green tea by 2 users (lift 1.4)')]
+    >>> e.similar("tea")[0].item_id, e.segment("c") is not None, e.known_user("zed")
+    ('cup', True, False)
+    >>> e.forget_user("c"); e.known_user("c")
+    False
+    """
+
+    def __init__(self, config: EngineConfig | None = None):
+        cfg = config or EngineConfig()
+        self.config = cfg
+        self._weights = {t: float(cfg.event_weights.get(t, DEFAULT_EVENT_WEIGHTS.get(t, 0.0))) for t in EVENT_TYPES}
+        self._exclude_types = frozenset(cfg.exclude_types)
+        self._catalog = Catalog()
+        self._profiles = Profiles(history_len=cfg.history_len, half_life_days=cfg.half_life_days,
+                                  max_consumed=cfg.max_consumed)
+        self._cooc = CoOccurrence(n_neighbours=cfg.n_neighbours, half_life_days=cfg.cooc_half_life_days,
+                                  evict_fraction=cfg.evict_fraction, pop_exponent=cfg.pop_exponent,
+                                  door_bits=cfg.door_bits, evict_sym_weight=cfg.sym_weight)
+        self._segmenter = Segmenter(n_segments=cfg.n_segments, n_category_slots=cfg.segment_categories,
+                                    step=cfg.segment_step,
+                                    margin=cfg.segment_margin, seed=cfg.seed)
+        self._trending = Trending(n_segments=cfg.n_segments, half_life_days=cfg.trending_half_life_days,
+                                  momentum_half_life_days=cfg.momentum_half_life_days)
+        self._item_events = np.zeros(self._catalog.category.shape[0], np.int64)
+        self._pairs = PairWeights(window=cfg.window, dir_window=cfg.dir_window, dir_decay=cfg.dir_decay,
+                                  sym_decay=cfg.sym_decay, gap_tau_s=cfg.gap_tau_s, gap_floor=cfg.gap_floor)
+        h = cfg.history_len
+        #: ring positions of the newest..oldest entries, per ring head: row c % h -> (c - 1 - k) % h
+        self._ring_idx = (np.arange(h)[:, None] - 1 - np.arange(h)[None, :]) % h
+        kq = np.arange(cfg.query_len)
+        self._qd_tab = np.where(kq < cfg.query_dir_len, cfg.query_dir_decay ** kq, 0.0)
+        self._qs_tab = cfg.sym_weight * cfg.query_sym_decay ** kq
+        self._t0: float | None = None
+        self._now = -math.inf
+        self._lam_max = max(self._profiles.lam, self._cooc.lam, self._trending.lam, self._trending.lam_m)
+        self.n_learned = 0
+
+    # ------------------------------------------------------------------ learning
+    def learn_one(self, event: Event | Mapping) -> None:
+        """Learn from one event (a contract dict or an :class:`~models.events.Event`)."""
+        self._learn([as_event(event)])
+
+    def learn_many(self, events: Iterable[Event | Mapping]) -> None:
+        """Learn from events in order: the same state as ``learn_one`` in a loop, much faster."""
+        self._learn([as_event(e) for e in events])
+
+    def _learn(self, evs: list[Event]) -> None:
+        start = 0
+        lam = self._lam_max
+        chunk = _CHUNK
+        for k, e in enumerate(evs):
+            if k > start and (self.n_learned + k - start) % chunk == 0:
+                self._learn_block(evs[start:k])  # blocks end at multiples of _CHUNK learned events
+                start = k
+            if e.type == "forget":
+                self._learn_block(evs[start:k])
+                self.forget_user(e.user_id)
+                start = k + 1
+                continue
+            if self._t0 is None:
+                self._t0 = e.ts
+            elif lam * (e.ts - self._t0) > _RENORM_EXPONENT:
+                self._learn_block(evs[start:k])
+                self._renormalise(e.ts)
+                start = k
+        self._learn_block(evs[start:])
+
+    def _renormalise(self, t_new: float) -> None:
+        dt = t_new - self._t0
+        self._profiles.rescale(math.exp(-self._profiles.lam * dt))
+        self._cooc.rescale(math.exp(-self._cooc.lam * dt))
+        self._trending.rescale(math.exp(-self._trending.lam * dt), math.exp(-self._trending.lam_m * dt))
+        self._t0 = t_new
+
+    def _learn_block(self, evs: list[Event]) -> None:
+        if not evs:
+            return
+        cfg = self.config
+        cat, prof = self._catalog, self._profiles
+        weights, excl, codes = self._weights, self._exclude_types, _TYPE_CODE
+        rate_scale = cfg.rating_scale
+        rating_pairs = cfg.rating_in_pairs
+        every = cfg.segment_every
+        t0 = self._t0
+        lam_p, lam_c, lam_t = prof.lam, self._cooc.lam, self._trending.lam
+        exp = math.exp
+        now = self._now
+        user_row, item_row = prof.row, cat.row
+        n_events, n_push, last_item = prof.n_events, prof.n_push, prof.last_item
+        last_ts, first_ts, freq, money, segment = prof.last_ts, prof.first_ts, prof.freq, prof.money, prof.segment
+        feat_lists = cat._feat_lists
+        # per push (history entry), and per positive item event (trending)
+        pu, pi, pts, pw, pc, ptype, psc = [], [], [], [], [], [], []
+        ti, tseg, tx, tm = [], [], [], []
+        lam_m = self._trending.lam_m
+        for e in evs:
+            ts = e.ts
+            if ts > now:
+                now = ts
+            u = user_row(e.user_id)
+            typ = e.type
+            w = tw_ = weights.get(typ, 0.0)
+            if typ == "rate" and e.rating is not None:
+                w *= e.rating / rate_scale
+                if rating_pairs:
+                    tw_ = w
+            n = n_events[u] + 1
+            n_events[u] = n
+            prev_ts = last_ts[u]
+            if not prev_ts >= ts:
+                last_ts[u] = ts
+            if n == 1:
+                first_ts[u] = ts
+            su = exp(lam_p * (ts - t0))
+            freq[u] += su
+            if e.value is not None:
+                money[u] += e.value * su
+            if e.item_id is not None:
+                i = item_row(e.item_id)
+                feats = feat_lists[i]
+                if feats and w != 0.0:
+                    prof.add_features(u, feats, w * su)
+                if typ in excl:
+                    prof.consume(u, i)
+                if w > 0.0:
+                    ti.append(i)
+                    tseg.append(segment[u])
+                    tx.append(w * exp(lam_t * (ts - t0)))
+                    tm.append(exp(lam_m * (ts - t0)))
+                    if i != last_item[u]:
+                        c = n_push[u]
+                        pu.append(u)
+                        pi.append(i)
+                        pts.append(ts)
+                        pw.append(tw_)
+                        pc.append(c)
+                        ptype.append(codes.get(typ, 0))
+                        psc.append(exp(lam_c * (ts - t0)))
+                        n_push[u] = c + 1
+                        last_item[u] = i
+            if not n & (n - 1) or n % every == 0:  # n = 1, 2, 4, 8, ... and every `segment_every`
+                self._update_segment(u, ts, prev_ts)
+        self._now = now
+        self.n_learned += len(evs)
+        self._ensure_items(len(cat))
+        if ti:
+            if len(ti) == 1:
+                self._item_events[ti[0]] += 1
+            else:
+                np.add.at(self._item_events, ti, 1)
+            self._trending.add(ti, tseg, tx, tm)
+        if pu:
+            self._cooc.add_occurrences(pi, psc)
+            if len(pu) == 1:
+                self._learn_pair_one(pu[0], pi[0], pts[0], pw[0], pc[0], ptype[0], psc[0])
+            else:
+                self._learn_pairs(np.asarray(pu, np.int64), np.asarray(pi, np.int64), np.asarray(pts),
+                                  np.asarray(pw), np.asarray(pc, np.int64), np.asarray(ptype, np.int8),
+                                  np.asarray(psc))
+        if self.n_learned % _DOOR_PERIOD < len(evs):  # the block ended on a multiple of the period
+            self._cooc.reset_door()
+
+    def _learn_pair_one(self, u: int, i: int, ts: float, w: float, c: int, typ: int, scale: float) -> None:
+        """One push: pairs against the ring buffer (scalar path, same numbers as :meth:`_learn_pairs`)."""
+        prof = self._profiles
+        h = prof.history_len
+        k = min(self.config.window, c)
+        if k:
+            idx = self._ring_idx[c % h, :k]
+            codes, deltas = self._pairs.one(i, ts, w, scale, prof.hist_item[u, idx].tolist(),
+                                            prof.hist_ts[u, idx].tolist(), prof.hist_w[u, idx].tolist())
+            self._cooc.update(codes, deltas)
+        j = c % h
+        prof.hist_item[u, j] = i
+        prof.hist_ts[u, j] = ts
+        prof.hist_w[u, j] = w
+        prof.hist_type[u, j] = typ
+
+    def _learn_pairs(self, pu, pi, pts, pw, pc, ptype, scale) -> None:
+        """A batch of pushes: history windows (ring + earlier pushes of the batch), pairs, ring writes."""
+        cfg = self.config
+        prof = self._profiles
+        h, w = cfg.history_len, cfg.window
+        p = pu.shape[0]
+        order = np.argsort(pu, kind="stable")
+        rank = np.empty(p, np.int64)
+        rank[order] = np.arange(p)
+        su = pu[order]
+        start = np.r_[True, su[1:] != su[:-1]]
+        gstart = np.maximum.accumulate(np.where(start, np.arange(p), 0))
+        offset = rank - gstart[rank]  # earlier pushes of the same user in this batch
+        kk = np.arange(1, w + 1)
+        inb = offset[:, None] >= kk
+        src = order[np.maximum(rank[:, None] - kk, 0)]
+        cnt = pc[:, None] - kk
+        ring_ok = (~inb) & (cnt >= 0)
+        ridx = cnt % h
+        urow = pu[:, None]
+        prev_items = np.where(inb, pi[src], np.where(ring_ok, prof.hist_item[urow, ridx], -1))
+        prev_ts = np.where(inb, pts[src], prof.hist_ts[urow, ridx])
+        prev_w = np.where(inb, pw[src], prof.hist_w[urow, ridx])
+        codes, deltas = self._pairs.many(pi, pts, pw, scale, prev_items, prev_ts, prev_w)
+        self._cooc.update(codes, deltas)
+        # ring writes: only each user's last `h` pushes of the batch survive
+        final = np.asarray(prof.n_push, np.int64)[pu]
+        keep = pc >= final - h
+        ru, rc = pu[keep], pc[keep] % h
+        prof.hist_item[ru, rc] = pi[keep]
+        prof.hist_ts[ru, rc] = pts[keep]
+        prof.hist_w[ru, rc] = pw[keep]
+        prof.hist_type[ru, rc] = ptype[keep]
+
+    def _update_segment(self, u: int, ts: float, prev_ts: float) -> None:
+        prof = self._profiles
+        decay = math.exp(-prof.lam * (ts - self._t0))
+        gap_days = (ts - prev_ts) / 86400.0 if prev_ts == prev_ts else math.inf
+        x = self._segmenter.features(prof.mix(u), prof.freq[u] * decay, prof.money[u] * decay, gap_days)
+        old = prof.segment[u]
+        new = self._segmenter.assign(x, old)
+        if new != old:
+            self._segmenter.set_member(u, old, new)
+            prof.segment[u] = new
+
+    def _ensure_items(self, n: int) -> None:
+        self._cooc.ensure(n)
+        self._trending.ensure(n)
+        cap = self._item_events.shape[0]
+        if n > cap:
+            grown = np.zeros(max(n, 2 * cap), np.int64)
+            grown[:cap] = self._item_events
+            self._item_events = grown
+
+    # ------------------------------------------------------------------ catalog and users
+    def upsert_item(self, item: Mapping) -> None:
+        """Insert or update an item from the ``items`` topic (item_id, title, category, tags, price, available)."""
+        self._catalog.upsert(item, now=self._now if self._now > -math.inf else None)
+        self._ensure_items(len(self._catalog))
+
+    def remove_item(self, item_id: str) -> None:
+        """Remove an item from the catalog: it is no longer recommended (its statistics remain)."""
+        self._catalog.remove(str(item_id))
+
+    def forget_user(self, user_id: str) -> None:
+        """Erase every per-user trace of ``user_id`` (see the module docstring for aggregates)."""
+        r = self._profiles.find(user_id)
+        if r is None:
+            return
+        self._segmenter.remove_member(r, self._profiles.segment[r])
+        self._profiles.forget(user_id)
+
+    def known_user(self, user_id: str) -> bool:
+        """Whether the engine holds state for ``user_id``."""
+        return self._profiles.find(user_id) is not None
+
+    # ------------------------------------------------------------------ reading (never mutates)
+    def _decay(self, lam: float) -> float:
+        if self._t0 is None or not math.isfinite(self._now):
+            return 1.0
+        return math.exp(-lam * (self._now - self._t0))
+
+    def recommend(self, user_id: str, n: int | None = None, *, exclude: Iterable[str] | None = None,
+                  explain: bool = True) -> list[Recommendation]:
+        """Top-``n`` items for ``user_id`` (``config.top_n`` when None), best first, each with a reason.
+
+        Items the user purchased/rated/dismissed, items in ``exclude`` (a set is used as is) and
+        unavailable items are never returned. An unknown user gets what is trending.
+        ``explain=False`` skips building the reasons (they are then empty strings).
+        """
+        n = self.config.top_n if n is None else int(n)
+        return rank(self, self._profiles.find(user_id), n, exclude, explain)
+
+    def similar(self, item_id: str, n: int = 10) -> list[Neighbour]:
+        """Published neighbours of ``item_id`` (support >= ``min_support``), by cosine, best first."""
+        r = self._catalog.find(item_id)
+        if r is None or n <= 0:
+            return []
+        co = self._cooc
+        nb, _, _, n_pair, count = co.neighbours(r)
+        ok = (count >= self.config.min_support) & self._catalog.available[nb]
+        if not ok.any():
+            return []
+        nb, n_pair, count = nb[ok], n_pair[ok], count[ok]
+        decay = self._decay(co.lam)
+        pa = float(co.pop[r])
+        pb = co.pop[nb]
+        cos = np.minimum(n_pair / np.sqrt(np.maximum(pa * pb, 1e-300)), 1.0)
+        order = np.lexsort((nb, -cos))[:n]
+        lift = co.lift(n_pair[order], pa, pb[order]).tolist()
+        conf = (n_pair[order] / pa if pa > 0 else 0.0 * n_pair[order]).tolist()
+        ids = self._catalog.item_id
+        return [Neighbour(ids(int(b)), c, s * decay, cf, lf) for b, c, s, cf, lf in
+                zip(nb[order].tolist(), cos[order].tolist(), n_pair[order].tolist(), conf, lift)]
+
+    def segment(self, user_id: str) -> int | None:
+        """The user's segment id (stable over time), or None when unknown/unassigned."""
+        r = self._profiles.find(user_id)
+        if r is None:
+            return None
+        s = self._profiles.segment[r]
+        return s if s >= 0 else None
+
+    def trending(self, n: int = 10, segment: int | None = None) -> list[tuple[str, float]]:
+        """``(item_id, decayed score)`` of the top trending available items, globally or in a segment."""
+        t = self._trending
+        decay = self._decay(t.lam)
+        avail = self._catalog.available
+        out = []
+        for r in t.top(n + int((~avail[: len(self._catalog)]).sum()), segment).tolist():
+            if avail[r]:
+                out.append((self._catalog.item_id(r), float(t.scores(segment)[r] * decay)))
+                if len(out) == n:
+                    break
+        return out
+
+    def profile(self, user_id: str) -> dict | None:
+        """RFM figures, top categories/tags and segment of a user (None when unknown)."""
+        prof = self._profiles
+        r = prof.find(user_id)
+        if r is None:
+            return None
+        out = prof.rfm(r, self._now, self._decay(prof.lam))
+        mix = prof.mix(r)
+        top = sorted(mix.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
+        out["categories"] = {self._catalog.feature_name(f): round(s, 4) for f, s in top}
+        out["events"] = prof.n_events[r]
+        out["segment"] = self.segment(user_id)
+        return out
+
+    def stats(self) -> dict[str, int]:
+        """Sizes of the state, for memory monitoring."""
+        prof, co = self._profiles, self._cooc
+        return {"users": len(prof), "items": len(self._catalog), "cooc_slots": co.n_slots,
+                "cooc_slot_capacity": int(co.nb.size), "history_capacity": int(prof.hist_item.size),
+                "consumed": int(sum(prof._cons_n)), "segments": self.config.n_segments,
+                "events_learned": self.n_learned}
+
+    # ------------------------------------------------------------------ persistence
+    def to_state(self) -> dict:
+        """A self-contained copy of the whole state (picklable), for snapshots."""
+        return {"version": STATE_VERSION, "config": self.config, "state": copy.deepcopy(self.__dict__)}
+
+    @classmethod
+    def from_state(cls, state: Mapping) -> Engine:
+        """Rebuild an engine from :meth:`to_state` output."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported engine state version {state.get('version')!r}; expected {STATE_VERSION}")
+        engine = cls.__new__(cls)
+        engine.__dict__.update(copy.deepcopy(dict(state["state"])))
+        return engine

@@ -1,0 +1,253 @@
+"""Per-user state: decayed behaviour vectors, RFM, bounded recent history and consumed items.
+
+A user's *behaviour vector* has two parts:
+
+- over items: the last ``history_len`` item events (item row, time, type weight) in a ring buffer
+  (preallocated ``[n_users, history_len]`` numpy arrays). Reading it (:meth:`Profiles.item_vector`)
+  sums the weights per item, decayed to the read time;
+- over categories and tags: a small dict feature id -> decayed weight (at most ``max_features``
+  entries; the weakest is dropped). An event adds its type weight, split over the item's features.
+
+**Decay** is exponential with ``half_life_days``, applied lazily: weights are stored relative to a
+reference time ``t0`` shared with the engine (``w * exp(lambda * (t - t0))``), so an update is one
+addition, and a read multiplies by ``exp(-lambda * (now - t0))``, i.e. ``w * exp(-lambda * (now - t))``.
+
+**RFM**: recency (time since the last event), frequency (decayed event count) and monetary value
+(decayed sum of the events' ``value``).
+
+Items the user purchased or rated (the engine's ``exclude_types``) are kept, at most
+``max_consumed`` of them (oldest dropped first), so they can be filtered out of recommendations.
+
+>>> p = Profiles(history_len=4)
+>>> u = p.row("u1")
+>>> p.find("u1") == u, p.find("nobody") is None
+(True, True)
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+class Profiles:
+    """Users' decayed vectors, RFM figures, ring-buffer histories and consumed-item sets.
+
+    Parameters
+    ----------
+    history_len
+        Items remembered per user (ring buffer length).
+    half_life_days
+        Half-life of the behaviour vector, frequency and monetary value.
+    max_features
+        Categories/tags remembered per user.
+    max_consumed
+        Purchased/rated items remembered per user for exclusion.
+    capacity
+        Initial number of user rows.
+
+    Examples
+    --------
+    >>> p = Profiles(history_len=3)
+    >>> u = p.row("u1")
+    >>> p.push(u, item=7, ts=1.0, w=2.0); p.push(u, item=9, ts=2.0, w=1.0)
+    >>> p.history(u, 10)[0].tolist()
+    [9, 7]
+    """
+
+    def __init__(self, history_len: int = 50, half_life_days: float | None = 7.0, max_features: int = 32,
+                 max_consumed: int = 5000, capacity: int = 1024):
+        if history_len < 1:
+            raise ValueError(f"history_len must be >= 1, got {history_len}")
+        self.history_len = history_len
+        self.half_life_days = half_life_days
+        self.max_features = max_features
+        self.max_consumed = max_consumed
+        self.capacity = capacity
+        self.lam = 0.0 if not half_life_days else math.log(2.0) / (half_life_days * 86400.0)
+        cap = max(int(capacity), 1)
+        self._index: dict[str, int] = {}
+        self._ids: list[str | None] = []
+        self._free: list[int] = []
+        # hot per-user scalars touched once per event: plain lists are the fastest Python containers
+        self.n_events: list[int] = []
+        self.n_push: list[int] = []
+        self.last_item: list[int] = []
+        self.first_ts: list[float] = []
+        self.last_ts: list[float] = []
+        self.freq: list[float] = []
+        self.money: list[float] = []
+        self.segment: list[int] = []
+        self.feats: list[dict[int, float]] = []
+        self._cons_set: list[set[int]] = []
+        self._cons_arr: list[np.ndarray | None] = []
+        self._cons_n: list[int] = []
+        h = history_len
+        self.hist_item = np.full((cap, h), -1, np.int32)
+        self.hist_ts = np.zeros((cap, h))
+        self.hist_w = np.zeros((cap, h))
+        self.hist_type = np.zeros((cap, h), np.int8)
+
+    # ------------------------------------------------------------------ rows
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def find(self, user_id: str) -> int | None:
+        """The row of ``user_id`` or None (read only)."""
+        return self._index.get(user_id)
+
+    def user_id(self, row: int) -> str | None:
+        """The id of a row (None for a freed row)."""
+        return self._ids[row]
+
+    def row(self, user_id: str) -> int:
+        """The row of ``user_id``, created (reusing a forgotten user's row) when unknown."""
+        r = self._index.get(user_id)
+        if r is not None:
+            return r
+        if self._free:
+            r = self._free.pop()
+            self._ids[r] = user_id
+        else:
+            r = len(self._ids)
+            if r >= self.hist_item.shape[0]:
+                self._grow(2 * self.hist_item.shape[0])
+            self._ids.append(user_id)
+            for lst, v in ((self.n_events, 0), (self.n_push, 0), (self.last_item, -1), (self.first_ts, math.nan),
+                           (self.last_ts, math.nan), (self.freq, 0.0), (self.money, 0.0), (self.segment, -1),
+                           (self._cons_n, 0)):
+                lst.append(v)
+            self.feats.append({})
+            self._cons_set.append(set())
+            self._cons_arr.append(None)
+        self._index[user_id] = r
+        return r
+
+    def _grow(self, cap: int) -> None:
+        old = self.hist_item.shape[0]
+        for name, fill in (("hist_item", -1), ("hist_ts", 0.0), ("hist_w", 0.0), ("hist_type", 0)):
+            a = getattr(self, name)
+            out = np.full((cap, self.history_len), fill, a.dtype)
+            out[:old] = a
+            setattr(self, name, out)
+
+    def forget(self, user_id: str) -> int | None:
+        """Erase every per-user trace of ``user_id``; returns the freed row (or None)."""
+        r = self._index.pop(user_id, None)
+        if r is None:
+            return None
+        self._ids[r] = None
+        self.n_events[r] = 0
+        self.n_push[r] = 0
+        self.last_item[r] = -1
+        self.first_ts[r] = math.nan
+        self.last_ts[r] = math.nan
+        self.freq[r] = 0.0
+        self.money[r] = 0.0
+        self.segment[r] = -1
+        self.feats[r] = {}
+        self._cons_set[r] = set()
+        self._cons_arr[r] = None
+        self._cons_n[r] = 0
+        self.hist_item[r] = -1
+        self.hist_ts[r] = 0.0
+        self.hist_w[r] = 0.0
+        self.hist_type[r] = 0
+        self._free.append(r)
+        return r
+
+    def rescale(self, factor: float) -> None:
+        """Multiply every decayed quantity by ``factor`` (moving the reference time)."""
+        self.freq = [x * factor for x in self.freq]
+        self.money = [x * factor for x in self.money]
+        for d in self.feats:
+            for k in d:
+                d[k] *= factor
+
+    # ------------------------------------------------------------------ updates
+    def add_features(self, r: int, feats: tuple[int, ...], w: float) -> None:
+        """Add ``w`` (already scaled) split over ``feats`` to the user's category/tag vector."""
+        if not feats:
+            return
+        d = self.feats[r]
+        share = w / len(feats)
+        for f in feats:
+            d[f] = d.get(f, 0.0) + share
+        if len(d) > self.max_features:
+            weakest = min(d, key=lambda k: (d[k], k))
+            del d[weakest]
+
+    def consume(self, r: int, item: int) -> None:
+        """Remember that the user has ``item`` (purchased, rated or dismissed); the oldest goes first
+        once ``max_consumed`` items are remembered."""
+        s = self._cons_set[r]
+        if item in s:
+            return
+        arr = self._cons_arr[r]
+        n = self._cons_n[r]
+        if n >= self.max_consumed:
+            s.discard(int(arr[0]))
+            arr[: n - 1] = arr[1:n].copy()
+            n -= 1
+        elif arr is None or n == arr.shape[0]:
+            grown = np.full(min(max(8, 2 * n), self.max_consumed), -1, np.int32)
+            if arr is not None:
+                grown[:n] = arr[:n]
+            arr = grown
+        arr[n] = item
+        s.add(item)
+        self._cons_arr[r] = arr
+        self._cons_n[r] = n + 1
+
+    def push(self, r: int, item: int, ts: float, w: float, type_code: int = 0) -> None:
+        """Append one item event to the user's history (single-event path)."""
+        c = self.n_push[r]
+        j = c % self.history_len
+        self.hist_item[r, j] = item
+        self.hist_ts[r, j] = ts
+        self.hist_w[r, j] = w
+        self.hist_type[r, j] = type_code
+        self.n_push[r] = c + 1
+        self.last_item[r] = item
+
+    # ------------------------------------------------------------------ reading
+    def consumed(self, r: int) -> np.ndarray:
+        """Rows of the items the user has (purchased/rated/dismissed), oldest first (a view)."""
+        arr = self._cons_arr[r]
+        return arr[: self._cons_n[r]] if arr is not None else np.zeros(0, np.int32)
+
+    def has(self, r: int, item: int) -> bool:
+        """Whether the user has ``item``."""
+        return item in self._cons_set[r]
+
+    def history(self, r: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The user's last ``n`` history entries, newest first: (items, ts, weights)."""
+        c = self.n_push[r]
+        k = min(n, c, self.history_len)
+        if k == 0:
+            return np.zeros(0, np.int32), np.zeros(0), np.zeros(0)
+        idx = (c - 1 - np.arange(k)) % self.history_len
+        return self.hist_item[r, idx], self.hist_ts[r, idx], self.hist_w[r, idx]
+
+    def item_vector(self, r: int, now: float, lam: float | None = None) -> dict[int, float]:
+        """Decayed item weights from the history ring (item row -> weight at ``now``)."""
+        lam = self.lam if lam is None else lam
+        items, ts, w = self.history(r, self.history_len)
+        out: dict[int, float] = {}
+        for i, t, x in zip(items.tolist(), ts.tolist(), w.tolist()):
+            out[i] = out.get(i, 0.0) + x * math.exp(-lam * max(now - t, 0.0))
+        return out
+
+    def mix(self, r: int) -> dict[int, float]:
+        """The user's category/tag mix: non-negative shares summing to 1 (empty when none)."""
+        d = self.feats[r]
+        pos = {k: v for k, v in d.items() if v > 0}
+        tot = sum(pos.values())
+        return {k: v / tot for k, v in pos.items()} if tot > 0 else {}
+
+    def rfm(self, r: int, now: float, decay: float) -> dict[str, float]:
+        """Recency (days), frequency (decayed events) and monetary (decayed value) at ``now``."""
+        last = self.last_ts[r]
+        rec = (now - last) / 86400.0 if math.isfinite(last) and math.isfinite(now) else math.nan
+        return {"recency_days": max(rec, 0.0) if rec == rec else rec,
+                "frequency": self.freq[r] * decay, "monetary": self.money[r] * decay}

@@ -1,0 +1,363 @@
+"""The hybrid ranker: candidates, a scored blend, filters, diversity and a reason per item.
+
+Scores are dense numpy arrays over the catalog rows (one float per item; cheap for catalogs up to
+a few hundred thousand items). For a known user the blend is::
+
+    score = w_cooc * cooc / max(cooc) + w_segment * seg / max(seg) + w_global * glob / max(glob)
+            + w_content * share(user, category(item))
+
+- ``cooc``: neighbours of the user's recent items. The k-th most recent item h (newest k = 0)
+  votes for its neighbours j with ``q_dir(k) * sqrt(w_dir[h, j]) + sym_weight * q_sym(k) *
+  sqrt(w_sym[h, j])``, both scaled by ``pop(h) ** -e * pop(j) ** -e``. ``q_dir`` decays fast and
+  covers only the last ``query_dir_len`` items (the sequential "A then B" signal), ``q_sym``
+  decays slowly (the user's current taste); both shrink for items from older sessions. The
+  square root damps very frequent pairs; ``e`` (``pop_exponent``) trades popularity for novelty.
+- ``seg`` / ``glob``: decayed popularity in the user's segment / overall.
+- ``share``: the user's decayed category/tag mix (content, for cold users and cold items).
+
+Filters: items the user has (purchased/rated/dismissed), items passed in ``exclude`` and
+unavailable items never appear. Diversity: at most ``ceil(max_category_share * n)`` items per
+category (relaxed only when nothing else is left). Up to ``new_item_slots`` positions go to items
+recently added to the catalog with few interactions whose category the user likes.
+Every item carries a reason naming the component that contributed most to its score.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from models.events import EVENT_TYPES
+
+
+class Recommendation(NamedTuple):
+    """One recommended item: id, blended score, and a reason a person can read.
+
+    Examples
+    --------
+    >>> Recommendation("sku-7", 0.9, "trending now").item_id
+    'sku-7'
+    """
+
+    item_id: str
+    score: float
+    reason: str
+
+
+class Neighbour(NamedTuple):
+    """An item similar to another, with association-rule figures.
+
+    ``score`` is the cosine of the decayed co-occurrence counts (0..1), ``support`` the decayed
+    number of co-occurrences, ``confidence`` P(neighbour | item) and ``lift`` confidence over the
+    neighbour's base rate (> 1: more often together than by chance).
+
+    Examples
+    --------
+    >>> Neighbour("b", 0.5, 12.0, 0.4, 3.1).lift
+    3.1
+    """
+
+    item_id: str
+    score: float
+    support: float
+    confidence: float
+    lift: float
+
+
+#: Reasons cite the history item, among the most recent ones, that voted most for the item.
+_ANCHOR_ROWS = 8
+_VERBS = {"purchase": ("bought", "bought"), "add_to_cart": ("bought", "put in your cart"),
+          "rate": ("rated", "rated"), "view": ("viewed", "viewed"), "click": ("viewed", "clicked"),
+          "push_click": ("viewed", "opened"), "push_open": ("viewed", "opened")}
+
+
+def _as_container(exclude):
+    if not exclude:
+        return None
+    if isinstance(exclude, (set, frozenset, dict)):
+        return exclude
+    if isinstance(exclude, str):
+        return {exclude}
+    return set(exclude)
+
+
+def rank(engine, u: int | None, n: int, exclude, explain: bool = True) -> list[Recommendation]:
+    """Top-``n`` recommendations for user row ``u`` (None: unknown user); never mutates ``engine``."""
+    cat = engine._catalog
+    n_items = len(cat)
+    if n <= 0 or n_items == 0:
+        return []
+    excl = _as_container(exclude)
+    if u is None:
+        return _cold(engine, n, excl)
+    cfg = engine.config
+    co = engine._cooc
+    prof = engine._profiles
+    tr = engine._trending
+    h = prof.history_len
+    c = prof.n_push[u]
+    k = min(cfg.query_len, c, h)
+    kk = min(n_items, 3 * n + 10)
+    q = None
+    cand = np.zeros(0, np.int64)
+    cooc = None
+    if k and cfg.w_cooc > 0:
+        # neighbours of the recent items: one dense vote array over the catalog
+        idx = engine._ring_idx[c % h, :k]
+        items = prof.hist_item[u, idx]
+        ts = prof.hist_ts[u, idx]
+        g = cfg.query_gap_floor
+        ip = co.ipop[items] * (g + (1.0 - g) / (1.0 + (ts[0] - ts) * (1.0 / cfg.query_gap_tau_s)))
+        m = co.n_neighbours
+        contrib = co.sq[1].reshape(-1, m)[items] * (engine._qs_tab[:k] * ip)[:, None]
+        kd = min(k, cfg.query_dir_len)
+        contrib[:kd] += co.sq[0].reshape(-1, m)[items[:kd]] * (engine._qd_tab[:kd] * ip[:kd])[:, None]
+        nbq = co.nb[items]
+        cooc = np.bincount((nbq + 1).ravel(), contrib.ravel(), minlength=n_items + 1)[1:]
+        cooc *= co.ipop[:n_items]
+        if cfg.momentum:
+            # items gaining popularity: slow-decayed count over the co-occurrence's own count
+            mom = tr.momentum_[:n_items] * engine._decay(tr.lam_m) + 0.5
+            mom /= co.pop[:n_items] * engine._decay(co.lam) + 1.0
+            cooc *= mom ** cfg.momentum
+        consumed = prof.consumed(u)
+        if consumed.size:
+            cooc[consumed] = 0.0
+        if cat.n_unavailable:
+            cooc[~cat.available[:n_items]] = 0.0
+        cand = np.flatnonzero(cooc > 0)  # (argpartition over the many zeros would be slow)
+        if cand.size > kk:
+            cand = cand[np.argpartition(cooc[cand], cand.size - kk)[cand.size - kk:]]
+        q = (idx, items, nbq, contrib)
+    if cand.size < n:
+        # few co-occurrence candidates: what is trending in the user's segment and overall
+        seg = prof.segment[u]
+        extra = [cand, tr.top(kk, seg if seg >= 0 else None)]
+        if seg >= 0:
+            extra.append(tr.top(kk))
+        cand = np.unique(np.concatenate(extra))
+    mix = None
+    picked: list[int] = []
+    parts: dict[str, list[float]] = {}
+    score_of: dict[int, float] = {}
+    if cand.size:
+        score = np.zeros(cand.size)
+        if cooc is not None:
+            mx = cooc[cand].max()
+            if mx > 0:
+                part = cooc[cand] * (cfg.w_cooc / mx)
+                score += part
+                parts["cooc"] = part
+        seg = prof.segment[u]
+        if cfg.w_segment > 0 and seg >= 0 and tr.segment_max[seg] > 0:
+            part = tr.segment_[seg, cand] * (cfg.w_segment / tr.segment_max[seg])
+            score += part
+            parts["segment"] = part
+        if cfg.w_global > 0 and tr.global_max > 0:
+            part = tr.global_[cand] * (cfg.w_global / tr.global_max)
+            score += part
+            parts["global"] = part
+        if cfg.w_content > 0 and k < cfg.content_history:
+            mix = prof.mix(u)
+            if mix:
+                share = np.zeros(cat.n_features + 1)
+                share[list(mix)] = list(mix.values())
+                part = share[cat.category[cand]] * cfg.w_content  # category -1 reads the trailing 0
+                score += part
+                parts["content"] = part
+        order = np.lexsort((cand, -score))
+        rows = cand[order].tolist()
+        sc = score[order].tolist()
+        parts = {name: p[order].tolist() for name, p in parts.items()}
+        keep = _diverse(engine, u, rows, n, excl)
+        picked = [rows[j] for j in keep]
+        score_of = {rows[j]: sc[j] for j in keep}
+        parts = {name: {rows[j]: p[j] for j in keep} for name, p in parts.items()}
+    if cfg.new_item_slots > 0 and cat._recent:
+        if mix is None:
+            mix = prof.mix(u)
+        picked = _new_item_slots(engine, u, mix, picked, excl, n)
+    if len(picked) < n:
+        picked = _fill_popular(engine, picked, excl, n, u)
+    if not explain:
+        return [Recommendation(cat._ids[r], score_of.get(r, 0.0), "") for r in picked]
+    return _explain(engine, u, picked, score_of, parts, q)
+
+
+def _diverse(engine, u: int, rows: list[int], n: int, excl) -> list[int]:
+    """Positions in ``rows`` (best first) to keep: not had, not excluded, at most
+    ``ceil(max_category_share * n)`` per category (relaxed only when nothing else is left)."""
+    cfg = engine.config
+    cat = engine._catalog
+    ids = cat._ids
+    has = engine._profiles._cons_set[u]
+    avail = cat.available
+    cap = n if cfg.max_category_share >= 1.0 else max(1, math.ceil(cfg.max_category_share * n))
+    cats = cat.category[rows].tolist() if rows else []
+    used: dict[int, int] = {}
+    out: list[int] = []
+    skipped: list[int] = []
+    for j, (r, c) in enumerate(zip(rows, cats)):
+        if r in has or (excl and ids[r] in excl) or not avail[r]:
+            continue
+        if c >= 0:
+            k = used.get(c, 0)
+            if k >= cap:
+                skipped.append(j)
+                continue
+            used[c] = k + 1
+        out.append(j)
+        if len(out) == n:
+            return out
+    return out + skipped[: n - len(out)]
+
+
+def _blocked(engine, u: int | None, r: int, excl) -> bool:
+    cat = engine._catalog
+    if not cat.available[r]:
+        return True
+    if excl and cat._ids[r] in excl:
+        return True
+    return u is not None and engine._profiles.has(u, r)
+
+
+def _new_item_slots(engine, u: int, mix: dict[int, float], picked: list[int], excl, n: int) -> list[int]:
+    cfg = engine.config
+    cat = engine._catalog
+    if not mix or not cat._recent:
+        return picked
+    now = engine._now
+    horizon = cfg.new_item_days * 86400.0
+    best: list[tuple[float, int]] = []
+    for r in cat._recent:
+        if r in picked or engine._item_events[r] >= cfg.new_item_max_events or not (now - cat.added_ts[r] <= horizon):
+            continue
+        s = max((mix.get(f, 0.0) for f in cat.features(r)), default=0.0)
+        if s >= cfg.new_item_min_share and not _blocked(engine, u, r, excl):
+            best.append((-s, r))
+    if not best:
+        return picked
+    best.sort()
+    new = [r for _, r in best[: cfg.new_item_slots]]
+    return picked[: max(n - len(new), 0)] + new
+
+
+def _fill_popular(engine, picked: list[int], excl, n: int, u: int | None) -> list[int]:
+    taken = set(picked)
+    want = n + len(taken) + 16
+    tr = engine._trending
+    while True:
+        top = tr.top(want)
+        for r in top.tolist():
+            if len(picked) >= n:
+                return picked
+            if r not in taken and not _blocked(engine, u, r, excl):
+                picked.append(r)
+                taken.add(r)
+        if top.size < want:
+            return picked
+        want *= 4
+
+
+def _cold(engine, n: int, excl) -> list[Recommendation]:
+    """Unknown user: what is trending, then the newest catalog items."""
+    tr = engine._trending
+    mx = tr.global_max
+    cat = engine._catalog
+    out = [Recommendation(cat.item_id(r), float(tr.global_[r] / mx) if mx > 0 else 0.0, "trending now")
+           for r in _fill_popular(engine, [], excl, n, None) if tr.global_[r] > 0]
+    if len(out) < n:
+        taken = {x.item_id for x in out}
+        for r in reversed(cat._recent):
+            if len(out) >= n:
+                break
+            iid = cat.item_id(r)
+            if iid in taken or _blocked(engine, None, r, excl):
+                continue
+            c = cat.category_name(r)
+            out.append(Recommendation(iid, 0.0, f"new in {c}" if c else "new arrival"))
+    return out
+
+
+def _anchors(engine, u: int, picked: list[int], q) -> dict[int, tuple[int, int, float]]:
+    """For picked items, the recent history item that voted most for each: (item, pair count, lift)."""
+    idx, items, nbq, contrib = q
+    co = engine._cooc
+    m = co.n_neighbours
+    get = co._slot.get
+    hist = items[:_ANCHOR_ROWS].tolist()
+    hh, mm, jj = [], [], []
+    for j in picked:
+        for hi, a in enumerate(hist):
+            s = get((a << 32) | j)
+            if s is not None:
+                hh.append(hi)
+                mm.append(s - a * m)
+                jj.append(j)
+    if not hh:
+        return {}
+    votes = contrib[hh, mm].tolist()
+    best: dict[int, tuple[float, int, int]] = {}
+    for j, hi, mi, v in zip(jj, hh, mm, votes):
+        if j not in best or v > best[j][0]:
+            best[j] = (v, hi, mi)
+    js = list(best)
+    a_rows = [hist[best[j][1]] for j in js]
+    slots = [a * m + best[j][2] for j, a in zip(js, a_rows)]
+    v = co.vals[2:, slots]
+    lift = co.lift(v[0], co.pop[a_rows], co.pop[js]).tolist()
+    return {j: (a, int(cnt), lf) for j, a, cnt, lf in zip(js, a_rows, v[1].tolist(), lift)}
+
+
+def _explain(engine, u: int, picked: list[int], score_of: dict[int, float], parts: dict, q) -> list[Recommendation]:
+    cat = engine._catalog
+    if not picked:
+        return []
+    cfg = engine.config
+    dominant: dict[int, str] = {}
+    for r in picked:
+        best, best_v = None, 0.0
+        for name, vals in parts.items():
+            v = vals.get(r, 0.0)
+            if v > best_v:
+                best, best_v = name, v
+        if best is not None:
+            dominant[r] = best
+    cooc_rows = [r for r in picked if dominant.get(r) == "cooc"]
+    anchors = _anchors(engine, u, cooc_rows, q) if q is not None and cooc_rows else {}
+    types = {}
+    if anchors:
+        idx, items = q[0], q[1]
+        for i, t in zip(items.tolist()[::-1], engine._profiles.hist_type[u, idx].tolist()[::-1]):
+            types[i] = t  # the newest event type per history item wins
+    mix = None
+    out = []
+    ids = cat._ids
+    for r in picked:
+        name = dominant.get(r)
+        if name == "cooc" and r in anchors:
+            a, cnt, lf = anchors[r]
+            verb, did = _VERBS.get(EVENT_TYPES[types.get(a, 0)], ("chosen", "chose"))
+            if cnt >= cfg.min_support:
+                reason = f"{verb} together with {cat.title(a)} by {cnt} users (lift {lf:.1f})"
+            else:
+                reason = f"goes with {cat.title(a)}, which you {did}"
+        elif name == "segment":
+            reason = "trending in your segment"
+        elif name == "global":
+            reason = "trending now"
+        else:
+            if mix is None:
+                mix = engine._profiles.mix(u)
+            feats = cat.features(r)
+            liked = max(feats, key=lambda x: mix.get(x, 0.0)) if feats else None
+            fav = cat.feature_name(liked) if liked is not None and mix.get(liked, 0.0) > 0 else None
+            if fav and engine._item_events[r] < cfg.new_item_max_events:
+                reason = f"new in {fav}, which you like"
+            elif fav:
+                reason = f"popular in {fav}, which you like"
+            else:
+                reason = "popular right now"
+        out.append(Recommendation(ids[r], score_of.get(r, 0.0), reason))
+    return out

@@ -1,0 +1,159 @@
+"""Online user segments: River's incremental :class:`river.cluster.KMeans` on a compact profile.
+
+**Why KMeans.** Segment ids are published (Redis ``ig:segment:{user}``, segment trending, push
+targeting), so they must stay stable while the stream runs. River's incremental k-means keeps
+``n_segments`` fixed center slots and only nudges the winning center towards each new point
+(``halflife`` is the step), so an id never changes meaning abruptly: there is no global
+re-clustering step. The alternatives renumber: ``CluStream`` and ``STREAMKMeans`` rerun a batch
+k-means over micro-clusters/chunks (every macro step may permute ids), ``DBSTREAM`` and
+``DenStream`` create, merge and drop clusters as densities move (ids appear and vanish), and
+their cost grows with the number of micro-clusters. KMeans is O(k * d) per update with d ~ 20,
+deterministic (no randomness is used: unseeded centers start far away, see below), and pickles.
+
+**Features** (fixed keys, so River's ``defaultdict`` centers never grow on a read): the user's
+category/tag mix mapped onto ``n_category_slots`` slots (first come, first served; the rest pooled
+in ``other``), plus three RFM figures scaled to [0, 1] and weighted by ``rfm_weight``:
+frequency ``1 - exp(-f / 20)``, monetary ``log1p(m) / (1 + log1p(m))``, and how recently the user
+was active before this event ``exp(-gap_days / 7)``.
+
+**Stability.** Centers are seeded from the first users that are at least ``seed_distance``
+apart (data-driven, deterministic) instead of random draws, so no center is born dead. A user is
+moved to another segment only when its center is nearer than the current one by more than
+``margin`` (hysteresis), which prevents flip-flopping users and relabelling storms.
+
+>>> s = Segmenter(n_segments=2, seed_distance=0.5)
+>>> a = s.assign(s.features({0: 1.0}, 0.0, 0.0, 0.0), current=-1)
+>>> b = s.assign(s.features({1: 1.0}, 0.0, 0.0, 0.0), current=-1)
+>>> a != b, s.assign(s.features({0: 0.9, 1: 0.1}, 0.0, 0.0, 0.0), current=-1) == a
+(True, True)
+"""
+from __future__ import annotations
+
+import math
+
+from river import cluster
+
+_FAR = 1.0e3
+
+
+class Segmenter:
+    """Stable online segments over users' category mix and RFM, with River's KMeans.
+
+    Parameters
+    ----------
+    n_segments
+        Number of segments (center slots).
+    n_category_slots
+        Category/tag features given their own dimension.
+    step
+        KMeans ``halflife``: how far the winning center moves towards a point.
+    margin
+        Relative distance gain required to move a user to another segment.
+    seed_distance
+        Minimum distance between the points that seed the centers.
+    rfm_weight
+        Weight of the RFM dimensions relative to the category mix.
+    seed
+        Seed handed to River (no random draws are made with the defaults).
+
+    Examples
+    --------
+    >>> s = Segmenter(n_segments=3)
+    >>> x = s.features({4: 0.5, 2: 0.5}, frequency=3.0, monetary=0.0, gap_days=0.0)
+    >>> round(sum(x[k] for k in s.keys[:8]), 6), len(x) == len(s.keys)
+    (1.0, True)
+    >>> s.assign(x, current=-1)
+    0
+    """
+
+    def __init__(self, n_segments: int = 8, n_category_slots: int = 8, step: float = 0.05,
+                 margin: float = 0.1, seed_distance: float = 0.6, rfm_weight: float = 0.5, seed: int = 0):
+        if n_segments < 1:
+            raise ValueError(f"n_segments must be >= 1, got {n_segments}")
+        self.n_segments = n_segments
+        self.n_category_slots = n_category_slots
+        self.step = step
+        self.margin = margin
+        self.seed_distance = seed_distance
+        self.rfm_weight = rfm_weight
+        self.seed = seed
+        self.keys = tuple(f"c{j}" for j in range(n_category_slots)) + ("other", "frequency", "monetary", "active")
+        self._slot_of: dict[int, str] = {}
+        self._km = cluster.KMeans(n_clusters=n_segments, halflife=step, mu=_FAR, sigma=0.0, p=2, seed=seed)
+        for c in range(n_segments):  # materialise every key now: reads never create center entries later
+            center = self._km.centers[c]
+            for k in self.keys:
+                center[k] = _FAR
+        self._n_seeded = 0
+        self._members: list[set[int]] = [set() for _ in range(n_segments)]
+
+    # ------------------------------------------------------------------ features
+    def features(self, mix: dict[int, float], frequency: float, monetary: float, gap_days: float) -> dict[str, float]:
+        """The fixed-key feature dict of a user (``mix``: feature id -> share)."""
+        x = dict.fromkeys(self.keys, 0.0)
+        slot_of = self._slot_of
+        for f in sorted(mix):  # slots go to features in id order: independent of the dict's order
+            share = mix[f]
+            k = slot_of.get(f)
+            if k is None:
+                if len(slot_of) < self.n_category_slots:
+                    k = f"c{len(slot_of)}"
+                    slot_of[f] = k
+                else:
+                    k = "other"
+            x[k] += share
+        w = self.rfm_weight
+        lm = math.log1p(max(monetary, 0.0))
+        x["frequency"] = w * (1.0 - math.exp(-max(frequency, 0.0) / 20.0))
+        x["monetary"] = w * lm / (1.0 + lm)
+        x["active"] = w * math.exp(-max(gap_days, 0.0) / 7.0) if math.isfinite(gap_days) else 0.0
+        return x
+
+    # ------------------------------------------------------------------ learning
+    def _dist(self, c: int, x: dict[str, float]) -> float:
+        center = self._km.centers[c]
+        return sum((center[k] - x[k]) ** 2 for k in self.keys)
+
+    def assign(self, x: dict[str, float], current: int) -> int:
+        """Learn from one user's features and return its (possibly unchanged) segment."""
+        if self._n_seeded < self.n_segments:
+            if self._n_seeded == 0 or min(self._dist(c, x) for c in range(self._n_seeded)) > self.seed_distance ** 2:
+                c = self._n_seeded
+                self._n_seeded += 1
+                center = self._km.centers[c]
+                for k in self.keys:
+                    center[k] = x[k]
+                return c
+        # the nearest center moves towards x; every key exists in x and in every center, so River's
+        # defaultdict centers never grow
+        c = self._km.learn_predict_one(x)
+        if 0 <= current != c and self._dist(current, x) <= (1.0 + self.margin) * self._dist(c, x):
+            return current
+        return c
+
+    def set_member(self, user_row: int, old: int, new: int) -> None:
+        """Move a user row between membership lists."""
+        if old == new:
+            return
+        if old >= 0:
+            self._members[old].discard(user_row)
+        if new >= 0:
+            self._members[new].add(user_row)
+
+    def remove_member(self, user_row: int, segment: int) -> None:
+        """Forget a user's membership (its past pull on the center is an aggregate of many users)."""
+        if segment >= 0:
+            self._members[segment].discard(user_row)
+
+    # ------------------------------------------------------------------ reading
+    def sizes(self) -> list[int]:
+        """Number of users in each segment."""
+        return [len(m) for m in self._members]
+
+    def members(self, segment: int) -> frozenset[int]:
+        """User rows in a segment."""
+        return frozenset(self._members[segment])
+
+    def centers(self) -> list[dict[str, float]]:
+        """Copies of the seeded centers."""
+        return [dict(self._km.centers[c]) for c in range(self._n_seeded)]

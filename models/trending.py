@@ -1,0 +1,134 @@
+"""Decayed popularity ("trending"), globally and per segment, in dense numpy arrays.
+
+Every positive item event adds its type weight to the item's global score and to its score in
+the user's segment. Scores decay exponentially with ``half_life_days`` in event time, lazily:
+they are stored relative to a reference time ``t0`` (``w * exp(lambda * (t - t0))``) and read as
+``stored * exp(-lambda * (now - t0))``. Memory: ``(1 + n_segments) * n_items`` floats.
+
+>>> import numpy as np
+>>> t = Trending(n_segments=2, capacity=4)
+>>> t.ensure(3)
+>>> t.add([0, 2, 2], [1, 1, -1], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0])
+>>> t.top(2).tolist(), t.top(2, segment=1).tolist()
+([2, 0], [0, 2])
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+class Trending:
+    """Global and per-segment decayed item popularity.
+
+    Parameters
+    ----------
+    n_segments
+        Number of segments (rows of the per-segment matrix).
+    half_life_days
+        Half-life of the scores in days of event time.
+    capacity
+        Initial number of item columns.
+
+    Examples
+    --------
+    >>> t = Trending(n_segments=1)
+    >>> t.ensure(2)
+    >>> t.add([1], [0], [2.0], [2.0])
+    >>> float(t.global_[1]), float(t.segment_[0, 1]), t.global_max
+    (2.0, 2.0, 2.0)
+    """
+
+    def __init__(self, n_segments: int = 8, half_life_days: float | None = 3.0,
+                 momentum_half_life_days: float | None = 30.0, capacity: int = 1024):
+        self.n_segments = n_segments
+        self.half_life_days = half_life_days
+        self.momentum_half_life_days = momentum_half_life_days
+        self.capacity = capacity
+        self.lam = 0.0 if not half_life_days else math.log(2.0) / (half_life_days * 86400.0)
+        self.lam_m = 0.0 if not momentum_half_life_days else math.log(2.0) / (momentum_half_life_days * 86400.0)
+        cap = max(int(capacity), 1)
+        self.momentum_ = np.zeros(cap)
+        self.global_ = np.zeros(cap)
+        self.segment_ = np.zeros((n_segments, cap))
+        self.global_max = 0.0
+        self.segment_max = np.zeros(n_segments)
+        self.n_items = 0
+
+    def ensure(self, n_items: int) -> None:
+        """Make room for ``n_items`` columns."""
+        self.n_items = max(self.n_items, n_items)
+        cap = self.global_.shape[0]
+        if n_items <= cap:
+            return
+        new = max(n_items, 2 * cap)
+        g = np.zeros(new)
+        g[:cap] = self.global_
+        mo = np.zeros(new)
+        mo[:cap] = self.momentum_
+        self.momentum_ = mo
+        s = np.zeros((self.n_segments, new))
+        s[:, :cap] = self.segment_
+        self.global_, self.segment_ = g, s
+
+    def rescale(self, factor: float, factor_m: float = 1.0) -> None:
+        """Multiply every score by ``factor`` (moving the reference time); ``factor_m`` for momentum."""
+        self.momentum_ *= factor_m
+        self.global_ *= factor
+        self.segment_ *= factor
+        self.global_max *= factor
+        self.segment_max *= factor
+
+    def add(self, items: list[int], segments: list[int], scaled: list[float], scaled_m: list[float]) -> None:
+        """Add scaled weights in event order; segment -1 updates the global score only.
+
+        ``scaled_m`` feeds the slow "momentum" popularity. The maxima are kept up to date too
+        (stored scores only grow between rescalings).
+        """
+        if not items:
+            return
+        g, sg = self.global_, self.segment_
+        if len(items) == 1:
+            i, s, x = items[0], segments[0], scaled[0]
+            self.momentum_[i] += scaled_m[0]
+            g[i] += x
+            v = float(g[i])
+            if v > self.global_max:
+                self.global_max = v
+            if s >= 0:
+                sg[s, i] += x
+                v = float(sg[s, i])
+                if v > self.segment_max[s]:
+                    self.segment_max[s] = v
+            return
+        it = np.asarray(items, np.int64)
+        sc = np.asarray(scaled)
+        np.add.at(self.momentum_, it, scaled_m)
+        np.add.at(g, it, sc)
+        self.global_max = max(self.global_max, float(g[it].max()))
+        se = np.asarray(segments, np.int64)
+        m = se >= 0
+        if m.any():
+            np.add.at(sg, (se[m], it[m]), sc[m])
+            np.maximum.at(self.segment_max, se[m], sg[se[m], it[m]])
+
+    def scores(self, segment: int | None = None) -> np.ndarray:
+        """Scores of the items (a view, in reference-time units): global, or of one segment."""
+        if segment is None or segment < 0:
+            return self.global_[: self.n_items]
+        return self.segment_[segment, : self.n_items]
+
+    def top(self, n: int, segment: int | None = None) -> np.ndarray:
+        """Rows of the ``n`` highest scores (positive only), best first; ties by row."""
+        s = self.scores(segment)
+        cand = np.flatnonzero(s > 0)
+        if n <= 0 or cand.size == 0:
+            return cand[:0]
+        if n < cand.size:
+            v = s[cand]
+            # the n best, widened to every item tied with the n-th best (ties break by row)
+            cut = v[np.argpartition(v, v.size - n)[v.size - n]]
+            cand = cand[v >= cut]
+        order = np.lexsort((cand, -s[cand]))
+        return cand[order[:n]]

@@ -1,0 +1,242 @@
+"""Behaviour of the engine on generated streams with planted structure."""
+from __future__ import annotations
+
+import pickle
+import random
+
+import pytest
+
+from models import Engine, EngineConfig
+
+from .test_models_support import DAY, T0, adjusted_rand_index, event, group_stream
+
+
+def _group_of(item_id: str) -> int:
+    return int(item_id.split("-")[0][1:])
+
+
+@pytest.fixture(scope="module")
+def groups():
+    evs, items, users = group_stream(n_groups=3, users_per_group=12, items_per_group=15, events_per_user=25)
+    e = Engine(EngineConfig(n_segments=3))
+    for it in items:
+        e.upsert_item(it)
+    e.learn_many(evs)
+    return e, evs, items, users
+
+
+def test_groups_get_recommendations_from_their_own_pool(groups):
+    e, _, _, users = groups
+    shares = []
+    for u, g in users.items():
+        recs = e.recommend(u, 5)
+        assert len(recs) == 5
+        shares.append(sum(_group_of(r.item_id) == g for r in recs) / len(recs))
+    assert sum(shares) / len(shares) >= 0.9
+
+
+def test_segments_recover_the_groups_and_stay_stable(groups):
+    e, evs, items, users = groups
+    truth = list(users.values())
+    found = [e.segment(u) for u in users]
+    assert None not in found
+    assert adjusted_rand_index(truth, found) >= 0.9
+    # more of the same behaviour: ids keep their meaning (no relabelling storm)
+    more, _, _ = group_stream(n_groups=3, users_per_group=12, items_per_group=15, events_per_user=25, seed=1)
+    shift = evs[-1]["ts"] - more[0]["ts"] + 60.0
+    f = pickle.loads(pickle.dumps(e))
+    f.learn_many([dict(x, ts=x["ts"] + shift, event_id="m" + x["event_id"]) for x in more])
+    again = [f.segment(u) for u in users]
+    assert sum(a == b for a, b in zip(found, again)) / len(found) >= 0.95
+    sizes = f._segmenter.sizes()
+    assert sum(sizes) == len(users)
+
+
+def test_segment_and_global_trending_are_kept(groups):
+    e, _, _, users = groups
+    seg = e.segment("g1-u0")
+    top = e.trending(5, segment=seg)
+    assert top and all(_group_of(i) == 1 for i, _ in top)
+    assert len(e.trending(5)) == 5
+    assert all(s > 0 for _, s in e.trending(5))
+
+
+def test_planted_a_then_b_is_the_top_neighbour_with_high_lift():
+    rng = random.Random(3)
+    evs = []
+    t = T0
+    for u in range(100):
+        seq = [f"bg{rng.randrange(60)}" for _ in range(8)]
+        if u % 5 == 0:  # one user in five views A then B
+            k = rng.randrange(1, 7)
+            seq[k:k] = ["A", "B"]
+        for it in seq:
+            t += rng.uniform(5, 60)
+            evs.append(event(len(evs), f"u{u}", it, t))
+        t += 3600
+    e = Engine()
+    e.upsert_item({"item_id": "A", "title": "Alpha", "category": "X"})
+    e.learn_many(evs)
+    nb = e.similar("A", 5)
+    assert nb[0].item_id == "B"
+    assert nb[0].lift > 3.0 and nb[0].confidence > 0.5 and nb[0].support > 10
+    assert all(n.lift < nb[0].lift for n in nb[1:])
+    # a newcomer who just viewed A is offered B first, with a reason naming A
+    e.learn_one(event(10**6, "newbie", "A", t + 60))
+    top = e.recommend("newbie", 3)[0]
+    assert top.item_id == "B"
+    assert "together with Alpha by" in top.reason and "lift" in top.reason
+
+
+def test_recommendations_follow_a_change_of_taste(groups):
+    e, evs, _, _ = groups
+    f = pickle.loads(pickle.dumps(e))
+    u = "g0-u3"
+    assert sum(_group_of(r.item_id) == 0 for r in f.recommend(u, 5)) >= 4
+    t = evs[-1]["ts"]
+    for k, it in enumerate(["g1-i0", "g1-i1", "g1-i2", "g1-i3"]):
+        f.learn_one(event(900_000 + k, u, it, t + 60.0 * (k + 1)))
+    recs = f.recommend(u, 5)
+    assert sum(_group_of(r.item_id) == 1 for r in recs) >= 3
+
+
+def test_cold_start_user_gets_trending_then_neighbours(groups):
+    e, evs, _, _ = groups
+    assert not e.known_user("stranger")
+    cold = e.recommend("stranger", 5)
+    assert len(cold) == 5 and all(r.reason == "trending now" for r in cold)
+    f = pickle.loads(pickle.dumps(e))
+    f.learn_one(event(999_999, "stranger", "g2-i1", evs[-1]["ts"] + 10, "view"))
+    recs = f.recommend("stranger", 5)
+    assert sum(_group_of(r.item_id) == 2 for r in recs) >= 4
+    assert all(r.reason for r in recs)
+
+
+def test_cold_start_item_reaches_users_who_like_its_category(groups):
+    e, evs, _, _ = groups
+    f = pickle.loads(pickle.dumps(e))
+    f.upsert_item({"item_id": "fresh", "title": "Fresh one", "category": "Cat0", "tags": ["Cat0"]})
+    fan = f.recommend("g0-u1", 10)
+    assert "fresh" in [r.item_id for r in fan]
+    assert [r.reason for r in fan if r.item_id == "fresh"] == ["new in Cat0, which you like"]
+    assert "fresh" not in [r.item_id for r in f.recommend("g1-u1", 10)]
+
+
+def test_filters_purchased_dismissed_unavailable_and_excluded(groups):
+    e, evs, _, _ = groups
+    f = pickle.loads(pickle.dumps(e))
+    u = "g0-u2"
+    bought = {x["item_id"] for x in evs if x["user_id"] == u and x["type"] == "purchase"}
+    assert bought
+    ids = lambda recs: {r.item_id for r in recs}  # noqa: E731
+    assert not ids(f.recommend(u, 10)) & bought
+    first = f.recommend(u, 3)[0].item_id
+    f.learn_one(event(5, u, first, evs[-1]["ts"] + 1, "dismiss"))
+    assert first not in ids(f.recommend(u, 10))
+    second = f.recommend(u, 3)[0].item_id
+    f.remove_item(second)
+    assert second not in ids(f.recommend(u, 10)) and second not in ids(f.recommend("nobody", 50))
+    third = f.recommend(u, 3)[0].item_id
+    assert third not in ids(f.recommend(u, 10, exclude=[third]))
+    f.upsert_item({"item_id": third, "category": "Cat0", "available": False})
+    assert third not in ids(f.recommend(u, 10))
+
+
+def test_diversity_caps_the_share_of_one_category():
+    evs, items, _ = group_stream(n_groups=2, users_per_group=10, items_per_group=12, events_per_user=20, seed=5)
+    e = Engine(EngineConfig(max_category_share=0.4))
+    for it in items:
+        e.upsert_item(it)
+    e.learn_many(evs)
+    for u in ("g0-u0", "g1-u4"):
+        recs = e.recommend(u, 5)
+        cats = [e._catalog.category_name(e._catalog.find(r.item_id)) for r in recs]
+        assert max(cats.count(c) for c in set(cats)) <= 2
+
+
+def test_reasons_are_readable(groups):
+    e, _, _, users = groups
+    reasons = [r.reason for u in list(users)[:10] for r in e.recommend(u, 5)]
+    assert all(isinstance(r, str) and r for r in reasons)
+    assert any("together with Item" in r and "users (lift" in r for r in reasons)
+
+
+def test_similar_publishes_only_pairs_with_minimum_support():
+    e = Engine(EngineConfig(min_support=3, door_bits=0))
+    evs = [event(0, "a", "x", T0), event(1, "a", "y", T0 + 1)]
+    e.learn_many(evs)
+    assert e.similar("x") == []
+    e.learn_many([event(2, "b", "x", T0 + 2), event(3, "b", "y", T0 + 3), event(4, "c", "x", T0 + 4),
+                  event(5, "c", "y", T0 + 5)])
+    assert [n.item_id for n in e.similar("x")] == ["y"]
+    assert e.similar("unknown") == []
+
+
+def test_event_weights_profile_and_rfm():
+    e = Engine(EngineConfig(half_life_days=7))
+    e.upsert_item({"item_id": "a", "category": "Books"})
+    e.upsert_item({"item_id": "b", "category": "Games"})
+    e.learn_many([event(0, "u", "a", T0, "purchase", value=20.0), event(1, "u", "b", T0 + 10, "view"),
+                  event(2, "u", "b", T0 + 20, "dismiss"), event(3, "u", None, T0 + 30, "push_open")])
+    p = e.profile("u")
+    assert p["events"] == 4
+    assert p["monetary"] == pytest.approx(20.0, rel=1e-3)
+    assert p["frequency"] == pytest.approx(4.0, rel=1e-3)
+    assert p["recency_days"] == 0.0
+    assert list(p["categories"]) == ["Books"]  # the dismiss cancelled the view's interest in Games
+    # a week later everything counts half
+    e.learn_one(event(4, "v", "a", T0 + 7 * DAY + 30, "view"))
+    p = e.profile("u")
+    assert p["monetary"] == pytest.approx(10.0, rel=1e-3) and p["recency_days"] == pytest.approx(7.0)
+    assert e.profile("nobody") is None
+
+
+def test_forget_user_leaves_no_trace(groups):
+    e, evs, _, _ = groups
+    f = pickle.loads(pickle.dumps(e))
+    u = "g1-u5"
+    row = f._profiles.find(u)
+    seg = f.segment(u)
+    assert f.known_user(u) and seg is not None and row in f._segmenter.members(seg)
+    f.forget_user(u)
+    assert not f.known_user(u) and f.segment(u) is None and f.profile(u) is None
+    assert all(row not in f._segmenter.members(s) for s in range(f.config.n_segments))
+    assert u.encode() not in pickle.dumps(f)
+    assert f.recommend(u, 5) == f.recommend("never-seen", 5)
+    # the same id comes back as a brand-new user
+    f.learn_one(event(1, u, "g2-i0", evs[-1]["ts"] + 5))
+    assert f.profile(u)["events"] == 1 and len(f._profiles.consumed(f._profiles.find(u))) == 0
+    # an in-stream "forget" event does the same
+    f.learn_one({"event_id": "x", "user_id": u, "type": "forget", "ts": evs[-1]["ts"] + 6})
+    assert not f.known_user(u) and u.encode() not in pickle.dumps(f)
+
+
+def test_memory_stays_within_the_stated_bounds():
+    m, h, cons, feats = 8, 6, 4, 3
+    cfg = EngineConfig(n_neighbours=m, history_len=h, window=4, query_len=4, max_consumed=cons, n_segments=4)
+    e = Engine(cfg)
+    rng = random.Random(9)
+    n_users, n_items = 3000, 2500
+    evs = []
+    t = T0
+    for k in range(30_000):
+        t += rng.uniform(0, 5)
+        evs.append(event(k, f"u{rng.randrange(n_users)}", f"i{rng.randrange(n_items)}", t,
+                         rng.choice(["view", "purchase", "rate"]), rating=4.0))
+    for k, it in enumerate(rng.sample(range(n_items), 200)):
+        e.upsert_item({"item_id": f"i{it}", "category": f"c{k % 40}", "tags": [f"t{k % 7}", f"t{k % 11}"]})
+    e.learn_many(evs)
+    co, prof = e._cooc, e._profiles
+    st = e.stats()
+    assert st["items"] <= n_items and st["users"] <= n_users
+    assert max(co.fill) <= m and st["cooc_slots"] <= st["items"] * m
+    assert co.nb.shape[1] == m and co.vals.shape[1] == co.nb.shape[0] * m and len(co._door) == 1 << cfg.door_bits
+    assert prof.hist_item.shape[1] == h and prof.hist_item.shape[0] <= 2 * max(1024, st["users"])
+    assert max(prof._cons_n) <= cons and all(len(s) <= cons for s in prof._cons_set)
+    assert max(len(d) for d in prof.feats) <= prof.max_features
+    assert e._trending.segment_.shape[0] == cfg.n_segments
+    # grows with users and items, not with pairs: the same users and items, twice the events
+    slots_before = st["cooc_slots"]
+    e.learn_many([dict(x, ts=x["ts"] + 1e5) for x in evs])
+    assert e.stats()["cooc_slots"] <= st["items"] * m and e.stats()["cooc_slots"] >= slots_before * 0.5
+    _ = feats

@@ -1,0 +1,441 @@
+"""The generic check suite, run over every model class (River's ``checks`` spirit, plus our own).
+
+For each model: input not mutated, seeded determinism, pickling round trip (and learning on
+afterwards), learn_many == learn_one loop, batch boundaries irrelevant, reads never mutate,
+feature order irrelevant. Each model is driven through a small adapter; the Engine is checked
+under several configurations, one of which forces evictions, renormalisations and door resets.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import pathlib
+import pickle
+import random
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import models.engine as engine_mod
+from models import Engine, EngineConfig
+from models.catalog import Catalog
+from models.cooccurrence import CoOccurrence, PairWeights, code
+from models.profile import Profiles
+from models.segments import Segmenter
+from models.trending import Trending
+
+from .test_models_support import DAY, T0, first_difference, group_stream, random_stream, snapshot
+
+
+@dataclass
+class Case:
+    name: str
+    make: Callable[[], Any]
+    learn_one: Callable[[Any, Any], None]
+    stream: Callable[[int], list]
+    reads: Callable[[Any], Any]
+    learn_many: Callable[[Any, list], None] | None = None
+
+
+# ---------------------------------------------------------------------------- engine cases
+def _engine_reads(e: Engine):
+    users = ["u0", "u1", "u7", "nobody", "g0-u1", "g1-u2"]
+    items = ["i0", "i1", "i3", "g0-i0", "missing"]
+    return ([e.recommend(u, 5) for u in users], [e.recommend(u, 3, exclude={"i0", "i1"}) for u in users],
+            [e.similar(i, 5) for i in items], [e.segment(u) for u in users], [e.known_user(u) for u in users],
+            [e.profile(u) for u in users], e.trending(5), e.trending(3, segment=0), e.stats())
+
+
+def _engine_stream(seed: int) -> list:
+    evs = random_stream(400, n_users=25, n_items=40, seed=seed)
+    g, items, _ = group_stream(n_groups=2, users_per_group=4, events_per_user=10, seed=seed)
+    out = sorted(evs + g, key=lambda e: e["ts"])
+    out.insert(len(out) // 2, {"event_id": "f1", "user_id": "u3", "type": "forget", "ts": out[len(out) // 2]["ts"]})
+    return out
+
+
+def _engine_case(name: str, cfg: EngineConfig, upsert: bool = True) -> Case:
+    def make():
+        e = Engine(cfg)
+        if upsert:
+            e.upsert_item({"item_id": "i0", "title": "Zero", "category": "A", "tags": ["x"]})
+            e.upsert_item({"item_id": "i1", "category": "B"})
+        return e
+    return Case(name, make, lambda m, x: m.learn_one(x), _engine_stream, _engine_reads,
+                lambda m, xs: m.learn_many(xs))
+
+
+TINY = EngineConfig(n_neighbours=4, evict_fraction=0.5, window=3, dir_window=2, history_len=5, query_len=4,
+                    max_consumed=3, door_bits=6, half_life_days=0.02, cooc_half_life_days=0.03,
+                    trending_half_life_days=0.01, momentum_half_life_days=0.05, momentum=0.2, n_segments=3,
+                    segment_every=3, new_item_slots=2, max_category_share=0.4)
+
+ENGINE_CASES = [
+    _engine_case("engine-default", EngineConfig()),
+    _engine_case("engine-tiny", TINY),
+    _engine_case("engine-no-decay-no-door", EngineConfig(half_life_days=None, cooc_half_life_days=None,
+                                                         trending_half_life_days=None, door_bits=0,
+                                                         momentum_half_life_days=None), upsert=False),
+]
+
+
+# ---------------------------------------------------------------------------- component cases
+def _pair_stream(seed: int) -> list:
+    rng = random.Random(seed)
+    pw = PairWeights(window=3, dir_window=2, dir_decay=0.7, sym_decay=0.9, gap_tau_s=60.0, gap_floor=0.3)
+    out = []
+    for k in range(300):
+        cur = rng.randrange(12)
+        prev = [rng.randrange(12) for _ in range(3)]
+        codes, deltas = pw.one(cur, float(k), 1.0, 1.0 + k / 100, prev, [k - 1.0, k - 5.0, k - 50.0], [1.0, 2.0, 0.5])
+        if codes:
+            out.append((codes, deltas))
+    return out
+
+
+def _cooc_make():
+    co = CoOccurrence(n_neighbours=3, evict_fraction=0.34, door_bits=5, capacity=4)
+    co.ensure(12)
+    return co
+
+
+def _cooc_many(co, xs):
+    codes = [c for cs, _ in xs for c in cs]
+    co.update(codes, np.concatenate([d for _, d in xs]) if xs else np.zeros((0, 4)))
+
+
+def _cooc_reads(co):
+    return [co.neighbours(r) for r in range(12)], [co.pair(a, b, 0.5) for a in range(4) for b in range(4)], co.n_slots
+
+
+def _trend_stream(seed: int) -> list:
+    rng = random.Random(seed)
+    return [(rng.randrange(9), rng.randrange(-1, 3), rng.uniform(0, 2), rng.uniform(0, 1)) for _ in range(200)]
+
+
+def _trend_make():
+    t = Trending(n_segments=3, capacity=2)
+    t.ensure(9)
+    return t
+
+
+def _trend_many(t, xs):
+    t.add([x[0] for x in xs], [x[1] for x in xs], [x[2] for x in xs], [x[3] for x in xs])
+
+
+def _profile_stream(seed: int) -> list:
+    rng = random.Random(seed)
+    return [(f"u{rng.randrange(6)}", rng.randrange(20), T0 + k * 60.0, rng.uniform(-1, 3),
+             tuple(rng.sample(range(40), rng.randint(0, 3))), rng.random() < 0.3, rng.random() < 0.05)
+            for k in range(300)]
+
+
+def _profile_one(p: Profiles, x):
+    user, item, ts, w, feats, consumed, forget = x
+    if forget:
+        p.forget(user)
+        return
+    r = p.row(user)
+    p.add_features(r, feats, w)
+    if consumed:
+        p.consume(r, item)
+    if w > 0:
+        p.push(r, item, ts, w)
+
+
+def _profile_reads(p: Profiles):
+    rows = [p.find(f"u{k}") for k in range(7)]
+    return [(p.history(r, 4), p.mix(r), p.rfm(r, T0 + 1e5, 0.5), p.consumed(r), p.item_vector(r, T0 + 1e5))
+            for r in rows if r is not None], len(p)
+
+
+def _segment_stream(seed: int) -> list:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(120):
+        g = rng.randrange(3)
+        mix = {g: 0.7 + rng.uniform(0, 0.3), (g + 1) % 3: rng.uniform(0, 0.3)}
+        tot = sum(mix.values())
+        out.append(({k: v / tot for k, v in mix.items()}, rng.uniform(0, 30), rng.uniform(0, 100), rng.uniform(0, 9),
+                    rng.randrange(-1, 3)))
+    return out
+
+
+def _segment_one(s: Segmenter, x):
+    mix, f, m, gap, cur = x
+    s.assign(s.features(mix, f, m, gap), cur)
+
+
+def _catalog_stream(seed: int) -> list:
+    rng = random.Random(seed)
+    out = []
+    for k in range(80):
+        if rng.random() < 0.15:
+            out.append(("remove", f"i{rng.randrange(30)}"))
+        else:
+            out.append(("upsert", {"item_id": f"i{rng.randrange(30)}", "title": f"T{k}",
+                                   "category": rng.choice(["A", "B", None]), "tags": rng.sample(["x", "y", "z"], 2),
+                                   "price": rng.choice([1.5, None]), "available": rng.random() < 0.9}))
+    return out
+
+
+def _catalog_one(c: Catalog, x):
+    op, arg = x
+    if op == "remove":
+        c.remove(arg)
+    else:
+        c.upsert(arg, now=T0)
+
+
+def _catalog_reads(c: Catalog):
+    rows = [c.find(f"i{k}") for k in range(31)]
+    return [(c.features(r), c.category_name(r), c.title(r), bool(c.available[r])) for r in rows if r is not None], \
+        c.recent_rows(), c.n_unavailable
+
+
+COMPONENT_CASES = [
+    Case("cooccurrence", _cooc_make, lambda co, x: co.update(*x), _pair_stream, _cooc_reads, _cooc_many),
+    Case("trending", _trend_make, lambda t, x: _trend_many(t, [x]), _trend_stream,
+         lambda t: (t.top(4), t.top(4, 1), t.top(20, 2), t.global_max), _trend_many),
+    Case("profiles", lambda: Profiles(history_len=4, max_features=3, max_consumed=5, capacity=2), _profile_one,
+         _profile_stream, _profile_reads),
+    Case("segmenter", lambda: Segmenter(n_segments=3, n_category_slots=2, seed=3), _segment_one, _segment_stream,
+         lambda s: (s.sizes(), s.centers())),
+    Case("catalog", lambda: Catalog(capacity=2, recent_len=5), _catalog_one, _catalog_stream, _catalog_reads),
+]
+
+CASES = ENGINE_CASES + COMPONENT_CASES
+IDS = [c.name for c in CASES]
+
+
+def _many(case: Case, m, xs):
+    if case.learn_many is not None:
+        case.learn_many(m, xs)
+    else:
+        for x in xs:
+            case.learn_one(m, x)
+
+
+def _same(a, b):
+    sa, sb = snapshot(a), snapshot(b)
+    assert sa == sb, first_difference(sa, sb)
+
+
+# ---------------------------------------------------------------------------- the checks
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_input_not_mutated(case: Case):
+    xs = case.stream(1)
+    before = copy.deepcopy(xs)
+    m = case.make()
+    for x in xs[: len(xs) // 2]:
+        case.learn_one(m, x)
+    _many(case, m, xs[len(xs) // 2:])
+    case.reads(m)
+    assert snapshot(xs) == snapshot(before)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_seeded_determinism(case: Case):
+    a, b = case.make(), case.make()
+    _many(case, a, case.stream(2))
+    _many(case, b, case.stream(2))
+    _same(a, b)
+    assert snapshot(case.reads(a)) == snapshot(case.reads(b))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_pickle_round_trip_then_learn_on(case: Case):
+    xs = case.stream(3)
+    a = case.make()
+    _many(case, a, xs[: len(xs) // 2])
+    b = pickle.loads(pickle.dumps(a))
+    _same(a, b)
+    assert snapshot(case.reads(a)) == snapshot(case.reads(b))
+    _many(case, a, xs[len(xs) // 2:])
+    _many(case, b, xs[len(xs) // 2:])
+    _same(a, b)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_learn_many_equals_learn_one_loop(case: Case):
+    xs = case.stream(4)
+    a, b = case.make(), case.make()
+    _many(case, a, xs)
+    for x in xs:
+        case.learn_one(b, x)
+    _same(a, b)
+    assert snapshot(case.reads(a)) == snapshot(case.reads(b))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_batch_boundaries_irrelevant(case: Case):
+    xs = case.stream(5)
+    rng = random.Random(0)
+    cuts = sorted(rng.sample(range(1, len(xs)), 7))
+    a, b = case.make(), case.make()
+    _many(case, a, xs)
+    for lo, hi in zip([0] + cuts, cuts + [len(xs)]):
+        _many(case, b, xs[lo:hi])
+    _same(a, b)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_reads_never_mutate(case: Case):
+    m = case.make()
+    _many(case, m, case.stream(6))
+    before = snapshot(m)
+    first = snapshot(case.reads(m))
+    assert snapshot(m) == before
+    assert snapshot(case.reads(m)) == first
+
+
+def test_feature_order_irrelevant_for_segments():
+    xs = _segment_stream(7)
+    a, b = Segmenter(n_segments=3, seed=1), Segmenter(n_segments=3, seed=1)
+    for mix, f, m, gap, cur in xs:
+        x = a.features(mix, f, m, gap)
+        ra = a.assign(x, cur)
+        y = b.features(dict(reversed(list(mix.items()))), f, m, gap)
+        rb = b.assign(dict(reversed(list(y.items()))), cur)
+        assert ra == rb
+    _same(a, b)
+
+
+def test_event_field_order_and_event_objects_irrelevant():
+    xs = _engine_stream(8)
+    a, b, c = Engine(TINY), Engine(TINY), Engine(TINY)
+    a.learn_many(xs)
+    b.learn_many([dict(reversed(list(e.items()))) for e in xs])
+    from models.events import as_event
+    c.learn_many([as_event(e) for e in xs])
+    _same(a, b)
+    _same(a, c)
+
+
+def test_to_state_from_state_round_trip():
+    e = Engine(TINY)
+    xs = _engine_stream(9)
+    e.learn_many(xs[:300])
+    state = e.to_state()
+    f = Engine.from_state(pickle.loads(pickle.dumps(state)))
+    _same(e, f)
+    e.learn_many(xs[300:])
+    f.learn_many(xs[300:])
+    _same(e, f)
+    assert snapshot(_engine_reads(e)) == snapshot(_engine_reads(f))
+    with pytest.raises(ValueError, match="version"):
+        Engine.from_state({"version": 99})
+
+
+def test_renormalisation_keeps_values_and_equivalence():
+    """Years of event time with short half-lives: the reference time moves, nothing overflows."""
+    cfg = EngineConfig(half_life_days=0.5, cooc_half_life_days=1.0, trending_half_life_days=0.25)
+    xs = random_stream(600, n_users=10, n_items=15, seed=10, span=3 * 365 * DAY)
+    a, b = Engine(cfg), Engine(cfg)
+    a.learn_many(xs)
+    for x in xs:
+        b.learn_one(x)
+    _same(a, b)
+    assert a._t0 > T0 + 365 * DAY
+    assert np.isfinite(a._cooc.vals).all() and np.isfinite(a._trending.global_).all()
+    assert all(np.isfinite(r.score) for r in a.recommend("u1", 5))
+
+
+def test_chunked_learn_many_crosses_door_resets(monkeypatch):
+    """Blocks end at fixed multiples of the learned-event count whatever the call boundaries."""
+    monkeypatch.setattr(engine_mod, "_CHUNK", 16)
+    monkeypatch.setattr(engine_mod, "_DOOR_PERIOD", 64)
+    xs = random_stream(500, n_users=12, n_items=20, seed=11)
+    a, b, c = Engine(TINY), Engine(TINY), Engine(TINY)
+    a.learn_many(xs)
+    for x in xs:
+        b.learn_one(x)
+    for lo in range(0, len(xs), 37):
+        c.learn_many(xs[lo:lo + 37])
+    _same(a, b)
+    _same(a, c)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 7), st.sampled_from(
+    ["view", "click", "add_to_cart", "purchase", "rate", "dismiss", "impression", "push_open", "forget"]),
+    st.floats(0, 5e5), st.integers(1, 5)), min_size=1, max_size=80))
+def test_learn_many_equals_learn_one_on_arbitrary_streams(rows):
+    cfg = EngineConfig(n_neighbours=3, evict_fraction=0.34, window=2, history_len=3, query_len=3, door_bits=4,
+                       max_consumed=2, n_segments=2, segment_every=2, cooc_half_life_days=0.5)
+    evs = []
+    t = T0
+    for k, (u, i, typ, dt, rating) in enumerate(rows):
+        t += dt
+        e = {"event_id": f"h{k}", "user_id": f"u{u}", "type": typ, "ts": t}
+        if typ not in ("push_open", "forget"):
+            e["item_id"] = f"i{i}"
+        if typ == "rate":
+            e["rating"] = float(rating)
+        evs.append(e)
+    a, b = Engine(cfg), Engine(cfg)
+    a.learn_many(evs)
+    for e in evs:
+        b.learn_one(e)
+    _same(a, b)
+    assert snapshot(_engine_reads(a)) == snapshot(_engine_reads(b))
+
+
+def test_pair_weights_scalar_and_vector_paths_agree():
+    pw = PairWeights(window=4, dir_window=2, dir_decay=0.6, sym_decay=0.9, gap_tau_s=30.0, gap_floor=0.25)
+    rng = np.random.default_rng(0)
+    e, w = 50, 4
+    prev = rng.integers(-1, 10, (e, w))
+    prev_ts = rng.uniform(0, 100, (e, w))
+    prev_w = rng.uniform(0.1, 3, (e, w))
+    cur, ts, cw, sc = rng.integers(0, 10, e), rng.uniform(100, 200, e), rng.uniform(0.1, 3, e), rng.uniform(1, 2, e)
+    codes, deltas = pw.many(cur, ts, cw, sc, prev, prev_ts, prev_w)
+    c1, d1 = [], []
+    for j in range(e):
+        c, d = pw.one(int(cur[j]), float(ts[j]), float(cw[j]), float(sc[j]), prev[j].tolist(), prev_ts[j].tolist(),
+                      prev_w[j].tolist())
+        c1 += c
+        d1.append(d)
+    assert codes == c1
+    assert np.array_equal(deltas, np.concatenate(d1))
+    assert code(3, 4) >> 32 == 3
+
+
+# ---------------------------------------------------------------------------- docstrings and imports
+MODEL_FILES = ["engine.py", "profile.py", "cooccurrence.py", "segments.py", "trending.py", "ranker.py", "catalog.py"]
+MODELS_DIR = pathlib.Path(__file__).resolve().parents[2] / "models"
+
+
+@pytest.mark.parametrize("name", MODEL_FILES)
+def test_models_import_only_numpy_river_stdlib(name):
+    import sys
+    tree = ast.parse((MODELS_DIR / name).read_text())
+    allowed = {"numpy", "river", "models"} | set(sys.stdlib_module_names)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots = [a.name.split(".")[0] for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            roots = [(node.module or "").split(".")[0]] if node.level == 0 else []
+        else:
+            continue
+        for r in roots:
+            assert r in allowed, f"models/{name} imports {r!r}: models/ may import only numpy, river and the stdlib"
+        if isinstance(node, ast.ImportFrom) and node.module == "models.events":
+            continue
+
+
+@pytest.mark.parametrize("cls", [Engine, EngineConfig, Catalog, Profiles, CoOccurrence, PairWeights, Segmenter, Trending])
+def test_public_classes_have_numpydoc_examples(cls):
+    doc = cls.__doc__ or ""
+    assert "Examples" in doc and ">>>" in doc, f"{cls.__name__} needs a numpydoc Examples section with a doctest"
+
+
+def test_models_read_no_clock_and_no_randomness():
+    for name in MODEL_FILES:
+        src = (MODELS_DIR / name).read_text()
+        for banned in ("time.time", "datetime.now", "perf_counter", "import random", "np.random", "open("):
+            assert banned not in src, f"models/{name} uses {banned!r}"
