@@ -23,20 +23,21 @@ addition and values of different ages compare directly; reading multiplies by
 (:meth:`CoOccurrence.rescale`) long before the exponent can overflow.
 
 **Bounded memory.** A full row that must take a new neighbour first evicts its weakest
-``evict_fraction`` of slots (by their damped scoring weights, as the ranker sees them), so memory is ``O(n_items * M)`` plus a
-``dict`` index of the live slots, whatever the number of distinct pairs. Updates are applied in
-event order, so a batch gives exactly the state of the same events one at a time.
+``evict_fraction`` of slots (by their damped scoring weights, as the ranker sees them), so memory
+is ``O(n_items * M)`` plus a ``dict`` index of the live slots, whatever the number of distinct
+pairs. A pair's first sighting only opens an admission "door" (a fixed-size bit array), so
+one-off pairs do not push real neighbours out. Updates are applied in event order, so a batch
+gives exactly the state of the same events one at a time.
 
 >>> co = CoOccurrence(n_neighbours=4, door_bits=0, capacity=4)
 >>> co.ensure(3)
->>> co.update([code(0, 1), code(1, 0)], np.array([[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0]]))  # "0 then 1"
+>>> co.update([code(0, 1), code(1, 0)], np.array([[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0]]))  # 0 then 1
 >>> co.neighbours(0)[0].tolist(), co.neighbours(1)[0].tolist(), co.neighbours(1)[1].tolist()
 ([1], [0], [0.0])
 """
 from __future__ import annotations
 
 import math
-from heapq import heappop, heappush
 from itertools import repeat
 
 import numpy as np
@@ -45,7 +46,6 @@ _SHIFT = 32
 _MASK = (1 << _SHIFT) - 1
 #: Rows of ``vals`` (one contiguous array per quantity, so the ranker gathers only what it needs).
 W_DIR, W_SYM, N_PAIR, COUNT = 0, 1, 2, 3
-_COLS = np.arange(4)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _GOLDEN_INT = 0x9E3779B97F4A7C15
 _M64 = (1 << 64) - 1
@@ -270,22 +270,26 @@ class CoOccurrence:
         fill, free = self.fill, self._free
         slot_of = self._slot
         get = slot_of.get
+        slots = list(map(get, codes, repeat(-1)))
+        if min(slots) >= 0:
+            self._apply(np.asarray(slots, np.int64), deltas)
+            return
         nb_flat = self.nb.reshape(-1)
-        slots: list[int] = []
+        door, bits = self._door, self.door_bits
+        skip = False
         new_s: list[int] = []
         new_c: list[int] = []
         done = 0
-        door, bits = self._door, self.door_bits
-        skip: list[int] = []
         for k, c in enumerate(codes):
-            s = get(c, -1)
+            if slots[k] >= 0:
+                continue
+            s = get(c, -1)  # a repeat of a code allocated a moment ago
             if s < 0:
                 if bits:
                     h = ((c * _GOLDEN_INT) & _M64) >> (64 - bits)
                     if not door[h]:
                         door[h] = True
-                        skip.append(k)
-                        slots.append(-1)
+                        skip = True
                         continue
                 r = c >> _SHIFT
                 fl = free.get(r)
@@ -304,6 +308,9 @@ class CoOccurrence:
                         self._apply_some(slots, deltas, done, k)
                         done = k
                         self._evict(r)
+                        for q in range(k + 1, len(codes)):  # later slots of this row may be gone
+                            if codes[q] >> _SHIFT == r:
+                                slots[q] = get(codes[q], -1)
                         fl = free[r]
                         p = fl.pop()
                         if not fl:
@@ -312,11 +319,13 @@ class CoOccurrence:
                 new_s.append(s)
                 new_c.append(c & _MASK)
                 slot_of[c] = s
-            slots.append(s)
+            slots[k] = s
         if new_s:
             nb_flat[new_s] = new_c
-        self._apply_some(slots, deltas, done, len(codes)) if skip else self._apply(
-            np.asarray(slots[done:], np.int64), deltas[done:])
+        if skip:
+            self._apply_some(slots, deltas, done, len(codes))
+        else:
+            self._apply(np.asarray(slots[done:], np.int64), deltas[done:])
 
     def _apply_some(self, slots: list[int], deltas: np.ndarray, a: int, b: int) -> None:
         s = np.asarray(slots[a:b], np.int64)

@@ -62,6 +62,44 @@ _DOOR_PERIOD = 128 * _CHUNK
 class EngineConfig:
     """Every tunable of the engine (defaults tuned on MovieLens-100K, prequential).
 
+    Parameters
+    ----------
+    half_life_days
+        Half-life of the user profiles (category/tag vector, frequency, monetary), in event time.
+    top_n
+        Default length of :meth:`Engine.recommend`.
+    event_weights, rating_scale, rating_in_pairs
+        Weight per event type (:data:`DEFAULT_EVENT_WEIGHTS` for missing ones); ``rate`` is scaled by
+        ``rating / rating_scale`` in the profile and trending (and in the pairs if
+        ``rating_in_pairs``). Non-positive weights never enter history or co-occurrence.
+    exclude_types
+        Event types that make an item the user's: never recommended to them again.
+    history_len, max_consumed
+        Per-user memory bounds: ring-buffer history length, remembered owned items.
+    cooc_half_life_days, window, dir_window, dir_decay, sym_decay, gap_tau_s, gap_floor
+        Co-occurrence learning: each new item pairs with the user's last ``window`` items (the
+        "A then B" weight only within ``dir_window``), k-th predecessor weighted ``decay ** (k-1)``
+        and ``gap_floor + (1 - gap_floor) / (1 + gap / gap_tau_s)`` for the time between them.
+    n_neighbours, evict_fraction, door_bits, min_support
+        Memory bound M per item, share of a full row freed at once, admission door size (0: off),
+        co-occurrences needed before a pair is published by :meth:`Engine.similar` or cited.
+    pop_exponent, sym_weight, momentum, momentum_half_life_days
+        Ranker: neighbour votes are scaled by ``pop ** -pop_exponent`` on both ends, symmetric
+        votes weigh ``sym_weight``, and ``(recent pop / long pop) ** momentum`` favours rising items.
+    query_len, query_dir_len, query_dir_decay, query_sym_decay, query_gap_tau_s, query_gap_floor
+        How many recent items vote, how many of them vote "what comes next", and their weights.
+    w_cooc, w_segment, w_global, w_content, content_history
+        Blend weights of the candidate sources (content only for users with fewer than
+        ``content_history`` items).
+    max_category_share, new_item_slots, new_item_days, new_item_max_events, new_item_min_share
+        Diversity cap per category; slots for catalog items added within ``new_item_days`` with
+        fewer than ``new_item_max_events`` events, for users whose mix has that category.
+    n_segments, segment_every, segment_step, segment_categories, segment_margin, seed
+        River KMeans segments: updated on a user's 1st, 2nd, 4th, ... event and every
+        ``segment_every`` events (see :class:`~models.segments.Segmenter`).
+    trending_half_life_days
+        Half-life of global and per-segment trending.
+
     Examples
     --------
     >>> EngineConfig(half_life_days=7, top_n=10).top_n
@@ -82,15 +120,15 @@ class EngineConfig:
     history_len: int = 50
     max_consumed: int = 5000
     # co-occurrence (learning)
-    cooc_half_life_days: float | None = 60.0
-    window: int = 10
+    cooc_half_life_days: float | None = 200.0
+    window: int = 20
     dir_window: int = 10
     dir_decay: float = 0.7
     sym_decay: float = 0.95
-    gap_tau_s: float = 3600.0
-    gap_floor: float = 0.2
-    n_neighbours: int = 100
-    evict_fraction: float = 0.25
+    gap_tau_s: float = 60.0
+    gap_floor: float = 0.5
+    n_neighbours: int = 400
+    evict_fraction: float = 0.5
     min_support: int = 2
     door_bits: int = 22
     pop_exponent: float = 0.2
@@ -99,15 +137,15 @@ class EngineConfig:
     query_dir_len: int = 5
     query_dir_decay: float = 0.7
     query_sym_decay: float = 0.9
-    query_gap_tau_s: float = 3600.0
-    query_gap_floor: float = 0.2
+    query_gap_tau_s: float = 60.0
+    query_gap_floor: float = 0.5
     sym_weight: float = 0.5
     w_cooc: float = 1.0
     w_segment: float = 0.02
     w_global: float = 0.01
     w_content: float = 0.01
     content_history: int = 5
-    max_category_share: float = 0.6
+    max_category_share: float = 0.7
     new_item_slots: int = 1
     new_item_days: float = 14.0
     new_item_max_events: int = 5
@@ -120,15 +158,20 @@ class EngineConfig:
     segment_margin: float = 0.1
     trending_half_life_days: float = 3.0
     momentum_half_life_days: float = 30.0
-    momentum: float = 0.0
+    momentum: float = 0.3
     seed: int = 0
 
     def __post_init__(self):
         for name in ("top_n", "history_len", "window", "n_neighbours", "query_len", "n_segments", "segment_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.window > self.history_len:
-            raise ValueError(f"window ({self.window}) must not exceed history_len ({self.history_len})")
+        for name in ("window", "query_len"):
+            if getattr(self, name) > self.history_len:
+                raise ValueError(f"{name} ({getattr(self, name)}) must not exceed history_len ({self.history_len})")
+        if self.n_neighbours < 2:
+            raise ValueError(f"n_neighbours must be >= 2, got {self.n_neighbours}")
+        if not 0.0 < self.evict_fraction < 1.0:
+            raise ValueError(f"evict_fraction must be in (0, 1), got {self.evict_fraction}")
         for name in ("half_life_days", "trending_half_life_days"):
             v = getattr(self, name)
             if v is not None and not v > 0:

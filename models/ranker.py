@@ -1,25 +1,31 @@
 """The hybrid ranker: candidates, a scored blend, filters, diversity and a reason per item.
 
-Scores are dense numpy arrays over the catalog rows (one float per item; cheap for catalogs up to
-a few hundred thousand items). For a known user the blend is::
+**Candidates.** The user's last ``query_len`` items vote for their stored neighbours into one dense
+float array over the catalog (``np.bincount``; one float per item, cheap for catalogs up to a few
+hundred thousand items). The k-th most recent item h (k = 0 newest) votes for neighbour j with::
 
-    score = w_cooc * cooc / max(cooc) + w_segment * seg / max(seg) + w_global * glob / max(glob)
-            + w_content * share(user, category(item))
+    q_dir(k) * sqrt(w_dir[h, j]) + sym_weight * q_sym(k) * sqrt(w_sym[h, j])
 
-- ``cooc``: neighbours of the user's recent items. The k-th most recent item h (newest k = 0)
-  votes for its neighbours j with ``q_dir(k) * sqrt(w_dir[h, j]) + sym_weight * q_sym(k) *
-  sqrt(w_sym[h, j])``, both scaled by ``pop(h) ** -e * pop(j) ** -e``. ``q_dir`` decays fast and
-  covers only the last ``query_dir_len`` items (the sequential "A then B" signal), ``q_sym``
-  decays slowly (the user's current taste); both shrink for items from older sessions. The
-  square root damps very frequent pairs; ``e`` (``pop_exponent``) trades popularity for novelty.
-- ``seg`` / ``glob``: decayed popularity in the user's segment / overall.
-- ``share``: the user's decayed category/tag mix (content, for cold users and cold items).
+scaled by ``pop(h) ** -e * pop(j) ** -e`` and by how close in time h is to the user's newest item.
+``q_dir`` decays fast and covers only the last ``query_dir_len`` items (the sequential "A then B"
+signal), ``q_sym`` decays slowly (the current taste); the square root damps very frequent pairs;
+``e`` (``pop_exponent``) trades popularity for novelty; a ``momentum`` factor favours items whose
+recent popularity exceeds their long-run one. The best ``3n + 10`` voted items are the candidates;
+when there are too few (new users, or too few categories for the diversity rule), the user's
+segment trending and the global trending add theirs.
 
-Filters: items the user has (purchased/rated/dismissed), items passed in ``exclude`` and
-unavailable items never appear. Diversity: at most ``ceil(max_category_share * n)`` items per
-category (relaxed only when nothing else is left). Up to ``new_item_slots`` positions go to items
-recently added to the catalog with few interactions whose category the user likes.
-Every item carries a reason naming the component that contributed most to its score.
+**Blend.** ``w_cooc * votes / max(votes) + w_segment * seg / max(seg) + w_global * glob / max(glob)
++ w_content * share(user, category)`` (content only for users with few items).
+
+**Filters and diversity.** Items the user has (purchased/rated/dismissed), items in ``exclude`` and
+unavailable items never appear; at most ``ceil(max_category_share * n)`` items per category (relaxed
+only when nothing else is left); up to ``new_item_slots`` positions go to items recently added to the
+catalog with few interactions, for users whose category mix covers them (cold items).
+
+**Reasons.** Every item names the component that contributed most: the recent item that voted most
+for it with the pair's support and lift ("bought together with X by 42 users (lift 3.1)"), "trending
+in your segment", "trending now", "new in Comedy, which you like", "popular in Comedy, which you like".
+Reads never change the engine.
 """
 from __future__ import annotations
 
@@ -128,21 +134,25 @@ def rank(engine, u: int | None, n: int, exclude, explain: bool = True) -> list[R
             cooc[~cat.available[:n_items]] = 0.0
         cand = np.flatnonzero(cooc > 0)  # (argpartition over the many zeros would be slow)
         if cand.size > kk:
-            cand = cand[np.argpartition(cooc[cand], cand.size - kk)[cand.size - kk:]]
+            cand = np.sort(cand[np.argpartition(cooc[cand], cand.size - kk)[cand.size - kk:]])
         q = (idx, items, nbq, contrib)
-    if cand.size < n:
-        # few co-occurrence candidates: what is trending in the user's segment and overall
-        seg = prof.segment[u]
-        extra = [cand, tr.top(kk, seg if seg >= 0 else None)]
-        if seg >= 0:
-            extra.append(tr.top(kk))
-        cand = np.unique(np.concatenate(extra))
     mix = None
     picked: list[int] = []
-    parts: dict[str, list[float]] = {}
+    parts: dict = {}
     score_of: dict[int, float] = {}
-    if cand.size:
+    widened = False
+    while True:
+        if cand.size < n or widened:
+            # few co-occurrence candidates (or too few categories): add what is trending
+            seg = prof.segment[u]
+            extra = [cand, tr.top(kk, seg if seg >= 0 else None)]
+            if seg >= 0:
+                extra.append(tr.top(kk))
+            cand = np.unique(np.concatenate(extra))
+        if not cand.size:
+            break
         score = np.zeros(cand.size)
+        parts = {}
         if cooc is not None:
             mx = cooc[cand].max()
             if mx > 0:
@@ -166,14 +176,18 @@ def rank(engine, u: int | None, n: int, exclude, explain: bool = True) -> list[R
                 part = share[cat.category[cand]] * cfg.w_content  # category -1 reads the trailing 0
                 score += part
                 parts["content"] = part
-        order = np.lexsort((cand, -score))
+        order = np.argsort(-score, kind="stable")  # cand is sorted: ties go to the lower row
         rows = cand[order].tolist()
         sc = score[order].tolist()
-        parts = {name: p[order].tolist() for name, p in parts.items()}
-        keep = _diverse(engine, u, rows, n, excl)
+        keep, relaxed = _diverse(engine, u, rows, n, excl)
+        if relaxed and not widened:
+            widened = True
+            continue
         picked = [rows[j] for j in keep]
         score_of = {rows[j]: sc[j] for j in keep}
-        parts = {name: {rows[j]: p[j] for j in keep} for name, p in parts.items()}
+        if explain:
+            parts = {name: dict(zip(picked, p[order][keep].tolist())) for name, p in parts.items()}
+        break
     if cfg.new_item_slots > 0 and cat._recent:
         if mix is None:
             mix = prof.mix(u)
@@ -185,9 +199,10 @@ def rank(engine, u: int | None, n: int, exclude, explain: bool = True) -> list[R
     return _explain(engine, u, picked, score_of, parts, q)
 
 
-def _diverse(engine, u: int, rows: list[int], n: int, excl) -> list[int]:
+def _diverse(engine, u: int, rows: list[int], n: int, excl) -> tuple[list[int], bool]:
     """Positions in ``rows`` (best first) to keep: not had, not excluded, at most
-    ``ceil(max_category_share * n)`` per category (relaxed only when nothing else is left)."""
+    ``ceil(max_category_share * n)`` per category (relaxed only when nothing else is left, which
+    the second value reports)."""
     cfg = engine.config
     cat = engine._catalog
     ids = cat._ids
@@ -209,8 +224,8 @@ def _diverse(engine, u: int, rows: list[int], n: int, excl) -> list[int]:
             used[c] = k + 1
         out.append(j)
         if len(out) == n:
-            return out
-    return out + skipped[: n - len(out)]
+            return out, False
+    return out + skipped[: n - len(out)], bool(skipped) and len(out) < n
 
 
 def _blocked(engine, u: int | None, r: int, excl) -> bool:
@@ -285,29 +300,24 @@ def _anchors(engine, u: int, picked: list[int], q) -> dict[int, tuple[int, int, 
     idx, items, nbq, contrib = q
     co = engine._cooc
     m = co.n_neighbours
-    get = co._slot.get
-    hist = items[:_ANCHOR_ROWS].tolist()
-    hh, mm, jj = [], [], []
-    for j in picked:
-        for hi, a in enumerate(hist):
-            s = get((a << 32) | j)
-            if s is not None:
-                hh.append(hi)
-                mm.append(s - a * m)
-                jj.append(j)
-    if not hh:
+    sub_nb, sub_c = nbq[:_ANCHOR_ROWS], contrib[:_ANCHOR_ROWS]
+    mark = np.full(len(engine._catalog) + 1, -1, np.int32)
+    mark[np.asarray(picked, np.int64) + 1] = np.arange(len(picked), dtype=np.int32)
+    pos = mark[sub_nb + 1].ravel()  # empty slots (-1) read the sentinel at 0
+    hit = np.flatnonzero(pos >= 0)
+    if hit.size == 0:
         return {}
-    votes = contrib[hh, mm].tolist()
-    best: dict[int, tuple[float, int, int]] = {}
-    for j, hi, mi, v in zip(jj, hh, mm, votes):
-        if j not in best or v > best[j][0]:
-            best[j] = (v, hi, mi)
-    js = list(best)
-    a_rows = [hist[best[j][1]] for j in js]
-    slots = [a * m + best[j][2] for j, a in zip(js, a_rows)]
-    v = co.vals[2:, slots]
-    lift = co.lift(v[0], co.pop[a_rows], co.pop[js]).tolist()
-    return {j: (a, int(cnt), lf) for j, a, cnt, lf in zip(js, a_rows, v[1].tolist(), lift)}
+    jj = pos[hit]
+    order = np.lexsort((-sub_c.ravel()[hit], jj))
+    jj = jj[order]
+    first = np.ones(jj.size, bool)
+    first[1:] = jj[1:] != jj[:-1]
+    hh, mm = np.divmod(hit[order[first]], m)
+    a_rows = items[hh]
+    b_rows = np.asarray(picked, np.int64)[jj[first]]
+    v = co.vals[2:, a_rows * m + mm]
+    lift = co.lift(v[0], co.pop[a_rows], co.pop[b_rows]).tolist()
+    return {j: (a, int(cnt), lf) for j, a, cnt, lf in zip(b_rows.tolist(), a_rows.tolist(), v[1].tolist(), lift)}
 
 
 def _explain(engine, u: int, picked: list[int], score_of: dict[int, float], parts: dict, q) -> list[Recommendation]:

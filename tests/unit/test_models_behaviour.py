@@ -154,11 +154,16 @@ def test_diversity_caps_the_share_of_one_category():
         assert max(cats.count(c) for c in set(cats)) <= 2
 
 
-def test_reasons_are_readable(groups):
+def test_reasons_are_readable_and_name_the_right_anchor(groups):
     e, _, _, users = groups
-    reasons = [r.reason for u in list(users)[:10] for r in e.recommend(u, 5)]
-    assert all(isinstance(r, str) and r for r in reasons)
-    assert any("together with Item" in r and "users (lift" in r for r in reasons)
+    recs = [r for u in list(users)[:12] for r in e.recommend(u, 5)]
+    assert all(isinstance(r.reason, str) and r.reason for r in recs)
+    cited = [r for r in recs if "together with Item" in r.reason]
+    assert len(cited) >= len(recs) // 2
+    for r in cited:
+        assert "users (lift" in r.reason
+        anchor_group = int(r.reason.split("together with Item ")[1].split("/")[0])
+        assert anchor_group == _group_of(r.item_id), r
 
 
 def test_similar_publishes_only_pairs_with_minimum_support():
@@ -212,7 +217,7 @@ def test_forget_user_leaves_no_trace(groups):
 
 
 def test_memory_stays_within_the_stated_bounds():
-    m, h, cons, feats = 8, 6, 4, 3
+    m, h, cons = 8, 6, 4
     cfg = EngineConfig(n_neighbours=m, history_len=h, window=4, query_len=4, max_consumed=cons, n_segments=4)
     e = Engine(cfg)
     rng = random.Random(9)
@@ -239,4 +244,3 @@ def test_memory_stays_within_the_stated_bounds():
     slots_before = st["cooc_slots"]
     e.learn_many([dict(x, ts=x["ts"] + 1e5) for x in evs])
     assert e.stats()["cooc_slots"] <= st["items"] * m and e.stats()["cooc_slots"] >= slots_before * 0.5
-    _ = feats
