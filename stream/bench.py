@@ -185,6 +185,7 @@ async def freshness(settings: Settings, rate: float, seconds: float, stream: Syn
     f = last["freshness_seconds"]
     return {"target_rate": rate, "achieved_rate": round(n / sent_s), "events": n,
             "freshness_ms": {k: round(v * 1000, 1) for k, v in f.items()}, "max_lag": max(lags, default=0),
+            "batches": last["batches"], "batch_seconds": last["batch_seconds"],
             "worker_memory": mem}
 
 
