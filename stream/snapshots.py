@@ -32,8 +32,12 @@ class Snapshot:
     state: object
 
 
+def _pickle(snapshot: Snapshot) -> bytes:
+    return pickle.dumps((snapshot.partition, snapshot.offset, snapshot.state), protocol=5)
+
+
 def encode(snapshot: Snapshot) -> bytes:
-    return zlib.compress(pickle.dumps((snapshot.partition, snapshot.offset, snapshot.state), protocol=5), 1)
+    return zlib.compress(_pickle(snapshot), 1)
 
 
 def decode(blob: bytes) -> Snapshot:
@@ -61,7 +65,7 @@ class SnapshotStore:
         """Write snapshots and wait until Kafka has them all; returns the bytes written."""
         futures, size = [], 0
         for snap in snapshots:
-            raw = pickle.dumps((snap.partition, snap.offset, snap.state), protocol=5)
+            raw = _pickle(snap)  # on the loop: the state must not change while it is pickled
             blob = await asyncio.to_thread(zlib.compress, raw, 1)  # zlib releases the GIL: the loop goes on
             if len(blob) > MAX_SNAPSHOT_BYTES:
                 raise ValueError(f"snapshot of partition {snap.partition} is {len(blob)} bytes, over "

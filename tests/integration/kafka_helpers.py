@@ -3,12 +3,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 
 import orjson
 from aiokafka import TopicPartition
 
 from stream import connections
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (for a private server or HTTP endpoint in a test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 async def produce(settings, topic: str, records: list[tuple[bytes | str | None, bytes | dict | None]]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email
-import socket
 import time
 from email import policy
 
@@ -14,7 +13,7 @@ from aiosmtpd.controller import Controller
 from models.events import parse_event
 from stream.channels import ChannelConfig, ChannelWorker, feedback_events
 from tests.conftest import wait_for
-from tests.integration.kafka_helpers import produce, read_topic
+from tests.integration.kafka_helpers import free_port, produce, read_topic
 
 
 class Inbox:
@@ -26,12 +25,6 @@ class Inbox:
     async def handle_DATA(self, server, session, envelope):
         self.envelopes.append(envelope)
         return "250 OK"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

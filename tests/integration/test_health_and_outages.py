@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import subprocess
 import time
 
@@ -13,15 +12,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import wait_for
-from tests.integration.kafka_helpers import produce, running_worker
+from tests.integration.kafka_helpers import free_port, produce, running_worker
 
 T0 = 1_732_460_000.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def get(url: str) -> tuple[int, bytes]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import orjson
 import pytest
@@ -15,7 +14,7 @@ from stream.redis_keys import RedisKeys
 from stream.snapshots import SnapshotStore
 from stream.synthetic import SyntheticStream
 from tests.conftest import wait_for
-from tests.integration.kafka_helpers import produce, running_worker
+from tests.integration.kafka_helpers import free_port, produce, running_worker
 
 pytestmark = pytest.mark.slow
 NOON = 1_732_449_600.0  # 2024-11-24 12:00 UTC
@@ -129,16 +128,10 @@ async def test_kill_9_mid_stream_then_restart_equals_an_uninterrupted_run(local_
         await c.aclose()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def test_the_worker_waits_through_a_broker_restart(local_stack, tmp_path):
     """A private broker is stopped and started again under a running worker: it recovers by itself."""
     s = local_stack.model_copy(update={
-        "kafka_bootstrap": f"127.0.0.1:{_free_port()}", "kafka_controller_port": _free_port(),
+        "kafka_bootstrap": f"127.0.0.1:{free_port()}", "kafka_controller_port": free_port(),
         "local_dir": tmp_path / "kafka-private", "redis_prefix": "test:restart:", "consumer_group": "g-restart",
         "http_port": None, "batch_timeout_ms": 50, "snapshot_interval_s": 0.5})
     await asyncio.to_thread(local.up, s)
