@@ -410,7 +410,65 @@ class CoOccurrence:
         self.sq[:, lo + drop] = 0.0
         self._free[r] = drop[::-1].tolist()
 
+    def set_row(self, r: int, neighbours: np.ndarray, values: np.ndarray) -> None:
+        """Replace row ``r`` with given neighbours and their ``[4, K]`` values (reference-time units).
+
+        For a read-side copy of rows learned elsewhere (a sharded item stage): the row's slots are
+        exactly these, in this order.
+        """
+        m = self.n_neighbours
+        k = min(int(neighbours.size), m)
+        self.clear_row(r)
+        lo = r * m
+        self.nb[r, :k] = neighbours[:k]
+        self.vals[:, lo: lo + k] = values[:, :k]
+        self.sq[:, lo: lo + k] = np.sqrt(values[:2, :k])
+        self.fill[r] = k
+        base = r << _SHIFT
+        self._slot.update(zip((base | c for c in neighbours[:k].tolist()), range(lo, lo + k)))
+
+    def clear_row(self, r: int) -> None:
+        """Empty row ``r`` (its item's popularity stays)."""
+        m = self.n_neighbours
+        f = self.fill[r]
+        if f:
+            base, slot_of = r << _SHIFT, self._slot
+            for c in self.nb[r, :f].tolist():
+                if c >= 0:
+                    del slot_of[base | c]
+            lo = r * m
+            self.nb[r, :f] = -1
+            self.vals[:, lo: lo + f] = 0.0
+            self.sq[:, lo: lo + f] = 0.0
+            self.fill[r] = 0
+        self._free.pop(r, None)
+
+    def set_popularity(self, rows: np.ndarray, pop: np.ndarray, total: float, pair_total: float) -> None:
+        """Set items' decayed occurrence counts and the totals (reference-time units), for a read-side copy."""
+        self.pop[rows] = pop
+        self.ipop[rows] = np.maximum(pop, 1e-300) ** -self.pop_exponent
+        self.total = total
+        self.pair_total = pair_total
+
     # ------------------------------------------------------------------ reading
+    def published(self, r: int, min_support: int, eligible: np.ndarray | None = None):
+        """Row ``r``'s neighbours backed by ``min_support`` observations, by cosine (best first, ties by row).
+
+        Returns (neighbour rows, cosine, support, confidence, lift), support in reference-time units.
+        """
+        nb, _, _, n_pair, count = self.neighbours(r)
+        ok = count >= min_support
+        if eligible is not None:
+            ok &= eligible[nb]
+        nb, n_pair = nb[ok], n_pair[ok]
+        pa = float(self.pop[r])
+        pb = self.pop[nb]
+        cos = np.minimum(n_pair / np.sqrt(np.maximum(pa * pb, 1e-300)), 1.0)
+        order = np.lexsort((nb, -cos))
+        nb, cos, n_pair, pb = nb[order], cos[order], n_pair[order], pb[order]
+        conf = n_pair / pa if pa > 0 else 0.0 * n_pair
+        return nb, cos, n_pair, conf, self.lift(n_pair, pa, pb)
+
     def neighbours(self, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Row ``r``'s live slots: (neighbour rows, w_dir, w_sym, n_pair, count), reference-time units."""
         f = self.fill[r]
@@ -496,12 +554,15 @@ class PairWeights:
         return codes, np.array(flat).reshape(-1, 4)
 
     def many(self, cur: np.ndarray, ts: np.ndarray, w: np.ndarray, scale: np.ndarray, prev: np.ndarray,
-             prev_ts: np.ndarray, prev_w: np.ndarray) -> tuple[list[int], np.ndarray]:
-        """Slot updates of a batch, in (event, distance) order; ``prev*`` are ``[E, W]`` (-1: none)."""
+             prev_ts: np.ndarray, prev_w: np.ndarray) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """Slot updates of a batch, in (event, distance) order; ``prev*`` are ``[E, W]`` (-1: none).
+
+        Also returns, per pair (two slot updates each), the index of its event in the batch.
+        """
         valid = (prev >= 0) & (prev != cur[:, None])
         ev, kk = np.nonzero(valid)
         if ev.size == 0:
-            return [], np.zeros((0, 4))
+            return [], np.zeros((0, 4)), ev
         p = prev[ev, kk].astype(np.int64)
         c = cur[ev].astype(np.int64)
         gap = ts[ev] - prev_ts[ev, kk]
@@ -525,4 +586,4 @@ class PairWeights:
         deltas[0::2, 2] = sc
         deltas[1::2, 2] = sc
         deltas[:, 3] = 1.0
-        return codes.tolist(), deltas
+        return codes.tolist(), deltas, ev

@@ -32,10 +32,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from models.catalog import Catalog
+from models.cooc_shard import PairDeltas
 from models.cooccurrence import CoOccurrence, PairWeights
 from models.events import EVENT_TYPES, Event, as_event
 from models.profile import Profiles
-from models.ranker import Neighbour, Recommendation, rank
+from models.ranker import Neighbour, Recommendation, rank, settings_for
 from models.segments import Segmenter
 from models.trending import Trending
 
@@ -214,9 +215,15 @@ class Engine:
     False
     """
 
-    def __init__(self, config: EngineConfig | None = None):
+    def __init__(self, config: EngineConfig | None = None, *, cooc: str = "local"):
         cfg = config or EngineConfig()
+        if cooc not in ("local", "remote"):
+            raise ValueError(f"cooc must be 'local' or 'remote', got {cooc!r}")
         self.config = cfg
+        #: "remote": co-occurrence is learned elsewhere (see :mod:`models.cooc_shard`); this engine
+        #: emits its pair updates (:meth:`drain_pair_deltas`) and ranks with rows given to :meth:`load_rows`.
+        self.cooc_mode = cooc
+        self._outbox: list[tuple] = []
         self._weights = {t: float(cfg.event_weights.get(t, DEFAULT_EVENT_WEIGHTS.get(t, 0.0))) for t in EVENT_TYPES}
         self._exclude_types = frozenset(cfg.exclude_types)
         self._catalog = Catalog()
@@ -291,7 +298,11 @@ class Engine:
         rating_pairs = cfg.rating_in_pairs
         every = cfg.segment_every
         t0 = self._t0
-        lam_p, lam_c, lam_t = prof.lam, self._cooc.lam, self._trending.lam
+        remote = self.cooc_mode == "remote"
+        lam_p, lam_t = prof.lam, self._trending.lam
+        lam_c = 0.0 if remote else self._cooc.lam  # remote: unscaled, the shard scales by event time
+        seq0 = self.n_learned
+        pseq = []
         exp = math.exp
         now = self._now
         user_row, item_row = prof.row, cat.row
@@ -302,7 +313,7 @@ class Engine:
         pu, pi, pts, pw, pc, ptype, psc = [], [], [], [], [], [], []
         ti, tseg, tx, tm = [], [], [], []
         lam_m = self._trending.lam_m
-        for e in evs:
+        for k, e in enumerate(evs):
             ts = e.ts
             if ts > now:
                 now = ts
@@ -345,6 +356,7 @@ class Engine:
                         pc.append(c)
                         ptype.append(codes.get(typ, 0))
                         psc.append(exp(lam_c * (ts - t0)))
+                        pseq.append(seq0 + k)
                         n_push[u] = c + 1
                         last_item[u] = i
             if not n & (n - 1) or n % every == 0:  # n = 1, 2, 4, 8, ... and every `segment_every`
@@ -359,17 +371,19 @@ class Engine:
                 np.add.at(self._item_events, ti, 1)
             self._trending.add(ti, tseg, tx, tm)
         if pu:
-            self._cooc.add_occurrences(pi, psc)
+            if not remote:
+                self._cooc.add_occurrences(pi, psc)
             if len(pu) == 1:
-                self._learn_pair_one(pu[0], pi[0], pts[0], pw[0], pc[0], ptype[0], psc[0])
+                self._learn_pair_one(pu[0], pi[0], pts[0], pw[0], pc[0], ptype[0], psc[0], pseq[0])
             else:
                 self._learn_pairs(np.asarray(pu, np.int64), np.asarray(pi, np.int64), np.asarray(pts),
                                   np.asarray(pw), np.asarray(pc, np.int64), np.asarray(ptype, np.int8),
-                                  np.asarray(psc))
-        if self.n_learned % _DOOR_PERIOD < len(evs):  # the block ended on a multiple of the period
+                                  np.asarray(psc), np.asarray(pseq, np.int64))
+        if not remote and self.n_learned % _DOOR_PERIOD < len(evs):  # the block ended on a multiple of the period
             self._cooc.reset_door()
 
-    def _learn_pair_one(self, u: int, i: int, ts: float, w: float, c: int, typ: int, scale: float) -> None:
+    def _learn_pair_one(self, u: int, i: int, ts: float, w: float, c: int, typ: int, scale: float,
+                        seq: int) -> None:
         """One push: pairs against the ring buffer (scalar path, same numbers as :meth:`_learn_pairs`)."""
         prof = self._profiles
         h = prof.history_len
@@ -378,14 +392,21 @@ class Engine:
             idx = self._ring_idx[c % h, :k]
             codes, deltas = self._pairs.one(i, ts, w, scale, prof.hist_item[u, idx].tolist(),
                                             prof.hist_ts[u, idx].tolist(), prof.hist_w[u, idx].tolist())
-            self._cooc.update(codes, deltas)
+            if self.cooc_mode == "remote":
+                self._emit(np.asarray(codes, np.int64), deltas, np.full(len(codes), ts), np.full(len(codes), seq),
+                           np.array([i]), np.array([ts]), np.array([len(codes) // 2]), np.array([seq]))
+            else:
+                self._cooc.update(codes, deltas)
+        elif self.cooc_mode == "remote":
+            self._emit(np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64),
+                       np.array([i]), np.array([ts]), np.zeros(1), np.array([seq]))
         j = c % h
         prof.hist_item[u, j] = i
         prof.hist_ts[u, j] = ts
         prof.hist_w[u, j] = w
         prof.hist_type[u, j] = typ
 
-    def _learn_pairs(self, pu, pi, pts, pw, pc, ptype, scale) -> None:
+    def _learn_pairs(self, pu, pi, pts, pw, pc, ptype, scale, pseq) -> None:
         """A batch of pushes: history windows (ring + earlier pushes of the batch), pairs, ring writes."""
         cfg = self.config
         prof = self._profiles
@@ -408,8 +429,13 @@ class Engine:
         prev_items = np.where(inb, pi[src], np.where(ring_ok, prof.hist_item[urow, ridx], -1))
         prev_ts = np.where(inb, pts[src], prof.hist_ts[urow, ridx])
         prev_w = np.where(inb, pw[src], prof.hist_w[urow, ridx])
-        codes, deltas = self._pairs.many(pi, pts, pw, scale, prev_items, prev_ts, prev_w)
-        self._cooc.update(codes, deltas)
+        codes, deltas, ev = self._pairs.many(pi, pts, pw, scale, prev_items, prev_ts, prev_w)
+        if self.cooc_mode == "remote":
+            ev2 = np.repeat(ev, 2)
+            self._emit(np.asarray(codes, np.int64), deltas, pts[ev2], pseq[ev2], pi, pts,
+                       np.bincount(ev, minlength=p).astype(np.float64), pseq)
+        else:
+            self._cooc.update(codes, deltas)
         # ring writes: only each user's last `h` pushes of the batch survive
         final = np.asarray(prof.n_push, np.int64)[pu]
         keep = pc >= final - h
@@ -418,6 +444,62 @@ class Engine:
         prof.hist_ts[ru, rc] = pts[keep]
         prof.hist_w[ru, rc] = pw[keep]
         prof.hist_type[ru, rc] = ptype[keep]
+
+    def _emit(self, codes, deltas, ts, seq, occ, occ_ts, occ_pairs, occ_seq) -> None:
+        self._outbox.append((codes, deltas, ts, seq, occ, occ_ts, occ_pairs, occ_seq))
+
+    def drain_pair_deltas(self) -> PairDeltas | None:
+        """The co-occurrence updates learned since the last call (``cooc="remote"`` engines), or None.
+
+        ``seq`` numbers are :attr:`n_learned` at each event (the first event learned is 0).
+        """
+        if not self._outbox:
+            return None
+        codes, d, ts, seq, occ, occ_ts, occ_pairs, occ_seq = (np.concatenate(x) for x in zip(*self._outbox))
+        self._outbox = []
+        rows = (codes >> 32).astype(np.int64)
+        nbs = (codes & 0xFFFFFFFF).astype(np.int64)
+        used, inverse = np.unique(np.concatenate([rows, nbs, occ.astype(np.int64)]), return_inverse=True)
+        n, m = rows.size, occ.size
+        ids = self._catalog.item_id
+        return PairDeltas(items=[ids(r) for r in used.tolist()], row=inverse[:n], nb=inverse[n: 2 * n], d=d,
+                          ts=ts, seq=seq, occ=inverse[2 * n: 2 * n + m], occ_ts=occ_ts, occ_pairs=occ_pairs,
+                          occ_seq=occ_seq)
+
+    def query_items(self, user_id: str) -> list[str]:
+        """The recent items whose neighbour rows :meth:`recommend` reads for this user (newest first)."""
+        prof = self._profiles
+        u = prof.find(user_id)
+        if u is None:
+            return []
+        h, c = prof.history_len, prof.n_push[u]
+        k = min(self.config.query_len, c, h)
+        items = prof.hist_item[u, self._ring_idx[c % h, :k]]
+        ids = self._catalog.item_id
+        return [ids(i) for i in items.tolist() if i >= 0]
+
+    def load_rows(self, rows: Iterable[Mapping]) -> None:
+        """Take co-occurrence rows learned elsewhere (:meth:`models.cooc_shard.CoOccurrenceShard.export_row`)."""
+        co, cat = self._cooc, self._catalog
+        for doc in rows:
+            r = cat.row(doc["item_id"])
+            nbs = np.fromiter(map(cat.row, doc["neighbours"]), np.int64, len(doc["neighbours"]))
+            self._ensure_items(len(cat))
+            if self._t0 is None:
+                self._t0 = float(doc["t"])
+            factor = math.exp(co.lam * (float(doc["t"]) - self._t0))
+            values = np.array(doc["values"], np.float64).reshape(4, -1)
+            values[:3] *= factor
+            co.set_row(r, nbs, values)
+            co.set_popularity(np.r_[r, nbs], np.r_[doc["pop"], doc["neighbour_pop"]] * factor,
+                              doc["total"] * factor, doc["pair_total"] * factor)
+
+    def drop_rows(self, item_ids: Iterable[str]) -> None:
+        """Forget rows given to :meth:`load_rows` (a bounded cache evicting them)."""
+        for item_id in item_ids:
+            r = self._catalog.find(item_id)
+            if r is not None:
+                self._cooc.clear_row(r)
 
     def _update_segment(self, u: int, ts: float, prev_ts: float) -> None:
         prof = self._profiles
@@ -468,15 +550,20 @@ class Engine:
         return math.exp(-lam * (self._now - self._t0))
 
     def recommend(self, user_id: str, n: int | None = None, *, exclude: Iterable[str] | None = None,
-                  explain: bool = True) -> list[Recommendation]:
+                  explain: bool = True, overrides: Mapping[str, float] | None = None) -> list[Recommendation]:
         """Top-``n`` items for ``user_id`` (``config.top_n`` when None), best first, each with a reason.
 
         Items the user purchased/rated/dismissed, items in ``exclude`` (a set is used as is) and
         unavailable items are never returned. An unknown user gets what is trending.
         ``explain=False`` skips building the reasons (they are then empty strings).
+        ``overrides`` (an experiment variant's ranker settings, e.g. ``{"w_segment": 0.5}``) replace
+        those config fields for this call only; keys outside
+        :data:`models.experiments.RANKER_OVERRIDES` raise ``ValueError``. The derived settings are
+        cached outside the engine's state (see :func:`models.ranker.settings_for`).
         """
         n = self.config.top_n if n is None else int(n)
-        return rank(self, self._profiles.find(user_id), n, exclude, explain)
+        settings = settings_for(self, overrides) if overrides else None
+        return rank(self, self._profiles.find(user_id), n, exclude, explain, settings)
 
     def similar(self, item_id: str, n: int = 10) -> list[Neighbour]:
         """Published neighbours of ``item_id`` (support >= ``min_support``), by cosine, best first."""
@@ -484,21 +571,11 @@ class Engine:
         if r is None or n <= 0:
             return []
         co = self._cooc
-        nb, _, _, n_pair, count = co.neighbours(r)
-        ok = (count >= self.config.min_support) & self._catalog.available[nb]
-        if not ok.any():
-            return []
-        nb, n_pair, count = nb[ok], n_pair[ok], count[ok]
+        nb, cos, support, conf, lift = co.published(r, self.config.min_support, self._catalog.available)
         decay = self._decay(co.lam)
-        pa = float(co.pop[r])
-        pb = co.pop[nb]
-        cos = np.minimum(n_pair / np.sqrt(np.maximum(pa * pb, 1e-300)), 1.0)
-        order = np.lexsort((nb, -cos))[:n]
-        lift = co.lift(n_pair[order], pa, pb[order]).tolist()
-        conf = (n_pair[order] / pa if pa > 0 else 0.0 * n_pair[order]).tolist()
         ids = self._catalog.item_id
-        return [Neighbour(ids(int(b)), c, s * decay, cf, lf) for b, c, s, cf, lf in
-                zip(nb[order].tolist(), cos[order].tolist(), n_pair[order].tolist(), conf, lift)]
+        return [Neighbour(ids(b), c, s * decay, cf, lf) for b, c, s, cf, lf in
+                zip(nb[:n].tolist(), cos[:n].tolist(), support[:n].tolist(), conf[:n].tolist(), lift[:n].tolist())]
 
     def segment(self, user_id: str) -> int | None:
         """The user's segment id (stable over time), or None when unknown/unassigned."""

@@ -57,6 +57,7 @@ True
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import math
 from collections import deque
@@ -145,7 +146,8 @@ class Experiment:
         buckets on [0, 1): keep it when editing weights, so only the users near a moved boundary switch.
     overrides
         Variant name -> ranker settings (blend weights, diversity share, ...), opaque here: the caller
-        passes them to the engine. Variants without an entry use the defaults.
+        passes them to the engine (``Engine.recommend(..., overrides=...)``, which checks them with
+        :func:`validate_overrides`). Variants without an entry use the defaults.
 
     Examples
     --------
@@ -209,6 +211,81 @@ class Experiment:
     def overrides_for(self, variant: str) -> dict:
         """Ranker settings of ``variant`` (a copy; empty for a variant with the defaults)."""
         return dict(self.overrides.get(variant, {}))
+
+
+#: The ranker settings a variant may change per request (``Engine.recommend(..., overrides=...)``):
+#: the fields of ``EngineConfig`` that :mod:`models.ranker` reads at query time -> (type, low, high,
+#: low excluded). Everything else is fixed per engine because it is learned into the state: windows,
+#: decays and half-lives of the learning, ``pop_exponent`` (folded into the stored popularity
+#: normaliser ``ipop``), ``min_support`` (a privacy threshold, not a ranking knob).
+RANKER_OVERRIDES: dict[str, tuple[type, float, float, bool]] = {
+    "query_len": (int, 1, math.inf, False),  # also <= history_len, checked by the engine's config
+    "query_dir_len": (int, 0, math.inf, False),
+    "query_dir_decay": (float, 0.0, 1.0, False),
+    "query_sym_decay": (float, 0.0, 1.0, False),
+    "query_gap_tau_s": (float, 0.0, math.inf, True),
+    "query_gap_floor": (float, 0.0, 1.0, False),
+    "sym_weight": (float, 0.0, math.inf, False),
+    "momentum": (float, 0.0, math.inf, False),
+    "w_cooc": (float, 0.0, math.inf, False),
+    "w_segment": (float, 0.0, math.inf, False),
+    "w_global": (float, 0.0, math.inf, False),
+    "w_content": (float, 0.0, math.inf, False),
+    "content_history": (int, 0, math.inf, False),
+    "max_category_share": (float, 0.0, 1.0, True),
+    "new_item_slots": (int, 0, math.inf, False),
+    "new_item_days": (float, 0.0, math.inf, False),
+    "new_item_max_events": (int, 0, math.inf, False),
+    "new_item_min_share": (float, 0.0, 1.0, False),
+}
+
+
+def validate_overrides(overrides: Mapping[str, Any] | None) -> dict[str, float]:
+    """Check a variant's ranker overrides; returns them normalised (sorted keys, int or float values).
+
+    Keys must be in :data:`RANKER_OVERRIDES`; values finite numbers in range (booleans are refused;
+    integer settings take whole numbers, ``5.0`` included). Raises ``ValueError`` naming the key.
+
+    >>> validate_overrides({"w_segment": 0.5, "new_item_slots": 2.0, "max_category_share": 1})
+    {'max_category_share': 1.0, 'new_item_slots': 2, 'w_segment': 0.5}
+    >>> validate_overrides({"w_segmnt": 0.5})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: 'w_segmnt' is not a ranker setting ... (did you mean 'w_segment'?); allowed: content_history, ...
+    >>> validate_overrides({"max_category_share": 0})
+    Traceback (most recent call last):
+    ...
+    ValueError: ranker override max_category_share=0 must be in (0, 1]
+    """
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, Mapping):
+        raise ValueError(f"ranker overrides must be a mapping of setting -> number, got {type(overrides).__name__}")
+    out: dict[str, float] = {}
+    for key, value in overrides.items():
+        spec = RANKER_OVERRIDES.get(key) if isinstance(key, str) else None
+        if spec is None:
+            close = difflib.get_close_matches(str(key), RANKER_OVERRIDES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{key!r} is not a ranker setting that can change per request{hint}; "
+                             f"allowed: {', '.join(sorted(RANKER_OVERRIDES))}")
+        kind, lo, hi, lo_open = spec
+        raw = value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"ranker override {key}={value!r} must be a finite number")
+        if kind is int:
+            if value != int(value):
+                raise ValueError(f"ranker override {key}={value!r} must be a whole number")
+            value = int(value)
+        else:
+            value = float(value)
+        if value < lo or (lo_open and value == lo) or value > hi:
+            low = f"{'(' if lo_open else '['}{lo:g}"
+            what = f"> {lo:g}" if lo_open else f">= {lo:g}"
+            raise ValueError(f"ranker override {key}={raw!r} must be "
+                             f"{what if hi == math.inf else f'in {low}, {hi:g}]'}")
+        out[key] = value
+    return dict(sorted(out.items()))
 
 
 # ---------------------------------------------------------------------------------------- statistics

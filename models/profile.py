@@ -26,6 +26,7 @@ Items the user purchased or rated (the engine's ``exclude_types``) are kept, at 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -163,6 +164,55 @@ class Profiles:
         for d in self.feats:
             for k in d:
                 d[k] *= factor
+
+    def get_row(self, r: int) -> dict:
+        """Everything kept for user row ``r``, in this object's row space (item rows, feature ids): the
+        ring's ``min(n_push, history_len)`` entries (``hist_*``) and the consumed items, oldest first;
+        ``freq``, ``money`` and ``feats`` relative to the engine's ``t0``.
+
+        >>> p = Profiles(history_len=2)
+        >>> u = p.row("u1")
+        >>> for k in range(3): p.push(u, item=k, ts=float(k), w=1.0)
+        >>> rec = p.get_row(u); rec["hist_item"], rec["n_push"]
+        ([1, 2], 3)
+        >>> q = Profiles(history_len=3); v = q.row("u1"); q.set_row(v, rec)
+        >>> q.get_row(v)["hist_item"], q.n_push[v]
+        ([1, 2], 2)
+        """
+        c = self.n_push[r]
+        idx = np.arange(c - min(c, self.history_len), c) % self.history_len
+        return {"n_events": self.n_events[r], "n_push": c, "last_item": self.last_item[r],
+                "first_ts": self.first_ts[r], "last_ts": self.last_ts[r], "freq": self.freq[r],
+                "money": self.money[r], "segment": self.segment[r], "feats": dict(self.feats[r]),
+                "consumed": self.consumed(r).tolist(), "hist_item": self.hist_item[r, idx].tolist(),
+                "hist_ts": self.hist_ts[r, idx].tolist(), "hist_w": self.hist_w[r, idx].tolist(),
+                "hist_type": self.hist_type[r, idx].tolist()}
+
+    def set_row(self, r: int, rec: Mapping) -> None:
+        """Overwrite user row ``r`` with a :meth:`get_row` record (of this row space). Within this
+        object's bounds: the newest ``history_len`` history entries and ``max_consumed`` consumed
+        items are kept, and the weakest features dropped beyond ``max_features``; from a shorter ring,
+        ``n_push`` becomes the number of entries, so that every entry the ring head reaches is valid."""
+        for name in ("n_events", "n_push", "last_item", "first_ts", "last_ts", "freq", "money", "segment"):
+            getattr(self, name)[r] = rec[name]
+        d = dict(rec["feats"])
+        while len(d) > self.max_features:
+            del d[min(d, key=lambda k: (d[k], k))]
+        self.feats[r] = d
+        cons = list(rec["consumed"])
+        cons = cons[max(len(cons) - self.max_consumed, 0):]
+        self._cons_set[r] = set(cons)
+        self._cons_arr[r] = np.asarray(cons, np.int32) if cons else None
+        self._cons_n[r] = len(cons)
+        h = self.history_len
+        k = min(len(rec["hist_item"]), h)
+        c = rec["n_push"] if k == min(rec["n_push"], h) else k
+        self.n_push[r] = c
+        idx = np.arange(c - k, c) % h
+        for name, fill in (("hist_item", -1), ("hist_ts", 0.0), ("hist_w", 0.0), ("hist_type", 0)):
+            a = getattr(self, name)
+            a[r] = fill
+            a[r, idx] = rec[name][len(rec[name]) - k:]
 
     # ------------------------------------------------------------------ updates
     def add_features(self, r: int, feats: tuple[int, ...], w: float) -> None:

@@ -26,15 +26,23 @@ catalog with few interactions, for users whose category mix covers them (cold it
 for it with the pair's support and lift ("bought together with X by 42 users (lift 3.1)"), "trending
 in your segment", "trending now", "new in Comedy, which you like", "popular in Comedy, which you like".
 Reads never change the engine.
+
+**Per-request settings.** :func:`settings_for` gives the query-time settings with an experiment
+variant's overrides applied (:data:`models.experiments.RANKER_OVERRIDES`), cached per engine and
+overrides outside the engine's state, so ``rank(..., settings=...)`` costs the same as the default.
 """
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+import weakref
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from models.events import EVENT_TYPES
+from models.experiments import validate_overrides
 
 
 class Recommendation(NamedTuple):
@@ -78,6 +86,66 @@ _VERBS = {"purchase": ("bought", "bought"), "add_to_cart": ("bought", "put in yo
           "push_click": ("viewed", "opened"), "push_open": ("viewed", "opened")}
 
 
+class RankerSettings(NamedTuple):
+    """What the ranker reads besides the learned state: a config and its query weight tables.
+
+    ``qd_tab[k]`` / ``qs_tab[k]``: weight of the k-th most recent item's directional / symmetric votes.
+    """
+
+    config: Any
+    qd_tab: np.ndarray
+    qs_tab: np.ndarray
+
+
+def query_tables(cfg) -> tuple[np.ndarray, np.ndarray]:
+    """``(qd_tab, qs_tab)`` of a config (the same arrays ``Engine`` keeps as ``_qd_tab``/``_qs_tab``).
+
+    >>> from types import SimpleNamespace
+    >>> qd, qs = query_tables(SimpleNamespace(query_len=3, query_dir_len=2, query_dir_decay=0.5,
+    ...                                       query_sym_decay=0.9, sym_weight=0.5))
+    >>> qd.tolist(), [round(x, 3) for x in qs.tolist()]
+    ([1.0, 0.5, 0.0], [0.5, 0.45, 0.405])
+    """
+    kq = np.arange(cfg.query_len)
+    return np.where(kq < cfg.query_dir_len, cfg.query_dir_decay ** kq, 0.0), cfg.sym_weight * cfg.query_sym_decay ** kq
+
+
+#: engine -> (the config the entries derive from, {overrides items: RankerSettings}). Weak keys: an
+#: entry goes with its engine; it is not in the engine's ``__dict__``, so it is neither pickled nor
+#: snapshotted, and a read leaves the engine's state as it was.
+_SETTINGS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: Distinct overrides remembered per engine (a few variants in practice; cleared when exceeded).
+_SETTINGS_CACHE_MAX = 64
+
+
+def settings_for(engine, overrides: Mapping[str, float] | None) -> RankerSettings:
+    """The engine's ranker settings with ``overrides`` applied (validated; ``ValueError`` when not allowed).
+
+    Derived once per engine, config and distinct overrides, then served from a cache; the engine is
+    never modified. The new config is built with :func:`dataclasses.replace`, so the config's own
+    checks run too (e.g. ``query_len`` must not exceed ``history_len``).
+    """
+    base = engine.config
+    ov = validate_overrides(overrides)
+    if not ov:
+        return RankerSettings(base, engine._qd_tab, engine._qs_tab)
+    key = tuple(ov.items())
+    entry = _SETTINGS_CACHE.get(engine)
+    if entry is None or entry[0] is not base:  # first use, or engine.config was replaced
+        entry = (base, {})
+        _SETTINGS_CACHE[engine] = entry
+    cached = entry[1].get(key)
+    if cached is None:
+        cfg = replace(base, **ov)
+        qd, qs = query_tables(cfg)
+        qd.flags.writeable = qs.flags.writeable = False  # shared between calls
+        cached = RankerSettings(cfg, qd, qs)
+        if len(entry[1]) >= _SETTINGS_CACHE_MAX:
+            entry[1].clear()
+        entry[1][key] = cached
+    return cached
+
+
 def _as_container(exclude):
     if not exclude:
         return None
@@ -88,8 +156,12 @@ def _as_container(exclude):
     return set(exclude)
 
 
-def rank(engine, u: int | None, n: int, exclude, explain: bool = True) -> list[Recommendation]:
-    """Top-``n`` recommendations for user row ``u`` (None: unknown user); never mutates ``engine``."""
+def rank(engine, u: int | None, n: int, exclude, explain: bool = True,
+         settings: RankerSettings | None = None) -> list[Recommendation]:
+    """Top-``n`` recommendations for user row ``u`` (None: unknown user); never mutates ``engine``.
+
+    ``settings`` (from :func:`settings_for`) replaces ``engine.config`` and its query tables.
+    """
     cat = engine._catalog
     n_items = len(cat)
     if n <= 0 or n_items == 0:
@@ -97,7 +169,10 @@ def rank(engine, u: int | None, n: int, exclude, explain: bool = True) -> list[R
     excl = _as_container(exclude)
     if u is None:
         return _cold(engine, n, excl)
-    cfg = engine.config
+    if settings is None:
+        cfg, qd_tab, qs_tab = engine.config, engine._qd_tab, engine._qs_tab
+    else:
+        cfg, qd_tab, qs_tab = settings
     co = engine._cooc
     prof = engine._profiles
     tr = engine._trending
@@ -116,9 +191,9 @@ def rank(engine, u: int | None, n: int, exclude, explain: bool = True) -> list[R
         g = cfg.query_gap_floor
         ip = co.ipop[items] * (g + (1.0 - g) / (1.0 + (ts[0] - ts) * (1.0 / cfg.query_gap_tau_s)))
         m = co.n_neighbours
-        contrib = co.sq[1].reshape(-1, m)[items] * (engine._qs_tab[:k] * ip)[:, None]
+        contrib = co.sq[1].reshape(-1, m)[items] * (qs_tab[:k] * ip)[:, None]
         kd = min(k, cfg.query_dir_len)
-        contrib[:kd] += co.sq[0].reshape(-1, m)[items[:kd]] * (engine._qd_tab[:kd] * ip[:kd])[:, None]
+        contrib[:kd] += co.sq[0].reshape(-1, m)[items[:kd]] * (qd_tab[:kd] * ip[:kd])[:, None]
         nbq = co.nb[items]
         cooc = np.bincount((nbq + 1).ravel(), contrib.ravel(), minlength=n_items + 1)[1:]
         cooc *= co.ipop[:n_items]
@@ -179,7 +254,7 @@ def rank(engine, u: int | None, n: int, exclude, explain: bool = True) -> list[R
         order = np.argsort(-score, kind="stable")  # cand is sorted: ties go to the lower row
         rows = cand[order].tolist()
         sc = score[order].tolist()
-        keep, relaxed = _diverse(engine, u, rows, n, excl)
+        keep, relaxed = _diverse(engine, cfg, u, rows, n, excl)
         if relaxed and not widened:
             widened = True
             continue
@@ -191,19 +266,18 @@ def rank(engine, u: int | None, n: int, exclude, explain: bool = True) -> list[R
     if cfg.new_item_slots > 0 and cat._recent:
         if mix is None:
             mix = prof.mix(u)
-        picked = _new_item_slots(engine, u, mix, picked, excl, n)
+        picked = _new_item_slots(engine, cfg, u, mix, picked, excl, n)
     if len(picked) < n:
         picked = _fill_popular(engine, picked, excl, n, u)
     if not explain:
         return [Recommendation(cat._ids[r], score_of.get(r, 0.0), "") for r in picked]
-    return _explain(engine, u, picked, score_of, parts, q)
+    return _explain(engine, cfg, u, picked, score_of, parts, q)
 
 
-def _diverse(engine, u: int, rows: list[int], n: int, excl) -> tuple[list[int], bool]:
+def _diverse(engine, cfg, u: int, rows: list[int], n: int, excl) -> tuple[list[int], bool]:
     """Positions in ``rows`` (best first) to keep: not had, not excluded, at most
     ``ceil(max_category_share * n)`` per category (relaxed only when nothing else is left, which
     the second value reports)."""
-    cfg = engine.config
     cat = engine._catalog
     ids = cat._ids
     has = engine._profiles._cons_set[u]
@@ -237,8 +311,7 @@ def _blocked(engine, u: int | None, r: int, excl) -> bool:
     return u is not None and engine._profiles.has(u, r)
 
 
-def _new_item_slots(engine, u: int, mix: dict[int, float], picked: list[int], excl, n: int) -> list[int]:
-    cfg = engine.config
+def _new_item_slots(engine, cfg, u: int, mix: dict[int, float], picked: list[int], excl, n: int) -> list[int]:
     cat = engine._catalog
     if not mix or not cat._recent:
         return picked
@@ -320,11 +393,11 @@ def _anchors(engine, u: int, picked: list[int], q) -> dict[int, tuple[int, int, 
     return {j: (a, int(cnt), lf) for j, a, cnt, lf in zip(b_rows.tolist(), a_rows.tolist(), v[1].tolist(), lift)}
 
 
-def _explain(engine, u: int, picked: list[int], score_of: dict[int, float], parts: dict, q) -> list[Recommendation]:
+def _explain(engine, cfg, u: int, picked: list[int], score_of: dict[int, float], parts: dict,
+             q) -> list[Recommendation]:
     cat = engine._catalog
     if not picked:
         return []
-    cfg = engine.config
     dominant: dict[int, str] = {}
     for r in picked:
         best, best_v = None, 0.0

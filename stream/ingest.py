@@ -32,6 +32,7 @@ class DeadLetter:
 @dataclass
 class IngestResult:
     events: list[Event] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)  # each event's offset in its partition
     dead: list[DeadLetter] = field(default_factory=list)
     duplicates: int = 0
 
@@ -85,4 +86,5 @@ class Ingest:
                 out.duplicates += 1
                 continue
             out.events.append(event)
+            out.offsets.append(rec.offset)
         return out

@@ -79,6 +79,7 @@ class WorkerStats:
     recs_written: int = 0
     redis_retries: int = 0
     kafka_retries: int = 0
+    checkpoint_seconds: float = 0.0  # how long the last checkpoint took (snapshot of every partition + commit)
     last_batch_s: float = 0.0
     lag: int = 0
     dlq_by_reason: dict[str, int] = field(default_factory=dict)

@@ -19,6 +19,10 @@ class RedisKeys:
     def similar(self, item_id: str) -> str:
         return f"{self.prefix}similar:{item_id}"
 
+    def neighbour_row(self, item_id: str) -> str:
+        """Internal: the item stage's full co-occurrence row, read by the user stages' neighbour caches."""
+        return f"{self.prefix}nbrow:{item_id}"
+
     def trending(self, segment: int | str | None = None) -> str:
         return f"{self.prefix}trending" if segment is None else f"{self.prefix}trending:seg:{segment}"
 

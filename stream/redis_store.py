@@ -22,7 +22,7 @@ class RedisStore:
         self.recs_ttl_s = recs_ttl_s
 
     async def write(self, recs: Iterable[Mapping] = (), segments: Mapping[str, int | None] | None = None,
-                    similar: Mapping[str, list] | None = None,
+                    similar: Mapping[str, list] | None = None, rows: Mapping[str, bytes] | None = None,
                     trending: Mapping[int | None, list[tuple[str, float]]] | None = None) -> None:
         """Write one batch of results in a single pipeline (not a transaction)."""
         k = self.keys
@@ -39,6 +39,9 @@ class RedisStore:
             n += 1
         for item_id, neighbours in (similar or {}).items():
             pipe.set(k.similar(item_id), orjson.dumps(neighbours))
+            n += 1
+        for item_id, row in (rows or {}).items():
+            pipe.set(k.neighbour_row(item_id), row)
             n += 1
         for seg, ranked in (trending or {}).items():
             key = k.trending(seg)

@@ -9,7 +9,7 @@ wired (:func:`load`), never at import time.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 from typing import Literal
@@ -90,6 +90,8 @@ class Settings(BaseSettings):
     model_version: str = "v1"
     publish_interval_s: float = 1.0  # ig:similar of touched items and ig:trending are rewritten at most this often
     similar_n: int = 20
+    neighbour_cache_items: int = 50_000  # neighbour rows a user stage holds (least recently used dropped)
+    neighbour_max_age_s: float = 2.0  # a cached neighbour row older than this is read again from Redis
     trending_n: int = 100
 
     snapshot_interval_s: float = 10.0  # state snapshot + offset commit cadence; 0: commit every batch, no snapshots
@@ -202,6 +204,39 @@ class Settings(BaseSettings):
     experiment_attribution_window_s: float = 86_400.0
     experiment_message_ttl_s: float = 259_200.0
     experiment_max_messages: int = 500_000
+    # variant -> ranker settings for Engine.recommend(overrides=...), e.g. {"B": {"w_segment": 0.5}};
+    # keys: models.experiments.RANKER_OVERRIDES, checked here so that a typo stops the process at start
+    experiment_overrides: dict[str, dict[str, float]] = Field(default_factory=dict)
+
+    @field_validator("experiment_overrides", mode="before")
+    @classmethod
+    def _overrides_allowed(cls, v: object) -> object:
+        # before pydantic's coercion to float, so that booleans and strings are refused too
+        return _checked_overrides(v) if isinstance(v, dict) else v  # not a dict: pydantic reports the type
+
+    @field_validator("experiment_overrides")
+    @classmethod
+    def _overrides_normalised(cls, v: dict) -> dict:
+        return _checked_overrides(v)  # integer settings (query_len, ...) back to int after the float coercion
+
+    @model_validator(mode="after")
+    def _overrides_match_experiment(self) -> Settings:
+        if not self.experiment_overrides:
+            return self
+        from models.engine import EngineConfig  # the checks that need a whole config (query_len <= history_len)
+        base = EngineConfig(half_life_days=self.half_life_days, top_n=self.top_n)
+        for variant, overrides in self.experiment_overrides.items():
+            try:
+                replace(base, **overrides)
+            except ValueError as e:
+                raise ValueError(f"INFOGAP_EXPERIMENT_OVERRIDES: variant {variant!r}: {e}") from None
+        variants = (self.experiment or {}).get("variants") if isinstance(self.experiment, dict) else None
+        if isinstance(variants, dict):
+            unknown = sorted(set(self.experiment_overrides) - set(variants))
+            if unknown:
+                raise ValueError(f"INFOGAP_EXPERIMENT_OVERRIDES names variants {unknown} that INFOGAP_EXPERIMENT "
+                                 f"does not have (variants: {', '.join(map(str, variants))})")
+        return self
 
     # --- channel workers (infogap channel email|app|ads)
     channel_smtp_host: str = "127.0.0.1"
@@ -253,6 +288,17 @@ class Settings(BaseSettings):
     @property
     def redis_host(self) -> str:
         return urlparse(self.redis_url).hostname or "127.0.0.1"
+
+
+def _checked_overrides(v: dict) -> dict:
+    from models.experiments import validate_overrides
+    out = {}
+    for variant, overrides in v.items():
+        try:
+            out[variant] = validate_overrides(overrides)
+        except ValueError as e:
+            raise ValueError(f"INFOGAP_EXPERIMENT_OVERRIDES: variant {variant!r}: {e}") from None
+    return out
 
 
 def load(**overrides) -> Settings:

@@ -7,8 +7,16 @@ once by ``event_id``). The compacted ``items`` and ``users`` topics are read who
 worker (a global table) and caught up to their end before each batch, so a catalog or
 consent change produced before an event is applied before that event.
 
-Per batch: ingest (validate, dedupe, DLQ) → ``models.Engine.learn_many`` → for each touched
-user ``recommend`` → push policy → one Redis pipeline → DLQ/push produce → commit.
+This is the **user stage** (state partitioned by ``user_id``, as ``events`` is). Per batch and
+events partition: ingest (validate, dedupe, DLQ) → ``Engine.learn_many`` (an engine with
+``cooc="remote"``: it learns profiles, segments and trending, and emits its co-occurrence updates)
+→ the updates go to the ``cooc`` topic, split by the partition owning each item's row. Then the
+neighbour rows of the touched users' recent items are made current from Redis
+(:class:`~stream.neighbour_cache.NeighbourCache`), each touched user is ranked, the push policy
+runs, and one Redis pipeline plus the ``push``/``cooc``/DLQ produces complete the batch.
+
+The **item stage** (:class:`~stream.item_stage.ItemStage`) runs in the same process as a second
+consumer group on ``cooc``; more processes split both stages' partitions.
 """
 from __future__ import annotations
 
@@ -28,17 +36,21 @@ from aiokafka.errors import CommitFailedError, KafkaConnectionError, KafkaError,
 from models import Engine, EngineConfig
 from models.dedupe import Deduplicator
 from models.events import Event, Limits
-from models.experiments import FEEDBACK_TYPES, ExperimentMetrics
-from models.push_policy import PushConfig, PushPolicy, UserPrefs
+from models.experiments import FEEDBACK_TYPES
+from models.push_policy import PushConfig, UserPrefs
+from models.user_state import export_users, import_users
 from stream import connections
-from stream.experiments_store import ExperimentStore, experiment_from_settings, metrics_config
+from stream.experiments_store import ExperimentStore, experiment_from_settings
 from stream.ingest import DeadLetter, Ingest
+from stream.item_stage import ItemStage, owner
+from stream.neighbour_cache import NeighbourCache
 from stream.observability import WorkerStats, build_app, serve
 from stream.pseudonym import Pseudonymizer
 from stream.redis_keys import RedisKeys
 from stream.redis_store import RedisStore
 from stream.settings import Settings
 from stream.snapshots import Snapshot, SnapshotStore
+from stream.user_partition import UserPartition
 
 log = logging.getLogger("infogap.worker")
 
@@ -48,8 +60,7 @@ class _Rebalance(ConsumerRebalanceListener):
         self.worker = worker
 
     async def on_partitions_revoked(self, revoked) -> None:
-        if revoked and self.worker._snapshots is not None and self.worker.ready.is_set():
-            await self.worker.checkpoint()
+        await self.worker.on_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned) -> None:
         await self.worker.on_assigned(assigned)
@@ -70,25 +81,27 @@ class Worker:
                  clock: Callable[[], float] = time.time):
         self.settings = settings
         self.topics = settings.topics
-        self.engine = engine or Engine(engine_config(settings))
+        self.engine = engine or Engine(engine_config(settings), cooc="remote")
+        if self.engine.cooc_mode != "remote":
+            raise ValueError("the worker's engine must be built with cooc='remote' (the item stage learns the rows)")
         self.pseudonymize = Pseudonymizer.from_settings(settings)
         self.catalog_ids: set[str] = set()  # items published on the items topic
+        self.unavailable: set[str] = set()  # catalog items marked unavailable (never published as neighbours)
         self.ingest = Ingest(Limits(settings.max_event_bytes, settings.min_event_ts, settings.max_future_s,
                                     settings.allow_unknown_types),
                              Deduplicator(settings.dedupe_window_s, settings.dedupe_max_ids), self.pseudonymize,
                              max_lateness_s=settings.max_lateness_s,
                              known_item=self.catalog_ids.__contains__ if settings.unknown_items == "dlq" else None)
-        self.push_policy = PushPolicy(PushConfig(min_new_items=settings.push_min_new_items,
-                                                 daily_cap=dict(settings.push_daily_cap),
-                                                 repeat_window_s=settings.push_repeat_window_s,
-                                                 ttl_s=settings.push_ttl_s, items_per_push=settings.push_items))
+        self.push_config = PushConfig(min_new_items=settings.push_min_new_items,
+                                      daily_cap=dict(settings.push_daily_cap),
+                                      repeat_window_s=settings.push_repeat_window_s,
+                                      ttl_s=settings.push_ttl_s, items_per_push=settings.push_items)
+        self.parts: dict[int, UserPartition] = {}  # per assigned events partition
         self.prefs: dict[str, UserPrefs] = {}
         self.experiment = experiment_from_settings(settings)
-        self.exp_metrics = ExperimentMetrics(metrics_config(settings))
-        self.exp_name = self.experiment.name if self.experiment else self.push_policy.config.campaign
+        self.exp_name = self.experiment.name if self.experiment else self.push_config.campaign
         self.clock = clock
         self.stats = WorkerStats()
-        self._dirty_items: set[str] = set()
         self._published_at = float("-inf")
         self.ready = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
@@ -97,6 +110,13 @@ class Worker:
         self._redis: aioredis.Redis | None = None
         self._store: RedisStore | None = None
         self._side_parts: list[TopicPartition] = []
+        self.items: ItemStage | None = None
+        #: held by a batch from ingest to its last produce, and by checkpoints: a rebalance waits for the
+        #: batch in flight, so a partition's co-occurrence updates are all sent before its new owner sends any
+        self._batch_lock = asyncio.Lock()
+        self._done: dict[int, int] = {}  # next offset to process, per events partition (what a snapshot covers)
+        self._generation = 0  # bumped by every rebalance: a batch fetched before one is dropped (re-read after)
+        self._cache: NeighbourCache | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -115,6 +135,13 @@ class Worker:
         self._side = connections.consumer(s, group_id=None, enable_auto_commit=False,
                                           auto_offset_reset="earliest")
         self._snapshots = SnapshotStore(s, self.topics.state_users) if s.snapshot_interval_s > 0 else None
+        self._cache = NeighbourCache(self._redis, RedisKeys(s.redis_prefix), s.neighbour_cache_items,
+                                     s.neighbour_max_age_s)
+        self.items = ItemStage(s, self.engine.config, self._store,
+                               eligible=lambda i: i not in self.unavailable, retrying=self._kafka_retrying,
+                               send_dead=self._send_counted_dead)
+        item_stop = asyncio.Event()
+        item_task = None
         http = None
         try:
             if s.http_port is not None:
@@ -123,16 +150,22 @@ class Worker:
             self._consumer.subscribe([self.topics.events], listener=_Rebalance(self))
             await self._kafka_retrying("start the Kafka clients", self._start_kafka)
             await self._kafka_retrying("read items and users", self._sync_side)
+            item_task = asyncio.create_task(self.items.run(item_stop), name="item-stage")
             self.ready.set()
             log.info("worker ready: group=%s topic=%s", s.consumer_group, self.topics.events)
             last_snapshot = time.monotonic()
             while not stop.is_set():
+                if item_task.done():
+                    item_task.result()  # the item stage failed: raise its error here
+                generation = self._generation
                 batch = await self._consumer.getmany(timeout_ms=s.batch_timeout_ms,
                                                      max_records=s.batch_max_records)
                 records = [r for recs in batch.values() for r in recs]
                 await self._kafka_retrying("read items and users", self._sync_side)
                 if records:
-                    await self.process(records)
+                    async with self._batch_lock:
+                        if generation == self._generation:  # else fetched before a rebalance: re-read after it
+                            await self.process(records)
                     self.stats.lag = await self._lag()
                     if self._snapshots is None:
                         await self._kafka_retrying("commit offsets", self._consumer.commit)
@@ -141,8 +174,13 @@ class Worker:
                     last_snapshot = time.monotonic()
             if self._snapshots is not None and self._consumer.assignment():
                 await self.checkpoint()
+            item_stop.set()
+            await item_task
         finally:
-            closers = [self._consumer.stop, self._side.stop, self._producer.stop, self._redis.aclose]
+            if item_task is not None and not item_task.done():
+                item_task.cancel()
+            closers = [self._consumer.stop, self.items.stop, self._side.stop, self._producer.stop,
+                       self._redis.aclose]
             if self._snapshots is not None:
                 closers.append(self._snapshots.stop)
             if http is not None:
@@ -159,57 +197,86 @@ class Worker:
             await self._snapshots.start()
         await self._side.start()
         await self._assign_side()
+        self._cooc_partitions = len(await self._producer.partitions_for(self.topics.cooc))
         await self._consumer.start()
+        await self.items.start()
 
     # ------------------------------------------------------------------ checkpoints
-    def state(self) -> dict:
-        """Everything a restarted worker needs to continue exactly (items and users are re-read from Kafka)."""
-        return {"engine": self.engine, "dedupe": self.ingest.dedupe, "watermarks": self.ingest.watermarks,
-                "push": self.push_policy, "experiments": self.exp_metrics}
+    def _part(self, partition: int) -> UserPartition:
+        part = self.parts.get(partition)
+        if part is None:
+            part = self.parts[partition] = UserPartition.new(partition, self.settings, self.push_config)
+        return part
 
-    def restore(self, state: dict) -> None:
-        self.engine = state["engine"]
-        self.ingest.dedupe = state["dedupe"]
-        self.ingest.watermarks = state["watermarks"]
-        self.push_policy = state["push"]
-        self.exp_metrics = state["experiments"]
+    def partition_state(self, partition: int) -> dict:
+        """Everything about one events partition's users (items and users topics are re-read from Kafka)."""
+        part = self._part(partition)
+        part.watermark = self.ingest.watermarks.get((self.topics.events, partition), float("-inf"))
+        return {"part": part, "users": export_users(self.engine, part.users)}
 
-    async def checkpoint(self) -> None:
-        """Snapshot the state with the offsets it covers, then commit exactly those offsets.
+    def restore_partition(self, partition: int, state: dict) -> None:
+        part: UserPartition = state["part"]
+        import_users(self.engine, state["users"])
+        self.parts[partition] = part
+        if part.watermark > float("-inf"):
+            self.ingest.watermarks[(self.topics.events, partition)] = part.watermark
 
-        The state is the whole worker's for now (one snapshot, keyed by the set of partitions it covers):
-        a worker restarted with the same assignment resumes exactly; per-partition state, which lets a
-        rebalance move users between workers, comes with the partitioned user stage.
-        """
-        assigned = sorted(self._consumer.assignment(), key=lambda tp: tp.partition)
-        if not assigned:
+    async def checkpoint(self, partitions: list[int] | None = None) -> None:
+        """Snapshot each partition's state with the offset it covers, then commit exactly those offsets."""
+        async with self._batch_lock:
+            await self._checkpoint(partitions)
+
+    async def _checkpoint(self, partitions: list[int] | None) -> None:
+        assigned = {tp.partition: tp for tp in self._consumer.assignment()}
+        wanted = sorted(assigned if partitions is None else set(partitions) & set(assigned))
+        if not wanted:
             return
-        offsets = {tp: await self._consumer.position(tp) for tp in assigned}
-        snap = Snapshot(0, 0, {"partitions": [tp.partition for tp in assigned],
-                               "offsets": {tp.partition: off for tp, off in offsets.items()},
-                               "state": self.state()})
         t0 = time.perf_counter()
-        size = await self._kafka_retrying("write a state snapshot", self._snapshots.save_many, [snap])
+        offsets = {assigned[p]: self._done[p] for p in wanted if p in self._done}
+        if not offsets:
+            return
+        snaps = [Snapshot(tp.partition, off, self.partition_state(tp.partition)) for tp, off in offsets.items()]
+        size = await self._kafka_retrying("write state snapshots", self._snapshots.save_many, snaps)
         await self._kafka_retrying("commit offsets", self._consumer.commit, offsets)
+        self.stats.checkpoint_seconds = time.perf_counter() - t0
         log.info("checkpoint: %d bytes, offsets %s (%.2f s)", size,
                  {tp.partition: o for tp, o in offsets.items()}, time.perf_counter() - t0)
 
+    async def on_revoked(self, revoked) -> None:
+        """Partitions leaving: a last snapshot of each (if running), then their users leave this engine."""
+        gone = [tp.partition for tp in revoked if tp.topic == self.topics.events]
+        self._generation += 1
+        async with self._batch_lock:
+            if self._snapshots is not None and self.ready.is_set():
+                await self._checkpoint(gone)
+            self._drop(gone)
+
+    def _drop(self, gone: list[int]) -> None:
+        for p in gone:
+            part = self.parts.pop(p, None)
+            if part is not None:
+                for user_id in part.users:
+                    self.engine.forget_user(user_id)
+            self.ingest.watermarks.pop((self.topics.events, p), None)
+            self._done.pop(p, None)
+
     async def on_assigned(self, assigned) -> None:
-        """Restore the snapshot that covers exactly this assignment, and resume from its offsets."""
-        if self._snapshots is None or not assigned:
+        """Restore the snapshots of newly assigned partitions and resume each from its offset."""
+        self._generation += 1
+        new = [tp for tp in assigned if tp.partition not in self.parts]
+        if self._snapshots is None or not new:
             return
-        found = (await self._snapshots.load([0])).get(0)
-        if found is None:
-            return
-        parts = sorted(tp.partition for tp in assigned)
-        if found.state["partitions"] != parts:
-            log.warning("snapshot covers partitions %s, this worker got %s: starting from committed offsets",
-                        found.state["partitions"], parts)
-            return
-        self.restore(found.state["state"])
-        for tp in assigned:
-            self._consumer.seek(tp, found.state["offsets"][tp.partition])
-        log.info("restored the snapshot of partitions %s at offsets %s", parts, found.state["offsets"])
+        found = await self._snapshots.load([tp.partition for tp in new])
+        for tp in new:
+            snap = found.get(tp.partition)
+            if snap is None:
+                continue
+            self.restore_partition(tp.partition, snap.state)
+            self._consumer.seek(tp, snap.offset)
+            self._done[tp.partition] = snap.offset
+        if found:
+            self._cache.stale()
+        log.info("took events partitions %s (%d from snapshots)", sorted(tp.partition for tp in new), len(found))
 
     async def _kafka_retrying(self, what: str, fn, *args):
         """Retry a Kafka operation through a broker outage: the worker waits, it does not die."""
@@ -295,12 +362,17 @@ class Worker:
                     if key:
                         self.engine.remove_item(key)
                         self.catalog_ids.discard(key)
+                        self.unavailable.add(key)
                     return
                 doc = orjson.loads(rec.value)
                 if not isinstance(doc, dict) or not doc.get("item_id"):
                     raise ValueError("items record must be a JSON object with 'item_id'")
                 self.engine.upsert_item(doc)
                 self.catalog_ids.add(str(doc["item_id"]))
+                if doc.get("available", True) is False:
+                    self.unavailable.add(str(doc["item_id"]))
+                else:
+                    self.unavailable.discard(str(doc["item_id"]))
             else:
                 if rec.value is None:
                     if key:
@@ -319,38 +391,55 @@ class Worker:
         """Process one micro-batch of ``events`` records end to end (all but the commit)."""
         t0 = time.perf_counter()
         now = self.clock()
-        result = self.ingest.accept(records, now)
         st = self.stats
-        st.events_in += len(records)
-        st.duplicates += result.duplicates
-        for d in result.dead:
-            st.count_dead(d.reason)
-
-        touched: dict[str, float] = {}  # user -> newest event time in this batch
-        chunk_items = {e.item_id for e in result.events if e.item_id is not None}
-        chunk: list[Event] = []
+        by_partition: dict[int, list] = {}
+        for rec in records:
+            by_partition.setdefault(rec.partition, []).append(rec)
+        touched: dict[str, tuple[float, int]] = {}  # user -> (newest event time in this batch, partition)
         erased: list[str] = []
-        for e in result.events:
-            if e.type == "forget":
-                self._learn(chunk)
-                chunk = []
-                self._forget_in_memory(e.user_id)
-                touched.pop(e.user_id, None)
-                erased.append(e.user_id)
-                continue
-            chunk.append(e)
-            if e.type in FEEDBACK_TYPES:
-                self.exp_metrics.observe(e)
-            if e.ts > touched.get(e.user_id, float("-inf")):
-                touched[e.user_id] = e.ts
-        self._learn(chunk)
-        st.events_ok += len(result.events)
+        dead: list[DeadLetter] = []
+        cooc_messages: list[tuple] = []
+        n_ok = 0
+        for partition, recs in by_partition.items():
+            part = self._part(partition)
+            self.ingest.dedupe = part.dedupe  # event ids are deduplicated per partition (a user's events share one)
+            result = self.ingest.accept(recs, now)
+            self._done[partition] = max(self._done.get(partition, 0), recs[-1].offset + 1)
+            st.duplicates += result.duplicates
+            for d in result.dead:
+                st.count_dead(d.reason)
+            dead += result.dead
+            learned: list[int] = []  # offsets of the events learned, in order
+            base = self.engine.n_learned
+            chunk: list[Event] = []
+            for e, offset in zip(result.events, result.offsets):
+                if e.type == "forget":
+                    self._learn(chunk)
+                    chunk = []
+                    self._forget_in_memory(e.user_id)
+                    touched.pop(e.user_id, None)
+                    erased.append(e.user_id)
+                    continue
+                chunk.append(e)
+                learned.append(offset)
+                part.users.add(e.user_id)
+                if e.type in FEEDBACK_TYPES:
+                    part.experiments.observe(e)
+                if e.ts > touched.get(e.user_id, (float("-inf"),))[0]:
+                    touched[e.user_id] = (e.ts, partition)
+            self._learn(chunk)
+            n_ok += len(result.events)
+            cooc_messages += self._cooc_messages(partition, base, learned)
+        await self._send_all(cooc_messages)
+        await self._redis_retrying(self._cache.ensure, self.engine,
+                                   (i for u in touched for i in self.engine.query_items(u)), time.monotonic())
 
         docs, segments, pushes = [], {}, []
         top_n, version = self.settings.top_n, self.settings.model_version
-        for user_id, user_ts in touched.items():
+        for user_id, (user_ts, partition) in touched.items():
             variant = self.experiment.assign(user_id) if self.experiment else None
-            recs = self.engine.recommend(user_id, n=top_n)
+            recs = self.engine.recommend(user_id, n=top_n,
+                                         overrides=self.settings.experiment_overrides.get(variant) if variant else None)
             seg = self.engine.segment(user_id)
             segments[user_id] = seg
             docs.append({"user_id": user_id,
@@ -360,17 +449,18 @@ class Worker:
             if self.settings.push_enabled:
                 prefs = self.prefs.get(user_id)
                 if prefs is not None:
-                    pushes += self.push_policy.decide(prefs, recs, now=user_ts, variant=variant)
+                    sent = self.parts[partition].push.decide(prefs, recs, now=user_ts, variant=variant)
+                    self.parts[partition].experiments.record_sends(sent)
+                    pushes += sent
 
-        self.exp_metrics.record_sends(pushes)
-        await self._redis_retrying(self._store.write, recs=docs, segments=segments, **self._serving(chunk_items))
-        changed = self.exp_metrics.drain_changed()
+        await self._redis_retrying(self._store.write, recs=docs, segments=segments, **self._serving())
+        changed = {seg: c for part in self.parts.values() for seg, c in part.experiments.drain_changed().items()}
         if changed:
             await self._redis_retrying(self._exp_store.write, self.exp_name, changed)
         for user_id in erased:
             await self._redis_retrying(self._store.erase_user, user_id)
         await self._send_all([(self.topics.push, orjson.dumps(m.to_dict()), m.user_id.encode(), None)
-                              for m in pushes] + self._dead_messages(result.dead))
+                              for m in pushes] + self._dead_messages(dead))
         done = self.clock()
         created = np.fromiter((r.timestamp for r in records if r.timestamp is not None), float)
         st.freshness_seconds.add_many(done - created / 1000.0)
@@ -378,26 +468,36 @@ class Worker:
             st.pushes_by_channel[m.channel] = st.pushes_by_channel.get(m.channel, 0) + 1
         st.pushes += len(pushes)
         st.erased_users += len(erased)
+        st.events_ok += n_ok
+        st.events_in += len(records)  # counted with the batch's other counters, once it is done
         st.recs_written += len(docs)
         st.batches += 1
         st.last_batch_s = time.perf_counter() - t0
         st.batch_seconds.add(st.last_batch_s)
 
-    def _serving(self, items: set[str]) -> dict:
-        """Neighbour lists of items touched since the last publish, and trending, at most every second."""
-        self._dirty_items |= items
+    def _cooc_messages(self, partition: int, base: int, offsets: list[int]) -> list[tuple]:
+        """The engine's co-occurrence updates of one events partition, one ``cooc`` record per owner."""
+        deltas = self.engine.drain_pair_deltas()
+        if deltas is None:
+            return []
+        n = self._cooc_partitions
+        deltas = deltas.with_seq(np.asarray(offsets, np.int64), base)
+        headers = [("source", str(partition).encode())]
+        # every owner gets a record: the item occurrences in it are everyone's (popularity, lift)
+        return [(self.topics.cooc, part.to_bytes(), None, headers, p)
+                for p, part in enumerate(deltas.split(lambda i: owner(i, n), n))]
+
+    def _serving(self) -> dict:
+        """Trending, at most every ``publish_interval_s`` (neighbour lists are the item stage's)."""
         now = time.monotonic()
         if now - self._published_at < self.settings.publish_interval_s:
             return {}
         self._published_at = now
-        similar = {i: [n._asdict() for n in self.engine.similar(i, n=self.settings.similar_n)]
-                   for i in self._dirty_items}
-        self._dirty_items = set()
         k = self.settings.trending_n
         trending = {None: self.engine.trending(n=k)}
         for seg in range(self.engine.config.n_segments):
             trending[seg] = self.engine.trending(n=k, segment=seg)
-        return {"similar": similar, "trending": trending}
+        return {"trending": trending}
 
     async def _redis_retrying(self, fn, *args, **kwargs):
         """Retry a Redis write until it succeeds: offsets are not committed meanwhile, so nothing is lost."""
@@ -418,8 +518,8 @@ class Worker:
     # ------------------------------------------------------------------ erasure and DLQ
     def _forget_in_memory(self, user_id: str) -> None:
         self.engine.forget_user(user_id)
-        self.push_policy.forget_user(user_id)
-        self.exp_metrics.forget_user(user_id)
+        for part in self.parts.values():
+            part.forget_user(user_id)
         self.prefs.pop(user_id, None)
 
     async def erase_user(self, user_id: str) -> None:
@@ -431,17 +531,23 @@ class Worker:
     def _dead_messages(self, dead: list[DeadLetter]) -> list[tuple]:
         return [(self.topics.dlq, d.raw, d.key, d.headers()) for d in dead]
 
+    async def _send_counted_dead(self, dead: list[DeadLetter]) -> None:
+        for d in dead:
+            self.stats.count_dead(d.reason)
+        await self._send_dead(dead)
+
     async def _send_dead(self, dead: list[DeadLetter]) -> None:
         await self._send_all(self._dead_messages(dead))
 
     async def _send_all(self, messages: list[tuple]) -> None:
-        """Produce ``(topic, value, key, headers)`` messages; resend those that failed until all are acked."""
+        """Produce ``(topic, value, key, headers[, partition])`` messages; resend those that failed until all are acked."""
         delay = 0.2
         while messages:
             futures = []
-            for topic, value, key, headers in messages:
+            for topic, value, key, headers, *partition in messages:
                 try:
-                    futures.append(await self._producer.send(topic, value, key=key, headers=headers))
+                    futures.append(await self._producer.send(topic, value, key=key, headers=headers,
+                                                             partition=partition[0] if partition else None))
                 except (KafkaError, OSError) as exc:
                     futures.append(exc)
             results = [f if isinstance(f, BaseException) else None for f in futures]

@@ -78,3 +78,28 @@ async def running_worker(settings, **kwargs):
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
+
+
+async def model_from_snapshots(settings, item_ids: list[str]):
+    """The user stage's state as its snapshots hold it, ranking with the item stage's rows in Redis.
+
+    Returns (engine, {partition: Snapshot}); the engine holds every snapshotted partition's users.
+    """
+    from models import Engine
+    from models.user_state import import_users
+    from stream.neighbour_cache import decode_row
+    from stream.redis_keys import RedisKeys
+    from stream.snapshots import SnapshotStore
+    from stream.worker import engine_config
+
+    snaps = await SnapshotStore(settings, settings.topics.state_users).load(list(range(6)))
+    engine = Engine(engine_config(settings), cooc="remote")
+    for snap in snaps.values():
+        import_users(engine, snap.state["users"])
+    r = connections.redis_async(settings)
+    try:
+        raws = await r.mget([RedisKeys(settings.redis_prefix).neighbour_row(i) for i in item_ids])
+    finally:
+        await r.aclose()
+    engine.load_rows(decode_row(raw) for raw in raws if raw is not None)
+    return engine, snaps

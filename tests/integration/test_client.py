@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
+
+from models import Engine
 from stream import connections
 from stream.client import InfogapClient
+from stream.worker import engine_config
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import produce, running_worker
 
@@ -21,18 +25,26 @@ async def test_the_client_reads_what_the_worker_wrote(settings):
         await produce(s, s.topics.items, [(it["item_id"], it) for it in CATALOG])
         await produce(s, s.topics.events, [(e["user_id"], e) for e in events])
         await wait_for(lambda: worker.stats.events_ok >= len(events), what="all events applied")
-        expected_recs = worker.engine.recommend("u3", n=s.top_n)
-        expected_similar = worker.engine.similar("sku-1", n=s.similar_n)
         expected_trending = worker.engine.trending(n=5)
         expected_segment = worker.engine.segment("u3")
+    pure = Engine(engine_config(s))  # the item stage's rows equal a pure engine's on the same events
+    for it in CATALOG:
+        pure.upsert_item(it)
+    pure.learn_many(events)
+    expected_similar = pure.similar("sku-1", n=s.similar_n)
     client = InfogapClient(connections.redis_sync(s), s.redis_prefix)
+    raw = orjson.loads(await asyncio.to_thread(connections.redis_sync(s).get, f"{s.redis_prefix}recs:u3"))
     recs = await asyncio.to_thread(client.recommendations, "u3")
     assert recs is not None and recs.user_id == "u3" and recs.model_version == s.model_version
-    assert [(i.item_id, i.reason) for i in recs.items] == [(r.item_id, r.reason) for r in expected_recs]
+    assert [(i.item_id, i.score, i.reason) for i in recs.items] == [(r["item_id"], r["score"], r["reason"])
+                                                                    for r in raw["items"]]
+    owned = {e["item_id"] for e in events if e["user_id"] == "u3"}
+    assert recs.items and not owned & {i.item_id for i in recs.items} and all(i.reason for i in recs.items)
     assert recs.segment == expected_segment == client.segment("u3")
     similar = client.similar("sku-1")
-    assert [(n.item_id, round(n.lift, 6)) for n in similar] == [(n.item_id, round(n.lift, 6))
-                                                                for n in expected_similar]
+    assert expected_similar
+    assert sorted((n.item_id, round(n.lift, 6)) for n in similar) == sorted((n.item_id, round(n.lift, 6))
+                                                                            for n in expected_similar)
     assert similar and all(n.support >= 2 for n in similar)  # rare pairs are not published
     trending = client.trending(n=5)
     assert [i for i, _ in trending] == [i for i, _ in expected_trending]

@@ -90,7 +90,8 @@ async def test_erasure_leaves_no_trace_in_redis_or_state_within_5_seconds(settin
             ("zoe", {"event_id": "fb1", "user_id": "zoe", "type": "push_click", "ts": T0 + 9,
                      "context": {"campaign": "recs", "channel": "email", "variant": "A", "message_id": "m-1"}})])
         await wait_for(lambda: r.exists(f"{s.redis_prefix}recs:zoe"), what="zoe's recs")
-        assert worker.push_policy.knows("zoe") and worker.exp_metrics.knows_user("zoe")
+        parts = list(worker.parts.values())
+        assert any(p.push.knows("zoe") for p in parts) and any(p.experiments.knows_user("zoe") for p in parts)
         t0 = time.monotonic()
         await produce(s, s.topics.events, [("zoe", {"event_id": "bye", "user_id": "zoe", "type": "forget",
                                                      "ts": T0 + 10})])
@@ -101,12 +102,12 @@ async def test_erasure_leaves_no_trace_in_redis_or_state_within_5_seconds(settin
 
         await wait_for(erased, deadline_s=5, what="zoe erased from Redis and the model")
         took = time.monotonic() - t0
-        state = worker.state()
+        state = {"engine": worker.engine, "partitions": [worker.partition_state(p) for p in worker.parts]}
     assert took < 5
-    assert not state["engine"].known_user("zoe") and state["engine"].profile("zoe") is None
-    assert not state["push"].knows("zoe") and not state["experiments"].knows_user("zoe")
+    assert not worker.engine.known_user("zoe") and worker.engine.profile("zoe") is None
+    assert not any(p.push.knows("zoe") or p.experiments.knows_user("zoe") or "zoe" in p.users for p in parts)
     assert "zoe" not in worker.prefs
     import pickle
     blob = pickle.dumps(state)
-    assert b"zoe" not in blob  # not in any state store: model, dedupe, push, experiments, watermarks
+    assert b"zoe" not in blob  # not in any state store: model, snapshots (users, dedupe, push, experiments)
     await r.aclose()

@@ -393,7 +393,7 @@ def test_pair_weights_scalar_and_vector_paths_agree():
     prev_ts = rng.uniform(0, 100, (e, w))
     prev_w = rng.uniform(0.1, 3, (e, w))
     cur, ts, cw, sc = rng.integers(0, 10, e), rng.uniform(100, 200, e), rng.uniform(0.1, 3, e), rng.uniform(1, 2, e)
-    codes, deltas = pw.many(cur, ts, cw, sc, prev, prev_ts, prev_w)
+    codes, deltas, _ = pw.many(cur, ts, cw, sc, prev, prev_ts, prev_w)
     c1, d1 = [], []
     for j in range(e):
         c, d = pw.one(int(cur[j]), float(ts[j]), float(cw[j]), float(sc[j]), prev[j].tolist(), prev_ts[j].tolist(),
@@ -406,7 +406,8 @@ def test_pair_weights_scalar_and_vector_paths_agree():
 
 
 # ---------------------------------------------------------------------------- docstrings and imports
-MODEL_FILES = ["engine.py", "profile.py", "cooccurrence.py", "segments.py", "trending.py", "ranker.py", "catalog.py"]
+MODEL_FILES = ["engine.py", "profile.py", "cooccurrence.py", "segments.py", "trending.py", "ranker.py", "catalog.py",
+               "user_state.py"]
 MODELS_DIR = pathlib.Path(__file__).resolve().parents[2] / "models"
 
 

@@ -1,0 +1,217 @@
+"""Sharded co-occurrence: the deltas a user stage emits, and the item-side shard that learns from them.
+
+In the partitioned stream, a user's history lives with the user (partitioned by ``user_id``), but
+item-item rows live with the item (partitioned by ``item_id``). An :class:`~models.engine.Engine`
+built with ``cooc="remote"`` does not update co-occurrence itself: it records every slot update
+it would have made, unscaled and with its event's time, as :class:`PairDeltas`. The stream splits
+them by the owner of each row (:meth:`PairDeltas.split`), and each owner applies its part to a
+:class:`CoOccurrenceShard`. Slot updates keep their order, and scaling by event time happens on
+the shard, so one shard fed everything holds the same rows as a local engine.
+
+Item occurrences (popularity, and the pair total that lift needs) go to *every* shard: each one
+then knows the popularity of every item, which cosine and lift need for neighbours it does not own.
+
+Every update carries ``seq``, its event's position in its source (the stream sets it to the Kafka
+offset of the event in its ``events`` partition): a shard skips what it already applied, so a
+user stage replaying after a crash does not count pairs twice.
+
+>>> import numpy as np
+>>> d = PairDeltas(items=["tea", "cup"], row=np.array([0, 1]), nb=np.array([1, 0]),
+...                d=np.array([[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0]]), ts=np.array([10.0, 10.0]),
+...                seq=np.array([7, 7]), occ=np.array([0, 1]), occ_ts=np.array([9.0, 10.0]),
+...                occ_pairs=np.array([0.0, 1.0]), occ_seq=np.array([6, 7]))
+>>> shard = CoOccurrenceShard(n_neighbours=8, half_life_days=None, door_bits=0)
+>>> shard.apply(d, source=0); shard.apply(d, source=0)  # the replay is skipped
+>>> [(n.item_id, n.support) for n in shard.similar("tea", min_support=1)]
+[('cup', 1.0)]
+>>> PairDeltas.from_bytes(d.to_bytes()).items
+['tea', 'cup']
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+
+from models.cooccurrence import _SHIFT, CoOccurrence
+from models.ranker import Neighbour
+
+#: The shard moves its reference time when ``lambda * (t - t0)`` passes this (as the engine does).
+_RENORM_EXPONENT = 40.0
+#: The admission door is reset after this many occurrences (as the engine does, per learned events).
+_DOOR_PERIOD = 128 * 1024
+_ARRAYS = (("row", np.int32), ("nb", np.int32), ("ts", np.float64), ("seq", np.int64), ("occ", np.int32),
+           ("occ_ts", np.float64), ("occ_pairs", np.float64), ("occ_seq", np.int64))
+
+
+@dataclass
+class PairDeltas:
+    """Slot updates and item occurrences, unscaled, with ids (index into ``items``), in event order.
+
+    Slot update j: row item ``items[row[j]]``, neighbour ``items[nb[j]]`` gains ``d[j]``
+    (w_dir, w_sym, n_pair, count) at time ``ts[j]``. Occurrence k: item ``items[occ[k]]`` was
+    seen at ``occ_ts[k]`` and its event made ``occ_pairs[k]`` pairs.
+    """
+
+    items: list[str]
+    row: np.ndarray
+    nb: np.ndarray
+    d: np.ndarray
+    ts: np.ndarray
+    seq: np.ndarray
+    occ: np.ndarray
+    occ_ts: np.ndarray
+    occ_pairs: np.ndarray
+    occ_seq: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.row.size)
+
+    def split(self, owner: Callable[[str], int], n_parts: int) -> list[PairDeltas]:
+        """One part per owner: its rows' slot updates (in order) and every occurrence."""
+        own = np.fromiter(map(owner, self.items), np.int64, len(self.items))
+        dest = own[self.row] if self.row.size else np.zeros(0, np.int64)
+        out = []
+        for p in range(n_parts):
+            k = np.flatnonzero(dest == p)
+            out.append(PairDeltas(self.items, self.row[k], self.nb[k], self.d[k], self.ts[k], self.seq[k],
+                                  self.occ, self.occ_ts, self.occ_pairs, self.occ_seq))
+        return out
+
+    def with_seq(self, seq_of: np.ndarray, base: int = 0) -> PairDeltas:
+        """A copy whose ``seq`` numbers are mapped through ``seq_of[seq - base]`` (e.g. to Kafka offsets)."""
+        return PairDeltas(self.items, self.row, self.nb, self.d, self.ts, seq_of[self.seq - base], self.occ,
+                          self.occ_ts, self.occ_pairs, seq_of[self.occ_seq - base])
+
+    def to_bytes(self) -> bytes:
+        """A compact binary form: a JSON header (ids, sizes), then the arrays' raw bytes."""
+        arrays = [np.ascontiguousarray(getattr(self, name), dt) for name, dt in _ARRAYS]
+        arrays.append(np.ascontiguousarray(self.d, np.float64))
+        head = orjson.dumps({"items": self.items, "sizes": [a.size for a in arrays]})
+        return len(head).to_bytes(4, "big") + head + b"".join(a.tobytes() for a in arrays)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> PairDeltas:
+        n = int.from_bytes(raw[:4], "big")
+        head = orjson.loads(raw[4: 4 + n])
+        pos = 4 + n
+        arrays = {}
+        for (name, dt), size in zip(_ARRAYS + (("d", np.float64),), head["sizes"]):
+            arrays[name] = np.frombuffer(raw, dt, size, pos)
+            pos += size * np.dtype(dt).itemsize
+        arrays["d"] = arrays["d"].reshape(-1, 4)
+        return cls(items=head["items"], **arrays)
+
+
+class CoOccurrenceShard:
+    """The co-occurrence rows of the items one stream partition owns, learned from :class:`PairDeltas`.
+
+    Parameters are those of :class:`~models.cooccurrence.CoOccurrence`. ``sources`` holds, per
+    source, the highest ``seq`` applied (updates at or below it are skipped).
+    """
+
+    def __init__(self, n_neighbours: int = 400, half_life_days: float | None = 200.0, evict_fraction: float = 0.5,
+                 pop_exponent: float = 0.2, door_bits: int = 22, evict_sym_weight: float = 0.5):
+        self.co = CoOccurrence(n_neighbours=n_neighbours, half_life_days=half_life_days,
+                               evict_fraction=evict_fraction, pop_exponent=pop_exponent, door_bits=door_bits,
+                               evict_sym_weight=evict_sym_weight)
+        self._rows: dict[str, int] = {}
+        self._ids: list[str] = []
+        self.sources: dict[int, int] = {}
+        self.t0: float | None = None
+        self.now = -math.inf
+        self.n_occurrences = 0
+
+    @classmethod
+    def for_engine(cls, config) -> CoOccurrenceShard:
+        """A shard with an :class:`~models.engine.EngineConfig`'s co-occurrence settings."""
+        return cls(n_neighbours=config.n_neighbours, half_life_days=config.cooc_half_life_days,
+                   evict_fraction=config.evict_fraction, pop_exponent=config.pop_exponent,
+                   door_bits=config.door_bits, evict_sym_weight=config.sym_weight)
+
+    def _row(self, item_id: str) -> int:
+        r = self._rows.get(item_id)
+        if r is None:
+            r = self._rows[item_id] = len(self._ids)
+            self._ids.append(item_id)
+        return r
+
+    def apply(self, deltas: PairDeltas, source: int) -> None:
+        """Apply the updates of ``source`` newer than what was applied from it, in order."""
+        done = self.sources.get(source, -1)
+        occ_new = deltas.occ_seq > done
+        new = deltas.seq > done
+        if not occ_new.any() and not new.any():
+            return
+        rows = np.fromiter(map(self._row, deltas.items), np.int64, len(deltas.items))
+        self.co.ensure(len(self._ids))
+        co = self.co
+        times = np.concatenate([deltas.occ_ts[occ_new], deltas.ts[new]])
+        if self.t0 is None:
+            self.t0 = float(times.min())
+        newest = float(times.max())
+        if co.lam * (newest - self.t0) > _RENORM_EXPONENT:
+            co.rescale(math.exp(-co.lam * (newest - self.t0)))
+            self.t0 = newest
+        self.now = max(self.now, newest)
+        if occ_new.any():
+            occ_scale = np.exp(co.lam * (deltas.occ_ts[occ_new] - self.t0))
+            co.add_occurrences(rows[deltas.occ[occ_new]].tolist(), occ_scale.tolist())
+            co.pair_total += float(np.dot(deltas.occ_pairs[occ_new], occ_scale))
+            before = self.n_occurrences
+            self.n_occurrences += int(occ_new.sum())
+            if self.n_occurrences // _DOOR_PERIOD != before // _DOOR_PERIOD:
+                co.reset_door()
+        if new.any():
+            d = deltas.d[new].copy()
+            d[:, :3] *= np.exp(co.lam * (deltas.ts[new] - self.t0))[:, None]
+            codes = (rows[deltas.row[new]] << _SHIFT) | rows[deltas.nb[new]]
+            pair_total = co.pair_total
+            co.update(codes.tolist(), d)
+            co.pair_total = pair_total  # counted once per pair from the occurrences, not per owned slot
+        self.sources[source] = max(done, int(deltas.seq.max(initial=-1)), int(deltas.occ_seq.max(initial=-1)))
+
+    def _decay(self) -> float:
+        return 1.0 if self.t0 is None else math.exp(-self.co.lam * (self.now - self.t0))
+
+    def owned(self) -> list[str]:
+        """Ids of the items that have a non-empty row here."""
+        fill = self.co.fill
+        return [i for r, i in enumerate(self._ids) if fill[r]]
+
+    def similar(self, item_id: str, n: int = 10, min_support: int = 2,
+                eligible: Callable[[str], bool] | None = None) -> list[Neighbour]:
+        """Published neighbours of an owned item, as :meth:`models.engine.Engine.similar` gives them."""
+        r = self._rows.get(item_id)
+        if r is None or n <= 0:
+            return []
+        nb, cos, support, conf, lift = self.co.published(r, min_support)
+        decay = self._decay()
+        out = []
+        for b, c, s, cf, lf in zip(nb.tolist(), cos.tolist(), support.tolist(), conf.tolist(), lift.tolist()):
+            b_id = self._ids[b]
+            if eligible is None or eligible(b_id):
+                out.append(Neighbour(b_id, c, s * decay, cf, lf))
+                if len(out) == n:
+                    break
+        return out
+
+    def export_row(self, item_id: str) -> dict | None:
+        """Row of an owned item for a read-side copy (:meth:`models.engine.Engine.load_rows`).
+
+        Decayed values are as of ``t`` (the newest event time applied), not of a reference time.
+        """
+        r = self._rows.get(item_id)
+        if r is None:
+            return None
+        co = self.co
+        nb, w_dir, w_sym, n_pair, count = co.neighbours(r)
+        decay = self._decay()
+        values = np.vstack([w_dir * decay, w_sym * decay, n_pair * decay, count])
+        return {"item_id": item_id, "t": self.now, "pop": float(co.pop[r]) * decay,
+                "total": co.total * decay, "pair_total": co.pair_total * decay,
+                "neighbours": [self._ids[b] for b in nb.tolist()], "values": values,
+                "neighbour_pop": co.pop[nb] * decay}

