@@ -33,10 +33,10 @@ import numpy as np
 
 from models.catalog import Catalog
 from models.cooc_shard import PairDeltas
-from models.cooccurrence import CoOccurrence, PairWeights
+from models.cooccurrence import _MASK, _SHIFT, CoOccurrence, PairWeights
 from models.events import EVENT_TYPES, Event, as_event
 from models.profile import Profiles
-from models.ranker import Neighbour, Recommendation, rank, settings_for
+from models.ranker import Neighbour, Recommendation, query_tables, rank, settings_for
 from models.segments import Segmenter
 from models.trending import Trending
 
@@ -223,6 +223,7 @@ class Engine:
         #: "remote": co-occurrence is learned elsewhere (see :mod:`models.cooc_shard`); this engine
         #: emits its pair updates (:meth:`drain_pair_deltas`) and ranks with rows given to :meth:`load_rows`.
         self.cooc_mode = cooc
+        #: per push batch: (codes, deltas, ts, seq, occurrence rows, their ts, pairs made, seq)
         self._outbox: list[tuple] = []
         self._weights = {t: float(cfg.event_weights.get(t, DEFAULT_EVENT_WEIGHTS.get(t, 0.0))) for t in EVENT_TYPES}
         self._exclude_types = frozenset(cfg.exclude_types)
@@ -243,9 +244,7 @@ class Engine:
         h = cfg.history_len
         #: ring positions of the newest..oldest entries, per ring head: row c % h -> (c - 1 - k) % h
         self._ring_idx = (np.arange(h)[:, None] - 1 - np.arange(h)[None, :]) % h
-        kq = np.arange(cfg.query_len)
-        self._qd_tab = np.where(kq < cfg.query_dir_len, cfg.query_dir_decay ** kq, 0.0)
-        self._qs_tab = cfg.sym_weight * cfg.query_sym_decay ** kq
+        self._qd_tab, self._qs_tab = query_tables(cfg)
         self._t0: float | None = None
         self._now = -math.inf
         self._lam_max = max(self._profiles.lam, self._cooc.lam, self._trending.lam, self._trending.lam_m)
@@ -393,13 +392,14 @@ class Engine:
             codes, deltas = self._pairs.one(i, ts, w, scale, prof.hist_item[u, idx].tolist(),
                                             prof.hist_ts[u, idx].tolist(), prof.hist_w[u, idx].tolist())
             if self.cooc_mode == "remote":
-                self._emit(np.asarray(codes, np.int64), deltas, np.full(len(codes), ts), np.full(len(codes), seq),
-                           np.array([i]), np.array([ts]), np.array([len(codes) // 2]), np.array([seq]))
+                self._outbox.append((np.asarray(codes, np.int64), deltas, np.full(len(codes), ts),
+                                     np.full(len(codes), seq), np.array([i]), np.array([ts]),
+                                     np.array([len(codes) // 2]), np.array([seq])))
             else:
                 self._cooc.update(codes, deltas)
         elif self.cooc_mode == "remote":
-            self._emit(np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64),
-                       np.array([i]), np.array([ts]), np.zeros(1), np.array([seq]))
+            self._outbox.append((np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64),
+                                 np.array([i]), np.array([ts]), np.zeros(1), np.array([seq])))
         j = c % h
         prof.hist_item[u, j] = i
         prof.hist_ts[u, j] = ts
@@ -432,8 +432,8 @@ class Engine:
         codes, deltas, ev = self._pairs.many(pi, pts, pw, scale, prev_items, prev_ts, prev_w)
         if self.cooc_mode == "remote":
             ev2 = np.repeat(ev, 2)
-            self._emit(np.asarray(codes, np.int64), deltas, pts[ev2], pseq[ev2], pi, pts,
-                       np.bincount(ev, minlength=p).astype(np.float64), pseq)
+            self._outbox.append((np.asarray(codes, np.int64), deltas, pts[ev2], pseq[ev2], pi, pts,
+                                 np.bincount(ev, minlength=p).astype(np.float64), pseq))
         else:
             self._cooc.update(codes, deltas)
         # ring writes: only each user's last `h` pushes of the batch survive
@@ -445,9 +445,6 @@ class Engine:
         prof.hist_w[ru, rc] = pw[keep]
         prof.hist_type[ru, rc] = ptype[keep]
 
-    def _emit(self, codes, deltas, ts, seq, occ, occ_ts, occ_pairs, occ_seq) -> None:
-        self._outbox.append((codes, deltas, ts, seq, occ, occ_ts, occ_pairs, occ_seq))
-
     def drain_pair_deltas(self) -> PairDeltas | None:
         """The co-occurrence updates learned since the last call (``cooc="remote"`` engines), or None.
 
@@ -457,8 +454,7 @@ class Engine:
             return None
         codes, d, ts, seq, occ, occ_ts, occ_pairs, occ_seq = (np.concatenate(x) for x in zip(*self._outbox))
         self._outbox = []
-        rows = (codes >> 32).astype(np.int64)
-        nbs = (codes & 0xFFFFFFFF).astype(np.int64)
+        rows, nbs = codes >> _SHIFT, codes & _MASK
         used, inverse = np.unique(np.concatenate([rows, nbs, occ.astype(np.int64)]), return_inverse=True)
         n, m = rows.size, occ.size
         ids = self._catalog.item_id

@@ -383,8 +383,8 @@ class Worker:
                 self.prefs[prefs.user_id] = prefs
         except (ValueError, TypeError) as exc:  # orjson.JSONDecodeError is a ValueError
             reason = f"bad {rec.topic} record: {exc}"
-            self.stats.count_dead(reason)
-            await self._send_dead([DeadLetter(rec.value, rec.key, reason, rec.topic, rec.partition, rec.offset)])
+            await self._send_counted_dead([DeadLetter(rec.value, rec.key, reason, rec.topic, rec.partition,
+                                                      rec.offset)])
 
     # ------------------------------------------------------------------ the batch
     async def process(self, records) -> None:
