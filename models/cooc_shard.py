@@ -81,6 +81,25 @@ class PairDeltas:
                                   self.occ, self.occ_ts, self.occ_pairs, self.occ_seq))
         return out
 
+    def pieces(self, max_updates: int) -> list[PairDeltas]:
+        """Consecutive pieces of at most about ``max_updates`` slot updates, cut between events.
+
+        Each piece holds the updates and occurrences of a range of ``seq`` numbers, so a shard that
+        applied a piece has applied everything up to its highest ``seq``, and skipping by ``seq``
+        stays exact (an event's updates, at most ``2 * window``, are never cut apart).
+        """
+        if len(self) <= max_updates:
+            return [self]
+        cuts = np.unique(self.seq[max_updates::max_updates])
+        lo, hi = np.r_[np.iinfo(np.int64).min, cuts], np.r_[cuts, np.iinfo(np.int64).max]
+        out = []
+        for a, b in zip(lo.tolist(), hi.tolist()):
+            k = np.flatnonzero((self.seq >= a) & (self.seq < b))
+            o = np.flatnonzero((self.occ_seq >= a) & (self.occ_seq < b))
+            out.append(PairDeltas(self.items, self.row[k], self.nb[k], self.d[k], self.ts[k], self.seq[k],
+                                  self.occ[o], self.occ_ts[o], self.occ_pairs[o], self.occ_seq[o]))
+        return out
+
     def with_seq(self, seq_of: np.ndarray, base: int = 0) -> PairDeltas:
         """A copy whose ``seq`` numbers are mapped through ``seq_of[seq - base]`` (e.g. to Kafka offsets)."""
         return PairDeltas(self.items, self.row, self.nb, self.d, self.ts, seq_of[self.seq - base], self.occ,

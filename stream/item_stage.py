@@ -65,6 +65,9 @@ class ItemStage:
         self.store = store
         self.eligible = eligible
         self.shards: dict[int, CoOccurrenceShard] = {}
+        #: held while applying, publishing or checkpointing, and by a rebalance: a partition's new owner
+        #: starts only after the old one's last Redis write, so an older row never overwrites a newer one
+        self._lock = asyncio.Lock()
         self._dirty: dict[int, set[str]] = {}
         self._published_at = float("-inf")
         self._retrying = retrying
@@ -98,22 +101,24 @@ class ItemStage:
         last_snapshot = time.monotonic()
         while not stop.is_set():
             batch = await self.consumer.getmany(timeout_ms=s.batch_timeout_ms, max_records=500)
-            for tp, records in batch.items():
-                self.apply(tp.partition, records)
-            if self.dead:
-                dead, self.dead = self.dead, []
-                log.warning("%d bad cooc records, first: %s", len(dead), dead[0].reason)
-                if self._send_dead is not None:
-                    await self._send_dead(dead)
-            await self.publish()
-            if self.snapshots is None and batch:
-                await self._kafka("commit cooc offsets", self.consumer.commit)
-            elif self.snapshots is not None and time.monotonic() - last_snapshot >= s.snapshot_interval_s:
+            async with self._lock:
+                for tp, records in batch.items():
+                    self.apply(tp.partition, records)
+                if self.dead:
+                    dead, self.dead = self.dead, []
+                    log.warning("%d bad cooc records, first: %s", len(dead), dead[0].reason)
+                    if self._send_dead is not None:
+                        await self._send_dead(dead)
+                await self.publish()
+                if self.snapshots is None and batch:
+                    await self._kafka("commit cooc offsets", self.consumer.commit)
+                elif self.snapshots is not None and time.monotonic() - last_snapshot >= s.snapshot_interval_s:
+                    await self.checkpoint(list(self.shards))
+                    last_snapshot = time.monotonic()
+        async with self._lock:
+            await self.publish(force=True)
+            if self.snapshots is not None:
                 await self.checkpoint(list(self.shards))
-                last_snapshot = time.monotonic()
-        await self.publish(force=True)
-        if self.snapshots is not None:
-            await self.checkpoint(list(self.shards))
 
     def apply(self, partition: int, records) -> None:
         shard = self.shards.get(partition)
@@ -165,11 +170,12 @@ class ItemStage:
 
     async def release(self, partitions: list[int]) -> None:
         """Partitions revoked: publish and checkpoint their shards, then let them go."""
-        await self.publish(force=True)
-        await self.checkpoint(partitions)
-        for p in partitions:
-            self.shards.pop(p, None)
-            self._dirty.pop(p, None)
+        async with self._lock:
+            await self.publish(force=True)
+            await self.checkpoint(partitions)
+            for p in partitions:
+                self.shards.pop(p, None)
+                self._dirty.pop(p, None)
 
     async def take(self, partitions: list[int]) -> None:
         """Partitions assigned: restore their snapshots and resume from the offsets they cover."""

@@ -66,6 +66,17 @@ class _Rebalance(ConsumerRebalanceListener):
         await self.worker.on_assigned(assigned)
 
 
+#: Slot updates per ``cooc`` record (about 56 bytes each): records stay well under Kafka's 1 MiB default.
+_COOC_RECORD_UPDATES = 8_000
+
+
+def _retriable(exc: BaseException) -> bool:
+    """Whether a Kafka error can go away by waiting (a broker outage), rather than being a bug or a limit."""
+    if isinstance(exc, (KafkaConnectionError, KafkaTimeoutError, CommitFailedError, OSError)):
+        return True
+    return isinstance(exc, KafkaError) and getattr(exc, "retriable", True)
+
+
 def engine_config(settings: Settings) -> EngineConfig:
     return EngineConfig(half_life_days=settings.half_life_days, top_n=settings.top_n)
 
@@ -114,8 +125,11 @@ class Worker:
         #: held by a batch from ingest to its last produce, and by checkpoints: a rebalance waits for the
         #: batch in flight, so a partition's co-occurrence updates are all sent before its new owner sends any
         self._batch_lock = asyncio.Lock()
-        self._done: dict[int, int] = {}  # next offset to process, per events partition (what a snapshot covers)
-        self._generation = 0  # bumped by every rebalance: a batch fetched before one is dropped (re-read after)
+        #: next offset to process per events partition: what a snapshot covers, and where a batch must start
+        self._done: dict[int, int] = {}
+        #: events partitions this worker owns: from their assignment until their revocation (in between
+        #: two rebalance callbacks it owns none, whatever the consumer still reports)
+        self._owned: set[int] = set()
         self._cache: NeighbourCache | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -157,15 +171,13 @@ class Worker:
             while not stop.is_set():
                 if item_task.done():
                     item_task.result()  # the item stage failed: raise its error here
-                generation = self._generation
                 batch = await self._consumer.getmany(timeout_ms=s.batch_timeout_ms,
                                                      max_records=s.batch_max_records)
                 records = [r for recs in batch.values() for r in recs]
                 await self._kafka_retrying("read items and users", self._sync_side)
                 if records:
                     async with self._batch_lock:
-                        if generation == self._generation:  # else fetched before a rebalance: re-read after it
-                            await self.process(records)
+                        await self.process(records)
                     self.stats.lag = await self._lag()
                     if self._snapshots is None:
                         await self._kafka_retrying("commit offsets", self._consumer.commit)
@@ -245,11 +257,11 @@ class Worker:
     async def on_revoked(self, revoked) -> None:
         """Partitions leaving: a last snapshot of each (if running), then their users leave this engine."""
         gone = [tp.partition for tp in revoked if tp.topic == self.topics.events]
-        self._generation += 1
         async with self._batch_lock:
             if self._snapshots is not None and self.ready.is_set():
                 await self._checkpoint(gone)
             self._drop(gone)
+            self._owned.difference_update(gone)
 
     def _drop(self, gone: list[int]) -> None:
         for p in gone:
@@ -262,8 +274,8 @@ class Worker:
 
     async def on_assigned(self, assigned) -> None:
         """Restore the snapshots of newly assigned partitions and resume each from its offset."""
-        self._generation += 1
         new = [tp for tp in assigned if tp.partition not in self.parts]
+        self._owned.update(tp.partition for tp in assigned)
         if self._snapshots is None or not new:
             return
         found = await self._snapshots.load([tp.partition for tp in new])
@@ -285,8 +297,7 @@ class Worker:
             try:
                 return await fn(*args)
             except (KafkaError, OSError) as exc:
-                if isinstance(exc, KafkaError) and not getattr(exc, "retriable", True) \
-                        and not isinstance(exc, (KafkaConnectionError, KafkaTimeoutError, CommitFailedError)):
+                if not _retriable(exc):
                     raise
                 self.stats.kafka_retries += 1
                 log.warning("Kafka unavailable while trying to %s (%s); retrying in %.1f s", what,
@@ -392,9 +403,10 @@ class Worker:
         t0 = time.perf_counter()
         now = self.clock()
         st = self.stats
-        by_partition: dict[int, list] = {}
-        for rec in records:
-            by_partition.setdefault(rec.partition, []).append(rec)
+        by_partition = self._in_sequence(records)
+        records = [r for recs in by_partition.values() for r in recs]
+        if not records:
+            return
         touched: dict[str, tuple[float, int]] = {}  # user -> (newest event time in this batch, partition)
         erased: list[str] = []
         dead: list[DeadLetter] = []
@@ -475,6 +487,26 @@ class Worker:
         st.last_batch_s = time.perf_counter() - t0
         st.batch_seconds.add(st.last_batch_s)
 
+    def _in_sequence(self, records) -> dict[int, list]:
+        """The records by partition, keeping only those that continue what this worker holds.
+
+        A batch fetched around a rebalance can hold records of a partition that was revoked since
+        (its new owner reads them; during the rebalance this worker owns nothing), or that was
+        restored from a snapshot at another offset: those are left out, and the partition is sought
+        back to the offset its state covers.
+        """
+        out: dict[int, list] = {}
+        for rec in records:
+            out.setdefault(rec.partition, []).append(rec)
+        for partition in list(out):
+            expected = self._done.get(partition)
+            if partition not in self._owned:
+                del out[partition]
+            elif expected is not None and out[partition][0].offset != expected:
+                del out[partition]
+                self._consumer.seek(TopicPartition(self.topics.events, partition), expected)
+        return out
+
     def _cooc_messages(self, partition: int, base: int, offsets: list[int]) -> list[tuple]:
         """The engine's co-occurrence updates of one events partition, one ``cooc`` record per owner."""
         deltas = self.engine.drain_pair_deltas()
@@ -484,8 +516,9 @@ class Worker:
         deltas = deltas.with_seq(np.asarray(offsets, np.int64), base)
         headers = [("source", str(partition).encode())]
         # every owner gets a record: the item occurrences in it are everyone's (popularity, lift)
-        return [(self.topics.cooc, part.to_bytes(), None, headers, p)
-                for p, part in enumerate(deltas.split(lambda i: owner(i, n), n))]
+        return [(self.topics.cooc, piece.to_bytes(), None, headers, p)
+                for p, part in enumerate(deltas.split(lambda i: owner(i, n), n))
+                for piece in part.pieces(_COOC_RECORD_UPDATES)]
 
     def _serving(self) -> dict:
         """Trending, at most every ``publish_interval_s`` (neighbour lists are the item stage's)."""
@@ -556,7 +589,9 @@ class Worker:
             for (k, _), r in zip(pending, done):
                 results[k] = r if isinstance(r, BaseException) else None
             failed = [m for m, r in zip(messages, results) if r is not None]
-            if failed:
+            fatal = next((r for r in results if r is not None and not _retriable(r)), None)
+            if fatal is not None:  # e.g. a record over the broker's size limit: resending cannot help
+                raise fatal
                 self.stats.kafka_retries += 1
                 log.warning("%d of %d messages not acknowledged (%s); resending in %.1f s", len(failed),
                             len(messages), type(next(r for r in results if r is not None)).__name__, delay)

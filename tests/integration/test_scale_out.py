@@ -128,8 +128,6 @@ async def test_two_workers_give_what_one_worker_and_the_pure_engine_give(local_s
     assert j12 >= 0.6 and j1p >= 0.5
 
 
-@pytest.mark.xfail(reason="open (issue 4): after worker b leaves, worker a does not get the committed offsets of "
-                          "both stages to the end within 120 s; under investigation, see the issue note", strict=False)
 async def test_a_worker_leaving_hands_over_its_partitions_and_loses_nothing(local_stack, tmp_path):
     s = fresh_settings(local_stack)
     half = len(EVENTS) // 2

@@ -107,3 +107,20 @@ def test_a_remote_engine_does_not_learn_rows_itself_and_drains_once(stream):
     assert set(eng.query_items(evs[0]["user_id"])) <= set(d.items)
     with pytest.raises(ValueError, match="cooc must be"):
         Engine(CFG, cooc="elsewhere")
+
+
+def test_a_batch_cut_into_pieces_is_applied_as_the_whole(stream):
+    evs, _ = stream
+    eng = Engine(CFG, cooc="remote")
+    eng.learn_many(evs[:300])
+    whole = eng.drain_pair_deltas()
+    pieces = whole.pieces(max_updates=200)
+    assert len(pieces) > 3 and sum(len(p) for p in pieces) == len(whole)
+    assert sum(p.occ.size for p in pieces) == whole.occ.size
+    assert all(len(p) <= 200 + 2 * CFG.window for p in pieces)
+    one, cut = CoOccurrenceShard.for_engine(CFG), CoOccurrenceShard.for_engine(CFG)
+    one.apply(whole, source=0)
+    for p in pieces:
+        cut.apply(PairDeltas.from_bytes(p.to_bytes()), source=0)
+    assert np.array_equal(one.co.vals, cut.co.vals) and np.array_equal(one.co.pop, cut.co.pop)
+    assert one.sources == cut.sources
