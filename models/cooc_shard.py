@@ -198,8 +198,8 @@ class CoOccurrenceShard:
 
     def owned(self) -> list[str]:
         """Ids of the items that have a non-empty row here."""
-        fill = self.co.fill
-        return [i for r, i in enumerate(self._ids) if fill[r]]
+        fill, block = self.co.fill, self.co.block
+        return [i for r, i in enumerate(self._ids) if fill[block[r]]]
 
     def similar(self, item_id: str, n: int = 10, min_support: int = 2,
                 eligible: Callable[[str], bool] | None = None) -> list[Neighbour]:

@@ -110,12 +110,17 @@ class CoOccurrence:
         self.lam = 0.0 if not half_life_days else math.log(2.0) / (half_life_days * 86400.0)
         m = n_neighbours
         cap = max(int(capacity), 1)
-        self.nb = np.full((cap, m), -1, np.int32)
-        self.vals = np.zeros((4, cap * m))
-        self.sq = np.zeros((2, cap * m))  # sqrt of the two scoring weights, kept for the ranker
-        self._col_off = np.arange(4)[None, :] * (cap * m)
-        self.fill: list[int] = [0] * cap  # high-water mark of each row
-        self._free: dict[int, list[int]] = {}  # freed positions below the mark, descending
+        #: item row -> its block of M slots in nb/vals/sq; 0 = none yet (block 0 is always empty)
+        self.block = np.zeros(cap, np.int32)
+        blocks = 1 + min(cap, 256)
+        self.nb = np.full((blocks, m), -1, np.int32)
+        self.vals = np.zeros((4, blocks * m))
+        self.sq = np.zeros((2, blocks * m))  # sqrt of the two scoring weights, kept for the ranker
+        self._col_off = np.arange(4)[None, :] * (blocks * m)
+        self.fill: list[int] = [0] * blocks  # high-water mark of each block
+        self._free: dict[int, list[int]] = {}  # per block: freed positions below the mark, descending
+        self._n_blocks = 1
+        self._spare: list[int] = []  # blocks of cleared rows, reused first
         self.pop = np.zeros(cap)
         self.ipop = np.ones(cap)
         self.total = 0.0
@@ -126,27 +131,36 @@ class CoOccurrence:
 
     # ------------------------------------------------------------------ storage
     def ensure(self, n_items: int) -> None:
-        """Make room for ``n_items`` rows."""
+        """Make room for ``n_items`` items (their slot blocks are taken when a row gets its first neighbour)."""
         self.n_items = max(self.n_items, n_items)
-        cap = self.nb.shape[0]
+        cap = self.block.shape[0]
         if n_items <= cap:
             return
         new = max(n_items, 2 * cap)
-        m = self.n_neighbours
-        nb = np.full((new, m), -1, np.int32)
-        nb[:cap] = self.nb
-        vals = np.zeros((4, new * m))
-        vals[:, : cap * m] = self.vals
-        sq = np.zeros((2, new * m))
-        sq[:, : cap * m] = self.sq
-        self.sq = sq
-        pop = np.zeros(new)
-        pop[:cap] = self.pop
-        ipop = np.ones(new)
-        ipop[:cap] = self.ipop
-        self.nb, self.vals, self.pop, self.ipop = nb, vals, pop, ipop
-        self._col_off = np.arange(4)[None, :] * (new * m)
-        self.fill.extend([0] * (new - cap))
+        self.block = np.r_[self.block, np.zeros(new - cap, np.int32)]
+        self.pop = np.r_[self.pop, np.zeros(new - cap)]
+        self.ipop = np.r_[self.ipop, np.ones(new - cap)]
+
+    def _block_for(self, r: int) -> int:
+        """Row ``r``'s block, taken now if it has none (blocks are numbered in order of first need)."""
+        b = int(self.block[r])
+        if b:
+            return b
+        if self._spare:
+            b = self._spare.pop()
+        else:
+            b = self._n_blocks
+            cap = self.nb.shape[0]
+            if b >= cap:
+                new, m = 2 * cap, self.n_neighbours
+                self.nb = np.r_[self.nb, np.full((new - cap, m), -1, np.int32)]
+                self.vals = np.hstack([self.vals, np.zeros((4, (new - cap) * m))])
+                self.sq = np.hstack([self.sq, np.zeros((2, (new - cap) * m))])
+                self._col_off = np.arange(4)[None, :] * (new * m)
+                self.fill.extend([0] * (new - cap))
+            self._n_blocks = b + 1
+        self.block[r] = b
+        return b
 
     def rescale(self, factor: float) -> None:
         """Multiply every decayed quantity by ``factor`` (moving the reference time)."""
@@ -161,14 +175,6 @@ class CoOccurrence:
     def n_slots(self) -> int:
         """Number of live (item, neighbour) slots."""
         return len(self._slot)
-
-    def view(self, what: int) -> np.ndarray:
-        """One quantity (``W_DIR``, ``W_SYM``, ``N_PAIR``, ``COUNT``) as ``[n_items, M]`` (a view)."""
-        return self.vals[what].reshape(self.nb.shape[0], self.n_neighbours)
-
-    def sqrt_view(self, what: int) -> np.ndarray:
-        """``sqrt`` of ``W_DIR`` or ``W_SYM`` as ``[n_items, M]`` (a view)."""
-        return self.sq[what].reshape(self.nb.shape[0], self.n_neighbours)
 
     # ------------------------------------------------------------------ learning
     def add_occurrences(self, rows: list[int], scaled: list[float]) -> None:
@@ -246,23 +252,25 @@ class CoOccurrence:
     def _take(self, r: int, cnt: int) -> list[int]:
         """The next ``cnt`` free slots of row ``r`` (freed positions first, lowest first)."""
         out: list[int] = []
-        fl = self._free.get(r)
+        b = self._block_for(r)
+        fl = self._free.get(b)
         if fl:
             k = min(cnt, len(fl))
             out = fl[len(fl) - k:][::-1]
             del fl[len(fl) - k:]
             if not fl:
-                del self._free[r]
+                del self._free[b]
         rest = cnt - len(out)
         if rest:
-            f = self.fill[r]
+            f = self.fill[b]
             out.extend(range(f, f + rest))
-            self.fill[r] = f + rest
-        base = r * self.n_neighbours
+            self.fill[b] = f + rest
+        base = b * self.n_neighbours
         return [base + p for p in out]
 
     def _available(self, r: int) -> int:
-        return self.n_neighbours - self.fill[r] + len(self._free.get(r, ()))
+        b = int(self.block[r])
+        return self.n_neighbours - self.fill[b] + len(self._free.get(b, ()))
 
     def _update_small(self, codes: list[int], deltas: np.ndarray) -> None:
         """The same as :meth:`update`, one update at a time (faster for a few updates)."""
@@ -292,15 +300,22 @@ class CoOccurrence:
                         skip = True
                         continue
                 r = c >> _SHIFT
-                fl = free.get(r)
+                b = self.block[r]
+                if not b:  # the row's first neighbour: taking its block may grow nb
+                    if new_s:
+                        nb_flat[new_s] = new_c
+                        new_s, new_c = [], []
+                    b = self._block_for(r)
+                    nb_flat = self.nb.reshape(-1)
+                fl = free.get(b)
                 if fl:
                     p = fl.pop()
                     if not fl:
-                        del free[r]
+                        del free[b]
                 else:
-                    p = fill[r]
+                    p = fill[b]
                     if p < m:
-                        fill[r] = p + 1
+                        fill[b] = p + 1
                     else:  # full: apply what precedes, then evict
                         if new_s:
                             nb_flat[new_s] = new_c
@@ -311,11 +326,11 @@ class CoOccurrence:
                         for q in range(k + 1, len(codes)):  # later slots of this row may be gone
                             if codes[q] >> _SHIFT == r:
                                 slots[q] = get(codes[q], -1)
-                        fl = free[r]
+                        fl = free[b]
                         p = fl.pop()
                         if not fl:
-                            del free[r]
-                s = r * m + p
+                            del free[b]
+                s = b * m + p
                 new_s.append(s)
                 new_c.append(c & _MASK)
                 slot_of[c] = s
@@ -355,6 +370,9 @@ class CoOccurrence:
         fo = np.argsort(first, kind="stable")
         new_codes, new_first = uniq[fo], mi[first[fo]]  # distinct new codes in arrival order
         new_rows = new_codes >> _SHIFT
+        block = self.block
+        for r in dict.fromkeys(new_rows[block[new_rows] == 0].tolist()):  # rows' first neighbours, in order
+            self._block_for(r)
         o = np.argsort(new_rows, kind="stable")
         rs, rc, rf = new_rows[o], new_codes[o], new_first[o]
         starts = np.flatnonzero(np.r_[True, rs[1:] != rs[:-1]])
@@ -395,7 +413,8 @@ class CoOccurrence:
     def _evict(self, r: int) -> None:
         """Free the weakest ``evict_fraction`` of full row ``r``'s slots (ties: lowest position first)."""
         m = self.n_neighbours
-        lo = r * m
+        b = int(self.block[r])
+        lo = b * m
         block = self.vals[:, lo: lo + m]
         # weakest by the ranker's view of a slot: its damped weights (state of this row only, so the
         # choice is the same whether the events come one at a time or in a batch)
@@ -403,12 +422,12 @@ class CoOccurrence:
         drop = np.sort(np.argsort(key, kind="stable")[: self._n_evict])
         base = r << _SHIFT
         slot_of = self._slot
-        for c in self.nb[r, drop].tolist():
+        for c in self.nb[b, drop].tolist():
             del slot_of[base | c]
-        self.nb[r, drop] = -1
+        self.nb[b, drop] = -1
         block[:, drop] = 0.0
         self.sq[:, lo + drop] = 0.0
-        self._free[r] = drop[::-1].tolist()
+        self._free[b] = drop[::-1].tolist()
 
     def set_row(self, r: int, neighbours: np.ndarray, values: np.ndarray) -> None:
         """Replace row ``r`` with given neighbours and their ``[4, K]`` values (reference-time units).
@@ -419,29 +438,35 @@ class CoOccurrence:
         m = self.n_neighbours
         k = min(int(neighbours.size), m)
         self.clear_row(r)
-        lo = r * m
-        self.nb[r, :k] = neighbours[:k]
+        if not k:
+            return
+        b = self._block_for(r)
+        lo = b * m
+        self.nb[b, :k] = neighbours[:k]
         self.vals[:, lo: lo + k] = values[:, :k]
         self.sq[:, lo: lo + k] = np.sqrt(values[:2, :k])
-        self.fill[r] = k
+        self.fill[b] = k
         base = r << _SHIFT
         self._slot.update(zip((base | c for c in neighbours[:k].tolist()), range(lo, lo + k)))
 
     def clear_row(self, r: int) -> None:
-        """Empty row ``r`` (its item's popularity stays)."""
-        m = self.n_neighbours
-        f = self.fill[r]
-        if f:
-            base, slot_of = r << _SHIFT, self._slot
-            for c in self.nb[r, :f].tolist():
-                if c >= 0:
-                    del slot_of[base | c]
-            lo = r * m
-            self.nb[r, :f] = -1
-            self.vals[:, lo: lo + f] = 0.0
-            self.sq[:, lo: lo + f] = 0.0
-            self.fill[r] = 0
-        self._free.pop(r, None)
+        """Empty row ``r`` and give its block back (its item's popularity stays)."""
+        b = int(self.block[r])
+        if not b:
+            return
+        f = self.fill[b]
+        base, slot_of = r << _SHIFT, self._slot
+        for c in self.nb[b, :f].tolist():
+            if c >= 0:
+                del slot_of[base | c]
+        lo = b * self.n_neighbours
+        self.nb[b, :f] = -1
+        self.vals[:, lo: lo + f] = 0.0
+        self.sq[:, lo: lo + f] = 0.0
+        self.fill[b] = 0
+        self._free.pop(b, None)
+        self.block[r] = 0
+        self._spare.append(b)
 
     def set_popularity(self, rows: np.ndarray, pop: np.ndarray, total: float, pair_total: float) -> None:
         """Set items' decayed occurrence counts and the totals (reference-time units), for a read-side copy."""
@@ -471,10 +496,11 @@ class CoOccurrence:
 
     def neighbours(self, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Row ``r``'s live slots: (neighbour rows, w_dir, w_sym, n_pair, count), reference-time units."""
-        f = self.fill[r]
-        nb = self.nb[r, :f]
+        b = int(self.block[r])
+        f = self.fill[b]
+        nb = self.nb[b, :f]
         live = np.flatnonzero(nb >= 0)
-        v = self.vals[:, r * self.n_neighbours + live]
+        v = self.vals[:, b * self.n_neighbours + live]
         return nb[live], v[W_DIR], v[W_SYM], v[N_PAIR], v[COUNT]
 
     def pair(self, a: int, b: int, decay: float = 1.0) -> dict | None:

@@ -602,8 +602,8 @@ class Engine:
             return None
         out = prof.rfm(r, self._now, self._decay(prof.lam))
         mix = prof.mix(r)
-        top = sorted(mix.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
-        out["categories"] = {self._catalog.feature_name(f): round(s, 4) for f, s in top}
+        top = sorted(((f, round(s, 4)) for f, s in mix.items()), key=lambda kv: (-kv[1], kv[0]))[:5]
+        out["categories"] = {self._catalog.feature_name(f): s for f, s in top if s > 0}  # shares that round to 0: none
         out["events"] = prof.n_events[r]
         out["segment"] = self.segment(user_id)
         return out

@@ -191,10 +191,11 @@ def rank(engine, u: int | None, n: int, exclude, explain: bool = True,
         g = cfg.query_gap_floor
         ip = co.ipop[items] * (g + (1.0 - g) / (1.0 + (ts[0] - ts) * (1.0 / cfg.query_gap_tau_s)))
         m = co.n_neighbours
-        contrib = co.sq[1].reshape(-1, m)[items] * (qs_tab[:k] * ip)[:, None]
+        blocks = co.block[items]
+        contrib = co.sq[1].reshape(-1, m)[blocks] * (qs_tab[:k] * ip)[:, None]
         kd = min(k, cfg.query_dir_len)
-        contrib[:kd] += co.sq[0].reshape(-1, m)[items[:kd]] * (qd_tab[:kd] * ip[:kd])[:, None]
-        nbq = co.nb[items]
+        contrib[:kd] += co.sq[0].reshape(-1, m)[blocks[:kd]] * (qd_tab[:kd] * ip[:kd])[:, None]
+        nbq = co.nb[blocks]
         cooc = np.bincount((nbq + 1).ravel(), contrib.ravel(), minlength=n_items + 1)[1:]
         cooc *= co.ipop[:n_items]
         if cfg.momentum:
@@ -318,8 +319,10 @@ def _new_item_slots(engine, cfg, u: int, mix: dict[int, float], picked: list[int
     now = engine._now
     horizon = cfg.new_item_days * 86400.0
     best: list[tuple[float, int]] = []
-    for r in cat._recent:
-        if r in picked or engine._item_events[r] >= cfg.new_item_max_events or not (now - cat.added_ts[r] <= horizon):
+    recent = np.fromiter(cat._recent, np.int64, len(cat._recent))
+    fresh = (engine._item_events[recent] < cfg.new_item_max_events) & (now - cat.added_ts[recent] <= horizon)
+    for r in recent[fresh].tolist():
+        if r in picked:
             continue
         s = max((mix.get(f, 0.0) for f in cat.features(r)), default=0.0)
         if s >= cfg.new_item_min_share and not _blocked(engine, u, r, excl):
@@ -388,7 +391,7 @@ def _anchors(engine, u: int, picked: list[int], q) -> dict[int, tuple[int, int, 
     hh, mm = np.divmod(hit[order[first]], m)
     a_rows = items[hh]
     b_rows = np.asarray(picked, np.int64)[jj[first]]
-    v = co.vals[2:, a_rows * m + mm]
+    v = co.vals[2:, co.block[a_rows] * m + mm]
     lift = co.lift(v[0], co.pop[a_rows], co.pop[b_rows]).tolist()
     return {j: (a, int(cnt), lf) for j, a, cnt, lf in zip(b_rows.tolist(), a_rows.tolist(), v[1].tolist(), lift)}
 

@@ -37,11 +37,10 @@ class RedisStore:
             else:
                 pipe.set(k.segment(user_id), str(seg), ex=self.recs_ttl_s)
             n += 1
-        for item_id, neighbours in (similar or {}).items():
-            pipe.set(k.similar(item_id), orjson.dumps(neighbours))
-            n += 1
-        for item_id, row in (rows or {}).items():
-            pipe.set(k.neighbour_row(item_id), row)
+        items = {k.similar(i): orjson.dumps(neighbours) for i, neighbours in (similar or {}).items()}
+        items.update((k.neighbour_row(i), row) for i, row in (rows or {}).items())
+        if items:  # one command for all of them: per-command overhead dominates thousands of small SETs
+            pipe.mset(items)
             n += 1
         for seg, ranked in (trending or {}).items():
             key = k.trending(seg)

@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     model_version: str = "v1"
     publish_interval_s: float = 1.0  # ig:similar of touched items and ig:trending are rewritten at most this often
     similar_n: int = 20
-    neighbour_cache_items: int = 50_000  # neighbour rows a user stage holds (least recently used dropped)
+    neighbour_cache_items: int = 10_000  # neighbour rows a user stage holds, ~21 kB each at 400 neighbours (LRU)
     neighbour_max_age_s: float = 2.0  # a cached neighbour row older than this is read again from Redis
     trending_n: int = 100
 
