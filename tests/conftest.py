@@ -41,6 +41,49 @@ def settings(local_stack):
     local.ensure_topics(s)
     yield s
     _delete_topics(s)
+    _delete_keys(s)
+
+
+@pytest.fixture
+def scoped_settings(local_stack):
+    """A factory of settings with their own topics (created), Redis prefix and consumer group, for tests
+    that run several independent streams; everything they created is dropped afterwards."""
+    from stream import local
+
+    made = []
+
+    def make():
+        tag = uuid.uuid4().hex[:8]
+        s = local_stack.model_copy(update={"topic_prefix": f"t{tag}.", "redis_prefix": f"test:{tag}:",
+                                           "consumer_group": f"g-{tag}"})
+        local.ensure_topics(s)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        _delete_topics(s)
+        _delete_keys(s)
+
+
+def _delete_keys(s) -> None:
+    """Drop a test's Redis keys, so the shared server does not grow run after run."""
+    from stream import connections
+
+    r = connections.redis_sync(s)
+    try:
+        batch = []
+        for key in r.scan_iter(match=f"{s.redis_prefix}*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                r.unlink(*batch)
+                batch = []
+        if batch:
+            r.unlink(*batch)
+    except Exception:  # a failed cleanup must not fail the test that ran
+        pass
+    finally:
+        r.close()
 
 
 def _delete_topics(s) -> None:

@@ -97,7 +97,7 @@ async def test_erasure_leaves_no_trace_in_redis_or_state_within_5_seconds(settin
                                                      "ts": T0 + 10})])
 
         async def erased() -> bool:
-            keys = [k async for k in r.scan_iter(match=f"{s.redis_prefix}*zoe*")]
+            keys = [k async for k in r.scan_iter(match=f"{s.redis_prefix}*zoe*", count=1000)]
             return not keys and not worker.engine.known_user("zoe")
 
         await wait_for(erased, deadline_s=5, what="zoe erased from Redis and the model")

@@ -64,16 +64,11 @@ async def _caught_up(s) -> bool:
         await consumer.stop()
 
 
-async def test_kill_9_mid_stream_then_restart_equals_an_uninterrupted_run(local_stack, tmp_path):
-    import uuid
-
+async def test_kill_9_mid_stream_then_restart_equals_an_uninterrupted_run(scoped_settings, tmp_path):
     events, prefs, users = stream_with_feedback()
     runs = {}
     for name, crash in (("calm", None), ("crash", len(events) // 3)):
-        tag = uuid.uuid4().hex[:8]
-        s = local_stack.model_copy(update={"topic_prefix": f"t{tag}.", "redis_prefix": f"test:{tag}:",
-                                           "consumer_group": f"g-{tag}"})
-        local.ensure_topics(s)
+        s = scoped_settings()
         await produce(s, s.topics.users, prefs)
         await produce(s, s.topics.events, [(e["user_id"], e) for e in events])
         await run_to_end(s, tmp_path, name, events, crash_after=crash)

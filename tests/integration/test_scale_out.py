@@ -2,14 +2,12 @@
 leaving hands its partitions over without losing an event."""
 from __future__ import annotations
 
-import uuid
-
 import orjson
 import pytest
 from aiokafka import TopicPartition
 
 from models import Engine
-from stream import connections, local
+from stream import connections
 from stream.bench import WorkerProcess
 from stream.synthetic import SyntheticStream
 from stream.worker import engine_config
@@ -23,14 +21,6 @@ ENV = {"INFOGAP_SNAPSHOT_INTERVAL_S": "0.5", "INFOGAP_BATCH_MAX_RECORDS": "300",
 SYNTH = SyntheticStream(n_users=300, n_items=200, groups=6, seed=5)
 ITEMS = [it["item_id"] for it in SYNTH.items()]
 EVENTS = SYNTH.events(4_000, start_ts=NOON, per_second=5.0)
-
-
-def fresh_settings(local_stack):
-    tag = uuid.uuid4().hex[:8]
-    s = local_stack.model_copy(update={"topic_prefix": f"t{tag}.", "redis_prefix": f"test:{tag}:",
-                                       "consumer_group": f"g-{tag}"})
-    local.ensure_topics(s)
-    return s
 
 
 async def committed_to_end(s, group: str, topic: str) -> bool:
@@ -99,8 +89,8 @@ async def run(s, tmp_path, name: str, workers: int) -> None:
             p.stop()
 
 
-async def test_two_workers_give_what_one_worker_and_the_pure_engine_give(local_stack, tmp_path):
-    one, two = fresh_settings(local_stack), fresh_settings(local_stack)
+async def test_two_workers_give_what_one_worker_and_the_pure_engine_give(scoped_settings, tmp_path):
+    one, two = scoped_settings(), scoped_settings()
     await run(one, tmp_path, "one", 1)
     await run(two, tmp_path, "two", 2)
     users = sorted({e["user_id"] for e in EVENTS})
@@ -128,8 +118,8 @@ async def test_two_workers_give_what_one_worker_and_the_pure_engine_give(local_s
     assert j12 >= 0.6 and j1p >= 0.5
 
 
-async def test_a_worker_leaving_hands_over_its_partitions_and_loses_nothing(local_stack, tmp_path):
-    s = fresh_settings(local_stack)
+async def test_a_worker_leaving_hands_over_its_partitions_and_loses_nothing(scoped_settings, tmp_path):
+    s = scoped_settings()
     half = len(EVENTS) // 2
     a = WorkerProcess(s, tmp_path / "a.log", ENV)
     b = WorkerProcess(s, tmp_path / "b.log", ENV)
