@@ -6,13 +6,13 @@ import math
 import pickle
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from models import Engine, EngineConfig
 from models.user_state import export_users, import_users
 
-from .test_models_support import group_stream, random_stream
+from .test_models_support import event, group_stream, random_stream
 
 #: Fast decay and small bounds: renormalisations (different t0 in A and B), ring wrap-around, max_consumed.
 FAST = EngineConfig(half_life_days=0.02, cooc_half_life_days=0.03, trending_half_life_days=0.01,
@@ -23,12 +23,17 @@ CONFIGS = {"default": EngineConfig(), "fast": FAST}
 
 def stream(seed: int) -> tuple[list[dict], list[dict], list[str]]:
     """Events (ts increasing) with views, purchases (with value), rates, dismisses and item-less events;
-    catalog items with categories and tags; users."""
+    catalog items with categories and tags; users. Every user's last event is a purchase, so every
+    moved user has owned items to filter."""
     evs, items, _ = group_stream(n_groups=2, users_per_group=4, items_per_group=8, events_per_user=15, seed=seed)
     extra = random_stream(200, n_users=6, n_items=12, seed=seed)
     items += [{"item_id": f"i{j}", "category": f"C{j % 2}", "tags": ["t"]} for j in range(0, 12, 3)]
     evs = sorted(evs + extra, key=lambda e: e["ts"])
-    return evs, items, sorted({e["user_id"] for e in evs})
+    users = sorted({e["user_id"] for e in evs})
+    last = {e["user_id"]: e for e in evs if "item_id" in e}
+    evs += [event(10 ** 6 + k, u, last[u]["item_id"], evs[-1]["ts"] + 60.0 * (k + 1), "purchase", value=9.5)
+            for k, u in enumerate(users)]
+    return evs, items, users
 
 
 def engine(cfg: EngineConfig, items: list[dict], evs: list[dict]) -> Engine:
@@ -71,6 +76,7 @@ def assert_same_profile(pa: dict, pb: dict) -> None:
 
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 10_000), pick=st.integers(1, 2 ** 14 - 1), cfg=st.sampled_from(sorted(CONFIGS)))
+@example(seed=7147, pick=1, cfg="default")  # CI found it: the one moved user had bought nothing
 def test_moved_users_arrive_whole_in_an_engine_with_other_numbering(seed, pick, cfg):
     evs, items, users = stream(seed)
     moved = [u for k, u in enumerate(users) if pick >> (k % 14) & 1]
@@ -93,7 +99,7 @@ def test_moved_users_arrive_whole_in_an_engine_with_other_numbering(seed, pick, 
             (b.segment(u) is not None)
         owned = set(state["users"][u]["consumed"])
         assert not owned & {r.item_id for r in b.recommend(u, n_items)}
-    assert any(state["users"][u]["consumed"] for u in moved)
+    assert all(state["users"][u]["consumed"] for u in moved)
 
 
 def test_export_forget_import_in_place_changes_nothing():
