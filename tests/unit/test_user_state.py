@@ -15,8 +15,10 @@ from models.user_state import export_users, import_users
 from .test_models_support import event, group_stream, random_stream
 
 #: Fast decay and small bounds: renormalisations (different t0 in A and B), ring wrap-around, max_consumed.
-FAST = EngineConfig(half_life_days=0.02, cooc_half_life_days=0.03, trending_half_life_days=0.01,
-                    momentum_half_life_days=0.05, history_len=5, window=3, dir_window=2, query_len=4,
+#: Half-lives of hours, not minutes: over the 30-day stream a quiet user's figures shrink by 2**-100,
+#: not by 2**-1500, which underflows doubles and empties the category mix in one engine but not the other.
+FAST = EngineConfig(half_life_days=0.3, cooc_half_life_days=0.4, trending_half_life_days=0.2,
+                    momentum_half_life_days=0.5, history_len=5, window=3, dir_window=2, query_len=4,
                     max_consumed=3, n_segments=3, segment_every=3)
 CONFIGS = {"default": EngineConfig(), "fast": FAST}
 
