@@ -43,6 +43,7 @@ import numpy as np
 
 from models.events import EVENT_TYPES
 from models.experiments import validate_overrides
+from models.votes import vote
 
 
 class Recommendation(NamedTuple):
@@ -182,39 +183,26 @@ def rank(engine, u: int | None, n: int, exclude, explain: bool = True,
     kk = min(n_items, 3 * n + 10)
     q = None
     cand = np.zeros(0, np.int64)
-    cooc = None
+    votes = None
     if k and cfg.w_cooc > 0:
-        # neighbours of the recent items: one dense vote array over the catalog
+        # neighbours of the recent items vote (models.votes: only voted items are touched)
         idx = engine._ring_idx[c % h, :k]
         items = prof.hist_item[u, idx]
         ts = prof.hist_ts[u, idx]
         g = cfg.query_gap_floor
         ip = co.ipop[items] * (g + (1.0 - g) / (1.0 + (ts[0] - ts) * (1.0 / cfg.query_gap_tau_s)))
-        m = co.n_neighbours
-        blocks = co.block[items]
-        contrib = co.sq[1].reshape(-1, m)[blocks] * (qs_tab[:k] * ip)[:, None]
         kd = min(k, cfg.query_dir_len)
-        contrib[:kd] += co.sq[0].reshape(-1, m)[blocks[:kd]] * (qd_tab[:kd] * ip[:kd])[:, None]
-        nbq = co.nb[blocks]
-        cooc = np.bincount((nbq + 1).ravel(), contrib.ravel(), minlength=n_items + 1)[1:]
-        cooc *= co.ipop[:n_items]
-        if cfg.momentum:
-            # items gaining popularity: slow-decayed count over the co-occurrence's own count
-            mom = tr.momentum_[:n_items] * engine._decay(tr.lam_m) + 0.5
-            mom /= co.pop[:n_items] * engine._decay(co.lam) + 1.0
-            cooc *= mom ** cfg.momentum
-        consumed = prof.consumed(u)
-        if consumed.size:
-            cooc[consumed] = 0.0
-        if cat.n_unavailable:
-            cooc[~cat.available[:n_items]] = 0.0
-        cand = np.flatnonzero(cooc > 0)  # (argpartition over the many zeros would be slow)
-        if cand.size > kk:
-            cand = np.sort(cand[np.argpartition(cooc[cand], cand.size - kk)[cand.size - kk:]])
-        q = (idx, items, nbq, contrib)
+        votes = vote(co.nb, co.sq[0], co.sq[1], co.block[items], qs_tab[:k] * ip, qd_tab[:kd] * ip[:kd],
+                     _ANCHOR_ROWS, ipop=co.ipop, available=cat.available, consumed=prof.consumed(u),
+                     mom_count=tr.momentum_, mom_decay=engine._decay(tr.lam_m), pop=co.pop,
+                     pop_decay=engine._decay(co.lam), momentum=cfg.momentum)
+        top = votes.top(kk)
+        cand = voted = votes.rows[top]
+        q = (idx, items, votes, {})
     mix = None
     picked: list[int] = []
     parts: dict = {}
+    dominant: dict[int, str] = {}
     score_of: dict[int, float] = {}
     widened = False
     while True:
@@ -229,10 +217,11 @@ def rank(engine, u: int | None, n: int, exclude, explain: bool = True,
             break
         score = np.zeros(cand.size)
         parts = {}
-        if cooc is not None:
-            mx = cooc[cand].max()
+        if votes is not None:
+            v = votes.votes[top] if cand is voted else votes.of(cand)  # trending may have added items
+            mx = v.max()
             if mx > 0:
-                part = cooc[cand] * (cfg.w_cooc / mx)
+                part = v * (cfg.w_cooc / mx)
                 score += part
                 parts["cooc"] = part
         seg = prof.segment[u]
@@ -261,8 +250,16 @@ def rank(engine, u: int | None, n: int, exclude, explain: bool = True,
             continue
         picked = [rows[j] for j in keep]
         score_of = {rows[j]: sc[j] for j in keep}
-        if explain:
-            parts = {name: dict(zip(picked, p[order][keep].tolist())) for name, p in parts.items()}
+        if explain and parts and keep:
+            # the component that contributed most to each picked item (the first of equals)
+            sel = order[keep]
+            share = np.stack([p[sel] for p in parts.values()])
+            names = list(parts)
+            dominant = {r: names[b] for r, b, best in zip(picked, share.argmax(0).tolist(), share.max(0).tolist())
+                        if best > 0}
+            if votes is not None:  # where the picked items are in the votes (for their anchors)
+                vpos = top[sel] if cand is voted else votes.index(cand[sel])
+                q = (*q[:3], dict(zip(picked, vpos.tolist())))
         break
     if cfg.new_item_slots > 0 and cat._recent:
         if mix is None:
@@ -272,7 +269,7 @@ def rank(engine, u: int | None, n: int, exclude, explain: bool = True,
         picked = _fill_popular(engine, picked, excl, n, u)
     if not explain:
         return [Recommendation(cat._ids[r], score_of.get(r, 0.0), "") for r in picked]
-    return _explain(engine, cfg, u, picked, score_of, parts, q)
+    return _explain(engine, cfg, u, picked, score_of, dominant, q)
 
 
 def _diverse(engine, cfg, u: int, rows: list[int], n: int, excl) -> tuple[list[int], bool]:
@@ -371,60 +368,44 @@ def _cold(engine, n: int, excl) -> list[Recommendation]:
     return out
 
 
-def _anchors(engine, u: int, picked: list[int], q) -> dict[int, tuple[int, int, float]]:
-    """For picked items, the recent history item that voted most for each: (item, pair count, lift)."""
-    idx, items, nbq, contrib = q
+def _anchors(engine, u: int, picked: list[int], q) -> dict[int, tuple[int, int, float, int]]:
+    """For picked items, the recent history item that voted most for each: (item, pair count, lift,
+    the newest event type code of that item in the history)."""
+    idx, items, votes, vpos = q
     co = engine._cooc
     m = co.n_neighbours
-    sub_nb, sub_c = nbq[:_ANCHOR_ROWS], contrib[:_ANCHOR_ROWS]
-    mark = np.full(len(engine._catalog) + 1, -1, np.int32)
-    mark[np.asarray(picked, np.int64) + 1] = np.arange(len(picked), dtype=np.int32)
-    pos = mark[sub_nb + 1].ravel()  # empty slots (-1) read the sentinel at 0
-    hit = np.flatnonzero(pos >= 0)
-    if hit.size == 0:
+    b_rows = np.asarray(picked, np.int64)
+    pos = np.fromiter(map(vpos.__getitem__, picked), np.int64, len(picked))
+    at = np.where(pos >= 0, votes.anchor[np.maximum(pos, 0)], -1)
+    has = at >= 0
+    if not has.any():
         return {}
-    jj = pos[hit]
-    order = np.lexsort((-sub_c.ravel()[hit], jj))
-    jj = jj[order]
-    first = np.ones(jj.size, bool)
-    first[1:] = jj[1:] != jj[:-1]
-    hh, mm = np.divmod(hit[order[first]], m)
+    hh, mm = np.divmod(at[has], m)
     a_rows = items[hh]
-    b_rows = np.asarray(picked, np.int64)[jj[first]]
+    b_rows = b_rows[has]
     v = co.vals[2:, co.block[a_rows] * m + mm]
     lift = co.lift(v[0], co.pop[a_rows], co.pop[b_rows]).tolist()
-    return {j: (a, int(cnt), lf) for j, a, cnt, lf in zip(b_rows.tolist(), a_rows.tolist(), v[1].tolist(), lift)}
+    hist = items.tolist()
+    types = engine._profiles.hist_type[u, idx].tolist()
+    return {j: (a, int(cnt), lf, types[hist.index(a)])  # the first occurrence is the newest
+            for j, a, cnt, lf in zip(b_rows.tolist(), a_rows.tolist(), v[1].tolist(), lift)}
 
 
-def _explain(engine, cfg, u: int, picked: list[int], score_of: dict[int, float], parts: dict,
+def _explain(engine, cfg, u: int, picked: list[int], score_of: dict[int, float], dominant: dict[int, str],
              q) -> list[Recommendation]:
     cat = engine._catalog
     if not picked:
         return []
-    dominant: dict[int, str] = {}
-    for r in picked:
-        best, best_v = None, 0.0
-        for name, vals in parts.items():
-            v = vals.get(r, 0.0)
-            if v > best_v:
-                best, best_v = name, v
-        if best is not None:
-            dominant[r] = best
     cooc_rows = [r for r in picked if dominant.get(r) == "cooc"]
     anchors = _anchors(engine, u, cooc_rows, q) if q is not None and cooc_rows else {}
-    types = {}
-    if anchors:
-        idx, items = q[0], q[1]
-        for i, t in zip(items.tolist()[::-1], engine._profiles.hist_type[u, idx].tolist()[::-1]):
-            types[i] = t  # the newest event type per history item wins
     mix = None
     out = []
     ids = cat._ids
     for r in picked:
         name = dominant.get(r)
         if name == "cooc" and r in anchors:
-            a, cnt, lf = anchors[r]
-            verb, did = _VERBS.get(EVENT_TYPES[types.get(a, 0)], ("chosen", "chose"))
+            a, cnt, lf, t = anchors[r]
+            verb, did = _VERBS.get(EVENT_TYPES[t], ("chosen", "chose"))
             if cnt >= cfg.min_support:
                 reason = f"{verb} together with {cat.title(a)} by {cnt} users (lift {lf:.1f})"
             else:
