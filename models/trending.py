@@ -15,8 +15,12 @@ they are stored relative to a reference time ``t0`` (``w * exp(lambda * (t - t0)
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
+
+#: Trending -> {(n, segment): top rows}; outside the object's state (not pickled, not compared).
+_TOP_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class Trending:
@@ -58,6 +62,7 @@ class Trending:
 
     def ensure(self, n_items: int) -> None:
         """Make room for ``n_items`` columns."""
+        _TOP_MEMO.pop(self, None)
         self.n_items = max(self.n_items, n_items)
         cap = self.global_.shape[0]
         if n_items <= cap:
@@ -74,6 +79,7 @@ class Trending:
 
     def rescale(self, factor: float, factor_m: float = 1.0) -> None:
         """Multiply every score by ``factor`` (moving the reference time); ``factor_m`` for momentum."""
+        _TOP_MEMO.pop(self, None)
         self.momentum_ *= factor_m
         self.global_ *= factor
         self.segment_ *= factor
@@ -86,6 +92,7 @@ class Trending:
         ``scaled_m`` feeds the slow "momentum" popularity. The maxima are kept up to date too
         (stored scores only grow between rescalings).
         """
+        _TOP_MEMO.pop(self, None)
         if not items:
             return
         g, sg = self.global_, self.segment_
@@ -120,7 +127,22 @@ class Trending:
         return self.segment_[segment, : self.n_items]
 
     def top(self, n: int, segment: int | None = None) -> np.ndarray:
-        """Rows of the ``n`` highest scores (positive only), best first; ties by row."""
+        """Rows of the ``n`` highest scores (positive only), best first; ties by row (read-only array).
+
+        Remembered until the scores change: the stream learns a batch, then ranks every touched user,
+        and each ranking asks for the same few lists.
+        """
+        memo = _TOP_MEMO.get(self)
+        if memo is None:
+            memo = _TOP_MEMO[self] = {}
+        key = (n, -1 if segment is None else segment)
+        out = memo.get(key)
+        if out is None:
+            out = memo[key] = self._top(n, segment)
+            out.flags.writeable = False
+        return out
+
+    def _top(self, n: int, segment: int | None) -> np.ndarray:
         s = self.scores(segment)
         cand = np.flatnonzero(s > 0)
         if n <= 0 or cand.size == 0:
