@@ -102,6 +102,15 @@ def test_run_model_in_process_reports_memory_and_fits(events_file):
     assert len(out["ranks"]) == out["n_evaluated"] and out["config"]["refit_every"] == 250
 
 
+def test_infogap_ranks_the_same_with_or_without_reasons(events_file):
+    ds = load_dataset(EvalOptions(events_file=events_file))
+    plain, explained = (run_model("infogap", EvalOptions(events_file=events_file, reasons=r), dataset=ds)
+                        for r in (False, True))
+    assert plain["ranks"] == explained["ranks"] and plain["hr@10"] > 0.3  # two planted groups: easy hits
+    assert (plain["config"]["reasons"], explained["config"]["reasons"]) == (False, True)
+    assert explained["config"]["half_life_days"] == 7.0
+
+
 def test_evaluate_command_end_to_end(events_file, tmp_path):
     from typer.testing import CliRunner
 
