@@ -131,6 +131,24 @@ class Segmenter:
             return current
         return c
 
+    def nearest(self, x: dict[str, float], current: int) -> int:
+        """The segment ``x`` belongs to without learning from it: the nearest seeded center, or
+        ``current`` when its center is within the hysteresis margin (-1 before any center exists).
+
+        >>> s = Segmenter(n_segments=2, seed_distance=0.5)
+        >>> a, b = (s.assign(s.features({f: 1.0}, 0.0, 0.0, 0.0), current=-1) for f in (0, 1))
+        >>> before = s.centers()
+        >>> s.nearest(s.features({1: 0.8, 0: 0.2}, 0.0, 0.0, 0.0), current=a) == b, s.centers() == before
+        (True, True)
+        """
+        if not self._n_seeded:
+            return -1
+        d = [self._dist(c, x) for c in range(self._n_seeded)]
+        c = min(range(self._n_seeded), key=d.__getitem__)
+        if 0 <= current < self._n_seeded and current != c and d[current] <= (1.0 + self.margin) * d[c]:
+            return current
+        return c
+
     def set_member(self, user_row: int, old: int, new: int) -> None:
         """Move a user row between membership lists."""
         if old == new:

@@ -38,6 +38,7 @@ from models.dedupe import Deduplicator
 from models.events import Event, Limits
 from models.experiments import FEEDBACK_TYPES
 from models.push_policy import PushConfig, UserPrefs
+from models.population import export_population, import_population, reassign_segments
 from models.user_state import export_users, import_users
 from models.votes import warm_up
 from stream import connections
@@ -226,11 +227,17 @@ class Worker:
         """Everything about one events partition's users (items and users topics are re-read from Kafka)."""
         part = self._part(partition)
         part.watermark = self.ingest.watermarks.get((self.topics.events, partition), float("-inf"))
-        return {"part": part, "users": export_users(self.engine, part.users)}
+        return {"part": part, "users": export_users(self.engine, part.users),
+                "population": export_population(self.engine)}
 
     def restore_partition(self, partition: int, state: dict) -> None:
+        """Take a partition's users; a worker that has learned nothing also adopts the segment centers
+        and trending they were learned with, so a restart renumbers no segment and keeps trending."""
         part: UserPartition = state["part"]
+        adopted = "population" in state and import_population(self.engine, state["population"])
         import_users(self.engine, state["users"])
+        if not adopted:  # their segment ids name another engine's centers
+            reassign_segments(self.engine, state["users"]["users"])
         self.parts[partition] = part
         if part.watermark > float("-inf"):
             self.ingest.watermarks[(self.topics.events, partition)] = part.watermark

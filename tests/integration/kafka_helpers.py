@@ -81,11 +81,13 @@ async def running_worker(settings, **kwargs):
 
 
 async def model_from_snapshots(settings, item_ids: list[str]):
-    """The user stage's state as its snapshots hold it, ranking with the item stage's rows in Redis.
+    """The user stage's state as its snapshots hold it (users, segment centers, trending), ranking with
+    the item stage's rows in Redis.
 
     Returns (engine, {partition: Snapshot}); the engine holds every snapshotted partition's users.
     """
     from models import Engine
+    from models.population import import_population
     from models.user_state import import_users
     from stream.neighbour_cache import decode_row
     from stream.redis_keys import RedisKeys
@@ -94,6 +96,8 @@ async def model_from_snapshots(settings, item_ids: list[str]):
 
     snaps = await SnapshotStore(settings, settings.topics.state_users).load(list(range(6)))
     engine = Engine(engine_config(settings), cooc="remote")
+    if snaps:  # segment centers and trending, as the worker that wrote the first one had them
+        import_population(engine, snaps[min(snaps)].state["population"])
     for snap in snaps.values():
         import_users(engine, snap.state["users"])
     r = connections.redis_async(settings)

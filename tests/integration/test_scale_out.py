@@ -110,12 +110,13 @@ async def test_two_workers_give_what_one_worker_and_the_pure_engine_give(scoped_
     assert sorted(held) == users
     for u in users:
         assert e2.profile(u)["events"] == e1.profile(u)["events"] == pure.profile(u)["events"]
-    # Recommendations: the engines rebuilt from snapshots hold users and rows but not trending (momentum)
-    # and segment centers, which each worker learns from its own users and does not snapshot; with those
-    # and ties broken by row numbers the top-10s agree only in part (measured 0.77 and 0.61).
+    # Recommendations: the engines rebuilt from snapshots hold users, rows, and the segment centers and
+    # trending of the worker that wrote partition 0's snapshot. Each worker learns those from its own
+    # users only, and ties break by row numbers, so the top-10s agree in part (measured 0.69-0.76 one vs
+    # two workers, 0.72-0.76 one worker vs the pure engine).
     j12, j1p = jaccard(e1, e2, users), jaccard(e1, pure, users)
     print(f"top-10 Jaccard: one vs two workers {j12:.3f}, one worker vs pure engine {j1p:.3f}")
-    assert j12 >= 0.6 and j1p >= 0.5
+    assert j12 >= 0.6 and j1p >= 0.65
 
 
 async def test_a_worker_leaving_hands_over_its_partitions_and_loses_nothing(scoped_settings, tmp_path):
@@ -144,5 +145,5 @@ async def test_a_worker_leaving_hands_over_its_partitions_and_loses_nothing(scop
                                                   for n in pure.similar(i, n=500)} for i in ITEMS})
     j = jaccard(engine, pure, users)
     print(f"top-10 Jaccard after the hand-over vs pure engine {j:.3f}")
-    assert j >= 0.5
+    assert j >= 0.75
 
