@@ -125,6 +125,9 @@ class CoOccurrence:
         self.ipop = np.ones(cap)
         self.total = 0.0
         self.pair_total = 0.0
+        #: read-side copies: the event time each item's popularity (and the totals) is as of
+        self.pop_at = np.full(cap, -np.inf)
+        self.totals_at = -math.inf
         self.n_items = 0
         self._slot: dict[int, int] = {}
         self._n_evict = min(m - 1, max(1, int(round(m * evict_fraction))))
@@ -140,6 +143,7 @@ class CoOccurrence:
         self.block = np.r_[self.block, np.zeros(new - cap, np.int32)]
         self.pop = np.r_[self.pop, np.zeros(new - cap)]
         self.ipop = np.r_[self.ipop, np.ones(new - cap)]
+        self.pop_at = np.r_[self.pop_at, np.full(new - cap, -np.inf)]
 
     def _block_for(self, r: int) -> int:
         """Row ``r``'s block, taken now if it has none (blocks are numbered in order of first need)."""
@@ -468,12 +472,28 @@ class CoOccurrence:
         self.block[r] = 0
         self._spare.append(b)
 
-    def set_popularity(self, rows: np.ndarray, pop: np.ndarray, total: float, pair_total: float) -> None:
-        """Set items' decayed occurrence counts and the totals (reference-time units), for a read-side copy."""
+    def set_popularity(self, rows: np.ndarray, pop: np.ndarray, total: float, pair_total: float,
+                       at: float = math.inf) -> None:
+        """Set items' decayed occurrence counts and the totals (reference-time units) as of event time
+        ``at``, for a read-side copy: a value older than the one held is ignored (rows published at
+        different times carry their neighbours' counts of that time).
+
+        >>> co = CoOccurrence(capacity=2)
+        >>> co.ensure(2)
+        >>> co.set_popularity(np.array([0, 1]), np.array([5.0, 3.0]), 8.0, 2.0, at=20.0)
+        >>> co.set_popularity(np.array([1]), np.array([1.0]), 6.0, 1.0, at=10.0)  # older: ignored
+        >>> co.pop.tolist(), co.total
+        ([5.0, 3.0], 8.0)
+        """
+        newer = at >= self.pop_at[rows]
+        rows, pop = rows[newer], pop[newer]
         self.pop[rows] = pop
         self.ipop[rows] = np.maximum(pop, 1e-300) ** -self.pop_exponent
-        self.total = total
-        self.pair_total = pair_total
+        self.pop_at[rows] = at
+        if at >= self.totals_at:
+            self.total = total
+            self.pair_total = pair_total
+            self.totals_at = at
 
     # ------------------------------------------------------------------ reading
     def published(self, r: int, min_support: int, eligible: np.ndarray | None = None):
