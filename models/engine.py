@@ -35,10 +35,9 @@ from models.catalog import Catalog
 from models.cooc_shard import PairDeltas
 from models.cooccurrence import _MASK, _SHIFT, CoOccurrence, PairWeights
 from models.events import EVENT_TYPES, Event, as_event
+from models.population import segmenter_for, trending_for
 from models.profile import Profiles
 from models.ranker import Neighbour, Recommendation, query_tables, rank, settings_for
-from models.segments import Segmenter
-from models.trending import Trending
 
 __all__ = ["DEFAULT_EVENT_WEIGHTS", "Engine", "EngineConfig", "Neighbour", "Recommendation"]
 
@@ -215,14 +214,20 @@ class Engine:
     False
     """
 
-    def __init__(self, config: EngineConfig | None = None, *, cooc: str = "local"):
+    def __init__(self, config: EngineConfig | None = None, *, cooc: str = "local", population: str = "local"):
         cfg = config or EngineConfig()
-        if cooc not in ("local", "remote"):
-            raise ValueError(f"cooc must be 'local' or 'remote', got {cooc!r}")
+        for name, mode in (("cooc", cooc), ("population", population)):
+            if mode not in ("local", "remote"):
+                raise ValueError(f"{name} must be 'local' or 'remote', got {mode!r}")
         self.config = cfg
         #: "remote": co-occurrence is learned elsewhere (see :mod:`models.cooc_shard`); this engine
         #: emits its pair updates (:meth:`drain_pair_deltas`) and ranks with rows given to :meth:`load_rows`.
         self.cooc_mode = cooc
+        #: "remote": segment centers and trending are learned elsewhere (:mod:`models.population`); this
+        #: engine emits samples (:meth:`drain_population`) and uses what :meth:`load_population` gives it.
+        self.population_mode = population
+        self._pop_seg: list[list] = []
+        self._pop_trend: list[list] = []
         #: per push batch: (codes, deltas, ts, seq, occurrence rows, their ts, pairs made, seq)
         self._outbox: list[tuple] = []
         self._weights = {t: float(cfg.event_weights.get(t, DEFAULT_EVENT_WEIGHTS.get(t, 0.0))) for t in EVENT_TYPES}
@@ -233,11 +238,9 @@ class Engine:
         self._cooc = CoOccurrence(n_neighbours=cfg.n_neighbours, half_life_days=cfg.cooc_half_life_days,
                                   evict_fraction=cfg.evict_fraction, pop_exponent=cfg.pop_exponent,
                                   door_bits=cfg.door_bits, evict_sym_weight=cfg.sym_weight)
-        self._segmenter = Segmenter(n_segments=cfg.n_segments, n_category_slots=cfg.segment_categories,
-                                    step=cfg.segment_step,
-                                    margin=cfg.segment_margin, seed=cfg.seed)
-        self._trending = Trending(n_segments=cfg.n_segments, half_life_days=cfg.trending_half_life_days,
-                                  momentum_half_life_days=cfg.momentum_half_life_days)
+        self._segmenter = segmenter_for(cfg)
+        self._segmenter.frozen = population == "remote"
+        self._trending = trending_for(cfg)
         self._item_events = np.zeros(self._catalog.category.shape[0], np.int64)
         self._pairs = PairWeights(window=cfg.window, dir_window=cfg.dir_window, dir_decay=cfg.dir_decay,
                                   sym_decay=cfg.sym_decay, gap_tau_s=cfg.gap_tau_s, gap_floor=cfg.gap_floor)
@@ -298,6 +301,8 @@ class Engine:
         every = cfg.segment_every
         t0 = self._t0
         remote = self.cooc_mode == "remote"
+        pop_remote = self.population_mode == "remote"
+        seeded = self._segmenter._n_seeded > 0
         lam_p, lam_t = prof.lam, self._trending.lam
         lam_c = 0.0 if remote else self._cooc.lam  # remote: unscaled, the shard scales by event time
         seq0 = self.n_learned
@@ -346,6 +351,8 @@ class Engine:
                     tseg.append(segment[u])
                     tx.append(w * exp(lam_t * (ts - t0)))
                     tm.append(exp(lam_m * (ts - t0)))
+                    if pop_remote:
+                        self._pop_trend.append([seq0 + k, e.item_id, int(segment[u]), w, ts])
                     if i != last_item[u]:
                         c = n_push[u]
                         pu.append(u)
@@ -359,7 +366,9 @@ class Engine:
                         n_push[u] = c + 1
                         last_item[u] = i
             if not n & (n - 1) or n % every == 0:  # n = 1, 2, 4, 8, ... and every `segment_every`
-                self._update_segment(u, ts, prev_ts)
+                self._update_segment(u, ts, prev_ts, seq0 + k)
+            elif pop_remote and segment[u] < 0 and seeded:  # the centers arrived after the user's last update
+                self._update_segment(u, ts, prev_ts, -1)
         self._now = now
         self.n_learned += len(evs)
         self._ensure_items(len(cat))
@@ -462,6 +471,55 @@ class Engine:
                           ts=ts, seq=seq, occ=inverse[2 * n: 2 * n + m], occ_ts=occ_ts, occ_pairs=occ_pairs,
                           occ_seq=occ_seq)
 
+    def drain_population(self) -> dict[str, list] | None:
+        """The segment samples and trend entries learned since the last call (``population="remote"``
+        engines), or None: ``{"seg": [[seq, {category: share}, frequency, monetary, gap_days or None]],
+        "trend": [[seq, item_id, segment, weight, ts]]}`` with ``seq`` as in :meth:`drain_pair_deltas`,
+        for :meth:`models.population.PopulationLearner.learn`."""
+        if not self._pop_seg and not self._pop_trend:
+            return None
+        out = {"seg": self._pop_seg, "trend": self._pop_trend}
+        self._pop_seg, self._pop_trend = [], []
+        return out
+
+    def load_population(self, model: Mapping | None, trending: Mapping[int | None, list[tuple[str, float]]],
+                        at: float, momentum: tuple[list[str], list[float]] | None = None) -> None:
+        """Assign segments with ``model``'s centers (:meth:`models.population.PopulationLearner.model`)
+        and rank with ``trending`` (``{None: global, segment: ...}`` lists of ``(item_id, score at
+        time at)``; items not listed score 0) and ``momentum`` (``(item ids, values at time at)``,
+        :meth:`~models.population.PopulationLearner.momentum`). For ``population="remote"`` engines.
+
+        The lists replace the engine's trending scores; until the next load, this engine's own events
+        add to them as usual (so a new deployment's first users see what is trending at once, and
+        events the learner had not applied yet at ``at`` are counted by the next load, not twice).
+        """
+        cat, tr = self._catalog, self._trending
+        if model is not None and model.get("n_seeded"):
+            self._segmenter.load_model(model, cat.feature)
+        if self._t0 is None:
+            self._t0 = at
+        scale = math.exp(tr.lam * (at - self._t0))
+        loaded = {seg: (np.fromiter((cat.row(i) for i, _ in lst), np.int64, len(lst)),
+                        np.fromiter((s for _, s in lst), np.float64, len(lst)) * scale)
+                  for seg, lst in trending.items()}
+        if momentum is not None:
+            rows_m = np.fromiter(map(cat.row, momentum[0]), np.int64, len(momentum[0]))
+        n = len(cat)
+        self._ensure_items(n)
+        if momentum is not None:
+            tr.momentum_[:] = 0.0
+            tr.momentum_[rows_m] = np.asarray(momentum[1], np.float64) * math.exp(tr.lam_m * (at - self._t0))
+        tr.global_[:] = 0.0
+        tr.segment_[:] = 0.0
+        for seg, (rows, scores) in loaded.items():
+            if seg is None:
+                tr.global_[rows] = scores
+            elif 0 <= seg < tr.n_segments:
+                tr.segment_[seg, rows] = scores
+        tr.global_max = float(tr.global_[:n].max(initial=0.0))
+        tr.segment_max[:] = tr.segment_[:, :n].max(axis=1, initial=0.0)
+        tr.ensure(n)  # forgets remembered top lists
+
     def query_items(self, user_id: str) -> list[str]:
         """The recent items whose neighbour rows :meth:`recommend` reads for this user (newest first)."""
         prof = self._profiles
@@ -488,7 +546,7 @@ class Engine:
             values[:3] *= factor
             co.set_row(r, nbs, values)
             co.set_popularity(np.r_[r, nbs], np.r_[doc["pop"], doc["neighbour_pop"]] * factor,
-                              doc["total"] * factor, doc["pair_total"] * factor)
+                              doc["total"] * factor, doc["pair_total"] * factor, at=float(doc["t"]))
 
     def drop_rows(self, item_ids: Iterable[str]) -> None:
         """Forget rows given to :meth:`load_rows` (a bounded cache evicting them)."""
@@ -497,13 +555,21 @@ class Engine:
             if r is not None:
                 self._cooc.clear_row(r)
 
-    def _update_segment(self, u: int, ts: float, prev_ts: float) -> None:
+    def _update_segment(self, u: int, ts: float, prev_ts: float, seq: int) -> None:
         prof = self._profiles
         decay = math.exp(-prof.lam * (ts - self._t0))
         gap_days = (ts - prev_ts) / 86400.0 if prev_ts == prev_ts else math.inf
-        x = self._segmenter.features(prof.mix(u), prof.freq[u] * decay, prof.money[u] * decay, gap_days)
+        mix, frequency, monetary = prof.mix(u), prof.freq[u] * decay, prof.money[u] * decay
+        x = self._segmenter.features(mix, frequency, monetary, gap_days)
         old = prof.segment[u]
-        new = self._segmenter.assign(x, old)
+        if self.population_mode == "remote":  # the learner learns; this engine assigns with its centers
+            if seq >= 0:  # a scheduled update (seq -1: only an assignment)
+                name = self._catalog.feature_name
+                self._pop_seg.append([seq, {name(f): v for f, v in mix.items()}, frequency, monetary,
+                                      gap_days if math.isfinite(gap_days) else None])
+            new = self._segmenter.nearest(x, old)
+        else:
+            new = self._segmenter.assign(x, old)
         if new != old:
             self._segmenter.set_member(u, old, new)
             prof.segment[u] = new

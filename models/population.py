@@ -1,102 +1,169 @@
-"""What many users feed and no user owns: segment centers, trending and item event counts.
+"""What many users feed and no user owns, learned once for the whole stream: segment centers and trending.
 
-:mod:`models.user_state` moves users between engines and leaves these out. A restarted worker that
-rebuilt them from scratch would renumber every segment (its KMeans seeds its centers from whatever
-users come first) and start with no trending at all. So the stream stores this record with its
-snapshots, and an engine that has learned nothing yet adopts it.
+Users are partitioned across user stages, but a segment id must mean the same group of people on
+every worker (``ig:segment:{user}``, segment trending, push targeting), and trending must count
+every user's events. So each user stage (an :class:`~models.engine.Engine` with
+``population="remote"``) hands what it learns from to one :class:`PopulationLearner`:
 
-Item rows and feature ids are engine-local, so the record holds item ids and category/tag names.
-Trending scores are stored relative to the exporter's ``t0`` and converted to the importer's.
+- a **segment sample** at each scheduled segment update: the user's category mix by name and
+  decayed RFM figures. The learner runs River's KMeans on them (:class:`~models.segments.Segmenter`).
+- a **trend entry** per positive item event: item id, the user's segment, the type weight and time.
 
-Users that arrive in an engine with centers of its own (a partition moved to a running worker)
-carry segment ids that name the exporter's centers: :func:`reassign_segments` maps them to this
-engine's nearest center, keeping the carried id when its center here is about as near (the usual
-hysteresis), without moving any center.
+The learner's model (centers and category slots by name) and trending lists go back to the user
+stages (:meth:`models.engine.Engine.load_population`), which then assign segments with those
+centers without learning. Entries carry a sequence number per source (the stream: the ``events``
+offset per partition), and the learner skips what it has applied, so a replay after a crash counts
+nothing twice. Item ids and category names cross the boundary, never engine-local rows.
+
+>>> from models import Engine, EngineConfig
+>>> cfg = EngineConfig(n_segments=2)
+>>> user_stage, learner = Engine(cfg, population="remote"), PopulationLearner(cfg)
+>>> user_stage.learn_one({"event_id": "e1", "user_id": "ann", "type": "purchase", "ts": 1000.0, "item_id": "tea"})
+>>> learner.learn(user_stage.drain_population(), source=0)
+2
+>>> learner.learn({"seg": [], "trend": [[0, "tea", -1, 8.0, 1000.0]]}, source=0)  # a replay: skipped
+0
+>>> learner.trending(1), learner.model()["n_seeded"]
+([('tea', 8.0)], 1)
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Mapping
 
-import numpy as np
+from models.catalog import Catalog
+from models.segments import Segmenter
+from models.trending import Trending
 
-POPULATION_VERSION = 1
+#: Renormalise the stored trending scores before exp(lambda * (t - t0)) exceeds e ** 40.
+_RENORM_EXPONENT = 40.0
 
 
-def export_population(engine) -> dict:
-    """A picklable record of the engine's segment centers, trending and item event counts.
+def segmenter_for(cfg) -> Segmenter:
+    """The segmenter an engine config asks for (the engines and the learner build the same one)."""
+    return Segmenter(n_segments=cfg.n_segments, n_category_slots=cfg.segment_categories, step=cfg.segment_step,
+                     margin=cfg.segment_margin, seed=cfg.seed)
 
-    >>> from models import Engine
-    >>> a = Engine()
-    >>> a.upsert_item({"item_id": "tea", "category": "Drinks"})
-    >>> a.learn_one({"event_id": "e1", "user_id": "ann", "type": "purchase", "ts": 1000.0, "item_id": "tea"})
-    >>> b = Engine()
-    >>> import_population(b, export_population(a))
-    True
-    >>> b.trending(1) == a.trending(1), b._segmenter.centers() == a._segmenter.centers()
-    (True, True)
+
+def trending_for(cfg) -> Trending:
+    return Trending(n_segments=cfg.n_segments, half_life_days=cfg.trending_half_life_days,
+                    momentum_half_life_days=cfg.momentum_half_life_days)
+
+
+class PopulationLearner:
+    """Segment centers (River KMeans) and decayed trending, learned from every user stage's entries.
+
+    Parameters
+    ----------
+    config
+        The user stages' :class:`~models.engine.EngineConfig` (segments, trending half-life).
+
+    Examples
+    --------
+    >>> from models import EngineConfig
+    >>> p = PopulationLearner(EngineConfig(n_segments=2))
+    >>> p.learn({"seg": [[0, {"Tea": 1.0}, 1.0, 0.0, None]], "trend": [[0, "sencha", 0, 2.0, 50.0]]}, source=3)
+    2
+    >>> p.trending(5, segment=0), p.model()["slots"], p.hwm
+    ([('sencha', 2.0)], {'Tea': 'c0'}, {3: 0})
     """
-    seg, tr, cat = engine._segmenter, engine._trending, engine._catalog
-    n = len(cat)
-    live = np.flatnonzero((tr.global_[:n] != 0) | (tr.momentum_[:n] != 0) | (engine._item_events[:n] != 0)
-                          | (tr.segment_[:, :n] != 0).any(axis=0))
-    return {"version": POPULATION_VERSION, "t0": engine._t0, "now": engine._now,
-            "lam": tr.lam, "lam_m": tr.lam_m,
-            "segments": {"n_seeded": seg._n_seeded, "centers": seg.centers(),
-                         "slots": {cat.feature_name(f): k for f, k in seg._slot_of.items()}},
-            "items": [cat.item_id(r) for r in live.tolist()],
-            "global": tr.global_[live].copy(), "segment": tr.segment_[:, live].copy(),
-            "momentum": tr.momentum_[live].copy(), "events": engine._item_events[live].copy()}
 
+    def __init__(self, config):
+        self.config = config
+        self.segmenter = segmenter_for(config)
+        self.trend = trending_for(config)
+        self._names = Catalog()  # item ids -> rows, category names -> feature ids (nothing else)
+        self._t0: float | None = None
+        self.now = -math.inf
+        #: highest sequence number applied, per source
+        self.hwm: dict[int, int] = {}
+        #: entries applied so far (a version for readers)
+        self.applied = 0
 
-def import_population(engine, state: Mapping) -> bool:
-    """Adopt ``state`` if ``engine`` has learned nothing and has no segment centers; returns whether
-    it did. A record from an engine with another segment count is refused (``ValueError``)."""
-    if state.get("version") != POPULATION_VERSION:
-        raise ValueError(f"unsupported population version {state.get('version')!r}; expected {POPULATION_VERSION}")
-    seg = engine._segmenter
-    segs = state["segments"]
-    if len(segs["centers"]) > seg.n_segments:
-        raise ValueError(f"the record has {len(segs['centers'])} segment centers; this engine has {seg.n_segments}")
-    if engine.n_learned or seg._n_seeded or engine._t0 is not None:
-        return False
-    cat, tr = engine._catalog, engine._trending
-    engine._t0 = state["t0"]
-    if state["now"] > engine._now:
-        engine._now = state["now"]
-    seg._slot_of = {cat.feature(name): k for name, k in segs["slots"].items()}
-    for c, center in enumerate(segs["centers"]):
-        seg._km.centers[c].update(center)
-    seg._n_seeded = segs["n_seeded"]
-    rows = np.fromiter((cat.row(i) for i in state["items"]), np.int64, len(state["items"]))
-    engine._ensure_items(len(cat))
-    tr.global_[rows] = state["global"]
-    tr.segment_[:, rows] = state["segment"]
-    tr.momentum_[rows] = state["momentum"]
-    engine._item_events[rows] = state["events"]
-    n = len(cat)
-    tr.global_max = float(tr.global_[:n].max(initial=0.0))
-    tr.segment_max[:] = tr.segment_[:, :n].max(axis=1, initial=0.0)
-    tr.ensure(n)  # forgets any remembered top lists
-    return True
+    def learn(self, batch: Mapping, source: int) -> int:
+        """Apply a user stage's entries (:meth:`models.engine.Engine.drain_population`, sequence numbers
+        increasing per source); entries at or below the source's high-water mark are skipped. Returns
+        how many were applied."""
+        hw = self.hwm.get(source, -1)
+        top = hw
+        done = 0
+        seg, feature = self.segmenter, self._names.feature
+        for seq, mix, frequency, monetary, gap_days in batch.get("seg", ()):
+            if seq <= hw:
+                continue
+            x = seg.features({feature(name): share for name, share in mix.items()}, frequency, monetary,
+                             math.inf if gap_days is None else gap_days)
+            seg.assign(x, -1)
+            top = max(top, seq)
+            done += 1
+        fresh = [e for e in batch.get("trend", ()) if e[0] > hw]
+        if fresh:
+            self._add_trend(fresh)
+            top = max(top, max(e[0] for e in fresh))
+            done += len(fresh)
+        if done:
+            self.hwm[source] = top
+            self.applied += done
+        return done
 
+    def _add_trend(self, entries: list) -> None:
+        tr, row = self.trend, self._names.row
+        lam, lam_m = tr.lam, tr.lam_m
+        lam_max = max(lam, lam_m)
+        items, segs, x, xm = [], [], [], []
+        for _, item_id, segment, w, ts in entries:
+            if self._t0 is None:
+                self._t0 = ts
+            elif lam_max * (ts - self._t0) > _RENORM_EXPONENT:
+                self._flush(items, segs, x, xm)
+                items, segs, x, xm = [], [], [], []
+                tr.rescale(math.exp(-lam * (ts - self._t0)), math.exp(-lam_m * (ts - self._t0)))
+                self._t0 = ts
+            if ts > self.now:
+                self.now = ts
+            items.append(row(item_id))
+            segs.append(segment if 0 <= segment < tr.n_segments else -1)
+            x.append(w * math.exp(lam * (ts - self._t0)))
+            xm.append(w * math.exp(lam_m * (ts - self._t0)))
+        self._flush(items, segs, x, xm)
 
-def reassign_segments(engine, user_ids: Iterable[str]) -> None:
-    """Put the users into this engine's nearest segment (keeping their segment when its center here
-    is within the hysteresis margin), without moving any center; a no-op before centers exist."""
-    seg, prof = engine._segmenter, engine._profiles
-    if not seg._n_seeded:
-        return
-    decay = math.exp(-prof.lam * (engine._now - engine._t0))
-    for uid in user_ids:
-        u = prof.find(uid)
-        if u is None:
-            continue
-        last = prof.last_ts[u]
-        gap_days = (engine._now - last) / 86400.0 if math.isfinite(last) else math.inf
-        x = seg.features(prof.mix(u), prof.freq[u] * decay, prof.money[u] * decay, gap_days)
-        old = int(prof.segment[u])
-        new = seg.nearest(x, old)
-        if new != old:
-            seg.set_member(u, old, new)
-            prof.segment[u] = new
+    def _flush(self, items, segs, x, xm) -> None:
+        if items:
+            self.trend.ensure(len(self._names))
+            self.trend.add(items, segs, x, xm)
+
+    # ------------------------------------------------------------------ reading
+    def model(self) -> dict:
+        """Segment centers and category slots by name, for :meth:`models.engine.Engine.load_population`."""
+        return {**self.segmenter.export_model(self._names.feature_name), "applied": self.applied}
+
+    def momentum(self) -> tuple[list[str], list[float]]:
+        """Every item's slow-decayed popularity (the ranker's "momentum" numerator) at the newest
+        entry's time: ``(item ids, values)``."""
+        tr = self.trend
+        if self._t0 is None:
+            return [], []
+        n = len(self._names)
+        rows = [r for r in range(n) if tr.momentum_[r] > 0]
+        decay = math.exp(-tr.lam_m * (self.now - self._t0))
+        return [self._names.item_id(r) for r in rows], (tr.momentum_[rows] * decay).tolist()
+
+    def trending(self, n: int = 10, segment: int | None = None,
+                 eligible: Callable[[str], bool] | None = None) -> list[tuple[str, float]]:
+        """``(item_id, score decayed to the newest entry's time)``, best first, globally or in a segment."""
+        tr = self.trend
+        if self._t0 is None or n <= 0:
+            return []
+        decay = math.exp(-tr.lam * (self.now - self._t0))
+        ids = self._names.item_id
+        scores = tr.scores(segment)
+        out = []
+        want = n
+        while True:
+            top = tr.top(want, segment)
+            out = [(ids(r), float(scores[r] * decay)) for r in top.tolist()]
+            if eligible is not None:
+                out = [kv for kv in out if eligible(kv[0])]
+            if len(out) >= n or top.size < want:
+                return out[:n]
+            want *= 4

@@ -86,6 +86,8 @@ class Segmenter:
                 center[k] = _FAR
         self._n_seeded = 0
         self._members: list[set[int]] = [set() for _ in range(n_segments)]
+        #: centers loaded from a learner elsewhere (:meth:`load_model`): no new category slots here
+        self.frozen = False
 
     # ------------------------------------------------------------------ features
     def features(self, mix: dict[int, float], frequency: float, monetary: float, gap_days: float) -> dict[str, float]:
@@ -96,7 +98,7 @@ class Segmenter:
             share = mix[f]
             k = slot_of.get(f)
             if k is None:
-                if len(slot_of) < self.n_category_slots:
+                if len(slot_of) < self.n_category_slots and not self.frozen:
                     k = f"c{len(slot_of)}"
                     slot_of[f] = k
                 else:
@@ -148,6 +150,30 @@ class Segmenter:
         if 0 <= current < self._n_seeded and current != c and d[current] <= (1.0 + self.margin) * d[c]:
             return current
         return c
+
+    def export_model(self, feature_name) -> dict:
+        """The centers and category slots (by name, via ``feature_name(id)``), for :meth:`load_model`."""
+        return {"n_seeded": self._n_seeded, "slots": {feature_name(f): k for f, k in self._slot_of.items()},
+                "centers": [[self._km.centers[c][k] for k in self.keys] for c in range(self._n_seeded)]}
+
+    def load_model(self, model: dict, feature_id, learning: bool = False) -> None:
+        """Assign with centers learned elsewhere from now on (``feature_id(name)`` maps slot names to this
+        side's feature ids); :meth:`features` then gives no new slots, the learner does (unless
+        ``learning``: this side goes on learning from the loaded centers).
+
+        >>> a, b = Segmenter(n_segments=2, seed_distance=0.5), Segmenter(n_segments=2)
+        >>> _ = [a.assign(a.features({f: 1.0}, 0.0, 0.0, 0.0), current=-1) for f in (7, 9)]
+        >>> b.load_model(a.export_model(str), int)
+        >>> b.centers() == a.centers(), b.nearest(b.features({9: 1.0}, 0.0, 0.0, 0.0), current=-1)
+        (True, 1)
+        """
+        if len(model["centers"]) > self.n_segments:
+            raise ValueError(f"{len(model['centers'])} segment centers; this side has {self.n_segments}")
+        for c, values in enumerate(model["centers"]):
+            self._km.centers[c].update(zip(self.keys, values))
+        self._n_seeded = model["n_seeded"]
+        self._slot_of = {feature_id(name): k for name, k in model["slots"].items()}
+        self.frozen = not learning
 
     def set_member(self, user_row: int, old: int, new: int) -> None:
         """Move a user row between membership lists."""

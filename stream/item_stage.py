@@ -10,6 +10,13 @@ with the offset it covers, and the offsets are committed only after that.
 Changed rows are published at most every ``publish_interval_s``: the contract's
 ``ig:similar:{item}`` and the internal ``ig:nbrow:{item}`` that user stages rank with
 (:mod:`stream.neighbour_cache`).
+
+**The population learner** lives with ``cooc`` partition 0 (:data:`POPULATION_PARTITION`): user
+stages send it their segment samples and trend entries (records with the header ``kind:
+population``; :mod:`models.population`), so segment ids mean the same on every worker and trending
+counts every user. Its owner publishes the contract's ``ig:trending`` sets and the internal
+``ig:segments:model`` that the user stages assign segments with, and snapshots the learner with
+partition 0's shard.
 """
 from __future__ import annotations
 
@@ -19,10 +26,12 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable
 
+import orjson
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
 from models import EngineConfig
 from models.cooc_shard import CoOccurrenceShard, PairDeltas
+from models.population import PopulationLearner
 from stream import connections
 from stream.ingest import DeadLetter
 from stream.neighbour_cache import encode_row
@@ -31,6 +40,11 @@ from stream.settings import Settings
 from stream.snapshots import Snapshot, SnapshotStore
 
 log = logging.getLogger("infogap.items")
+
+#: The ``cooc`` partition whose owner runs the population learner, and the header value that marks
+#: its records.
+POPULATION_PARTITION = 0
+POPULATION_KIND = b"population"
 
 
 def owner(item_id: str, n_partitions: int) -> int:
@@ -57,7 +71,7 @@ class ItemStage:
     """Consumes ``cooc`` in a consumer group of its own; one shard per assigned partition."""
 
     def __init__(self, settings: Settings, config: EngineConfig, store: RedisStore,
-                 eligible: Callable[[str], bool] | None = None, retrying=None,
+                 eligible: Callable[[str], bool] | None = None, retrying=None, redis_retrying=None,
                  send_dead: Callable[[list[DeadLetter]], Awaitable[None]] | None = None):
         self.settings = settings
         self.topic = settings.topics.cooc
@@ -65,12 +79,16 @@ class ItemStage:
         self.store = store
         self.eligible = eligible
         self.shards: dict[int, CoOccurrenceShard] = {}
+        #: the population learner, while this stage owns POPULATION_PARTITION
+        self.population: PopulationLearner | None = None
+        self._population_published = -1
         #: held while applying, publishing or checkpointing, and by a rebalance: a partition's new owner
         #: starts only after the old one's last Redis write, so an older row never overwrites a newer one
         self._lock = asyncio.Lock()
         self._dirty: dict[int, set[str]] = {}
         self._published_at = float("-inf")
         self._retrying = retrying
+        self._redis_retrying = redis_retrying
         self.applied = 0
         self.dead: list[DeadLetter] = []
         self._send_dead = send_dead
@@ -127,7 +145,14 @@ class ItemStage:
         dirty = self._dirty.setdefault(partition, set())
         for rec in records:
             try:
-                source = int(dict(rec.headers or ())["source"])
+                headers = dict(rec.headers or ())
+                source = int(headers["source"])
+                if headers.get("kind") == POPULATION_KIND:
+                    if self.population is None:
+                        raise ValueError(f"population entries on cooc partition {partition}, "
+                                         f"not {POPULATION_PARTITION}")
+                    self.population.learn(orjson.loads(rec.value), source)
+                    continue
                 deltas = PairDeltas.from_bytes(rec.value)
             except Exception as exc:  # not written by a user stage: kept in the DLQ, never fatal
                 self.dead.append(DeadLetter(rec.value, rec.key, f"bad cooc record: {type(exc).__name__}: {exc}"[:300],
@@ -154,8 +179,19 @@ class ItemStage:
                 similar[item] = [nb._asdict() for nb in shard.similar(item, n, min_support, self.eligible)]
                 rows[item] = encode_row(shard.export_row(item))
         self._dirty = {}
-        if rows:
-            await self.store.write(similar=similar, rows=rows)
+        pop = self.population
+        fresh = pop is not None and pop.applied > 0 and pop.applied != self._population_published
+        if fresh:
+            k = self.settings.trending_n
+            trending = {seg: pop.trending(k, seg, self.eligible) for seg in (None, *range(self.config.n_segments))}
+            model = {**pop.model(), "at": pop.now}
+            self._population_published = pop.applied
+        if rows or fresh:
+            extra = {"trending": trending, "population": model, "momentum": pop.momentum()} if fresh else {}
+            if self._redis_retrying is not None:  # through a Redis outage: wait, do not die
+                await self._redis_retrying(self.store.write, similar=similar, rows=rows, **extra)
+            else:
+                await self.store.write(similar=similar, rows=rows, **extra)
 
     async def checkpoint(self, partitions: list[int]) -> None:
         """Snapshot the shards of ``partitions`` with their offsets, then commit those offsets."""
@@ -164,9 +200,13 @@ class ItemStage:
             return
         offsets = {TopicPartition(self.topic, p): await self.consumer.position(TopicPartition(self.topic, p))
                    for p in mine}
-        snaps = [Snapshot(tp.partition, off, self.shards[tp.partition]) for tp, off in offsets.items()]
+        snaps = [Snapshot(tp.partition, off, self._state(tp.partition)) for tp, off in offsets.items()]
         await self._kafka("write item snapshots", self.snapshots.save_many, snaps)
         await self._kafka("commit cooc offsets", self.consumer.commit, offsets)
+
+    def _state(self, p: int) -> dict:
+        """What partition ``p``'s snapshot holds: its shard, and the learner for partition 0."""
+        return {"shard": self.shards[p], "population": self.population if p == POPULATION_PARTITION else None}
 
     async def release(self, partitions: list[int]) -> None:
         """Partitions revoked: publish and checkpoint their shards, then let them go."""
@@ -176,6 +216,8 @@ class ItemStage:
             for p in partitions:
                 self.shards.pop(p, None)
                 self._dirty.pop(p, None)
+                if p == POPULATION_PARTITION:
+                    self.population = None
 
     async def take(self, partitions: list[int]) -> None:
         """Partitions assigned: restore their snapshots and resume from the offsets they cover."""
@@ -183,8 +225,13 @@ class ItemStage:
         for p in partitions:
             snap = found.get(p)
             if snap is not None:
-                self.shards[p] = snap.state
+                self.shards[p] = snap.state["shard"]
+                population = snap.state["population"]
                 self.consumer.seek(TopicPartition(self.topic, p), snap.offset)
             else:
                 self.shards[p] = CoOccurrenceShard.for_engine(self.config)
+                population = PopulationLearner(self.config)
+            if p == POPULATION_PARTITION:
+                self.population = population
+                self._population_published = -1
         log.info("item stage took cooc partitions %s (%d from snapshots)", sorted(partitions), len(found))

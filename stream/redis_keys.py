@@ -26,6 +26,15 @@ class RedisKeys:
     def trending(self, segment: int | str | None = None) -> str:
         return f"{self.prefix}trending" if segment is None else f"{self.prefix}trending:seg:{segment}"
 
+    def segment_model(self) -> str:
+        """Internal: the population learner's segment centers and category slots (JSON), read by the
+        user stages."""
+        return f"{self.prefix}segments:model"
+
+    def momentum(self) -> str:
+        """Internal: the population learner's slow-decayed popularity of every item (binary)."""
+        return f"{self.prefix}momentum"
+
     def segment(self, user_id: str) -> str:
         return f"{self.prefix}segment:{user_id}"
 

@@ -7,14 +7,31 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+import numpy as np
 import orjson
 import redis.asyncio as aioredis
 
 from stream.redis_keys import RedisKeys
 
 
+def encode_momentum(item_ids: list[str], values: list[float]) -> bytes:
+    """Item ids (a JSON list) and their float64 values, for the internal ``ig:momentum`` key.
+
+    >>> decode_momentum(encode_momentum(["a", "b"], [1.5, 0.25]))
+    (['a', 'b'], [1.5, 0.25])
+    """
+    head = orjson.dumps(item_ids)
+    return len(head).to_bytes(4, "little") + head + np.asarray(values, "<f8").tobytes()
+
+
+def decode_momentum(raw: bytes) -> tuple[list[str], list[float]]:
+    size = int.from_bytes(raw[:4], "little")
+    return orjson.loads(raw[4: 4 + size]), np.frombuffer(raw[4 + size:], "<f8").tolist()
+
+
 class RedisStore:
-    """Batch writer for ``recs``, ``segment``, ``similar`` and ``trending`` keys."""
+    """Batch writer for ``recs``, ``segment``, ``similar`` and ``trending`` keys (and the population
+    model the user stages read back)."""
 
     def __init__(self, client: aioredis.Redis, keys: RedisKeys, recs_ttl_s: int):
         self.client = client
@@ -23,7 +40,9 @@ class RedisStore:
 
     async def write(self, recs: Iterable[Mapping] = (), segments: Mapping[str, int | None] | None = None,
                     similar: Mapping[str, list] | None = None, rows: Mapping[str, bytes] | None = None,
-                    trending: Mapping[int | None, list[tuple[str, float]]] | None = None) -> None:
+                    trending: Mapping[int | None, list[tuple[str, float]]] | None = None,
+                    population: Mapping | None = None,
+                    momentum: tuple[list[str], list[float]] | None = None) -> None:
         """Write one batch of results in a single pipeline (not a transaction)."""
         k = self.keys
         pipe = self.client.pipeline(transaction=False)
@@ -52,8 +71,33 @@ class RedisStore:
             else:
                 pipe.delete(key)
             n += 1
+        if population is not None:
+            pipe.set(k.segment_model(), orjson.dumps(population))
+            n += 1
+        if momentum is not None:
+            pipe.set(k.momentum(), encode_momentum(*momentum))
+            n += 1
         if n:
             await pipe.execute()
+
+    async def read_population(self, n_segments: int, n: int) -> dict:
+        """What :meth:`models.engine.Engine.load_population` takes, in one round trip: the population
+        model (``model``; with ``at``, the time the scores are decayed to), the top ``n`` of each
+        trending set (``trending``) and the momentum of every item (``momentum``); ``at`` is None
+        before the learner has published."""
+        k = self.keys
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(k.segment_model())
+        pipe.get(k.momentum())
+        segments = [None, *range(n_segments)]
+        for seg in segments:
+            pipe.zrevrange(k.trending(seg), 0, n - 1, withscores=True)
+        raw, raw_m, *lists = await pipe.execute()
+        model = orjson.loads(raw) if raw is not None else None
+        trending = {seg: [(i.decode() if isinstance(i, bytes) else i, float(sc)) for i, sc in ranked]
+                    for seg, ranked in zip(segments, lists)}
+        return {"model": model, "trending": trending, "at": (model or {}).get("at"),
+                "momentum": decode_momentum(raw_m) if raw_m is not None else None}
 
     async def erase_user(self, user_id: str) -> int:
         """Delete every key about ``user_id``; returns how many existed."""

@@ -38,13 +38,12 @@ from models.dedupe import Deduplicator
 from models.events import Event, Limits
 from models.experiments import FEEDBACK_TYPES
 from models.push_policy import PushConfig, UserPrefs
-from models.population import export_population, import_population, reassign_segments
 from models.user_state import export_users, import_users
 from models.votes import warm_up
 from stream import connections
 from stream.experiments_store import ExperimentStore, experiment_from_settings
 from stream.ingest import DeadLetter, Ingest
-from stream.item_stage import ItemStage, owner
+from stream.item_stage import POPULATION_KIND, POPULATION_PARTITION, ItemStage, owner
 from stream.neighbour_cache import NeighbourCache
 from stream.observability import WorkerStats, build_app, serve
 from stream.pseudonym import Pseudonymizer
@@ -94,7 +93,7 @@ class Worker:
                  clock: Callable[[], float] = time.time):
         self.settings = settings
         self.topics = settings.topics
-        self.engine = engine or Engine(engine_config(settings), cooc="remote")
+        self.engine = engine or Engine(engine_config(settings), cooc="remote", population="remote")
         if self.engine.cooc_mode != "remote":
             raise ValueError("the worker's engine must be built with cooc='remote' (the item stage learns the rows)")
         self.pseudonymize = Pseudonymizer.from_settings(settings)
@@ -156,7 +155,7 @@ class Worker:
                                      s.neighbour_max_age_s)
         self.items = ItemStage(s, self.engine.config, self._store,
                                eligible=lambda i: i not in self.unavailable, retrying=self._kafka_retrying,
-                               send_dead=self._send_counted_dead)
+                               redis_retrying=self._redis_retrying, send_dead=self._send_counted_dead)
         item_stop = asyncio.Event()
         item_task = None
         http = None
@@ -227,17 +226,11 @@ class Worker:
         """Everything about one events partition's users (items and users topics are re-read from Kafka)."""
         part = self._part(partition)
         part.watermark = self.ingest.watermarks.get((self.topics.events, partition), float("-inf"))
-        return {"part": part, "users": export_users(self.engine, part.users),
-                "population": export_population(self.engine)}
+        return {"part": part, "users": export_users(self.engine, part.users)}
 
     def restore_partition(self, partition: int, state: dict) -> None:
-        """Take a partition's users; a worker that has learned nothing also adopts the segment centers
-        and trending they were learned with, so a restart renumbers no segment and keeps trending."""
         part: UserPartition = state["part"]
-        adopted = "population" in state and import_population(self.engine, state["population"])
         import_users(self.engine, state["users"])
-        if not adopted:  # their segment ids name another engine's centers
-            reassign_segments(self.engine, state["users"]["users"])
         self.parts[partition] = part
         if part.watermark > float("-inf"):
             self.ingest.watermarks[(self.topics.events, partition)] = part.watermark
@@ -416,6 +409,7 @@ class Worker:
         records = [r for recs in by_partition.values() for r in recs]
         if not records:
             return
+        await self._load_population()
         touched: dict[str, tuple[float, int]] = {}  # user -> (newest event time in this batch, partition)
         erased: list[str] = []
         dead: list[DeadLetter] = []
@@ -474,7 +468,7 @@ class Worker:
                     self.parts[partition].experiments.record_sends(sent)
                     pushes += sent
 
-        await self._redis_retrying(self._store.write, recs=docs, segments=segments, **self._serving())
+        await self._redis_retrying(self._store.write, recs=docs, segments=segments)
         changed = {seg: c for part in self.parts.values() for seg, c in part.experiments.drain_changed().items()}
         if changed:
             await self._redis_retrying(self._exp_store.write, self.exp_name, changed)
@@ -517,29 +511,38 @@ class Worker:
         return out
 
     def _cooc_messages(self, partition: int, base: int, offsets: list[int]) -> list[tuple]:
-        """The engine's co-occurrence updates of one events partition, one ``cooc`` record per owner."""
-        deltas = self.engine.drain_pair_deltas()
-        if deltas is None:
-            return []
-        n = self._cooc_partitions
-        deltas = deltas.with_seq(np.asarray(offsets, np.int64), base)
+        """The engine's co-occurrence updates of one events partition, one ``cooc`` record per owner,
+        and its population entries in one record for the learner."""
         headers = [("source", str(partition).encode())]
-        # every owner gets a record: the item occurrences in it are everyone's (popularity, lift)
-        return [(self.topics.cooc, piece.to_bytes(), None, headers, p)
-                for p, part in enumerate(deltas.split(lambda i: owner(i, n), n))
-                for piece in part.pieces(_COOC_RECORD_UPDATES)]
+        out = []
+        seq_of = np.asarray(offsets, np.int64)
+        deltas = self.engine.drain_pair_deltas()
+        if deltas is not None:
+            n = self._cooc_partitions
+            deltas = deltas.with_seq(seq_of, base)
+            # every owner gets a record: the item occurrences in it are everyone's (popularity, lift)
+            out += [(self.topics.cooc, piece.to_bytes(), None, headers, p)
+                    for p, part in enumerate(deltas.split(lambda i: owner(i, n), n))
+                    for piece in part.pieces(_COOC_RECORD_UPDATES)]
+        population = self.engine.drain_population()
+        if population is not None:  # segment samples and trend entries: to the learner, on partition 0
+            for entry in population["seg"] + population["trend"]:
+                entry[0] = int(seq_of[entry[0] - base])
+            out.append((self.topics.cooc, orjson.dumps(population), None,
+                        headers + [("kind", POPULATION_KIND)], POPULATION_PARTITION))
+        return out
 
-    def _serving(self) -> dict:
-        """Trending, at most every ``publish_interval_s`` (neighbour lists are the item stage's)."""
+    async def _load_population(self, force: bool = False) -> None:
+        """Segment centers and trending from the population learner (via Redis), at most every
+        ``publish_interval_s``: the engine assigns segments and ranks with them."""
         now = time.monotonic()
-        if now - self._published_at < self.settings.publish_interval_s:
-            return {}
+        if not force and now - self._published_at < self.settings.publish_interval_s:
+            return
         self._published_at = now
-        k = self.settings.trending_n
-        trending = {None: self.engine.trending(n=k)}
-        for seg in range(self.engine.config.n_segments):
-            trending[seg] = self.engine.trending(n=k, segment=seg)
-        return {"trending": trending}
+        got = await self._redis_retrying(self._store.read_population, self.engine.config.n_segments,
+                                         self.settings.trending_n)
+        if got["at"] is not None:
+            self.engine.load_population(got["model"], got["trending"], got["at"], got["momentum"])
 
     async def _redis_retrying(self, fn, *args, **kwargs):
         """Retry a Redis write until it succeeds: offsets are not committed meanwhile, so nothing is lost."""

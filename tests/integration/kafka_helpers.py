@@ -81,29 +81,31 @@ async def running_worker(settings, **kwargs):
 
 
 async def model_from_snapshots(settings, item_ids: list[str]):
-    """The user stage's state as its snapshots hold it (users, segment centers, trending), ranking with
-    the item stage's rows in Redis.
+    """The user stage's state as its snapshots hold it, ranking with the item stage's rows and the
+    population learner's segment centers and trending, as Redis holds them.
 
     Returns (engine, {partition: Snapshot}); the engine holds every snapshotted partition's users.
     """
     from models import Engine
-    from models.population import import_population
     from models.user_state import import_users
     from stream.neighbour_cache import decode_row
     from stream.redis_keys import RedisKeys
+    from stream.redis_store import RedisStore
     from stream.snapshots import SnapshotStore
     from stream.worker import engine_config
 
     snaps = await SnapshotStore(settings, settings.topics.state_users).load(list(range(6)))
-    engine = Engine(engine_config(settings), cooc="remote")
-    if snaps:  # segment centers and trending, as the worker that wrote the first one had them
-        import_population(engine, snaps[min(snaps)].state["population"])
+    engine = Engine(engine_config(settings), cooc="remote", population="remote")
     for snap in snaps.values():
         import_users(engine, snap.state["users"])
     r = connections.redis_async(settings)
     try:
-        raws = await r.mget([RedisKeys(settings.redis_prefix).neighbour_row(i) for i in item_ids])
+        keys = RedisKeys(settings.redis_prefix)
+        raws = await r.mget([keys.neighbour_row(i) for i in item_ids])
+        got = await RedisStore(r, keys, 60).read_population(engine.config.n_segments, settings.trending_n)
     finally:
         await r.aclose()
+    if got["at"] is not None:
+        engine.load_population(got["model"], got["trending"], got["at"], got["momentum"])
     engine.load_rows(decode_row(raw) for raw in raws if raw is not None)
     return engine, snaps

@@ -7,6 +7,7 @@ import pytest
 from aiokafka import TopicPartition
 
 from models import Engine
+from models.population import PopulationLearner
 from stream import connections
 from stream.bench import WorkerProcess
 from stream.synthetic import SyntheticStream
@@ -71,6 +72,20 @@ def pure_engine(s) -> Engine:
     return engine
 
 
+def pure_stream_engine(s, chunk: int = 300) -> Engine:
+    """The pure models arranged as the stream arranges them: co-occurrence learned in the engine (as
+    the shards learn it), segment centers, trending and momentum by one PopulationLearner, loaded back
+    every ``chunk`` events with the top ``trending_n`` lists that Redis holds."""
+    cfg = engine_config(s)
+    engine, learner = Engine(cfg, population="remote"), PopulationLearner(cfg)
+    for start in range(0, len(EVENTS), chunk):
+        engine.learn_many(EVENTS[start:start + chunk])
+        learner.learn(engine.drain_population(), source=0)
+        trending = {seg: learner.trending(s.trending_n, seg) for seg in (None, *range(cfg.n_segments))}
+        engine.load_population(learner.model(), trending, learner.now, learner.momentum())
+    return engine
+
+
 def jaccard(a: Engine, b: Engine, users) -> float:
     total = 0.0
     for u in users:
@@ -110,13 +125,16 @@ async def test_two_workers_give_what_one_worker_and_the_pure_engine_give(scoped_
     assert sorted(held) == users
     for u in users:
         assert e2.profile(u)["events"] == e1.profile(u)["events"] == pure.profile(u)["events"]
-    # Recommendations: the engines rebuilt from snapshots hold users, rows, and the segment centers and
-    # trending of the worker that wrote partition 0's snapshot. Each worker learns those from its own
-    # users only, and ties break by row numbers, so the top-10s agree in part (measured 0.69-0.76 one vs
-    # two workers, 0.72-0.76 one worker vs the pure engine).
-    j12, j1p = jaccard(e1, e2, users), jaccard(e1, pure, users)
-    print(f"top-10 Jaccard: one vs two workers {j12:.3f}, one worker vs pure engine {j1p:.3f}")
-    assert j12 >= 0.6 and j1p >= 0.65
+    # Recommendations: the engines rebuilt from snapshots hold users and rows, and rank with the one
+    # population learner's segment centers and trending lists from Redis, as the workers did. What still
+    # differs: segments were assigned with the centers of the moment, which batch timing decides, and
+    # ties break by row numbers. The pure reference is the same arrangement in one process. Measured:
+    # 0.83-0.93 one vs two workers, 0.78-0.80 one worker vs that reference (0.69-0.70 vs a local engine).
+    ref = pure_stream_engine(one)
+    j12, j1p, j1l = jaccard(e1, e2, users), jaccard(e1, ref, users), jaccard(e1, pure, users)
+    print(f"top-10 Jaccard: one vs two workers {j12:.3f}, one worker vs the pure stream arrangement "
+          f"{j1p:.3f} (vs a local engine, own segments and full trending: {j1l:.3f})")
+    assert j12 >= 0.75 and j1p >= 0.7
 
 
 async def test_a_worker_leaving_hands_over_its_partitions_and_loses_nothing(scoped_settings, tmp_path):
@@ -143,7 +161,7 @@ async def test_a_worker_leaving_hands_over_its_partitions_and_loses_nothing(scop
         assert engine.profile(u)["events"] == pure.profile(u)["events"], u
     assert_same_rows(await similar_lists(s), {i: {n.item_id: (round(n.support, 6), round(n.lift, 6))
                                                   for n in pure.similar(i, n=500)} for i in ITEMS})
-    j = jaccard(engine, pure, users)
-    print(f"top-10 Jaccard after the hand-over vs pure engine {j:.3f}")
-    assert j >= 0.75
+    j = jaccard(engine, pure_stream_engine(s), users)
+    print(f"top-10 Jaccard after the hand-over vs the pure stream arrangement {j:.3f}")
+    assert j >= 0.75  # measured 0.86-0.89
 

@@ -1,114 +1,105 @@
-"""Segment centers and trending across a restart or a partition move: models/population.py."""
+"""One segment model and one trending for many user stages: models/population.py and the engine's
+``population="remote"`` mode."""
 from __future__ import annotations
 
+import zlib
 from collections import Counter
 
 import pytest
 
 from models import Engine, EngineConfig
-from models.population import export_population, import_population, reassign_segments
-from models.user_state import export_users, import_users
+from models.population import PopulationLearner
 
-from .test_models_support import group_stream
+from .test_models_support import adjusted_rand_index, group_stream, random_stream
 
 CFG = EngineConfig(n_segments=3)
 
 
-def engine(items, evs, cfg=CFG) -> Engine:
-    e = Engine(cfg)
+def lists(learner: PopulationLearner, n: int = 1000) -> dict:
+    return {None: learner.trending(n), **{s: learner.trending(n, segment=s) for s in range(CFG.n_segments)}}
+
+
+def run_stages(evs, items, n_stages: int, chunk: int = 30) -> tuple[list[Engine], PopulationLearner]:
+    """User stages (users split by a hash, as partitions are) feeding one learner in chunks, each
+    loading the learner's model and trending after every chunk, as the stream does (a chunk is a few
+    minutes of these sessions: the stream reloads every ``publish_interval_s``)."""
+    stages = [Engine(CFG, population="remote") for _ in range(n_stages)]
+    for st in stages:
+        for it in items:
+            st.upsert_item(it)
+    learner = PopulationLearner(CFG)
+    for start in range(0, len(evs), chunk):
+        part = evs[start:start + chunk]
+        for p, st in enumerate(stages):
+            mine = [e for e in part if zlib.crc32(e["user_id"].encode()) % n_stages == p]
+            before = st.n_learned
+            st.learn_many(mine)
+            batch = st.drain_population()
+            if batch:
+                assert all(before <= e[0] < st.n_learned for e in batch["seg"] + batch["trend"])
+                learner.learn(batch, source=p)
+        for st in stages:
+            st.load_population(learner.model(), lists(learner), learner.now)
+    return stages, learner
+
+
+def test_the_learner_counts_what_a_local_engine_counts():
+    evs, items, _ = group_stream(n_groups=3, users_per_group=10, events_per_user=20)
+    local = Engine(CFG)
     for it in items:
-        e.upsert_item(it)
-    e.learn_many(evs)
-    return e
+        local.upsert_item(it)
+    local.learn_many(evs)
+    _, learner = run_stages(evs, items, n_stages=2)
+    ours, theirs = learner.trending(10), local.trending(10)
+    assert [i for i, _ in ours] == [i for i, _ in theirs]
+    assert [s for _, s in ours] == pytest.approx([s for _, s in theirs], rel=1e-9)
 
 
-def restarted(a: Engine, items, users) -> Engine:
-    """What a restarted worker holds: the catalog, then the snapshot (population first, then users)."""
-    b = Engine(a.config)
-    for it in items[::-1]:  # other item rows than a's
-        b.upsert_item(it)
-    assert import_population(b, export_population(a))
-    import_users(b, export_users(a, users))
-    return b
+def test_users_of_two_stages_share_one_segment_numbering():
+    evs, items, groups = group_stream(n_groups=3, users_per_group=12, events_per_user=25)
+    for chunk in (10, 100):
+        stages, learner = run_stages(evs, items, n_stages=2, chunk=chunk)
+        for g in range(3):  # a group's users are in the same segment, whichever stage holds them
+            by_stage = [Counter(st.segment(u) for u, gg in groups.items() if gg == g and st.known_user(u))
+                        for st in stages]
+            assert by_stage[0].most_common(1)[0][0] == by_stage[1].most_common(1)[0][0] is not None
+            assert sum(c.most_common(1)[0][1] for c in by_stage) >= 10  # of 12
+        # each stage ranks with the learner's trending, in every segment
+        for st in stages:
+            for s in range(3):
+                assert [i for i, _ in st.trending(5, segment=s)] == [i for i, _ in learner.trending(5, segment=s)]
+    # Online k-means depends on the order of its samples; reloading often (small chunks: the stream
+    # reloads every publish_interval_s) it finds the three groups here, like a local engine does
+    stages, learner = run_stages(evs, items, n_stages=2, chunk=10)
+    seg = {u: next(st.segment(u) for st in stages if st.known_user(u)) for u in groups}
+    assert adjusted_rand_index(list(groups.values()), [seg[u] for u in groups]) >= 0.9
+    assert learner.model()["n_seeded"] == 3 and learner.applied > len(evs)
 
 
-def shifted(evs, after: float, tag: str) -> list[dict]:
-    return [dict(x, ts=x["ts"] - evs[0]["ts"] + after + 60.0, event_id=tag + x["event_id"]) for x in evs]
+def test_a_replayed_batch_counts_nothing_twice():
+    evs = random_stream(300, n_users=20, n_items=15, seed=4)
+    st = Engine(CFG, population="remote")
+    st.learn_many(evs)
+    batch = st.drain_population()
+    a, b = PopulationLearner(CFG), PopulationLearner(CFG)
+    assert a.learn(batch, source=0) == len(batch["seg"]) + len(batch["trend"])
+    assert a.learn(batch, source=0) == 0  # replayed after a crash: skipped
+    assert a.learn(batch, source=1) > 0  # another source has its own numbering
+    b.learn(batch, source=0)
+    half = {k: v[len(v) // 2:] for k, v in batch.items()}
+    assert b.learn(half, source=0) == 0
+    assert a.trending(5) != b.trending(5) and a.hwm == {0: b.hwm[0], 1: b.hwm[0]}
 
 
-def test_a_restart_keeps_segment_ids_and_trending_and_both_learn_on_alike():
-    evs, items, users = group_stream(n_groups=3, users_per_group=10, events_per_user=20)
-    a = engine(items, evs)
-    b = restarted(a, items, list(users))
-    assert b._segmenter.centers() == a._segmenter.centers()
-    assert all(b.segment(u) == a.segment(u) is not None for u in users)
-    for seg in (None, 0, 1, 2):
-        ta, tb = a.trending(10, segment=seg), b.trending(10, segment=seg)
-        assert [i for i, _ in tb] == [i for i, _ in ta] and ta
-        assert [s for _, s in tb] == pytest.approx([s for _, s in ta], rel=1e-12)
-    # more events, new users among them: the same segment ids and the same lists in both (co-occurrence
-    # is not in the record: the stream's rows live in the item stage and Redis)
-    more, _, _ = group_stream(n_groups=3, users_per_group=14, events_per_user=10, seed=5)
-    more = shifted(more, evs[-1]["ts"], "m")
-    a.learn_many(more)
-    b.learn_many(more)
-    everyone = {x["user_id"] for x in more} | set(users)
-    assert [b.segment(u) for u in sorted(everyone)] == [a.segment(u) for u in sorted(everyone)]
-    assert [i for i, _ in b.trending(10, segment=1)] == [i for i, _ in a.trending(10, segment=1)]
-
-
-def group_2_first(evs) -> list[dict]:
-    """The same events, with group 2's sessions moved ten days earlier (still in time order)."""
-    moved = [dict(x, ts=x["ts"] - 10 * 86400.0) if x["user_id"].startswith("g2-") else x for x in evs]
-    return sorted(moved, key=lambda x: x["ts"])
-
-
-def test_without_the_population_a_restart_renumbers_segments():
-    """Why the record exists: the same users, learned again in another order, get other ids."""
-    evs, items, users = group_stream(n_groups=3, users_per_group=10, events_per_user=20)
-    a = engine(items, evs)
-    c = engine(items, group_2_first(evs))
-    ids_a = {g: Counter(a.segment(u) for u, gg in users.items() if gg == g).most_common(1)[0][0] for g in range(3)}
-    ids_c = {g: Counter(c.segment(u) for u, gg in users.items() if gg == g).most_common(1)[0][0] for g in range(3)}
-    assert ids_a != ids_c
-
-
-def test_moved_users_land_in_the_segment_of_their_group_in_an_engine_with_its_own_centers():
-    evs, items, users = group_stream(n_groups=3, users_per_group=10, events_per_user=20)
-    a = engine(items, evs)
-    # b learned the other users, group 2 first: its segment ids name other groups than a's
-    moved = [u for u in users if u.endswith(("-u0", "-u1", "-u2"))]
-    rest = [x for x in evs if x["user_id"] not in moved]
-    b = engine(items, group_2_first(rest))
-    group_seg_b = {g: Counter(b.segment(u) for u, gg in users.items() if gg == g and u not in moved)
-                   .most_common(1)[0][0] for g in range(3)}
-    group_seg_a = {g: Counter(a.segment(u) for u, gg in users.items() if gg == g).most_common(1)[0][0]
-                   for g in range(3)}
-    assert group_seg_a != group_seg_b  # otherwise this test proves nothing
-    centers = b._segmenter.centers()
-
-    assert not import_population(b, export_population(a))  # b keeps its own centers
-    import_users(b, export_users(a, moved))
-    carried = [b.segment(u) for u in moved]
-    reassign_segments(b, moved)
-
-    assert b._segmenter.centers() == centers  # no center moved
-    assert [b.segment(u) for u in moved] == [group_seg_b[users[u]] for u in moved]
-    assert carried != [b.segment(u) for u in moved]
-    sizes = b._segmenter.sizes()
-    assert sum(sizes) == len(users) and all(
-        b._profiles.find(u) in b._segmenter.members(b.segment(u)) for u in moved)
-
-
-def test_refusals():
-    evs, items, users = group_stream(n_groups=2, users_per_group=4, events_per_user=8)
-    a = engine(items, evs)
-    state = export_population(a)
-    with pytest.raises(ValueError, match="version"):
-        import_population(Engine(CFG), {**state, "version": 0})
-    with pytest.raises(ValueError, match="segment centers"):
-        import_population(Engine(EngineConfig(n_segments=1)), state)
-    assert not import_population(a, state)  # a has learned: it keeps what it has
-    fresh = Engine(CFG)
-    reassign_segments(fresh, list(users))  # nobody, no centers: nothing to do
-    assert fresh.segment("g0-u0") is None
+def test_remote_engine_emits_the_same_entries_one_by_one_and_a_load_replaces_its_trending():
+    evs = random_stream(400, n_users=25, n_items=20, seed=9)
+    one, many = Engine(CFG, population="remote"), Engine(CFG, population="remote")
+    for e in evs:
+        one.learn_one(e)
+    many.learn_many(evs)
+    assert one.drain_population() == many.drain_population()
+    assert one.drain_population() is None
+    assert all(one.segment(u) is None for u in {e["user_id"] for e in evs})  # no centers yet
+    assert one.trending(3)  # its own events count until a load
+    one.load_population(None, {None: [("elsewhere", 5.0)]}, at=evs[-1]["ts"])
+    assert one.trending(3) == [("elsewhere", 5.0)] and one.trending(3, segment=0) == []
