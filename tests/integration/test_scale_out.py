@@ -1,5 +1,5 @@
 """Scale-out: two workers in one group split the partitions and give what one worker gives; a worker
-leaving hands its partitions over without losing an event."""
+leaving hands its partitions over without losing an event; segment ids outlive a restart."""
 from __future__ import annotations
 
 import orjson
@@ -10,6 +10,7 @@ from models import Engine
 from models.population import PopulationLearner
 from stream import connections
 from stream.bench import WorkerProcess
+from stream.redis_keys import RedisKeys
 from stream.synthetic import SyntheticStream
 from stream.worker import engine_config
 from tests.conftest import wait_for
@@ -165,3 +166,50 @@ async def test_a_worker_leaving_hands_over_its_partitions_and_loses_nothing(scop
     print(f"top-10 Jaccard after the hand-over vs the pure stream arrangement {j:.3f}")
     assert j >= 0.75  # measured 0.86-0.89
 
+
+
+async def segments_after_each_half(s, tmp_path, restart: bool) -> tuple[dict, dict, dict]:
+    """ig:segment of the first half's users after each half of the events, with one worker throughout
+    or a worker stopped after the first half and a new one started; and the model after the first."""
+    keys = RedisKeys(s.redis_prefix)
+    await produce(s, s.topics.items, [(it["item_id"], it) for it in SYNTH.items()])
+    half = len(EVENTS) // 2
+    users = sorted({e["user_id"] for e in EVENTS[:half]})
+    r = connections.redis_async(s)
+    worker = None
+    try:
+        segments = []
+        for name, part in (("first", EVENTS[:half]), ("second", EVENTS[half:])):
+            if worker is None:
+                worker = WorkerProcess(s, tmp_path / f"{name}-{restart}.log", ENV)
+            await produce(s, s.topics.events, [(e["user_id"], e) for e in part])
+            await wait_for(lambda: caught_up(s), deadline_s=120, interval_s=0.5, what=f"{name} half done")
+            if restart:
+                worker.stop()
+                worker = None
+            segments.append(dict(zip(users, await r.mget([keys.segment(u) for u in users]))))
+            if name == "first":
+                model = orjson.loads(await r.get(keys.segment_model()))
+    finally:
+        if worker is not None:
+            worker.stop()
+        await r.aclose()
+    return segments[0], segments[1], model
+
+
+def kept_share(before: dict, after: dict) -> float:
+    both = [u for u in before if before[u] is not None and after[u] is not None]
+    assert len(both) >= 0.75 * len(before)  # users whose every event came before the first model have none
+    return sum(before[u] == after[u] for u in both) / len(both)
+
+
+async def test_segment_ids_keep_their_meaning_across_a_restart(scoped_settings, tmp_path):
+    """The population learner is snapshotted with cooc partition 0 and its model stays in Redis, so a
+    restart moves no more users between segments than going on without one does."""
+    b1, a1, model = await segments_after_each_half(scoped_settings(), tmp_path, restart=True)
+    b2, a2, _ = await segments_after_each_half(scoped_settings(), tmp_path, restart=False)
+    assert model["n_seeded"] >= 3 and len(set(b1.values()) - {None}) >= 3
+    restarted, continuous = kept_share(b1, a1), kept_share(b2, a2)
+    print(f"users keeping their segment over the second half: {restarted:.1%} with a restart, "
+          f"{continuous:.1%} without")
+    assert restarted >= continuous - 0.05 and restarted >= 0.75
