@@ -7,10 +7,10 @@ vector) are stored by an engine relative to its reference time ``t0``; the recor
 exporter's ``t0`` and decay rate and the importer converts them to its own ``t0``.
 
 Kept out on purpose: what many users feed (item co-occurrence, popularity/trending, segment centers).
-The importer already learns those from every partition's items, and a user's share of them holds no
-user id (see :mod:`models.engine`, "What forget_user keeps"). The segment id moves as it is: it
-names one of the exporter's segment centers, and the importer's segmenter reassigns the user on the
-usual schedule (its 2nd, 4th, 8th, ... and every ``segment_every``-th event).
+In the stream those are learned once for every partition (the item stage's shards and
+:mod:`models.population`), and a user's share of them holds no user id (see :mod:`models.engine`,
+"What forget_user keeps"). The segment id moves as it is: with one population learner it names the
+same center in the exporter and the importer.
 """
 from __future__ import annotations
 
