@@ -50,6 +50,30 @@ def trending_for(cfg) -> Trending:
                     momentum_half_life_days=cfg.momentum_half_life_days)
 
 
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _checked(batch) -> tuple[list, list]:
+    """The batch's segment samples and trend entries, or ``ValueError`` naming the first bad one."""
+    if not isinstance(batch, Mapping):
+        raise ValueError(f"population batch must be an object, not {type(batch).__name__}")
+    samples, trends = batch.get("seg", []), batch.get("trend", [])
+    if not isinstance(samples, list) or not isinstance(trends, list):
+        raise ValueError("population batch fields 'seg' and 'trend' must be lists")
+    for k, e in enumerate(samples):
+        if not (isinstance(e, list) and len(e) == 5 and isinstance(e[0], int) and isinstance(e[1], dict)
+                and all(isinstance(n, str) and _number(v) for n, v in e[1].items())
+                and _number(e[2]) and _number(e[3]) and (e[4] is None or _number(e[4]))):
+            raise ValueError(f"segment sample {k} is not [seq, {{category: share}}, frequency, monetary, "
+                             f"gap_days or null]: {str(e)[:80]}")
+    for k, e in enumerate(trends):
+        if not (isinstance(e, list) and len(e) == 5 and isinstance(e[0], int) and isinstance(e[1], str)
+                and isinstance(e[2], int) and _number(e[3]) and _number(e[4])):
+            raise ValueError(f"trend entry {k} is not [seq, item_id, segment, weight, ts]: {str(e)[:80]}")
+    return samples, trends
+
+
 class PopulationLearner:
     """Segment centers (River KMeans) and decayed trending, learned from every user stage's entries.
 
@@ -84,11 +108,12 @@ class PopulationLearner:
         """Apply a user stage's entries (:meth:`models.engine.Engine.drain_population`, sequence numbers
         increasing per source); entries at or below the source's high-water mark are skipped. Returns
         how many were applied."""
+        samples, trends = _checked(batch)  # all or nothing: a bad batch changes no state
         hw = self.hwm.get(source, -1)
         top = hw
         done = 0
         seg, feature = self.segmenter, self._names.feature
-        for seq, mix, frequency, monetary, gap_days in batch.get("seg", ()):
+        for seq, mix, frequency, monetary, gap_days in samples:
             if seq <= hw:
                 continue
             x = seg.features({feature(name): share for name, share in mix.items()}, frequency, monetary,
@@ -96,7 +121,7 @@ class PopulationLearner:
             seg.assign(x, -1)
             top = max(top, seq)
             done += 1
-        fresh = [e for e in batch.get("trend", ()) if e[0] > hw]
+        fresh = [e for e in trends if e[0] > hw]
         if fresh:
             self._add_trend(fresh)
             top = max(top, max(e[0] for e in fresh))

@@ -148,7 +148,7 @@ class ItemStage:
                 headers = dict(rec.headers or ())
                 source = int(headers["source"])
                 if headers.get("kind") == POPULATION_KIND:
-                    if self.population is None:
+                    if partition != POPULATION_PARTITION or self.population is None:
                         raise ValueError(f"population entries on cooc partition {partition}, "
                                          f"not {POPULATION_PARTITION}")
                     self.population.learn(orjson.loads(rec.value), source)

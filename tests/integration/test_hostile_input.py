@@ -111,3 +111,41 @@ async def test_erasure_leaves_no_trace_in_redis_or_state_within_5_seconds(settin
     blob = pickle.dumps(state)
     assert b"zoe" not in blob  # not in any state store: model, snapshots (users, dedupe, push, experiments)
     await r.aclose()
+
+
+async def test_bad_cooc_records_go_to_the_dlq_and_the_item_stage_goes_on(settings):
+    """``cooc`` is internal, but a stray producer must not stop the item stage or the population learner."""
+    bad = [  # (partition, headers, value, reason the DLQ gives)
+        (1, [], b"\x00no headers", "bad cooc record: KeyError"),
+        (1, [("source", b"0")], b"\x00not pair deltas", "bad cooc record: "),
+        (0, [("source", b"0"), ("kind", b"population")], b"{not json", "bad cooc record: JSONDecodeError"),
+        (0, [("source", b"0"), ("kind", b"population")], orjson.dumps({"trend": [[1, "sku-1", 0, "x", 1.0]]}),
+         "bad cooc record: ValueError: trend entry 0"),
+        (2, [("source", b"0"), ("kind", b"population")], orjson.dumps({"seg": []}),
+         "bad cooc record: ValueError: population entries on cooc partition 2"),
+    ]
+    async with running_worker(settings) as worker:
+        await produce(settings, settings.topics.items, [(it["item_id"], it) for it in CATALOG])
+        producer = connections.producer(settings, acks="all")
+        await producer.start()
+        try:
+            for partition, headers, value, _ in bad:
+                await (await producer.send(settings.topics.cooc, value, partition=partition, headers=headers))
+        finally:
+            await producer.stop()
+        dead = await read_topic(settings, settings.topics.dlq, until=lambda recs: len(recs) >= len(bad))
+        # the stages go on: co-occurrence and trending from good events reach Redis
+        await produce(settings, settings.topics.events,
+                      [(u, good(2 * k + j, u, item)) for k, u in enumerate(("a", "b", "c"))
+                       for j, item in enumerate(("sku-1", "sku-2"))])
+        r = connections.redis_async(settings)
+        try:
+            await wait_for(lambda: r.get(f"{settings.redis_prefix}similar:sku-1"), what="ig:similar:sku-1")
+            await wait_for(lambda: r.zrange(f"{settings.redis_prefix}trending", 0, -1), what="ig:trending")
+        finally:
+            await r.aclose()
+        assert worker.items.applied > 0
+    reasons = {m.value: dict(m.headers)["reason"].decode() for m in dead}
+    for _, _, value, expected in bad:
+        assert reasons[value].startswith(expected), (value, reasons[value])
+    assert all(dict(m.headers)["source_topic"] == settings.topics.cooc.encode() for m in dead)

@@ -103,3 +103,17 @@ def test_remote_engine_emits_the_same_entries_one_by_one_and_a_load_replaces_its
     assert one.trending(3)  # its own events count until a load
     one.load_population(None, {None: [("elsewhere", 5.0)]}, at=evs[-1]["ts"])
     assert one.trending(3) == [("elsewhere", 5.0)] and one.trending(3, segment=0) == []
+
+
+@pytest.mark.parametrize("batch, reason", [
+    ([1, 2], "must be an object"),
+    ({"seg": {}}, "must be lists"),
+    ({"seg": [[0, {"Tea": "lots"}, 1.0, 0.0, None]]}, "segment sample 0"),
+    ({"trend": [[0, "tea", 0, 1.0, 5.0], [1, 7, 0, 1.0, 5.0]]}, "trend entry 1"),
+    ({"trend": [[0, "tea", 0, float("nan"), 5.0]]}, "trend entry 0"),
+])
+def test_a_bad_batch_is_refused_whole(batch, reason):
+    learner = PopulationLearner(CFG)
+    with pytest.raises(ValueError, match=reason):
+        learner.learn(batch, source=0)
+    assert learner.applied == 0 and learner.hwm == {} and learner.trending(3) == []
