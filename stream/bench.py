@@ -117,7 +117,17 @@ BAD_RECORDS = (b"{not json", b'{"event_id": "x", "user_id": "u", "type": "view",
                b'{"event_id": "y", "type": "view", "ts": 1.7e9}', b"\xff\xfe", b"[1, 2, 3]")
 
 
-async def throughput(settings: Settings, n: int, stream: SyntheticStream, out: Path, bad_per_good: int = 0) -> dict:
+def _workers(s: Settings, out: Path, name: str, split: bool) -> tuple[WorkerProcess, WorkerProcess | None]:
+    """The measured worker process; with ``split``, it runs the user stage only and a second process
+    runs the item stage (``INFOGAP_STAGES``), so each stage has a core of its own."""
+    if not split:
+        return WorkerProcess(s, out / f"bench-worker-{name}.log"), None
+    return (WorkerProcess(s, out / f"bench-worker-{name}.log", {"INFOGAP_STAGES": "users"}),
+            WorkerProcess(s, out / f"bench-worker-{name}-items.log", {"INFOGAP_STAGES": "items"}))
+
+
+async def throughput(settings: Settings, n: int, stream: SyntheticStream, out: Path, bad_per_good: int = 0,
+                     split: bool = False) -> dict:
     """Drain ``n`` preloaded good events (with ``bad_per_good`` bad records after each, for the flood run)."""
     s = _scoped(settings, ("fl-" if bad_per_good else "tp-") + uuid.uuid4().hex[:6])
     local.ensure_topics(s)
@@ -128,7 +138,7 @@ async def throughput(settings: Settings, n: int, stream: SyntheticStream, out: P
     t0 = time.perf_counter()
     await publish(s, events, total=n, items=stream.items(), progress=False)
     produce_s = time.perf_counter() - t0
-    worker = WorkerProcess(s, out / f"bench-worker-{'flood' if bad_per_good else 'throughput'}.log")
+    worker, items = _workers(s, out, "flood" if bad_per_good else "throughput", split)
     try:
         first = await worker.wait_until(lambda st: st["events_in"] > 0, 120, "the first batch")
         t_first, n_first = time.perf_counter(), first["events_in"]
@@ -141,24 +151,28 @@ async def throughput(settings: Settings, n: int, stream: SyntheticStream, out: P
         last = await worker.wait_until(done, 600, f"{n} events consumed")
         elapsed = time.perf_counter() - t_first
         mem = _rss_mb(worker.proc.pid)
+        items_mem = _rss_mb(items.proc.pid) if items is not None else None
     finally:
         worker.stop()
+        if items is not None:
+            items.stop()
         await _cleanup(s)
     rate = (last["events_in"] - n_first) / max(elapsed, 1e-9)
     return {"events": n, "producer_events_per_s": round(n / produce_s), "seconds": round(elapsed, 2),
             "events_per_s": round(rate), "good_events_per_s": round(rate / (1 + bad_per_good)),
             "bad_per_good": bad_per_good, "dead_letters": last["dead_letters"],
             "batches": last["batches"], "batch_seconds": last["batch_seconds"], "recs_written": last["recs_written"],
-            "max_lag": max(lags, default=0), "worker_memory": mem}
+            "max_lag": max(lags, default=0), "worker_memory": mem, "item_stage_memory": items_mem}
 
 
-async def freshness(settings: Settings, rate: float, seconds: float, stream: SyntheticStream, out: Path) -> dict:
+async def freshness(settings: Settings, rate: float, seconds: float, stream: SyntheticStream, out: Path,
+                    split: bool = False) -> dict:
     s = _scoped(settings, "fr-" + uuid.uuid4().hex[:6])
     local.ensure_topics(s)
     n = int(rate * seconds)
     events = [orjson.dumps(e) for e in stream.events(n, start_ts=time.time() - seconds, per_second=rate,
                                                      prefix="f")]
-    worker = WorkerProcess(s, out / "bench-worker-freshness.log")
+    worker, items = _workers(s, out, "freshness", split)
     try:
         await publish(s, [], items=stream.items(), progress=False)
         await worker.wait_until(lambda st: st["batches"] >= 0, 120, "the worker to start")
@@ -181,6 +195,8 @@ async def freshness(settings: Settings, rate: float, seconds: float, stream: Syn
         mem = _rss_mb(worker.proc.pid)
     finally:
         worker.stop()
+        if items is not None:
+            items.stop()
         await _cleanup(s)
     f = last["freshness_seconds"]
     return {"target_rate": rate, "achieved_rate": round(n / sent_s), "events": n,
@@ -219,14 +235,14 @@ def model_memory(users: int = 100_000, items: int = 10_000, events_per_user: int
 
 
 async def run(settings: Settings, *, events: int, rate: float, seconds: float, out: Path,
-              users: int = 20_000, items: int = 5_000, memory: bool = True) -> dict:
+              users: int = 20_000, items: int = 5_000, memory: bool = True, split: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     local.up(settings)
     stream = SyntheticStream(n_users=users, n_items=items, groups=16, seed=42)
-    result = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]},
-              "throughput": await throughput(settings, events, stream, out),
-              "flood": await throughput(settings, max(1, events // 10), stream, out, bad_per_good=10),
-              "freshness": await freshness(settings, rate, seconds, stream, out)}
+    result = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]}, "split": split,
+              "throughput": await throughput(settings, events, stream, out, split=split),
+              "flood": await throughput(settings, max(1, events // 10), stream, out, bad_per_good=10, split=split),
+              "freshness": await freshness(settings, rate, seconds, stream, out, split=split)}
     if memory:
         result["model_memory"] = model_memory()
     (out / "bench.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))

@@ -62,11 +62,21 @@ def status() -> None:
 
 
 @app.command()
-def worker() -> None:
+def worker(
+    stages: Optional[str] = typer.Option(None, help="users, items, or users,items (default: INFOGAP_STAGES, "
+                                         "both): run the stages in separate processes to give each a core."),
+) -> None:
     """Run a stream worker: consume `events`, write recommendations to Redis, emit pushes."""
     from stream.worker import Worker
 
-    asyncio.run(_run_worker(Worker(load())))
+    settings = load()
+    if stages is not None:
+        settings = settings.model_copy(update={"stages": stages})
+    try:
+        w = Worker(settings)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--stages") from None
+    asyncio.run(_run_worker(w))
 
 
 async def _run_worker(w) -> None:
@@ -353,14 +363,17 @@ def bench(
     seconds: float = typer.Option(20, help="Length of the freshness run."),
     out: Path = typer.Option(Path("out/bench"), help="Where bench.json and the worker logs go."),
     memory: bool = typer.Option(True, help="Also measure model memory per 100k users and 10k items."),
+    split: bool = typer.Option(False, help="Run the item stage in a second process (INFOGAP_STAGES)."),
 ) -> None:
     """End to end with real Kafka, Redis and a worker process: throughput, freshness, lag, memory."""
     from stream.bench import run
 
     settings = load()
-    res = asyncio.run(run(settings, events=events, rate=rate, seconds=seconds, out=out, memory=memory))
+    res = asyncio.run(run(settings, events=events, rate=rate, seconds=seconds, out=out, memory=memory,
+                          split=split))
     tp, fr = res["throughput"], res["freshness"]
-    table = Table(title=f"infogap bench ({res['machine']['cores']} cores)")
+    table = Table(title=f"infogap bench ({res['machine']['cores']} cores"
+                        f"{', item stage in its own process' if split else ''})")
     table.add_column("measure")
     table.add_column("value", justify="right")
     rows = [("throughput, one worker", f"{tp['events_per_s']:,} events/s ({tp['events']:,} events, {tp['seconds']} s)"),
@@ -370,7 +383,8 @@ def bench(
             ("max consumer lag (throughput run)", f"{tp['max_lag']:,}"),
             ("flood: 10 bad records per good event", f"{res['flood']['good_events_per_s']:,} good events/s, "
              f"{tp['good_events_per_s'] / max(1, res['flood']['good_events_per_s']):.1f}x slower per good event"),
-            ("worker RSS after throughput run", f"{tp['worker_memory']['rss_mb']} MB"),
+            ("worker RSS after throughput run", f"{tp['worker_memory']['rss_mb']} MB"
+             + (f" + item stage {tp['item_stage_memory']['rss_mb']} MB" if tp.get("item_stage_memory") else "")),
             (f"freshness at {fr['target_rate']:,.0f} ev/s p50/p95/p99",
              " / ".join(f"{v:.0f} ms" for v in fr["freshness_ms"].values())),
             ("achieved produce rate", f"{fr['achieved_rate']:,} events/s"),

