@@ -153,8 +153,10 @@ class Worker:
             s, group_id=s.consumer_group,
             enable_auto_commit=False, auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=32 * 1024 * 1024)
+        # fetch_max_wait_ms: the side topics are mostly idle, and the broker answers a connection's requests
+        # in order, so each batch's end_offsets() waited behind a long-polling fetch (0.2-0.5 s a batch)
         self._side = connections.consumer(s, group_id=None, enable_auto_commit=False,
-                                          auto_offset_reset="earliest")
+                                          auto_offset_reset="earliest", fetch_max_wait_ms=20)
         self._snapshots = SnapshotStore(s, self.topics.state_users) if s.snapshot_interval_s > 0 else None
         self._cache = NeighbourCache(self._redis, RedisKeys(s.redis_prefix), s.neighbour_cache_items,
                                      s.neighbour_max_age_s)
