@@ -149,22 +149,23 @@ class Worker:
         self._store = RedisStore(self._redis, RedisKeys(s.redis_prefix), s.recs_ttl_s)
         self._exp_store = ExperimentStore(self._redis, RedisKeys(s.redis_prefix))
         self._producer = connections.producer(s, linger_ms=5, acks="all")
-        self._consumer = connections.consumer(
-            s, group_id=s.consumer_group,
-            enable_auto_commit=False, auto_offset_reset="earliest",
-            max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=32 * 1024 * 1024)
+        if self.run_users:
+            self._consumer = connections.consumer(
+                s, group_id=s.consumer_group,
+                enable_auto_commit=False, auto_offset_reset="earliest",
+                max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=32 * 1024 * 1024)
         # fetch_max_wait_ms: the side topics are mostly idle, and the broker answers a connection's requests
         # in order, so each batch's end_offsets() waited behind a long-polling fetch (0.2-0.5 s a batch)
         self._side = connections.consumer(s, group_id=None, enable_auto_commit=False,
                                           auto_offset_reset="earliest", fetch_max_wait_ms=20)
-        self._snapshots = SnapshotStore(s, self.topics.state_users) if s.snapshot_interval_s > 0 else None
+        self._snapshots = (SnapshotStore(s, self.topics.state_users)
+                           if s.snapshot_interval_s > 0 and self.run_users else None)
         self._cache = NeighbourCache(self._redis, RedisKeys(s.redis_prefix), s.neighbour_cache_items,
                                      s.neighbour_max_age_s)
-        self.items = ItemStage(s, self.engine.config, self._store,
-                               eligible=lambda i: i not in self.unavailable, retrying=self._kafka_retrying,
-                               redis_retrying=self._redis_retrying, send_dead=self._send_counted_dead)
-        if not self.run_items:
-            self.items = None
+        if self.run_items:
+            self.items = ItemStage(s, self.engine.config, self._store,
+                                   eligible=lambda i: i not in self.unavailable, retrying=self._kafka_retrying,
+                                   redis_retrying=self._redis_retrying, send_dead=self._send_counted_dead)
         item_stop = asyncio.Event()
         item_task = None
         http = None
@@ -212,7 +213,9 @@ class Worker:
         finally:
             if item_task is not None and not item_task.done():
                 item_task.cancel()
-            closers = [self._consumer.stop, self._side.stop, self._producer.stop, self._redis.aclose]
+            closers = [self._side.stop, self._producer.stop, self._redis.aclose]
+            if self._consumer is not None:
+                closers.append(self._consumer.stop)
             if self.items is not None:
                 closers.append(self.items.stop)
             if self._snapshots is not None:
