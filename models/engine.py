@@ -483,7 +483,7 @@ class Engine:
         return out
 
     def load_population(self, model: Mapping | None, trending: Mapping[int | None, list[tuple[str, float]]],
-                        at: float, momentum: tuple[list[str], list[float]] | None = None) -> None:
+                        at: float, momentum: tuple[list[str], list[float]] | None = None) -> list[str]:
         """Assign segments with ``model``'s centers (:meth:`models.population.PopulationLearner.model`)
         and rank with ``trending`` (``{None: global, segment: ...}`` lists of ``(item_id, score at
         time at)``; items not listed score 0) and ``momentum`` (``(item ids, values at time at)``,
@@ -492,6 +492,7 @@ class Engine:
         The lists replace the engine's trending scores; until the next load, this engine's own events
         add to them as usual (so a new deployment's first users see what is trending at once, and
         events the learner had not applied yet at ``at`` are counted by the next load, not twice).
+        Users still without a segment get one from the loaded centers; returns their ids.
         """
         cat, tr = self._catalog, self._trending
         if model is not None and model.get("n_seeded"):
@@ -519,6 +520,29 @@ class Engine:
         tr.global_max = float(tr.global_[:n].max(initial=0.0))
         tr.segment_max[:] = tr.segment_[:, :n].max(axis=1, initial=0.0)
         tr.ensure(n)  # forgets remembered top lists
+        return self._assign_unassigned()
+
+    def _assign_unassigned(self) -> list[str]:
+        """Users without a segment (all their scheduled updates came before any centers) get their
+        nearest one now; returns their ids."""
+        seg, prof = self._segmenter, self._profiles
+        if not seg._n_seeded or self._t0 is None:
+            return []
+        rows = [u for u, sg in enumerate(prof.segment) if sg < 0]
+        decay = math.exp(-prof.lam * (self._now - self._t0))
+        done = []
+        for u in rows:
+            uid = prof.user_id(u)
+            if uid is None:
+                continue
+            last = prof.last_ts[u]
+            gap_days = (self._now - last) / 86400.0 if math.isfinite(last) else math.inf
+            x = seg.features(prof.mix(u), prof.freq[u] * decay, prof.money[u] * decay, gap_days)
+            new = seg.nearest(x, -1)
+            seg.set_member(u, -1, new)
+            prof.segment[u] = new
+            done.append(uid)
+        return done
 
     def query_items(self, user_id: str) -> list[str]:
         """The recent items whose neighbour rows :meth:`recommend` reads for this user (newest first)."""

@@ -93,3 +93,46 @@ def import_users(engine, state: Mapping) -> None:
         if rec["last_ts"] > engine._now:
             engine._now = rec["last_ts"]
     engine._ensure_items(len(cat))
+
+
+class ExportCache:
+    """:func:`export_users` for a set of users that changes little between calls (the stream's
+    checkpoints): only users marked with :meth:`touch` since the last call, or new to the set, are
+    exported again; users no longer in the set are dropped. Everything is exported again when the
+    engine's reference time has moved (its records are relative to it).
+
+    >>> from models import Engine
+    >>> e, cache = Engine(), ExportCache()
+    >>> e.learn_one({"event_id": "e1", "user_id": "ann", "type": "view", "ts": 10.0, "item_id": "tea"})
+    >>> e.learn_one({"event_id": "e2", "user_id": "bob", "type": "view", "ts": 11.0, "item_id": "tea"})
+    >>> first = cache.export(e, {"ann", "bob"})
+    >>> e.learn_one({"event_id": "e3", "user_id": "bob", "type": "view", "ts": 12.0, "item_id": "cup"})
+    >>> cache.touch("bob")
+    >>> cache.export(e, {"ann", "bob"}) == export_users(e, ["ann", "bob"]), cache.exported
+    (True, 1)
+    >>> sorted(cache.export(e, {"bob"})["users"])  # ann left the set (erased, or moved away)
+    ['bob']
+    """
+
+    def __init__(self):
+        self.records: dict[str, dict] = {}
+        self.touched: set[str] = set()
+        self._t0: float | None = None
+        #: users exported by the last call (the rest came from the cache)
+        self.exported = 0
+
+    def touch(self, user_id: str) -> None:
+        self.touched.add(user_id)
+
+    def export(self, engine, user_ids: set[str]) -> dict:
+        """What ``export_users(engine, user_ids)`` gives, exporting only what changed."""
+        if engine._t0 != self._t0:
+            self.records = {}
+        stale = (self.touched & user_ids) | (user_ids - self.records.keys())
+        fresh = export_users(engine, stale)
+        self.records = {u: rec for u, rec in self.records.items() if u in user_ids and u not in stale}
+        self.records.update(fresh["users"])
+        self.touched = set()
+        self._t0 = engine._t0
+        self.exported = len(stale)
+        return {**fresh, "users": dict(self.records)}

@@ -82,6 +82,7 @@ class WorkerStats:
     checkpoint_seconds: float = 0.0  # how long the last checkpoint took (snapshot of every partition + commit)
     last_batch_s: float = 0.0
     lag: int = 0
+    partitions: int = 0  # events partitions this worker owns now
     dlq_by_reason: dict[str, int] = field(default_factory=dict)
     pushes_by_channel: dict[str, int] = field(default_factory=dict)
     batch_seconds: Reservoir = field(default_factory=lambda: Reservoir(10_000))

@@ -38,7 +38,7 @@ from models.dedupe import Deduplicator
 from models.events import Event, Limits
 from models.experiments import FEEDBACK_TYPES
 from models.push_policy import PushConfig, UserPrefs
-from models.user_state import export_users, import_users
+from models.user_state import import_users
 from models.votes import warm_up
 from stream import connections
 from stream.experiments_store import ExperimentStore, experiment_from_settings
@@ -196,6 +196,8 @@ class Worker:
                                                      max_records=s.batch_max_records)
                 records = [r for recs in batch.values() for r in recs]
                 await self._kafka_retrying("read items and users", self._sync_side)
+                async with self._batch_lock:  # also when idle: the first centers give waiting users a segment
+                    await self._load_population()
                 if records:
                     async with self._batch_lock:
                         await self.process(records)
@@ -251,7 +253,7 @@ class Worker:
         """Everything about one events partition's users (items and users topics are re-read from Kafka)."""
         part = self._part(partition)
         part.watermark = self.ingest.watermarks.get((self.topics.events, partition), float("-inf"))
-        return {"part": part, "users": export_users(self.engine, part.users)}
+        return {"part": part, "users": part.exports.export(self.engine, part.users)}
 
     def restore_partition(self, partition: int, state: dict) -> None:
         part: UserPartition = state["part"]
@@ -289,6 +291,7 @@ class Worker:
                 await self._checkpoint(gone)
             self._drop(gone)
             self._owned.difference_update(gone)
+            self.stats.partitions = len(self._owned)
 
     def _drop(self, gone: list[int]) -> None:
         for p in gone:
@@ -303,6 +306,7 @@ class Worker:
         """Restore the snapshots of newly assigned partitions and resume each from its offset."""
         new = [tp for tp in assigned if tp.partition not in self.parts]
         self._owned.update(tp.partition for tp in assigned)
+        self.stats.partitions = len(self._owned)
         if self._snapshots is None or not new:
             return
         found = await self._snapshots.load([tp.partition for tp in new])
@@ -434,7 +438,6 @@ class Worker:
         records = [r for recs in by_partition.values() for r in recs]
         if not records:
             return
-        await self._load_population()
         touched: dict[str, tuple[float, int]] = {}  # user -> (newest event time in this batch, partition)
         erased: list[str] = []
         dead: list[DeadLetter] = []
@@ -462,7 +465,7 @@ class Worker:
                     continue
                 chunk.append(e)
                 learned.append(offset)
-                part.users.add(e.user_id)
+                part.touch(e.user_id)
                 if e.type in FEEDBACK_TYPES:
                     part.experiments.observe(e)
                 if e.ts > touched.get(e.user_id, (float("-inf"),))[0]:
@@ -564,10 +567,22 @@ class Worker:
         if not force and now - self._published_at < self.settings.publish_interval_s:
             return
         self._published_at = now
-        got = await self._redis_retrying(self._store.read_population, self.engine.config.n_segments,
-                                         self.settings.trending_n)
-        if got["at"] is not None:
-            self.engine.load_population(got["model"], got["trending"], got["at"], got["momentum"])
+        try:
+            got = await self._store.read_population(self.engine.config.n_segments, self.settings.trending_n)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:  # the last ones serve until the next try
+            self.stats.redis_retries += 1
+            log.warning("could not read the population model (%s); keeping the last one", type(exc).__name__)
+            return
+        if got["at"] is None:
+            return
+        assigned = self.engine.load_population(got["model"], got["trending"], got["at"], got["momentum"])
+        if assigned:  # users seen before the first centers: their segment now, without waiting for an event
+            for user_id in assigned:
+                for part in self.parts.values():
+                    if user_id in part.users:
+                        part.touch(user_id)
+            await self._redis_retrying(self._store.write,
+                                       segments={u: self.engine.segment(u) for u in assigned})
 
     async def _redis_retrying(self, fn, *args, **kwargs):
         """Retry a Redis write until it succeeds: offsets are not committed meanwhile, so nothing is lost."""

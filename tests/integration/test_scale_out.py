@@ -144,7 +144,8 @@ async def test_a_worker_leaving_hands_over_its_partitions_and_loses_nothing(scop
     a = WorkerProcess(s, tmp_path / "a.log", ENV)
     b = WorkerProcess(s, tmp_path / "b.log", ENV)
     try:
-        await b.wait_until(lambda st: True, 60, "worker b up")
+        await b.wait_until(lambda st: st["partitions"] > 0, 60, "worker b to own partitions")
+        await a.wait_until(lambda st: st["partitions"] > 0, 60, "worker a to own partitions")
         await produce(s, s.topics.events, [(e["user_id"], e) for e in EVENTS[:half]])
         await wait_for(lambda: caught_up(s), deadline_s=120, interval_s=0.5, what="first half done")
         st_b = await b.stats()

@@ -20,7 +20,19 @@ async def _redis(settings):
     return connections.redis_async(settings)
 
 
+async def _has_neighbours(r, settings, item: str) -> bool:
+    raw = await r.get(f"{settings.redis_prefix}similar:{item}")
+    return raw is not None and bool(orjson.loads(raw))
+
+
+#: A user stage ranks with neighbour rows at most neighbour_max_age_s old (plus the item stage's publish
+#: interval). These tests produce a user's event right after the crowd's rows are in Redis, so the
+#: worker re-reads rows at every batch instead of serving what it cached while the crowd came in.
+FRESH_ROWS = {"neighbour_max_age_s": 0.0}
+
+
 async def test_event_on_topic_shows_up_as_recommendations_in_redis(settings):
+    settings = settings.model_copy(update=FRESH_ROWS)
     # other users build co-occurrence: sku-1 goes with sku-2 and sku-3
     history = [ev(i, f"crowd{i}", item, T0 + i) for i in range(8) for item in ("sku-1", "sku-2", "sku-3")]
     history = [dict(e, event_id=f"{e['event_id']}-{e['item_id']}") for e in history]
@@ -28,6 +40,8 @@ async def test_event_on_topic_shows_up_as_recommendations_in_redis(settings):
     async with running_worker(settings):
         await produce(settings, settings.topics.items, [(it["item_id"], it) for it in CATALOG])
         await produce(settings, settings.topics.events, [(e["user_id"], e) for e in history])
+        # the item stage publishes the crowd's rows at most every publish_interval_s: alice comes after
+        await wait_for(lambda: _has_neighbours(r, settings, "sku-1"), what="the crowd's rows in Redis")
         await produce(settings, settings.topics.events, [("alice", ev(1, "alice", "sku-1", T0 + 100))])
         raw = await wait_for(lambda: r.get(f"{settings.redis_prefix}recs:alice"), deadline_s=20,
                              what="ig:recs:alice in Redis")
@@ -44,6 +58,7 @@ async def test_event_on_topic_shows_up_as_recommendations_in_redis(settings):
 
 
 async def test_consenting_user_gets_a_push_and_non_consenting_user_does_not(settings):
+    settings = settings.model_copy(update=FRESH_ROWS)
     users = [("yes", {"user_id": "yes", "consent": {"email": True, "app": False, "ads": False},
                       "timezone": "UTC", "quiet_hours": [22, 8]}),
              ("no", {"user_id": "no", "consent": {"email": False, "app": False, "ads": False},
@@ -54,6 +69,7 @@ async def test_consenting_user_gets_a_push_and_non_consenting_user_does_not(sett
         await produce(settings, settings.topics.items, [(it["item_id"], it) for it in CATALOG])
         await produce(settings, settings.topics.users, users)
         await produce(settings, settings.topics.events, [(e["user_id"], e) for e in crowd])
+        await wait_for(lambda: _has_neighbours(r, settings, "sku-0"), what="the crowd's rows in Redis")
         await produce(settings, settings.topics.events,
                       [("yes", ev(1, "yes", "sku-0", T0 + 50)), ("no", ev(1, "no", "sku-0", T0 + 50))])
         await wait_for(lambda: r.exists(f"{settings.redis_prefix}recs:no"), what="recs for 'no'")

@@ -97,12 +97,20 @@ def test_remote_engine_emits_the_same_entries_one_by_one_and_a_load_replaces_its
     for e in evs:
         one.learn_one(e)
     many.learn_many(evs)
-    assert one.drain_population() == many.drain_population()
+    batch = many.drain_population()
+    assert one.drain_population() == batch
     assert one.drain_population() is None
-    assert all(one.segment(u) is None for u in {e["user_id"] for e in evs})  # no centers yet
+    users = {e["user_id"] for e in evs}
+    assert all(one.segment(u) is None for u in users)  # no centers yet
     assert one.trending(3)  # its own events count until a load
-    one.load_population(None, {None: [("elsewhere", 5.0)]}, at=evs[-1]["ts"])
+    assert one.load_population(None, {None: [("elsewhere", 5.0)]}, at=evs[-1]["ts"]) == []
     assert one.trending(3) == [("elsewhere", 5.0)] and one.trending(3, segment=0) == []
+    # the first centers: everyone gets a segment at once, not at their next event
+    learner = PopulationLearner(CFG)
+    learner.learn(batch, source=0)
+    assert sorted(one.load_population(learner.model(), {}, at=evs[-1]["ts"])) == sorted(users)
+    assert all(one.segment(u) is not None for u in users)
+    assert one.load_population(learner.model(), {}, at=evs[-1]["ts"]) == []
 
 
 @pytest.mark.parametrize("batch, reason", [
