@@ -143,7 +143,8 @@ class Worker:
         """Run until ``stop`` is set (or forever); always closes its connections."""
         stop = stop or asyncio.Event()
         s = self.settings
-        warm_up()  # the ranker's compiled loop, before the first batch waits for it
+        if self.run_users:
+            warm_up()  # the ranker's compiled loop, before the first batch waits for it
         await self._check_credentials()
         self._redis = connections.redis_async(s, socket_timeout=5, socket_connect_timeout=2)
         self._store = RedisStore(self._redis, RedisKeys(s.redis_prefix), s.recs_ttl_s)
