@@ -108,6 +108,7 @@ def test_infogap_ranks_the_same_with_or_without_reasons(events_file):
                         for r in (False, True))
     assert plain["ranks"] == explained["ranks"] and plain["hr@10"] > 0.3  # two planted groups: easy hits
     assert (plain["config"]["reasons"], explained["config"]["reasons"]) == (False, True)
+    assert plain["learn_many_events_per_s"] > 0  # issue 3 measures learn_many alone too
     assert explained["config"]["half_life_days"] == 7.0
 
 
