@@ -526,22 +526,14 @@ class Engine:
         """Users without a segment (all their scheduled updates came before any centers) get their
         nearest one now; returns their ids."""
         seg, prof = self._segmenter, self._profiles
-        if not seg._n_seeded or self._t0 is None:
+        if not seg._n_seeded or self._t0 is None or sum(seg.sizes()) == len(prof):  # everyone has one
             return []
-        rows = [u for u, sg in enumerate(prof.segment) if sg < 0]
-        decay = math.exp(-prof.lam * (self._now - self._t0))
         done = []
-        for u in rows:
-            uid = prof.user_id(u)
-            if uid is None:
-                continue
-            last = prof.last_ts[u]
-            gap_days = (self._now - last) / 86400.0 if math.isfinite(last) else math.inf
-            x = seg.features(prof.mix(u), prof.freq[u] * decay, prof.money[u] * decay, gap_days)
-            new = seg.nearest(x, -1)
-            seg.set_member(u, -1, new)
-            prof.segment[u] = new
-            done.append(uid)
+        for u, sg in enumerate(prof.segment):
+            uid = prof.user_id(u) if sg < 0 else None
+            if uid is not None:
+                self._update_segment(u, self._now, prof.last_ts[u], -1)
+                done.append(uid)
         return done
 
     def query_items(self, user_id: str) -> list[str]:
@@ -675,14 +667,9 @@ class Engine:
         """``(item_id, decayed score)`` of the top trending available items, globally or in a segment."""
         t = self._trending
         decay = self._decay(t.lam)
-        avail = self._catalog.available
-        out = []
-        for r in t.top(n + int((~avail[: len(self._catalog)]).sum()), segment).tolist():
-            if avail[r]:
-                out.append((self._catalog.item_id(r), float(t.scores(segment)[r] * decay)))
-                if len(out) == n:
-                    break
-        return out
+        scores, avail = t.scores(segment), self._catalog.available
+        return [(self._catalog.item_id(r), float(scores[r] * decay))
+                for r in t.top_kept(n, segment, avail.__getitem__)] if n > 0 else []
 
     def profile(self, user_id: str) -> dict | None:
         """RFM figures, top categories/tags and segment of a user (None when unknown)."""

@@ -31,6 +31,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 
+import numpy as np
+
 from models.catalog import Catalog
 from models.segments import Segmenter
 from models.trending import Trending
@@ -168,10 +170,9 @@ class PopulationLearner:
         tr = self.trend
         if self._t0 is None:
             return [], []
-        n = len(self._names)
-        rows = [r for r in range(n) if tr.momentum_[r] > 0]
+        rows = np.flatnonzero(tr.momentum_[: len(self._names)] > 0)
         decay = math.exp(-tr.lam_m * (self.now - self._t0))
-        return [self._names.item_id(r) for r in rows], (tr.momentum_[rows] * decay).tolist()
+        return [self._names.item_id(r) for r in rows.tolist()], (tr.momentum_[rows] * decay).tolist()
 
     def trending(self, n: int = 10, segment: int | None = None,
                  eligible: Callable[[str], bool] | None = None) -> list[tuple[str, float]]:
@@ -180,15 +181,6 @@ class PopulationLearner:
         if self._t0 is None or n <= 0:
             return []
         decay = math.exp(-tr.lam * (self.now - self._t0))
-        ids = self._names.item_id
-        scores = tr.scores(segment)
-        out = []
-        want = n
-        while True:
-            top = tr.top(want, segment)
-            out = [(ids(r), float(scores[r] * decay)) for r in top.tolist()]
-            if eligible is not None:
-                out = [kv for kv in out if eligible(kv[0])]
-            if len(out) >= n or top.size < want:
-                return out[:n]
-            want *= 4
+        ids, scores = self._names.item_id, tr.scores(segment)
+        keep = (lambda r: True) if eligible is None else (lambda r: eligible(ids(r)))
+        return [(ids(r), float(scores[r] * decay)) for r in tr.top_kept(n, segment, keep)]

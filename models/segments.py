@@ -128,8 +128,12 @@ class Segmenter:
                 return c
         # the nearest center moves towards x; every key exists in x and in every center, so River's
         # defaultdict centers never grow
-        c = self._km.learn_predict_one(x)
-        if 0 <= current != c and self._dist(current, x) <= (1.0 + self.margin) * self._dist(c, x):
+        return self._settle(self._km.learn_predict_one(x), current, x)
+
+    def _settle(self, c: int, current: int, x: dict[str, float]) -> int:
+        """``c``, or ``current`` when its center is within ``margin`` of as near (hysteresis)."""
+        if 0 <= current < self._n_seeded and current != c and \
+                self._dist(current, x) <= (1.0 + self.margin) * self._dist(c, x):
             return current
         return c
 
@@ -145,11 +149,7 @@ class Segmenter:
         """
         if not self._n_seeded:
             return -1
-        d = [self._dist(c, x) for c in range(self._n_seeded)]
-        c = min(range(self._n_seeded), key=d.__getitem__)
-        if 0 <= current < self._n_seeded and current != c and d[current] <= (1.0 + self.margin) * d[c]:
-            return current
-        return c
+        return self._settle(min(range(self._n_seeded), key=lambda c: self._dist(c, x)), current, x)
 
     def export_model(self, feature_name) -> dict:
         """The centers and category slots (by name, via ``feature_name(id)``), for :meth:`load_model`."""

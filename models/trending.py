@@ -142,6 +142,16 @@ class Trending:
             out.flags.writeable = False
         return out
 
+    def top_kept(self, n: int, segment: int | None, keep) -> list[int]:
+        """The first ``n`` rows of the ranking (:meth:`top`) for which ``keep(row)`` holds."""
+        want = n
+        while True:
+            top = self.top(want, segment)
+            out = [r for r in top.tolist() if keep(r)]
+            if len(out) >= n or top.size < want:
+                return out[:n]
+            want *= 4
+
     def _top(self, n: int, segment: int | None) -> np.ndarray:
         s = self.scores(segment)
         cand = np.flatnonzero(s > 0)

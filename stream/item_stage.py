@@ -102,6 +102,9 @@ class ItemStage:
     async def _kafka(self, what, fn, *args):
         return await (self._retrying(what, fn, *args) if self._retrying else fn(*args))
 
+    async def _redis(self, fn, **kwargs):  # through a Redis outage: wait, do not die
+        return await (self._redis_retrying(fn, **kwargs) if self._redis_retrying else fn(**kwargs))
+
     async def start(self) -> None:
         if self.snapshots is not None:
             await self.snapshots.start()
@@ -188,10 +191,7 @@ class ItemStage:
             self._population_published = pop.applied
         if rows or fresh:
             extra = {"trending": trending, "population": model, "momentum": pop.momentum()} if fresh else {}
-            if self._redis_retrying is not None:  # through a Redis outage: wait, do not die
-                await self._redis_retrying(self.store.write, similar=similar, rows=rows, **extra)
-            else:
-                await self.store.write(similar=similar, rows=rows, **extra)
+            await self._redis(self.store.write, similar=similar, rows=rows, **extra)
 
     async def checkpoint(self, partitions: list[int]) -> None:
         """Snapshot the shards of ``partitions`` with their offsets, then commit those offsets."""

@@ -114,7 +114,7 @@ class Worker:
         self.exp_name = self.experiment.name if self.experiment else self.push_config.campaign
         self.clock = clock
         self.stats = WorkerStats()
-        self._published_at = float("-inf")
+        self._population_loaded_at = float("-inf")
         self.ready = asyncio.Event()
         stages = {x.strip() for x in settings.stages.split(",") if x.strip()}
         if not stages or stages - {"users", "items"}:
@@ -561,13 +561,13 @@ class Worker:
                         headers + [("kind", POPULATION_KIND)], POPULATION_PARTITION))
         return out
 
-    async def _load_population(self, force: bool = False) -> None:
+    async def _load_population(self) -> None:
         """Segment centers and trending from the population learner (via Redis), at most every
         ``publish_interval_s``: the engine assigns segments and ranks with them."""
         now = time.monotonic()
-        if not force and now - self._published_at < self.settings.publish_interval_s:
+        if now - self._population_loaded_at < self.settings.publish_interval_s:
             return
-        self._published_at = now
+        self._population_loaded_at = now
         try:
             got = await self._store.read_population(self.engine.config.n_segments, self.settings.trending_n)
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:  # the last ones serve until the next try
