@@ -189,7 +189,7 @@ class CoOccurrenceShard:
             d[:, :3] *= np.exp(co.lam * (deltas.ts[new] - self.t0))[:, None]
             codes = (rows[deltas.row[new]] << _SHIFT) | rows[deltas.nb[new]]
             pair_total = co.pair_total
-            co.update(codes.tolist(), d)
+            co.update(codes, d)
             co.pair_total = pair_total  # counted once per pair from the occurrences, not per owned slot
         self.sources[source] = max(done, int(deltas.seq.max(initial=-1)), int(deltas.occ_seq.max(initial=-1)))
 

@@ -24,10 +24,11 @@ addition and values of different ages compare directly; reading multiplies by
 
 **Bounded memory.** A full row that must take a new neighbour first evicts its weakest
 ``evict_fraction`` of slots (by their damped scoring weights, as the ranker sees them), so memory
-is ``O(n_items * M)`` plus a ``dict`` index of the live slots, whatever the number of distinct
-pairs. A pair's first sighting only opens an admission "door" (a fixed-size bit array), so
-one-off pairs do not push real neighbours out. Updates are applied in event order, so a batch
-gives exactly the state of the same events one at a time.
+is ``O(n_items * M)`` plus a compiled hash index of the live slots (:mod:`models.slot_table`),
+whatever the number of distinct pairs. A pair's first sighting only opens an admission "door" (a
+fixed-size bit array), so one-off pairs do not push real neighbours out. A compiled kernel applies
+the updates one by one in event order, so a batch gives exactly the state of the same events one at
+a time.
 
 >>> co = CoOccurrence(n_neighbours=4, door_bits=0, capacity=4)
 >>> co.ensure(3)
@@ -38,19 +39,19 @@ gives exactly the state of the same events one at a time.
 from __future__ import annotations
 
 import math
-from itertools import repeat
 
 import numpy as np
+from numba import njit
+
+from models.slot_table import SlotTable, delete, find, insert
 
 _SHIFT = 32
 _MASK = (1 << _SHIFT) - 1
 #: Rows of ``vals`` (one contiguous array per quantity, so the ranker gathers only what it needs).
 W_DIR, W_SYM, N_PAIR, COUNT = 0, 1, 2, 3
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_GOLDEN_INT = 0x9E3779B97F4A7C15
-_M64 = (1 << 64) - 1
-#: Batches of at most this many slot updates take the plain sequential path.
-_SMALL = 64
+#: What the update kernel stops for: a block for a row's first neighbour, room in the slot index.
+_NEED_BLOCK, _NEED_ROOM = 1, 2
 
 
 def code(row: int, col: int) -> int:
@@ -116,9 +117,11 @@ class CoOccurrence:
         self.nb = np.full((blocks, m), -1, np.int32)
         self.vals = np.zeros((4, blocks * m))
         self.sq = np.zeros((2, blocks * m))  # sqrt of the two scoring weights, kept for the ranker
-        self._col_off = np.arange(4)[None, :] * (blocks * m)
-        self.fill: list[int] = [0] * blocks  # high-water mark of each block
-        self._free: dict[int, list[int]] = {}  # per block: freed positions below the mark, descending
+        self.fill = np.zeros(blocks, np.int64)  # high-water mark of each block
+        self._n_evict = min(m - 1, max(1, int(round(m * evict_fraction))))
+        #: per block: the positions its last eviction freed, taken from the end (lowest first)
+        self.free_pos = np.zeros((blocks, self._n_evict), np.int32)
+        self.n_free = np.zeros(blocks, np.int64)
         self._n_blocks = 1
         self._spare: list[int] = []  # blocks of cleared rows, reused first
         self.pop = np.zeros(cap)
@@ -129,8 +132,25 @@ class CoOccurrence:
         self.pop_at = np.full(cap, -np.inf)
         self.totals_at = -math.inf
         self.n_items = 0
-        self._slot: dict[int, int] = {}
-        self._n_evict = min(m - 1, max(1, int(round(m * evict_fraction))))
+        self._index = SlotTable()  # (row << 32 | neighbour) -> slot of every live pair
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickle, also a snapshot from before the compiled index (a ``_slot`` dict, ``_free`` lists)."""
+        slot = state.pop("_slot", None)
+        if slot is not None:
+            free = state.pop("_free")
+            state.pop("_col_off", None)
+            blocks, n_evict = len(state["fill"]), state["_n_evict"]
+            state["fill"] = np.asarray(state["fill"], np.int64)
+            state["free_pos"] = np.zeros((blocks, n_evict), np.int32)
+            state["n_free"] = np.zeros(blocks, np.int64)
+            for b, positions in free.items():  # descending: the lowest is taken first, from the end
+                state["free_pos"][b, :len(positions)] = positions
+                state["n_free"][b] = len(positions)
+            state["_index"] = SlotTable(len(slot))
+            state["_index"].insert_many(np.fromiter(slot.keys(), np.int64, len(slot)),
+                                        np.fromiter(slot.values(), np.int64, len(slot)))
+        self.__dict__.update(state)
 
     # ------------------------------------------------------------------ storage
     def ensure(self, n_items: int) -> None:
@@ -160,8 +180,9 @@ class CoOccurrence:
                 self.nb = np.r_[self.nb, np.full((new - cap, m), -1, np.int32)]
                 self.vals = np.hstack([self.vals, np.zeros((4, (new - cap) * m))])
                 self.sq = np.hstack([self.sq, np.zeros((2, (new - cap) * m))])
-                self._col_off = np.arange(4)[None, :] * (new * m)
-                self.fill.extend([0] * (new - cap))
+                self.fill = np.r_[self.fill, np.zeros(new - cap, np.int64)]
+                self.free_pos = np.vstack([self.free_pos, np.zeros((new - cap, self._n_evict), np.int32)])
+                self.n_free = np.r_[self.n_free, np.zeros(new - cap, np.int64)]
             self._n_blocks = b + 1
         self.block[r] = b
         return b
@@ -178,7 +199,7 @@ class CoOccurrence:
     @property
     def n_slots(self) -> int:
         """Number of live (item, neighbour) slots."""
-        return len(self._slot)
+        return len(self._index)
 
     # ------------------------------------------------------------------ learning
     def add_occurrences(self, rows: list[int], scaled: list[float]) -> None:
@@ -199,157 +220,31 @@ class CoOccurrence:
                 ipop[r] = float(pop[r]) ** e
         self.total = total
 
-    def update(self, codes: list[int], deltas: np.ndarray) -> None:
+    def update(self, codes, deltas: np.ndarray) -> None:
         """Apply slot updates in order: slot ``codes[j]`` gains ``deltas[j]`` (w_dir, w_sym, n_pair, count).
 
-        New neighbours take a free slot; a row that is full when a new neighbour arrives first
-        evicts its weakest slots. The result equals applying the updates one by one: the batch is
-        processed in rounds, each applying (vectorised) every update that precedes its row's next
-        eviction, then performing those evictions.
+        New neighbours take a free slot (after the admission door, when on); a row that is full when
+        a new neighbour arrives first evicts its weakest slots. One compiled pass applies the updates
+        one by one, so a batch gives exactly the state of the same updates one at a time.
         """
         u = len(codes)
         if u == 0:
             return
-        pt = self.pair_total
-        for x in deltas[0::2, N_PAIR].tolist():  # rows come in pairs: (prev, cur) then (cur, prev)
-            pt += x
-        self.pair_total = pt
-        if u <= _SMALL:
-            self._update_small(codes, deltas)
-            return
-        get = self._slot.get
-        slots = np.fromiter(map(get, codes, repeat(-1)), np.int64, u)
-        if slots.min() >= 0:
-            self._apply(slots, deltas)
-            return
-        codes_np = np.asarray(codes, np.int64)
-        if self.door_bits:
-            # admission: a pair's first sighting (since the last door reset) only marks the door
-            mi = np.flatnonzero(slots < 0)
-            h = self._hash(codes_np[mi])
-            _, first = np.unique(h, return_index=True)
-            first = first[~self._door[h[first]]]
-            self._door[h] = True
-            if first.size:
-                keep = np.ones(u, bool)
-                keep[mi[first]] = False
-                codes_np, deltas, slots = codes_np[keep], deltas[keep], slots[keep]
-                if slots.size == 0 or slots.min() >= 0:
-                    self._apply(slots, deltas)
-                    return
+        codes = np.asarray(codes, np.int64)
+        deltas = np.ascontiguousarray(deltas, np.float64)
+        index = self._index
+        k, pt = 0, self.pair_total
         while True:
-            later, cut_rows = self._round(codes_np, slots)
-            if later is None:
-                self._apply(slots, deltas)
+            k, pt, need = _update(codes, deltas, k, pt, self.block, self.nb, self.vals, self.sq, self.fill,
+                            self.free_pos, self.n_free, index.keys, index.vals, index.meta, self._door,
+                            self.door_bits, self._n_evict, self.evict_sym_weight)
+            if k == u:
+                self.pair_total = pt
                 return
-            done = np.ones(slots.size, bool)
-            done[later] = False
-            self._apply(slots[done], deltas[done])
-            for r in cut_rows:
-                self._evict(r)
-            codes_np, deltas = codes_np[later], deltas[later]
-            slots = np.fromiter(map(get, codes_np.tolist(), repeat(-1)), np.int64, later.size)
-            if slots.min() >= 0:
-                self._apply(slots, deltas)
-                return
-
-    def _take(self, r: int, cnt: int) -> list[int]:
-        """The next ``cnt`` free slots of row ``r`` (freed positions first, lowest first)."""
-        out: list[int] = []
-        b = self._block_for(r)
-        fl = self._free.get(b)
-        if fl:
-            k = min(cnt, len(fl))
-            out = fl[len(fl) - k:][::-1]
-            del fl[len(fl) - k:]
-            if not fl:
-                del self._free[b]
-        rest = cnt - len(out)
-        if rest:
-            f = self.fill[b]
-            out.extend(range(f, f + rest))
-            self.fill[b] = f + rest
-        base = b * self.n_neighbours
-        return [base + p for p in out]
-
-    def _available(self, r: int) -> int:
-        b = int(self.block[r])
-        return self.n_neighbours - self.fill[b] + len(self._free.get(b, ()))
-
-    def _update_small(self, codes: list[int], deltas: np.ndarray) -> None:
-        """The same as :meth:`update`, one update at a time (faster for a few updates)."""
-        m = self.n_neighbours
-        fill, free = self.fill, self._free
-        slot_of = self._slot
-        get = slot_of.get
-        slots = list(map(get, codes, repeat(-1)))
-        if min(slots) >= 0:
-            self._apply(np.asarray(slots, np.int64), deltas)
-            return
-        nb_flat = self.nb.reshape(-1)
-        door, bits = self._door, self.door_bits
-        skip = False
-        new_s: list[int] = []
-        new_c: list[int] = []
-        done = 0
-        for k, c in enumerate(codes):
-            if slots[k] >= 0:
-                continue
-            s = get(c, -1)  # a repeat of a code allocated a moment ago
-            if s < 0:
-                if bits:
-                    h = ((c * _GOLDEN_INT) & _M64) >> (64 - bits)
-                    if not door[h]:
-                        door[h] = True
-                        skip = True
-                        continue
-                r = c >> _SHIFT
-                b = self.block[r]
-                if not b:  # the row's first neighbour: taking its block may grow nb
-                    if new_s:
-                        nb_flat[new_s] = new_c
-                        new_s, new_c = [], []
-                    b = self._block_for(r)
-                    nb_flat = self.nb.reshape(-1)
-                fl = free.get(b)
-                if fl:
-                    p = fl.pop()
-                    if not fl:
-                        del free[b]
-                else:
-                    p = fill[b]
-                    if p < m:
-                        fill[b] = p + 1
-                    else:  # full: apply what precedes, then evict
-                        if new_s:
-                            nb_flat[new_s] = new_c
-                            new_s, new_c = [], []
-                        self._apply_some(slots, deltas, done, k)
-                        done = k
-                        self._evict(r)
-                        for q in range(k + 1, len(codes)):  # later slots of this row may be gone
-                            if codes[q] >> _SHIFT == r:
-                                slots[q] = get(codes[q], -1)
-                        fl = free[b]
-                        p = fl.pop()
-                        if not fl:
-                            del free[b]
-                s = b * m + p
-                new_s.append(s)
-                new_c.append(c & _MASK)
-                slot_of[c] = s
-            slots[k] = s
-        if new_s:
-            nb_flat[new_s] = new_c
-        if skip:
-            self._apply_some(slots, deltas, done, len(codes))
-        else:
-            self._apply(np.asarray(slots[done:], np.int64), deltas[done:])
-
-    def _apply_some(self, slots: list[int], deltas: np.ndarray, a: int, b: int) -> None:
-        s = np.asarray(slots[a:b], np.int64)
-        ok = s >= 0
-        self._apply(s[ok], deltas[a:b][ok])
+            if need == _NEED_BLOCK:  # the row's first neighbour: take its block, go on
+                self._block_for(int(codes[k] >> _SHIFT))
+            else:  # the index is half full: double it (at the same points whatever the batching)
+                index.reserve(1)
 
     def reset_door(self) -> None:
         """Forget which pairs were sighted once (called at fixed points of the event count).
@@ -359,79 +254,8 @@ class CoOccurrence:
         """
         if self.door_bits:
             self._door[:] = False
-            live = np.fromiter(self._slot, np.int64, len(self._slot))
-            self._door[self._hash(live)] = True
-
-    def _hash(self, codes: np.ndarray) -> np.ndarray:
-        return ((codes.astype(np.uint64) * _GOLDEN) >> np.uint64(64 - self.door_bits)).astype(np.int64)
-
-    def _round(self, codes_np: np.ndarray, slots: np.ndarray):
-        """Allocate the new neighbours that fit; fill ``slots`` for every update before its row's
-        next eviction; return (indices of the later updates, rows to evict) or (None, None)."""
-        mi = np.flatnonzero(slots < 0)
-        mc = codes_np[mi]
-        uniq, first = np.unique(mc, return_index=True)
-        fo = np.argsort(first, kind="stable")
-        new_codes, new_first = uniq[fo], mi[first[fo]]  # distinct new codes in arrival order
-        new_rows = new_codes >> _SHIFT
-        block = self.block
-        for r in dict.fromkeys(new_rows[block[new_rows] == 0].tolist()):  # rows' first neighbours, in order
-            self._block_for(r)
-        o = np.argsort(new_rows, kind="stable")
-        rs, rc, rf = new_rows[o], new_codes[o], new_first[o]
-        starts = np.flatnonzero(np.r_[True, rs[1:] != rs[:-1]])
-        sizes = np.diff(np.r_[starts, rs.size])
-        rank = np.arange(rs.size) - np.repeat(starts, sizes)
-        rows_u = rs[starts].tolist()
-        avail = np.fromiter(map(self._available, rows_u), np.int64, len(rows_u))
-        free_each = np.repeat(avail, sizes)
-        alloc = rank < free_each
-        a_codes = rc[alloc]
-        a_slots: list[int] = []
-        for r, k in zip(rows_u, np.minimum(avail, sizes).tolist()):
-            a_slots += self._take(r, k)
-        self.nb.reshape(-1)[a_slots] = (a_codes & _MASK).astype(np.int32)
-        slot_of = self._slot
-        slot_of.update(zip(a_codes.tolist(), a_slots))
-        over = rank == free_each
-        if not over.any():
-            slots[mi] = np.fromiter(map(slot_of.get, mc.tolist()), np.int64, mc.size)
-            return None, None
-        # rows that overflow stop at the first arrival of the first code that did not fit
-        cut_rows, cut_at = rs[over], rf[over]
-        row_of = codes_np >> _SHIFT
-        j = np.minimum(np.searchsorted(cut_rows, row_of), cut_rows.size - 1)
-        later = np.flatnonzero((cut_rows[j] == row_of) & (np.arange(slots.size) >= cut_at[j]))
-        early = np.ones(slots.size, bool)
-        early[later] = False
-        dm = np.flatnonzero((slots < 0) & early)
-        slots[dm] = np.fromiter(map(slot_of.get, codes_np[dm].tolist()), np.int64, dm.size)
-        return later, cut_rows.tolist()
-
-    def _apply(self, slots: np.ndarray, deltas: np.ndarray) -> None:
-        if slots.size:
-            vals = self.vals
-            np.add.at(vals.reshape(-1), (slots[:, None] + self._col_off).ravel(), deltas.ravel())
-            self.sq[:, slots] = np.sqrt(vals[:2, slots])
-
-    def _evict(self, r: int) -> None:
-        """Free the weakest ``evict_fraction`` of full row ``r``'s slots (ties: lowest position first)."""
-        m = self.n_neighbours
-        b = int(self.block[r])
-        lo = b * m
-        block = self.vals[:, lo: lo + m]
-        # weakest by the ranker's view of a slot: its damped weights (state of this row only, so the
-        # choice is the same whether the events come one at a time or in a batch)
-        key = self.sq[W_DIR, lo: lo + m] + self.evict_sym_weight * self.sq[W_SYM, lo: lo + m]
-        drop = np.sort(np.argsort(key, kind="stable")[: self._n_evict])
-        base = r << _SHIFT
-        slot_of = self._slot
-        for c in self.nb[b, drop].tolist():
-            del slot_of[base | c]
-        self.nb[b, drop] = -1
-        block[:, drop] = 0.0
-        self.sq[:, lo + drop] = 0.0
-        self._free[b] = drop[::-1].tolist()
+            live = self._index.live_keys()
+            self._door[((live.astype(np.uint64) * _GOLDEN) >> np.uint64(64 - self.door_bits)).astype(np.int64)] = True
 
     def set_row(self, r: int, neighbours: np.ndarray, values: np.ndarray) -> None:
         """Replace row ``r`` with given neighbours and their ``[4, K]`` values (reference-time units).
@@ -450,8 +274,7 @@ class CoOccurrence:
         self.vals[:, lo: lo + k] = values[:, :k]
         self.sq[:, lo: lo + k] = np.sqrt(values[:2, :k])
         self.fill[b] = k
-        base = r << _SHIFT
-        self._slot.update(zip((base | c for c in neighbours[:k].tolist()), range(lo, lo + k)))
+        self._index.insert_many((r << _SHIFT) | neighbours[:k].astype(np.int64), np.arange(lo, lo + k))
 
     def clear_row(self, r: int) -> None:
         """Empty row ``r`` and give its block back (its item's popularity stays)."""
@@ -459,16 +282,14 @@ class CoOccurrence:
         if not b:
             return
         f = self.fill[b]
-        base, slot_of = r << _SHIFT, self._slot
-        for c in self.nb[b, :f].tolist():
-            if c >= 0:
-                del slot_of[base | c]
+        nb = self.nb[b, :f]
+        self._index.delete_many((r << _SHIFT) | nb[nb >= 0].astype(np.int64))
         lo = b * self.n_neighbours
         self.nb[b, :f] = -1
         self.vals[:, lo: lo + f] = 0.0
         self.sq[:, lo: lo + f] = 0.0
         self.fill[b] = 0
-        self._free.pop(b, None)
+        self.n_free[b] = 0
         self.block[r] = 0
         self._spare.append(b)
 
@@ -525,8 +346,8 @@ class CoOccurrence:
 
     def pair(self, a: int, b: int, decay: float = 1.0) -> dict | None:
         """Association figures of "a with b" (``decay`` = exp(-lambda (now - t0))), or None."""
-        s = self._slot.get((a << _SHIFT) | b)
-        if s is None:
+        s = self._index.get((a << _SHIFT) | b)
+        if s < 0:
             return None
         return self.figures(a, b, s, decay)
 
@@ -551,17 +372,88 @@ class CoOccurrence:
                 "w_dir": float(v[W_DIR]) * decay, "w_sym": float(v[W_SYM]) * decay}
 
 
+@njit(cache=True, nogil=True)
+def _update(codes, deltas, k, pair_total, block, nb, vals, sq, fill, free_pos, n_free, keys, kvals, meta, door,
+            door_bits, n_evict, evict_sym_weight):  # pragma: no cover - compiled; tested through update()
+    """Apply ``codes[k:]`` one by one; returns (where it stopped, pair_total, what is needed): ``codes.size``
+    when done, else the index of an update whose row has no block yet (``_NEED_BLOCK``) or that would
+    fill the index over half (``_NEED_ROOM``); the caller provides it and resumes there."""
+    m = nb.shape[1]
+    u = codes.size
+    while k < u:
+        c = codes[k]
+        # updates come in pairs (prev, cur), (cur, prev): one pair observation each
+        pair = deltas[k, N_PAIR] if k % 2 == 0 else 0.0
+        s = find(keys, kvals, meta, c)
+        if s < 0:
+            if door_bits:
+                h = np.int64((np.uint64(c) * _GOLDEN) >> np.uint64(64 - door_bits))
+                if not door[h]:  # a pair's first sighting only opens the door
+                    door[h] = True
+                    pair_total += pair
+                    k += 1
+                    continue
+            r = c >> _SHIFT
+            b = block[r]
+            if b == 0:
+                return k, pair_total, _NEED_BLOCK
+            if 2 * (meta[0] + 1) > keys.size:
+                return k, pair_total, _NEED_ROOM
+            nf = n_free[b]
+            if nf == 0:
+                p = fill[b]
+                if p < m:
+                    fill[b] = p + 1
+                else:  # full: free the weakest slots
+                    _evict(r, b, nb, vals, sq, free_pos, n_free, keys, kvals, meta, n_evict, evict_sym_weight)
+                    nf = n_free[b]
+            if nf:
+                p = free_pos[b, nf - 1]
+                n_free[b] = nf - 1
+            s = b * m + p
+            nb[b, p] = c & _MASK
+            insert(keys, kvals, meta, c, s)
+        for q in range(4):
+            vals[q, s] += deltas[k, q]
+        sq[0, s] = math.sqrt(vals[0, s])
+        sq[1, s] = math.sqrt(vals[1, s])
+        pair_total += pair
+        k += 1
+    return k, pair_total, 0
+
+
+@njit(cache=True, nogil=True)
+def _evict(r, b, nb, vals, sq, free_pos, n_free, keys, kvals, meta, n_evict,
+           evict_sym_weight):  # pragma: no cover - compiled
+    """Free the weakest ``n_evict`` slots of full row ``r`` (block ``b``), by the ranker's view of a slot:
+    its damped weights (ties: lowest position first); the freed positions are taken lowest first."""
+    m = nb.shape[1]
+    lo = b * m
+    key = sq[0, lo: lo + m] + evict_sym_weight * sq[1, lo: lo + m]
+    drop = np.sort(np.argsort(key, kind="mergesort")[:n_evict])
+    base = r << _SHIFT
+    for j in range(n_evict):
+        p = drop[j]
+        delete(keys, kvals, meta, base | nb[b, p])
+        nb[b, p] = -1
+        for q in range(4):
+            vals[q, lo + p] = 0.0
+        sq[0, lo + p] = 0.0
+        sq[1, lo + p] = 0.0
+        free_pos[b, n_evict - 1 - j] = p
+    n_free[b] = n_evict
+
+
 class PairWeights:
     """Turns events and their predecessors into slot updates, identically one at a time or in batches.
 
-    Only additions, multiplications and divisions are used (no ``exp``), so the scalar path of a
-    single event and the numpy path of a batch produce bit-identical weights.
+    One compiled loop serves a single event and a batch alike, so both produce bit-identical weights.
 
     Examples
     --------
     >>> pw = PairWeights(window=2, dir_window=1, dir_decay=0.5, sym_decay=0.5, gap_tau_s=0.0, gap_floor=1.0)
     >>> codes, deltas = pw.one(5, 10.0, 1.0, 1.0, [3, 4], [9.0, 8.0], [1.0, 1.0])
-    >>> [(c >> 32, c & 0xFFFFFFFF) for c in codes], deltas.tolist()[0], deltas.tolist()[2]
+    >>> [(c >> 32, c & 0xFFFFFFFF) for c in codes.tolist()], deltas.tolist()[0], deltas.tolist()[2]
     ([(3, 5), (5, 3), (4, 5), (5, 4)], [1.0, 1.0, 1.0, 1.0], [0.0, 0.5, 1.0, 1.0])
     """
 
@@ -573,63 +465,62 @@ class PairWeights:
         self.sym_decay = sym_decay
         self.gap_tau_s = gap_tau_s
         self.gap_floor = gap_floor
-        self.dtab = [dir_decay ** k if k < dir_window else 0.0 for k in range(window)]
-        self.stab = [sym_decay ** k for k in range(window)]
+        self.dtab = np.array([dir_decay ** k if k < dir_window else 0.0 for k in range(window)])
+        self.stab = np.array([sym_decay ** k for k in range(window)])
 
-    def _gap(self, gap: float) -> float:
-        if self.gap_tau_s <= 0:
-            return 1.0
-        g = self.gap_floor
-        return g + (1.0 - g) / (1.0 + (gap if gap > 0.0 else 0.0) / self.gap_tau_s)
-
-    def one(self, cur: int, ts: float, w: float, scale: float, prev: list[int], prev_ts: list[float],
-            prev_w: list[float]) -> tuple[list[int], np.ndarray]:
+    def one(self, cur: int, ts: float, w: float, scale: float, prev, prev_ts, prev_w) -> tuple[np.ndarray, np.ndarray]:
         """Slot updates of one event against its predecessors (newest first)."""
-        codes: list[int] = []
-        flat: list[float] = []
-        dtab, stab = self.dtab, self.stab
-        for k, p in enumerate(prev):
-            if p < 0 or p == cur:
-                continue
-            pw = prev_w[k]
-            base = self._gap(ts - prev_ts[k]) * (pw if pw < w else w) * scale
-            ws = base * stab[k]
-            codes.append((p << _SHIFT) | cur)
-            codes.append((cur << _SHIFT) | p)
-            flat += (base * dtab[k], ws, scale, 1.0, 0.0, ws, scale, 1.0)
-        return codes, np.array(flat).reshape(-1, 4)
+        codes, deltas, _ = self.many(np.array([cur], np.int64), np.array([ts], np.float64), np.array([w], np.float64),
+                                     np.array([scale], np.float64), np.asarray(prev, np.int64)[None],
+                                     np.asarray(prev_ts, np.float64)[None], np.asarray(prev_w, np.float64)[None])
+        return codes, deltas
 
     def many(self, cur: np.ndarray, ts: np.ndarray, w: np.ndarray, scale: np.ndarray, prev: np.ndarray,
-             prev_ts: np.ndarray, prev_w: np.ndarray) -> tuple[list[int], np.ndarray, np.ndarray]:
+             prev_ts: np.ndarray, prev_w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Slot updates of a batch, in (event, distance) order; ``prev*`` are ``[E, W]`` (-1: none).
 
         Also returns, per pair (two slot updates each), the index of its event in the batch.
         """
-        valid = (prev >= 0) & (prev != cur[:, None])
-        ev, kk = np.nonzero(valid)
-        if ev.size == 0:
-            return [], np.zeros((0, 4)), ev
-        p = prev[ev, kk].astype(np.int64)
-        c = cur[ev].astype(np.int64)
-        gap = ts[ev] - prev_ts[ev, kk]
-        if self.gap_tau_s > 0:
-            g = self.gap_floor
-            gapf = g + (1.0 - g) / (1.0 + np.maximum(gap, 0.0) / self.gap_tau_s)
-        else:
-            gapf = np.ones(gap.shape[0])
-        sc = scale[ev]
-        base = gapf * np.minimum(prev_w[ev, kk], w[ev]) * sc
-        ws = base * np.asarray(self.stab)[kk]
-        n = p.shape[0]
-        codes = np.empty(2 * n, np.int64)
-        codes[0::2] = (p << _SHIFT) | c
-        codes[1::2] = (c << _SHIFT) | p
-        deltas = np.empty((2 * n, 4))
-        deltas[0::2, 0] = base * np.asarray(self.dtab)[kk]
-        deltas[1::2, 0] = 0.0
-        deltas[0::2, 1] = ws
-        deltas[1::2, 1] = ws
-        deltas[0::2, 2] = sc
-        deltas[1::2, 2] = sc
-        deltas[:, 3] = 1.0
-        return codes.tolist(), deltas, ev
+        return _pair_updates(cur, ts, w, scale, prev, prev_ts, prev_w, self.dtab, self.stab, float(self.gap_tau_s),
+                             float(self.gap_floor))
+
+
+@njit(cache=True, nogil=True)
+def _pair_updates(cur, ts, w, scale, prev, prev_ts, prev_w, dtab, stab, gap_tau_s,
+                  gap_floor):  # pragma: no cover - compiled; tested through PairWeights
+    e, width = prev.shape
+    n = 0
+    for j in range(e):
+        for k in range(width):
+            if prev[j, k] >= 0 and prev[j, k] != cur[j]:
+                n += 1
+    codes = np.empty(2 * n, np.int64)
+    deltas = np.empty((2 * n, 4))
+    ev = np.empty(n, np.int64)
+    t = 0
+    for j in range(e):
+        c = np.int64(cur[j])
+        for k in range(width):
+            p = np.int64(prev[j, k])
+            if p < 0 or p == c:
+                continue
+            gapf = 1.0
+            if gap_tau_s > 0:
+                gap = ts[j] - prev_ts[j, k]
+                gapf = gap_floor + (1.0 - gap_floor) / (1.0 + (gap if gap > 0.0 else 0.0) / gap_tau_s)
+            pw = prev_w[j, k]
+            base = gapf * (pw if pw < w[j] else w[j]) * scale[j]
+            ws = base * stab[k]
+            codes[2 * t] = (p << _SHIFT) | c
+            codes[2 * t + 1] = (c << _SHIFT) | p
+            deltas[2 * t, 0] = base * dtab[k]
+            deltas[2 * t + 1, 0] = 0.0
+            deltas[2 * t, 1] = ws
+            deltas[2 * t + 1, 1] = ws
+            deltas[2 * t, 2] = scale[j]
+            deltas[2 * t + 1, 2] = scale[j]
+            deltas[2 * t, 3] = 1.0
+            deltas[2 * t + 1, 3] = 1.0
+            ev[t] = j
+            t += 1
+    return codes, deltas, ev

@@ -398,10 +398,10 @@ class Engine:
         k = min(self.config.window, c)
         if k:
             idx = self._ring_idx[c % h, :k]
-            codes, deltas = self._pairs.one(i, ts, w, scale, prof.hist_item[u, idx].tolist(),
-                                            prof.hist_ts[u, idx].tolist(), prof.hist_w[u, idx].tolist())
+            codes, deltas = self._pairs.one(i, ts, w, scale, prof.hist_item[u, idx], prof.hist_ts[u, idx],
+                                            prof.hist_w[u, idx])
             if self.cooc_mode == "remote":
-                self._outbox.append((np.asarray(codes, np.int64), deltas, np.full(len(codes), ts),
+                self._outbox.append((codes, deltas, np.full(len(codes), ts),
                                      np.full(len(codes), seq), np.array([i]), np.array([ts]),
                                      np.array([len(codes) // 2]), np.array([seq])))
             else:

@@ -128,7 +128,7 @@ def prequential(model: OnlineRecommender, events: Iterable[Mapping], *, k: int =
         interaction with an item the user already has is learned but not tested (it is excluded by
         the protocol so it could never be a hit); those are counted in ``n_skipped_repeats``.
     clock
-        A monotonic clock in seconds (e.g. ``time.perf_counter``); without one no time is reported.
+        A monotonic clock in seconds (a function the caller passes); without one no time is reported.
     progress
         Called with the number of events done, every ``progress_every`` events and at the end.
     """

@@ -226,9 +226,9 @@ def model_memory(users: int = 100_000, items: int = 10_000, events_per_user: int
     after_users = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     # an item's co-occurrence row takes its slots when it gets neighbours, i.e. while users' events are
-    # learned: count the slot arrays and their index (a dict of int -> int, ~2 int objects per entry)
+    # learned: count the slot arrays and their hash index
     co = engine._cooc
-    rows = co.nb.nbytes + co.vals.nbytes + co.sq.nbytes + sys.getsizeof(co._slot) + 64 * len(co._slot)
+    rows = co.nb.nbytes + co.vals.nbytes + co.sq.nbytes + co._index.keys.nbytes + co._index.vals.nbytes
     return {"items": items, "users": users, "events": len(evs),
             "mb_per_10k_items": round((after_items - base + rows) / 2**20 * 10_000 / items, 1),
             "mb_per_100k_users": round((after_users - after_items - rows) / 2**20 * 100_000 / users, 1)}

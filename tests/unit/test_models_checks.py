@@ -92,8 +92,8 @@ def _pair_stream(seed: int) -> list:
         cur = rng.randrange(12)
         prev = [rng.randrange(12) for _ in range(3)]
         codes, deltas = pw.one(cur, float(k), 1.0, 1.0 + k / 100, prev, [k - 1.0, k - 5.0, k - 50.0], [1.0, 2.0, 0.5])
-        if codes:
-            out.append((codes, deltas))
+        if len(codes):
+            out.append((codes.tolist(), deltas))
     return out
 
 
@@ -385,7 +385,9 @@ def test_learn_many_equals_learn_one_on_arbitrary_streams(rows):
     assert snapshot(_engine_reads(a)) == snapshot(_engine_reads(b))
 
 
-def test_pair_weights_scalar_and_vector_paths_agree():
+def test_pair_weights_follow_the_documented_formula_one_at_a_time_and_in_batches():
+    """k-th predecessor p of cur: w_dir = gap * min(w_p, w) * scale * dir_decay ** k (k < dir_window),
+    w_sym = the same with sym_decay ** k; gap = floor + (1 - floor) / (1 + max(dt, 0) / tau)."""
     pw = PairWeights(window=4, dir_window=2, dir_decay=0.6, sym_decay=0.9, gap_tau_s=30.0, gap_floor=0.25)
     rng = np.random.default_rng(0)
     e, w = 50, 4
@@ -393,29 +395,39 @@ def test_pair_weights_scalar_and_vector_paths_agree():
     prev_ts = rng.uniform(0, 100, (e, w))
     prev_w = rng.uniform(0.1, 3, (e, w))
     cur, ts, cw, sc = rng.integers(0, 10, e), rng.uniform(100, 200, e), rng.uniform(0.1, 3, e), rng.uniform(1, 2, e)
-    codes, deltas, _ = pw.many(cur, ts, cw, sc, prev, prev_ts, prev_w)
-    c1, d1 = [], []
+    codes, deltas, ev = pw.many(cur, ts, cw, sc, prev, prev_ts, prev_w)
+    want_codes, want_deltas, want_ev = [], [], []
     for j in range(e):
         c, d = pw.one(int(cur[j]), float(ts[j]), float(cw[j]), float(sc[j]), prev[j].tolist(), prev_ts[j].tolist(),
                       prev_w[j].tolist())
-        c1 += c
-        d1.append(d)
-    assert codes == c1
-    assert np.array_equal(deltas, np.concatenate(d1))
+        assert np.array_equal(c, codes[ev.repeat(2) == j]) and np.array_equal(d, deltas[ev.repeat(2) == j])
+        for k in range(w):
+            p, now = int(prev[j, k]), int(cur[j])
+            if p < 0 or p == now:
+                continue
+            gap = 0.25 + 0.75 / (1.0 + max(float(ts[j] - prev_ts[j, k]), 0.0) / 30.0)
+            base = gap * min(float(prev_w[j, k]), float(cw[j])) * float(sc[j])
+            ws = base * 0.9 ** k
+            want_codes += [code(p, now), code(now, p)]
+            want_deltas += [[base * 0.6 ** k if k < 2 else 0.0, ws, sc[j], 1.0], [0.0, ws, sc[j], 1.0]]
+            want_ev.append(j)
+    assert codes.tolist() == want_codes and ev.tolist() == want_ev
+    np.testing.assert_allclose(deltas, np.array(want_deltas), rtol=1e-15)
     assert code(3, 4) >> 32 == 3
 
 
 # ---------------------------------------------------------------------------- docstrings and imports
-MODEL_FILES = ["engine.py", "profile.py", "cooccurrence.py", "segments.py", "trending.py", "ranker.py", "catalog.py",
-               "user_state.py"]
 MODELS_DIR = pathlib.Path(__file__).resolve().parents[2] / "models"
+MODEL_FILES = sorted(p.name for p in MODELS_DIR.glob("*.py"))
 
 
 @pytest.mark.parametrize("name", MODEL_FILES)
-def test_models_import_only_numpy_river_stdlib(name):
+def test_models_import_only_compute_libraries(name):
+    """Pure models: no Kafka, Redis or other I/O libraries (numba compiles the hot loops, orjson
+    encodes pair deltas to bytes)."""
     import sys
     tree = ast.parse((MODELS_DIR / name).read_text())
-    allowed = {"numpy", "river", "models"} | set(sys.stdlib_module_names)
+    allowed = {"numpy", "numba", "orjson", "river", "models"} | set(sys.stdlib_module_names)
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             roots = [a.name.split(".")[0] for a in node.names]
@@ -424,7 +436,7 @@ def test_models_import_only_numpy_river_stdlib(name):
         else:
             continue
         for r in roots:
-            assert r in allowed, f"models/{name} imports {r!r}: models/ may import only numpy, river and the stdlib"
+            assert r in allowed, f"models/{name} imports {r!r}: models/ may import only numpy, numba, orjson, river and the stdlib"
 
 
 @pytest.mark.parametrize("cls", [Engine, EngineConfig, Catalog, Profiles, CoOccurrence, PairWeights, Segmenter,
