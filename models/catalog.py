@@ -15,10 +15,14 @@ False
 from __future__ import annotations
 
 import math
+import weakref
 from collections import deque
 from collections.abc import Mapping
 
 import numpy as np
+
+#: catalog -> (its recent-items version, recent_dated() rows)
+_RECENT_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 #: At most this many features (category first, then tags) are kept per item.
 MAX_ITEM_FEATURES = 8
@@ -53,6 +57,7 @@ class Catalog:
         self._feat_index: dict[str, int] = {}
         self._feat_names: list[str] = []
         self._recent: deque[int] = deque(maxlen=recent_len)
+        self._recent_version = 0  # changes with _recent (see recent_dated)
         self.n_unavailable = 0
         cap = max(int(capacity), 1)
         self.category = np.full(cap, -1, np.int32)
@@ -152,6 +157,7 @@ class Catalog:
             self.in_catalog[r] = True
             self.added_ts[r] = np.nan if now is None or not math.isfinite(now) else float(now)
             self._recent.append(r)
+            self._recent_version = getattr(self, "_recent_version", 0) + 1
         return r
 
     def remove(self, item_id: str) -> None:
@@ -164,6 +170,7 @@ class Catalog:
             self.in_catalog[r] = False
             if r in self._recent:
                 self._recent.remove(r)
+                self._recent_version = getattr(self, "_recent_version", 0) + 1
 
     def features(self, row: int) -> tuple[int, ...]:
         """Feature ids (category first, then tags) of a row."""
@@ -185,3 +192,15 @@ class Catalog:
     def recent_rows(self) -> list[int]:
         """Rows of the most recently upserted items, newest last."""
         return list(self._recent)
+
+    def recent_dated(self) -> np.ndarray:
+        """Rows of the most recently upserted items that have an added time (those upserted before any
+        event have none), newest last; remembered until the recent items change (outside the state,
+        so reading changes nothing)."""
+        version = getattr(self, "_recent_version", 0)
+        memo = _RECENT_MEMO.get(self)
+        if memo is None or memo[0] != version:
+            recent = np.fromiter(self._recent, np.int64, len(self._recent))
+            memo = (version, recent[np.isfinite(self.added_ts[recent])])
+            _RECENT_MEMO[self] = memo
+        return memo[1]

@@ -43,6 +43,7 @@ import numpy as np
 
 from models.events import EVENT_TYPES
 from models.experiments import validate_overrides
+from models.selection import choose
 from models.votes import vote
 
 
@@ -200,6 +201,7 @@ def rank(engine, u: int | None, n: int, exclude, explain: bool = True,
         cand = voted = votes.rows[top]
         q = (idx, items, votes, {})
     mix = None
+    cap = n if cfg.max_category_share >= 1.0 else max(1, math.ceil(cfg.max_category_share * n))
     picked: list[int] = []
     parts: dict = {}
     dominant: dict[int, str] = {}
@@ -215,45 +217,47 @@ def rank(engine, u: int | None, n: int, exclude, explain: bool = True,
             cand = np.unique(np.concatenate(extra))
         if not cand.size:
             break
-        score = np.zeros(cand.size)
-        parts = {}
+        # the blend's components, each already scaled as the score adds them (for the reasons, too)
+        v = np.zeros(0)
+        w_c = w_s = w_g = 0.0
+        seg_row = glob = content = np.zeros(0)
         if votes is not None:
             v = votes.votes[top] if cand is voted else votes.of(cand)  # trending may have added items
-            mx = v.max()
-            if mx > 0:
-                part = v * (cfg.w_cooc / mx)
-                score += part
-                parts["cooc"] = part
+            w_c = cfg.w_cooc
         seg = prof.segment[u]
         if cfg.w_segment > 0 and seg >= 0 and tr.segment_max[seg] > 0:
-            part = tr.segment_[seg, cand] * (cfg.w_segment / tr.segment_max[seg])
-            score += part
-            parts["segment"] = part
+            seg_row, w_s = tr.segment_[seg], cfg.w_segment / tr.segment_max[seg]
         if cfg.w_global > 0 and tr.global_max > 0:
-            part = tr.global_[cand] * (cfg.w_global / tr.global_max)
-            score += part
-            parts["global"] = part
+            glob, w_g = tr.global_, cfg.w_global / tr.global_max
         if cfg.w_content > 0 and k < cfg.content_history:
             mix = prof.mix(u)
             if mix:
                 share = np.zeros(cat.n_features + 1)
                 share[list(mix)] = list(mix.values())
-                part = share[cat.category[cand]] * cfg.w_content  # category -1 reads the trailing 0
-                score += part
-                parts["content"] = part
-        order = np.argsort(-score, kind="stable")  # cand is sorted: ties go to the lower row
-        rows = cand[order].tolist()
-        sc = score[order].tolist()
-        keep, relaxed = _diverse(engine, cfg, u, rows, n, excl)
+                content = share[cat.category[cand]] * cfg.w_content  # category -1 reads the trailing 0
+        order, score, keep, relaxed = choose(cand, v, w_c, seg_row, w_s, glob, w_g, content, category=cat.category,
+                                             available=cat.available, consumed=prof.consumed(u), n=n, cap=cap,
+                                             exclude=excl, item_ids=cat._ids)
         if relaxed and not widened:
             widened = True
             continue
-        picked = [rows[j] for j in keep]
-        score_of = {rows[j]: sc[j] for j in keep}
-        if explain and parts and keep:
+        sel = order[keep]
+        picked = cand[sel].tolist()
+        score_of = dict(zip(picked, score[sel].tolist()))
+        if explain and picked:
             # the component that contributed most to each picked item (the first of equals)
-            sel = order[keep]
-            share = np.stack([p[sel] for p in parts.values()])
+            rows = cand[sel]
+            mx = v.max() if v.size else 0.0
+            if mx > 0:
+                parts["cooc"] = v[sel] * (w_c / mx)
+            if seg_row.size:
+                parts["segment"] = seg_row[rows] * w_s
+            if glob.size:
+                parts["global"] = glob[rows] * w_g
+            if content.size:
+                parts["content"] = content[sel]
+        if parts:
+            share = np.stack(list(parts.values()))
             names = list(parts)
             dominant = {r: names[b] for r, b, best in zip(picked, share.argmax(0).tolist(), share.max(0).tolist())
                         if best > 0}
@@ -262,42 +266,12 @@ def rank(engine, u: int | None, n: int, exclude, explain: bool = True,
                 q = (*q[:3], dict(zip(picked, vpos.tolist())))
         break
     if cfg.new_item_slots > 0 and cat._recent:
-        if mix is None:
-            mix = prof.mix(u)
         picked = _new_item_slots(engine, cfg, u, mix, picked, excl, n)
     if len(picked) < n:
         picked = _fill_popular(engine, picked, excl, n, u)
     if not explain:
         return [Recommendation(cat._ids[r], score_of.get(r, 0.0), "") for r in picked]
     return _explain(engine, cfg, u, picked, score_of, dominant, q)
-
-
-def _diverse(engine, cfg, u: int, rows: list[int], n: int, excl) -> tuple[list[int], bool]:
-    """Positions in ``rows`` (best first) to keep: not had, not excluded, at most
-    ``ceil(max_category_share * n)`` per category (relaxed only when nothing else is left, which
-    the second value reports)."""
-    cat = engine._catalog
-    ids = cat._ids
-    has = engine._profiles._cons_set[u]
-    avail = cat.available
-    cap = n if cfg.max_category_share >= 1.0 else max(1, math.ceil(cfg.max_category_share * n))
-    cats = cat.category[rows].tolist() if rows else []
-    used: dict[int, int] = {}
-    out: list[int] = []
-    skipped: list[int] = []
-    for j, (r, c) in enumerate(zip(rows, cats)):
-        if r in has or (excl and ids[r] in excl) or not avail[r]:
-            continue
-        if c >= 0:
-            k = used.get(c, 0)
-            if k >= cap:
-                skipped.append(j)
-                continue
-            used[c] = k + 1
-        out.append(j)
-        if len(out) == n:
-            return out, False
-    return out + skipped[: n - len(out)], bool(skipped) and len(out) < n
 
 
 def _blocked(engine, u: int | None, r: int, excl) -> bool:
@@ -309,16 +283,25 @@ def _blocked(engine, u: int | None, r: int, excl) -> bool:
     return u is not None and engine._profiles.has(u, r)
 
 
-def _new_item_slots(engine, cfg, u: int, mix: dict[int, float], picked: list[int], excl, n: int) -> list[int]:
+def _new_item_slots(engine, cfg, u: int, mix: dict[int, float] | None, picked: list[int], excl,
+                    n: int) -> list[int]:
+    """``picked`` with its last places given to new items in the user's categories (``mix``: the user's
+    category mix, computed here when None and needed)."""
     cat = engine._catalog
-    if not mix or not cat._recent:
+    recent = cat.recent_dated()
+    if not recent.size:
         return picked
     now = engine._now
     horizon = cfg.new_item_days * 86400.0
     best: list[tuple[float, int]] = []
-    recent = np.fromiter(cat._recent, np.int64, len(cat._recent))
-    fresh = (engine._item_events[recent] < cfg.new_item_max_events) & (now - cat.added_ts[recent] <= horizon)
-    for r in recent[fresh].tolist():
+    fresh = recent[(engine._item_events[recent] < cfg.new_item_max_events) & (now - cat.added_ts[recent] <= horizon)]
+    if not fresh.size:
+        return picked
+    if mix is None:
+        mix = engine._profiles.mix(u)
+    if not mix:
+        return picked
+    for r in fresh.tolist():
         if r in picked:
             continue
         s = max((mix.get(f, 0.0) for f in cat.features(r)), default=0.0)

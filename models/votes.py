@@ -17,27 +17,26 @@ import numpy as np
 from numba import njit
 
 _scratch = threading.local()
+_UNTOUCHED = -2
 
 
-def _marks(n_items: int) -> np.ndarray:
-    """A per-thread ``int32`` array of -1 over the catalog; the kernel leaves it all -1 again."""
-    m = getattr(_scratch, "marks", None)
-    if m is None or m.size < n_items:
-        m = np.full(max(n_items, 2 * (0 if m is None else m.size), 1024), -1, np.int32)
-        _scratch.marks = m
-    return m
+def _dense(n_items: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-thread accumulators over the catalog (votes, best anchor vote, best anchor slot), at rest
+    0, -1 and ``_UNTOUCHED``; the kernel leaves them so again."""
+    d = getattr(_scratch, "dense", None)
+    if d is None or d[0].size < n_items:
+        size = max(n_items, 2 * (0 if d is None else d[0].size), 1024)
+        d = (np.zeros(size), np.full(size, -1.0), np.full(size, _UNTOUCHED, np.int64))
+        _scratch.dense = d
+    return d
 
 
 @njit(cache=True, nogil=True)
 def _votes(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, n_anchor, ipop, mom_count, mom_decay, pop, pop_decay,
-           momentum, available, consumed, marks):  # pragma: no cover - compiled; tested through vote()
+           momentum, available, consumed, acc, best_c, best_p):  # pragma: no cover - compiled; tested through vote()
     k, m = blocks.size, nb.shape[1]
     kd = a_dir.size
-    cap = k * m
-    rows = np.empty(cap, np.int64)
-    votes = np.empty(cap)
-    best_c = np.empty(cap)
-    best_p = np.empty(cap, np.int64)
+    rows = np.empty(k * m, np.int64)
     n = 0
     for h in range(k):
         b = blocks[h]
@@ -46,6 +45,7 @@ def _votes(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, n_anchor, ipop, mom_count, 
         base = b * m
         ws = a_sym[h]
         wd = a_dir[h] if h < kd else 0.0
+        anchored = h < n_anchor
         for s in range(m):
             j = nb[b, s]
             if j < 0:
@@ -53,36 +53,83 @@ def _votes(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, n_anchor, ipop, mom_count, 
             c = sq_sym[base + s] * ws
             if h < kd:
                 c += sq_dir[base + s] * wd
-            t = marks[j]
-            if t < 0:
-                t = n
-                marks[j] = t
-                rows[t] = j
-                votes[t] = 0.0
-                best_c[t] = -1.0
-                best_p[t] = -1
+            if best_p[j] == _UNTOUCHED:
+                best_p[j] = -1
+                rows[n] = j
                 n += 1
-            votes[t] += c
-            if h < n_anchor and c > best_c[t]:
-                best_c[t] = c
-                best_p[t] = h * m + s
+            acc[j] += c
+            if anchored and c > best_c[j]:
+                best_c[j] = c
+                best_p[j] = h * m + s
     for i in range(consumed.size):
-        t = marks[consumed[i]]
-        if t >= 0:
-            votes[t] = -1.0  # zeroed below, after the scaling
+        j = consumed[i]
+        if best_p[j] != _UNTOUCHED:
+            acc[j] = -1.0  # zeroed below, after the scaling
+    votes = np.empty(n)
+    anchor = np.empty(n, np.int64)
     for t in range(n):
         j = rows[t]
-        marks[j] = -1
-        if votes[t] < 0.0 or not available[j]:
+        v = acc[j]
+        anchor[t] = best_p[j]
+        acc[j] = 0.0
+        best_c[j] = -1.0
+        best_p[j] = _UNTOUCHED
+        if v < 0.0 or not available[j]:
             votes[t] = 0.0
             continue
-        v = votes[t] * ipop[j]
+        v *= ipop[j]
         if momentum != 0.0:
             mom = mom_count[j] * mom_decay + 0.5
             mom /= pop[j] * pop_decay + 1.0
             v *= mom ** momentum
         votes[t] = v
-    return rows[:n], votes[:n], best_p[:n]
+    return rows[:n], votes, anchor
+
+
+@njit(cache=True, nogil=True)
+def _top(rows, votes, k):  # pragma: no cover - compiled; tested through Votes.top
+    """Positions of the k largest positive votes (ties: lower rows), by row: one pass with a min-heap
+    whose root is the weakest kept (smallest vote, then highest row)."""
+    heap = np.empty(max(k, 1), np.int64)
+    size = 0
+    for t in range(votes.size):
+        v = votes[t]
+        if v <= 0.0:
+            continue
+        if size < k:  # sift up
+            i = size
+            size += 1
+            while i > 0:
+                parent = (i - 1) // 2
+                p = heap[parent]
+                if votes[p] < v or (votes[p] == v and rows[p] > rows[t]):
+                    break
+                heap[i] = p
+                i = parent
+            heap[i] = t
+            continue
+        if k == 0:
+            break
+        root = heap[0]
+        if v < votes[root] or (v == votes[root] and rows[t] > rows[root]):
+            continue
+        i = 0  # replace the root, sift down
+        while True:
+            c = 2 * i + 1
+            if c >= size:
+                break
+            if c + 1 < size:
+                a, b = heap[c], heap[c + 1]
+                if votes[b] < votes[a] or (votes[b] == votes[a] and rows[b] > rows[a]):
+                    c += 1
+            q = heap[c]
+            if v < votes[q] or (v == votes[q] and rows[t] > rows[q]):
+                break
+            heap[i] = q
+            i = c
+        heap[i] = t
+    out = heap[:size]
+    return out[np.argsort(rows[out], kind="mergesort")]
 
 
 class Votes:
@@ -110,11 +157,9 @@ class Votes:
         self._order = None
 
     def top(self, k: int) -> np.ndarray:
-        """Positions of the (at most) ``k`` items with the largest positive votes, by item row."""
-        pos = np.flatnonzero(self.votes > 0)
-        if pos.size > k:
-            pos = pos[np.argpartition(self.votes[pos], pos.size - k)[pos.size - k:]]
-        return pos[np.argsort(self.rows[pos])]
+        """Positions of the (at most) ``k`` items with the largest positive votes (equal votes at the
+        cut: the lower rows), by item row."""
+        return _top(self.rows, self.votes, k)
 
     def index(self, items: np.ndarray) -> np.ndarray:
         """Positions of ``items`` in :attr:`rows`, -1 for items that got no vote."""
@@ -145,7 +190,7 @@ def vote(nb: np.ndarray, sq_dir: np.ndarray, sq_sym: np.ndarray, blocks: np.ndar
         momentum = 0.0
     rows, votes, anchor = _votes(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, n_anchor, ipop, mom_count,
                                  float(mom_decay), pop, float(pop_decay), float(momentum), available,
-                                 consumed, _marks(ipop.size))
+                                 consumed, *_dense(ipop.size))
     return Votes(rows, votes, anchor)
 
 
@@ -154,4 +199,4 @@ def warm_up() -> None:
     it at start, the evaluation before it measures memory."""
     one = np.ones(1)
     vote(np.full((1, 1), -1, np.int32), one, one, np.zeros(1, np.int32), one, one[:0], 1, ipop=one,
-         available=np.ones(1, bool), consumed=np.zeros(0, np.int32))
+         available=np.ones(1, bool), consumed=np.zeros(0, np.int32)).top(1)

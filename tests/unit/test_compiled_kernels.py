@@ -1,0 +1,90 @@
+"""The compiled kernels against plain Python statements of what they must do."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from models.selection import choose
+from models.slot_table import SlotTable
+from models.votes import Votes
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 60), st.sampled_from([-1.0, 0.0, 0.5, 1.0, 1.5, 2.0, 3.25])),
+                max_size=80, unique_by=lambda x: x[0]),
+       st.integers(0, 30))
+def test_top_keeps_the_largest_positive_votes_lower_rows_first_on_ties(voted, k):
+    rows = np.array([r for r, _ in voted], np.int64)
+    votes = np.array([v for _, v in voted], np.float64)
+    got = Votes(rows, votes, np.full(rows.size, -1, np.int64)).top(k)
+    best = sorted((t for t in range(rows.size) if votes[t] > 0), key=lambda t: (-votes[t], rows[t]))[:k]
+    assert got.tolist() == sorted(best, key=lambda t: rows[t])
+
+
+def _choose_reference(cand, score, category, available, had, excl_rows, n, cap):
+    order = sorted(range(len(cand)), key=lambda j: (-score[j], j))
+    used, out, skipped = {}, [], []
+    for j, pos in enumerate(order):
+        r = cand[pos]
+        if r in had or r in excl_rows or not available[r]:
+            continue
+        c = category[r]
+        if c >= 0:
+            if used.get(c, 0) >= cap:
+                skipped.append(j)
+                continue
+            used[c] = used.get(c, 0) + 1
+        out.append(j)
+        if len(out) == n:
+            return [order[j] for j in out], False
+    keep = out + skipped[: n - len(out)]
+    return [order[j] for j in keep], bool(skipped) and len(out) < n
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_choose_blends_orders_and_applies_filters_and_the_category_cap(data):
+    n_items = data.draw(st.integers(1, 30))
+    cand = np.array(sorted(data.draw(st.sets(st.integers(0, n_items - 1), min_size=1))), np.int64)
+    votes = np.array(data.draw(st.lists(st.sampled_from([0.0, 1.0, 2.0, 2.5, 4.0]), min_size=cand.size,
+                                        max_size=cand.size)))
+    seg = np.array(data.draw(st.lists(st.sampled_from([0.0, 1.0, 3.0]), min_size=n_items, max_size=n_items)))
+    category = np.array(data.draw(st.lists(st.integers(-1, 3), min_size=n_items, max_size=n_items)), np.int32)
+    available = np.array(data.draw(st.lists(st.booleans(), min_size=n_items, max_size=n_items)))
+    had = data.draw(st.sets(st.integers(0, n_items - 1)))
+    excl_rows = data.draw(st.sets(st.integers(0, n_items - 1)))
+    n = data.draw(st.integers(1, 12))
+    share = data.draw(st.sampled_from([0.2, 0.5, 1.0]))
+    cap = n if share >= 1.0 else max(1, math.ceil(share * n))
+    ids = [f"i{r}" for r in range(n_items)]
+    got = choose(cand, votes, 1.0, seg, 0.1, np.zeros(0), 0.0, np.zeros(0), category=category, available=available,
+                 consumed=np.array(sorted(had), np.int32), n=n, cap=cap, exclude={ids[r] for r in excl_rows},
+                 item_ids=ids)
+    mx = votes.max()
+    score = [(votes[j] * (1.0 / mx) if mx > 0 else 0.0) + seg[cand[j]] * 0.1 for j in range(cand.size)]
+    assert np.allclose(got.score, score)
+    want, relaxed = _choose_reference(cand.tolist(), got.score.tolist(), category, available, had, excl_rows, n, cap)
+    assert got.order[got.keep].tolist() == want
+    assert got.relaxed == relaxed
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 2 ** 40), st.integers(0, 1000)), max_size=400))
+def test_slot_table_behaves_like_a_dict(ops):
+    table, ref = SlotTable(capacity=2), {}
+    keys = [k for _, k, _ in ops]
+    for j, (add, key, val) in enumerate(ops):
+        key = keys[val % (j + 1)] if not add else key  # deletes mostly hit keys that were added
+        if add:
+            table.insert_many(np.array([key]), np.array([val]))
+            ref[key] = val
+        else:
+            table.delete_many(np.array([key]))
+            ref.pop(key, None)
+        assert len(table) == len(ref)
+    assert all(table.get(k) == v for k, v in ref.items())
+    assert sorted(table.live_keys().tolist()) == sorted(ref)
+    assert all(table.get(k) == -1 for k in set(keys) - set(ref))
