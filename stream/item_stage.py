@@ -37,7 +37,7 @@ from stream.ingest import DeadLetter
 from stream.neighbour_cache import encode_row
 from stream.redis_store import RedisStore
 from stream.settings import Settings
-from stream.snapshots import Snapshot, SnapshotStore
+from stream.snapshots import Snapshot, SnapshotStore, snapshot_bytes
 
 log = logging.getLogger("infogap.items")
 
@@ -200,7 +200,8 @@ class ItemStage:
             return
         offsets = {TopicPartition(self.topic, p): await self.consumer.position(TopicPartition(self.topic, p))
                    for p in mine}
-        snaps = [Snapshot(tp.partition, off, self._state(tp.partition)) for tp, off in offsets.items()]
+        snaps = [(tp.partition, snapshot_bytes(Snapshot(tp.partition, off, self._state(tp.partition))))
+                 for tp, off in offsets.items()]
         await self._kafka("write item snapshots", self.snapshots.save_many, snaps)
         await self._kafka("commit cooc offsets", self.consumer.commit, offsets)
 

@@ -80,6 +80,7 @@ class WorkerStats:
     redis_retries: int = 0
     kafka_retries: int = 0
     checkpoint_seconds: float = 0.0  # how long the last checkpoint took (snapshot of every partition + commit)
+    checkpoint_locked_seconds: float = 0.0  # the part of it that held batches back (taking the state)
     last_batch_s: float = 0.0
     lag: int = 0
     partitions: int = 0  # events partitions this worker owns now

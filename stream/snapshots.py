@@ -32,12 +32,13 @@ class Snapshot:
     state: object
 
 
-def _pickle(snapshot: Snapshot) -> bytes:
+def snapshot_bytes(snapshot: Snapshot) -> bytes:
+    """The snapshot pickled (not yet compressed): taken while its state must not change."""
     return pickle.dumps((snapshot.partition, snapshot.offset, snapshot.state), protocol=5)
 
 
 def encode(snapshot: Snapshot) -> bytes:
-    return zlib.compress(_pickle(snapshot), 1)
+    return zlib.compress(snapshot_bytes(snapshot), 1)
 
 
 def decode(blob: bytes) -> Snapshot:
@@ -61,18 +62,18 @@ class SnapshotStore:
         if self._producer is not None:
             await self._producer.stop()
 
-    async def save_many(self, snapshots: list[Snapshot]) -> int:
-        """Write snapshots and wait until Kafka has them all; returns the bytes written."""
+    async def save_many(self, snapshots: list[tuple[int, bytes]]) -> int:
+        """Write ``(partition, snapshot_bytes(...))`` pairs and wait until Kafka has them all; returns
+        the bytes written."""
         futures, size = [], 0
-        for snap in snapshots:
-            raw = _pickle(snap)  # on the loop: the state must not change while it is pickled
+        for partition, raw in snapshots:
             blob = await asyncio.to_thread(zlib.compress, raw, 1)  # zlib releases the GIL: the loop goes on
             if len(blob) > MAX_SNAPSHOT_BYTES:
-                raise ValueError(f"snapshot of partition {snap.partition} is {len(blob)} bytes, over "
+                raise ValueError(f"snapshot of partition {partition} is {len(blob)} bytes, over "
                                  f"{MAX_SNAPSHOT_BYTES}: add partitions or workers so each holds less state")
             size += len(blob)
-            futures.append(await self._producer.send(self.topic, blob, key=f"p{snap.partition}".encode(),
-                                                     partition=snap.partition))
+            futures.append(await self._producer.send(self.topic, blob, key=f"p{partition}".encode(),
+                                                     partition=partition))
         for f in futures:
             await f
         return size

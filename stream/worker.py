@@ -50,7 +50,7 @@ from stream.pseudonym import Pseudonymizer
 from stream.redis_keys import RedisKeys
 from stream.redis_store import RedisStore
 from stream.settings import Settings
-from stream.snapshots import Snapshot, SnapshotStore
+from stream.snapshots import Snapshot, SnapshotStore, snapshot_bytes
 from stream.user_partition import UserPartition
 
 log = logging.getLogger("infogap.worker")
@@ -131,6 +131,10 @@ class Worker:
         #: held by a batch from ingest to its last produce, and by checkpoints: a rebalance waits for the
         #: batch in flight, so a partition's co-occurrence updates are all sent before its new owner sends any
         self._batch_lock = asyncio.Lock()
+        #: held while snapshots are written and their offsets committed (after the batch lock is let go):
+        #: keeps those writes in order, so a rebalance's last snapshot lands after the one in flight
+        self._snapshot_lock = asyncio.Lock()
+        self._writing: asyncio.Task | None = None  # a checkpoint's write in the background
         #: next offset to process per events partition: what a snapshot covers, and where a batch must start
         self._done: dict[int, int] = {}
         #: events partitions this worker owns: from their assignment until their revocation (in between
@@ -205,11 +209,16 @@ class Worker:
                     self.stats.lag = await self._lag()
                     if self._snapshots is None:
                         await self._kafka_retrying("commit offsets", self._consumer.commit)
+                if self._writing is not None and self._writing.done():
+                    self._writing, done = None, self._writing
+                    done.result()  # a failed snapshot write: raise its error here
                 if self._snapshots is not None and time.monotonic() - last_snapshot >= s.snapshot_interval_s:
-                    await self.checkpoint()
+                    await self.checkpoint(wait=False)
                     last_snapshot = time.monotonic()
             if self.run_users and self._snapshots is not None and self._consumer.assignment():
                 await self.checkpoint()
+            if self._writing is not None:
+                await self._writing
             item_stop.set()
             if item_task is not None:
                 await item_task
@@ -263,33 +272,66 @@ class Worker:
         if part.watermark > float("-inf"):
             self.ingest.watermarks[(self.topics.events, partition)] = part.watermark
 
-    async def checkpoint(self, partitions: list[int] | None = None) -> None:
-        """Snapshot each partition's state with the offset it covers, then commit exactly those offsets."""
-        async with self._batch_lock:
-            await self._checkpoint(partitions)
+    async def checkpoint(self, partitions: list[int] | None = None, *, wait: bool = True) -> None:
+        """Snapshot each partition's state with the offset it covers, then commit exactly those offsets.
 
-    async def _checkpoint(self, partitions: list[int] | None) -> None:
+        Only taking the state (pickling it) holds the batch lock; compressing, writing to Kafka and
+        committing follow after it is let go, in the background when ``wait`` is False, so batches go on
+        meanwhile.
+        """
+        async with self._batch_lock:
+            taken = self._take_snapshots(partitions)
+            if taken is None:
+                return
+            await self._snapshot_lock.acquire()  # after the write in flight, if any
+        write = self._write_snapshots(*taken)
+        if wait:
+            await write
+        else:
+            self._writing = asyncio.create_task(write, name="checkpoint")
+
+    def _take_snapshots(self, partitions: list[int] | None) -> tuple | None:
+        """(offsets, pickled snapshots, start time) of the assigned ``partitions`` (all when None)."""
         assigned = {tp.partition: tp for tp in self._consumer.assignment()}
         wanted = sorted(assigned if partitions is None else set(partitions) & set(assigned))
-        if not wanted:
-            return
-        t0 = time.perf_counter()
         offsets = {assigned[p]: self._done[p] for p in wanted if p in self._done}
         if not offsets:
-            return
-        snaps = [Snapshot(tp.partition, off, self.partition_state(tp.partition)) for tp, off in offsets.items()]
-        size = await self._kafka_retrying("write state snapshots", self._snapshots.save_many, snaps)
-        await self._kafka_retrying("commit offsets", self._consumer.commit, offsets)
-        self.stats.checkpoint_seconds = time.perf_counter() - t0
-        log.info("checkpoint: %d bytes, offsets %s (%.2f s)", size,
-                 {tp.partition: o for tp, o in offsets.items()}, time.perf_counter() - t0)
+            return None
+        t0 = time.perf_counter()
+        raws = [(tp.partition, snapshot_bytes(Snapshot(tp.partition, off, self.partition_state(tp.partition))))
+                for tp, off in offsets.items()]
+        self.stats.checkpoint_locked_seconds = time.perf_counter() - t0
+        return offsets, raws, t0
+
+    async def _write_snapshots(self, offsets: dict, raws: list[tuple[int, bytes]], t0: float) -> None:
+        """Write taken snapshots, then commit their offsets; releases ``_snapshot_lock`` (held by the taker).
+
+        A failed commit is only logged: a restore seeks to its snapshot's offset, not the committed one,
+        and the next checkpoint commits again (retrying a commit that a rebalance refused would wait on
+        the rebalance, which waits on this lock).
+        """
+        try:
+            size = await self._kafka_retrying("write state snapshots", self._snapshots.save_many, raws)
+            try:
+                await self._consumer.commit(offsets)
+            except (KafkaError, OSError) as exc:
+                log.warning("could not commit offsets after a checkpoint (%s); the snapshots hold them",
+                            type(exc).__name__)
+            self.stats.checkpoint_seconds = time.perf_counter() - t0
+            log.info("checkpoint: %d bytes, offsets %s (%.2f s, %.3f s of it holding batches)", size,
+                     {tp.partition: o for tp, o in offsets.items()}, self.stats.checkpoint_seconds,
+                     self.stats.checkpoint_locked_seconds)
+        finally:
+            self._snapshot_lock.release()
 
     async def on_revoked(self, revoked) -> None:
         """Partitions leaving: a last snapshot of each (if running), then their users leave this engine."""
         gone = [tp.partition for tp in revoked if tp.topic == self.topics.events]
         async with self._batch_lock:
-            if self._snapshots is not None and self.ready.is_set():
-                await self._checkpoint(gone)
+            taken = self._take_snapshots(gone) if self._snapshots is not None and self.ready.is_set() else None
+            if taken is not None:
+                await self._snapshot_lock.acquire()
+                await self._write_snapshots(*taken)
             self._drop(gone)
             self._owned.difference_update(gone)
             self.stats.partitions = len(self._owned)
