@@ -39,7 +39,7 @@ from models.population import segmenter_for, trending_for
 from models.profile import Profiles
 from models.ranker import Neighbour, Recommendation, query_tables, rank, settings_for
 
-__all__ = ["DEFAULT_EVENT_WEIGHTS", "Engine", "EngineConfig", "Neighbour", "Recommendation"]
+__all__ = ["DEFAULT_EVENT_WEIGHTS", "Engine", "EngineConfig", "Neighbour", "Recommendation", "warm_up"]
 
 #: Weight of each event type in the behaviour vector; ``rate`` is scaled by ``rating / rating_scale``.
 #: Non-positive weights never enter the history or the co-occurrence; a negative weight lowers the
@@ -706,3 +706,20 @@ class Engine:
         engine = cls.__new__(cls)
         engine.__dict__.update(copy.deepcopy(dict(state["state"])))
         return engine
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) every compiled kernel now, with the types real use passes:
+    a worker calls it before its first batch, the evaluation before it measures memory.
+
+    >>> warm_up()
+    """
+    engine = Engine(EngineConfig(n_neighbours=4, door_bits=0))
+    events = [{"event_id": f"w{k}", "user_id": f"u{k % 3}", "type": "view", "ts": 1.0 + k, "item_id": f"i{k % 5}"}
+              for k in range(40)]
+    engine.learn_many(events[:30])
+    for e in events[30:]:
+        engine.learn_one(e)
+    engine.recommend("u0", 3, exclude={"i1"})
+    engine.recommend("u1", 3, explain=False)
+    Engine(EngineConfig(), cooc="remote").learn_many(events[:10])

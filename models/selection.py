@@ -130,10 +130,3 @@ def choose(cand: np.ndarray, votes: np.ndarray, w_cooc: float, seg_row: np.ndarr
         if not out:
             return Choice(order, score, keep, bool(relaxed))
         blocked = np.r_[blocked, out]
-
-
-def warm_up() -> None:
-    """Compile (or load from numba's cache) the kernel now, not in the first request."""
-    one = np.ones(1)
-    choose(np.zeros(1, np.int64), one, 1.0, one, 1.0, one, 1.0, one, category=np.zeros(1, np.int32),
-           available=np.ones(1, bool), consumed=np.zeros(0, np.int32), n=1, cap=1)

@@ -192,11 +192,3 @@ def vote(nb: np.ndarray, sq_dir: np.ndarray, sq_sym: np.ndarray, blocks: np.ndar
                                  float(mom_decay), pop, float(pop_decay), float(momentum), available,
                                  consumed, *_dense(ipop.size))
     return Votes(rows, votes, anchor)
-
-
-def warm_up() -> None:
-    """Compile (or load from numba's cache) the kernel now, not in the first request: a worker calls
-    it at start, the evaluation before it measures memory."""
-    one = np.ones(1)
-    vote(np.full((1, 1), -1, np.int32), one, one, np.zeros(1, np.int32), one, one[:0], 1, ipop=one,
-         available=np.ones(1, bool), consumed=np.zeros(0, np.int32)).top(1)

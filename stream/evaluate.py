@@ -387,7 +387,7 @@ def run_model(name: str, opts: EvalOptions, progress_queue: Any = None,
         import implicit.nearest_neighbours  # noqa: F401
         import scipy.sparse  # noqa: F401
     if name == "infogap":
-        from models.votes import warm_up
+        from models import warm_up
 
         warm_up()  # the JIT compiler's memory is not the model's
     with threadpool_limits(limits=1):

@@ -39,7 +39,7 @@ from models.events import Event, Limits
 from models.experiments import FEEDBACK_TYPES
 from models.push_policy import PushConfig, UserPrefs
 from models.user_state import import_users
-from models.votes import warm_up
+from models import warm_up
 from stream import connections
 from stream.experiments_store import ExperimentStore, experiment_from_settings
 from stream.ingest import DeadLetter, Ingest
@@ -147,8 +147,7 @@ class Worker:
         """Run until ``stop`` is set (or forever); always closes its connections."""
         stop = stop or asyncio.Event()
         s = self.settings
-        if self.run_users:
-            warm_up()  # the ranker's compiled loop, before the first batch waits for it
+        warm_up()  # the compiled kernels, before the first batch waits for them
         await self._check_credentials()
         self._redis = connections.redis_async(s, socket_timeout=5, socket_connect_timeout=2)
         self._store = RedisStore(self._redis, RedisKeys(s.redis_prefix), s.recs_ttl_s)
