@@ -221,7 +221,12 @@ class ItemStage:
                     self.population = None
 
     async def take(self, partitions: list[int]) -> None:
-        """Partitions assigned: restore their snapshots and resume from the offsets they cover."""
+        """Partitions assigned: restore their snapshots and resume from the offsets they cover (under the
+        lock, so that records fetched meanwhile are applied to the restored shards, not dropped)."""
+        async with self._lock:
+            await self._take(partitions)
+
+    async def _take(self, partitions: list[int]) -> None:
         found = await self.snapshots.load(partitions) if self.snapshots is not None else {}
         for p in partitions:
             snap = found.get(p)

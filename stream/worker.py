@@ -345,7 +345,16 @@ class Worker:
             self._done.pop(p, None)
 
     async def on_assigned(self, assigned) -> None:
-        """Restore the snapshots of newly assigned partitions and resume each from its offset."""
+        """Restore the snapshots of newly assigned partitions and resume each from its offset.
+
+        Under the batch lock: a batch fetched meanwhile (from the committed offset) must wait until the
+        partition's state and offset are restored, or its new users' events would be learned before the
+        restore and again when the partition resumes from the snapshot's offset.
+        """
+        async with self._batch_lock:
+            await self._assign(assigned)
+
+    async def _assign(self, assigned) -> None:
         new = [tp for tp in assigned if tp.partition not in self.parts]
         self._owned.update(tp.partition for tp in assigned)
         self.stats.partitions = len(self._owned)
