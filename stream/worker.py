@@ -524,7 +524,9 @@ class Worker:
             self._learn(chunk)
             n_ok += len(result.events)
             cooc_messages += self._cooc_messages(partition, base, learned)
-        await self._send_all(cooc_messages)
+        # the item stage's deltas fly while this batch ranks; acked before the batch ends (a rebalance waits
+        # for the batch, so a partition's deltas are all sent before its next owner sends any)
+        cooc_sent = asyncio.create_task(self._send_all(cooc_messages), name="cooc-deltas")
         await self._redis_retrying(self._cache.ensure, self.engine,
                                    (i for u in touched for i in self.engine.query_items(u)), time.monotonic())
 
@@ -548,6 +550,7 @@ class Worker:
                     pushes += sent
 
         await self._redis_retrying(self._store.write, recs=docs, segments=segments)
+        done = self.clock()  # the recommendations are readable in Redis
         changed = {seg: c for part in self.parts.values() for seg, c in part.experiments.drain_changed().items()}
         if changed:
             await self._redis_retrying(self._exp_store.write, self.exp_name, changed)
@@ -555,7 +558,7 @@ class Worker:
             await self._redis_retrying(self._store.erase_user, user_id)
         await self._send_all([(self.topics.push, orjson.dumps(m.to_dict()), m.user_id.encode(), None)
                               for m in pushes] + self._dead_messages(dead))
-        done = self.clock()
+        await cooc_sent
         created = np.fromiter((r.timestamp for r in records if r.timestamp is not None), float)
         st.freshness_seconds.add_many(done - created / 1000.0)
         for m in pushes:
