@@ -43,7 +43,7 @@ import numpy as np
 
 from models.events import EVENT_TYPES
 from models.experiments import validate_overrides
-from models.selection import choose
+from models.selection import PARTS, choose, why
 from models.votes import vote
 
 
@@ -182,7 +182,8 @@ def rank(engine, u: int | None, n: int, exclude, explain: bool = True,
     c = prof.n_push[u]
     k = min(cfg.query_len, c, h)
     kk = min(n_items, 3 * n + 10)
-    q = None
+    idx = items = np.zeros(0, np.int64)
+    anchors: dict = {}
     cand = np.zeros(0, np.int64)
     votes = None
     if k and cfg.w_cooc > 0:
@@ -199,11 +200,9 @@ def rank(engine, u: int | None, n: int, exclude, explain: bool = True,
                      pop_decay=engine._decay(co.lam), momentum=cfg.momentum)
         top = votes.top(kk)
         cand = voted = votes.rows[top]
-        q = (idx, items, votes, {})
     mix = None
     cap = n if cfg.max_category_share >= 1.0 else max(1, math.ceil(cfg.max_category_share * n))
     picked: list[int] = []
-    parts: dict = {}
     dominant: dict[int, str] = {}
     score_of: dict[int, float] = {}
     widened = False
@@ -244,26 +243,12 @@ def rank(engine, u: int | None, n: int, exclude, explain: bool = True,
         sel = order[keep]
         picked = cand[sel].tolist()
         score_of = dict(zip(picked, score[sel].tolist()))
-        if explain and picked:
-            # the component that contributed most to each picked item (the first of equals)
-            rows = cand[sel]
-            mx = v.max() if v.size else 0.0
-            if mx > 0:
-                parts["cooc"] = v[sel] * (w_c / mx)
-            if seg_row.size:
-                parts["segment"] = seg_row[rows] * w_s
-            if glob.size:
-                parts["global"] = glob[rows] * w_g
-            if content.size:
-                parts["content"] = content[sel]
-        if parts:
-            share = np.stack(list(parts.values()))
-            names = list(parts)
-            dominant = {r: names[b] for r, b, best in zip(picked, share.argmax(0).tolist(), share.max(0).tolist())
-                        if best > 0}
-            if votes is not None:  # where the picked items are in the votes (for their anchors)
-                vpos = top[sel] if cand is voted else votes.index(cand[sel])
-                q = (*q[:3], dict(zip(picked, vpos.tolist())))
+        if explain and picked:  # which component made each pick, and the history item behind its votes
+            vpos = np.zeros(0, np.int64) if votes is None else top[sel] if cand is voted else votes.index(cand[sel])
+            dom, anchors = why(sel, cand, v, w_c, seg_row, w_s, glob, w_g, content, vpos=vpos,
+                               anchor=np.zeros(0, np.int64) if votes is None else votes.anchor,
+                               items=items, types=prof.hist_type[u, idx], cooc=co)
+            dominant = {r: PARTS[d] for r, d in zip(picked, dom) if d >= 0}
         break
     if cfg.new_item_slots > 0 and cat._recent:
         picked = _new_item_slots(engine, cfg, u, mix, picked, excl, n)
@@ -271,7 +256,7 @@ def rank(engine, u: int | None, n: int, exclude, explain: bool = True,
         picked = _fill_popular(engine, picked, excl, n, u)
     if not explain:
         return [Recommendation(cat._ids[r], score_of.get(r, 0.0), "") for r in picked]
-    return _explain(engine, cfg, u, picked, score_of, dominant, q)
+    return _explain(engine, cfg, u, picked, score_of, dominant, anchors)
 
 
 def _blocked(engine, u: int | None, r: int, excl) -> bool:
@@ -351,36 +336,11 @@ def _cold(engine, n: int, excl) -> list[Recommendation]:
     return out
 
 
-def _anchors(engine, u: int, picked: list[int], q) -> dict[int, tuple[int, int, float, int]]:
-    """For picked items, the recent history item that voted most for each: (item, pair count, lift,
-    the newest event type code of that item in the history)."""
-    idx, items, votes, vpos = q
-    co = engine._cooc
-    m = co.n_neighbours
-    b_rows = np.asarray(picked, np.int64)
-    pos = np.fromiter(map(vpos.__getitem__, picked), np.int64, len(picked))
-    at = np.where(pos >= 0, votes.anchor[np.maximum(pos, 0)], -1)
-    has = at >= 0
-    if not has.any():
-        return {}
-    hh, mm = np.divmod(at[has], m)
-    a_rows = items[hh]
-    b_rows = b_rows[has]
-    v = co.vals[2:, co.block[a_rows] * m + mm]
-    lift = co.lift(v[0], co.pop[a_rows], co.pop[b_rows]).tolist()
-    hist = items.tolist()
-    types = engine._profiles.hist_type[u, idx].tolist()
-    return {j: (a, int(cnt), lf, types[hist.index(a)])  # the first occurrence is the newest
-            for j, a, cnt, lf in zip(b_rows.tolist(), a_rows.tolist(), v[1].tolist(), lift)}
-
-
 def _explain(engine, cfg, u: int, picked: list[int], score_of: dict[int, float], dominant: dict[int, str],
-             q) -> list[Recommendation]:
+             anchors: dict[int, tuple[int, int, float, int]]) -> list[Recommendation]:
     cat = engine._catalog
     if not picked:
         return []
-    cooc_rows = [r for r in picked if dominant.get(r) == "cooc"]
-    anchors = _anchors(engine, u, cooc_rows, q) if q is not None and cooc_rows else {}
     mix = None
     out = []
     ids = cat._ids

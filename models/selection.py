@@ -130,3 +130,67 @@ def choose(cand: np.ndarray, votes: np.ndarray, w_cooc: float, seg_row: np.ndarr
         if not out:
             return Choice(order, score, keep, bool(relaxed))
         blocked = np.r_[blocked, out]
+
+
+#: What :func:`why` names as the component that contributed most to a picked item.
+PARTS = ("cooc", "segment", "global", "content")
+
+
+@njit(cache=True, nogil=True)
+def _why(sel, cand, votes, w_cooc, seg_row, w_seg, glob, w_glob, extra, vpos, anchor, items, types, m, vals, block,
+         pop, lift_factor):  # pragma: no cover - compiled; tested through the ranker's reasons
+    n = sel.size
+    dom = np.full(n, -1, np.int64)
+    a_row = np.full(n, -1, np.int64)
+    count = np.zeros(n, np.int64)
+    lift = np.zeros(n)
+    a_type = np.zeros(n, np.int64)
+    mx = votes.max() if votes.size else 0.0
+    scale = w_cooc / mx if mx > 0 else 0.0
+    for i in range(n):
+        j = sel[i]
+        r = cand[j]
+        best, which = -np.inf, -1
+        if mx > 0 and votes[j] * scale > best:
+            best, which = votes[j] * scale, 0
+        if seg_row.size and seg_row[r] * w_seg > best:
+            best, which = seg_row[r] * w_seg, 1
+        if glob.size and glob[r] * w_glob > best:
+            best, which = glob[r] * w_glob, 2
+        if extra.size and extra[j] > best:
+            best, which = extra[j], 3
+        if not best > 0:
+            continue
+        dom[i] = which
+        if which != 0 or vpos[i] < 0 or anchor[vpos[i]] < 0:
+            continue
+        at = anchor[vpos[i]]
+        a = items[at // m]
+        slot = block[a] * m + at % m
+        a_row[i] = a
+        count[i] = int(vals[3, slot])
+        n_pair = vals[2, slot]
+        lift[i] = 0.0 * n_pair if lift_factor < 0 else n_pair * lift_factor / max(pop[a] * pop[r], 1e-300)
+        for f in range(items.size):  # the item's newest occurrence in the history
+            if items[f] == a:
+                a_type[i] = types[f]
+                break
+    return dom, a_row, count, lift, a_type
+
+
+def why(sel: np.ndarray, cand: np.ndarray, votes: np.ndarray, w_cooc: float, seg_row: np.ndarray, w_seg: float,
+        glob: np.ndarray, w_glob: float, extra: np.ndarray, *, vpos: np.ndarray, anchor: np.ndarray,
+        items: np.ndarray, types: np.ndarray, cooc) -> tuple[list[int], dict[int, tuple[int, int, float, int]]]:
+    """For the picked candidates ``cand[sel]`` (components as :func:`choose` takes them): the index in
+    :data:`PARTS` of the component that contributed most to each (the first of equals; -1 when none
+    did), and for those the votes made, the recent history item that voted most (``vpos``: each
+    pick's position in the votes, ``anchor`` the votes' anchors, ``items``/``types``: the history
+    newest first) as ``{row: (history item, pair count, lift, its newest event type code)}``."""
+    factor = -1.0 if cooc.pair_total <= 0 else cooc.total * cooc.total / (2.0 * cooc.pair_total)
+    dom, a_row, count, lift, a_type = _why(sel, cand, votes, float(w_cooc), seg_row, float(w_seg), glob,
+                                           float(w_glob), extra, vpos, anchor, items, types, cooc.n_neighbours,
+                                           cooc.vals, cooc.block, cooc.pop, factor)
+    rows = cand[sel].tolist()
+    anchors = {r: (a, c, lf, t) for r, a, c, lf, t in zip(rows, a_row.tolist(), count.tolist(), lift.tolist(),
+                                                          a_type.tolist()) if a >= 0}
+    return dom.tolist(), anchors
