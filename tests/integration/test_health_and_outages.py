@@ -85,6 +85,7 @@ async def test_a_30_second_redis_outage_loses_nothing_and_recs_catch_up(settings
                                what=f"recs of during{i} after the outage")
             status, _ = await get(f"http://127.0.0.1:{http_port}/health")
             assert status == 200
+            await wait_for(lambda: worker.stats.events_in >= 6, what="the last batch to end")
             assert worker.stats.events_ok == 6
     finally:
         server.terminate()

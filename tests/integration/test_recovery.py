@@ -141,6 +141,8 @@ async def test_the_worker_waits_through_a_broker_restart(local_stack, tmp_path):
                                                           "type": "view", "ts": NOON + 1})])
             await wait_for(lambda: r.exists("test:restart:recs:after"), deadline_s=90,
                            what="recs of an event produced after the restart")
+            # the recs are in Redis before the batch ends (its pushes and deltas are acked after): wait for it
+            await wait_for(lambda: worker.stats.events_in >= 2, what="the batch to end")
             assert worker.stats.events_ok == 2
     finally:
         await asyncio.to_thread(local.down, s)

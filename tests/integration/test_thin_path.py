@@ -103,6 +103,7 @@ async def test_bad_records_go_to_the_dlq_with_reasons_and_good_ones_around_them_
         for user in ("g1", "g2", "g3"):
             await wait_for(lambda: r.exists(f"{settings.redis_prefix}recs:{user}"), what=f"recs for {user}")
         dead = await read_topic(settings, settings.topics.dlq, until=lambda recs: len(recs) >= 4)
+        await wait_for(lambda: worker.stats.events_in >= len(records), what="the batch to end")
         assert worker.stats.events_ok == 3
     assert len(dead) == 4
     by_value = {m.value: m for m in dead}  # different keys land on different partitions: no global order
