@@ -524,9 +524,7 @@ class Worker:
             self._learn(chunk)
             n_ok += len(result.events)
             cooc_messages += self._cooc_messages(partition, base, learned)
-        # the item stage's deltas fly while this batch ranks; acked before the batch ends (a rebalance waits
-        # for the batch, so a partition's deltas are all sent before its next owner sends any)
-        cooc_sent = asyncio.create_task(self._send_all(cooc_messages), name="cooc-deltas")
+        await self._send_all(cooc_messages)
         await self._redis_retrying(self._cache.ensure, self.engine,
                                    (i for u in touched for i in self.engine.query_items(u)), time.monotonic())
 
@@ -558,7 +556,6 @@ class Worker:
             await self._redis_retrying(self._store.erase_user, user_id)
         await self._send_all([(self.topics.push, orjson.dumps(m.to_dict()), m.user_id.encode(), None)
                               for m in pushes] + self._dead_messages(dead))
-        await cooc_sent
         created = np.fromiter((r.timestamp for r in records if r.timestamp is not None), float)
         st.freshness_seconds.add_many(done - created / 1000.0)
         for m in pushes:
