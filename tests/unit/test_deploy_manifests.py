@@ -275,3 +275,27 @@ def test_k8s_topics_job(k8s):
     assert c["image"] == _worker_container(k8s)["image"]
     assert {"configMapRef": {"name": "infogap-config"}} in c["envFrom"]
     assert job["spec"]["template"]["spec"]["restartPolicy"] in ("OnFailure", "Never")
+
+
+def _stages(dep: dict) -> str:
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e.get("value") for e in c.get("env", [])}.get("INFOGAP_STAGES")
+
+
+def test_k8s_runs_the_user_and_item_stages_as_two_deployments(k8s):
+    users, items = k8s["Deployment/infogap-worker"], k8s["Deployment/infogap-items"]
+    assert (_stages(users), _stages(items)) == ("users", "items")
+    assert 1 <= items["spec"]["replicas"] <= MAX_WORKERS  # never more than `cooc` has partitions
+    assert items["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
+    # each Deployment, PDB and the HPA select only their own stage's pods
+    labels = {name: k8s[f"Deployment/{name}"]["spec"]["template"]["metadata"]["labels"]
+              for name in ("infogap-worker", "infogap-items")}
+    assert labels["infogap-worker"] != labels["infogap-items"]
+    for name in ("infogap-worker", "infogap-items"):
+        other = ({"infogap-worker", "infogap-items"} - {name}).pop()
+        for sel in (k8s[f"Deployment/{name}"]["spec"]["selector"]["matchLabels"],
+                    k8s[f"PodDisruptionBudget/{name}"]["spec"]["selector"]["matchLabels"]):
+            assert sel.items() <= labels[name].items() and not sel.items() <= labels[other].items()
+    (c,) = items["spec"]["template"]["spec"]["containers"]
+    assert c["image"] == _worker_container(k8s)["image"]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health"
