@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -88,3 +89,30 @@ def test_slot_table_behaves_like_a_dict(ops):
     assert all(table.get(k) == v for k, v in ref.items())
     assert sorted(table.live_keys().tolist()) == sorted(ref)
     assert all(table.get(k) == -1 for k in set(keys) - set(ref))
+
+
+def test_votes_momentum_follows_its_inputs_through_the_memo():
+    """The momentum factor is memoised per item; a changed count, popularity or decay is seen at once."""
+    from models.votes import vote
+
+    nb = np.array([[-1, -1, -1], [1, 2, 3], [0, 2, -1]], np.int32)
+    sq = np.array([0, 0, 0, 1.0, 2.0, 3.0, 1.5, 0.5, 0])
+    blocks = np.array([1, 2], np.int32)
+    ipop, avail, none = np.ones(4), np.ones(4, bool), np.zeros(0, np.int32)
+    mom, pop = np.array([1.0, 2.0, 3.0, 4.0]), np.array([2.0, 2.0, 2.0, 2.0])
+
+    def want(decay_m, decay_p):
+        raw = {1: 1.0, 2: 2.0 + 0.5 * 0.5, 3: 3.0, 0: 0.5 * 1.5}
+        return {j: v * ((mom[j] * decay_m + 0.5) / (pop[j] * decay_p + 1.0)) ** 0.3 for j, v in raw.items()}
+
+    for decay_m, decay_p, change in ((1.0, 1.0, None), (1.0, 1.0, None), (0.5, 1.0, None), (0.5, 1.0, 2),
+                                     (0.5, 0.9, 3)):
+        if change is not None:
+            mom[change] += 1.0
+            pop[change] *= 1.5
+        v = vote(nb, sq * 0, sq, blocks, np.array([1.0, 0.5]), np.zeros(0), 1, ipop=ipop, available=avail,
+                 consumed=none, mom_count=mom, mom_decay=decay_m, pop=pop, pop_decay=decay_p, momentum=0.3)
+        got = dict(zip(v.rows.tolist(), v.votes.tolist()))
+        assert got.keys() == want(decay_m, decay_p).keys()
+        for j, x in want(decay_m, decay_p).items():
+            assert got[j] == pytest.approx(x, rel=1e-12), (decay_m, decay_p, change, j)
