@@ -108,7 +108,7 @@ async def test_kill_9_mid_stream_then_restart_equals_an_uninterrupted_run(scoped
     # Measured 476-595 pushes over about fifteen runs, two runs up to 22 % apart: each user's top-N also
     # depends on when the user stage last loaded the population learner's trending (every
     # publish_interval_s), so the count is a timing-dependent figure; this bound catches pushes lost or
-    # sent twice wholesale, the exact checks are the attributed feedback above and the counters below.
+    # sent twice wholesale; the exact checks are the counters and the attributed feedback above.
     assert sent["calm"] > 0 and abs(sent["crash"] - sent["calm"]) <= 0.35 * sent["calm"], sent
     # what users see in Redis is a view computed when each user was last active; its exact content depends on
     # how partitions interleave in batches, which differs even between two uninterrupted runs. The model behind
