@@ -47,6 +47,8 @@ class Catalog:
     (True, 2)
     """
 
+    _recent_version = 0  # bumped when the recent items change (see recent_dated); class default for old pickles
+
     def __init__(self, capacity: int = 1024, recent_len: int = 256):
         self.capacity = capacity
         self.recent_len = recent_len
@@ -57,7 +59,6 @@ class Catalog:
         self._feat_index: dict[str, int] = {}
         self._feat_names: list[str] = []
         self._recent: deque[int] = deque(maxlen=recent_len)
-        self._recent_version = 0  # changes with _recent (see recent_dated)
         self.n_unavailable = 0
         cap = max(int(capacity), 1)
         self.category = np.full(cap, -1, np.int32)
@@ -157,7 +158,7 @@ class Catalog:
             self.in_catalog[r] = True
             self.added_ts[r] = np.nan if now is None or not math.isfinite(now) else float(now)
             self._recent.append(r)
-            self._recent_version = getattr(self, "_recent_version", 0) + 1
+            self._recent_version += 1
         return r
 
     def remove(self, item_id: str) -> None:
@@ -170,7 +171,7 @@ class Catalog:
             self.in_catalog[r] = False
             if r in self._recent:
                 self._recent.remove(r)
-                self._recent_version = getattr(self, "_recent_version", 0) + 1
+                self._recent_version += 1
 
     def features(self, row: int) -> tuple[int, ...]:
         """Feature ids (category first, then tags) of a row."""
@@ -197,7 +198,7 @@ class Catalog:
         """Rows of the most recently upserted items that have an added time (those upserted before any
         event have none), newest last; remembered until the recent items change (outside the state,
         so reading changes nothing)."""
-        version = getattr(self, "_recent_version", 0)
+        version = self._recent_version
         memo = _RECENT_MEMO.get(self)
         if memo is None or memo[0] != version:
             recent = np.fromiter(self._recent, np.int64, len(self._recent))

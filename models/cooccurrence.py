@@ -43,13 +43,13 @@ import math
 import numpy as np
 from numba import njit
 
-from models.slot_table import SlotTable, delete, find, insert
+from models.slot_table import COUNT as LIVE_KEYS
+from models.slot_table import GOLDEN, SlotTable, delete, find, home_slot, insert
 
 _SHIFT = 32
 _MASK = (1 << _SHIFT) - 1
 #: Rows of ``vals`` (one contiguous array per quantity, so the ranker gathers only what it needs).
 W_DIR, W_SYM, N_PAIR, COUNT = 0, 1, 2, 3
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 #: What the update kernel stops for: a block for a row's first neighbour, room in the slot index.
 _NEED_BLOCK, _NEED_ROOM = 1, 2
 
@@ -255,7 +255,7 @@ class CoOccurrence:
         if self.door_bits:
             self._door[:] = False
             live = self._index.live_keys()
-            self._door[((live.astype(np.uint64) * _GOLDEN) >> np.uint64(64 - self.door_bits)).astype(np.int64)] = True
+            self._door[((live.astype(np.uint64) * GOLDEN) >> np.uint64(64 - self.door_bits)).astype(np.int64)] = True
 
     def set_row(self, r: int, neighbours: np.ndarray, values: np.ndarray) -> None:
         """Replace row ``r`` with given neighbours and their ``[4, K]`` values (reference-time units).
@@ -387,7 +387,7 @@ def _update(codes, deltas, k, pair_total, block, nb, vals, sq, fill, free_pos, n
         s = find(keys, kvals, meta, c)
         if s < 0:
             if door_bits:
-                h = np.int64((np.uint64(c) * _GOLDEN) >> np.uint64(64 - door_bits))
+                h = home_slot(c, 64 - door_bits)  # the door hashes like the index
                 if not door[h]:  # a pair's first sighting only opens the door
                     door[h] = True
                     pair_total += pair
@@ -397,7 +397,7 @@ def _update(codes, deltas, k, pair_total, block, nb, vals, sq, fill, free_pos, n
             b = block[r]
             if b == 0:
                 return k, pair_total, _NEED_BLOCK
-            if 2 * (meta[0] + 1) > keys.size:
+            if 2 * (meta[LIVE_KEYS] + 1) > keys.size:
                 return k, pair_total, _NEED_ROOM
             nf = n_free[b]
             if nf == 0:

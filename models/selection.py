@@ -12,24 +12,15 @@ check would give, because a row that is not picked never changed what was picked
 """
 from __future__ import annotations
 
-import threading
 from typing import NamedTuple
 
 import numpy as np
 from numba import njit
 
-_scratch = threading.local()
+from models.scratch import scratch
 
+#: marks over the catalog (all zero at rest; the kernel leaves them so)
 _HAD, _BLOCKED = 1, 2
-
-
-def _marks(n_items: int) -> np.ndarray:
-    """A per-thread ``int8`` array of zeros over the catalog; the kernel leaves it all zero again."""
-    m = getattr(_scratch, "marks", None)
-    if m is None or m.size < n_items:
-        m = np.zeros(max(n_items, 2 * (0 if m is None else m.size), 1024), np.int8)
-        _scratch.marks = m
-    return m
 
 
 @njit(cache=True, nogil=True)
@@ -118,7 +109,7 @@ def choose(cand: np.ndarray, votes: np.ndarray, w_cooc: float, seg_row: np.ndarr
     >>> c.order[c.keep].tolist()
     [1, 2]
     """
-    marks = _marks(available.size)
+    marks = scratch("selection.marks", available.size, lambda size: np.zeros(size, np.int8))
     blocked = np.zeros(0, np.int64)
     while True:
         order, score, keep, relaxed = _choose(cand, votes, float(w_cooc), seg_row, float(w_seg), glob, float(w_glob),
@@ -137,13 +128,13 @@ PARTS = ("cooc", "segment", "global", "content")
 
 
 @njit(cache=True, nogil=True)
-def _why(sel, cand, votes, w_cooc, seg_row, w_seg, glob, w_glob, extra, vpos, anchor, items, types, m, vals, block,
-         pop, lift_factor):  # pragma: no cover - compiled; tested through the ranker's reasons
+def _why(sel, cand, votes, w_cooc, seg_row, w_seg, glob, w_glob, extra, vpos, anchor, items, types, m, vals,
+         block):  # pragma: no cover - compiled; tested through the ranker's reasons
     n = sel.size
     dom = np.full(n, -1, np.int64)
     a_row = np.full(n, -1, np.int64)
     count = np.zeros(n, np.int64)
-    lift = np.zeros(n)
+    n_pair = np.zeros(n)
     a_type = np.zeros(n, np.int64)
     mx = votes.max() if votes.size else 0.0
     scale = w_cooc / mx if mx > 0 else 0.0
@@ -169,13 +160,12 @@ def _why(sel, cand, votes, w_cooc, seg_row, w_seg, glob, w_glob, extra, vpos, an
         slot = block[a] * m + at % m
         a_row[i] = a
         count[i] = int(vals[3, slot])
-        n_pair = vals[2, slot]
-        lift[i] = 0.0 * n_pair if lift_factor < 0 else n_pair * lift_factor / max(pop[a] * pop[r], 1e-300)
+        n_pair[i] = vals[2, slot]
         for f in range(items.size):  # the item's newest occurrence in the history
             if items[f] == a:
                 a_type[i] = types[f]
                 break
-    return dom, a_row, count, lift, a_type
+    return dom, a_row, count, n_pair, a_type
 
 
 def why(sel: np.ndarray, cand: np.ndarray, votes: np.ndarray, w_cooc: float, seg_row: np.ndarray, w_seg: float,
@@ -186,11 +176,12 @@ def why(sel: np.ndarray, cand: np.ndarray, votes: np.ndarray, w_cooc: float, seg
     did), and for those the votes made, the recent history item that voted most (``vpos``: each
     pick's position in the votes, ``anchor`` the votes' anchors, ``items``/``types``: the history
     newest first) as ``{row: (history item, pair count, lift, its newest event type code)}``."""
-    factor = -1.0 if cooc.pair_total <= 0 else cooc.total * cooc.total / (2.0 * cooc.pair_total)
-    dom, a_row, count, lift, a_type = _why(sel, cand, votes, float(w_cooc), seg_row, float(w_seg), glob,
-                                           float(w_glob), extra, vpos, anchor, items, types, cooc.n_neighbours,
-                                           cooc.vals, cooc.block, cooc.pop, factor)
-    rows = cand[sel].tolist()
-    anchors = {r: (a, c, lf, t) for r, a, c, lf, t in zip(rows, a_row.tolist(), count.tolist(), lift.tolist(),
-                                                          a_type.tolist()) if a >= 0}
+    dom, a_row, count, n_pair, a_type = _why(sel, cand, votes, float(w_cooc), seg_row, float(w_seg), glob,
+                                             float(w_glob), extra, vpos, anchor, items, types, cooc.n_neighbours,
+                                             cooc.vals, cooc.block)
+    rows = cand[sel]
+    has = a_row >= 0
+    lift = cooc.lift(n_pair[has], cooc.pop[a_row[has]], cooc.pop[rows[has]])
+    anchors = dict(zip(rows[has].tolist(), zip(a_row[has].tolist(), count[has].tolist(), lift.tolist(),
+                                               a_type[has].tolist())))
     return dom.tolist(), anchors

@@ -13,21 +13,22 @@ import numpy as np
 from numba import njit
 
 EMPTY = -1
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 #: ``meta`` fields: live entries, and 64 - log2(table size) (the hash's shift)
 COUNT, SHIFT = 0, 1
 
 
 @njit(cache=True, nogil=True)
-def _home(key, shift):  # pragma: no cover - compiled
-    return np.int64((np.uint64(key) * _GOLDEN) >> np.uint64(shift))
+def home_slot(key, shift):  # pragma: no cover - compiled
+    """Fibonacci hash: the top ``64 - shift`` bits of ``key * GOLDEN`` (also the co-occurrence door's hash)."""
+    return np.int64((np.uint64(key) * GOLDEN) >> np.uint64(shift))
 
 
 @njit(cache=True, nogil=True)
 def find(keys, vals, meta, key):  # pragma: no cover - compiled; tested through SlotTable
     """The value of ``key``, or -1."""
     mask = keys.size - 1
-    i = _home(key, meta[SHIFT])
+    i = home_slot(key, meta[SHIFT])
     while True:
         k = keys[i]
         if k == key:
@@ -41,7 +42,7 @@ def find(keys, vals, meta, key):  # pragma: no cover - compiled; tested through 
 def insert(keys, vals, meta, key, val):  # pragma: no cover - compiled
     """Set ``key`` to ``val`` (the caller keeps the table at most half full: :meth:`SlotTable.reserve`)."""
     mask = keys.size - 1
-    i = _home(key, meta[SHIFT])
+    i = home_slot(key, meta[SHIFT])
     while True:
         k = keys[i]
         if k == EMPTY:
@@ -60,7 +61,7 @@ def delete(keys, vals, meta, key):  # pragma: no cover - compiled
     """Remove ``key`` if present; entries after it in its probe run move back into the gap."""
     mask = keys.size - 1
     shift = meta[SHIFT]
-    i = _home(key, shift)
+    i = home_slot(key, shift)
     while keys[i] != key:
         if keys[i] == EMPTY:
             return
@@ -71,7 +72,7 @@ def delete(keys, vals, meta, key):  # pragma: no cover - compiled
         k = keys[j]
         if k == EMPTY:
             break
-        h = _home(k, shift)
+        h = home_slot(k, shift)
         # the entry at j may fill the gap at i unless its home lies cyclically in (i, j]
         if (i <= j and (h <= i or h > j)) or (i > j and h <= i and h > j):
             keys[i] = k

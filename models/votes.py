@@ -11,24 +11,18 @@ The arithmetic is the numpy version's, operation for operation, so the votes are
 """
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 from numba import njit
 
-_scratch = threading.local()
+from models.scratch import scratch
+
 _UNTOUCHED = -2
 
 
-def _dense(n_items: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-thread accumulators over the catalog (votes, best anchor vote, best anchor slot), at rest
-    0, -1 and ``_UNTOUCHED``; the kernel leaves them so again."""
-    d = getattr(_scratch, "dense", None)
-    if d is None or d[0].size < n_items:
-        size = max(n_items, 2 * (0 if d is None else d[0].size), 1024)
-        d = (np.zeros(size), np.full(size, -1.0), np.full(size, _UNTOUCHED, np.int64))
-        _scratch.dense = d
-    return d
+def _dense(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Accumulators over the catalog (votes, best anchor vote, best anchor slot), at rest 0, -1 and
+    ``_UNTOUCHED``; the kernel leaves them so again."""
+    return np.zeros(size), np.full(size, -1.0), np.full(size, _UNTOUCHED, np.int64)
 
 
 class _MomentumMemo:
@@ -50,14 +44,6 @@ class _MomentumMemo:
         if key != self.key:
             self.key, self.current = key, self.current + 1
         return self.current
-
-
-def _memo(n_items: int) -> _MomentumMemo:
-    m = getattr(_scratch, "memo", None)
-    if m is None or m.factor.size < n_items:
-        m = _MomentumMemo(max(n_items, 2 * (0 if m is None else m.factor.size), 1024))
-        _scratch.memo = m
-    return m
 
 
 @njit(cache=True, nogil=True)
@@ -125,14 +111,19 @@ def _votes(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, n_anchor, ipop, mom_count, 
 
 
 @njit(cache=True, nogil=True)
+def _weaker(rows, votes, a, b):  # pragma: no cover - compiled
+    """Whether position ``a`` ranks below ``b``: a smaller vote, or an equal vote and a higher row."""
+    return votes[a] < votes[b] or (votes[a] == votes[b] and rows[a] > rows[b])
+
+
+@njit(cache=True, nogil=True)
 def _top(rows, votes, k):  # pragma: no cover - compiled; tested through Votes.top
     """Positions of the k largest positive votes (ties: lower rows), by row: one pass with a min-heap
     whose root is the weakest kept (smallest vote, then highest row)."""
     heap = np.empty(max(k, 1), np.int64)
     size = 0
     for t in range(votes.size):
-        v = votes[t]
-        if v <= 0.0:
+        if votes[t] <= 0.0:
             continue
         if size < k:  # sift up
             i = size
@@ -140,7 +131,7 @@ def _top(rows, votes, k):  # pragma: no cover - compiled; tested through Votes.t
             while i > 0:
                 parent = (i - 1) // 2
                 p = heap[parent]
-                if votes[p] < v or (votes[p] == v and rows[p] > rows[t]):
+                if _weaker(rows, votes, p, t):
                     break
                 heap[i] = p
                 i = parent
@@ -148,20 +139,17 @@ def _top(rows, votes, k):  # pragma: no cover - compiled; tested through Votes.t
             continue
         if k == 0:
             break
-        root = heap[0]
-        if v < votes[root] or (v == votes[root] and rows[t] > rows[root]):
+        if _weaker(rows, votes, t, heap[0]):
             continue
         i = 0  # replace the root, sift down
         while True:
             c = 2 * i + 1
             if c >= size:
                 break
-            if c + 1 < size:
-                a, b = heap[c], heap[c + 1]
-                if votes[b] < votes[a] or (votes[b] == votes[a] and rows[b] > rows[a]):
-                    c += 1
+            if c + 1 < size and _weaker(rows, votes, heap[c + 1], heap[c]):
+                c += 1
             q = heap[c]
-            if v < votes[q] or (v == votes[q] and rows[t] > rows[q]):
+            if _weaker(rows, votes, t, q):
                 break
             heap[i] = q
             i = c
@@ -226,9 +214,10 @@ def vote(nb: np.ndarray, sq_dir: np.ndarray, sq_sym: np.ndarray, blocks: np.ndar
     if momentum == 0.0 or mom_count is None or pop is None:
         mom_count = pop = ipop
         momentum = 0.0
-    memo = _memo(ipop.size)
+    memo = scratch("votes.memo", ipop.size, _MomentumMemo)
     gen = memo.generation((float(mom_decay), float(pop_decay), float(momentum)))
     rows, votes, anchor = _votes(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, n_anchor, ipop, mom_count,
-                                 float(mom_decay), pop, float(pop_decay), float(momentum), available,
-                                 consumed, *_dense(ipop.size), memo.factor, memo.count, memo.pop, memo.gen, gen)
+                                 float(mom_decay), pop, float(pop_decay), float(momentum), available, consumed,
+                                 *scratch("votes.dense", ipop.size, _dense), memo.factor, memo.count, memo.pop,
+                                 memo.gen, gen)
     return Votes(rows, votes, anchor)

@@ -224,20 +224,17 @@ class ItemStage:
         """Partitions assigned: restore their snapshots and resume from the offsets they cover (under the
         lock, so that records fetched meanwhile are applied to the restored shards, not dropped)."""
         async with self._lock:
-            await self._take(partitions)
-
-    async def _take(self, partitions: list[int]) -> None:
-        found = await self.snapshots.load(partitions) if self.snapshots is not None else {}
-        for p in partitions:
-            snap = found.get(p)
-            if snap is not None:
-                self.shards[p] = snap.state["shard"]
-                population = snap.state["population"]
-                self.consumer.seek(TopicPartition(self.topic, p), snap.offset)
-            else:
-                self.shards[p] = CoOccurrenceShard.for_engine(self.config)
-                population = PopulationLearner(self.config)
-            if p == POPULATION_PARTITION:
-                self.population = population
-                self._population_published = -1
-        log.info("item stage took cooc partitions %s (%d from snapshots)", sorted(partitions), len(found))
+            found = await self.snapshots.load(partitions) if self.snapshots is not None else {}
+            for p in partitions:
+                snap = found.get(p)
+                if snap is not None:
+                    self.shards[p] = snap.state["shard"]
+                    population = snap.state["population"]
+                    self.consumer.seek(TopicPartition(self.topic, p), snap.offset)
+                else:
+                    self.shards[p] = CoOccurrenceShard.for_engine(self.config)
+                    population = PopulationLearner(self.config)
+                if p == POPULATION_PARTITION:
+                    self.population = population
+                    self._population_published = -1
+            log.info("item stage took cooc partitions %s (%d from snapshots)", sorted(partitions), len(found))

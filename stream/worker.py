@@ -352,25 +352,23 @@ class Worker:
         restore and again when the partition resumes from the snapshot's offset.
         """
         async with self._batch_lock:
-            await self._assign(assigned)
-
-    async def _assign(self, assigned) -> None:
-        new = [tp for tp in assigned if tp.partition not in self.parts]
-        self._owned.update(tp.partition for tp in assigned)
-        self.stats.partitions = len(self._owned)
-        if self._snapshots is None or not new:
-            return
-        found = await self._snapshots.load([tp.partition for tp in new])
-        for tp in new:
-            snap = found.get(tp.partition)
-            if snap is None:
-                continue
-            self.restore_partition(tp.partition, snap.state)
-            self._consumer.seek(tp, snap.offset)
-            self._done[tp.partition] = snap.offset
-        if found:
-            self._cache.stale()
-        log.info("took events partitions %s (%d from snapshots)", sorted(tp.partition for tp in new), len(found))
+            new = [tp for tp in assigned if tp.partition not in self.parts]
+            self._owned.update(tp.partition for tp in assigned)
+            self.stats.partitions = len(self._owned)
+            if self._snapshots is None or not new:
+                return
+            found = await self._snapshots.load([tp.partition for tp in new])
+            for tp in new:
+                snap = found.get(tp.partition)
+                if snap is None:
+                    continue
+                self.restore_partition(tp.partition, snap.state)
+                self._consumer.seek(tp, snap.offset)
+                self._done[tp.partition] = snap.offset
+            if found:
+                self._cache.stale()
+            log.info("took events partitions %s (%d from snapshots)", sorted(tp.partition for tp in new),
+                     len(found))
 
     async def _kafka_retrying(self, what: str, fn, *args):
         """Retry a Kafka operation through a broker outage: the worker waits, it does not die."""
