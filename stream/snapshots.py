@@ -32,6 +32,45 @@ class Snapshot:
     state: object
 
 
+class SnapshotTurns:
+    """Which partition's snapshot is due: one at a time, each at most ``interval_s`` old.
+
+    Snapshotting every partition at once stops the stage for as long as pickling all of it takes
+    (~0.25 s for 20k users), the largest part of freshness p99 at 2,000 events/s. Turns are spread
+    over the interval instead: the k-th of n partitions assigned together is first due k/n of an
+    interval later. Time is passed in (monotonic seconds).
+
+    >>> turns = SnapshotTurns(10.0)
+    >>> turns.assign([0, 1], now=0.0)
+    >>> turns.due(4.0), turns.due(5.0), turns.due(9.0), turns.due(10.0), turns.due(15.0)
+    (None, 0, None, 1, 0)
+    """
+
+    def __init__(self, interval_s: float):
+        self.interval_s = interval_s
+        self._taken_at: dict[int, float] = {}
+
+    def assign(self, partitions, now: float) -> None:
+        """``partitions`` (all those the stage now holds) take turns from ``now`` on."""
+        mine = sorted(partitions)
+        for k, p in enumerate(mine):
+            self._taken_at[p] = now - self.interval_s * (1 - (k + 1) / len(mine))
+
+    def revoke(self, partitions) -> None:
+        for p in partitions:
+            self._taken_at.pop(p, None)
+
+    def due(self, now: float) -> int | None:
+        """The partition to snapshot now (its turn is then counted as taken), or None."""
+        if not self._taken_at:
+            return None
+        p = min(self._taken_at, key=self._taken_at.__getitem__)
+        if now - self._taken_at[p] < self.interval_s:
+            return None
+        self._taken_at[p] = now
+        return p
+
+
 def snapshot_bytes(snapshot: Snapshot) -> bytes:
     """The snapshot pickled (not yet compressed): taken while its state must not change."""
     return pickle.dumps((snapshot.partition, snapshot.offset, snapshot.state), protocol=5)

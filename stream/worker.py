@@ -21,6 +21,7 @@ consumer group on ``cooc``; more processes split both stages' partitions.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -50,7 +51,7 @@ from stream.pseudonym import Pseudonymizer
 from stream.redis_keys import RedisKeys
 from stream.redis_store import RedisStore
 from stream.settings import Settings
-from stream.snapshots import Snapshot, SnapshotStore, snapshot_bytes
+from stream.snapshots import Snapshot, SnapshotStore, SnapshotTurns, snapshot_bytes
 from stream.user_partition import UserPartition
 
 log = logging.getLogger("infogap.worker")
@@ -123,6 +124,7 @@ class Worker:
         self.run_users, self.run_items = "users" in stages, "items" in stages
         self._consumer: AIOKafkaConsumer | None = None
         self._side: AIOKafkaConsumer | None = None
+        self._side_ends: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._redis: aioredis.Redis | None = None
         self._store: RedisStore | None = None
@@ -137,6 +139,7 @@ class Worker:
         self._writing: asyncio.Task | None = None  # a checkpoint's write in the background
         #: next offset to process per events partition: what a snapshot covers, and where a batch must start
         self._done: dict[int, int] = {}
+        self._turns = SnapshotTurns(settings.snapshot_interval_s)
         #: events partitions this worker owns: from their assignment until their revocation (in between
         #: two rebalance callbacks it owns none, whatever the consumer still reports)
         self._owned: set[int] = set()
@@ -158,10 +161,13 @@ class Worker:
                 s, group_id=s.consumer_group,
                 enable_auto_commit=False, auto_offset_reset="earliest",
                 max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=32 * 1024 * 1024)
-        # fetch_max_wait_ms: the side topics are mostly idle, and the broker answers a connection's requests
-        # in order, so each batch's end_offsets() waited behind a long-polling fetch (0.2-0.5 s a batch)
+        # items and users, read whole; _side_ends only asks their end offsets before each batch, on a
+        # connection of its own: the broker answers a connection's requests in order, and on the fetching
+        # one each answer waited behind a long poll (20 ms a batch with fetch_max_wait_ms=20, 0.2-0.5 s
+        # with the default), the largest fixed cost of a small batch
         self._side = connections.consumer(s, group_id=None, enable_auto_commit=False,
                                           auto_offset_reset="earliest", fetch_max_wait_ms=20)
+        self._side_ends = connections.consumer(s, group_id=None, enable_auto_commit=False)
         self._snapshots = (SnapshotStore(s, self.topics.state_users)
                            if s.snapshot_interval_s > 0 and self.run_users else None)
         self._cache = NeighbourCache(self._redis, RedisKeys(s.redis_prefix), s.neighbour_cache_items,
@@ -183,9 +189,11 @@ class Worker:
             await self._kafka_retrying("read items and users", self._sync_side)
             if self.items is not None:
                 item_task = asyncio.create_task(self.items.run(item_stop), name="item-stage")
+            # what is alive now (modules, numba's compiled kernels, the catalog) lives as long as the process:
+            # out of the collector's full passes, which walked it all (~0.1 s) every few seconds
+            gc.freeze()
             self.ready.set()
             log.info("worker ready: stages=%s group=%s topic=%s", s.stages, s.consumer_group, self.topics.events)
-            last_snapshot = time.monotonic()
             while not stop.is_set():
                 if item_task is not None and item_task.done():
                     item_task.result()  # the item stage failed: raise its error here
@@ -211,9 +219,10 @@ class Worker:
                 if self._writing is not None and self._writing.done():
                     self._writing, done = None, self._writing
                     done.result()  # a failed snapshot write: raise its error here
-                if self._snapshots is not None and time.monotonic() - last_snapshot >= s.snapshot_interval_s:
-                    await self.checkpoint(wait=False)
-                    last_snapshot = time.monotonic()
+                if self._snapshots is not None and self._writing is None:
+                    due = self._turns.due(time.monotonic())
+                    if due is not None:
+                        await self.checkpoint([due], wait=False)
             if self.run_users and self._snapshots is not None and self._consumer.assignment():
                 await self.checkpoint()
             if self._writing is not None:
@@ -224,7 +233,7 @@ class Worker:
         finally:
             if item_task is not None and not item_task.done():
                 item_task.cancel()
-            closers = [self._side.stop, self._producer.stop, self._redis.aclose]
+            closers = [self._side.stop, self._side_ends.stop, self._producer.stop, self._redis.aclose]
             if self._consumer is not None:
                 closers.append(self._consumer.stop)
             if self.items is not None:
@@ -244,6 +253,7 @@ class Worker:
         if self._snapshots is not None:
             await self._snapshots.start()
         await self._side.start()
+        await self._side_ends.start()
         await self._assign_side()
         self._cooc_partitions = len(await self._producer.partitions_for(self.topics.cooc))
         if self.run_users:
@@ -332,6 +342,7 @@ class Worker:
                 await self._snapshot_lock.acquire()
                 await self._write_snapshots(*taken)
             self._drop(gone)
+            self._turns.revoke(gone)
             self._owned.difference_update(gone)
             self.stats.partitions = len(self._owned)
 
@@ -354,6 +365,7 @@ class Worker:
         async with self._batch_lock:
             new = [tp for tp in assigned if tp.partition not in self.parts]
             self._owned.update(tp.partition for tp in assigned)
+            self._turns.assign([tp.partition for tp in assigned if tp.topic == self.topics.events], time.monotonic())
             self.stats.partitions = len(self._owned)
             if self._snapshots is None or not new:
                 return
@@ -435,7 +447,7 @@ class Worker:
     async def _sync_side(self) -> None:
         """Apply ``items`` and ``users`` records up to their current end offsets."""
         side = self._side
-        ends = await side.end_offsets(self._side_parts)
+        ends = await self._side_ends.end_offsets(self._side_parts)
         while True:
             behind = [tp for tp in self._side_parts if await side.position(tp) < ends[tp]]
             if not behind:
