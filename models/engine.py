@@ -576,7 +576,7 @@ class Engine:
         co, cat = self._cooc, self._catalog
         for doc in rows:
             r = cat.row(doc["item_id"])
-            nbs = np.fromiter(map(cat.row, doc["neighbours"]), np.int64, len(doc["neighbours"]))
+            nbs = cat.rows(doc["neighbours"])
             self._ensure_items(len(cat))
             if self._t0 is None:
                 self._t0 = float(doc["t"])
@@ -584,7 +584,7 @@ class Engine:
             values = np.array(doc["values"], np.float64).reshape(4, -1)
             values[:3] *= factor
             co.set_row(r, nbs, values)
-            co.set_popularity(np.r_[r, nbs], np.r_[doc["pop"], doc["neighbour_pop"]] * factor,
+            co.set_popularity(np.append(nbs, r), np.append(doc["neighbour_pop"], doc["pop"]) * factor,
                               doc["total"] * factor, doc["pair_total"] * factor, at=float(doc["t"]))
 
     def drop_rows(self, item_ids: Iterable[str]) -> None:
