@@ -430,7 +430,22 @@ def _evict(r, b, nb, vals, sq, free_pos, n_free, keys, kvals, meta, n_evict,
     m = nb.shape[1]
     lo = b * m
     key = sq[0, lo: lo + m] + evict_sym_weight * sq[1, lo: lo + m]
-    drop = np.sort(np.argsort(key, kind="mergesort")[:n_evict])
+    # the n_evict smallest keys, ties to the lowest positions, in position order: those under the
+    # n_evict-th smallest key, then the first positions that equal it (a selection, not a sort)
+    kth = np.partition(key, n_evict - 1)[n_evict - 1]
+    ties = n_evict
+    for p in range(m):
+        if key[p] < kth:
+            ties -= 1
+    drop = np.empty(n_evict, np.int64)
+    j = 0
+    for p in range(m):
+        x = key[p]
+        if x < kth or (x == kth and ties > 0):
+            if x == kth:
+                ties -= 1
+            drop[j] = p
+            j += 1
     base = r << _SHIFT
     for j in range(n_evict):
         p = drop[j]
