@@ -66,6 +66,16 @@ class Catalog:
         self.in_catalog = np.zeros(cap, bool)
         self.added_ts = np.full(cap, np.nan)
         self.price = np.full(cap, np.nan)
+        #: per row, the item's categories/tags as bits ``1 << (feature id % 64)`` (exact up to 64 features)
+        self.feat_mask = np.zeros(cap, np.uint64)
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickle, also a snapshot from before ``feat_mask``."""
+        self.__dict__.update(state)
+        if "feat_mask" not in state:
+            self.feat_mask = np.zeros(self.category.shape[0], np.uint64)
+            for r, feats in enumerate(self._feat_lists):
+                self.feat_mask[r] = _mask(feats)
 
     # ------------------------------------------------------------------ rows
     def __len__(self) -> int:
@@ -115,6 +125,7 @@ class Catalog:
         self.in_catalog = grow(self.in_catalog, False)
         self.added_ts = grow(self.added_ts, np.nan)
         self.price = grow(self.price, np.nan)
+        self.feat_mask = grow(self.feat_mask, 0)
 
     # ------------------------------------------------------------------ metadata
     def feature(self, name: str) -> int:
@@ -159,6 +170,7 @@ class Catalog:
                 names.append(str(t))
         feats = tuple(self.feature(x) for x in names[:MAX_ITEM_FEATURES])
         self._feat_lists[r] = feats
+        self.feat_mask[r] = _mask(feats)
         self.category[r] = feats[0] if cat is not None and str(cat) != "" and feats else -1
         price = item.get("price")
         self.price[r] = float(price) if isinstance(price, (int, float)) and not isinstance(price, bool) else np.nan
@@ -217,3 +229,11 @@ class Catalog:
             memo = (version, recent[np.isfinite(self.added_ts[recent])])
             _RECENT_MEMO[self] = memo
         return memo[1]
+
+
+def _mask(feats: tuple[int, ...]) -> int:
+    """Feature ids as bits (``1 << (f % 64)``)."""
+    m = 0
+    for f in feats:
+        m |= 1 << (f % 64)
+    return m

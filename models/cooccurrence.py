@@ -464,45 +464,92 @@ class PairWeights:
 
     One compiled loop serves a single event and a batch alike, so both produce bit-identical weights.
 
+    Besides position, time gap and event weights, a pair's scoring weights depend on what the two
+    events say about each other:
+
+    - ``agreement``: when both events carry a rating, both weights are multiplied by
+      ``exp(-agreement * |rating_a - rating_b|)`` (items one user rated alike are more alike);
+    - ``feature_boost``: the symmetric weight is multiplied by ``1 + feature_boost * J``, with ``J``
+      the Jaccard overlap of the two items' categories/tags (bit masks, see ``Catalog.feat_mask``).
+
     Examples
     --------
     >>> pw = PairWeights(window=2, dir_window=1, dir_decay=0.5, sym_decay=0.5, gap_tau_s=0.0, gap_floor=1.0)
     >>> codes, deltas = pw.one(5, 10.0, 1.0, 1.0, [3, 4], [9.0, 8.0], [1.0, 1.0])
     >>> [(c >> 32, c & 0xFFFFFFFF) for c in codes.tolist()], deltas.tolist()[0], deltas.tolist()[2]
     ([(3, 5), (5, 3), (4, 5), (5, 4)], [1.0, 1.0, 1.0, 1.0], [0.0, 0.5, 1.0, 1.0])
+    >>> pw = PairWeights(window=1, dir_window=1, dir_decay=1.0, sym_decay=1.0, gap_tau_s=0.0, gap_floor=1.0,
+    ...                  agreement=0.5, feature_boost=1.0)
+    >>> _, d = pw.one(5, 10.0, 1.0, 1.0, [3], [9.0], [1.0], rating=4.0, prev_rating=[2.0],
+    ...               mask=0b011, prev_mask=[0b110])
+    >>> [round(x, 4) for x in d[0, :2].tolist()]  # exp(-0.5 * 2) and that times 1 + 1/3
+    [0.3679, 0.4905]
     """
 
     def __init__(self, window: int, dir_window: int, dir_decay: float, sym_decay: float, gap_tau_s: float,
-                 gap_floor: float):
+                 gap_floor: float, agreement: float = 0.0, feature_boost: float = 0.0):
         self.window = window
         self.dir_window = dir_window
         self.dir_decay = dir_decay
         self.sym_decay = sym_decay
         self.gap_tau_s = gap_tau_s
         self.gap_floor = gap_floor
+        self.agreement = agreement
+        self.feature_boost = feature_boost
         self.dtab = np.array([dir_decay ** k if k < dir_window else 0.0 for k in range(window)])
         self.stab = np.array([sym_decay ** k for k in range(window)])
 
-    def one(self, cur: int, ts: float, w: float, scale: float, prev, prev_ts, prev_w) -> tuple[np.ndarray, np.ndarray]:
-        """Slot updates of one event against its predecessors (newest first)."""
+    def __setstate__(self, state: dict) -> None:
+        """Unpickle, also a snapshot from before ``agreement`` and ``feature_boost`` (both off then)."""
+        self.__dict__.update({"agreement": 0.0, "feature_boost": 0.0, **state})
+
+    def one(self, cur: int, ts: float, w: float, scale: float, prev, prev_ts, prev_w, rating: float = 0.0,
+            prev_rating=None, mask: int = 0, prev_mask=None) -> tuple[np.ndarray, np.ndarray]:
+        """Slot updates of one event against its predecessors (newest first); a rating of 0 is none."""
+        prev = np.asarray(prev, np.int64)[None]
         codes, deltas, _ = self.many(np.array([cur], np.int64), np.array([ts], np.float64), np.array([w], np.float64),
-                                     np.array([scale], np.float64), np.asarray(prev, np.int64)[None],
-                                     np.asarray(prev_ts, np.float64)[None], np.asarray(prev_w, np.float64)[None])
+                                     np.array([scale], np.float64), prev, np.asarray(prev_ts, np.float64)[None],
+                                     np.asarray(prev_w, np.float64)[None], np.array([rating], np.float64),
+                                     None if prev_rating is None else np.asarray(prev_rating, np.float64)[None],
+                                     np.array([mask], np.uint64),
+                                     None if prev_mask is None else np.asarray(prev_mask, np.uint64)[None])
         return codes, deltas
 
     def many(self, cur: np.ndarray, ts: np.ndarray, w: np.ndarray, scale: np.ndarray, prev: np.ndarray,
-             prev_ts: np.ndarray, prev_w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+             prev_ts: np.ndarray, prev_w: np.ndarray, rating: np.ndarray | None = None,
+             prev_rating: np.ndarray | None = None, mask: np.ndarray | None = None,
+             prev_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Slot updates of a batch, in (event, distance) order; ``prev*`` are ``[E, W]`` (-1: none).
+        ``rating``/``prev_rating`` (0: none) and the feature masks are only read when their option is on.
 
         Also returns, per pair (two slot updates each), the index of its event in the batch.
         """
+        agree = float(self.agreement) if rating is not None and prev_rating is not None else 0.0
+        boost = float(self.feature_boost) if mask is not None and prev_mask is not None else 0.0
+        if not agree:
+            rating, prev_rating = _NO_RATING, _NO_RATING2
+        if not boost:
+            mask, prev_mask = _NO_MASK, _NO_MASK2
         return _pair_updates(cur, ts, w, scale, prev, prev_ts, prev_w, self.dtab, self.stab, float(self.gap_tau_s),
-                             float(self.gap_floor))
+                             float(self.gap_floor), rating, prev_rating, agree, mask, prev_mask, boost)
+
+
+_NO_RATING, _NO_RATING2 = np.zeros(1), np.zeros((1, 1))
+_NO_MASK, _NO_MASK2 = np.zeros(1, np.uint64), np.zeros((1, 1), np.uint64)
 
 
 @njit(cache=True, nogil=True)
-def _pair_updates(cur, ts, w, scale, prev, prev_ts, prev_w, dtab, stab, gap_tau_s,
-                  gap_floor):  # pragma: no cover - compiled; tested through PairWeights
+def _bits(x):  # pragma: no cover - compiled
+    n = 0
+    while x:
+        x &= x - np.uint64(1)
+        n += 1
+    return n
+
+
+@njit(cache=True, nogil=True)
+def _pair_updates(cur, ts, w, scale, prev, prev_ts, prev_w, dtab, stab, gap_tau_s, gap_floor, rating, prev_rating,
+                  agree, mask, prev_mask, boost):  # pragma: no cover - compiled; tested through PairWeights
     e, width = prev.shape
     n = 0
     for j in range(e):
@@ -525,7 +572,13 @@ def _pair_updates(cur, ts, w, scale, prev, prev_ts, prev_w, dtab, stab, gap_tau_
                 gapf = gap_floor + (1.0 - gap_floor) / (1.0 + (gap if gap > 0.0 else 0.0) / gap_tau_s)
             pw = prev_w[j, k]
             base = gapf * (pw if pw < w[j] else w[j]) * scale[j]
+            if agree > 0.0 and rating[j] > 0.0 and prev_rating[j, k] > 0.0:
+                base *= math.exp(-agree * abs(rating[j] - prev_rating[j, k]))
             ws = base * stab[k]
+            if boost > 0.0:
+                union = _bits(mask[j] | prev_mask[j, k])
+                if union:
+                    ws *= 1.0 + boost * _bits(mask[j] & prev_mask[j, k]) / union
             codes[2 * t] = (p << _SHIFT) | c
             codes[2 * t + 1] = (c << _SHIFT) | p
             deltas[2 * t, 0] = base * dtab[k]

@@ -96,6 +96,11 @@ class EngineConfig:
         Co-occurrence learning: each new item pairs with the user's last ``window`` items (the
         "A then B" weight only within ``dir_window``), k-th predecessor weighted ``decay ** (k-1)``
         and ``gap_floor + (1 - gap_floor) / (1 + gap / gap_tau_s)`` for the time between them.
+    pair_agreement, pair_feature_boost
+        What a pair's two events say about each other: two ratings weigh the pair's weights by
+        ``exp(-pair_agreement * |rating_a - rating_b|)`` (in rating units); the symmetric weight is
+        multiplied by ``1 + pair_feature_boost * J``, J the Jaccard overlap of the two items'
+        categories/tags. 0 turns either off.
     n_neighbours, evict_fraction, door_bits, min_support
         Memory bound M per item, share of a full row freed at once, admission door size (0: off),
         co-occurrences needed before a pair is published by :meth:`Engine.similar` or cited.
@@ -139,29 +144,31 @@ class EngineConfig:
     cooc_half_life_days: float | None = 200.0
     window: int = 20
     dir_window: int = 10
-    dir_decay: float = 0.7
+    dir_decay: float = 0.6
     sym_decay: float = 0.95
     gap_tau_s: float = 60.0
     gap_floor: float = 0.5
+    pair_agreement: float = 0.3
+    pair_feature_boost: float = 1.0
     n_neighbours: int = 400
-    evict_fraction: float = 0.5
+    evict_fraction: float = 0.25
     min_support: int = 2
-    door_bits: int = 22
+    door_bits: int = 0
     pop_exponent: float = 0.2
     # ranker (query)
     query_len: int = 20
     query_dir_len: int = 5
-    query_dir_decay: float = 0.7
+    query_dir_decay: float = 0.5
     query_sym_decay: float = 0.9
     query_gap_tau_s: float = 60.0
     query_gap_floor: float = 0.5
-    sym_weight: float = 0.5
+    sym_weight: float = 0.8
     w_cooc: float = 1.0
     w_segment: float = 0.02
     w_global: float = 0.01
     w_content: float = 0.01
     content_history: int = 5
-    max_category_share: float = 0.7
+    max_category_share: float = 0.8
     new_item_slots: int = 1
     new_item_days: float = 14.0
     new_item_max_events: int = 5
@@ -194,6 +201,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be > 0 days (or None for no decay), got {v}")
         if self.cooc_half_life_days is not None and not self.cooc_half_life_days > 0:
             raise ValueError(f"cooc_half_life_days must be > 0 (or None), got {self.cooc_half_life_days}")
+        for name in ("pair_agreement", "pair_feature_boost"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.rating_scale > 0:
             raise ValueError(f"rating_scale must be > 0, got {self.rating_scale}")
         unknown = set(self.event_weights) - set(EVENT_TYPES)
@@ -223,7 +233,7 @@ class Engine:
     ...           for k, (u, i) in enumerate(baskets)]
     >>> e.learn_many(events)
     >>> [(r.item_id, r.reason) for r in e.recommend("e", n=1)]
-    [('cup', 'bought together with Green tea by 2 users (lift 1.4)')]
+    [('cup', 'bought together with Green tea by 3 users (lift 2.0)')]
     >>> e.similar("tea")[0].item_id, e.segment("c") is not None, e.known_user("zed")
     ('cup', True, False)
     >>> e.forget_user("c"); e.known_user("c")
@@ -259,7 +269,8 @@ class Engine:
         self._trending = trending_for(cfg)
         self._item_events = np.zeros(self._catalog.category.shape[0], np.int64)
         self._pairs = PairWeights(window=cfg.window, dir_window=cfg.dir_window, dir_decay=cfg.dir_decay,
-                                  sym_decay=cfg.sym_decay, gap_tau_s=cfg.gap_tau_s, gap_floor=cfg.gap_floor)
+                                  sym_decay=cfg.sym_decay, gap_tau_s=cfg.gap_tau_s, gap_floor=cfg.gap_floor,
+                                  agreement=cfg.pair_agreement, feature_boost=cfg.pair_feature_boost)
         h = cfg.history_len
         #: ring positions of the newest..oldest entries, per ring head: row c % h -> (c - 1 - k) % h
         self._ring_idx = (np.arange(h)[:, None] - 1 - np.arange(h)[None, :]) % h
@@ -332,7 +343,7 @@ class Engine:
         last_ts, first_ts, freq, money, segment = prof.last_ts, prof.first_ts, prof.freq, prof.money, prof.segment
         feat_lists = cat._feat_lists
         # per push (history entry), and per positive item event (trending)
-        pu, pi, pts, pw, pc, ptype, psc = [], [], [], [], [], [], []
+        pu, pi, pts, pw, pc, ptype, psc, prt = [], [], [], [], [], [], [], []
         ti, tseg, tx, tm = [], [], [], []
         lam_m = self._trending.lam_m
         users, types, tss, items, values, ratings = cols
@@ -344,7 +355,9 @@ class Engine:
             typ = types[k]
             w = tw_ = weights.get(typ, 0.0)
             rating = ratings[k]
+            rt = 0.0
             if typ == "rate" and rating is not None:
+                rt = rating
                 w *= rating / rate_scale
                 if rating_pairs:
                     tw_ = w
@@ -383,6 +396,7 @@ class Engine:
                         pw.append(tw_)
                         pc.append(c)
                         ptype.append(codes.get(typ, 0))
+                        prt.append(rt)
                         psc.append(exp(lam_c * (ts - t0)))
                         pseq.append(seq0 + k)
                         n_push[u] = c + 1
@@ -405,24 +419,26 @@ class Engine:
             if not remote:
                 self._cooc.add_occurrences(pi, psc)
             if len(pu) == 1:
-                self._learn_pair_one(pu[0], pi[0], pts[0], pw[0], pc[0], ptype[0], psc[0], pseq[0])
+                self._learn_pair_one(pu[0], pi[0], pts[0], pw[0], pc[0], ptype[0], psc[0], pseq[0], prt[0])
             else:
                 self._learn_pairs(np.asarray(pu, np.int64), np.asarray(pi, np.int64), np.asarray(pts),
                                   np.asarray(pw), np.asarray(pc, np.int64), np.asarray(ptype, np.int8),
-                                  np.asarray(psc), np.asarray(pseq, np.int64))
+                                  np.asarray(psc), np.asarray(pseq, np.int64), np.asarray(prt))
         if not remote and self.n_learned % _DOOR_PERIOD < n_block:  # the block ended on a multiple of the period
             self._cooc.reset_door()
 
     def _learn_pair_one(self, u: int, i: int, ts: float, w: float, c: int, typ: int, scale: float,
-                        seq: int) -> None:
+                        seq: int, rating: float = 0.0) -> None:
         """One push: pairs against the ring buffer (scalar path, same numbers as :meth:`_learn_pairs`)."""
         prof = self._profiles
         h = prof.history_len
         k = min(self.config.window, c)
         if k:
             idx = self._ring_idx[c % h, :k]
-            codes, deltas = self._pairs.one(i, ts, w, scale, prof.hist_item[u, idx], prof.hist_ts[u, idx],
-                                            prof.hist_w[u, idx])
+            prev = prof.hist_item[u, idx]
+            fm = self._catalog.feat_mask
+            codes, deltas = self._pairs.one(i, ts, w, scale, prev, prof.hist_ts[u, idx], prof.hist_w[u, idx], rating,
+                                            prof.hist_rating[u, idx], fm[i], fm[prev])
             if self.cooc_mode == "remote":
                 self._outbox.append((codes, deltas, np.full(len(codes), ts),
                                      np.full(len(codes), seq), np.array([i]), np.array([ts]),
@@ -437,8 +453,9 @@ class Engine:
         prof.hist_ts[u, j] = ts
         prof.hist_w[u, j] = w
         prof.hist_type[u, j] = typ
+        prof.hist_rating[u, j] = rating
 
-    def _learn_pairs(self, pu, pi, pts, pw, pc, ptype, scale, pseq) -> None:
+    def _learn_pairs(self, pu, pi, pts, pw, pc, ptype, scale, pseq, prt) -> None:
         """A batch of pushes: history windows (ring + earlier pushes of the batch), pairs, ring writes."""
         cfg = self.config
         prof = self._profiles
@@ -461,7 +478,10 @@ class Engine:
         prev_items = np.where(inb, pi[src], np.where(ring_ok, prof.hist_item[urow, ridx], -1))
         prev_ts = np.where(inb, pts[src], prof.hist_ts[urow, ridx])
         prev_w = np.where(inb, pw[src], prof.hist_w[urow, ridx])
-        codes, deltas, ev = self._pairs.many(pi, pts, pw, scale, prev_items, prev_ts, prev_w)
+        prev_rt = np.where(inb, prt[src], prof.hist_rating[urow, ridx])
+        fm = self._catalog.feat_mask
+        codes, deltas, ev = self._pairs.many(pi, pts, pw, scale, prev_items, prev_ts, prev_w, prt, prev_rt, fm[pi],
+                                             fm[prev_items])
         if self.cooc_mode == "remote":
             ev2 = np.repeat(ev, 2)
             self._outbox.append((np.asarray(codes, np.int64), deltas, pts[ev2], pseq[ev2], pi, pts,
@@ -476,6 +496,7 @@ class Engine:
         prof.hist_ts[ru, rc] = pts[keep]
         prof.hist_w[ru, rc] = pw[keep]
         prof.hist_type[ru, rc] = ptype[keep]
+        prof.hist_rating[ru, rc] = prt[keep]
 
     def drain_pair_deltas(self) -> PairDeltas | None:
         """The co-occurrence updates learned since the last call (``cooc="remote"`` engines), or None.

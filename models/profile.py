@@ -31,6 +31,10 @@ from collections.abc import Mapping
 import numpy as np
 
 
+#: The history ring's arrays and their empty value.
+_HIST_FIELDS = (("hist_item", -1), ("hist_ts", 0.0), ("hist_w", 0.0), ("hist_type", 0), ("hist_rating", 0.0))
+
+
 class Profiles:
     """Users' decayed vectors, RFM figures, ring-buffer histories and consumed-item sets.
 
@@ -88,6 +92,13 @@ class Profiles:
         self.hist_ts = np.zeros((cap, h))
         self.hist_w = np.zeros((cap, h))
         self.hist_type = np.zeros((cap, h), np.int8)
+        self.hist_rating = np.zeros((cap, h))  # the event's rating, 0 for none
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickle, also a snapshot from before ``hist_rating`` (no ratings then)."""
+        self.__dict__.update(state)
+        if "hist_rating" not in state:
+            self.hist_rating = np.zeros(self.hist_type.shape)
 
     # ------------------------------------------------------------------ rows
     def __len__(self) -> int:
@@ -126,7 +137,7 @@ class Profiles:
 
     def _grow(self, cap: int) -> None:
         old = self.hist_item.shape[0]
-        for name, fill in (("hist_item", -1), ("hist_ts", 0.0), ("hist_w", 0.0), ("hist_type", 0)):
+        for name, fill in _HIST_FIELDS:
             a = getattr(self, name)
             out = np.full((cap, self.history_len), fill, a.dtype)
             out[:old] = a
@@ -154,6 +165,7 @@ class Profiles:
         self.hist_ts[r] = 0.0
         self.hist_w[r] = 0.0
         self.hist_type[r] = 0
+        self.hist_rating[r] = 0.0
         self._free.append(r)
         return r
 
@@ -186,7 +198,7 @@ class Profiles:
                 "money": self.money[r], "segment": self.segment[r], "feats": dict(self.feats[r]),
                 "consumed": self.consumed(r).tolist(), "hist_item": self.hist_item[r, idx].tolist(),
                 "hist_ts": self.hist_ts[r, idx].tolist(), "hist_w": self.hist_w[r, idx].tolist(),
-                "hist_type": self.hist_type[r, idx].tolist()}
+                "hist_type": self.hist_type[r, idx].tolist(), "hist_rating": self.hist_rating[r, idx].tolist()}
 
     def set_row(self, r: int, rec: Mapping) -> None:
         """Overwrite user row ``r`` with a :meth:`get_row` record (of this row space). Within this
@@ -209,10 +221,13 @@ class Profiles:
         c = rec["n_push"] if k == min(rec["n_push"], h) else k
         self.n_push[r] = c
         idx = np.arange(c - k, c) % h
-        for name, fill in (("hist_item", -1), ("hist_ts", 0.0), ("hist_w", 0.0), ("hist_type", 0)):
+        for name, fill in _HIST_FIELDS:
             a = getattr(self, name)
             a[r] = fill
-            a[r, idx] = rec[name][len(rec[name]) - k:]
+            vals = rec.get(name)
+            if vals is None:  # a record from before this field: no ratings
+                continue
+            a[r, idx] = vals[len(vals) - k:]
 
     # ------------------------------------------------------------------ updates
     def add_features(self, r: int, feats: tuple[int, ...], w: float) -> None:
@@ -249,7 +264,7 @@ class Profiles:
         self._cons_arr[r] = arr
         self._cons_n[r] = n + 1
 
-    def push(self, r: int, item: int, ts: float, w: float, type_code: int = 0) -> None:
+    def push(self, r: int, item: int, ts: float, w: float, type_code: int = 0, rating: float = 0.0) -> None:
         """Append one item event to the user's history (single-event path)."""
         c = self.n_push[r]
         j = c % self.history_len
@@ -257,6 +272,7 @@ class Profiles:
         self.hist_ts[r, j] = ts
         self.hist_w[r, j] = w
         self.hist_type[r, j] = type_code
+        self.hist_rating[r, j] = rating
         self.n_push[r] = c + 1
         self.last_item[r] = item
 

@@ -218,7 +218,8 @@ def test_forget_user_leaves_no_trace(groups):
 
 def test_memory_stays_within_the_stated_bounds():
     m, h, cons = 8, 6, 4
-    cfg = EngineConfig(n_neighbours=m, history_len=h, window=4, query_len=4, max_consumed=cons, n_segments=4)
+    cfg = EngineConfig(n_neighbours=m, history_len=h, window=4, query_len=4, max_consumed=cons, n_segments=4,
+                       door_bits=12)  # the door on (off by default): its size is a bound too
     e = Engine(cfg)
     rng = random.Random(9)
     n_users, n_items = 3000, 2500

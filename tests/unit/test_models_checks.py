@@ -416,6 +416,56 @@ def test_pair_weights_follow_the_documented_formula_one_at_a_time_and_in_batches
     assert code(3, 4) >> 32 == 3
 
 
+def test_pair_weights_rating_agreement_and_shared_features_follow_the_formula():
+    """On top of the above: both weights times exp(-agreement * |r_p - r|) when both events have a rating
+    (0: none), and w_sym times 1 + feature_boost * |F_p & F| / |F_p | F| (categories/tags as bits)."""
+    pw = PairWeights(window=3, dir_window=2, dir_decay=0.6, sym_decay=0.9, gap_tau_s=30.0, gap_floor=0.25,
+                     agreement=0.4, feature_boost=1.5)
+    plain = PairWeights(window=3, dir_window=2, dir_decay=0.6, sym_decay=0.9, gap_tau_s=30.0, gap_floor=0.25)
+    rng = np.random.default_rng(1)
+    e, w = 40, 3
+    prev = rng.integers(-1, 8, (e, w))
+    prev_ts, prev_w = rng.uniform(0, 100, (e, w)), rng.uniform(0.1, 3, (e, w))
+    cur, ts, cw, sc = rng.integers(0, 8, e), rng.uniform(100, 200, e), rng.uniform(0.1, 3, e), np.ones(e)
+    rating, prev_rating = rng.integers(0, 6, e).astype(float), rng.integers(0, 6, (e, w)).astype(float)
+    mask, prev_mask = rng.integers(0, 16, e).astype(np.uint64), rng.integers(0, 16, (e, w)).astype(np.uint64)
+    codes, deltas, ev = pw.many(cur, ts, cw, sc, prev, prev_ts, prev_w, rating, prev_rating, mask, prev_mask)
+    codes0, base, ev0 = plain.many(cur, ts, cw, sc, prev, prev_ts, prev_w)
+    assert codes.tolist() == codes0.tolist() and ev.tolist() == ev0.tolist()
+    want = base.copy()
+    pairs = [(j, k) for j in range(e) for k in range(w) if prev[j, k] >= 0 and prev[j, k] != cur[j]]  # pair order
+    for t, (j, k) in enumerate(pairs):
+        r, rp = rating[j], prev_rating[j, k]
+        agree = np.exp(-0.4 * abs(r - rp)) if r > 0 and rp > 0 else 1.0
+        a, b = int(mask[j]), int(prev_mask[j, k])
+        share = bin(a & b).count("1") / bin(a | b).count("1") if a | b else 0.0
+        for row in (2 * t, 2 * t + 1):
+            want[row, 0] *= agree
+            want[row, 1] *= agree * (1.0 + 1.5 * share)
+    np.testing.assert_allclose(deltas, want, rtol=1e-12)
+    assert not np.allclose(deltas, base)  # the draw exercises both factors
+
+
+def test_a_snapshot_from_before_ratings_and_feature_masks_loads_and_learns_on():
+    """Pickles written before the history kept ratings and the catalog feature bits: those are rebuilt
+    (masks) or empty (ratings), and the pickled pair weights keep both new factors off."""
+    e = Engine()
+    e.upsert_item({"item_id": "i0", "category": "A", "tags": ["x"]})
+    e.upsert_item({"item_id": "i1", "category": "A"})
+    xs = random_stream(300, n_users=10, n_items=12, seed=5)
+    e.learn_many(xs[:200])
+    masks = e._catalog.feat_mask.copy()
+    for obj, name in ((e._profiles, "hist_rating"), (e._catalog, "feat_mask"), (e._pairs, "agreement"),
+                      (e._pairs, "feature_boost")):
+        delattr(obj, name)
+    old = pickle.loads(pickle.dumps(e))
+    assert not old._profiles.hist_rating.any() and old._profiles.hist_rating.shape == old._profiles.hist_type.shape
+    assert np.array_equal(old._catalog.feat_mask, masks) and masks[old._catalog.find("i0")] != 0
+    assert old._pairs.agreement == 0.0 and old._pairs.feature_boost == 0.0
+    old.learn_many(xs[200:])
+    assert len(old.recommend("u1", 5)) == 5
+
+
 # ---------------------------------------------------------------------------- docstrings and imports
 MODELS_DIR = pathlib.Path(__file__).resolve().parents[2] / "models"
 MODEL_FILES = sorted(p.name for p in MODELS_DIR.glob("*.py"))
