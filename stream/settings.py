@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import parse_qsl, unquote, urlencode, urlparse
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -97,6 +96,9 @@ class Settings(BaseSettings):
     neighbour_cache_items: int = 10_000  # neighbour rows a user stage holds, ~21 kB each at 400 neighbours (LRU)
     neighbour_max_age_s: float = 2.0  # a cached neighbour row older than this is read again from Redis
     trending_n: int = 100
+    #: models.EngineConfig fields over its defaults (JSON), the same for every worker of a group, e.g.
+    #: {"door_bits": 22}: the admission door for catalogs with many one-off pairs (README "Configuration")
+    engine: dict[str, Any] = Field(default_factory=dict)
 
     snapshot_interval_s: float = 10.0  # state snapshot + offset commit cadence; 0: commit every batch, no snapshots
 
@@ -223,12 +225,25 @@ class Settings(BaseSettings):
     def _overrides_normalised(cls, v: dict) -> dict:
         return _checked_overrides(v)  # integer settings (query_len, ...) back to int after the float coercion
 
+    def engine_config(self):
+        """The workers' :class:`models.EngineConfig`: its defaults, ``half_life_days``, ``top_n``, ``engine``."""
+        from models.engine import EngineConfig
+
+        return EngineConfig(**{"half_life_days": self.half_life_days, "top_n": self.top_n, **self.engine})
+
+    @model_validator(mode="after")
+    def _engine_is_valid(self) -> Settings:
+        try:
+            self.engine_config()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"INFOGAP_ENGINE: {e}") from None
+        return self
+
     @model_validator(mode="after")
     def _overrides_match_experiment(self) -> Settings:
         if not self.experiment_overrides:
             return self
-        from models.engine import EngineConfig  # the checks that need a whole config (query_len <= history_len)
-        base = EngineConfig(half_life_days=self.half_life_days, top_n=self.top_n)
+        base = self.engine_config()  # the checks that need a whole config (query_len <= history_len)
         for variant, overrides in self.experiment_overrides.items():
             try:
                 replace(base, **overrides)

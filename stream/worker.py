@@ -34,7 +34,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutErr
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaConnectionError, KafkaError, KafkaTimeoutError
 
-from models import Engine, EngineConfig
+from models import Engine
 from models.dedupe import Deduplicator
 from models.events import Event, Limits
 from models.experiments import FEEDBACK_TYPES
@@ -79,10 +79,6 @@ def _retriable(exc: BaseException) -> bool:
     return isinstance(exc, KafkaError) and getattr(exc, "retriable", True)
 
 
-def engine_config(settings: Settings) -> EngineConfig:
-    return EngineConfig(half_life_days=settings.half_life_days, top_n=settings.top_n)
-
-
 class Worker:
     """Consumes ``events`` (plus ``items`` and ``users``) and serves the results.
 
@@ -94,7 +90,7 @@ class Worker:
                  clock: Callable[[], float] = time.time):
         self.settings = settings
         self.topics = settings.topics
-        self.engine = engine or Engine(engine_config(settings), cooc="remote", population="remote")
+        self.engine = engine or Engine(settings.engine_config(), cooc="remote", population="remote")
         if self.engine.cooc_mode != "remote":
             raise ValueError("the worker's engine must be built with cooc='remote' (the item stage learns the rows)")
         self.pseudonymize = Pseudonymizer.from_settings(settings)

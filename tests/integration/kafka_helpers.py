@@ -92,10 +92,9 @@ async def model_from_snapshots(settings, item_ids: list[str]):
     from stream.redis_keys import RedisKeys
     from stream.redis_store import RedisStore
     from stream.snapshots import SnapshotStore
-    from stream.worker import engine_config
-
+    
     snaps = await SnapshotStore(settings, settings.topics.state_users).load(list(range(6)))
-    engine = Engine(engine_config(settings), cooc="remote", population="remote")
+    engine = Engine(settings.engine_config(), cooc="remote", population="remote")
     for snap in snaps.values():
         import_users(engine, snap.state["users"])
     r = connections.redis_async(settings)

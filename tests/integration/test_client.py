@@ -9,7 +9,6 @@ import pytest
 from models import Engine
 from stream import connections
 from stream.client import InfogapClient
-from stream.worker import engine_config
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import produce, running_worker
 
@@ -28,7 +27,7 @@ async def test_the_client_reads_what_the_worker_wrote(settings):
         await wait_for(lambda: worker.stats.events_ok >= len(events), what="all events applied")
         expected_trending = worker.engine.trending(n=5)
         expected_segment = worker.engine.segment("u3")
-    pure = Engine(engine_config(s))  # the item stage's rows equal a pure engine's on the same events
+    pure = Engine(s.engine_config())  # the item stage's rows equal a pure engine's on the same events
     for it in CATALOG:
         pure.upsert_item(it)
     pure.learn_many(events)

@@ -12,7 +12,6 @@ from stream import connections
 from stream.bench import WorkerProcess
 from stream.redis_keys import RedisKeys
 from stream.synthetic import SyntheticStream
-from stream.worker import engine_config
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import model_from_snapshots, produce
 
@@ -68,7 +67,7 @@ def assert_same_rows(got: dict, want: dict) -> None:
 
 
 def pure_engine(s) -> Engine:
-    engine = Engine(engine_config(s))
+    engine = Engine(s.engine_config())
     engine.learn_many(EVENTS)
     return engine
 
@@ -77,7 +76,7 @@ def pure_stream_engine(s, chunk: int = 300) -> Engine:
     """The pure models arranged as the stream arranges them: co-occurrence learned in the engine (as
     the shards learn it), segment centers, trending and momentum by one PopulationLearner, loaded back
     every ``chunk`` events with the top ``trending_n`` lists that Redis holds."""
-    cfg = engine_config(s)
+    cfg = s.engine_config()
     engine, learner = Engine(cfg, population="remote"), PopulationLearner(cfg)
     for start in range(0, len(EVENTS), chunk):
         engine.learn_many(EVENTS[start:start + chunk])

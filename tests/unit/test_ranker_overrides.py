@@ -228,3 +228,16 @@ def test_settings_overrides_must_name_the_experiment_variants(monkeypatch):
     monkeypatch.setenv("INFOGAP_EXPERIMENT_OVERRIDES", '{"b": {"w_segment": 0.5}}')
     with pytest.raises(ValidationError, match=r"names variants \['b'\] that INFOGAP_EXPERIMENT does not have"):
         Settings()
+
+
+def test_settings_engine_sets_the_workers_engine_config(monkeypatch):
+    monkeypatch.setenv("INFOGAP_ENGINE", '{"door_bits": 22, "n_neighbours": 200}')
+    monkeypatch.setenv("INFOGAP_TOP_N", "7")
+    cfg = Settings().engine_config()
+    assert (cfg.door_bits, cfg.n_neighbours, cfg.top_n) == (22, 200, 7)
+    monkeypatch.setenv("INFOGAP_ENGINE", '{"door_bitz": 22}')
+    with pytest.raises(ValidationError, match=r"INFOGAP_ENGINE: .*unexpected keyword argument 'door_bitz'"):
+        Settings()
+    monkeypatch.setenv("INFOGAP_ENGINE", '{"window": 0}')
+    with pytest.raises(ValidationError, match=r"INFOGAP_ENGINE: window must be >= 1, got 0"):
+        Settings()
