@@ -156,6 +156,10 @@ def demo(
     asyncio.run(_demo(settings, limit, users))
 
 
+#: events/s of the demo's replay (20,000 ratings in 4 s)
+DEMO_RATE = 5_000
+
+
 async def _demo(settings, limit: int, n_users: int) -> None:
     from aiokafka import TopicPartition
 
@@ -179,7 +183,9 @@ async def _demo(settings, limit: int, n_users: int) -> None:
         for tp in parts:
             await push.position(tp)
         console.print("[bold]2.[/] worker running; replaying the MovieLens-100K sample")
-        sent = await publish_sample(settings, limit=limit)
+        # at a steady rate, as a clickstream comes: the item stage publishes neighbour rows and segments
+        # every publish_interval_s, and a user is ranked at each of their events
+        sent = await publish_sample(settings, limit=limit, rate=DEMO_RATE)
         deadline = time.monotonic() + 120
         while w.stats.events_in < sent and time.monotonic() < deadline and not task.done():
             await asyncio.sleep(0.2)
@@ -187,8 +193,8 @@ async def _demo(settings, limit: int, n_users: int) -> None:
         console.print(f"[bold]3.[/] worker processed {st.events_in} events in {st.batches} batches "
                       f"({st.dead_letters} to DLQ, {st.duplicates} duplicates), {st.pushes} pushes")
         client = InfogapClient(connections.redis_sync(settings), settings.redis_prefix)
-        counts: dict[str, int] = {}
-        for e in load_movielens().events[:limit]:
+        counts: dict[str, int] = {}  # the users most active in the last quarter: ranked with a warm model
+        for e in load_movielens().events[limit - limit // 4:limit]:
             counts[e["user_id"]] = counts.get(e["user_id"], 0) + 1
         shown = 0
         for user_id in sorted(counts, key=lambda u: (-counts[u], u)):
@@ -199,11 +205,11 @@ async def _demo(settings, limit: int, n_users: int) -> None:
             if shown >= n_users:
                 break
         console.print(f"    (any user: infogap recs USER, or redis-cli GET {settings.redis_prefix}recs:USER)")
-        batch = await push.getmany(timeout_ms=10_000, max_records=1)
+        batch = await push.getmany(timeout_ms=10_000, max_records=10_000)
         msgs = [m for recs in batch.values() for m in recs]
         if msgs:
-            console.print(f"[bold]4.[/] a message on the `{settings.topics.push}` topic:")
-            console.print_json(msgs[0].value.decode())
+            console.print(f"[bold]4.[/] the newest of {len(msgs)} messages on the `{settings.topics.push}` topic:")
+            console.print_json(max(msgs, key=lambda m: m.timestamp).value.decode())
         else:
             console.print(f"[bold]4.[/] no push message arrived on `{settings.topics.push}` within 10 s")
     finally:

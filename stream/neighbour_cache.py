@@ -42,6 +42,11 @@ def decode_row(raw: bytes) -> dict:
     return row
 
 
+#: An item with no row in Redis yet is asked again after this long (its row may be published any moment:
+#: remembered as absent for the whole max age, a cold start ranked its users without neighbours for it).
+ABSENT_RETRY_S = 0.25
+
+
 class NeighbourCache:
     """At most ``capacity`` neighbour rows held in an engine, refreshed after ``max_age_s`` seconds."""
 
@@ -73,8 +78,9 @@ class NeighbourCache:
             return 0
         raws = await self.client.mget([self.keys.neighbour_row(i) for i in want])
         engine.load_rows(decode_row(raw) for raw in raws if raw is not None)
-        for item in want:  # an item without a row yet is remembered too, so it is not asked again at once
-            loaded[item] = now
+        absent_at = now - self.max_age_s + min(self.max_age_s, ABSENT_RETRY_S)
+        for item, raw in zip(want, raws):  # an item without a row yet is asked again soon, not at once
+            loaded[item] = now if raw is not None else absent_at
             loaded.move_to_end(item)
         self.reads += len(want)
         if len(loaded) > self.capacity:
