@@ -177,11 +177,9 @@ async def _demo(settings, limit: int, n_users: int) -> None:
     try:
         await asyncio.wait_for(w.ready.wait(), 60)
         parts = [TopicPartition(settings.topics.push, p)
-                 for p in sorted(push.partitions_for_topic(settings.topics.push) or {0})]
+                 for p in sorted(await connections.wait_partitions(push, settings.topics.push))]
         push.assign(parts)
-        await push.seek_to_end(*parts)
-        for tp in parts:
-            await push.position(tp)
+        start = await push.end_offsets(parts)  # what the demo's worker pushes comes after these
         console.print("[bold]2.[/] worker running; replaying the MovieLens-100K sample")
         # at a steady rate, as a clickstream comes: the item stage publishes neighbour rows and segments
         # every publish_interval_s, and a user is ranked at each of their events
@@ -205,8 +203,14 @@ async def _demo(settings, limit: int, n_users: int) -> None:
             if shown >= n_users:
                 break
         console.print(f"    (any user: infogap recs USER, or redis-cli GET {settings.redis_prefix}recs:USER)")
-        batch = await push.getmany(timeout_ms=10_000, max_records=10_000)
-        msgs = [m for recs in batch.values() for m in recs]
+        for tp in parts:
+            push.seek(tp, start[tp])
+        end = await push.end_offsets(parts)
+        msgs = []  # all of them: the newest was decided with the warmest model
+        read_until = time.monotonic() + 10
+        while any([await push.position(tp) < end[tp] for tp in parts]) and time.monotonic() < read_until:
+            batch = await push.getmany(timeout_ms=1000, max_records=10_000)
+            msgs += [m for recs in batch.values() for m in recs]
         if msgs:
             console.print(f"[bold]4.[/] the newest of {len(msgs)} messages on the `{settings.topics.push}` topic:")
             console.print_json(max(msgs, key=lambda m: m.timestamp).value.decode())

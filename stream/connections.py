@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from urllib.parse import urlparse
 
 import redis
@@ -258,3 +259,17 @@ def child_env(settings: Settings) -> dict[str, str]:
             continue
         out[f"INFOGAP_{name.upper()}"] = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
     return out
+
+
+async def wait_partitions(consumer: AIOKafkaConsumer, topic: str, deadline_s: float = 30.0) -> set[int]:
+    """The partitions of ``topic`` as soon as ``consumer`` has its metadata (a started consumer that
+    subscribed to nothing knows no topic until it asks)."""
+    end = time.monotonic() + deadline_s
+    while True:
+        partitions = consumer.partitions_for_topic(topic)
+        if partitions:
+            return partitions
+        if time.monotonic() > end:
+            raise RuntimeError(f"topic {topic!r} does not exist; run `infogap up` to create the topics")
+        await consumer._client.force_metadata_update()
+        await asyncio.sleep(0.2)

@@ -422,23 +422,11 @@ class Worker:
     async def _assign_side(self) -> None:
         parts = []
         for topic in (self.topics.items, self.topics.users):
-            partitions = await self._wait_partitions(self._side, topic)
+            partitions = await connections.wait_partitions(self._side, topic)
             parts += [TopicPartition(topic, p) for p in sorted(partitions)]
         self._side.assign(parts)
         await self._side.seek_to_beginning(*parts)
         self._side_parts = parts
-
-    @staticmethod
-    async def _wait_partitions(consumer: AIOKafkaConsumer, topic: str, deadline_s: float = 30.0) -> set[int]:
-        end = time.monotonic() + deadline_s
-        while True:
-            partitions = consumer.partitions_for_topic(topic)
-            if partitions:
-                return partitions
-            if time.monotonic() > end:
-                raise RuntimeError(f"topic {topic!r} does not exist; run `infogap up` to create the topics")
-            await consumer._client.force_metadata_update()
-            await asyncio.sleep(0.2)
 
     async def _sync_side(self) -> None:
         """Apply ``items`` and ``users`` records up to their current end offsets."""
