@@ -205,6 +205,11 @@ async def freshness(settings: Settings, rate: float, seconds: float, stream: Syn
             "worker_memory": mem}
 
 
+def _row_bytes(engine) -> int:
+    co = engine._cooc
+    return co.nb.nbytes + co.vals.nbytes + co.sq.nbytes + co._index.keys.nbytes + co._index.vals.nbytes
+
+
 def model_memory(users: int = 100_000, items: int = 10_000, events_per_user: int = 5) -> dict:
     """Traced memory of an in-process Engine: per 10k items (catalog + co-occurrence) and per 100k users."""
     from models import Engine, EngineConfig
@@ -219,16 +224,16 @@ def model_memory(users: int = 100_000, items: int = 10_000, events_per_user: int
                         "ts": 1.7e9 + i} for i in range(items)])
     engine.forget_user("warmup")
     after_items = tracemalloc.get_traced_memory()[0]
+    rows_before = _row_bytes(engine)
     t0 = 1.7e9 + items
     evs = [dict(e, user_id=f"u{k % users}") for k, e in
            enumerate(stream.events(users * events_per_user, start_ts=t0, per_second=1000.0, prefix="m"))]
     engine.learn_many(evs)
     after_users = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
-    # an item's co-occurrence row takes its slots when it gets neighbours, i.e. while users' events are
-    # learned: count the slot arrays and their hash index
-    co = engine._cooc
-    rows = co.nb.nbytes + co.vals.nbytes + co.sq.nbytes + co._index.keys.nbytes + co._index.vals.nbytes
+    # an item's co-occurrence row takes its slots when it gets neighbours, mostly while users' events are
+    # learned: what the slot arrays and their index grew by then belongs to the items
+    rows = _row_bytes(engine) - rows_before
     return {"items": items, "users": users, "events": len(evs),
             "mb_per_10k_items": round((after_items - base + rows) / 2**20 * 10_000 / items, 1),
             "mb_per_100k_users": round((after_users - after_items - rows) / 2**20 * 100_000 / users, 1)}
