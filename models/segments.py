@@ -36,6 +36,32 @@ from river import cluster
 _FAR = 1.0e3
 
 
+class _KMeans(cluster.KMeans):
+    """River's KMeans, nearest center found over the segmenter's fixed keys in their order.
+
+    River's ``predict_one`` builds the union of a center's and the point's keys for every center and
+    sums ``abs(d) ** p``; here every center and point has the same keys, so the same squared distance
+    is summed over them directly, in one order in every process (a set of str keys is ordered by the
+    process's hash seed). It was a quarter of ``learn_many``. Learning is River's own.
+    """
+
+    keys: tuple[str, ...] = ()
+
+    def predict_one(self, x):
+        keys = self.keys
+        if self.p != 2 or not keys:
+            return super().predict_one(x)
+        best, best_d = None, math.inf
+        for c, center in self.centers.items():  # the first of equally near centers, as River's min()
+            d = 0.0
+            for k in keys:
+                diff = center[k] - x[k]
+                d += diff * diff
+            if d < best_d:
+                best, best_d = c, d
+        return best
+
+
 class Segmenter:
     """Stable online segments over users' category mix and RFM, with River's KMeans.
 
@@ -79,7 +105,8 @@ class Segmenter:
         self.seed = seed
         self.keys = tuple(f"c{j}" for j in range(n_category_slots)) + ("other", "frequency", "monetary", "active")
         self._slot_of: dict[int, str] = {}
-        self._km = cluster.KMeans(n_clusters=n_segments, halflife=step, mu=_FAR, sigma=0.0, p=2, seed=seed)
+        self._km = _KMeans(n_clusters=n_segments, halflife=step, mu=_FAR, sigma=0.0, p=2, seed=seed)
+        self._km.keys = self.keys
         for c in range(n_segments):  # materialise every key now: reads never create center entries later
             center = self._km.centers[c]
             for k in self.keys:
