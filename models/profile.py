@@ -161,11 +161,8 @@ class Profiles:
         self._cons_set[r] = set()
         self._cons_arr[r] = None
         self._cons_n[r] = 0
-        self.hist_item[r] = -1
-        self.hist_ts[r] = 0.0
-        self.hist_w[r] = 0.0
-        self.hist_type[r] = 0
-        self.hist_rating[r] = 0.0
+        for name, fill in _HIST_FIELDS:
+            getattr(self, name)[r] = fill
         self._free.append(r)
         return r
 

@@ -36,6 +36,15 @@ from river import cluster
 _FAR = 1.0e3
 
 
+def _sq_dist(center, x, keys) -> float:
+    """Squared Euclidean distance over ``keys`` (present in both), summed in their order."""
+    d = 0.0
+    for k in keys:
+        diff = center[k] - x[k]
+        d += diff * diff
+    return d
+
+
 class _KMeans(cluster.KMeans):
     """River's KMeans, nearest center found over the segmenter's fixed keys in their order.
 
@@ -53,10 +62,7 @@ class _KMeans(cluster.KMeans):
             return super().predict_one(x)
         best, best_d = None, math.inf
         for c, center in self.centers.items():  # the first of equally near centers, as River's min()
-            d = 0.0
-            for k in keys:
-                diff = center[k] - x[k]
-                d += diff * diff
+            d = _sq_dist(center, x, keys)
             if d < best_d:
                 best, best_d = c, d
         return best
@@ -140,8 +146,7 @@ class Segmenter:
 
     # ------------------------------------------------------------------ learning
     def _dist(self, c: int, x: dict[str, float]) -> float:
-        center = self._km.centers[c]
-        return sum((center[k] - x[k]) ** 2 for k in self.keys)
+        return _sq_dist(self._km.centers[c], x, self.keys)
 
     def assign(self, x: dict[str, float], current: int) -> int:
         """Learn from one user's features and return its (possibly unchanged) segment."""

@@ -361,7 +361,7 @@ class Worker:
         async with self._batch_lock:
             new = [tp for tp in assigned if tp.partition not in self.parts]
             self._owned.update(tp.partition for tp in assigned)
-            self._turns.assign([tp.partition for tp in assigned if tp.topic == self.topics.events], time.monotonic())
+            self._turns.assign([tp.partition for tp in assigned], time.monotonic())
             self.stats.partitions = len(self._owned)
             if self._snapshots is None or not new:
                 return
