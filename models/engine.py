@@ -666,10 +666,12 @@ class Engine:
         return self._profiles.find(user_id) is not None
 
     # ------------------------------------------------------------------ reading (never mutates)
-    def _decay(self, lam: float) -> float:
+    def _decay(self, lam: float, resolution_s: float = 0.0) -> float:
+        """The stored values' decay factor now (``now`` rounded down to ``resolution_s`` when given)."""
         if self._t0 is None or not math.isfinite(self._now):
             return 1.0
-        return math.exp(-lam * (self._now - self._t0))
+        now = self._now - self._now % resolution_s if resolution_s > 0 else self._now
+        return math.exp(-lam * (now - self._t0))
 
     def recommend(self, user_id: str, n: int | None = None, *, exclude: Iterable[str] | None = None,
                   explain: bool = True, overrides: Mapping[str, float] | None = None) -> list[Recommendation]:

@@ -128,7 +128,7 @@ PARTS = ("cooc", "segment", "global", "content")
 
 
 @njit(cache=True, nogil=True)
-def _why(sel, cand, votes, w_cooc, seg_row, w_seg, glob, w_glob, extra, vpos, anchor, items, types, m, vals,
+def _why(sel, cand, votes, w_cooc, seg_row, w_seg, glob, w_glob, extra, anchor, items, types, m, vals,
          block):  # pragma: no cover - compiled; tested through the ranker's reasons
     n = sel.size
     dom = np.full(n, -1, np.int64)
@@ -153,9 +153,9 @@ def _why(sel, cand, votes, w_cooc, seg_row, w_seg, glob, w_glob, extra, vpos, an
         if not best > 0:
             continue
         dom[i] = which
-        if which != 0 or vpos[i] < 0 or anchor[vpos[i]] < 0:
+        if which != 0 or anchor[i] < 0:
             continue
-        at = anchor[vpos[i]]
+        at = anchor[i]
         a = items[at // m]
         slot = block[a] * m + at % m
         a_row[i] = a
@@ -169,15 +169,15 @@ def _why(sel, cand, votes, w_cooc, seg_row, w_seg, glob, w_glob, extra, vpos, an
 
 
 def why(sel: np.ndarray, cand: np.ndarray, votes: np.ndarray, w_cooc: float, seg_row: np.ndarray, w_seg: float,
-        glob: np.ndarray, w_glob: float, extra: np.ndarray, *, vpos: np.ndarray, anchor: np.ndarray,
-        items: np.ndarray, types: np.ndarray, cooc) -> tuple[list[int], dict[int, tuple[int, int, float, int]]]:
+        glob: np.ndarray, w_glob: float, extra: np.ndarray, *, anchor: np.ndarray, items: np.ndarray,
+        types: np.ndarray, cooc) -> tuple[list[int], dict[int, tuple[int, int, float, int]]]:
     """For the picked candidates ``cand[sel]`` (components as :func:`choose` takes them): the index in
     :data:`PARTS` of the component that contributed most to each (the first of equals; -1 when none
-    did), and for those the votes made, the recent history item that voted most (``vpos``: each
-    pick's position in the votes, ``anchor`` the votes' anchors, ``items``/``types``: the history
-    newest first) as ``{row: (history item, pair count, lift, its newest event type code)}``."""
+    did), and for those the votes made, the recent history item that voted most (``anchor``: each
+    pick's from :meth:`models.votes.Votes.anchors`, ``items``/``types``: the history newest first) as
+    ``{row: (history item, pair count, lift, its newest event type code)}``."""
     dom, a_row, count, n_pair, a_type = _why(sel, cand, votes, float(w_cooc), seg_row, float(w_seg), glob,
-                                             float(w_glob), extra, vpos, anchor, items, types, cooc.n_neighbours,
+                                             float(w_glob), extra, anchor, items, types, cooc.n_neighbours,
                                              cooc.vals, cooc.block)
     rows = cand[sel]
     has = a_row >= 0

@@ -3,9 +3,12 @@
 A user's recent items vote for their stored co-occurrence neighbours (see :mod:`models.ranker` for
 the weights). With numpy this was a gather of ``k x M`` slots, a ``bincount`` into a dense array
 over the whole catalog and a handful of catalog-sized passes: ~40 numpy calls per request, most of
-their time spent on call overhead and on items nobody voted for. The compiled loop touches only the
-voted items, applies the popularity and momentum scaling and the filters to those, and remembers
-for each item the recent item that voted most for it (the anchor its reason cites), in one pass.
+their time spent on call overhead and on items nobody voted for. The compiled loop adds each slot's
+vote into a dense accumulator and marks the item; the voted items are then collected (by a scan of
+the marks when the catalog is small next to the ``k x M`` slots, else by noting each first touch as
+it happens: the test on every slot cost more than the adds), scaled by popularity and momentum, and
+filtered. Which recent item voted most for an item (the anchor its reason cites) is asked only for
+the items picked, by a second pass over the newest rows.
 
 The arithmetic is the numpy version's, operation for operation, so the votes are bit-identical to it.
 """
@@ -16,13 +19,10 @@ from numba import njit
 
 from models.scratch import scratch
 
-_UNTOUCHED = -2
 
-
-def _dense(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Accumulators over the catalog (votes, best anchor vote, best anchor slot), at rest 0, -1 and
-    ``_UNTOUCHED``; the kernel leaves them so again."""
-    return np.zeros(size), np.full(size, -1.0), np.full(size, _UNTOUCHED, np.int64)
+def _dense(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Accumulators over the catalog (votes, touched marks), at rest 0; the kernel leaves them so."""
+    return np.zeros(size), np.zeros(size, np.int8)
 
 
 class _MomentumMemo:
@@ -47,49 +47,57 @@ class _MomentumMemo:
 
 
 @njit(cache=True, nogil=True)
-def _votes(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, n_anchor, ipop, mom_count, mom_decay, pop, pop_decay,
-           momentum, available, consumed, acc, best_c, best_p, m_factor, m_count, m_pop, m_gen,
+def _add_row(nbr, sq_sym, sq_dir, base, ws, wd, directed, acc, mark, rows, n, scan):  # pragma: no cover - compiled
+    """Add one neighbour row's votes; note first touches in ``rows`` unless the marks are scanned later."""
+    for s in range(nbr.size):
+        j = nbr[s]
+        if j < 0:
+            continue
+        c = sq_sym[base + s] * ws
+        if directed:
+            c += sq_dir[base + s] * wd
+        acc[j] += c
+        if scan:
+            mark[j] = 1
+        elif mark[j] == 0:
+            mark[j] = 1
+            rows[n] = j
+            n += 1
+    return n
+
+
+@njit(cache=True, nogil=True)
+def _votes(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, ipop, mom_count, mom_decay, pop, pop_decay,
+           momentum, available, consumed, acc, mark, m_factor, m_count, m_pop, m_gen,
            gen):  # pragma: no cover - compiled; tested through vote()
     k, m = blocks.size, nb.shape[1]
     kd = a_dir.size
-    rows = np.empty(k * m, np.int64)
+    size = ipop.size
+    scan = size <= 2 * k * m
+    rows = np.empty(size if scan else k * m, np.int64)
     n = 0
     for h in range(k):
         b = blocks[h]
         if b == 0:  # block 0: the item has no neighbours
             continue
-        base = b * m
-        ws = a_sym[h]
-        wd = a_dir[h] if h < kd else 0.0
-        anchored = h < n_anchor
-        for s in range(m):
-            j = nb[b, s]
-            if j < 0:
-                continue
-            c = sq_sym[base + s] * ws
-            if h < kd:
-                c += sq_dir[base + s] * wd
-            if best_p[j] == _UNTOUCHED:
-                best_p[j] = -1
-                rows[n] = j
-                n += 1
-            acc[j] += c
-            if anchored and c > best_c[j]:
-                best_c[j] = c
-                best_p[j] = h * m + s
+        if h < kd:
+            n = _add_row(nb[b], sq_sym, sq_dir, b * m, a_sym[h], a_dir[h], True, acc, mark, rows, n, scan)
+        else:
+            n = _add_row(nb[b], sq_sym, sq_dir, b * m, a_sym[h], 0.0, False, acc, mark, rows, n, scan)
+    if scan:  # the voted items, by row
+        for j in range(size):
+            rows[n] = j
+            n += mark[j]
     for i in range(consumed.size):
         j = consumed[i]
-        if best_p[j] != _UNTOUCHED:
+        if mark[j]:
             acc[j] = -1.0  # zeroed below, after the scaling
     votes = np.empty(n)
-    anchor = np.empty(n, np.int64)
     for t in range(n):
         j = rows[t]
         v = acc[j]
-        anchor[t] = best_p[j]
         acc[j] = 0.0
-        best_c[j] = -1.0
-        best_p[j] = _UNTOUCHED
+        mark[j] = 0
         if v < 0.0 or not available[j]:
             votes[t] = 0.0
             continue
@@ -107,80 +115,125 @@ def _votes(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, n_anchor, ipop, mom_count, 
                 m_gen[j] = gen
             v *= f
         votes[t] = v
-    return rows[:n], votes, anchor
+    return rows[:n], votes
 
 
 @njit(cache=True, nogil=True)
-def _weaker(rows, votes, a, b):  # pragma: no cover - compiled
-    """Whether position ``a`` ranks below ``b``: a smaller vote, or an equal vote and a higher row."""
-    return votes[a] < votes[b] or (votes[a] == votes[b] and rows[a] > rows[b])
+def _anchors(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, n_anchor, picks, pos):  # pragma: no cover - compiled
+    """For each of ``picks``: ``h * M + slot`` of the largest vote it got from the ``n_anchor`` newest
+    items (the first of equals, in the order the votes were added), -1 when none voted for it."""
+    m = nb.shape[1]
+    kd = a_dir.size
+    best = np.full(picks.size, -1.0)
+    out = np.full(picks.size, -1, np.int64)
+    for i in range(picks.size):
+        pos[picks[i]] = i + 1
+    for h in range(min(n_anchor, blocks.size)):
+        b = blocks[h]
+        if b == 0:
+            continue
+        base = b * m
+        for s in range(m):
+            j = nb[b, s]
+            if j < 0 or pos[j] == 0:
+                continue
+            c = sq_sym[base + s] * a_sym[h]
+            if h < kd:
+                c += sq_dir[base + s] * a_dir[h]
+            p = pos[j] - 1
+            if c > best[p]:
+                best[p] = c
+                out[p] = h * m + s
+    for i in range(picks.size):
+        pos[picks[i]] = 0
+    return out
+
+
+#: Buckets of the top-k selection's value histogram.
+_BUCKETS = 512
 
 
 @njit(cache=True, nogil=True)
 def _top(rows, votes, k):  # pragma: no cover - compiled; tested through Votes.top
-    """Positions of the k largest positive votes (ties: lower rows), by row: one pass with a min-heap
-    whose root is the weakest kept (smallest vote, then highest row)."""
-    heap = np.empty(max(k, 1), np.int64)
-    size = 0
-    for t in range(votes.size):
-        if votes[t] <= 0.0:
-            continue
-        if size < k:  # sift up
-            i = size
-            size += 1
-            while i > 0:
-                parent = (i - 1) // 2
-                p = heap[parent]
-                if _weaker(rows, votes, p, t):
-                    break
-                heap[i] = p
-                i = parent
-            heap[i] = t
-            continue
-        if k == 0:
-            break
-        if _weaker(rows, votes, t, heap[0]):
-            continue
-        i = 0  # replace the root, sift down
-        while True:
-            c = 2 * i + 1
-            if c >= size:
-                break
-            if c + 1 < size and _weaker(rows, votes, heap[c + 1], heap[c]):
-                c += 1
-            q = heap[c]
-            if _weaker(rows, votes, t, q):
-                break
-            heap[i] = q
-            i = c
-        heap[i] = t
-    out = heap[:size]
+    """Positions of the k largest positive votes (ties: lower rows), by row.
+
+    A histogram of the votes over ``_BUCKETS`` equal slices of ``(0, max]`` finds the slice the k-th
+    largest falls in; everything above it is in, and that slice's own items are ranked exactly (vote,
+    then row). A heap or a quickselect spent most of their time on mispredicted comparisons."""
+    n = votes.size
+    mx = 0.0
+    m = 0
+    for t in range(n):
+        v = votes[t]
+        mx = max(mx, v)
+        m += v > 0.0
+    if k <= 0 or m == 0:
+        return np.empty(0, np.int64)
+    out = np.empty(min(k, m), np.int64)
+    if m <= k:
+        o = 0
+        for t in range(n):
+            out[o] = t
+            o += votes[t] > 0.0
+        return out[np.argsort(rows[out], kind="mergesort")]
+    scale = (_BUCKETS - 1) / mx  # bucket 1 + int(v * scale) rises with v; bucket 0: v <= 0
+    hist = np.zeros(_BUCKETS + 1, np.int64)
+    for t in range(n):
+        v = votes[t]
+        hist[(v > 0.0) * (1 + int(max(v, 0.0) * scale))] += 1
+    above = 0
+    cut = _BUCKETS
+    while above + hist[cut] < k:
+        above += hist[cut]
+        cut -= 1
+    edge = np.empty(hist[cut], np.int64)
+    o = 0
+    for t in range(n):
+        v = votes[t]
+        edge[o] = t
+        o += v > 0.0 and 1 + int(v * scale) == cut
+    by_row = np.argsort(rows[edge], kind="mergesort")
+    ranked = edge[by_row[np.argsort(-votes[edge[by_row]], kind="mergesort")]]
+    last = ranked[k - above - 1]  # the weakest kept: keep what beats it or is it
+    v_cut, r_cut = votes[last], rows[last]
+    o = 0
+    for t in range(n):
+        v = votes[t]
+        if v > 0.0:
+            b = 1 + int(v * scale)
+            if b > cut or (b == cut and (v > v_cut or (v == v_cut and rows[t] <= r_cut))):
+                out[o] = t
+                o += 1
     return out[np.argsort(rows[out], kind="mergesort")]
 
 
 class Votes:
-    """The voted items of one request (in no particular order) with their scaled votes and anchors.
-
-    ``anchor[t]`` is ``h * M + slot`` of the strongest vote item ``rows[t]`` got from one of the
-    ``n_anchor`` most recent items (``h`` = 0 is the newest), or -1 when none of those voted for it.
+    """The voted items of one request (in no particular order) with their scaled votes.
 
     Examples
     --------
     >>> nb = np.array([[-1, -1], [2, 1], [2, -1]], np.int32)  # block 0 empty; item 0 -> block 1 ...
     >>> sq = np.array([0, 0, 4.0, 1.0, 2.0, 0])
-    >>> v = vote(nb, sq * 0, sq, np.array([1, 2], np.int32), np.array([1.0, 0.5]), np.zeros(0), 1,
+    >>> v = vote(nb, sq * 0, sq, np.array([1, 2], np.int32), np.array([1.0, 0.5]), np.zeros(0),
     ...          ipop=np.ones(3), available=np.ones(3, bool), consumed=np.zeros(0, np.int32))
-    >>> v.rows.tolist(), v.votes.tolist(), v.anchor.tolist()
-    ([2, 1], [5.0, 1.0], [0, 1])
-    >>> v.top(1).tolist(), v.of(np.array([0, 2])).tolist()
-    ([0], [0.0, 5.0])
+    >>> sorted(zip(v.rows.tolist(), v.votes.tolist()))
+    [(1, 1.0), (2, 5.0)]
+    >>> v.rows[v.top(1)].tolist(), v.of(np.array([0, 2])).tolist()
+    ([2], [0.0, 5.0])
+
+    ``anchors(items, n_anchor)``: for each item, ``h * M + slot`` of the strongest vote it got from one of
+    the ``n_anchor`` most recent items (``h`` = 0 is the newest), -1 when none of those voted for it:
+
+    >>> v.anchors(np.array([2, 1, 0]), 1).tolist()
+    [0, 1, -1]
     """
 
-    __slots__ = ("rows", "votes", "anchor", "_order")
+    __slots__ = ("rows", "votes", "_order", "_inputs")
 
-    def __init__(self, rows: np.ndarray, votes: np.ndarray, anchor: np.ndarray):
-        self.rows, self.votes, self.anchor = rows, votes, anchor
+    def __init__(self, rows: np.ndarray, votes: np.ndarray, inputs: tuple = ()):
+        self.rows, self.votes = rows, votes
         self._order = None
+        self._inputs = inputs  # (nb, sq_dir, sq_sym, blocks, a_sym, a_dir, n_items): what anchors() re-reads
 
     def top(self, k: int) -> np.ndarray:
         """Positions of the (at most) ``k`` items with the largest positive votes (equal votes at the
@@ -202,22 +255,32 @@ class Votes:
         pos = self.index(items)
         return np.where(pos >= 0, self.votes[pos], 0.0) if self.rows.size else np.zeros(len(items))
 
+    def anchors(self, items: np.ndarray, n_anchor: int) -> np.ndarray:
+        """Where each of ``items`` (distinct rows) got its strongest vote among the ``n_anchor`` newest
+        items (see the class example)."""
+        if not self._inputs or not len(items):
+            return np.full(len(items), -1, np.int64)
+        *inputs, size = self._inputs
+        pos = scratch("votes.pos", size, lambda n: np.zeros(n, np.int64))
+        return _anchors(*inputs, int(n_anchor), np.asarray(items, np.int64), pos)
+
 
 def vote(nb: np.ndarray, sq_dir: np.ndarray, sq_sym: np.ndarray, blocks: np.ndarray, a_sym: np.ndarray,
-         a_dir: np.ndarray, n_anchor: int, *, ipop: np.ndarray, available: np.ndarray, consumed: np.ndarray,
+         a_dir: np.ndarray, *, ipop: np.ndarray, available: np.ndarray, consumed: np.ndarray,
          mom_count: np.ndarray | None = None, mom_decay: float = 1.0, pop: np.ndarray | None = None,
          pop_decay: float = 1.0, momentum: float = 0.0) -> Votes:
     """Sum the votes of the recent items' neighbour blocks (``blocks[h]`` for the h-th newest item,
     weights ``a_sym[h]`` and, for the first ``a_dir.size`` items, ``a_dir[h]``) per neighbour, then
     scale each voted item j by ``ipop[j]`` and ``((mom_count[j] * mom_decay + 0.5) / (pop[j] *
-    pop_decay + 1)) ** momentum``; items in ``consumed`` and unavailable items get 0."""
+    pop_decay + 1)) ** momentum``; items in ``consumed`` and unavailable items get 0. Neighbours are
+    item rows below ``ipop.size``."""
     if momentum == 0.0 or mom_count is None or pop is None:
         mom_count = pop = ipop
         momentum = 0.0
     memo = scratch("votes.memo", ipop.size, _MomentumMemo)
     gen = memo.generation((float(mom_decay), float(pop_decay), float(momentum)))
-    rows, votes, anchor = _votes(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, n_anchor, ipop, mom_count,
-                                 float(mom_decay), pop, float(pop_decay), float(momentum), available, consumed,
-                                 *scratch("votes.dense", ipop.size, _dense), memo.factor, memo.count, memo.pop,
-                                 memo.gen, gen)
-    return Votes(rows, votes, anchor)
+    rows, votes = _votes(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, ipop, mom_count, float(mom_decay), pop,
+                         float(pop_decay), float(momentum), available, consumed, *scratch("votes.dense", ipop.size,
+                                                                                          _dense),
+                         memo.factor, memo.count, memo.pop, memo.gen, gen)
+    return Votes(rows, votes, (nb, sq_dir, sq_sym, blocks, a_sym, a_dir, ipop.size))

@@ -20,7 +20,7 @@ from models.votes import Votes
 def test_top_keeps_the_largest_positive_votes_lower_rows_first_on_ties(voted, k):
     rows = np.array([r for r, _ in voted], np.int64)
     votes = np.array([v for _, v in voted], np.float64)
-    got = Votes(rows, votes, np.full(rows.size, -1, np.int64)).top(k)
+    got = Votes(rows, votes).top(k)
     best = sorted((t for t in range(rows.size) if votes[t] > 0), key=lambda t: (-votes[t], rows[t]))[:k]
     assert got.tolist() == sorted(best, key=lambda t: rows[t])
 
@@ -110,9 +110,57 @@ def test_votes_momentum_follows_its_inputs_through_the_memo():
         if change is not None:
             mom[change] += 1.0
             pop[change] *= 1.5
-        v = vote(nb, sq * 0, sq, blocks, np.array([1.0, 0.5]), np.zeros(0), 1, ipop=ipop, available=avail,
+        v = vote(nb, sq * 0, sq, blocks, np.array([1.0, 0.5]), np.zeros(0), ipop=ipop, available=avail,
                  consumed=none, mom_count=mom, mom_decay=decay_m, pop=pop, pop_decay=decay_p, momentum=0.3)
         got = dict(zip(v.rows.tolist(), v.votes.tolist()))
         assert got.keys() == want(decay_m, decay_p).keys()
         for j, x in want(decay_m, decay_p).items():
             assert got[j] == pytest.approx(x, rel=1e-12), (decay_m, decay_p, change, j)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_votes_and_anchors_match_a_plain_loop_whether_marks_are_scanned_or_touches_noted(data):
+    """Small catalogs next to k x M slots scan the marks; large ones note first touches: same answer."""
+    from models.votes import vote
+
+    m = data.draw(st.integers(2, 5))
+    n_blocks = data.draw(st.integers(1, 6))
+    n_items = data.draw(st.sampled_from([4, 9, 200]))  # 200 > 2 k M: the noting path
+    nb = np.array(data.draw(st.lists(st.lists(st.integers(-1, min(n_items, 12) - 1), min_size=m, max_size=m),
+                                     min_size=n_blocks, max_size=n_blocks)), np.int32)
+    nb[0] = -1  # block 0: no neighbours
+    nb = np.array([list(dict.fromkeys(r)) + [-1] * (m - len(dict.fromkeys(r))) for r in nb.tolist()], np.int32)
+    sq_s = np.array(data.draw(st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0]), min_size=n_blocks * m,
+                                       max_size=n_blocks * m)))
+    sq_d = np.array(data.draw(st.lists(st.sampled_from([0.0, 1.0, 3.0]), min_size=n_blocks * m,
+                                       max_size=n_blocks * m)))
+    k = data.draw(st.integers(0, 5))
+    blocks = np.array(data.draw(st.lists(st.integers(0, n_blocks - 1), min_size=k, max_size=k)), np.int32)
+    a_sym = np.array(data.draw(st.lists(st.sampled_from([0.25, 1.0]), min_size=k, max_size=k)))
+    kd = data.draw(st.integers(0, k))
+    a_dir = a_sym[:kd] * 2
+    consumed = np.array(sorted(data.draw(st.sets(st.integers(0, min(n_items, 12) - 1)))), np.int32)
+    available = np.array([r % 5 != 4 for r in range(n_items)])
+    ipop = 1.0 + np.arange(n_items) / 10
+    n_anchor = data.draw(st.integers(0, 4))
+
+    raw, best = {}, {}
+    for h in range(k):
+        for s in range(m):
+            j = int(nb[blocks[h], s])
+            if blocks[h] == 0 or j < 0:
+                continue
+            c = sq_s[blocks[h] * m + s] * a_sym[h] + (sq_d[blocks[h] * m + s] * a_dir[h] if h < kd else 0.0)
+            raw[j] = raw.get(j, 0.0) + c
+            if h < n_anchor and c > best.get(j, (-1.0, -1))[0]:
+                best[j] = (c, h * m + s)
+    want = {j: 0.0 if j in set(consumed.tolist()) or not available[j] else v * ipop[j] for j, v in raw.items()}
+
+    v = vote(nb, sq_d, sq_s, blocks, a_sym, a_dir, ipop=ipop, available=available, consumed=consumed)
+    got = dict(zip(v.rows.tolist(), v.votes.tolist()))
+    assert got.keys() == want.keys()
+    for j, x in want.items():
+        assert got[j] == pytest.approx(x, rel=1e-12)
+    picks = np.array(sorted(set(sorted(want)[::2]) | {n_items - 1}), np.int64)  # distinct; the last: maybe unvoted
+    assert v.anchors(picks, n_anchor).tolist() == [best.get(j, (0, -1))[1] for j in picks.tolist()]
