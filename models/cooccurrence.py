@@ -95,7 +95,7 @@ class CoOccurrence:
 
     def __init__(self, n_neighbours: int = 100, half_life_days: float | None = 60.0,
                  evict_fraction: float = 0.25, pop_exponent: float = 0.2, door_bits: int = 22,
-                 evict_sym_weight: float = 0.5, capacity: int = 1024):
+                 evict_sym_weight: float = 0.5, capacity: int = 1024, indexed: bool = True):
         if n_neighbours < 2:
             raise ValueError(f"n_neighbours must be >= 2, got {n_neighbours}")
         if not 0.0 < evict_fraction < 1.0:
@@ -132,7 +132,10 @@ class CoOccurrence:
         self.pop_at = np.full(cap, -np.inf)
         self.totals_at = -math.inf
         self.n_items = 0
-        self._index = SlotTable()  # (row << 32 | neighbour) -> slot of every live pair
+        #: (row << 32 | neighbour) -> slot of every live pair; what learning needs to find a pair's slot.
+        #: None in a read-side copy (``indexed=False``), whose rows are only ever replaced whole
+        #: (:meth:`set_row`): keeping an index of them was a quarter of a stream worker's row loading.
+        self._index = SlotTable() if indexed else None
 
     def __setstate__(self, state: dict) -> None:
         """Unpickle, also a snapshot from before the compiled index (a ``_slot`` dict, ``_free`` lists)."""
@@ -199,7 +202,7 @@ class CoOccurrence:
     @property
     def n_slots(self) -> int:
         """Number of live (item, neighbour) slots."""
-        return len(self._index)
+        return len(self._index) if self._index is not None else int(np.count_nonzero(self.nb >= 0))
 
     # ------------------------------------------------------------------ learning
     def add_occurrences(self, rows: list[int], scaled: list[float]) -> None:
@@ -230,6 +233,8 @@ class CoOccurrence:
         u = len(codes)
         if u == 0:
             return
+        if self._index is None:
+            raise RuntimeError("a read-side copy (indexed=False) takes rows with set_row; it does not learn pairs")
         codes = np.asarray(codes, np.int64)
         deltas = np.ascontiguousarray(deltas, np.float64)
         index = self._index
@@ -252,7 +257,7 @@ class CoOccurrence:
         Pairs that hold a slot stay marked, so a pair evicted later is re-admitted at once, as
         it would have been without the reset.
         """
-        if self.door_bits:
+        if self.door_bits and self._index is not None:
             self._door[:] = False
             live = self._index.live_keys()
             self._door[((live.astype(np.uint64) * GOLDEN) >> np.uint64(64 - self.door_bits)).astype(np.int64)] = True
@@ -274,7 +279,8 @@ class CoOccurrence:
         self.vals[:, lo: lo + k] = values[:, :k]
         self.sq[:, lo: lo + k] = np.sqrt(values[:2, :k])
         self.fill[b] = k
-        self._index.insert_many((r << _SHIFT) | neighbours[:k].astype(np.int64), np.arange(lo, lo + k))
+        if self._index is not None:
+            self._index.insert_many((r << _SHIFT) | neighbours[:k].astype(np.int64), np.arange(lo, lo + k))
 
     def clear_row(self, r: int) -> None:
         """Empty row ``r`` and give its block back (its item's popularity stays)."""
@@ -283,7 +289,8 @@ class CoOccurrence:
             return
         f = self.fill[b]
         nb = self.nb[b, :f]
-        self._index.delete_many((r << _SHIFT) | nb[nb >= 0].astype(np.int64))
+        if self._index is not None:
+            self._index.delete_many((r << _SHIFT) | nb[nb >= 0].astype(np.int64))
         lo = b * self.n_neighbours
         self.nb[b, :f] = -1
         self.vals[:, lo: lo + f] = 0.0
@@ -346,7 +353,12 @@ class CoOccurrence:
 
     def pair(self, a: int, b: int, decay: float = 1.0) -> dict | None:
         """Association figures of "a with b" (``decay`` = exp(-lambda (now - t0))), or None."""
-        s = self._index.get((a << _SHIFT) | b)
+        if self._index is not None:
+            s = self._index.get((a << _SHIFT) | b)
+        else:  # a read-side copy: look along the row
+            blk = int(self.block[a])
+            at = np.flatnonzero(self.nb[blk, : self.fill[blk]] == b) if blk else ()
+            s = blk * self.n_neighbours + int(at[0]) if len(at) else -1
         if s < 0:
             return None
         return self.figures(a, b, s, decay)

@@ -263,7 +263,8 @@ class Engine:
                                   max_consumed=cfg.max_consumed)
         self._cooc = CoOccurrence(n_neighbours=cfg.n_neighbours, half_life_days=cfg.cooc_half_life_days,
                                   evict_fraction=cfg.evict_fraction, pop_exponent=cfg.pop_exponent,
-                                  door_bits=cfg.door_bits, evict_sym_weight=cfg.sym_weight)
+                                  door_bits=cfg.door_bits, evict_sym_weight=cfg.sym_weight,
+                                  indexed=cooc == "local")
         self._segmenter = segmenter_for(cfg)
         self._segmenter.frozen = population == "remote"
         self._trending = trending_for(cfg)

@@ -96,6 +96,28 @@ def test_a_replay_that_overlaps_what_was_applied_adds_only_the_new_part(stream):
     assert partial.co.pop.tolist() == pytest.approx(all_once.co.pop.tolist())
 
 
+def test_a_read_side_copy_keeps_no_slot_index_yet_answers_pairs_and_counts_like_the_local_engine(stream):
+    evs, items = stream
+    local = Engine(CFG)
+    for it in items:
+        local.upsert_item(it)
+    local.learn_many(evs)
+    remote, _ = _sharded(evs, items, 3)
+    assert remote._cooc._index is None
+    assert remote.stats()["cooc_slots"] == local.stats()["cooc_slots"] > 0
+    lc, rc = local._cooc, remote._cooc
+    a = remote._catalog.row(items[0]["item_id"])
+    for n in local.similar(items[0]["item_id"], n=5):
+        la, lb = local._catalog.row(items[0]["item_id"]), local._catalog.row(n.item_id)
+        want, got = lc.pair(la, lb), rc.pair(a, remote._catalog.row(n.item_id))
+        assert got is not None and got["count"] == want["count"] and np.isclose(got["lift"], want["lift"])
+    assert rc.pair(a, a) is None
+    remote.drop_rows([items[0]["item_id"]])
+    assert remote.stats()["cooc_slots"] < local.stats()["cooc_slots"]
+    with pytest.raises(RuntimeError, match="read-side copy"):
+        rc.update(np.array([(a << 32) | 1], np.int64), np.ones((1, 4)))
+
+
 def test_a_remote_engine_does_not_learn_rows_itself_and_drains_once(stream):
     evs, _ = stream
     eng = Engine(CFG, cooc="remote")
