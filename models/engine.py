@@ -284,7 +284,12 @@ class Engine:
     # ------------------------------------------------------------------ learning
     def learn_one(self, event: Event | Mapping) -> None:
         """Learn from one event (a contract dict or an :class:`~models.events.Event`)."""
-        self._learn(_columns([event]))
+        if type(event) is dict:
+            e = event
+            self._learn(([e["user_id"]], [e["type"]], [e["ts"]], [e.get("item_id")], [e.get("value")],
+                         [e.get("rating")]))
+        else:
+            self._learn(_columns([event]))
 
     def learn_many(self, events: Iterable[Event | Mapping]) -> None:
         """Learn from events in order: the same state as ``learn_one`` in a loop, much faster."""
@@ -636,6 +641,8 @@ class Engine:
             prof.segment[u] = new
 
     def _ensure_items(self, n: int) -> None:
+        if n <= self._trending.n_items and n <= self._cooc.n_items and n <= self._item_events.shape[0]:
+            return  # nothing new (the common case, once per learned block)
         self._cooc.ensure(n)
         self._trending.ensure(n)
         cap = self._item_events.shape[0]
