@@ -10,7 +10,7 @@ scaled by ``pop(h) ** -e * pop(j) ** -e`` and by how close in time h is to the u
 ``q_dir`` decays fast and covers only the last ``query_dir_len`` items (the sequential "A then B"
 signal), ``q_sym`` decays slowly (the current taste); the square root damps very frequent pairs;
 ``e`` (``pop_exponent``) trades popularity for novelty; a ``momentum`` factor favours items whose
-recent popularity exceeds their long-run one (read at the hour: :data:`MOMENTUM_RESOLUTION_S`).
+recent popularity exceeds their long-run one (read at the hour: :data:`models.votes.MOMENTUM_RESOLUTION_S`).
 The best ``3n + 10`` voted items are the candidates;
 when there are too few (new users, or too few categories for the diversity rule), the user's
 segment trending and the global trending add theirs.
@@ -45,7 +45,8 @@ import numpy as np
 from models.events import EVENT_TYPES
 from models.experiments import validate_overrides
 from models.selection import PARTS, choose, why
-from models.votes import vote
+from models.rank_core import ANCHOR_ROW, ANCHOR_TYPE, COUNT, DOMINANT, LIFT, PICK, SCORE, rank_core
+from models.votes import MOMENTUM_RESOLUTION_S, vote
 
 
 class Recommendation(NamedTuple):
@@ -84,9 +85,6 @@ class Neighbour(NamedTuple):
 
 #: Reasons cite the history item, among the most recent ones, that voted most for the item.
 _ANCHOR_ROWS = 8
-#: Momentum is read at the hour (its half-life is weeks): requests within an hour share the factors, so
-#: the vote kernel's memo spares a ``pow`` per voted item (9 of ~70 us a request on MovieLens; same HR@10).
-MOMENTUM_RESOLUTION_S = 3600.0
 _VERBS = {"purchase": ("bought", "bought"), "add_to_cart": ("bought", "put in your cart"),
           "rate": ("rated", "rated"), "view": ("viewed", "viewed"), "click": ("viewed", "clicked"),
           "push_click": ("viewed", "opened"), "push_open": ("viewed", "opened")}
@@ -169,8 +167,7 @@ def rank(engine, u: int | None, n: int, exclude, explain: bool = True,
     ``settings`` (from :func:`settings_for`) replaces ``engine.config`` and its query tables.
     """
     cat = engine._catalog
-    n_items = len(cat)
-    if n <= 0 or n_items == 0:
+    if n <= 0 or len(cat) == 0:
         return []
     excl = _as_container(exclude)
     if u is None:
@@ -179,20 +176,56 @@ def rank(engine, u: int | None, n: int, exclude, explain: bool = True,
         cfg, qd_tab, qs_tab = engine.config, engine._qd_tab, engine._qs_tab
     else:
         cfg, qd_tab, qs_tab = settings
+    prof = engine._profiles
+    k = min(cfg.query_len, prof.n_push[u], prof.history_len)
+    cap = n if cfg.max_category_share >= 1.0 else max(1, math.ceil(cfg.max_category_share * n))
+    picked = None
+    mix = None
+    dominant: dict[int, str] = {}
+    anchors: dict = {}
+    if k and cfg.w_cooc > 0 and not (cfg.w_content > 0 and k < cfg.content_history):
+        packed = rank_core(engine, u, k, cfg, qd_tab, qs_tab, n, cap, _ANCHOR_ROWS if explain else 0)
+        if packed is not None:
+            picked = packed[PICK].astype(np.int64).tolist()
+            if excl and any(cat._ids[r] in excl for r in picked):
+                picked = None  # the general path blocks them and picks again
+            else:
+                score_of = dict(zip(picked, packed[SCORE].tolist()))
+                if explain:
+                    dominant = {r: PARTS[d] for r, d in zip(picked, packed[DOMINANT].astype(np.int64).tolist())
+                                if d >= 0}
+                    has = packed[ANCHOR_ROW] >= 0
+                    a = packed[:, has]
+                    anchors = dict(zip(a[PICK].astype(np.int64).tolist(),
+                                       zip(a[ANCHOR_ROW].astype(np.int64).tolist(), a[COUNT].astype(np.int64).tolist(),
+                                           a[LIFT].tolist(), a[ANCHOR_TYPE].astype(np.int64).tolist())))
+    if picked is None:
+        picked, score_of, dominant, anchors, mix = _general(engine, cfg, qd_tab, qs_tab, u, k, n, cap, excl, explain)
+    if cfg.new_item_slots > 0 and cat._recent:
+        picked = _new_item_slots(engine, cfg, u, mix, picked, excl, n)
+    if len(picked) < n:
+        picked = _fill_popular(engine, picked, excl, n, u)
+    if not explain:
+        return [Recommendation(cat._ids[r], score_of.get(r, 0.0), "") for r in picked]
+    return _explain(engine, cfg, u, picked, score_of, dominant, anchors)
+
+
+def _general(engine, cfg, qd_tab, qs_tab, u: int, k: int, n: int, cap: int, excl, explain: bool):
+    """Every request :func:`models.rank_core.rank_core` leaves: no history, few voted candidates, the
+    category cap relaxed, the content component, excluded ids among the picks. Returns ``(picked,
+    score_of, dominant, anchors, mix)``."""
+    cat = engine._catalog
     co = engine._cooc
     prof = engine._profiles
     tr = engine._trending
-    h = prof.history_len
-    c = prof.n_push[u]
-    k = min(cfg.query_len, c, h)
-    kk = min(n_items, 3 * n + 10)
+    kk = min(len(cat), 3 * n + 10)
     idx = items = np.zeros(0, np.int64)
     anchors: dict = {}
     cand = np.zeros(0, np.int64)
     votes = None
     if k and cfg.w_cooc > 0:
         # neighbours of the recent items vote (models.votes: only voted items are touched)
-        idx = engine._ring_idx[c % h, :k]
+        idx = engine._ring_idx[prof.n_push[u] % prof.history_len, :k]
         items = prof.hist_item[u, idx]
         ts = prof.hist_ts[u, idx]
         g = cfg.query_gap_floor
@@ -205,7 +238,6 @@ def rank(engine, u: int | None, n: int, exclude, explain: bool = True,
         top = votes.top(kk)
         cand = voted = votes.rows[top]
     mix = None
-    cap = n if cfg.max_category_share >= 1.0 else max(1, math.ceil(cfg.max_category_share * n))
     picked: list[int] = []
     dominant: dict[int, str] = {}
     score_of: dict[int, float] = {}
@@ -253,13 +285,7 @@ def rank(engine, u: int | None, n: int, exclude, explain: bool = True,
                                items=items, types=prof.hist_type[u, idx], cooc=co)
             dominant = {r: PARTS[d] for r, d in zip(picked, dom) if d >= 0}
         break
-    if cfg.new_item_slots > 0 and cat._recent:
-        picked = _new_item_slots(engine, cfg, u, mix, picked, excl, n)
-    if len(picked) < n:
-        picked = _fill_popular(engine, picked, excl, n, u)
-    if not explain:
-        return [Recommendation(cat._ids[r], score_of.get(r, 0.0), "") for r in picked]
-    return _explain(engine, cfg, u, picked, score_of, dominant, anchors)
+    return picked, score_of, dominant, anchors, mix
 
 
 def _blocked(engine, u: int | None, r: int, excl) -> bool:
