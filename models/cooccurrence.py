@@ -237,19 +237,34 @@ class CoOccurrence:
             raise RuntimeError("a read-side copy (indexed=False) takes rows with set_row; it does not learn pairs")
         codes = np.asarray(codes, np.int64)
         deltas = np.ascontiguousarray(deltas, np.float64)
+        self._apply(codes, deltas, 0, self.pair_total, 0)
+
+    def _apply(self, codes: np.ndarray, deltas: np.ndarray, k: int, pt: float, need: int) -> None:
+        """Go on with the updates from ``k`` (``pt``: the pair total so far) after what stopped them
+        (``need``; 0 when nothing did)."""
         index = self._index
-        k, pt = 0, self.pair_total
-        while True:
-            k, pt, need = _update(codes, deltas, k, pt, self.block, self.nb, self.vals, self.sq, self.fill,
-                            self.free_pos, self.n_free, index.keys, index.vals, index.meta, self._door,
-                            self.door_bits, self._n_evict, self.evict_sym_weight)
-            if k == u:
-                self.pair_total = pt
-                return
+        while k < codes.size:
             if need == _NEED_BLOCK:  # the row's first neighbour: take its block, go on
                 self._block_for(int(codes[k] >> _SHIFT))
-            else:  # the index is half full: double it (at the same points whatever the batching)
+            elif need == _NEED_ROOM:  # the index is half full: double it (at the same points whatever the batching)
                 index.reserve(1)
+            k, pt, need = _update(codes, deltas, k, pt, self.block, self.nb, self.vals, self.sq, self.fill,
+                                  self.free_pos, self.n_free, index.keys, index.vals, index.meta, self._door,
+                                  self.door_bits, self._n_evict, self.evict_sym_weight)
+        self.pair_total = pt
+
+    def learn_one(self, weights: PairWeights, cur: int, ts: float, w: float, scale: float, prev, prev_ts, prev_w,
+                  rating: float = 0.0, prev_rating=None, mask: int = 0, prev_mask=None) -> None:
+        """``update(*weights.one(...))`` in one compiled call: one event's pairs, learned at once."""
+        if self._index is None:
+            raise RuntimeError("a read-side copy (indexed=False) takes rows with set_row; it does not learn pairs")
+        index = self._index
+        codes, deltas, k, pt, need = _learn_one(*weights._one_args(cur, ts, w, scale, prev, prev_ts, prev_w, rating,
+                                                                   prev_rating, mask, prev_mask),
+                                                self.pair_total, self.block, self.nb, self.vals, self.sq, self.fill,
+                                                self.free_pos, self.n_free, index.keys, index.vals, index.meta,
+                                                self._door, self.door_bits, self._n_evict, self.evict_sym_weight)
+        self._apply(codes, deltas, k, pt, need)
 
     def reset_door(self) -> None:
         """Forget which pairs were sighted once (called at fixed points of the event count).
@@ -518,14 +533,17 @@ class PairWeights:
     def one(self, cur: int, ts: float, w: float, scale: float, prev, prev_ts, prev_w, rating: float = 0.0,
             prev_rating=None, mask: int = 0, prev_mask=None) -> tuple[np.ndarray, np.ndarray]:
         """Slot updates of one event against its predecessors (newest first); a rating of 0 is none."""
-        prev = np.asarray(prev, np.int64)[None]
-        codes, deltas, _ = self.many(np.array([cur], np.int64), np.array([ts], np.float64), np.array([w], np.float64),
-                                     np.array([scale], np.float64), prev, np.asarray(prev_ts, np.float64)[None],
-                                     np.asarray(prev_w, np.float64)[None], np.array([rating], np.float64),
-                                     None if prev_rating is None else np.asarray(prev_rating, np.float64)[None],
-                                     np.array([mask], np.uint64),
-                                     None if prev_mask is None else np.asarray(prev_mask, np.uint64)[None])
-        return codes, deltas
+        return _pair_updates_one(*self._one_args(cur, ts, w, scale, prev, prev_ts, prev_w, rating, prev_rating, mask,
+                                                 prev_mask))
+
+    def _one_args(self, cur, ts, w, scale, prev, prev_ts, prev_w, rating, prev_rating, mask, prev_mask) -> tuple:
+        agree = float(self.agreement) if prev_rating is not None else 0.0
+        boost = float(self.feature_boost) if prev_mask is not None else 0.0
+        return (int(cur), float(ts), float(w), float(scale), np.asarray(prev, np.int64),
+                np.asarray(prev_ts, np.float64), np.asarray(prev_w, np.float64), float(rating),
+                np.asarray(prev_rating, np.float64) if agree else _NO_RATING, np.uint64(mask),
+                np.asarray(prev_mask, np.uint64) if boost else _NO_MASK, self.dtab, self.stab,
+                float(self.gap_tau_s), float(self.gap_floor), agree, boost)
 
     def many(self, cur: np.ndarray, ts: np.ndarray, w: np.ndarray, scale: np.ndarray, prev: np.ndarray,
              prev_ts: np.ndarray, prev_w: np.ndarray, rating: np.ndarray | None = None,
@@ -559,6 +577,34 @@ def _bits(x):  # pragma: no cover - compiled
     return n
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _pair_into(codes, deltas, t, c, p, k, ts, prev_ts, w, pw, scale, rating, prev_rating, mask, prev_mask, dtab, stab,
+               gap_tau_s, gap_floor, agree, boost):  # pragma: no cover - compiled
+    """Write pair ``t`` (event item ``c``, its ``k``-th predecessor ``p``) as slot updates ``2t`` and ``2t + 1``."""
+    gapf = 1.0
+    if gap_tau_s > 0:
+        gap = ts - prev_ts
+        gapf = gap_floor + (1.0 - gap_floor) / (1.0 + (gap if gap > 0.0 else 0.0) / gap_tau_s)
+    base = gapf * (pw if pw < w else w) * scale
+    if agree > 0.0 and rating > 0.0 and prev_rating > 0.0:
+        base *= math.exp(-agree * abs(rating - prev_rating))
+    ws = base * stab[k]
+    if boost > 0.0:
+        union = _bits(mask | prev_mask)
+        if union:
+            ws *= 1.0 + boost * _bits(mask & prev_mask) / union
+    codes[2 * t] = (p << _SHIFT) | c
+    codes[2 * t + 1] = (c << _SHIFT) | p
+    deltas[2 * t, 0] = base * dtab[k]
+    deltas[2 * t + 1, 0] = 0.0
+    deltas[2 * t, 1] = ws
+    deltas[2 * t + 1, 1] = ws
+    deltas[2 * t, 2] = scale
+    deltas[2 * t + 1, 2] = scale
+    deltas[2 * t, 3] = 1.0
+    deltas[2 * t + 1, 3] = 1.0
+
+
 @njit(cache=True, nogil=True)
 def _pair_updates(cur, ts, w, scale, prev, prev_ts, prev_w, dtab, stab, gap_tau_s, gap_floor, rating, prev_rating,
                   agree, mask, prev_mask, boost):  # pragma: no cover - compiled; tested through PairWeights
@@ -574,33 +620,50 @@ def _pair_updates(cur, ts, w, scale, prev, prev_ts, prev_w, dtab, stab, gap_tau_
     t = 0
     for j in range(e):
         c = np.int64(cur[j])
+        r_j = rating[j] if agree > 0.0 else 0.0
+        m_j = mask[j] if boost > 0.0 else np.uint64(0)
         for k in range(width):
             p = np.int64(prev[j, k])
             if p < 0 or p == c:
                 continue
-            gapf = 1.0
-            if gap_tau_s > 0:
-                gap = ts[j] - prev_ts[j, k]
-                gapf = gap_floor + (1.0 - gap_floor) / (1.0 + (gap if gap > 0.0 else 0.0) / gap_tau_s)
-            pw = prev_w[j, k]
-            base = gapf * (pw if pw < w[j] else w[j]) * scale[j]
-            if agree > 0.0 and rating[j] > 0.0 and prev_rating[j, k] > 0.0:
-                base *= math.exp(-agree * abs(rating[j] - prev_rating[j, k]))
-            ws = base * stab[k]
-            if boost > 0.0:
-                union = _bits(mask[j] | prev_mask[j, k])
-                if union:
-                    ws *= 1.0 + boost * _bits(mask[j] & prev_mask[j, k]) / union
-            codes[2 * t] = (p << _SHIFT) | c
-            codes[2 * t + 1] = (c << _SHIFT) | p
-            deltas[2 * t, 0] = base * dtab[k]
-            deltas[2 * t + 1, 0] = 0.0
-            deltas[2 * t, 1] = ws
-            deltas[2 * t + 1, 1] = ws
-            deltas[2 * t, 2] = scale[j]
-            deltas[2 * t + 1, 2] = scale[j]
-            deltas[2 * t, 3] = 1.0
-            deltas[2 * t + 1, 3] = 1.0
+            _pair_into(codes, deltas, t, c, p, k, ts[j], prev_ts[j, k], w[j], prev_w[j, k], scale[j], r_j,
+                       prev_rating[j, k] if agree > 0.0 else 0.0, m_j, prev_mask[j, k] if boost > 0.0 else m_j,
+                       dtab, stab, gap_tau_s, gap_floor, agree, boost)
             ev[t] = j
             t += 1
     return codes, deltas, ev
+
+
+@njit(cache=True, nogil=True)
+def _pair_updates_one(cur, ts, w, scale, prev, prev_ts, prev_w, rating, prev_rating, mask, prev_mask, dtab, stab,
+                      gap_tau_s, gap_floor, agree, boost):  # pragma: no cover - compiled; tested through PairWeights
+    """:func:`_pair_updates` of one event (scalars; its predecessors as 1-d arrays), the same numbers."""
+    n = 0
+    for k in range(prev.size):
+        if prev[k] >= 0 and prev[k] != cur:
+            n += 1
+    codes = np.empty(2 * n, np.int64)
+    deltas = np.empty((2 * n, 4))
+    t = 0
+    c = np.int64(cur)
+    for k in range(prev.size):
+        p = np.int64(prev[k])
+        if p < 0 or p == c:
+            continue
+        _pair_into(codes, deltas, t, c, p, k, ts, prev_ts[k], w, prev_w[k], scale, rating if agree > 0.0 else 0.0,
+                   prev_rating[k] if agree > 0.0 else 0.0, mask, prev_mask[k] if boost > 0.0 else mask, dtab, stab,
+                   gap_tau_s, gap_floor, agree, boost)
+        t += 1
+    return codes, deltas
+
+
+@njit(cache=True, nogil=True)
+def _learn_one(cur, ts, w, scale, prev, prev_ts, prev_w, rating, prev_rating, mask, prev_mask, dtab, stab, gap_tau_s,
+               gap_floor, agree, boost, pair_total, block, nb, vals, sq, fill, free_pos, n_free, keys, kvals, meta, door,
+               door_bits, n_evict, evict_sym_weight):  # pragma: no cover - compiled; tested through learn_one
+    """One event's slot updates, applied as far as :func:`_update` gets (see :meth:`CoOccurrence.learn_one`)."""
+    codes, deltas = _pair_updates_one(cur, ts, w, scale, prev, prev_ts, prev_w, rating, prev_rating, mask, prev_mask,
+                                      dtab, stab, gap_tau_s, gap_floor, agree, boost)
+    k, pt, need = _update(codes, deltas, 0, pair_total, block, nb, vals, sq, fill, free_pos, n_free, keys, kvals, meta,
+                          door, door_bits, n_evict, evict_sym_weight)
+    return codes, deltas, k, pt, need

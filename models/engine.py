@@ -443,14 +443,15 @@ class Engine:
             idx = self._ring_idx[c % h, :k]
             prev = prof.hist_item[u, idx]
             fm = self._catalog.feat_mask
-            codes, deltas = self._pairs.one(i, ts, w, scale, prev, prof.hist_ts[u, idx], prof.hist_w[u, idx], rating,
-                                            prof.hist_rating[u, idx], fm[i], fm[prev])
-            if self.cooc_mode == "remote":
+            if self.cooc_mode == "local":
+                self._cooc.learn_one(self._pairs, i, ts, w, scale, prev, prof.hist_ts[u, idx], prof.hist_w[u, idx],
+                                     rating, prof.hist_rating[u, idx], fm[i], fm[prev])
+            else:
+                codes, deltas = self._pairs.one(i, ts, w, scale, prev, prof.hist_ts[u, idx], prof.hist_w[u, idx], rating,
+                                                prof.hist_rating[u, idx], fm[i], fm[prev])
                 self._outbox.append((codes, deltas, np.full(len(codes), ts),
                                      np.full(len(codes), seq), np.array([i]), np.array([ts]),
                                      np.array([len(codes) // 2]), np.array([seq])))
-            else:
-                self._cooc.update(codes, deltas)
         elif self.cooc_mode == "remote":
             self._outbox.append((np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64),
                                  np.array([i]), np.array([ts]), np.zeros(1), np.array([seq])))
