@@ -1,11 +1,14 @@
-"""The ranker's common path in one compiled call: query weights, votes, candidates, blend, picks, reasons' data.
+"""The ranker in one compiled call: query weights, votes, candidates, blend, filters, picks, reasons' data.
 
-:func:`models.ranker.rank` spent more time between its kernels than in them: a dozen numpy calls to
-weigh the recent items, a kernel call each for the votes, the top candidates, the pick and the
-reasons, and the arrays passed between them. For a request that needs nothing else (the user has
-history, enough voted candidates, no category cap relaxed, no content component) this module does
-all of it in one call, with the same kernels in the same order, so the result is the one the
-step-by-step path gives; any other request returns ``None`` and the ranker takes its general path.
+:func:`models.ranker.rank` used to spend more time between its kernels than in them: a dozen numpy
+calls to weigh the recent items, a kernel call each for the votes, the top candidates, the pick and
+the reasons, the arrays passed between them, and for many requests a second round (too few voted
+candidates, or the category cap relaxed: the trending items join) or the content component of a
+user with few items. :func:`rank_core` does all of that in one call of :func:`_core`, built from the
+same kernels (:mod:`models.votes`, :mod:`models.selection`) in the order the module docstring of
+:mod:`models.ranker` describes. Only two things go back to Python: the trending lists, asked for
+(and then passed in) when a request needs them, and the ids a request excludes, whose rows are
+blocked and the request run again when one was picked.
 """
 from __future__ import annotations
 
@@ -18,14 +21,23 @@ from models.votes import MOMENTUM_RESOLUTION_S, _anchors, _dense, _MomentumMemo,
 
 #: rows of the packed result (one float64 array: one boxing instead of seven)
 PICK, SCORE, DOMINANT, ANCHOR_ROW, COUNT, LIFT, ANCHOR_TYPE = range(7)
+#: what :func:`_core` answers besides picks: done, or "call again with the trending lists"
+_DONE, _NEED_TRENDING = 0, 1
+
+
+@njit(cache=True, nogil=True)
+def _union(cand, a, b):  # pragma: no cover - compiled
+    """``np.unique`` of the three row arrays."""
+    return np.unique(np.concatenate((cand, a, b)))
 
 
 @njit(cache=True, nogil=True)
 def _core(nb, sq_dir, sq_sym, block, ipop, pop, vals, total, pair_total, mom_count, mom_decay, pop_decay, momentum,
-          available, category, consumed, hist_item, hist_ts, hist_type, ring, qs_tab, qd_tab, kd, gap_floor, inv_tau,
-          w_cooc, seg_row, w_seg, glob, w_glob, kk, n, cap, n_anchor, acc, mark, m_factor, m_count, m_pop, m_gen,
-          gen, marks, pos):  # pragma: no cover - compiled; tested against the general path
-    k = ring.size
+          available, category, consumed, blocked, hist_item, hist_ts, hist_type, ring, qs_tab, qd_tab, kd, gap_floor,
+          inv_tau, w_cooc, seg_row, w_seg, glob, w_glob, share, w_content, trend_a, trend_b, have_trending, kk, n,
+          cap, n_anchor, acc, mark, m_factor, m_count, m_pop, m_gen, gen,
+          marks, pos):  # pragma: no cover - compiled; tested against a step-by-step reference
+    k = ring.size  # 0: no votes (no history, or w_cooc 0)
     items = np.empty(k, np.int64)
     ts = np.empty(k)
     for h in range(k):
@@ -33,7 +45,7 @@ def _core(nb, sq_dir, sq_sym, block, ipop, pop, vals, total, pair_total, mom_cou
         ts[h] = hist_ts[ring[h]]
     g1 = 1.0 - gap_floor
     a_sym = np.empty(k)
-    a_dir = np.empty(kd)
+    a_dir = np.empty(min(kd, k))
     blocks = np.empty(k, np.int64)
     for h in range(k):
         ip = ipop[items[h]] * (gap_floor + g1 / (1.0 + (ts[0] - ts[h]) * inv_tau))
@@ -44,28 +56,52 @@ def _core(nb, sq_dir, sq_sym, block, ipop, pop, vals, total, pair_total, mom_cou
     rows, votes = _votes(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, ipop, mom_count, mom_decay, pop, pop_decay,
                          momentum, available, consumed, acc, mark, m_factor, m_count, m_pop, m_gen, gen)
     top = _top(rows, votes, kk)
-    out = np.zeros((7, 0))
-    if top.size < n:
-        return out, False
     cand = rows[top]
     v = votes[top]
-    order, score, keep, relaxed = _choose(cand, v, w_cooc, seg_row, w_seg, glob, w_glob, np.zeros(0), category,
-                                          available, consumed, np.zeros(0, np.int64), n, cap, marks)
-    if relaxed:
-        return out, False
+    w_c = w_cooc if k > 0 else 0.0
+    widened = False
+    none = np.zeros((7, 0))
+    while True:
+        if cand.size < n or widened:  # few co-occurrence candidates (or too few categories): trending joins
+            if not have_trending:
+                return none, _NEED_TRENDING
+            cand = _union(cand, trend_a, trend_b)
+            for t in range(rows.size):  # the votes of the joined candidates (0 for those without)
+                pos[rows[t]] = t + 1
+            v = np.zeros(cand.size)
+            for i in range(cand.size):
+                p = pos[cand[i]]
+                if p > 0:
+                    v[i] = votes[p - 1]
+            for t in range(rows.size):
+                pos[rows[t]] = 0
+        if not cand.size:
+            return none, _DONE
+        content = np.zeros(cand.size if share.size else 0)
+        for i in range(content.size):
+            content[i] = share[category[cand[i]]] * w_content  # category -1 reads the trailing 0
+        order, score, keep, relaxed = _choose(cand, v, w_c, seg_row, w_seg, glob, w_glob, content, category,
+                                              available, consumed, blocked, n, cap, marks)
+        if relaxed and not widened:
+            widened = True
+            continue
+        break
     sel = order[keep]
+    picks = cand[sel]
     out = np.zeros((7, sel.size))
     for i in range(sel.size):
-        out[PICK, i] = cand[sel[i]]
+        out[PICK, i] = picks[i]
         out[SCORE, i] = score[sel[i]]
-    if n_anchor > 0:  # the reasons' data
-        picks = cand[sel]
-        anchor = _anchors(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, n_anchor, picks, pos)
+    if n_anchor > 0 and sel.size:  # the reasons' data
+        if k > 0:
+            anchor = _anchors(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, n_anchor, picks, pos)
+        else:
+            anchor = np.full(sel.size, -1, np.int64)
         types = np.empty(k, np.int64)
         for h in range(k):
             types[h] = hist_type[ring[h]]
-        dom, a_row, count, n_pair, a_type = _why(sel, cand, v, w_cooc, seg_row, w_seg, glob, w_glob, np.zeros(0),
-                                                 anchor, items, types, nb.shape[1], vals, block)
+        dom, a_row, count, n_pair, a_type = _why(sel, cand, v, w_c, seg_row, w_seg, glob, w_glob, content, anchor,
+                                                 items, types, nb.shape[1], vals, block)
         scale = total * total / (2.0 * pair_total) if pair_total > 0 else 0.0
         for i in range(sel.size):
             out[DOMINANT, i] = dom[i]
@@ -74,14 +110,16 @@ def _core(nb, sq_dir, sq_sym, block, ipop, pop, vals, total, pair_total, mom_cou
             out[ANCHOR_TYPE, i] = a_type[i]
             if a_row[i] >= 0:
                 out[LIFT, i] = n_pair[i] * scale / max(pop[a_row[i]] * pop[picks[i]], 1e-300)
-    return out, True
+    return out, _DONE
 
 
-def rank_core(engine, u: int, k: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: int, cap: int,
-              n_anchor: int) -> np.ndarray | None:
-    """The packed picks of user row ``u`` (rows :data:`PICK` ... :data:`ANCHOR_TYPE`, one column per
-    pick, best first), or None when the request needs the general path. ``n_anchor`` 0: no reasons."""
+def rank_core(engine, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: int, cap: int, excl,
+              explain: bool) -> tuple[np.ndarray, dict[int, float] | None]:
+    """The picks of user row ``u`` packed (rows :data:`PICK` ... :data:`ANCHOR_TYPE`, one column per pick,
+    best first; the reasons' rows only with ``explain``), and the user's category mix when the request
+    computed it (else None). ``excl``: a container of excluded item ids, or None."""
     co, cat, prof, tr = engine._cooc, engine._catalog, engine._profiles, engine._trending
+    k = min(cfg.query_len, prof.n_push[u], prof.history_len)
     seg = prof.segment[u]
     seg_row, w_s = _EMPTY, 0.0
     if cfg.w_segment > 0 and seg >= 0 and tr.segment_max[seg] > 0:
@@ -89,20 +127,48 @@ def rank_core(engine, u: int, k: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarra
     glob, w_g = _EMPTY, 0.0
     if cfg.w_global > 0 and tr.global_max > 0:
         glob, w_g = tr.global_, cfg.w_global / tr.global_max
+    mix, share = None, _EMPTY
+    if cfg.w_content > 0 and k < cfg.content_history:
+        mix = prof.mix(u)
+        if mix:
+            share = np.zeros(cat.n_features + 1)
+            share[list(mix)] = list(mix.values())
     sc = scratch("rank_core", max(co.ipop.size, cat.available.size), _Scratch)
     memo = sc.memo
     mom_decay, pop_decay = engine._decay(tr.lam_m, MOMENTUM_RESOLUTION_S), engine._decay(co.lam, MOMENTUM_RESOLUTION_S)
     momentum = float(cfg.momentum)
     gen = memo.generation((mom_decay, pop_decay, momentum))
-    c = prof.n_push[u]
-    out, ok = _core(co.nb, co.sq[0], co.sq[1], co.block, co.ipop, co.pop, co.vals, float(co.total),
-                    float(co.pair_total), tr.momentum_, mom_decay, pop_decay, momentum, cat.available, cat.category,
-                    prof.consumed(u), prof.hist_item[u], prof.hist_ts[u], prof.hist_type[u],
-                    engine._ring_idx[c % prof.history_len, :k], qs_tab, qd_tab, min(k, cfg.query_dir_len),
-                    float(cfg.query_gap_floor), 1.0 / cfg.query_gap_tau_s, float(cfg.w_cooc), seg_row, float(w_s),
-                    glob, float(w_g), min(len(cat), 3 * n + 10), n, cap, n_anchor, sc.acc, sc.mark, memo.factor,
-                    memo.count, memo.pop, memo.gen, gen, sc.marks, sc.pos)
-    return out if ok else None
+    kk = min(len(cat), 3 * n + 10)
+    ring = engine._ring_idx[prof.n_push[u] % prof.history_len, :k if cfg.w_cooc > 0 else 0]
+    blocked = _NO_ROWS
+    trend_a = trend_b = _NO_ROWS
+    have_trending = False
+    while True:
+        out, status = _core(co.nb, co.sq[0], co.sq[1], co.block, co.ipop, co.pop, co.vals, float(co.total),
+                            float(co.pair_total), tr.momentum_, mom_decay, pop_decay, momentum, cat.available,
+                            cat.category, prof.consumed(u), blocked, prof.hist_item[u], prof.hist_ts[u],
+                            prof.hist_type[u], ring, qs_tab, qd_tab, min(k, cfg.query_dir_len),
+                            float(cfg.query_gap_floor), 1.0 / cfg.query_gap_tau_s, float(cfg.w_cooc), seg_row,
+                            float(w_s), glob, float(w_g), share, float(cfg.w_content), trend_a, trend_b, have_trending,
+                            kk, n, cap, _ANCHOR_ROWS if explain else 0, sc.acc, sc.mark, memo.factor, memo.count,
+                            memo.pop, memo.gen, gen, sc.marks, sc.pos)
+        if status == _NEED_TRENDING:
+            trend_a = tr.top(kk, seg if seg >= 0 else None)
+            trend_b = tr.top(kk) if seg >= 0 else _NO_ROWS
+            have_trending = True
+            continue
+        if excl:  # excluded ids among the picks: block their rows, pick again
+            ids = cat._ids
+            hit = [r for r in out[PICK].astype(np.int64).tolist() if ids[r] in excl]
+            if hit:
+                blocked = np.union1d(blocked, hit).astype(np.int64)
+                continue
+        return out, mix
+
+
+#: Reasons cite the history item, among the most recent ones, that voted most for the item.
+_ANCHOR_ROWS = 8
+_NO_ROWS = np.zeros(0, np.int64)
 
 
 class _Scratch:

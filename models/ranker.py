@@ -1,8 +1,8 @@
 """The hybrid ranker: candidates, a scored blend, filters, diversity and a reason per item.
 
 **Candidates.** The user's last ``query_len`` items vote for their stored neighbours into one dense
-float array over the catalog (``np.bincount``; one float per item, cheap for catalogs up to a few
-hundred thousand items). The k-th most recent item h (k = 0 newest) votes for neighbour j with::
+float array over the catalog (one float per item, cheap for catalogs up to a few hundred thousand
+items). The k-th most recent item h (k = 0 newest) votes for neighbour j with::
 
     q_dir(k) * sqrt(w_dir[h, j]) + sym_weight * q_sym(k) * sqrt(w_sym[h, j])
 
@@ -11,9 +11,8 @@ scaled by ``pop(h) ** -e * pop(j) ** -e`` and by how close in time h is to the u
 signal), ``q_sym`` decays slowly (the current taste); the square root damps very frequent pairs;
 ``e`` (``pop_exponent``) trades popularity for novelty; a ``momentum`` factor favours items whose
 recent popularity exceeds their long-run one (read at the hour: :data:`models.votes.MOMENTUM_RESOLUTION_S`).
-The best ``3n + 10`` voted items are the candidates;
-when there are too few (new users, or too few categories for the diversity rule), the user's
-segment trending and the global trending add theirs.
+The best ``3n + 10`` voted items are the candidates; when there are too few (new users, or too few
+categories for the diversity rule), the user's segment trending and the global trending add theirs.
 
 **Blend.** ``w_cooc * votes / max(votes) + w_segment * seg / max(seg) + w_global * glob / max(glob)
 + w_content * share(user, category)`` (content only for users with few items).
@@ -27,6 +26,10 @@ catalog with few interactions, for users whose category mix covers them (cold it
 for it with the pair's support and lift ("bought together with X by 42 users (lift 3.1)"), "trending
 in your segment", "trending now", "new in Comedy, which you like", "popular in Comedy, which you like".
 Reads never change the engine.
+
+**Where it runs.** All of the above up to the picks and their reasons' data is one compiled call
+(:mod:`models.rank_core`); this module turns its picks into :class:`Recommendation` objects, adds the
+new-item slots and, when the picks run short, popular items, and writes the reasons.
 
 **Per-request settings.** :func:`settings_for` gives the query-time settings with an experiment
 variant's overrides applied (:data:`models.experiments.RANKER_OVERRIDES`), cached per engine and
@@ -44,9 +47,8 @@ import numpy as np
 
 from models.events import EVENT_TYPES
 from models.experiments import validate_overrides
-from models.selection import PARTS, choose, why
 from models.rank_core import ANCHOR_ROW, ANCHOR_TYPE, COUNT, DOMINANT, LIFT, PICK, SCORE, rank_core
-from models.votes import MOMENTUM_RESOLUTION_S, vote
+from models.selection import PARTS
 
 
 class Recommendation(NamedTuple):
@@ -85,8 +87,6 @@ class Neighbour(NamedTuple):
 
 #: Builds a Recommendation without its Python-level __new__ (half the cost; ten per request).
 _new = tuple.__new__
-#: Reasons cite the history item, among the most recent ones, that voted most for the item.
-_ANCHOR_ROWS = 8
 _VERBS = {"purchase": ("bought", "bought"), "add_to_cart": ("bought", "put in your cart"),
           "rate": ("rated", "rated"), "view": ("viewed", "viewed"), "click": ("viewed", "clicked"),
           "push_click": ("viewed", "opened"), "push_open": ("viewed", "opened")}
@@ -180,31 +180,10 @@ def rank(engine, u: int | None, n: int, exclude, explain: bool = True,
         cfg, qd_tab, qs_tab = engine.config, engine._qd_tab, engine._qs_tab
     else:
         cfg, qd_tab, qs_tab = settings
-    prof = engine._profiles
-    k = min(cfg.query_len, prof.n_push[u], prof.history_len)
     cap = n if cfg.max_category_share >= 1.0 else max(1, math.ceil(cfg.max_category_share * n))
-    picked = None
-    mix = None
-    dominant: dict[int, str] = {}
-    anchors: dict = {}
-    if k and cfg.w_cooc > 0 and not (cfg.w_content > 0 and k < cfg.content_history):
-        packed = rank_core(engine, u, k, cfg, qd_tab, qs_tab, n, cap, _ANCHOR_ROWS if explain else 0)
-        if packed is not None:
-            picked = packed[PICK].astype(np.int64).tolist()
-            if excl and not excl.isdisjoint(map(cat._ids.__getitem__, picked)):
-                picked = None  # the general path blocks them and picks again
-            else:
-                score_of = dict(zip(picked, packed[SCORE].tolist()))
-                if explain:
-                    dominant = {r: PARTS[d] for r, d in zip(picked, packed[DOMINANT].astype(np.int64).tolist())
-                                if d >= 0}
-                    has = packed[ANCHOR_ROW] >= 0
-                    a = packed[:, has]
-                    anchors = dict(zip(a[PICK].astype(np.int64).tolist(),
-                                       zip(a[ANCHOR_ROW].astype(np.int64).tolist(), a[COUNT].astype(np.int64).tolist(),
-                                           a[LIFT].tolist(), a[ANCHOR_TYPE].astype(np.int64).tolist())))
-    if picked is None:
-        picked, score_of, dominant, anchors, mix = _general(engine, cfg, qd_tab, qs_tab, u, k, n, cap, excl, explain)
+    packed, mix = rank_core(engine, u, cfg, qd_tab, qs_tab, n, cap, excl, explain)
+    picked = packed[PICK].astype(np.int64).tolist()
+    score_of = dict(zip(picked, packed[SCORE].tolist()))
     if cfg.new_item_slots > 0 and cat._recent:
         picked = _new_item_slots(engine, cfg, u, mix, picked, excl, n)
     if len(picked) < n:
@@ -212,85 +191,7 @@ def rank(engine, u: int | None, n: int, exclude, explain: bool = True,
     if not explain:
         ids, get = cat._ids, score_of.get
         return [_new(Recommendation, (ids[r], get(r, 0.0), "")) for r in picked]
-    return _explain(engine, cfg, u, picked, score_of, dominant, anchors)
-
-
-def _general(engine, cfg, qd_tab, qs_tab, u: int, k: int, n: int, cap: int, excl, explain: bool):
-    """Every request :func:`models.rank_core.rank_core` leaves: no history, few voted candidates, the
-    category cap relaxed, the content component, excluded ids among the picks. Returns ``(picked,
-    score_of, dominant, anchors, mix)``."""
-    cat = engine._catalog
-    co = engine._cooc
-    prof = engine._profiles
-    tr = engine._trending
-    kk = min(len(cat), 3 * n + 10)
-    idx = items = np.zeros(0, np.int64)
-    anchors: dict = {}
-    cand = np.zeros(0, np.int64)
-    votes = None
-    if k and cfg.w_cooc > 0:
-        # neighbours of the recent items vote (models.votes: only voted items are touched)
-        idx = engine._ring_idx[prof.n_push[u] % prof.history_len, :k]
-        items = prof.hist_item[u, idx]
-        ts = prof.hist_ts[u, idx]
-        g = cfg.query_gap_floor
-        ip = co.ipop[items] * (g + (1.0 - g) / (1.0 + (ts[0] - ts) * (1.0 / cfg.query_gap_tau_s)))
-        kd = min(k, cfg.query_dir_len)
-        votes = vote(co.nb, co.sq[0], co.sq[1], co.block[items], qs_tab[:k] * ip, qd_tab[:kd] * ip[:kd],
-                     ipop=co.ipop, available=cat.available, consumed=prof.consumed(u),
-                     mom_count=tr.momentum_, mom_decay=engine._decay(tr.lam_m, MOMENTUM_RESOLUTION_S),
-                     pop=co.pop, pop_decay=engine._decay(co.lam, MOMENTUM_RESOLUTION_S), momentum=cfg.momentum)
-        top = votes.top(kk)
-        cand = voted = votes.rows[top]
-    mix = None
-    picked: list[int] = []
-    dominant: dict[int, str] = {}
-    score_of: dict[int, float] = {}
-    widened = False
-    while True:
-        if cand.size < n or widened:
-            # few co-occurrence candidates (or too few categories): add what is trending
-            seg = prof.segment[u]
-            extra = [cand, tr.top(kk, seg if seg >= 0 else None)]
-            if seg >= 0:
-                extra.append(tr.top(kk))
-            cand = np.unique(np.concatenate(extra))
-        if not cand.size:
-            break
-        # the blend's components, each already scaled as the score adds them (for the reasons, too)
-        v = np.zeros(0)
-        w_c = w_s = w_g = 0.0
-        seg_row = glob = content = np.zeros(0)
-        if votes is not None:
-            v = votes.votes[top] if cand is voted else votes.of(cand)  # trending may have added items
-            w_c = cfg.w_cooc
-        seg = prof.segment[u]
-        if cfg.w_segment > 0 and seg >= 0 and tr.segment_max[seg] > 0:
-            seg_row, w_s = tr.segment_[seg], cfg.w_segment / tr.segment_max[seg]
-        if cfg.w_global > 0 and tr.global_max > 0:
-            glob, w_g = tr.global_, cfg.w_global / tr.global_max
-        if cfg.w_content > 0 and k < cfg.content_history:
-            mix = prof.mix(u)
-            if mix:
-                share = np.zeros(cat.n_features + 1)
-                share[list(mix)] = list(mix.values())
-                content = share[cat.category[cand]] * cfg.w_content  # category -1 reads the trailing 0
-        order, score, keep, relaxed = choose(cand, v, w_c, seg_row, w_s, glob, w_g, content, category=cat.category,
-                                             available=cat.available, consumed=prof.consumed(u), n=n, cap=cap,
-                                             exclude=excl, item_ids=cat._ids)
-        if relaxed and not widened:
-            widened = True
-            continue
-        sel = order[keep]
-        picked = cand[sel].tolist()
-        score_of = dict(zip(picked, score[sel].tolist()))
-        if explain and picked:  # which component made each pick, and the history item behind its votes
-            anchor = np.full(sel.size, -1, np.int64) if votes is None else votes.anchors(cand[sel], _ANCHOR_ROWS)
-            dom, anchors = why(sel, cand, v, w_c, seg_row, w_s, glob, w_g, content, anchor=anchor,
-                               items=items, types=prof.hist_type[u, idx], cooc=co)
-            dominant = {r: PARTS[d] for r, d in zip(picked, dom) if d >= 0}
-        break
-    return picked, score_of, dominant, anchors, mix
+    return _explain(engine, cfg, u, picked, score_of, packed)
 
 
 def _blocked(engine, u: int | None, r: int, excl) -> bool:
@@ -370,11 +271,20 @@ def _cold(engine, n: int, excl) -> list[Recommendation]:
     return out
 
 
-def _explain(engine, cfg, u: int, picked: list[int], score_of: dict[int, float], dominant: dict[int, str],
-             anchors: dict[int, tuple[int, int, float, int]]) -> list[Recommendation]:
+def _explain(engine, cfg, u: int, picked: list[int], score_of: dict[int, float],
+             packed: np.ndarray) -> list[Recommendation]:
+    """The reasons of ``picked``: from the reasons' data :func:`models.rank_core.rank_core` packed for its
+    picks (the component that contributed most, the history item behind the votes), or for items
+    added after it (new items, popular fill) from their catalog data."""
     cat = engine._catalog
     if not picked:
         return []
+    core = packed[PICK].astype(np.int64).tolist()
+    dominant = {r: PARTS[d] for r, d in zip(core, packed[DOMINANT].astype(np.int64).tolist()) if d >= 0}
+    a = packed[:, packed[ANCHOR_ROW] >= 0]
+    anchors = dict(zip(a[PICK].astype(np.int64).tolist(),
+                       zip(a[ANCHOR_ROW].astype(np.int64).tolist(), a[COUNT].astype(np.int64).tolist(),
+                           a[LIFT].tolist(), a[ANCHOR_TYPE].astype(np.int64).tolist())))
     mix = None
     out = []
     ids = cat._ids

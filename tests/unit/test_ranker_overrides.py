@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+import models.rank_core as rank_core
 import models.ranker as ranker
 from models import Engine, EngineConfig
 from models.experiments import RANKER_OVERRIDES, validate_overrides
@@ -189,7 +190,8 @@ def test_allowed_keys_are_exactly_the_query_time_fields():
     assert validate_overrides({k: getattr(cfg, k) for k in RANKER_OVERRIDES}) == {
         k: getattr(cfg, k) for k in sorted(RANKER_OVERRIDES)}  # every default is in range
     # what the ranker reads from its config: the overridable fields, plus the privacy threshold
-    read = set(re.findall(r"\bcfg\.(\w+)", Path(ranker.__file__).read_text()))
+    read = {name for module in (ranker, rank_core)
+            for name in re.findall(r"\bcfg\.(\w+)", Path(module.__file__).read_text())}
     tables = {"query_dir_len", "query_dir_decay", "query_sym_decay", "sym_weight", "query_len"}
     assert read - {"min_support"} | tables == set(RANKER_OVERRIDES)
 
