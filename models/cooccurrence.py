@@ -659,8 +659,8 @@ def _pair_updates_one(cur, ts, w, scale, prev, prev_ts, prev_w, rating, prev_rat
 
 @njit(cache=True, nogil=True)
 def _learn_one(cur, ts, w, scale, prev, prev_ts, prev_w, rating, prev_rating, mask, prev_mask, dtab, stab, gap_tau_s,
-               gap_floor, agree, boost, pair_total, block, nb, vals, sq, fill, free_pos, n_free, keys, kvals, meta, door,
-               door_bits, n_evict, evict_sym_weight):  # pragma: no cover - compiled; tested through learn_one
+               gap_floor, agree, boost, pair_total, block, nb, vals, sq, fill, free_pos, n_free, keys, kvals, meta,
+               door, door_bits, n_evict, evict_sym_weight):  # pragma: no cover - compiled; tested through learn_one
     """One event's slot updates, applied as far as :func:`_update` gets (see :meth:`CoOccurrence.learn_one`)."""
     codes, deltas = _pair_updates_one(cur, ts, w, scale, prev, prev_ts, prev_w, rating, prev_rating, mask, prev_mask,
                                       dtab, stab, gap_tau_s, gap_floor, agree, boost)

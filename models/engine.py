@@ -447,8 +447,8 @@ class Engine:
                 self._cooc.learn_one(self._pairs, i, ts, w, scale, prev, prof.hist_ts[u, idx], prof.hist_w[u, idx],
                                      rating, prof.hist_rating[u, idx], fm[i], fm[prev])
             else:
-                codes, deltas = self._pairs.one(i, ts, w, scale, prev, prof.hist_ts[u, idx], prof.hist_w[u, idx], rating,
-                                                prof.hist_rating[u, idx], fm[i], fm[prev])
+                codes, deltas = self._pairs.one(i, ts, w, scale, prev, prof.hist_ts[u, idx], prof.hist_w[u, idx],
+                                                rating, prof.hist_rating[u, idx], fm[i], fm[prev])
                 self._outbox.append((codes, deltas, np.full(len(codes), ts),
                                      np.full(len(codes), seq), np.array([i]), np.array([ts]),
                                      np.array([len(codes) // 2]), np.array([seq])))

@@ -168,8 +168,9 @@ def _top(rows, votes, k):  # pragma: no cover - compiled; tested through Votes.t
     """Positions of the k largest positive votes (ties: lower rows), by row.
 
     A histogram of the votes over ``_BUCKETS`` equal slices of ``(0, max]`` finds the slice the k-th
-    largest falls in; everything above it is in, and that slice's own items are ranked exactly (vote,
-    then row). A heap or a quickselect spent most of their time on mispredicted comparisons."""
+    largest falls in; everything above it is in, and that slice's own few items are ranked exactly
+    (vote, then row). A heap or a quickselect spent most of their time on mispredicted comparisons;
+    four interleaved histograms keep repeated buckets from waiting on each other's counts."""
     n = votes.size
     mx = 0.0
     m = 0
@@ -179,42 +180,66 @@ def _top(rows, votes, k):  # pragma: no cover - compiled; tested through Votes.t
         m += v > 0.0
     if k <= 0 or m == 0:
         return np.empty(0, np.int64)
-    out = np.empty(min(k, m), np.int64)
     if m <= k:
+        out = np.empty(m, np.int64)
         o = 0
         for t in range(n):
             out[o] = t
             o += votes[t] > 0.0
-        return out[np.argsort(rows[out], kind="mergesort")]
-    scale = (_BUCKETS - 1) / mx  # bucket 1 + int(v * scale) rises with v; bucket 0: v <= 0
-    hist = np.zeros(_BUCKETS + 1, np.int64)
-    for t in range(n):
-        v = votes[t]
-        hist[(v > 0.0) * (1 + int(max(v, 0.0) * scale))] += 1
-    above = 0
-    cut = _BUCKETS
-    while above + hist[cut] < k:
-        above += hist[cut]
-        cut -= 1
-    edge = np.empty(hist[cut], np.int64)
-    o = 0
-    for t in range(n):
-        v = votes[t]
-        edge[o] = t
-        o += v > 0.0 and 1 + int(v * scale) == cut
-    by_row = np.argsort(rows[edge], kind="mergesort")
-    ranked = edge[by_row[np.argsort(-votes[edge[by_row]], kind="mergesort")]]
-    last = ranked[k - above - 1]  # the weakest kept: keep what beats it or is it
-    v_cut, r_cut = votes[last], rows[last]
-    o = 0
-    for t in range(n):
-        v = votes[t]
-        if v > 0.0:
-            b = 1 + int(v * scale)
-            if b > cut or (b == cut and (v > v_cut or (v == v_cut and rows[t] <= r_cut))):
-                out[o] = t
-                o += 1
-    return out[np.argsort(rows[out], kind="mergesort")]
+    else:
+        scale = (_BUCKETS - 1) / mx  # bucket 1 + int(v * scale) rises with v; bucket 0: v <= 0
+        hist = np.zeros((4, _BUCKETS + 1), np.int64)
+        t = 0
+        while t + 4 <= n:
+            for q in range(4):
+                v = votes[t + q]
+                hist[q, (v > 0.0) * (1 + int(max(v, 0.0) * scale))] += 1
+            t += 4
+        while t < n:
+            v = votes[t]
+            hist[0, (v > 0.0) * (1 + int(max(v, 0.0) * scale))] += 1
+            t += 1
+        above = 0
+        cut = _BUCKETS
+        while True:
+            c = hist[0, cut] + hist[1, cut] + hist[2, cut] + hist[3, cut]
+            if above + c >= k:
+                break
+            above += c
+            cut -= 1
+        out = np.empty(k, np.int64)
+        edge = np.empty(n, np.int64)
+        o = ne = 0
+        for t in range(n):
+            v = votes[t]
+            b = (v > 0.0) * (1 + int(max(v, 0.0) * scale))
+            out[o] = t
+            o += b > cut
+            edge[ne] = t
+            ne += b == cut
+        if ne > 64:  # many equal or near-equal votes: sort (row, then vote: stable)
+            e = edge[:ne]
+            by_row = e[np.argsort(rows[e], kind="mergesort")]
+            edge = by_row[np.argsort(-votes[by_row], kind="mergesort")]
+        else:
+            for i in range(1, ne):  # the edge bucket, best first (insertion: it holds few)
+                x = edge[i]
+                j = i - 1
+                while j >= 0 and (votes[x] > votes[edge[j]]
+                                  or (votes[x] == votes[edge[j]] and rows[x] < rows[edge[j]])):
+                    edge[j + 1] = edge[j]
+                    j -= 1
+                edge[j + 1] = x
+        for i in range(k - o):
+            out[o + i] = edge[i]
+    for i in range(1, out.size):  # by row (insertion: nearly sorted already when the rows are)
+        x = out[i]
+        j = i - 1
+        while j >= 0 and rows[out[j]] > rows[x]:
+            out[j + 1] = out[j]
+            j -= 1
+        out[j + 1] = x
+    return out
 
 
 class Votes:
