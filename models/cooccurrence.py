@@ -253,17 +253,22 @@ class CoOccurrence:
                                   self.door_bits, self._n_evict, self.evict_sym_weight)
         self.pair_total = pt
 
-    def learn_one(self, weights: PairWeights, cur: int, ts: float, w: float, scale: float, prev, prev_ts, prev_w,
-                  rating: float = 0.0, prev_rating=None, mask: int = 0, prev_mask=None) -> None:
-        """``update(*weights.one(...))`` in one compiled call: one event's pairs, learned at once."""
+    def learn_one(self, weights: PairWeights, cur: int, ts: float, w: float, scale: float, rating: float, mask: int,
+                  ring: np.ndarray, hist_item: np.ndarray, hist_ts: np.ndarray, hist_w: np.ndarray,
+                  hist_rating: np.ndarray, feat_mask: np.ndarray) -> None:
+        """``update(*weights.one(...))`` in one compiled call, the predecessors read from a user's history
+        rows at positions ``ring`` (newest first; their masks from ``feat_mask``)."""
         if self._index is None:
             raise RuntimeError("a read-side copy (indexed=False) takes rows with set_row; it does not learn pairs")
         index = self._index
-        codes, deltas, k, pt, need = _learn_one(*weights._one_args(cur, ts, w, scale, prev, prev_ts, prev_w, rating,
-                                                                   prev_rating, mask, prev_mask),
-                                                self.pair_total, self.block, self.nb, self.vals, self.sq, self.fill,
-                                                self.free_pos, self.n_free, index.keys, index.vals, index.meta,
-                                                self._door, self.door_bits, self._n_evict, self.evict_sym_weight)
+        codes, deltas, k, pt, need = _learn_one(int(cur), float(ts), float(w), float(scale), float(rating),
+                                                np.uint64(mask), ring, hist_item, hist_ts, hist_w, hist_rating,
+                                                feat_mask, weights.dtab, weights.stab, float(weights.gap_tau_s),
+                                                float(weights.gap_floor), float(weights.agreement),
+                                                float(weights.feature_boost), self.pair_total, self.block, self.nb,
+                                                self.vals, self.sq, self.fill, self.free_pos, self.n_free, index.keys,
+                                                index.vals, index.meta, self._door, self.door_bits, self._n_evict,
+                                                self.evict_sym_weight)
         self._apply(codes, deltas, k, pt, need)
 
     def reset_door(self) -> None:
@@ -533,17 +538,13 @@ class PairWeights:
     def one(self, cur: int, ts: float, w: float, scale: float, prev, prev_ts, prev_w, rating: float = 0.0,
             prev_rating=None, mask: int = 0, prev_mask=None) -> tuple[np.ndarray, np.ndarray]:
         """Slot updates of one event against its predecessors (newest first); a rating of 0 is none."""
-        return _pair_updates_one(*self._one_args(cur, ts, w, scale, prev, prev_ts, prev_w, rating, prev_rating, mask,
-                                                 prev_mask))
-
-    def _one_args(self, cur, ts, w, scale, prev, prev_ts, prev_w, rating, prev_rating, mask, prev_mask) -> tuple:
         agree = float(self.agreement) if prev_rating is not None else 0.0
         boost = float(self.feature_boost) if prev_mask is not None else 0.0
-        return (int(cur), float(ts), float(w), float(scale), np.asarray(prev, np.int64),
-                np.asarray(prev_ts, np.float64), np.asarray(prev_w, np.float64), float(rating),
-                np.asarray(prev_rating, np.float64) if agree else _NO_RATING, np.uint64(mask),
-                np.asarray(prev_mask, np.uint64) if boost else _NO_MASK, self.dtab, self.stab,
-                float(self.gap_tau_s), float(self.gap_floor), agree, boost)
+        return _pair_updates_one(int(cur), float(ts), float(w), float(scale), np.asarray(prev, np.int64),
+                                 np.asarray(prev_ts, np.float64), np.asarray(prev_w, np.float64), float(rating),
+                                 np.asarray(prev_rating, np.float64) if agree else _NO_RATING, np.uint64(mask),
+                                 np.asarray(prev_mask, np.uint64) if boost else _NO_MASK, self.dtab, self.stab,
+                                 float(self.gap_tau_s), float(self.gap_floor), agree, boost)
 
     def many(self, cur: np.ndarray, ts: np.ndarray, w: np.ndarray, scale: np.ndarray, prev: np.ndarray,
              prev_ts: np.ndarray, prev_w: np.ndarray, rating: np.ndarray | None = None,
@@ -658,10 +659,23 @@ def _pair_updates_one(cur, ts, w, scale, prev, prev_ts, prev_w, rating, prev_rat
 
 
 @njit(cache=True, nogil=True)
-def _learn_one(cur, ts, w, scale, prev, prev_ts, prev_w, rating, prev_rating, mask, prev_mask, dtab, stab, gap_tau_s,
-               gap_floor, agree, boost, pair_total, block, nb, vals, sq, fill, free_pos, n_free, keys, kvals, meta,
-               door, door_bits, n_evict, evict_sym_weight):  # pragma: no cover - compiled; tested through learn_one
+def _learn_one(cur, ts, w, scale, rating, mask, ring, hist_item, hist_ts, hist_w, hist_rating, feat_mask, dtab, stab,
+               gap_tau_s, gap_floor, agree, boost, pair_total, block, nb, vals, sq, fill, free_pos, n_free, keys, kvals,
+               meta, door, door_bits, n_evict, evict_sym_weight):  # pragma: no cover - compiled; tested through learn_one
     """One event's slot updates, applied as far as :func:`_update` gets (see :meth:`CoOccurrence.learn_one`)."""
+    k = ring.size
+    prev = np.empty(k, np.int64)
+    prev_ts = np.empty(k)
+    prev_w = np.empty(k)
+    prev_rating = np.empty(k)
+    prev_mask = np.empty(k, np.uint64)
+    for j in range(k):
+        at = ring[j]
+        prev[j] = hist_item[at]
+        prev_ts[j] = hist_ts[at]
+        prev_w[j] = hist_w[at]
+        prev_rating[j] = hist_rating[at]
+        prev_mask[j] = feat_mask[prev[j]] if prev[j] >= 0 else np.uint64(0)
     codes, deltas = _pair_updates_one(cur, ts, w, scale, prev, prev_ts, prev_w, rating, prev_rating, mask, prev_mask,
                                       dtab, stab, gap_tau_s, gap_floor, agree, boost)
     k, pt, need = _update(codes, deltas, 0, pair_total, block, nb, vals, sq, fill, free_pos, n_free, keys, kvals, meta,

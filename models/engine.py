@@ -441,12 +441,12 @@ class Engine:
         k = min(self.config.window, c)
         if k:
             idx = self._ring_idx[c % h, :k]
-            prev = prof.hist_item[u, idx]
             fm = self._catalog.feat_mask
             if self.cooc_mode == "local":
-                self._cooc.learn_one(self._pairs, i, ts, w, scale, prev, prof.hist_ts[u, idx], prof.hist_w[u, idx],
-                                     rating, prof.hist_rating[u, idx], fm[i], fm[prev])
+                self._cooc.learn_one(self._pairs, i, ts, w, scale, rating, fm[i], idx, prof.hist_item[u],
+                                     prof.hist_ts[u], prof.hist_w[u], prof.hist_rating[u], fm)
             else:
+                prev = prof.hist_item[u, idx]
                 codes, deltas = self._pairs.one(i, ts, w, scale, prev, prof.hist_ts[u, idx], prof.hist_w[u, idx],
                                                 rating, prof.hist_rating[u, idx], fm[i], fm[prev])
                 self._outbox.append((codes, deltas, np.full(len(codes), ts),
