@@ -135,7 +135,11 @@ def rank_core(engine, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: in
             share[list(mix)] = list(mix.values())
     sc = scratch("rank_core", max(co.ipop.size, cat.available.size), _Scratch)
     memo = sc.memo
-    mom_decay, pop_decay = engine._decay(tr.lam_m, MOMENTUM_RESOLUTION_S), engine._decay(co.lam, MOMENTUM_RESOLUTION_S)
+    moment = (engine._now, engine._t0, tr.lam_m, co.lam)
+    if sc.moment != moment:  # the momentum decays of this moment (the same for every request in it)
+        sc.moment, sc.decays = moment, (engine._decay(tr.lam_m, MOMENTUM_RESOLUTION_S),
+                                        engine._decay(co.lam, MOMENTUM_RESOLUTION_S))
+    mom_decay, pop_decay = sc.decays
     momentum = float(cfg.momentum)
     gen = memo.generation((mom_decay, pop_decay, momentum))
     kk = min(len(cat), 3 * n + 10)
@@ -159,9 +163,9 @@ def rank_core(engine, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: in
             continue
         if excl:  # excluded ids among the picks: block their rows, pick again
             ids = cat._ids
-            hit = [r for r in out[PICK].astype(np.int64).tolist() if ids[r] in excl]
-            if hit:
-                blocked = np.union1d(blocked, hit).astype(np.int64)
+            picks = out[PICK].astype(np.int64).tolist()
+            if not excl.isdisjoint(map(ids.__getitem__, picks)):
+                blocked = np.union1d(blocked, [r for r in picks if ids[r] in excl]).astype(np.int64)
                 continue
         return out, mix
 
@@ -179,6 +183,8 @@ class _Scratch:
         self.memo = _MomentumMemo(size)
         self.marks = np.zeros(size, np.int8)
         self.pos = _positions(size)
+        self.moment: tuple = ()
+        self.decays = (1.0, 1.0)
 
 
 _EMPTY = np.zeros(0)
