@@ -19,8 +19,16 @@ import weakref
 
 import numpy as np
 
-#: Trending -> {(n, segment): top rows}; outside the object's state (not pickled, not compared).
-_TOP_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: id(Trending) -> {(n, segment): top rows}; outside the object's state (not pickled, not compared).
+#: Keyed by id, the entry dropped when its object goes (weakref.finalize): a WeakKeyDictionary made a
+#: weak reference on every learned event just to say "nothing memoised".
+_TOP_MEMO: dict[int, dict] = {}
+
+
+def _forget_top(trending: Trending) -> None:
+    memo = _TOP_MEMO.get(id(trending))
+    if memo:
+        memo.clear()
 
 
 class Trending:
@@ -62,7 +70,7 @@ class Trending:
 
     def ensure(self, n_items: int) -> None:
         """Make room for ``n_items`` columns."""
-        _TOP_MEMO.pop(self, None)
+        _forget_top(self)
         self.n_items = max(self.n_items, n_items)
         cap = self.global_.shape[0]
         if n_items <= cap:
@@ -79,7 +87,7 @@ class Trending:
 
     def rescale(self, factor: float, factor_m: float = 1.0) -> None:
         """Multiply every score by ``factor`` (moving the reference time); ``factor_m`` for momentum."""
-        _TOP_MEMO.pop(self, None)
+        _forget_top(self)
         self.momentum_ *= factor_m
         self.global_ *= factor
         self.segment_ *= factor
@@ -92,7 +100,7 @@ class Trending:
         ``scaled_m`` feeds the slow "momentum" popularity. The maxima are kept up to date too
         (stored scores only grow between rescalings).
         """
-        _TOP_MEMO.pop(self, None)
+        _forget_top(self)
         if not items:
             return
         g, sg = self.global_, self.segment_
@@ -132,9 +140,10 @@ class Trending:
         Remembered until the scores change: the stream learns a batch, then ranks every touched user,
         and each ranking asks for the same few lists.
         """
-        memo = _TOP_MEMO.get(self)
+        memo = _TOP_MEMO.get(id(self))
         if memo is None:
-            memo = _TOP_MEMO[self] = {}
+            memo = _TOP_MEMO[id(self)] = {}
+            weakref.finalize(self, _TOP_MEMO.pop, id(self), None)
         key = (n, -1 if segment is None else segment)
         out = memo.get(key)
         if out is None:

@@ -517,3 +517,22 @@ def test_models_read_no_clock_and_no_randomness():
         src = (MODELS_DIR / name).read_text()
         for banned in ("time.time", "datetime.now", "perf_counter", "import random", "np.random", "open("):
             assert banned not in src, f"models/{name} uses {banned!r}"
+
+
+def test_trending_top_lists_are_remembered_until_the_scores_change_and_go_with_their_object():
+    import gc
+
+    from models.trending import _TOP_MEMO
+
+    t = Trending(n_segments=2)
+    t.ensure(4)
+    t.add([1, 2, 2], [0, 0, 1], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0])
+    first = t.top(2)
+    assert first.tolist() == [2, 1] and t.top(2) is first  # remembered
+    t.add([1, 1], [-1, -1], [1.0, 1.0], [1.0, 1.0])
+    assert t.top(2).tolist() == [1, 2]  # a change is seen at once
+    key = id(t)
+    assert key in _TOP_MEMO
+    del t, first
+    gc.collect()
+    assert key not in _TOP_MEMO
