@@ -67,6 +67,15 @@ class Event:
     session_id: str | None = None
     context: Mapping[str, str] | None = None
 
+    def with_user_id(self, user_id: str) -> Event:
+        """The same event of another user id (half the cost of ``dataclasses.replace``).
+
+        >>> Event("e1", "alice", "view", 1.0, "i1").with_user_id("p-7f3a").user_id
+        'p-7f3a'
+        """
+        return Event(self.event_id, user_id, self.type, self.ts, self.item_id, self.value, self.rating,
+                     self.session_id, self.context)
+
     def to_dict(self) -> dict:
         """The event as on the topic (None fields left out)."""
         d = {"event_id": self.event_id, "user_id": self.user_id, "type": self.type, "ts": self.ts}

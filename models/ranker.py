@@ -279,19 +279,18 @@ def _explain(engine, cfg, u: int, picked: list[int], score_of: dict[int, float],
     cat = engine._catalog
     if not picked:
         return []
-    core = packed[PICK].astype(np.int64).tolist()
-    dominant = {r: PARTS[d] for r, d in zip(core, packed[DOMINANT].astype(np.int64).tolist()) if d >= 0}
-    a = packed[:, packed[ANCHOR_ROW] >= 0]
-    anchors = dict(zip(a[PICK].astype(np.int64).tolist(),
-                       zip(a[ANCHOR_ROW].astype(np.int64).tolist(), a[COUNT].astype(np.int64).tolist(),
-                           a[LIFT].tolist(), a[ANCHOR_TYPE].astype(np.int64).tolist())))
+    # row -> (dominant part, anchor row, pair count, lift, anchor's event type code)
+    core = dict(zip(packed[PICK].astype(np.int64).tolist(),
+                    packed[[DOMINANT, ANCHOR_ROW, COUNT, LIFT, ANCHOR_TYPE]].T.tolist()))
     mix = None
     out = []
     ids = cat._ids
+    no_data = (-1.0, -1.0, 0.0, 0.0, 0.0)
     for r in picked:
-        name = dominant.get(r)
-        if name == "cooc" and r in anchors:
-            a, cnt, lf, t = anchors[r]
+        d, a, cnt, lf, t = core.get(r, no_data)
+        name = PARTS[int(d)] if d >= 0 else None
+        if name == "cooc" and a >= 0:
+            a, cnt, t = int(a), int(cnt), int(t)
             verb, did = _VERBS.get(EVENT_TYPES[t], ("chosen", "chose"))
             if cnt >= cfg.min_support:
                 reason = f"{verb} together with {cat.title(a)} by {cnt} users (lift {lf:.1f})"

@@ -7,7 +7,7 @@ reason in the headers (``reason``, ``source_topic``, ``source_partition``, ``sou
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from models.dedupe import Deduplicator
 from models.events import Event, InvalidEvent, Limits, parse_event
@@ -81,7 +81,7 @@ class Ingest:
             if event.ts > newest:
                 self.watermarks[where] = event.ts
             if self.pseudonymize is not None:
-                event = replace(event, user_id=self.pseudonymize(event.user_id))
+                event = event.with_user_id(self.pseudonymize(event.user_id))
             if self.dedupe.seen(event.event_id, event.ts):
                 out.duplicates += 1
                 continue

@@ -135,3 +135,14 @@ def test_deduplicator_is_bounded_in_count():
     for i in range(1000):
         d.seen(f"e{i}", ts=float(i))
     assert len(d) == 100 and "e999" in d and "e0" not in d
+
+
+def test_with_user_id_keeps_every_other_field():
+    import dataclasses
+
+    from models.events import Event
+
+    e = Event("e1", "alice", "purchase", 1.0, "i1", 9.5, 4.0, "s1", {"campaign": "c"})
+    assert dataclasses.astuple(e.with_user_id("p-1")) == dataclasses.astuple(dataclasses.replace(e, user_id="p-1"))
+    assert {f.name for f in dataclasses.fields(Event)} == {"event_id", "user_id", "type", "ts", "item_id", "value",
+                                                           "rating", "session_id", "context"}  # a new field: add it
