@@ -540,10 +540,11 @@ class PairWeights:
         """Slot updates of one event against its predecessors (newest first); a rating of 0 is none."""
         agree = float(self.agreement) if prev_rating is not None else 0.0
         boost = float(self.feature_boost) if prev_mask is not None else 0.0
-        return _pair_updates_one(int(cur), float(ts), float(w), float(scale), np.asarray(prev, np.int64),
-                                 np.asarray(prev_ts, np.float64), np.asarray(prev_w, np.float64), float(rating),
-                                 np.asarray(prev_rating, np.float64) if agree else _NO_RATING, np.uint64(mask),
-                                 np.asarray(prev_mask, np.uint64) if boost else _NO_MASK, self.dtab, self.stab,
+        return _pair_updates_one(int(cur), float(ts), float(w), float(scale), np.ascontiguousarray(prev, np.int64),
+                                 np.ascontiguousarray(prev_ts, np.float64), np.ascontiguousarray(prev_w, np.float64),
+                                 float(rating),
+                                 np.ascontiguousarray(prev_rating, np.float64) if agree else _NO_RATING, np.uint64(mask),
+                                 np.ascontiguousarray(prev_mask, np.uint64) if boost else _NO_MASK, self.dtab, self.stab,
                                  float(self.gap_tau_s), float(self.gap_floor), agree, boost)
 
     def many(self, cur: np.ndarray, ts: np.ndarray, w: np.ndarray, scale: np.ndarray, prev: np.ndarray,
@@ -578,34 +579,6 @@ def _bits(x):  # pragma: no cover - compiled
     return n
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _pair_into(codes, deltas, t, c, p, k, ts, prev_ts, w, pw, scale, rating, prev_rating, mask, prev_mask, dtab, stab,
-               gap_tau_s, gap_floor, agree, boost):  # pragma: no cover - compiled
-    """Write pair ``t`` (event item ``c``, its ``k``-th predecessor ``p``) as slot updates ``2t`` and ``2t + 1``."""
-    gapf = 1.0
-    if gap_tau_s > 0:
-        gap = ts - prev_ts
-        gapf = gap_floor + (1.0 - gap_floor) / (1.0 + (gap if gap > 0.0 else 0.0) / gap_tau_s)
-    base = gapf * (pw if pw < w else w) * scale
-    if agree > 0.0 and rating > 0.0 and prev_rating > 0.0:
-        base *= math.exp(-agree * abs(rating - prev_rating))
-    ws = base * stab[k]
-    if boost > 0.0:
-        union = _bits(mask | prev_mask)
-        if union:
-            ws *= 1.0 + boost * _bits(mask & prev_mask) / union
-    codes[2 * t] = (p << _SHIFT) | c
-    codes[2 * t + 1] = (c << _SHIFT) | p
-    deltas[2 * t, 0] = base * dtab[k]
-    deltas[2 * t + 1, 0] = 0.0
-    deltas[2 * t, 1] = ws
-    deltas[2 * t + 1, 1] = ws
-    deltas[2 * t, 2] = scale
-    deltas[2 * t + 1, 2] = scale
-    deltas[2 * t, 3] = 1.0
-    deltas[2 * t + 1, 3] = 1.0
-
-
 @njit(cache=True, nogil=True)
 def _pair_updates(cur, ts, w, scale, prev, prev_ts, prev_w, dtab, stab, gap_tau_s, gap_floor, rating, prev_rating,
                   agree, mask, prev_mask, boost):  # pragma: no cover - compiled; tested through PairWeights
@@ -621,15 +594,33 @@ def _pair_updates(cur, ts, w, scale, prev, prev_ts, prev_w, dtab, stab, gap_tau_
     t = 0
     for j in range(e):
         c = np.int64(cur[j])
-        r_j = rating[j] if agree > 0.0 else 0.0
-        m_j = mask[j] if boost > 0.0 else np.uint64(0)
         for k in range(width):
             p = np.int64(prev[j, k])
             if p < 0 or p == c:
                 continue
-            _pair_into(codes, deltas, t, c, p, k, ts[j], prev_ts[j, k], w[j], prev_w[j, k], scale[j], r_j,
-                       prev_rating[j, k] if agree > 0.0 else 0.0, m_j, prev_mask[j, k] if boost > 0.0 else m_j,
-                       dtab, stab, gap_tau_s, gap_floor, agree, boost)
+            gapf = 1.0
+            if gap_tau_s > 0:
+                gap = ts[j] - prev_ts[j, k]
+                gapf = gap_floor + (1.0 - gap_floor) / (1.0 + (gap if gap > 0.0 else 0.0) / gap_tau_s)
+            pw = prev_w[j, k]
+            base = gapf * (pw if pw < w[j] else w[j]) * scale[j]
+            if agree > 0.0 and rating[j] > 0.0 and prev_rating[j, k] > 0.0:
+                base *= math.exp(-agree * abs(rating[j] - prev_rating[j, k]))
+            ws = base * stab[k]
+            if boost > 0.0:
+                union = _bits(mask[j] | prev_mask[j, k])
+                if union:
+                    ws *= 1.0 + boost * _bits(mask[j] & prev_mask[j, k]) / union
+            codes[2 * t] = (p << _SHIFT) | c
+            codes[2 * t + 1] = (c << _SHIFT) | p
+            deltas[2 * t, 0] = base * dtab[k]
+            deltas[2 * t + 1, 0] = 0.0
+            deltas[2 * t, 1] = ws
+            deltas[2 * t + 1, 1] = ws
+            deltas[2 * t, 2] = scale[j]
+            deltas[2 * t + 1, 2] = scale[j]
+            deltas[2 * t, 3] = 1.0
+            deltas[2 * t + 1, 3] = 1.0
             ev[t] = j
             t += 1
     return codes, deltas, ev
@@ -638,23 +629,13 @@ def _pair_updates(cur, ts, w, scale, prev, prev_ts, prev_w, dtab, stab, gap_tau_
 @njit(cache=True, nogil=True)
 def _pair_updates_one(cur, ts, w, scale, prev, prev_ts, prev_w, rating, prev_rating, mask, prev_mask, dtab, stab,
                       gap_tau_s, gap_floor, agree, boost):  # pragma: no cover - compiled; tested through PairWeights
-    """:func:`_pair_updates` of one event (scalars; its predecessors as 1-d arrays), the same numbers."""
-    n = 0
-    for k in range(prev.size):
-        if prev[k] >= 0 and prev[k] != cur:
-            n += 1
-    codes = np.empty(2 * n, np.int64)
-    deltas = np.empty((2 * n, 4))
-    t = 0
-    c = np.int64(cur)
-    for k in range(prev.size):
-        p = np.int64(prev[k])
-        if p < 0 or p == c:
-            continue
-        _pair_into(codes, deltas, t, c, p, k, ts, prev_ts[k], w, prev_w[k], scale, rating if agree > 0.0 else 0.0,
-                   prev_rating[k] if agree > 0.0 else 0.0, mask, prev_mask[k] if boost > 0.0 else mask, dtab, stab,
-                   gap_tau_s, gap_floor, agree, boost)
-        t += 1
+    """:func:`_pair_updates` of one event (scalars; its predecessors as 1-d arrays): the batch kernel on a
+    batch of one, called from compiled code, so the same numbers without a Python call per array."""
+    codes, deltas, _ = _pair_updates(np.full(1, cur, np.int64), np.full(1, ts), np.full(1, w), np.full(1, scale),
+                                     prev.reshape(1, -1), prev_ts.reshape(1, -1), prev_w.reshape(1, -1),
+                                     dtab, stab, gap_tau_s, gap_floor, np.full(1, rating),
+                                     prev_rating.reshape(1, -1), agree, np.full(1, mask, np.uint64),
+                                     prev_mask.reshape(1, -1), boost)
     return codes, deltas
 
 
