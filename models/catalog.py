@@ -15,14 +15,12 @@ False
 from __future__ import annotations
 
 import math
-import weakref
 from collections import deque
 from collections.abc import Mapping
 
 import numpy as np
 
-#: catalog -> (its recent-items version, recent_dated() rows)
-_RECENT_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+from models.scratch import memo_of
 
 #: At most this many features (category first, then tags) are kept per item.
 MAX_ITEM_FEATURES = 8
@@ -223,12 +221,12 @@ class Catalog:
         event have none), newest last; remembered until the recent items change (outside the state,
         so reading changes nothing)."""
         version = self._recent_version
-        memo = _RECENT_MEMO.get(self)
-        if memo is None or memo[0] != version:
+        memo = memo_of(self)
+        held = memo.get("recent_dated")
+        if held is None or held[0] != version:
             recent = np.fromiter(self._recent, np.int64, len(self._recent))
-            memo = (version, recent[np.isfinite(self.added_ts[recent])])
-            _RECENT_MEMO[self] = memo
-        return memo[1]
+            held = memo["recent_dated"] = (version, recent[np.isfinite(self.added_ts[recent])])
+        return held[1]
 
 
 def _mask(feats: tuple[int, ...]) -> int:

@@ -15,21 +15,10 @@ they are stored relative to a reference time ``t0`` (``w * exp(lambda * (t - t0)
 from __future__ import annotations
 
 import math
-import weakref
 
 import numpy as np
 
-#: id(Trending) -> {(n, segment): top rows}; outside the object's state (not pickled, not compared).
-#: Keyed by id, the entry dropped when its object goes (weakref.finalize): a WeakKeyDictionary made a
-#: weak reference on every learned event just to say "nothing memoised".
-_TOP_MEMO: dict[int, dict] = {}
-
-
-def _forget_top(trending: Trending) -> None:
-    memo = _TOP_MEMO.get(id(trending))
-    if memo:
-        memo.clear()
-
+from models.scratch import forget_memo, memo_of
 
 class Trending:
     """Global and per-segment decayed item popularity.
@@ -70,7 +59,7 @@ class Trending:
 
     def ensure(self, n_items: int) -> None:
         """Make room for ``n_items`` columns."""
-        _forget_top(self)
+        forget_memo(self)
         self.n_items = max(self.n_items, n_items)
         cap = self.global_.shape[0]
         if n_items <= cap:
@@ -87,7 +76,7 @@ class Trending:
 
     def rescale(self, factor: float, factor_m: float = 1.0) -> None:
         """Multiply every score by ``factor`` (moving the reference time); ``factor_m`` for momentum."""
-        _forget_top(self)
+        forget_memo(self)
         self.momentum_ *= factor_m
         self.global_ *= factor
         self.segment_ *= factor
@@ -100,7 +89,7 @@ class Trending:
         ``scaled_m`` feeds the slow "momentum" popularity. The maxima are kept up to date too
         (stored scores only grow between rescalings).
         """
-        _forget_top(self)
+        forget_memo(self)
         if not items:
             return
         g, sg = self.global_, self.segment_
@@ -140,10 +129,7 @@ class Trending:
         Remembered until the scores change: the stream learns a batch, then ranks every touched user,
         and each ranking asks for the same few lists.
         """
-        memo = _TOP_MEMO.get(id(self))
-        if memo is None:
-            memo = _TOP_MEMO[id(self)] = {}
-            weakref.finalize(self, _TOP_MEMO.pop, id(self), None)
+        memo = memo_of(self)  # {(n, segment): top rows}
         key = (n, -1 if segment is None else segment)
         out = memo.get(key)
         if out is None:

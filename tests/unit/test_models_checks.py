@@ -522,7 +522,7 @@ def test_models_read_no_clock_and_no_randomness():
 def test_trending_top_lists_are_remembered_until_the_scores_change_and_go_with_their_object():
     import gc
 
-    from models.trending import _TOP_MEMO
+    from models.scratch import _MEMOS
 
     t = Trending(n_segments=2)
     t.ensure(4)
@@ -532,7 +532,7 @@ def test_trending_top_lists_are_remembered_until_the_scores_change_and_go_with_t
     t.add([1, 1], [-1, -1], [1.0, 1.0], [1.0, 1.0])
     assert t.top(2).tolist() == [1, 2]  # a change is seen at once
     key = id(t)
-    assert key in _TOP_MEMO
+    assert key in _MEMOS
     del t, first
     gc.collect()
-    assert key not in _TOP_MEMO
+    assert key not in _MEMOS
