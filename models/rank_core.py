@@ -156,9 +156,9 @@ def rank_core(engine, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: in
                             float(w_s), glob, float(w_g), share, float(cfg.w_content), trend_a, trend_b, have_trending,
                             kk, n, cap, _ANCHOR_ROWS if explain else 0, sc.acc, sc.mark, memo.factor, memo.count,
                             memo.pop, memo.gen, gen, sc.marks, sc.pos)
-        if status == _NEED_TRENDING:
-            trend_a = tr.top(kk, seg if seg >= 0 else None)
-            trend_b = tr.top(kk) if seg >= 0 else _NO_ROWS
+        if status == _NEED_TRENDING:  # (copies: a read-only array is another numba type, another compilation)
+            trend_a = np.array(tr.top(kk, seg if seg >= 0 else None))
+            trend_b = np.array(tr.top(kk)) if seg >= 0 else _NO_ROWS
             have_trending = True
             continue
         if excl:  # excluded ids among the picks: block their rows, pick again

@@ -143,8 +143,9 @@ def settings_for(engine, overrides: Mapping[str, float] | None) -> RankerSetting
     cached = entry[1].get(key)
     if cached is None:
         cfg = replace(base, **ov)
+        # shared between calls, yet writeable: a read-only array is another numba type, for which the
+        # compiled ranker would be compiled again (seconds, in the middle of a stream batch)
         qd, qs = query_tables(cfg)
-        qd.flags.writeable = qs.flags.writeable = False  # shared between calls
         cached = RankerSettings(cfg, qd, qs)
         if len(entry[1]) >= _SETTINGS_CACHE_MAX:
             entry[1].clear()
