@@ -91,7 +91,8 @@ def _step_by_step(engine, cfg, qd_tab, qs_tab, u: int, k: int, n: int, cap: int,
         picked = cand[sel].tolist()
         score_of = dict(zip(picked, score[sel].tolist()))
         if explain and picked:  # which component made each pick, and the history item behind its votes
-            anchor = np.full(sel.size, -1, np.int64) if votes is None else votes.anchors(cand[sel], rank_core._ANCHOR_ROWS)
+            anchor = (np.full(sel.size, -1, np.int64) if votes is None
+                      else votes.anchors(cand[sel], rank_core._ANCHOR_ROWS))
             dom, anchors = why(sel, cand, v, w_c, seg_row, w_s, glob, w_g, content, anchor=anchor,
                                items=items, types=prof.hist_type[u, idx], cooc=co)
             dominant = {r: PARTS[d] for r, d in zip(picked, dom) if d >= 0}
@@ -115,8 +116,7 @@ def _reference(engine: Engine, user: str, n: int = 10, exclude=None, explain: bo
         picked = ranker._fill_popular(engine, picked, excl, n, u)
     if not explain:
         return [Recommendation(cat._ids[r], score_of.get(r, 0.0), "") for r in picked]
-    packed = np.zeros((7, len(dominant) or 0))
-    rows = list(dominant)
+    rows = list(dominant)  # the reasons' data of the picks, packed as rank_core packs it
     packed = np.zeros((7, len(rows)))
     for i, r in enumerate(rows):
         packed[PICK, i], packed[SCORE, i], packed[DOMINANT, i] = r, score_of[r], PARTS.index(dominant[r])
