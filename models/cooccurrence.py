@@ -233,11 +233,16 @@ class CoOccurrence:
         u = len(codes)
         if u == 0:
             return
-        if self._index is None:
-            raise RuntimeError("a read-side copy (indexed=False) takes rows with set_row; it does not learn pairs")
+        self._learner_index()
         codes = np.asarray(codes, np.int64)
         deltas = np.ascontiguousarray(deltas, np.float64)
         self._apply(codes, deltas, 0, self.pair_total, 0)
+
+    def _learner_index(self) -> SlotTable:
+        """The slot index learning needs (a read-side copy has none, and does not learn)."""
+        if self._index is None:
+            raise RuntimeError("a read-side copy (indexed=False) takes rows with set_row; it does not learn pairs")
+        return self._index
 
     def _apply(self, codes: np.ndarray, deltas: np.ndarray, k: int, pt: float, need: int) -> None:
         """Go on with the updates from ``k`` (``pt``: the pair total so far) after what stopped them
@@ -258,9 +263,7 @@ class CoOccurrence:
                   hist_rating: np.ndarray, feat_mask: np.ndarray) -> None:
         """``update(*weights.one(...))`` in one compiled call, the predecessors read from a user's history
         rows at positions ``ring`` (newest first; their masks from ``feat_mask``)."""
-        if self._index is None:
-            raise RuntimeError("a read-side copy (indexed=False) takes rows with set_row; it does not learn pairs")
-        index = self._index
+        index = self._learner_index()
         codes, deltas, k, pt, need = _learn_one(int(cur), float(ts), float(w), float(scale), float(rating),
                                                 np.uint64(mask), ring, hist_item, hist_ts, hist_w, hist_rating,
                                                 feat_mask, weights.dtab, weights.stab, float(weights.gap_tau_s),
@@ -540,11 +543,11 @@ class PairWeights:
         """Slot updates of one event against its predecessors (newest first); a rating of 0 is none."""
         agree = float(self.agreement) if prev_rating is not None else 0.0
         boost = float(self.feature_boost) if prev_mask is not None else 0.0
-        return _pair_updates_one(int(cur), float(ts), float(w), float(scale), np.ascontiguousarray(prev, np.int64),
-                                 np.ascontiguousarray(prev_ts, np.float64), np.ascontiguousarray(prev_w, np.float64),
-                                 float(rating),
-                                 np.ascontiguousarray(prev_rating, np.float64) if agree else _NO_RATING, np.uint64(mask),
-                                 np.ascontiguousarray(prev_mask, np.uint64) if boost else _NO_MASK, self.dtab, self.stab,
+        flat = np.ascontiguousarray
+        return _pair_updates_one(int(cur), float(ts), float(w), float(scale), flat(prev, np.int64),
+                                 flat(prev_ts, np.float64), flat(prev_w, np.float64), float(rating),
+                                 flat(prev_rating, np.float64) if agree else _NO_RATING, np.uint64(mask),
+                                 flat(prev_mask, np.uint64) if boost else _NO_MASK, self.dtab, self.stab,
                                  float(self.gap_tau_s), float(self.gap_floor), agree, boost)
 
     def many(self, cur: np.ndarray, ts: np.ndarray, w: np.ndarray, scale: np.ndarray, prev: np.ndarray,
@@ -642,7 +645,8 @@ def _pair_updates_one(cur, ts, w, scale, prev, prev_ts, prev_w, rating, prev_rat
 @njit(cache=True, nogil=True)
 def _learn_one(cur, ts, w, scale, rating, mask, ring, hist_item, hist_ts, hist_w, hist_rating, feat_mask, dtab, stab,
                gap_tau_s, gap_floor, agree, boost, pair_total, block, nb, vals, sq, fill, free_pos, n_free, keys, kvals,
-               meta, door, door_bits, n_evict, evict_sym_weight):  # pragma: no cover - compiled; tested through learn_one
+               meta, door, door_bits, n_evict,
+               evict_sym_weight):  # pragma: no cover - compiled; tested through learn_one
     """One event's slot updates, applied as far as :func:`_update` gets (see :meth:`CoOccurrence.learn_one`)."""
     k = ring.size
     prev = np.empty(k, np.int64)

@@ -65,6 +65,9 @@ _Columns = tuple[list, list, list, list, list, list]
 def _columns(events: list) -> _Columns:
     """Events (contract dicts or :class:`~models.events.Event`) as columns: a list per field is a tenth of
     the cost of building an ``Event`` per dict, and ``learn_many`` reads every field of every event."""
+    if len(events) == 1 and type(events[0]) is dict:  # learn_one: a fifth of the cost of the lists below
+        e = events[0]
+        return [e["user_id"]], [e["type"]], [e["ts"]], [e.get("item_id")], [e.get("value")], [e.get("rating")]
     if all(type(e) is dict for e in events):
         return ([e["user_id"] for e in events], [e["type"] for e in events], [e["ts"] for e in events],
                 [e.get("item_id") for e in events], [e.get("value") for e in events],
@@ -284,12 +287,7 @@ class Engine:
     # ------------------------------------------------------------------ learning
     def learn_one(self, event: Event | Mapping) -> None:
         """Learn from one event (a contract dict or an :class:`~models.events.Event`)."""
-        if type(event) is dict:
-            e = event
-            self._learn(([e["user_id"]], [e["type"]], [e["ts"]], [e.get("item_id")], [e.get("value")],
-                         [e.get("rating")]))
-        else:
-            self._learn(_columns([event]))
+        self._learn(_columns([event]))
 
     def learn_many(self, events: Iterable[Event | Mapping]) -> None:
         """Learn from events in order: the same state as ``learn_one`` in a loop, much faster."""
@@ -642,8 +640,6 @@ class Engine:
             prof.segment[u] = new
 
     def _ensure_items(self, n: int) -> None:
-        if n <= self._trending.n_items and n <= self._cooc.n_items and n <= self._item_events.shape[0]:
-            return  # nothing new (the common case, once per learned block)
         self._cooc.ensure(n)
         self._trending.ensure(n)
         cap = self._item_events.shape[0]

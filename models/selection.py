@@ -77,15 +77,6 @@ def _choose(cand, votes, w_cooc, seg_row, w_seg, glob, w_glob, extra, category, 
     return order, score, out, relaxed
 
 
-def marks_for(n_items: int) -> np.ndarray:
-    """This thread's marks over the catalog for :func:`_choose` (at rest all zero)."""
-    return scratch("selection.marks", n_items, _zero_marks)
-
-
-def _zero_marks(size: int) -> np.ndarray:
-    return np.zeros(size, np.int8)
-
-
 class Choice(NamedTuple):
     """What :func:`choose` picked: ``order`` of the candidates best first, their blended ``score`` (in
     candidate order), ``keep`` (positions in ``order`` of the picked items, best first) and whether
@@ -118,7 +109,7 @@ def choose(cand: np.ndarray, votes: np.ndarray, w_cooc: float, seg_row: np.ndarr
     >>> c.order[c.keep].tolist()
     [1, 2]
     """
-    marks = marks_for(available.size)
+    marks = scratch("selection.marks", available.size, lambda size: np.zeros(size, np.int8))
     blocked = np.zeros(0, np.int64)
     while True:
         order, score, keep, relaxed = _choose(cand, votes, float(w_cooc), seg_row, float(w_seg), glob, float(w_glob),

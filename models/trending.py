@@ -20,6 +20,7 @@ import numpy as np
 
 from models.scratch import forget_memo, memo_of
 
+
 class Trending:
     """Global and per-segment decayed item popularity.
 
@@ -59,8 +60,10 @@ class Trending:
 
     def ensure(self, n_items: int) -> None:
         """Make room for ``n_items`` columns."""
-        forget_memo(self)
-        self.n_items = max(self.n_items, n_items)
+        if n_items <= self.n_items:
+            return
+        forget_memo(self)  # the score views got longer
+        self.n_items = n_items
         cap = self.global_.shape[0]
         if n_items <= cap:
             return
