@@ -21,18 +21,21 @@ async def test_the_client_reads_what_the_worker_wrote(settings):
     s = settings.model_copy(update={"publish_interval_s": 0.0})
     events = [{"event_id": f"e{u}-{k}", "user_id": f"u{u}", "item_id": f"sku-{(u + k) % 4}", "type": "purchase",
                "ts": T0 + 10 * u + k} for u in range(12) for k in range(3)]
+    pure = Engine(s.engine_config())  # the item stage's rows and trending equal a pure engine's on the same events
+    for it in CATALOG:
+        pure.upsert_item(it)
+    pure.learn_many(events)
+    expected_similar, expected_trending = pure.similar("sku-1", n=s.similar_n), pure.trending(n=5)
+    client = InfogapClient(connections.redis_sync(s), s.redis_prefix)
     async with running_worker(s) as worker:
         await produce(s, s.topics.items, [(it["item_id"], it) for it in CATALOG])
         await produce(s, s.topics.events, [(e["user_id"], e) for e in events])
         await wait_for(lambda: worker.stats.events_ok >= len(events), what="all events applied")
-        expected_trending = worker.engine.trending(n=5)
         expected_segment = worker.engine.segment("u3")
-    pure = Engine(s.engine_config())  # the item stage's rows equal a pure engine's on the same events
-    for it in CATALOG:
-        pure.upsert_item(it)
-    pure.learn_many(events)
-    expected_similar = pure.similar("sku-1", n=s.similar_n)
-    client = InfogapClient(connections.redis_sync(s), s.redis_prefix)
+        # trending is published by the population learner on its own cadence, after the events are applied;
+        # the four items are bought 9 times each, so the order is decided by recency alone
+        await wait_for(lambda: [i for i, _ in client.trending(n=5)] == [i for i, _ in expected_trending],
+                       what=f"ig:trending ordered as the pure engine's {expected_trending}")
     raw = orjson.loads(await asyncio.to_thread(connections.redis_sync(s).get, f"{s.redis_prefix}recs:u3"))
     recs = await asyncio.to_thread(client.recommendations, "u3")
     assert recs is not None and recs.user_id == "u3" and recs.model_version == s.model_version
@@ -48,4 +51,5 @@ async def test_the_client_reads_what_the_worker_wrote(settings):
     assert similar and all(n.support >= 2 for n in similar)  # rare pairs are not published
     trending = client.trending(n=5)
     assert [i for i, _ in trending] == [i for i, _ in expected_trending]
+    assert [sc for _, sc in trending] == pytest.approx([sc for _, sc in expected_trending], rel=1e-9)
     assert client.recommendations("nobody") is None
