@@ -35,6 +35,7 @@ from models.catalog import Catalog
 from models.cooc_shard import PairDeltas
 from models.cooccurrence import _MASK, _SHIFT, CoOccurrence, PairWeights
 from models.events import EVENT_TYPES, Event, as_event
+from models.learn_core import learn_event
 from models.population import segmenter_for, trending_for
 from models.profile import Profiles
 from models.ranker import Neighbour, Recommendation, query_tables, rank, settings_for
@@ -413,6 +414,15 @@ class Engine:
         n_block = end - start
         self.n_learned += n_block
         self._ensure_items(len(cat))
+        if len(pu) == 1 and len(ti) == 1 and not remote:  # one event into the history: one compiled call
+            learn_event(self, pu[0], pi[0], tseg[0], tx[0], tm[0], pts[0], pw[0], pc[0], ptype[0], psc[0], prt[0])
+        else:
+            self._learn_arrays(ti, tseg, tx, tm, pu, pi, pts, pw, pc, ptype, psc, pseq, prt, remote)
+        if not remote and self.n_learned % _DOOR_PERIOD < n_block:  # the block ended on a multiple of the period
+            self._cooc.reset_door()
+
+    def _learn_arrays(self, ti, tseg, tx, tm, pu, pi, pts, pw, pc, ptype, psc, pseq, prt, remote: bool) -> None:
+        """The block's trending entries (``ti``...) and history entries (``pu``...), in order."""
         if ti:
             if len(ti) == 1:
                 self._item_events[ti[0]] += 1
@@ -428,8 +438,6 @@ class Engine:
                 self._learn_pairs(np.asarray(pu, np.int64), np.asarray(pi, np.int64), np.asarray(pts),
                                   np.asarray(pw), np.asarray(pc, np.int64), np.asarray(ptype, np.int8),
                                   np.asarray(psc), np.asarray(pseq, np.int64), np.asarray(prt))
-        if not remote and self.n_learned % _DOOR_PERIOD < n_block:  # the block ended on a multiple of the period
-            self._cooc.reset_door()
 
     def _learn_pair_one(self, u: int, i: int, ts: float, w: float, c: int, typ: int, scale: float,
                         seq: int, rating: float = 0.0) -> None:

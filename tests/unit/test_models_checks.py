@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import models.engine as engine_mod
+import models.learn_core as learn_core
 from models import Engine, EngineConfig
 from models.catalog import Catalog
 from models.cooccurrence import CoOccurrence, PairWeights, code
@@ -383,6 +384,19 @@ def test_learn_many_equals_learn_one_on_arbitrary_streams(rows):
         b.learn_one(e)
     _same(a, b)
     assert snapshot(_engine_reads(a)) == snapshot(_engine_reads(b))
+
+
+def test_learn_one_compiles_once_whatever_the_number_types():
+    """Integer timestamps and ratings, every event type, with and without a segment: one compiled
+    signature for the one-event kernel (another would stall a stream batch for seconds)."""
+    e = Engine(EngineConfig(n_segments=2, segment_every=2, door_bits=0))
+    for k, typ in enumerate(["view", "click", "add_to_cart", "purchase", "rate", "push_click"] * 4):
+        ev = {"event_id": f"c{k}", "user_id": f"u{k % 3}", "item_id": f"i{k % 5}", "type": typ,
+              "ts": int(T0) + k if k % 2 else T0 + k + 0.5}
+        if typ == "rate":
+            ev["rating"] = 4 if k % 2 else 3.5
+        e.learn_one(ev)
+    assert len(learn_core._learn_event.signatures) == 1
 
 
 def test_pair_weights_follow_the_documented_formula_one_at_a_time_and_in_batches():
