@@ -114,10 +114,11 @@ def _core(nb, sq_dir, sq_sym, block, ipop, pop, vals, total, pair_total, mom_cou
 
 
 def rank_core(engine, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: int, cap: int, excl,
-              explain: bool) -> tuple[np.ndarray, dict[int, float] | None]:
+              explain: bool) -> tuple[np.ndarray, list[int], dict[int, float] | None]:
     """The picks of user row ``u`` packed (rows :data:`PICK` ... :data:`ANCHOR_TYPE`, one column per pick,
-    best first; the reasons' rows only with ``explain``), and the user's category mix when the request
-    computed it (else None). ``excl``: a container of excluded item ids, or None."""
+    best first; the reasons' rows only with ``explain``), the picked rows as a list, and the user's
+    category mix when the request computed it (else None). ``excl``: a container of excluded item ids,
+    or None."""
     co, cat, prof, tr = engine._cooc, engine._catalog, engine._profiles, engine._trending
     k = min(cfg.query_len, prof.n_push[u], prof.history_len)
     seg = prof.segment[u]
@@ -142,7 +143,7 @@ def rank_core(engine, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: in
     mom_decay, pop_decay = sc.decays
     momentum = float(cfg.momentum)
     gen = memo.generation((mom_decay, pop_decay, momentum))
-    kk = min(len(cat), 3 * n + 10)
+    kk = min(len(cat._ids), 3 * n + 10)
     ring = engine._ring_idx[prof.n_push[u] % prof.history_len, :k if cfg.w_cooc > 0 else 0]
     blocked = _NO_ROWS
     trend_a = trend_b = _NO_ROWS
@@ -161,13 +162,13 @@ def rank_core(engine, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: in
             trend_b = np.array(tr.top(kk)) if seg >= 0 else _NO_ROWS
             have_trending = True
             continue
+        picks = out[PICK].astype(np.int64).tolist()
         if excl:  # excluded ids among the picks: block their rows, pick again
             ids = cat._ids
-            picks = out[PICK].astype(np.int64).tolist()
             if not excl.isdisjoint(map(ids.__getitem__, picks)):
                 blocked = np.union1d(blocked, [r for r in picks if ids[r] in excl]).astype(np.int64)
                 continue
-        return out, mix
+        return out, picks, mix
 
 
 #: Reasons cite the history item, among the most recent ones, that voted most for the item.

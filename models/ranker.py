@@ -41,6 +41,7 @@ import math
 import weakref
 from collections.abc import Mapping
 from dataclasses import replace
+from itertools import repeat
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -172,23 +173,27 @@ def rank(engine, u: int | None, n: int, exclude, explain: bool = True,
     ``settings`` (from :func:`settings_for`) replaces ``engine.config`` and its query tables.
     """
     cat = engine._catalog
-    if n <= 0 or len(cat) == 0:
+    if n <= 0 or not cat._ids:
         return []
-    excl = _as_container(exclude)
+    excl = exclude if exclude.__class__ is set else _as_container(exclude)
     if u is None:
         return _cold(engine, n, excl)
     if settings is None:
         cfg, qd_tab, qs_tab = engine.config, engine._qd_tab, engine._qs_tab
     else:
         cfg, qd_tab, qs_tab = settings
-    cap = n if cfg.max_category_share >= 1.0 else max(1, math.ceil(cfg.max_category_share * n))
-    packed, mix = rank_core(engine, u, cfg, qd_tab, qs_tab, n, cap, excl, explain)
-    picked = packed[PICK].astype(np.int64).tolist()
-    score_of = dict(zip(picked, packed[SCORE].tolist()))
+    share = cfg.max_category_share
+    cap = n if share >= 1.0 else max(1, math.ceil(share * n))
+    packed, picks, mix = rank_core(engine, u, cfg, qd_tab, qs_tab, n, cap, excl, explain)
+    picked = picks
     if cfg.new_item_slots > 0 and cat._recent:
         picked = _new_item_slots(engine, cfg, u, mix, picked, excl, n)
     if len(picked) < n:
         picked = _fill_popular(engine, picked, excl, n, u)
+    scores = packed[SCORE].tolist()
+    if not explain and picked is picks:  # the core's picks as they are
+        return list(map(_new, repeat(Recommendation), zip(map(cat._ids.__getitem__, picks), scores, repeat(""))))
+    score_of = dict(zip(picks, scores))
     if not explain:
         ids, get = cat._ids, score_of.get
         return [_new(Recommendation, (ids[r], get(r, 0.0), "")) for r in picked]
