@@ -288,7 +288,12 @@ class Engine:
     # ------------------------------------------------------------------ learning
     def learn_one(self, event: Event | Mapping) -> None:
         """Learn from one event (a contract dict or an :class:`~models.events.Event`)."""
-        self._learn(_columns([event]))
+        cols = _columns([event])
+        t0 = self._t0
+        if cols[1][0] != "forget" and t0 is not None and self._lam_max * (cols[2][0] - t0) <= _RENORM_EXPONENT:
+            self._learn_block(cols, 0, 1)  # what _learn does with one such event
+        else:
+            self._learn(cols)
 
     def learn_many(self, events: Iterable[Event | Mapping]) -> None:
         """Learn from events in order: the same state as ``learn_one`` in a loop, much faster."""
@@ -413,7 +418,8 @@ class Engine:
         self._now = now
         n_block = end - start
         self.n_learned += n_block
-        self._ensure_items(len(cat))
+        if len(cat._ids) > self._trending.n_items:  # events brought new items
+            self._ensure_items(len(cat._ids))
         if len(pu) == 1 and len(ti) == 1 and not remote:  # one event into the history: one compiled call
             learn_event(self, pu[0], pi[0], tseg[0], tx[0], tm[0], pts[0], pw[0], pc[0], ptype[0], psc[0], prt[0])
         else:
