@@ -32,17 +32,18 @@ def _union(cand, a, b):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _core(nb, sq_dir, sq_sym, block, ipop, pop, vals, total, pair_total, mom_count, mom_decay, pop_decay, momentum,
-          available, category, consumed, blocked, hist_item, hist_ts, hist_type, ring, qs_tab, qd_tab, kd, gap_floor,
+def _core(nb, sq, block, ipop, pop, vals, total, pair_total, mom_count, mom_decay, pop_decay, momentum,
+          available, category, consumed, blocked, u, hist_item, hist_ts, hist_type, ring, qs_tab, qd_tab, kd, gap_floor,
           inv_tau, w_cooc, seg_row, w_seg, glob, w_glob, share, w_content, trend_a, trend_b, have_trending, kk, n,
           cap, n_anchor, acc, mark, m_factor, m_count, m_pop, m_gen, gen,
           marks, pos):  # pragma: no cover - compiled; tested against a step-by-step reference
     k = ring.size  # 0: no votes (no history, or w_cooc 0)
+    sq_dir, sq_sym = sq[0], sq[1]
     items = np.empty(k, np.int64)
     ts = np.empty(k)
     for h in range(k):
-        items[h] = hist_item[ring[h]]
-        ts[h] = hist_ts[ring[h]]
+        items[h] = hist_item[u, ring[h]]
+        ts[h] = hist_ts[u, ring[h]]
     g1 = 1.0 - gap_floor
     a_sym = np.empty(k)
     a_dir = np.empty(min(kd, k))
@@ -99,7 +100,7 @@ def _core(nb, sq_dir, sq_sym, block, ipop, pop, vals, total, pair_total, mom_cou
             anchor = np.full(sel.size, -1, np.int64)
         types = np.empty(k, np.int64)
         for h in range(k):
-            types[h] = hist_type[ring[h]]
+            types[h] = hist_type[u, ring[h]]
         dom, a_row, count, n_pair, a_type = _why(sel, cand, v, w_c, seg_row, w_seg, glob, w_glob, content, anchor,
                                                  items, types, nb.shape[1], vals, block)
         scale = total * total / (2.0 * pair_total) if pair_total > 0 else 0.0
@@ -149,10 +150,10 @@ def rank_core(engine, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: in
     trend_a = trend_b = _NO_ROWS
     have_trending = False
     while True:
-        out, status = _core(co.nb, co.sq[0], co.sq[1], co.block, co.ipop, co.pop, co.vals, float(co.total),
+        out, status = _core(co.nb, co.sq, co.block, co.ipop, co.pop, co.vals, float(co.total),
                             float(co.pair_total), tr.momentum_, mom_decay, pop_decay, momentum, cat.available,
-                            cat.category, prof.consumed(u), blocked, prof.hist_item[u], prof.hist_ts[u],
-                            prof.hist_type[u], ring, qs_tab, qd_tab, min(k, cfg.query_dir_len),
+                            cat.category, prof.consumed(u), blocked, u, prof.hist_item, prof.hist_ts,
+                            prof.hist_type, ring, qs_tab, qd_tab, min(k, cfg.query_dir_len),
                             float(cfg.query_gap_floor), 1.0 / cfg.query_gap_tau_s, float(cfg.w_cooc), seg_row,
                             float(w_s), glob, float(w_g), share, float(cfg.w_content), trend_a, trend_b, have_trending,
                             kk, n, cap, _ANCHOR_ROWS if explain else 0, sc.acc, sc.mark, memo.factor, memo.count,
