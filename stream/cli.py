@@ -30,6 +30,10 @@ def _logging(level: str) -> None:
 @app.callback()
 def _main(log_level: str = typer.Option("INFO", help="Logging level (DEBUG, INFO, WARNING).")) -> None:
     _logging(log_level)
+    from stream.kernel_cache import drop_stale_kernels
+
+    if drop_stale_kernels():
+        logging.getLogger("infogap").info("models/ changed since its kernels were compiled: compiling them anew")
 
 
 @app.command()

@@ -12,6 +12,13 @@ import uuid
 import pytest
 
 
+def pytest_configure(config):
+    """Kernels cached from an older models/ would be loaded stale (see stream.kernel_cache)."""
+    from stream.kernel_cache import drop_stale_kernels
+
+    drop_stale_kernels()
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if "tests/integration" in str(item.fspath):
