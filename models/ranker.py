@@ -48,7 +48,7 @@ import numpy as np
 
 from models.events import EVENT_TYPES
 from models.experiments import validate_overrides
-from models.rank_core import ANCHOR_ROW, ANCHOR_TYPE, COUNT, DOMINANT, LIFT, PICK, SCORE, rank_core
+from models.rank_core import ANCHOR_TYPE, DOMINANT, SCORE, rank_core
 from models.selection import PARTS
 
 
@@ -197,7 +197,7 @@ def rank(engine, u: int | None, n: int, exclude, explain: bool = True,
     if not explain:
         ids, get = cat._ids, score_of.get
         return [_new(Recommendation, (ids[r], get(r, 0.0), "")) for r in picked]
-    return _explain(engine, cfg, u, picked, score_of, packed)
+    return _explain(engine, cfg, u, picked, score_of, picks, packed)
 
 
 def _blocked(engine, u: int | None, r: int, excl) -> bool:
@@ -277,7 +277,7 @@ def _cold(engine, n: int, excl) -> list[Recommendation]:
     return out
 
 
-def _explain(engine, cfg, u: int, picked: list[int], score_of: dict[int, float],
+def _explain(engine, cfg, u: int, picked: list[int], score_of: dict[int, float], picks: list[int],
              packed: np.ndarray) -> list[Recommendation]:
     """The reasons of ``picked``: from the reasons' data :func:`models.rank_core.rank_core` packed for its
     picks (the component that contributed most, the history item behind the votes), or for items
@@ -285,9 +285,8 @@ def _explain(engine, cfg, u: int, picked: list[int], score_of: dict[int, float],
     cat = engine._catalog
     if not picked:
         return []
-    # row -> (dominant part, anchor row, pair count, lift, anchor's event type code)
-    core = dict(zip(packed[PICK].astype(np.int64).tolist(),
-                    packed[[DOMINANT, ANCHOR_ROW, COUNT, LIFT, ANCHOR_TYPE]].T.tolist()))
+    # row of each of the core's ``picks`` -> (dominant part, anchor row, pair count, lift, anchor's event type)
+    core = dict(zip(picks, packed[DOMINANT:ANCHOR_TYPE + 1].T.tolist()))
     mix = None
     out = []
     ids = cat._ids
