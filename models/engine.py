@@ -146,7 +146,7 @@ class EngineConfig:
     max_consumed: int = 5000
     # co-occurrence (learning)
     cooc_half_life_days: float | None = 200.0
-    window: int = 20
+    window: int = 16
     dir_window: int = 10
     dir_decay: float = 0.6
     sym_decay: float = 0.95
