@@ -189,7 +189,7 @@ def rank(engine, u: int | None, n: int, exclude, explain: bool = True,
     if cfg.new_item_slots > 0 and cat._recent:
         picked = _new_item_slots(engine, cfg, u, mix, picked, excl, n)
     if len(picked) < n:
-        picked = _fill_popular(engine, picked, excl, n, u)
+        picked = _fill_popular(engine, list(picked), excl, n, u)  # (it appends: ``picks`` stays the core's)
     scores = packed[SCORE].tolist()
     if not explain and picked is picks:  # the core's picks as they are
         return list(map(_new, repeat(Recommendation), zip(map(cat._ids.__getitem__, picks), scores, repeat(""))))

@@ -142,6 +142,23 @@ def test_filters_purchased_dismissed_unavailable_and_excluded(groups):
     assert third not in ids(f.recommend(u, 10))
 
 
+def test_a_user_who_owns_the_trending_items_gets_a_full_list_reasons_or_not():
+    """The ranker's candidates (votes, trending top 3n + 10) run out for a user who bought 38 of the 40
+    best sellers: the list is topped up from further down the popularity ranking, with and without
+    reasons (the reasons-free path once returned only the ranker's two)."""
+    e = Engine(EngineConfig(new_item_slots=0))
+    for i in range(100):
+        e.upsert_item({"item_id": f"i{i}", "category": f"c{i % 5}", "title": f"T{i}"})
+    evs = [event(k, f"p{k % 50}", f"i{k % 40}", T0 + k, "purchase") for k in range(800)]
+    evs += [event(1000 + i, f"q{i}", f"i{i}", T0 + 1000 + i) for i in range(40, 100)]
+    evs += [event(2000 + i, "target", f"i{i}", T0 + 2000 + i, "purchase") for i in range(38)]
+    e.learn_many(evs)
+    with_reasons = e.recommend("target", 10)
+    assert len(with_reasons) == 10 and {r.item_id for r in with_reasons[:2]} == {"i38", "i39"}
+    assert not {r.item_id for r in with_reasons} & {f"i{i}" for i in range(38)}
+    assert [r.item_id for r in e.recommend("target", 10, explain=False)] == [r.item_id for r in with_reasons]
+
+
 def test_diversity_caps_the_share_of_one_category():
     evs, items, _ = group_stream(n_groups=2, users_per_group=10, items_per_group=12, events_per_user=20, seed=5)
     e = Engine(EngineConfig(max_category_share=0.4))
