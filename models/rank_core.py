@@ -35,7 +35,7 @@ def _union(cand, a, b):  # pragma: no cover - compiled
 def _core(nb, sq, block, ipop, pop, vals, total, pair_total, mom_count, mom_decay, pop_decay, momentum,
           available, category, consumed, blocked, u, hist_item, hist_ts, hist_type, ring, qs_tab, qd_tab, kd, gap_floor,
           inv_tau, w_cooc, seg_row, w_seg, glob, w_glob, share, w_content, trend_a, trend_b, have_trending, kk, n,
-          cap, n_anchor, acc, mark, m_factor, m_count, m_pop, m_gen, gen,
+          cap, n_anchor, acc, mark, memo, gen,
           marks, pos):  # pragma: no cover - compiled; tested against a step-by-step reference
     k = ring.size  # 0: no votes (no history, or w_cooc 0)
     sq_dir, sq_sym = sq[0], sq[1]
@@ -55,7 +55,7 @@ def _core(nb, sq, block, ipop, pop, vals, total, pair_total, mom_count, mom_deca
             a_dir[h] = qd_tab[h] * ip
         blocks[h] = block[items[h]]
     rows, votes = _votes(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, ipop, mom_count, mom_decay, pop, pop_decay,
-                         momentum, available, consumed, acc, mark, m_factor, m_count, m_pop, m_gen, gen)
+                         momentum, available, consumed, acc, mark, memo, gen)
     top = _top(rows, votes, kk)
     cand = rows[top]
     v = votes[top]
@@ -156,8 +156,8 @@ def rank_core(engine, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: in
                             prof.hist_type, ring, qs_tab, qd_tab, min(k, cfg.query_dir_len),
                             float(cfg.query_gap_floor), 1.0 / cfg.query_gap_tau_s, float(cfg.w_cooc), seg_row,
                             float(w_s), glob, float(w_g), share, float(cfg.w_content), trend_a, trend_b, have_trending,
-                            kk, n, cap, _ANCHOR_ROWS if explain else 0, sc.acc, sc.mark, memo.factor, memo.count,
-                            memo.pop, memo.gen, gen, sc.marks, sc.pos)
+                            kk, n, cap, _ANCHOR_ROWS if explain else 0, sc.acc, sc.mark, memo.table, gen, sc.marks,
+                            sc.pos)
         if status == _NEED_TRENDING:  # (copies: a read-only array is another numba type, another compilation)
             trend_a = np.array(tr.top(kk, seg if seg >= 0 else None))
             trend_b = np.array(tr.top(kk)) if seg >= 0 else _NO_ROWS

@@ -43,10 +43,10 @@ class _MomentumMemo:
     moment (a stream batch ranks all its users after learning the batch)."""
 
     def __init__(self, size: int):
-        self.factor = np.zeros(size)
-        self.count = np.zeros(size)
-        self.pop = np.zeros(size)
-        self.gen = np.zeros(size, np.int64)
+        #: per item: factor, the count and popularity it was computed from, its generation (one cache
+        #: line an item: the vote kernel reads all four for every voted item)
+        self.table = np.zeros((size, 4))
+        self.table[:, 3] = -1.0
         self.key: tuple = ()
         self.current = 0
 
@@ -78,7 +78,7 @@ def _add_row(nbr, sq_sym, sq_dir, base, ws, wd, directed, acc, mark, rows, n, sc
 
 @njit(cache=True, nogil=True)
 def _votes(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, ipop, mom_count, mom_decay, pop, pop_decay,
-           momentum, available, consumed, acc, mark, m_factor, m_count, m_pop, m_gen,
+           momentum, available, consumed, acc, mark, memo,
            gen):  # pragma: no cover - compiled; tested through vote()
     k, m = blocks.size, nb.shape[1]
     kd = a_dir.size
@@ -113,16 +113,15 @@ def _votes(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, ipop, mom_count, mom_decay,
             continue
         v *= ipop[j]
         if momentum != 0.0:
-            if m_gen[j] == gen and m_count[j] == mom_count[j] and m_pop[j] == pop[j]:
-                f = m_factor[j]
+            c, p = mom_count[j], pop[j]
+            if memo[j, 3] == gen and memo[j, 1] == c and memo[j, 2] == p:
+                f = memo[j, 0]
             else:
-                mom = mom_count[j] * mom_decay + 0.5
-                mom /= pop[j] * pop_decay + 1.0
-                f = mom ** momentum
-                m_factor[j] = f
-                m_count[j] = mom_count[j]
-                m_pop[j] = pop[j]
-                m_gen[j] = gen
+                f = ((c * mom_decay + 0.5) / (p * pop_decay + 1.0)) ** momentum
+                memo[j, 0] = f
+                memo[j, 1] = c
+                memo[j, 2] = p
+                memo[j, 3] = gen
             v *= f
         votes[t] = v
     return rows[:n], votes
@@ -317,5 +316,5 @@ def vote(nb: np.ndarray, sq_dir: np.ndarray, sq_sym: np.ndarray, blocks: np.ndar
     rows, votes = _votes(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, ipop, mom_count, float(mom_decay), pop,
                          float(pop_decay), float(momentum), available, consumed, *scratch("votes.dense", ipop.size,
                                                                                           _dense),
-                         memo.factor, memo.count, memo.pop, memo.gen, gen)
+                         memo.table, gen)
     return Votes(rows, votes, (nb, sq_dir, sq_sym, blocks, a_sym, a_dir, ipop.size))
