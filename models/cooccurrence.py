@@ -210,17 +210,11 @@ class CoOccurrence:
         pop, ipop = self.pop, self.ipop
         e = -self.pop_exponent
         total = self.total
-        if len(rows) == 1:
-            r = rows[0]
-            pop[r] += scaled[0]
-            total += scaled[0]
+        np.add.at(pop, rows, scaled)
+        for x in scaled:
+            total += x
+        for r in set(rows):
             ipop[r] = float(pop[r]) ** e
-        else:
-            np.add.at(pop, rows, scaled)
-            for x in scaled:
-                total += x
-            for r in set(rows):
-                ipop[r] = float(pop[r]) ** e
         self.total = total
 
     def update(self, codes, deltas: np.ndarray) -> None:
@@ -257,22 +251,6 @@ class CoOccurrence:
                                   self.free_pos, self.n_free, index.keys, index.vals, index.meta, self._door,
                                   self.door_bits, self._n_evict, self.evict_sym_weight)
         self.pair_total = pt
-
-    def learn_one(self, weights: PairWeights, cur: int, ts: float, w: float, scale: float, rating: float, mask: int,
-                  ring: np.ndarray, hist_item: np.ndarray, hist_ts: np.ndarray, hist_w: np.ndarray,
-                  hist_rating: np.ndarray, feat_mask: np.ndarray) -> None:
-        """``update(*weights.one(...))`` in one compiled call, the predecessors read from a user's history
-        rows at positions ``ring`` (newest first; their masks from ``feat_mask``)."""
-        index = self._learner_index()
-        codes, deltas, k, pt, need = _learn_one(int(cur), float(ts), float(w), float(scale), float(rating),
-                                                np.uint64(mask), ring, hist_item, hist_ts, hist_w, hist_rating,
-                                                feat_mask, weights.dtab, weights.stab, float(weights.gap_tau_s),
-                                                float(weights.gap_floor), float(weights.agreement),
-                                                float(weights.feature_boost), self.pair_total, self.block, self.nb,
-                                                self.vals, self.sq, self.fill, self.free_pos, self.n_free, index.keys,
-                                                index.vals, index.meta, self._door, self.door_bits, self._n_evict,
-                                                self.evict_sym_weight)
-        self._apply(codes, deltas, k, pt, need)
 
     def reset_door(self) -> None:
         """Forget which pairs were sighted once (called at fixed points of the event count).
@@ -647,7 +625,7 @@ def _learn_one(cur, ts, w, scale, rating, mask, ring, hist_item, hist_ts, hist_w
                gap_tau_s, gap_floor, agree, boost, pair_total, block, nb, vals, sq, fill, free_pos, n_free, keys, kvals,
                meta, door, door_bits, n_evict,
                evict_sym_weight):  # pragma: no cover - compiled; tested through learn_one
-    """One event's slot updates, applied as far as :func:`_update` gets (see :meth:`CoOccurrence.learn_one`)."""
+    """One event's slot updates, applied as far as :func:`_update` gets (see :func:`models.learn_core.learn_event`)."""
     k = ring.size
     prev = np.empty(k, np.int64)
     prev_ts = np.empty(k)

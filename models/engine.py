@@ -430,49 +430,14 @@ class Engine:
     def _learn_arrays(self, ti, tseg, tx, tm, pu, pi, pts, pw, pc, ptype, psc, pseq, prt, remote: bool) -> None:
         """The block's trending entries (``ti``...) and history entries (``pu``...), in order."""
         if ti:
-            if len(ti) == 1:
-                self._item_events[ti[0]] += 1
-            else:
-                np.add.at(self._item_events, ti, 1)
+            np.add.at(self._item_events, ti, 1)
             self._trending.add(ti, tseg, tx, tm)
         if pu:
             if not remote:
                 self._cooc.add_occurrences(pi, psc)
-            if len(pu) == 1:
-                self._learn_pair_one(pu[0], pi[0], pts[0], pw[0], pc[0], ptype[0], psc[0], pseq[0], prt[0])
-            else:
-                self._learn_pairs(np.asarray(pu, np.int64), np.asarray(pi, np.int64), np.asarray(pts),
-                                  np.asarray(pw), np.asarray(pc, np.int64), np.asarray(ptype, np.int8),
-                                  np.asarray(psc), np.asarray(pseq, np.int64), np.asarray(prt))
-
-    def _learn_pair_one(self, u: int, i: int, ts: float, w: float, c: int, typ: int, scale: float,
-                        seq: int, rating: float = 0.0) -> None:
-        """One push: pairs against the ring buffer (scalar path, same numbers as :meth:`_learn_pairs`)."""
-        prof = self._profiles
-        h = prof.history_len
-        k = min(self.config.window, c)
-        if k:
-            idx = self._ring_idx[c % h, :k]
-            fm = self._catalog.feat_mask
-            if self.cooc_mode == "local":
-                self._cooc.learn_one(self._pairs, i, ts, w, scale, rating, fm[i], idx, prof.hist_item[u],
-                                     prof.hist_ts[u], prof.hist_w[u], prof.hist_rating[u], fm)
-            else:
-                prev = prof.hist_item[u, idx]
-                codes, deltas = self._pairs.one(i, ts, w, scale, prev, prof.hist_ts[u, idx], prof.hist_w[u, idx],
-                                                rating, prof.hist_rating[u, idx], fm[i], fm[prev])
-                self._outbox.append((codes, deltas, np.full(len(codes), ts),
-                                     np.full(len(codes), seq), np.array([i]), np.array([ts]),
-                                     np.array([len(codes) // 2]), np.array([seq])))
-        elif self.cooc_mode == "remote":
-            self._outbox.append((np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64),
-                                 np.array([i]), np.array([ts]), np.zeros(1), np.array([seq])))
-        j = c % h
-        prof.hist_item[u, j] = i
-        prof.hist_ts[u, j] = ts
-        prof.hist_w[u, j] = w
-        prof.hist_type[u, j] = typ
-        prof.hist_rating[u, j] = rating
+            self._learn_pairs(np.asarray(pu, np.int64), np.asarray(pi, np.int64), np.asarray(pts), np.asarray(pw),
+                              np.asarray(pc, np.int64), np.asarray(ptype, np.int8), np.asarray(psc),
+                              np.asarray(pseq, np.int64), np.asarray(prt))
 
     def _learn_pairs(self, pu, pi, pts, pw, pc, ptype, scale, pseq, prt) -> None:
         """A batch of pushes: history windows (ring + earlier pushes of the batch), pairs, ring writes."""

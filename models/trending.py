@@ -96,19 +96,6 @@ class Trending:
         if not items:
             return
         g, sg = self.global_, self.segment_
-        if len(items) == 1:
-            i, s, x = items[0], segments[0], scaled[0]
-            self.momentum_[i] += scaled_m[0]
-            g[i] += x
-            v = float(g[i])
-            if v > self.global_max:
-                self.global_max = v
-            if s >= 0:
-                sg[s, i] += x
-                v = float(sg[s, i])
-                if v > self.segment_max[s]:
-                    self.segment_max[s] = v
-            return
         it = np.asarray(items, np.int64)
         sc = np.asarray(scaled)
         np.add.at(self.momentum_, it, scaled_m)
