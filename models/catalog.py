@@ -24,6 +24,8 @@ from models.scratch import memo_of
 
 #: At most this many features (category first, then tags) are kept per item.
 MAX_ITEM_FEATURES = 8
+#: At most this many foreign numberings are remembered (:meth:`Catalog.translated`), the least recent dropped.
+MAX_NUMBERINGS = 64
 
 
 class Catalog:
@@ -66,10 +68,13 @@ class Catalog:
         self.price = np.full(cap, np.nan)
         #: per row, the item's categories/tags as bits ``1 << (feature id % 64)`` (exact up to 64 features)
         self.feat_mask = np.zeros(cap, np.uint64)
+        #: per foreign numbering (:meth:`translated`): its number -> this catalog's row, -1 not yet known
+        self._foreign: dict[int, np.ndarray] = {}
 
     def __setstate__(self, state: dict) -> None:
-        """Unpickle, also a snapshot from before ``feat_mask``."""
+        """Unpickle, also a snapshot from before ``feat_mask`` or ``_foreign``."""
         self.__dict__.update(state)
+        self.__dict__.setdefault("_foreign", {})
         if "feat_mask" not in state:
             self.feat_mask = np.zeros(self.category.shape[0], np.uint64)
             for r, feats in enumerate(self._feat_lists):
@@ -107,6 +112,37 @@ class Catalog:
             return np.fromiter(map(self._index.__getitem__, item_ids), np.int64, len(item_ids))
         except KeyError:
             return np.array([self.row(i) for i in item_ids], np.int64)
+
+    def translated(self, numbering: int, numbers: np.ndarray, item_ids: list[str]) -> np.ndarray:
+        """The rows of ``item_ids``, which another process numbers ``numbers`` in its numbering ``numbering``.
+
+        That numbering must be append-only (a number always means the same item), like the rows of a
+        :class:`~models.cooc_shard.CoOccurrenceShard` object; a new object gets a new ``numbering``.
+        Numbers seen before map in one numpy take, the ids of only the others are looked up. That
+        makes re-reading a row of hundreds of neighbours cheap.
+
+        >>> c = Catalog()
+        >>> c.translated(7, np.array([0, 5]), ["x", "y"]).tolist()
+        [0, 1]
+        >>> c.translated(7, np.array([5, 2]), ["never read", "z"]).tolist()  # 5 is known: its id is not read
+        [1, 2]
+        """
+        table = self._foreign.pop(numbering, None)  # re-inserted last: the dict keeps recency order
+        if table is None:
+            table = np.full(64, -1, np.int64)
+            while len(self._foreign) >= MAX_NUMBERINGS:
+                del self._foreign[next(iter(self._foreign))]
+        try:
+            rows = table[numbers]
+        except IndexError:  # numbers beyond the table: grown
+            table = np.concatenate([table, np.full(max(int(numbers.max()) + 1, 2 * table.size) - table.size, -1)])
+            rows = table[numbers]
+        self._foreign[numbering] = table
+        if rows.min(initial=0) < 0:
+            miss = np.flatnonzero(rows < 0)
+            rows[miss] = self.rows([item_ids[k] for k in miss.tolist()])
+            table[numbers[miss]] = rows[miss]
+        return rows
 
     def item_id(self, row: int) -> str:
         """The id of a row."""

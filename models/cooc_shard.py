@@ -222,6 +222,8 @@ class CoOccurrenceShard:
         """Row of an owned item for a read-side copy (:meth:`models.engine.Engine.load_rows`).
 
         Decayed values are as of ``t`` (the newest event time applied), not of a reference time.
+        ``numbers`` are the neighbours' rows in this shard: they only grow, so a reader can translate
+        them once (:meth:`models.catalog.Catalog.translated`) instead of looking every id up again.
         """
         r = self._rows.get(item_id)
         if r is None:
@@ -232,5 +234,5 @@ class CoOccurrenceShard:
         values = np.vstack([w_dir * decay, w_sym * decay, n_pair * decay, count])
         return {"item_id": item_id, "t": self.now, "pop": float(co.pop[r]) * decay,
                 "total": co.total * decay, "pair_total": co.pair_total * decay,
-                "neighbours": [self._ids[b] for b in nb.tolist()], "values": values,
+                "neighbours": [self._ids[b] for b in nb.tolist()], "numbers": nb.astype(np.int64), "values": values,
                 "neighbour_pop": co.pop[nb] * decay}

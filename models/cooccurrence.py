@@ -263,24 +263,22 @@ class CoOccurrence:
             live = self._index.live_keys()
             self._door[((live.astype(np.uint64) * GOLDEN) >> np.uint64(64 - self.door_bits)).astype(np.int64)] = True
 
-    def set_row(self, r: int, neighbours: np.ndarray, values: np.ndarray) -> None:
-        """Replace row ``r`` with given neighbours and their ``[4, K]`` values (reference-time units).
+    def set_row(self, r: int, neighbours: np.ndarray, values: np.ndarray, factor: float = 1.0) -> None:
+        """Replace row ``r`` with given neighbours and their ``[4, K]`` values, the first three (the
+        decaying ones) times ``factor`` into reference-time units.
 
         For a read-side copy of rows learned elsewhere (a sharded item stage): the row's slots are
         exactly these, in this order.
         """
-        m = self.n_neighbours
-        k = min(int(neighbours.size), m)
-        self.clear_row(r)
+        k = min(int(neighbours.size), self.n_neighbours)
+        if not k or self._index is not None:  # slots are indexed by position: emptied first
+            self.clear_row(r)
         if not k:
             return
         b = self._block_for(r)
-        lo = b * m
-        self.nb[b, :k] = neighbours[:k]
-        self.vals[:, lo: lo + k] = values[:, :k]
-        self.sq[:, lo: lo + k] = np.sqrt(values[:2, :k])
-        self.fill[b] = k
+        _write_row(self.nb, self.vals, self.sq, self.fill, self.n_free, b, neighbours, values, factor, k)
         if self._index is not None:
+            lo = b * self.n_neighbours
             self._index.insert_many((r << _SHIFT) | neighbours[:k].astype(np.int64), np.arange(lo, lo + k))
 
     def clear_row(self, r: int) -> None:
@@ -302,10 +300,14 @@ class CoOccurrence:
         self._spare.append(b)
 
     def set_popularity(self, rows: np.ndarray, pop: np.ndarray, total: float, pair_total: float,
-                       at: float = math.inf) -> None:
+                       at: float | np.ndarray = math.inf) -> None:
         """Set items' decayed occurrence counts and the totals (reference-time units) as of event time
         ``at``, for a read-side copy: a value older than the one held is ignored (rows published at
         different times carry their neighbours' counts of that time).
+
+        ``at`` may give each entry its own time, as when several rows' counts are set at once: the
+        entries are then taken in turn, each if it is not older than what is held; the totals are as
+        of the newest entry.
 
         >>> co = CoOccurrence(capacity=2)
         >>> co.ensure(2)
@@ -313,16 +315,18 @@ class CoOccurrence:
         >>> co.set_popularity(np.array([1]), np.array([1.0]), 6.0, 1.0, at=10.0)  # older: ignored
         >>> co.pop.tolist(), co.total
         ([5.0, 3.0], 8.0)
+        >>> co.set_popularity(np.array([1, 0, 1]), np.array([4.0, 6.0, 7.0]), 9.0, 3.0, at=np.array([30.0, 25.0, 21.0]))
+        >>> co.pop.tolist(), co.total
+        ([6.0, 4.0], 9.0)
         """
-        newer = at >= self.pop_at[rows]
-        rows, pop = rows[newer], pop[newer]
-        self.pop[rows] = pop
-        self.ipop[rows] = np.maximum(pop, 1e-300) ** -self.pop_exponent
-        self.pop_at[rows] = at
-        if at >= self.totals_at:
+        at_entries = np.broadcast_to(np.asarray(at, np.float64), rows.shape)
+        _set_popularity(self.pop, self.ipop, self.pop_at, np.asarray(rows, np.int64), np.asarray(pop, np.float64),
+                        np.ascontiguousarray(at_entries), self.pop_exponent)
+        at_totals = float(np.max(at, initial=-math.inf))
+        if at_totals >= self.totals_at:
             self.total = total
             self.pair_total = pair_total
-            self.totals_at = at
+            self.totals_at = at_totals
 
     # ------------------------------------------------------------------ reading
     def published(self, r: int, min_support: int, eligible: np.ndarray | None = None):
@@ -383,6 +387,40 @@ class CoOccurrence:
         lift = float(self.lift(n_ab, n_a, n_b))
         return {"count": int(v[COUNT]), "support": n_ab * decay, "confidence": conf, "lift": lift,
                 "w_dir": float(v[W_DIR]) * decay, "w_sym": float(v[W_SYM]) * decay}
+
+
+@njit(cache=True, nogil=True)
+def _write_row(nb, vals, sq, fill, n_free, b, neighbours, values, factor, k):
+    """Block ``b`` holds ``neighbours[:k]`` with ``values`` (the first three rows times ``factor``),
+    and nothing after them."""
+    m = nb.shape[1]
+    lo = b * m
+    for j in range(k):
+        nb[b, j] = neighbours[j]
+        for i in range(4):
+            v = values[i, j] * factor if i < 3 else values[i, j]
+            vals[i, lo + j] = v
+            if i < 2:
+                sq[i, lo + j] = math.sqrt(v)
+    for j in range(k, fill[b]):
+        nb[b, j] = -1
+        for i in range(4):
+            vals[i, lo + j] = 0.0
+        sq[0, lo + j] = 0.0
+        sq[1, lo + j] = 0.0
+    fill[b] = k
+    n_free[b] = 0
+
+
+@njit(cache=True, nogil=True)
+def _set_popularity(pop, ipop, pop_at, rows, values, at, exponent):
+    """Entries in turn: row ``rows[j]`` takes ``values[j]`` unless it holds a value newer than ``at[j]``."""
+    for j in range(rows.size):
+        r = rows[j]
+        if at[j] >= pop_at[r]:
+            pop[r] = values[j]
+            ipop[r] = max(values[j], 1e-300) ** -exponent
+            pop_at[r] = at[j]
 
 
 @njit(cache=True, nogil=True)

@@ -577,20 +577,36 @@ class Engine:
         return [ids(i) for i in items.tolist() if i >= 0]
 
     def load_rows(self, rows: Iterable[Mapping]) -> None:
-        """Take co-occurrence rows learned elsewhere (:meth:`models.cooc_shard.CoOccurrenceShard.export_row`)."""
+        """Take co-occurrence rows learned elsewhere (:meth:`models.cooc_shard.CoOccurrenceShard.export_row`).
+
+        A row that also carries its sender's ``numbering`` and the neighbours' ``numbers`` in it has
+        them translated (:meth:`models.catalog.Catalog.translated`) instead of looked up by id.
+        """
         co, cat = self._cooc, self._catalog
+        pop_rows, pop_values, sizes, factors, times = [], [], [], [], []
+        newest = None  # (t, total, pair_total) of the newest row: the totals as of then
         for doc in rows:
             r = cat.row(doc["item_id"])
-            nbs = cat.rows(doc["neighbours"])
+            numbering = doc.get("numbering")
+            nbs = (cat.rows(doc["neighbours"]) if numbering is None
+                   else cat.translated(numbering, doc["numbers"], doc["neighbours"]))
             self._ensure_items(len(cat))
+            t = float(doc["t"])
             if self._t0 is None:
-                self._t0 = float(doc["t"])
-            factor = math.exp(co.lam * (float(doc["t"]) - self._t0))
-            values = np.array(doc["values"], np.float64).reshape(4, -1)
-            values[:3] *= factor
-            co.set_row(r, nbs, values)
-            co.set_popularity(np.append(nbs, r), np.append(doc["neighbour_pop"], doc["pop"]) * factor,
-                              doc["total"] * factor, doc["pair_total"] * factor, at=float(doc["t"]))
+                self._t0 = t
+            factor = math.exp(co.lam * (t - self._t0))
+            co.set_row(r, nbs, np.asarray(doc["values"], np.float64).reshape(4, -1), factor)
+            pop_rows += (nbs, (r,))
+            pop_values += (doc["neighbour_pop"], (doc["pop"],))
+            sizes.append(nbs.size + 1)
+            factors.append(factor)
+            times.append(t)
+            if newest is None or t >= newest[0]:
+                newest = (t, doc["total"] * factor, doc["pair_total"] * factor)
+        if newest is not None:  # one update for all rows, entries in the same order as row by row
+            co.set_popularity(np.concatenate(pop_rows).astype(np.int64, copy=False),
+                              np.concatenate(pop_values) * np.repeat(factors, sizes), newest[1], newest[2],
+                              at=np.repeat(times, sizes))
 
     def drop_rows(self, item_ids: Iterable[str]) -> None:
         """Forget rows given to :meth:`load_rows` (a bounded cache evicting them)."""

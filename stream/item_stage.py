@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 import zlib
 from collections.abc import Awaitable, Callable
@@ -82,6 +83,9 @@ class ItemStage:
         self.store = store
         self.eligible = eligible
         self.shards: dict[int, CoOccurrenceShard] = {}
+        #: per partition, a random number naming its shard object's numbering of items (rows published
+        #: with it are translated by readers, :meth:`models.catalog.Catalog.translated`); new per object
+        self._numbering: dict[int, int] = {}
         #: the population learner, while this stage owns POPULATION_PARTITION
         self.population: PopulationLearner | None = None
         self._population_published = -1
@@ -182,7 +186,7 @@ class ItemStage:
                 continue
             for item in items:
                 similar[item] = [nb._asdict() for nb in shard.similar(item, n, min_support, self.eligible)]
-                rows[item] = encode_row(shard.export_row(item))
+                rows[item] = encode_row(shard.export_row(item), self._numbering[p])
                 if len(rows) % _PUBLISH_CHUNK == 0:
                     await asyncio.sleep(0)  # a user stage in this process ranks meanwhile
         self._dirty = {}
@@ -221,6 +225,7 @@ class ItemStage:
             self._turns.revoke(partitions)
             for p in partitions:
                 self.shards.pop(p, None)
+                self._numbering.pop(p, None)
                 self._dirty.pop(p, None)
                 if p == POPULATION_PARTITION:
                     self.population = None
@@ -239,6 +244,7 @@ class ItemStage:
                 else:
                     self.shards[p] = CoOccurrenceShard.for_engine(self.config)
                     population = PopulationLearner(self.config)
+                self._numbering[p] = secrets.randbits(63)
                 if p == POPULATION_PARTITION:
                     self.population = population
                     self._population_published = -1

@@ -11,7 +11,7 @@ pairs, and a neighbour list is at most ``max_age_s`` (plus the item stage's publ
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import orjson
@@ -21,24 +21,60 @@ from models import Engine
 from stream.redis_keys import RedisKeys
 
 
-def encode_row(row: dict) -> bytes:
-    """A row of :meth:`models.cooc_shard.CoOccurrenceShard.export_row` as bytes: JSON head, then float64s.
+def encode_row(row: dict, numbering: int | None = None) -> bytes:
+    """A row of :meth:`models.cooc_shard.CoOccurrenceShard.export_row` as bytes: a JSON head, the
+    values as float64s, the neighbours' ``numbers`` in the shard as int64s, and their ids as JSON.
+
+    ``numbering`` names the shard's numbering (see :meth:`models.catalog.Catalog.translated`): a
+    reader that knows it translates the numbers, and reads the ids only of numbers new to it.
 
     >>> raw = encode_row({"item_id": "a", "t": 5.0, "pop": 2.0, "total": 9.0, "pair_total": 4.0,
-    ...                   "neighbours": ["b"], "values": np.ones((4, 1)), "neighbour_pop": np.array([3.0])})
-    >>> row = decode_row(raw); row["neighbours"], row["values"].shape, row["neighbour_pop"].tolist()
+    ...                   "neighbours": ["b"], "numbers": np.array([3]), "values": np.ones((4, 1)),
+    ...                   "neighbour_pop": np.array([3.0])}, numbering=12)
+    >>> row = decode_row(raw); list(row["neighbours"]), row["values"].shape, row["neighbour_pop"].tolist()
     (['b'], (4, 1), [3.0])
+    >>> row["numbering"], row["numbers"].tolist()
+    (12, [3])
     """
-    head = orjson.dumps({k: row[k] for k in ("item_id", "t", "pop", "total", "pair_total", "neighbours")})
+    k = len(row["neighbours"])
+    head = orjson.dumps({"item_id": row["item_id"], "t": row["t"], "pop": row["pop"], "total": row["total"],
+                         "pair_total": row["pair_total"], "k": k, "numbering": numbering})
     body = np.vstack([np.asarray(row["values"], np.float64), np.asarray(row["neighbour_pop"], np.float64)[None]])
-    return len(head).to_bytes(4, "big") + head + body.tobytes()
+    return b"".join((len(head).to_bytes(4, "big"), head, body.tobytes(),
+                     np.asarray(row["numbers"], np.int64).tobytes(), orjson.dumps(row["neighbours"])))
+
+
+class _Ids(Sequence):
+    """A row's neighbour ids, parsed on first use (a reader that knows their numbers never needs them)."""
+
+    __slots__ = ("_raw", "_at", "_k", "_ids")
+
+    def __init__(self, raw: bytes, at: int, k: int):
+        self._raw, self._at, self._k, self._ids = raw, at, k, None
+
+    def __len__(self) -> int:
+        return self._k
+
+    def __getitem__(self, i):
+        if self._ids is None:
+            self._ids = orjson.loads(memoryview(self._raw)[self._at:])
+        return self._ids[i]
 
 
 def decode_row(raw: bytes) -> dict:
     n = int.from_bytes(raw[:4], "big")
     row = orjson.loads(raw[4: 4 + n])
-    body = np.frombuffer(raw, np.float64, offset=4 + n).reshape(5, -1)
+    at = 4 + n
+    if "k" not in row:  # written before numbers (ids in the head): read as it was written
+        body = np.frombuffer(raw, np.float64, offset=at).reshape(5, -1)
+        row["values"], row["neighbour_pop"] = body[:4], body[4]
+        return row
+    k = row.pop("k")
+    body = np.frombuffer(raw, np.float64, count=5 * k, offset=at).reshape(5, k)
     row["values"], row["neighbour_pop"] = body[:4], body[4]
+    row["numbers"] = np.frombuffer(raw, np.int64, count=k, offset=at + 40 * k)
+    ids = _Ids(raw, at + 48 * k, k)
+    row["neighbours"] = ids if row["numbering"] is not None else list(ids)
     return row
 
 
