@@ -29,6 +29,21 @@ def decode_momentum(raw: bytes) -> tuple[list[str], list[float]]:
     return orjson.loads(raw[4: 4 + size]), np.frombuffer(raw[4 + size:], "<f8").tolist()
 
 
+#: ``SET key value EX ttl`` for every key given (ARGV: the TTL, then the values in the keys' order), one reply
+#: in all. In a pipeline redis-py spends ~30 us of client CPU per command, packing it and parsing its
+#: reply; a batch's 6,000 keys (recommendations and segments of 3,000 users) took 95 ms of the worker's
+#: CPU as SETs and 18 ms as this script's calls.
+SET_WITH_TTL = """
+local ttl = ARGV[1]
+for i = 1, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ttl)
+end
+return #KEYS
+"""
+#: Keys per call of :data:`SET_WITH_TTL`: Redis serves no other client while a script runs (~2 ms per 1,000).
+SET_WITH_TTL_KEYS = 1000
+
+
 class RedisStore:
     """Batch writer for ``recs``, ``segment``, ``similar`` and ``trending`` keys (and the population
     model the user stages read back)."""
@@ -37,6 +52,7 @@ class RedisStore:
         self.client = client
         self.keys = keys
         self.recs_ttl_s = recs_ttl_s
+        self._set_with_ttl = client.register_script(SET_WITH_TTL)
 
     async def write(self, recs: Iterable[Mapping] = (), segments: Mapping[str, int | None] | None = None,
                     similar: Mapping[str, list] | None = None, rows: Mapping[str, bytes] | None = None,
@@ -47,14 +63,20 @@ class RedisStore:
         k = self.keys
         pipe = self.client.pipeline(transaction=False)
         n = 0
+        keys, values = [], []  # set with the TTL
         for doc in recs:
-            pipe.set(k.recs(doc["user_id"]), orjson.dumps(doc), ex=self.recs_ttl_s)
-            n += 1
+            keys.append(k.recs(doc["user_id"]))
+            values.append(orjson.dumps(doc))
         for user_id, seg in (segments or {}).items():
             if seg is None:
                 pipe.delete(k.segment(user_id))
+                n += 1
             else:
-                pipe.set(k.segment(user_id), str(seg), ex=self.recs_ttl_s)
+                keys.append(k.segment(user_id))
+                values.append(str(seg))
+        for i in range(0, len(keys), SET_WITH_TTL_KEYS):
+            await self._set_with_ttl(keys[i: i + SET_WITH_TTL_KEYS],
+                                     [self.recs_ttl_s, *values[i: i + SET_WITH_TTL_KEYS]], client=pipe)
             n += 1
         items = {k.similar(i): orjson.dumps(neighbours) for i, neighbours in (similar or {}).items()}
         items.update((k.neighbour_row(i), row) for i, row in (rows or {}).items())

@@ -1,0 +1,31 @@
+"""The batch writer against the real Redis: every user's recommendations and segment, with the TTL."""
+from __future__ import annotations
+
+import orjson
+
+from stream import connections
+from stream.redis_keys import RedisKeys
+from stream.redis_store import SET_WITH_TTL_KEYS, RedisStore
+
+
+async def test_a_batch_larger_than_one_script_call_writes_every_key_with_its_ttl(settings):
+    r = connections.redis_async(settings)
+    keys = RedisKeys(settings.redis_prefix)
+    store = RedisStore(r, keys, recs_ttl_s=600)
+    n = SET_WITH_TTL_KEYS + 7  # recommendations and segments: three script calls
+    docs = [{"user_id": f"u{i}", "items": [{"item_id": f"i{i}", "score": 0.5, "reason": "trending now"}],
+             "segment": i % 3, "generated_at": 1.0, "model_version": "t"} for i in range(n)]
+    await r.set(keys.segment("gone"), "2")
+    try:
+        await store.write(recs=docs, segments={**{f"u{i}": i % 3 for i in range(n)}, "gone": None})
+        got = await r.mget([keys.recs(f"u{i}") for i in range(n)])
+        assert [orjson.loads(g) for g in got] == docs
+        assert await r.mget([keys.segment(f"u{i}") for i in range(n)]) == [str(i % 3).encode() for i in range(n)]
+        for key in (keys.recs("u0"), keys.recs(f"u{n - 1}"), keys.segment(f"u{n - 1}")):
+            assert 0 < await r.ttl(key) <= 600, key
+        assert await r.exists(keys.segment("gone")) == 0  # a user without a segment now has no key
+        await r.script_flush()  # Redis restarted meanwhile: the script is loaded again
+        await store.write(recs=docs[:1])
+        assert orjson.loads(await r.get(keys.recs("u0"))) == docs[0]
+    finally:
+        await r.aclose()
