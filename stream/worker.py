@@ -518,7 +518,8 @@ class Worker:
             self._learn(chunk)
             n_ok += len(result.events)
             cooc_messages += self._cooc_messages(partition, base, learned)
-        await self._send_all(cooc_messages)
+        # acked while the batch is ranked; awaited before it is done (its offsets are committed after)
+        cooc_sent = await self._enqueue(cooc_messages)
         await self._redis_retrying(self._cache.ensure, self.engine,
                                    (i for u in touched for i in self.engine.query_items(u)), time.monotonic())
 
@@ -543,6 +544,7 @@ class Worker:
 
         await self._redis_retrying(self._store.write, recs=docs, segments=segments)
         done = self.clock()  # the recommendations are readable in Redis
+        await self._confirm(cooc_messages, cooc_sent)
         changed = {seg: c for part in self.parts.values() for seg, c in part.experiments.drain_changed().items()}
         if changed:
             await self._redis_retrying(self._exp_store.write, self.exp_name, changed)
@@ -671,15 +673,23 @@ class Worker:
 
     async def _send_all(self, messages: list[tuple]) -> None:
         """Produce ``(topic, value, key, headers[, partition])`` messages; resend those that failed until all are acked."""
+        await self._confirm(messages, await self._enqueue(messages))
+
+    async def _enqueue(self, messages: list[tuple]) -> list:
+        """Hand messages to the producer: per message its delivery future, or the error that refused it."""
+        futures = []
+        for topic, value, key, headers, *partition in messages:
+            try:
+                futures.append(await self._producer.send(topic, value, key=key, headers=headers,
+                                                         partition=partition[0] if partition else None))
+            except (KafkaError, OSError) as exc:
+                futures.append(exc)
+        return futures
+
+    async def _confirm(self, messages: list[tuple], futures: list) -> None:
+        """Wait until the broker acked ``messages`` (enqueued as ``futures``), resending those that failed."""
         delay = 0.2
         while messages:
-            futures = []
-            for topic, value, key, headers, *partition in messages:
-                try:
-                    futures.append(await self._producer.send(topic, value, key=key, headers=headers,
-                                                             partition=partition[0] if partition else None))
-                except (KafkaError, OSError) as exc:
-                    futures.append(exc)
             results = [f if isinstance(f, BaseException) else None for f in futures]
             pending = [(k, f) for k, f in enumerate(futures) if not isinstance(f, BaseException)]
             done = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
@@ -689,9 +699,11 @@ class Worker:
             fatal = next((r for r in results if r is not None and not _retriable(r)), None)
             if fatal is not None:  # e.g. a record over the broker's size limit: resending cannot help
                 raise fatal
+            if failed:
                 self.stats.kafka_retries += 1
                 log.warning("%d of %d messages not acknowledged (%s); resending in %.1f s", len(failed),
                             len(messages), type(next(r for r in results if r is not None)).__name__, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+                futures = await self._enqueue(failed)
             messages = failed

@@ -1,0 +1,56 @@
+"""The worker's produce path: what the broker did not acknowledge is sent again, after a pause (fake producer)."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
+
+from stream.settings import Settings
+from stream.worker import Worker
+
+
+class _Producer:
+    """Acks every message except the first ``refuse`` deliveries, which time out."""
+
+    def __init__(self, refuse: int, error: Exception | None = None):
+        self.refuse, self.error = refuse, error or KafkaTimeoutError()
+        self.acked: list[bytes] = []
+
+    async def send(self, topic, value, key=None, headers=None, partition=None):
+        fut = asyncio.get_running_loop().create_future()
+        if self.refuse:
+            self.refuse -= 1
+            fut.set_exception(self.error)
+        else:
+            self.acked.append(value)
+            fut.set_result(None)
+        return fut
+
+
+def _messages(*values: bytes) -> list[tuple]:
+    return [("events.dlq", v, None, None) for v in values]
+
+
+def test_messages_not_acknowledged_are_resent_after_a_pause_and_counted():
+    worker = Worker(Settings(http_port=None))
+    worker._producer = _Producer(refuse=2)
+    t0 = asyncio.run(_timed(worker._send_all(_messages(b"a", b"b", b"c"))))
+    assert worker._producer.acked == [b"c", b"a", b"b"]  # a and b timed out, then went on the resend
+    assert worker.stats.kafka_retries == 1
+    assert t0 >= 0.2  # the first resend waits 0.2 s: a broker outage is not hammered
+
+
+def test_a_message_the_broker_can_never_take_raises_instead_of_being_resent():
+    worker = Worker(Settings(http_port=None))
+    worker._producer = _Producer(refuse=1, error=MessageSizeTooLargeError())
+    with pytest.raises(MessageSizeTooLargeError):  # resending could never help
+        asyncio.run(worker._send_all(_messages(b"huge", b"ok")))
+    assert worker.stats.kafka_retries == 0
+
+
+async def _timed(coro) -> float:
+    loop = asyncio.get_running_loop()
+    t = loop.time()
+    await coro
+    return loop.time() - t
