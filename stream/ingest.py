@@ -56,7 +56,7 @@ class Ingest:
         out = IngestResult()
         for rec in records:
             try:
-                event = parse_event(rec.value, now=now, limits=self.limits)
+                event = parse_event(rec.value, now=now, limits=self.limits, user_id_of=self.pseudonymize)
             except InvalidEvent as exc:
                 out.dead.append(DeadLetter(rec.value, rec.key, exc.reason, rec.topic, rec.partition, rec.offset))
                 continue
@@ -80,8 +80,6 @@ class Ingest:
                 continue
             if event.ts > newest:
                 self.watermarks[where] = event.ts
-            if self.pseudonymize is not None:
-                event = event.with_user_id(self.pseudonymize(event.user_id))
             if self.dedupe.seen(event.event_id, event.ts):
                 out.duplicates += 1
                 continue

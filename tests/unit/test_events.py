@@ -137,12 +137,19 @@ def test_deduplicator_is_bounded_in_count():
     assert len(d) == 100 and "e999" in d and "e0" not in d
 
 
-def test_with_user_id_keeps_every_other_field():
+def test_ingest_keeps_every_field_of_an_event_but_its_user_id_which_it_pseudonymises():
     import dataclasses
 
-    from models.events import Event
+    import orjson
 
-    e = Event("e1", "alice", "purchase", 1.0, "i1", 9.5, 4.0, "s1", {"campaign": "c"})
-    assert dataclasses.astuple(e.with_user_id("p-1")) == dataclasses.astuple(dataclasses.replace(e, user_id="p-1"))
-    assert {f.name for f in dataclasses.fields(Event)} == {"event_id", "user_id", "type", "ts", "item_id", "value",
-                                                           "rating", "session_id", "context"}  # a new field: add it
+    from models.dedupe import Deduplicator
+    from models.events import Event, Limits
+    from stream.ingest import Ingest
+
+    doc = {"event_id": "e1", "user_id": "alice", "type": "purchase", "ts": 1.7e9, "item_id": "i1", "value": 9.5,
+           "rating": 4.0, "session_id": "s1", "context": {"campaign": "c"}}
+    rec = type("Rec", (), {"value": orjson.dumps(doc), "key": None, "topic": "events", "partition": 0, "offset": 3})
+    ingest = Ingest(Limits(), Deduplicator(60.0, 100), pseudonymize=lambda u: f"p-{u}")
+    (e,) = ingest.accept([rec], now=1.7e9).events
+    assert dataclasses.asdict(e) == {**doc, "user_id": "p-alice"}
+    assert {f.name for f in dataclasses.fields(Event)} == set(doc)  # a new field: add it above
