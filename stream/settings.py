@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     batch_timeout_ms: int = 100
     top_n: int = 10
     half_life_days: float = 7.0
-    recs_ttl_s: int = 7 * 86_400
+    recs_ttl_s: int = Field(7 * 86_400, gt=0)  # seconds; Redis refuses a TTL of 0
     model_version: str = "v1"
     # ig:similar, ig:nbrow of changed items and ig:trending are rewritten at most this often (and user stages
     # reload the population as often). ~4k changed rows a second at 2,000 events/s cost an item stage 15-20 %

@@ -29,3 +29,13 @@ async def test_a_batch_larger_than_one_script_call_writes_every_key_with_its_ttl
         assert orjson.loads(await r.get(keys.recs("u0"))) == docs[0]
     finally:
         await r.aclose()
+
+
+def test_a_ttl_redis_would_refuse_is_refused_when_the_settings_are_read():
+    import pytest
+    from pydantic import ValidationError
+
+    from stream.settings import Settings
+
+    with pytest.raises(ValidationError, match="recs_ttl_s"):
+        Settings(recs_ttl_s=0)
