@@ -39,6 +39,8 @@ import orjson
 from models.cooccurrence import _SHIFT, CoOccurrence
 from models.ranker import Neighbour
 
+_new = tuple.__new__  # a NamedTuple without its keyword-handling constructor
+
 #: The shard moves its reference time when ``lambda * (t - t0)`` passes this (as the engine does).
 _RENORM_EXPONENT = 40.0
 #: The admission door is reset after this many occurrences (as the engine does, per learned events).
@@ -208,14 +210,18 @@ class CoOccurrenceShard:
         if r is None or n <= 0:
             return []
         nb, cos, support, conf, lift = self.co.published(r, min_support)
-        decay = self._decay()
-        out = []
-        for b, c, s, cf, lf in zip(nb.tolist(), cos.tolist(), support.tolist(), conf.tolist(), lift.tolist()):
-            b_id = self._ids[b]
-            if eligible is None or eligible(b_id):
-                out.append(Neighbour(b_id, c, s * decay, cf, lf))
-                if len(out) == n:
-                    break
+        support = support * self._decay()
+        ids, out = self._ids, []
+        step = 2 * n  # rows hold hundreds of neighbours, nearly all eligible: converted a few more than n at a time
+        for lo in range(0, nb.size, step):
+            part = slice(lo, lo + step)
+            for b, c, s, cf, lf in zip(nb[part].tolist(), cos[part].tolist(), support[part].tolist(),
+                                       conf[part].tolist(), lift[part].tolist()):
+                b_id = ids[b]
+                if eligible is None or eligible(b_id):
+                    out.append(_new(Neighbour, (b_id, c, s, cf, lf)))
+                    if len(out) == n:
+                        return out
         return out
 
     def export_row(self, item_id: str) -> dict | None:

@@ -334,18 +334,10 @@ class CoOccurrence:
 
         Returns (neighbour rows, cosine, support, confidence, lift), support in reference-time units.
         """
-        nb, _, _, n_pair, count = self.neighbours(r)
-        ok = count >= min_support
-        if eligible is not None:
-            ok &= eligible[nb]
-        nb, n_pair = nb[ok], n_pair[ok]
-        pa = float(self.pop[r])
-        pb = self.pop[nb]
-        cos = np.minimum(n_pair / np.sqrt(np.maximum(pa * pb, 1e-300)), 1.0)
-        order = np.lexsort((nb, -cos))
-        nb, cos, n_pair, pb = nb[order], cos[order], n_pair[order], pb[order]
-        conf = n_pair / pa if pa > 0 else 0.0 * n_pair
-        return nb, cos, n_pair, conf, self.lift(n_pair, pa, pb)
+        b = int(self.block[r])
+        return _published(self.nb, self.vals, self.pop, b, int(self.fill[b]), r, float(min_support),
+                          _ALL if eligible is None else eligible, eligible is not None, float(self.total),
+                          float(self.pair_total))
 
     def neighbours(self, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Row ``r``'s live slots: (neighbour rows, w_dir, w_sym, n_pair, count), reference-time units."""
@@ -387,6 +379,42 @@ class CoOccurrence:
         lift = float(self.lift(n_ab, n_a, n_b))
         return {"count": int(v[COUNT]), "support": n_ab * decay, "confidence": conf, "lift": lift,
                 "w_dir": float(v[W_DIR]) * decay, "w_sym": float(v[W_SYM]) * decay}
+
+
+_ALL = np.ones(1, bool)  # (no eligibility array: every row eligible)
+
+
+@njit(cache=True, nogil=True)
+def _published(nb, vals, pop, b, f, r, min_support, eligible, use_eligible, total, pair_total):
+    """:meth:`CoOccurrence.published` of row ``r`` (block ``b``, ``f`` slots used), in one pass and one sort."""
+    lo = b * nb.shape[1]
+    keep = np.empty(f, np.int64)
+    cnt = 0
+    for j in range(f):
+        x = nb[b, j]
+        if x >= 0 and vals[COUNT, lo + j] >= min_support and (not use_eligible or eligible[x]):
+            keep[cnt] = j
+            cnt += 1
+    rows = np.empty(cnt, np.int64)
+    cos = np.empty(cnt)
+    n_pair = np.empty(cnt)
+    pa = pop[r]
+    for i in range(cnt):
+        j = keep[i]
+        x = nb[b, j]
+        rows[i] = x
+        n_pair[i] = vals[N_PAIR, lo + j]
+        cos[i] = min(n_pair[i] / math.sqrt(max(pa * pop[x], 1e-300)), 1.0)
+    by_row = np.argsort(rows)  # then stably by cosine: best first, ties by row
+    order = by_row[np.argsort(-cos[by_row], kind="mergesort")]
+    rows, cos, n_pair = rows[order], cos[order], n_pair[order]
+    conf = np.empty(cnt)
+    lift = np.empty(cnt)
+    scale = total * total / (2.0 * pair_total) if pair_total > 0 else 0.0
+    for i in range(cnt):
+        conf[i] = n_pair[i] / pa if pa > 0 else 0.0 * n_pair[i]
+        lift[i] = n_pair[i] * scale / max(pa * pop[rows[i]], 1e-300) if pair_total > 0 else 0.0 * n_pair[i]
+    return rows, cos, n_pair, conf, lift
 
 
 @njit(cache=True, nogil=True)
