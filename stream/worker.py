@@ -70,6 +70,30 @@ class _Rebalance(ConsumerRebalanceListener):
 
 #: Slot updates per ``cooc`` record (about 56 bytes each): records stay well under Kafka's 1 MiB default.
 _COOC_RECORD_UPDATES = 8_000
+#: A population record larger than this is cut in two (by event), and so on.
+POPULATION_RECORD_BYTES = 512 * 1024
+
+
+def population_records(batch: dict, limit: int = POPULATION_RECORD_BYTES) -> list[bytes]:
+    """A batch of :meth:`models.engine.Engine.drain_population` entries (in ``seq`` order) as JSON records of
+    at most ``limit`` bytes, in ``seq`` order. The learner skips entries at or below the last ``seq`` it
+    applied from a source, so the entries of one event are never cut apart (a single event's entries
+    over the limit stay one record).
+
+    >>> batch = {"seg": [[1, {"a": 1.0}, 1.0, 0.0, None]], "trend": [[1, "i1", 0, 1.0, 5.0], [2, "i2", 0, 1.0, 6.0]]}
+    >>> [orjson.loads(r) for r in population_records(batch, limit=80)]  # doctest: +NORMALIZE_WHITESPACE
+    [{'seg': [[1, {'a': 1.0}, 1.0, 0.0, None]], 'trend': [[1, 'i1', 0, 1.0, 5.0]]},
+     {'seg': [], 'trend': [[2, 'i2', 0, 1.0, 6.0]]}]
+    """
+    raw = orjson.dumps(batch)
+    seqs = sorted(e[0] for part in (batch["seg"], batch["trend"]) for e in part)
+    if len(raw) <= limit or seqs[0] == seqs[-1]:
+        return [raw]
+    middle = seqs[len(seqs) // 2]
+    cut = middle if middle > seqs[0] else middle + 1  # both halves hold entries
+    halves = ({k: [e for e in batch[k] if e[0] < cut] for k in ("seg", "trend")},
+              {k: [e for e in batch[k] if e[0] >= cut] for k in ("seg", "trend")})
+    return [r for half in halves for r in population_records(half, limit)]
 
 
 def _retriable(exc: BaseException) -> bool:
@@ -603,8 +627,8 @@ class Worker:
         if population is not None:  # segment samples and trend entries: to the learner, on partition 0
             for entry in population["seg"] + population["trend"]:
                 entry[0] = int(seq_of[entry[0] - base])
-            out.append((self.topics.cooc, orjson.dumps(population), None,
-                        headers + [("kind", POPULATION_KIND)], POPULATION_PARTITION))
+            out += [(self.topics.cooc, raw, None, headers + [("kind", POPULATION_KIND)], POPULATION_PARTITION)
+                    for raw in population_records(population)]
         return out
 
     async def _load_population(self) -> None:

@@ -54,3 +54,29 @@ async def _timed(coro) -> float:
     t = loop.time()
     await coro
     return loop.time() - t
+
+
+def test_a_large_population_batch_goes_in_records_under_the_limit_that_teach_the_learner_the_same():
+    """20,000 events in one batch made one population record of 1.5 MB, over Kafka's 1 MiB default: the
+    worker stopped. Cut by event, the records are small and the learner ends where the whole batch takes it."""
+    import orjson
+
+    from models import Engine, EngineConfig
+    from models.population import PopulationLearner
+    from stream.synthetic import SyntheticStream
+    from stream.worker import population_records
+
+    cfg = EngineConfig()
+    engine = Engine(cfg, cooc="remote", population="remote")
+    stream = SyntheticStream(n_users=2_000, n_items=500, groups=4, seed=5)
+    engine.learn_many(stream.events(20_000, start_ts=1.7e9))
+    batch = engine.drain_population()
+    records = population_records(batch, limit=64 * 1024)
+    assert len(records) > 4 and all(len(r) <= 64 * 1024 for r in records)
+    whole, pieces = PopulationLearner(cfg), PopulationLearner(cfg)
+    whole.learn(orjson.loads(orjson.dumps(batch)), source=3)
+    for raw in records:
+        pieces.learn(orjson.loads(raw), source=3)
+    assert pieces.applied == whole.applied == len(batch["seg"]) + len(batch["trend"])
+    assert pieces.model() == whole.model() and pieces.hwm == whole.hwm
+    assert pieces.trending(20) == whole.trending(20)
