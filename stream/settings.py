@@ -82,7 +82,7 @@ class Settings(BaseSettings):
 
     # --- processing
     stages: str = "users,items"  # which stages this process runs: users, items, or both (see README)
-    batch_max_records: int = 5_000
+    batch_max_records: int = 20_000  # under a backlog: a user's events in one batch are ranked once (see README)
     batch_timeout_ms: int = 100
     top_n: int = 10
     half_life_days: float = 7.0
