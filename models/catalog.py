@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -113,7 +113,7 @@ class Catalog:
         except KeyError:
             return np.array([self.row(i) for i in item_ids], np.int64)
 
-    def translated(self, numbering: int, numbers: np.ndarray, item_ids: list[str]) -> np.ndarray:
+    def translated(self, numbering: int, numbers: np.ndarray, item_ids: Sequence[str]) -> np.ndarray:
         """The rows of ``item_ids``, which another process numbers ``numbers`` in its numbering ``numbering``.
 
         That numbering must be append-only (a number always means the same item), like the rows of a

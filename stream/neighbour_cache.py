@@ -73,8 +73,8 @@ def decode_row(raw: bytes) -> dict:
     body = np.frombuffer(raw, np.float64, count=5 * k, offset=at).reshape(5, k)
     row["values"], row["neighbour_pop"] = body[:4], body[4]
     row["numbers"] = np.frombuffer(raw, np.int64, count=k, offset=at + 40 * k)
-    ids = _Ids(raw, at + 48 * k, k)
-    row["neighbours"] = ids if row["numbering"] is not None else list(ids)
+    at += 48 * k
+    row["neighbours"] = _Ids(raw, at, k) if row["numbering"] is not None else orjson.loads(memoryview(raw)[at:])
     return row
 
 

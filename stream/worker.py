@@ -86,8 +86,10 @@ def population_records(batch: dict, limit: int = POPULATION_RECORD_BYTES) -> lis
      {'seg': [], 'trend': [[2, 'i2', 0, 1.0, 6.0]]}]
     """
     raw = orjson.dumps(batch)
+    if len(raw) <= limit:  # every batch: nothing more to do
+        return [raw]
     seqs = sorted(e[0] for part in (batch["seg"], batch["trend"]) for e in part)
-    if len(raw) <= limit or seqs[0] == seqs[-1]:
+    if seqs[0] == seqs[-1]:
         return [raw]
     middle = seqs[len(seqs) // 2]
     cut = middle if middle > seqs[0] else middle + 1  # both halves hold entries
