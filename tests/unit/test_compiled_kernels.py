@@ -17,7 +17,10 @@ from models.votes import Votes
 @given(st.one_of(st.lists(st.tuples(st.integers(0, 60), st.sampled_from([-1.0, 0.0, 0.5, 1.0, 1.5, 2.0, 3.25])),
                           max_size=80, unique_by=lambda x: x[0]),
                  st.lists(st.tuples(st.integers(0, 999), st.sampled_from([0.0, 1.0, 1.0 + 1e-9, 2.0])),  # ties galore
-                          min_size=100, max_size=300, unique_by=lambda x: x[0])),
+                          min_size=100, max_size=300, unique_by=lambda x: x[0]),
+                 st.lists(st.tuples(st.integers(0, 999),  # magnitudes far below the largest: the floor is lowered
+                                    st.one_of(st.floats(1e-300, 1e300), st.just(0.0), st.just(5e-324))),
+                          min_size=50, max_size=300, unique_by=lambda x: x[0])),
        st.integers(0, 120))
 def test_top_keeps_the_largest_positive_votes_lower_rows_first_on_ties(voted, k):
     rows = np.array([r for r, _ in voted], np.int64)
