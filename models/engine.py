@@ -689,6 +689,21 @@ class Engine:
         settings = settings_for(self, overrides) if overrides else None
         return rank(self, self._profiles.find(user_id), n, exclude, explain, settings)
 
+    def recommend_ids(self, user_id: str, n: int | None = None, *, exclude: Iterable[str] | None = None,
+                      overrides: Mapping[str, float] | None = None) -> list[str]:
+        """The item ids of :meth:`recommend` (with ``explain=False``), without building a Recommendation
+        per item: what a caller that reads only the ids (the prequential evaluation) asks for.
+
+        >>> e = Engine()
+        >>> for item in ("a", "b", "c"):
+        ...     e.learn_one({"user_id": "u", "item_id": item, "type": "view", "ts": 0.0})
+        >>> e.recommend_ids("v", 2) == [r.item_id for r in e.recommend("v", 2)]
+        True
+        """
+        n = self.config.top_n if n is None else int(n)
+        settings = settings_for(self, overrides) if overrides else None
+        return rank(self, self._profiles.find(user_id), n, exclude, False, settings, ids=True)
+
     def similar(self, item_id: str, n: int = 10) -> list[Neighbour]:
         """Published neighbours of ``item_id`` (support >= ``min_support``), by cosine, best first."""
         r = self._catalog.find(item_id)

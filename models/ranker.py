@@ -167,17 +167,20 @@ def _as_container(exclude):
 
 
 def rank(engine, u: int | None, n: int, exclude, explain: bool = True,
-         settings: RankerSettings | None = None) -> list[Recommendation]:
+         settings: RankerSettings | None = None, ids: bool = False) -> list[Recommendation] | list[str]:
     """Top-``n`` recommendations for user row ``u`` (None: unknown user); never mutates ``engine``.
 
-    ``settings`` (from :func:`settings_for`) replaces ``engine.config`` and its query tables.
+    ``settings`` (from :func:`settings_for`) replaces ``engine.config`` and its query tables. With
+    ``ids``, only the item ids (those ``explain=False`` would return): a list of ten Recommendations
+    cost ~2 us, a tenth of a ranking.
     """
     cat = engine._catalog
     if n <= 0 or not cat._ids:
         return []
     excl = exclude if exclude.__class__ is set else _as_container(exclude)
     if u is None:
-        return _cold(engine, n, excl)
+        cold = _cold(engine, n, excl)
+        return [r.item_id for r in cold] if ids else cold
     if settings is None:
         cfg, qd_tab, qs_tab = engine.config, engine._qd_tab, engine._qs_tab
     else:
@@ -190,6 +193,8 @@ def rank(engine, u: int | None, n: int, exclude, explain: bool = True,
         picked = _new_item_slots(engine, cfg, u, mix, picked, excl, n)
     if len(picked) < n:
         picked = _fill_popular(engine, list(picked), excl, n, u)  # (it appends: ``picks`` stays the core's)
+    if ids:
+        return list(map(cat._ids.__getitem__, picked))
     scores = packed[SCORE].tolist()
     if not explain and picked is picks:  # the core's picks as they are
         return list(map(_new, repeat(Recommendation), zip(map(cat._ids.__getitem__, picks), scores, repeat(""))))

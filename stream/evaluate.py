@@ -280,15 +280,14 @@ class ImplicitPeer:
                           shape=(1, self._n_fit_items))
 
 class Unexplained:
-    """The engine ranking without reasons: the harness reads only item ids, and building a reason per
-    item is a third of a list's cost (``infogap evaluate --reasons`` measures with them)."""
+    """The engine ranking item ids only (:meth:`models.Engine.recommend_ids`): the harness reads only the
+    ids, and building a reason per item is a third of a list's cost (``infogap evaluate --reasons``
+    measures with them)."""
 
     def __init__(self, engine: Any):
         self.engine = engine
         self.learn_one = engine.learn_one
-
-    def recommend(self, user_id: str, n: int = 10, *, exclude: Any = None) -> list:
-        return self.engine.recommend(user_id, n, exclude=exclude, explain=False)
+        self.recommend = engine.recommend_ids
 
 
 class _NullModel:

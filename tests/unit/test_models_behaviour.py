@@ -159,6 +159,25 @@ def test_a_user_who_owns_the_trending_items_gets_a_full_list_reasons_or_not():
     assert [r.item_id for r in e.recommend("target", 10, explain=False)] == [r.item_id for r in with_reasons]
 
 
+def test_recommend_ids_are_the_ids_of_recommend():
+    """For known and unknown users, with exclusions, variant overrides, new items and popular fill."""
+    evs, items, _ = group_stream(n_groups=3, users_per_group=8, items_per_group=10, events_per_user=12, seed=11)
+    e = Engine(EngineConfig(new_item_slots=2))
+    for it in items:
+        e.upsert_item(it)
+    e.learn_many(evs)
+    last = max(ev["ts"] for ev in evs)
+    e.upsert_item({"item_id": "fresh", "category": items[0]["category"]})
+    e.learn_one(event(10**6, evs[0]["user_id"], items[1]["item_id"], last + 1))
+    users = sorted({ev["user_id"] for ev in evs}) + ["nobody"]
+    for k, user in enumerate(users):
+        exclude = {items[j]["item_id"] for j in range(k % 4)}
+        for overrides in (None, {"w_segment": 0.5}):
+            want = [r.item_id for r in e.recommend(user, 12, exclude=exclude, overrides=overrides, explain=False)]
+            assert e.recommend_ids(user, 12, exclude=exclude, overrides=overrides) == want
+    assert e.recommend_ids(users[0], 0) == []
+
+
 def test_diversity_caps_the_share_of_one_category():
     evs, items, _ = group_stream(n_groups=2, users_per_group=10, items_per_group=12, events_per_user=20, seed=5)
     e = Engine(EngineConfig(max_category_share=0.4))
