@@ -1,0 +1,57 @@
+"""The item stage's publish pacing: under a backlog, publishing takes at most ``publish_max_share`` of its time."""
+from __future__ import annotations
+
+import asyncio
+
+from models import Engine, EngineConfig
+from models.cooc_shard import CoOccurrenceShard
+from stream.item_stage import ItemStage
+from stream.settings import Settings
+
+
+class _SlowStore:
+    """A Redis store whose every write takes ``seconds``."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.writes = seconds, []
+
+    async def write(self, **kw):
+        await asyncio.sleep(self.seconds)
+        self.writes.append(sorted(kw["rows"]))
+
+
+def _stage(store, **settings) -> ItemStage:
+    """(In a running loop: the stage's Kafka consumer is made with it, and never started here.)"""
+    stage = ItemStage(Settings(http_port=None, **settings), EngineConfig(), store)
+    shard = stage.shards[1] = CoOccurrenceShard.for_engine(stage.config)
+    stage._numbering[1] = 7
+    users = Engine(stage.config, cooc="remote")  # a user stage's engine: "a" and "b" seen together
+    users.learn_many([{"user_id": "u", "item_id": i, "type": "purchase", "ts": float(t)} for t, i in enumerate("ab")])
+    shard.apply(users.drain_pair_deltas(), source=0)
+    return stage
+
+
+async def _publish_twice(stage: ItemStage | None, force_second: bool = False, **make) -> ItemStage:
+    stage = stage or _stage(**make)
+    stage._dirty = {1: {"a"}}
+    await stage.publish()
+    stage._dirty = {1: {"b"}}
+    await stage.publish(force=force_second)
+    await stage.consumer.stop()
+    return stage
+
+
+def test_a_slow_publish_pushes_the_next_one_back_to_keep_its_share_of_the_time():
+    store = _SlowStore(0.1)
+    stage = asyncio.run(_publish_twice(None, store=store, publish_interval_s=0.05, publish_max_share=0.25))
+    assert store.writes == [["a"]]  # the second came too soon: its row waits, still dirty
+    assert stage._dirty == {1: {"b"}}
+    assert stage.publish_every >= 0.1 / 0.25  # the write alone took 0.1 s
+
+
+def test_a_quick_publish_keeps_the_configured_interval_and_a_forced_one_always_goes():
+    store = _SlowStore(0.0)
+    stage = asyncio.run(_publish_twice(None, store=store, publish_interval_s=60.0, publish_max_share=0.25))
+    assert store.writes == [["a"]] and stage.publish_every == 60.0
+    asyncio.run(_publish_twice(stage, force_second=True))
+    assert store.writes == [["a"], ["b"]]  # the first of these was not due; the forced one went
