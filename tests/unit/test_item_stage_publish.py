@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from models import Engine, EngineConfig
 from models.cooc_shard import CoOccurrenceShard
@@ -10,7 +11,7 @@ from stream.settings import Settings
 
 
 class _SlowStore:
-    """A Redis store whose every write takes ``seconds``."""
+    """A Redis store whose every write takes ``seconds`` (a slow or unreachable Redis)."""
 
     def __init__(self, seconds: float):
         self.seconds, self.writes = seconds, []
@@ -41,12 +42,30 @@ async def _publish_twice(stage: ItemStage | None, force_second: bool = False, **
     return stage
 
 
-def test_a_slow_publish_pushes_the_next_one_back_to_keep_its_share_of_the_time():
-    store = _SlowStore(0.1)
-    stage = asyncio.run(_publish_twice(None, store=store, publish_interval_s=0.05, publish_max_share=0.25))
+def test_a_publish_that_encodes_slowly_pushes_the_next_one_back_to_keep_its_share_of_the_time(monkeypatch):
+    import stream.item_stage as item_stage
+
+    slow = item_stage.encode_row
+
+    def encode_row(row, numbering):
+        t = time.thread_time()
+        while time.thread_time() - t < 0.05:  # CPU, as a publish of many rows takes
+            pass
+        return slow(row, numbering)
+
+    monkeypatch.setattr(item_stage, "encode_row", encode_row)
+    store = _SlowStore(0.0)
+    stage = asyncio.run(_publish_twice(None, store=store, publish_interval_s=0.01, publish_max_share=0.25))
     assert store.writes == [["a"]]  # the second came too soon: its row waits, still dirty
     assert stage._dirty == {1: {"b"}}
-    assert stage.publish_every >= 0.1 / 0.25  # the write alone took 0.1 s
+    assert stage.publish_every >= 0.05 / 0.25
+
+
+def test_waiting_on_redis_does_not_push_publishes_back():
+    store = _SlowStore(0.3)  # e.g. retried through an outage
+    stage = asyncio.run(_publish_twice(None, store=store, publish_interval_s=0.01, publish_max_share=0.25))
+    assert stage.publish_every < 0.3 / 0.25
+    assert store.writes == [["a"], ["b"]]  # the second was due again after its 0.3 s wait
 
 
 def test_a_quick_publish_keeps_the_configured_interval_and_a_forced_one_always_goes():
