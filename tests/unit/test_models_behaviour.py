@@ -8,7 +8,7 @@ import pytest
 
 from models import Engine, EngineConfig
 
-from .test_models_support import DAY, T0, adjusted_rand_index, event, group_stream
+from .test_models_support import DAY, T0, adjusted_rand_index, event, group_stream, trained
 
 
 def _group_of(item_id: str) -> int:
@@ -18,10 +18,7 @@ def _group_of(item_id: str) -> int:
 @pytest.fixture(scope="module")
 def groups():
     evs, items, users = group_stream(n_groups=3, users_per_group=12, items_per_group=15, events_per_user=25)
-    e = Engine(EngineConfig(n_segments=3))
-    for it in items:
-        e.upsert_item(it)
-    e.learn_many(evs)
+    e = trained(EngineConfig(n_segments=3), items, evs)
     return e, evs, items, users
 
 
@@ -162,10 +159,7 @@ def test_a_user_who_owns_the_trending_items_gets_a_full_list_reasons_or_not():
 def test_recommend_ids_are_the_ids_of_recommend():
     """For known and unknown users, with exclusions, variant overrides, new items and popular fill."""
     evs, items, _ = group_stream(n_groups=3, users_per_group=8, items_per_group=10, events_per_user=12, seed=11)
-    e = Engine(EngineConfig(new_item_slots=2))
-    for it in items:
-        e.upsert_item(it)
-    e.learn_many(evs)
+    e = trained(EngineConfig(new_item_slots=2), items, evs)
     last = max(ev["ts"] for ev in evs)
     e.upsert_item({"item_id": "fresh", "category": items[0]["category"]})
     e.learn_one(event(10**6, evs[0]["user_id"], items[1]["item_id"], last + 1))
@@ -180,10 +174,7 @@ def test_recommend_ids_are_the_ids_of_recommend():
 
 def test_diversity_caps_the_share_of_one_category():
     evs, items, _ = group_stream(n_groups=2, users_per_group=10, items_per_group=12, events_per_user=20, seed=5)
-    e = Engine(EngineConfig(max_category_share=0.4))
-    for it in items:
-        e.upsert_item(it)
-    e.learn_many(evs)
+    e = trained(EngineConfig(max_category_share=0.4), items, evs)
     for u in ("g0-u0", "g1-u4"):
         recs = e.recommend(u, 5)
         cats = [e._catalog.category_name(e._catalog.find(r.item_id)) for r in recs]

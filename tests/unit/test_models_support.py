@@ -55,6 +55,17 @@ def event(k: int, user: str, item: str | None, ts: float, typ: str = "view", **k
     return e
 
 
+def trained(config, items: list[dict], events: list[dict]):
+    """An ``Engine(config)`` told ``items``, then taught ``events``."""
+    from models import Engine
+
+    engine = Engine(config)
+    for item in items:
+        engine.upsert_item(item)
+    engine.learn_many(events)
+    return engine
+
+
 def group_stream(n_groups: int = 3, users_per_group: int = 12, items_per_group: int = 15, events_per_user: int = 25,
                  seed: int = 0, mixed_types: bool = True) -> tuple[list[dict], list[dict], dict[str, int]]:
     """Users in groups, each group with its own item pool (two categories, one tag); interleaved sessions.
