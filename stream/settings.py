@@ -92,9 +92,9 @@ class Settings(BaseSettings):
     # reload the population as often). ~4k changed rows a second at 2,000 events/s cost an item stage 15-20 %
     # of a core; every 2 s halves that: in one process freshness p99 went 600-800 -> 416-472 ms
     publish_interval_s: float = 2.0
-    # ...and under a backlog further apart: the next publish waits at least (its duration / this share), so
-    # publishing takes at most this share of an item stage's time (a backlog's rows coalesce into fewer,
-    # larger publishes; in one process at ~12k events/s: publishes every ~5 s, +20-25 % events/s)
+    # ...and under a backlog further apart: the next publish waits at least (the CPU time the last one took /
+    # this share), so publishing takes at most about this share of an item stage's time (a backlog's rows
+    # coalesce into fewer, larger publishes; one process draining a backlog: +14-38 % events/s)
     publish_max_share: float = Field(0.1, gt=0, le=1)
     similar_n: int = 20
     neighbour_cache_items: int = 10_000  # neighbour rows a user stage holds, ~21 kB each at 400 neighbours (LRU)

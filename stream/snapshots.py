@@ -9,8 +9,8 @@ nothing lost, nothing applied twice. Only the last record of a state partition m
 
 Snapshots are pickles: the state topics are internal to infogap and must be writable only by
 its workers (Kafka ACLs in production). They are compressed with zstd at level 1: 20k users'
-56 MB pickle in 23 ms to 1.9 MB, where zlib at level 1 took 109 ms to 2.2 MB and was a fifth of a
-one-process worker's CPU under a backlog. Snapshots written with zlib (before zstd) still read.
+56 MB pickle in 23 ms to 1.9 MB, where zlib at level 1 took 109 ms to 2.2 MB (its thread had a fifth
+of a one-process worker's py-spy samples under a backlog). Snapshots written with zlib (before zstd) still read.
 """
 from __future__ import annotations
 
