@@ -39,6 +39,7 @@ from models.population import PopulationLearner
 from stream import connections
 from stream.ingest import DeadLetter
 from stream.neighbour_cache import encode_row
+from stream.observability import WorkerStats
 from stream.redis_store import RedisStore
 from stream.settings import Settings
 from stream.snapshots import Snapshot, SnapshotStore, SnapshotTurns, snapshot_bytes
@@ -79,7 +80,8 @@ class ItemStage:
 
     def __init__(self, settings: Settings, config: EngineConfig, store: RedisStore,
                  eligible: Callable[[str], bool] | None = None, retrying=None, redis_retrying=None,
-                 send_dead: Callable[[list[DeadLetter]], Awaitable[None]] | None = None):
+                 send_dead: Callable[[list[DeadLetter]], Awaitable[None]] | None = None,
+                 stats: WorkerStats | None = None):
         self.settings = settings
         self.topic = settings.topics.cooc
         self.config = config
@@ -104,6 +106,7 @@ class ItemStage:
         self.applied = 0
         self.dead: list[DeadLetter] = []
         self._send_dead = send_dead
+        self._stats = stats
         self.consumer = connections.consumer(
             settings, group_id=f"{settings.consumer_group}.items", enable_auto_commit=False,
             auto_offset_reset="earliest", max_partition_fetch_bytes=16 * 1024 * 1024,
@@ -215,6 +218,8 @@ class ItemStage:
         s = self.settings
         self.publish_every = max(s.publish_interval_s, spent / s.publish_max_share)
         self._next_publish = now + self.publish_every
+        if self._stats is not None:
+            self._stats.publish_interval_s = self.publish_every
 
     async def checkpoint(self, partitions: list[int]) -> None:
         """Snapshot the shards of ``partitions`` with their offsets, then commit those offsets."""

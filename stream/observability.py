@@ -84,6 +84,9 @@ class WorkerStats:
     last_batch_s: float = 0.0
     lag: int = 0
     partitions: int = 0  # events partitions this worker owns now
+    #: seconds from the item stage's last publish to its next (publish_interval_s, more under a backlog:
+    #: how old ig:similar and the neighbour rows may get); 0 without an item stage or before its first
+    publish_interval_s: float = 0.0
     dlq_by_reason: dict[str, int] = field(default_factory=dict)
     pushes_by_channel: dict[str, int] = field(default_factory=dict)
     batch_seconds: Reservoir = field(default_factory=lambda: Reservoir(10_000))
@@ -130,6 +133,8 @@ class StatsCollector:
             pushes.add_metric([channel], n)
         yield pushes
         yield GaugeMetricFamily("infogap_consumer_lag", "records behind the end of the events topic", value=s.lag)
+        yield GaugeMetricFamily("infogap_publish_interval_seconds", "seconds from the item stage's last publish "
+                                "of neighbour rows to its next (longer under a backlog)", value=s.publish_interval_s)
         for name, res in (("batch_seconds", s.batch_seconds), ("freshness_seconds", s.freshness_seconds)):
             summary = SummaryMetricFamily(f"infogap_{name}", f"{name.replace('_', ' ')} (recent percentiles as gauges)",
                                           count_value=res.count, sum_value=res.total)

@@ -197,7 +197,8 @@ class Worker:
         if self.run_items:
             self.items = ItemStage(s, self.engine.config, self._store,
                                    eligible=lambda i: i not in self.unavailable, retrying=self._kafka_retrying,
-                                   redis_retrying=self._redis_retrying, send_dead=self._send_counted_dead)
+                                   redis_retrying=self._redis_retrying, send_dead=self._send_counted_dead,
+                                   stats=self.stats)
         item_stop = asyncio.Event()
         item_task = None
         http = None

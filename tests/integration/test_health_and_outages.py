@@ -40,6 +40,8 @@ async def test_health_and_metrics_endpoints(settings):
         assert "infogap_events_in_total 2.0" in text
         assert 'infogap_dlq_total{reason="not valid JSON"} 1.0' in text
         assert "infogap_freshness_seconds_count 2.0" in text
+        # the item stage in this worker published (at the configured interval: no backlog here)
+        assert f"infogap_publish_interval_seconds {s.publish_interval_s}" in text
         status, body = await get(f"http://127.0.0.1:{port}/stats")
         stats = orjson.loads(body)
         assert stats["events_ok"] == 1 and stats["dead_letters"] == 1 and stats["freshness_seconds"]["p50"] >= 0

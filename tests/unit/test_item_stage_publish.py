@@ -7,6 +7,7 @@ import time
 from models import Engine, EngineConfig
 from models.cooc_shard import CoOccurrenceShard
 from stream.item_stage import ItemStage
+from stream.observability import WorkerStats
 from stream.settings import Settings
 
 
@@ -23,7 +24,7 @@ class _SlowStore:
 
 def _stage(store, **settings) -> ItemStage:
     """(In a running loop: the stage's Kafka consumer is made with it, and never started here.)"""
-    stage = ItemStage(Settings(http_port=None, **settings), EngineConfig(), store)
+    stage = ItemStage(Settings(http_port=None, **settings), EngineConfig(), store, stats=WorkerStats())
     shard = stage.shards[1] = CoOccurrenceShard.for_engine(stage.config)
     stage._numbering[1] = 7
     users = Engine(stage.config, cooc="remote")  # a user stage's engine: "a" and "b" seen together
@@ -59,6 +60,7 @@ def test_a_publish_that_encodes_slowly_pushes_the_next_one_back_to_keep_its_shar
     assert store.writes == [["a"]]  # the second came too soon: its row waits, still dirty
     assert stage._dirty == {1: {"b"}}
     assert stage.publish_every >= 0.05 / 0.25
+    assert stage._stats.publish_interval_s == stage.publish_every  # on /metrics and /stats
 
 
 def test_waiting_on_redis_does_not_push_publishes_back():
