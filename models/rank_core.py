@@ -8,7 +8,10 @@ user with few items. :func:`rank_core` does all of that in one call of :func:`_c
 same kernels (:mod:`models.votes`, :mod:`models.selection`) in the order the module docstring of
 :mod:`models.ranker` describes. Only two things go back to Python: the trending lists, asked for
 (and then passed in) when a request needs them, and the ids a request excludes, whose rows are
-blocked and the request run again when one was picked.
+blocked and the request run again when one was picked. The call that asks for the trending lists
+keeps the request's votes in scratch arrays, and the next call starts from them: on the synthetic
+stream of ``infogap bench`` most requests need the lists, and their second call summed the same
+~8,000 neighbour slots again.
 """
 from __future__ import annotations
 
@@ -35,8 +38,8 @@ def _union(cand, a, b):  # pragma: no cover - compiled
 def _core(nb, sq, block, ipop, pop, vals, total, pair_total, mom_count, mom_decay, pop_decay, momentum,
           available, category, consumed, blocked, u, hist_item, hist_ts, hist_type, ring, qs_tab, qd_tab, kd, gap_floor,
           inv_tau, w_cooc, seg_row, w_seg, glob, w_glob, share, w_content, trend_a, trend_b, have_trending, kk, n,
-          cap, n_anchor, acc, mark, memo, gen,
-          marks, pos):  # pragma: no cover - compiled; tested against a step-by-step reference
+          cap, n_anchor, acc, mark, memo, gen, marks, pos, kept_rows, kept_votes,
+          n_kept):  # pragma: no cover - compiled; tested against a step-by-step reference
     k = ring.size  # 0: no votes (no history, or w_cooc 0)
     sq_dir, sq_sym = sq[0], sq[1]
     items = np.empty(k, np.int64)
@@ -54,8 +57,11 @@ def _core(nb, sq, block, ipop, pop, vals, total, pair_total, mom_count, mom_deca
         if h < kd:
             a_dir[h] = qd_tab[h] * ip
         blocks[h] = block[items[h]]
-    rows, votes = _votes(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, ipop, mom_count, mom_decay, pop, pop_decay,
-                         momentum, available, consumed, acc, mark, memo, gen)
+    if n_kept >= 0:  # called again for the same request: its votes, kept by the first call
+        rows, votes = kept_rows[:n_kept], kept_votes[:n_kept]
+    else:
+        rows, votes = _votes(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, ipop, mom_count, mom_decay, pop, pop_decay,
+                             momentum, available, consumed, acc, mark, memo, gen)
     top = _top(rows, votes, kk)
     cand = rows[top]
     v = votes[top]
@@ -64,8 +70,10 @@ def _core(nb, sq, block, ipop, pop, vals, total, pair_total, mom_count, mom_deca
     none = np.zeros((7, 0))
     while True:
         if cand.size < n or widened:  # few co-occurrence candidates (or too few categories): trending joins
-            if not have_trending:
-                return none, _NEED_TRENDING
+            if not have_trending:  # keep the votes for the call with the trending lists
+                kept_rows[:rows.size] = rows
+                kept_votes[:rows.size] = votes
+                return none, _NEED_TRENDING, rows.size
             cand = _union(cand, trend_a, trend_b)
             for t in range(rows.size):  # the votes of the joined candidates (0 for those without)
                 pos[rows[t]] = t + 1
@@ -77,7 +85,7 @@ def _core(nb, sq, block, ipop, pop, vals, total, pair_total, mom_count, mom_deca
             for t in range(rows.size):
                 pos[rows[t]] = 0
         if not cand.size:
-            return none, _DONE
+            return none, _DONE, rows.size
         content = np.zeros(cand.size if share.size else 0)
         for i in range(content.size):
             content[i] = share[category[cand[i]]] * w_content  # category -1 reads the trailing 0
@@ -111,7 +119,7 @@ def _core(nb, sq, block, ipop, pop, vals, total, pair_total, mom_count, mom_deca
             out[ANCHOR_TYPE, i] = a_type[i]
             if a_row[i] >= 0:
                 out[LIFT, i] = n_pair[i] * scale / max(pop[a_row[i]] * pop[picks[i]], 1e-300)
-    return out, _DONE
+    return out, _DONE, rows.size
 
 
 def rank_core(engine, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: int, cap: int, excl,
@@ -149,16 +157,18 @@ def rank_core(engine, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: in
     blocked = _NO_ROWS
     trend_a = trend_b = _NO_ROWS
     have_trending = False
+    n_kept = -1  # the votes are computed by the first call, and kept for the next ones of this request
     while True:
-        out, status = _core(co.nb, co.sq, co.block, co.ipop, co.pop, co.vals, float(co.total),
+        out, status, n_voted = _core(co.nb, co.sq, co.block, co.ipop, co.pop, co.vals, float(co.total),
                             float(co.pair_total), tr.momentum_, mom_decay, pop_decay, momentum, cat.available,
                             cat.category, prof.consumed(u), blocked, u, prof.hist_item, prof.hist_ts,
                             prof.hist_type, ring, qs_tab, qd_tab, min(k, cfg.query_dir_len),
                             float(cfg.query_gap_floor), 1.0 / cfg.query_gap_tau_s, float(cfg.w_cooc), seg_row,
                             float(w_s), glob, float(w_g), share, float(cfg.w_content), trend_a, trend_b, have_trending,
                             kk, n, cap, _ANCHOR_ROWS if explain else 0, sc.acc, sc.mark, memo.table, gen, sc.marks,
-                            sc.pos)
+                            sc.pos, sc.kept_rows, sc.kept_votes, n_kept)
         if status == _NEED_TRENDING:  # (copies: a read-only array is another numba type, another compilation)
+            n_kept = n_voted
             trend_a = np.array(tr.top(kk, seg if seg >= 0 else None))
             trend_b = np.array(tr.top(kk)) if seg >= 0 else _NO_ROWS
             have_trending = True
@@ -185,6 +195,9 @@ class _Scratch:
         self.memo = _MomentumMemo(size)
         self.marks = np.zeros(size, np.int8)
         self.pos = _positions(size)
+        #: a request's votes (rows, values), kept by the call that asks for the trending lists for the next
+        self.kept_rows = np.empty(size, np.int64)
+        self.kept_votes = np.empty(size)
         self.moment: tuple = ()
         self.decays = (1.0, 1.0)
 
