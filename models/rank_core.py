@@ -160,13 +160,13 @@ def rank_core(engine, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: in
     n_kept = -1  # the votes are computed by the first call, and kept for the next ones of this request
     while True:
         out, status, n_voted = _core(co.nb, co.sq, co.block, co.ipop, co.pop, co.vals, float(co.total),
-                            float(co.pair_total), tr.momentum_, mom_decay, pop_decay, momentum, cat.available,
-                            cat.category, prof.consumed(u), blocked, u, prof.hist_item, prof.hist_ts,
-                            prof.hist_type, ring, qs_tab, qd_tab, min(k, cfg.query_dir_len),
-                            float(cfg.query_gap_floor), 1.0 / cfg.query_gap_tau_s, float(cfg.w_cooc), seg_row,
-                            float(w_s), glob, float(w_g), share, float(cfg.w_content), trend_a, trend_b, have_trending,
-                            kk, n, cap, _ANCHOR_ROWS if explain else 0, sc.acc, sc.mark, memo.table, gen, sc.marks,
-                            sc.pos, sc.kept_rows, sc.kept_votes, n_kept)
+                                     float(co.pair_total), tr.momentum_, mom_decay, pop_decay, momentum, cat.available,
+                                     cat.category, prof.consumed(u), blocked, u, prof.hist_item, prof.hist_ts,
+                                     prof.hist_type, ring, qs_tab, qd_tab, min(k, cfg.query_dir_len),
+                                     float(cfg.query_gap_floor), 1.0 / cfg.query_gap_tau_s, float(cfg.w_cooc), seg_row,
+                                     float(w_s), glob, float(w_g), share, float(cfg.w_content), trend_a, trend_b,
+                                     have_trending, kk, n, cap, _ANCHOR_ROWS if explain else 0, sc.acc, sc.mark,
+                                     memo.table, gen, sc.marks, sc.pos, sc.kept_rows, sc.kept_votes, n_kept)
         if status == _NEED_TRENDING:  # (copies: a read-only array is another numba type, another compilation)
             n_kept = n_voted
             trend_a = np.array(tr.top(kk, seg if seg >= 0 else None))

@@ -99,7 +99,7 @@ class ItemStage:
         self._lock = asyncio.Lock()
         self._dirty: dict[int, set[str]] = {}
         self._next_publish = float("-inf")  # monotonic time
-        #: seconds between the last two publishes' starts (publish_interval_s, or more under a backlog)
+        #: seconds from the last publish's start to the next one's (publish_interval_s, more under a backlog)
         self.publish_every = settings.publish_interval_s
         self._retrying = retrying
         self._redis_retrying = redis_retrying
