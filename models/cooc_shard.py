@@ -30,6 +30,7 @@ user stage replaying after a crash does not count pairs twice.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,6 +48,15 @@ _RENORM_EXPONENT = 40.0
 _DOOR_PERIOD = 128 * 1024
 _ARRAYS = (("row", np.int32), ("nb", np.int32), ("ts", np.float64), ("seq", np.int64), ("occ", np.int32),
            ("occ_ts", np.float64), ("occ_pairs", np.float64), ("occ_seq", np.int64))
+
+
+def owner(item_id: str, n_partitions: int) -> int:
+    """The shard (``cooc`` partition) that owns an item's row: stable across processes and restarts.
+
+    >>> owner("sku-7", 6) == owner("sku-7", 6), 0 <= owner("sku-7", 6) < 6
+    (True, True)
+    """
+    return zlib.crc32(item_id.encode()) % n_partitions
 
 
 @dataclass

@@ -27,7 +27,6 @@ import asyncio
 import logging
 import secrets
 import time
-import zlib
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -53,15 +52,6 @@ POPULATION_KIND = b"population"
 #: rows encoded between two yields to the event loop when publishing (~40 µs a row): thousands of rows
 #: a second in one go held up a user stage in the same process for ~0.15 s
 _PUBLISH_CHUNK = 250
-
-
-def owner(item_id: str, n_partitions: int) -> int:
-    """The ``cooc`` partition that owns an item's row (stable across processes and restarts).
-
-    >>> owner("sku-7", 6) == owner("sku-7", 6), 0 <= owner("sku-7", 6) < 6
-    (True, True)
-    """
-    return zlib.crc32(item_id.encode()) % n_partitions
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -185,13 +175,15 @@ class ItemStage:
         now = time.monotonic()
         if not force and now < self._next_publish:
             return
-        similar, rows = {}, {}
+        similar, rows, tokens = {}, {}, {}
         n, min_support = self.settings.similar_n, self.config.min_support
         spent, t = 0.0, time.thread_time()  # this thread's CPU time encoding, without the yields
         for p, items in self._dirty.items():
             shard = self.shards.get(p)
             if shard is None:
                 continue
+            if items:  # user stages re-read this shard's rows (see stream.neighbour_cache)
+                tokens[p] = secrets.token_hex(8)
             for item in items:
                 similar[item] = [nb._asdict() for nb in shard.similar(item, n, min_support, self.eligible)]
                 rows[item] = encode_row(shard.export_row(item), self._numbering[p])
@@ -211,7 +203,7 @@ class ItemStage:
         if rows or fresh:
             extra = {"trending": trending, "population": model, "momentum": pop.momentum()} if fresh else {}
             t = time.thread_time()
-            await self._redis(self.store.write, similar=similar, rows=rows, **extra)
+            await self._redis(self.store.write, similar=similar, rows=rows, rows_published=tokens, **extra)
             spent += time.thread_time() - t  # packing and sending ~20 kB a row (waits on Redis are not CPU)
         # paced by the CPU time publishing took: not by the yields to a user stage in this process, nor by
         # a Redis outage the write waited through

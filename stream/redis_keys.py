@@ -23,6 +23,10 @@ class RedisKeys:
         """Internal: the item stage's full co-occurrence row, read by the user stages' neighbour caches."""
         return f"{self.prefix}nbrow:{item_id}"
 
+    def rows_published(self, partition: int) -> str:
+        """Internal: a token the item stage changes whenever it publishes rows of a ``cooc`` partition."""
+        return f"{self.prefix}nbrow-published:{partition}"
+
     def trending(self, segment: int | str | None = None) -> str:
         return f"{self.prefix}trending" if segment is None else f"{self.prefix}trending:seg:{segment}"
 

@@ -58,8 +58,11 @@ class RedisStore:
                     similar: Mapping[str, list] | None = None, rows: Mapping[str, bytes] | None = None,
                     trending: Mapping[int | None, list[tuple[str, float]]] | None = None,
                     population: Mapping | None = None,
-                    momentum: tuple[list[str], list[float]] | None = None) -> None:
-        """Write one batch of results in a single pipeline (not a transaction)."""
+                    momentum: tuple[list[str], list[float]] | None = None,
+                    rows_published: Mapping[int, str] | None = None) -> None:
+        """Write one batch of results in a single pipeline (not a transaction). ``rows`` are written in
+        one ``MSET`` with ``rows_published`` (cooc partition -> its new token), so a reader that sees a
+        token sees the rows published with it."""
         k = self.keys
         pipe = self.client.pipeline(transaction=False)
         n = 0
@@ -80,6 +83,7 @@ class RedisStore:
             n += 1
         items = {k.similar(i): orjson.dumps(neighbours) for i, neighbours in (similar or {}).items()}
         items.update((k.neighbour_row(i), row) for i, row in (rows or {}).items())
+        items.update((k.rows_published(p), token) for p, token in (rows_published or {}).items())
         if items:  # one command for all of them: per-command overhead dominates thousands of small SETs
             pipe.mset(items)
             n += 1

@@ -35,6 +35,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, KafkaConnectionError, KafkaError, KafkaTimeoutError
 
 from models import Engine
+from models.cooc_shard import owner
 from models.dedupe import Deduplicator
 from models.events import Event, Limits
 from models.experiments import FEEDBACK_TYPES
@@ -44,7 +45,7 @@ from models import warm_up
 from stream import connections
 from stream.experiments_store import ExperimentStore, experiment_from_settings
 from stream.ingest import DeadLetter, Ingest
-from stream.item_stage import POPULATION_KIND, POPULATION_PARTITION, ItemStage, owner
+from stream.item_stage import POPULATION_KIND, POPULATION_PARTITION, ItemStage
 from stream.neighbour_cache import NeighbourCache
 from stream.observability import WorkerStats, build_app, serve
 from stream.pseudonym import Pseudonymizer
@@ -279,6 +280,7 @@ class Worker:
         await self._side_ends.start()
         await self._assign_side()
         self._cooc_partitions = len(await self._producer.partitions_for(self.topics.cooc))
+        self._cache.partitions = self._cooc_partitions
         if self.run_users:
             await self._consumer.start()
         if self.items is not None:

@@ -1,9 +1,14 @@
-"""The batch writer against the real Redis: every user's recommendations and segment, with the TTL."""
+"""The batch writer against the real Redis: every user's recommendations and segment, with the TTL;
+neighbour rows as a user stage's cache reads them."""
 from __future__ import annotations
 
+import numpy as np
 import orjson
 
+from models import Engine
+from models.cooc_shard import owner
 from stream import connections
+from stream.neighbour_cache import NeighbourCache, encode_row
 from stream.redis_keys import RedisKeys
 from stream.redis_store import SET_WITH_TTL_KEYS, RedisStore
 
@@ -28,6 +33,36 @@ async def test_a_batch_larger_than_one_script_call_writes_every_key_with_its_ttl
         await store.write(recs=docs[:1])
         assert orjson.loads(await r.get(keys.recs("u0"))) == docs[0]
     finally:
+        await r.aclose()
+
+
+async def test_a_user_stage_reads_a_row_again_once_its_shard_has_published_it_again(settings):
+    """The item stage writes rows with its shard's token (``RedisStore.write``); the cache keeps a row
+    past its max age while the token stands, and reads the new one after the next publish."""
+    r = connections.redis_async(settings)
+    keys = RedisKeys(settings.redis_prefix)
+    store = RedisStore(r, keys, recs_ttl_s=600)
+    engine, cache = Engine(), NeighbourCache(r, keys, capacity=10, max_age_s=2.0, partitions=4)
+    p = owner("a", 4)
+
+    def row(neighbour: str) -> bytes:
+        return encode_row({"item_id": "a", "t": 1000.0, "pop": 10.0, "total": 100.0, "pair_total": 50.0,
+                           "neighbours": [neighbour], "numbers": np.array([1]), "values": np.full((4, 1), 5.0),
+                           "neighbour_pop": np.array([10.0])})
+
+    try:
+        await store.write(rows={"a": row("b")}, rows_published={p: "first"})
+        assert await cache.ensure(engine, ["a"], 100.0) == 1
+        assert [nb.item_id for nb in engine.similar("a")] == ["b"]
+        await r.set(keys.neighbour_row("a"), row("c"))  # not a publish: no new token
+        assert await cache.ensure(engine, ["a"], 103.0) == 0
+        assert [nb.item_id for nb in engine.similar("a")] == ["b"]
+        await store.write(rows={"a": row("d")}, rows_published={p: "second"})
+        assert await cache.ensure(engine, ["a"], 104.0) == 0  # within its max age again
+        assert await cache.ensure(engine, ["a"], 106.5) == 1
+        assert [nb.item_id for nb in engine.similar("a")] == ["d"]
+    finally:
+        await r.delete(keys.neighbour_row("a"), keys.rows_published(p))
         await r.aclose()
 
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import asyncio
 
-from stream.neighbour_cache import ABSENT_RETRY_S, NeighbourCache
+from models.cooc_shard import owner
+from stream.neighbour_cache import ABSENT_RETRY_S, UNCHANGED_MAX_S, NeighbourCache
 from stream.redis_keys import RedisKeys
 
 
@@ -43,3 +44,43 @@ def test_a_missing_row_is_asked_again_soon_and_a_present_one_after_its_max_age(m
     assert engine.loaded == 1
     assert asyncio.run(ensure(["a"], 101.0)) == 0  # a row it has is fresh for max_age_s
     assert asyncio.run(ensure(["a"], 100.0 + ABSENT_RETRY_S + 2.0)) == 1
+
+
+def test_a_row_past_its_max_age_is_read_again_only_when_its_shard_has_published_since(monkeypatch):
+    monkeypatch.setattr("stream.neighbour_cache.decode_row", lambda raw: {"raw": raw})
+    redis, engine, keys = _Redis(), _Engine(), RedisKeys("t:")
+    cache = NeighbourCache(redis, keys, capacity=10, max_age_s=2.0, partitions=3)
+    shard = {i: owner(i, 3) for i in ("a", "b", "c", "d")}
+    a, b = sorted(shard, key=shard.get)[0], sorted(shard, key=shard.get)[-1]
+    assert shard[a] != shard[b]
+    for item in (a, b):
+        redis.rows[keys.neighbour_row(item)] = f"row-{item}".encode()
+        redis.rows[keys.rows_published(shard[item])] = b"t1"
+
+    def ensure(items, now):
+        redis.asked.clear()
+        return asyncio.run(cache.ensure(engine, items, now))
+
+    assert ensure([a, b], 100.0) == 2
+    assert ensure([a, b], 103.0) == 0  # past the max age, neither shard has published since
+    assert redis.asked == [[keys.rows_published(p) for p in range(3)]] and cache.unchanged == 2
+    assert ensure([a, b], 104.0) == 0  # and they count as fresh again for max_age_s
+    assert redis.asked == []
+    redis.rows[keys.rows_published(shard[a])] = b"t2"
+    assert ensure([a, b], 106.5) == 1
+    assert redis.asked[-1] == [keys.neighbour_row(a)]
+    cache.stale()  # e.g. users restored from a snapshot: everything is read again
+    assert ensure([a, b], 107.0) == 2
+    assert ensure([a, b], 100.0 + UNCHANGED_MAX_S + 10) == 2  # unchanged tokens do not keep a row forever
+    assert engine.loaded == 7
+
+
+def test_without_a_token_a_row_past_its_max_age_is_read_again(monkeypatch):
+    """Rows written by an item stage that writes no token (or with the partition count unknown)."""
+    monkeypatch.setattr("stream.neighbour_cache.decode_row", lambda raw: {"raw": raw})
+    redis, engine, keys = _Redis(), _Engine(), RedisKeys("t:")
+    redis.rows[keys.neighbour_row("a")] = b"row-a"
+    for partitions in (2, None):
+        cache = NeighbourCache(redis, keys, capacity=10, max_age_s=2.0, partitions=partitions)
+        assert asyncio.run(cache.ensure(engine, ["a"], 100.0)) == 1
+        assert asyncio.run(cache.ensure(engine, ["a"], 103.0)) == 1
