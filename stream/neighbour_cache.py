@@ -12,9 +12,15 @@ A row past its max age is read again only if its shard has published since: with
 item stage writes a new token to ``{prefix}nbrow-published:{partition}`` in the same ``MSET`` as the
 rows. Under a backlog the item stage publishes every several seconds (its publishing is paced by its
 cost), and re-reading unchanged ~20 kB rows every ``max_age_s`` was a tenth of a user stage.
+
+Reading rows is paced by its cost, as the item stage's publishing is: when reads took more than
+``read_max_share`` of the time over a max age (a backlog, with thousands of rows changed every
+publish), the max age grows in proportion, up to ``MAX_AGE_CAP_S``; it returns to ``max_age_s``
+when reads get cheap again.
 """
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
@@ -87,6 +93,8 @@ def decode_row(raw: bytes) -> dict:
 #: A row is read again after this long even when its shard's token has not changed (say, a writer from
 #: before the tokens publishing it).
 UNCHANGED_MAX_S = 60.0
+#: The longest the max age grows to under a backlog (reads paced by their cost).
+MAX_AGE_CAP_S = 30.0
 #: An item with no row in Redis yet is asked again after this long (its row may be published any moment:
 #: remembered as absent for the whole max age, a cold start ranked its users without neighbours for it).
 ABSENT_RETRY_S = 0.25
@@ -95,15 +103,19 @@ ABSENT_RETRY_S = 0.25
 class NeighbourCache:
     """At most ``capacity`` neighbour rows held in an engine, refreshed after ``max_age_s`` seconds if
     their shard has published since. ``partitions``: the number of ``cooc`` partitions (the shards);
-    None (unknown yet) re-reads every row past its max age."""
+    None (unknown yet) re-reads every row past its max age. ``age_s`` is the max age in force: at least
+    ``max_age_s``, more while reading takes more than ``read_max_share`` of the time."""
 
     def __init__(self, client: aioredis.Redis, keys: RedisKeys, capacity: int = 50_000, max_age_s: float = 2.0,
-                 partitions: int | None = None):
+                 partitions: int | None = None, read_max_share: float = 1.0):
         self.client = client
         self.keys = keys
         self.capacity = capacity
         self.max_age_s = max_age_s
         self.partitions = partitions
+        self.read_max_share = read_max_share
+        self.age_s = max_age_s
+        self._window: tuple[float, float] | None = None  # (start, CPU seconds spent reading since)
         self._loaded: OrderedDict[str, float] = OrderedDict()  # item -> when its row was read, LRU order
         #: item -> (its shard, that shard's token before the read, when it was read)
         self._token: dict[str, tuple[int, bytes | str, float]] = {}
@@ -119,11 +131,12 @@ class NeighbourCache:
         """Make the rows of ``items`` current in ``engine``; returns how many were read from Redis."""
         loaded, token = self._loaded, self._token
         want, aged = [], []
+        max_age = self.age_s
         for item in dict.fromkeys(items):
             at = loaded.get(item)
             if at is not None:
                 loaded.move_to_end(item)
-                if now - at < self.max_age_s:
+                if now - at < max_age:
                     self.hits += 1
                     continue
                 if item in token:
@@ -131,6 +144,7 @@ class NeighbourCache:
                     continue
             want.append(item)
         if not want and not aged:
+            self._pace(now, 0.0)
             return 0
         n = self.partitions
         tokens = None
@@ -146,10 +160,13 @@ class NeighbourCache:
         else:
             want += aged
         if not want:
+            self._pace(now, 0.0)
             return 0
         raws = await self.client.mget([self.keys.neighbour_row(i) for i in want])
+        cpu = time.thread_time()  # this thread's CPU loading the rows (not the awaits: other tasks run then)
         engine.load_rows(decode_row(raw) for raw in raws if raw is not None)
-        absent_at = now - self.max_age_s + min(self.max_age_s, ABSENT_RETRY_S)
+        self._pace(now, time.thread_time() - cpu)
+        absent_at = now - max_age + min(max_age, ABSENT_RETRY_S)
         for item, raw in zip(want, raws):  # an item without a row yet is asked again soon, not at once
             loaded[item] = now if raw is not None else absent_at
             loaded.move_to_end(item)
@@ -165,6 +182,17 @@ class NeighbourCache:
                 token.pop(item, None)
             engine.drop_rows(drop)
         return len(want)
+
+    def _pace(self, now: float, spent: float) -> None:
+        """Count ``spent`` CPU seconds of reading; once a max age has passed, scale the max age by the
+        share of the time reading took against ``read_max_share`` (within ``max_age_s`` and the cap)."""
+        start, total = self._window or (now, 0.0)
+        if now - start < self.age_s or now <= start:  # (a max age of 0: every call at once)
+            self._window = (start, total + spent)
+            return
+        share = total / (now - start)  # of the window that ends now; this call's cost opens the next one
+        self.age_s = min(MAX_AGE_CAP_S, max(self.max_age_s, self.age_s * share / self.read_max_share))
+        self._window = (now, spent)
 
     def stale(self) -> None:
         """Consider every row stale (e.g. after the engine was replaced by a restored snapshot)."""

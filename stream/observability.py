@@ -87,6 +87,9 @@ class WorkerStats:
     #: seconds from the item stage's last publish to its next (publish_interval_s, more under a backlog:
     #: how old ig:similar and the neighbour rows may get); 0 without an item stage or before its first
     publish_interval_s: float = 0.0
+    #: seconds a user stage keeps a neighbour row before reading it again if its shard published
+    #: (neighbour_max_age_s, more under a backlog); 0 without a user stage or before its first batch
+    neighbour_max_age_s: float = 0.0
     dlq_by_reason: dict[str, int] = field(default_factory=dict)
     pushes_by_channel: dict[str, int] = field(default_factory=dict)
     batch_seconds: Reservoir = field(default_factory=lambda: Reservoir(10_000))
@@ -135,6 +138,8 @@ class StatsCollector:
         yield GaugeMetricFamily("infogap_consumer_lag", "records behind the end of the events topic", value=s.lag)
         yield GaugeMetricFamily("infogap_publish_interval_seconds", "seconds from the item stage's last publish "
                                 "of neighbour rows to its next (longer under a backlog)", value=s.publish_interval_s)
+        yield GaugeMetricFamily("infogap_neighbour_max_age_seconds", "seconds a user stage keeps a neighbour row "
+                                "before reading it again (longer under a backlog)", value=s.neighbour_max_age_s)
         for name, res in (("batch_seconds", s.batch_seconds), ("freshness_seconds", s.freshness_seconds)):
             summary = SummaryMetricFamily(f"infogap_{name}", f"{name.replace('_', ' ')} (recent percentiles as gauges)",
                                           count_value=res.count, sum_value=res.total)

@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     similar_n: int = 20
     neighbour_cache_items: int = 10_000  # neighbour rows a user stage holds, ~21 kB each at 400 neighbours (LRU)
     neighbour_max_age_s: float = 2.0  # a cached neighbour row older than this is read again from Redis
+    # ... if its shard has published since; and later under a backlog, so that loading rows takes at most
+    # about this share of a user stage's time (the max age grows up to 30 s; README "Architecture")
+    neighbour_read_max_share: float = Field(0.05, gt=0, le=1)
     trending_n: int = 100
     #: models.EngineConfig fields over its defaults (JSON), the same for every worker of a group, e.g.
     #: {"door_bits": 22}: the admission door for catalogs with many one-off pairs (README "Configuration")

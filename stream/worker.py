@@ -194,7 +194,7 @@ class Worker:
         self._snapshots = (SnapshotStore(s, self.topics.state_users)
                            if s.snapshot_interval_s > 0 and self.run_users else None)
         self._cache = NeighbourCache(self._redis, RedisKeys(s.redis_prefix), s.neighbour_cache_items,
-                                     s.neighbour_max_age_s)
+                                     s.neighbour_max_age_s, read_max_share=s.neighbour_read_max_share)
         if self.run_items:
             self.items = ItemStage(s, self.engine.config, self._store,
                                    eligible=lambda i: i not in self.unavailable, retrying=self._kafka_retrying,
@@ -551,6 +551,7 @@ class Worker:
         cooc_sent = await self._enqueue(cooc_messages)
         await self._redis_retrying(self._cache.ensure, self.engine,
                                    (i for u in touched for i in self.engine.query_items(u)), time.monotonic())
+        st.neighbour_max_age_s = self._cache.age_s
 
         docs, segments, pushes = [], {}, []
         top_n, version = self.settings.top_n, self.settings.model_version

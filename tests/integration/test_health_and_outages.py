@@ -42,6 +42,7 @@ async def test_health_and_metrics_endpoints(settings):
         assert "infogap_freshness_seconds_count 2.0" in text
         # the item stage in this worker published (at the configured interval: no backlog here)
         assert f"infogap_publish_interval_seconds {s.publish_interval_s}" in text
+        assert f"infogap_neighbour_max_age_seconds {s.neighbour_max_age_s}" in text  # and its user stage reads
         status, body = await get(f"http://127.0.0.1:{port}/stats")
         stats = orjson.loads(body)
         assert stats["events_ok"] == 1 and stats["dead_letters"] == 1 and stats["freshness_seconds"]["p50"] >= 0

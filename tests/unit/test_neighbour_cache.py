@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from models.cooc_shard import owner
 from stream.neighbour_cache import ABSENT_RETRY_S, UNCHANGED_MAX_S, NeighbourCache
 from stream.redis_keys import RedisKeys
@@ -84,3 +86,44 @@ def test_without_a_token_a_row_past_its_max_age_is_read_again(monkeypatch):
         cache = NeighbourCache(redis, keys, capacity=10, max_age_s=2.0, partitions=partitions)
         assert asyncio.run(cache.ensure(engine, ["a"], 100.0)) == 1
         assert asyncio.run(cache.ensure(engine, ["a"], 103.0)) == 1
+
+
+def test_reading_rows_is_paced_by_its_cost(monkeypatch):
+    """Loading rows that took a quarter of the time (a backlog) stretches the max age until it would
+    take the share allowed; cheap reads bring it back to max_age_s."""
+    cpu = [0.0]
+    monkeypatch.setattr("stream.neighbour_cache.time.thread_time", lambda: cpu[0])
+    monkeypatch.setattr("stream.neighbour_cache.decode_row", lambda raw: {"raw": raw})
+    redis, keys = _Redis(), RedisKeys("t:")
+
+    class Slow(_Engine):
+        cost = 0.5  # CPU seconds a load takes
+
+        def load_rows(self, rows):
+            super().load_rows(rows)
+            cpu[0] += self.cost
+
+    engine = Slow()
+    for item in ("a", "b"):
+        redis.rows[keys.neighbour_row(item)] = b"row"
+    cache = NeighbourCache(redis, keys, capacity=10, max_age_s=2.0, read_max_share=0.05)
+    now = 100.0
+    for _ in range(3):  # every row is past its age and read again: 0.5 s of each 2 s
+        asyncio.run(cache.ensure(engine, ["a", "b"], now))
+        now += 2.0
+    assert cache.age_s == pytest.approx(10.0)  # 2 s x 25 % / 5 %
+    assert asyncio.run(cache.ensure(engine, ["a"], now)) == 0  # 2 s old: kept now
+    engine.cost = 0.0
+    for _ in range(3):
+        now += 10.0
+        asyncio.run(cache.ensure(engine, ["a", "b"], now))
+    assert cache.age_s == 2.0
+
+
+def test_a_max_age_of_zero_reads_every_time(monkeypatch):
+    monkeypatch.setattr("stream.neighbour_cache.decode_row", lambda raw: {"raw": raw})
+    redis, engine, keys = _Redis(), _Engine(), RedisKeys("t:")
+    redis.rows[keys.neighbour_row("a")] = b"row-a"
+    cache = NeighbourCache(redis, keys, capacity=10, max_age_s=0.0, read_max_share=0.05)
+    assert [asyncio.run(cache.ensure(engine, ["a"], now)) for now in (5.0, 5.0, 6.0)] == [1, 1, 1]
+    assert cache.age_s == 0.0
