@@ -26,13 +26,37 @@ Items the user purchased or rated (the engine's ``exclude_types``) are kept, at 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from itertools import chain
+from operator import itemgetter
 
 import numpy as np
 
 
 #: The history ring's arrays and their empty value.
 _HIST_FIELDS = (("hist_item", -1), ("hist_ts", 0.0), ("hist_w", 0.0), ("hist_type", 0), ("hist_rating", 0.0))
+#: A user's scalars (lists of :class:`Profiles`) and their dtype in :meth:`Profiles.get_rows`.
+ROW_SCALARS = (("n_events", np.int64), ("n_push", np.int64), ("last_item", np.int64), ("first_ts", np.float64),
+               ("last_ts", np.float64), ("freq", np.float64), ("money", np.float64), ("segment", np.int64))
+
+
+def records(cols: Mapping[str, np.ndarray]) -> list[dict]:
+    """The users of :meth:`Profiles.get_rows` columns one by one, as :meth:`Profiles.set_row` takes them:
+    plain Python values, the history and ``consumed`` as lists, ``feats`` as a dict."""
+    n = len(cols["n_push"])
+    scalars = [cols[name].tolist() for name, _ in ROW_SCALARS]
+    hist = [cols[name].tolist() for name, _ in _HIST_FIELDS]
+    cons, feat_key, feat_val = cols["consumed"].tolist(), cols["feat_key"].tolist(), cols["feat_val"].tolist()
+    h_end, c_end, f_end = (np.cumsum(cols[name]).tolist() for name in ("hist_len", "consumed_len", "feat_len"))
+    out, h0, c0, f0 = [], 0, 0, 0
+    for j in range(n):
+        rec = {name: col[j] for (name, _), col in zip(ROW_SCALARS, scalars)}
+        rec.update((name, col[h0: h_end[j]]) for (name, _), col in zip(_HIST_FIELDS, hist))
+        rec["consumed"] = cons[c0: c_end[j]]
+        rec["feats"] = dict(zip(feat_key[f0: f_end[j]], feat_val[f0: f_end[j]]))
+        h0, c0, f0 = h_end[j], c_end[j], f_end[j]
+        out.append(rec)
+    return out
 
 
 class Profiles:
@@ -174,31 +198,50 @@ class Profiles:
             for k in d:
                 d[k] *= factor
 
-    def get_row(self, r: int) -> dict:
-        """Everything kept for user row ``r``, in this object's row space (item rows, feature ids): the
-        ring's ``min(n_push, history_len)`` entries (``hist_*``) and the consumed items, oldest first;
-        ``freq``, ``money`` and ``feats`` relative to the engine's ``t0``.
+    def get_rows(self, rows: Sequence[int]) -> dict[str, np.ndarray]:
+        """Everything kept for user ``rows``, column by column, in this object's row space (item rows,
+        feature ids), with ``freq``, ``money`` and feature weights relative to the engine's ``t0``:
+
+        - the scalars of :data:`ROW_SCALARS`, one per user;
+        - the history ``hist_*`` (oldest first), ``consumed`` (oldest first) and the features
+          ``feat_key``/``feat_val`` of all users one after another, with ``hist_len``,
+          ``consumed_len`` and ``feat_len`` per user.
 
         >>> p = Profiles(history_len=2)
-        >>> u = p.row("u1")
+        >>> u, v = p.row("u1"), p.row("u2")
         >>> for k in range(3): p.push(u, item=k, ts=float(k), w=1.0)
-        >>> rec = p.get_row(u); rec["hist_item"], rec["n_push"]
+        >>> cols = p.get_rows([u, v]); cols["hist_item"].tolist(), cols["hist_len"].tolist(), cols["n_push"].tolist()
+        ([1, 2], [2, 0], [3, 0])
+        >>> rec = records(cols)[0]; rec["hist_item"], rec["n_push"]
         ([1, 2], 3)
-        >>> q = Profiles(history_len=3); v = q.row("u1"); q.set_row(v, rec)
-        >>> q.get_row(v)["hist_item"], q.n_push[v]
+        >>> q = Profiles(history_len=3); w = q.row("u1"); q.set_row(w, rec)
+        >>> records(q.get_rows([w]))[0]["hist_item"], q.n_push[w]
         ([1, 2], 2)
         """
-        c = self.n_push[r]
-        idx = np.arange(c - min(c, self.history_len), c) % self.history_len
-        return {"n_events": self.n_events[r], "n_push": c, "last_item": self.last_item[r],
-                "first_ts": self.first_ts[r], "last_ts": self.last_ts[r], "freq": self.freq[r],
-                "money": self.money[r], "segment": self.segment[r], "feats": dict(self.feats[r]),
-                "consumed": self.consumed(r).tolist(), "hist_item": self.hist_item[r, idx].tolist(),
-                "hist_ts": self.hist_ts[r, idx].tolist(), "hist_w": self.hist_w[r, idx].tolist(),
-                "hist_type": self.hist_type[r, idx].tolist(), "hist_rating": self.hist_rating[r, idx].tolist()}
+        n, h = len(rows), self.history_len
+        pick = itemgetter(*rows) if n > 1 else (lambda lst: [lst[r] for r in rows])
+        out = {name: np.array(pick(getattr(self, name)), dt) for name, dt in ROW_SCALARS}
+        c = out["n_push"]
+        k = np.minimum(c, h)
+        end = np.cumsum(k)
+        first = np.repeat(end - k, k)  # each entry's user's first position in the flat arrays
+        r = np.repeat(np.asarray(rows, np.int64), k)
+        src = (np.repeat(c - k, k) + np.arange(first.size) - first) % h  # entries c - k .. c - 1, oldest first
+        for name, _ in _HIST_FIELDS:
+            out[name] = getattr(self, name)[r, src]
+        out["hist_len"] = k
+        n_cons = pick(self._cons_n)
+        out["consumed"] = np.concatenate([np.zeros(0, np.int32)] + [a[:m] for a, m in zip(pick(self._cons_arr), n_cons)
+                                                                    if m])
+        out["consumed_len"] = np.array(n_cons, np.int64)
+        feats = pick(self.feats)
+        out["feat_key"] = np.fromiter(chain.from_iterable(feats), np.int64)
+        out["feat_val"] = np.fromiter(chain.from_iterable(d.values() for d in feats), np.float64)
+        out["feat_len"] = np.fromiter(map(len, feats), np.int64, n)
+        return out
 
     def set_row(self, r: int, rec: Mapping) -> None:
-        """Overwrite user row ``r`` with a :meth:`get_row` record (of this row space). Within this
+        """Overwrite user row ``r`` with a record of :func:`records` (of this row space). Within this
         object's bounds: the newest ``history_len`` history entries and ``max_consumed`` consumed
         items are kept, and the weakest features dropped beyond ``max_features``; from a shorter ring,
         ``n_push`` becomes the number of entries, so that every entry the ring head reaches is valid."""

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from models.dedupe import Deduplicator
 from models.experiments import ExperimentMetrics
 from models.push_policy import PushConfig, PushPolicy
-from models.user_state import ExportCache
 from stream.experiments_store import metrics_config
 from stream.settings import Settings
 
@@ -27,21 +26,10 @@ class UserPartition:
     experiments: ExperimentMetrics
     users: set[str] = field(default_factory=set)
     watermark: float = float("-inf")
-    #: model state of the users at the last checkpoint, re-exported only for users touched since (not
-    #: part of the snapshot: the snapshot holds what it exports)
-    exports: ExportCache = field(default_factory=ExportCache, repr=False, compare=False)
-
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "exports"}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.exports = ExportCache()  # restored users are exported again at the next checkpoint
 
     def touch(self, user_id: str) -> None:
         """A user of this partition learned something: their state belongs to the next snapshot."""
         self.users.add(user_id)
-        self.exports.touch(user_id)
 
     @classmethod
     def new(cls, partition: int, settings: Settings, push: PushConfig) -> UserPartition:

@@ -40,7 +40,7 @@ from models.dedupe import Deduplicator
 from models.events import Event, Limits
 from models.experiments import FEEDBACK_TYPES
 from models.push_policy import PushConfig, UserPrefs
-from models.user_state import import_users
+from models.user_state import export_users, import_users
 from models import warm_up
 from stream import connections
 from stream.experiments_store import ExperimentStore, experiment_from_settings
@@ -297,7 +297,7 @@ class Worker:
         """Everything about one events partition's users (items and users topics are re-read from Kafka)."""
         part = self._part(partition)
         part.watermark = self.ingest.watermarks.get((self.topics.events, partition), float("-inf"))
-        return {"part": part, "users": part.exports.export(self.engine, part.users)}
+        return {"part": part, "users": export_users(self.engine, part.users)}
 
     def restore_partition(self, partition: int, state: dict) -> None:
         part: UserPartition = state["part"]

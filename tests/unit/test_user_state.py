@@ -10,7 +10,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from models import Engine, EngineConfig
-from models.user_state import export_users, import_users
+from models.user_state import export_users, import_users, user_records
 
 from .test_models_support import event, group_stream, random_stream
 
@@ -50,7 +50,7 @@ def absolute(state: dict, at: float) -> dict:
     """The users' records with decayed figures as values at time ``at`` (comparable across engines)."""
     d = math.exp(-state["lam"] * (at - state["t0"]))
     return {u: {**rec, "freq": rec["freq"] * d, "money": rec["money"] * d,
-                "feats": {f: w * d for f, w in rec["feats"].items()}} for u, rec in state["users"].items()}
+                "feats": {f: w * d for f, w in rec["feats"].items()}} for u, rec in user_records(state).items()}
 
 
 def assert_same_records(a: dict, b: dict) -> None:
@@ -99,9 +99,9 @@ def test_moved_users_arrive_whole_in_an_engine_with_other_numbering(seed, pick, 
         assert b.segment(u) == a.segment(u)
         assert [b._profiles.find(u) in m for m in map(b._segmenter.members, range(b.config.n_segments))].count(True) == \
             (b.segment(u) is not None)
-        owned = set(state["users"][u]["consumed"])
+        owned = set(user_records(state)[u]["consumed"])
         assert not owned & {r.item_id for r in b.recommend(u, n_items)}
-    assert all(state["users"][u]["consumed"] for u in moved)
+    assert all(user_records(state)[u]["consumed"] for u in moved)
 
 
 def test_export_forget_import_in_place_changes_nothing():
@@ -133,12 +133,12 @@ def test_import_replaces_existing_state_and_an_empty_engine_adopts_t0():
     state = export_users(a, [u])
     a.learn_one({"event_id": "late", "user_id": u, "type": "purchase", "ts": a._now, "item_id": "brand-new"})
     import_users(a, state)
-    assert export_users(a, [u]) == state
+    assert user_records(export_users(a, [u])) == user_records(state)
 
     fresh = Engine()
     import_users(fresh, state)
     assert fresh._t0 == a._t0 and fresh.profile(u) == a.profile(u)
-    assert fresh._catalog.find(state["users"][u]["hist_item"][-1]) is not None  # rows made for unknown items
+    assert fresh._catalog.find(user_records(state)[u]["hist_item"][-1]) is not None  # rows made for unknown items
 
 
 def test_record_holds_ids_not_rows():
@@ -146,7 +146,7 @@ def test_record_holds_ids_not_rows():
     a = engine(FAST, items, evs)
     state = export_users(a, users)
     known = {a._catalog.item_id(r) for r in range(len(a._catalog))}
-    for rec in state["users"].values():
+    for rec in user_records(state).values():
         assert all(isinstance(i, str) and i in known for i in rec["hist_item"] + rec["consumed"] + [rec["last_item"]])
         assert all(isinstance(f, str) for f in rec["feats"])
         assert set(rec["hist_type"]) <= {"view", "click", "add_to_cart", "purchase", "rate", "push_open",
@@ -158,7 +158,7 @@ def test_state_pickles():
     a = engine(EngineConfig(), items, evs)
     state = export_users(a, users)
     back = pickle.loads(pickle.dumps(state))
-    assert back == state
+    assert user_records(back) == user_records(state)
     b = Engine()
     import_users(b, back)
     assert all(b.profile(u) == a.profile(u) for u in users)
@@ -169,6 +169,18 @@ def test_rejects_foreign_versions_and_segments():
     state = export_users(engine(EngineConfig(), items, evs), users)
     with pytest.raises(ValueError, match="version"):
         import_users(Engine(), {**state, "version": 99})
-    if any(rec["segment"] >= 1 for rec in state["users"].values()):
+    if any(rec["segment"] >= 1 for rec in user_records(state).values()):
         with pytest.raises(ValueError, match="segments"):
             import_users(Engine(EngineConfig(n_segments=1)), state)
+
+
+def test_a_version_1_record_a_dict_per_user_still_imports():
+    """Snapshots written before the columns: a record per user, by user id."""
+    evs, items, users = stream(13)
+    a = engine(FAST, items, evs)
+    state = export_users(a, users)
+    old = {"version": 1, "t0": state["t0"], "lam": state["lam"], "users": user_records(state)}
+    b = Engine(FAST)
+    import_users(b, old)
+    assert all(b.profile(u) == a.profile(u) for u in users)
+    assert user_records(export_users(b, users)).keys() == set(users)
