@@ -137,6 +137,22 @@ def test_deduplicator_is_bounded_in_count():
     assert len(d) == 100 and "e999" in d and "e0" not in d
 
 
+def test_a_restored_deduplicator_remembers_and_forgets_as_the_original():
+    """A snapshot holds it as arrays; one pickled before (a set and a deque) still loads."""
+    import copy
+    import pickle
+
+    d = Deduplicator(window_s=10.0, max_ids=5)
+    for i in range(8):
+        d.seen(f"e{i}", ts=float(i))
+    old_style = Deduplicator.__new__(Deduplicator)
+    old_style.__setstate__(copy.deepcopy(d.__dict__))
+    for back in (pickle.loads(pickle.dumps(d)), old_style):
+        assert [f"e{i}" in back for i in range(8)] == [False] * 3 + [True] * 5
+        assert back.seen("e7", ts=8.0) and not back.seen("e8", ts=20.0)  # e3..e7 are 12 s older than e8
+        assert len(back) == 1
+
+
 def test_ingest_keeps_every_field_of_an_event_but_its_user_id_which_it_pseudonymises():
     import dataclasses
 
