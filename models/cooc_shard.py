@@ -118,23 +118,67 @@ class PairDeltas:
                           self.occ_ts, self.occ_pairs, seq_of[self.occ_seq - base])
 
     def to_bytes(self) -> bytes:
-        """A compact binary form: a JSON header (ids, sizes), then the arrays' raw bytes."""
-        arrays = [np.ascontiguousarray(getattr(self, name), dt) for name, dt in _ARRAYS]
-        arrays.append(np.ascontiguousarray(self.d, np.float64))
-        head = orjson.dumps({"items": self.items, "sizes": [a.size for a in arrays]})
+        """A compact binary form: a JSON header (ids, sizes, layout), then the arrays' raw bytes.
+
+        An update's time and sequence number are its event's, which the occurrences hold: each update
+        carries the index of its event's occurrence instead (4 bytes, not 16). ``n_pair`` and
+        ``count`` are left out when every update has 1 for both (as learning from events gives).
+        About 28 bytes an update instead of 56.
+        """
+        at = self._event_index()
+        by_event = at is not None
+        ones = bool(np.all(self.d[:, 2:] == 1.0))
+        arrays = [np.ascontiguousarray(self.row, np.int32), np.ascontiguousarray(self.nb, np.int32)]
+        arrays += [at] if by_event else [np.ascontiguousarray(self.ts, np.float64),
+                                         np.ascontiguousarray(self.seq, np.int64)]
+        arrays += [np.ascontiguousarray(self.occ, np.int32), np.ascontiguousarray(self.occ_ts, np.float64),
+                   np.ascontiguousarray(self.occ_pairs, np.float64), np.ascontiguousarray(self.occ_seq, np.int64),
+                   np.ascontiguousarray(self.d[:, :2] if ones else self.d, np.float64)]
+        head = orjson.dumps({"items": self.items, "n": int(self.row.size), "n_occ": int(self.occ.size),
+                             "by_event": by_event, "ones": ones})
         return len(head).to_bytes(4, "big") + head + b"".join(a.tobytes() for a in arrays)
+
+    def _event_index(self) -> np.ndarray | None:
+        """Each update's index among the occurrences (its event's), or None if an update has none."""
+        if not self.row.size:
+            return np.zeros(0, np.int32)
+        if not self.occ.size:
+            return None
+        at = np.searchsorted(self.occ_seq, self.seq).clip(max=self.occ.size - 1)
+        same = np.array_equal(self.occ_seq[at], self.seq) and np.array_equal(self.occ_ts[at], self.ts)
+        return at.astype(np.int32) if same else None
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> PairDeltas:
         n = int.from_bytes(raw[:4], "big")
         head = orjson.loads(raw[4: 4 + n])
         pos = 4 + n
-        arrays = {}
-        for (name, dt), size in zip(_ARRAYS + (("d", np.float64),), head["sizes"]):
-            arrays[name] = np.frombuffer(raw, dt, size, pos)
+        if "sizes" in head:  # written before the compact layout: every array in full
+            arrays = {}
+            for (name, dt), size in zip(_ARRAYS + (("d", np.float64),), head["sizes"]):
+                arrays[name] = np.frombuffer(raw, dt, size, pos)
+                pos += size * np.dtype(dt).itemsize
+            arrays["d"] = arrays["d"].reshape(-1, 4)
+            return cls(items=head["items"], **arrays)
+        k, m = head["n"], head["n_occ"]
+        layout = [("row", np.int32, k), ("nb", np.int32, k)]
+        layout += [("at", np.int32, k)] if head["by_event"] else [("ts", np.float64, k), ("seq", np.int64, k)]
+        layout += [("occ", np.int32, m), ("occ_ts", np.float64, m), ("occ_pairs", np.float64, m),
+                   ("occ_seq", np.int64, m), ("d", np.float64, k * (2 if head["ones"] else 4))]
+        a = {}
+        for name, dt, size in layout:
+            a[name] = np.frombuffer(raw, dt, size, pos)
             pos += size * np.dtype(dt).itemsize
-        arrays["d"] = arrays["d"].reshape(-1, 4)
-        return cls(items=head["items"], **arrays)
+        if pos != len(raw):
+            raise ValueError(f"cooc record of {len(raw)} bytes, its header says {pos}")
+        if head["by_event"]:
+            a["ts"], a["seq"] = a["occ_ts"][a["at"]], a["occ_seq"][a["at"]]
+            del a["at"]
+        d = a["d"].reshape(k, 2 if head["ones"] else 4)
+        if head["ones"]:
+            d = np.hstack([d, np.ones((k, 2))])
+        a["d"] = d
+        return cls(items=head["items"], **a)
 
 
 class CoOccurrenceShard:

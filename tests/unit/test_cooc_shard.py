@@ -204,6 +204,44 @@ def test_popularity_of_several_rows_at_once_is_as_row_by_row():
     assert (many.total, many.pair_total) == (one.total, one.pair_total) == (20.0, 10.0)
 
 
+def _deltas(d4: np.ndarray, ts: np.ndarray, seq: np.ndarray) -> PairDeltas:
+    return PairDeltas(items=["a", "b", "c"], row=np.array([0, 1, 2]), nb=np.array([1, 0, 0]), d=d4, ts=ts, seq=seq,
+                      occ=np.array([0, 1]), occ_ts=np.array([5.0, 6.0]), occ_pairs=np.array([0.0, 2.0]),
+                      occ_seq=np.array([40, 41]))
+
+
+@pytest.mark.parametrize("d4", [np.array([[1.0, 2.0, 1.0, 1.0]] * 3),  # as learning gives: n_pair, count 1
+                                np.array([[1.0, 2.0, 1.0, 1.0], [0.5, 2.0, 3.0, 1.0], [0.0, 1.0, 1.0, 2.0]])])
+@pytest.mark.parametrize("when", [(np.array([6.0, 6.0, 5.0]), np.array([41, 41, 40])),  # its event's
+                                  (np.array([6.0, 6.0, 7.0]), np.array([41, 41, 42]))])  # not an occurrence's
+def test_deltas_read_back_from_bytes_as_they_were_written(d4, when):
+    d = _deltas(d4, *when)
+    raw = d.to_bytes()
+    back = PairDeltas.from_bytes(raw)
+    assert back.items == d.items
+    for name in ("row", "nb", "d", "ts", "seq", "occ", "occ_ts", "occ_pairs", "occ_seq"):
+        assert np.array_equal(getattr(back, name), getattr(d, name)), name
+    with pytest.raises(ValueError, match="header says"):
+        PairDeltas.from_bytes(raw + bytes(8))
+    with pytest.raises(ValueError, match="smaller than requested"):
+        PairDeltas.from_bytes(raw[:-8])
+
+
+def test_the_compact_layout_takes_half_the_bytes_and_the_full_one_still_reads():
+    import orjson
+
+    d = _deltas(np.array([[1.0, 2.0, 1.0, 1.0]] * 3), np.array([6.0, 6.0, 5.0]), np.array([41, 41, 40]))
+    arrays = [d.row.astype(np.int32), d.nb.astype(np.int32), d.ts, d.seq, d.occ.astype(np.int32), d.occ_ts,
+              d.occ_pairs, d.occ_seq, d.d]
+    head = orjson.dumps({"items": d.items, "sizes": [a.size for a in arrays]})
+    full = len(head).to_bytes(4, "big") + head + b"".join(a.tobytes() for a in arrays)  # as written before
+    back = PairDeltas.from_bytes(full)
+    assert np.array_equal(back.d, d.d) and np.array_equal(back.seq, d.seq) and np.array_equal(back.ts, d.ts)
+    compact = len(d.to_bytes()) - len(orjson.dumps({"items": d.items, "n": 3, "n_occ": 2, "by_event": True,
+                                                    "ones": True}))
+    assert compact - 4 == 3 * (4 + 4 + 4 + 16) + 2 * (4 + 8 + 8 + 8)
+
+
 def test_a_row_written_before_numbers_still_reads():
     import orjson
 
