@@ -492,7 +492,12 @@ class Engine:
         codes, d, ts, seq, occ, occ_ts, occ_pairs, occ_seq = (np.concatenate(x) for x in zip(*self._outbox))
         self._outbox = []
         rows, nbs = codes >> _SHIFT, codes & _MASK
-        used, inverse = np.unique(np.concatenate([rows, nbs, occ.astype(np.int64)]), return_inverse=True)
+        every = np.concatenate([rows, nbs, occ.astype(np.int64)])
+        where = np.zeros(len(self._catalog), np.int64)  # np.unique's (used, inverse), without its sort
+        where[every] = 1
+        used = np.flatnonzero(where)
+        where[used] = np.arange(used.size)
+        inverse = where[every]
         n, m = rows.size, occ.size
         ids = self._catalog.item_id
         return PairDeltas(items=[ids(r) for r in used.tolist()], row=inverse[:n], nb=inverse[n: 2 * n], d=d,
