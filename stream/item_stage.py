@@ -29,6 +29,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 
+import numpy as np
 import orjson
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
@@ -167,7 +168,7 @@ class ItemStage:
                 continue
             shard.apply(deltas, source)
             items = deltas.items
-            dirty.update(items[r] for r in set(deltas.row.tolist()))
+            dirty.update(map(items.__getitem__, np.unique(deltas.row).tolist()))
             self.applied += len(deltas)
 
     async def publish(self, force: bool = False) -> None:
