@@ -48,7 +48,7 @@ import numpy as np
 
 from models.events import EVENT_TYPES
 from models.experiments import validate_overrides
-from models.rank_core import ANCHOR_TYPE, DOMINANT, SCORE, rank_core
+from models.rank_core import ANCHOR_TYPE, DOMINANT, LIFT, SCORE, rank_core
 from models.selection import PARTS
 
 
@@ -91,6 +91,13 @@ _new = tuple.__new__
 _VERBS = {"purchase": ("bought", "bought"), "add_to_cart": ("bought", "put in your cart"),
           "rate": ("rated", "rated"), "view": ("viewed", "viewed"), "click": ("viewed", "clicked"),
           "push_click": ("viewed", "opened"), "push_open": ("viewed", "opened")}
+
+
+#: By event type code: the verb of "<verb> together with X" and of "goes with X, which you <did>".
+_TOGETHER = tuple(_VERBS.get(t, ("chosen", "chose"))[0] for t in EVENT_TYPES)
+_DID = tuple(_VERBS.get(t, ("chosen", "chose"))[1] for t in EVENT_TYPES)
+#: The dominant part's codes (:data:`models.selection.PARTS`).
+_COOC, _SEGMENT, _GLOBAL = (PARTS.index(p) for p in ("cooc", "segment", "global"))
 
 
 class RankerSettings(NamedTuple):
@@ -290,25 +297,25 @@ def _explain(engine, cfg, u: int, picked: list[int], score_of: dict[int, float],
     cat = engine._catalog
     if not picked:
         return []
-    # row of each of the core's ``picks`` -> (dominant part, anchor row, pair count, lift, anchor's event type)
-    core = dict(zip(picks, packed[DOMINANT:ANCHOR_TYPE + 1].T.tolist()))
+    # row of each of the core's ``picks`` -> ((dominant part, anchor row, pair count, lift truncated,
+    # anchor's event type), lift)
+    whole = packed[DOMINANT:ANCHOR_TYPE + 1]
+    core = dict(zip(picks, zip(whole.astype(np.int64).T.tolist(), whole[LIFT - DOMINANT].tolist())))
     mix = None
     out = []
-    ids = cat._ids
-    no_data = (-1.0, -1.0, 0.0, 0.0, 0.0)
+    ids, titles = cat._ids, cat._titles
+    min_support = cfg.min_support
+    no_data = ((-1, -1, 0, 0, 0), 0.0)
     for r in picked:
-        d, a, cnt, lf, t = core.get(r, no_data)
-        name = PARTS[int(d)] if d >= 0 else None
-        if name == "cooc" and a >= 0:
-            a, cnt, t = int(a), int(cnt), int(t)
-            verb, did = _VERBS.get(EVENT_TYPES[t], ("chosen", "chose"))
-            if cnt >= cfg.min_support:
-                reason = f"{verb} together with {cat.title(a)} by {cnt} users (lift {lf:.1f})"
+        (d, a, cnt, _, t), lf = core.get(r, no_data)
+        if d == _COOC and a >= 0:
+            if cnt >= min_support:
+                reason = f"{_TOGETHER[t]} together with {titles[a] or ids[a]} by {cnt} users (lift {lf:.1f})"
             else:
-                reason = f"goes with {cat.title(a)}, which you {did}"
-        elif name == "segment":
+                reason = f"goes with {titles[a] or ids[a]}, which you {_DID[t]}"
+        elif d == _SEGMENT:
             reason = "trending in your segment"
-        elif name == "global":
+        elif d == _GLOBAL:
             reason = "trending now"
         else:
             if mix is None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pickle
 import random
+import re
 
 import pytest
 
@@ -58,7 +59,8 @@ def test_segment_and_global_trending_are_kept(groups):
     assert all(s > 0 for _, s in e.trending(5))
 
 
-def test_planted_a_then_b_is_the_top_neighbour_with_high_lift():
+def _a_then_b() -> tuple[Engine, float]:
+    """One user in five of 100 views A then B among background items; A is titled Alpha."""
     rng = random.Random(3)
     evs = []
     t = T0
@@ -74,6 +76,11 @@ def test_planted_a_then_b_is_the_top_neighbour_with_high_lift():
     e = Engine()
     e.upsert_item({"item_id": "A", "title": "Alpha", "category": "X"})
     e.learn_many(evs)
+    return e, t
+
+
+def test_planted_a_then_b_is_the_top_neighbour_with_high_lift():
+    e, t = _a_then_b()
     nb = e.similar("A", 5)
     assert nb[0].item_id == "B"
     assert nb[0].lift > 3.0 and nb[0].confidence > 0.5 and nb[0].support > 10
@@ -83,6 +90,17 @@ def test_planted_a_then_b_is_the_top_neighbour_with_high_lift():
     top = e.recommend("newbie", 3)[0]
     assert top.item_id == "B"
     assert "together with Alpha by" in top.reason and "lift" in top.reason
+
+
+@pytest.mark.parametrize("etype, verb", [("view", "viewed"), ("click", "viewed"), ("add_to_cart", "bought"),
+                                         ("purchase", "bought"), ("rate", "rated")])
+def test_the_reason_names_the_anchor_with_the_verb_of_what_the_user_did(etype, verb):
+    e, t = _a_then_b()
+    e.learn_one({**event(10**6, "newbie", "A", t + 60), "type": etype,
+                 **({"rating": 5.0} if etype == "rate" else {})})
+    top = e.recommend("newbie", 3)[0]
+    assert top.item_id == "B"
+    assert re.fullmatch(rf"{verb} together with Alpha by \d+ users \(lift \d+\.\d\)", top.reason), top.reason
 
 
 def test_recommendations_follow_a_change_of_taste(groups):
