@@ -303,16 +303,16 @@ def _explain(engine, cfg, u: int, picked: list[int], score_of: dict[int, float],
     core = dict(zip(picks, zip(whole.astype(np.int64).T.tolist(), whole[LIFT - DOMINANT].tolist())))
     mix = None
     out = []
-    ids, titles = cat._ids, cat._titles
+    ids, title = cat._ids, cat.title
     min_support = cfg.min_support
     no_data = ((-1, -1, 0, 0, 0), 0.0)
     for r in picked:
         (d, a, cnt, _, t), lf = core.get(r, no_data)
         if d == _COOC and a >= 0:
             if cnt >= min_support:
-                reason = f"{_TOGETHER[t]} together with {titles[a] or ids[a]} by {cnt} users (lift {lf:.1f})"
+                reason = f"{_TOGETHER[t]} together with {title(a)} by {cnt} users (lift {lf:.1f})"
             else:
-                reason = f"goes with {titles[a] or ids[a]}, which you {_DID[t]}"
+                reason = f"goes with {title(a)}, which you {_DID[t]}"
         elif d == _SEGMENT:
             reason = "trending in your segment"
         elif d == _GLOBAL:
