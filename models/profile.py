@@ -347,9 +347,8 @@ class Profiles:
     def mix(self, r: int) -> dict[int, float]:
         """The user's category/tag mix: non-negative shares summing to 1 (empty when none)."""
         d = self.feats[r]
-        pos = {k: v for k, v in d.items() if v > 0}
-        tot = sum(pos.values())
-        return {k: v / tot for k, v in pos.items()} if tot > 0 else {}
+        tot = sum(v for v in d.values() if v > 0)
+        return {k: v / tot for k, v in d.items() if v > 0} if tot > 0 else {}
 
     def rfm(self, r: int, now: float, decay: float) -> dict[str, float]:
         """Recency (days), frequency (decayed events) and monetary (decayed value) at ``now``."""

@@ -69,17 +69,22 @@ class _KMeans(cluster.KMeans):
     keys: tuple[str, ...] = ()
 
     def predict_one(self, x):
-        keys = self.keys
-        if self.p != 2 or not keys:
+        if self.p != 2 or not self.keys:
             return super().predict_one(x)
-        get, dist = _values(keys), math.dist
-        xs = get(x)
-        best, best_d = None, math.inf
-        for c, center in self.centers.items():  # the first of equally near centers, as River's min()
-            d = dist(get(center), xs)  # the distance, not squared: the same order
-            if d < best_d:
-                best, best_d = c, d
-        return best
+        return _nearest(self.centers, self.centers, self.keys, x)
+
+
+def _nearest(centers, ids, keys: tuple[str, ...], x: dict[str, float]):
+    """The first of the nearest of ``centers[c]`` for ``c`` in ``ids`` to ``x``, over ``keys``: the point's
+    values are gathered once, each center's in C, and the distances compared unsquared (River's order)."""
+    get, dist = _values(keys), math.dist
+    xs = get(x)
+    best, best_d = None, math.inf
+    for c in ids:
+        d = dist(get(centers[c]), xs)
+        if best is None or d < best_d:
+            best, best_d = c, d
+    return best
 
 
 class Segmenter:
@@ -195,7 +200,7 @@ class Segmenter:
         """
         if not self._n_seeded:
             return -1
-        return self._settle(min(range(self._n_seeded), key=lambda c: self._dist(c, x)), current, x)
+        return self._settle(_nearest(self._km.centers, range(self._n_seeded), self.keys, x), current, x)
 
     def export_model(self, feature_name) -> dict:
         """The centers and category slots (by name, via ``feature_name(id)``), for :meth:`load_model`."""
