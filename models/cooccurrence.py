@@ -248,7 +248,7 @@ class CoOccurrence:
             elif need == _NEED_ROOM:  # the index is half full: double it (at the same points whatever the batching)
                 index.reserve(1)
             k, pt, need = _update(codes, deltas, k, pt, self.block, self.nb, self.vals, self.sq, self.fill,
-                                  self.free_pos, self.n_free, index.keys, index.vals, index.meta, self._door,
+                                  self.free_pos, self.n_free, index.table, index.meta, self._door,
                                   self.door_bits, self._n_evict, self.evict_sym_weight)
         self.pair_total = pt
 
@@ -452,7 +452,7 @@ def _set_popularity(pop, ipop, pop_at, rows, values, at, exponent):
 
 
 @njit(cache=True, nogil=True)
-def _update(codes, deltas, k, pair_total, block, nb, vals, sq, fill, free_pos, n_free, keys, kvals, meta, door,
+def _update(codes, deltas, k, pair_total, block, nb, vals, sq, fill, free_pos, n_free, table, meta, door,
             door_bits, n_evict, evict_sym_weight):  # pragma: no cover - compiled; tested through update()
     """Apply ``codes[k:]`` one by one; returns (where it stopped, pair_total, what is needed): ``codes.size``
     when done, else the index of an update whose row has no block yet (``_NEED_BLOCK``) or that would
@@ -463,7 +463,7 @@ def _update(codes, deltas, k, pair_total, block, nb, vals, sq, fill, free_pos, n
         c = codes[k]
         # updates come in pairs (prev, cur), (cur, prev): one pair observation each
         pair = deltas[k, N_PAIR] if k % 2 == 0 else 0.0
-        s = find(keys, kvals, meta, c)
+        s = find(table, meta, c)
         if s < 0:
             if door_bits:
                 h = home_slot(c, 64 - door_bits)  # the door hashes like the index
@@ -476,7 +476,7 @@ def _update(codes, deltas, k, pair_total, block, nb, vals, sq, fill, free_pos, n
             b = block[r]
             if b == 0:
                 return k, pair_total, _NEED_BLOCK
-            if 2 * (meta[LIVE_KEYS] + 1) > keys.size:
+            if 2 * (meta[LIVE_KEYS] + 1) > table.shape[0]:
                 return k, pair_total, _NEED_ROOM
             nf = n_free[b]
             if nf == 0:
@@ -484,14 +484,14 @@ def _update(codes, deltas, k, pair_total, block, nb, vals, sq, fill, free_pos, n
                 if p < m:
                     fill[b] = p + 1
                 else:  # full: free the weakest slots
-                    _evict(r, b, nb, vals, sq, free_pos, n_free, keys, kvals, meta, n_evict, evict_sym_weight)
+                    _evict(r, b, nb, vals, sq, free_pos, n_free, table, meta, n_evict, evict_sym_weight)
                     nf = n_free[b]
             if nf:
                 p = free_pos[b, nf - 1]
                 n_free[b] = nf - 1
             s = b * m + p
             nb[b, p] = c & _MASK
-            insert(keys, kvals, meta, c, s)
+            insert(table, meta, c, s)
         for q in range(4):
             vals[q, s] += deltas[k, q]
         sq[0, s] = math.sqrt(vals[0, s])
@@ -502,7 +502,7 @@ def _update(codes, deltas, k, pair_total, block, nb, vals, sq, fill, free_pos, n
 
 
 @njit(cache=True, nogil=True)
-def _evict(r, b, nb, vals, sq, free_pos, n_free, keys, kvals, meta, n_evict,
+def _evict(r, b, nb, vals, sq, free_pos, n_free, table, meta, n_evict,
            evict_sym_weight):  # pragma: no cover - compiled
     """Free the weakest ``n_evict`` slots of full row ``r`` (block ``b``), by the ranker's view of a slot:
     its damped weights (ties: lowest position first); the freed positions are taken lowest first."""
@@ -528,7 +528,7 @@ def _evict(r, b, nb, vals, sq, free_pos, n_free, keys, kvals, meta, n_evict,
     base = r << _SHIFT
     for j in range(n_evict):
         p = drop[j]
-        delete(keys, kvals, meta, base | nb[b, p])
+        delete(table, meta, base | nb[b, p])
         nb[b, p] = -1
         for q in range(4):
             vals[q, lo + p] = 0.0
@@ -688,8 +688,8 @@ def _pair_updates_one(cur, ts, w, scale, prev, prev_ts, prev_w, rating, prev_rat
 
 @njit(cache=True, nogil=True)
 def _learn_one(cur, ts, w, scale, rating, mask, ring, hist_item, hist_ts, hist_w, hist_rating, feat_mask, dtab, stab,
-               gap_tau_s, gap_floor, agree, boost, pair_total, block, nb, vals, sq, fill, free_pos, n_free, keys, kvals,
-               meta, door, door_bits, n_evict,
+               gap_tau_s, gap_floor, agree, boost, pair_total, block, nb, vals, sq, fill, free_pos, n_free, table, meta,
+               door, door_bits, n_evict,
                evict_sym_weight):  # pragma: no cover - compiled; tested through learn_one
     """One event's slot updates, applied as far as :func:`_update` gets (see :func:`models.learn_core.learn_event`)."""
     k = ring.size
@@ -707,6 +707,6 @@ def _learn_one(cur, ts, w, scale, rating, mask, ring, hist_item, hist_ts, hist_w
         prev_mask[j] = feat_mask[prev[j]] if prev[j] >= 0 else np.uint64(0)
     codes, deltas = _pair_updates_one(cur, ts, w, scale, prev, prev_ts, prev_w, rating, prev_rating, mask, prev_mask,
                                       dtab, stab, gap_tau_s, gap_floor, agree, boost)
-    k, pt, need = _update(codes, deltas, 0, pair_total, block, nb, vals, sq, fill, free_pos, n_free, keys, kvals, meta,
-                          door, door_bits, n_evict, evict_sym_weight)
+    k, pt, need = _update(codes, deltas, 0, pair_total, block, nb, vals, sq, fill, free_pos, n_free, table, meta, door,
+                          door_bits, n_evict, evict_sym_weight)
     return codes, deltas, k, pt, need

@@ -21,7 +21,7 @@ from models.scratch import forget_memo, scratch
 def _learn_event(u, i, s, x, xm, ts, w, typ, rating, scale, neg_exponent, ring, global_max, total, item_events,
                  momentum, glob, seg_scores, segment_max, pop, ipop, hist_item, hist_ts, hist_w, hist_type,
                  hist_rating, feat_mask, dtab, stab, gap_tau_s, gap_floor, agree, boost, pair_total, block, nb, vals,
-                 sq, fill, free_pos, n_free, keys, kvals, meta, door, door_bits, n_evict, evict_sym_weight, j,
+                 sq, fill, free_pos, n_free, table, meta, door, door_bits, n_evict, evict_sym_weight, j,
                  codes_out, deltas_out):  # pragma: no cover - compiled; tested against the batch path
     """Returns the new maxima and totals, and where the pair updates stopped (see ``_update``); when
     they stopped early, the updates are left in ``codes_out``/``deltas_out`` for Python to go on with."""
@@ -40,7 +40,7 @@ def _learn_event(u, i, s, x, xm, ts, w, typ, rating, scale, neg_exponent, ring, 
     codes, deltas, k, pt, need = _learn_one(i, ts, w, scale, rating, feat_mask[i], ring, hist_item[u], hist_ts[u],
                                             hist_w[u], hist_rating[u], feat_mask, dtab, stab, gap_tau_s, gap_floor,
                                             agree, boost, pair_total, block, nb, vals, sq, fill, free_pos, n_free,
-                                            keys, kvals, meta, door, door_bits, n_evict, evict_sym_weight)
+                                            table, meta, door, door_bits, n_evict, evict_sym_weight)
     hist_item[u, j] = i
     hist_ts[u, j] = ts
     hist_w[u, j] = w
@@ -70,7 +70,7 @@ def learn_event(engine, u: int, i: int, s: int, x: float, xm: float, ts: float, 
         tr.global_, tr.segment_, tr.segment_max, co.pop, co.ipop, prof.hist_item, prof.hist_ts, prof.hist_w,
         prof.hist_type, prof.hist_rating, engine._catalog.feat_mask, pw.dtab, pw.stab, float(pw.gap_tau_s),
         float(pw.gap_floor), float(pw.agreement), float(pw.feature_boost), co.pair_total, co.block, co.nb, co.vals,
-        co.sq, co.fill, co.free_pos, co.n_free, index.keys, index.vals, index.meta, co._door, co.door_bits,
+        co.sq, co.fill, co.free_pos, co.n_free, index.table, index.meta, co._door, co.door_bits,
         co._n_evict, co.evict_sym_weight, head, codes, deltas)
     if k < n:  # stopped for a block or index room
         co._apply(codes[:n].copy(), deltas[:n].copy(), k, pt, need)

@@ -6,6 +6,10 @@ chains stay short however many slots come and go). The arrays live in the :class
 ``njit`` functions here operate on them, so compiled kernels (``models.cooccurrence``) look up,
 insert and delete without calling back into Python. One entry costs 16 bytes at 50-100 % headroom,
 against ~100 for a Python ``dict`` of ints.
+
+An entry's key and value sit side by side (``table[i] = (key, value)``): the index is far larger
+than the caches and its lookups land anywhere, so a found key's value is then in the same cache line
+(with separate key and value arrays a lookup missed the cache twice).
 """
 from __future__ import annotations
 
@@ -25,81 +29,81 @@ def home_slot(key, shift):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def find(keys, vals, meta, key):  # pragma: no cover - compiled; tested through SlotTable
+def find(table, meta, key):  # pragma: no cover - compiled; tested through SlotTable
     """The value of ``key``, or -1."""
-    mask = keys.size - 1
+    mask = table.shape[0] - 1
     i = home_slot(key, meta[SHIFT])
     while True:
-        k = keys[i]
+        k = table[i, 0]
         if k == key:
-            return vals[i]
+            return table[i, 1]
         if k == EMPTY:
             return -1
         i = (i + 1) & mask
 
 
 @njit(cache=True, nogil=True)
-def insert(keys, vals, meta, key, val):  # pragma: no cover - compiled
+def insert(table, meta, key, val):  # pragma: no cover - compiled
     """Set ``key`` to ``val`` (the caller keeps the table at most half full: :meth:`SlotTable.reserve`)."""
-    mask = keys.size - 1
+    mask = table.shape[0] - 1
     i = home_slot(key, meta[SHIFT])
     while True:
-        k = keys[i]
+        k = table[i, 0]
         if k == EMPTY:
-            keys[i] = key
-            vals[i] = val
+            table[i, 0] = key
+            table[i, 1] = val
             meta[COUNT] += 1
             return
         if k == key:
-            vals[i] = val
+            table[i, 1] = val
             return
         i = (i + 1) & mask
 
 
 @njit(cache=True, nogil=True)
-def delete(keys, vals, meta, key):  # pragma: no cover - compiled
+def delete(table, meta, key):  # pragma: no cover - compiled
     """Remove ``key`` if present; entries after it in its probe run move back into the gap."""
-    mask = keys.size - 1
+    mask = table.shape[0] - 1
     shift = meta[SHIFT]
     i = home_slot(key, shift)
-    while keys[i] != key:
-        if keys[i] == EMPTY:
+    while table[i, 0] != key:
+        if table[i, 0] == EMPTY:
             return
         i = (i + 1) & mask
     j = i
     while True:
         j = (j + 1) & mask
-        k = keys[j]
+        k = table[j, 0]
         if k == EMPTY:
             break
         h = home_slot(k, shift)
         # the entry at j may fill the gap at i unless its home lies cyclically in (i, j]
         if (i <= j and (h <= i or h > j)) or (i > j and h <= i and h > j):
-            keys[i] = k
-            vals[i] = vals[j]
+            table[i, 0] = k
+            table[i, 1] = table[j, 1]
             i = j
-    keys[i] = EMPTY
+    table[i, 0] = EMPTY
     meta[COUNT] -= 1
 
 
 @njit(cache=True, nogil=True)
-def _rehash(keys, vals, new_keys, new_vals, meta):  # pragma: no cover - compiled
+def _rehash(table, new_table, meta):  # pragma: no cover - compiled
     meta[COUNT] = 0
-    for i in range(keys.size):
-        if keys[i] != EMPTY:
-            insert(new_keys, new_vals, meta, keys[i], vals[i])
+    for i in range(table.shape[0]):
+        if table[i, 0] != EMPTY:
+            insert(new_table, meta, table[i, 0], table[i, 1])
 
 
 @njit(cache=True, nogil=True)
-def _insert_many(keys, vals, meta, ks, vs):  # pragma: no cover - compiled
+def _insert_many(table, meta, ks, vs):  # pragma: no cover - compiled
     for j in range(ks.size):
-        insert(keys, vals, meta, ks[j], vs[j])
+        insert(table, meta, ks[j], vs[j])
 
 
 @njit(cache=True, nogil=True)
-def _delete_many(keys, vals, meta, ks):  # pragma: no cover - compiled
+def _delete_many(table, meta, ks):  # pragma: no cover - compiled
     for j in range(ks.size):
-        delete(keys, vals, meta, ks[j])
+        delete(table, meta, ks[j])
 
 
 class SlotTable:
@@ -119,37 +123,44 @@ class SlotTable:
         size = 16
         while size < 2 * capacity:
             size *= 2
-        self.keys = np.full(size, EMPTY, np.int64)
-        self.vals = np.zeros(size, np.int64)
+        #: ``table[i] = (key, value)``, key EMPTY when the entry is free
+        self.table = np.full((size, 2), EMPTY, np.int64)
         self.meta = np.array([0, 64 - size.bit_length() + 1], np.int64)
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickle, also a table pickled as separate ``keys`` and ``vals`` arrays (older snapshots)."""
+        if "table" not in state:
+            state["table"] = np.ascontiguousarray(np.stack([state.pop("keys"), state.pop("vals")], axis=1))
+        self.__dict__.update(state)
 
     def __len__(self) -> int:
         return int(self.meta[COUNT])
 
     def reserve(self, n_new: int) -> None:
         """Grow (doubling) so that ``n_new`` more keys keep the table at most half full."""
-        size = self.keys.size
+        size = self.table.shape[0]
         need = int(self.meta[COUNT]) + n_new
         if 2 * need <= size:
             return
         while 2 * need > size:
             size *= 2
-        keys, vals = np.full(size, EMPTY, np.int64), np.zeros(size, np.int64)
+        table = np.full((size, 2), EMPTY, np.int64)
         self.meta[SHIFT] = 64 - size.bit_length() + 1
-        _rehash(self.keys, self.vals, keys, vals, self.meta)
-        self.keys, self.vals = keys, vals
+        _rehash(self.table, table, self.meta)
+        self.table = table
 
     def get(self, key: int) -> int:
         """The value of ``key``, or -1."""
-        return int(find(self.keys, self.vals, self.meta, key))
+        return int(find(self.table, self.meta, key))
 
     def insert_many(self, keys: np.ndarray, vals: np.ndarray) -> None:
         self.reserve(len(keys))
-        _insert_many(self.keys, self.vals, self.meta, np.asarray(keys, np.int64), np.asarray(vals, np.int64))
+        _insert_many(self.table, self.meta, np.asarray(keys, np.int64), np.asarray(vals, np.int64))
 
     def delete_many(self, keys: np.ndarray) -> None:
-        _delete_many(self.keys, self.vals, self.meta, np.asarray(keys, np.int64))
+        _delete_many(self.table, self.meta, np.asarray(keys, np.int64))
 
     def live_keys(self) -> np.ndarray:
         """Every key held (in table order)."""
-        return self.keys[self.keys != EMPTY]
+        keys = self.table[:, 0]
+        return keys[keys != EMPTY]

@@ -207,7 +207,7 @@ async def freshness(settings: Settings, rate: float, seconds: float, stream: Syn
 
 def _row_bytes(engine) -> int:
     co = engine._cooc
-    return co.nb.nbytes + co.vals.nbytes + co.sq.nbytes + co._index.keys.nbytes + co._index.vals.nbytes
+    return co.nb.nbytes + co.vals.nbytes + co.sq.nbytes + co._index.table.nbytes
 
 
 def model_memory(users: int = 100_000, items: int = 10_000, events_per_user: int = 5) -> dict:

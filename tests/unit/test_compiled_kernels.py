@@ -96,6 +96,20 @@ def test_slot_table_behaves_like_a_dict(ops):
     assert all(table.get(k) == -1 for k in set(keys) - set(ref))
 
 
+
+def test_slot_table_pickled_as_separate_arrays_still_loads():
+    """Snapshots from before the interleaved table held ``keys`` and ``vals`` arrays."""
+    import pickle
+
+    table = SlotTable(capacity=4)
+    table.insert_many(np.array([5, 1 << 40, 77]), np.array([0, 7, 3]))
+    old = SlotTable.__new__(SlotTable)
+    old.__dict__.update(keys=table.table[:, 0].copy(), vals=table.table[:, 1].copy(), meta=table.meta.copy())
+    back = pickle.loads(pickle.dumps(old))
+    assert [back.get(k) for k in (5, 1 << 40, 77, 6)] == [0, 7, 3, -1]
+    back.insert_many(np.array([9]), np.array([4]))  # and it goes on working
+    assert len(back) == 4 and back.get(9) == 4
+
 def test_votes_momentum_follows_its_inputs_through_the_memo():
     """The momentum factor is memoised per item; a changed count, popularity or decay is seen at once."""
     from models.votes import vote
