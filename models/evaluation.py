@@ -5,7 +5,7 @@ The protocol of DESIGN.md: events are replayed in timestamp order; before each i
 items the user already has, and it is a hit if the interacted item is in that list; then the model
 learns the event. Any object with ``learn_one(event)`` and ``recommend(user_id, n, exclude=...)``
 can be evaluated (``models.Engine``, the baselines below, a periodically refit batch peer); the
-recommendations may be item ids or objects with an ``item_id`` attribute.
+recommendations are a list of item ids or a list of objects with an ``item_id`` attribute.
 
 Metrics: HR@k (share of evaluated events that are hits), NDCG@k (``1/log2(rank+2)`` for a hit at
 0-based ``rank``, else 0; one relevant item so the ideal DCG is 1), catalogue coverage (distinct
@@ -169,12 +169,11 @@ def prequential(model: OnlineRecommender, events: Iterable[Mapping], *, k: int =
                 if item in seen:
                     repeats += 1
                 else:
-                    recs = recommend(user, k, exclude=seen)
-                    ids = [r if r.__class__ is str else r.item_id for r in recs[:k]]
+                    ids = recommend(user, k, exclude=seen)[:k]
+                    if ids and ids[0].__class__ is not str:  # Recommendation objects
+                        ids = [r if r.__class__ is str else r.item_id for r in ids]
                     recommended.update(ids)
-                    for i in ids:
-                        if i in seen:
-                            violations += 1
+                    violations += sum(map(seen.__contains__, ids))
                     ranks.append(ids.index(item) if item in ids else -1)
                     positions.append(pos)
             learn(e)
