@@ -32,13 +32,14 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from models.catalog import Catalog
-from models.cooc_shard import PairDeltas
+from models.cooc_shard import CoOccurrenceShard, PairDeltas
 from models.cooccurrence import _MASK, _SHIFT, CoOccurrence, PairWeights
 from models.events import EVENT_TYPES, Event, as_event
 from models.learn_core import learn_event
 from models.population import segmenter_for, trending_for
 from models.profile import Profiles
 from models.ranker import Neighbour, Recommendation, query_tables, rank, settings_for
+from models.slot_table import SlotTable
 
 __all__ = ["DEFAULT_EVENT_WEIGHTS", "Engine", "EngineConfig", "Neighbour", "Recommendation", "warm_up"]
 
@@ -788,4 +789,15 @@ def warm_up() -> None:
         engine.learn_one(e)
     engine.recommend("u0", 3, exclude={"i1"})
     engine.recommend("u1", 3, explain=False)
-    Engine(EngineConfig(), cooc="remote").learn_many(events[:10])
+    engine.similar("i1", 3)
+    # the split stages: a user stage's records, an item stage's shard, its rows loaded by a user stage
+    users = Engine(EngineConfig(n_neighbours=4, door_bits=0), cooc="remote")
+    users.learn_many(events)
+    shard = CoOccurrenceShard.for_engine(users.config)
+    shard.apply(PairDeltas.from_bytes(users.drain_pair_deltas().to_bytes()), source=0)
+    shard.similar("i1", 3)
+    users.load_rows([shard.export_row(i) for i in shard.owned()])
+    users.recommend("u0", 3)
+    index = SlotTable(capacity=1)  # a learner's index growing
+    index.insert_many(np.arange(40), np.arange(40))
+    index.delete_many(np.arange(2))
