@@ -239,16 +239,72 @@ def model_memory(users: int = 100_000, items: int = 10_000, events_per_user: int
             "mb_per_100k_users": round((after_users - after_items - rows) / 2**20 * 100_000 / users, 1)}
 
 
+def median_run(runs: list[dict], figure: str, value) -> dict:
+    """The run whose ``value(run)`` is the median (of an even count, the lower middle one), with every
+    run's value under ``figure`` (in run order): one run's figures, consistent with each other, and
+    their spread over the repeats.
+
+    >>> runs = [{"events_per_s": 19_000}, {"events_per_s": 21_000}, {"events_per_s": 15_000}]
+    >>> median_run(runs, "runs_events_per_s", lambda r: r["events_per_s"])
+    {'events_per_s': 19000, 'runs_events_per_s': [19000, 21000, 15000]}
+    """
+    values = [value(r) for r in runs]
+    middle = sorted(range(len(runs)), key=values.__getitem__)[(len(runs) - 1) // 2]
+    return {**runs[middle], figure: values}
+
+
 async def run(settings: Settings, *, events: int, rate: float, seconds: float, out: Path,
-              users: int = 20_000, items: int = 5_000, memory: bool = True, split: bool = False) -> dict:
+              users: int = 20_000, items: int = 5_000, memory: bool = True, split: bool = False,
+              repeat: int = 1) -> dict:
+    """Every measurement ``repeat`` times (in turn, so a drift in the machine's speed reaches each
+    alike); each reported as its median run, with every run's headline figure."""
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {repeat}")
     out.mkdir(parents=True, exist_ok=True)
     local.up(settings)
     stream = SyntheticStream(n_users=users, n_items=items, groups=16, seed=42)
+    runs: dict[str, list[dict]] = {"throughput": [], "flood": [], "freshness": []}
+    for _ in range(repeat):
+        runs["throughput"].append(await throughput(settings, events, stream, out, split=split))
+        runs["flood"].append(await throughput(settings, max(1, events // 10), stream, out, bad_per_good=10,
+                                              split=split))
+        runs["freshness"].append(await freshness(settings, rate, seconds, stream, out, split=split))
     result = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]}, "split": split,
-              "throughput": await throughput(settings, events, stream, out, split=split),
-              "flood": await throughput(settings, max(1, events // 10), stream, out, bad_per_good=10, split=split),
-              "freshness": await freshness(settings, rate, seconds, stream, out, split=split)}
+              "repeat": repeat,
+              "throughput": median_run(runs["throughput"], "runs_events_per_s", lambda r: r["events_per_s"]),
+              "flood": median_run(runs["flood"], "runs_good_events_per_s", lambda r: r["good_events_per_s"]),
+              "freshness": median_run(runs["freshness"], "runs_p99_ms", lambda r: r["freshness_ms"]["p99"])}
     if memory:
         result["model_memory"] = model_memory()
     (out / "bench.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     return result
+
+
+def summary_rows(res: dict) -> list[tuple[str, str]]:
+    """(measure, value) rows of a :func:`run` result, for the terminal; with repeats, each headline
+    figure is followed by every run's."""
+    tp, fr, flood = res["throughput"], res["freshness"], res["flood"]
+
+    def spread(runs: list[float], unit: str = "") -> str:
+        return f" (median of {len(runs)}: {', '.join(f'{v:,.0f}' for v in runs)}{unit})" if len(runs) > 1 else ""
+
+    rows = [("throughput, one worker", f"{tp['events_per_s']:,} events/s ({tp['events']:,} events, {tp['seconds']} s)"
+             + spread(tp["runs_events_per_s"])),
+            ("producer (for reference)", f"{tp['producer_events_per_s']:,} events/s"),
+            ("batch latency p50 / p95 / p99", " / ".join(f"{v * 1000:.0f} ms" for v in tp["batch_seconds"].values()
+                                                  if v is not None) or "-"),
+            ("max consumer lag (throughput run)", f"{tp['max_lag']:,}"),
+            ("flood: 10 bad records per good event", f"{flood['good_events_per_s']:,} good events/s, "
+             f"{tp['good_events_per_s'] / max(1, flood['good_events_per_s']):.1f}x slower per good event"
+             + spread(flood["runs_good_events_per_s"])),
+            ("worker RSS after throughput run", f"{tp['worker_memory']['rss_mb']} MB"
+             + (f" + item stage {tp['item_stage_memory']['rss_mb']} MB" if tp.get("item_stage_memory") else "")),
+            (f"freshness at {fr['target_rate']:,.0f} ev/s p50/p95/p99",
+             " / ".join(f"{v:.0f} ms" for v in fr["freshness_ms"].values()) + spread(fr["runs_p99_ms"], " ms p99")),
+            ("achieved produce rate", f"{fr['achieved_rate']:,} events/s"),
+            ("max consumer lag (freshness run)", f"{fr['max_lag']:,}")]
+    if "model_memory" in res:
+        mm = res["model_memory"]
+        rows += [("model memory per 100k users", f"{mm['mb_per_100k_users']} MB"),
+                 ("model memory per 10k items", f"{mm['mb_per_10k_items']} MB")]
+    return rows

@@ -378,36 +378,20 @@ def bench(
     out: Path = typer.Option(Path("out/bench"), help="Where bench.json and the worker logs go."),
     memory: bool = typer.Option(True, help="Also measure model memory per 100k users and 10k items."),
     split: bool = typer.Option(False, help="Run the item stage in a second process (INFOGAP_STAGES)."),
+    repeat: int = typer.Option(1, min=1, help="Run each measurement this many times and report its median run "
+                                              "(this machine's speed drifts: use 3 or more for figures)."),
 ) -> None:
     """End to end with real Kafka, Redis and a worker process: throughput, freshness, lag, memory."""
-    from stream.bench import run
+    from stream.bench import run, summary_rows
 
     settings = load()
     res = asyncio.run(run(settings, events=events, rate=rate, seconds=seconds, out=out, memory=memory,
-                          split=split))
-    tp, fr = res["throughput"], res["freshness"]
+                          split=split, repeat=repeat))
     table = Table(title=f"infogap bench ({res['machine']['cores']} cores"
                         f"{', item stage in its own process' if split else ''})")
     table.add_column("measure")
     table.add_column("value", justify="right")
-    rows = [("throughput, one worker", f"{tp['events_per_s']:,} events/s ({tp['events']:,} events, {tp['seconds']} s)"),
-            ("producer (for reference)", f"{tp['producer_events_per_s']:,} events/s"),
-            ("batch latency p50 / p95 / p99", " / ".join(f"{v * 1000:.0f} ms" for v in tp["batch_seconds"].values()
-                                                  if v is not None) or "-"),
-            ("max consumer lag (throughput run)", f"{tp['max_lag']:,}"),
-            ("flood: 10 bad records per good event", f"{res['flood']['good_events_per_s']:,} good events/s, "
-             f"{tp['good_events_per_s'] / max(1, res['flood']['good_events_per_s']):.1f}x slower per good event"),
-            ("worker RSS after throughput run", f"{tp['worker_memory']['rss_mb']} MB"
-             + (f" + item stage {tp['item_stage_memory']['rss_mb']} MB" if tp.get("item_stage_memory") else "")),
-            (f"freshness at {fr['target_rate']:,.0f} ev/s p50/p95/p99",
-             " / ".join(f"{v:.0f} ms" for v in fr["freshness_ms"].values())),
-            ("achieved produce rate", f"{fr['achieved_rate']:,} events/s"),
-            ("max consumer lag (freshness run)", f"{fr['max_lag']:,}")]
-    if "model_memory" in res:
-        mm = res["model_memory"]
-        rows += [("model memory per 100k users", f"{mm['mb_per_100k_users']} MB"),
-                 ("model memory per 10k items", f"{mm['mb_per_10k_items']} MB")]
-    for row in rows:
+    for row in summary_rows(res):
         table.add_row(*row)
     console.print(table)
     console.print(f"JSON: {out / 'bench.json'}")
