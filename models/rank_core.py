@@ -145,8 +145,9 @@ def rank_core(engine, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: in
             share[list(mix)] = list(mix.values())
     sc = scratch("rank_core", max(co.ipop.size, cat.available.size), _Scratch)
     memo = sc.memo
-    moment = (engine._now, engine._t0, tr.lam_m, co.lam)
-    if sc.moment != moment:  # the momentum decays of this moment (the same for every request in it)
+    now = engine._now
+    moment = (now - now % MOMENTUM_RESOLUTION_S, engine._t0, tr.lam_m, co.lam)  # (nan before any event)
+    if sc.moment != moment:  # the momentum decays of this hour (the same for every request in it)
         sc.moment, sc.decays = moment, (engine._decay(tr.lam_m, MOMENTUM_RESOLUTION_S),
                                         engine._decay(co.lam, MOMENTUM_RESOLUTION_S))
     mom_decay, pop_decay = sc.decays
