@@ -11,6 +11,9 @@ Three measurements, each on its own topics, consumer group and Redis prefix:
    sampled meanwhile.
 3. **memory**: the worker's RSS after each run, and the model's own memory per 100k users and
    per 10k items (tracemalloc over an in-process ``models.Engine``).
+
+With ``repeat``, the runs of 1 and 2 take turns that many times and each is reported as its median
+run (:func:`median_run`): this machine's speed drifts by up to a third within minutes.
 """
 from __future__ import annotations
 
