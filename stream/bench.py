@@ -13,7 +13,7 @@ Three measurements, each on its own topics, consumer group and Redis prefix:
    per 10k items (tracemalloc over an in-process ``models.Engine``).
 
 With ``repeat``, the runs of 1 and 2 take turns that many times and each is reported as its median
-run (:func:`median_run`): this machine's speed drifts by up to a third within minutes.
+run (:func:`stream.repeats.median_run`): this machine's speed drifts by up to a third within minutes.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import aiohttp
 import orjson
 
 from stream import connections, local
+from stream.repeats import median_run
 from stream.replay import publish
 from stream.settings import Settings
 from stream.synthetic import SyntheticStream
@@ -240,20 +241,6 @@ def model_memory(users: int = 100_000, items: int = 10_000, events_per_user: int
     return {"items": items, "users": users, "events": len(evs),
             "mb_per_10k_items": round((after_items - base + rows) / 2**20 * 10_000 / items, 1),
             "mb_per_100k_users": round((after_users - after_items - rows) / 2**20 * 100_000 / users, 1)}
-
-
-def median_run(runs: list[dict], figure: str, value) -> dict:
-    """The run whose ``value(run)`` is the median (of an even count, the lower middle one), with every
-    run's value under ``figure`` (in run order): one run's figures, consistent with each other, and
-    their spread over the repeats.
-
-    >>> runs = [{"events_per_s": 19_000}, {"events_per_s": 21_000}, {"events_per_s": 15_000}]
-    >>> median_run(runs, "runs_events_per_s", lambda r: r["events_per_s"])
-    {'events_per_s': 19000, 'runs_events_per_s': [19000, 21000, 15000]}
-    """
-    values = [value(r) for r in runs]
-    middle = sorted(range(len(runs)), key=values.__getitem__)[(len(runs) - 1) // 2]
-    return {**runs[middle], figure: values}
 
 
 async def run(settings: Settings, *, events: int, rate: float, seconds: float, out: Path,

@@ -341,6 +341,8 @@ def evaluate(
     progress: bool = typer.Option(True, help="Show a progress bar."),
     reasons: bool = typer.Option(False, help="infogap also builds a reason per item, as the stream does "
                                  "(the harness reads only the ids; slower)."),
+    repeat: int = typer.Option(1, help="Run each model this many times, in turns, and report its median run by "
+                               "events/s (this machine's speed drifts: use 3 or more for speed figures)."),
 ) -> None:
     """Prequential (test-then-learn) HR@k, NDCG@k, coverage, events/s and memory: infogap vs baselines and implicit."""
     from stream.evaluate import EvalOptions, evaluate as run_evaluation, parse_models, parse_refit, table
@@ -355,7 +357,8 @@ def evaluate(
         default_refit, per_peer = parse_refit(refit_every)
         opts = EvalOptions(events_file=events_file, limit=limit, models=parse_models(models), k=k,
                            refit_every=per_peer, default_refit_every=default_refit,
-                           half_life_days=half_life_days, window=window, jobs=jobs, reasons=reasons)
+                           half_life_days=half_life_days, window=window, jobs=jobs, reasons=reasons,
+                           repeat=repeat)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     try:

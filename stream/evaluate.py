@@ -42,6 +42,7 @@ import orjson
 from models.evaluation import (INTERACTION_TYPES, DecayedPopularity, Popularity, PrequentialResult, hr_curve,
                                prequential)
 from models.events import InvalidEvent, Limits, validate_event
+from stream.repeats import median_run
 
 MODEL_NAMES = ("infogap", "popularity", "decayed-popularity", "implicit-itemknn", "implicit-als")
 IMPLICIT_PEERS = ("implicit-itemknn", "implicit-als")
@@ -112,6 +113,7 @@ class EvalOptions:
     jobs: int = 1
     window: int = 5000
     reasons: bool = False
+    repeat: int = 1
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.models if m not in MODEL_NAMES]
@@ -124,6 +126,8 @@ class EvalOptions:
             raise ValueError("refit intervals must be >= 1 event")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
+        if self.repeat < 1:
+            raise ValueError(f"--repeat must be >= 1, got {self.repeat}")
 
     def refit_for(self, name: str) -> int:
         return int(self.refit_every.get(name, self.default_refit_every))
@@ -372,15 +376,19 @@ def _reset_peak() -> bool:
 
 
 def run_model(name: str, opts: EvalOptions, progress_queue: Any = None,
-              dataset: Dataset | None = None) -> dict:
-    """Evaluate one model (meant to run in its own process); a JSON-ready dict with arrays as lists."""
+              dataset: Dataset | None = None, run: int = 0) -> dict:
+    """Evaluate one model (meant to run in its own process); a JSON-ready dict with arrays as lists.
+    ``run``: which of the ``opts.repeat`` runs of the model this is (its progress counts on from the
+    runs before)."""
     from threadpoolctl import threadpool_limits
 
     ds = dataset if dataset is not None else load_dataset(opts)
     progress = None
     if progress_queue is not None:
+        before = run * len(ds.events)
+
         def progress(done: int) -> None:
-            progress_queue.put((name, done))
+            progress_queue.put((name, before + done))
     if any(m in IMPLICIT_PEERS for m in opts.models):  # load every BLAS/OpenMP library before limiting them
         import implicit.als  # noqa: F401
         import implicit.nearest_neighbours  # noqa: F401
@@ -487,17 +495,21 @@ def evaluate(opts: EvalOptions, out_dir: Path, *, console=None, show_progress: b
     ds = load_dataset(opts)  # once here: downloads/validates before any worker starts, and gives the totals
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict] = {}
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager, Progress(
             TextColumn("[bold]{task.description:<20}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[rate]:>9} ev/s"), TimeElapsedColumn(),
             console=console, disable=not show_progress, transient=False) as bar:
         q = manager.Queue()
-        tasks = {m: bar.add_task(m, total=len(ds.events), rate="") for m in opts.models}
+        n, repeat = len(ds.events), opts.repeat
+        tasks = {m: bar.add_task(m, total=repeat * n, rate="") for m in opts.models}
         first: dict[str, tuple[float, int]] = {}
+        runs: dict[str, dict[int, dict]] = {m: {} for m in (HARNESS, *opts.models)}  # model -> run -> result
         with ProcessPoolExecutor(max_workers=max(1, opts.jobs), mp_context=ctx, max_tasks_per_child=1) as pool:
-            futures = {m: pool.submit(run_model, m, opts, q) for m in (HARNESS, *opts.models)}
+            # the models take turns run by run, so a drift in the machine's speed reaches each alike
+            futures = {(HARNESS, 0): pool.submit(run_model, HARNESS, opts, q)}
+            for r in range(repeat):
+                futures.update({(m, r): pool.submit(run_model, m, opts, q, run=r) for m in opts.models})
             pending = set(futures)
             try:
                 while pending:
@@ -510,15 +522,19 @@ def evaluate(opts: EvalOptions, out_dir: Path, *, console=None, show_progress: b
                             bar.update(tasks[name], completed=done, rate=rate)
                     except queue_mod.Empty:
                         pass
-                    for m in [m for m in pending if futures[m].done()]:
-                        pending.discard(m)
-                        results[m] = futures[m].result()  # re-raises a model's error here
+                    for m, r in [key for key in pending if futures[key].done()]:
+                        pending.discard((m, r))
+                        runs[m][r] = futures[(m, r)].result()  # re-raises a model's error here
                         if m in tasks:
-                            bar.update(tasks[m], completed=len(ds.events),
-                                       rate=f"{results[m]['events_per_s']:,.0f}")
+                            bar.update(tasks[m], completed=len(runs[m]) * n,
+                                       rate=f"{runs[m][r]['events_per_s']:,.0f}")
             except BaseException:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
+    # each model's median run by events/s (its quality figures are the same in every run: the models are
+    # deterministic), with every run's events/s
+    results = {m: median_run([rs[r] for r in sorted(rs)], "runs_events_per_s", lambda r: r["events_per_s"])
+               for m, rs in runs.items()}
     report = Report(ds.name, len(ds.events), len(ds.catalog),
                     {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
                      "refit_every": {m: opts.refit_for(m) for m in IMPLICIT_PEERS}},
@@ -559,6 +575,10 @@ def table(report: Report):
     if peer and "infogap" in report.models and peer[1] > 0:
         ratio = report.models["infogap"][f"hr@{k}"] / peer[1]
         notes.append(f"infogap HR@{k} / best implicit peer ({peer[0]}) = {ratio:.2f}x")
+    repeat = report.options.get("repeat", 1)
+    if repeat > 1:
+        notes.append(f"ev/s, MB, sec: each model's median run of {repeat} by events/s; infogap's runs: "
+                     + ", ".join(f"{v:,.0f}" for v in report.models.get("infogap", {}).get("runs_events_per_s", [])))
     notes.append("cover: share of the catalogue ever recommended; MB: peak RSS above the loaded data")
     if report.harness:
         h = report.harness

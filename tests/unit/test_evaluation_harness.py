@@ -154,3 +154,24 @@ def test_table_names_the_ratio_to_the_best_peer():
     console.print(table(Report("d", 10, 5, {"k": 10, "window": 5}, models, 1.0)))
     text = console.export_text()
     assert "= 1.50x" in text and "implicit-als" in text
+
+
+def test_evaluate_repeats_each_model_and_reports_its_median_run(events_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from stream.cli import app
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["evaluate", "--events-file", str(events_file), "--models", "infogap,pop",
+                                   "--repeat", "3", "--out", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["options"]["repeat"] == 3
+    for r in report["models"].values():
+        runs = r["runs_events_per_s"]
+        assert len(runs) == 3 and r["events_per_s"] == sorted(runs)[1]
+    infogap = report["models"]["infogap"]["runs_events_per_s"]
+    printed = " ".join(res.output.split())  # the table's caption wraps
+    assert "median run of 3 by events/s; infogap's runs: " + ", ".join(f"{v:,.0f}" for v in infogap) in printed
+    res = CliRunner().invoke(app, ["evaluate", "--events-file", str(events_file), "--repeat", "0"])
+    assert res.exit_code == 2 and "--repeat must be >= 1" in res.output
