@@ -254,11 +254,13 @@ async def run(settings: Settings, *, events: int, rate: float, seconds: float, o
     local.up(settings)
     stream = SyntheticStream(n_users=users, n_items=items, groups=16, seed=42)
     runs: dict[str, list[dict]] = {"throughput": [], "flood": [], "freshness": []}
-    for _ in range(repeat):
-        runs["throughput"].append(await throughput(settings, events, stream, out, split=split))
-        runs["flood"].append(await throughput(settings, max(1, events // 10), stream, out, bad_per_good=10,
+    for r in range(repeat):
+        logs = out if repeat == 1 else out / f"run-{r + 1}"  # each run's worker logs kept
+        logs.mkdir(exist_ok=True)
+        runs["throughput"].append(await throughput(settings, events, stream, logs, split=split))
+        runs["flood"].append(await throughput(settings, max(1, events // 10), stream, logs, bad_per_good=10,
                                               split=split))
-        runs["freshness"].append(await freshness(settings, rate, seconds, stream, out, split=split))
+        runs["freshness"].append(await freshness(settings, rate, seconds, stream, logs, split=split))
     result = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]}, "split": split,
               "repeat": repeat,
               "throughput": median_run(runs["throughput"], "runs_events_per_s", lambda r: r["events_per_s"]),

@@ -18,6 +18,7 @@ async def test_bench_repeats_each_measurement_and_reports_its_median_run(setting
     assert fr["events"] == 1_000 and fr["freshness_ms"]["p99"] == min(fr["runs_p99_ms"])
     assert 0 < fr["freshness_ms"]["p50"] <= fr["freshness_ms"]["p99"]
     assert orjson.loads((tmp_path / "bench.json").read_bytes()) == orjson.loads(orjson.dumps(res))
+    assert all((tmp_path / f"run-{r}" / "bench-worker-freshness.log").exists() for r in (1, 2))  # each run's logs
     rows = dict(summary_rows(res))
     runs = ", ".join(f"{v:,}" for v in tp["runs_events_per_s"])
     assert rows["throughput, one worker"].endswith(f"(median of 2: {runs})")
