@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import orjson
+import pytest
 
 from stream.bench import run, summary_rows
 
@@ -12,9 +13,12 @@ async def test_bench_repeats_each_measurement_and_reports_its_median_run(setting
     tp, flood, fr = res["throughput"], res["flood"], res["freshness"]
     # every run drained everything it was given, and the lower of two runs is the one reported
     assert tp["events"] == 2_000 and tp["recs_written"] > 0
+    # 2,000 events fit in the worker's first batch: the rate is that batch's, not 0 for want of a second
+    assert tp["one_batch"] and tp["seconds"] > 0
+    assert tp["events_per_s"] == pytest.approx(2_000 / tp["seconds"], rel=0.01)
     assert len(tp["runs_events_per_s"]) == 2 and tp["events_per_s"] == min(tp["runs_events_per_s"])
     assert flood["dead_letters"] == 2_000 and flood["bad_per_good"] == 10  # 200 good events, 10 bad after each
-    assert flood["good_events_per_s"] == min(flood["runs_good_events_per_s"])
+    assert 0 < flood["good_events_per_s"] == min(flood["runs_good_events_per_s"])
     assert fr["events"] == 1_000 and fr["freshness_ms"]["p99"] == min(fr["runs_p99_ms"])
     assert 0 < fr["freshness_ms"]["p50"] <= fr["freshness_ms"]["p99"]
     assert orjson.loads((tmp_path / "bench.json").read_bytes()) == orjson.loads(orjson.dumps(res))
