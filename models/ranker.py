@@ -202,14 +202,13 @@ def rank(engine, u: int | None, n: int, exclude, explain: bool = True,
         picked = _fill_popular(engine, list(picked), excl, n, u)  # (it appends: ``picks`` stays the core's)
     if ids:
         return list(map(cat._ids.__getitem__, picked))
+    if explain:
+        return _explain(engine, cfg, u, picked, picks, packed)
     scores = packed[SCORE].tolist()
-    if not explain and picked is picks:  # the core's picks as they are
+    if picked is picks:  # the core's picks as they are
         return list(map(_new, repeat(Recommendation), zip(map(cat._ids.__getitem__, picks), scores, repeat(""))))
-    score_of = dict(zip(picks, scores))
-    if not explain:
-        ids, get = cat._ids, score_of.get
-        return [_new(Recommendation, (ids[r], get(r, 0.0), "")) for r in picked]
-    return _explain(engine, cfg, u, picked, score_of, picks, packed)
+    ids, get = cat._ids, dict(zip(picks, scores)).get
+    return [_new(Recommendation, (ids[r], get(r, 0.0), "")) for r in picked]
 
 
 def _blocked(engine, u: int | None, r: int, excl) -> bool:
@@ -289,30 +288,34 @@ def _cold(engine, n: int, excl) -> list[Recommendation]:
     return out
 
 
-def _explain(engine, cfg, u: int, picked: list[int], score_of: dict[int, float], picks: list[int],
-             packed: np.ndarray) -> list[Recommendation]:
-    """The reasons of ``picked``: from the reasons' data :func:`models.rank_core.rank_core` packed for its
-    picks (the component that contributed most, the history item behind the votes), or for items
-    added after it (new items, popular fill) from their catalog data."""
+def _explain(engine, cfg, u: int, picked: list[int], picks: list[int], packed: np.ndarray) -> list[Recommendation]:
+    """The recommendations ``picked``, with their reasons: from the reasons' data that
+    :func:`models.rank_core.rank_core` packed for its ``picks`` (the component that contributed most,
+    the history item behind the votes), or for items added after it (new items, popular fill, score
+    0) from their catalog data."""
     cat = engine._catalog
     if not picked:
         return []
-    # row of each of the core's ``picks`` -> ((dominant part, anchor row, pair count, lift truncated,
-    # anchor's event type), lift)
-    whole = packed[DOMINANT:ANCHOR_TYPE + 1]
-    core = dict(zip(picks, zip(whole.astype(np.int64).T.tolist(), whole[LIFT - DOMINANT].tolist())))
+    scores = packed[SCORE].tolist()
+    dom, anchor, count, _, atype = packed[DOMINANT:ANCHOR_TYPE + 1].astype(np.int64).tolist()
+    lifts = packed[LIFT].tolist()
+    if picked is picks:  # (read by position: a dict of the picks' data cost as much as the reasons)
+        at = range(len(picks))
+    else:
+        where = dict(zip(picks, range(len(picks))))
+        at = [where.get(r, -1) for r in picked]
     mix = None
     out = []
-    ids, title = cat._ids, cat.title
+    ids, titles = cat._ids, cat._titles
     min_support = cfg.min_support
-    no_data = ((-1, -1, 0, 0, 0), 0.0)
-    for r in picked:
-        (d, a, cnt, _, t), lf = core.get(r, no_data)
-        if d == _COOC and a >= 0:
-            if cnt >= min_support:
-                reason = f"{_TOGETHER[t]} together with {title(a)} by {cnt} users (lift {lf:.1f})"
+    for i, r in zip(at, picked):
+        d = dom[i] if i >= 0 else -1
+        if d == _COOC and anchor[i] >= 0:
+            a, t = anchor[i], atype[i]
+            if count[i] >= min_support:
+                reason = f"{_TOGETHER[t]} together with {titles[a] or ids[a]} by {count[i]} users (lift {lifts[i]:.1f})"
             else:
-                reason = f"goes with {title(a)}, which you {_DID[t]}"
+                reason = f"goes with {titles[a] or ids[a]}, which you {_DID[t]}"
         elif d == _SEGMENT:
             reason = "trending in your segment"
         elif d == _GLOBAL:
@@ -329,5 +332,5 @@ def _explain(engine, cfg, u: int, picked: list[int], score_of: dict[int, float],
                 reason = f"popular in {fav}, which you like"
             else:
                 reason = "popular right now"
-        out.append(_new(Recommendation, (ids[r], score_of.get(r, 0.0), reason)))
+        out.append(_new(Recommendation, (ids[r], scores[i] if i >= 0 else 0.0, reason)))
     return out

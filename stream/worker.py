@@ -562,8 +562,8 @@ class Worker:
             seg = self.engine.segment(user_id)
             segments[user_id] = seg
             docs.append({"user_id": user_id,
-                         "items": [{"item_id": r.item_id, "score": round(float(r.score), 6), "reason": r.reason}
-                                   for r in recs],
+                         "items": [{"item_id": item, "score": round(score, 6), "reason": reason}
+                                   for item, score, reason in recs],
                          "segment": seg, "generated_at": now, "model_version": version})
             if self.settings.push_enabled:
                 prefs = self.prefs.get(user_id)

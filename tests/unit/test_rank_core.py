@@ -124,7 +124,7 @@ def _reference(engine: Engine, user: str, n: int = 10, exclude=None, explain: bo
         if r in anchors:
             a, cnt, lf, t = anchors[r]
             packed[ANCHOR_ROW, i], packed[COUNT, i], packed[LIFT, i], packed[ANCHOR_TYPE, i] = a, cnt, lf, t
-    return ranker._explain(engine, cfg, u, picked, score_of, rows, packed)
+    return ranker._explain(engine, cfg, u, picked, rows, packed)
 
 
 @pytest.fixture(scope="module")
