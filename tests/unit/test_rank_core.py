@@ -149,9 +149,18 @@ def learned():
     return out, users, [it["item_id"] for it in items]
 
 
+@pytest.fixture(params=["asked for", "up front"])
+def trending(request, monkeypatch):
+    """Whether the compiled ranker is given the trending lists when it asks for them (a second call),
+    or with the first call (as it is while most requests need them)."""
+    monkeypatch.setattr(rank_core, "_UPFRONT_RATE", 2.0 if request.param == "asked for" else -1.0)
+    return request.param
+
+
 @pytest.mark.parametrize("name", ["default", "tight cap", "small", "no votes", "young"])
 @pytest.mark.parametrize("explain", [False, True])
-def test_the_compiled_ranker_gives_the_step_by_step_rankers_items_scores_and_reasons(learned, name, explain):
+def test_the_compiled_ranker_gives_the_step_by_step_rankers_items_scores_and_reasons(learned, name, explain,
+                                                                                   trending):
     engines, users, _ = learned
     eng = engines[name]
     for u in users:
@@ -161,7 +170,7 @@ def test_the_compiled_ranker_gives_the_step_by_step_rankers_items_scores_and_rea
             assert eng.recommend(u, n=n, explain=explain) == _reference(eng, u, n=n, explain=explain), (name, u, n)
 
 
-def test_excluded_ids_are_blocked_and_the_rest_picked_as_the_step_by_step_ranker_did(learned):
+def test_excluded_ids_are_blocked_and_the_rest_picked_as_the_step_by_step_ranker_did(learned, trending):
     engines, users, items = learned
     for name in ("default", "tight cap", "young"):
         eng = engines[name]
