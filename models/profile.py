@@ -347,6 +347,11 @@ class Profiles:
     def mix(self, r: int) -> dict[int, float]:
         """The user's category/tag mix: non-negative shares summing to 1 (empty when none)."""
         d = self.feats[r]
+        if not d:
+            return {}
+        tot = sum(d.values())
+        if tot > 0 and min(d.values()) > 0:  # (all positive, as with the default weights: no filtering)
+            return {k: v / tot for k, v in d.items()}
         tot = sum(v for v in d.values() if v > 0)
         return {k: v / tot for k, v in d.items() if v > 0} if tot > 0 else {}
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from itertools import repeat
 from operator import itemgetter
 
 from river import cluster
@@ -141,6 +142,11 @@ class Segmenter:
         #: centers loaded from a learner elsewhere (:meth:`load_model`): no new category slots here
         self.frozen = False
 
+    #: bumped whenever a center or the number of seeded centers changes; :meth:`nearest` keeps the
+    #: centers' values for a version (class defaults: segmenters pickled before they existed)
+    _version = 0
+    _values_at: tuple[int, list[tuple[float, ...]]] = (-1, [])
+
     # ------------------------------------------------------------------ features
     def features(self, mix: dict[int, float], frequency: float, monetary: float, gap_days: float) -> dict[str, float]:
         """The fixed-key feature dict of a user (``mix``: feature id -> share)."""
@@ -176,10 +182,13 @@ class Segmenter:
                 center = self._km.centers[c]
                 for k in self.keys:
                     center[k] = x[k]
+                self._version += 1
                 return c
         # the nearest center moves towards x; every key exists in x and in every center, so River's
         # defaultdict centers never grow
-        return self._settle(self._km.learn_predict_one(x), current, x)
+        c = self._km.learn_predict_one(x)
+        self._version += 1
+        return self._settle(c, current, x)
 
     def _settle(self, c: int, current: int, x: dict[str, float]) -> int:
         """``c``, or ``current`` when its center is within ``margin`` of as near (hysteresis)."""
@@ -200,7 +209,15 @@ class Segmenter:
         """
         if not self._n_seeded:
             return -1
-        return self._settle(_nearest(self._km.centers, range(self._n_seeded), self.keys, x), current, x)
+        at = self._values_at
+        if at[0] != self._version:  # the centers' values as tuples, kept while the centers stay as they are
+            get = _values(self.keys)
+            at = self._values_at = (self._version, [get(self._km.centers[c]) for c in range(self._n_seeded)])
+        d = list(map(math.dist, at[1], repeat(_values(self.keys)(x))))
+        c = d.index(min(d))  # the first of the nearest, as _nearest
+        if 0 <= current < self._n_seeded and current != c and d[current] ** 2 <= (1.0 + self.margin) * d[c] ** 2:
+            return current  # (what _settle decides: its _dist is this math.dist squared)
+        return c
 
     def export_model(self, feature_name) -> dict:
         """The centers and category slots (by name, via ``feature_name(id)``), for :meth:`load_model`."""
@@ -223,6 +240,7 @@ class Segmenter:
         for c, values in enumerate(model["centers"]):
             self._km.centers[c].update(zip(self.keys, values))
         self._n_seeded = model["n_seeded"]
+        self._version += 1
         self._slot_of = {feature_id(name): k for name, k in model["slots"].items()}
         self.frozen = not learning
 

@@ -496,6 +496,50 @@ def test_segmenter_nearest_center_is_rivers():
         assert s._km.predict_one(x) == cluster.KMeans.predict_one(s._km, x)
 
 
+def test_segmenter_nearest_follows_its_centers_and_keeps_a_user_within_the_margin():
+    """``nearest`` (which keeps the centers' values between changes) answers River's nearest center, or
+    the user's current segment when that center is within the hysteresis margin, after every change of
+    the centers: learned, seeded or loaded."""
+    from river import cluster
+
+    from models.segments import Segmenter
+
+    rng = random.Random(5)
+
+    def point():
+        return {rng.randrange(12): rng.random(), rng.randrange(12): rng.random()}, rng.uniform(0, 50), \
+            rng.uniform(0, 200), rng.uniform(0, 30)
+
+    def reference(s, x, current):
+        c = cluster.KMeans.predict_one(s._km, x)
+        if 0 <= current < s._n_seeded and current != c and s._dist(current, x) <= (1 + s.margin) * s._dist(c, x):
+            return current
+        return c
+
+    s = Segmenter(n_segments=6, seed=1, margin=0.3)
+    kept = 0
+    for step in range(400):
+        x = s.features(*point())
+        current = rng.randrange(-1, 6)
+        got = s.nearest(x, current)
+        if s._n_seeded:
+            assert got == reference(s, x, current), step
+            kept += got == current != cluster.KMeans.predict_one(s._km, x)
+        else:
+            assert got == -1
+        if step % 3 == 0:
+            s.assign(s.features(*point()), -1)  # seeds a center or moves one
+    assert s._n_seeded == 6 and kept > 0
+    t = Segmenter(n_segments=6, margin=0.3)
+    for source in (s, Segmenter(n_segments=6, seed=2)):
+        for _ in range(20):
+            source.assign(source.features(*point()), -1)
+        t.load_model(source.export_model(str), int)
+        for _ in range(100):
+            x, current = t.features(*point()), rng.randrange(-1, 6)
+            assert t.nearest(x, current) == reference(t, x, current)
+
+
 # ---------------------------------------------------------------------------- docstrings and imports
 MODELS_DIR = pathlib.Path(__file__).resolve().parents[2] / "models"
 MODEL_FILES = sorted(p.name for p in MODELS_DIR.glob("*.py"))
