@@ -621,6 +621,12 @@ class Engine:
             if r is not None:
                 self._cooc.clear_row(r)
 
+    def reserve_rows(self, n: int) -> None:
+        """Room for ``n`` rows given to :meth:`load_rows`, taken at once: a cache that holds at most ``n``
+        (:class:`stream.neighbour_cache.NeighbourCache`) then never waits on the rows' arrays growing
+        (:meth:`models.cooccurrence.CoOccurrence.reserve_blocks`)."""
+        self._cooc.reserve_blocks(n)
+
     def _update_segment(self, u: int, ts: float, prev_ts: float, seq: int) -> None:
         prof = self._profiles
         decay = math.exp(-prof.lam * (ts - self._t0))

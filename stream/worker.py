@@ -195,6 +195,9 @@ class Worker:
                            if s.snapshot_interval_s > 0 and self.run_users else None)
         self._cache = NeighbourCache(self._redis, RedisKeys(s.redis_prefix), s.neighbour_cache_items,
                                      s.neighbour_max_age_s, read_max_share=s.neighbour_read_max_share)
+        if self.run_users:  # the rows' arrays sized now, not doubled in the middle of batches: the cache's
+            # bound, and half again for the rows a batch reads before the cache evicts the oldest
+            self.engine.reserve_rows(s.neighbour_cache_items * 3 // 2)
         if self.run_items:
             self.items = ItemStage(s, self.engine.config, self._store,
                                    eligible=lambda i: i not in self.unavailable, retrying=self._kafka_retrying,

@@ -118,6 +118,29 @@ def test_a_read_side_copy_keeps_no_slot_index_yet_answers_pairs_and_counts_like_
         rc.update(np.array([(a << 32) | 1], np.int64), np.ones((1, 4)))
 
 
+def test_rows_within_the_reservation_load_without_growing_the_arrays_and_rank_the_same():
+    # more rows than an engine's arrays start with (256), as a user stage's cache holds
+    evs, items, _ = group_stream(n_groups=20, users_per_group=4, items_per_group=16, events_per_user=40, seed=5)
+    grown, shards = _sharded(evs, items, 3)
+    rows = [s.export_row(i) for s in shards for i in s.owned()]
+    assert len(rows) > 300
+    reserved = Engine(CFG, cooc="remote")
+    for it in items:
+        reserved.upsert_item(it)
+    reserved.learn_many(evs)
+    reserved.reserve_rows(len(rows))
+    co = reserved._cooc
+    arrays = [co.nb, co.vals, co.sq, co.fill]
+    reserved.load_rows(rows)
+    assert all(a is b for a, b in zip(arrays, [co.nb, co.vals, co.sq, co.fill]))
+    for u in sorted({e["user_id"] for e in evs})[::7]:
+        assert reserved.recommend(u) == grown.recommend(u), u
+    small = Engine(CFG, cooc="remote")  # past a reservation, the arrays grow as they did
+    small.reserve_rows(2)
+    small.load_rows(rows)
+    assert small._cooc.nb.shape[0] > len(rows) and small.stats()["cooc_slots"] == reserved.stats()["cooc_slots"]
+
+
 def test_a_remote_engine_does_not_learn_rows_itself_and_drains_once(stream):
     evs, _ = stream
     eng = Engine(CFG, cooc="remote")
