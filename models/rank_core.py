@@ -22,8 +22,9 @@ from models.scratch import scratch
 from models.selection import _choose, _why
 from models.votes import MOMENTUM_RESOLUTION_S, _anchors, _dense, _MomentumMemo, _positions, _top, _votes
 
-#: rows of the packed result (one float64 array: one boxing instead of seven)
-PICK, SCORE, DOMINANT, ANCHOR_ROW, COUNT, LIFT, ANCHOR_TYPE = range(7)
+#: rows of the packed result (one float64 array: one boxing instead of seven); the whole numbers
+#: DOMINANT ... ANCHOR_TYPE side by side, read as ints in one conversion (a lift can exceed int64)
+PICK, SCORE, DOMINANT, ANCHOR_ROW, COUNT, ANCHOR_TYPE, LIFT = range(7)
 #: what :func:`_core` answers besides picks: done (without the trending lists, or with them joined), or
 #: "call again with the trending lists"
 _DONE, _JOINED, _NEED_TRENDING = 0, 1, 2
@@ -127,7 +128,7 @@ def _core(nb, sq, block, ipop, pop, vals, total, pair_total, mom_count, mom_deca
 
 def rank_core(engine, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: int, cap: int, excl,
               explain: bool) -> tuple[np.ndarray, list[int], dict[int, float] | None]:
-    """The picks of user row ``u`` packed (rows :data:`PICK` ... :data:`ANCHOR_TYPE`, one column per pick,
+    """The picks of user row ``u`` packed (rows :data:`PICK` ... :data:`LIFT`, one column per pick,
     best first; the reasons' rows only with ``explain``), the picked rows as a list, and the user's
     category mix when the request computed it (else None). ``excl``: a container of excluded item ids,
     or None."""

@@ -297,7 +297,7 @@ def _explain(engine, cfg, u: int, picked: list[int], picks: list[int], packed: n
     if not picked:
         return []
     scores = packed[SCORE].tolist()
-    dom, anchor, count, _, atype = packed[DOMINANT:ANCHOR_TYPE + 1].astype(np.int64).tolist()
+    dom, anchor, count, atype = packed[DOMINANT:ANCHOR_TYPE + 1].astype(np.int64).tolist()
     lifts = packed[LIFT].tolist()
     if picked is picks:  # (read by position: a dict of the picks' data cost as much as the reasons)
         at = range(len(picks))
