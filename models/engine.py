@@ -728,6 +728,16 @@ class Engine:
         return [Neighbour(ids(b), c, s * decay, cf, lf) for b, c, s, cf, lf in
                 zip(nb[:n].tolist(), cos[:n].tolist(), support[:n].tolist(), conf[:n].tolist(), lift[:n].tolist())]
 
+    def title(self, item_id: str) -> str:
+        """An item's display name: its catalog title, else its id (also for an item the catalog lacks).
+
+        >>> e = Engine(); e.upsert_item({"item_id": "sku-7", "title": "Red shoes"})
+        >>> e.title("sku-7"), e.title("sku-8")
+        ('Red shoes', 'sku-8')
+        """
+        r = self._catalog.find(item_id)
+        return item_id if r is None else self._catalog.title(r)
+
     def segment(self, user_id: str) -> int | None:
         """The user's segment id (stable over time), or None when unknown/unassigned."""
         r = self._profiles.find(user_id)

@@ -19,7 +19,7 @@ material change outside quiet hours pushes again. Time is the caller's ``now`` (
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -131,8 +131,13 @@ class PushPolicy:
         return user_id in self._users
 
     def decide(self, prefs: UserPrefs | None, recs: Sequence, now: float,
-               variant: str | None = None) -> list[PushMessage]:
-        """Messages to send now for ``prefs.user_id`` given their fresh top-N (may be empty)."""
+               variant: str | None = None, title: Callable[[str], str] | None = None) -> list[PushMessage]:
+        """Messages to send now for ``prefs.user_id`` given their fresh top-N (may be empty).
+
+        ``title`` names an item for the person who reads the message (e.g.
+        :meth:`models.engine.Engine.title`): each item then carries its ``title``, and the message's
+        reason names the first item by it instead of by its id.
+        """
         if prefs is None or not recs:
             return []
         cfg = self.config
@@ -165,17 +170,23 @@ class PushPolicy:
             if count >= cfg.daily_cap[channel]:
                 continue
             state.sent_today[channel] = (day, count + 1)
-            out.append(self._message(prefs.user_id, channel, fresh, now, variant))
+            out.append(self._message(prefs.user_id, channel, fresh, now, variant, title))
         if out:
             for item_id, _, _ in fresh:
                 state.pushed_at[item_id] = now
         return out
 
-    def _message(self, user_id: str, channel: str, fresh: list, now: float, variant: str | None) -> PushMessage:
+    def _message(self, user_id: str, channel: str, fresh: list, now: float, variant: str | None,
+                 title: Callable[[str], str] | None) -> PushMessage:
         cfg = self.config
-        items = tuple({"item_id": i, "score": round(float(s), 6), "reason": r} for i, s, r in fresh)
+        if title is None:
+            items = tuple({"item_id": i, "score": round(float(s), 6), "reason": r} for i, s, r in fresh)
+        else:
+            items = tuple({"item_id": i, "title": title(i), "score": round(float(s), 6), "reason": r}
+                          for i, s, r in fresh)
         digest = hashlib.blake2b(f"{user_id}|{channel}|{now!r}|{','.join(x['item_id'] for x in items)}".encode(),
                                  digest_size=8).hexdigest()
         more = f" and {len(items) - 1} more" if len(items) > 1 else ""
-        reason = f"new picks for you: {items[0]['item_id']}{more} ({items[0]['reason']})"
+        first = items[0].get("title") or items[0]["item_id"]
+        reason = f"new picks for you: {first}{more} ({items[0]['reason']})"
         return PushMessage(f"m-{digest}", user_id, channel, items, reason, cfg.campaign, variant, now, now + cfg.ttl_s)

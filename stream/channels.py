@@ -149,7 +149,8 @@ def email_for(msg: Mapping, cfg: ChannelConfig) -> EmailMessage:
     em["X-Infogap-Campaign"] = str(msg.get("campaign") or "")
     em["X-Infogap-Variant"] = str(msg.get("variant") or "")
     lines = [str(msg.get("reason") or "New picks for you."), ""]
-    lines += [f"- {i['item_id']}" + (f": {i['reason']}" if i.get("reason") else "") for i in msg["items"]]
+    lines += [f"- {i.get('title') or i['item_id']}" + (f": {i['reason']}" if i.get("reason") else "")
+              for i in msg["items"]]
     em.set_content("\n".join(lines) + "\n")
     return em
 

@@ -571,7 +571,8 @@ class Worker:
             if self.settings.push_enabled:
                 prefs = self.prefs.get(user_id)
                 if prefs is not None:
-                    sent = self.parts[partition].push.decide(prefs, recs, now=user_ts, variant=variant)
+                    sent = self.parts[partition].push.decide(prefs, recs, now=user_ts, variant=variant,
+                                                             title=self.engine.title)
                     self.parts[partition].experiments.record_sends(sent)
                     pushes += sent
 

@@ -80,6 +80,9 @@ async def test_consenting_user_gets_a_push_and_non_consenting_user_does_not(sett
     assert len(mine) == 1, pushes
     assert mine[0]["channel"] == "email"
     assert mine[0]["items"] and all(i["item_id"] != "sku-0" for i in mine[0]["items"])
+    titles = {it["item_id"]: it["title"] for it in CATALOG}  # what the person reading it sees
+    assert all(i["title"] == titles[i["item_id"]] for i in mine[0]["items"])
+    assert mine[0]["reason"].startswith(f"new picks for you: {titles[mine[0]['items'][0]['item_id']]}")
     assert mine[0]["expires_at"] > mine[0]["created_at"]
     assert not [p for p in pushes if p["user_id"] == "no"]
     await r.aclose()

@@ -56,7 +56,10 @@ def test_checks_and_email():
     assert check_message([1]) is not None
     em = email_for(msg(7), ChannelConfig(channel="email"))
     assert em["To"] == "u7@example.invalid" and em["X-Infogap-Message-Id"] == "m-7"
-    assert "sku-2" in em.get_content() and "popular" in em.get_content()
+    assert "- sku-1: popular" in em.get_content() and "- sku-2" in em.get_content()
+    titled = email_for(msg(7, items=[{"item_id": "sku-1", "title": "Red shoes", "reason": "popular"}]),
+                       ChannelConfig(channel="email"))
+    assert "- Red shoes: popular" in titled.get_content() and "sku-1" not in titled.get_content()
     assert address_for("..", "d.invalid") == "_@d.invalid"
 
 

@@ -61,6 +61,16 @@ def test_only_a_material_change_of_the_top_n_pushes():
     assert p.decide(u, recs("a", "e", "f"), now=NOON_UTC + 2)
 
 
+def test_a_message_names_its_items_by_title_for_the_person_who_reads_it():
+    titles = {"a": "Red shoes", "b": "Blue hat"}
+    (m,) = PushPolicy(PushConfig(min_new_items=1)).decide(prefs(consent={"email": True}), recs("a", "b", "c"),
+                                                          now=NOON_UTC, title=lambda i: titles.get(i, i))
+    assert m.reason == "new picks for you: Red shoes and 2 more (because a)"
+    assert [(i["item_id"], i["title"]) for i in m.items] == [("a", "Red shoes"), ("b", "Blue hat"), ("c", "c")]
+    (bare,) = PushPolicy(PushConfig(min_new_items=1)).decide(prefs(consent={"email": True}), recs("a"), now=NOON_UTC)
+    assert bare.reason == "new picks for you: a (because a)" and "title" not in bare.items[0]
+
+
 @pytest.mark.parametrize("doc, reason", [
     ({"consent": {}}, "non-empty 'user_id'"),
     ({"user_id": "u", "timezone": "Mars/Base"}, "unknown time zone"),
