@@ -240,9 +240,11 @@ def report(
                       "(no experiment configured, no pushes sent yet, or another INFOGAP_REDIS_PREFIX)")
         raise typer.Exit(1)
     for name, counts in data.items():
-        console.print(_experiment_table(name, counts))
-    console.print("CTR, open and conversion rates are per message sent (Wilson intervals); revenue per message "
-                  "and ROI = (revenue - cost) / cost use a normal approximation.")
+        for table in _experiment_tables(name, counts):
+            console.print(table)
+    console.print("Under each rate or mean, its 95 % interval. CTR, open and conversion rates are per message "
+                  "sent (Wilson intervals); revenue per message and ROI = (revenue - cost) / cost use a normal "
+                  "approximation.")
 
 
 async def _read_experiments(settings, only: str | None) -> dict:
@@ -262,13 +264,17 @@ async def _read_experiments(settings, only: str | None) -> dict:
         await client.aclose()
 
 
-def _experiment_table(name: str, counts) -> Table:
+def _experiment_tables(name: str, counts) -> tuple[Table, Table]:
+    """An experiment's engagement and its money, per variant, campaign and channel: two tables, each with
+    its figures' 95 % intervals on a line of their own, so that both fit an 80-column terminal."""
+    from rich import box
+
     from models.experiments import summarize
 
     def ci(x, bounds, fmt) -> str:
         if x is None:
             return "-"
-        return fmt(x) + (f" [{fmt(bounds[0])}, {fmt(bounds[1])}]" if bounds else "")
+        return fmt(x) + (f"\n[{fmt(bounds[0])}, {fmt(bounds[1])}]" if bounds else "")
 
     def pct(x):
         return f"{100 * x:.1f}%"
@@ -276,22 +282,28 @@ def _experiment_table(name: str, counts) -> Table:
     def num(x):
         return f"{x:,.2f}"
 
-    table = Table(title=f"experiment {name}")
-    for col in ("variant", "campaign", "channel", "sent", "opens", "clicks", "CTR [95% CI]", "conversion [95% CI]",
-                "revenue", "cost", "revenue/msg [95% CI]", "ROI [95% CI]"):
-        table.add_column(col, justify="left" if col in ("variant", "campaign", "channel") else "right")
+    engagement, money = (Table(title=f"experiment {name}: {what}", box=box.SIMPLE_HEAD, pad_edge=False,
+                               collapse_padding=True) for what in ("engagement", "revenue and ROI"))
+    for table, cols in ((engagement, ("sent", "opens", "clicks", "CTR", "conversion")),
+                        (money, ("revenue", "cost", "revenue/msg", "ROI"))):
+        for col in ("variant", "campaign", "channel", *cols):
+            table.add_column(col, justify="left" if col in ("variant", "campaign", "channel") else "right",
+                             no_wrap=True)
     rows = summarize(counts, by=("variant", "campaign", "channel"))
     totals = summarize(counts, by=("variant",))
     for (variant,), total in totals.items():
         mine = [(k, f) for k, f in rows.items() if k[0] == variant]
         for (_, campaign, channel), f in mine + ([((variant, "all", "all"), total)] if len(mine) > 1 else []):
             style = "bold" if campaign == "all" and channel == "all" else None
-            table.add_row(variant, campaign, channel, f"{f.sent:,}", f"{f.opens:,}", f"{f.clicks:,}",
-                          ci(f.ctr, f.ctr_ci, pct), ci(f.conversion_rate, f.conversion_rate_ci, pct),
-                          num(f.revenue), num(f.cost), ci(f.revenue_per_message, f.revenue_per_message_ci, num),
-                          ci(f.roi, f.roi_ci, num), style=style)
-        table.add_section()
-    return table
+            engagement.add_row(variant, campaign, channel, f"{f.sent:,}", f"{f.opens:,}", f"{f.clicks:,}",
+                               ci(f.ctr, f.ctr_ci, pct), ci(f.conversion_rate, f.conversion_rate_ci, pct),
+                               style=style)
+            money.add_row(variant, campaign, channel, num(f.revenue), num(f.cost),
+                          ci(f.revenue_per_message, f.revenue_per_message_ci, num), ci(f.roi, f.roi_ci, num),
+                          style=style)
+        engagement.add_section()
+        money.add_section()
+    return engagement, money
 
 
 @app.command()

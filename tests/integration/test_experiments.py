@@ -125,12 +125,13 @@ async def test_report_command_prints_the_stored_metrics(settings, monkeypatch):
     await r.aclose()
     monkeypatch.setenv("INFOGAP_REDIS_URL", settings.redis_url)
     monkeypatch.setenv("INFOGAP_REDIS_PREFIX", settings.redis_prefix)
-    monkeypatch.setenv("COLUMNS", "250")
+    monkeypatch.setenv("COLUMNS", "80")  # a terminal's default width: nothing cut short
     res = await _in_thread(CliRunner().invoke, app, ["report", "--experiment", EXPERIMENT])
     assert res.exit_code == 0, res.output
-    assert f"experiment {EXPERIMENT}" in res.output
+    assert f"experiment {EXPERIMENT}: engagement" in res.output and "…" not in res.output
     assert "79.00" in res.output and "59.00" in res.output  # ROI of A/email and B/email
     assert "50.0%" in res.output  # A/email CTR
+    assert "[6.1%, 79.2%]" in res.output  # B's CTR interval: Wilson of 1 click in 3 sends (0.0615, 0.7923)
     res = await _in_thread(CliRunner().invoke, app, ["report", "--experiment", "nope"])
     assert res.exit_code == 1 and "no metrics" in res.output
 
