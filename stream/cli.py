@@ -129,14 +129,17 @@ def recs(user: str = typer.Argument(..., help="User id, as in the events.")) -> 
     _print_recs(found)
 
 
-def _print_recs(r) -> None:
+def _print_recs(r, title=None) -> None:
+    """A user's stored recommendations as a table; ``title`` (item id -> name), when given, names the items."""
     table = Table(title=f"{r.user_id}: segment {r.segment}, model {r.model_version}")
     table.add_column("#", justify="right")
     table.add_column("item")
     table.add_column("score", justify="right")
     table.add_column("why")
     for i, item in enumerate(r.items, 1):
-        table.add_row(str(i), item.item_id, f"{item.score:.3f}", item.reason)
+        name = title(item.item_id) if title is not None else item.item_id
+        shown = item.item_id if name == item.item_id else f"{name} ({item.item_id})"
+        table.add_row(str(i), shown, f"{item.score:.3f}", item.reason)
     console.print(table)
 
 
@@ -202,7 +205,7 @@ async def _demo(settings, limit: int, n_users: int) -> None:
         for user_id in sorted(counts, key=lambda u: (-counts[u], u)):
             r = client.recommendations(user_id)
             if r is not None:
-                _print_recs(r)
+                _print_recs(r, w.engine.title)
                 shown += 1
             if shown >= n_users:
                 break
