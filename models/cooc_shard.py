@@ -236,6 +236,7 @@ class CoOccurrenceShard:
             occ_scale = np.exp(co.lam * (deltas.occ_ts[occ_new] - self.t0))
             co.add_occurrences(rows[deltas.occ[occ_new]].tolist(), occ_scale.tolist())
             co.pair_total += float(np.dot(deltas.occ_pairs[occ_new], occ_scale))
+            co.raw_pair_total += float(deltas.occ_pairs[occ_new].sum())
             before = self.n_occurrences
             self.n_occurrences += int(occ_new.sum())
             if self.n_occurrences // _DOOR_PERIOD != before // _DOOR_PERIOD:
@@ -292,7 +293,11 @@ class CoOccurrenceShard:
         nb, w_dir, w_sym, n_pair, count = co.neighbours(r)
         decay = self._decay()
         values = np.vstack([w_dir * decay, w_sym * decay, n_pair * decay, count])
-        return {"item_id": item_id, "t": self.now, "pop": float(co.pop[r]) * decay,
-                "total": co.total * decay, "pair_total": co.pair_total * decay,
-                "neighbours": [self._ids[b] for b in nb.tolist()], "numbers": nb.astype(np.int64), "values": values,
-                "neighbour_pop": co.pop[nb] * decay}
+        row = {"item_id": item_id, "t": self.now, "pop": float(co.pop[r]) * decay,
+               "total": co.total * decay, "pair_total": co.pair_total * decay,
+               "neighbours": [self._ids[b] for b in nb.tolist()], "numbers": nb.astype(np.int64), "values": values,
+               "neighbour_pop": co.pop[nb] * decay}
+        if co.raw_pair_total == co.raw_pair_total:  # raw counts, for lift (a shard from before them has none)
+            row.update(raw_pop=float(co.raw_pop[r]), raw_total=co.raw_total, raw_pair_total=co.raw_pair_total,
+                       neighbour_raw_pop=co.raw_pop[nb])
+        return row

@@ -16,6 +16,13 @@ unweighted decayed pair count (support) and the raw number of observations (how 
 as a user's window holds an item once per visit). With the admission door on, a pair's first
 sighting only opens the door, so both count from the second sighting (a conservative figure).
 
+**Lift** is computed on raw counts, as the "by N users" of a reason is: ``C_ab N² / (2 P c_a c_b)``
+with ``C_ab`` the pair's observations, ``c`` the items' occurrences, ``N`` all occurrences and ``P``
+all pair observations (:func:`pair_lift`). On decayed counts it drifted up for pairs whose items had
+both gone quiet (the pair and item counts decay, the totals follow recent activity: lifts of 10^7
+under a 7-day half-life). State from before the raw counts (``raw_pair_total`` NaN) keeps the
+decayed figure.
+
 **Decay** is exponential with ``half_life_days`` in event time, applied lazily: values are stored
 relative to a reference time ``t0`` (``w * exp(lambda * (t - t0))``) so that an update is one
 addition and values of different ages compare directly; reading multiplies by
@@ -128,6 +135,12 @@ class CoOccurrence:
         self.ipop = np.ones(cap)
         self.total = 0.0
         self.pair_total = 0.0
+        #: raw (undecayed) occurrences per item, all occurrences, and all pair observations, for lift; the
+        #: pair observations are counted by whoever accounts for pairs (the engine, or a shard from the
+        #: occurrences), not by :meth:`update`, which a shard calls with the slots it owns only
+        self.raw_pop = np.zeros(cap)
+        self.raw_total = 0.0
+        self.raw_pair_total = 0.0
         #: read-side copies: the event time each item's popularity (and the totals) is as of
         self.pop_at = np.full(cap, -np.inf)
         self.totals_at = -math.inf
@@ -153,6 +166,9 @@ class CoOccurrence:
             state["_index"] = SlotTable(len(slot))
             state["_index"].insert_many(np.fromiter(slot.keys(), np.int64, len(slot)),
                                         np.fromiter(slot.values(), np.int64, len(slot)))
+        if "raw_pop" not in state:  # from before raw counts: its slots' counts have no raw totals to go with
+            state["raw_pop"] = np.zeros(len(state["pop"]))
+            state["raw_total"], state["raw_pair_total"] = 0.0, math.nan
         self.__dict__.update(state)
 
     # ------------------------------------------------------------------ storage
@@ -167,6 +183,7 @@ class CoOccurrence:
         self.pop = np.r_[self.pop, np.zeros(new - cap)]
         self.ipop = np.r_[self.ipop, np.ones(new - cap)]
         self.pop_at = np.r_[self.pop_at, np.full(new - cap, -np.inf)]
+        self.raw_pop = np.r_[self.raw_pop, np.zeros(new - cap)]
 
     def _block_for(self, r: int) -> int:
         """Row ``r``'s block, taken now if it has none (blocks are numbered in order of first need)."""
@@ -231,6 +248,8 @@ class CoOccurrence:
         e = -self.pop_exponent
         total = self.total
         np.add.at(pop, rows, scaled)
+        np.add.at(self.raw_pop, rows, 1.0)
+        self.raw_total += len(rows)
         for x in scaled:
             total += x
         for r in set(rows):
@@ -320,14 +339,16 @@ class CoOccurrence:
         self._spare.append(b)
 
     def set_popularity(self, rows: np.ndarray, pop: np.ndarray, total: float, pair_total: float,
-                       at: float | np.ndarray = math.inf) -> None:
+                       at: float | np.ndarray = math.inf, raw: tuple[np.ndarray, float, float] | None = None) -> None:
         """Set items' decayed occurrence counts and the totals (reference-time units) as of event time
         ``at``, for a read-side copy: a value older than the one held is ignored (rows published at
         different times carry their neighbours' counts of that time).
 
         ``at`` may give each entry its own time, as when several rows' counts are set at once: the
         entries are then taken in turn, each if it is not older than what is held; the totals are as
-        of the newest entry.
+        of the newest entry. ``raw``: the entries' raw occurrences, all occurrences and all pair
+        observations (for lift), taken with them (None: a writer without raw counts; lifts of
+        those items fall back to the decayed figures).
 
         >>> co = CoOccurrence(capacity=2)
         >>> co.ensure(2)
@@ -340,12 +361,15 @@ class CoOccurrence:
         ([6.0, 4.0], 9.0)
         """
         at_entries = np.broadcast_to(np.asarray(at, np.float64), rows.shape)
-        _set_popularity(self.pop, self.ipop, self.pop_at, np.asarray(rows, np.int64), np.asarray(pop, np.float64),
-                        np.ascontiguousarray(at_entries), self.pop_exponent)
+        rows = np.asarray(rows, np.int64)
+        raw_values = np.zeros(rows.shape) if raw is None else np.asarray(raw[0], np.float64)
+        _set_popularity(self.pop, self.ipop, self.pop_at, self.raw_pop, rows, np.asarray(pop, np.float64),
+                        raw_values, np.ascontiguousarray(at_entries), self.pop_exponent)
         at_totals = float(np.max(at, initial=-math.inf))
         if at_totals >= self.totals_at:
             self.total = total
             self.pair_total = pair_total
+            self.raw_total, self.raw_pair_total = (0.0, 0.0) if raw is None else (float(raw[1]), float(raw[2]))
             self.totals_at = at_totals
 
     # ------------------------------------------------------------------ reading
@@ -355,9 +379,8 @@ class CoOccurrence:
         Returns (neighbour rows, cosine, support, confidence, lift), support in reference-time units.
         """
         b = int(self.block[r])
-        return _published(self.nb, self.vals, self.pop, b, int(self.fill[b]), r, float(min_support),
-                          _ALL if eligible is None else eligible, eligible is not None, float(self.total),
-                          float(self.pair_total))
+        return _published(self.nb, self.vals, self.pop, self.raw_pop, b, int(self.fill[b]), r, float(min_support),
+                          _ALL if eligible is None else eligible, eligible is not None, *self.lift_scales())
 
     def neighbours(self, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Row ``r``'s live slots: (neighbour rows, w_dir, w_sym, n_pair, count), reference-time units."""
@@ -380,23 +403,30 @@ class CoOccurrence:
             return None
         return self.figures(a, b, s, decay)
 
-    def lift(self, n_ab, n_a, n_b):
-        """Observed co-occurrences over those expected if items were independent (array-friendly).
+    def lift_scales(self) -> tuple[float, float]:
+        """``N² / 2P`` on decayed counts and on raw counts (0 when there are no pairs; the raw one NaN for
+        state without raw counts): what :func:`pair_lift` takes."""
+        dec = self.total * self.total / (2.0 * self.pair_total) if self.pair_total > 0 else 0.0
+        raw = self.raw_pair_total
+        return float(dec), float(self.raw_total * self.raw_total / (2.0 * raw) if raw > 0 else raw * 0.0)
 
-        With N item occurrences and T pair observations, an independent pair {a, b} would be
-        observed ``2 T (n_a / N) (n_b / N)`` times.
-        """
-        if self.pair_total <= 0:
-            return 0.0 * n_ab
-        return n_ab * (self.total * self.total / (2.0 * self.pair_total)) / np.maximum(n_a * n_b, 1e-300)
+    def lift(self, a, b, n_ab, count):
+        """Lift of pairs "a with b" (rows, array-friendly) with decayed and raw pair counts ``n_ab``,
+        ``count``: :func:`pair_lift` element-wise, in the same operations."""
+        dec, raw = self.lift_scales()
+        ra, rb = self.raw_pop[a], self.raw_pop[b]
+        on_raw = (raw > 0.0) & (ra > 0.0) & (rb > 0.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(on_raw, count * raw / (ra * rb), n_ab * dec / np.maximum(self.pop[a] * self.pop[b], 1e-300))
 
     def figures(self, a: int, b: int, s: int, decay: float = 1.0) -> dict:
         """Support, confidence and lift of slot ``s`` (row ``a``, neighbour ``b``)."""
         v = self.vals[:, s]
         n_ab = float(v[N_PAIR])
-        n_a, n_b = float(self.pop[a]), float(self.pop[b])
+        n_a = float(self.pop[a])
         conf = n_ab / n_a if n_a > 0 else 0.0
-        lift = float(self.lift(n_ab, n_a, n_b))
+        lift = float(pair_lift(float(v[COUNT]), n_ab, n_a, float(self.pop[b]), float(self.raw_pop[a]),
+                               float(self.raw_pop[b]), *self.lift_scales()))
         return {"count": int(v[COUNT]), "support": n_ab * decay, "confidence": conf, "lift": lift,
                 "w_dir": float(v[W_DIR]) * decay, "w_sym": float(v[W_SYM]) * decay}
 
@@ -405,7 +435,26 @@ _ALL = np.ones(1, bool)  # (no eligibility array: every row eligible)
 
 
 @njit(cache=True, nogil=True)
-def _published(nb, vals, pop, b, f, r, min_support, eligible, use_eligible, total, pair_total):
+def pair_lift(count, n_pair, pop_a, pop_b, raw_a, raw_b, dec_scale, raw_scale):
+    """Lift of a pair: observed over expected if the two items were independent.
+
+    With N item occurrences and P pair observations, an independent pair {a, b} would be observed
+    ``2 P (c_a / N) (c_b / N)`` times. On raw counts (``count`` observations, ``raw_*`` occurrences,
+    ``raw_scale`` = N² / 2P) when the state has them, else on decayed ones (``n_pair``, ``pop_*``,
+    ``dec_scale``).
+
+    >>> pair_lift(2.0, 0.5, 0.1, 0.1, 4.0, 5.0, 9.0, 10.0)  # 2 * 10 / (4 * 5)
+    1.0
+    >>> round(pair_lift(2.0, 0.5, 0.1, 0.1, 4.0, 5.0, 9.0, float("nan")), 3)  # no raw counts: 0.5 * 9 / 0.01
+    450.0
+    """
+    if raw_scale > 0.0 and raw_a > 0.0 and raw_b > 0.0:
+        return count * raw_scale / (raw_a * raw_b)
+    return n_pair * dec_scale / max(pop_a * pop_b, 1e-300)
+
+
+@njit(cache=True, nogil=True)
+def _published(nb, vals, pop, raw_pop, b, f, r, min_support, eligible, use_eligible, dec_scale, raw_scale):
     """:meth:`CoOccurrence.published` of row ``r`` (block ``b``, ``f`` slots used), in one pass and one sort."""
     lo = b * nb.shape[1]
     keep = np.empty(f, np.int64)
@@ -430,10 +479,11 @@ def _published(nb, vals, pop, b, f, r, min_support, eligible, use_eligible, tota
     rows, cos, n_pair = rows[order], cos[order], n_pair[order]
     conf = np.empty(cnt)
     lift = np.empty(cnt)
-    scale = total * total / (2.0 * pair_total) if pair_total > 0 else 0.0
     for i in range(cnt):
         conf[i] = n_pair[i] / pa if pa > 0 else 0.0 * n_pair[i]
-        lift[i] = n_pair[i] * scale / max(pa * pop[rows[i]], 1e-300) if pair_total > 0 else 0.0 * n_pair[i]
+        x = rows[i]
+        lift[i] = pair_lift(vals[COUNT, lo + keep[order[i]]], n_pair[i], pa, pop[x], raw_pop[r], raw_pop[x],
+                            dec_scale, raw_scale)
     return rows, cos, n_pair, conf, lift
 
 
@@ -461,13 +511,15 @@ def _write_row(nb, vals, sq, fill, n_free, b, neighbours, values, factor, k):
 
 
 @njit(cache=True, nogil=True)
-def _set_popularity(pop, ipop, pop_at, rows, values, at, exponent):
-    """Entries in turn: row ``rows[j]`` takes ``values[j]`` unless it holds a value newer than ``at[j]``."""
+def _set_popularity(pop, ipop, pop_at, raw_pop, rows, values, raw_values, at, exponent):
+    """Entries in turn: row ``rows[j]`` takes ``values[j]`` (and ``raw_values[j]``) unless it holds a value
+    newer than ``at[j]``."""
     for j in range(rows.size):
         r = rows[j]
         if at[j] >= pop_at[r]:
             pop[r] = values[j]
             ipop[r] = max(values[j], 1e-300) ** -exponent
+            raw_pop[r] = raw_values[j]
             pop_at[r] = at[j]
 
 

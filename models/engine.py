@@ -473,6 +473,7 @@ class Engine:
                                  np.bincount(ev, minlength=p).astype(np.float64), pseq))
         else:
             self._cooc.update(codes, deltas)
+            self._cooc.raw_pair_total += len(codes) // 2  # (two updates per pair)
         # ring writes: only each user's last `h` pushes of the batch survive
         final = np.asarray(prof.n_push, np.int64)[pu]
         keep = pc >= final - h
@@ -589,8 +590,9 @@ class Engine:
         them translated (:meth:`models.catalog.Catalog.translated`) instead of looked up by id.
         """
         co, cat = self._cooc, self._catalog
-        pop_rows, pop_values, sizes, factors, times = [], [], [], [], []
-        newest = None  # (t, total, pair_total) of the newest row: the totals as of then
+        pop_rows, pop_values, raw_values, sizes, factors, times = [], [], [], [], [], []
+        newest = None  # (t, total, pair_total, raw counts) of the newest row: the totals as of then
+        with_raw = True  # every row carries raw counts (rows from before them do not)
         for doc in rows:
             r = cat.row(doc["item_id"])
             numbering = doc.get("numbering")
@@ -604,15 +606,23 @@ class Engine:
             co.set_row(r, nbs, np.asarray(doc["values"], np.float64).reshape(4, -1), factor)
             pop_rows += (nbs, (r,))
             pop_values += (doc["neighbour_pop"], (doc["pop"],))
+            if with_raw and doc.get("raw_pop") is not None:
+                raw_values += (doc["neighbour_raw_pop"], (doc["raw_pop"],))
+            else:
+                with_raw = False
             sizes.append(nbs.size + 1)
             factors.append(factor)
             times.append(t)
             if newest is None or t >= newest[0]:
-                newest = (t, doc["total"] * factor, doc["pair_total"] * factor)
+                newest = (t, doc["total"] * factor, doc["pair_total"] * factor,
+                          (doc.get("raw_total"), doc.get("raw_pair_total")))
         if newest is not None:  # one update for all rows, entries in the same order as row by row
+            raw = None
+            if with_raw and newest[3][1] is not None:
+                raw = (np.concatenate(raw_values), float(newest[3][0]), float(newest[3][1]))
             co.set_popularity(np.concatenate(pop_rows).astype(np.int64, copy=False),
                               np.concatenate(pop_values) * np.repeat(factors, sizes), newest[1], newest[2],
-                              at=np.repeat(times, sizes))
+                              at=np.repeat(times, sizes), raw=raw)
 
     def drop_rows(self, item_ids: Iterable[str]) -> None:
         """Forget rows given to :meth:`load_rows` (a bounded cache evicting them)."""

@@ -19,7 +19,7 @@ from models.scratch import forget_memo, scratch
 
 @njit(cache=True, nogil=True)
 def _learn_event(u, i, s, x, xm, ts, w, typ, rating, scale, neg_exponent, ring, global_max, total, item_events,
-                 momentum, glob, seg_scores, segment_max, pop, ipop, hist_item, hist_ts, hist_w, hist_type,
+                 momentum, glob, seg_scores, segment_max, pop, ipop, raw_pop, hist_item, hist_ts, hist_w, hist_type,
                  hist_rating, feat_mask, dtab, stab, gap_tau_s, gap_floor, agree, boost, pair_total, block, nb, vals,
                  sq, fill, free_pos, n_free, table, meta, door, door_bits, n_evict, evict_sym_weight, j,
                  codes_out, deltas_out):  # pragma: no cover - compiled; tested against the batch path
@@ -37,6 +37,7 @@ def _learn_event(u, i, s, x, xm, ts, w, typ, rating, scale, neg_exponent, ring, 
     pop[i] += scale
     total += scale
     ipop[i] = pop[i] ** neg_exponent
+    raw_pop[i] += 1.0
     codes, deltas, k, pt, need = _learn_one(i, ts, w, scale, rating, feat_mask[i], ring, hist_item[u], hist_ts[u],
                                             hist_w[u], hist_rating[u], feat_mask, dtab, stab, gap_tau_s, gap_floor,
                                             agree, boost, pair_total, block, nb, vals, sq, fill, free_pos, n_free,
@@ -67,7 +68,7 @@ def learn_event(engine, u: int, i: int, s: int, x: float, xm: float, ts: float, 
     tr.global_max, co.total, n, k, pt, need = _learn_event(
         u, i, s, x, xm, float(ts), w, typ, float(rating), scale, -co.pop_exponent,
         engine._ring_idx[head, :min(window, c)], tr.global_max, co.total, engine._item_events, tr.momentum_,
-        tr.global_, tr.segment_, tr.segment_max, co.pop, co.ipop, prof.hist_item, prof.hist_ts, prof.hist_w,
+        tr.global_, tr.segment_, tr.segment_max, co.pop, co.ipop, co.raw_pop, prof.hist_item, prof.hist_ts, prof.hist_w,
         prof.hist_type, prof.hist_rating, engine._catalog.feat_mask, pw.dtab, pw.stab, float(pw.gap_tau_s),
         float(pw.gap_floor), float(pw.agreement), float(pw.feature_boost), co.pair_total, co.block, co.nb, co.vals,
         co.sq, co.fill, co.free_pos, co.n_free, index.table, index.meta, co._door, co.door_bits,
@@ -76,6 +77,8 @@ def learn_event(engine, u: int, i: int, s: int, x: float, xm: float, ts: float, 
         co._apply(codes[:n].copy(), deltas[:n].copy(), k, pt, need)
     else:
         co.pair_total = pt
+    co.raw_total += 1.0  # the raw counts lift is computed on (two updates per pair)
+    co.raw_pair_total += n // 2
 
 
 def _out(size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from models.cooccurrence import pair_lift
 from models.scratch import scratch
 from models.selection import _choose, _why
 from models.votes import MOMENTUM_RESOLUTION_S, _anchors, _dense, _MomentumMemo, _positions, _top, _votes
@@ -37,7 +38,7 @@ def _union(cand, a, b):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _core(nb, sq, block, ipop, pop, vals, total, pair_total, mom_count, mom_decay, pop_decay, momentum,
+def _core(nb, sq, block, ipop, pop, vals, raw_pop, dec_scale, raw_scale, mom_count, mom_decay, pop_decay, momentum,
           available, category, consumed, blocked, u, hist_item, hist_ts, hist_type, ring, qs_tab, qd_tab, kd, gap_floor,
           inv_tau, w_cooc, seg_row, w_seg, glob, w_glob, share, w_content, trend_a, trend_b, have_trending, kk, n,
           cap, n_anchor, acc, mark, memo, gen, marks, pos, kept_rows, kept_votes,
@@ -115,14 +116,15 @@ def _core(nb, sq, block, ipop, pop, vals, total, pair_total, mom_count, mom_deca
             types[h] = hist_type[u, ring[h]]
         dom, a_row, count, n_pair, a_type = _why(sel, cand, v, w_c, seg_row, w_seg, glob, w_glob, content, anchor,
                                                  items, types, nb.shape[1], vals, block)
-        scale = total * total / (2.0 * pair_total) if pair_total > 0 else 0.0
         for i in range(sel.size):
             out[DOMINANT, i] = dom[i]
             out[ANCHOR_ROW, i] = a_row[i]
             out[COUNT, i] = count[i]
             out[ANCHOR_TYPE, i] = a_type[i]
-            if a_row[i] >= 0:
-                out[LIFT, i] = n_pair[i] * scale / max(pop[a_row[i]] * pop[picks[i]], 1e-300)
+            a = a_row[i]
+            if a >= 0:
+                out[LIFT, i] = pair_lift(count[i], n_pair[i], pop[a], pop[picks[i]], raw_pop[a], raw_pop[picks[i]],
+                                         dec_scale, raw_scale)
     return out, joined, rows.size
 
 
@@ -169,9 +171,10 @@ def rank_core(engine, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: in
     if have_trending:
         trend_a, trend_b = _trending_rows(sc, tr, kk, seg)
     n_kept = -1  # the votes are computed by the first call, and kept for the next ones of this request
+    lift_scales = co.lift_scales() if explain else _NO_LIFT  # (only the reasons cite a lift)
     while True:
-        out, status, n_voted = _core(co.nb, co.sq, co.block, co.ipop, co.pop, co.vals, float(co.total),
-                                     float(co.pair_total), tr.momentum_, mom_decay, pop_decay, momentum, cat.available,
+        out, status, n_voted = _core(co.nb, co.sq, co.block, co.ipop, co.pop, co.vals, co.raw_pop, *lift_scales,
+                                     tr.momentum_, mom_decay, pop_decay, momentum, cat.available,
                                      cat.category, prof.consumed(u), blocked, u, prof.hist_item, prof.hist_ts,
                                      prof.hist_type, ring, qs_tab, qd_tab, min(k, cfg.query_dir_len),
                                      float(cfg.query_gap_floor), 1.0 / cfg.query_gap_tau_s, float(cfg.w_cooc), seg_row,
@@ -216,6 +219,7 @@ _UPFRONT_RATE = 0.5
 #: Reasons cite the history item, among the most recent ones, that voted most for the item.
 _ANCHOR_ROWS = 8
 _NO_ROWS = np.zeros(0, np.int64)
+_NO_LIFT = (0.0, 0.0)
 
 
 class _Scratch:

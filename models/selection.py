@@ -181,7 +181,7 @@ def why(sel: np.ndarray, cand: np.ndarray, votes: np.ndarray, w_cooc: float, seg
                                              cooc.vals, cooc.block)
     rows = cand[sel]
     has = a_row >= 0
-    lift = cooc.lift(n_pair[has], cooc.pop[a_row[has]], cooc.pop[rows[has]])
+    lift = cooc.lift(a_row[has], rows[has], n_pair[has], count[has])
     anchors = dict(zip(rows[has].tolist(), zip(a_row[has].tolist(), count[has].tolist(), lift.tolist(),
                                                a_type[has].tolist())))
     return dom.tolist(), anchors

@@ -47,12 +47,25 @@ def encode_row(row: dict, numbering: int | None = None) -> bytes:
     (['b'], (4, 1), [3.0])
     >>> row["numbering"], row["numbers"].tolist()
     (12, [3])
+
+    A row with raw counts (for lift) carries them in the head and a sixth row of values:
+
+    >>> row = decode_row(encode_row({"item_id": "a", "t": 5.0, "pop": 2.0, "total": 9.0, "pair_total": 4.0,
+    ...                              "neighbours": ["b"], "numbers": np.array([3]), "values": np.ones((4, 1)),
+    ...                              "neighbour_pop": np.array([3.0]), "raw_pop": 7.0, "raw_total": 20.0,
+    ...                              "raw_pair_total": 8.0, "neighbour_raw_pop": np.array([5.0])}, numbering=12))
+    >>> row["raw_pop"], row["raw_total"], row["neighbour_raw_pop"].tolist(), row["numbers"].tolist()
+    (7.0, 20.0, [5.0], [3])
     """
     k = len(row["neighbours"])
-    head = orjson.dumps({"item_id": row["item_id"], "t": row["t"], "pop": row["pop"], "total": row["total"],
-                         "pair_total": row["pair_total"], "k": k, "numbering": numbering})
-    body = np.vstack([np.asarray(row["values"], np.float64), np.asarray(row["neighbour_pop"], np.float64)[None]])
-    return b"".join((len(head).to_bytes(4, "big"), head, body.tobytes(),
+    head = {"item_id": row["item_id"], "t": row["t"], "pop": row["pop"], "total": row["total"],
+            "pair_total": row["pair_total"], "k": k, "numbering": numbering}
+    body = [np.asarray(row["values"], np.float64), np.asarray(row["neighbour_pop"], np.float64)[None]]
+    if "raw_pop" in row:
+        head.update(raw_pop=row["raw_pop"], raw_total=row["raw_total"], raw_pair_total=row["raw_pair_total"])
+        body.append(np.asarray(row["neighbour_raw_pop"], np.float64)[None])
+    head = orjson.dumps(head)
+    return b"".join((len(head).to_bytes(4, "big"), head, np.vstack(body).tobytes(),
                      np.asarray(row["numbers"], np.int64).tobytes(), orjson.dumps(row["neighbours"])))
 
 
@@ -82,10 +95,13 @@ def decode_row(raw: bytes) -> dict:
         row["values"], row["neighbour_pop"] = body[:4], body[4]
         return row
     k = row.pop("k")
-    body = np.frombuffer(raw, np.float64, count=5 * k, offset=at).reshape(5, k)
+    n_rows = 6 if "raw_pop" in row else 5  # (raw counts: written since lift is computed on them)
+    body = np.frombuffer(raw, np.float64, count=n_rows * k, offset=at).reshape(n_rows, k)
     row["values"], row["neighbour_pop"] = body[:4], body[4]
-    row["numbers"] = np.frombuffer(raw, np.int64, count=k, offset=at + 40 * k)
-    at += 48 * k
+    if n_rows == 6:
+        row["neighbour_raw_pop"] = body[5]
+    row["numbers"] = np.frombuffer(raw, np.int64, count=k, offset=at + 8 * n_rows * k)
+    at += 8 * (n_rows + 1) * k
     row["neighbours"] = _Ids(raw, at, k) if row["numbering"] is not None else orjson.loads(memoryview(raw)[at:])
     return row
 

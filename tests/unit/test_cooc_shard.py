@@ -283,12 +283,12 @@ def _published_reference(co, r, min_support, eligible=None):
     ok = count >= min_support
     if eligible is not None:
         ok &= eligible[nb]
-    nb, n_pair = nb[ok], n_pair[ok]
+    nb, n_pair, count = nb[ok], n_pair[ok], count[ok]
     pa, pb = float(co.pop[r]), co.pop[nb]
     cos = np.minimum(n_pair / np.sqrt(np.maximum(pa * pb, 1e-300)), 1.0)
     order = np.lexsort((nb, -cos))  # best first, ties by row
-    nb, cos, n_pair, pb = nb[order], cos[order], n_pair[order], pb[order]
-    return nb, cos, n_pair, n_pair / pa, co.lift(n_pair, pa, pb)
+    nb, cos, n_pair, count = nb[order], cos[order], n_pair[order], count[order]
+    return nb, cos, n_pair, n_pair / pa, co.lift(np.full(nb.size, r), nb, n_pair, count)
 
 
 def test_published_neighbours_are_the_reference_computation_exactly(stream):
@@ -309,3 +309,24 @@ def test_published_neighbours_are_the_reference_computation_exactly(stream):
     ties = [(nb, cos) for nb, cos, *_ in (co.published(shard._rows[i], 1) for i in shard.owned())
             if np.any(np.diff(cos) == 0)]
     assert ties  # equal cosines occur in this stream: their order (by row) is covered above
+
+
+def test_state_from_before_raw_counts_keeps_its_decayed_lifts_and_publishes_rows_without_them(stream):
+    evs, items = stream
+    learner, shard = Engine(CFG, cooc="remote"), CoOccurrenceShard.for_engine(CFG)
+    learner.learn_many(evs)
+    shard.apply(learner.drain_pair_deltas(), source=0)
+    state = pickle.loads(pickle.dumps(shard))
+    for name in ("raw_pop", "raw_total", "raw_pair_total"):  # as pickled before lift took raw counts
+        del state.co.__dict__[name]
+    old = pickle.loads(pickle.dumps(state))
+    item = max(old.owned(), key=lambda i: len(old.similar(i, 50)))
+    r, co = old._rows[item], old.co
+    nb, _, _, n_pair, _ = co.neighbours(r)
+    decayed = n_pair * co.total ** 2 / (2 * co.pair_total) / np.maximum(co.pop[r] * co.pop[nb], 1e-300)
+    assert np.allclose(sorted(n.lift for n in old.similar(item, 500, min_support=1)), sorted(decayed))
+    assert "raw_pop" not in old.export_row(item) and "raw_pop" in shard.export_row(item)
+    reader = Engine(CFG, cooc="remote")
+    reader.load_rows([old.export_row(item)])  # a reader given such rows falls back to the decayed lift too
+    assert np.isclose(reader._cooc.pair(reader._catalog.row(item), reader._catalog.row(old.similar(item, 1)[0].item_id))["lift"],
+                      old.similar(item, 1)[0].lift)

@@ -92,6 +92,33 @@ def test_planted_a_then_b_is_the_top_neighbour_with_high_lift():
     assert "together with Alpha by" in top.reason and "lift" in top.reason
 
 
+def test_lift_of_a_pair_gone_quiet_is_its_lift_on_all_the_counts_whatever_the_half_life():
+    """Lift is on raw counts, as "by N users" is. On decayed counts it depended on the half-life (here
+    12.0 against 16.4), and for pairs whose two items both went quiet it grew like one over the decay
+    of their age."""
+    rng = random.Random(5)
+    evs, t = [], T0
+    for u in range(300):  # day 0: one user in five views A then B among background items
+        seq = [f"bg{rng.randrange(60)}" for _ in range(8)]
+        if u < 100 and u % 5 == 0:
+            seq[3:3] = ["A", "B"]
+        t = T0 + (u * 0.02 if u < 100 else 1 + (u - 100) * 0.3) * DAY  # then 60 days of background only
+        for it in seq:
+            t += rng.uniform(5, 60)
+            evs.append(event(len(evs), f"u{u}", it, t))
+    newbie = event(len(evs), "newbie", "A", t + 60)
+    lifts, reasons = [], []
+    for half_life in (None, 2.0):
+        e = Engine(EngineConfig(cooc_half_life_days=half_life, min_support=2))
+        e.upsert_item({"item_id": "A", "title": "Alpha", "category": "X"})
+        e.learn_many(evs + [newbie])
+        (b,) = [n for n in e.similar("A", 20) if n.item_id == "B"]
+        lifts.append(b.lift)
+        reasons.append(next(r.reason for r in e.recommend("newbie", 10) if r.item_id == "B"))
+    assert lifts[1] == pytest.approx(lifts[0]) and 3.0 < lifts[0] < 60.0
+    assert reasons[0] == reasons[1] and f"(lift {lifts[0]:.1f})" in reasons[1], reasons
+
+
 @pytest.mark.parametrize("etype, verb", [("view", "viewed"), ("click", "viewed"), ("add_to_cart", "bought"),
                                          ("purchase", "bought"), ("rate", "rated")])
 def test_the_reason_names_the_anchor_with_the_verb_of_what_the_user_did(etype, verb):
