@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     stages: str = "users,items"  # which stages this process runs: users, items, or both (see README)
     batch_max_records: int = 20_000  # under a backlog: a user's events in one batch are ranked once (see README)
     batch_timeout_ms: int = 100
+    # bytes of records a worker's producer packs per partition batch; at most the brokers' message.max.bytes
+    # (1 MiB by default), and above a cooc record (~450 kB) so that several share a produce request (README)
+    produce_batch_bytes: int = Field(1_000_000, ge=512 * 1024)
     top_n: int = 10
     half_life_days: float = 7.0
     recs_ttl_s: int = Field(7 * 86_400, gt=0)  # seconds; Redis refuses a TTL of 0

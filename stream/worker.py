@@ -71,12 +71,6 @@ class _Rebalance(ConsumerRebalanceListener):
 
 #: Slot updates per ``cooc`` record (about 56 bytes each): records stay well under Kafka's 1 MiB default.
 _COOC_RECORD_UPDATES = 8_000
-#: Bytes of records the producer packs into one batch per partition (aiokafka's default is 16 KiB). The
-#: client has one produce request in flight per broker, holding one batch per partition, and a send to a
-#: partition whose batch is full waits until that batch is sent: with ~450 kB ``cooc`` records, a batch's
-#: ~17 MB of them took ~15 round trips (~110 ms of every 20,000-event batch). Just under the broker's
-#: default ``message.max.bytes`` (1 MiB), which caps a record batch.
-PRODUCE_BATCH_BYTES = 1_000_000
 #: A population record larger than this is cut in two (by event), and so on.
 POPULATION_RECORD_BYTES = 512 * 1024
 
@@ -184,7 +178,11 @@ class Worker:
         self._redis = connections.redis_async(s, socket_timeout=5, socket_connect_timeout=2)
         self._store = RedisStore(self._redis, RedisKeys(s.redis_prefix), s.recs_ttl_s)
         self._exp_store = ExperimentStore(self._redis, RedisKeys(s.redis_prefix))
-        self._producer = connections.producer(s, linger_ms=5, acks="all", max_batch_size=PRODUCE_BATCH_BYTES)
+        # batches of up to produce_batch_bytes, not aiokafka's 16 KiB: the client has one produce request in
+        # flight per broker, holding one batch per partition, and a send to a partition whose batch is full
+        # waits until that batch is sent; a 20,000-event batch's ~17 MB of cooc records (~450 kB each) took
+        # ~15 round trips, ~110 ms of the batch (README "Architecture")
+        self._producer = connections.producer(s, linger_ms=5, acks="all", max_batch_size=s.produce_batch_bytes)
         if self.run_users:
             self._consumer = connections.consumer(
                 s, group_id=s.consumer_group,
