@@ -297,7 +297,7 @@ class CoOccurrenceShard:
                "total": co.total * decay, "pair_total": co.pair_total * decay,
                "neighbours": [self._ids[b] for b in nb.tolist()], "numbers": nb.astype(np.int64), "values": values,
                "neighbour_pop": co.pop[nb] * decay}
-        if co.raw_pair_total == co.raw_pair_total:  # raw counts, for lift (a shard from before them has none)
+        if not math.isnan(co.raw_pair_total):  # raw counts, for lift (a shard from before them has none)
             row.update(raw_pop=float(co.raw_pop[r]), raw_total=co.raw_total, raw_pair_total=co.raw_pair_total,
                        neighbour_raw_pop=co.raw_pop[nb])
         return row

@@ -404,20 +404,20 @@ class CoOccurrence:
         return self.figures(a, b, s, decay)
 
     def lift_scales(self) -> tuple[float, float]:
-        """``N² / 2P`` on decayed counts and on raw counts (0 when there are no pairs; the raw one NaN for
-        state without raw counts): what :func:`pair_lift` takes."""
-        dec = self.total * self.total / (2.0 * self.pair_total) if self.pair_total > 0 else 0.0
-        raw = self.raw_pair_total
-        return float(dec), float(self.raw_total * self.raw_total / (2.0 * raw) if raw > 0 else raw * 0.0)
+        """``N² / 2P`` on decayed counts and on raw counts, what :func:`pair_lift` takes: 0 when there are no
+        pairs, and the raw one also for state without raw counts (``raw_pair_total`` NaN)."""
+        dec, pt = self.total * self.total, self.pair_total
+        raw, rpt = self.raw_total * self.raw_total, self.raw_pair_total
+        return float(dec / (2.0 * pt) if pt > 0 else 0.0), float(raw / (2.0 * rpt) if rpt > 0 else 0.0)
 
-    def lift(self, a, b, n_ab, count):
-        """Lift of pairs "a with b" (rows, array-friendly) with decayed and raw pair counts ``n_ab``,
-        ``count``: :func:`pair_lift` element-wise, in the same operations."""
-        dec, raw = self.lift_scales()
-        ra, rb = self.raw_pop[a], self.raw_pop[b]
-        on_raw = (raw > 0.0) & (ra > 0.0) & (rb > 0.0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(on_raw, count * raw / (ra * rb), n_ab * dec / np.maximum(self.pop[a] * self.pop[b], 1e-300))
+    def lift(self, a, b, n_ab, count) -> np.ndarray:
+        """Lift of pairs "a with b" (row arrays) with decayed and raw pair counts ``n_ab``, ``count``:
+        :func:`pair_lift` of each (for the step-by-step references; the kernels call it themselves)."""
+        pop, raw_pop, scales = self.pop, self.raw_pop, self.lift_scales()
+        return np.array([pair_lift(c, n, pop[x], pop[y], raw_pop[x], raw_pop[y], *scales)
+                         for x, y, n, c in zip(np.asarray(a).tolist(), np.asarray(b).tolist(),
+                                               np.asarray(n_ab, np.float64).tolist(),
+                                               np.asarray(count, np.float64).tolist())], np.float64)
 
     def figures(self, a: int, b: int, s: int, decay: float = 1.0) -> dict:
         """Support, confidence and lift of slot ``s`` (row ``a``, neighbour ``b``)."""

@@ -179,11 +179,8 @@ class PushPolicy:
     def _message(self, user_id: str, channel: str, fresh: list, now: float, variant: str | None,
                  title: Callable[[str], str] | None) -> PushMessage:
         cfg = self.config
-        if title is None:
-            items = tuple({"item_id": i, "score": round(float(s), 6), "reason": r} for i, s, r in fresh)
-        else:
-            items = tuple({"item_id": i, "title": title(i), "score": round(float(s), 6), "reason": r}
-                          for i, s, r in fresh)
+        items = tuple({"item_id": i, **({"title": title(i)} if title else {}), "score": round(float(s), 6),
+                       "reason": r} for i, s, r in fresh)
         digest = hashlib.blake2b(f"{user_id}|{channel}|{now!r}|{','.join(x['item_id'] for x in items)}".encode(),
                                  digest_size=8).hexdigest()
         more = f" and {len(items) - 1} more" if len(items) > 1 else ""
