@@ -23,8 +23,9 @@ from models.scratch import scratch
 from models.selection import _choose, _why
 from models.votes import MOMENTUM_RESOLUTION_S, _anchors, _dense, _MomentumMemo, _positions, _top, _votes
 
-#: rows of the packed result (one float64 array: one boxing instead of seven); the whole numbers
-#: DOMINANT ... ANCHOR_TYPE side by side, read as ints in one conversion (a lift can exceed int64)
+#: rows of the packed result (one float64 array, written into a buffer the thread reuses: a new array
+#: per request cost more to return than to fill); the whole numbers DOMINANT ... ANCHOR_TYPE side by
+#: side, read as ints in one conversion (a lift can exceed int64)
 PICK, SCORE, DOMINANT, ANCHOR_ROW, COUNT, ANCHOR_TYPE, LIFT = range(7)
 #: what :func:`_core` answers besides picks: done (without the trending lists, or with them joined), or
 #: "call again with the trending lists"
@@ -41,8 +42,10 @@ def _union(cand, a, b):  # pragma: no cover - compiled
 def _core(nb, sq, block, ipop, pop, vals, raw_pop, dec_scale, raw_scale, mom_count, mom_decay, pop_decay, momentum,
           available, category, consumed, blocked, u, hist_item, hist_ts, hist_type, ring, qs_tab, qd_tab, kd, gap_floor,
           inv_tau, w_cooc, seg_row, w_seg, glob, w_glob, share, w_content, trend_a, trend_b, have_trending, kk, n,
-          cap, n_anchor, acc, mark, memo, gen, marks, pos, kept_rows, kept_votes,
-          n_kept):  # pragma: no cover - compiled; tested against a step-by-step reference
+          cap, n_anchor, acc, mark, memo, gen, marks, pos, kept_rows, kept_votes, n_kept,
+          out):  # pragma: no cover - compiled; tested against a step-by-step reference
+    """Writes the picks' columns into ``out`` (rows :data:`PICK` ... :data:`LIFT`, at least ``n``
+    columns); returns how many, the status and the number of voted items."""
     k = ring.size  # 0: no votes (no history, or w_cooc 0)
     sq_dir, sq_sym = sq[0], sq[1]
     items = np.empty(k, np.int64)
@@ -71,13 +74,12 @@ def _core(nb, sq, block, ipop, pop, vals, raw_pop, dec_scale, raw_scale, mom_cou
     w_c = w_cooc if k > 0 else 0.0
     widened = False
     joined = _DONE
-    none = np.zeros((7, 0))
     while True:
         if cand.size < n or widened:  # few co-occurrence candidates (or too few categories): trending joins
             if not have_trending:  # keep the votes for the call with the trending lists
                 kept_rows[:rows.size] = rows
                 kept_votes[:rows.size] = votes
-                return none, _NEED_TRENDING, rows.size
+                return 0, _NEED_TRENDING, rows.size
             cand = _union(cand, trend_a, trend_b)
             joined = _JOINED
             for t in range(rows.size):  # the votes of the joined candidates (0 for those without)
@@ -90,7 +92,7 @@ def _core(nb, sq, block, ipop, pop, vals, raw_pop, dec_scale, raw_scale, mom_cou
             for t in range(rows.size):
                 pos[rows[t]] = 0
         if not cand.size:
-            return none, joined, rows.size
+            return 0, joined, rows.size
         content = np.zeros(cand.size if share.size else 0)
         for i in range(content.size):
             content[i] = share[category[cand[i]]] * w_content  # category -1 reads the trailing 0
@@ -102,10 +104,10 @@ def _core(nb, sq, block, ipop, pop, vals, raw_pop, dec_scale, raw_scale, mom_cou
         break
     sel = order[keep]
     picks = cand[sel]
-    out = np.zeros((7, sel.size))
     for i in range(sel.size):
         out[PICK, i] = picks[i]
         out[SCORE, i] = score[sel[i]]
+        out[DOMINANT:, i] = 0.0  # (the buffer is reused: no reasons' data from an earlier request)
     if n_anchor > 0 and sel.size:  # the reasons' data
         if k > 0:
             anchor = _anchors(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, n_anchor, picks, pos)
@@ -125,15 +127,15 @@ def _core(nb, sq, block, ipop, pop, vals, raw_pop, dec_scale, raw_scale, mom_cou
             if a >= 0:
                 out[LIFT, i] = pair_lift(count[i], n_pair[i], pop[a], pop[picks[i]], raw_pop[a], raw_pop[picks[i]],
                                          dec_scale, raw_scale)
-    return out, joined, rows.size
+    return sel.size, joined, rows.size
 
 
 def rank_core(engine, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: int, cap: int, excl,
               explain: bool) -> tuple[np.ndarray, list[int], dict[int, float] | None]:
     """The picks of user row ``u`` packed (rows :data:`PICK` ... :data:`LIFT`, one column per pick,
-    best first; the reasons' rows only with ``explain``), the picked rows as a list, and the user's
-    category mix when the request computed it (else None). ``excl``: a container of excluded item ids,
-    or None."""
+    best first; the reasons' rows only with ``explain``; a view of this thread's buffer, valid until its
+    next request), the picked rows as a list, and the user's category mix when the request computed it
+    (else None). ``excl``: a container of excluded item ids, or None."""
     co, cat, prof, tr = engine._cooc, engine._catalog, engine._profiles, engine._trending
     k = min(cfg.query_len, prof.n_push[u], prof.history_len)
     seg = prof.segment[u]
@@ -150,6 +152,7 @@ def rank_core(engine, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: in
             share = np.zeros(cat.n_features + 1)
             share[list(mix)] = list(mix.values())
     sc = scratch("rank_core", max(co.ipop.size, cat.available.size), _Scratch)
+    out = sc.out if sc.out.shape[1] >= n else sc.picks_room(n)
     memo = sc.memo
     now = engine._now
     moment = (now - now % MOMENTUM_RESOLUTION_S, engine._t0, tr.lam_m, co.lam)  # (nan before any event)
@@ -173,27 +176,28 @@ def rank_core(engine, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: in
     n_kept = -1  # the votes are computed by the first call, and kept for the next ones of this request
     lift_scales = co.lift_scales() if explain else _NO_LIFT  # (only the reasons cite a lift)
     while True:
-        out, status, n_voted = _core(co.nb, co.sq, co.block, co.ipop, co.pop, co.vals, co.raw_pop, *lift_scales,
+        n_picked, status, n_voted = _core(co.nb, co.sq, co.block, co.ipop, co.pop, co.vals, co.raw_pop, *lift_scales,
                                      tr.momentum_, mom_decay, pop_decay, momentum, cat.available,
                                      cat.category, prof.consumed(u), blocked, u, prof.hist_item, prof.hist_ts,
                                      prof.hist_type, ring, qs_tab, qd_tab, min(k, cfg.query_dir_len),
                                      float(cfg.query_gap_floor), 1.0 / cfg.query_gap_tau_s, float(cfg.w_cooc), seg_row,
                                      float(w_s), glob, float(w_g), share, float(cfg.w_content), trend_a, trend_b,
                                      have_trending, kk, n, cap, _ANCHOR_ROWS if explain else 0, sc.acc, sc.mark,
-                                     memo.table, gen, sc.marks, sc.pos, sc.kept_rows, sc.kept_votes, n_kept)
+                                     memo.table, gen, sc.marks, sc.pos, sc.kept_rows, sc.kept_votes, n_kept, out)
         if status == _NEED_TRENDING:
             n_kept = n_voted
             trend_a, trend_b = _trending_rows(sc, tr, kk, seg)
             have_trending = True
             continue
-        picks = out[PICK].astype(np.int64).tolist()
+        packed = out[:, :n_picked]
+        picks = packed[PICK].astype(np.int64).tolist()
         if excl:  # excluded ids among the picks: block their rows, pick again
             ids = cat._ids
             if not excl.isdisjoint(map(ids.__getitem__, picks)):
                 blocked = np.union1d(blocked, [r for r in picks if ids[r] in excl]).astype(np.int64)
                 continue
         sc.trending_rate += 0.05 * ((n_kept >= 0 or status == _JOINED) - sc.trending_rate)
-        return out, picks, mix
+        return packed, picks, mix
 
 
 def _trending_rows(sc, tr, kk: int, seg: int) -> tuple[np.ndarray, np.ndarray]:
@@ -239,6 +243,13 @@ class _Scratch:
         self.trending: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         #: recent share of requests that needed the trending lists
         self.trending_rate = 0.0
+        #: the picks' columns of the last request (see :func:`_core`); read before the next request
+        self.out = np.zeros((LIFT + 1, 64))
+
+    def picks_room(self, n: int) -> np.ndarray:
+        """:attr:`out`, widened to at least ``n`` picks."""
+        self.out = np.zeros((LIFT + 1, max(n, 2 * self.out.shape[1])))
+        return self.out
 
 
 _EMPTY = np.zeros(0)

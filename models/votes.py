@@ -4,10 +4,10 @@ A user's recent items vote for their stored co-occurrence neighbours (see :mod:`
 the weights). With numpy this was a gather of ``k x M`` slots, a ``bincount`` into a dense array
 over the whole catalog and a handful of catalog-sized passes: ~40 numpy calls per request, most of
 their time spent on call overhead and on items nobody voted for. The compiled loop adds each slot's
-vote into a dense accumulator and marks the item; the voted items are then collected (by a scan of
-the marks when the catalog is small next to the ``k x M`` slots, else by noting each first touch as
-it happens: the test on every slot cost more than the adds), scaled by popularity and momentum, and
-filtered. Which recent item voted most for an item (the anchor its reason cites) is asked only for
+vote into a dense accumulator; the voted items are then collected (by a scan of the accumulator
+for positive votes when the catalog is small next to the ``k x M`` slots, else by marking each first
+touch as it happens: the test on every slot cost more than the adds, and marking in the first case
+too cost a tenth of the votes), scaled by popularity and momentum, and filtered. Which recent item voted most for an item (the anchor its reason cites) is asked only for
 the items picked, by a second pass over the newest rows.
 
 The arithmetic is the numpy version's, operation for operation, so the votes are bit-identical to it.
@@ -58,7 +58,7 @@ class _MomentumMemo:
 
 @njit(cache=True, nogil=True)
 def _add_row(nbr, sq_sym, sq_dir, base, ws, wd, directed, acc, mark, rows, n, scan):  # pragma: no cover - compiled
-    """Add one neighbour row's votes; note first touches in ``rows`` unless the marks are scanned later."""
+    """Add one neighbour row's votes; note first touches in ``rows`` unless the votes are scanned later."""
     for s in range(nbr.size):
         j = nbr[s]
         if j < 0:
@@ -67,9 +67,7 @@ def _add_row(nbr, sq_sym, sq_dir, base, ws, wd, directed, acc, mark, rows, n, sc
         if directed:
             c += sq_dir[base + s] * wd
         acc[j] += c
-        if scan:
-            mark[j] = 1
-        elif mark[j] == 0:
+        if not scan and mark[j] == 0:
             mark[j] = 1
             rows[n] = j
             n += 1
@@ -94,13 +92,13 @@ def _votes(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, ipop, mom_count, mom_decay,
             n = _add_row(nb[b], sq_sym, sq_dir, b * m, a_sym[h], a_dir[h], True, acc, mark, rows, n, scan)
         else:
             n = _add_row(nb[b], sq_sym, sq_dir, b * m, a_sym[h], 0.0, False, acc, mark, rows, n, scan)
-    if scan:  # the voted items, by row
+    if scan:  # the voted items, by row (every vote is positive: a slot's weights are)
         for j in range(size):
             rows[n] = j
-            n += mark[j]
+            n += acc[j] > 0.0
     for i in range(consumed.size):
         j = consumed[i]
-        if mark[j]:
+        if acc[j] > 0.0:
             acc[j] = -1.0  # zeroed below, after the scaling
     votes = np.empty(n)
     for t in range(n):

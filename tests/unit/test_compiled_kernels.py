@@ -178,8 +178,10 @@ def test_votes_and_anchors_match_a_plain_loop_whether_marks_are_scanned_or_touch
 
     v = vote(nb, sq_d, sq_s, blocks, a_sym, a_dir, ipop=ipop, available=available, consumed=consumed)
     got = dict(zip(v.rows.tolist(), v.votes.tolist()))
-    assert got.keys() == want.keys()
+    # an item whose votes add up to 0 (zero weights) may be left out: it can never be picked for them
+    assert {j for j, x in got.items() if x} == {j for j, x in raw.items() if x} - {j for j, x in want.items() if not x}
+    assert set(got) <= set(want)
     for j, x in want.items():
-        assert got[j] == pytest.approx(x, rel=1e-12)
+        assert got.get(j, 0.0) == pytest.approx(x, rel=1e-12)
     picks = np.array(sorted(set(sorted(want)[::2]) | {n_items - 1}), np.int64)  # distinct; the last: maybe unvoted
     assert v.anchors(picks, n_anchor).tolist() == [best.get(j, (0, -1))[1] for j in picks.tolist()]
