@@ -173,7 +173,8 @@ def prequential(model: OnlineRecommender, events: Iterable[Mapping], *, k: int =
                     if ids and ids[0].__class__ is not str:  # Recommendation objects
                         ids = [r if r.__class__ is str else r.item_id for r in ids]
                     recommended.update(ids)
-                    violations += sum(map(seen.__contains__, ids))
+                    if not seen.isdisjoint(ids):
+                        violations += sum(map(seen.__contains__, ids))
                     ranks.append(ids.index(item) if item in ids else -1)
                     positions.append(pos)
             learn(e)

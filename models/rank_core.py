@@ -42,10 +42,10 @@ def _union(cand, a, b):  # pragma: no cover - compiled
 def _core(nb, sq, block, ipop, pop, vals, raw_pop, dec_scale, raw_scale, mom_count, mom_decay, pop_decay, momentum,
           available, category, consumed, blocked, u, hist_item, hist_ts, hist_type, ring, qs_tab, qd_tab, kd, gap_floor,
           inv_tau, w_cooc, seg_row, w_seg, glob, w_glob, share, w_content, trend_a, trend_b, have_trending, kk, n,
-          cap, n_anchor, acc, mark, memo, gen, marks, pos, kept_rows, kept_votes, n_kept,
-          out):  # pragma: no cover - compiled; tested against a step-by-step reference
+          cap, n_anchor, acc, mark, memo, gen, marks, pos, kept_rows, kept_votes, n_kept, out,
+          picked):  # pragma: no cover - compiled; tested against a step-by-step reference
     """Writes the picks' columns into ``out`` (rows :data:`PICK` ... :data:`LIFT`, at least ``n``
-    columns); returns how many, the status and the number of voted items."""
+    columns) and their rows into ``picked``; returns how many, the status and the number of voted items."""
     k = ring.size  # 0: no votes (no history, or w_cooc 0)
     sq_dir, sq_sym = sq[0], sq[1]
     items = np.empty(k, np.int64)
@@ -106,6 +106,7 @@ def _core(nb, sq, block, ipop, pop, vals, raw_pop, dec_scale, raw_scale, mom_cou
     picks = cand[sel]
     for i in range(sel.size):
         out[PICK, i] = picks[i]
+        picked[i] = picks[i]
         out[SCORE, i] = score[sel[i]]
         out[DOMINANT:, i] = 0.0  # (the buffer is reused: no reasons' data from an earlier request)
     if n_anchor > 0 and sel.size:  # the reasons' data
@@ -152,7 +153,9 @@ def rank_core(engine, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: in
             share = np.zeros(cat.n_features + 1)
             share[list(mix)] = list(mix.values())
     sc = scratch("rank_core", max(co.ipop.size, cat.available.size), _Scratch)
-    out = sc.out if sc.out.shape[1] >= n else sc.picks_room(n)
+    if sc.out.shape[1] < n:
+        sc.picks_room(n)
+    out, picked = sc.out, sc.picked
     memo = sc.memo
     now = engine._now
     moment = (now - now % MOMENTUM_RESOLUTION_S, engine._t0, tr.lam_m, co.lam)  # (nan before any event)
@@ -183,21 +186,20 @@ def rank_core(engine, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: in
                                      float(cfg.query_gap_floor), 1.0 / cfg.query_gap_tau_s, float(cfg.w_cooc), seg_row,
                                      float(w_s), glob, float(w_g), share, float(cfg.w_content), trend_a, trend_b,
                                      have_trending, kk, n, cap, _ANCHOR_ROWS if explain else 0, sc.acc, sc.mark,
-                                     memo.table, gen, sc.marks, sc.pos, sc.kept_rows, sc.kept_votes, n_kept, out)
+                                     memo.table, gen, sc.marks, sc.pos, sc.kept_rows, sc.kept_votes, n_kept, out, picked)
         if status == _NEED_TRENDING:
             n_kept = n_voted
             trend_a, trend_b = _trending_rows(sc, tr, kk, seg)
             have_trending = True
             continue
-        packed = out[:, :n_picked]
-        picks = packed[PICK].astype(np.int64).tolist()
+        picks = picked[:n_picked].tolist()
         if excl:  # excluded ids among the picks: block their rows, pick again
             ids = cat._ids
             if not excl.isdisjoint(map(ids.__getitem__, picks)):
                 blocked = np.union1d(blocked, [r for r in picks if ids[r] in excl]).astype(np.int64)
                 continue
         sc.trending_rate += 0.05 * ((n_kept >= 0 or status == _JOINED) - sc.trending_rate)
-        return packed, picks, mix
+        return out[:, :n_picked], picks, mix
 
 
 def _trending_rows(sc, tr, kk: int, seg: int) -> tuple[np.ndarray, np.ndarray]:
@@ -245,11 +247,12 @@ class _Scratch:
         self.trending_rate = 0.0
         #: the picks' columns of the last request (see :func:`_core`); read before the next request
         self.out = np.zeros((LIFT + 1, 64))
+        self.picked = np.zeros(64, np.int64)  # (the PICK row as ints)
 
-    def picks_room(self, n: int) -> np.ndarray:
-        """:attr:`out`, widened to at least ``n`` picks."""
-        self.out = np.zeros((LIFT + 1, max(n, 2 * self.out.shape[1])))
-        return self.out
+    def picks_room(self, n: int) -> None:
+        """Widen :attr:`out` and :attr:`picked` to at least ``n`` picks."""
+        width = max(n, 2 * self.out.shape[1])
+        self.out, self.picked = np.zeros((LIFT + 1, width)), np.zeros(width, np.int64)
 
 
 _EMPTY = np.zeros(0)
