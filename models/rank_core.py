@@ -138,7 +138,8 @@ def rank_core(engine, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: in
     next request), the picked rows as a list, and the user's category mix when the request computed it
     (else None). ``excl``: a container of excluded item ids, or None."""
     co, cat, prof, tr = engine._cooc, engine._catalog, engine._profiles, engine._trending
-    k = min(cfg.query_len, prof.n_push[u], prof.history_len)
+    c = int(prof.n_push[u])  # the user's history entries so far
+    k = min(cfg.query_len, c, prof.history_len)
     seg = prof.segment[u]
     seg_row, w_s = _EMPTY, 0.0
     if cfg.w_segment > 0 and seg >= 0 and tr.segment_max[seg] > 0:
@@ -156,17 +157,15 @@ def rank_core(engine, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: in
     if sc.out.shape[1] < n:
         sc.picks_room(n)
     out, picked = sc.out, sc.picked
-    memo = sc.memo
     now = engine._now
-    moment = (now - now % MOMENTUM_RESOLUTION_S, engine._t0, tr.lam_m, co.lam)  # (nan before any event)
-    if sc.moment != moment:  # the momentum decays of this hour (the same for every request in it)
-        sc.moment, sc.decays = moment, (engine._decay(tr.lam_m, MOMENTUM_RESOLUTION_S),
-                                        engine._decay(co.lam, MOMENTUM_RESOLUTION_S))
-    mom_decay, pop_decay = sc.decays
     momentum = float(cfg.momentum)
-    gen = memo.generation((mom_decay, pop_decay, momentum))
+    moment = (now - now % MOMENTUM_RESOLUTION_S, engine._t0, tr.lam_m, co.lam, momentum)  # (nan before any event)
+    if sc.moment != moment:  # the momentum decays of this hour (the same for every request in it)
+        decays = (engine._decay(tr.lam_m, MOMENTUM_RESOLUTION_S), engine._decay(co.lam, MOMENTUM_RESOLUTION_S))
+        sc.moment, sc.decays, sc.gen = moment, decays, sc.memo.generation((*decays, momentum))
+    (mom_decay, pop_decay), gen = sc.decays, sc.gen
     kk = min(len(cat._ids), 3 * n + 10)
-    ring = engine._ring_idx[prof.n_push[u] % prof.history_len, :k if cfg.w_cooc > 0 else 0]
+    ring = engine._ring_idx[c % prof.history_len, :k if cfg.w_cooc > 0 else 0]
     blocked = _NO_ROWS
     trend_a = trend_b = _NO_ROWS
     # When most recent requests needed the trending lists (few voted candidates, or the category cap
@@ -186,7 +185,7 @@ def rank_core(engine, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: in
                                      float(cfg.query_gap_floor), 1.0 / cfg.query_gap_tau_s, float(cfg.w_cooc), seg_row,
                                      float(w_s), glob, float(w_g), share, float(cfg.w_content), trend_a, trend_b,
                                      have_trending, kk, n, cap, _ANCHOR_ROWS if explain else 0, sc.acc, sc.mark,
-                                     memo.table, gen, sc.marks, sc.pos, sc.kept_rows, sc.kept_votes, n_kept, out, picked)
+                                     sc.memo.table, gen, sc.marks, sc.pos, sc.kept_rows, sc.kept_votes, n_kept, out, picked)
         if status == _NEED_TRENDING:
             n_kept = n_voted
             trend_a, trend_b = _trending_rows(sc, tr, kk, seg)
@@ -240,7 +239,9 @@ class _Scratch:
         self.kept_rows = np.empty(size, np.int64)
         self.kept_votes = np.empty(size)
         self.moment: tuple = ()
+        #: of this moment: the momentum decays and the memo's generation for them
         self.decays = (1.0, 1.0)
+        self.gen = 0
         #: id of a trending list -> (that list, its writeable copy)
         self.trending: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         #: recent share of requests that needed the trending lists
