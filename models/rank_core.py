@@ -178,14 +178,13 @@ def rank_core(engine, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: in
     n_kept = -1  # the votes are computed by the first call, and kept for the next ones of this request
     lift_scales = co.lift_scales() if explain else _NO_LIFT  # (only the reasons cite a lift)
     while True:
-        n_picked, status, n_voted = _core(co.nb, co.sq, co.block, co.ipop, co.pop, co.vals, co.raw_pop, *lift_scales,
-                                     tr.momentum_, mom_decay, pop_decay, momentum, cat.available,
-                                     cat.category, prof.consumed(u), blocked, u, prof.hist_item, prof.hist_ts,
-                                     prof.hist_type, ring, qs_tab, qd_tab, min(k, cfg.query_dir_len),
-                                     float(cfg.query_gap_floor), 1.0 / cfg.query_gap_tau_s, float(cfg.w_cooc), seg_row,
-                                     float(w_s), glob, float(w_g), share, float(cfg.w_content), trend_a, trend_b,
-                                     have_trending, kk, n, cap, _ANCHOR_ROWS if explain else 0, sc.acc, sc.mark,
-                                     sc.memo.table, gen, sc.marks, sc.pos, sc.kept_rows, sc.kept_votes, n_kept, out, picked)
+        n_picked, status, n_voted = _core(
+            co.nb, co.sq, co.block, co.ipop, co.pop, co.vals, co.raw_pop, *lift_scales, tr.momentum_, mom_decay,
+            pop_decay, momentum, cat.available, cat.category, prof.consumed(u), blocked, u, prof.hist_item,
+            prof.hist_ts, prof.hist_type, ring, qs_tab, qd_tab, min(k, cfg.query_dir_len), float(cfg.query_gap_floor),
+            1.0 / cfg.query_gap_tau_s, float(cfg.w_cooc), seg_row, float(w_s), glob, float(w_g), share,
+            float(cfg.w_content), trend_a, trend_b, have_trending, kk, n, cap, _ANCHOR_ROWS if explain else 0, sc.acc,
+            sc.mark, sc.memo.table, gen, sc.marks, sc.pos, sc.kept_rows, sc.kept_votes, n_kept, out, picked)
         if status == _NEED_TRENDING:
             n_kept = n_voted
             trend_a, trend_b = _trending_rows(sc, tr, kk, seg)

@@ -4,11 +4,12 @@ A user's recent items vote for their stored co-occurrence neighbours (see :mod:`
 the weights). With numpy this was a gather of ``k x M`` slots, a ``bincount`` into a dense array
 over the whole catalog and a handful of catalog-sized passes: ~40 numpy calls per request, most of
 their time spent on call overhead and on items nobody voted for. The compiled loop adds each slot's
-vote into a dense accumulator; the voted items are then collected (by a scan of the accumulator
-for positive votes when the catalog is small next to the ``k x M`` slots, else by marking each first
+vote into a dense accumulator; the voted items are then collected (by a scan of the accumulator for
+positive votes when the catalog is small next to the ``k x M`` slots, else by marking each first
 touch as it happens: the test on every slot cost more than the adds, and marking in the first case
-too cost a tenth of the votes), scaled by popularity and momentum, and filtered. Which recent item voted most for an item (the anchor its reason cites) is asked only for
-the items picked, by a second pass over the newest rows.
+too cost a tenth of the votes), scaled by popularity and momentum, and filtered. Which recent item
+voted most for an item (the anchor its reason cites) is asked only for the items picked, by a second
+pass over the newest rows.
 
 The arithmetic is the numpy version's, operation for operation, so the votes are bit-identical to it.
 """
@@ -164,13 +165,14 @@ _BUCKETS = 128
 def _top(rows, votes, k):  # pragma: no cover - compiled; tested through Votes.top
     """Positions of the k largest positive votes (ties: lower rows), by row.
 
-    A floor under the k-th largest vote is found first: half the largest, lowered until k votes reach
-    it (on MovieLens the k-th largest of ~900 is ~0.6 of the largest, so ~10 % of the votes pass),
-    counting and selecting them in one pass. Only those are kept, and a histogram of them over ``_BUCKETS`` equal slices of ``[floor, max]``
-    finds the slice the k-th largest falls in; everything above it is in, and that slice's own few
-    items are ranked exactly (vote, then row). A heap or a quickselect spent most of their time on
-    mispredicted comparisons, and a histogram of every vote on its float-to-int conversions; four
-    interleaved histograms keep repeated buckets from waiting on each other's counts."""
+    A floor under the k-th largest vote is found first: half the largest, lowered until k votes reach it
+    (on MovieLens the k-th largest of ~900 is ~0.6 of the largest, so ~10 % of the votes pass), counting
+    and selecting them in one pass. Only those are kept, and a histogram of them over ``_BUCKETS`` equal
+    slices of ``[floor, max]`` finds the slice the k-th largest falls in; everything above it is in, and
+    that slice's own few items are ranked exactly (vote, then row). A heap or a quickselect spent most
+    of their time on mispredicted comparisons, and a histogram of every vote on its float-to-int
+    conversions; four interleaved histograms keep repeated buckets from waiting on each other's
+    counts."""
     n = votes.size
     mx0 = mx1 = mx2 = mx3 = 0.0  # four of each: one chain of max/min waited ~4 cycles a vote
     mn0 = mn1 = mn2 = mn3 = np.inf
