@@ -118,7 +118,7 @@ def test_a_valid_event_round_trips_through_its_wire_form(e):
 
 class Rec:
     def __init__(self, value, offset):
-        self.value, self.key, self.topic, self.partition, self.offset = value, b"k", "events", 0, offset
+        self.value, self.key, self.topic, self.partition, self.offset = value, b"u1", "events", 0, offset
 
 
 def test_ingest_splits_good_bad_and_duplicate_records():
@@ -164,8 +164,172 @@ def test_ingest_keeps_every_field_of_an_event_but_its_user_id_which_it_pseudonym
 
     doc = {"event_id": "e1", "user_id": "alice", "type": "purchase", "ts": 1.7e9, "item_id": "i1", "value": 9.5,
            "rating": 4.0, "session_id": "s1", "context": {"campaign": "c"}}
-    rec = type("Rec", (), {"value": orjson.dumps(doc), "key": None, "topic": "events", "partition": 0, "offset": 3})
+    rec = type("Rec", (), {"value": orjson.dumps(doc), "key": b"alice", "topic": "events", "partition": 0, "offset": 3})
     ingest = Ingest(Limits(), Deduplicator(60.0, 100), pseudonymize=lambda u: f"p-{u}")
     (e,) = ingest.accept([rec], now=1.7e9).events
     assert dataclasses.asdict(e) == {**doc, "user_id": "p-alice"}
     assert {f.name for f in dataclasses.fields(Event)} == set(doc)  # a new field: add it above
+
+
+# --- reason codes, record keys, text bounds, clock skew, DLQ bounds (issue 18, findings 4a, 7, 8, 10)
+
+def code_of(doc_or_raw, **kwargs) -> str:
+    raw = doc_or_raw if isinstance(doc_or_raw, bytes) else orjson.dumps(doc_or_raw)
+    with pytest.raises(InvalidEvent) as exc:
+        parse_event(raw, now=NOW, **kwargs)
+    return exc.value.code
+
+
+@pytest.mark.parametrize("doc, code", [
+    (b"{", "not_json"), (b"[1]", "not_object"), (b" " * 20_000, "too_large"),
+    ({k: v for k, v in GOOD.items() if k != "user_id"}, "missing_field"),
+    ({**GOOD, "type": "teleport"}, "unknown_type"), ({**GOOD, "type": 3}, "bad_type"),
+    ({**GOOD, "user_id": "  "}, "bad_value"), ({**GOOD, "user_id": "u" * 257}, "too_long"),
+    ({**GOOD, "item_id": None}, "missing_field"), ({**GOOD, "ts": 12.0}, "ts_out_of_range"),
+    ({**GOOD, "ts": NOW + 3600}, "ts_out_of_range"), ({**GOOD, "ts": "soon"}, "bad_value"),
+    ({**GOOD, "value": 1e300}, "bad_value"), ({**GOOD, "context": "email"}, "bad_type"),
+])
+def test_each_rejection_has_a_code_from_the_fixed_set(doc, code):
+    from models.events import REASON_CODES
+
+    assert code_of(doc) == code and code in REASON_CODES
+    with pytest.raises(InvalidEvent, match="empty record") as exc:
+        parse_event(None, now=NOW)
+    assert exc.value.code == "empty"
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200) | st.dictionaries(st.sampled_from(sorted(GOOD) + ["context"]), json_values))
+def test_every_rejection_of_arbitrary_input_has_a_known_code(raw):
+    from models.events import REASON_CODES
+
+    try:
+        if isinstance(raw, bytes):
+            parse_event(raw, now=NOW, key=b"u1")
+        else:
+            validate_event(raw, now=NOW, key=b"u1")
+    except InvalidEvent as exc:
+        assert exc.code in REASON_CODES and exc.code != "other"
+
+
+def test_the_default_future_is_minutes_not_a_day():
+    assert Limits().max_future_s <= 600
+    assert parse_event(orjson.dumps({**GOOD, "ts": NOW + 60}), now=NOW).ts == NOW + 60
+    assert code_of({**GOOD, "ts": NOW + 86_340}) == "ts_out_of_range"
+
+
+@pytest.mark.parametrize("doc, code, reason", [
+    ({**GOOD, "session_id": "s" * 257}, "too_long", "field 'session_id' is 257 characters long"),
+    ({**GOOD, "context": {"campaign": "c" * 257}}, "too_long", "field 'context.campaign' is 257 characters"),
+    ({**GOOD, "context": {"k" * 65: "x"}}, "bad_value", "field 'context' has a key that is not a printable"),
+    ({**GOOD, "context": {"cam\npaign": "x"}}, "bad_value", "field 'context' has a key that is not a printable"),
+    ({**GOOD, "context": {"campaign": "a\x00b"}}, "bad_value", "field 'context.campaign' contains control"),
+    ({**GOOD, "context": {f"k{i}": "v" for i in range(33)}}, "too_long", "field 'context' has 33 keys"),
+    ({**GOOD, "ts": "2024-11-24T12:00:00Z" + " " * 60}, "too_long", "field 'ts' is 80 characters long"),
+])
+def test_every_text_field_has_a_length_limit(doc, code, reason):
+    with pytest.raises(InvalidEvent) as exc:
+        parse_event(orjson.dumps(doc), now=NOW)
+    assert exc.value.code == code and exc.value.reason.startswith(reason), exc.value.reason
+
+
+def test_unknown_types_when_allowed_are_still_bounded():
+    allow = Limits(allow_unknown_types=True)
+    assert code_of({**GOOD, "type": "w" * 65}, limits=allow) == "too_long"
+    assert code_of({**GOOD, "type": "wish\x01list"}, limits=allow) == "bad_value"
+    assert code_of({**GOOD, "type": "w" * 10_000}) == "too_long"  # its length is checked before anything quotes it
+
+
+def test_the_record_key_must_name_the_events_user():
+    from stream.pseudonym import Pseudonymizer
+
+    raw = orjson.dumps(GOOD)
+    assert parse_event(raw, now=NOW, key=b"u1").user_id == "u1"
+    assert parse_event(orjson.dumps({**GOOD, "user_id": 42}), now=NOW, key=b"42").user_id == "42"
+    for key, reason in ((None, "the record key is null"), (b"u2", "the record key is not the event's user_id"),
+                        (b"\xff", "the record key is not"), (b"", "the record key is not")):
+        with pytest.raises(InvalidEvent) as exc:
+            parse_event(raw, now=NOW, key=key)
+        assert exc.value.code == "key_mismatch" and exc.value.reason.startswith(reason)
+        assert "produce with key=user_id" in exc.value.reason and "u1" not in exc.value.reason.split(";")[0][-4:]
+    # compared after pseudonymisation: the pseudonym of the key and of the user_id are the same user
+    p = Pseudonymizer("a test key of at least 16 bytes")
+    assert parse_event(raw, now=NOW, key=p("u1").encode(), user_id_of=p).user_id == p("u1")
+    assert parse_event(orjson.dumps({**GOOD, "user_id": p("u1")}), now=NOW, key=b"u1", user_id_of=p).user_id == p("u1")
+    with pytest.raises(InvalidEvent, match="not the event's user_id"):
+        parse_event(raw, now=NOW, key=p("u2").encode(), user_id_of=p)
+    assert parse_event(raw, now=NOW).user_id == "u1"  # no key given: not checked
+
+
+class TimedRec:
+    def __init__(self, doc, offset, timestamp_s, key=b"u1"):
+        self.value, self.key, self.topic, self.partition = orjson.dumps(doc), key, "events", 0
+        self.offset, self.timestamp = offset, None if timestamp_s is None else int(timestamp_s * 1000)
+
+
+@pytest.mark.parametrize("stamped", [True, False])
+def test_one_event_far_ahead_moves_neither_the_watermark_nor_the_dedupe_horizon(stamped):
+    """Kept within max_future_s (a day here), it is applied with its own ts, but time moves only to the record's
+    timestamp (or the worker's clock) plus the allowed skew: the next good events, up to an hour old, are not late."""
+    ingest = Ingest(Limits(max_future_s=86_400), Deduplicator(86_400), max_lateness_s=86_400, max_skew_s=300)
+    at = (lambda t: NOW) if stamped else (lambda t: None)
+    first = [TimedRec({**GOOD, "event_id": f"a{k}", "ts": NOW - 3600 + k}, k, at(k)) for k in range(3)]
+    ahead = TimedRec({**GOOD, "event_id": "x", "ts": NOW + 86_340}, 3, at(3))
+    after = [TimedRec({**GOOD, "event_id": f"b{k}", "ts": NOW - 60 * k}, 4 + k, at(4)) for k in range(1, 61)]
+    again = TimedRec({**GOOD, "event_id": "a0", "ts": NOW - 3600}, 70, at(5))  # a duplicate of the first
+    out = ingest.accept(first + [ahead] + after + [again], now=NOW)
+    assert not out.dead and out.duplicates == 1
+    assert [e.event_id for e in out.events] == ["a0", "a1", "a2", "x"] + [f"b{k}" for k in range(1, 61)]
+    assert out.events[3].ts == NOW + 86_340  # the model sees the event's own time
+    assert ingest.watermarks[("events", 0)] == NOW + 300
+
+
+def test_a_record_stamped_in_the_future_is_bounded_by_the_workers_clock():
+    ingest = Ingest(Limits(max_future_s=86_400), Deduplicator(), max_lateness_s=600, max_skew_s=300)
+    out = ingest.accept([TimedRec({**GOOD, "ts": NOW + 80_000}, 0, NOW + 80_000),
+                         TimedRec({**GOOD, "event_id": "e2", "ts": NOW - 200}, 1, NOW)], now=NOW)
+    assert len(out.events) == 2 and ingest.watermarks[("events", 0)] == NOW + 300
+    odd = TimedRec({**GOOD, "event_id": "e3", "ts": NOW + 1000}, 2, None, key=b"u1")
+    odd.timestamp, odd.partition = -1, 1  # no timestamp (an old message format): the worker's clock bounds it
+    ingest.accept([odd], now=NOW)
+    assert ingest.watermarks[("events", 1)] == NOW + 300
+
+
+def test_ingest_sends_a_mismatched_key_to_the_dlq_with_its_code():
+    out = Ingest(Limits(), Deduplicator()).accept([TimedRec(GOOD, 0, NOW, key=None), TimedRec(GOOD, 1, NOW, b"u9"),
+                                                  TimedRec(GOOD, 2, NOW)], now=NOW)
+    assert [e.event_id for e in out.events] == ["e1"] and out.duplicates == 0
+    assert [(d.offset, d.code) for d in out.dead] == [(0, "key_mismatch"), (1, "key_mismatch")]
+    assert dict(out.dead[0].headers())["reason_code"] == b"key_mismatch"
+    unchecked = Ingest(Limits(), Deduplicator(), check_keys=False).accept([TimedRec(GOOD, 0, NOW, key=None)], now=NOW)
+    assert len(unchecked.events) == 1
+
+
+def test_a_dead_letter_has_a_code_from_the_fixed_set_and_bounded_size():
+    from stream.ingest import MAX_DLQ_KEY_BYTES, MAX_DLQ_VALUE_BYTES, DeadLetter
+
+    assert DeadLetter(b"x", None, "bad t.items record: boom", "t.items", 0, 1).code == "bad_items_record"
+    assert DeadLetter(b"x", None, "bad", "t1.users", 0, 1).code == "bad_users_record"
+    assert DeadLetter(b"x", None, "bad cooc record: KeyError", "t1.cooc", 0, 1).code == "bad_cooc_record"
+    assert DeadLetter(b"x", None, "late event: 5 s", "t1.events", 0, 1, "late").code == "late"
+    assert DeadLetter(b"x", None, "?", "t1.events", 0, 1, "unknown event type 'zz'").code == "other"
+    big = DeadLetter(b"v" * (3 * 1024 * 1024), b"k" * 50_000, "r" * 100_000, "t1.events", 2, 7, "too_large")
+    topic, value, key, headers = big.message("t1.events.dlq")
+    h = dict(headers)
+    assert topic == "t1.events.dlq" and value == b"v" * MAX_DLQ_VALUE_BYTES and key == b"k" * MAX_DLQ_KEY_BYTES
+    assert h["truncated"] == str(3 * 1024 * 1024).encode() and h["key_truncated"] == b"50000"
+    assert h["reason_code"] == b"too_large" and len(h["reason"]) <= 2000 and h["source_offset"] == b"7"
+    small = DeadLetter(b"abc", b"k", "r", "t1.events", 0, 1, "not_json").message("dlq")
+    assert small[1:3] == (b"abc", b"k") and "truncated" not in dict(small[3])
+
+
+def test_the_dlq_metric_is_keyed_by_code_never_by_text():
+    from stream.observability import WorkerStats
+
+    st = WorkerStats()
+    for i in range(1000):
+        st.count_dead(f"unknown event type 't{i}'")
+    st.count_dead("late")
+    st.count_dead("late")
+    assert st.dlq_by_reason == {"other": 1000, "late": 2} and st.dead_letters == 1002
+    assert all(type(k) is str for k in st.dlq_by_reason)
