@@ -11,14 +11,26 @@ marked unavailable, so it is never recommended until it is upserted again.
 (True, 'Kitchen', ['Kitchen', 'gift'])
 >>> c.remove("sku-1"); bool(c.available[r])
 False
+
+**Limits.** An item is checked as strictly as an event (:func:`validate_item`, at every upsert; the worker
+checks the raw ``items`` record first with :func:`parse_item`): ``item_id`` a string (or integer) of at most
+:data:`MAX_ID_CHARS` printable characters; ``category`` and each tag a string of at most
+:data:`MAX_TEXT_CHARS` characters without control characters; at most :data:`MAX_TAGS` tags; ``price``
+a finite number >= 0 or null; ``available`` a JSON boolean. A record that breaks one is refused with the
+reason (to ``events.dlq``). A title is display text: one longer than :data:`MAX_TITLE_CHARS` is cut to that
+length (ending in "…") and its control characters become spaces, so a title cannot make a
+recommendation or a push message large. The work per record is linear in its size.
 """
 from __future__ import annotations
 
 import math
+import numbers
+import re
 from collections import deque
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import orjson
 
 from models.scratch import memo_of
 
@@ -26,6 +38,177 @@ from models.scratch import memo_of
 MAX_ITEM_FEATURES = 8
 #: At most this many foreign numberings are remembered (:meth:`Catalog.translated`), the least recent dropped.
 MAX_NUMBERINGS = 64
+#: Longest ``item_id`` (as the event contract's ids).
+MAX_ID_CHARS = 256
+#: Longest category and tag.
+MAX_TEXT_CHARS = 256
+#: Longer titles are cut to this many characters (the last one "…").
+MAX_TITLE_CHARS = 500
+#: A record with more tags is refused.
+MAX_TAGS = 256
+#: A raw ``items`` record larger than this is refused before it is decoded.
+MAX_ITEM_RECORD_BYTES = 256 * 1024
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+class InvalidItem(ValueError):
+    """An ``items`` record that cannot be applied; ``reason`` says what to fix."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def parse_item(raw: bytes | bytearray | memoryview, key: bytes | None) -> dict:
+    """Decode and check a raw ``items`` record whose Kafka key is ``key``: the item of :func:`validate_item`.
+
+    The key must be the item's ``item_id`` (a compacted topic keeps one record per key, and a tombstone
+    deletes by key).
+
+    >>> parse_item(b'{"item_id": 7, "available": false}', b"7")["available"]
+    False
+    >>> parse_item(b'{"item_id": "a"}', b"b")
+    Traceback (most recent call last):
+    ...
+    models.catalog.InvalidItem: the record key is not the item's 'item_id'; produce items with key=item_id
+    """
+    if len(raw) > MAX_ITEM_RECORD_BYTES:
+        raise InvalidItem(f"payload is {len(raw)} bytes, over the limit of {MAX_ITEM_RECORD_BYTES} bytes")
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidItem(f"not valid JSON: {exc}") from None
+    item = validate_item(doc)
+    if key is None:
+        raise InvalidItem("the record key is null; produce items with key=item_id")
+    if decode_key(key) != item["item_id"]:
+        raise InvalidItem("the record key is not the item's 'item_id'; produce items with key=item_id")
+    return item
+
+
+def decode_key(key: bytes | bytearray | memoryview) -> str | None:
+    """A record key as the contract's ids are normalised (UTF-8, stripped), or None if it is not UTF-8."""
+    try:
+        return bytes(key).decode().strip()
+    except UnicodeDecodeError:
+        return None
+
+
+def check_id(name: str, v: object, error: type[ValueError] = ValueError) -> str:
+    """An id field as the event contract wants it: a string (or integer), stripped, non-empty, at most
+    :data:`MAX_ID_CHARS` printable characters; else ``error`` with the reason.
+
+    >>> check_id("item_id", 42), check_id("item_id", " a ")
+    ('42', 'a')
+    """
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        raise error(f"field {name!r} must be a string (or an integer), got {json_type(v)}")
+    s = str(v).strip()
+    if not s:
+        raise error(f"field {name!r} is empty")
+    if len(s) > MAX_ID_CHARS:
+        raise error(f"field {name!r} is {len(s)} characters long, over the limit of {MAX_ID_CHARS}")
+    if not s.isprintable():
+        raise error(f"field {name!r} contains control characters")
+    return s
+
+
+def check_text(name: str, v: object, limit: int = MAX_TEXT_CHARS, error: type[ValueError] = ValueError) -> str:
+    """A text field: a string of at most ``limit`` characters without control characters."""
+    if not isinstance(v, str):
+        raise error(f"field {name!r} must be a string, got {json_type(v)}")
+    if len(v) > limit:
+        raise error(f"field {name!r} is {len(v)} characters long, over the limit of {limit}")
+    if _CONTROL.search(v):
+        raise error(f"field {name!r} contains control characters")
+    return v
+
+
+def json_type(v: object) -> str:
+    """How a decoded JSON value is named in a reason."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list):
+        return "an array"
+    if isinstance(v, dict):
+        return "an object"
+    return type(v).__name__
+
+
+def cut_title(title: str) -> str:
+    """A title cut to :data:`MAX_TITLE_CHARS` (ending in "…") with control characters as spaces.
+
+    >>> len(cut_title("x" * 10_000)), cut_title("a\\nb")
+    (500, 'a b')
+    """
+    if len(title) > MAX_TITLE_CHARS:
+        title = title[:MAX_TITLE_CHARS - 1] + "\u2026"
+    return _CONTROL.sub(" ", title)
+
+
+def validate_item(doc: object) -> dict:
+    """Check an item (a decoded ``items`` record) and normalise it; raise :class:`InvalidItem` with a reason.
+
+    Returns ``{"item_id", "title", "category", "tags", "price", "available"}``: ids stripped, an empty
+    category None, tags without empty strings or repeats, a long title cut (see the module docstring);
+    other fields are dropped. Linear in the record's size; a list of more than :data:`MAX_TAGS` tags is
+    refused before it is read.
+
+    >>> validate_item({"item_id": "a", "tags": ["x", "", "x", "y"], "price": 2})["tags"]
+    ['x', 'y']
+    >>> validate_item({"item_id": "a", "available": "false"})
+    Traceback (most recent call last):
+    ...
+    models.catalog.InvalidItem: field 'available' must be true or false, got a string
+    """
+    if not isinstance(doc, Mapping):
+        raise InvalidItem(f"an items record must be a JSON object, got {json_type(doc)}")
+    if doc.get("item_id") is None:
+        raise InvalidItem("missing required field 'item_id'")
+    item_id = check_id("item_id", doc["item_id"], InvalidItem)
+    title = doc.get("title")
+    if title is not None:
+        if not isinstance(title, str):
+            raise InvalidItem(f"field 'title' must be a string, got {json_type(title)}")
+        title = cut_title(title) or None
+    category = doc.get("category")
+    if category is not None:
+        category = check_text("category", category, error=InvalidItem) or None
+    tags = doc.get("tags")
+    if tags is None:
+        tags = []
+    else:
+        if not isinstance(tags, (list, tuple)):
+            raise InvalidItem(f"field 'tags' must be an array of strings, got {json_type(tags)}")
+        if len(tags) > MAX_TAGS:
+            raise InvalidItem(f"field 'tags' has {len(tags)} tags, over the limit of {MAX_TAGS}")
+        for t in tags:
+            if not isinstance(t, str):
+                raise InvalidItem(f"field 'tags' must be an array of strings, got {json_type(t)} in it")
+            if len(t) > MAX_TEXT_CHARS:
+                raise InvalidItem(f"field 'tags' has a tag of {len(t)} characters, over the limit of "
+                                  f"{MAX_TEXT_CHARS}")
+            if _CONTROL.search(t):
+                raise InvalidItem("field 'tags' has a tag with control characters")
+        tags = [t for t in dict.fromkeys(tags) if t]  # linear: a dict, not a list, remembers the seen tags
+    price = doc.get("price")
+    if price is not None:
+        if isinstance(price, (bool, np.bool_)) or not isinstance(price, numbers.Real):
+            raise InvalidItem(f"field 'price' must be a number, got {json_type(price)}")
+        price = float(price)
+        if not math.isfinite(price) or price < 0:
+            raise InvalidItem(f"field 'price' is {price!r}; expected a finite number >= 0, or null")
+    available = doc.get("available", True)
+    if not isinstance(available, (bool, np.bool_)):
+        raise InvalidItem(f"field 'available' must be true or false, got {json_type(available)}")
+    return {"item_id": item_id, "title": title, "category": category, "tags": tags, "price": price,
+            "available": bool(available)}
 
 
 class Catalog:
@@ -184,31 +367,25 @@ class Catalog:
         """Insert or replace an item's metadata (``items`` topic record); returns its row.
 
         ``now`` is the engine's event-time clock, remembered as the time the item was added
-        (None before any event: such items are never "new").
+        (None before any event: such items are never "new"). The item is checked first
+        (:func:`validate_item`: :class:`InvalidItem`, a ValueError, with the reason).
         """
-        item_id = item.get("item_id")
-        if item_id is None or str(item_id) == "":
-            raise ValueError("an item needs a non-empty 'item_id'")
-        r = self.row(str(item_id))
-        title = item.get("title")
-        self._titles[r] = None if title is None else str(title)
-        names: list[str] = []
-        cat = item.get("category")
-        if cat is not None and str(cat) != "":
-            names.append(str(cat))
-        tags = item.get("tags") or ()
-        if isinstance(tags, str):
-            tags = (tags,)
-        for t in tags:
-            if t is not None and str(t) != "" and str(t) not in names:
-                names.append(str(t))
-        feats = tuple(self.feature(x) for x in names[:MAX_ITEM_FEATURES])
+        item = validate_item(item)
+        r = self.row(item["item_id"])
+        self._titles[r] = item["title"]
+        cat = item["category"]
+        names = dict.fromkeys([cat] if cat is not None else [])
+        for t in item["tags"]:  # at most MAX_TAGS, without repeats: stop at the features kept
+            if len(names) >= MAX_ITEM_FEATURES:
+                break
+            names[t] = None
+        feats = tuple(self.feature(x) for x in list(names)[:MAX_ITEM_FEATURES])
         self._feat_lists[r] = feats
         self.feat_mask[r] = _mask(feats)
-        self.category[r] = feats[0] if cat is not None and str(cat) != "" and feats else -1
-        price = item.get("price")
-        self.price[r] = float(price) if isinstance(price, (int, float)) and not isinstance(price, bool) else np.nan
-        avail = bool(item.get("available", True))
+        self.category[r] = feats[0] if cat is not None else -1
+        price = item["price"]
+        self.price[r] = np.nan if price is None else price
+        avail = item["available"]
         if avail != bool(self.available[r]):
             self.n_unavailable += -1 if avail else 1
         self.available[r] = avail
