@@ -58,7 +58,8 @@ def _core(nb, sq, block, ipop, pop, vals, raw_pop, dec_scale, raw_scale, mom_cou
     a_dir = np.empty(min(kd, k))
     blocks = np.empty(k, np.int64)
     for h in range(k):
-        ip = ipop[items[h]] * (gap_floor + g1 / (1.0 + (ts[0] - ts[h]) * inv_tau))
+        gap = ts[0] - ts[h]  # an older event that arrived later (within the lateness) counts as the newest
+        ip = ipop[items[h]] * (gap_floor + g1 / (1.0 + (gap if gap > 0.0 else 0.0) * inv_tau))
         a_sym[h] = qs_tab[h] * ip
         if h < kd:
             a_dir[h] = qd_tab[h] * ip

@@ -40,7 +40,7 @@ def _step_by_step(engine, cfg, qd_tab, qs_tab, u: int, k: int, n: int, cap: int,
         items = prof.hist_item[u, idx]
         ts = prof.hist_ts[u, idx]
         g = cfg.query_gap_floor
-        ip = co.ipop[items] * (g + (1.0 - g) / (1.0 + (ts[0] - ts) * (1.0 / cfg.query_gap_tau_s)))
+        ip = co.ipop[items] * (g + (1.0 - g) / (1.0 + np.maximum(ts[0] - ts, 0.0) * (1.0 / cfg.query_gap_tau_s)))
         kd = min(k, cfg.query_dir_len)
         votes = vote(co.nb, co.sq[0], co.sq[1], co.block[items], qs_tab[:k] * ip, qd_tab[:kd] * ip[:kd],
                      ipop=co.ipop, available=cat.available, consumed=prof.consumed(u),
@@ -190,3 +190,20 @@ def test_variant_overrides_rank_with_their_own_settings(learned):
     for u in users[:10]:
         assert engines["default"].recommend(u, n=8, overrides=ov) == _reference(engines["default"], u, n=8,
                                                                                 overrides=ov)
+
+
+@pytest.mark.parametrize("late_by", [60.0, 61.0, 3600.0])
+def test_an_older_event_that_arrives_last_does_not_break_ranking(late_by):
+    """A user's latest-arriving event older than an earlier one by the gap time constant (60 s) divided by
+    zero in the compiled ranker (ZeroDivisionError, on every restart); a larger gap made the weight negative."""
+    from models import Engine
+
+    e = Engine()
+    t = 1_700_000_000.0
+    for k in range(5):
+        e.learn_one({"event_id": f"o{k}", "user_id": f"o{k}", "type": "view", "ts": t + k, "item_id": "i0"})
+        e.learn_one({"event_id": f"p{k}", "user_id": f"o{k}", "type": "view", "ts": t + k + 1, "item_id": "i2"})
+    e.learn_one({"event_id": "u1", "user_id": "u", "type": "view", "ts": t + 100, "item_id": "i0"})
+    e.learn_one({"event_id": "u2", "user_id": "u", "type": "view", "ts": t + 100 - late_by, "item_id": "i1"})
+    recs = e.recommend("u", n=3)
+    assert recs and recs[0][0] == "i2" and all(score >= 0 for _, score, _ in recs)
