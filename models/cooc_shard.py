@@ -39,6 +39,7 @@ import orjson
 
 from models.cooccurrence import _SHIFT, CoOccurrence
 from models.ranker import Neighbour
+from models.state_fields import StateError, check, encode_float
 
 _new = tuple.__new__  # a NamedTuple without its keyword-handling constructor
 
@@ -48,6 +49,14 @@ _RENORM_EXPONENT = 40.0
 _DOOR_PERIOD = 128 * 1024
 _ARRAYS = (("row", np.int32), ("nb", np.int32), ("ts", np.float64), ("seq", np.int64), ("occ", np.int32),
            ("occ_ts", np.float64), ("occ_pairs", np.float64), ("occ_seq", np.int64))
+
+
+def _example() -> PairDeltas:
+    """Two items seen together once (the doctests' deltas)."""
+    return PairDeltas(items=["tea", "cup"], row=np.array([0, 1]), nb=np.array([1, 0]),
+                      d=np.array([[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0]]), ts=np.array([10.0, 10.0]),
+                      seq=np.array([7, 7]), occ=np.array([0, 1]), occ_ts=np.array([9.0, 10.0]),
+                      occ_pairs=np.array([0.0, 1.0]), occ_seq=np.array([6, 7]))
 
 
 def owner(item_id: str, n_partitions: int) -> int:
@@ -150,17 +159,33 @@ class PairDeltas:
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> PairDeltas:
+        """Read :meth:`to_bytes`'s form back, checked: ``ValueError`` unless every index points inside its
+        table and every number is finite (a shard indexes its arrays with them).
+
+        >>> d = _example(); d.row = np.array([7, 1])  # row 7 of two items
+        >>> try:
+        ...     PairDeltas.from_bytes(d.to_bytes())
+        ... except ValueError as exc:
+        ...     print(exc)
+        cooc record: an index out of range (0..1 items)
+        """
         n = int.from_bytes(raw[:4], "big")
         head = orjson.loads(raw[4: 4 + n])
         pos = 4 + n
+        if not (isinstance(head, dict) and isinstance(head.get("items"), list)
+                and all(type(i) is str for i in head["items"])):
+            raise ValueError("cooc record: its header has no list of item ids")
         if "sizes" in head:  # written before the compact layout: every array in full
             arrays = {}
             for (name, dt), size in zip(_ARRAYS + (("d", np.float64),), head["sizes"]):
                 arrays[name] = np.frombuffer(raw, dt, size, pos)
                 pos += size * np.dtype(dt).itemsize
             arrays["d"] = arrays["d"].reshape(-1, 4)
-            return cls(items=head["items"], **arrays)
+            return cls(items=head["items"], **arrays)._checked()
         k, m = head["n"], head["n_occ"]
+        if not (type(k) is int and type(m) is int and 0 <= k and 0 <= m and isinstance(head.get("by_event"), bool)
+                and isinstance(head.get("ones"), bool)):
+            raise ValueError("cooc record: bad sizes in its header")
         layout = [("row", np.int32, k), ("nb", np.int32, k)]
         layout += [("at", np.int32, k)] if head["by_event"] else [("ts", np.float64, k), ("seq", np.int64, k)]
         layout += [("occ", np.int32, m), ("occ_ts", np.float64, m), ("occ_pairs", np.float64, m),
@@ -172,13 +197,26 @@ class PairDeltas:
         if pos != len(raw):
             raise ValueError(f"cooc record of {len(raw)} bytes, its header says {pos}")
         if head["by_event"]:
+            if k and (not m or a["at"].min() < 0 or a["at"].max() >= m):
+                raise ValueError("cooc record: an index out of range (an update's event)")
             a["ts"], a["seq"] = a["occ_ts"][a["at"]], a["occ_seq"][a["at"]]
             del a["at"]
         d = a["d"].reshape(k, 2 if head["ones"] else 4)
         if head["ones"]:
             d = np.hstack([d, np.ones((k, 2))])
         a["d"] = d
-        return cls(items=head["items"], **a)
+        return cls(items=head["items"], **a)._checked()
+
+    def _checked(self) -> PairDeltas:
+        n = len(self.items)
+        for idx in (self.row, self.nb, self.occ):
+            if idx.size and (idx.min() < 0 or idx.max() >= n):
+                raise ValueError(f"cooc record: an index out of range (0..{n - 1} items)")
+        if not all(np.isfinite(x).all() for x in (self.d, self.ts, self.occ_ts, self.occ_pairs)):
+            raise ValueError("cooc record: a weight or time that is not a finite number")
+        if (self.seq.size and self.seq.min() < 0) or (self.occ_seq.size and self.occ_seq.min() < 0):
+            raise ValueError("cooc record: a negative sequence number")
+        return self
 
 
 class CoOccurrenceShard:
@@ -206,6 +244,36 @@ class CoOccurrenceShard:
         return cls(n_neighbours=config.n_neighbours, half_life_days=config.cooc_half_life_days,
                    evict_fraction=config.evict_fraction, pop_exponent=config.pop_exponent,
                    door_bits=config.door_bits, evict_sym_weight=config.sym_weight)
+
+    def to_state(self) -> dict:
+        """The shard as a plain tree for a snapshot (:mod:`models.state_fields`)."""
+        return {"co": self.co.to_state(), "ids": self._ids, "sources": [[s, n] for s, n in self.sources.items()],
+                "t0": None if self.t0 is None else encode_float(self.t0), "now": encode_float(self.now),
+                "n_occurrences": self.n_occurrences}
+
+    @classmethod
+    def from_state(cls, state, arrays=(), where: str = "cooc shard") -> CoOccurrenceShard:
+        """Rebuild from :meth:`to_state`; :class:`~models.state_fields.StateError` if it does not fit.
+
+        >>> s = CoOccurrenceShard(n_neighbours=8, door_bits=0)
+        >>> s.apply(PairDeltas.from_bytes(_example().to_bytes()), source=0)
+        >>> back = CoOccurrenceShard.from_state(s.to_state())
+        >>> back.similar("tea", min_support=1) == s.similar("tea", min_support=1), back.sources
+        (True, {0: 7})
+        """
+        f = check(state, {"co": dict, "ids": list, "sources": list, "t0": (float, type(None)), "now": float,
+                          "n_occurrences": int}, where, arrays)
+        shard = cls.__new__(cls)
+        shard.co = CoOccurrence.from_state(f["co"], arrays, f"{where}: co")
+        ids = f["ids"]
+        if not all(type(i) is str for i in ids) or len(set(ids)) != len(ids) or len(ids) > shard.co.block.shape[0]:
+            raise StateError(f"{where}: 'ids' must be distinct strings, at most one per row")
+        if not all(type(p) is list and len(p) == 2 and all(type(x) is int for x in p) for p in f["sources"]):
+            raise StateError(f"{where}: 'sources' must be [source, sequence number] pairs")
+        shard._ids, shard._rows = ids, {i: r for r, i in enumerate(ids)}
+        shard.sources = {s: n for s, n in f["sources"]}
+        shard.t0, shard.now, shard.n_occurrences = f["t0"], f["now"], f["n_occurrences"]
+        return shard
 
     def _row(self, item_id: str) -> int:
         r = self._rows.get(item_id)

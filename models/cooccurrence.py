@@ -52,6 +52,7 @@ from numba import njit
 
 from models.slot_table import COUNT as LIVE_KEYS
 from models.slot_table import GOLDEN, SlotTable, delete, find, home_slot, insert
+from models.state_fields import Array, StateError, array, put, take
 
 _SHIFT = 32
 _MASK = (1 << _SHIFT) - 1
@@ -170,6 +171,60 @@ class CoOccurrence:
             state["raw_pop"] = np.zeros(len(state["pop"]))
             state["raw_total"], state["raw_pair_total"] = 0.0, math.nan
         self.__dict__.update(state)
+
+    #: what a snapshot holds (:mod:`models.state_fields`); the slot index goes apart, as its two arrays
+    STATE = {"n_neighbours": int, "half_life_days": (float, type(None)), "evict_fraction": float,
+             "pop_exponent": float, "door_bits": int, "evict_sym_weight": float, "capacity": int,
+             "_door": Array(np.dtype(bool), 1), "lam": float, "block": Array(np.dtype(np.int32), 1),
+             "nb": Array(np.dtype(np.int32), 2), "vals": Array(np.dtype(np.float64), 2),
+             "sq": Array(np.dtype(np.float64), 2), "fill": Array(np.dtype(np.int64), 1), "_n_evict": int,
+             "free_pos": Array(np.dtype(np.int32), 2), "n_free": Array(np.dtype(np.int64), 1), "_n_blocks": int,
+             "_spare": list, "pop": Array(np.dtype(np.float64), 1), "ipop": Array(np.dtype(np.float64), 1),
+             "total": float, "pair_total": float, "raw_pop": Array(np.dtype(np.float64), 1), "raw_total": float,
+             "raw_pair_total": float, "pop_at": Array(np.dtype(np.float64), 1), "totals_at": float,
+             "n_items": int}
+
+    def to_state(self) -> dict:
+        """The rows, popularity and slot index as a plain tree (see :meth:`from_state`)."""
+        out = take(self, self.STATE)
+        out["index"] = None if self._index is None else [self._index.table, self._index.meta]
+        return out
+
+    @classmethod
+    def from_state(cls, state, arrays=(), where: str = "co-occurrence") -> CoOccurrence:
+        """Rebuild from :meth:`to_state`, refusing a state whose arrays do not fit together (the compiled
+        loops index them unchecked).
+
+        >>> co = CoOccurrence(n_neighbours=4, door_bits=0)
+        >>> co.ensure(2); co.update(np.array([code(0, 1)]), np.array([[1.0, 1.0, 1.0, 1.0]]))
+        >>> back = CoOccurrence.from_state(co.to_state())
+        >>> back.neighbours(0)[0].tolist() == co.neighbours(0)[0].tolist(), len(back._index)
+        (True, 1)
+        """
+        co = put(cls.__new__(cls), state, cls.STATE, where, arrays)
+        index = state.get("index")
+        if index is None:
+            co._index = None
+        else:
+            if not isinstance(index, list) or len(index) != 2:
+                raise StateError(f"{where}: field 'index' must be [table, meta]")
+            co._index = SlotTable.from_arrays(array(index[0], arrays), array(index[1], arrays), where)
+        m, blocks, cap = co.n_neighbours, co.nb.shape[0], co.block.shape[0]
+        shapes_ok = (co.nb.shape[1] == m and co.vals.shape == (4, blocks * m) and co.sq.shape == (2, blocks * m)
+                     and co.fill.shape == co.n_free.shape == (blocks,) and co.free_pos.shape == (blocks, co._n_evict)
+                     and all(a.shape == (cap,) for a in (co.pop, co.ipop, co.raw_pop, co.pop_at))
+                     and 0 <= co.door_bits <= 30 and co._door.shape == ((1 << co.door_bits if co.door_bits else 0),)
+                     and 0 < co._n_evict < m and 0 < co._n_blocks <= blocks and 0 <= co.n_items <= cap)
+        values_ok = shapes_ok and bool(
+            (co.block.size == 0 or (co.block.min() >= 0 and co.block.max() < blocks))
+            and (co.nb.size == 0 or (co.nb.min() >= -1 and co.nb.max() < cap))
+            and (co.fill.size == 0 or (co.fill.min() >= 0 and co.fill.max() <= m))
+            and (co.n_free.size == 0 or (co.n_free.min() >= 0 and co.n_free.max() <= co._n_evict))
+            and (co.free_pos.size == 0 or (co.free_pos.min() >= 0 and co.free_pos.max() < m))
+            and all(type(b) is int and 0 < b < blocks for b in co._spare))
+        if not values_ok:
+            raise StateError(f"{where}: the arrays' shapes or values do not fit together")
+        return co
 
     # ------------------------------------------------------------------ storage
     def ensure(self, n_items: int) -> None:

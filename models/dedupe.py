@@ -5,7 +5,7 @@
 (False, True, False)
 >>> d.seen("e3", ts=2000.0), d.seen("e1", ts=2001.0)  # e1 left the window 60 s after the newest event
 (False, False)
->>> import pickle; back = pickle.loads(pickle.dumps(d)); back.seen("e3", ts=2002.0), len(back)
+>>> back = Deduplicator(window_s=60); back.restore_state(d.to_state()); back.seen("e3", ts=2002.0), len(back)
 (True, 2)
 """
 from __future__ import annotations
@@ -14,6 +14,8 @@ import hashlib
 from collections import deque
 
 import numpy as np
+
+from models.state_fields import Array, StateError, check, encode_float
 
 
 class Deduplicator:
@@ -53,6 +55,28 @@ class Deduplicator:
         keys = [k.tobytes() for k in state["keys"]]
         self._order = deque(zip(state["ts"].tolist(), keys))
         self._ids = set(keys)
+
+    def to_state(self) -> dict:
+        """The ids as a plain tree for a snapshot: two arrays, times and 8-byte digests."""
+        state = self.__getstate__()
+        return {"newest": encode_float(state["newest"]), "ts": state["ts"], "keys": state["keys"]}
+
+    def restore_state(self, state, arrays=(), where: str = "dedupe") -> None:
+        """Take the ids of :meth:`to_state` (this object's window and bound apply, the oldest go first).
+
+        >>> d = Deduplicator(window_s=60); _ = d.seen("e1", 1000.0)
+        >>> e = Deduplicator(window_s=60); e.restore_state(d.to_state()); e.seen("e1", 1001.0)
+        True
+        """
+        f = check(state, {"newest": float, "ts": Array(np.dtype(np.float64), 1),
+                          "keys": Array(np.dtype(np.uint64), 1)}, where, arrays)
+        if f["ts"].shape != f["keys"].shape:
+            raise StateError(f"{where}: as many times as ids are needed")
+        keys = [k.tobytes() for k in f["keys"]]
+        self._order = deque(zip(f["ts"].tolist(), keys))
+        self._ids = set(keys)
+        self._newest = f["newest"]
+        self._evict()
 
     def __contains__(self, event_id: str) -> bool:
         return _digest(event_id) in self._ids

@@ -5,7 +5,7 @@ message's ``created_at``). Three pieces:
 
 * :class:`Experiment` assigns a user to a variant by hashing ``(experiment, user)`` into weighted
   buckets (blake2b, so the same in every process and on every machine), and carries each variant's
-  ranker overrides, which are opaque here.
+  ranker overrides (checked by :func:`validate_overrides`; the worker passes them to the engine).
 * :class:`ExperimentMetrics` counts the pushes sent (:meth:`~ExperimentMetrics.record_send`) and
   attributes feedback events (:meth:`~ExperimentMetrics.observe`) to a :class:`Segment` =
   ``(shard, campaign, channel, variant)``; it keeps no user id in its aggregates.
@@ -28,7 +28,9 @@ Attribution of a feedback event (types impression, push_open, push_click, click,
 1. ``context.message_id`` of a message recorded by :meth:`~ExperimentMetrics.record_send`: that
    message's campaign, channel and variant;
 2. else ``context.campaign`` (with ``context.channel`` and ``context.variant``, "unknown"/"none" when
-   missing): the segment named by the context (and the message id, if any, is remembered for dedupe);
+   missing): the segment named by the context, if ``MetricsConfig.campaigns``/``variants`` know it
+   (else the event is ``unattributed``; past ``max_segments`` it is counted in ``overflow``), and
+   with no such lists the message id, if any, is remembered for dedupe;
 3. else, for a click or purchase only, last touch: the message of the user's latest attributed
    push_open or push_click, if the event is at most ``attribution_window_s`` after it.
 
@@ -36,11 +38,11 @@ Each message counts at most one impression, one open, one click and one conversi
 every attributed purchase's ``value``. Opens count push_open events only (a click does not imply an
 open). Events attributed by context alone with no message id cannot be deduplicated and each counts.
 
->>> exp = Experiment("ranker-v2", {"A": 0.5, "B": 0.5}, overrides={"B": {"diversity": 0.3}})
+>>> exp = Experiment("ranker-v2", {"A": 0.5, "B": 0.5}, overrides={"B": {"max_category_share": 0.3}})
 >>> exp.assign("u42"), exp.assign("u7")
 ('B', 'A')
 >>> exp.overrides_for("B")
-{'diversity': 0.3}
+{'max_category_share': 0.3}
 >>> m = ExperimentMetrics(MetricsConfig(cost_per_message={"email": 0.5}))
 >>> m.record_send({"message_id": "m1", "user_id": "u42", "channel": "email", "campaign": "recs",
 ...                "variant": "B", "items": [], "created_at": 1000.0})
@@ -62,10 +64,13 @@ import hashlib
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, astuple, dataclass, field, fields
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from models.events import Event, as_event
+from models.state_fields import StateError, check, decode_float, encode_float
 
 #: z of a two-sided 95 % interval.
 Z95 = 1.959963984540054
@@ -78,6 +83,7 @@ FEEDBACK_TYPES = frozenset({"impression", "push_open", "push_click", "click", "p
 _LAST_TOUCH_TYPES = frozenset({"click", "purchase"})
 _TOUCH_TYPES = frozenset({"push_open", "push_click"})
 _SENT, _IMPRESSED, _OPENED, _CLICKED, _CONVERTED = 1, 2, 4, 8, 16
+_OVERFLOW = object()  # a context's new segment past ``max_segments``
 
 
 # ---------------------------------------------------------------------------------------- hashing
@@ -145,9 +151,10 @@ class Experiment:
         Variant name -> weight (any positive numbers, normalised). The order given is the order of the
         buckets on [0, 1): keep it when editing weights, so only the users near a moved boundary switch.
     overrides
-        Variant name -> ranker settings (blend weights, diversity share, ...), opaque here: the caller
-        passes them to the engine (``Engine.recommend(..., overrides=...)``, which checks them with
-        :func:`validate_overrides`). Variants without an entry use the defaults.
+        Variant name -> ranker settings (blend weights, diversity share, ...: keys of
+        :data:`RANKER_OVERRIDES`), checked and normalised here with :func:`validate_overrides`; the
+        worker passes a user's variant's to ``Engine.recommend(..., overrides=...)`` (``INFOGAP_EXPERIMENT``'s
+        ``"overrides"``). Variants without an entry use the defaults.
 
     Examples
     --------
@@ -175,9 +182,17 @@ class Experiment:
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
                 raise ValueError(f"variant {v!r} of experiment {self.name!r} has weight {w!r}; use a positive number")
             weights[v] = float(w)
+        if not isinstance(self.overrides, Mapping):
+            raise ValueError(f"overrides of experiment {self.name!r} must map variant -> ranker settings")
         unknown = set(self.overrides) - set(weights)
         if unknown:
             raise ValueError(f"overrides name variants {sorted(unknown)} that experiment {self.name!r} does not have")
+        checked = {}
+        for v, ov in self.overrides.items():
+            try:
+                checked[v] = validate_overrides(ov)
+            except ValueError as e:
+                raise ValueError(f"experiment {self.name!r}, variant {v!r}: {e}") from None
         total = sum(weights.values())
         bounds, acc = [], 0.0
         for w in weights.values():
@@ -185,7 +200,7 @@ class Experiment:
             bounds.append(acc)
         bounds[-1] = 1.0
         object.__setattr__(self, "variants", weights)
-        object.__setattr__(self, "overrides", {k: dict(v) for k, v in self.overrides.items()})
+        object.__setattr__(self, "overrides", {k: v for k, v in checked.items() if v})
         object.__setattr__(self, "_names", tuple(weights))
         object.__setattr__(self, "_bounds", tuple(bounds))
 
@@ -237,6 +252,7 @@ RANKER_OVERRIDES: dict[str, tuple[type, float, float, bool]] = {
     "new_item_days": (float, 0.0, math.inf, False),
     "new_item_max_events": (int, 0, math.inf, False),
     "new_item_min_share": (float, 0.0, 1.0, False),
+    "reason_min_support": (int, 1, math.inf, False),  # never below min_support: the ranker takes the larger
 }
 
 
@@ -451,6 +467,15 @@ class MetricsConfig:
     shard
         A fixed shard for every segment, for a caller that keeps one ``ExperimentMetrics`` per input
         partition (e.g. in that partition's snapshot): then ``shards`` is not used.
+    campaigns, variants
+        What feedback attributed by its context alone (no message of :meth:`~ExperimentMetrics.record_send`)
+        may name: such an event counts only if its campaign is in ``campaigns`` and its variant in
+        ``variants`` (``NO_VARIANT`` always allowed); others are ``unattributed``, and their message ids
+        are not remembered. A context channel that has no ``cost_per_message`` is counted as
+        ``UNKNOWN``. None: any campaign / variant (trusted data, offline). Sends always count.
+    max_segments
+        At most this many segments are made from feedback contexts; past it such events are counted
+        in ``overflow``, not attributed.
     """
 
     cost_per_message: Mapping[str, float] = field(default_factory=lambda: {"email": 0.001, "app": 0.0005,
@@ -460,6 +485,9 @@ class MetricsConfig:
     max_messages: int = 500_000
     shards: int = 1
     shard: int | None = None
+    campaigns: frozenset[str] | None = None
+    variants: frozenset[str] | None = None
+    max_segments: int = 1_000
 
 
 class _Msg:
@@ -487,6 +515,9 @@ class ExperimentMetrics:
     State is event-time driven and picklable; reads (:meth:`counts`, :meth:`figures`) never mutate.
     """
 
+    #: feedback events whose context named a segment past ``max_segments`` (class default: older pickles)
+    overflow = 0
+
     def __init__(self, config: MetricsConfig | None = None):
         self.config = config or MetricsConfig()
         self._counts: dict[Segment, Counts] = {}
@@ -498,6 +529,7 @@ class ExperimentMetrics:
         self._touch_order: deque[tuple[float, str]] = deque()
         self._newest = float("-inf")
         self.unattributed = 0  # feedback events with a context that named nothing attributable
+        self.overflow = 0
 
     # ------------------------------------------------------------------ writes
     def record_send(self, message: Mapping | Any) -> bool:
@@ -539,9 +571,14 @@ class ExperimentMetrics:
         if mid is not None:
             msg = self._messages.get(mid)
         if msg is None and ctx.get("campaign") is not None:
-            seg = Segment(self._shard(e.user_id), str(ctx["campaign"]), str(ctx.get("channel") or UNKNOWN),
-                          str(ctx.get("variant") or NO_VARIANT))
-            msg = self._remember(mid, seg, e.user_id, e.ts) if mid is not None else _Msg(seg, None, e.ts)
+            seg = self._context_segment(e.user_id, ctx)
+            if seg is _OVERFLOW:
+                self.overflow += 1
+                self._advance(e.ts)
+                return False
+            if seg is not None:
+                remember = mid is not None and self.config.campaigns is None  # known ids only when checked
+                msg = self._remember(mid, seg, e.user_id, e.ts) if remember else _Msg(seg, None, e.ts)
         if msg is None and e.type in _LAST_TOUCH_TYPES and (mid is None and "campaign" not in ctx):
             touch = self._touch.get(e.user_id)
             if touch is not None and 0.0 <= e.ts - touch[0] <= self.config.attribution_window_s:
@@ -600,7 +637,129 @@ class ExperimentMetrics:
     def knows_user(self, user_id: str) -> bool:
         return user_id in self._touch or user_id in self._by_user
 
+    def to_state(self) -> dict:
+        """The metrics as a plain tree for a snapshot (:mod:`models.state_fields`), messages as columns:
+        every segment once, then per message its id, segment, user, time, flags and revenue."""
+        seg_no: dict[Segment, int] = {}
+
+        def number(seg: Segment) -> int:
+            k = seg_no.get(seg)
+            if k is None:
+                k = seg_no[seg] = len(seg_no)
+            return k
+
+        counts = [[number(s), *astuple(c)] for s, c in self._counts.items()]
+        msgs: list[_Msg] = []
+        msg_no: dict[int, int] = {}
+        mids: list[str | None] = []
+        for _, mid, msg in self._order:  # live messages, oldest first (as they are evicted)
+            if self._messages.get(mid) is msg and id(msg) not in msg_no:
+                msg_no[id(msg)] = len(msgs)
+                msgs.append(msg)
+                mids.append(mid)
+        live = len(msgs)
+        touches = []
+        for ts, user in self._touch_order:
+            cur = self._touch.get(user)
+            if cur is not None and cur[0] == ts:
+                msg = cur[1]
+                if id(msg) not in msg_no:  # a touch by context alone, or a message evicted since
+                    msg_no[id(msg)] = len(msgs)
+                    msgs.append(msg)
+                    mids.append(None)
+                touches.append([user, encode_float(ts), msg_no[id(msg)]])
+        return {"segments": [list(s) for s in seg_no] + [list(m.segment) for m in msgs if m.segment not in seg_no],
+                "counts": counts, "dirty": [number(s) for s in self._dirty], "live": live, "mids": mids,
+                "seg": np.array([number(m.segment) for m in msgs], np.int64),
+                "users": [m.user_id for m in msgs], "ts": np.array([m.ts for m in msgs], np.float64),
+                "flags": np.array([m.flags for m in msgs], np.int64),
+                "revenue": np.array([m.revenue for m in msgs], np.float64), "touches": touches,
+                "newest": encode_float(self._newest), "unattributed": self.unattributed, "overflow": self.overflow}
+
+    def restore_state(self, state, arrays=(), where: str = "experiment metrics") -> None:
+        """Take the state of :meth:`to_state` (this object's config applies from now on).
+
+        >>> m = ExperimentMetrics(); _ = m.record_send({"message_id": "m1", "user_id": "u", "channel": "email",
+        ...     "campaign": "recs", "variant": "B", "items": [], "created_at": 10.0})
+        >>> n = ExperimentMetrics(); n.restore_state(m.to_state()); n.counts() == m.counts(), n.knows_user("u")
+        (True, True)
+        """
+        f = check(state, {"segments": list, "counts": list, "dirty": list, "live": int, "mids": list,
+                          "seg": np.int64, "users": list, "ts": np.float64, "flags": np.int64,
+                          "revenue": np.float64, "touches": list, "newest": float, "unattributed": int,
+                          "overflow": int}, where, arrays)
+        bad = StateError(f"{where}: the segments, counts, messages or touches do not fit together")
+        segs = f["segments"]
+        if not all(isinstance(s, list) and len(s) == 4 and type(s[0]) is int and all(type(x) is str for x in s[1:])
+                   for s in segs):
+            raise bad
+        segs = [Segment(*s) for s in segs]
+        n = len(f["mids"])
+        if not (len(f["users"]) == n == f["seg"].size == f["ts"].size == f["flags"].size == f["revenue"].size
+                and 0 <= f["live"] <= n and (n == 0 or 0 <= f["seg"].min() <= f["seg"].max() < len(segs))
+                and all(type(x) is str for x in f["mids"][:f["live"]])
+                and all(x is None or type(x) is str for x in f["users"])):
+            raise bad
+        width = len(fields(Counts))
+        counts = {}
+        for row in f["counts"]:
+            if not (isinstance(row, list) and len(row) == width + 1 and type(row[0]) is int
+                    and 0 <= row[0] < len(segs) and all(type(x) in (int, float) for x in row[1:])):
+                raise bad
+            counts[segs[row[0]]] = Counts(*(int(x) if k < 5 else float(x) for k, x in enumerate(row[1:])))
+        if not all(type(k) is int and 0 <= k < len(segs) for k in f["dirty"]):
+            raise bad
+        msgs = []
+        for seg, user, ts, flags, revenue in zip(f["seg"].tolist(), f["users"], f["ts"].tolist(),
+                                                 f["flags"].tolist(), f["revenue"].tolist()):
+            msg = _Msg(segs[seg], user, ts)
+            msg.flags, msg.revenue = flags, revenue
+            msgs.append(msg)
+        self._counts, self._dirty = counts, {segs[k] for k in f["dirty"]}
+        self._messages, self._order, self._by_user = {}, deque(), {}
+        for mid, msg in zip(f["mids"][:f["live"]], msgs):
+            self._messages[mid] = msg
+            self._order.append((msg.ts, mid, msg))
+            if msg.user_id is not None:
+                self._by_user.setdefault(msg.user_id, []).append(mid)
+        self._touch, self._touch_order = {}, deque()
+        for t in f["touches"]:
+            if not (isinstance(t, list) and len(t) == 3 and type(t[0]) is str and type(t[2]) is int
+                    and 0 <= t[2] < n):
+                raise bad
+            ts = decode_float(t[1], f"{where}: a touch's time")
+            self._touch[t[0]] = (ts, msgs[t[2]])
+            self._touch_order.append((ts, t[0]))
+        self._newest, self.unattributed, self.overflow = f["newest"], f["unattributed"], f["overflow"]
+
+    def reconfigure(self, config: MetricsConfig) -> None:
+        """Use ``config`` from now on (e.g. the current settings' after a restore); the state is kept."""
+        self.config = config
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        cfg = self.config  # a config pickled before some fields existed: those take their defaults
+        if any(not hasattr(cfg, f.name) for f in fields(MetricsConfig)):
+            self.config = MetricsConfig(**{f.name: getattr(cfg, f.name) for f in fields(MetricsConfig)
+                                           if hasattr(cfg, f.name)})
+
     # ------------------------------------------------------------------ internals
+    def _context_segment(self, user_id: str, ctx: Mapping) -> Segment | None | object:
+        """The segment a feedback context names: None when it names no known campaign and variant,
+        ``_OVERFLOW`` when it is new and ``max_segments`` are made."""
+        cfg = self.config
+        campaign, variant = ctx["campaign"], ctx.get("variant") or NO_VARIANT
+        if cfg.campaigns is not None and campaign not in cfg.campaigns:
+            return None
+        if cfg.variants is not None and variant != NO_VARIANT and variant not in cfg.variants:
+            return None
+        channel = ctx.get("channel") or UNKNOWN
+        seg = Segment(self._shard(user_id), str(campaign),
+                      str(channel) if channel in cfg.cost_per_message else UNKNOWN, str(variant))
+        if seg not in self._counts and len(self._counts) >= cfg.max_segments:
+            return _OVERFLOW
+        return seg
+
     def _shard(self, user_id: str) -> int:
         fixed = self.config.shard
         return fixed if fixed is not None else kafka_partition(user_id, self.config.shards)

@@ -35,6 +35,7 @@ import numpy as np
 
 from models.catalog import Catalog
 from models.segments import Segmenter
+from models.state_fields import StateError, check, encode_float
 from models.trending import Trending
 
 #: Renormalise the stored trending scores before exp(lambda * (t - t0)) exceeds e ** 40.
@@ -56,7 +57,7 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _checked(batch) -> tuple[list, list]:
+def check_batch(batch) -> tuple[list, list]:
     """The batch's segment samples and trend entries, or ``ValueError`` naming the first bad one."""
     if not isinstance(batch, Mapping):
         raise ValueError(f"population batch must be an object, not {type(batch).__name__}")
@@ -110,7 +111,7 @@ class PopulationLearner:
         """Apply a user stage's entries (:meth:`models.engine.Engine.drain_population`, sequence numbers
         increasing per source); entries at or below the source's high-water mark are skipped. Returns
         how many were applied."""
-        samples, trends = _checked(batch)  # all or nothing: a bad batch changes no state
+        samples, trends = check_batch(batch)  # all or nothing: a bad batch changes no state
         hw = self.hwm.get(source, -1)
         top = hw
         done = 0
@@ -158,6 +159,57 @@ class PopulationLearner:
         if items:
             self.trend.ensure(len(self._names))
             self.trend.add(items, segs, x, xm)
+
+    def to_state(self) -> dict:
+        """The learner as a plain tree for a snapshot (:mod:`models.state_fields`): the segment centers by
+        category name, trending's scores, and the item ids and category names in their numbering."""
+        names = self._names
+        return {"model": self.segmenter.export_model(names.feature_name), "trend": self.trend.to_state(),
+                "items": [names.item_id(r) for r in range(len(names))],
+                "features": [names.feature_name(f) for f in range(names.n_features)],
+                "t0": None if self._t0 is None else encode_float(self._t0), "now": encode_float(self.now),
+                "hwm": [[s, n] for s, n in self.hwm.items()], "applied": self.applied}
+
+    @classmethod
+    def from_state(cls, config, state, arrays=(), where: str = "population learner") -> PopulationLearner:
+        """A learner of ``config`` that goes on from :meth:`to_state` (it learns on from the centers).
+
+        >>> from models import EngineConfig
+        >>> p = PopulationLearner(EngineConfig(n_segments=2))
+        >>> _ = p.learn({"seg": [[0, {"Tea": 1.0}, 1.0, 0.0, None]], "trend": [[0, "sencha", 0, 2.0, 50.0]]}, 3)
+        >>> q = PopulationLearner.from_state(EngineConfig(n_segments=2), p.to_state())
+        >>> q.trending(5, segment=0), q.model() == p.model(), q.hwm
+        ([('sencha', 2.0)], True, {3: 0})
+        """
+        f = check(state, {"model": dict, "trend": dict, "items": list, "features": list, "t0": (float, type(None)),
+                          "now": float, "hwm": list, "applied": int}, where, arrays)
+        out = cls(config)
+        if not all(type(x) is str for x in f["items"] + f["features"]):
+            raise StateError(f"{where}: item ids and category names must be strings")
+        if len(set(f["items"])) != len(f["items"]) or len(set(f["features"])) != len(f["features"]):
+            raise StateError(f"{where}: item ids and category names must be distinct")
+        if not all(type(p) is list and len(p) == 2 and all(type(x) is int for x in p) for p in f["hwm"]):
+            raise StateError(f"{where}: 'hwm' must be [source, sequence number] pairs")
+        for item_id in f["items"]:
+            out._names.row(item_id)
+        for name in f["features"]:
+            out._names.feature(name)
+        out.trend.restore_state(f["trend"], arrays, f"{where}: trend")
+        if out.trend.n_items > len(f["items"]):
+            raise StateError(f"{where}: trending has scores for {out.trend.n_items} items, {len(f['items'])} named")
+        m, seg = f["model"], out.segmenter
+        n_seeded, centers, slots = m.get("n_seeded"), m.get("centers"), m.get("slots")
+        if not (type(n_seeded) is int and 0 <= n_seeded <= seg.n_segments and isinstance(centers, list)
+                and len(centers) == n_seeded and isinstance(slots, dict)
+                and all(isinstance(c, list) and len(c) == len(seg.keys)
+                        and all(type(v) in (int, float) and math.isfinite(v) for v in c) for c in centers)
+                and all(type(k) is str and k in seg.keys for k in slots.values())):
+            raise StateError(f"{where}: the segment model does not fit {seg.n_segments} segments of "
+                             f"{len(seg.keys)} features")
+        seg.load_model({"n_seeded": n_seeded, "centers": centers, "slots": slots}, out._names.feature, learning=True)
+        out._t0, out.now, out.applied = f["t0"], f["now"], f["applied"]
+        out.hwm = {s: n for s, n in f["hwm"]}
+        return out
 
     # ------------------------------------------------------------------ reading
     def model(self) -> dict:

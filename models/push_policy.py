@@ -19,12 +19,26 @@ material change outside quiet hours pushes again. Time is the caller's ``now`` (
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
+
+import orjson
+
+from models.catalog import check_id, decode_key, json_type
+from models.state_fields import StateError, check
 
 CHANNELS = ("email", "app", "ads")
+#: A raw ``users`` record larger than this is refused before it is decoded.
+MAX_USERS_RECORD_BYTES = 16 * 1024
+#: Limits of ``consent``: keys, and the length of each.
+MAX_CONSENT_KEYS = 16
+MAX_CONSENT_KEY_CHARS = 32
+#: A time zone is an IANA name (at most 4 parts of letters, digits, ``_+-``), checked before zoneinfo reads it.
+MAX_TIMEZONE_CHARS = 64
+_TIMEZONE = re.compile(r"[A-Za-z][A-Za-z0-9_+\-]*(?:/[A-Za-z0-9_+\-]+){0,3}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,25 +52,75 @@ class UserPrefs:
 
     @classmethod
     def from_record(cls, doc: Mapping) -> UserPrefs:
-        """Validate a ``users`` record; raise ValueError with a reason a person can act on."""
+        """Validate a ``users`` record; raise ValueError with a reason a person can act on.
+
+        ``user_id`` follows the event contract's id rules; ``consent`` is an object of at most
+        :data:`MAX_CONSENT_KEYS` channels, each true, false or null; ``timezone`` an IANA name (length and
+        characters checked before zoneinfo reads it); ``quiet_hours`` two hours or null.
+        """
+        if not isinstance(doc, Mapping):
+            raise ValueError(f"a users record must be a JSON object, got {json_type(doc)}")
         user_id = doc.get("user_id")
         if not isinstance(user_id, (str, int)) or isinstance(user_id, bool) or not str(user_id).strip():
             raise ValueError("users record needs a non-empty 'user_id'")
+        user_id = check_id("user_id", user_id)
         consent = doc.get("consent") or {}
         if not isinstance(consent, Mapping):
             raise ValueError("'consent' must be an object such as {\"email\": true, \"app\": false}")
+        if len(consent) > MAX_CONSENT_KEYS:
+            raise ValueError(f"field 'consent' has {len(consent)} keys, over the limit of {MAX_CONSENT_KEYS}")
+        for k, v in consent.items():
+            if not isinstance(k, str) or len(k) > MAX_CONSENT_KEY_CHARS or not k.isprintable():
+                raise ValueError("field 'consent' has a key that is not a channel name such as 'email' (at most "
+                                 f"{MAX_CONSENT_KEY_CHARS} printable characters)")
+            if v is not None and not isinstance(v, bool):
+                raise ValueError(f"field 'consent.{k}' must be true, false or null, got {json_type(v)}")
         tz = doc.get("timezone") or "UTC"
+        if not isinstance(tz, str):
+            raise ValueError(f"field 'timezone' must be a string such as 'Europe/Paris', got {json_type(tz)}")
+        if len(tz) > MAX_TIMEZONE_CHARS:
+            raise ValueError(f"field 'timezone' is {len(tz)} characters long, over the limit of "
+                             f"{MAX_TIMEZONE_CHARS}; use an IANA name such as 'Europe/Paris'")
+        if not _TIMEZONE.fullmatch(tz):
+            raise ValueError(f"field 'timezone' {tz!r} is not an IANA time zone name such as 'Europe/Paris'")
         try:
-            ZoneInfo(str(tz))
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {str(tz)[:60]!r}; use an IANA name such as 'Europe/Paris'") from None
+            ZoneInfo(tz)
+        except Exception:  # not found, a directory, not a TZif file...: never more than a bad record
+            raise ValueError(f"unknown time zone {tz!r}; use an IANA name such as 'Europe/Paris'") from None
         quiet = doc.get("quiet_hours", (22, 8))
         if quiet is not None:
             if (not isinstance(quiet, (list, tuple)) or len(quiet) != 2
                     or not all(isinstance(h, int) and not isinstance(h, bool) and 0 <= h <= 23 for h in quiet)):
                 raise ValueError("'quiet_hours' must be [start_hour, end_hour] with hours 0..23, or null")
             quiet = (quiet[0], quiet[1])
-        return cls(str(user_id).strip(), {str(k): v is True for k, v in consent.items()}, str(tz), quiet)
+        return cls(user_id, {k: v is True for k, v in consent.items()}, tz, quiet)
+
+    @classmethod
+    def parse(cls, raw: bytes | bytearray | memoryview, key: bytes | None) -> UserPrefs:
+        """Decode and check a raw ``users`` record whose Kafka key is ``key`` (see :meth:`from_record`).
+
+        The key must be the record's ``user_id`` (compared raw, as produced, before any pseudonym): a
+        compacted topic keeps one record per key, and a tombstone erases by key.
+
+        >>> UserPrefs.parse(b'{"user_id": 42, "consent": {"app": true}}', b"42").user_id
+        '42'
+        >>> UserPrefs.parse(b'{"user_id": "victim"}', b"mallory")
+        Traceback (most recent call last):
+        ...
+        ValueError: the record key is not the user's 'user_id'; produce users records with key=user_id
+        """
+        if len(raw) > MAX_USERS_RECORD_BYTES:
+            raise ValueError(f"payload is {len(raw)} bytes, over the limit of {MAX_USERS_RECORD_BYTES} bytes")
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON: {exc}") from None
+        prefs = cls.from_record(doc)
+        if key is None:
+            raise ValueError("the record key is null; produce users records with key=user_id")
+        if decode_key(key) != prefs.user_id:
+            raise ValueError("the record key is not the user's 'user_id'; produce users records with key=user_id")
+        return prefs
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +133,8 @@ class PushConfig:
     ttl_s: float = 86_400.0
     items_per_push: int = 5
     campaign: str = "recs"
+    #: A message is at most this many bytes as JSON: longer titles and reasons are cut, then items dropped.
+    max_message_bytes: int = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +193,59 @@ class PushPolicy:
     def forget_user(self, user_id: str) -> None:
         self._users.pop(user_id, None)
 
+    def evict_user(self, user_id: str, now: float) -> bool:
+        """Drop the user's state to free memory (not an erasure) if nothing in it still counts at event time
+        ``now``: no item pushed within the repeat window and no send on a day that may still be today in
+        any time zone (daily caps). Returns whether it was dropped.
+
+        >>> policy = PushPolicy(PushConfig(min_new_items=1))
+        >>> prefs = UserPrefs("u1", {"app": True}, quiet_hours=None)
+        >>> _ = policy.decide(prefs, [("sku-1", 0.9, "popular")], now=1732446000.0)
+        >>> policy.evict_user("u1", now=1732446000.0 + 86_400), policy.evict_user("u1", now=1732446000.0 + 8 * 86_400)
+        (False, True)
+        """
+        state = self._users.get(user_id)
+        if state is None:
+            return False
+        if state.pushed_at or state.sent_today:  # something was sent: it counts until its windows pass
+            if not abs(now) < float("inf"):  # no event time to tell (nor NaN)
+                return False
+            if any(t >= now - self.config.repeat_window_s for t in state.pushed_at.values()):
+                return False
+            last_day = datetime.fromtimestamp(now - 2 * 86_400.0, tz=timezone.utc).date().isoformat()
+            if any(day >= last_day for day, _ in state.sent_today.values()):
+                return False
+        del self._users[user_id]
+        return True
+
+    def to_state(self) -> dict:
+        """What each user was pushed (caps, repeats), as a plain tree for a snapshot:
+        ``{user: [last top items, {item: pushed at}, {channel: [local date, count]}]}``."""
+        return {"users": {u: [sorted(st.last_top), st.pushed_at, st.sent_today] for u, st in self._users.items()}}
+
+    def restore_state(self, state, where: str = "push policy") -> None:
+        """Take the users of :meth:`to_state`, each checked (this object's config applies).
+
+        >>> p = PushPolicy(); p._users["u"] = _UserPushState(frozenset({"a"}), {"a": 5.0}, {"email": ("2024-01-01", 1)})
+        >>> q = PushPolicy(); q.restore_state(p.to_state()); q._users == p._users
+        True
+        """
+        users = check(state, {"users": dict}, where)["users"]
+        out = {}
+        for u, entry in users.items():
+            ok = isinstance(entry, list) and len(entry) == 3
+            top, pushed, sent = entry if ok else ([], {}, {})
+            ok = (ok and isinstance(top, list) and all(type(i) is str for i in top) and isinstance(pushed, dict)
+                  and all(type(t) in (int, float) for t in pushed.values()) and isinstance(sent, dict)
+                  and all(isinstance(v, (list, tuple)) and len(v) == 2 and type(v[0]) is str and type(v[1]) is int
+                          for v in sent.values()))
+            if not ok:
+                raise StateError(f"{where}: the push state of a user is not [items, {{item: time}}, "
+                                 "{channel: [date, count]}]")
+            out[u] = _UserPushState(frozenset(top), {i: float(t) for i, t in pushed.items()},
+                                    {c: (d, n) for c, (d, n) in sent.items()})
+        self._users = out
+
     def knows(self, user_id: str) -> bool:
         return user_id in self._users
 
@@ -169,21 +288,51 @@ class PushPolicy:
                 count = 0
             if count >= cfg.daily_cap[channel]:
                 continue
+            message = self._message(prefs.user_id, channel, fresh, now, variant, title)
+            if message is None:  # cannot fit max_message_bytes even with one item: not sent, not counted
+                continue
             state.sent_today[channel] = (day, count + 1)
-            out.append(self._message(prefs.user_id, channel, fresh, now, variant, title))
-        if out:
-            for item_id, _, _ in fresh:
-                state.pushed_at[item_id] = now
+            out.append(message)
+        for message in out:  # the items sent (a message cut to its size limit holds fewer)
+            for it in message.items:
+                state.pushed_at[it["item_id"]] = now
         return out
 
     def _message(self, user_id: str, channel: str, fresh: list, now: float, variant: str | None,
-                 title: Callable[[str], str] | None) -> PushMessage:
+                 title: Callable[[str], str] | None) -> PushMessage | None:
+        """The message of ``fresh``, at most ``max_message_bytes`` as JSON: if larger, titles and reasons are
+        cut to :data:`SHORT_TEXT_CHARS`, then the last items dropped; None if even one item is too large."""
         cfg = self.config
-        items = tuple({"item_id": i, **({"title": title(i)} if title else {}), "score": round(float(s), 6),
-                       "reason": r} for i, s, r in fresh)
+        items = [{"item_id": i, **({"title": title(i)} if title else {}), "score": round(float(s), 6),
+                  "reason": r} for i, s, r in fresh]
+        message = self._build(user_id, channel, items, now, variant)
+        if len(orjson.dumps(message.to_dict())) <= cfg.max_message_bytes:  # every message of real titles
+            return message
+        items = [{**x, **({"title": _short(x["title"])} if "title" in x else {}), "reason": _short(x["reason"])}
+                 for x in items]
+        while items:
+            message = self._build(user_id, channel, items, now, variant)
+            if len(orjson.dumps(message.to_dict())) <= cfg.max_message_bytes:
+                return message
+            items.pop()
+        return None
+
+    def _build(self, user_id: str, channel: str, items: list[dict], now: float, variant: str | None) -> PushMessage:
+        cfg = self.config
+        items = tuple(items)
         digest = hashlib.blake2b(f"{user_id}|{channel}|{now!r}|{','.join(x['item_id'] for x in items)}".encode(),
                                  digest_size=8).hexdigest()
         more = f" and {len(items) - 1} more" if len(items) > 1 else ""
         first = items[0].get("title") or items[0]["item_id"]
         reason = f"new picks for you: {first}{more} ({items[0]['reason']})"
         return PushMessage(f"m-{digest}", user_id, channel, items, reason, cfg.campaign, variant, now, now + cfg.ttl_s)
+
+
+#: Titles and reasons of a message over ``PushConfig.max_message_bytes`` are cut to this many characters.
+SHORT_TEXT_CHARS = 80
+
+
+def _short(text: str) -> str:
+    """``text`` cut to :data:`SHORT_TEXT_CHARS` (ending in "…")."""
+    text = str(text)
+    return text if len(text) <= SHORT_TEXT_CHARS else text[:SHORT_TEXT_CHARS - 1] + "\u2026"

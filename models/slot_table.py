@@ -133,6 +133,32 @@ class SlotTable:
             state["table"] = np.ascontiguousarray(np.stack([state.pop("keys"), state.pop("vals")], axis=1))
         self.__dict__.update(state)
 
+    @classmethod
+    def from_arrays(cls, table: np.ndarray, meta: np.ndarray, where: str = "slot table") -> SlotTable:
+        """A table from its two arrays as a snapshot holds them, checked so that the compiled probes
+        stay inside it: a power-of-two size at most half full, the shift that size gives, and the count
+        of the keys held.
+
+        >>> t = SlotTable(); t.insert_many(np.array([3]), np.array([9]))
+        >>> SlotTable.from_arrays(t.table, t.meta).get(3)
+        9
+        """
+        from models.state_fields import StateError  # a leaf module: imported where snapshots are read
+
+        ok = (isinstance(table, np.ndarray) and isinstance(meta, np.ndarray) and table.dtype == np.int64
+              and meta.dtype == np.int64 and table.ndim == 2 and table.shape[1] == 2 and meta.shape == (2,))
+        size = table.shape[0] if ok else 0
+        ok = ok and size >= 16 and size & (size - 1) == 0 and int(meta[SHIFT]) == 64 - size.bit_length() + 1
+        if ok:
+            live = table[:, 0] != EMPTY
+            ok = int(meta[COUNT]) == int(live.sum()) and 2 * int(meta[COUNT]) <= size and bool(
+                (table[live, 0] >= 0).all())
+        if not ok:
+            raise StateError(f"{where}: not a slot table (size, shift or count do not fit)")
+        t = cls.__new__(cls)
+        t.table, t.meta = np.ascontiguousarray(table), np.ascontiguousarray(meta)
+        return t
+
     def __len__(self) -> int:
         return int(self.meta[COUNT])
 

@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 from models.scratch import forget_memo, memo_of
+from models.state_fields import Array, StateError, check, take
 
 
 class Trending:
@@ -58,6 +59,31 @@ class Trending:
         self.segment_max = np.zeros(n_segments)
         self.n_items = 0
 
+    #: what a snapshot holds of the scores (:mod:`models.state_fields`); the settings come from the config
+    STATE = {"momentum_": Array(np.dtype(np.float64), 1), "global_": Array(np.dtype(np.float64), 1),
+             "segment_": Array(np.dtype(np.float64), 2), "global_max": float,
+             "segment_max": Array(np.dtype(np.float64), 1), "n_items": int}
+
+    def to_state(self) -> dict:
+        """The scores as a plain tree (see :meth:`restore_state`)."""
+        return take(self, self.STATE)
+
+    def restore_state(self, state, arrays=(), where: str = "trending") -> None:
+        """Take the scores of :meth:`to_state`; refused unless they fit this object's segments.
+
+        >>> t = Trending(n_segments=1); t.ensure(2); t.add([1], [0], [2.0], [2.0])
+        >>> u = Trending(n_segments=1); u.restore_state(t.to_state()); u.top(1).tolist()
+        [1]
+        """
+        f = check(state, self.STATE, where, arrays)
+        cap = f["global_"].shape[0]
+        if (f["momentum_"].shape != (cap,) or f["segment_"].shape != (self.n_segments, cap)
+                or f["segment_max"].shape != (self.n_segments,) or not 0 <= f["n_items"] <= cap):
+            raise StateError(f"{where}: the scores do not fit {self.n_segments} segments")
+        forget_memo(self)
+        for name, v in f.items():
+            setattr(self, name, v)
+
     def ensure(self, n_items: int) -> None:
         """Make room for ``n_items`` columns."""
         if n_items <= self.n_items:
@@ -76,6 +102,10 @@ class Trending:
         s = np.zeros((self.n_segments, new))
         s[:, :cap] = self.segment_
         self.global_, self.segment_ = g, s
+
+    def changed(self) -> None:
+        """Forget the remembered top lists: call after writing the score arrays directly."""
+        forget_memo(self)
 
     def rescale(self, factor: float, factor_m: float = 1.0) -> None:
         """Multiply every score by ``factor`` (moving the reference time); ``factor_m`` for momentum."""

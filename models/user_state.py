@@ -20,7 +20,8 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from models.events import EVENT_TYPES
-from models.profile import records
+from models.profile import _HIST_FIELDS as HIST_FIELDS, ROW_SCALARS, records
+from models.state_fields import StateError, array, check
 
 #: 2: columns (numpy arrays) for all the users; 1: a dict of records per user (still imported)
 STATE_VERSION = 2
@@ -62,6 +63,54 @@ def export_users(engine, user_ids: Iterable[str]) -> dict:
     return {"version": STATE_VERSION, "t0": engine._t0, "lam": prof.lam, "users": ids,
             "items": [cat.item_id(i) for i in used.tolist()], "features": [cat.feature_name(f) for f in feats.tolist()],
             "types": list(EVENT_TYPES), **cols}
+
+
+def users_from_state(state, arrays=(), where: str = "users") -> dict:
+    """An :func:`export_users` record read from a snapshot's tree (its arrays in ``arrays``), checked so
+    that every index points inside its table and every column has the length its users need;
+    :class:`~models.state_fields.StateError` otherwise.
+
+    >>> from models import Engine
+    >>> a = Engine(); a.learn_one({"event_id": "e1", "user_id": "ann", "type": "view", "ts": 1000.0, "item_id": "tea"})
+    >>> state = export_users(a, ["ann"]); b = Engine(); import_users(b, users_from_state(state))
+    >>> b.profile("ann") == a.profile("ann")
+    True
+    """
+    cols = [name for name, _ in ROW_SCALARS] + [name for name, _ in HIST_FIELDS] + [
+        "hist_len", "consumed", "consumed_len", "feat_key", "feat_val", "feat_len"]
+    f = check(state, {"version": int, "t0": (float, type(None)), "lam": float, "users": list, "items": list,
+                      "features": list, "types": list}, where, arrays)
+    if f["version"] != STATE_VERSION:
+        raise StateError(f"{where}: user state version {f['version']}; this infogap reads {STATE_VERSION}")
+    for name in ("users", "items", "features", "types"):
+        if not all(type(x) is str for x in f[name]):
+            raise StateError(f"{where}: {name!r} must be a list of strings")
+    if set(f["types"]) - set(EVENT_TYPES) or len(set(f["users"])) != len(f["users"]):
+        raise StateError(f"{where}: unknown event types, or a user twice")
+    if not isinstance(state, Mapping) or any(name not in state for name in cols):
+        raise StateError(f"{where}: columns missing")
+    c = {name: array(state[name], arrays) for name in cols}
+    if not all(isinstance(a, np.ndarray) and a.ndim == 1 and a.dtype.kind in "iuf" for a in c.values()):
+        raise StateError(f"{where}: every column must be a one-dimensional array of numbers")
+    n, n_items = len(f["users"]), len(f["items"])
+
+    def within(a, lo, hi) -> bool:
+        return a.size == 0 or (a.dtype.kind in "iu" and a.min() >= lo and a.max() < hi)
+
+    lens = [c[k] for k in ("hist_len", "consumed_len", "feat_len")]
+    ok = (all(c[name].size == n for name, _ in ROW_SCALARS) and all(a.size == n and within(a, 0, 2 ** 31)
+                                                                   for a in lens)
+          and all(c[name].size == int(c["hist_len"].sum()) for name, _ in HIST_FIELDS)
+          and c["consumed"].size == int(c["consumed_len"].sum())
+          and c["feat_key"].size == c["feat_val"].size == int(c["feat_len"].sum())
+          and within(c["hist_item"], -1, n_items) and within(c["last_item"], -1, n_items)
+          and within(c["consumed"], 0, n_items) and within(c["feat_key"], 0, len(f["features"]))
+          and within(c["hist_type"], 0, len(f["types"])) and within(c["segment"], -1, 2 ** 31)
+          and within(c["n_push"], 0, 2 ** 62))
+    if not ok:
+        raise StateError(f"{where}: the columns do not fit {n} users, {n_items} items and "
+                         f"{len(f['features'])} categories")
+    return {**f, **c}
 
 
 def user_records(state: Mapping) -> dict[str, dict]:

@@ -6,6 +6,12 @@ belongs to that partition: their model state (exported from the engine with
 history (caps, repeats), the experiment attribution and the partition's lateness watermark. Each
 partition's state is one snapshot record with the offset it covers; a worker that is assigned the
 partition (after a restart, or from another worker) imports it and resumes from that offset.
+
+**Eviction** (:meth:`UserPartition.evict`): users without an event for ``user_idle_evict_s`` of event
+time, and past ``max_users_per_partition`` the least recent, leave the worker's memory (engine rows,
+segment membership, this partition's set, push state whose windows have passed), hence also the next
+snapshots. It is not an erasure: their Redis keys stay until their TTL, and one who comes back starts
+fresh.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from dataclasses import dataclass, field
 from models.dedupe import Deduplicator
 from models.experiments import ExperimentMetrics
 from models.push_policy import PushConfig, PushPolicy
+from models.state_fields import StateError, check, encode_float
 from stream.experiments_store import metrics_config
 from stream.settings import Settings
 
@@ -36,7 +43,59 @@ class UserPartition:
         return cls(partition, Deduplicator(settings.dedupe_window_s, settings.dedupe_max_ids), PushPolicy(push),
                    ExperimentMetrics(metrics_config(settings, shard=partition)))
 
+    def to_state(self) -> dict:
+        """The partition's dedupe window, push history, experiment attribution, users and watermark as a
+        plain tree (:mod:`models.state_fields`); the model state of its users goes beside it."""
+        return {"dedupe": self.dedupe.to_state(), "push": self.push.to_state(),
+                "experiments": self.experiments.to_state(), "users": sorted(self.users),
+                "watermark": encode_float(self.watermark)}
+
+    def restore_state(self, state, arrays=(), where: str = "user partition") -> None:
+        """Take :meth:`to_state`'s tree into this partition (made from the current settings)."""
+        f = check(state, {"dedupe": dict, "push": dict, "experiments": dict, "users": list, "watermark": float},
+                  where, arrays)
+        if not all(type(u) is str for u in f["users"]):
+            raise StateError(f"{where}: 'users' must be a list of user ids")
+        self.dedupe.restore_state(f["dedupe"], arrays, f"{where}: dedupe")
+        self.push.restore_state(f["push"], f"{where}: push")
+        self.experiments.restore_state(f["experiments"], arrays, f"{where}: experiments")
+        self.users, self.watermark = set(f["users"]), f["watermark"]
+
     def forget_user(self, user_id: str) -> None:
         self.users.discard(user_id)
         self.push.forget_user(user_id)
         self.experiments.forget_user(user_id)
+
+    #: eviction bookkeeping, not state (a restored partition starts them afresh): the event time of the last
+    #: sweep for idle users and the events since
+    _swept_at = float("-inf")
+    _since_sweep = 0
+
+    def evict(self, engine, newest: float | None, n_events: int, settings: Settings) -> list[str]:
+        """After a batch of ``n_events`` records: evict this partition's users idle at event time ``newest``
+        (the partition's newest event; None: unknown) and the least recent past the cap, down to 90 % of it.
+        Returns their ids. A sweep reads every user's last event time (~0.5 us a user), so it runs only
+        when the partition is over the cap (then once per a tenth of the cap in new users), or for idle users
+        after ``user_evict_every_s`` of event time and as many events as it holds users: amortised O(1)
+        per event.
+
+        Experiment attribution needs nothing here (it keeps users only within its own windows)."""
+        cap, idle_s = settings.max_users_per_partition, settings.user_idle_evict_s
+        self._since_sweep += n_events
+        n = len(self.users)
+        over = 0 < cap < n
+        due = (idle_s > 0 and newest is not None and newest >= self._swept_at + settings.user_evict_every_s
+               and self._since_sweep >= n)
+        if not over and not due:
+            return []
+        now = newest if newest is not None else float("-inf")
+        if newest is not None:
+            self._swept_at = newest
+        self._since_sweep = 0
+        gone = engine.stale_users(self.users, now, idle_s if idle_s > 0 else float("inf"),
+                                  cap - cap // 10 if over else None)
+        engine.evict_users(gone)
+        for user_id in gone:
+            self.users.discard(user_id)
+            self.push.evict_user(user_id, now)
+        return gone

@@ -87,16 +87,16 @@ async def model_from_snapshots(settings, item_ids: list[str]):
     Returns (engine, {partition: Snapshot}); the engine holds every snapshotted partition's users.
     """
     from models import Engine
-    from models.user_state import import_users
+    from models.user_state import import_users, users_from_state
     from stream.neighbour_cache import decode_row
     from stream.redis_keys import RedisKeys
     from stream.redis_store import RedisStore
     from stream.snapshots import SnapshotStore
     
-    snaps = await SnapshotStore(settings, settings.topics.state_users).load(list(range(6)))
+    snaps = await SnapshotStore(settings, settings.topics.state_users, "users").load(list(range(6)))
     engine = Engine(settings.engine_config(), cooc="remote", population="remote")
     for snap in snaps.values():
-        import_users(engine, snap.state["users"])
+        import_users(engine, users_from_state(snap.state["users"], snap.arrays))
     r = connections.redis_async(settings)
     try:
         keys = RedisKeys(settings.redis_prefix)
@@ -108,3 +108,12 @@ async def model_from_snapshots(settings, item_ids: list[str]):
         engine.load_population(got["model"], got["trending"], got["at"], got["momentum"])
     engine.load_rows(decode_row(raw) for raw in raws if raw is not None)
     return engine, snaps
+
+
+def experiment_counts(snap) -> dict:
+    """The experiment counters a user-stage snapshot holds: ``{Segment: Counts}``."""
+    from models.experiments import ExperimentMetrics
+
+    metrics = ExperimentMetrics()
+    metrics.restore_state(snap.state["part"]["experiments"], snap.arrays)
+    return metrics.counts()
