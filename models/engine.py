@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -109,6 +109,9 @@ class EngineConfig:
     n_neighbours, evict_fraction, door_bits, min_support
         Memory bound M per item, share of a full row freed at once, admission door size (0: off),
         co-occurrences needed before a pair is published by :meth:`Engine.similar` or cited.
+    reason_min_support
+        A reason cites a pair ("bought together with X by N users (lift L)") only with at least this many
+        co-occurrences (and ``min_support``) and a lift above 1 as shown; else the next true reason.
     pop_exponent, sym_weight, momentum, momentum_half_life_days
         Ranker: neighbour votes are scaled by ``pop ** -pop_exponent`` on both ends, symmetric
         votes weigh ``sym_weight``, and ``(recent pop / long pop) ** momentum`` favours rising items.
@@ -158,6 +161,7 @@ class EngineConfig:
     n_neighbours: int = 400
     evict_fraction: float = 0.25
     min_support: int = 2
+    reason_min_support: int = 3
     door_bits: int = 0
     pop_exponent: float = 0.2
     # ranker (query)
@@ -190,7 +194,8 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("top_n", "history_len", "window", "n_neighbours", "query_len", "n_segments", "segment_every"):
+        for name in ("top_n", "history_len", "window", "n_neighbours", "query_len", "n_segments", "segment_every",
+                     "reason_min_support"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("window", "query_len"):
@@ -625,7 +630,7 @@ class Engine:
                 tr.segment_[seg, rows] = scores
         tr.global_max = float(tr.global_[:n].max(initial=0.0))
         tr.segment_max[:] = tr.segment_[:, :n].max(axis=1, initial=0.0)
-        tr.ensure(n)  # forgets remembered top lists
+        tr.changed()  # the scores were replaced: the remembered top lists are stale
         return self._assign_unassigned()
 
     def _assign_unassigned(self) -> list[str]:
@@ -754,6 +759,42 @@ class Engine:
         self._segmenter.remove_member(r, self._profiles.segment[r])
         self._profiles.forget(user_id)
 
+    def stale_users(self, user_ids: Collection[str], now: float, idle_s: float = math.inf,
+                    keep: int | None = None) -> list[str]:
+        """Of ``user_ids``, those to evict at event time ``now``: every one whose last event is more than
+        ``idle_s`` before ``now`` (and unknown ones), then the least recent beyond ``keep`` (read only;
+        one numpy pass over their last event times).
+
+        >>> e = Engine()
+        >>> for k, u in enumerate("abcd"): e.learn_one({"user_id": u, "type": "view", "ts": 100.0 * k, "item_id": "i"})
+        >>> e.stale_users("abcd", now=300.0, idle_s=250.0), sorted(e.stale_users("abcd", now=300.0, keep=2))
+        (['a'], ['a', 'b'])
+        """
+        ids = list(user_ids)
+        ts = self._profiles.last_seen(ids)
+        gone = ts < now - idle_s
+        extra = int(ts.size - gone.sum()) - (ts.size if keep is None else max(int(keep), 0))
+        if extra > 0:  # the least recent of those left
+            left = np.flatnonzero(~gone)
+            gone[left[np.argpartition(ts[left], extra - 1)[:extra]]] = True
+        return [ids[k] for k in np.flatnonzero(gone).tolist()]
+
+    def evict_users(self, user_ids: Iterable[str]) -> int:
+        """Drop users from memory (rows and segment membership; their rows are reused), e.g. those of
+        :meth:`stale_users`. Not an erasure: it frees memory, and a user who comes back starts fresh.
+        Returns how many were held.
+
+        >>> e = Engine(); e.learn_one({"user_id": "a", "type": "view", "ts": 1.0, "item_id": "i"})
+        >>> e.evict_users(["a", "zed"]), e.known_user("a"), e.stats()["users"]
+        (1, False, 0)
+        """
+        prof, seg = self._profiles, self._segmenter
+        rows = sorted(r for r in map(prof.find, dict.fromkeys(user_ids)) if r is not None)
+        for r in rows:
+            seg.remove_member(r, prof.segment[r])
+        prof.release(rows)
+        return len(rows)
+
     def known_user(self, user_id: str) -> bool:
         """Whether the engine holds state for ``user_id``."""
         return self._profiles.find(user_id) is not None
@@ -850,9 +891,9 @@ class Engine:
         return out
 
     def stats(self) -> dict[str, int]:
-        """Sizes of the state, for memory monitoring."""
+        """Sizes of the state, for memory monitoring (``user_rows``: user rows allocated, in use or free)."""
         prof, co = self._profiles, self._cooc
-        return {"users": len(prof), "items": len(self._catalog), "cooc_slots": co.n_slots,
+        return {"users": len(prof), "user_rows": len(prof._ids), "items": len(self._catalog), "cooc_slots": co.n_slots,
                 "cooc_slot_capacity": int(co.nb.size), "history_capacity": int(prof.hist_item.size),
                 "consumed": int(sum(prof._cons_n)), "segments": self.config.n_segments,
                 "events_learned": self.n_learned}

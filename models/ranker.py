@@ -25,7 +25,9 @@ catalog with few interactions, for users whose category mix covers them (cold it
 **Reasons.** Every item names the component that contributed most: the recent item that voted most
 for it with the pair's support and lift ("bought together with X by 42 users (lift 3.1)"), "trending
 in your segment", "trending now", "new in Comedy, which you like", "popular in Comedy, which you like".
-Reads never change the engine.
+A pair is cited only when its lift shows above 1 (:data:`REASON_MIN_LIFT`) and at least
+``reason_min_support`` users back it; otherwise the reason is the next true one: a liked category of
+the item, then its segment or global trend. Reads never change the engine.
 
 **Where it runs.** All of the above up to the picks and their reasons' data is one compiled call
 (:mod:`models.rank_core`); this module turns its picks into :class:`Recommendation` objects, adds the
@@ -93,9 +95,8 @@ _VERBS = {"purchase": ("bought", "bought"), "add_to_cart": ("bought", "put in yo
           "push_click": ("viewed", "opened"), "push_open": ("viewed", "opened")}
 
 
-#: By event type code: the verb of "<verb> together with X" and of "goes with X, which you <did>".
+#: By event type code: the verb of "<verb> together with X".
 _TOGETHER = tuple(_VERBS.get(t, ("chosen", "chose"))[0] for t in EVENT_TYPES)
-_DID = tuple(_VERBS.get(t, ("chosen", "chose"))[1] for t in EVENT_TYPES)
 #: The dominant part's codes (:data:`models.selection.PARTS`).
 _COOC, _SEGMENT, _GLOBAL = (PARTS.index(p) for p in ("cooc", "segment", "global"))
 
@@ -307,15 +308,20 @@ def _explain(engine, cfg, u: int, picked: list[int], picks: list[int], packed: n
     mix = None
     out = []
     ids, titles = cat._ids, cat._titles
-    min_support = cfg.min_support
+    min_support = max(cfg.min_support, cfg.reason_min_support)
     for i, r in zip(at, picked):
         d = dom[i] if i >= 0 else -1
-        if d == _COOC and anchor[i] >= 0:
-            a, t = anchor[i], atype[i]
-            if count[i] >= min_support:
-                reason = f"{_TOGETHER[t]} together with {titles[a] or ids[a]} by {count[i]} users (lift {lifts[i]:.1f})"
-            else:
-                reason = f"goes with {titles[a] or ids[a]}, which you {_DID[t]}"
+        if d == _COOC:
+            a = anchor[i]
+            if a >= 0 and count[i] >= min_support and lifts[i] >= REASON_MIN_LIFT:
+                reason = (f"{_TOGETHER[atype[i]]} together with {titles[a] or ids[a]} by {count[i]} users "
+                          f"(lift {lifts[i]:.1f})")
+            else:  # the pair would argue against the item (lift <= 1) or rest on a few users: the next true reason
+                feats = cat.features(r)
+                if feats and mix is None:
+                    mix = engine._profiles.mix(u)
+                reason = (feats and _liked(engine, cfg, r, feats, mix)) or _trend_reason(engine, u, r) \
+                    or "picked for you"
         elif d == _SEGMENT:
             reason = "trending in your segment"
         elif d == _GLOBAL:
@@ -323,14 +329,34 @@ def _explain(engine, cfg, u: int, picked: list[int], picks: list[int], packed: n
         else:
             if mix is None:
                 mix = engine._profiles.mix(u)
-            feats = cat.features(r)
-            liked = max(feats, key=lambda x: mix.get(x, 0.0)) if feats else None
-            fav = cat.feature_name(liked) if liked is not None and mix.get(liked, 0.0) > 0 else None
-            if fav and engine._item_events[r] < cfg.new_item_max_events:
-                reason = f"new in {fav}, which you like"
-            elif fav:
-                reason = f"popular in {fav}, which you like"
-            else:
-                reason = "popular right now"
+            reason = _liked(engine, cfg, r, cat.features(r), mix) or "popular right now"
         out.append(_new(Recommendation, (ids[r], scores[i] if i >= 0 else 0.0, reason)))
     return out
+
+
+#: A reason cites a pair's lift only when it shows above 1 with one decimal: a lift <= 1 means the two
+#: items go together no more often than by chance, an argument against the item.
+REASON_MIN_LIFT = 1.05
+
+
+def _liked(engine, cfg, r: int, feats, mix: dict[int, float]) -> str | None:
+    """"new/popular in <category>, which you like" when one of item ``r``'s categories ``feats`` is in the
+    user's category mix."""
+    cat = engine._catalog
+    liked = max(feats, key=lambda x: mix.get(x, 0.0)) if feats else None
+    if liked is None or not mix.get(liked, 0.0) > 0:
+        return None
+    fav = cat.feature_name(liked)
+    if not fav:
+        return None
+    return f"new in {fav}, which you like" if engine._item_events[r] < cfg.new_item_max_events else \
+        f"popular in {fav}, which you like"
+
+
+def _trend_reason(engine, u: int, r: int) -> str | None:
+    """"trending in your segment" / "trending now" when item ``r`` has a trending score there."""
+    tr = engine._trending
+    seg = int(engine._profiles.segment[u])
+    if 0 <= seg < tr.n_segments and tr.segment_.item(seg, r) > 0:
+        return "trending in your segment"
+    return "trending now" if tr.global_.item(r) > 0 else None

@@ -13,8 +13,12 @@ when read (:func:`models.experiments.summarize`), so every reader computes them 
 Values are written with HSET, never HINCRBY: a batch replayed after a crash rewrites the same
 absolute values instead of counting twice. The shard (a partition of ``events``, see
 ``MetricsConfig.shards``) gives every field a single writer when several workers share the topic;
-readers sum over shards. Campaign names may contain ``|`` (fields are split from both ends);
-variant names may not contain ``:``.
+readers sum over shards. Campaign, channel and variant are escaped (``%``, ``:`` and ``|`` as
+``%25``, ``%3A``, ``%7C``), so no value is misread however it is spelt.
+
+Only known segments reach the store: :func:`metrics_config` gives the worker's metrics the push
+campaign, ``INFOGAP_EXPERIMENT_CAMPAIGNS`` and the experiment's variants, and at most
+``INFOGAP_EXPERIMENT_MAX_SEGMENTS`` segments per partition are made from feedback contexts.
 """
 from __future__ import annotations
 
@@ -23,20 +27,42 @@ from dataclasses import replace
 
 import redis.asyncio as aioredis
 
-from models.experiments import COUNT_FIELDS, Counts, Experiment, MetricsConfig, Segment
+from models.experiments import (COUNT_FIELDS, NO_VARIANT, Counts, Experiment, MetricsConfig, Segment,
+                                validate_overrides)
+from models.push_policy import PushConfig
 from stream.redis_keys import RedisKeys
+from stream.redis_store import execute
 from stream.settings import TOPIC_PARTITIONS, Settings
 
 _SEP = "|"
+_ESCAPES = {"%": "%25", ":": "%3A", "|": "%7C"}
+
+
+def escape(value: str) -> str:
+    """``value`` with the store's separators escaped (``%`` first, so that it reads back exactly).
+
+    >>> escape("a:b|c%"), unescape(escape("a:b|c%3A")) == "a:b|c%3A"
+    ('a%3Ab%7Cc%25', True)
+    """
+    if "%" not in value and ":" not in value and "|" not in value:
+        return value
+    return "".join(_ESCAPES.get(ch, ch) for ch in value)
+
+
+def unescape(value: str) -> str:
+    """The inverse of :func:`escape`."""
+    if "%" not in value:
+        return value
+    return value.replace("%3A", ":").replace("%7C", "|").replace("%25", "%")
 
 
 def field_name(seg: Segment, count: str) -> str:
     """The hash field of one count of one segment (the variant is in the key).
 
-    >>> field_name(Segment(0, "recs", "email", "B"), "sent")
-    '0|recs|email|sent'
+    >>> field_name(Segment(0, "recs", "email", "B"), "sent"), field_name(Segment(1, "a|b", "x:y", "B"), "sent")
+    ('0|recs|email|sent', '1|a%7Cb|x%3Ay|sent')
     """
-    return f"{seg.shard}{_SEP}{seg.campaign}{_SEP}{seg.channel}{_SEP}{count}"
+    return f"{seg.shard}{_SEP}{escape(seg.campaign)}{_SEP}{escape(seg.channel)}{_SEP}{count}"
 
 
 def parse_fields(variant: str, raw: Mapping) -> dict[Segment, Counts]:
@@ -55,32 +81,58 @@ def parse_fields(variant: str, raw: Mapping) -> dict[Segment, Counts]:
         campaign, sep3, channel = campaign.rpartition(_SEP)
         if not (sep and sep2 and sep3 and shard.isdigit() and tail in COUNT_FIELDS):
             continue
-        grouped.setdefault(Segment(int(shard), campaign, channel, variant), {})[tail] = v
+        grouped.setdefault(Segment(int(shard), unescape(campaign), unescape(channel), variant), {})[tail] = v
     return {seg: Counts.from_dict(d) for seg, d in grouped.items()}
 
 
 def experiment_from_settings(settings: Settings) -> Experiment | None:
     """The configured experiment (``INFOGAP_EXPERIMENT``, a JSON object), or None.
 
+    Its variants' ranker settings are its ``"overrides"``, the one place to set them. The deprecated
+    ``INFOGAP_EXPERIMENT_OVERRIDES`` still adds to them (a variant given in both, differently: error).
+
     >>> from types import SimpleNamespace
-    >>> experiment_from_settings(SimpleNamespace(experiment={"name": "x", "variants": {"A": 1}})).assign("u1")
-    'A'
+    >>> exp = experiment_from_settings(SimpleNamespace(experiment={"name": "x", "variants": {"A": 1, "B": 1},
+    ...                                                            "overrides": {"B": {"w_segment": 0.5}}}))
+    >>> exp.assign("u1"), exp.overrides
+    ('B', {'B': {'w_segment': 0.5}})
     """
     spec = getattr(settings, "experiment", None)
-    return Experiment.from_spec(spec) if spec else None
+    if not spec:
+        return None
+    legacy = getattr(settings, "experiment_overrides", None)
+    if legacy and isinstance(spec, Mapping):
+        own = dict(spec.get("overrides") or {})
+        for variant, overrides in legacy.items():
+            if variant in own and validate_overrides(own[variant]) != validate_overrides(overrides):
+                raise ValueError(f"variant {variant!r} has ranker settings in both INFOGAP_EXPERIMENT (\"overrides\") "
+                                 f"and INFOGAP_EXPERIMENT_OVERRIDES, different ones; keep them in INFOGAP_EXPERIMENT")
+            own.setdefault(variant, overrides)
+        spec = {**spec, "overrides": own}
+    return Experiment.from_spec(spec)
 
 
 def metrics_config(settings: Settings, shards: int | None = None, shard: int | None = None) -> MetricsConfig:
     """Attribution and cost settings (``experiment_*``; defaults of :class:`MetricsConfig` where absent).
 
     ``shards`` should be the partition count of ``events`` (default: what ``infogap up`` creates);
-    ``shard``: a fixed shard, for one metrics object per input partition.
+    ``shard``: a fixed shard, for one metrics object per input partition. Feedback attributed by its
+    context alone counts only for the push campaign and ``experiment_campaigns``, and the experiment's
+    variants.
+
+    >>> from types import SimpleNamespace
+    >>> cfg = metrics_config(SimpleNamespace(experiment={"name": "x", "variants": {"A": 1, "B": 1}}), shard=2)
+    >>> sorted(cfg.campaigns), sorted(cfg.variants), cfg.shard
+    (['recs'], ['A', 'B', 'none'], 2)
     """
     values = {"shards": shards or TOPIC_PARTITIONS["events"], "shard": shard}
-    for name in ("cost_per_message", "attribution_window_s", "message_ttl_s", "max_messages"):
+    for name in ("cost_per_message", "attribution_window_s", "message_ttl_s", "max_messages", "max_segments"):
         v = getattr(settings, f"experiment_{name}", None)
         if v is not None:
             values[name] = dict(v) if name == "cost_per_message" else v
+    values["campaigns"] = frozenset({PushConfig().campaign, *(getattr(settings, "experiment_campaigns", None) or ())})
+    experiment = experiment_from_settings(settings)
+    values["variants"] = frozenset({NO_VARIANT, *(experiment.variants if experiment else ())})
     return replace(MetricsConfig(), **values)
 
 
@@ -95,14 +147,14 @@ class ExperimentStore:
         """HSET the absolute counts of the given segments in one pipeline; returns how many segments."""
         by_key: dict[str, dict[str, str]] = {}
         for seg, c in counts.items():
-            mapping = by_key.setdefault(self.keys.experiment(experiment, seg.variant), {})
+            mapping = by_key.setdefault(self.keys.experiment(experiment, escape(seg.variant)), {})
             for name, value in c.to_dict().items():
                 mapping[field_name(seg, name)] = repr(value) if isinstance(value, float) else str(value)
         if by_key:
             pipe = self.client.pipeline(transaction=False)
             for key, mapping in by_key.items():
                 pipe.hset(key, mapping=mapping)
-            await pipe.execute()
+            await execute(pipe)  # WRONGTYPE names its keys (the worker overwrites them)
         return len(counts)
 
     async def experiments(self) -> dict[str, list[str]]:
@@ -113,7 +165,7 @@ class ExperimentStore:
             key = key.decode() if isinstance(key, bytes) else key
             name, sep, variant = key[len(head):].rpartition(":")
             if sep and name:
-                found.setdefault(name, []).append(variant)
+                found.setdefault(name, []).append(unescape(variant))
         return {k: sorted(v) for k, v in sorted(found.items())}
 
     async def read(self, experiment: str, variants: list[str] | None = None) -> dict[Segment, Counts]:
@@ -122,7 +174,7 @@ class ExperimentStore:
             variants = (await self.experiments()).get(experiment, [])
         pipe = self.client.pipeline(transaction=False)
         for v in variants:
-            pipe.hgetall(self.keys.experiment(experiment, v))
+            pipe.hgetall(self.keys.experiment(experiment, escape(v)))
         out: dict[Segment, Counts] = {}
         for v, raw in zip(variants, await pipe.execute() if variants else []):
             out.update(parse_fields(v, raw))

@@ -281,13 +281,15 @@ def test_different_experiments_shuffle_independently():
 
 
 def test_overrides_and_validation():
-    exp = Experiment.from_spec({"name": "x", "variants": {"A": 1, "B": 3}, "overrides": {"B": {"diversity": 0.3}}})
-    assert exp.overrides_for("B") == {"diversity": 0.3} and exp.overrides_for("A") == {}
-    exp.overrides_for("B")["diversity"] = 9  # a copy
-    assert exp.overrides_for("B") == {"diversity": 0.3}
+    exp = Experiment.from_spec({"name": "x", "variants": {"A": 1, "B": 3},
+                                "overrides": {"B": {"max_category_share": 0.3}}})
+    assert exp.overrides_for("B") == {"max_category_share": 0.3} and exp.overrides_for("A") == {}
+    exp.overrides_for("B")["max_category_share"] = 9  # a copy
+    assert exp.overrides_for("B") == {"max_category_share": 0.3}
     for bad in ({"name": "", "variants": {"A": 1}}, {"name": "x", "variants": {}},
                 {"name": "x", "variants": {"A": 0}}, {"name": "x", "variants": {"A:1": 1}},
-                {"name": "x", "variants": {"A": 1}, "overrides": {"Z": {}}}):
+                {"name": "x", "variants": {"A": 1}, "overrides": {"Z": {}}},
+                {"name": "x", "variants": {"A": 1}, "overrides": {"A": {"diversity": 0.3}}}):  # not a ranker setting
         with pytest.raises(ValueError):
             Experiment.from_spec(bad)
     assert pickle.loads(pickle.dumps(exp)).assign("u1") == exp.assign("u1")
@@ -305,3 +307,67 @@ def test_unit_hash_is_uniform_enough():
     xs = [unit_hash("h", i) for i in range(10_000)]
     assert all(0 <= x < 1 for x in xs)
     assert abs(sum(xs) / len(xs) - 0.5) < 0.02
+
+
+# ------------------------------------------------------------------------------------------ hostile contexts
+STRICT = MetricsConfig(cost_per_message={"email": 0.5, "app": 0.1}, campaigns=frozenset({"recs"}),
+                       variants=frozenset({"A", "B"}), max_segments=6)
+
+
+def test_context_feedback_counts_only_for_known_campaigns_and_variants():
+    m = ExperimentMetrics(STRICT)
+    m.record_send(send("m1", "u1", campaign="other"))  # a send always counts, whatever its campaign
+    assert m.observe(fb(1, "u1", "click", 1100, campaign="recs", channel="email", variant="A"))
+    assert m.observe(fb(2, "u1", "click", 1100, campaign="recs", channel="email"))  # no variant: "none"
+    assert not m.observe(fb(3, "u1", "click", 1100, campaign="evil", channel="email", variant="A"))
+    assert not m.observe(fb(4, "u1", "click", 1100, campaign="recs", channel="email", variant="A:x"))
+    assert m.observe(fb(5, "u1", "click", 1100, mid="m1"))  # a sent message: by its id
+    assert m.observe(fb(6, "u1", "click", 1100, campaign="recs", channel="fax|x", variant="B"))  # unknown channel
+    assert set(m.counts()) == {Segment(0, "other", "email", "A"), Segment(0, "recs", "email", "A"),
+                               Segment(0, "recs", "email", NO_VARIANT), Segment(0, "recs", "unknown", "B")}
+    assert (m.unattributed, m.overflow) == (2, 0)
+
+
+def test_context_message_ids_are_not_remembered_when_campaigns_are_checked():
+    m = ExperimentMetrics(STRICT)
+    for k in range(100):
+        m.observe(fb(k, "u1", "impression", 1000 + k, mid=f"forged-{k}", campaign="recs", channel="email", variant="A"))
+    assert len(m) == 0 and b"forged" not in pickle.dumps(m)
+    assert m.counts()[Segment(0, "recs", "email", "A")].impressions == 100  # counted, as without an id
+
+
+def test_segments_made_from_contexts_are_capped_and_the_overflow_counted():
+    m = ExperimentMetrics(MetricsConfig(max_segments=5))  # no known lists: any campaign, the cap still holds
+    m.record_send(send("m1", "u1"))
+    for k in range(1000):
+        m.observe(fb(k, "u1", "click", 1100, campaign=f"c{k}", channel="email", variant=f"v{k}"))
+    assert len(m.counts()) == 5 and m.overflow == 996  # the send's segment and four from contexts
+    assert m.observe(fb(5000, "u1", "click", 1100, campaign="c0", channel="email", variant="v0"))  # a known one
+    assert m.observe(fb(5001, "u1", "push_click", 1100, mid="m1"))
+    assert m.counts()[Segment(0, "recs", "email", "A")].clicks == 1
+
+
+def test_metrics_pickled_before_the_checks_restore_with_their_defaults():
+    m = ExperimentMetrics(CFG)
+    old = object.__new__(MetricsConfig)  # as an older version pickled it: the fields of then only
+    for name in ("cost_per_message", "attribution_window_s", "message_ttl_s", "max_messages", "shards", "shard"):
+        object.__setattr__(old, name, getattr(CFG, name))
+    m.config = old
+    state = dict(m.__dict__)
+    del state["overflow"]
+    back = ExperimentMetrics.__new__(ExperimentMetrics)
+    back.__setstate__(state)  # what unpickling an older snapshot calls (its config lacks the new fields)
+    assert (back.config.campaigns, back.config.max_segments, back.overflow) == (None, 1_000, 0)
+    assert back.config.cost_per_message == CFG.cost_per_message
+    back.reconfigure(STRICT)
+    assert not back.observe(fb(1, "u1", "click", 1100, campaign="evil", channel="email", variant="A"))
+
+
+def test_store_fields_and_keys_escape_the_separators():
+    from stream.experiments_store import escape, field_name, parse_fields, unescape
+
+    seg = Segment(3, "a|b:c%7C", "e|m:x", "v")
+    raw = {field_name(seg, "clicks"): "2", field_name(seg, "sent"): "4"}
+    assert parse_fields("v", raw) == {seg: Counts(sent=4, clicks=2)}
+    for s in ("A", "x:y", "a|b", "%3A", "%", "::||%%", ""):
+        assert unescape(escape(s)) == s and ":" not in escape(s) and "|" not in escape(s)

@@ -246,3 +246,58 @@ def test_settings_engine_sets_the_workers_engine_config(monkeypatch):
     monkeypatch.setenv("INFOGAP_ENGINE", '{"window": 0}')
     with pytest.raises(ValidationError, match=r"INFOGAP_ENGINE: window must be >= 1, got 0"):
         Settings()
+
+
+# ------------------------------------------------------------------------------ one way: INFOGAP_EXPERIMENT
+def test_the_experiment_carries_its_variants_ranker_settings(monkeypatch):
+    from stream.experiments_store import experiment_from_settings
+
+    monkeypatch.setenv("INFOGAP_EXPERIMENT", '{"name": "recs-v2", "variants": {"A": 0.5, "B": 0.5}, '
+                                             '"overrides": {"B": {"w_segment": 1, "new_item_slots": 2.0}}}')
+    exp = experiment_from_settings(Settings())
+    assert exp.overrides == {"B": {"new_item_slots": 2, "w_segment": 1.0}}
+    assert type(exp.overrides["B"]["new_item_slots"]) is int
+    assert exp.overrides.get("A") is None  # A ranks with the defaults
+    e = _planted()
+    assert e.recommend("u", 5, overrides=exp.overrides["B"]) != e.recommend("u", 5)
+
+
+@pytest.mark.parametrize("overrides, msg", [
+    ('{"B": {"diversity": 0.3}}', r"INFOGAP_EXPERIMENT: experiment 'x', variant 'B': 'diversity' is not a ranker"),
+    ('{"B": {"query_len": 80}}', r"INFOGAP_EXPERIMENT: variant 'B': query_len \(80\) must not exceed history_len"),
+    ('{"C": {"w_cooc": 1}}', r"INFOGAP_EXPERIMENT: overrides name variants \['C'\]"),
+])
+def test_a_bad_experiment_override_stops_the_process_at_start(monkeypatch, overrides, msg):
+    monkeypatch.setenv("INFOGAP_EXPERIMENT", '{"name": "x", "variants": {"A": 1, "B": 1}, "overrides": %s}' % overrides)
+    with pytest.raises(ValidationError, match=msg):
+        Settings()
+
+
+def test_the_old_overrides_setting_is_a_deprecated_alias(monkeypatch):
+    from stream.experiments_store import experiment_from_settings
+
+    monkeypatch.setenv("INFOGAP_EXPERIMENT", '{"name": "x", "variants": {"A": 1, "B": 1}}')
+    monkeypatch.setenv("INFOGAP_EXPERIMENT_OVERRIDES", '{"B": {"w_segment": 0.5}}')
+    with pytest.warns(FutureWarning, match="INFOGAP_EXPERIMENT_OVERRIDES is deprecated"):
+        s = Settings()
+    assert experiment_from_settings(s).overrides == {"B": {"w_segment": 0.5}}
+    monkeypatch.setenv("INFOGAP_EXPERIMENT", '{"name": "x", "variants": {"A": 1, "B": 1}, '
+                                             '"overrides": {"B": {"w_segment": 0.7}}}')
+    with pytest.warns(FutureWarning), pytest.raises(ValidationError, match="both INFOGAP_EXPERIMENT"):
+        Settings()
+    monkeypatch.delenv("INFOGAP_EXPERIMENT")
+    with pytest.warns(FutureWarning, match="without INFOGAP_EXPERIMENT they have no effect"):
+        assert experiment_from_settings(Settings()) is None
+
+
+def test_feedback_campaigns_and_segment_cap_come_from_the_settings(monkeypatch):
+    from stream.experiments_store import metrics_config
+
+    monkeypatch.setenv("INFOGAP_EXPERIMENT", '{"name": "x", "variants": {"A": 1, "B": 1}}')
+    monkeypatch.setenv("INFOGAP_EXPERIMENT_CAMPAIGNS", '["winter"]')
+    monkeypatch.setenv("INFOGAP_EXPERIMENT_MAX_SEGMENTS", "50")
+    cfg = metrics_config(Settings(), shard=1)
+    assert (cfg.campaigns, cfg.variants, cfg.max_segments) == ({"recs", "winter"}, {"A", "B", "none"}, 50)
+    monkeypatch.setenv("INFOGAP_EXPERIMENT_MAX_SEGMENTS", "0")
+    with pytest.raises(ValidationError):
+        Settings()
