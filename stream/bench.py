@@ -11,7 +11,8 @@ Three measurements, each on its own topics, consumer group and Redis prefix:
    being acknowledged, as the worker measures it (``/stats``): p50, p95, p99. Consumer lag is
    sampled meanwhile.
 3. **memory**: the worker's RSS after each run, and the model's own memory per 100k users and
-   per 10k items (tracemalloc over an in-process ``models.Engine``).
+   per 10k items (tracemalloc over an in-process ``models.Engine``), then the users' memory after a
+   flood of 200k one-event user ids evicted as a worker's partition does (``max_users_per_partition``).
 
 With ``repeat``, the runs of 1 and 2 take turns that many times and each is reported as its median
 run (:func:`stream.repeats.median_run`): this machine's speed drifts by up to a third within minutes.
@@ -215,13 +216,62 @@ async def freshness(settings: Settings, rate: float, seconds: float, stream: Syn
             "worker_memory": mem}
 
 
+async def worker_flood(settings: Settings, ids: int, cap: int, out: Path = Path("out/bench")) -> dict:
+    """A user-stage worker process's RSS before and after a flood of ``ids`` one-event user ids, with
+    ``INFOGAP_MAX_USERS_PER_PARTITION=cap`` (0: no cap). Not part of :func:`run` (a minute or two)."""
+    s = _scoped(settings, "ev-" + uuid.uuid4().hex[:6])
+    local.ensure_topics(s)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time() - ids / 100.0
+    events = [orjson.dumps({"event_id": f"e{k}", "user_id": f"flood-{k}", "type": "view", "item_id": f"i{k % 500}",
+                            "ts": t0 + k / 100.0}) for k in range(ids)]
+    await publish(s, [], items=[{"item_id": f"i{k}", "title": f"Item {k}"} for k in range(500)], progress=False)
+    worker = WorkerProcess(s, out / "bench-worker-eviction.log",
+                           {"INFOGAP_MAX_USERS_PER_PARTITION": str(cap), "INFOGAP_STAGES": "users"})
+    try:
+        await worker.wait_until(lambda st: st["batches"] >= 0, 120, "the worker to start")
+        await asyncio.sleep(2.0)  # the worker joins its group and reads the catalog
+        before = _rss_mb(worker.proc.pid)
+        await publish(s, events, total=ids, progress=False)
+        await worker.wait_until(lambda st: st["events_in"] >= ids, 600, f"{ids} events consumed")
+        after = _rss_mb(worker.proc.pid)
+    finally:
+        worker.stop()
+        await _cleanup(s)
+    return {"ids": ids, "max_users_per_partition": cap, "rss_before_mb": before["rss_mb"],
+            "rss_after_mb": after["rss_mb"], "peak_rss_mb": after["peak_rss_mb"]}
+
+
 def _row_bytes(engine) -> int:
     co = engine._cooc
     return co.nb.nbytes + co.vals.nbytes + co.sq.nbytes + co._index.table.nbytes
 
 
-def model_memory(users: int = 100_000, items: int = 10_000, events_per_user: int = 5) -> dict:
-    """Traced memory of an in-process Engine: per 10k items (catalog + co-occurrence) and per 100k users."""
+def _flood(engine, held: list[str], n: int, items: int, t0: float, settings: Settings) -> dict:
+    """``n`` one-event user ids learned after the users ``held``, one partition's eviction after each batch
+    of ``batch_max_records`` events (as :meth:`stream.worker.Worker.process`); users at the end."""
+    from models.push_policy import PushConfig
+    from stream.user_partition import UserPartition
+
+    part = UserPartition.new(0, settings, PushConfig())
+    part.users.update(held)
+    step, t = max(1, settings.batch_max_records), time.perf_counter()
+    for k0 in range(0, n, step):
+        evs = [{"event_id": f"fl{k}", "user_id": f"flood-{k}", "item_id": f"i{k % items}", "type": "view",
+                "ts": t0 + k * 0.01} for k in range(k0, min(n, k0 + step))]
+        engine.learn_many(evs)
+        part.users.update(e["user_id"] for e in evs)
+        part.evict(engine, evs[-1]["ts"], len(evs), settings)
+    return {"ids": n, "max_users_per_partition": settings.max_users_per_partition,
+            "users_after": engine.stats()["users"], "user_rows": engine.stats()["user_rows"],
+            "seconds": round(time.perf_counter() - t, 1)}
+
+
+def model_memory(users: int = 100_000, items: int = 10_000, events_per_user: int = 5, flood: int = 200_000,
+                 settings: Settings | None = None) -> dict:
+    """Traced memory of an in-process Engine: per 10k items (catalog + co-occurrence) and per 100k users,
+    and the users' memory before and after a flood of ``flood`` one-event user ids, evicted as a worker's
+    partition does with ``settings`` (``max_users_per_partition``...; 0 there: no cap)."""
     from models import Engine, EngineConfig
 
     stream = SyntheticStream(n_users=users, n_items=items, groups=16, seed=7)
@@ -239,14 +289,24 @@ def model_memory(users: int = 100_000, items: int = 10_000, events_per_user: int
     evs = [dict(e, user_id=f"u{k % users}") for k, e in
            enumerate(stream.events(users * events_per_user, start_ts=t0, per_second=1000.0, prefix="m"))]
     engine.learn_many(evs)
+    n_events, last_ts = len(evs), evs[-1]["ts"]
+    del evs  # the events are not the model's memory
     after_users = tracemalloc.get_traced_memory()[0]
-    tracemalloc.stop()
     # an item's co-occurrence row takes its slots when it gets neighbours, mostly while users' events are
     # learned: what the slot arrays and their index grew by then belongs to the items
     rows = _row_bytes(engine) - rows_before
-    return {"items": items, "users": users, "events": len(evs),
-            "mb_per_10k_items": round((after_items - base + rows) / 2**20 * 10_000 / items, 1),
-            "mb_per_100k_users": round((after_users - after_items - rows) / 2**20 * 100_000 / users, 1)}
+    users_mb = (after_users - after_items - rows) / 2**20
+    out = {"items": items, "users": users, "events": n_events,
+           "mb_per_10k_items": round((after_items - base + rows) / 2**20 * 10_000 / items, 1),
+           "mb_per_100k_users": round(users_mb * 100_000 / users, 1)}
+    if flood:
+        fl = _flood(engine, [f"u{k}" for k in range(users)], flood, items, last_ts + 1.0, settings or Settings())
+        after_mb = (tracemalloc.get_traced_memory()[0] - after_items - (_row_bytes(engine) - rows_before)) / 2**20
+        out["flood"] = {**fl, "users_before": users, "mb_users_before": round(users_mb, 1),
+                        "mb_users_after": round(after_mb, 1), "mb_growth": round(after_mb - users_mb, 1),
+                        "mb_per_100k_users_after": round(after_mb * 100_000 / max(fl["users_after"], 1), 1)}
+    tracemalloc.stop()
+    return out
 
 
 async def run(settings: Settings, *, events: int, rate: float, seconds: float, out: Path,
@@ -273,7 +333,7 @@ async def run(settings: Settings, *, events: int, rate: float, seconds: float, o
               "flood": median_run(runs["flood"], "runs_good_events_per_s", lambda r: r["good_events_per_s"]),
               "freshness": median_run(runs["freshness"], "runs_p99_ms", lambda r: r["freshness_ms"]["p99"])}
     if memory:
-        result["model_memory"] = model_memory()
+        result["model_memory"] = model_memory(settings=settings)
     (out / "bench.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     return result
 
@@ -306,4 +366,10 @@ def summary_rows(res: dict) -> list[tuple[str, str]]:
         mm = res["model_memory"]
         rows += [("model memory per 100k users", f"{mm['mb_per_100k_users']} MB"),
                  ("model memory per 10k items", f"{mm['mb_per_10k_items']} MB")]
+        fl = mm.get("flood")
+        if fl:
+            cap = f"cap {fl['max_users_per_partition']:,}" if fl["max_users_per_partition"] else "no cap"
+            rows.append((f"users' memory, flood of {fl['ids']:,} one-event ids ({cap})",
+                         f"{fl['mb_users_before']} -> {fl['mb_users_after']} MB ({fl['users_before']:,} -> "
+                         f"{fl['users_after']:,} users held; {fl['mb_per_100k_users_after']} MB per 100k held)"))
     return rows
