@@ -40,6 +40,10 @@ class CredentialsRefused(RuntimeError):
     """A server answered but refused the configured credentials or TLS; the message says which setting to check."""
 
 
+class MissingTopics(RuntimeError):
+    """Topics a process reads or writes do not exist; the message names them and how to create them."""
+
+
 class _RedactSaslExchange(logging.Filter):
     """aiokafka logs every request and response at DEBUG, the SASL ones included: a PLAIN
     ``SaslAuthenticateRequest`` holds ``\\0user\\0password`` in clear (SCRAM ones a crackable proof). Replace
@@ -259,6 +263,32 @@ def child_env(settings: Settings) -> dict[str, str]:
             continue
         out[f"INFOGAP_{name.upper()}"] = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
     return out
+
+
+async def check_topics(producer: AIOKafkaProducer, topics: list[str], wait_s: float = 5.0) -> None:
+    """Raise :class:`MissingTopics` naming those of ``topics`` the cluster does not list after ``wait_s``
+    (a topic just created may take a moment to show); then ``producer`` tracks them all in its metadata.
+
+    The broker does not create topics (``auto.create.topics.enable`` is off): a worker whose dead-letter
+    topic was missing held its batch on the first bad record instead of failing at start.
+    """
+    topics = list(dict.fromkeys(topics))
+    where = getattr(producer.client, "_bootstrap_servers", "the cluster")
+    end = time.monotonic() + wait_s
+    while True:
+        listed = (await producer.client.fetch_all_metadata()).topics()
+        missing = [t for t in topics if t not in listed]
+        if not missing:
+            break
+        if time.monotonic() >= end:
+            raise MissingTopics(
+                f"Kafka topic{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                f"{'do' if len(missing) > 1 else 'does'} not exist at {where} (or this client may "
+                f"not describe {'them' if len(missing) > 1 else 'it'}); create the topics with `infogap up` (local) or "
+                f"`python -m stream.local ensure-topics --replication-factor 3`, and allow the worker to describe, "
+                f"read and write them")
+        await asyncio.sleep(0.5)
+    await asyncio.gather(*(producer.client.add_topic(t) for t in topics))
 
 
 async def wait_partitions(consumer: AIOKafkaConsumer, topic: str, deadline_s: float = 30.0) -> set[int]:

@@ -20,6 +20,7 @@ when reads get cheap again.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -31,6 +32,8 @@ import redis.asyncio as aioredis
 from models import Engine
 from models.cooc_shard import owner
 from stream.redis_keys import RedisKeys
+
+log = logging.getLogger("infogap.neighbours")
 
 
 def encode_row(row: dict, numbering: int | None = None) -> bytes:
@@ -139,6 +142,8 @@ class NeighbourCache:
         self.hits = 0
         #: rows past their max age kept because their shard had not published since
         self.unchanged = 0
+        #: values at a row's key that were not a row (see :meth:`_decoded`)
+        self.bad_rows = 0
 
     def __len__(self) -> int:
         return len(self._loaded)
@@ -180,7 +185,7 @@ class NeighbourCache:
             return 0
         raws = await self.client.mget([self.keys.neighbour_row(i) for i in want])
         cpu = time.thread_time()  # this thread's CPU loading the rows (not the awaits: other tasks run then)
-        engine.load_rows(decode_row(raw) for raw in raws if raw is not None)
+        engine.load_rows(self._decoded(want, raws))
         self._pace(now, time.thread_time() - cpu)
         absent_at = now - max_age + min(max_age, ABSENT_RETRY_S)
         for item, raw in zip(want, raws):  # an item without a row yet is asked again soon, not at once
@@ -198,6 +203,22 @@ class NeighbourCache:
                 token.pop(item, None)
             engine.drop_rows(drop)
         return len(want)
+
+    def _decoded(self, items: list[str], raws: list) -> list[dict]:
+        """The rows of ``raws`` decoded; a value that is not a row (not an item stage's) is logged with its key,
+        counted in ``bad_rows`` and taken as absent (its ``raws`` entry set to None), never fatal."""
+        rows = []
+        for k, raw in enumerate(raws):
+            if raw is None:
+                continue
+            try:
+                rows.append(decode_row(raw))
+            except (ValueError, TypeError, KeyError, IndexError) as exc:  # orjson's errors are ValueErrors
+                raws[k] = None
+                self.bad_rows += 1
+                log.warning("%s does not hold a neighbour row (%s); taken as absent until the item stage "
+                            "rewrites it", self.keys.neighbour_row(items[k]), type(exc).__name__)
+        return rows
 
     def _pace(self, now: float, spent: float) -> None:
         """Count ``spent`` CPU seconds of reading; once a max age has passed, scale the max age by the

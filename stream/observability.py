@@ -1,8 +1,9 @@
 """Health and metrics of a worker over HTTP: ``/health``, ``/metrics`` (Prometheus) and ``/stats`` (JSON).
 
-``/health`` answers 200 only while both Kafka and Redis answer (checked live, with a short timeout),
-else 503 with what is down. ``/stats`` gives the counters and freshness percentiles that
-``infogap bench`` reads.
+``/health`` answers 200 only while both Kafka and Redis answer (checked live, with a short timeout) and
+the worker reports no fault (Redis refusing its writes, batches stalled while input waits), else 503 with
+what is down and, where known, why (``reasons``). ``/stats`` gives the counters and freshness percentiles
+that ``infogap bench`` reads.
 """
 from __future__ import annotations
 
@@ -17,7 +18,11 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
+from models.events import REASON_CODES, ReasonCode
+
 log = logging.getLogger("infogap.http")
+#: the DLQ metric's label values, as plain strings: the fixed set of reason codes
+_DLQ_LABELS = {str(c): str(c) for c in REASON_CODES}
 
 
 class Reservoir:
@@ -74,11 +79,18 @@ class WorkerStats:
     dead_letters: int = 0
     duplicates: int = 0
     erased_users: int = 0
+    erased_events: int = 0  # events of erased users, not learned (stream/erasures.py)
     pushes: int = 0
     batches: int = 0
     recs_written: int = 0
     redis_retries: int = 0
     kafka_retries: int = 0
+    redis_wrong_type: int = 0  # infogap keys found holding another type (logged with the key; overwritten)
+    #: times this worker found that Redis had lost its data (the generation marker gone or changed) and began
+    #: writing every key it holds state for again; and the keys written again so far
+    redis_rematerialisations: int = 0
+    redis_keys_rematerialised: int = 0
+    redis_rematerialise_pending: int = 0  # users and rows still to write again (0: Redis is whole)
     checkpoint_seconds: float = 0.0  # how long the last checkpoint took (snapshot of every partition + commit)
     checkpoint_locked_seconds: float = 0.0  # the part of it that held batches back (taking the state)
     last_batch_s: float = 0.0
@@ -90,19 +102,24 @@ class WorkerStats:
     #: seconds a user stage keeps a neighbour row before reading it again if its shard published
     #: (neighbour_max_age_s, more under a backlog); 0 without a user stage or before its first batch
     neighbour_max_age_s: float = 0.0
+    #: partitions whose state snapshot could not be read, stopped until an operator acts: "topic[p]" -> why
+    unreadable_state: dict[str, str] = field(default_factory=dict)
     dlq_by_reason: dict[str, int] = field(default_factory=dict)
     pushes_by_channel: dict[str, int] = field(default_factory=dict)
     batch_seconds: Reservoir = field(default_factory=lambda: Reservoir(10_000))
     freshness_seconds: Reservoir = field(default_factory=Reservoir)
 
-    def count_dead(self, reason: str) -> None:
-        key = reason.split(":")[0].split(",")[0][:60]  # the kind of reason, not its details (bounded labels)
+    def count_dead(self, code: str) -> None:
+        """Count one dead letter under its reason code; a value outside the fixed set counts as ``other``,
+        so the ``reason`` label never carries input and has at most ``len(REASON_CODES)`` values."""
+        key = _DLQ_LABELS.get(code, ReasonCode.OTHER)
         self.dlq_by_reason[key] = self.dlq_by_reason.get(key, 0) + 1
         self.dead_letters += 1
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if not isinstance(v, (Reservoir, dict))}
         d["dlq_by_reason"] = dict(self.dlq_by_reason)
+        d["unreadable_state"] = dict(self.unreadable_state)
         d["pushes_by_channel"] = dict(self.pushes_by_channel)
         d["batch_seconds"] = self.batch_seconds.percentiles()
         d["freshness_seconds"] = self.freshness_seconds.percentiles()
@@ -122,20 +139,38 @@ class StatsCollector:
                                  ("events_ok", "valid, unique events applied", s.events_ok),
                                  ("duplicates", "events skipped as duplicates by event_id", s.duplicates),
                                  ("erasures", "users erased", s.erased_users),
+                                 ("erased_events", "events of erased users, not learned", s.erased_events),
                                  ("batches", "micro-batches processed", s.batches),
                                  ("recs_written", "ig:recs documents written", s.recs_written),
                                  ("redis_retries", "Redis writes retried after an error", s.redis_retries),
-                                 ("kafka_retries", "Kafka operations retried after an error", s.kafka_retries)):
+                                 ("kafka_retries", "Kafka operations retried after an error", s.kafka_retries),
+                                 ("redis_wrong_type", "infogap keys found holding another Redis type (WRONGTYPE; "
+                                  "the key is logged, then overwritten or reported)", s.redis_wrong_type),
+                                 ("redis_rematerialisations", "times Redis was found to have lost its data (the "
+                                  "generation marker gone or changed) and every key was written again from "
+                                  "state", s.redis_rematerialisations),
+                                 ("redis_keys_rematerialised", "Redis keys written again from state after a data "
+                                  "loss", s.redis_keys_rematerialised)):
             yield CounterMetricFamily(f"infogap_{name}", doc, value=value)
-        dlq = CounterMetricFamily("infogap_dlq", "records sent to the dead-letter topic", labels=["reason"])
+        dlq = CounterMetricFamily("infogap_dlq", "records sent to the dead-letter topic, by reason "
+                                  "code (models.events.ReasonCode)", labels=["reason"])
         for reason, n in s.dlq_by_reason.items():
             dlq.add_metric([reason], n)
         yield dlq
+        unreadable = GaugeMetricFamily("infogap_unreadable_state", "1 for each partition stopped because its "
+                                       "state snapshot could not be read (see the worker's log and /stats)",
+                                       labels=["partition"])
+        for where in s.unreadable_state:
+            unreadable.add_metric([where], 1)
+        yield unreadable
         pushes = CounterMetricFamily("infogap_pushes", "push messages sent", labels=["channel"])
         for channel, n in s.pushes_by_channel.items():
             pushes.add_metric([channel], n)
         yield pushes
         yield GaugeMetricFamily("infogap_consumer_lag", "records behind the end of the events topic", value=s.lag)
+        yield GaugeMetricFamily("infogap_redis_rematerialise_pending", "users and neighbour rows still to write "
+                                "again after a Redis data loss (0: nothing pending)",
+                                value=s.redis_rematerialise_pending)
         yield GaugeMetricFamily("infogap_publish_interval_seconds", "seconds from the item stage's last publish "
                                 "of neighbour rows to its next (longer under a backlog)", value=s.publish_interval_s)
         yield GaugeMetricFamily("infogap_neighbour_max_age_seconds", "seconds a user stage keeps a neighbour row "
@@ -148,20 +183,47 @@ class StatsCollector:
                 yield GaugeMetricFamily(f"infogap_{name}_{p}", f"{name} {p} over recent samples", value=v)
 
 
-def build_app(stats: WorkerStats, checks: dict[str, Callable[[], Awaitable[bool]]]) -> web.Application:
-    """The HTTP app of a worker; ``checks`` name each dependency's live probe."""
+async def health_report(checks: dict[str, Callable[[], Awaitable[bool | str]]],
+                        faults: Callable[[], dict[str, str]] | None = None) -> tuple[bool, dict]:
+    """(healthy, body) of ``/health``. A check answers True (up), False or a reason (a str: down, and why);
+    ``faults`` gives the worker's own findings, name -> reason, each down. Reasons are in ``body["reasons"]``.
+
+    >>> async def up(): return True
+    >>> async def refused(): return "OOM"
+    >>> asyncio.run(health_report({"kafka": up}))
+    (True, {'status': 'ok', 'checks': {'kafka': 'up'}})
+    >>> ok, body = asyncio.run(health_report({"kafka": up, "redis": refused}, lambda: {"progress": "stalled"}))
+    >>> ok, body["checks"], body["reasons"]
+    (False, {'kafka': 'up', 'redis': 'down', 'progress': 'down'}, {'redis': 'OOM', 'progress': 'stalled'})
+    """
+    results, reasons = {}, {}
+    for name, check in checks.items():
+        try:
+            got = await asyncio.wait_for(check(), 2.0)
+        except Exception:  # unreachable: a failed probe is an answer, not an error of the endpoint
+            got = False
+        if isinstance(got, str):
+            reasons[name] = got
+        results[name] = got is True or (bool(got) and not isinstance(got, str))
+    for name, reason in (faults() if faults is not None else {}).items():
+        results[name] = False
+        reasons[name] = reason
+    ok = all(results.values())
+    body = {"status": "ok" if ok else "unhealthy", "checks": {k: "up" if v else "down" for k, v in results.items()}}
+    if reasons:
+        body["reasons"] = reasons
+    return ok, body
+
+
+def build_app(stats: WorkerStats, checks: dict[str, Callable[[], Awaitable[bool | str]]],
+              faults: Callable[[], dict[str, str]] | None = None) -> web.Application:
+    """The HTTP app of a worker; ``checks`` name each dependency's live probe, ``faults`` the worker's own
+    findings (see :func:`health_report`)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StatsCollector(stats))
 
     async def health(_request: web.Request) -> web.Response:
-        results = {}
-        for name, check in checks.items():
-            try:
-                results[name] = bool(await asyncio.wait_for(check(), 2.0))
-            except Exception:  # unreachable: a failed probe is an answer, not an error of the endpoint
-                results[name] = False
-        ok = all(results.values())
-        body = {"status": "ok" if ok else "unhealthy", "checks": {k: "up" if v else "down" for k, v in results.items()}}
+        ok, body = await health_report(checks, faults)
         return web.json_response(body, status=200 if ok else 503)
 
     async def metrics(_request: web.Request) -> web.Response:

@@ -42,6 +42,11 @@ class RedisKeys:
     def segment(self, user_id: str) -> str:
         return f"{self.prefix}segment:{user_id}"
 
+    def generation(self) -> str:
+        """Internal: a random token set once per life of Redis's data; gone (or another) means Redis lost
+        its data (restarted without persistence, flushed), so the workers write every key again."""
+        return f"{self.prefix}generation"
+
     def experiment(self, experiment: str, variant: str) -> str:
         return f"{self.prefix}exp:{experiment}:{variant}"
 

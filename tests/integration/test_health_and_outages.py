@@ -33,12 +33,12 @@ async def test_health_and_metrics_endpoints(settings):
         await produce(s, s.topics.events, [("u1", ev(1, "u1", "a")), ("u1", b"not json")])
         await wait_for(lambda: worker.stats.events_in >= 2, what="2 records consumed")
         status, body = await get(f"http://127.0.0.1:{port}/health")
-        assert status == 200 and orjson.loads(body) == {"status": "ok", "checks": {"kafka": "up", "redis": "up"}}
+        assert status == 200 and orjson.loads(body) == {"status": "ok", "checks": {"kafka": "up", "redis": "up", "state": "up"}}
         status, body = await get(f"http://127.0.0.1:{port}/metrics")
         text = body.decode()
         assert status == 200
         assert "infogap_events_in_total 2.0" in text
-        assert 'infogap_dlq_total{reason="not valid JSON"} 1.0' in text
+        assert 'infogap_dlq_total{reason="not_json"} 1.0' in text  # a reason code, never text of the input
         assert "infogap_freshness_seconds_count 2.0" in text
         # the item stage in this worker published (at the configured interval: no backlog here)
         assert f"infogap_publish_interval_seconds {s.publish_interval_s}" in text
@@ -55,7 +55,7 @@ async def test_health_turns_unhealthy_when_redis_is_unreachable(settings):
     async with running_worker(s):
         status, body = await get(f"http://127.0.0.1:{port}/health")
     assert status == 503
-    assert orjson.loads(body) == {"status": "unhealthy", "checks": {"kafka": "up", "redis": "down"}}
+    assert orjson.loads(body) == {"status": "unhealthy", "checks": {"kafka": "up", "redis": "down", "state": "up"}}
 
 
 @pytest.mark.slow

@@ -76,3 +76,30 @@ def test_a_quick_publish_keeps_the_configured_interval_and_a_forced_one_always_g
     assert store.writes == [["a"]] and stage.publish_every == 60.0
     asyncio.run(_publish_twice(stage, force_second=True))
     assert store.writes == [["a"], ["b"]]  # the first of these was not due; the forced one went
+
+
+def test_after_a_redis_data_loss_every_owned_row_is_published_again_a_chunk_per_publish(monkeypatch):
+    """``ItemStage.rematerialise`` (the worker found Redis emptied): rows unchanged since their last publish are
+    written again, ``_REFILL_ROWS`` a publish, without waiting the publish interval; counted for /metrics."""
+    import stream.item_stage as item_stage
+
+    monkeypatch.setattr(item_stage, "_REFILL_ROWS", 1)
+    store = _SlowStore(0.0)
+
+    async def run() -> ItemStage:
+        stage = _stage(store, publish_interval_s=60.0)
+        await stage.publish()  # nothing changed: nothing written
+        assert stage.rematerialise() == 2 and stage._stats.redis_rematerialise_pending == 2
+        await stage.publish()
+        assert stage._stats.redis_rematerialise_pending == 1
+        await asyncio.sleep(0.1)  # paced by its CPU time (well under a millisecond), not publish_interval_s
+        await stage.publish()
+        await asyncio.sleep(0.1)
+        await stage.publish()  # nothing left
+        await stage.consumer.stop()
+        return stage
+
+    stage = asyncio.run(run())
+    assert sorted(w[0] for w in store.writes) == ["a", "b"] and all(len(w) == 1 for w in store.writes), store.writes
+    assert stage._stats.redis_keys_rematerialised == 4  # similar and nbrow of each
+    assert stage._stats.redis_rematerialise_pending == 0 and not stage._refill
