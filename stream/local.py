@@ -32,7 +32,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Coroutine, Iterator, Mapping
+from collections.abc import Collection, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -120,7 +120,7 @@ def paths(settings: Settings) -> Paths:
 
 
 def up(settings: Settings, *, sasl_users: Mapping[str, str] | None = None,
-       redis_users: Mapping[str, str] | None = None) -> None:
+       redis_users: Mapping[str, str] | None = None, super_users: Collection[str] | None = None) -> None:
     """Make Kafka and Redis answer at the configured addresses and create the contract topics.
 
     Servers that already answer are left alone (whoever started them); missing ones are started on loopback
@@ -130,7 +130,9 @@ def up(settings: Settings, *, sasl_users: Mapping[str, str] | None = None,
     password) makes the broker's client listener SASL_PLAINTEXT with the PLAIN mechanism, and ``settings``
     must then name one of these users (``kafka_security_protocol="SASL_PLAINTEXT"``, ``kafka_username``,
     ``kafka_password``). A Redis started here requires the settings' password (``requirepass``, or an ACL user
-    for ``redis_username``); ``redis_users`` (user -> password) adds ACL users with full access.
+    for ``redis_username``); ``redis_users`` (user -> password) adds ACL users with full access. ``super_users``
+    (names among ``sasl_users``) also turns on the StandardAuthorizer: only ACLs grant access, and these users
+    (the settings' user among them, as ``up`` creates the topics) bypass them.
     """
     t0 = time.monotonic()
     p = paths(settings)
@@ -140,7 +142,7 @@ def up(settings: Settings, *, sasl_users: Mapping[str, str] | None = None,
             kafka_ok, redis_ok = _run(_probe_both(settings))
             started: list[str] = []
             if not kafka_ok:
-                _start_kafka(settings, p, sasl_users)
+                _start_kafka(settings, p, sasl_users, super_users)
                 started.append("kafka")
             if not redis_ok:
                 _start_redis(settings, p, redis_users)
@@ -247,18 +249,32 @@ def fetch_kafka_jars(settings: Settings, *, force: bool = False) -> Path:
     return p.libs
 
 
-def server_properties(settings: Settings, *, sasl_users: Mapping[str, str] | None = None) -> dict[str, str]:
+def server_properties(settings: Settings, *, sasl_users: Mapping[str, str] | None = None,
+                      super_users: Collection[str] | None = None) -> dict[str, str]:
     """The KRaft configuration of the single combined broker+controller node.
 
     With ``sasl_users`` (user -> password) the client listener is SASL_PLAINTEXT with the PLAIN mechanism
     (users in ``listener.name.sasl_plaintext.plain.sasl.jaas.config``), and the broker authenticates to itself
     and to its controller as :data:`BROKER_USER` with a random password made here; no listener is left
     unauthenticated.
+
+    With ``super_users`` as well (names among ``sasl_users``), the node runs the KRaft StandardAuthorizer: what
+    no ACL allows is denied (``allow.everyone.if.no.acl.found=false``), except to these users and the broker.
     """
     props = _plain_properties(settings)
     if sasl_users is None:
+        if super_users is not None:
+            raise LocalServerError("super_users (an authorizer) needs sasl_users: ACLs name authenticated users")
         return props
-    return {**props, **_sasl_properties(settings, sasl_users)}
+    props = {**props, **_sasl_properties(settings, sasl_users)}
+    if super_users is not None:
+        unknown = [u for u in super_users if u not in sasl_users]
+        if unknown:
+            raise LocalServerError(f"super user(s) {', '.join(unknown)} not among sasl_users")
+        props.update({"authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+                      "allow.everyone.if.no.acl.found": "false",
+                      "super.users": ";".join(f"User:{u}" for u in (BROKER_USER, *super_users))})
+    return props
 
 
 #: the user the broker authenticates as to itself and to the controller, when SASL is on
@@ -537,10 +553,12 @@ def _java() -> str:
     return java
 
 
-def _write_kafka_config(settings: Settings, p: Paths, sasl_users: Mapping[str, str] | None = None) -> None:
+def _write_kafka_config(settings: Settings, p: Paths, sasl_users: Mapping[str, str] | None = None,
+                        super_users: Collection[str] | None = None) -> None:
     p.kafka_dir.mkdir(parents=True, exist_ok=True)
     lines = ["# written by infogap (stream/local.py); edits are overwritten by `infogap up`"]
-    lines += [f"{k}={v}" for k, v in server_properties(settings, sasl_users=sasl_users).items()]
+    lines += [f"{k}={v}" for k, v in server_properties(settings, sasl_users=sasl_users,
+                                                        super_users=super_users).items()]
     _write_private(p.kafka_props, "\n".join(lines) + "\n")
     p.kafka_log4j.write_text(
         "# written by infogap (stream/local.py)\n"
@@ -591,7 +609,8 @@ def _write_private(path: Path, text: str) -> None:
         fh.write(text)
 
 
-def _start_kafka(settings: Settings, p: Paths, sasl_users: Mapping[str, str] | None = None) -> None:
+def _start_kafka(settings: Settings, p: Paths, sasl_users: Mapping[str, str] | None = None,
+                 super_users: Collection[str] | None = None) -> None:
     if _live_pid(p.kafka_pid, _is_our_kafka(p)) is not None:
         log.info("kafka: pid %s is starting already; waiting for it", _read_pid(p.kafka_pid))
         return
@@ -613,7 +632,7 @@ def _start_kafka(settings: Settings, p: Paths, sasl_users: Mapping[str, str] | N
                                f"start it yourself or unset INFOGAP_KAFKA_SECURITY_PROTOCOL")
     java = _java()
     fetch_kafka_jars(settings)
-    _write_kafka_config(settings, p, sasl_users)
+    _write_kafka_config(settings, p, sasl_users, super_users)
     p.kafka_data.mkdir(parents=True, exist_ok=True)
     _format_storage(settings, p)
     cmd = [java, f"-Xmx{settings.kafka_heap}", f"-Xms{settings.kafka_heap}", "-XX:+UseG1GC",
