@@ -415,6 +415,55 @@ def bench(
     console.print(f"JSON: {out / 'bench.json'}")
 
 
+@app.command()
+def redteam(
+    scale: int = typer.Option(5, min=1, help="Multiplies users (40 each), good events and the larger hostile "
+                                             "families (a run takes about a minute)."),
+    out: Path = typer.Option(Path("out/redteam"), help="Where redteam.json and the worker logs go."),
+) -> None:
+    """Hostile records on every input topic, Redis and Kafka faults, crashes around erasure; exit 1 if a check fails."""
+    from stream.redteam import family_rows, run
+
+    res = asyncio.run(run(load(), scale=scale, out=out))
+    families = Table(title=f"infogap redteam: {res['counts']['hostile']:,} hostile records, "
+                           f"{res['counts']['good_events']:,} good events of {res['counts']['good_users']:,} users")
+    for col in ("topic", "family", "expected", "sent", "DLQ", "refused"):
+        families.add_column(col, justify="right" if col in ("sent", "DLQ", "refused") else "left", no_wrap=True)
+    for row in family_rows(res):
+        families.add_row(*row)
+    console.print(families)
+    checks = Table(title="checks")
+    checks.add_column("check")
+    checks.add_column("result", no_wrap=True)
+    for c in res["checks"]:
+        checks.add_row(c["check"], "[green]pass[/]" if c["ok"] else "[red]FAIL[/]")
+    console.print(checks)
+    for c in res["checks"]:
+        console.print(f"[{'green' if c['ok'] else 'red'}]{c['check']}[/]: {c['detail']}", soft_wrap=True)
+    console.print(f"JSON: {out / 'redteam.json'} ({res['info'].get('seconds')} s)")
+    if not res["ok"]:
+        raise typer.Exit(1)
+
+
+state_app = typer.Typer(help="The workers' state snapshots (state.users, state.items).", no_args_is_help=True)
+app.add_typer(state_app, name="state")
+
+
+@state_app.command("migrate")
+def state_migrate(dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be rewritten.")) -> None:
+    """Rewrite the snapshots pickled by infogap before format 3 in format 3 (stop the workers first).
+
+    Run it only if the state topics were written by your own workers alone: it unpickles (through an
+    allow-list of the classes snapshots held) what the workers refuse to read.
+    """
+    from stream.state_migration import run
+
+    counts = run(load(), dry_run=dry_run)
+    console.print(", ".join(f"{n} {what}" for what, n in counts.items()))
+    if counts["refused"]:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
 

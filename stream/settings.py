@@ -9,6 +9,7 @@ wired (:func:`load`), never at import time.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -19,11 +20,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Partition counts of the contract topics (events is keyed by user_id; 6 lets up to 6 workers share it).
 TOPIC_PARTITIONS = {"events": 6, "events.dlq": 1, "items": 3, "users": 6, "cooc": 6, "push": 6,
-                    "state.users": 6, "state.items": 6}
-COMPACTED_TOPICS = ("items", "users", "state.users", "state.items")
+                    "state.users": 6, "state.items": 6, "erasures": 1}
+COMPACTED_TOPICS = ("items", "users", "state.users", "state.items", "erasures")
 #: Extra topic configs: state snapshots (one compressed record per partition) can be large.
-_SNAPSHOT_CONFIG = {"max.message.bytes": str(64 * 1024 * 1024), "segment.ms": str(10 * 60 * 1000),
-                    "min.cleanable.dirty.ratio": "0.1"}
+#: Segments roll every minute and the cleaner may take a closed one at once, so a superseded snapshot (which may
+#: hold a user erased since) stops being readable about a minute plus one cleaner pass after (docs/operations.md).
+_SNAPSHOT_CONFIG = {"max.message.bytes": str(64 * 1024 * 1024), "segment.ms": str(60 * 1000),
+                    "min.cleanable.dirty.ratio": "0.1", "min.compaction.lag.ms": "0"}
 TOPIC_CONFIGS = {"state.users": _SNAPSHOT_CONFIG, "state.items": _SNAPSHOT_CONFIG}
 
 
@@ -39,12 +42,13 @@ class Topics:
     push: str
     state_users: str
     state_items: str
+    erasures: str  # the erased users' digests (stream/erasures.py), compacted, kept for good
 
     def all(self) -> dict[str, str]:
         """Contract name -> real topic name."""
         return {"events": self.events, "events.dlq": self.dlq, "items": self.items,
                 "users": self.users, "cooc": self.cooc, "push": self.push,
-                "state.users": self.state_users, "state.items": self.state_items}
+                "state.users": self.state_users, "state.items": self.state_items, "erasures": self.erasures}
 
 
 class Settings(BaseSettings):
@@ -69,7 +73,10 @@ class Settings(BaseSettings):
     # --- ingest
     max_event_bytes: int = 16_384
     min_event_ts: float = 631_152_000.0  # 1990-01-01T00:00:00Z; older is taken for a unit mistake
-    max_future_s: float = 86_400.0  # events more than a day ahead of the worker's clock are rejected
+    max_future_s: float = 300.0  # events more than this ahead of the worker's clock are rejected
+    # an event moves its partition's lateness watermark and dedupe horizon by at most its record's timestamp
+    # (or the worker's clock) plus this: one clock-skewed event cannot make the next good events late
+    max_clock_skew_s: float = Field(300.0, ge=0)
     allow_unknown_types: bool = False
     max_lateness_s: float = 86_400.0  # out-of-order events within this are applied; older ones go to the DLQ
     unknown_items: Literal["accept", "dlq"] = "accept"  # "dlq": events for items not on the items topic
@@ -79,6 +86,8 @@ class Settings(BaseSettings):
     # --- health and metrics (None: no HTTP server)
     http_host: str = "0.0.0.0"
     http_port: int | None = 8080
+    # /health fails (503, with the reason) when no batch completed for this long while input waits
+    stall_s: float = Field(30.0, gt=0)
 
     # --- processing
     stages: str = "users,items"  # which stages this process runs: users, items, or both (see README)
@@ -90,6 +99,9 @@ class Settings(BaseSettings):
     top_n: int = 10
     half_life_days: float = 7.0
     recs_ttl_s: int = Field(7 * 86_400, gt=0)  # seconds; Redis refuses a TTL of 0
+    # how often a worker reads {prefix}generation (one GET): gone or changed, Redis lost its data (a restart
+    # without persistence, a flush) and the worker writes every key it holds state for again (README)
+    redis_check_interval_s: float = Field(2.0, gt=0)
     model_version: str = "v1"
     # ig:similar, ig:nbrow of changed items and ig:trending are rewritten at most this often (and user stages
     # reload the population as often). ~4k changed rows a second at 2,000 events/s cost an item stage 15-20 %
@@ -111,6 +123,14 @@ class Settings(BaseSettings):
     engine: dict[str, Any] = Field(default_factory=dict)
 
     snapshot_interval_s: float = 10.0  # state snapshot + offset commit cadence; 0: commit every batch, no snapshots
+
+    # --- per-user memory (stream/user_partition.py): users leave the worker's memory, not Redis (recs expire
+    # with recs_ttl_s); not an erasure; a user who comes back starts fresh
+    user_idle_evict_s: float = Field(30 * 86_400.0, ge=0)  # event time without an event before eviction; 0: never
+    # past it the least recent go first (down to 90 %); 0: no cap. ~3 kB a user: at most ~150 MB a partition,
+    # ~0.9 GB for a worker holding all six
+    max_users_per_partition: int = Field(50_000, ge=0)
+    user_evict_every_s: float = Field(3_600.0, ge=0)  # event time between sweeps for idle users
 
     # --- push
     push_enabled: bool = True
@@ -135,6 +155,7 @@ class Settings(BaseSettings):
     redis_ssl_certfile: Path | None = None
     redis_ssl_keyfile: Path | None = None
     pseudonym_key: SecretStr | None = None  # HMAC key of user ids (stream/pseudonym.py); None: ids as given
+    state_key: SecretStr | None = None  # HMAC-SHA256 key of state snapshots (stream/snapshots.py); None: SHA-256 only
 
     @field_validator("kafka_security_protocol", mode="before")
     @classmethod
@@ -146,12 +167,13 @@ class Settings(BaseSettings):
     def _mechanism_spelling(cls, v: object) -> object:
         return v.strip().upper().replace("_", "-") if isinstance(v, str) else v  # scram_sha_256 -> SCRAM-SHA-256
 
-    @field_validator("pseudonym_key")
+    @field_validator("pseudonym_key", "state_key")
     @classmethod
-    def _key_long_enough(cls, v: SecretStr | None) -> SecretStr | None:
+    def _key_long_enough(cls, v: SecretStr | None, info) -> SecretStr | None:
         if v is not None and len(v.get_secret_value().encode()) < 16:
-            raise ValueError("INFOGAP_PSEUDONYM_KEY must be at least 16 bytes long (unset it to keep user ids as "
-                             "given); generate one with: python -c 'import secrets; print(secrets.token_hex(32))'")
+            unset = "to keep user ids as given" if info.field_name == "pseudonym_key" else "to check snapshots by SHA-256 only"
+            raise ValueError(f"INFOGAP_{info.field_name.upper()} must be at least 16 bytes long (unset it {unset}); "
+                             "generate one with: python -c 'import secrets; print(secrets.token_hex(32))'")
         return v
 
     @model_validator(mode="after")
@@ -220,8 +242,13 @@ class Settings(BaseSettings):
     experiment_attribution_window_s: float = 86_400.0
     experiment_message_ttl_s: float = 259_200.0
     experiment_max_messages: int = 500_000
-    # variant -> ranker settings for Engine.recommend(overrides=...), e.g. {"B": {"w_segment": 0.5}};
-    # keys: models.experiments.RANKER_OVERRIDES, checked here so that a typo stops the process at start
+    # campaigns, besides the push campaign, whose feedback is counted from its context alone (no sent message);
+    # feedback naming any other campaign, or a variant the experiment lacks, is not counted (``unattributed``)
+    experiment_campaigns: list[str] = Field(default_factory=list)
+    # segments (campaign, channel, variant) made from feedback contexts per partition; past it: ``overflow``
+    experiment_max_segments: int = Field(1_000, ge=1)
+    # DEPRECATED alias of INFOGAP_EXPERIMENT's "overrides" (variant -> ranker settings), merged into them with
+    # a warning; keys: models.experiments.RANKER_OVERRIDES, checked here so that a typo stops the process at start
     experiment_overrides: dict[str, dict[str, float]] = Field(default_factory=dict)
 
     @field_validator("experiment_overrides", mode="before")
@@ -267,6 +294,29 @@ class Settings(BaseSettings):
                                  f"does not have (variants: {', '.join(map(str, variants))})")
         return self
 
+    @model_validator(mode="after")
+    def _experiment_is_valid(self) -> Settings:
+        """INFOGAP_EXPERIMENT (with its variants' "overrides", the one way to set them) checked at start."""
+        from stream.experiments_store import experiment_from_settings
+
+        if self.experiment_overrides:
+            warnings.warn("INFOGAP_EXPERIMENT_OVERRIDES is deprecated: put the variants' ranker settings in "
+                          "INFOGAP_EXPERIMENT, e.g. {\"name\": ..., \"variants\": {...}, \"overrides\": {\"B\": {...}}}"
+                          + ("" if self.experiment else "; without INFOGAP_EXPERIMENT they have no effect"),
+                          FutureWarning, stacklevel=2)
+        try:
+            experiment = experiment_from_settings(self)
+        except ValueError as e:
+            raise ValueError(f"INFOGAP_EXPERIMENT: {e}") from None
+        if experiment is not None:
+            base = self.engine_config()  # the checks that need a whole config (query_len <= history_len)
+            for variant, overrides in experiment.overrides.items():
+                try:
+                    replace(base, **overrides)
+                except ValueError as e:
+                    raise ValueError(f"INFOGAP_EXPERIMENT: variant {variant!r}: {e}") from None
+        return self
+
     # --- channel workers (infogap channel email|app|ads)
     channel_smtp_host: str = "127.0.0.1"
     channel_smtp_port: int = 1025
@@ -300,7 +350,7 @@ class Settings(BaseSettings):
         p = self.topic_prefix
         return Topics(events=f"{p}events", dlq=f"{p}events.dlq", items=f"{p}items",
                       users=f"{p}users", cooc=f"{p}cooc", push=f"{p}push",
-                      state_users=f"{p}state.users", state_items=f"{p}state.items")
+                      state_users=f"{p}state.users", state_items=f"{p}state.items", erasures=f"{p}erasures")
 
     @property
     def kafka_host(self) -> str:

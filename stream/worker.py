@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -30,19 +31,22 @@ from dataclasses import replace
 import numpy as np
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+from redis.exceptions import ConnectionError as RedisConnectionError, ResponseError, TimeoutError as RedisTimeoutError
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaConnectionError, KafkaError, KafkaTimeoutError
 
 from models import Engine
+from models.catalog import MAX_ID_CHARS, decode_key, parse_item
 from models.cooc_shard import owner
 from models.dedupe import Deduplicator
 from models.events import Event, Limits
-from models.experiments import FEEDBACK_TYPES
+from models.experiments import FEEDBACK_TYPES, kafka_partition
 from models.push_policy import PushConfig, UserPrefs
-from models.user_state import export_users, import_users
+from models.state_fields import StateError
+from models.user_state import export_users, import_users, users_from_state
 from models import warm_up
 from stream import connections
+from stream.erasures import ErasureLedger
 from stream.experiments_store import ExperimentStore, experiment_from_settings
 from stream.ingest import DeadLetter, Ingest
 from stream.item_stage import POPULATION_KIND, POPULATION_PARTITION, ItemStage
@@ -50,9 +54,9 @@ from stream.neighbour_cache import NeighbourCache
 from stream.observability import WorkerStats, build_app, serve
 from stream.pseudonym import Pseudonymizer
 from stream.redis_keys import RedisKeys
-from stream.redis_store import RedisStore
+from stream.redis_store import RedisStore, WrongTypeError, execute, refusal
 from stream.settings import Settings
-from stream.snapshots import Snapshot, SnapshotStore, SnapshotTurns, snapshot_bytes
+from stream.snapshots import Snapshot, SnapshotError, SnapshotStore, SnapshotTurns, snapshot_bytes
 from stream.user_partition import UserPartition
 
 log = logging.getLogger("infogap.worker")
@@ -73,6 +77,9 @@ class _Rebalance(ConsumerRebalanceListener):
 _COOC_RECORD_UPDATES = 8_000
 #: A population record larger than this is cut in two (by event), and so on.
 POPULATION_RECORD_BYTES = 512 * 1024
+#: Users whose recommendations are written again per step after Redis lost its data (one step between two
+#: batches, ~0.1 s of ranking): live events go on being served meanwhile.
+REMATERIALISE_USERS = 1_000
 
 
 def population_records(batch: dict, limit: int = POPULATION_RECORD_BYTES) -> list[bytes]:
@@ -99,6 +106,15 @@ def population_records(batch: dict, limit: int = POPULATION_RECORD_BYTES) -> lis
     return [r for half in halves for r in population_records(half, limit)]
 
 
+def _tombstone_key(key: bytes | None, name: str) -> str:
+    """The id a tombstone (null value) of ``items``/``users`` deletes: its key, under the id rules."""
+    k = None if key is None else decode_key(key)
+    if not k or len(k) > MAX_ID_CHARS or not k.isprintable():
+        raise ValueError(f"a tombstone (null value) needs the {name} as its key (UTF-8, at most {MAX_ID_CHARS} "
+                         "printable characters)")
+    return k
+
+
 def _retriable(exc: BaseException) -> bool:
     """Whether a Kafka error can go away by waiting (a broker outage), rather than being a bug or a limit."""
     if isinstance(exc, (KafkaConnectionError, KafkaTimeoutError, CommitFailedError, OSError)):
@@ -121,12 +137,14 @@ class Worker:
         if self.engine.cooc_mode != "remote":
             raise ValueError("the worker's engine must be built with cooc='remote' (the item stage learns the rows)")
         self.pseudonymize = Pseudonymizer.from_settings(settings)
+        ledger_key = settings.state_key or settings.pseudonym_key
+        self.erasures = ErasureLedger(ledger_key.get_secret_value().encode() if ledger_key is not None else None)
         self.catalog_ids: set[str] = set()  # items published on the items topic
         self.unavailable: set[str] = set()  # catalog items marked unavailable (never published as neighbours)
         self.ingest = Ingest(Limits(settings.max_event_bytes, settings.min_event_ts, settings.max_future_s,
                                     settings.allow_unknown_types),
                              Deduplicator(settings.dedupe_window_s, settings.dedupe_max_ids), self.pseudonymize,
-                             max_lateness_s=settings.max_lateness_s,
+                             max_lateness_s=settings.max_lateness_s, max_skew_s=settings.max_clock_skew_s,
                              known_item=self.catalog_ids.__contains__ if settings.unknown_items == "dlq" else None)
         self.push_config = PushConfig(min_new_items=settings.push_min_new_items,
                                       daily_cap=dict(settings.push_daily_cap),
@@ -138,6 +156,14 @@ class Worker:
         self.exp_name = self.experiment.name if self.experiment else self.push_config.campaign
         self.clock = clock
         self.stats = WorkerStats()
+        #: what blocks the worker now, for /health: per Redis write being retried, why Redis refuses it;
+        #: per Kafka send or operation being retried, what waits on what
+        self._redis_refused: dict[object, str] = {}
+        self._kafka_waiting: dict[object, str] = {}
+        #: for the stall check: records of the batch in progress, and when a batch last completed (or the
+        #: worker last found no input waiting), monotonic
+        self._in_flight = 0
+        self._progress_at = time.monotonic()
         self._population_loaded_at = float("-inf")
         self.ready = asyncio.Event()
         stages = {x.strip() for x in settings.stages.split(",") if x.strip()}
@@ -166,7 +192,17 @@ class Worker:
         #: events partitions this worker owns: from their assignment until their revocation (in between
         #: two rebalance callbacks it owns none, whatever the consumer still reports)
         self._owned: set[int] = set()
+        #: owned events partitions whose snapshot could not be read: paused, never snapshotted
+        self._stopped: set[int] = set()
         self._cache: NeighbourCache | None = None
+        #: the Redis generation marker's token as last read, and when to read it next (monotonic)
+        self._generation: bytes | None = None
+        #: the first generation check found no marker: the first partitions restored are written to Redis again
+        self._refill_on_restore = False
+        self._generation_at = float("-inf")
+        #: after a Redis data loss, the (events partition, user) whose keys are still to write again
+        self._refill: list[tuple[int, str]] = []
+        self._refill_n = 0  # counted in stats.redis_rematerialise_pending (with an item stage's rows)
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -195,7 +231,7 @@ class Worker:
         self._side = connections.consumer(s, group_id=None, enable_auto_commit=False,
                                           auto_offset_reset="earliest", fetch_max_wait_ms=20)
         self._side_ends = connections.consumer(s, group_id=None, enable_auto_commit=False)
-        self._snapshots = (SnapshotStore(s, self.topics.state_users)
+        self._snapshots = (SnapshotStore(s, self.topics.state_users, "users")
                            if s.snapshot_interval_s > 0 and self.run_users else None)
         self._cache = NeighbourCache(self._redis, RedisKeys(s.redis_prefix), s.neighbour_cache_items,
                                      s.neighbour_max_age_s, read_max_share=s.neighbour_read_max_share)
@@ -212,20 +248,27 @@ class Worker:
         http = None
         try:
             if s.http_port is not None:
-                http = await serve(build_app(self.stats, {"kafka": self._kafka_ok, "redis": self._redis_ok}),
+                http = await serve(build_app(self.stats, {"kafka": self._kafka_ok, "redis": self._redis_ok,
+                                                           "state": self._state_ok}, faults=self._faults),
                                    s.http_host, s.http_port)
             if self.run_users:
                 self._consumer.subscribe([self.topics.events], listener=_Rebalance(self))
+            # before any partition is restored: a Redis found empty gets the restored partitions' keys again
+            await self._check_generation()
             await self._kafka_retrying("start the Kafka clients", self._start_kafka)
+            # the ledger first: the users topic's tombstones re-read now were recorded in it already
+            await self._kafka_retrying("read the erasure ledger", self._sync_side, self.topics.erasures)
             await self._kafka_retrying("read items and users", self._sync_side)
             if self.items is not None:
                 item_task = asyncio.create_task(self.items.run(item_stop), name="item-stage")
             # what is alive now (modules, numba's compiled kernels, the catalog) lives as long as the process:
             # out of the collector's full passes, which walked it all (~0.1 s) every few seconds
             gc.freeze()
+            self._progress_at = time.monotonic()  # stalls are counted from here
             self.ready.set()
             log.info("worker ready: stages=%s group=%s topic=%s", s.stages, s.consumer_group, self.topics.events)
             while not stop.is_set():
+                await self._check_generation()  # one GET every redis_check_interval_s
                 if item_task is not None and item_task.done():
                     item_task.result()  # the item stage failed: raise its error here
                 if not self.run_users:  # an item stage alone: keep the catalog current for its lists
@@ -235,9 +278,12 @@ class Worker:
                     except asyncio.TimeoutError:
                         pass
                     continue
-                batch = await self._consumer.getmany(timeout_ms=s.batch_timeout_ms,
+                batch = await self._consumer.getmany(timeout_ms=0 if self._refill else s.batch_timeout_ms,
                                                      max_records=s.batch_max_records)
                 records = [r for recs in batch.values() for r in recs]
+                self._in_flight = len(records)  # the stall check of /health
+                if not records:  # nothing to take: waiting for input is not a stall
+                    self._progress_at = time.monotonic()
                 await self._kafka_retrying("read items and users", self._sync_side)
                 async with self._batch_lock:  # also when idle: the first centers give waiting users a segment
                     await self._load_population()
@@ -247,6 +293,10 @@ class Worker:
                     self.stats.lag = await self._lag()
                     if self._snapshots is None:
                         await self._kafka_retrying("commit offsets", self._consumer.commit)
+                    self._in_flight, self._progress_at = 0, time.monotonic()
+                if self._refill:  # after a Redis data loss: a step of users between two batches
+                    async with self._batch_lock:
+                        await self._rematerialise_users()
                 if self._writing is not None and self._writing.done():
                     self._writing, done = None, self._writing
                     done.result()  # a failed snapshot write: raise its error here
@@ -281,12 +331,14 @@ class Worker:
 
     async def _start_kafka(self) -> None:
         await self._producer.start()
+        await connections.check_topics(self._producer, self._output_topics() + self._input_topics())
         if self._snapshots is not None:
             await self._snapshots.start()
         await self._side.start()
         await self._side_ends.start()
         await self._assign_side()
         self._cooc_partitions = len(await self._producer.partitions_for(self.topics.cooc))
+        self._events_partitions = len(await self._producer.partitions_for(self.topics.events))
         self._cache.partitions = self._cooc_partitions
         if self.run_users:
             await self._consumer.start()
@@ -301,16 +353,32 @@ class Worker:
         return part
 
     def partition_state(self, partition: int) -> dict:
-        """Everything about one events partition's users (items and users topics are re-read from Kafka)."""
+        """Everything about one events partition's users, as a plain tree for its snapshot (items and users
+        topics are re-read from Kafka)."""
         part = self._part(partition)
         part.watermark = self.ingest.watermarks.get((self.topics.events, partition), float("-inf"))
-        return {"part": part, "users": export_users(self.engine, part.users)}
+        return {"part": part.to_state(), "users": export_users(self.engine, part.users)}
 
-    def restore_partition(self, partition: int, state: dict) -> None:
-        part: UserPartition = state["part"]
-        import_users(self.engine, state["users"])
+    def restore_partition(self, partition: int, snap: Snapshot) -> None:
+        """Take a partition's state from its snapshot, checked against the schema first
+        (:class:`~models.state_fields.StateError` when it does not fit; this worker is then unchanged)."""
+        where = snap.where or f"partition {partition}"
+        tree = snap.state if isinstance(snap.state, dict) else {}
+        part = UserPartition.new(partition, self.settings, self.push_config)
+        part.restore_state(tree.get("part"), snap.arrays, f"{where}: part")
+        users = users_from_state(tree.get("users"), snap.arrays, f"{where}: users")
+        try:
+            import_users(self.engine, users)
+        except Exception as exc:  # checked above; whatever still fails leaves none of these users behind
+            for user_id in users["users"]:
+                self.engine.forget_user(user_id)
+            raise StateError(f"{where}: users: {type(exc).__name__}: {exc}") from None
+        for user_id in [u for u in users["users"] + sorted(part.users) if self.erasures.erased(u)]:
+            self.engine.forget_user(user_id)  # a snapshot from before the erasure: erasure wins
+            part.forget_user(user_id)
         self.parts[partition] = part
-        if part.watermark > float("-inf"):
+        if part.watermark > float("-inf"):  # never ahead of the clock (a snapshot of before the skew bound)
+            part.watermark = min(part.watermark, self.clock() + self.settings.max_clock_skew_s)
             self.ingest.watermarks[(self.topics.events, partition)] = part.watermark
 
     async def checkpoint(self, partitions: list[int] | None = None, *, wait: bool = True) -> None:
@@ -339,7 +407,7 @@ class Worker:
         if not offsets:
             return None
         t0 = time.perf_counter()
-        raws = [(tp.partition, snapshot_bytes(Snapshot(tp.partition, off, self.partition_state(tp.partition))))
+        raws = [(tp.partition, snapshot_bytes("users", tp.partition, off, self.partition_state(tp.partition)))
                 for tp, off in offsets.items()]
         self.stats.checkpoint_locked_seconds = time.perf_counter() - t0
         return offsets, raws, t0
@@ -378,8 +446,21 @@ class Worker:
             self._owned.difference_update(gone)
             self.stats.partitions = len(self._owned)
 
+    def _stop_partition(self, tp: TopicPartition, why: str) -> None:
+        """A partition whose state cannot be read is not consumed: no event of it is applied to empty
+        state, and its snapshot is never overwritten. ``/health`` fails, ``infogap_unreadable_state`` is
+        1 for it, and the log names the record, until a rebalance reads a good snapshot again."""
+        self._stopped.add(tp.partition)
+        self._consumer.pause(tp)
+        self.stats.unreadable_state[f"{self.topics.state_users}[{tp.partition}]"] = why[:500]
+        log.error("events partition %d is NOT consumed: its state cannot be restored: %s. Fix or migrate the "
+                  "snapshot (docs/operations.md, 'Unreadable state'), then restart the worker", tp.partition, why)
+
     def _drop(self, gone: list[int]) -> None:
         for p in gone:
+            if p in self._stopped:
+                self._stopped.discard(p)
+                self.stats.unreadable_state.pop(f"{self.topics.state_users}[{p}]", None)
             part = self.parts.pop(p, None)
             if part is not None:
                 for user_id in part.users:
@@ -406,28 +487,44 @@ class Worker:
                 snap = found.get(tp.partition)
                 if snap is None:
                     continue
-                self.restore_partition(tp.partition, snap.state)
+                try:
+                    if isinstance(snap, SnapshotError):
+                        raise snap
+                    self.restore_partition(tp.partition, snap)
+                except StateError as exc:
+                    self._stop_partition(tp, str(exc))
+                    continue
                 self._consumer.seek(tp, snap.offset)
                 self._done[tp.partition] = snap.offset
             if found:
                 self._cache.stale()
+            if self._refill_on_restore:
+                self._refill_on_restore = False
+                restored = {tp.partition: self.parts[tp.partition] for tp in new if tp.partition in self.parts}
+                self._refill += self._users_to_rematerialise(restored)
+                self._count_refill()
             log.info("took events partitions %s (%d from snapshots)", sorted(tp.partition for tp in new),
                      len(found))
 
     async def _kafka_retrying(self, what: str, fn, *args):
-        """Retry a Kafka operation through a broker outage: the worker waits, it does not die."""
-        delay = 0.2
-        while True:
-            try:
-                return await fn(*args)
-            except (KafkaError, OSError) as exc:
-                if not _retriable(exc):
-                    raise
-                self.stats.kafka_retries += 1
-                log.warning("Kafka unavailable while trying to %s (%s); retrying in %.1f s", what,
-                            type(exc).__name__, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        """Retry a Kafka operation through a broker outage: the worker waits, it does not die (what it waits
+        on is named by ``/health`` if batches stall meanwhile)."""
+        delay, token = 0.2, object()
+        try:
+            while True:
+                try:
+                    return await fn(*args)
+                except (KafkaError, OSError) as exc:
+                    if not _retriable(exc):
+                        raise
+                    self._kafka_waiting[token] = f"Kafka: could not {what} ({type(exc).__name__}), retrying"
+                    self.stats.kafka_retries += 1
+                    log.warning("Kafka unavailable while trying to %s (%s); retrying in %.1f s", what,
+                                type(exc).__name__, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+        finally:
+            self._kafka_waiting.pop(token, None)
 
     async def _check_credentials(self) -> None:
         """Fail fast, with the server's reason, on refused credentials; an unreachable server is only logged
@@ -443,8 +540,60 @@ class Worker:
     async def _kafka_ok(self) -> bool:
         return bool(await self._producer.client.force_metadata_update())
 
-    async def _redis_ok(self) -> bool:
+    async def _state_ok(self) -> bool:
+        """False while a partition is stopped because its state snapshot cannot be read."""
+        return not self.stats.unreadable_state
+
+    async def _redis_ok(self) -> bool | str:
+        if self._redis_refused:  # PING answers while writes are refused (OOM, READONLY): down, and why
+            return next(iter(self._redis_refused.values()))
         return bool(await self._redis.ping())
+
+    def _output_topics(self) -> list[str]:
+        """The topics this worker writes: dead letters and erasures; push, cooc, snapshots and the ``users``
+        tombstones of ``forget`` events for a user stage; snapshots for an item stage."""
+        t, snapshots = self.topics, self.settings.snapshot_interval_s > 0
+        out = [t.dlq, t.erasures]
+        if self.run_users:
+            out += [t.push, t.cooc, t.users] + ([t.state_users] if snapshots else [])
+        if self.run_items:
+            out += [t.state_items] if snapshots else []
+        return out
+
+    def _input_topics(self) -> list[str]:
+        t = self.topics
+        return [t.erasures, t.items, t.users] + ([t.events] if self.run_users else []) + (
+            [t.cooc] if self.run_items else [])
+
+    def _faults(self) -> dict[str, str]:
+        """The worker's own findings for ``/health``: batches stalled while input waits."""
+        stalled = self._stalled()
+        return {"progress": stalled} if stalled else {}
+
+    def _stalled(self) -> str | None:
+        """Why batches are stalled: none completed for ``stall_s`` while records wait (the batch in progress, or
+        lag behind what this worker took), with what it waits on where known; None when not stalled."""
+        if self._consumer is None or not self.ready.is_set():
+            return None
+        idle = time.monotonic() - self._progress_at
+        if idle < self.settings.stall_s:
+            return None
+        lag = 0
+        for tp in self._consumer.assignment():
+            hw, done = self._consumer.highwater(tp), self._done.get(tp.partition)
+            if hw is not None and done is not None:
+                lag += max(0, hw - done)
+        waiting = self._in_flight + lag
+        if not waiting:
+            return None
+        why = [f"stalled: no batch completed for {idle:.0f} s while {waiting} records wait "
+               f"(INFOGAP_STALL_S={self.settings.stall_s:g})"]
+        cluster = self._producer.client.cluster  # current: the kafka check refreshed it just before
+        missing = [t for t in self._output_topics() if cluster.partitions_for_topic(t) is None]
+        if missing:
+            why.append(f"output topic {', '.join(missing)} does not exist")
+        why += list(dict.fromkeys(self._kafka_waiting.values()))[:3]
+        return "; ".join(why)
 
     async def _lag(self) -> int:
         lag = 0
@@ -457,19 +606,21 @@ class Worker:
     # ------------------------------------------------------------------ side topics
     async def _assign_side(self) -> None:
         parts = []
-        for topic in (self.topics.items, self.topics.users):
+        for topic in (self.topics.erasures, self.topics.items, self.topics.users):
             partitions = await connections.wait_partitions(self._side, topic)
             parts += [TopicPartition(topic, p) for p in sorted(partitions)]
         self._side.assign(parts)
         await self._side.seek_to_beginning(*parts)
         self._side_parts = parts
 
-    async def _sync_side(self) -> None:
-        """Apply ``items`` and ``users`` records up to their current end offsets."""
+    async def _sync_side(self, only: str | None = None) -> None:
+        """Apply ``erasures``, ``items`` and ``users`` records (or those of topic ``only``) up to their current
+        end offsets."""
         side = self._side
-        ends = await self._side_ends.end_offsets(self._side_parts)
+        parts = [tp for tp in self._side_parts if only is None or tp.topic == only]
+        ends = await self._side_ends.end_offsets(parts)
         while True:
-            behind = [tp for tp in self._side_parts if await side.position(tp) < ends[tp]]
+            behind = [tp for tp in parts if await side.position(tp) < ends[tp]]
             if not behind:
                 return
             batch = await side.getmany(*behind, timeout_ms=200, max_records=10_000)
@@ -478,36 +629,61 @@ class Worker:
                     await self._apply_side(rec)
 
     async def _apply_side(self, rec) -> None:
-        key = rec.key.decode("utf-8", "replace") if rec.key is not None else None
+        """Apply one ``items`` or ``users`` record. One that cannot be applied goes to the DLQ with the reason,
+        whatever the error: these topics are re-read whole at every start, so a record that raised would stop
+        every worker at every restart. (A tombstone's erasure is outside: its Redis writes are retried.)"""
+        if rec.topic == self.topics.erasures:
+            if not self.erasures.apply_record(rec.key):
+                await self._send_counted_dead([DeadLetter(rec.value, rec.key, "bad erasures record: the key is not "
+                                                          "an erasure digest", rec.topic, rec.partition, rec.offset,
+                                                          code="bad_erasures_record")])
+            return
+        items = rec.topic == self.topics.items
         try:
-            if rec.topic == self.topics.items:
-                if rec.value is None:
-                    if key:
-                        self.engine.remove_item(key)
-                        self.catalog_ids.discard(key)
-                        self.unavailable.add(key)
-                    return
-                doc = orjson.loads(rec.value)
-                if not isinstance(doc, dict) or not doc.get("item_id"):
-                    raise ValueError("items record must be a JSON object with 'item_id'")
-                self.engine.upsert_item(doc)
-                self.catalog_ids.add(str(doc["item_id"]))
-                if doc.get("available", True) is False:
-                    self.unavailable.add(str(doc["item_id"]))
-                else:
-                    self.unavailable.discard(str(doc["item_id"]))
+            erase = self._apply_item(rec) if items else self._apply_user(rec)
+        except Exception as exc:  # a ValueError says what is wrong; any other type is a bug, never fatal here
+            if isinstance(exc, ValueError):
+                reason = str(exc)
             else:
-                if rec.value is None:
-                    if key:
-                        await self.erase_user(self.pseudonymize(key))
-                    return
-                prefs = UserPrefs.from_record(orjson.loads(rec.value))
-                prefs = replace(prefs, user_id=self.pseudonymize(prefs.user_id))
-                self.prefs[prefs.user_id] = prefs
-        except (ValueError, TypeError) as exc:  # orjson.JSONDecodeError is a ValueError
-            reason = f"bad {rec.topic} record: {exc}"
-            await self._send_counted_dead([DeadLetter(rec.value, rec.key, reason, rec.topic, rec.partition,
-                                                      rec.offset)])
+                reason = f"cannot be applied ({type(exc).__name__})"
+                log.error("%s record at partition %d offset %d cannot be applied", rec.topic, rec.partition,
+                          rec.offset, exc_info=not isinstance(exc, RecursionError))
+            kind = "items" if items else "users"
+            await self._send_counted_dead([DeadLetter(rec.value, rec.key, f"bad {kind} record: {reason}", rec.topic,
+                                                      rec.partition, rec.offset, code=f"bad_{kind}_record")])
+            return
+        if erase is not None:
+            owner = kafka_partition(rec.key.decode("utf-8", "replace"), self._events_partitions)
+            await self.erase_user(erase, partition=owner)
+
+    def _apply_item(self, rec) -> None:
+        """An ``items`` record checked (:func:`models.catalog.parse_item`) and applied; a tombstone deletes."""
+        if rec.value is None:
+            item_id = _tombstone_key(rec.key, "item_id")
+            self.engine.remove_item(item_id)
+            self.catalog_ids.discard(item_id)
+            self.unavailable.add(item_id)
+            return None
+        item = parse_item(rec.value, rec.key)
+        self.engine.upsert_item(item)
+        item_id = item["item_id"]
+        self.catalog_ids.add(item_id)
+        if item["available"]:
+            self.unavailable.discard(item_id)
+        else:
+            self.unavailable.add(item_id)
+        return None
+
+    def _apply_user(self, rec) -> str | None:
+        """A ``users`` record checked (key = user_id, compared raw) and applied; for a tombstone, the
+        (pseudonymous) id to erase."""
+        if rec.value is None:
+            return self.pseudonymize(_tombstone_key(rec.key, "user_id"))
+        prefs = UserPrefs.parse(rec.value, rec.key)
+        prefs = replace(prefs, user_id=self.pseudonymize(prefs.user_id))
+        if not self.erasures.erased(prefs.user_id):  # an erased id stays erased: a person who returns gets a new one
+            self.prefs[prefs.user_id] = prefs
+        return None
 
     # ------------------------------------------------------------------ the batch
     async def process(self, records) -> None:
@@ -531,7 +707,7 @@ class Worker:
             self._done[partition] = max(self._done.get(partition, 0), recs[-1].offset + 1)
             st.duplicates += result.duplicates
             for d in result.dead:
-                st.count_dead(d.reason)
+                st.count_dead(d.code)
             dead += result.dead
             learned: list[int] = []  # offsets of the events learned, in order
             base = self.engine.n_learned
@@ -540,9 +716,13 @@ class Worker:
                 if e.type == "forget":
                     self._learn(chunk)
                     chunk = []
+                    if self.erasures.add(e.user_id):  # at once: a later event of this batch is not learned
+                        erased.append((e.user_id, partition, next(r.key for r in recs if r.offset == offset)))
                     self._forget_in_memory(e.user_id)
                     touched.pop(e.user_id, None)
-                    erased.append(e.user_id)
+                    continue
+                if self.erasures and not self.engine.known_user(e.user_id) and self.erasures.erased(e.user_id):
+                    st.erased_events += 1  # erased for good: never learned again
                     continue
                 chunk.append(e)
                 learned.append(offset)
@@ -565,7 +745,7 @@ class Worker:
         for user_id, (user_ts, partition) in touched.items():
             variant = self.experiment.assign(user_id) if self.experiment else None
             recs = self.engine.recommend(user_id, n=top_n,
-                                         overrides=self.settings.experiment_overrides.get(variant) if variant else None)
+                                         overrides=self.experiment.overrides.get(variant) if variant else None)
             seg = self.engine.segment(user_id)
             segments[user_id] = seg
             docs.append({"user_id": user_id,
@@ -579,6 +759,9 @@ class Worker:
                                                              title=self.engine.title)
                     self.parts[partition].experiments.record_sends(sent)
                     pushes += sent
+        for p, got in by_partition.items():  # idle users and the least recent past the cap leave memory, not Redis
+            self.parts[p].evict(self.engine, self.ingest.watermarks.get((self.topics.events, p)), len(got),
+                                self.settings)
 
         await self._redis_retrying(self._store.write, recs=docs, segments=segments)
         done = self.clock()  # the recommendations are readable in Redis
@@ -586,8 +769,8 @@ class Worker:
         changed = {seg: c for part in self.parts.values() for seg, c in part.experiments.drain_changed().items()}
         if changed:
             await self._redis_retrying(self._exp_store.write, self.exp_name, changed)
-        for user_id in erased:
-            await self._redis_retrying(self._store.erase_user, user_id)
+        for user_id, partition, raw_key in erased:
+            await self._publish_erasure(user_id, partition, raw_key)
         await self._send_all([(self.topics.push, orjson.dumps(m.to_dict()), m.user_id.encode(), None)
                               for m in pushes] + self._dead_messages(dead))
         created = np.fromiter((r.timestamp for r in records if r.timestamp is not None), float)
@@ -616,7 +799,7 @@ class Worker:
             out.setdefault(rec.partition, []).append(rec)
         for partition in list(out):
             expected = self._done.get(partition)
-            if partition not in self._owned:
+            if partition not in self._owned or partition in self._stopped:
                 del out[partition]
             elif expected is not None and out[partition][0].offset != expected:
                 del out[partition]
@@ -658,6 +841,13 @@ class Worker:
             self.stats.redis_retries += 1
             log.warning("could not read the population model (%s); keeping the last one", type(exc).__name__)
             return
+        except (ResponseError, ValueError) as exc:  # another type or value at its keys: reported, never fatal
+            if isinstance(exc, WrongTypeError):
+                self.stats.redis_wrong_type += len(exc.keys)
+            log.error("could not read the population model (%s); keeping the last one until the item stage "
+                      "rewrites it", exc if isinstance(exc, WrongTypeError) else
+                      refusal(exc) if isinstance(exc, ResponseError) else type(exc).__name__)
+            return
         if got["at"] is None:
             return
         assigned = self.engine.load_population(got["model"], got["trending"], got["at"], got["momentum"])
@@ -669,17 +859,162 @@ class Worker:
             await self._redis_retrying(self._store.write,
                                        segments={u: self.engine.segment(u) for u in assigned})
 
-    async def _redis_retrying(self, fn, *args, **kwargs):
-        """Retry a Redis write until it succeeds: offsets are not committed meanwhile, so nothing is lost."""
-        delay = 0.1
-        while True:
+    # ------------------------------------------------------------------ Redis data loss
+    async def _check_generation(self) -> None:
+        """Every ``redis_check_interval_s``, read the generation marker (``{prefix}generation``, a random token
+        set once per life of Redis's data). Gone or another token: Redis lost its data (restarted without
+        persistence, flushed, or another worker found that first), and since only what changes is written,
+        the keys of everything else would never come back: the marker is set again (by whichever worker
+        finds it gone first; the others read that token) and every key this worker holds state for is
+        written again (:meth:`_rematerialise`). At start the token is only taken note of."""
+        now = time.monotonic()
+        if now < self._generation_at:
+            return
+        self._generation_at = now + self.settings.redis_check_interval_s
+        key = self._store.keys.generation()
+        try:
             try:
-                return await fn(*args, **kwargs)
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                seen = await self._redis.get(key)
+            except ResponseError as exc:
+                if "WRONGTYPE" not in str(exc):
+                    raise
+                # infogap's key holding another type: named, counted, replaced; what it guarded is unknown, so
+                # Redis is taken as having lost its data
+                log.error("Redis key %s holds another type than the generation marker's string; replacing it and "
+                          "writing every key again", key)
+                self.stats.redis_wrong_type += 1
+                await self._redis.delete(key)
+                seen = None
+            missing = seen is None
+            if missing:
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.set(key, secrets.token_hex(16), nx=True)
+                pipe.get(key)
+                seen = (await execute(pipe))[1]
+        except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as exc:
+            # read again at the next check; the writes wait through an outage themselves
+            log.debug("could not read the Redis generation marker (%s)", type(exc).__name__)
+            return
+        if seen is None or seen == self._generation:
+            return
+        first, self._generation = self._generation is None, seen
+        if not first:
+            await self._rematerialise()
+        elif missing:
+            # Redis lost its data while no worker ran (or this is the first start): what this worker restores
+            # from snapshots at its first assignment is written again too
+            self._refill_on_restore = True
+            if self.items is not None:
+                self.items.refill_on_take = True
+
+    async def _rematerialise(self) -> None:
+        """Redis lost its data: write again, from this worker's state, every key it owns. The item stage's
+        rows (``similar``, ``nbrow``) and population keys (:meth:`ItemStage.rematerialise`), then the user
+        stage's experiment hashes at once, and every user's recommendations and segment a step between
+        two batches (:meth:`_rematerialise_users`). Erased users are in no partition, hence never written."""
+        self.stats.redis_rematerialisations += 1
+        rows = self.items.rematerialise() if self.items is not None else 0
+        segments = 0
+        if self.run_users:
+            async with self._batch_lock:  # no partition moves meanwhile, so its counts are still this worker's
+                live = {p: part for p, part in self.parts.items() if p in self._owned and p not in self._stopped}
+                self._refill = self._users_to_rematerialise(live)
+                self._count_refill()
+                counts = {seg: c for part in live.values() for seg, c in part.experiments.counts().items()}
+                if counts:
+                    await self._redis_retrying(self._exp_store.write, self.exp_name, counts)
+                    self.stats.redis_keys_rematerialised += len({seg.variant for seg in counts})
+                segments = len(counts)
+        log.warning("Redis lost its data (%s was gone or changed): writing every key again from state: "
+                    "recommendations of %d users, %d neighbour rows, %d experiment segments",
+                    self._store.keys.generation(), len(self._refill), rows, segments)
+
+    def _users_to_rematerialise(self, parts: dict[int, UserPartition]) -> list[tuple[int, str]]:
+        """The users of ``parts`` whose keys are to be written again: all but those whose keys had expired
+        anyway (no event for ``recs_ttl_s`` before their partition's newest event)."""
+        out = []
+        for p, part in parts.items():
+            users = list(part.users)
+            newest = self.ingest.watermarks.get((self.topics.events, p))
+            expired = (set(self.engine.stale_users(users, newest, self.settings.recs_ttl_s))
+                       if newest is not None and users else ())
+            out += [(p, u) for u in users if u not in expired]
+        return out
+
+    def _count_refill(self) -> None:
+        self.stats.redis_rematerialise_pending += len(self._refill) - self._refill_n
+        self._refill_n = len(self._refill)
+
+    async def _rematerialise_users(self) -> None:
+        """Write the recommendations and segment of the next ``REMATERIALISE_USERS`` users still to write
+        again, ranked as a batch ranks them (held under the batch lock: no erasure or rebalance between the
+        checks here and the write). Users gone since (erased, evicted, their partition revoked) are skipped."""
+        pending, chunk = self._refill, []
+        while pending and len(chunk) < REMATERIALISE_USERS:
+            p, user_id = pending.pop()
+            part = self.parts.get(p)
+            if (part is not None and p in self._owned and user_id in part.users and self.engine.known_user(user_id)
+                    and not (self.erasures and self.erasures.erased(user_id))):
+                chunk.append(user_id)
+        if chunk:
+            await self._redis_retrying(self._cache.ensure, self.engine,
+                                       (i for u in chunk for i in self.engine.query_items(u)), time.monotonic())
+            now, top_n, version = self.clock(), self.settings.top_n, self.settings.model_version
+            docs, segments = [], {}
+            for user_id in chunk:
+                variant = self.experiment.assign(user_id) if self.experiment else None
+                recs = self.engine.recommend(user_id, n=top_n,
+                                             overrides=self.experiment.overrides.get(variant) if variant else None)
+                segments[user_id] = seg = self.engine.segment(user_id)
+                docs.append({"user_id": user_id,
+                             "items": [{"item_id": item, "score": round(score, 6), "reason": reason}
+                                       for item, score, reason in recs],
+                             "segment": seg, "generated_at": now, "model_version": version})
+            await self._redis_retrying(self._store.write, recs=docs, segments=segments)
+            self.stats.redis_keys_rematerialised += len(docs) + sum(s is not None for s in segments.values())
+        self._count_refill()
+        if not pending:
+            log.info("Redis data loss repaired: every user's recommendations written again")
+
+    async def _redis_retrying(self, fn, *args, **kwargs):
+        """Retry a Redis call until it succeeds: offsets are not committed meanwhile, so nothing is lost.
+
+        ``fn`` is one whole write of absolute values: a retry rewrites whole what a failed try half wrote.
+        Redis unreachable, or refusing the write (OOM, READONLY, ...: :func:`~stream.redis_store.refusal`): an
+        outage, waited through with ``/health`` 503 and the reason. Keys of another type
+        (:class:`~stream.redis_store.WrongTypeError`, infogap's keys): logged by name, counted, deleted, written.
+        """
+        delay, token, repair, repaired = 0.1, object(), [], False
+        try:
+            while True:
+                try:
+                    if repair:
+                        foreign = await self._store.delete_own(repair)
+                        repair = []
+                        if foreign:  # (every key written has the prefix: never expected)
+                            log.error("WRONGTYPE at keys outside %r, left alone; write dropped: %s",
+                                      self.settings.redis_prefix, ", ".join(foreign)[:1000])
+                            return None
+                    return await fn(*args, **kwargs)
+                except WrongTypeError as exc:
+                    self.stats.redis_wrong_type += len(exc.keys)
+                    log.error("WRONGTYPE: %s held another Redis type than infogap writes there; deleting and "
+                              "writing again", ", ".join(exc.keys)[:1000])
+                    repair = exc.keys
+                    if not repaired:  # at once the first time; back off if something keeps putting them back
+                        repaired = True
+                        continue
+                except ResponseError as exc:
+                    reason = refusal(exc)
+                    self._redis_refused[token] = reason
+                    log.warning("Redis refused a write (%s); retrying the whole write in %.1f s", reason, delay)
+                except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                    log.warning("Redis unavailable (%s); retrying in %.1f s", type(exc).__name__, delay)
                 self.stats.redis_retries += 1
-                log.warning("Redis unavailable (%s); retrying in %.1f s", type(exc).__name__, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+        finally:
+            self._redis_refused.pop(token, None)
 
     def _learn(self, events: list[Event]) -> None:
         if events:
@@ -692,18 +1027,33 @@ class Worker:
             part.forget_user(user_id)
         self.prefs.pop(user_id, None)
 
-    async def erase_user(self, user_id: str) -> None:
-        """Remove every trace of a user: model state, push state, preferences and Redis keys."""
+    async def erase_user(self, user_id: str, *, partition: int | None = None, raw_key: bytes | None = None) -> None:
+        """Remove every trace of a user for good: model state, push state, preferences, Redis keys; record it
+        in the ``erasures`` ledger (:mod:`stream.erasures`), and snapshot the user's events ``partition``
+        (if this worker owns it) at the next turn, so that no snapshot read after it holds the user.
+        ``raw_key``: the user's ``users`` key (a ``forget`` event's), whose record is then deleted too."""
+        new = self.erasures.add(user_id)
         self._forget_in_memory(user_id)
+        if not new:  # erased before (a tombstone re-read at start, a forget replayed): its keys went then
+            return
+        await self._publish_erasure(user_id, partition, raw_key)
+
+    async def _publish_erasure(self, user_id: str, partition: int | None, raw_key: bytes | None) -> None:
         await self._redis_retrying(self._store.erase_user, user_id)
+        messages = [(self.topics.erasures, b"{}", self.erasures.digest(user_id).encode(), None)]
+        if raw_key is not None:
+            messages.append((self.topics.users, None, raw_key, None))
+        await self._send_all(messages)
+        if partition is not None and partition in self.parts:
+            self._turns.hurry(partition)
         self.stats.erased_users += 1
 
     def _dead_messages(self, dead: list[DeadLetter]) -> list[tuple]:
-        return [(self.topics.dlq, d.raw, d.key, d.headers()) for d in dead]
+        return [d.message(self.topics.dlq) for d in dead]  # value and key cut to their bounds
 
     async def _send_counted_dead(self, dead: list[DeadLetter]) -> None:
         for d in dead:
-            self.stats.count_dead(d.reason)
+            self.stats.count_dead(d.code)
         await self._send_dead(dead)
 
     async def _send_dead(self, dead: list[DeadLetter]) -> None:
@@ -725,23 +1075,31 @@ class Worker:
         return futures
 
     async def _confirm(self, messages: list[tuple], futures: list) -> None:
-        """Wait until the broker acked ``messages`` (enqueued as ``futures``), resending those that failed."""
-        delay = 0.2
-        while messages:
-            results = [f if isinstance(f, BaseException) else None for f in futures]
-            pending = [(k, f) for k, f in enumerate(futures) if not isinstance(f, BaseException)]
-            done = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
-            for (k, _), r in zip(pending, done):
-                results[k] = r if isinstance(r, BaseException) else None
-            failed = [m for m, r in zip(messages, results) if r is not None]
-            fatal = next((r for r in results if r is not None and not _retriable(r)), None)
-            if fatal is not None:  # e.g. a record over the broker's size limit: resending cannot help
-                raise fatal
-            if failed:
-                self.stats.kafka_retries += 1
-                log.warning("%d of %d messages not acknowledged (%s); resending in %.1f s", len(failed),
-                            len(messages), type(next(r for r in results if r is not None)).__name__, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                futures = await self._enqueue(failed)
-            messages = failed
+        """Wait until the broker acked ``messages`` (enqueued as ``futures``), resending those that failed
+        (what waits, on which topics, is named by ``/health`` if batches stall meanwhile)."""
+        delay, token = 0.2, object()
+        try:
+            while messages:
+                results = [f if isinstance(f, BaseException) else None for f in futures]
+                pending = [(k, f) for k, f in enumerate(futures) if not isinstance(f, BaseException)]
+                done = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+                for (k, _), r in zip(pending, done):
+                    results[k] = r if isinstance(r, BaseException) else None
+                failed = [m for m, r in zip(messages, results) if r is not None]
+                fatal = next((r for r in results if r is not None and not _retriable(r)), None)
+                if fatal is not None:  # e.g. a record over the broker's size limit: resending cannot help
+                    raise fatal
+                if failed:
+                    error = type(next(r for r in results if r is not None)).__name__
+                    self._kafka_waiting[token] = (f"Kafka: {len(failed)} messages to "
+                                                  f"{', '.join(sorted({m[0] for m in failed}))} not acknowledged "
+                                                  f"({error}), resending")
+                    self.stats.kafka_retries += 1
+                    log.warning("%d of %d messages not acknowledged (%s); resending in %.1f s", len(failed),
+                                len(messages), error, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    futures = await self._enqueue(failed)
+                messages = failed
+        finally:
+            self._kafka_waiting.pop(token, None)
