@@ -305,7 +305,8 @@ def _explain(engine, cfg, u: int, picked: list[int], picks: list[int], packed: n
     else:
         where = dict(zip(picks, range(len(picks))))
         at = [where.get(r, -1) for r in picked]
-    mix = None
+    weights = None  # the user's category weights, read once a request needs them
+    liked: dict = {}  # feature ids of an item -> the liked category's name (or None), once per request
     out = []
     ids, titles = cat._ids, cat._titles
     min_support = max(cfg.min_support, cfg.reason_min_support)
@@ -318,18 +319,18 @@ def _explain(engine, cfg, u: int, picked: list[int], picks: list[int], packed: n
                           f"(lift {lifts[i]:.1f})")
             else:  # the pair would argue against the item (lift <= 1) or rest on a few users: the next true reason
                 feats = cat.features(r)
-                if feats and mix is None:
-                    mix = engine._profiles.mix(u)
-                reason = (feats and _liked(engine, cfg, r, feats, mix)) or _trend_reason(engine, u, r) \
+                if feats and weights is None:
+                    weights = engine._profiles.feats[u]
+                reason = (feats and _liked(engine, cfg, r, feats, weights, liked)) or _trend_reason(engine, u, r) \
                     or "picked for you"
         elif d == _SEGMENT:
             reason = "trending in your segment"
         elif d == _GLOBAL:
             reason = "trending now"
         else:
-            if mix is None:
-                mix = engine._profiles.mix(u)
-            reason = _liked(engine, cfg, r, cat.features(r), mix) or "popular right now"
+            if weights is None:
+                weights = engine._profiles.feats[u]
+            reason = _liked(engine, cfg, r, cat.features(r), weights, liked) or "popular right now"
         out.append(_new(Recommendation, (ids[r], scores[i] if i >= 0 else 0.0, reason)))
     return out
 
@@ -339,15 +340,16 @@ def _explain(engine, cfg, u: int, picked: list[int], picks: list[int], packed: n
 REASON_MIN_LIFT = 1.05
 
 
-def _liked(engine, cfg, r: int, feats, mix: dict[int, float]) -> str | None:
-    """"new/popular in <category>, which you like" when one of item ``r``'s categories ``feats`` is in the
-    user's category mix."""
-    cat = engine._catalog
-    liked = max(feats, key=lambda x: mix.get(x, 0.0)) if feats else None
-    if liked is None or not mix.get(liked, 0.0) > 0:
-        return None
-    fav = cat.feature_name(liked)
-    if not fav:
+def _liked(engine, cfg, r: int, feats, weights: dict[int, float], memo: dict) -> str | None:
+    """"new/popular in <category>, which you like" when one of item ``r``'s categories ``feats`` has a
+    positive weight in the user's decayed vector ``weights`` (the heaviest of them); ``memo`` keeps the
+    answer per ``feats`` for the rest of the request (a top-N shares a few categories)."""
+    fav = memo.get(feats, 0)
+    if fav == 0:
+        best = max(feats, key=lambda x: weights.get(x, 0.0)) if feats else None
+        fav = memo[feats] = (engine._catalog.feature_name(best) or None
+                             if best is not None and weights.get(best, 0.0) > 0 else None)
+    if fav is None:
         return None
     return f"new in {fav}, which you like" if engine._item_events[r] < cfg.new_item_max_events else \
         f"popular in {fav}, which you like"
