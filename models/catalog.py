@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import orjson
 
+from models.events import json_type
 from models.scratch import memo_of
 
 #: At most this many features (category first, then tags) are kept per item.
@@ -122,23 +123,6 @@ def check_text(name: str, v: object, limit: int = MAX_TEXT_CHARS, error: type[Va
     if _CONTROL.search(v):
         raise error(f"field {name!r} contains control characters")
     return v
-
-
-def json_type(v: object) -> str:
-    """How a decoded JSON value is named in a reason."""
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "a boolean"
-    if isinstance(v, (int, float)):
-        return "a number"
-    if isinstance(v, str):
-        return "a string"
-    if isinstance(v, list):
-        return "an array"
-    if isinstance(v, dict):
-        return "an object"
-    return type(v).__name__
 
 
 def cut_title(title: str) -> str:

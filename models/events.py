@@ -160,14 +160,14 @@ def validate_event(doc: object, *, now: float, limits: Limits = Limits(),
                    user_id_of: Callable[[str], str] | None = None, key: object = UNCHECKED) -> Event:
     """Validate and normalise a decoded JSON document (see :func:`parse_event`)."""
     if not isinstance(doc, dict):
-        raise InvalidEvent(f"an event must be a JSON object, got {_json_type(doc)}", ReasonCode.NOT_OBJECT)
+        raise InvalidEvent(f"an event must be a JSON object, got {json_type(doc)}", ReasonCode.NOT_OBJECT)
     event_id = _required_id(doc, "event_id")
     user_id = _required_id(doc, "user_id")
     etype = doc.get("type")
     if etype is None:
         raise InvalidEvent("missing required field 'type'", ReasonCode.MISSING_FIELD)
     if not isinstance(etype, str):
-        raise InvalidEvent(f"field 'type' must be a string, got {_json_type(etype)}", ReasonCode.BAD_TYPE)
+        raise InvalidEvent(f"field 'type' must be a string, got {json_type(etype)}", ReasonCode.BAD_TYPE)
     if len(etype) > _MAX_TYPE_LEN:
         raise InvalidEvent(f"field 'type' is {len(etype)} characters long, over the limit of {_MAX_TYPE_LEN}",
                            ReasonCode.TOO_LONG)
@@ -214,7 +214,8 @@ def _check_key(key: object, user_id: str, user_id_of: Callable[[str], str] | Non
     raise InvalidEvent("the record key is not the event's user_id" + fix, ReasonCode.KEY_MISMATCH)
 
 
-def _json_type(v: object) -> str:
+def json_type(v: object) -> str:
+    """How a decoded JSON value is named in a reason."""
     if v is None:
         return "null"
     if isinstance(v, bool):
@@ -232,7 +233,7 @@ def _json_type(v: object) -> str:
 
 def _id(name: str, v: object) -> str:
     if isinstance(v, bool) or not isinstance(v, (str, int)):
-        raise InvalidEvent(f"field {name!r} must be a string (or an integer), got {_json_type(v)}",
+        raise InvalidEvent(f"field {name!r} must be a string (or an integer), got {json_type(v)}",
                            ReasonCode.BAD_TYPE)
     s = str(v).strip()
     if not s:
@@ -261,7 +262,7 @@ def _optional_number(doc: dict, name: str, lo: float, hi: float) -> float | None
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise InvalidEvent(f"field {name!r} must be a number, got {_json_type(v)}", ReasonCode.BAD_TYPE)
+        raise InvalidEvent(f"field {name!r} must be a number, got {json_type(v)}", ReasonCode.BAD_TYPE)
     f = float(v)
     if not math.isfinite(f) or not lo <= f <= hi:
         raise InvalidEvent(f"field {name!r} is {v!r}, outside the accepted range [{lo:g}, {hi:g}]",
@@ -296,7 +297,7 @@ def _timestamp(doc: dict, now: float, limits: Limits) -> float:
                                ReasonCode.BAD_VALUE)
         ts = dt.timestamp()
     else:
-        raise InvalidEvent(f"field 'ts' must be epoch seconds or an ISO-8601 string with a zone, got {_json_type(v)}",
+        raise InvalidEvent(f"field 'ts' must be epoch seconds or an ISO-8601 string with a zone, got {json_type(v)}",
                            ReasonCode.BAD_TYPE)
     if ts < limits.min_ts:
         raise InvalidEvent(f"field 'ts' is {ts:.0f}, before the earliest accepted time {limits.min_ts:.0f} "
@@ -312,7 +313,7 @@ def _context(v: object) -> dict[str, str] | None:
     if v is None:
         return None
     if not isinstance(v, dict):
-        raise InvalidEvent(f"field 'context' must be an object, got {_json_type(v)}", ReasonCode.BAD_TYPE)
+        raise InvalidEvent(f"field 'context' must be an object, got {json_type(v)}", ReasonCode.BAD_TYPE)
     if len(v) > _MAX_CONTEXT_KEYS:
         raise InvalidEvent(f"field 'context' has {len(v)} keys, over the limit of {_MAX_CONTEXT_KEYS}",
                            ReasonCode.TOO_LONG)
@@ -324,7 +325,7 @@ def _context(v: object) -> dict[str, str] | None:
         if k in PII_FIELDS or x is None:
             continue
         if isinstance(x, bool) or not isinstance(x, (str, int, float)):
-            raise InvalidEvent(f"field 'context.{k[:40]}' must be a string, got {_json_type(x)}", ReasonCode.BAD_TYPE)
+            raise InvalidEvent(f"field 'context.{k[:40]}' must be a string, got {json_type(x)}", ReasonCode.BAD_TYPE)
         if isinstance(x, float) and not math.isfinite(x):
             raise InvalidEvent(f"field 'context.{k[:40]}' is {x!r}; expected a string", ReasonCode.BAD_VALUE)
         s = str(x)
