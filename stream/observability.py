@@ -80,6 +80,9 @@ class WorkerStats:
     duplicates: int = 0
     erased_users: int = 0
     erased_events: int = 0  # events of erased users, not learned (stream/erasures.py)
+    #: feedback the experiment metrics did not attribute: naming no known campaign/variant, or past the segment cap
+    experiment_unattributed: int = 0
+    experiment_overflow: int = 0
     pushes: int = 0
     batches: int = 0
     recs_written: int = 0
@@ -167,6 +170,10 @@ class StatsCollector:
         for channel, n in s.pushes_by_channel.items():
             pushes.add_metric([channel], n)
         yield pushes
+        yield GaugeMetricFamily("infogap_experiment_unattributed", "feedback events of the partitions this worker "
+                                "owns that named no known campaign or variant, not counted", value=s.experiment_unattributed)
+        yield GaugeMetricFamily("infogap_experiment_overflow", "feedback events of the partitions this worker owns "
+                                "past INFOGAP_EXPERIMENT_MAX_SEGMENTS, not counted", value=s.experiment_overflow)
         yield GaugeMetricFamily("infogap_consumer_lag", "records behind the end of the events topic", value=s.lag)
         yield GaugeMetricFamily("infogap_redis_rematerialise_pending", "users and neighbour rows still to write "
                                 "again after a Redis data loss (0: nothing pending)",

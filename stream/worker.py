@@ -783,6 +783,8 @@ class Worker:
         st.events_in += len(records)  # counted with the batch's other counters, once it is done
         st.recs_written += len(docs)
         st.batches += 1
+        st.experiment_unattributed = sum(p.experiments.unattributed for p in self.parts.values())
+        st.experiment_overflow = sum(p.experiments.overflow for p in self.parts.values())
         st.last_batch_s = time.perf_counter() - t0
         st.batch_seconds.add(st.last_batch_s)
 

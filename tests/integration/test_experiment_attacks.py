@@ -135,6 +135,7 @@ async def test_hostile_feedback_contexts_make_no_experiment_segments_and_real_fe
             f = figures[(variant,)]
             assert (f.sent, f.clicks, f.ctr) == (3, 3, 1.0), (variant, f)
         assert unattributed >= len(hostile) and overflow == 0  # counted, visible on the metrics objects
+        assert worker.stats.experiment_unattributed >= len(hostile)  # and on /stats and /metrics
         assert remembered == len(pushes) and segments <= 2 * 6  # state holds the sends, not the forged ids
     finally:
         await r.aclose()
