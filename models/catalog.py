@@ -60,6 +60,17 @@ class InvalidItem(ValueError):
         self.reason = reason
 
 
+def load_record(raw: bytes, limit: int, error: type[ValueError] = ValueError):
+    """The JSON value of a side-topic record of at most ``limit`` bytes, or ``error`` saying why not
+    (a larger one is refused unread)."""
+    if len(raw) > limit:
+        raise error(f"payload is {len(raw)} bytes, over the limit of {limit} bytes")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise error(f"not valid JSON: {exc}") from None
+
+
 def parse_item(raw: bytes | bytearray | memoryview, key: bytes | None) -> dict:
     """Decode and check a raw ``items`` record whose Kafka key is ``key``: the item of :func:`validate_item`.
 
@@ -73,13 +84,7 @@ def parse_item(raw: bytes | bytearray | memoryview, key: bytes | None) -> dict:
     ...
     models.catalog.InvalidItem: the record key is not the item's 'item_id'; produce items with key=item_id
     """
-    if len(raw) > MAX_ITEM_RECORD_BYTES:
-        raise InvalidItem(f"payload is {len(raw)} bytes, over the limit of {MAX_ITEM_RECORD_BYTES} bytes")
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidItem(f"not valid JSON: {exc}") from None
-    item = validate_item(doc)
+    item = validate_item(load_record(raw, MAX_ITEM_RECORD_BYTES, InvalidItem))
     if key is None:
         raise InvalidItem("the record key is null; produce items with key=item_id")
     if decode_key(key) != item["item_id"]:

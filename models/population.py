@@ -111,7 +111,10 @@ class PopulationLearner:
         """Apply a user stage's entries (:meth:`models.engine.Engine.drain_population`, sequence numbers
         increasing per source); entries at or below the source's high-water mark are skipped. Returns
         how many were applied."""
-        samples, trends = check_batch(batch)  # all or nothing: a bad batch changes no state
+        return self.learn_checked(*check_batch(batch), source)  # all or nothing: a bad batch changes no state
+
+    def learn_checked(self, samples: list, trends: list, source: int) -> int:
+        """:meth:`learn` of the entries :func:`check_batch` returned (for a caller that checked them already)."""
         hw = self.hwm.get(source, -1)
         top = hw
         done = 0

@@ -27,7 +27,7 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
-from models.catalog import check_id, decode_key, json_type
+from models.catalog import check_id, decode_key, json_type, load_record
 from models.state_fields import StateError, check
 
 CHANNELS = ("email", "app", "ads")
@@ -109,13 +109,7 @@ class UserPrefs:
         ...
         ValueError: the record key is not the user's 'user_id'; produce users records with key=user_id
         """
-        if len(raw) > MAX_USERS_RECORD_BYTES:
-            raise ValueError(f"payload is {len(raw)} bytes, over the limit of {MAX_USERS_RECORD_BYTES} bytes")
-        try:
-            doc = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise ValueError(f"not valid JSON: {exc}") from None
-        prefs = cls.from_record(doc)
+        prefs = cls.from_record(load_record(raw, MAX_USERS_RECORD_BYTES))
         if key is None:
             raise ValueError("the record key is null; produce users records with key=user_id")
         if decode_key(key) != prefs.user_id:

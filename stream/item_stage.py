@@ -208,7 +208,7 @@ class ItemStage:
                         if not final:
                             return records[k:]
                         raise ValueError(f"sequence number {top} is past the end of events partition {source}")
-                    self.population.learn(batch, source)
+                    self.population.learn_checked(samples, trends, source)
                     continue
                 deltas = PairDeltas.from_bytes(rec.value)
                 top = max(int(deltas.seq.max(initial=-1)), int(deltas.occ_seq.max(initial=-1)))

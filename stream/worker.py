@@ -373,7 +373,7 @@ class Worker:
             for user_id in users["users"]:
                 self.engine.forget_user(user_id)
             raise StateError(f"{where}: users: {type(exc).__name__}: {exc}") from None
-        for user_id in [u for u in users["users"] + sorted(part.users) if self.erasures.erased(u)]:
+        for user_id in [u for u in set(users["users"]) | part.users if self.erasures.erased(u)]:
             self.engine.forget_user(user_id)  # a snapshot from before the erasure: erasure wins
             part.forget_user(user_id)
         self.parts[partition] = part
@@ -540,9 +540,10 @@ class Worker:
     async def _kafka_ok(self) -> bool:
         return bool(await self._producer.client.force_metadata_update())
 
-    async def _state_ok(self) -> bool:
-        """False while a partition is stopped because its state snapshot cannot be read."""
-        return not self.stats.unreadable_state
+    async def _state_ok(self) -> bool | str:
+        """True, or while a partition is stopped because its state snapshot cannot be read, which and why."""
+        stopped = self.stats.unreadable_state
+        return not stopped or "; ".join(f"{where}: {why}" for where, why in stopped.items())[:1000]
 
     async def _redis_ok(self) -> bool | str:
         if self._redis_refused:  # PING answers while writes are refused (OOM, READONLY): down, and why
@@ -741,17 +742,10 @@ class Worker:
         st.neighbour_max_age_s = self._cache.age_s
 
         docs, segments, pushes = [], {}, []
-        top_n, version = self.settings.top_n, self.settings.model_version
         for user_id, (user_ts, partition) in touched.items():
-            variant = self.experiment.assign(user_id) if self.experiment else None
-            recs = self.engine.recommend(user_id, n=top_n,
-                                         overrides=self.experiment.overrides.get(variant) if variant else None)
-            seg = self.engine.segment(user_id)
-            segments[user_id] = seg
-            docs.append({"user_id": user_id,
-                         "items": [{"item_id": item, "score": round(score, 6), "reason": reason}
-                                   for item, score, reason in recs],
-                         "segment": seg, "generated_at": now, "model_version": version})
+            variant, recs, doc = self._ranked(user_id, now)
+            segments[user_id] = doc["segment"]
+            docs.append(doc)
             if self.settings.push_enabled:
                 prefs = self.prefs.get(user_id)
                 if prefs is not None:
@@ -787,6 +781,18 @@ class Worker:
         st.experiment_overflow = sum(p.experiments.overflow for p in self.parts.values())
         st.last_batch_s = time.perf_counter() - t0
         st.batch_seconds.add(st.last_batch_s)
+
+    def _ranked(self, user_id: str, now: float) -> tuple[str | None, list, dict]:
+        """A user's experiment variant, recommendations (with its variant's ranker settings) and the
+        ``ig:recs`` document written for them."""
+        variant = self.experiment.assign(user_id) if self.experiment else None
+        recs = self.engine.recommend(user_id, n=self.settings.top_n,
+                                     overrides=self.experiment.overrides.get(variant) if variant else None)
+        doc = {"user_id": user_id,
+               "items": [{"item_id": item, "score": round(score, 6), "reason": reason} for item, score, reason in recs],
+               "segment": self.engine.segment(user_id), "generated_at": now,
+               "model_version": self.settings.model_version}
+        return variant, recs, doc
 
     def _in_sequence(self, records) -> dict[int, list]:
         """The records by partition, keeping only those that continue what this worker holds.
@@ -961,17 +967,9 @@ class Worker:
         if chunk:
             await self._redis_retrying(self._cache.ensure, self.engine,
                                        (i for u in chunk for i in self.engine.query_items(u)), time.monotonic())
-            now, top_n, version = self.clock(), self.settings.top_n, self.settings.model_version
-            docs, segments = [], {}
-            for user_id in chunk:
-                variant = self.experiment.assign(user_id) if self.experiment else None
-                recs = self.engine.recommend(user_id, n=top_n,
-                                             overrides=self.experiment.overrides.get(variant) if variant else None)
-                segments[user_id] = seg = self.engine.segment(user_id)
-                docs.append({"user_id": user_id,
-                             "items": [{"item_id": item, "score": round(score, 6), "reason": reason}
-                                       for item, score, reason in recs],
-                             "segment": seg, "generated_at": now, "model_version": version})
+            now = self.clock()
+            docs = [self._ranked(user_id, now)[2] for user_id in chunk]
+            segments = {doc["user_id"]: doc["segment"] for doc in docs}
             await self._redis_retrying(self._store.write, recs=docs, segments=segments)
             self.stats.redis_keys_rematerialised += len(docs) + sum(s is not None for s in segments.values())
         self._count_refill()
