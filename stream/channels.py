@@ -45,7 +45,7 @@ log = logging.getLogger("infogap.channel")
 
 @dataclass(frozen=True)
 class ChannelConfig:
-    """What a channel worker needs beyond the connections (see README "Experiments, ROI and channels")."""
+    """What a channel worker needs beyond the connections (see docs/experiments.md)."""
 
     channel: str
     smtp_host: str = "127.0.0.1"

@@ -52,7 +52,7 @@ class Topics:
 
 
 class Settings(BaseSettings):
-    """Everything an infogap process can be told; see README "Configuration"."""
+    """Everything an infogap process can be told; see docs/configuration.md."""
 
     # hide_input_in_errors: a validation error must not echo a password given in the environment
     model_config = SettingsConfigDict(env_prefix="INFOGAP_", extra="ignore", hide_input_in_errors=True)
@@ -90,17 +90,17 @@ class Settings(BaseSettings):
     stall_s: float = Field(30.0, gt=0)
 
     # --- processing
-    stages: str = "users,items"  # which stages this process runs: users, items, or both (see README)
-    batch_max_records: int = 20_000  # under a backlog: a user's events in one batch are ranked once (see README)
+    stages: str = "users,items"  # which stages this process runs: users, items, or both (docs/architecture.md)
+    batch_max_records: int = 20_000  # under a backlog: a user's events in one batch are ranked once (docs/architecture.md)
     batch_timeout_ms: int = 100
     # bytes of records a worker's producer packs per partition batch; at most the brokers' message.max.bytes
-    # (1 MiB by default), and above a cooc record (~450 kB) so that several share a produce request (README)
+    # (1 MiB by default), and above a cooc record (~450 kB) so that several share a produce request (docs/architecture.md)
     produce_batch_bytes: int = Field(1_000_000, ge=512 * 1024)
     top_n: int = 10
     half_life_days: float = 7.0
     recs_ttl_s: int = Field(7 * 86_400, gt=0)  # seconds; Redis refuses a TTL of 0
     # how often a worker reads {prefix}generation (one GET): gone or changed, Redis lost its data (a restart
-    # without persistence, a flush) and the worker writes every key it holds state for again (README)
+    # without persistence, a flush) and the worker writes every key it holds state for again (docs/operations.md)
     redis_check_interval_s: float = Field(2.0, gt=0)
     model_version: str = "v1"
     # ig:similar, ig:nbrow of changed items and ig:trending are rewritten at most this often (and user stages
@@ -115,11 +115,11 @@ class Settings(BaseSettings):
     neighbour_cache_items: int = 10_000  # neighbour rows a user stage holds, ~21 kB each at 400 neighbours (LRU)
     neighbour_max_age_s: float = 2.0  # a cached neighbour row older than this is read again from Redis
     # ... if its shard has published since; and later under a backlog, so that loading rows takes at most
-    # about this share of a user stage's time (the max age grows up to 30 s; README "Architecture")
+    # about this share of a user stage's time (the max age grows up to 30 s; docs/architecture.md)
     neighbour_read_max_share: float = Field(0.05, gt=0, le=1)
     trending_n: int = 100
     #: models.EngineConfig fields over its defaults (JSON), the same for every worker of a group, e.g.
-    #: {"door_bits": 22}: the admission door for catalogs with many one-off pairs (README "Configuration")
+    #: {"door_bits": 22}: the admission door for catalogs with many one-off pairs (docs/configuration.md)
     engine: dict[str, Any] = Field(default_factory=dict)
 
     snapshot_interval_s: float = 10.0  # state snapshot + offset commit cadence; 0: commit every batch, no snapshots
@@ -140,7 +140,7 @@ class Settings(BaseSettings):
     push_ttl_s: float = 86_400.0
     push_items: int = 5
 
-    # --- security (README "Security and privacy"; secrets are SecretStr: repr, str and dumps show '**********')
+    # --- security (docs/security.md; secrets are SecretStr: repr, str and dumps show '**********')
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
     kafka_username: str | None = None
@@ -235,7 +235,7 @@ class Settings(BaseSettings):
             raise ValueError("; ".join(errors))
         return self
 
-    # --- experiments (see README "Experiments, ROI and channels")
+    # --- experiments (docs/experiments.md)
     experiment: dict | None = None  # {"name": "recs-v2", "variants": {"A": 0.5, "B": 0.5}, "overrides": {"B": {...}}}
     experiment_cost_per_message: dict[str, float] = Field(
         default_factory=lambda: {"email": 0.001, "app": 0.0005, "ads": 0.01})

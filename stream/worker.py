@@ -217,7 +217,7 @@ class Worker:
         # batches of up to produce_batch_bytes, not aiokafka's 16 KiB: the client has one produce request in
         # flight per broker, holding one batch per partition, and a send to a partition whose batch is full
         # waits until that batch is sent; a 20,000-event batch's ~17 MB of cooc records (~450 kB each) took
-        # ~15 round trips, ~110 ms of the batch (README "Architecture")
+        # ~15 round trips, ~110 ms of the batch (docs/architecture.md)
         self._producer = connections.producer(s, linger_ms=5, acks="all", max_batch_size=s.produce_batch_bytes)
         if self.run_users:
             self._consumer = connections.consumer(
