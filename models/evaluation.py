@@ -1,6 +1,6 @@
 """Prequential (test-then-learn) evaluation of online recommenders, its metrics and two baselines.
 
-The protocol of DESIGN.md: events are replayed in timestamp order; before each interaction of a
+The protocol of docs/evaluation.md: events are replayed in timestamp order; before each interaction of a
 *known* user (one with an earlier interaction), the model is asked for its top-``k`` excluding the
 items the user already has, and it is a hit if the interacted item is in that list; then the model
 learns the event. Any object with ``learn_one(event)`` and ``recommend(user_id, n, exclude=...)``

@@ -133,7 +133,7 @@ class PushConfig:
 
 @dataclass(frozen=True, slots=True)
 class PushMessage:
-    """One message for the ``push`` topic (see DESIGN.md)."""
+    """One message for the ``push`` topic (see docs/contracts.md)."""
 
     message_id: str
     user_id: str
