@@ -37,6 +37,7 @@ from stream import connections, local
 from stream.repeats import median_run
 from stream.replay import publish
 from stream.settings import Settings
+from stream.store import open_store
 from stream.synthetic import SyntheticStream
 
 
@@ -112,11 +113,11 @@ async def _cleanup(s: Settings) -> None:
         pass
     finally:
         await admin.close()
-    r = connections.redis_async(s)
-    keys = [k async for k in r.scan_iter(match=f"{s.redis_prefix}*", count=10_000)]
-    for i in range(0, len(keys), 10_000):
-        await r.delete(*keys[i:i + 10_000])
-    await r.aclose()
+    store = open_store(s)
+    try:
+        await store.clear()
+    finally:
+        await store.close()
 
 
 BAD_RECORDS = (b"{not json", b'{"event_id": "x", "user_id": "u", "type": "view", "ts": "yesterday"}',

@@ -1,4 +1,4 @@
-"""A small typed client for app backends: read what the workers wrote to Redis.
+"""A small typed client for app backends: read what the workers wrote to Redis (or Redis Cluster).
 
 >>> import redis
 >>> client = InfogapClient(redis.Redis.from_url("redis://127.0.0.1:6379/0"))  # doctest: +SKIP
@@ -18,7 +18,7 @@ import redis
 from pydantic import SecretStr
 
 from stream.pseudonym import Pseudonymizer
-from stream.redis_keys import RedisKeys
+from stream.store.keys import RedisKeys
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,16 +61,26 @@ class InfogapClient:
     methods then take the raw id, and :class:`Recs` carries the id the caller asked for.
     """
 
-    def __init__(self, client: redis.Redis, prefix: str = "ig:", *,
+    def __init__(self, client: redis.Redis | redis.RedisCluster, prefix: str = "ig:", *,
                  pseudonym_key: SecretStr | str | bytes | None = None):
         self.client = client
-        self.keys = RedisKeys(prefix)
+        self.keys = RedisKeys(prefix, cluster=isinstance(client, redis.RedisCluster))
         self._pseudonym = Pseudonymizer(pseudonym_key)
 
     @classmethod
     def from_url(cls, url: str = "redis://127.0.0.1:6379/0", prefix: str = "ig:", *,
                  pseudonym_key: SecretStr | str | bytes | None = None, **kwargs) -> InfogapClient:
-        """``kwargs`` go to ``redis.Redis.from_url`` (``username=``, ``password=``, ``ssl_ca_certs=`` ...)."""
+        """``kwargs`` go to ``redis.Redis.from_url`` (``username=``, ``password=``, ``ssl_ca_certs=`` ...); a
+        ``redis+cluster://host:port[,host:port...]`` URL reads from Redis Cluster."""
+        from stream.settings import redis_nodes
+
+        if url.partition("://")[0].endswith("+cluster"):
+            from redis.cluster import ClusterNode
+
+            nodes = [ClusterNode(h, p) for h, p in redis_nodes(url)]
+            if url.startswith("rediss"):
+                kwargs.setdefault("ssl", True)
+            return cls(redis.RedisCluster(startup_nodes=nodes, **kwargs), prefix, pseudonym_key=pseudonym_key)
         return cls(redis.Redis.from_url(url, **kwargs), prefix, pseudonym_key=pseudonym_key)
 
     @classmethod

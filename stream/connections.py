@@ -29,7 +29,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.helpers import create_ssl_context
 
-from stream.settings import Settings
+from stream.settings import Settings, redis_nodes
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,9 @@ def redis_options(settings: Settings) -> dict:
         opts["username"] = s.redis_username
     if s.redis_password is not None:
         opts["password"] = s.redis_password.get_secret_value()
-    if urlparse(s.redis_url).scheme == "rediss":
+    if urlparse(s.redis_url).scheme in ("rediss", "rediss+cluster"):
+        if s.redis_cluster:
+            opts["ssl"] = True
         opts["ssl_cert_reqs"] = "required"
         if s.redis_ssl_cafile is not None:
             opts["ssl_ca_certs"] = str(s.redis_ssl_cafile.expanduser())
@@ -144,14 +146,29 @@ def _describe_redis(settings: Settings) -> str:
     return f"{s.redis_url} ({auth}{', user ' + s.redis_username if s.redis_username else ''})"
 
 
-def redis_async(settings: Settings, **kwargs) -> aioredis.Redis:
+def redis_async(settings: Settings, **kwargs) -> aioredis.Redis | aioredis.RedisCluster:
+    """An asyncio client: a ``RedisCluster`` for a ``redis+cluster://`` URL (its nodes are where it starts
+    to learn the cluster's layout), else a ``Redis``."""
     log.debug("redis (asyncio) client for %s", _describe_redis(settings))
-    return aioredis.Redis.from_url(settings.redis_url, **{**redis_options(settings), **kwargs})
+    opts = {**redis_options(settings), **kwargs}
+    if settings.redis_cluster:
+        from redis.asyncio.cluster import ClusterNode
+
+        return aioredis.RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in redis_nodes(settings.redis_url)],
+                                     **opts)
+    return aioredis.Redis.from_url(settings.redis_url, **opts)
 
 
-def redis_sync(settings: Settings, **kwargs) -> redis.Redis:
+def redis_sync(settings: Settings, **kwargs) -> redis.Redis | redis.RedisCluster:
+    """A blocking client (``RedisCluster`` for a ``redis+cluster://`` URL)."""
     log.debug("redis client for %s", _describe_redis(settings))
-    return redis.Redis.from_url(settings.redis_url, **{**redis_options(settings), **kwargs})
+    opts = {**redis_options(settings), **kwargs}
+    if settings.redis_cluster:
+        from redis.cluster import ClusterNode
+
+        return redis.RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in redis_nodes(settings.redis_url)],
+                                  **opts)
+    return redis.Redis.from_url(settings.redis_url, **opts)
 
 
 async def check_kafka(settings: Settings, timeout_s: float = 10.0) -> None:
@@ -209,7 +226,7 @@ async def check_redis(settings: Settings, timeout_s: float = 5.0) -> None:
     """
     from redis.exceptions import (AuthenticationError, AuthenticationWrongNumberOfArgsError, ResponseError,
                                   TimeoutError as RedisTimeoutError)
-    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import ConnectionError as RedisConnectionError, RedisClusterException
 
     client = redis_async(settings, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
     try:
@@ -227,6 +244,8 @@ async def check_redis(settings: Settings, timeout_s: float = 5.0) -> None:
             raise CredentialsRefused(f"TLS handshake with Redis at {settings.redis_url} failed ({exc}); check "
                                      f"INFOGAP_REDIS_SSL_CAFILE / _CERTFILE / _KEYFILE") from None
         raise ConnectionError(f"Redis at {settings.redis_url} does not answer: {exc}") from None
+    except RedisClusterException as exc:  # no startup node answered, or no slot is covered
+        raise ConnectionError(f"Redis Cluster at {settings.redis_url} does not answer: {exc}") from None
     except ssl.SSLError as exc:
         raise CredentialsRefused(f"TLS handshake with Redis at {settings.redis_url} failed ({exc.reason or exc}); "
                                  f"check INFOGAP_REDIS_SSL_CAFILE / _CERTFILE / _KEYFILE") from None

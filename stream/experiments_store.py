@@ -1,4 +1,5 @@
-"""Experiment metrics in Redis: one hash per experiment and variant, absolute values.
+"""Experiment metrics in the store: one hash per experiment and variant, absolute values; and the settings
+that say which segments are counted.
 
 Layout (``RedisKeys.experiment``)::
 
@@ -25,13 +26,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 
-import redis.asyncio as aioredis
-
 from models.experiments import (COUNT_FIELDS, NO_VARIANT, Counts, Experiment, MetricsConfig, Segment,
                                 validate_overrides)
 from models.push_policy import PushConfig
-from stream.redis_keys import RedisKeys
-from stream.redis_store import execute
 from stream.settings import TOPIC_PARTITIONS, Settings
 
 _SEP = "|"
@@ -136,54 +133,6 @@ def metrics_config(settings: Settings, shards: int | None = None, shard: int | N
     return replace(MetricsConfig(), **values)
 
 
-class ExperimentStore:
-    """Writes and reads :class:`~models.experiments.Counts` per segment under ``ig:exp:{experiment}:{variant}``."""
-
-    def __init__(self, client: aioredis.Redis, keys: RedisKeys):
-        self.client = client
-        self.keys = keys
-
-    async def write(self, experiment: str, counts: Mapping[Segment, Counts]) -> int:
-        """HSET the absolute counts of the given segments in one pipeline; returns how many segments."""
-        by_key: dict[str, dict[str, str]] = {}
-        for seg, c in counts.items():
-            mapping = by_key.setdefault(self.keys.experiment(experiment, escape(seg.variant)), {})
-            for name, value in c.to_dict().items():
-                mapping[field_name(seg, name)] = repr(value) if isinstance(value, float) else str(value)
-        if by_key:
-            pipe = self.client.pipeline(transaction=False)
-            for key, mapping in by_key.items():
-                pipe.hset(key, mapping=mapping)
-            await execute(pipe)  # WRONGTYPE names its keys (the worker overwrites them)
-        return len(counts)
-
-    async def experiments(self) -> dict[str, list[str]]:
-        """Experiment name -> its variants found in Redis (by SCAN)."""
-        head = self.keys.experiment("", "")[:-1]  # "{prefix}exp:"
-        found: dict[str, list[str]] = {}
-        async for key in self.client.scan_iter(match=_glob_escape(head) + "*", count=1000):
-            key = key.decode() if isinstance(key, bytes) else key
-            name, sep, variant = key[len(head):].rpartition(":")
-            if sep and name:
-                found.setdefault(name, []).append(unescape(variant))
-        return {k: sorted(v) for k, v in sorted(found.items())}
-
-    async def read(self, experiment: str, variants: list[str] | None = None) -> dict[Segment, Counts]:
-        """Every segment of ``experiment`` (all variants found, or the ones given), per shard."""
-        if variants is None:
-            variants = (await self.experiments()).get(experiment, [])
-        pipe = self.client.pipeline(transaction=False)
-        for v in variants:
-            pipe.hgetall(self.keys.experiment(experiment, escape(v)))
-        out: dict[Segment, Counts] = {}
-        for v, raw in zip(variants, await pipe.execute() if variants else []):
-            out.update(parse_fields(v, raw))
-        return out
-
-    async def read_shard(self, experiment: str, shard: int) -> dict[Segment, Counts]:
-        """The segments of one shard (to ``ExperimentMetrics.restore`` when a worker takes a partition over)."""
-        return {s: c for s, c in (await self.read(experiment)).items() if s.shard == shard}
-
-
-def _glob_escape(s: str) -> str:
+def glob_escape(s: str) -> str:
+    """``s`` matched literally in a SCAN pattern."""
     return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in s)

@@ -41,7 +41,7 @@ from stream import connections
 from stream.ingest import DeadLetter
 from stream.neighbour_cache import encode_row
 from stream.observability import WorkerStats
-from stream.redis_store import RedisStore
+from stream.store import Store
 from stream.settings import Settings
 from stream.snapshots import Snapshot, SnapshotError, SnapshotStore, SnapshotTurns, snapshot_bytes
 
@@ -74,7 +74,7 @@ class _Rebalance(ConsumerRebalanceListener):
 class ItemStage:
     """Consumes ``cooc`` in a consumer group of its own; one shard per assigned partition."""
 
-    def __init__(self, settings: Settings, config: EngineConfig, store: RedisStore,
+    def __init__(self, settings: Settings, config: EngineConfig, store: Store,
                  eligible: Callable[[str], bool] | None = None, retrying=None, redis_retrying=None,
                  send_dead: Callable[[list[DeadLetter]], Awaitable[None]] | None = None,
                  stats: WorkerStats | None = None):

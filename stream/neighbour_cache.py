@@ -1,9 +1,9 @@
-"""Neighbour rows from the item stage, in Redis, and the user stage's bounded local cache of them.
+"""Neighbour rows from the item stage, in the store, and the user stage's bounded local cache of them.
 
 The item stage owns co-occurrence rows (partitioned by item) and writes each changed row to
 ``{prefix}nbrow:{item}`` (:func:`encode_row`). A user stage ranks with the rows of its users'
 recent items: before ranking a batch it asks :class:`NeighbourCache` for them; rows it does not
-hold, or holds for longer than ``max_age_s``, are read in one ``MGET`` and given to the engine
+hold, or holds for longer than ``max_age_s``, are read in one request (``MGET``) and given to the engine
 (:meth:`models.engine.Engine.load_rows`); beyond ``capacity`` rows the least recently used are
 dropped from the engine. So memory on a user stage is bounded by the cache, not the catalog's
 pairs, and a neighbour list is at most ``max_age_s`` (plus the item stage's publish interval) old.
@@ -27,11 +27,9 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import orjson
-import redis.asyncio as aioredis
-
 from models import Engine
 from models.cooc_shard import owner
-from stream.redis_keys import RedisKeys
+from stream.store import Store
 
 log = logging.getLogger("infogap.neighbours")
 
@@ -114,7 +112,7 @@ def decode_row(raw: bytes) -> dict:
 UNCHANGED_MAX_S = 60.0
 #: The longest the max age grows to under a backlog (reads paced by their cost).
 MAX_AGE_CAP_S = 30.0
-#: An item with no row in Redis yet is asked again after this long (its row may be published any moment:
+#: An item with no row in the store yet is asked again after this long (its row may be published any moment:
 #: remembered as absent for the whole max age, a cold start ranked its users without neighbours for it).
 ABSENT_RETRY_S = 0.25
 
@@ -125,10 +123,9 @@ class NeighbourCache:
     None (unknown yet) re-reads every row past its max age. ``age_s`` is the max age in force: at least
     ``max_age_s``, more while reading takes more than ``read_max_share`` of the time."""
 
-    def __init__(self, client: aioredis.Redis, keys: RedisKeys, capacity: int = 50_000, max_age_s: float = 2.0,
+    def __init__(self, store: Store, capacity: int = 50_000, max_age_s: float = 2.0,
                  partitions: int | None = None, read_max_share: float = 1.0):
-        self.client = client
-        self.keys = keys
+        self.store = store
         self.capacity = capacity
         self.max_age_s = max_age_s
         self.partitions = partitions
@@ -149,7 +146,7 @@ class NeighbourCache:
         return len(self._loaded)
 
     async def ensure(self, engine: Engine, items: Iterable[str], now: float) -> int:
-        """Make the rows of ``items`` current in ``engine``; returns how many were read from Redis."""
+        """Make the rows of ``items`` current in ``engine``; returns how many were read from the store."""
         loaded, token = self._loaded, self._token
         want, aged = [], []
         max_age = self.age_s
@@ -170,7 +167,7 @@ class NeighbourCache:
         n = self.partitions
         tokens = None
         if n:  # read before the rows: a publish in between makes the rows newer than their tokens, never older
-            tokens = await self.client.mget([self.keys.rows_published(p) for p in range(n)])
+            tokens = await self.store.read_tokens(n)
             for item in aged:
                 p, seen, read_at = token[item]
                 if tokens[p] == seen and now - read_at < UNCHANGED_MAX_S:
@@ -183,7 +180,7 @@ class NeighbourCache:
         if not want:
             self._pace(now, 0.0)
             return 0
-        raws = await self.client.mget([self.keys.neighbour_row(i) for i in want])
+        raws = await self.store.read_rows(want)
         cpu = time.thread_time()  # this thread's CPU loading the rows (not the awaits: other tasks run then)
         engine.load_rows(self._decoded(want, raws))
         self._pace(now, time.thread_time() - cpu)
@@ -217,7 +214,7 @@ class NeighbourCache:
                 raws[k] = None
                 self.bad_rows += 1
                 log.warning("%s does not hold a neighbour row (%s); taken as absent until the item stage "
-                            "rewrites it", self.keys.neighbour_row(items[k]), type(exc).__name__)
+                            "rewrites it", self.store.keys.neighbour_row(items[k]), type(exc).__name__)
         return rows
 
     def _pace(self, now: float, spent: float) -> None:

@@ -212,11 +212,7 @@ class Settings(BaseSettings):
         elif url_user is not None:
             self.redis_username = url_user
         if url_user is not None or url_pw is not None:
-            netloc = url.hostname or ""
-            if ":" in netloc:
-                netloc = f"[{netloc}]"
-            if url.port:
-                netloc += f":{url.port}"
+            netloc = url.netloc.rpartition("@")[2]  # host:port (several, comma-separated, for a cluster)
             kept = urlencode([(k, v) for k, v in query if k not in ("username", "password")])
             self.redis_url = f"{url.scheme}://{netloc}{url.path}" + (f"?{kept}" if kept else "")
         if self.redis_username and self.redis_password is None:
@@ -224,8 +220,9 @@ class Settings(BaseSettings):
         redis_files = {"INFOGAP_REDIS_SSL_CAFILE": self.redis_ssl_cafile,
                        "INFOGAP_REDIS_SSL_CERTFILE": self.redis_ssl_certfile,
                        "INFOGAP_REDIS_SSL_KEYFILE": self.redis_ssl_keyfile}
-        if any(redis_files.values()) and url.scheme != "rediss":
-            errors.append("Redis TLS files are set but INFOGAP_REDIS_URL does not start with rediss://")
+        if any(redis_files.values()) and url.scheme not in ("rediss", "rediss+cluster"):
+            errors.append("Redis TLS files are set but INFOGAP_REDIS_URL does not start with rediss:// "
+                          "(or rediss+cluster://)")
         if self.redis_ssl_keyfile and not self.redis_ssl_certfile:
             errors.append("INFOGAP_REDIS_SSL_KEYFILE needs INFOGAP_REDIS_SSL_CERTFILE (the client certificate)")
         for name, path in {**kafka_files, **redis_files}.items():
@@ -340,9 +337,13 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, v: str) -> str:
-        if urlparse(v).scheme not in ("redis", "rediss", "unix"):
+        scheme = urlparse(v).scheme
+        if scheme not in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
             # the scheme only: the URL may carry a password
-            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {urlparse(v).scheme!r}://...")
+            raise ValueError(f"redis_url must start with redis://, rediss://, unix://, redis+cluster:// or "
+                             f"rediss+cluster://, got {scheme!r}://...")
+        if scheme.endswith("+cluster"):
+            redis_nodes(v)  # host:port[,host:port...], each checked
         return v
 
     @property
@@ -361,12 +362,36 @@ class Settings(BaseSettings):
         return int(self.kafka_bootstrap.split(",")[0].strip().rpartition(":")[2])
 
     @property
+    def redis_cluster(self) -> bool:
+        """Whether ``redis_url`` names a Redis Cluster (``redis+cluster://`` or ``rediss+cluster://``)."""
+        return urlparse(self.redis_url).scheme.endswith("+cluster")
+
+    @property
     def redis_port(self) -> int:
-        return urlparse(self.redis_url).port or 6379
+        return redis_nodes(self.redis_url)[0][1] if self.redis_cluster else urlparse(self.redis_url).port or 6379
 
     @property
     def redis_host(self) -> str:
+        if self.redis_cluster:
+            return redis_nodes(self.redis_url)[0][0]
         return urlparse(self.redis_url).hostname or "127.0.0.1"
+
+
+def redis_nodes(url: str) -> list[tuple[str, int]]:
+    """The (host, port) of each node a ``redis+cluster://`` URL names (Gorse's form).
+
+    >>> redis_nodes("redis+cluster://user:pw@10.0.0.1:7000,10.0.0.2:7001,[::1]:7002")
+    [('10.0.0.1', 7000), ('10.0.0.2', 7001), ('::1', 7002)]
+    """
+    hosts = urlparse(url).netloc.rpartition("@")[2]
+    nodes = []
+    for part in hosts.split(","):
+        host, sep, port = part.strip().rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"a Redis Cluster URL names nodes as host:port[,host:port...], got {part.strip()!r}")
+        nodes.append((host, int(port)))
+    return nodes
 
 
 def _checked_overrides(v: dict) -> dict:

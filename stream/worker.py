@@ -23,15 +23,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
 import orjson
-import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError, ResponseError, TimeoutError as RedisTimeoutError
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaConnectionError, KafkaError, KafkaTimeoutError
 
@@ -47,14 +44,13 @@ from models.user_state import export_users, import_users, users_from_state
 from models import warm_up
 from stream import connections
 from stream.erasures import ErasureLedger
-from stream.experiments_store import ExperimentStore, experiment_from_settings
+from stream.experiments_store import experiment_from_settings
 from stream.ingest import DeadLetter, Ingest
 from stream.item_stage import POPULATION_KIND, POPULATION_PARTITION, ItemStage
 from stream.neighbour_cache import NeighbourCache
 from stream.observability import WorkerStats, build_app, serve
 from stream.pseudonym import Pseudonymizer
-from stream.redis_keys import RedisKeys
-from stream.redis_store import RedisStore, WrongTypeError, execute, refusal
+from stream.store import Store, StoreUnavailable, WrongTypeError, open_store
 from stream.settings import Settings
 from stream.snapshots import Snapshot, SnapshotError, SnapshotStore, SnapshotTurns, snapshot_bytes
 from stream.user_partition import UserPartition
@@ -129,7 +125,7 @@ class Worker:
     stamp ``generated_at``. Model time always comes from the events.
     """
 
-    def __init__(self, settings: Settings, *, engine: Engine | None = None,
+    def __init__(self, settings: Settings, *, engine: Engine | None = None, store: Store | None = None,
                  clock: Callable[[], float] = time.time):
         self.settings = settings
         self.topics = settings.topics
@@ -175,8 +171,8 @@ class Worker:
         self._side: AIOKafkaConsumer | None = None
         self._side_ends: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
-        self._redis: aioredis.Redis | None = None
-        self._store: RedisStore | None = None
+        #: the read model (Redis, Redis Cluster; from the settings unless given)
+        self.store: Store | None = store
         self._side_parts: list[TopicPartition] = []
         self.items: ItemStage | None = None
         #: held by a batch from ingest to its last produce, and by checkpoints: a rebalance waits for the
@@ -211,9 +207,8 @@ class Worker:
         s = self.settings
         warm_up()  # the compiled kernels, before the first batch waits for them
         await self._check_credentials()
-        self._redis = connections.redis_async(s, socket_timeout=5, socket_connect_timeout=2)
-        self._store = RedisStore(self._redis, RedisKeys(s.redis_prefix), s.recs_ttl_s)
-        self._exp_store = ExperimentStore(self._redis, RedisKeys(s.redis_prefix))
+        if self.store is None:
+            self.store = open_store(s, socket_timeout=5, socket_connect_timeout=2)
         # batches of up to produce_batch_bytes, not aiokafka's 16 KiB: the client has one produce request in
         # flight per broker, holding one batch per partition, and a send to a partition whose batch is full
         # waits until that batch is sent; a 20,000-event batch's ~17 MB of cooc records (~450 kB each) took
@@ -233,15 +228,15 @@ class Worker:
         self._side_ends = connections.consumer(s, group_id=None, enable_auto_commit=False)
         self._snapshots = (SnapshotStore(s, self.topics.state_users, "users")
                            if s.snapshot_interval_s > 0 and self.run_users else None)
-        self._cache = NeighbourCache(self._redis, RedisKeys(s.redis_prefix), s.neighbour_cache_items,
+        self._cache = NeighbourCache(self.store, s.neighbour_cache_items,
                                      s.neighbour_max_age_s, read_max_share=s.neighbour_read_max_share)
         if self.run_users:  # the rows' arrays sized now, not doubled in the middle of batches: the cache's
             # bound, and half again for the rows a batch reads before the cache evicts the oldest
             self.engine.reserve_rows(s.neighbour_cache_items * 3 // 2)
         if self.run_items:
-            self.items = ItemStage(s, self.engine.config, self._store,
+            self.items = ItemStage(s, self.engine.config, self.store,
                                    eligible=lambda i: i not in self.unavailable, retrying=self._kafka_retrying,
-                                   redis_retrying=self._redis_retrying, send_dead=self._send_counted_dead,
+                                   redis_retrying=self._store_retrying, send_dead=self._send_counted_dead,
                                    stats=self.stats)
         item_stop = asyncio.Event()
         item_task = None
@@ -314,7 +309,7 @@ class Worker:
         finally:
             if item_task is not None and not item_task.done():
                 item_task.cancel()
-            closers = [self._side.stop, self._side_ends.stop, self._producer.stop, self._redis.aclose]
+            closers = [self._side.stop, self._side_ends.stop, self._producer.stop, self.store.close]
             if self._consumer is not None:
                 closers.append(self._consumer.stop)
             if self.items is not None:
@@ -548,7 +543,7 @@ class Worker:
     async def _redis_ok(self) -> bool | str:
         if self._redis_refused:  # PING answers while writes are refused (OOM, READONLY): down, and why
             return next(iter(self._redis_refused.values()))
-        return bool(await self._redis.ping())
+        return await self.store.ping()
 
     def _output_topics(self) -> list[str]:
         """The topics this worker writes: dead letters and erasures; push, cooc, snapshots and the ``users``
@@ -737,7 +732,7 @@ class Worker:
             cooc_messages += self._cooc_messages(partition, base, learned)
         # acked while the batch is ranked; awaited before it is done (its offsets are committed after)
         cooc_sent = await self._enqueue(cooc_messages)
-        await self._redis_retrying(self._cache.ensure, self.engine,
+        await self._store_retrying(self._cache.ensure, self.engine,
                                    (i for u in touched for i in self.engine.query_items(u)), time.monotonic())
         st.neighbour_max_age_s = self._cache.age_s
 
@@ -757,12 +752,12 @@ class Worker:
             self.parts[p].evict(self.engine, self.ingest.watermarks.get((self.topics.events, p)), len(got),
                                 self.settings)
 
-        await self._redis_retrying(self._store.write, recs=docs, segments=segments)
+        await self._store_retrying(self.store.write, recs=docs, segments=segments)
         done = self.clock()  # the recommendations are readable in Redis
         await self._confirm(cooc_messages, cooc_sent)
         changed = {seg: c for part in self.parts.values() for seg, c in part.experiments.drain_changed().items()}
         if changed:
-            await self._redis_retrying(self._exp_store.write, self.exp_name, changed)
+            await self._store_retrying(self.store.write_experiment, self.exp_name, changed)
         for user_id, partition, raw_key in erased:
             await self._publish_erasure(user_id, partition, raw_key)
         await self._send_all([(self.topics.push, orjson.dumps(m.to_dict()), m.user_id.encode(), None)
@@ -844,17 +839,16 @@ class Worker:
             return
         self._population_loaded_at = now
         try:
-            got = await self._store.read_population(self.engine.config.n_segments, self.settings.trending_n)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:  # the last ones serve until the next try
+            got = await self.store.read_population(self.engine.config.n_segments, self.settings.trending_n)
+        except StoreUnavailable as exc:  # the last ones serve until the next try
             self.stats.redis_retries += 1
-            log.warning("could not read the population model (%s); keeping the last one", type(exc).__name__)
+            log.warning("could not read the population model (%s); keeping the last one", exc.reason)
             return
-        except (ResponseError, ValueError) as exc:  # another type or value at its keys: reported, never fatal
+        except (WrongTypeError, ValueError) as exc:  # another type or value at its keys: reported, never fatal
             if isinstance(exc, WrongTypeError):
                 self.stats.redis_wrong_type += len(exc.keys)
             log.error("could not read the population model (%s); keeping the last one until the item stage "
-                      "rewrites it", exc if isinstance(exc, WrongTypeError) else
-                      refusal(exc) if isinstance(exc, ResponseError) else type(exc).__name__)
+                      "rewrites it", exc if isinstance(exc, WrongTypeError) else type(exc).__name__)
             return
         if got["at"] is None:
             return
@@ -864,7 +858,7 @@ class Worker:
                 for part in self.parts.values():
                     if user_id in part.users:
                         part.touch(user_id)
-            await self._redis_retrying(self._store.write,
+            await self._store_retrying(self.store.write,
                                        segments={u: self.engine.segment(u) for u in assigned})
 
     # ------------------------------------------------------------------ Redis data loss
@@ -879,29 +873,21 @@ class Worker:
         if now < self._generation_at:
             return
         self._generation_at = now + self.settings.redis_check_interval_s
-        key = self._store.keys.generation()
+        key = self.store.keys.generation()
         try:
             try:
-                seen = await self._redis.get(key)
-            except ResponseError as exc:
-                if "WRONGTYPE" not in str(exc):
-                    raise
+                seen, missing = await self.store.generation()
+            except WrongTypeError:
                 # infogap's key holding another type: named, counted, replaced; what it guarded is unknown, so
                 # Redis is taken as having lost its data
                 log.error("Redis key %s holds another type than the generation marker's string; replacing it and "
                           "writing every key again", key)
                 self.stats.redis_wrong_type += 1
-                await self._redis.delete(key)
-                seen = None
-            missing = seen is None
-            if missing:
-                pipe = self._redis.pipeline(transaction=False)
-                pipe.set(key, secrets.token_hex(16), nx=True)
-                pipe.get(key)
-                seen = (await execute(pipe))[1]
-        except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as exc:
+                await self.store.delete_own([key])
+                seen, missing = await self.store.generation()
+        except (StoreUnavailable, WrongTypeError) as exc:
             # read again at the next check; the writes wait through an outage themselves
-            log.debug("could not read the Redis generation marker (%s)", type(exc).__name__)
+            log.debug("could not read the Redis generation marker (%s)", exc)
             return
         if seen is None or seen == self._generation:
             return
@@ -930,12 +916,12 @@ class Worker:
                 self._count_refill()
                 counts = {seg: c for part in live.values() for seg, c in part.experiments.counts().items()}
                 if counts:
-                    await self._redis_retrying(self._exp_store.write, self.exp_name, counts)
+                    await self._store_retrying(self.store.write_experiment, self.exp_name, counts)
                     self.stats.redis_keys_rematerialised += len({seg.variant for seg in counts})
                 segments = len(counts)
         log.warning("Redis lost its data (%s was gone or changed): writing every key again from state: "
                     "recommendations of %d users, %d neighbour rows, %d experiment segments",
-                    self._store.keys.generation(), len(self._refill), rows, segments)
+                    self.store.keys.generation(), len(self._refill), rows, segments)
 
     def _users_to_rematerialise(self, parts: dict[int, UserPartition]) -> list[tuple[int, str]]:
         """The users of ``parts`` whose keys are to be written again: all but those whose keys had expired
@@ -965,31 +951,32 @@ class Worker:
                     and not (self.erasures and self.erasures.erased(user_id))):
                 chunk.append(user_id)
         if chunk:
-            await self._redis_retrying(self._cache.ensure, self.engine,
+            await self._store_retrying(self._cache.ensure, self.engine,
                                        (i for u in chunk for i in self.engine.query_items(u)), time.monotonic())
             now = self.clock()
             docs = [self._ranked(user_id, now)[2] for user_id in chunk]
             segments = {doc["user_id"]: doc["segment"] for doc in docs}
-            await self._redis_retrying(self._store.write, recs=docs, segments=segments)
+            await self._store_retrying(self.store.write, recs=docs, segments=segments)
             self.stats.redis_keys_rematerialised += len(docs) + sum(s is not None for s in segments.values())
         self._count_refill()
         if not pending:
             log.info("Redis data loss repaired: every user's recommendations written again")
 
-    async def _redis_retrying(self, fn, *args, **kwargs):
-        """Retry a Redis call until it succeeds: offsets are not committed meanwhile, so nothing is lost.
+    async def _store_retrying(self, fn, *args, **kwargs):
+        """Retry a store call until it succeeds: offsets are not committed meanwhile, so nothing is lost.
 
         ``fn`` is one whole write of absolute values: a retry rewrites whole what a failed try half wrote.
-        Redis unreachable, or refusing the write (OOM, READONLY, ...: :func:`~stream.redis_store.refusal`): an
-        outage, waited through with ``/health`` 503 and the reason. Keys of another type
-        (:class:`~stream.redis_store.WrongTypeError`, infogap's keys): logged by name, counted, deleted, written.
+        The store unreachable, or refusing the write (OOM, READONLY, a cluster failover, ...:
+        :class:`~stream.store.StoreUnavailable`): an outage, waited through with ``/health`` 503 and the
+        reason. Keys of another type (:class:`~stream.store.WrongTypeError`, infogap's keys): logged by name,
+        counted, deleted, written.
         """
         delay, token, repair, repaired = 0.1, object(), [], False
         try:
             while True:
                 try:
                     if repair:
-                        foreign = await self._store.delete_own(repair)
+                        foreign = await self.store.delete_own(repair)
                         repair = []
                         if foreign:  # (every key written has the prefix: never expected)
                             log.error("WRONGTYPE at keys outside %r, left alone; write dropped: %s",
@@ -1004,12 +991,11 @@ class Worker:
                     if not repaired:  # at once the first time; back off if something keeps putting them back
                         repaired = True
                         continue
-                except ResponseError as exc:
-                    reason = refusal(exc)
-                    self._redis_refused[token] = reason
-                    log.warning("Redis refused a write (%s); retrying the whole write in %.1f s", reason, delay)
-                except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                    log.warning("Redis unavailable (%s); retrying in %.1f s", type(exc).__name__, delay)
+                except StoreUnavailable as exc:
+                    if not exc.reason.startswith("Redis unreachable"):  # refused: /health says why
+                        self._redis_refused[token] = exc.reason
+                    log.warning("Redis unavailable or refusing (%s); retrying the whole write in %.1f s",
+                                exc.reason, delay)
                 self.stats.redis_retries += 1
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -1039,7 +1025,7 @@ class Worker:
         await self._publish_erasure(user_id, partition, raw_key)
 
     async def _publish_erasure(self, user_id: str, partition: int | None, raw_key: bytes | None) -> None:
-        await self._redis_retrying(self._store.erase_user, user_id)
+        await self._store_retrying(self.store.erase_user, user_id)
         messages = [(self.topics.erasures, b"{}", self.erasures.digest(user_id).encode(), None)]
         if raw_key is not None:
             messages.append((self.topics.users, None, raw_key, None))

@@ -1,8 +1,15 @@
-"""The Redis key layout of the contract, in one place for the writer and the readers.
+"""The key layout of the store, in one place for the writers and the readers.
 
 >>> k = RedisKeys("ig:")
 >>> k.recs("u42"), k.similar("sku-7"), k.trending(), k.trending(3), k.segment("u42")
 ('ig:recs:u42', 'ig:similar:sku-7', 'ig:trending', 'ig:trending:seg:3', 'ig:segment:u42')
+
+On Redis Cluster (``cluster=True``) the keys about one user or one item carry it as a hash tag, so that
+what is written together lands in one slot and is written in one command:
+
+>>> c = RedisKeys("ig:", cluster=True)
+>>> c.recs("u42"), c.segment("u42"), c.similar("sku-7"), c.neighbour_row("sku-7"), c.trending(3)
+('ig:recs:{u42}', 'ig:segment:{u42}', 'ig:similar:{sku-7}', 'ig:nbrow:{sku-7}', 'ig:trending:seg:3')
 """
 from __future__ import annotations
 
@@ -12,16 +19,24 @@ from dataclasses import dataclass
 @dataclass(frozen=True, slots=True)
 class RedisKeys:
     prefix: str = "ig:"
+    #: keys about one user or item carry it as a hash tag (``{u42}``): Redis Cluster's layout
+    cluster: bool = False
+
+    def _entity(self, kind: str, entity: str) -> str:
+        return f"{self.prefix}{kind}:{{{entity}}}" if self.cluster else f"{self.prefix}{kind}:{entity}"
 
     def recs(self, user_id: str) -> str:
-        return f"{self.prefix}recs:{user_id}"
+        return self._entity("recs", user_id)
+
+    def segment(self, user_id: str) -> str:
+        return self._entity("segment", user_id)
 
     def similar(self, item_id: str) -> str:
-        return f"{self.prefix}similar:{item_id}"
+        return self._entity("similar", item_id)
 
     def neighbour_row(self, item_id: str) -> str:
         """Internal: the item stage's full co-occurrence row, read by the user stages' neighbour caches."""
-        return f"{self.prefix}nbrow:{item_id}"
+        return self._entity("nbrow", item_id)
 
     def rows_published(self, partition: int) -> str:
         """Internal: a token the item stage changes whenever it publishes rows of a ``cooc`` partition."""
@@ -39,9 +54,6 @@ class RedisKeys:
         """Internal: the population learner's slow-decayed popularity of every item (binary)."""
         return f"{self.prefix}momentum"
 
-    def segment(self, user_id: str) -> str:
-        return f"{self.prefix}segment:{user_id}"
-
     def generation(self) -> str:
         """Internal: a random token set once per life of Redis's data; gone (or another) means Redis lost
         its data (restarted without persistence, flushed), so the workers write every key again."""
@@ -53,3 +65,4 @@ class RedisKeys:
     def user_keys(self, user_id: str) -> list[str]:
         """Every key that holds data about one user (for erasure)."""
         return [self.recs(user_id), self.segment(user_id)]
+

@@ -1,31 +1,27 @@
-"""Writes the serving read model to Redis: pipelined, one round trip per batch.
-
-Redis is the shared read model, never the only copy of state: everything here can be
-rebuilt from the workers' state.
+"""The store on one Redis server: pipelined, one round trip per batch.
 
 Error replies: pipelines are run by :func:`execute`, which reads every reply and then raises the first
-refusal (OOM, READONLY, ...: :func:`refusal` says why, for logs and ``/health``), or
-:class:`WrongTypeError` naming the keys that hold another type. Every write here sets absolute values,
-so the caller retries the whole write (``Worker._redis_retrying``): a batch half written is rewritten whole.
+refusal (OOM, READONLY, ...: :func:`refusal` says why, for logs and ``/health``) as
+:class:`~stream.store.base.StoreUnavailable`, or :class:`~stream.store.base.WrongTypeError` naming the
+keys that hold another type. Every write sets absolute values, so the caller retries the whole write
+(``Worker._store_retrying``): a batch half written is rewritten whole.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import secrets
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
-import numpy as np
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
+from redis.exceptions import (ConnectionError as RedisConnectionError, OutOfMemoryError, ReadOnlyError,
+                              RedisClusterException, ResponseError, SlotNotCoveredError,
+                              RedisClusterUnreachableError, TimeoutError as RedisTimeoutError)
 
-from stream.redis_keys import RedisKeys
-
-
-class WrongTypeError(ResponseError):
-    """WRONGTYPE replies; ``keys`` names the keys that hold another type."""
-
-    def __init__(self, keys: list[str]):
-        super().__init__(f"WRONGTYPE at {', '.join(keys)[:500]}")
-        self.keys = keys
+from models.experiments import Counts, Segment
+from stream.experiments_store import escape, field_name, glob_escape, parse_fields, unescape
+from stream.store.base import (Store, StoreUnavailable, WrongTypeError, encode_momentum, population_reply)
+from stream.store.keys import RedisKeys
 
 
 #: error codes (the reply's first word, or words in a script's error text) -> what they mean
@@ -35,6 +31,7 @@ _REFUSALS = {"OOM": "Redis is out of memory (maxmemory with noeviction) and refu
              "BUSY": "Redis is busy running a script", "TRYAGAIN": "Redis asks to try again",
              "MISCONF": "Redis refuses writes after a failed save (stop-writes-on-bgsave-error)",
              "NOPERM": "the Redis user lacks a permission", "NOAUTH": "Redis asks for authentication",
+             "CLUSTERDOWN": "the Redis Cluster is down (a master failed and no replica has taken over yet)",
              "WRONGTYPE": "an infogap key holds another type"}
 
 
@@ -72,7 +69,7 @@ def is_wrong_type(exc: ResponseError) -> bool:
 def _command_keys(args: tuple) -> list[str]:
     """The keys a queued command names (EVAL/EVALSHA: its KEYS; MSET: every other argument)."""
     name = (args[0].decode() if isinstance(args[0], bytes) else str(args[0])).upper()
-    if name in ("EVALSHA", "EVAL"):
+    if name in ("EVALSHA", "EVAL", "EVAL_RO", "EVALSHA_RO"):
         keys = args[3: 3 + int(args[2])]
     elif name == "MSET":
         keys = args[1::2]
@@ -81,11 +78,19 @@ def _command_keys(args: tuple) -> list[str]:
     return [k.decode() if isinstance(k, bytes) else str(k) for k in keys]
 
 
+def _queued(pipe) -> list[tuple]:
+    """The arguments of the commands queued in ``pipe`` (a pipeline of one server or of a cluster)."""
+    stack = getattr(pipe, "command_stack", None)
+    if stack is not None:
+        return [args for args, _options in stack]
+    return [cmd.args for cmd in pipe._execution_strategy._command_queue]  # redis-py's ClusterPipeline
+
+
 async def execute(pipe) -> list:
     """Run ``pipe`` reading every reply, then raise: the first refusal (any error reply but WRONGTYPE), else
     :class:`WrongTypeError` naming the keys of the wrong type. (redis-py's own ``execute`` raises the first
     error, which names no key; every reply is read either way, the other commands are applied.)"""
-    stack = [args for args, _options in pipe.command_stack]
+    stack = _queued(pipe)
     replies = await pipe.execute(raise_on_error=False)
     errors = [(args, r) for args, r in zip(stack, replies) if isinstance(r, ResponseError)]
     if not errors:
@@ -94,21 +99,6 @@ async def execute(pipe) -> list:
     if other is not None:
         raise other
     raise WrongTypeError(list(dict.fromkeys(k for args, _r in errors for k in _command_keys(args))))
-
-
-def encode_momentum(item_ids: list[str], values: list[float]) -> bytes:
-    """Item ids (a JSON list) and their float64 values, for the internal ``ig:momentum`` key.
-
-    >>> decode_momentum(encode_momentum(["a", "b"], [1.5, 0.25]))
-    (['a', 'b'], [1.5, 0.25])
-    """
-    head = orjson.dumps(item_ids)
-    return len(head).to_bytes(4, "little") + head + np.asarray(values, "<f8").tobytes()
-
-
-def decode_momentum(raw: bytes) -> tuple[list[str], list[float]]:
-    size = int.from_bytes(raw[:4], "little")
-    return orjson.loads(raw[4: 4 + size]), np.frombuffer(raw[4 + size:], "<f8").tolist()
 
 
 #: ``SET key value EX ttl`` for every key given (ARGV: the TTL, then the values in the keys' order), one reply
@@ -126,73 +116,168 @@ return #KEYS
 SET_WITH_TTL_KEYS = 1000
 
 
-class RedisStore:
-    """Batch writer for ``recs``, ``segment``, ``similar`` and ``trending`` keys (and the population
-    model the user stages read back)."""
+#: ``SET key value EX ttl`` for every key given (ARGV: the TTL, then the values in the keys' order), one reply
+#: in all. In a pipeline redis-py spends ~30 us of client CPU per command, packing it and parsing its
+#: reply; a batch's 6,000 keys (recommendations and segments of 3,000 users) took 95 ms of the worker's
+#: CPU as SETs and 18 ms as this script's calls.
+SET_WITH_TTL = """
+local ttl = ARGV[1]
+for i = 1, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ttl)
+end
+return #KEYS
+"""
+#: Keys per call of :data:`SET_WITH_TTL`: Redis serves no other client while a script runs (~2 ms per 1,000).
+SET_WITH_TTL_KEYS = 1000
+#: A sorted set replaced whole (ARGV: score, member, score, member, ...): readers never see it half written
+#: or empty, and it is one key (a slot of its own on Redis Cluster, where a rename from a key aside may not be).
+REPLACE_ZSET = """
+redis.call('DEL', KEYS[1])
+for i = 1, #ARGV, 2 do
+  redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+return #ARGV / 2
+"""
+
+#: errors that mean the server (or a slot's master) cannot be reached now: waited through
+_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, SlotNotCoveredError, RedisClusterUnreachableError)
+
+
+@contextmanager
+def translated() -> Iterator[None]:
+    """Redis's errors as the store's: :class:`StoreUnavailable` (with the reason) or :class:`WrongTypeError`."""
+    try:
+        yield
+    except WrongTypeError:
+        raise
+    except ResponseError as exc:
+        if is_wrong_type(exc):  # a single command's reply (a pipeline's are named by execute)
+            raise WrongTypeError([]) from None
+        raise StoreUnavailable(refusal(exc)) from None
+    except _UNREACHABLE as exc:
+        raise StoreUnavailable(f"Redis unreachable ({type(exc).__name__})") from None
+
+
+class RedisStore(Store):
+    """The store on one Redis server (``redis.asyncio.Redis``)."""
 
     def __init__(self, client: aioredis.Redis, keys: RedisKeys, recs_ttl_s: int):
         self.client = client
         self.keys = keys
         self.recs_ttl_s = recs_ttl_s
         self._set_with_ttl = client.register_script(SET_WITH_TTL)
+        self._replace_zset = client.register_script(REPLACE_ZSET)
 
+    # ---------------------------------------------------------------- how commands are grouped (Cluster: per slot)
+    async def _queue_set_with_ttl(self, pipe, keys: list[str], values: list) -> None:
+        for i in range(0, len(keys), SET_WITH_TTL_KEYS):
+            await self._set_with_ttl(keys[i: i + SET_WITH_TTL_KEYS],
+                                     [self.recs_ttl_s, *values[i: i + SET_WITH_TTL_KEYS]], client=pipe)
+
+    async def _queue_replace_zset(self, pipe, key: str, ranked: list[tuple[str, float]]) -> None:
+        await self._replace_zset([key], [x for item, score in ranked for x in (float(score), item)], client=pipe)
+
+    def _queue_mset(self, pipe, items: dict) -> None:
+        pipe.mset(items)  # one command for all of them: per-command overhead dominates thousands of small SETs
+
+    def _queue_delete(self, pipe, keys: list[str]) -> None:
+        pipe.delete(*keys)
+
+    async def _mget(self, keys: list[str]) -> list:
+        return await self.client.mget(keys) if keys else []
+
+    # ---------------------------------------------------------------- writes
     async def write(self, recs: Iterable[Mapping] = (), segments: Mapping[str, int | None] | None = None,
                     similar: Mapping[str, list] | None = None, rows: Mapping[str, bytes] | None = None,
                     trending: Mapping[int | None, list[tuple[str, float]]] | None = None,
                     population: Mapping | None = None,
                     momentum: tuple[list[str], list[float]] | None = None,
                     rows_published: Mapping[int, str] | None = None) -> None:
-        """Write one batch of results in a single pipeline (not a transaction). ``rows`` are written in
-        one ``MSET`` with ``rows_published`` (cooc partition -> its new token), so a reader that sees a
-        token sees the rows published with it."""
+        """One pipeline (not a transaction); ``rows`` and ``rows_published`` in one ``MSET``."""
         k = self.keys
         pipe = self.client.pipeline(transaction=False)
-        n = 0
-        keys, values = [], []  # set with the TTL
+        keys, values, gone = [], [], []  # set with the TTL; deleted
         for doc in recs:
             keys.append(k.recs(doc["user_id"]))
             values.append(orjson.dumps(doc))
         for user_id, seg in (segments or {}).items():
             if seg is None:
-                pipe.delete(k.segment(user_id))
-                n += 1
+                gone.append(k.segment(user_id))
             else:
                 keys.append(k.segment(user_id))
                 values.append(str(seg))
-        for i in range(0, len(keys), SET_WITH_TTL_KEYS):
-            await self._set_with_ttl(keys[i: i + SET_WITH_TTL_KEYS],
-                                     [self.recs_ttl_s, *values[i: i + SET_WITH_TTL_KEYS]], client=pipe)
-            n += 1
+        if gone:
+            self._queue_delete(pipe, gone)
+        await self._queue_set_with_ttl(pipe, keys, values)
         items = {k.similar(i): orjson.dumps(neighbours) for i, neighbours in (similar or {}).items()}
         items.update((k.neighbour_row(i), row) for i, row in (rows or {}).items())
         items.update((k.rows_published(p), token) for p, token in (rows_published or {}).items())
-        if items:  # one command for all of them: per-command overhead dominates thousands of small SETs
-            pipe.mset(items)
-            n += 1
+        if items:
+            self._queue_mset(pipe, items)
         for seg, ranked in (trending or {}).items():
-            key = k.trending(seg)
-            if ranked:  # written aside then renamed: readers never see a half-written or empty set
-                tmp = f"{key}:next"
-                pipe.delete(tmp)
-                pipe.zadd(tmp, {item: float(score) for item, score in ranked})
-                pipe.rename(tmp, key)
+            if ranked:
+                await self._queue_replace_zset(pipe, k.trending(seg), ranked)
             else:
-                pipe.delete(key)
-            n += 1
+                pipe.delete(k.trending(seg))
         if population is not None:
             pipe.set(k.segment_model(), orjson.dumps(population))
-            n += 1
         if momentum is not None:
             pipe.set(k.momentum(), encode_momentum(*momentum))
-            n += 1
-        if n:
-            await execute(pipe)
+        if len(pipe):
+            with translated():
+                await execute(pipe)
+
+    async def write_experiment(self, experiment: str, counts: Mapping[Segment, Counts]) -> int:
+        """HSET the absolute counts (never HINCRBY: a batch replayed rewrites the same values)."""
+        by_key: dict[str, dict[str, str]] = {}
+        for seg, c in counts.items():
+            mapping = by_key.setdefault(self.keys.experiment(experiment, escape(seg.variant)), {})
+            for name, value in c.to_dict().items():
+                mapping[field_name(seg, name)] = repr(value) if isinstance(value, float) else str(value)
+        if by_key:
+            pipe = self.client.pipeline(transaction=False)
+            for key, mapping in by_key.items():
+                pipe.hset(key, mapping=mapping)
+            with translated():
+                await execute(pipe)  # WRONGTYPE names its keys (the worker overwrites them)
+        return len(counts)
+
+    async def erase_user(self, user_id: str) -> int:
+        pipe = self.client.pipeline(transaction=False)
+        self._queue_delete(pipe, self.keys.user_keys(user_id))
+        with translated():
+            return sum(await execute(pipe))
+
+    # ---------------------------------------------------------------- reads
+    async def recs(self, user_id: str) -> bytes | None:
+        with translated():
+            return await self.client.get(self.keys.recs(user_id))
+
+    async def segment(self, user_id: str) -> int | None:
+        with translated():
+            raw = await self.client.get(self.keys.segment(user_id))
+        return None if raw is None else int(raw)
+
+    async def similar(self, item_id: str) -> list[dict]:
+        with translated():
+            raw = await self.client.get(self.keys.similar(item_id))
+        return [] if raw is None else orjson.loads(raw)
+
+    async def trending(self, segment: int | None = None, n: int = 10) -> list[tuple[str, float]]:
+        with translated():
+            ranked = await self.client.zrevrange(self.keys.trending(segment), 0, n - 1, withscores=True)
+        return [(i.decode() if isinstance(i, bytes) else i, float(sc)) for i, sc in ranked]
+
+    async def read_rows(self, items: Sequence[str]) -> list[bytes | None]:
+        with translated():
+            return await self._mget([self.keys.neighbour_row(i) for i in items])
+
+    async def read_tokens(self, partitions: int) -> list[bytes | None]:
+        with translated():
+            return await self._mget([self.keys.rows_published(p) for p in range(partitions)])
 
     async def read_population(self, n_segments: int, n: int) -> dict:
-        """What :meth:`models.engine.Engine.load_population` takes, in one round trip: the population
-        model (``model``; with ``at``, the time the scores are decayed to), the top ``n`` of each
-        trending set (``trending``) and the momentum of every item (``momentum``); ``at`` is None
-        before the learner has published."""
+        """In one round trip."""
         k = self.keys
         pipe = self.client.pipeline(transaction=False)
         pipe.get(k.segment_model())
@@ -200,21 +285,82 @@ class RedisStore:
         segments = [None, *range(n_segments)]
         for seg in segments:
             pipe.zrevrange(k.trending(seg), 0, n - 1, withscores=True)
-        raw, raw_m, *lists = await execute(pipe)
-        model = orjson.loads(raw) if raw is not None else None
+        with translated():
+            raw, raw_m, *lists = await execute(pipe)
         trending = {seg: [(i.decode() if isinstance(i, bytes) else i, float(sc)) for i, sc in ranked]
                     for seg, ranked in zip(segments, lists)}
-        return {"model": model, "trending": trending, "at": (model or {}).get("at"),
-                "momentum": decode_momentum(raw_m) if raw_m is not None else None}
+        return population_reply(raw, raw_m, trending)
+
+    async def _scan(self, pattern: str) -> list[str]:
+        with translated():
+            return [k.decode() if isinstance(k, bytes) else k
+                    async for k in self.client.scan_iter(match=pattern, count=1000)]
+
+    async def experiments(self) -> dict[str, list[str]]:
+        """By SCAN (on every master of a cluster)."""
+        head = self.keys.experiment("", "")[:-1]  # "{prefix}exp:"
+        found: dict[str, list[str]] = {}
+        for key in await self._scan(glob_escape(head) + "*"):
+            name, sep, variant = key[len(head):].rpartition(":")
+            if sep and name:
+                found.setdefault(name, []).append(unescape(variant))
+        return {k: sorted(v) for k, v in sorted(found.items())}
+
+    async def read_experiment(self, experiment: str, variants: list[str] | None = None) -> dict[Segment, Counts]:
+        if variants is None:
+            variants = (await self.experiments()).get(experiment, [])
+        if not variants:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for v in variants:
+            pipe.hgetall(self.keys.experiment(experiment, escape(v)))
+        out: dict[Segment, Counts] = {}
+        with translated():
+            replies = await execute(pipe)
+        for v, raw in zip(variants, replies):
+            out.update(parse_fields(v, raw))
+        return out
+
+    # ---------------------------------------------------------------- upkeep
+    async def generation(self) -> tuple[bytes, bool]:
+        key = self.keys.generation()
+        with translated():
+            try:
+                seen = await self.client.get(key)
+            except ResponseError as exc:
+                if is_wrong_type(exc):
+                    raise WrongTypeError([key]) from None
+                raise
+            if seen is not None:
+                return seen, False
+            pipe = self.client.pipeline(transaction=False)
+            pipe.set(key, secrets.token_hex(16), nx=True)
+            pipe.get(key)
+            return (await execute(pipe))[1], True
 
     async def delete_own(self, keys: list[str]) -> list[str]:
-        """Delete those of ``keys`` under this store's prefix (to overwrite a key of the wrong type);
-        returns the others, left alone."""
         own = [k for k in keys if k.startswith(self.keys.prefix)]
         if own:
-            await self.client.delete(*own)
+            pipe = self.client.pipeline(transaction=False)
+            for key in own:
+                pipe.delete(key)
+            with translated():
+                await execute(pipe)
         return [k for k in keys if not k.startswith(self.keys.prefix)]
 
-    async def erase_user(self, user_id: str) -> int:
-        """Delete every key about ``user_id``; returns how many existed."""
-        return await self.client.delete(*self.keys.user_keys(user_id))
+    async def clear(self) -> int:
+        keys = await self._scan(glob_escape(self.keys.prefix) + "*")
+        for i in range(0, len(keys), 1000):
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys[i: i + 1000]:
+                pipe.delete(key)
+            with translated():
+                await execute(pipe)
+        return len(keys)
+
+    async def ping(self) -> bool:
+        with translated():
+            return bool(await self.client.ping())
+
+    async def close(self) -> None:
+        await self.client.aclose()

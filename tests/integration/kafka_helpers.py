@@ -89,8 +89,8 @@ async def model_from_snapshots(settings, item_ids: list[str]):
     from models import Engine
     from models.user_state import import_users, users_from_state
     from stream.neighbour_cache import decode_row
-    from stream.redis_keys import RedisKeys
-    from stream.redis_store import RedisStore
+    from stream.store.keys import RedisKeys
+    from stream.store.redis_node import RedisStore
     from stream.snapshots import SnapshotStore
     
     snaps = await SnapshotStore(settings, settings.topics.state_users, "users").load(list(range(6)))

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from stream import connections
-from stream.redis_keys import RedisKeys
+from stream.store.keys import RedisKeys
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import produce, running_worker
 

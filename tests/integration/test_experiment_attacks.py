@@ -15,8 +15,8 @@ import orjson
 
 from models.experiments import Experiment, summarize
 from stream import connections
-from stream.experiments_store import ExperimentStore
-from stream.redis_keys import RedisKeys
+from stream.store.redis_node import RedisStore
+from stream.store.keys import RedisKeys
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import produce, read_topic, running_worker
 
@@ -111,10 +111,10 @@ async def test_hostile_feedback_contexts_make_no_experiment_segments_and_real_fe
             await produce_many(settings, settings.topics.events, hostile + real)
             total = len(_crowd(T0)) + len(legit) + len(hostile) + len(real)
             await wait_for(lambda: worker.stats.events_in >= total, deadline_s=60, what="every event processed")
-            store = ExperimentStore(r, keys)
+            store = RedisStore(r, keys, 60)
 
             async def clicks() -> int:  # of the experiment's own variants' hashes
-                return sum(c.clicks for c in (await store.read("exp-atk", ["A", "B"])).values())
+                return sum(c.clicks for c in (await store.read_experiment("exp-atk", ["A", "B"])).values())
 
             await wait_for(lambda: _equals(clicks(), len(pushes)), deadline_s=30, what="the real clicks in Redis")
             exp_keys = await _exp_keys(r, settings)
@@ -124,7 +124,7 @@ async def test_hostile_feedback_contexts_make_no_experiment_segments_and_real_fe
             remembered = sum(len(p.experiments) for p in worker.parts.values())
             segments = sum(len(p.experiments.counts()) for p in worker.parts.values())
 
-        stored = await ExperimentStore(r, keys).read("exp-atk")
+        stored = await RedisStore(r, keys, 60).read_experiment("exp-atk")
         assert {(s.campaign, s.channel, s.variant) for s in stored} <= {("recs", "email", "A"), ("recs", "email", "B")}
         for variant in ("A", "B"):
             fields = await r.hlen(keys.experiment("exp-atk", variant))
@@ -196,10 +196,9 @@ async def test_names_with_the_stores_separators_read_back_exactly(settings):
               Segment(1, "recs", "email", "B"): Counts(sent=1)}
     r = connections.redis_async(settings)
     try:
-        store = ExperimentStore(r, RedisKeys(settings.redis_prefix))
-        await store.write("exp:one", counts)
+        store = RedisStore(r, RedisKeys(settings.redis_prefix), 60)
+        await store.write_experiment("exp:one", counts)
         assert await store.experiments() == {"exp:one": ["B", "v:1|%3A"]}
-        assert await store.read("exp:one") == counts
-        assert await store.read_shard("exp:one", 0) == {s: c for s, c in counts.items() if s.shard == 0}
+        assert await store.read_experiment("exp:one") == counts
     finally:
         await r.aclose()

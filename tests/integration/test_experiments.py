@@ -9,8 +9,8 @@ import redis.asyncio as aioredis
 
 from models.events import parse_event
 from models.experiments import ExperimentMetrics, MetricsConfig, kafka_partition, summarize
-from stream.experiments_store import ExperimentStore
-from stream.redis_keys import RedisKeys
+from stream.store.redis_node import RedisStore
+from stream.store.keys import RedisKeys
 from tests.integration.kafka_helpers import produce, read_topic
 
 T0 = 1_732_460_000.0
@@ -71,14 +71,14 @@ async def test_metrics_of_a_known_feedback_stream_stored_in_redis_equal_hand_com
 
     r = aioredis.Redis.from_url(settings.redis_url)
     keys = RedisKeys(settings.redis_prefix)
-    store = ExperimentStore(r, keys)
+    store = RedisStore(r, keys, 60)
     changed = metrics.drain_changed()
     segments = {(kafka_partition(p["user_id"], 6), p["channel"], p["variant"]) for p in SENDS}
     assert {(s.shard, s.channel, s.variant) for s in changed} == segments
-    assert await store.write(EXPERIMENT, changed) == len(segments)
-    assert await store.write(EXPERIMENT, changed) == len(segments)  # replayed: absolute values, nothing doubles
-    assert await ExperimentStore(r, keys).experiments() == {EXPERIMENT: ["A", "B"]}
-    stored = await ExperimentStore(r, keys).read(EXPERIMENT)
+    assert await store.write_experiment(EXPERIMENT, changed) == len(segments)
+    assert await store.write_experiment(EXPERIMENT, changed) == len(segments)  # replayed: absolute values, nothing doubles
+    assert await RedisStore(r, keys, 60).experiments() == {EXPERIMENT: ["A", "B"]}
+    stored = await RedisStore(r, keys, 60).read_experiment(EXPERIMENT)
     assert stored == metrics.counts()
     raw = await r.hgetall(keys.experiment(EXPERIMENT, "A"))
     assert raw[f"{kafka_partition('alice', 6)}|winter|email|sent".encode()] == b"1"
@@ -121,7 +121,7 @@ async def test_report_command_prints_the_stored_metrics(settings, monkeypatch):
     metrics.record_sends(SENDS)
     metrics.observe_many(FEEDBACK)
     r = aioredis.Redis.from_url(settings.redis_url)
-    await ExperimentStore(r, RedisKeys(settings.redis_prefix)).write(EXPERIMENT, metrics.drain_changed())
+    await RedisStore(r, RedisKeys(settings.redis_prefix), 60).write_experiment(EXPERIMENT, metrics.drain_changed())
     await r.aclose()
     monkeypatch.setenv("INFOGAP_REDIS_URL", settings.redis_url)
     monkeypatch.setenv("INFOGAP_REDIS_PREFIX", settings.redis_prefix)

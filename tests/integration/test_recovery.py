@@ -8,8 +8,8 @@ import pytest
 
 from stream import connections, local
 from stream.bench import WorkerProcess
-from stream.experiments_store import ExperimentStore
-from stream.redis_keys import RedisKeys
+from stream.store.redis_node import RedisStore
+from stream.store.keys import RedisKeys
 from stream.synthetic import SyntheticStream
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import experiment_counts, free_port, model_from_snapshots, produce, running_worker
@@ -96,7 +96,7 @@ async def test_kill_9_mid_stream_then_restart_equals_an_uninterrupted_run(scoped
     stored = {}
     for name, s in runs.items():
         r = connections.redis_async(s)
-        stored[name] = await ExperimentStore(r, RedisKeys(s.redis_prefix)).read("exp1")
+        stored[name] = await RedisStore(r, RedisKeys(s.redis_prefix), 60).read_experiment("exp1")
         await r.aclose()
     for name, snaps in (("calm", calm), ("crash", crash)):
         assert stored[name] == {seg: c for snap in snaps.values()

@@ -9,8 +9,8 @@ from models import Engine
 from models.cooc_shard import owner
 from stream import connections
 from stream.neighbour_cache import NeighbourCache, encode_row
-from stream.redis_keys import RedisKeys
-from stream.redis_store import SET_WITH_TTL_KEYS, RedisStore
+from stream.store.keys import RedisKeys
+from stream.store.redis_node import SET_WITH_TTL_KEYS, RedisStore
 
 
 async def test_a_batch_larger_than_one_script_call_writes_every_key_with_its_ttl(settings):
@@ -42,7 +42,7 @@ async def test_a_user_stage_reads_a_row_again_once_its_shard_has_published_it_ag
     r = connections.redis_async(settings)
     keys = RedisKeys(settings.redis_prefix)
     store = RedisStore(r, keys, recs_ttl_s=600)
-    engine, cache = Engine(), NeighbourCache(r, keys, capacity=10, max_age_s=2.0, partitions=4)
+    engine, cache = Engine(), NeighbourCache(store, capacity=10, max_age_s=2.0, partitions=4)
     p = owner("a", 4)
 
     def row(neighbour: str) -> bytes:

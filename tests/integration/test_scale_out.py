@@ -10,7 +10,7 @@ from models import Engine
 from models.population import PopulationLearner
 from stream import connections
 from stream.bench import WorkerProcess
-from stream.redis_keys import RedisKeys
+from stream.store.keys import RedisKeys
 from stream.synthetic import SyntheticStream
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import model_from_snapshots, produce

@@ -7,17 +7,24 @@ import pytest
 
 from models.cooc_shard import owner
 from stream.neighbour_cache import ABSENT_RETRY_S, UNCHANGED_MAX_S, NeighbourCache
-from stream.redis_keys import RedisKeys
+from stream.store import MemoryStore, RedisKeys
 
 
-class _Redis:
+class _Redis(MemoryStore):
+    """The in-memory store, with the values at its keys set directly and every read recorded (as keys)."""
+
     def __init__(self):
-        self.rows: dict[str, bytes] = {}
+        super().__init__(RedisKeys("t:"))
+        self.rows = self._values
         self.asked: list[list[str]] = []
 
-    async def mget(self, keys):
-        self.asked.append(list(keys))
-        return [self.rows.get(k) for k in keys]
+    async def read_rows(self, items):
+        self.asked.append([self.keys.neighbour_row(i) for i in items])
+        return await super().read_rows(items)
+
+    async def read_tokens(self, partitions):
+        self.asked.append([self.keys.rows_published(p) for p in range(partitions)])
+        return await super().read_tokens(partitions)
 
 
 class _Engine:
@@ -34,7 +41,7 @@ class _Engine:
 def test_a_missing_row_is_asked_again_soon_and_a_present_one_after_its_max_age(monkeypatch):
     monkeypatch.setattr("stream.neighbour_cache.decode_row", lambda raw: {"raw": raw})
     redis, engine, keys = _Redis(), _Engine(), RedisKeys("t:")
-    cache = NeighbourCache(redis, keys, capacity=10, max_age_s=2.0)
+    cache = NeighbourCache(redis, capacity=10, max_age_s=2.0)
 
     async def ensure(items, now):
         return await cache.ensure(engine, items, now)
@@ -51,7 +58,7 @@ def test_a_missing_row_is_asked_again_soon_and_a_present_one_after_its_max_age(m
 def test_a_row_past_its_max_age_is_read_again_only_when_its_shard_has_published_since(monkeypatch):
     monkeypatch.setattr("stream.neighbour_cache.decode_row", lambda raw: {"raw": raw})
     redis, engine, keys = _Redis(), _Engine(), RedisKeys("t:")
-    cache = NeighbourCache(redis, keys, capacity=10, max_age_s=2.0, partitions=3)
+    cache = NeighbourCache(redis, capacity=10, max_age_s=2.0, partitions=3)
     shard = {i: owner(i, 3) for i in ("a", "b", "c", "d")}
     a, b = sorted(shard, key=shard.get)[0], sorted(shard, key=shard.get)[-1]
     assert shard[a] != shard[b]
@@ -83,7 +90,7 @@ def test_without_a_token_a_row_past_its_max_age_is_read_again(monkeypatch):
     redis, engine, keys = _Redis(), _Engine(), RedisKeys("t:")
     redis.rows[keys.neighbour_row("a")] = b"row-a"
     for partitions in (2, None):
-        cache = NeighbourCache(redis, keys, capacity=10, max_age_s=2.0, partitions=partitions)
+        cache = NeighbourCache(redis, capacity=10, max_age_s=2.0, partitions=partitions)
         assert asyncio.run(cache.ensure(engine, ["a"], 100.0)) == 1
         assert asyncio.run(cache.ensure(engine, ["a"], 103.0)) == 1
 
@@ -106,7 +113,7 @@ def test_reading_rows_is_paced_by_its_cost(monkeypatch):
     engine = Slow()
     for item in ("a", "b"):
         redis.rows[keys.neighbour_row(item)] = b"row"
-    cache = NeighbourCache(redis, keys, capacity=10, max_age_s=2.0, read_max_share=0.05)
+    cache = NeighbourCache(redis, capacity=10, max_age_s=2.0, read_max_share=0.05)
     now = 100.0
     for _ in range(3):  # every row is past its age and read again: 0.5 s of each 2 s
         asyncio.run(cache.ensure(engine, ["a", "b"], now))
@@ -124,6 +131,6 @@ def test_a_max_age_of_zero_reads_every_time(monkeypatch):
     monkeypatch.setattr("stream.neighbour_cache.decode_row", lambda raw: {"raw": raw})
     redis, engine, keys = _Redis(), _Engine(), RedisKeys("t:")
     redis.rows[keys.neighbour_row("a")] = b"row-a"
-    cache = NeighbourCache(redis, keys, capacity=10, max_age_s=0.0, read_max_share=0.05)
+    cache = NeighbourCache(redis, capacity=10, max_age_s=0.0, read_max_share=0.05)
     assert [asyncio.run(cache.ensure(engine, ["a"], now)) for now in (5.0, 5.0, 6.0)] == [1, 1, 1]
     assert cache.age_s == 0.0

@@ -1,0 +1,167 @@
+"""The store: everything infogap keeps outside its workers, behind one interface.
+
+The store is the shared read model, never the only copy of state: everything in it can be rebuilt
+from the workers' state (:meth:`Store.generation` tells when it was lost). Three implementations share
+this interface and one test suite (``tests/store_suite.py``): :class:`~stream.store.memory.MemoryStore`
+(tests and the pure pipeline), :class:`~stream.store.redis_node.RedisStore` (one Redis) and
+:class:`~stream.store.redis_cluster.RedisClusterStore` (Redis Cluster); :func:`stream.store.open_store`
+picks one from ``INFOGAP_REDIS_URL``.
+
+What is kept (key names in :class:`~stream.store.keys.RedisKeys`, formats in docs/contracts.md):
+
+- per user, written by the user stage: recommendations (a JSON document, with a TTL) and segment;
+- per item, written by the item stage: ``similar`` (JSON) and the neighbour row the user stages rank
+  with, with a token per ``cooc`` partition that changes at each publish;
+- the population's trending sets (global and per segment), segment model and momentum;
+- experiment counters, absolute values per segment (:mod:`stream.experiments_store`);
+- the generation marker.
+
+Every write sets absolute values, so a write that failed half way is retried whole. Failures are
+two exceptions: :class:`StoreUnavailable` (unreachable, or refusing writes: wait and retry) and
+:class:`WrongTypeError` (keys holding another type: delete them with :meth:`Store.delete_own`, retry).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import orjson
+
+from models.experiments import Counts, Segment
+from stream.store.keys import RedisKeys
+
+
+class StoreError(Exception):
+    """A store operation failed."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached, or refuses the operation for now (out of memory, a failover, ...);
+    ``reason`` says which, for logs and ``/health`` (never a value or a secret)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class WrongTypeError(StoreError):
+    """Keys that hold another type than infogap writes there; ``keys`` names them."""
+
+    def __init__(self, keys: list[str]):
+        super().__init__(f"WRONGTYPE at {', '.join(keys)[:500]}")
+        self.keys = keys
+
+
+def encode_momentum(item_ids: list[str], values: list[float]) -> bytes:
+    """Item ids (a JSON list) and their float64 values, for the internal ``ig:momentum`` key.
+
+    >>> decode_momentum(encode_momentum(["a", "b"], [1.5, 0.25]))
+    (['a', 'b'], [1.5, 0.25])
+    """
+    head = orjson.dumps(item_ids)
+    return len(head).to_bytes(4, "little") + head + np.asarray(values, "<f8").tobytes()
+
+
+def decode_momentum(raw: bytes) -> tuple[list[str], list[float]]:
+    size = int.from_bytes(raw[:4], "little")
+    return orjson.loads(raw[4: 4 + size]), np.frombuffer(raw[4 + size:], "<f8").tolist()
+
+
+def population_reply(model_raw: bytes | None, momentum_raw: bytes | None,
+                     trending: Mapping[int | None, list[tuple[str, float]]]) -> dict:
+    """What :meth:`Store.read_population` returns, from the raw values read."""
+    model = orjson.loads(model_raw) if model_raw is not None else None
+    return {"model": model, "trending": dict(trending), "at": (model or {}).get("at"),
+            "momentum": decode_momentum(momentum_raw) if momentum_raw is not None else None}
+
+
+class Store(ABC):
+    """The interface of every store. ``keys`` is its key layout; ``recs_ttl_s`` the recommendations' TTL."""
+
+    keys: RedisKeys
+    recs_ttl_s: int
+
+    # ------------------------------------------------------------------ writes
+    @abstractmethod
+    async def write(self, recs: Iterable[Mapping] = (), segments: Mapping[str, int | None] | None = None,
+                    similar: Mapping[str, list] | None = None, rows: Mapping[str, bytes] | None = None,
+                    trending: Mapping[int | None, list[tuple[str, float]]] | None = None,
+                    population: Mapping | None = None,
+                    momentum: tuple[list[str], list[float]] | None = None,
+                    rows_published: Mapping[int, str] | None = None) -> None:
+        """Write one batch of results: ``recs`` (documents with a ``user_id``, kept ``recs_ttl_s``),
+        ``segments`` (user -> segment, None deletes; kept as long as the recommendations), ``similar`` and
+        neighbour ``rows`` per item, each ``cooc`` partition's new token in ``rows_published`` (a reader
+        that sees a token sees the rows published with it), ``trending`` per segment (None: global; a
+        set is replaced whole, never seen half written; empty deletes it), the ``population`` model and
+        the ``momentum`` (item ids, values)."""
+
+    @abstractmethod
+    async def write_experiment(self, experiment: str, counts: Mapping[Segment, Counts]) -> int:
+        """Set the absolute counts of the given segments of ``experiment``; returns how many segments."""
+
+    @abstractmethod
+    async def erase_user(self, user_id: str) -> int:
+        """Delete every key about ``user_id``; returns how many existed."""
+
+    # ------------------------------------------------------------------ reads
+    @abstractmethod
+    async def recs(self, user_id: str) -> bytes | None:
+        """A user's recommendations document (JSON bytes), or None (unknown, expired, erased)."""
+
+    @abstractmethod
+    async def segment(self, user_id: str) -> int | None:
+        """A user's segment, or None."""
+
+    @abstractmethod
+    async def similar(self, item_id: str) -> list[dict]:
+        """An item's published neighbours (``item_id``, ``score``, ``support``, ``confidence``, ``lift``)."""
+
+    @abstractmethod
+    async def trending(self, segment: int | None = None, n: int = 10) -> list[tuple[str, float]]:
+        """The top ``n`` trending items overall (None) or in a segment, best first."""
+
+    @abstractmethod
+    async def read_rows(self, items: Sequence[str]) -> list[bytes | None]:
+        """The neighbour rows of ``items`` (None where there is none), in their order."""
+
+    @abstractmethod
+    async def read_tokens(self, partitions: int) -> list[bytes | None]:
+        """The rows' token of each of ``partitions`` ``cooc`` partitions (None: none published yet)."""
+
+    @abstractmethod
+    async def read_population(self, n_segments: int, n: int) -> dict:
+        """What :meth:`models.engine.Engine.load_population` takes: the population ``model`` (with ``at``,
+        the time the scores are decayed to; None before the learner has published), the top ``n`` of
+        each ``trending`` set and the ``momentum`` of every item."""
+
+    @abstractmethod
+    async def experiments(self) -> dict[str, list[str]]:
+        """Experiment name -> its variants found in the store."""
+
+    @abstractmethod
+    async def read_experiment(self, experiment: str, variants: list[str] | None = None) -> dict[Segment, Counts]:
+        """Every segment of ``experiment`` (all variants found, or the ones given), per shard."""
+
+    # ------------------------------------------------------------------ upkeep
+    @abstractmethod
+    async def generation(self) -> tuple[bytes, bool]:
+        """The generation marker: a token set once per life of the store's data, set now if absent.
+        Returns (token, whether it was absent: the store lost its data or is new)."""
+
+    @abstractmethod
+    async def delete_own(self, keys: list[str]) -> list[str]:
+        """Delete those of ``keys`` under this store's prefix (to overwrite a key of the wrong type);
+        returns the others, left alone."""
+
+    @abstractmethod
+    async def clear(self) -> int:
+        """Delete every key under this store's prefix; returns how many."""
+
+    @abstractmethod
+    async def ping(self) -> bool:
+        """Whether the store answers (raises :class:`StoreUnavailable` when it does not)."""
+
+    async def close(self) -> None:
+        """Let go of connections."""
