@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what infogap needs on a fresh Debian/Ubuntu machine; safe to run again.
-#   - redis-server (apt, only if missing; needs root or sudo)
+#   - redis-server and redis-tools (redis-cli) (apt, only if missing; needs root or sudo)
 #   - the infogap package with its test extras, editable, from this checkout
 #   - the Apache Kafka jars of deploy/pom.xml, copied by Maven into $INFOGAP_LOCAL_DIR/kafka-libs (~/.infogap)
 # Java 17+ and Maven are prerequisites (apt-get install -y openjdk-17-jre-headless maven).
@@ -36,14 +36,15 @@ command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found; infogap needs Py
     || die "$("$PYTHON" --version 2>&1) found; infogap needs Python 3.11+ (set PYTHON=python3.11)"
 say "java $java_major, $(mvn -v 2>/dev/null | head -1 | sed 's/\x1b\[[0-9;]*m//g'), $("$PYTHON" --version 2>&1)"
 
-# --- redis-server
-if command -v redis-server >/dev/null 2>&1; then
+# --- redis-server, and redis-cli (redis-tools) that `infogap up --redis-cluster N` uses to create the cluster
+if command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1; then
     say "redis-server present: $(redis-server --version | cut -d' ' -f1-3)"
 else
-    say "installing redis-server (apt)"
+    say "installing redis-server and redis-tools (apt)"
     as_root apt-get update
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server redis-tools
     command -v redis-server >/dev/null 2>&1 || die "redis-server still not on PATH after apt-get install"
+    command -v redis-cli >/dev/null 2>&1 || die "redis-cli still not on PATH after apt-get install"
 fi
 
 # --- the Python package

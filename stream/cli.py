@@ -37,20 +37,29 @@ def _main(log_level: str = typer.Option("INFO", help="Logging level (DEBUG, INFO
 
 
 @app.command()
-def up() -> None:
+def up(redis_cluster: int = typer.Option(0, "--redis-cluster", min=0, metavar="N",
+                                         help="Also start a Redis Cluster of N masters (N >= 3), 1 replica each, "
+                                              "on 127.0.0.1:7100.. (0: none).")) -> None:
     """Start Kafka (KRaft) and Redis on loopback if they are not answering, and create the topics."""
     from stream import local
 
+    if 0 < redis_cluster < 3:
+        raise typer.BadParameter("a Redis Cluster needs at least 3 masters", param_hint="--redis-cluster")
     settings = load()
     t0 = time.perf_counter()
+    # the cluster first: when INFOGAP_REDIS_URL names it already, `local.up` then finds its Redis answering
+    cluster_url = local.cluster_up(settings, masters=redis_cluster, replicas=1) if redis_cluster else None
     local.up(settings)
     console.print(f"Kafka {settings.kafka_bootstrap} and Redis {settings.redis_url} are up "
                   f"({time.perf_counter() - t0:.1f} s); topics: {', '.join(settings.topics.all().values())}")
+    if cluster_url:
+        console.print(f"Redis Cluster of {redis_cluster} masters with 1 replica each is up; to use it:")
+        console.print(f"INFOGAP_REDIS_URL={cluster_url}", highlight=False, soft_wrap=True)
 
 
 @app.command()
 def down() -> None:
-    """Stop the Kafka and Redis that `infogap up` started (by pid; nothing else)."""
+    """Stop the Kafka, Redis and Redis Cluster that `infogap up` started (by pid; nothing else)."""
     from stream import local
 
     local.down(load())
@@ -251,20 +260,18 @@ def report(
 
 
 async def _read_experiments(settings, only: str | None) -> dict:
-    from stream.experiments_store import ExperimentStore
-    from stream.redis_keys import RedisKeys
+    from stream.store import open_store
 
-    client = connections.redis_async(settings)
+    store = open_store(settings)
     try:
-        store = ExperimentStore(client, RedisKeys(settings.redis_prefix))
         found = await store.experiments()
         out = {}
         for n in ([only] if only is not None else list(found)):
             if n in found:
-                out[n] = await store.read(n, found[n])
+                out[n] = await store.read_experiment(n, found[n])
         return {n: c for n, c in out.items() if c}
     finally:
-        await client.aclose()
+        await store.close()
 
 
 def _experiment_tables(name: str, counts) -> tuple[Table, Table]:

@@ -9,6 +9,7 @@ Layout of ``settings.local_dir``::
     kafka-libs/            jars copied by Maven from deploy/pom.xml (+ .fetched stamp)
     kafka/server.properties, kafka/log4j2.properties, kafka/data/, kafka/kafka.log, kafka/kafka.pid
     redis/redis.log, redis/redis.pid
+    redis-cluster/<port>/redis.log, redis.pid, nodes.conf   (``cluster_up``; redis-cluster/create.log)
 
 >>> props = server_properties(Settings(kafka_bootstrap="127.0.0.1:19092", local_dir=Path("/tmp/x")))
 >>> props["listeners"], props["process.roles"]
@@ -32,7 +33,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Collection, Coroutine, Iterator, Mapping
+from collections.abc import Callable, Collection, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -111,6 +112,10 @@ class Paths:
     def redis_pid(self) -> Path:
         return self.redis_dir / "redis.pid"
 
+    @property
+    def redis_cluster_dir(self) -> Path:
+        return self.root / "redis-cluster"
+
 
 def paths(settings: Settings) -> Paths:
     return Paths(Path(settings.local_dir).expanduser())
@@ -156,6 +161,7 @@ def up(settings: Settings, *, sasl_users: Mapping[str, str] | None = None,
 def down(settings: Settings) -> None:
     """Stop the Kafka and Redis that ``up`` started from ``settings.local_dir``; anything else is left alone."""
     p = paths(settings)
+    cluster_down(settings)
     _stop("redis", p.redis_pid, _is_our_redis(settings))
     _stop("kafka", p.kafka_pid, _is_our_kafka(p))
 
@@ -173,6 +179,8 @@ def status(settings: Settings) -> dict[str, Any]:
                   "managed": rpid is not None, "log": str(p.redis_log)},
         "topics": {},
     }
+    if cluster := cluster_status(settings):
+        out["redis_cluster"] = cluster
     if kafka_ok:
         try:
             out["topics"] = _run(_describe_topics(settings, list(settings.topics.all().values())))
@@ -472,8 +480,12 @@ def _is_our_kafka(p: Paths):
 
 
 def _is_our_redis(settings: Settings):
+    return _is_redis_on(settings.redis_port)
+
+
+def _is_redis_on(redis_port: int):
     # as started: redis-server --bind H --port P ...; once running, redis rewrites it to "redis-server H:P"
-    port = str(settings.redis_port)
+    port = str(redis_port)
 
     def check(argv: list[str]) -> bool:
         if not argv or "redis-server" not in os.path.basename(argv[0].split()[0]):
@@ -658,8 +670,10 @@ def _start_redis(settings: Settings, p: Paths, redis_users: Mapping[str, str] | 
         return
     url = urlparse(settings.redis_url)
     if url.scheme != "redis":
+        cluster = url.scheme.endswith("+cluster")
+        hint = "; start a local cluster with `infogap up --redis-cluster 3`" if cluster else ""
         raise LocalServerError(f"redis at {settings.redis_url} does not answer; infogap only starts a local "
-                               f"redis for redis:// URLs")
+                               f"redis for redis:// URLs{hint}")
     _require_loopback("Redis", settings.redis_host, settings.redis_url)
     if _tcp_open(settings.redis_host, settings.redis_port):
         raise LocalServerError(f"port {settings.redis_port} is taken by something that does not answer Redis PING; "
@@ -718,6 +732,355 @@ def _tail(path: Path, n: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
     except OSError:
         return "(no log)"
+
+
+# --------------------------------------------------------------------------------------------- redis cluster
+
+CLUSTER_HOST = "127.0.0.1"
+CLUSTER_SCHEME = "redis+cluster"
+CLUSTER_SLOTS = 16384
+CLUSTER_TIMEOUT_S = 60.0  # nodes answering, created, every node ok and every replica in sync
+CLUSTER_GRACE_S = 5.0  # a running cluster that is not healthy gets this long to become so before a restart
+
+RedisAuth = tuple[str | None, str | None]  # (username, password)
+
+
+def cluster_up(settings: Settings, masters: int = 3, replicas: int = 1, base_port: int = 7100) -> str:
+    """Make a Redis Cluster of ``masters`` masters with ``replicas`` replicas each answer on 127.0.0.1, ports
+    ``base_port``..; return its URL ``redis+cluster://`` + the masters' addresses.
+
+    A healthy cluster of that shape started here before is kept; nodes of a broken or different one are stopped
+    and started afresh (empty). The nodes require the settings' Redis credentials, like the single Redis of ``up``.
+    """
+    if masters < 3 or replicas < 0:
+        raise LocalServerError(f"a Redis Cluster needs at least 3 masters (redis-cli --cluster create); "
+                               f"got {masters} masters, {replicas} replicas")
+    t0 = time.monotonic()
+    p = paths(settings)
+    ports = list(range(base_port, base_port + masters * (1 + replicas)))
+    auth = _redis_auth(settings)
+    if (url := _healthy_cluster_url(p, ports, masters, replicas, auth, grace_s=CLUSTER_GRACE_S)) is not None:
+        return url
+    with _lock(p):  # as in `up`: of two callers at once, one starts the cluster, the other waits and keeps it
+        if (url := _healthy_cluster_url(p, ports, masters, replicas, auth)) is not None:
+            return url
+        log.info("redis cluster: starting %d nodes on ports %d-%d afresh", len(ports), ports[0], ports[-1])
+        _stop_cluster_nodes(p, wipe=True)
+        _start_cluster_nodes(p, ports, auth)
+        _wait_for_cluster(p, ports, lambda: next((f"node {port} does not answer" for port in ports
+                                                  if not _cluster_node_answers(port, auth)), None))
+        _create_cluster(p, ports, replicas, auth)
+        _wait_for_cluster(p, ports, lambda: _cluster_problem(ports, masters, replicas, auth))
+        url = cluster_url(_master_ports(ports, auth))
+    log.info("redis cluster up at %s in %.1f s", url, time.monotonic() - t0)
+    return url
+
+
+def cluster_down(settings: Settings) -> None:
+    """Stop the Redis Cluster nodes that ``cluster_up`` started from ``settings.local_dir``."""
+    _stop_cluster_nodes(paths(settings), wipe=False)
+
+
+def cluster_status(settings: Settings) -> dict[str, Any] | None:
+    """``{"url", "nodes": [{"port", "pid", "role", "cluster_state", "log"}]}`` of the cluster started here;
+    None without one."""
+    nodes = {port: d for port, d in _cluster_node_dirs(paths(settings)).items() if (d / "redis.pid").exists()}
+    if not nodes:
+        return None
+    auth = _redis_auth(settings)
+    out: dict[str, Any] = {"url": None, "nodes": []}
+    for port, d in nodes.items():
+        entry: dict[str, Any] = {"port": port, "pid": _live_pid(d / "redis.pid", _is_redis_on(port)), "role": None,
+                                 "cluster_state": None, "log": str(d / "redis.log")}
+        with contextlib.suppress(Exception), _redis_node(port, auth) as r:
+            entry["role"] = r.info("replication")["role"]
+            entry["cluster_state"] = r.execute_command("CLUSTER INFO")["cluster_state"]
+        out["nodes"].append(entry)
+    with contextlib.suppress(Exception):
+        out["url"] = cluster_url(_master_ports(list(nodes), auth))
+    return out
+
+
+def cluster_failover(url_or_ports: str | Iterable[int], master_port: int, *, settings: Settings | None = None) -> int:
+    """Promote a replica of the master at ``master_port`` with CLUSTER FAILOVER (coordinated: no write is lost);
+    return its port once it is a master, the old master its replica and every node reports ``cluster_state:ok``.
+    ``settings`` gives the credentials, if the cluster has any."""
+    auth = _redis_auth(settings) if settings is not None else (None, None)
+    nodes = _cluster_nodes_from(cluster_ports(url_or_ports), auth)
+    master = next((n for n in nodes if n["port"] == master_port), None)
+    if master is None or "master" not in master["flags"]:
+        raise LocalServerError(f"no master at port {master_port} in the cluster (nodes: "
+                               f"{sorted((n['port'], sorted(n['flags'])) for n in nodes)})")
+    candidates = sorted(n["port"] for n in nodes if n["master"] == master["id"] and not n["flags"] & {"fail", "fail?"})
+    in_sync = [port for port in candidates if _replication(port, auth).get("master_link_status") == "up"]
+    if not in_sync:
+        raise LocalServerError(f"the master at {master_port} has no replica in sync (replicas: {candidates})")
+    new = in_sync[0]
+    with _redis_node(new, auth) as r:
+        r.execute_command("CLUSTER FAILOVER")
+    ports = [n["port"] for n in nodes]
+    _wait_for_cluster(None, ports, lambda: _failover_problem(ports, new, master_port, auth))
+    log.info("redis cluster: %d took over from %d", new, master_port)
+    return new
+
+
+def cluster_url(ports: Iterable[int], host: str = CLUSTER_HOST) -> str:
+    """The ``redis+cluster://`` URL naming nodes by port.
+
+    >>> cluster_url([7100, 7101])
+    'redis+cluster://127.0.0.1:7100,127.0.0.1:7101'
+    """
+    return f"{CLUSTER_SCHEME}://" + ",".join(f"{host}:{port}" for port in ports)
+
+
+def cluster_ports(url_or_ports: str | Iterable[int]) -> list[int]:
+    """The ports of a ``redis+cluster://`` URL of loopback nodes (ports given as such are returned as a list).
+
+    >>> cluster_ports("redis+cluster://127.0.0.1:7100,127.0.0.1:7101")
+    [7100, 7101]
+    """
+    if not isinstance(url_or_ports, str):
+        return [int(port) for port in url_or_ports]
+    scheme, sep, rest = url_or_ports.partition("://")
+    ports = []
+    for address in rest.split("/", 1)[0].split(",") if scheme == CLUSTER_SCHEME and sep else ():
+        host, _, port = address.strip().rpartition(":")
+        if host.strip("[]") not in LOOPBACK or not port.isdigit():
+            ports = []
+            break
+        ports.append(int(port))
+    if not ports:  # (the URL itself is not repeated: it may hold a password)
+        raise LocalServerError(f"expected {CLUSTER_SCHEME}://127.0.0.1:PORT[,127.0.0.1:PORT...] of local nodes")
+    return ports
+
+
+def cluster_node_command(exe: str, port: int, node_dir: Path, conf: Path | None = None) -> list[str]:
+    """The ``redis-server`` command line of one node; ``conf`` is the private file with its credentials."""
+    return [exe, *([str(conf)] if conf is not None else []),
+            "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
+            "--save", "", "--appendonly", "no", "--repl-diskless-sync-delay", "0",  # default: replicas wait 5 s
+            "--bind", CLUSTER_HOST, "--port", str(port),
+            "--protected-mode", "yes", "--daemonize", "no", "--dir", str(node_dir),
+            "--logfile", str(node_dir / "redis.log"), "--loglevel", "notice"]
+
+
+def cluster_create_command(cli: str, ports: list[int], replicas: int, user: str | None = None) -> list[str]:
+    """``redis-cli --cluster create``; the password goes in ``REDISCLI_AUTH``, never on the command line."""
+    return [cli, *(["--user", user] if user else []), "--cluster", "create",
+            *(f"{CLUSTER_HOST}:{port}" for port in ports), "--cluster-replicas", str(replicas), "--cluster-yes"]
+
+
+def parse_cluster_nodes(text: str) -> list[dict[str, Any]]:
+    """CLUSTER NODES as ``[{"id", "port", "flags": set, "master": id | None, "connected": bool, "slots": n}]``."""
+    nodes = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        slots = 0
+        for part in fields[8:]:
+            if not part.startswith("["):  # [slot->-id] / [slot-<-id]: a slot being migrated
+                lo, _, hi = part.partition("-")
+                slots += int(hi or lo) - int(lo) + 1
+        nodes.append({"id": fields[0], "port": int(fields[1].split("@")[0].rpartition(":")[2]),
+                      "flags": set(fields[2].split(",")), "master": None if fields[3] == "-" else fields[3],
+                      "connected": fields[7] == "connected", "slots": slots})
+    return nodes
+
+
+def _redis_auth(settings: Settings) -> RedisAuth:
+    if settings.redis_username and settings.redis_password is None:
+        raise LocalServerError("redis_username without redis_password")
+    password = settings.redis_password.get_secret_value() if settings.redis_password is not None else None
+    return settings.redis_username, password
+
+
+def _redis_node(port: int, auth: RedisAuth):
+    import redis
+
+    return redis.Redis(host=CLUSTER_HOST, port=port, username=auth[0], password=auth[1], decode_responses=True,
+                       socket_timeout=2.0, socket_connect_timeout=1.0)
+
+
+def _replication(port: int, auth: RedisAuth) -> dict[str, Any]:
+    with _redis_node(port, auth) as r:
+        return r.info("replication")
+
+
+def _cluster_nodes_from(ports: list[int], auth: RedisAuth) -> list[dict[str, Any]]:
+    """CLUSTER NODES of the first of ``ports`` that answers."""
+    import redis
+
+    for port in ports:
+        try:
+            with _redis_node(port, auth) as r:
+                return parse_cluster_nodes(r.execute_command("CLUSTER", "NODES"))
+        except redis.RedisError as exc:
+            log.debug("redis cluster node %d: %r", port, exc)
+    raise LocalServerError(f"no Redis Cluster node answers on ports {ports}")
+
+
+def _master_ports(ports: list[int], auth: RedisAuth) -> list[int]:
+    return sorted(n["port"] for n in _cluster_nodes_from(ports, auth) if "master" in n["flags"] and n["slots"])
+
+
+def _cluster_node_dirs(p: Paths) -> dict[int, Path]:
+    root = p.redis_cluster_dir
+    return {int(d.name): d for d in sorted(root.iterdir()) if d.name.isdigit()} if root.is_dir() else {}
+
+
+def _cluster_problem(ports: list[int], masters: int, replicas: int, auth: RedisAuth) -> str | None:
+    """Why the nodes on ``ports`` are not (yet) one healthy cluster of this shape, as every node sees it;
+    None when they are."""
+    import redis
+
+    views = set()
+    for port in ports:
+        try:
+            with _redis_node(port, auth) as r:
+                info, repl = r.execute_command("CLUSTER INFO"), r.info("replication")
+                views.add(_topology(parse_cluster_nodes(r.execute_command("CLUSTER", "NODES"))))
+        except redis.RedisError as exc:
+            return f"node {port}: {exc!r}"
+        if info.get("cluster_state") != "ok":
+            return f"node {port}: cluster_state:{info.get('cluster_state')}"
+        if int(info.get("cluster_slots_assigned", 0)) != CLUSTER_SLOTS:
+            return f"node {port}: {info.get('cluster_slots_assigned')} of {CLUSTER_SLOTS} slots assigned"
+        if repl["role"] == "slave" and repl.get("master_link_status") != "up":
+            return f"replica {port}: master_link_status:{repl.get('master_link_status')}"
+    if len(views) != 1:
+        return f"the nodes do not agree on the topology yet ({len(views)} views)"
+    view = dict(next(iter(views)))
+    shards = [sum(1 for m in view.values() if m == port) for port, master in view.items() if master is None]
+    if sorted(view) != sorted(ports) or len(shards) != masters or any(n != replicas for n in shards):
+        return f"shape: nodes {sorted(view)}, {len(shards)} masters with {shards} replicas, not {masters} x {replicas}"
+    return None
+
+
+def _topology(nodes: list[dict[str, Any]]) -> frozenset[tuple[int, int | None]]:
+    """(port, its master's port or None for a master) of every node in one node's CLUSTER NODES."""
+    port_of = {n["id"]: n["port"] for n in nodes}
+    return frozenset((n["port"], port_of.get(n["master"], -1) if n["master"] else None) for n in nodes)
+
+
+def _healthy_cluster_url(p: Paths, ports: list[int], masters: int, replicas: int, auth: RedisAuth,
+                         grace_s: float = 0.0) -> str | None:
+    """The URL of the cluster already running here with this shape, once healthy; None if not healthy within
+    ``grace_s`` (which lets a failover or a replica's sync in progress finish instead of restarting the cluster)."""
+    dirs = _cluster_node_dirs(p)
+    live = {port for port, d in dirs.items() if _live_pid(d / "redis.pid", _is_redis_on(port)) is not None}
+    if live != set(ports):
+        return None
+    deadline = time.monotonic() + grace_s
+    while (problem := _cluster_problem(ports, masters, replicas, auth)) is not None:
+        if time.monotonic() >= deadline:
+            log.info("redis cluster on ports %d-%d is not healthy: %s", ports[0], ports[-1], problem)
+            return None
+        time.sleep(0.05)
+    return cluster_url(_master_ports(ports, auth))
+
+
+def _stop_cluster_nodes(p: Paths, *, wipe: bool) -> None:
+    """Stop every node started here (by pid file); ``wipe`` also forgets their cluster (nodes.conf, data)."""
+    for port, d in _cluster_node_dirs(p).items():
+        if (d / "redis.pid").exists():
+            _stop(f"redis cluster node {port}", d / "redis.pid", _is_redis_on(port))
+        if wipe:
+            for name in ("nodes.conf", "dump.rdb"):
+                (d / name).unlink(missing_ok=True)
+
+
+def _start_cluster_nodes(p: Paths, ports: list[int], auth: RedisAuth) -> None:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise LocalServerError("redis-server is not on PATH; apt-get install -y redis-server (or deploy/install.sh)")
+    taken = [port for port in ports if _tcp_open(CLUSTER_HOST, port) or _tcp_open(CLUSTER_HOST, port + 10000)]
+    if taken:
+        raise LocalServerError(f"ports {taken} (or their cluster bus port +10000) are taken by processes not "
+                               f"started here; free them or use another base_port")
+    user, password = auth
+    if password is not None and not password.isprintable():
+        raise LocalServerError("the Redis password must be printable text")
+    for port in ports:
+        d = p.redis_cluster_dir / str(port)
+        d.mkdir(parents=True, exist_ok=True)
+        conf = None
+        if password is not None:  # the settings' credentials; replicas use them to reach their master
+            conf = d / "auth.conf"
+            _write_private(conf, "# written by infogap (stream/local.py)\n"
+                           f"{_redis_acl_line(user or 'default', password)}\n"
+                           + (f"masteruser {user}\n" if user else "")
+                           + 'masterauth "{}"\n'.format(password.replace("\\", "\\\\").replace('"', '\\"')))
+        pid = _spawn(cluster_node_command(exe, port, d, conf), d / "redis.log", d / "redis.pid", d)
+        log.debug("redis cluster node %d: started pid %d", port, pid)
+
+
+def _cluster_node_answers(port: int, auth: RedisAuth) -> bool:
+    try:
+        with _redis_node(port, auth) as r:
+            return bool(r.ping())
+    except Exception:  # noqa: BLE001 - "not answering" is the answer
+        return False
+
+
+def _create_cluster(p: Paths, ports: list[int], replicas: int, auth: RedisAuth) -> None:
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        raise LocalServerError("redis-cli is not on PATH; apt-get install -y redis-tools (or deploy/install.sh)")
+    cmd = cluster_create_command(cli, ports, replicas, auth[0])
+    env = {k: v for k, v in os.environ.items() if k != "REDISCLI_AUTH"}
+    if auth[1] is not None:
+        env["REDISCLI_AUTH"] = auth[1]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=CLUSTER_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise LocalServerError(f"{' '.join(cmd)} did not finish within {CLUSTER_TIMEOUT_S:.0f} s") from exc
+    create_log = p.redis_cluster_dir / "create.log"
+    with open(create_log, "a") as out:
+        out.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n{res.stdout}{res.stderr}")
+    if res.returncode != 0:
+        raise LocalServerError(f"redis-cli --cluster create failed (exit {res.returncode}); see {create_log}:\n"
+                               f"{(res.stdout + res.stderr)[-2000:]}")
+
+
+def _wait_for_cluster(p: Paths | None, ports: list[int], problem: Callable[[], str | None]) -> None:
+    """Poll ``problem()`` until it is None; fail with its last answer after ``CLUSTER_TIMEOUT_S``, or at once
+    if a node started here (``p``) has exited."""
+    deadline = time.monotonic() + CLUSTER_TIMEOUT_S
+    while (why := problem()) is not None:
+        for port in ports if p is not None else ():
+            log_file = p.redis_cluster_dir / str(port) / "redis.log"
+            if (pid := _read_pid(log_file.with_name("redis.pid"))) is None or _gone(pid):
+                raise LocalServerError(f"redis cluster node {port} exited; see {log_file}:\n{_tail(log_file)}")
+        if time.monotonic() > deadline:
+            raise LocalServerError(f"redis cluster on ports {ports[0]}-{ports[-1]} not ready within "
+                                   f"{CLUSTER_TIMEOUT_S:.0f} s: {why}")
+        time.sleep(0.05)
+
+
+def _failover_problem(ports: list[int], new: int, old: int, auth: RedisAuth) -> str | None:
+    """Why the failover from ``old`` to ``new`` is not (yet) complete and seen by every node; None when it is."""
+    import redis
+
+    try:
+        new_role, old_repl = _replication(new, auth)["role"], _replication(old, auth)
+        if new_role != "master":
+            return f"{new} is still a {new_role}"
+        if old_repl["role"] != "slave" or old_repl.get("master_port") != new:
+            return f"{old} is not yet a replica of {new}"
+        if old_repl.get("master_link_status") != "up":
+            return f"{old}: master_link_status:{old_repl.get('master_link_status')}"
+        for port in ports:
+            with _redis_node(port, auth) as r:
+                state = r.execute_command("CLUSTER INFO").get("cluster_state")
+                view = {n["port"]: n["flags"] for n in parse_cluster_nodes(r.execute_command("CLUSTER", "NODES"))}
+            if state != "ok":
+                return f"node {port}: cluster_state:{state}"
+            if "master" not in view.get(new, ()) or "slave" not in view.get(old, ()):
+                return f"node {port} does not see the new roles yet"
+    except redis.RedisError as exc:
+        return repr(exc)
+    return None
 
 
 # --------------------------------------------------------------------------------------------- topics

@@ -36,6 +36,16 @@ def local_stack():
     return settings
 
 
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """The ``redis+cluster://`` URL of a Redis Cluster on loopback (3 masters, 1 replica each, 127.0.0.1:7100-7105),
+    started by `cluster_up` if not already healthy and, like `local_stack`, left running."""
+    from stream import local
+    from stream.settings import load
+
+    return local.cluster_up(load(), masters=3, replicas=1, base_port=7100)
+
+
 @pytest.fixture
 def settings(local_stack):
     """Settings with per-test topics, Redis prefix and consumer group; the topics are created."""

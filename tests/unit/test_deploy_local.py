@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from pydantic import SecretStr
 
 from stream import local
 from stream.settings import Settings
@@ -156,3 +157,102 @@ def test_zombie_detection():
         time.sleep(0.01)
     assert local._is_zombie(proc.pid)
     assert local._gone(proc.pid)  # reaps it
+
+
+# --------------------------------------------------------------------------------------------- redis cluster
+
+
+def test_cluster_url_round_trip():
+    url = local.cluster_url([7100, 7101, 7102])
+    assert url == "redis+cluster://127.0.0.1:7100,127.0.0.1:7101,127.0.0.1:7102"
+    assert local.cluster_ports(url) == [7100, 7101, 7102]
+    assert local.cluster_ports((7100, "7101")) == [7100, 7101]
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:7100", "redis+cluster://", "redis+cluster://10.0.0.1:7100",
+                                 "redis+cluster://127.0.0.1:x", "redis+cluster://u:secret@127.0.0.1:7100"])
+def test_cluster_ports_refuses_what_is_not_a_local_cluster_url(url):
+    with pytest.raises(local.LocalServerError) as err:
+        local.cluster_ports(url)
+    assert "secret" not in str(err.value)
+
+
+def test_cluster_node_command(tmp_path):
+    cmd = local.cluster_node_command("/usr/bin/redis-server", 7101, tmp_path / "7101")
+    pairs = dict(zip(cmd[1::2], cmd[2::2]))
+    assert pairs["--cluster-enabled"] == "yes" and pairs["--cluster-config-file"] == "nodes.conf"
+    assert pairs["--cluster-node-timeout"] == "2000" and pairs["--save"] == "" and pairs["--appendonly"] == "no"
+    assert pairs["--bind"] == "127.0.0.1" and pairs["--port"] == "7101" and pairs["--daemonize"] == "no"
+    assert pairs["--dir"] == str(tmp_path / "7101") and pairs["--logfile"] == str(tmp_path / "7101" / "redis.log")
+    with_conf = local.cluster_node_command("/usr/bin/redis-server", 7101, tmp_path, tmp_path / "auth.conf")
+    assert with_conf[1] == str(tmp_path / "auth.conf")  # a config file must come first
+    assert local._is_redis_on(7101)(cmd) and not local._is_redis_on(7100)(cmd)
+    assert local._is_redis_on(7101)(["/usr/bin/redis-server 127.0.0.1:7101 [cluster]"])  # argv as rewritten
+
+
+def test_cluster_create_command_keeps_the_password_off_the_command_line():
+    cmd = local.cluster_create_command("/usr/bin/redis-cli", [7100, 7101, 7102, 7103, 7104, 7105], 1, user="alice")
+    assert cmd[:3] == ["/usr/bin/redis-cli", "--user", "alice"]
+    assert cmd[3:5] == ["--cluster", "create"]
+    assert cmd[5:11] == [f"127.0.0.1:{p}" for p in range(7100, 7106)]
+    assert cmd[11:] == ["--cluster-replicas", "1", "--cluster-yes"]
+    assert "-a" not in cmd and "--user" not in local.cluster_create_command("redis-cli", [1, 2, 3], 0)
+
+
+def test_parse_cluster_nodes():
+    text = (
+        "aaa 127.0.0.1:7100@17100 myself,master - 0 0 1 connected 0-5460\n"
+        "bbb 127.0.0.1:7101@17101 master - 0 1700000000000 2 connected 5461-10922 [10923->-ccc]\n"
+        "ccc 127.0.0.1:7102@17102 master,fail? - 0 1700000000000 3 disconnected 10923 10924-16383\n"
+        "ddd 127.0.0.1:7103@17103 slave aaa 0 1700000000000 1 connected\n"
+        "eee :7104@17104 myself,master - 0 0 0 connected\n"
+    )
+    nodes = {n["port"]: n for n in local.parse_cluster_nodes(text)}
+    assert [nodes[p]["slots"] for p in (7100, 7101, 7102, 7103, 7104)] == [5461, 5462, 5461, 0, 0]
+    assert nodes[7100]["flags"] == {"myself", "master"} and nodes[7100]["master"] is None
+    assert nodes[7103]["master"] == "aaa" and nodes[7102]["connected"] is False
+    assert local._topology(list(nodes.values())) == frozenset(
+        {(7100, None), (7101, None), (7102, None), (7103, 7100), (7104, None)})
+
+
+def test_cluster_up_needs_three_masters(settings):
+    with pytest.raises(local.LocalServerError, match="at least 3 masters"):
+        local.cluster_up(settings, masters=2)
+    assert not local.paths(settings).redis_cluster_dir.exists()
+
+
+def test_cluster_down_and_status_without_a_cluster(settings):
+    local.cluster_down(settings)
+    assert local.cluster_status(settings) is None
+
+
+def test_cluster_down_stops_only_its_own_nodes(settings):
+    """A node dir whose pid file names another process (pid reuse) is left alone, like `down`."""
+    d = local.paths(settings).redis_cluster_dir / "1"  # (port 1: nothing answers there)
+    d.mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (d / "redis.pid").write_text(f"{other.pid}\n")
+        assert local.cluster_status(settings)["nodes"] == [
+            {"port": 1, "pid": None, "role": None, "cluster_state": None, "log": str(d / "redis.log")}]
+        local.down(settings)
+        assert other.poll() is None, "cluster_down() killed a process it did not start"
+        assert not (d / "redis.pid").exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_cluster_credentials_file(settings, tmp_path, monkeypatch):
+    """With a password, each node gets a private config: an ACL hash for clients, masterauth for its replicas."""
+    s = settings.model_copy(update={"redis_username": "alice", "redis_password": SecretStr('p"w\\1')})
+    spawned = []
+    monkeypatch.setattr(local, "_spawn", lambda cmd, *a: spawned.append(cmd) or 1)
+    monkeypatch.setattr(local, "_tcp_open", lambda host, port, timeout=0.5: False)
+    local._start_cluster_nodes(local.paths(s), [7100], local._redis_auth(s))
+    conf = local.paths(s).redis_cluster_dir / "7100" / "auth.conf"
+    assert spawned[0][1] == str(conf) and not any("p\"w" in a for a in spawned[0])
+    assert oct(conf.stat().st_mode & 0o777) == "0o600"
+    text = conf.read_text()
+    assert "user alice reset on #" in text and "masteruser alice\n" in text
+    assert 'masterauth "p\\"w\\\\1"\n' in text
