@@ -1,0 +1,253 @@
+"""One suite for every store (Gorse's habit: one test file, every backend): what a worker writes, a reader
+reads back, the same way in memory, on one Redis and on Redis Cluster.
+
+The memory store runs with no server (``pytest -m "not integration"``); Redis and Redis Cluster are the real
+servers ``infogap up`` and ``infogap up --redis-cluster 3`` start.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import orjson
+import pytest
+
+from models.experiments import Counts, Segment
+from stream.store import MemoryStore, RedisKeys, Store, StoreUnavailable, WrongTypeError, open_store
+from stream.store.redis_node import SET_WITH_TTL_KEYS
+
+BACKENDS = [pytest.param("memory"), pytest.param("redis", marks=pytest.mark.integration),
+            pytest.param("cluster", marks=pytest.mark.integration)]
+#: ids that a hash tag or a key pattern could misread
+AWKWARD_IDS = ["}x", "a{b}c", "{", "with space", "ünï", "*?[", "a:b|c"]
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=BACKENDS)
+async def make_store(request):
+    """A factory of stores of one backend, each with its own key prefix; ``ttl`` the recommendations' TTL.
+    Memory stores share a clock that ``advance`` moves; for the servers it waits."""
+    from stream.settings import load
+
+    backend = request.param
+    base = (request.getfixturevalue("local_stack") if backend == "redis" else
+            load(redis_url=request.getfixturevalue("redis_cluster")) if backend == "cluster" else None)
+    made: list[Store] = []
+    clock = _Clock()
+
+    def make(ttl: int = 600, prefix: str | None = None) -> Store:
+        prefix = prefix or f"test:{uuid.uuid4().hex[:10]}:"
+        if backend == "memory":
+            store = MemoryStore(RedisKeys(prefix), recs_ttl_s=ttl, clock=clock)
+        else:
+            store = open_store(base.model_copy(update={"redis_prefix": prefix, "recs_ttl_s": ttl}))
+        made.append(store)
+        return store
+
+    async def advance(seconds: float, until) -> None:
+        """Let ``seconds`` pass (memory: at once), then wait until ``until()`` holds (deadline 5 s)."""
+        if backend == "memory":
+            clock.now += seconds
+        deadline = time.monotonic() + seconds + 5
+        while not await until():
+            assert time.monotonic() < deadline, "condition not met by the deadline"
+            await asyncio.sleep(0.05)
+
+    make.backend, make.advance = backend, advance
+    yield make
+    for store in made:
+        await store.clear()
+        await store.close()
+
+
+def _doc(user: str, k: int = 0) -> dict:
+    return {"user_id": user, "items": [{"item_id": f"i{k}", "score": 0.5, "reason": "trending now"}],
+            "segment": k % 3, "generated_at": 1.0, "model_version": "t"}
+
+
+async def test_recommendations_and_segments_of_a_batch_read_back(make_store):
+    store = make_store()
+    users = [f"u{k}" for k in range(SET_WITH_TTL_KEYS + 7)] + AWKWARD_IDS  # more than one script call
+    docs = [_doc(u, k) for k, u in enumerate(users)]
+    await store.write(recs=docs, segments={u: k % 3 for k, u in enumerate(users)})
+    for k in (0, SET_WITH_TTL_KEYS + 3, *range(len(users) - len(AWKWARD_IDS), len(users))):
+        assert orjson.loads(await store.recs(users[k])) == docs[k], users[k]
+        assert await store.segment(users[k]) == k % 3, users[k]
+    await store.write(segments={"u1": None})  # a user without a segment now has none
+    assert await store.segment("u1") is None
+    assert await store.recs("nobody") is None and await store.segment("nobody") is None
+
+
+async def test_recommendations_expire_after_their_ttl(make_store):
+    store = make_store(ttl=1)
+    await store.write(recs=[_doc("u1")], segments={"u1": 2})
+    assert await store.recs("u1") is not None
+
+    async def gone() -> bool:
+        return await store.recs("u1") is None and await store.segment("u1") is None
+
+    await make_store.advance(1.0, gone)
+
+
+async def test_erasure_deletes_every_key_of_the_user_and_only_theirs(make_store):
+    store = make_store()
+    users = ["zoe", "ann", *AWKWARD_IDS]
+    await store.write(recs=[_doc(u) for u in users], segments={u: 1 for u in users})
+    for user in ["zoe", *AWKWARD_IDS]:
+        assert await store.erase_user(user) == 2, user
+        assert await store.recs(user) is None and await store.segment(user) is None
+    assert await store.erase_user("zoe") == 0
+    assert await store.recs("ann") is not None and await store.segment("ann") == 1
+
+
+async def test_similar_rows_and_their_tokens_read_back(make_store):
+    store = make_store()
+    neighbours = [{"item_id": "b", "score": 0.9, "support": 3.0, "confidence": 0.5, "lift": 2.0}]
+    items = ["a", "}x", "a{b}c"] + [f"i{k}" for k in range(300)]
+    await store.write(similar={i: neighbours for i in items}, rows={i: f"row-{i}".encode() for i in items},
+                      rows_published={0: "t0", 2: "t2"})
+    assert await store.similar("a") == neighbours and await store.similar("}x") == neighbours
+    assert await store.similar("unknown") == []
+    assert await store.read_rows(["a", "missing", *items[1:]]) == [b"row-a", None, *(f"row-{i}".encode()
+                                                                                      for i in items[1:])]
+    assert await store.read_tokens(3) == [b"t0", None, b"t2"]
+    assert await store.read_rows([]) == []
+
+
+async def test_a_trending_set_is_replaced_whole(make_store):
+    store = make_store()
+    await store.write(trending={None: [("a", 3.0), ("b", 2.0), ("c", 1.0)], 1: [("x", 1.5)]})
+    assert await store.trending(None, n=2) == [("a", 3.0), ("b", 2.0)]
+    await store.write(trending={None: [("d", 5.0), ("a", 0.5)], 1: []})
+    assert await store.trending(None, n=10) == [("d", 5.0), ("a", 0.5)]  # b and c are gone
+    assert await store.trending(1) == []
+
+
+async def test_the_population_reads_back_in_one_call(make_store):
+    store = make_store()
+    empty = await store.read_population(n_segments=2, n=5)
+    assert empty == {"model": None, "trending": {None: [], 0: [], 1: []}, "at": None, "momentum": None}
+    model = {"centers": [[0.5, 0.5]], "at": 1234.5}
+    await store.write(population=model, momentum=(["a", "b"], [1.5, 0.25]),
+                      trending={None: [("a", 2.0)], 1: [("b", 1.0)]})
+    got = await store.read_population(n_segments=2, n=5)
+    assert got == {"model": model, "at": 1234.5, "momentum": (["a", "b"], [1.5, 0.25]),
+                   "trending": {None: [("a", 2.0)], 0: [], 1: [("b", 1.0)]}}
+
+
+async def test_experiment_counts_are_absolute_and_names_read_back_exactly(make_store):
+    store = make_store()
+    counts = {Segment(0, "c|1:2", "e:m|x", "v:1|%3A"): Counts(sent=2, clicks=1, revenue=12.5),
+              Segment(1, "recs", "email", "B"): Counts(sent=1)}
+    assert await store.write_experiment("exp:one", counts) == 2
+    assert await store.write_experiment("exp:one", counts) == 2  # replayed: nothing doubles
+    await store.write_experiment("other", {Segment(0, "recs", "app", "A"): Counts(opens=3)})
+    assert await store.experiments() == {"exp:one": ["B", "v:1|%3A"], "other": ["A"]}
+    assert await store.read_experiment("exp:one") == counts
+    assert await store.read_experiment("exp:one", ["B"]) == {Segment(1, "recs", "email", "B"): Counts(sent=1)}
+    assert await store.read_experiment("none") == {}
+
+
+async def test_the_generation_marker_says_when_the_data_was_lost(make_store):
+    store = make_store()
+    token, missing = await store.generation()
+    assert missing
+    assert await store.generation() == (token, False)
+    await store.clear()  # the data lost
+    again, missing = await store.generation()
+    assert missing and again != token
+
+
+async def test_clear_and_delete_own_touch_only_the_stores_prefix(make_store):
+    store, other = make_store(), make_store()
+    await store.write(recs=[_doc("u1")], similar={"a": []}, trending={None: [("a", 1.0)]})
+    await other.write(recs=[_doc("u1")])
+    left = await store.delete_own([store.keys.recs("u1"), other.keys.recs("u1")])
+    assert left == [other.keys.recs("u1")]
+    assert await store.recs("u1") is None and await other.recs("u1") is not None
+    assert await store.clear() >= 2
+    assert await store.trending() == [] and await store.similar("a") == []
+    assert await other.recs("u1") is not None
+    assert await store.ping()
+
+
+# ---------------------------------------------------------------------------- the servers' failures
+SERVERS = [pytest.param("redis", marks=pytest.mark.integration),
+           pytest.param("cluster", marks=pytest.mark.integration)]
+
+
+@pytest.fixture(params=SERVERS)
+async def server_store(request):
+    """A store on one Redis or on Redis Cluster, and a plain client of the same server."""
+    from stream import connections
+    from stream.settings import load
+
+    prefix = f"test:{uuid.uuid4().hex[:10]}:"
+    if request.param == "redis":
+        s = request.getfixturevalue("local_stack").model_copy(update={"redis_prefix": prefix})
+    else:
+        s = load(redis_url=request.getfixturevalue("redis_cluster"), redis_prefix=prefix)
+    store, raw = open_store(s), connections.redis_async(s)
+    yield store, raw
+    await store.clear()
+    await store.close()
+    await raw.aclose()
+
+
+async def test_keys_of_another_type_are_overwritten_or_named(server_store):
+    """Keys set whole (recommendations, trending) replace whatever was there; a hash of experiment counts
+    cannot, and the error names the key, which ``delete_own`` then clears."""
+    store, raw = server_store
+    await raw.hset(store.keys.recs("u2"), mapping={"x": "1"})
+    await raw.sadd(store.keys.trending(), "x")
+    await store.write(recs=[_doc("u1"), _doc("u2")], trending={None: [("a", 1.0)]})
+    assert orjson.loads(await store.recs("u2")) == _doc("u2") and await store.trending() == [("a", 1.0)]
+    await raw.sadd(store.keys.experiment("e", "A"), "x")
+    counts = {Segment(0, "recs", "email", "A"): Counts(sent=1), Segment(0, "recs", "email", "B"): Counts(sent=2)}
+    with pytest.raises(WrongTypeError) as got:
+        await store.write_experiment("e", counts)
+    assert got.value.keys == [store.keys.experiment("e", "A")]
+    assert await store.read_experiment("e", ["B"]) == {Segment(0, "recs", "email", "B"): Counts(sent=2)}
+    assert await store.delete_own(got.value.keys) == []
+    await store.write_experiment("e", counts)
+    assert await store.read_experiment("e") == counts
+
+
+async def test_a_server_that_does_not_answer_is_unavailable_with_the_reason(request):
+    from tests.integration.kafka_helpers import free_port
+    from stream.settings import load
+
+    for url in (f"redis://127.0.0.1:{free_port()}/0", f"redis+cluster://127.0.0.1:{free_port()}"):
+        store = open_store(load(redis_url=url), socket_connect_timeout=0.5, socket_timeout=0.5)
+        try:
+            with pytest.raises(StoreUnavailable, match="Redis unreachable"):
+                await store.write(recs=[_doc("u1")])
+            with pytest.raises(StoreUnavailable):
+                await store.ping()
+        finally:
+            await store.close()
+
+
+async def test_on_a_cluster_a_users_keys_share_a_slot(request):
+    from redis.crc import key_slot
+
+    from stream.settings import load
+
+    store = open_store(load(redis_url=request.getfixturevalue("redis_cluster"), redis_prefix="t:"))
+    assert store.keys.cluster
+    for user in ["u42", *AWKWARD_IDS[1:]]:  # ("}x" has no tag: its keys hash whole, and are written apart)
+        assert key_slot(store.keys.recs(user).encode()) == key_slot(store.keys.segment(user).encode()), user
+    await store.close()
+
+
+test_a_server_that_does_not_answer_is_unavailable_with_the_reason = pytest.mark.integration(
+    test_a_server_that_does_not_answer_is_unavailable_with_the_reason)
+test_on_a_cluster_a_users_keys_share_a_slot = pytest.mark.integration(test_on_a_cluster_a_users_keys_share_a_slot)
