@@ -15,8 +15,7 @@ from contextlib import contextmanager
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import (ConnectionError as RedisConnectionError, OutOfMemoryError, ReadOnlyError,
-                              RedisClusterException, ResponseError, SlotNotCoveredError,
-                              RedisClusterUnreachableError, TimeoutError as RedisTimeoutError)
+                              RedisClusterException, ResponseError, TimeoutError as RedisTimeoutError)
 
 from models.experiments import Counts, Segment
 from stream.experiments_store import escape, field_name, glob_escape, parse_fields, unescape
@@ -89,9 +88,15 @@ def _queued(pipe) -> list[tuple]:
 async def execute(pipe) -> list:
     """Run ``pipe`` reading every reply, then raise: the first refusal (any error reply but WRONGTYPE), else
     :class:`WrongTypeError` naming the keys of the wrong type. (redis-py's own ``execute`` raises the first
-    error, which names no key; every reply is read either way, the other commands are applied.)"""
+    error, which names no key; every reply is read either way, the other commands are applied.)
+
+    A cluster's pipeline answers the commands of a node it could not reach with the connection error in
+    their place: raised too, never taken for a reply (those commands were not applied)."""
     stack = _queued(pipe)
     replies = await pipe.execute(raise_on_error=False)
+    unreached = next((r for r in replies if isinstance(r, Exception) and not isinstance(r, ResponseError)), None)
+    if unreached is not None:
+        raise unreached
     errors = [(args, r) for args, r in zip(stack, replies) if isinstance(r, ResponseError)]
     if not errors:
         return replies
@@ -140,7 +145,7 @@ return #ARGV / 2
 """
 
 #: errors that mean the server (or a slot's master) cannot be reached now: waited through
-_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, SlotNotCoveredError, RedisClusterUnreachableError)
+_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 @contextmanager
@@ -156,6 +161,9 @@ def translated() -> Iterator[None]:
         raise StoreUnavailable(refusal(exc)) from None
     except _UNREACHABLE as exc:
         raise StoreUnavailable(f"Redis unreachable ({type(exc).__name__})") from None
+    except RedisClusterException as exc:  # no node answers, a slot uncovered, or a command routed by a stale layout
+        unreachable = "unreachable" if "Unreachable" in type(exc).__name__ or "connected" in str(exc) else "refusing"
+        raise StoreUnavailable(f"Redis Cluster {unreachable} ({type(exc).__name__})") from None
 
 
 class RedisStore(Store):
