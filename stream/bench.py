@@ -252,7 +252,7 @@ def _flood(engine, held: list[str], n: int, items: int, t0: float, settings: Set
     """``n`` one-event user ids learned after the users ``held``, one partition's eviction after each batch
     of ``batch_max_records`` events (as :meth:`stream.worker.Worker.process`); users at the end."""
     from models.push_policy import PushConfig
-    from stream.user_partition import UserPartition
+    from stream.core.user_partition import UserPartition
 
     part = UserPartition.new(0, settings, PushConfig())
     part.users.update(held)

@@ -54,7 +54,7 @@ from models.events import REASON_CODES
 from models.experiments import kafka_partition
 from stream import connections, local
 from stream.bench import WorkerProcess
-from stream.erasures import ErasureLedger
+from stream.core.erasures import ErasureLedger
 from stream.settings import Settings
 from stream.snapshots import MAGIC, SnapshotStore, encode
 

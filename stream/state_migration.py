@@ -27,7 +27,7 @@ log = logging.getLogger("infogap.migrate")
 
 #: (module, name) pairs a pre-format-3 snapshot could hold; nothing else is ever built
 _ALLOWED = {
-    ("stream.user_partition", "UserPartition"), ("models.dedupe", "Deduplicator"),
+    ("stream.core.user_partition", "UserPartition"), ("models.dedupe", "Deduplicator"),
     ("models.push_policy", "PushPolicy"), ("models.push_policy", "PushConfig"),
     ("models.push_policy", "_UserPushState"), ("models.experiments", "ExperimentMetrics"),
     ("models.experiments", "MetricsConfig"), ("models.experiments", "Segment"), ("models.experiments", "Counts"),

@@ -25,35 +25,22 @@ import gc
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
 
 import numpy as np
-import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaConnectionError, KafkaError, KafkaTimeoutError
 
-from models import Engine
-from models.catalog import MAX_ID_CHARS, decode_key, parse_item
-from models.cooc_shard import owner
-from models.dedupe import Deduplicator
-from models.events import Event, Limits
-from models.experiments import FEEDBACK_TYPES, kafka_partition
-from models.push_policy import PushConfig, UserPrefs
+from models import Engine, warm_up
 from models.state_fields import StateError
-from models.user_state import export_users, import_users, users_from_state
-from models import warm_up
 from stream import connections
-from stream.erasures import ErasureLedger
-from stream.experiments_store import experiment_from_settings
-from stream.ingest import DeadLetter, Ingest
-from stream.item_stage import POPULATION_KIND, POPULATION_PARTITION, ItemStage
+from stream.core.ingest import DeadLetter
+from stream.core.user_stage import UserStage
+from stream.item_stage import ItemStage
 from stream.neighbour_cache import NeighbourCache
 from stream.observability import WorkerStats, build_app, serve
-from stream.pseudonym import Pseudonymizer
-from stream.store import Store, StoreUnavailable, WrongTypeError, open_store
 from stream.settings import Settings
-from stream.snapshots import Snapshot, SnapshotError, SnapshotStore, SnapshotTurns, snapshot_bytes
-from stream.user_partition import UserPartition
+from stream.snapshots import SnapshotError, SnapshotStore, SnapshotTurns, snapshot_bytes
+from stream.store import Store, StoreUnavailable, WrongTypeError, open_store
 
 log = logging.getLogger("infogap.worker")
 
@@ -69,46 +56,9 @@ class _Rebalance(ConsumerRebalanceListener):
         await self.worker.on_assigned(assigned)
 
 
-#: Slot updates per ``cooc`` record (about 56 bytes each): records stay well under Kafka's 1 MiB default.
-_COOC_RECORD_UPDATES = 8_000
-#: A population record larger than this is cut in two (by event), and so on.
-POPULATION_RECORD_BYTES = 512 * 1024
 #: Users whose recommendations are written again per step after Redis lost its data (one step between two
 #: batches, ~0.1 s of ranking): live events go on being served meanwhile.
 REMATERIALISE_USERS = 1_000
-
-
-def population_records(batch: dict, limit: int = POPULATION_RECORD_BYTES) -> list[bytes]:
-    """A batch of :meth:`models.engine.Engine.drain_population` entries (in ``seq`` order) as JSON records of
-    at most ``limit`` bytes, in ``seq`` order. The learner skips entries at or below the last ``seq`` it
-    applied from a source, so the entries of one event are never cut apart (a single event's entries
-    over the limit stay one record).
-
-    >>> batch = {"seg": [[1, {"a": 1.0}, 1.0, 0.0, None]], "trend": [[1, "i1", 0, 1.0, 5.0], [2, "i2", 0, 1.0, 6.0]]}
-    >>> [orjson.loads(r) for r in population_records(batch, limit=80)]  # doctest: +NORMALIZE_WHITESPACE
-    [{'seg': [[1, {'a': 1.0}, 1.0, 0.0, None]], 'trend': [[1, 'i1', 0, 1.0, 5.0]]},
-     {'seg': [], 'trend': [[2, 'i2', 0, 1.0, 6.0]]}]
-    """
-    raw = orjson.dumps(batch)
-    if len(raw) <= limit:  # every batch: nothing more to do
-        return [raw]
-    seqs = sorted(e[0] for part in (batch["seg"], batch["trend"]) for e in part)
-    if seqs[0] == seqs[-1]:
-        return [raw]
-    middle = seqs[len(seqs) // 2]
-    cut = middle if middle > seqs[0] else middle + 1  # both halves hold entries
-    halves = ({k: [e for e in batch[k] if e[0] < cut] for k in ("seg", "trend")},
-              {k: [e for e in batch[k] if e[0] >= cut] for k in ("seg", "trend")})
-    return [r for half in halves for r in population_records(half, limit)]
-
-
-def _tombstone_key(key: bytes | None, name: str) -> str:
-    """The id a tombstone (null value) of ``items``/``users`` deletes: its key, under the id rules."""
-    k = None if key is None else decode_key(key)
-    if not k or len(k) > MAX_ID_CHARS or not k.isprintable():
-        raise ValueError(f"a tombstone (null value) needs the {name} as its key (UTF-8, at most {MAX_ID_CHARS} "
-                         "printable characters)")
-    return k
 
 
 def _retriable(exc: BaseException) -> bool:
@@ -129,27 +79,9 @@ class Worker:
                  clock: Callable[[], float] = time.time):
         self.settings = settings
         self.topics = settings.topics
-        self.engine = engine or Engine(settings.engine_config(), cooc="remote", population="remote")
-        if self.engine.cooc_mode != "remote":
-            raise ValueError("the worker's engine must be built with cooc='remote' (the item stage learns the rows)")
-        self.pseudonymize = Pseudonymizer.from_settings(settings)
-        ledger_key = settings.state_key or settings.pseudonym_key
-        self.erasures = ErasureLedger(ledger_key.get_secret_value().encode() if ledger_key is not None else None)
-        self.catalog_ids: set[str] = set()  # items published on the items topic
-        self.unavailable: set[str] = set()  # catalog items marked unavailable (never published as neighbours)
-        self.ingest = Ingest(Limits(settings.max_event_bytes, settings.min_event_ts, settings.max_future_s,
-                                    settings.allow_unknown_types),
-                             Deduplicator(settings.dedupe_window_s, settings.dedupe_max_ids), self.pseudonymize,
-                             max_lateness_s=settings.max_lateness_s, max_skew_s=settings.max_clock_skew_s,
-                             known_item=self.catalog_ids.__contains__ if settings.unknown_items == "dlq" else None)
-        self.push_config = PushConfig(min_new_items=settings.push_min_new_items,
-                                      daily_cap=dict(settings.push_daily_cap),
-                                      repeat_window_s=settings.push_repeat_window_s,
-                                      ttl_s=settings.push_ttl_s, items_per_push=settings.push_items)
-        self.parts: dict[int, UserPartition] = {}  # per assigned events partition
-        self.prefs: dict[str, UserPrefs] = {}
-        self.experiment = experiment_from_settings(settings)
-        self.exp_name = self.experiment.name if self.experiment else self.push_config.campaign
+        #: the stage's logic and state (the engine, partitions, preferences, catalog, erasure ledger)
+        self.core = UserStage(settings, engine=engine, clock=clock)
+        self.engine = self.core.engine
         self.clock = clock
         self.stats = WorkerStats()
         #: what blocks the worker now, for /health: per Redis write being retried, why Redis refuses it;
@@ -235,7 +167,7 @@ class Worker:
             self.engine.reserve_rows(s.neighbour_cache_items * 3 // 2)
         if self.run_items:
             self.items = ItemStage(s, self.engine.config, self.store,
-                                   eligible=lambda i: i not in self.unavailable, retrying=self._kafka_retrying,
+                                   eligible=lambda i: i not in self.core.unavailable, retrying=self._kafka_retrying,
                                    redis_retrying=self._store_retrying, send_dead=self._send_counted_dead,
                                    stats=self.stats)
         item_stop = asyncio.Event()
@@ -333,7 +265,7 @@ class Worker:
         await self._side_ends.start()
         await self._assign_side()
         self._cooc_partitions = len(await self._producer.partitions_for(self.topics.cooc))
-        self._events_partitions = len(await self._producer.partitions_for(self.topics.events))
+        self.core.events_partitions = len(await self._producer.partitions_for(self.topics.events))
         self._cache.partitions = self._cooc_partitions
         if self.run_users:
             await self._consumer.start()
@@ -341,41 +273,6 @@ class Worker:
             await self.items.start()
 
     # ------------------------------------------------------------------ checkpoints
-    def _part(self, partition: int) -> UserPartition:
-        part = self.parts.get(partition)
-        if part is None:
-            part = self.parts[partition] = UserPartition.new(partition, self.settings, self.push_config)
-        return part
-
-    def partition_state(self, partition: int) -> dict:
-        """Everything about one events partition's users, as a plain tree for its snapshot (items and users
-        topics are re-read from Kafka)."""
-        part = self._part(partition)
-        part.watermark = self.ingest.watermarks.get((self.topics.events, partition), float("-inf"))
-        return {"part": part.to_state(), "users": export_users(self.engine, part.users)}
-
-    def restore_partition(self, partition: int, snap: Snapshot) -> None:
-        """Take a partition's state from its snapshot, checked against the schema first
-        (:class:`~models.state_fields.StateError` when it does not fit; this worker is then unchanged)."""
-        where = snap.where or f"partition {partition}"
-        tree = snap.state if isinstance(snap.state, dict) else {}
-        part = UserPartition.new(partition, self.settings, self.push_config)
-        part.restore_state(tree.get("part"), snap.arrays, f"{where}: part")
-        users = users_from_state(tree.get("users"), snap.arrays, f"{where}: users")
-        try:
-            import_users(self.engine, users)
-        except Exception as exc:  # checked above; whatever still fails leaves none of these users behind
-            for user_id in users["users"]:
-                self.engine.forget_user(user_id)
-            raise StateError(f"{where}: users: {type(exc).__name__}: {exc}") from None
-        for user_id in [u for u in set(users["users"]) | part.users if self.erasures.erased(u)]:
-            self.engine.forget_user(user_id)  # a snapshot from before the erasure: erasure wins
-            part.forget_user(user_id)
-        self.parts[partition] = part
-        if part.watermark > float("-inf"):  # never ahead of the clock (a snapshot of before the skew bound)
-            part.watermark = min(part.watermark, self.clock() + self.settings.max_clock_skew_s)
-            self.ingest.watermarks[(self.topics.events, partition)] = part.watermark
-
     async def checkpoint(self, partitions: list[int] | None = None, *, wait: bool = True) -> None:
         """Snapshot each partition's state with the offset it covers, then commit exactly those offsets.
 
@@ -402,7 +299,7 @@ class Worker:
         if not offsets:
             return None
         t0 = time.perf_counter()
-        raws = [(tp.partition, snapshot_bytes("users", tp.partition, off, self.partition_state(tp.partition)))
+        raws = [(tp.partition, snapshot_bytes("users", tp.partition, off, self.core.partition_state(tp.partition)))
                 for tp, off in offsets.items()]
         self.stats.checkpoint_locked_seconds = time.perf_counter() - t0
         return offsets, raws, t0
@@ -456,12 +353,8 @@ class Worker:
             if p in self._stopped:
                 self._stopped.discard(p)
                 self.stats.unreadable_state.pop(f"{self.topics.state_users}[{p}]", None)
-            part = self.parts.pop(p, None)
-            if part is not None:
-                for user_id in part.users:
-                    self.engine.forget_user(user_id)
-            self.ingest.watermarks.pop((self.topics.events, p), None)
             self._done.pop(p, None)
+        self.core.drop(gone)
 
     async def on_assigned(self, assigned) -> None:
         """Restore the snapshots of newly assigned partitions and resume each from its offset.
@@ -471,7 +364,7 @@ class Worker:
         restore and again when the partition resumes from the snapshot's offset.
         """
         async with self._batch_lock:
-            new = [tp for tp in assigned if tp.partition not in self.parts]
+            new = [tp for tp in assigned if tp.partition not in self.core.parts]
             self._owned.update(tp.partition for tp in assigned)
             self._turns.assign([tp.partition for tp in assigned], time.monotonic())
             self.stats.partitions = len(self._owned)
@@ -485,7 +378,7 @@ class Worker:
                 try:
                     if isinstance(snap, SnapshotError):
                         raise snap
-                    self.restore_partition(tp.partition, snap)
+                    self.core.restore_partition(tp.partition, snap.state, snap.arrays, snap.where)
                 except StateError as exc:
                     self._stop_partition(tp, str(exc))
                     continue
@@ -495,8 +388,7 @@ class Worker:
                 self._cache.stale()
             if self._refill_on_restore:
                 self._refill_on_restore = False
-                restored = {tp.partition: self.parts[tp.partition] for tp in new if tp.partition in self.parts}
-                self._refill += self._users_to_rematerialise(restored)
+                self._refill += self.core.users_to_rematerialise([tp.partition for tp in new])
                 self._count_refill()
             log.info("took events partitions %s (%d from snapshots)", sorted(tp.partition for tp in new),
                      len(found))
@@ -625,61 +517,13 @@ class Worker:
                     await self._apply_side(rec)
 
     async def _apply_side(self, rec) -> None:
-        """Apply one ``items`` or ``users`` record. One that cannot be applied goes to the DLQ with the reason,
-        whatever the error: these topics are re-read whole at every start, so a record that raised would stop
-        every worker at every restart. (A tombstone's erasure is outside: its Redis writes are retried.)"""
-        if rec.topic == self.topics.erasures:
-            if not self.erasures.apply_record(rec.key):
-                await self._send_counted_dead([DeadLetter(rec.value, rec.key, "bad erasures record: the key is not "
-                                                          "an erasure digest", rec.topic, rec.partition, rec.offset,
-                                                          code="bad_erasures_record")])
-            return
-        items = rec.topic == self.topics.items
-        try:
-            erase = self._apply_item(rec) if items else self._apply_user(rec)
-        except Exception as exc:  # a ValueError says what is wrong; any other type is a bug, never fatal here
-            if isinstance(exc, ValueError):
-                reason = str(exc)
-            else:
-                reason = f"cannot be applied ({type(exc).__name__})"
-                log.error("%s record at partition %d offset %d cannot be applied", rec.topic, rec.partition,
-                          rec.offset, exc_info=not isinstance(exc, RecursionError))
-            kind = "items" if items else "users"
-            await self._send_counted_dead([DeadLetter(rec.value, rec.key, f"bad {kind} record: {reason}", rec.topic,
-                                                      rec.partition, rec.offset, code=f"bad_{kind}_record")])
-            return
-        if erase is not None:
-            owner = kafka_partition(rec.key.decode("utf-8", "replace"), self._events_partitions)
-            await self.erase_user(erase, partition=owner)
-
-    def _apply_item(self, rec) -> None:
-        """An ``items`` record checked (:func:`models.catalog.parse_item`) and applied; a tombstone deletes."""
-        if rec.value is None:
-            item_id = _tombstone_key(rec.key, "item_id")
-            self.engine.remove_item(item_id)
-            self.catalog_ids.discard(item_id)
-            self.unavailable.add(item_id)
-            return None
-        item = parse_item(rec.value, rec.key)
-        self.engine.upsert_item(item)
-        item_id = item["item_id"]
-        self.catalog_ids.add(item_id)
-        if item["available"]:
-            self.unavailable.discard(item_id)
-        else:
-            self.unavailable.add(item_id)
-        return None
-
-    def _apply_user(self, rec) -> str | None:
-        """A ``users`` record checked (key = user_id, compared raw) and applied; for a tombstone, the
-        (pseudonymous) id to erase."""
-        if rec.value is None:
-            return self.pseudonymize(_tombstone_key(rec.key, "user_id"))
-        prefs = UserPrefs.parse(rec.value, rec.key)
-        prefs = replace(prefs, user_id=self.pseudonymize(prefs.user_id))
-        if not self.erasures.erased(prefs.user_id):  # an erased id stays erased: a person who returns gets a new one
-            self.prefs[prefs.user_id] = prefs
-        return None
+        """Apply one ``erasures``, ``items`` or ``users`` record (:meth:`UserStage.apply_side`): a bad one goes to
+        the DLQ, a tombstone of ``users`` erases (its store writes retried)."""
+        outcome = self.core.apply_side(rec)
+        if outcome.dead is not None:
+            await self._send_counted_dead([outcome.dead])
+        elif outcome.erase is not None:
+            await self.erase_user(outcome.erase, partition=outcome.partition)
 
     # ------------------------------------------------------------------ the batch
     async def process(self, records) -> None:
@@ -691,103 +535,41 @@ class Worker:
         records = [r for recs in by_partition.values() for r in recs]
         if not records:
             return
-        touched: dict[str, tuple[float, int]] = {}  # user -> (newest event time in this batch, partition)
-        erased: list[str] = []
-        dead: list[DeadLetter] = []
-        cooc_messages: list[tuple] = []
-        n_ok = 0
+        core = self.core
         for partition, recs in by_partition.items():
-            part = self._part(partition)
-            self.ingest.dedupe = part.dedupe  # event ids are deduplicated per partition (a user's events share one)
-            result = self.ingest.accept(recs, now)
             self._done[partition] = max(self._done.get(partition, 0), recs[-1].offset + 1)
-            st.duplicates += result.duplicates
-            for d in result.dead:
-                st.count_dead(d.code)
-            dead += result.dead
-            learned: list[int] = []  # offsets of the events learned, in order
-            base = self.engine.n_learned
-            chunk: list[Event] = []
-            for e, offset in zip(result.events, result.offsets):
-                if e.type == "forget":
-                    self._learn(chunk)
-                    chunk = []
-                    if self.erasures.add(e.user_id):  # at once: a later event of this batch is not learned
-                        erased.append((e.user_id, partition, next(r.key for r in recs if r.offset == offset)))
-                    self._forget_in_memory(e.user_id)
-                    touched.pop(e.user_id, None)
-                    continue
-                if self.erasures and not self.engine.known_user(e.user_id) and self.erasures.erased(e.user_id):
-                    st.erased_events += 1  # erased for good: never learned again
-                    continue
-                chunk.append(e)
-                learned.append(offset)
-                part.touch(e.user_id)
-                if e.type in FEEDBACK_TYPES:
-                    part.experiments.observe(e)
-                if e.ts > touched.get(e.user_id, (float("-inf"),))[0]:
-                    touched[e.user_id] = (e.ts, partition)
-            self._learn(chunk)
-            n_ok += len(result.events)
-            cooc_messages += self._cooc_messages(partition, base, learned)
+        learned = core.learn(by_partition, now, self._cooc_partitions)
         # acked while the batch is ranked; awaited before it is done (its offsets are committed after)
-        cooc_sent = await self._enqueue(cooc_messages)
-        await self._store_retrying(self._cache.ensure, self.engine,
-                                   (i for u in touched for i in self.engine.query_items(u)), time.monotonic())
+        cooc_sent = await self._enqueue(learned.cooc)
+        await self._store_retrying(self._cache.ensure, self.engine, core.wanted_items(learned.touched),
+                                   time.monotonic())
         st.neighbour_max_age_s = self._cache.age_s
-
-        docs, segments, pushes = [], {}, []
-        for user_id, (user_ts, partition) in touched.items():
-            variant, recs, doc = self._ranked(user_id, now)
-            segments[user_id] = doc["segment"]
-            docs.append(doc)
-            if self.settings.push_enabled:
-                prefs = self.prefs.get(user_id)
-                if prefs is not None:
-                    sent = self.parts[partition].push.decide(prefs, recs, now=user_ts, variant=variant,
-                                                             title=self.engine.title)
-                    self.parts[partition].experiments.record_sends(sent)
-                    pushes += sent
-        for p, got in by_partition.items():  # idle users and the least recent past the cap leave memory, not Redis
-            self.parts[p].evict(self.engine, self.ingest.watermarks.get((self.topics.events, p)), len(got),
-                                self.settings)
-
-        await self._store_retrying(self.store.write, recs=docs, segments=segments)
+        ranked = core.rank(learned, now)
+        await self._store_retrying(self.store.write, recs=ranked.docs, segments=ranked.segments)
         done = self.clock()  # the recommendations are readable in Redis
-        await self._confirm(cooc_messages, cooc_sent)
-        changed = {seg: c for part in self.parts.values() for seg, c in part.experiments.drain_changed().items()}
-        if changed:
-            await self._store_retrying(self.store.write_experiment, self.exp_name, changed)
-        for user_id, partition, raw_key in erased:
+        await self._confirm(learned.cooc, cooc_sent)
+        if ranked.experiments:
+            await self._store_retrying(self.store.write_experiment, core.exp_name, ranked.experiments)
+        for user_id, partition, raw_key in learned.erased:
             await self._publish_erasure(user_id, partition, raw_key)
-        await self._send_all([(self.topics.push, orjson.dumps(m.to_dict()), m.user_id.encode(), None)
-                              for m in pushes] + self._dead_messages(dead))
+        await self._send_all(core.push_messages(ranked.pushes) + self._dead_messages(learned.dead))
         created = np.fromiter((r.timestamp for r in records if r.timestamp is not None), float)
         st.freshness_seconds.add_many(done - created / 1000.0)
-        for m in pushes:
+        for d in learned.dead:
+            st.count_dead(d.code)
+        for m in ranked.pushes:
             st.pushes_by_channel[m.channel] = st.pushes_by_channel.get(m.channel, 0) + 1
-        st.pushes += len(pushes)
-        st.erased_users += len(erased)
-        st.events_ok += n_ok
+        st.duplicates += learned.duplicates
+        st.erased_events += learned.erased_events
+        st.pushes += len(ranked.pushes)
+        st.events_ok += learned.n_ok
         st.events_in += len(records)  # counted with the batch's other counters, once it is done
-        st.recs_written += len(docs)
+        st.recs_written += len(ranked.docs)
         st.batches += 1
-        st.experiment_unattributed = sum(p.experiments.unattributed for p in self.parts.values())
-        st.experiment_overflow = sum(p.experiments.overflow for p in self.parts.values())
+        st.experiment_unattributed = sum(p.experiments.unattributed for p in core.parts.values())
+        st.experiment_overflow = sum(p.experiments.overflow for p in core.parts.values())
         st.last_batch_s = time.perf_counter() - t0
         st.batch_seconds.add(st.last_batch_s)
-
-    def _ranked(self, user_id: str, now: float) -> tuple[str | None, list, dict]:
-        """A user's experiment variant, recommendations (with its variant's ranker settings) and the
-        ``ig:recs`` document written for them."""
-        variant = self.experiment.assign(user_id) if self.experiment else None
-        recs = self.engine.recommend(user_id, n=self.settings.top_n,
-                                     overrides=self.experiment.overrides.get(variant) if variant else None)
-        doc = {"user_id": user_id,
-               "items": [{"item_id": item, "score": round(score, 6), "reason": reason} for item, score, reason in recs],
-               "segment": self.engine.segment(user_id), "generated_at": now,
-               "model_version": self.settings.model_version}
-        return variant, recs, doc
 
     def _in_sequence(self, records) -> dict[int, list]:
         """The records by partition, keeping only those that continue what this worker holds.
@@ -807,28 +589,6 @@ class Worker:
             elif expected is not None and out[partition][0].offset != expected:
                 del out[partition]
                 self._consumer.seek(TopicPartition(self.topics.events, partition), expected)
-        return out
-
-    def _cooc_messages(self, partition: int, base: int, offsets: list[int]) -> list[tuple]:
-        """The engine's co-occurrence updates of one events partition, one ``cooc`` record per owner,
-        and its population entries in one record for the learner."""
-        headers = [("source", str(partition).encode())]
-        out = []
-        seq_of = np.asarray(offsets, np.int64)
-        deltas = self.engine.drain_pair_deltas()
-        if deltas is not None:
-            n = self._cooc_partitions
-            deltas = deltas.with_seq(seq_of, base)
-            # every owner gets a record: the item occurrences in it are everyone's (popularity, lift)
-            out += [(self.topics.cooc, piece.to_bytes(), None, headers, p)
-                    for p, part in enumerate(deltas.split(lambda i: owner(i, n), n))
-                    for piece in part.pieces(_COOC_RECORD_UPDATES)]
-        population = self.engine.drain_population()
-        if population is not None:  # segment samples and trend entries: to the learner, on partition 0
-            for entry in population["seg"] + population["trend"]:
-                entry[0] = int(seq_of[entry[0] - base])
-            out += [(self.topics.cooc, raw, None, headers + [("kind", POPULATION_KIND)], POPULATION_PARTITION)
-                    for raw in population_records(population)]
         return out
 
     async def _load_population(self) -> None:
@@ -852,14 +612,9 @@ class Worker:
             return
         if got["at"] is None:
             return
-        assigned = self.engine.load_population(got["model"], got["trending"], got["at"], got["momentum"])
-        if assigned:  # users seen before the first centers: their segment now, without waiting for an event
-            for user_id in assigned:
-                for part in self.parts.values():
-                    if user_id in part.users:
-                        part.touch(user_id)
-            await self._store_retrying(self.store.write,
-                                       segments={u: self.engine.segment(u) for u in assigned})
+        segments = self.core.load_population(got)
+        if segments:  # users seen before the first centers: their segment now, without waiting for an event
+            await self._store_retrying(self.store.write, segments=segments)
 
     # ------------------------------------------------------------------ Redis data loss
     async def _check_generation(self) -> None:
@@ -911,29 +666,17 @@ class Worker:
         segments = 0
         if self.run_users:
             async with self._batch_lock:  # no partition moves meanwhile, so its counts are still this worker's
-                live = {p: part for p, part in self.parts.items() if p in self._owned and p not in self._stopped}
-                self._refill = self._users_to_rematerialise(live)
+                live = [p for p in self.core.parts if p in self._owned and p not in self._stopped]
+                self._refill = self.core.users_to_rematerialise(live)
                 self._count_refill()
-                counts = {seg: c for part in live.values() for seg, c in part.experiments.counts().items()}
+                counts = self.core.experiment_counts(live)
                 if counts:
-                    await self._store_retrying(self.store.write_experiment, self.exp_name, counts)
+                    await self._store_retrying(self.store.write_experiment, self.core.exp_name, counts)
                     self.stats.redis_keys_rematerialised += len({seg.variant for seg in counts})
                 segments = len(counts)
         log.warning("Redis lost its data (%s was gone or changed): writing every key again from state: "
                     "recommendations of %d users, %d neighbour rows, %d experiment segments",
                     self.store.keys.generation(), len(self._refill), rows, segments)
-
-    def _users_to_rematerialise(self, parts: dict[int, UserPartition]) -> list[tuple[int, str]]:
-        """The users of ``parts`` whose keys are to be written again: all but those whose keys had expired
-        anyway (no event for ``recs_ttl_s`` before their partition's newest event)."""
-        out = []
-        for p, part in parts.items():
-            users = list(part.users)
-            newest = self.ingest.watermarks.get((self.topics.events, p))
-            expired = (set(self.engine.stale_users(users, newest, self.settings.recs_ttl_s))
-                       if newest is not None and users else ())
-            out += [(p, u) for u in users if u not in expired]
-        return out
 
     def _count_refill(self) -> None:
         self.stats.redis_rematerialise_pending += len(self._refill) - self._refill_n
@@ -946,15 +689,13 @@ class Worker:
         pending, chunk = self._refill, []
         while pending and len(chunk) < REMATERIALISE_USERS:
             p, user_id = pending.pop()
-            part = self.parts.get(p)
-            if (part is not None and p in self._owned and user_id in part.users and self.engine.known_user(user_id)
-                    and not (self.erasures and self.erasures.erased(user_id))):
+            if p in self._owned and self.core.still_held(p, user_id):
                 chunk.append(user_id)
         if chunk:
-            await self._store_retrying(self._cache.ensure, self.engine,
-                                       (i for u in chunk for i in self.engine.query_items(u)), time.monotonic())
+            await self._store_retrying(self._cache.ensure, self.engine, self.core.wanted_items(chunk),
+                                       time.monotonic())
             now = self.clock()
-            docs = [self._ranked(user_id, now)[2] for user_id in chunk]
+            docs = [self.core.ranked(user_id, now)[2] for user_id in chunk]
             segments = {doc["user_id"]: doc["segment"] for doc in docs}
             await self._store_retrying(self.store.write, recs=docs, segments=segments)
             self.stats.redis_keys_rematerialised += len(docs) + sum(s is not None for s in segments.values())
@@ -1002,35 +743,20 @@ class Worker:
         finally:
             self._redis_refused.pop(token, None)
 
-    def _learn(self, events: list[Event]) -> None:
-        if events:
-            self.engine.learn_many(events)
-
     # ------------------------------------------------------------------ erasure and DLQ
-    def _forget_in_memory(self, user_id: str) -> None:
-        self.engine.forget_user(user_id)
-        for part in self.parts.values():
-            part.forget_user(user_id)
-        self.prefs.pop(user_id, None)
-
     async def erase_user(self, user_id: str, *, partition: int | None = None, raw_key: bytes | None = None) -> None:
         """Remove every trace of a user for good: model state, push state, preferences, Redis keys; record it
-        in the ``erasures`` ledger (:mod:`stream.erasures`), and snapshot the user's events ``partition``
+        in the ``erasures`` ledger (:mod:`stream.core.erasures`), and snapshot the user's events ``partition``
         (if this worker owns it) at the next turn, so that no snapshot read after it holds the user.
         ``raw_key``: the user's ``users`` key (a ``forget`` event's), whose record is then deleted too."""
-        new = self.erasures.add(user_id)
-        self._forget_in_memory(user_id)
-        if not new:  # erased before (a tombstone re-read at start, a forget replayed): its keys went then
+        if not self.core.erase(user_id):  # erased before (a tombstone re-read at start, a forget replayed): its keys went then
             return
         await self._publish_erasure(user_id, partition, raw_key)
 
     async def _publish_erasure(self, user_id: str, partition: int | None, raw_key: bytes | None) -> None:
         await self._store_retrying(self.store.erase_user, user_id)
-        messages = [(self.topics.erasures, b"{}", self.erasures.digest(user_id).encode(), None)]
-        if raw_key is not None:
-            messages.append((self.topics.users, None, raw_key, None))
-        await self._send_all(messages)
-        if partition is not None and partition in self.parts:
+        await self._send_all(self.core.erasure_messages(user_id, raw_key))
+        if partition is not None and partition in self.core.parts:
             self._turns.hurry(partition)
         self.stats.erased_users += 1
 

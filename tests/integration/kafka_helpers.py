@@ -88,7 +88,7 @@ async def model_from_snapshots(settings, item_ids: list[str]):
     """
     from models import Engine
     from models.user_state import import_users, users_from_state
-    from stream.neighbour_cache import decode_row
+    from stream.core.neighbour_rows import decode_row
     from stream.store.keys import RedisKeys
     from stream.store.redis_node import RedisStore
     from stream.snapshots import SnapshotStore

@@ -80,13 +80,13 @@ async def test_a_killed_worker_and_an_old_snapshot_bring_no_erased_user_back(set
         await producer.stop()
 
     async with running_worker(s.model_copy(update={"snapshot_interval_s": 0.3})) as survivor:
-        await wait_for(lambda: survivor.stats.partitions == 6 and p in survivor.parts, what="partitions restored")
+        await wait_for(lambda: survivor.stats.partitions == 6 and p in survivor.core.parts, what="partitions restored")
         await produce(s, s.topics.events, [e for u in OTHERS for e in purchases(u, 10, 1)])
         # the restore replays zoe's last two purchases (after the old snapshot's offset): not learned
         await wait_for(lambda: survivor.stats.erased_events >= 2, what="zoe's replayed events dropped")
         await wait_for(lambda: survivor.stats.events_ok >= len(OTHERS), what="the others' new events")
         assert not survivor.engine.known_user(ZOE)
-        assert ZOE not in survivor.prefs and not survivor.parts[p].push.knows(ZOE)
+        assert ZOE not in survivor.core.prefs and not survivor.core.parts[p].push.knows(ZOE)
         assert await redis_keys_of(s, ZOE) == []
         await wait_for(lambda: _newer_snapshot(s, p), what="a new snapshot of zoe's partition")
     held = await snapshot_users(s)
@@ -112,7 +112,7 @@ async def test_a_forget_event_deletes_the_users_record_and_stays_forgotten(setti
         users = await read_topic(s, s.topics.users, until=lambda recs: any(r.value is None for r in recs))
         assert [r.key for r in users if r.value is None] == [ZOE.encode()]
         await wait_for(lambda: _newer_snapshot(s, kafka_partition(ZOE, 6), after=0), what="a snapshot")
-        assert not worker.engine.known_user(ZOE) and ZOE not in worker.prefs
+        assert not worker.engine.known_user(ZOE) and ZOE not in worker.core.prefs
     assert all(ZOE not in users for _, users in (await snapshot_users(s)).values())
     assert await redis_keys_of(s, ZOE) == []
     # a worker of another group, without snapshots, reads every event again from the start: the ledger

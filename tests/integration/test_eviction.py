@@ -19,7 +19,7 @@ CAP, USERS = 500, 5_000
 
 def held(worker) -> dict[int, int]:
     """Users held per events partition, after checking that the engine holds exactly those."""
-    users = {p: len(part.users) for p, part in worker.parts.items()}
+    users = {p: len(part.users) for p, part in worker.core.parts.items()}
     assert worker.engine.stats()["users"] == sum(users.values())
     return users
 
@@ -57,7 +57,7 @@ async def test_a_flood_of_one_event_users_keeps_at_most_the_cap_per_partition(se
             assert worker.engine.profile(first[0])["events"] == 1 and worker.engine.query_items(first[0]) == ["i7"]
         # the worker stopped with a last checkpoint: a new one restores at most the cap per partition
         async with running_worker(s) as again:
-            await wait_for(lambda: len(again.parts) == 6, deadline_s=60, what="six partitions restored")
+            await wait_for(lambda: len(again.core.parts) == 6, deadline_s=60, what="six partitions restored")
             restored = held(again)
             assert all(0 < n <= CAP for n in restored.values()), restored
             assert all(again.engine.known_user(u) for u in latest + [first[0]])

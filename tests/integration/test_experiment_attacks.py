@@ -119,10 +119,10 @@ async def test_hostile_feedback_contexts_make_no_experiment_segments_and_real_fe
             await wait_for(lambda: _equals(clicks(), len(pushes)), deadline_s=30, what="the real clicks in Redis")
             exp_keys = await _exp_keys(r, settings)
             assert exp_keys == {keys.experiment("exp-atk", "A"), keys.experiment("exp-atk", "B")}, len(exp_keys)
-            unattributed = sum(p.experiments.unattributed for p in worker.parts.values())
-            overflow = sum(p.experiments.overflow for p in worker.parts.values())
-            remembered = sum(len(p.experiments) for p in worker.parts.values())
-            segments = sum(len(p.experiments.counts()) for p in worker.parts.values())
+            unattributed = sum(p.experiments.unattributed for p in worker.core.parts.values())
+            overflow = sum(p.experiments.overflow for p in worker.core.parts.values())
+            remembered = sum(len(p.experiments) for p in worker.core.parts.values())
+            segments = sum(len(p.experiments.counts()) for p in worker.core.parts.values())
 
         stored = await RedisStore(r, keys, 60).read_experiment("exp-atk")
         assert {(s.campaign, s.channel, s.variant) for s in stored} <= {("recs", "email", "A"), ("recs", "email", "B")}

@@ -90,7 +90,7 @@ async def test_erasure_leaves_no_trace_in_redis_or_state_within_5_seconds(settin
             ("zoe", {"event_id": "fb1", "user_id": "zoe", "type": "push_click", "ts": T0 + 9,
                      "context": {"campaign": "recs", "channel": "email", "variant": "A", "message_id": "m-1"}})])
         await wait_for(lambda: r.exists(f"{s.redis_prefix}recs:zoe"), what="zoe's recs")
-        parts = list(worker.parts.values())
+        parts = list(worker.core.parts.values())
         assert any(p.push.knows("zoe") for p in parts) and any(p.experiments.knows_user("zoe") for p in parts)
         t0 = time.monotonic()
         await produce(s, s.topics.events, [("zoe", {"event_id": "bye", "user_id": "zoe", "type": "forget",
@@ -102,11 +102,11 @@ async def test_erasure_leaves_no_trace_in_redis_or_state_within_5_seconds(settin
 
         await wait_for(erased, deadline_s=5, what="zoe erased from Redis and the model")
         took = time.monotonic() - t0
-        state = {"engine": worker.engine, "partitions": [worker.partition_state(p) for p in worker.parts]}
+        state = {"engine": worker.engine, "partitions": [worker.core.partition_state(p) for p in worker.core.parts]}
     assert took < 5
     assert not worker.engine.known_user("zoe") and worker.engine.profile("zoe") is None
     assert not any(p.push.knows("zoe") or p.experiments.knows_user("zoe") or "zoe" in p.users for p in parts)
-    assert "zoe" not in worker.prefs
+    assert "zoe" not in worker.core.prefs
     import pickle
     blob = pickle.dumps(state)
     assert b"zoe" not in blob  # not in any state store: model, snapshots (users, dedupe, push, experiments)
@@ -144,7 +144,7 @@ async def test_bad_cooc_records_go_to_the_dlq_and_the_item_stage_goes_on(setting
             await wait_for(lambda: r.zrange(f"{settings.redis_prefix}trending", 0, -1), what="ig:trending")
         finally:
             await r.aclose()
-        assert worker.items.applied > 0
+        assert worker.items.core.applied > 0
     reasons = {m.value: dict(m.headers)["reason"].decode() for m in dead}
     for _, _, value, expected in bad:
         assert reasons[value].startswith(expected), (value, reasons[value])

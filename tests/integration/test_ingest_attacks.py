@@ -12,7 +12,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from models.events import REASON_CODES
 from stream import connections
-from stream.ingest import MAX_DLQ_VALUE_BYTES
+from stream.core.ingest import MAX_DLQ_VALUE_BYTES
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import free_port, produce, read_topic, running_worker
 
@@ -60,7 +60,7 @@ async def test_one_clock_skewed_event_does_not_send_the_next_good_events_to_the_
     assert stats["duplicates"] == 1
     if applied_ahead:
         assert stats["dead_letters"] == 0
-        assert worker.ingest.watermarks[(s.topics.events, events_partition(worker))] <= time.time() + 300 + 1
+        assert worker.core.ingest.watermarks[(s.topics.events, events_partition(worker))] <= time.time() + 300 + 1
     else:
         assert stats["dlq_by_reason"] == {"ts_out_of_range": 1}
         (d,) = dead
@@ -70,7 +70,7 @@ async def test_one_clock_skewed_event_does_not_send_the_next_good_events_to_the_
 
 
 def events_partition(worker) -> int:
-    (partition,) = [p for (topic, p) in worker.ingest.watermarks if topic == worker.topics.events]
+    (partition,) = [p for (topic, p) in worker.core.ingest.watermarks if topic == worker.topics.events]
     return partition
 
 

@@ -73,9 +73,9 @@ async def test_every_key_is_written_again_from_state_after_redis_lost_its_data(s
                 wanted = {k.recs(u) for u in users} | {k.similar(f"sku-{i}") for i in range(N_ITEMS)}
                 wanted |= {k.neighbour_row(f"sku-{i}") for i in range(N_ITEMS)} | {k.trending(), k.segment_model()}
                 exp = any(key.startswith(f"{s.redis_prefix}exp:") for key in found)
-                state = (found, worker.items.applied, worker.items.population.applied)
+                state = (found, worker.items.core.applied, worker.items.core.population.applied)
                 if not (worker.stats.events_in == len(events) and wanted <= found and exp
-                        and worker.items._dirty == {}) or not seen or seen[0][0] != state:
+                        and worker.items.core.dirty == {}) or not seen or seen[0][0] != state:
                     seen[:] = [(state, time.monotonic())]
                     return None
                 return found if time.monotonic() - seen[0][1] > 1.0 else None

@@ -8,7 +8,8 @@ import orjson
 from models import Engine
 from models.cooc_shard import owner
 from stream import connections
-from stream.neighbour_cache import NeighbourCache, encode_row
+from stream.core.neighbour_rows import encode_row
+from stream.neighbour_cache import NeighbourCache
 from stream.store.keys import RedisKeys
 from stream.store.redis_node import SET_WITH_TTL_KEYS, RedisStore
 

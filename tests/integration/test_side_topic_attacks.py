@@ -71,11 +71,11 @@ async def test_poison_side_records_go_to_the_dlq_and_the_worker_starts_and_resta
             # good records after the poison are applied: an item, a consenting user, then their recommendations
             await produce(s, s.topics.items, [(f"good-{start}", item(f"good-{start}"))])
             await produce(s, s.topics.users, [(f"ok{start}", prefs(f"ok{start}"))])
-            await wait_for(lambda: f"good-{start}" in worker.catalog_ids and f"ok{start}" in worker.prefs,
+            await wait_for(lambda: f"good-{start}" in worker.core.catalog_ids and f"ok{start}" in worker.core.prefs,
                            what="the good item and user applied")
             await produce(s, s.topics.events, [(f"ok{start}", view(1, f"ok{start}", f"good-{start}"))])
             await wait_for(lambda: _recs(s, f"ok{start}"), what=f"recs of ok{start}")
-            assert "deep" not in worker.catalog_ids and "tz" not in worker.prefs
+            assert "deep" not in worker.core.catalog_ids and "tz" not in worker.core.prefs
             assert worker.stats.dead_letters == 2
 
 
@@ -138,7 +138,7 @@ async def test_an_items_record_with_100k_tags_is_handled_in_well_under_a_second(
                 await produce(s, s.topics.items, [("many", many), ("after", None)])
             await wait_for(lambda: len(took) >= 2, deadline_s=120, what="both records applied")
             assert max(took.values()) < 2.0, took  # generous: it was 95 s
-            assert "many" not in worker.catalog_ids or len(worker.engine._catalog.features(
+            assert "many" not in worker.core.catalog_ids or len(worker.engine._catalog.features(
                 worker.engine._catalog.find("many"))) <= 8
             await produce(s, s.topics.events, [(f"u{start}", view(1, f"u{start}", "after"))])
             await wait_for(lambda: _recs(s, f"u{start}"), what="the worker still serving")
@@ -172,11 +172,11 @@ async def test_items_are_validated_as_strictly_as_events(settings):
     async with running_worker(s) as worker:
         await produce(s, s.topics.items, [(k, v) for k, v, _ in BAD_ITEMS] + good)
         dead = await read_topic(s, s.topics.dlq, until=lambda recs: len(recs) >= len(BAD_ITEMS))
-        await wait_for(lambda: "42" in worker.catalog_ids, what="the good items applied")
-        await wait_for(lambda: "sku-gone" not in worker.catalog_ids and "sku-gone" in worker.unavailable,
+        await wait_for(lambda: "42" in worker.core.catalog_ids, what="the good items applied")
+        await wait_for(lambda: "sku-gone" not in worker.core.catalog_ids and "sku-gone" in worker.core.unavailable,
                        what="the tombstone applied")
         cat = worker.engine._catalog
-        assert worker.catalog_ids == {"sku-ok", "42"}
+        assert worker.core.catalog_ids == {"sku-ok", "42"}
         assert cat.find("sku-gone") is not None and not cat.available[cat.find("sku-gone")]
         for key, value, _ in BAD_ITEMS:
             for candidate in (key, value.get("item_id") if isinstance(value, dict) else None):
@@ -206,9 +206,9 @@ async def test_users_records_whose_key_is_not_their_user_id_go_to_the_dlq(settin
     async with running_worker(s) as worker:
         await produce(s, s.topics.users, [(k, v) for k, v, _ in bad] + good)
         dead = await read_topic(s, s.topics.dlq, until=lambda recs: len(recs) >= len(bad))
-        await wait_for(lambda: all(pseudo(u) in worker.prefs for u in ("carol", "42", "dan")),
+        await wait_for(lambda: all(pseudo(u) in worker.core.prefs for u in ("carol", "42", "dan")),
                        what="the good users applied")
-        assert set(worker.prefs) == {pseudo(u) for u in ("carol", "42", "dan")}
+        assert set(worker.core.prefs) == {pseudo(u) for u in ("carol", "42", "dan")}
     assert len(dead) == len(bad)
     got = [reason for _, reason in by_source(dead).values()]
     for _, _, reason in bad:

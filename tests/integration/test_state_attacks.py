@@ -140,7 +140,7 @@ async def test_a_pickled_snapshot_of_an_older_version_migrates_and_restores(sett
     from models.user_state import export_users
     from stream.settings import load as load_settings
     from stream.state_migration import migrate
-    from stream.user_partition import UserPartition
+    from stream.core.user_partition import UserPartition
     from models.push_policy import PushConfig
 
     p = 3
@@ -161,6 +161,6 @@ async def test_a_pickled_snapshot_of_an_older_version_migrates_and_restores(sett
         await producer.stop()
     assert await migrate(settings) == {"migrated": 1, "already format 3": 0, "refused": 0}
     async with running_worker(settings) as worker:
-        await wait_for(lambda: p in worker.parts, what="the migrated partition restored")
+        await wait_for(lambda: p in worker.core.parts, what="the migrated partition restored")
         assert not worker.stats.unreadable_state
         assert all(worker.engine.known_user(u) for u in users)

@@ -155,6 +155,6 @@ async def test_users_tombstone_and_forget_event_erase_the_user_from_redis_and_st
                 return await r.exists(*keys) == 0
 
             await wait_for(gone, deadline_s=5, what=f"{u}'s keys deleted")
-        assert "ann" not in worker.prefs and "ben" not in worker.prefs
-        assert not any(p.push.knows("ann") or p.push.knows("ben") for p in worker.parts.values())
+        assert "ann" not in worker.core.prefs and "ben" not in worker.core.prefs
+        assert not any(p.push.knows("ann") or p.push.knows("ben") for p in worker.core.parts.values())
     await r.aclose()

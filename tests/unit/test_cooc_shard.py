@@ -185,7 +185,7 @@ def _state_by_id(eng: Engine) -> tuple[dict, dict]:
 def test_rows_read_by_their_shards_numbers_give_the_same_state_as_rows_read_by_ids(stream):
     """The wire form carries the shard's numbers: a reader translates them (ids read only for new
     numbers) and holds exactly what reading every id gives, over refreshes and a restored shard."""
-    from stream.neighbour_cache import decode_row, encode_row
+    from stream.core.neighbour_rows import decode_row, encode_row
 
     evs, items = stream
     learner = Engine(CFG, cooc="remote")
@@ -268,7 +268,7 @@ def test_the_compact_layout_takes_half_the_bytes_and_the_full_one_still_reads():
 def test_a_row_written_before_numbers_still_reads():
     import orjson
 
-    from stream.neighbour_cache import decode_row
+    from stream.core.neighbour_rows import decode_row
 
     head = orjson.dumps({"item_id": "a", "t": 5.0, "pop": 2.0, "total": 9.0, "pair_total": 4.0, "neighbours": ["b"]})
     raw = len(head).to_bytes(4, "big") + head + np.arange(5.0).tobytes()

@@ -9,7 +9,7 @@ from hypothesis import given, settings as hsettings, strategies as st
 
 from models.dedupe import Deduplicator
 from models.events import EVENT_TYPES, Event, InvalidEvent, Limits, as_event, parse_event, validate_event
-from stream.ingest import Ingest
+from stream.core.ingest import Ingest
 
 NOW = 1_800_000_000.0
 GOOD = {"event_id": "e1", "user_id": "u1", "item_id": "sku-1", "type": "click", "ts": 1_700_000_000.0}
@@ -160,7 +160,7 @@ def test_ingest_keeps_every_field_of_an_event_but_its_user_id_which_it_pseudonym
 
     from models.dedupe import Deduplicator
     from models.events import Event, Limits
-    from stream.ingest import Ingest
+    from stream.core.ingest import Ingest
 
     doc = {"event_id": "e1", "user_id": "alice", "type": "purchase", "ts": 1.7e9, "item_id": "i1", "value": 9.5,
            "rating": 4.0, "session_id": "s1", "context": {"campaign": "c"}}
@@ -306,7 +306,7 @@ def test_ingest_sends_a_mismatched_key_to_the_dlq_with_its_code():
 
 
 def test_a_dead_letter_has_a_code_from_the_fixed_set_and_bounded_size():
-    from stream.ingest import MAX_DLQ_KEY_BYTES, MAX_DLQ_VALUE_BYTES, DeadLetter
+    from stream.core.ingest import MAX_DLQ_KEY_BYTES, MAX_DLQ_VALUE_BYTES, DeadLetter
 
     assert DeadLetter(b"x", None, "bad t.items record: boom", "t.items", 0, 1).code == "bad_items_record"
     assert DeadLetter(b"x", None, "bad", "t1.users", 0, 1).code == "bad_users_record"

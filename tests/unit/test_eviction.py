@@ -8,7 +8,7 @@ import pytest
 from models import Engine, EngineConfig
 from models.push_policy import PushConfig, UserPrefs
 from stream.settings import Settings
-from stream.user_partition import UserPartition
+from stream.core.user_partition import UserPartition
 
 T0 = 1_732_449_600.0  # 2024-11-24 12:00 UTC
 DAY = 86_400.0

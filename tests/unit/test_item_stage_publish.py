@@ -5,7 +5,6 @@ import asyncio
 import time
 
 from models import Engine, EngineConfig
-from models.cooc_shard import CoOccurrenceShard
 from stream.item_stage import ItemStage
 from stream.observability import WorkerStats
 from stream.settings import Settings
@@ -25,9 +24,9 @@ class _SlowStore:
 def _stage(store, **settings) -> ItemStage:
     """(In a running loop: the stage's Kafka consumer is made with it, and never started here.)"""
     stage = ItemStage(Settings(http_port=None, **settings), EngineConfig(), store, stats=WorkerStats())
-    shard = stage.shards[1] = CoOccurrenceShard.for_engine(stage.config)
-    stage._numbering[1] = 7
-    users = Engine(stage.config, cooc="remote")  # a user stage's engine: "a" and "b" seen together
+    stage.core.take(1)
+    shard = stage.core.shards[1]
+    users = Engine(stage.core.config, cooc="remote")  # a user stage's engine: "a" and "b" seen together
     users.learn_many([{"user_id": "u", "item_id": i, "type": "purchase", "ts": float(t)} for t, i in enumerate("ab")])
     shard.apply(users.drain_pair_deltas(), source=0)
     return stage
@@ -35,18 +34,18 @@ def _stage(store, **settings) -> ItemStage:
 
 async def _publish_twice(stage: ItemStage | None, force_second: bool = False, **make) -> ItemStage:
     stage = stage or _stage(**make)
-    stage._dirty = {1: {"a"}}
+    stage.core.dirty = {1: {"a"}}
     await stage.publish()
-    stage._dirty = {1: {"b"}}
+    stage.core.dirty = {1: {"b"}}
     await stage.publish(force=force_second)
     await stage.consumer.stop()
     return stage
 
 
 def test_a_publish_that_encodes_slowly_pushes_the_next_one_back_to_keep_its_share_of_the_time(monkeypatch):
-    import stream.item_stage as item_stage
+    import stream.core.item_shards as item_shards
 
-    slow = item_stage.encode_row
+    slow = item_shards.encode_row
 
     def encode_row(row, numbering):
         t = time.thread_time()
@@ -54,11 +53,11 @@ def test_a_publish_that_encodes_slowly_pushes_the_next_one_back_to_keep_its_shar
             pass
         return slow(row, numbering)
 
-    monkeypatch.setattr(item_stage, "encode_row", encode_row)
+    monkeypatch.setattr(item_shards, "encode_row", encode_row)
     store = _SlowStore(0.0)
     stage = asyncio.run(_publish_twice(None, store=store, publish_interval_s=0.01, publish_max_share=0.25))
     assert store.writes == [["a"]]  # the second came too soon: its row waits, still dirty
-    assert stage._dirty == {1: {"b"}}
+    assert stage.core.dirty == {1: {"b"}}
     assert stage.publish_every >= 0.05 / 0.25
     assert stage._stats.publish_interval_s == stage.publish_every  # on /metrics and /stats
 
@@ -102,4 +101,4 @@ def test_after_a_redis_data_loss_every_owned_row_is_published_again_a_chunk_per_
     stage = asyncio.run(run())
     assert sorted(w[0] for w in store.writes) == ["a", "b"] and all(len(w) == 1 for w in store.writes), store.writes
     assert stage._stats.redis_keys_rematerialised == 4  # similar and nbrow of each
-    assert stage._stats.redis_rematerialise_pending == 0 and not stage._refill
+    assert stage._stats.redis_rematerialise_pending == 0 and not stage.core.refill

@@ -185,18 +185,18 @@ def test_no_exception_from_one_side_record_stops_the_worker_and_each_goes_to_the
     ]
     for rec in records:
         asyncio.run(worker._apply_side(rec))
-    assert len(sent) == len(records) and not worker.catalog_ids and not worker.prefs
+    assert len(sent) == len(records) and not worker.core.catalog_ids and not worker.core.prefs
     assert all(d.reason.startswith(("bad items record: ", "bad users record: ")) for d in sent)
     assert {d.code for d in sent} == {"bad_items_record", "bad_users_record"}
     assert sent[0].reason.startswith("bad items record: a tombstone (null value) needs the item_id as its key")
     # an error of any type (here a bug's RecursionError) is a dead letter, not the end of the worker
     worker.engine.upsert_item = lambda item: (_ for _ in ()).throw(RecursionError("deep"))
     asyncio.run(worker._apply_side(_record(items, b"b", b'{"item_id": "b"}')))
-    assert sent[-1].reason == "bad items record: cannot be applied (RecursionError)" and "b" not in worker.catalog_ids
+    assert sent[-1].reason == "bad items record: cannot be applied (RecursionError)" and "b" not in worker.core.catalog_ids
     del worker.engine.upsert_item
     # good records and tombstones are applied
     asyncio.run(worker._apply_side(_record(users, b"ann", b'{"user_id": "ann", "consent": {"app": true}}')))
     asyncio.run(worker._apply_side(_record(items, b"a", b'{"item_id": "a", "available": false}')))
-    assert "ann" in worker.prefs and worker.catalog_ids == {"a"} and worker.unavailable == {"a"}
+    assert "ann" in worker.core.prefs and worker.core.catalog_ids == {"a"} and worker.core.unavailable == {"a"}
     asyncio.run(worker._apply_side(_record(items, b" a ", None)))  # (users tombstones: tests of erasure)
-    assert not worker.catalog_ids and worker.unavailable == {"a"} and not worker.engine._catalog.available[0]
+    assert not worker.core.catalog_ids and worker.core.unavailable == {"a"} and not worker.engine._catalog.available[0]

@@ -21,7 +21,7 @@ from models.state_fields import StateError
 from models.user_state import export_users, import_users, users_from_state
 from stream.settings import load
 from stream.snapshots import SnapshotError, decode, encode
-from stream.user_partition import UserPartition
+from stream.core.user_partition import UserPartition
 
 from .test_models_support import group_stream
 

@@ -64,7 +64,7 @@ def test_a_large_population_batch_goes_in_records_under_the_limit_that_teach_the
     from models import Engine, EngineConfig
     from models.population import PopulationLearner
     from stream.synthetic import SyntheticStream
-    from stream.worker import population_records
+    from stream.core.user_stage import population_records
 
     cfg = EngineConfig()
     engine = Engine(cfg, cooc="remote", population="remote")

@@ -1,0 +1,232 @@
+"""The item stage's logic, without Kafka or Redis: ``cooc`` records in; neighbour rows, ``similar`` lists,
+trending and the population model out, as one write for the store.
+
+Each owned ``cooc`` partition is one :class:`~models.cooc_shard.CoOccurrenceShard`; the owner of partition
+:data:`~stream.core.user_stage.POPULATION_PARTITION` also runs the population learner. The shell
+(:mod:`stream.item_stage`) consumes, paces the publishes and checkpoints; this module decides what each
+record changes and what a publish writes.
+
+>>> from models import Engine, EngineConfig
+>>> from stream.settings import Settings
+>>> shards = ItemShards(Settings(), EngineConfig())
+>>> shards.take(1)
+>>> users = Engine(EngineConfig(), cooc="remote")  # a user stage's engine: "a" and "b" seen together
+>>> users.learn_many([{"user_id": "u", "item_id": i, "type": "purchase", "ts": float(t)} for t, i in enumerate("ab")])
+>>> from stream.core.user_stage import Record
+>>> shards.apply(1, [Record("cooc", 1, 0, None, users.drain_pair_deltas().to_bytes(), headers=(("source", b"0"),))])
+[]
+>>> pub = shards.publication()
+>>> while pub.encode(250): pass
+>>> write = pub.write()  # the rows of a and b, and a new token for partition 1
+>>> sorted(write["rows"]), list(write["rows_published"])
+(['a', 'b'], [1])
+"""
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+
+import numpy as np
+import orjson
+
+from models import EngineConfig
+from models.cooc_shard import CoOccurrenceShard, PairDeltas
+from models.population import PopulationLearner, check_batch
+from models.state_fields import StateError
+from stream.core.ingest import DeadLetter
+from stream.core.user_stage import POPULATION_KIND, POPULATION_PARTITION
+from stream.core.neighbour_rows import encode_row
+from stream.settings import Settings
+
+
+class Publication:
+    """One publish: the rows changed since the last one, encoded a chunk at a time (:meth:`encode`, so that the
+    shell can yield between chunks), then :meth:`write`, the keyword arguments of
+    :meth:`~stream.store.Store.write`."""
+
+    def __init__(self, shards: ItemShards, dirty: dict[int, set[str]], population: dict | None):
+        self._shards = shards
+        self._todo = [(p, item) for p, items in dirty.items() if p in shards.shards for item in items]
+        #: a new token per partition with changed rows: user stages re-read its rows (stream.neighbour_cache)
+        self.tokens = {p: secrets.token_hex(8) for p, items in dirty.items() if items and p in shards.shards}
+        self.similar: dict[str, list] = {}
+        self.rows: dict[str, bytes] = {}
+        self.population = population  # trending, model and momentum, when the learner has news
+
+    def encode(self, n: int) -> bool:
+        """Encode up to ``n`` more rows; returns whether rows remain."""
+        s = self._shards
+        k, min_support = s.settings.similar_n, s.config.min_support
+        todo, self._todo = self._todo[:n], self._todo[n:]
+        for p, item in todo:
+            shard = s.shards[p]
+            self.similar[item] = [nb._asdict() for nb in shard.similar(item, k, min_support, s.eligible)]
+            self.rows[item] = encode_row(shard.export_row(item), s.numbering[p])
+        return bool(self._todo)
+
+    def __bool__(self) -> bool:
+        return bool(self.rows or self.population)
+
+    def write(self) -> dict:
+        return {"similar": self.similar, "rows": self.rows, "rows_published": self.tokens, **(self.population or {})}
+
+
+class ItemShards:
+    """The shards of the owned ``cooc`` partitions, the population learner (with partition 0), and what changed
+    since the last publish. ``eligible`` says which items may be published as neighbours (the catalog's)."""
+
+    def __init__(self, settings: Settings, config: EngineConfig, eligible: Callable[[str], bool] | None = None):
+        self.settings = settings
+        self.config = config
+        self.eligible = eligible
+        self.shards: dict[int, CoOccurrenceShard] = {}
+        #: per partition, a random number naming its shard object's numbering of items (rows published
+        #: with it are translated by readers, :meth:`models.catalog.Catalog.translated`); new per object
+        self.numbering: dict[int, int] = {}
+        #: the population learner, while this stage owns POPULATION_PARTITION
+        self.population: PopulationLearner | None = None
+        self._population_published = -1
+        self.dirty: dict[int, set[str]] = {}
+        #: after a store data loss, per partition the owned items still to publish again (:meth:`rematerialise`)
+        self.refill: dict[int, list[str]] = {}
+        #: the population's keys are to be counted as written again
+        self.population_lost = False
+        #: partitions whose snapshot could not be read: held by no shard, never published again
+        self.stopped: set[int] = set()
+        self.applied = 0
+        self.dead: list[DeadLetter] = []
+        #: end offset of each events partition as last read (a bound on cooc records' sequence numbers); None:
+        #: not checked (tests that apply records by hand)
+        self.events_ends: dict[int, int] | None = None
+
+    # ------------------------------------------------------------------ partitions
+    def take(self, p: int, state=None, arrays=(), where: str = "") -> None:
+        """Own partition ``p``: its shard (and learner) from a snapshot's ``state``, or new (None). Raises
+        :class:`~models.state_fields.StateError` when the snapshot does not fit the schemas."""
+        if state is None:
+            shard, pop = CoOccurrenceShard.for_engine(self.config), PopulationLearner(self.config)
+        else:
+            tree = state if isinstance(state, dict) else {}
+            shard = CoOccurrenceShard.from_state(tree.get("shard"), arrays, f"{where}: shard")
+            pop = tree.get("population")
+            if p == POPULATION_PARTITION:
+                pop = (PopulationLearner(self.config) if pop is None else
+                       PopulationLearner.from_state(self.config, pop, arrays, f"{where}: population"))
+            elif pop is not None:
+                raise StateError(f"{where}: a population learner on partition {p}, not {POPULATION_PARTITION}")
+        self.shards[p] = shard
+        self.numbering[p] = secrets.randbits(63)
+        if p == POPULATION_PARTITION:
+            self.population = pop
+            self._population_published = -1
+
+    def release(self, p: int) -> None:
+        self.shards.pop(p, None)
+        self.numbering.pop(p, None)
+        self.dirty.pop(p, None)
+        self.refill.pop(p, None)
+        self.stopped.discard(p)
+        if p == POPULATION_PARTITION:
+            self.population = None
+
+    def state(self, p: int) -> dict:
+        """What partition ``p``'s snapshot holds, as a plain tree: its shard, and the learner for partition 0."""
+        pop = self.population if p == POPULATION_PARTITION else None
+        return {"shard": self.shards[p].to_state(), "population": None if pop is None else pop.to_state()}
+
+    # ------------------------------------------------------------------ records
+    def _past_events(self, source: int, top: int) -> bool:
+        """Whether sequence number ``top`` from ``source`` is past the end of that ``events`` partition as last
+        read."""
+        ends = self.events_ends
+        if ends is None:
+            return False
+        if ends and not 0 <= source < len(ends):
+            raise ValueError(f"source {source} is not a partition of events")
+        return top >= ends.get(source, 0)
+
+    def apply(self, partition: int, records, final: bool = True) -> list:
+        """Apply ``cooc`` records of ``partition`` in order; a record that cannot be applied goes to ``dead``.
+
+        A record's sequence numbers are its events' offsets in the ``events`` partition it names: one past
+        the end of that partition is not a user stage's (applied, it would make the shard skip that source's
+        real updates for good). Not ``final``: such a record and those after it are returned, to be applied
+        once the end offsets are read again; ``final``: it is a dead letter."""
+        shard = self.shards.get(partition)
+        if shard is None:  # records fetched before a revoke reached us; the new owner applies them
+            return []
+        dirty = self.dirty.setdefault(partition, set())
+        for k, rec in enumerate(records):
+            try:
+                headers = dict(rec.headers or ())
+                source = int(headers["source"])
+                if headers.get("kind") == POPULATION_KIND:
+                    if partition != POPULATION_PARTITION or self.population is None:
+                        raise ValueError(f"population entries on cooc partition {partition}, "
+                                         f"not {POPULATION_PARTITION}")
+                    samples, trends = check_batch(orjson.loads(rec.value))
+                    top = max((e[0] for e in samples + trends), default=-1)
+                    if self._past_events(source, top):
+                        if not final:
+                            return records[k:]
+                        raise ValueError(f"sequence number {top} is past the end of events partition {source}")
+                    self.population.learn_checked(samples, trends, source)
+                    continue
+                deltas = PairDeltas.from_bytes(rec.value)
+                top = max(int(deltas.seq.max(initial=-1)), int(deltas.occ_seq.max(initial=-1)))
+                if self._past_events(source, top):
+                    if not final:
+                        return records[k:]
+                    raise ValueError(f"sequence number {top} is past the end of events partition {source}")
+                shard.apply(deltas, source)
+            except Exception as exc:  # not written by a user stage: kept in the DLQ, never fatal
+                self.dead.append(DeadLetter(rec.value, rec.key, f"bad cooc record: {type(exc).__name__}: {exc}"[:300],
+                                            rec.topic, rec.partition, rec.offset))
+                continue
+            items = deltas.items
+            dirty.update(map(items.__getitem__, np.unique(deltas.row).tolist()))
+            self.applied += len(deltas)
+        return []
+
+    # ------------------------------------------------------------------ publishing
+    def publication(self) -> Publication:
+        """What changed since the last publication (and is now taken as published): the changed rows, and the
+        population's trending sets, model and momentum if the learner applied anything since."""
+        pop, population = self.population, None
+        if pop is not None and pop.applied > 0 and pop.applied != self._population_published:
+            k = self.settings.trending_n
+            trending = {seg: pop.trending(k, seg, self.eligible) for seg in (None, *range(self.config.n_segments))}
+            population = {"trending": trending, "population": {**pop.model(), "at": pop.now},
+                          "momentum": pop.momentum()}
+            self._population_published = pop.applied
+        dirty, self.dirty = self.dirty, {}
+        return Publication(self, dirty, population)
+
+    def rematerialise(self) -> int:
+        """The store lost its data: every owned row's ``similar`` and ``nbrow`` and the population's keys are to
+        be written again (:meth:`take_refill` moves them into publications a chunk at a time). Returns how many
+        rows."""
+        self.refill = {p: shard.owned() for p, shard in self.shards.items() if p not in self.stopped}
+        self._population_published = -1  # the next publication holds the population's keys, changed or not
+        self.population_lost = True
+        return self.pending_refill()
+
+    def pending_refill(self) -> int:
+        return sum(map(len, self.refill.values()))
+
+    def take_refill(self, budget: int) -> int:
+        """Move up to ``budget`` rows still to write again into the changed rows; returns how many."""
+        taken = 0
+        for p in list(self.refill):
+            items = self.refill.pop(p)
+            if p not in self.shards:  # revoked meanwhile: its new owner holds the rows
+                continue
+            take, rest = items[:budget], items[budget:]
+            self.dirty.setdefault(p, set()).update(take)
+            budget -= len(take)
+            taken += len(take)
+            if rest:
+                self.refill[p] = rest
+            if budget <= 0:
+                break
+        return taken

@@ -1,0 +1,456 @@
+"""The user stage's logic, without Kafka or Redis: records, state and event time in; recommendations,
+pushes, co-occurrence updates, dead letters and counters out.
+
+The worker (:mod:`stream.worker`) is the I/O shell around it: it fetches records, calls the steps of a
+batch in order, and between them produces what they return and reads and writes the store.
+
+A batch, per ``events`` partition and in order: :meth:`UserStage.learn` (ingest: validate, dedupe, DLQ;
+``forget`` erases at once; the engine learns; the ``cooc`` records of the updates), then the shell makes the
+neighbour rows of :meth:`UserStage.wanted_items` current (the store), then :meth:`UserStage.rank` (each
+touched user ranked, the push policy, experiment counts, eviction). Side records (``erasures``, ``items``,
+``users``) are applied by :meth:`UserStage.apply_side`.
+
+>>> from stream.settings import Settings
+>>> stage = UserStage(Settings(), clock=lambda: 1.7e9)
+>>> learned = stage.learn({0: [Record.event(0, 0, {"event_id": "e1", "user_id": "u1", "item_id": "a",
+...                                                 "type": "view", "ts": 1.7e9 - 60})]}, now=1.7e9, cooc_partitions=12)
+>>> list(learned.touched), learned.n_ok, learned.dead
+(['u1'], 1, [])
+>>> ranked = stage.rank(learned, now=1.7e9)
+>>> [doc["user_id"] for doc in ranked.docs]
+['u1']
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import orjson
+
+from models import Engine
+from models.catalog import MAX_ID_CHARS, decode_key, parse_item
+from models.cooc_shard import owner
+from models.dedupe import Deduplicator
+from models.events import Event, Limits
+from models.experiments import FEEDBACK_TYPES, Counts, Segment, kafka_partition
+from models.push_policy import PushConfig, PushMessage, UserPrefs
+from models.state_fields import StateError
+from models.user_state import export_users, import_users, users_from_state
+from stream.core.erasures import ErasureLedger
+from stream.core.ingest import DeadLetter, Ingest
+from stream.core.user_partition import UserPartition
+from stream.experiments_store import experiment_from_settings
+from stream.pseudonym import Pseudonymizer
+from stream.settings import Settings
+
+log = logging.getLogger("infogap.worker")
+
+#: Slot updates per ``cooc`` record (about 56 bytes each): records stay well under Kafka's 1 MiB default.
+COOC_RECORD_UPDATES = 8_000
+#: A population record larger than this is cut in two (by event), and so on.
+POPULATION_RECORD_BYTES = 512 * 1024
+#: The ``cooc`` partition whose owner runs the population learner, and the header value that marks its records.
+POPULATION_PARTITION = 0
+POPULATION_KIND = b"population"
+
+#: A message to produce: (topic, value, key, headers[, partition]).
+Message = tuple
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """What the stage reads of a Kafka record (aiokafka's ``ConsumerRecord`` has these fields too)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: int | None = None  # ms, the record's create time
+    headers: tuple = ()
+
+    @classmethod
+    def event(cls, partition: int, offset: int, event: dict, topic: str = "events", timestamp: int | None = None):
+        """An ``events`` record of ``event`` (a dict), keyed by its user (tests, replays)."""
+        return cls(topic, partition, offset, str(event.get("user_id", "")).encode(), orjson.dumps(event), timestamp)
+
+
+@dataclass
+class Learned:
+    """What :meth:`UserStage.learn` did with a batch."""
+
+    #: user -> (newest event time in this batch, events partition)
+    touched: dict[str, tuple[float, int]] = field(default_factory=dict)
+    #: users erased by ``forget`` events in this batch, new to the ledger: (user, partition, the record's key)
+    erased: list[tuple[str, int, bytes | None]] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+    #: the ``cooc`` records of the updates learned, and the population learner's
+    cooc: list[Message] = field(default_factory=list)
+    #: per events partition, the records read (every one, learned or not)
+    records: dict[int, int] = field(default_factory=dict)
+    n_ok: int = 0  # valid events (learned, or of an erased user)
+    duplicates: int = 0
+    erased_events: int = 0  # events of users erased for good, never learned
+
+
+@dataclass
+class Ranked:
+    """What :meth:`UserStage.rank` produced: the ``recs`` documents and segments to write, the pushes to send,
+    the experiment counts changed, and the users evicted from memory."""
+
+    docs: list[dict] = field(default_factory=list)
+    segments: dict[str, int | None] = field(default_factory=dict)
+    pushes: list[PushMessage] = field(default_factory=list)
+    experiments: dict[Segment, Counts] = field(default_factory=dict)
+    evicted: int = 0
+
+
+@dataclass
+class SideOutcome:
+    """What applying one side record asks of the shell: a user to erase (and the partition owning them),
+    or a dead letter."""
+
+    erase: str | None = None
+    partition: int | None = None
+    dead: DeadLetter | None = None
+
+
+def population_records(batch: dict, limit: int = POPULATION_RECORD_BYTES) -> list[bytes]:
+    """A batch of :meth:`models.engine.Engine.drain_population` entries (in ``seq`` order) as JSON records of
+    at most ``limit`` bytes, in ``seq`` order. The learner skips entries at or below the last ``seq`` it
+    applied from a source, so the entries of one event are never cut apart (a single event's entries
+    over the limit stay one record).
+
+    >>> batch = {"seg": [[1, {"a": 1.0}, 1.0, 0.0, None]], "trend": [[1, "i1", 0, 1.0, 5.0], [2, "i2", 0, 1.0, 6.0]]}
+    >>> [orjson.loads(r) for r in population_records(batch, limit=80)]  # doctest: +NORMALIZE_WHITESPACE
+    [{'seg': [[1, {'a': 1.0}, 1.0, 0.0, None]], 'trend': [[1, 'i1', 0, 1.0, 5.0]]},
+     {'seg': [], 'trend': [[2, 'i2', 0, 1.0, 6.0]]}]
+    """
+    raw = orjson.dumps(batch)
+    if len(raw) <= limit:  # every batch: nothing more to do
+        return [raw]
+    seqs = sorted(e[0] for part in (batch["seg"], batch["trend"]) for e in part)
+    if seqs[0] == seqs[-1]:
+        return [raw]
+    middle = seqs[len(seqs) // 2]
+    cut = middle if middle > seqs[0] else middle + 1  # both halves hold entries
+    halves = ({k: [e for e in batch[k] if e[0] < cut] for k in ("seg", "trend")},
+              {k: [e for e in batch[k] if e[0] >= cut] for k in ("seg", "trend")})
+    return [r for half in halves for r in population_records(half, limit)]
+
+
+def tombstone_key(key: bytes | None, name: str) -> str:
+    """The id a tombstone (null value) of ``items``/``users`` deletes: its key, under the id rules."""
+    k = None if key is None else decode_key(key)
+    if not k or len(k) > MAX_ID_CHARS or not k.isprintable():
+        raise ValueError(f"a tombstone (null value) needs the {name} as its key (UTF-8, at most {MAX_ID_CHARS} "
+                         "printable characters)")
+    return k
+
+
+class UserStage:
+    """Everything a user stage knows (the engine, its partitions' users, preferences, the catalog, the
+    erasure ledger) and the steps of a batch. ``clock`` gives wall-clock epoch seconds: only to reject
+    events from the future and to bound a restored watermark; model time comes from the events."""
+
+    def __init__(self, settings: Settings, *, engine: Engine | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.settings = settings
+        self.topics = settings.topics
+        self.engine = engine or Engine(settings.engine_config(), cooc="remote", population="remote")
+        if self.engine.cooc_mode != "remote":
+            raise ValueError("the user stage's engine must be built with cooc='remote' (the item stage learns the rows)")
+        self.clock = clock
+        self.pseudonymize = Pseudonymizer.from_settings(settings)
+        ledger_key = settings.state_key or settings.pseudonym_key
+        self.erasures = ErasureLedger(ledger_key.get_secret_value().encode() if ledger_key is not None else None)
+        self.catalog_ids: set[str] = set()  # items published on the items topic
+        self.unavailable: set[str] = set()  # catalog items marked unavailable (never published as neighbours)
+        self.ingest = Ingest(Limits(settings.max_event_bytes, settings.min_event_ts, settings.max_future_s,
+                                    settings.allow_unknown_types),
+                             Deduplicator(settings.dedupe_window_s, settings.dedupe_max_ids), self.pseudonymize,
+                             max_lateness_s=settings.max_lateness_s, max_skew_s=settings.max_clock_skew_s,
+                             known_item=self.catalog_ids.__contains__ if settings.unknown_items == "dlq" else None)
+        self.push_config = PushConfig(min_new_items=settings.push_min_new_items,
+                                      daily_cap=dict(settings.push_daily_cap),
+                                      repeat_window_s=settings.push_repeat_window_s,
+                                      ttl_s=settings.push_ttl_s, items_per_push=settings.push_items)
+        self.parts: dict[int, UserPartition] = {}  # per assigned events partition
+        self.prefs: dict[str, UserPrefs] = {}
+        self.experiment = experiment_from_settings(settings)
+        self.exp_name = self.experiment.name if self.experiment else self.push_config.campaign
+        #: the partition count of ``events`` (where an erased user's state lives), once known
+        self.events_partitions = 0
+
+    # ------------------------------------------------------------------ partitions
+    def part(self, partition: int) -> UserPartition:
+        part = self.parts.get(partition)
+        if part is None:
+            part = self.parts[partition] = UserPartition.new(partition, self.settings, self.push_config)
+        return part
+
+    def partition_state(self, partition: int) -> dict:
+        """Everything about one events partition's users, as a plain tree for its snapshot (items and users
+        topics are re-read from Kafka)."""
+        part = self.part(partition)
+        part.watermark = self.ingest.watermarks.get((self.topics.events, partition), float("-inf"))
+        return {"part": part.to_state(), "users": export_users(self.engine, part.users)}
+
+    def restore_partition(self, partition: int, state, arrays=(), where: str | None = None) -> None:
+        """Take a partition's state from its snapshot (``state``, ``arrays``), checked against the schema first
+        (:class:`~models.state_fields.StateError` when it does not fit; the stage is then unchanged)."""
+        where = where or f"partition {partition}"
+        tree = state if isinstance(state, dict) else {}
+        part = UserPartition.new(partition, self.settings, self.push_config)
+        part.restore_state(tree.get("part"), arrays, f"{where}: part")
+        users = users_from_state(tree.get("users"), arrays, f"{where}: users")
+        try:
+            import_users(self.engine, users)
+        except Exception as exc:  # checked above; whatever still fails leaves none of these users behind
+            for user_id in users["users"]:
+                self.engine.forget_user(user_id)
+            raise StateError(f"{where}: users: {type(exc).__name__}: {exc}") from None
+        for user_id in [u for u in set(users["users"]) | part.users if self.erasures.erased(u)]:
+            self.engine.forget_user(user_id)  # a snapshot from before the erasure: erasure wins
+            part.forget_user(user_id)
+        self.parts[partition] = part
+        if part.watermark > float("-inf"):  # never ahead of the clock (a snapshot of before the skew bound)
+            part.watermark = min(part.watermark, self.clock() + self.settings.max_clock_skew_s)
+            self.ingest.watermarks[(self.topics.events, partition)] = part.watermark
+
+    def drop(self, partitions: list[int]) -> None:
+        """Partitions leaving this stage: their users leave the engine."""
+        for p in partitions:
+            part = self.parts.pop(p, None)
+            if part is not None:
+                for user_id in part.users:
+                    self.engine.forget_user(user_id)
+            self.ingest.watermarks.pop((self.topics.events, p), None)
+
+    # ------------------------------------------------------------------ erasure
+    def forget(self, user_id: str) -> None:
+        """Remove the user from memory: model state, push state, preferences."""
+        self.engine.forget_user(user_id)
+        for part in self.parts.values():
+            part.forget_user(user_id)
+        self.prefs.pop(user_id, None)
+
+    def erase(self, user_id: str) -> bool:
+        """Erase for good: into the ledger, out of memory. Returns whether the user is new to the ledger (then
+        the shell deletes their keys and publishes :meth:`erasure_messages`)."""
+        new = self.erasures.add(user_id)
+        self.forget(user_id)
+        return new
+
+    def erasure_messages(self, user_id: str, raw_key: bytes | None) -> list[Message]:
+        """The ledger's record of an erasure, and the ``users`` tombstone of a ``forget`` event's key."""
+        out = [(self.topics.erasures, b"{}", self.erasures.digest(user_id).encode(), None)]
+        if raw_key is not None:
+            out.append((self.topics.users, None, raw_key, None))
+        return out
+
+    # ------------------------------------------------------------------ side topics
+    def apply_side(self, rec) -> SideOutcome:
+        """Apply one ``erasures``, ``items`` or ``users`` record. One that cannot be applied is a dead letter with
+        the reason, whatever the error: these topics are re-read whole at every start, so a record that raised
+        would stop every worker at every restart."""
+        if rec.topic == self.topics.erasures:
+            if self.erasures.apply_record(rec.key):
+                return SideOutcome()
+            return SideOutcome(dead=DeadLetter(rec.value, rec.key, "bad erasures record: the key is not an "
+                                               "erasure digest", rec.topic, rec.partition, rec.offset,
+                                               code="bad_erasures_record"))
+        items = rec.topic == self.topics.items
+        try:
+            erase = self._apply_item(rec) if items else self._apply_user(rec)
+        except Exception as exc:  # a ValueError says what is wrong; any other type is a bug, never fatal here
+            if isinstance(exc, ValueError):
+                reason = str(exc)
+            else:
+                reason = f"cannot be applied ({type(exc).__name__})"
+                log.error("%s record at partition %d offset %d cannot be applied", rec.topic, rec.partition,
+                          rec.offset, exc_info=not isinstance(exc, RecursionError))
+            kind = "items" if items else "users"
+            return SideOutcome(dead=DeadLetter(rec.value, rec.key, f"bad {kind} record: {reason}", rec.topic,
+                                               rec.partition, rec.offset, code=f"bad_{kind}_record"))
+        if erase is None:
+            return SideOutcome()
+        partition = (kafka_partition(rec.key.decode("utf-8", "replace"), self.events_partitions)
+                     if self.events_partitions else None)
+        return SideOutcome(erase=erase, partition=partition)
+
+    def _apply_item(self, rec) -> None:
+        """An ``items`` record checked (:func:`models.catalog.parse_item`) and applied; a tombstone deletes."""
+        if rec.value is None:
+            item_id = tombstone_key(rec.key, "item_id")
+            self.engine.remove_item(item_id)
+            self.catalog_ids.discard(item_id)
+            self.unavailable.add(item_id)
+            return None
+        item = parse_item(rec.value, rec.key)
+        self.engine.upsert_item(item)
+        item_id = item["item_id"]
+        self.catalog_ids.add(item_id)
+        if item["available"]:
+            self.unavailable.discard(item_id)
+        else:
+            self.unavailable.add(item_id)
+        return None
+
+    def _apply_user(self, rec) -> str | None:
+        """A ``users`` record checked (key = user_id, compared raw) and applied; for a tombstone, the
+        (pseudonymous) id to erase."""
+        if rec.value is None:
+            return self.pseudonymize(tombstone_key(rec.key, "user_id"))
+        prefs = UserPrefs.parse(rec.value, rec.key)
+        prefs = replace(prefs, user_id=self.pseudonymize(prefs.user_id))
+        if not self.erasures.erased(prefs.user_id):  # an erased id stays erased: a person who returns gets a new one
+            self.prefs[prefs.user_id] = prefs
+        return None
+
+    # ------------------------------------------------------------------ the batch
+    def learn(self, by_partition: Mapping[int, list], now: float, cooc_partitions: int) -> Learned:
+        """Ingest and learn the records of each events partition (in offset order); ``now``: wall-clock
+        seconds (for events from the future). ``forget`` events erase at once: a later event of the batch is
+        not learned."""
+        out = Learned()
+        for partition, recs in by_partition.items():
+            part = self.part(partition)
+            self.ingest.dedupe = part.dedupe  # event ids are deduplicated per partition (a user's events share one)
+            result = self.ingest.accept(recs, now)
+            out.records[partition] = len(recs)
+            out.duplicates += result.duplicates
+            out.dead += result.dead
+            learned: list[int] = []  # offsets of the events learned, in order
+            base = self.engine.n_learned
+            chunk: list[Event] = []
+            for e, offset in zip(result.events, result.offsets):
+                if e.type == "forget":
+                    self._learn(chunk)
+                    chunk = []
+                    if self.erasures.add(e.user_id):
+                        out.erased.append((e.user_id, partition, next(r.key for r in recs if r.offset == offset)))
+                    self.forget(e.user_id)
+                    out.touched.pop(e.user_id, None)
+                    continue
+                if self.erasures and not self.engine.known_user(e.user_id) and self.erasures.erased(e.user_id):
+                    out.erased_events += 1  # erased for good: never learned again
+                    continue
+                chunk.append(e)
+                learned.append(offset)
+                part.touch(e.user_id)
+                if e.type in FEEDBACK_TYPES:
+                    part.experiments.observe(e)
+                if e.ts > out.touched.get(e.user_id, (float("-inf"),))[0]:
+                    out.touched[e.user_id] = (e.ts, partition)
+            self._learn(chunk)
+            out.n_ok += len(result.events)
+            out.cooc += self.cooc_messages(partition, base, learned, cooc_partitions)
+        return out
+
+    def _learn(self, events: list[Event]) -> None:
+        if events:
+            self.engine.learn_many(events)
+
+    def cooc_messages(self, partition: int, base: int, offsets: list[int], cooc_partitions: int) -> list[Message]:
+        """The engine's co-occurrence updates of one events partition, one ``cooc`` record per owner, and its
+        population entries in one record for the learner; sequence numbers are the events' offsets."""
+        headers = [("source", str(partition).encode())]
+        out = []
+        seq_of = np.asarray(offsets, np.int64)
+        deltas = self.engine.drain_pair_deltas()
+        if deltas is not None:
+            n = cooc_partitions
+            deltas = deltas.with_seq(seq_of, base)
+            # every owner gets a record: the item occurrences in it are everyone's (popularity, lift)
+            out += [(self.topics.cooc, piece.to_bytes(), None, headers, p)
+                    for p, part in enumerate(deltas.split(lambda i: owner(i, n), n))
+                    for piece in part.pieces(COOC_RECORD_UPDATES)]
+        population = self.engine.drain_population()
+        if population is not None:  # segment samples and trend entries: to the learner, on partition 0
+            for entry in population["seg"] + population["trend"]:
+                entry[0] = int(seq_of[entry[0] - base])
+            out += [(self.topics.cooc, raw, None, headers + [("kind", POPULATION_KIND)], POPULATION_PARTITION)
+                    for raw in population_records(population)]
+        return out
+
+    def wanted_items(self, users) -> Iterator[str]:
+        """The items whose neighbour rows ranking ``users`` reads (to make current before :meth:`rank`)."""
+        return (i for u in users for i in self.engine.query_items(u))
+
+    def rank(self, learned: Learned, now: float) -> Ranked:
+        """Rank every user the batch touched, decide their pushes (at the user's event time), count the sends,
+        drain the experiment counts changed, and evict idle users (memory, not the store)."""
+        out = Ranked()
+        push = self.settings.push_enabled
+        for user_id, (user_ts, partition) in learned.touched.items():
+            variant, recs, doc = self.ranked(user_id, now)
+            out.segments[user_id] = doc["segment"]
+            out.docs.append(doc)
+            if push:
+                prefs = self.prefs.get(user_id)
+                if prefs is not None:
+                    part = self.parts[partition]
+                    sent = part.push.decide(prefs, recs, now=user_ts, variant=variant, title=self.engine.title)
+                    part.experiments.record_sends(sent)
+                    out.pushes += sent
+        for p, n in learned.records.items():  # idle users and the least recent past the cap leave memory
+            if p in self.parts:
+                out.evicted += len(self.parts[p].evict(self.engine, self.ingest.watermarks.get((self.topics.events, p)),
+                                                       n, self.settings))
+        out.experiments = {seg: c for part in self.parts.values() for seg, c in part.experiments.drain_changed().items()}
+        return out
+
+    def ranked(self, user_id: str, now: float) -> tuple[str | None, list, dict]:
+        """A user's experiment variant, recommendations (with its variant's ranker settings) and the
+        ``recs`` document written for them (``generated_at``: ``now``)."""
+        variant = self.experiment.assign(user_id) if self.experiment else None
+        recs = self.engine.recommend(user_id, n=self.settings.top_n,
+                                     overrides=self.experiment.overrides.get(variant) if variant else None)
+        doc = {"user_id": user_id,
+               "items": [{"item_id": item, "score": round(score, 6), "reason": reason} for item, score, reason in recs],
+               "segment": self.engine.segment(user_id), "generated_at": now,
+               "model_version": self.settings.model_version}
+        return variant, recs, doc
+
+    def push_messages(self, pushes: list[PushMessage]) -> list[Message]:
+        return [(self.topics.push, orjson.dumps(m.to_dict()), m.user_id.encode(), None) for m in pushes]
+
+    # ------------------------------------------------------------------ the population and the store's loss
+    def load_population(self, got: dict) -> dict[str, int | None]:
+        """Take the population model read from the store (:meth:`~stream.store.Store.read_population`); returns
+        the segments of the users it assigned one for the first time (to write)."""
+        assigned = self.engine.load_population(got["model"], got["trending"], got["at"], got["momentum"])
+        for user_id in assigned:
+            for part in self.parts.values():
+                if user_id in part.users:
+                    part.touch(user_id)
+        return {u: self.engine.segment(u) for u in assigned}
+
+    def users_to_rematerialise(self, partitions) -> list[tuple[int, str]]:
+        """The users of ``partitions`` whose keys are to be written again after the store lost its data: all but
+        those whose keys had expired anyway (no event for ``recs_ttl_s`` before their partition's newest event)."""
+        out = []
+        for p in partitions:
+            part = self.parts.get(p)
+            if part is None:
+                continue
+            users = list(part.users)
+            newest = self.ingest.watermarks.get((self.topics.events, p))
+            expired = (set(self.engine.stale_users(users, newest, self.settings.recs_ttl_s))
+                       if newest is not None and users else ())
+            out += [(p, u) for u in users if u not in expired]
+        return out
+
+    def still_held(self, partition: int, user_id: str) -> bool:
+        """Whether a user is still this stage's to write (not erased, evicted or moved since)."""
+        part = self.parts.get(partition)
+        return (part is not None and user_id in part.users and self.engine.known_user(user_id)
+                and not (self.erasures and self.erasures.erased(user_id)))
+
+    def experiment_counts(self, partitions) -> dict[Segment, Counts]:
+        """Every experiment segment's counts of ``partitions`` (to write again whole)."""
+        return {seg: c for p in partitions if p in self.parts for seg, c in self.parts[p].experiments.counts().items()}

@@ -1,0 +1,172 @@
+"""The whole stream without a broker or Redis: both stages' batches, end to end, on the in-memory store.
+
+The user stage's batch is the worker's own (:meth:`stream.worker.Worker.process`), with its producer a list
+and its store a :class:`~stream.store.MemoryStore`; the ``cooc`` records it produces are applied by the item
+stage (:class:`~stream.item_stage.ItemStage`, publishing to the same store), whose rows the user stage then
+ranks with. What a person would check is asserted: the recommendations in the store, the push message, the
+dead letter, the experiment counts, the erasure. No server runs (``pytest -m "not integration"``).
+"""
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import orjson
+import pytest
+
+from models.experiments import kafka_partition
+from stream.core.user_stage import Record
+from stream.item_stage import ItemStage
+from stream.neighbour_cache import NeighbourCache
+from stream.settings import Settings
+from stream.store import MemoryStore, keys_for
+from stream.worker import Worker
+
+T0 = 1_732_460_000.0  # 2024-11-24 14:53 UTC: outside quiet hours
+N_EVENTS, N_COOC = 6, 4
+CATALOG = [{"item_id": f"sku-{i}", "title": f"Product {i}", "category": "shoes" if i < 6 else "hats",
+            "tags": [], "price": 10.0 + i, "available": True} for i in range(12)]
+
+
+class _Producer:
+    """What the worker produced, in order: (topic, value, key, headers, partition)."""
+
+    def __init__(self):
+        self.sent: list[tuple] = []
+
+    async def send(self, topic, value, key=None, headers=None, partition=None):
+        self.sent.append((topic, value, key, headers, partition))
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    def take(self, topic: str) -> list[tuple]:
+        out = [m for m in self.sent if m[0] == topic]
+        self.sent = [m for m in self.sent if m[0] != topic]
+        return out
+
+
+class Pipeline:
+    """A user stage and an item stage wired to one in-memory store and a list for a producer: the I/O that
+    ``Worker.run`` sets up, without Kafka or Redis."""
+
+    def __init__(self, settings: Settings):
+        self.s = settings
+        self.store = MemoryStore(keys_for(settings), settings.recs_ttl_s)
+        self.worker = w = Worker(settings, store=self.store, clock=lambda: T0 + 3600)
+        w._producer = self.producer = _Producer()
+        w._cache = NeighbourCache(self.store, capacity=1000, max_age_s=0.0, partitions=N_COOC)
+        w._cooc_partitions, w.core.events_partitions = N_COOC, N_EVENTS
+        w._owned = set(range(N_EVENTS))
+        self.items = ItemStage(settings, w.engine.config, self.store, eligible=lambda i: i not in w.core.unavailable)
+        for p in range(N_COOC):
+            self.items.core.take(p)
+        self.offsets: dict[int, int] = {}
+
+    def side(self, topic: str, key: str, value: dict | None) -> None:
+        rec = Record(topic, 0, 0, key.encode(), None if value is None else orjson.dumps(value))
+        assert self.worker.core.apply_side(rec).dead is None
+
+    def record(self, event: dict | bytes, user: str) -> Record:
+        p = kafka_partition(user, N_EVENTS)
+        offset = self.offsets.get(p, 0)
+        self.offsets[p] = offset + 1
+        value = event if isinstance(event, bytes) else orjson.dumps(event)
+        return Record(self.s.topics.events, p, offset, user.encode(), value, timestamp=int(T0 * 1000))
+
+    async def batch(self, records: list[Record]) -> None:
+        """One user-stage batch, then the item stage applies its ``cooc`` records and publishes."""
+        await self.worker.process(records)
+        for topic, value, key, headers, partition in self.producer.take(self.s.topics.cooc):
+            assert self.items.core.apply(partition, [Record(topic, partition, 0, key, value, headers=tuple(headers))]) == []
+        await self.items.publish(force=True)
+
+    async def close(self) -> None:
+        await self.items.consumer.stop()
+
+
+def ev(n: int, user: str, item: str | None, t: float, typ: str = "click", **extra) -> dict:
+    return {"event_id": f"e-{user}-{n}", "user_id": user, "item_id": item, "type": typ, "ts": t, **extra}
+
+
+@pytest.fixture
+async def pipeline():
+    s = Settings(http_port=None, experiment={"name": "exp1", "variants": {"A": 1, "B": 1}})
+    p = Pipeline(s)
+    for item in CATALOG:
+        p.side(s.topics.items, item["item_id"], item)
+    for user in ("alice", "bob"):
+        p.side(s.topics.users, user, {"user_id": user, "consent": {"email": True}, "timezone": "UTC",
+                                      "quiet_hours": None})
+    yield p
+    await p.close()
+
+
+async def _crowd(p: Pipeline) -> None:
+    """Other users build co-occurrence: sku-1 goes with sku-2 and sku-3."""
+    await p.batch([p.record(ev(k, f"crowd{i}", item, T0 + i), f"crowd{i}")
+                   for i in range(8) for k, item in enumerate(("sku-1", "sku-2", "sku-3"))])
+
+
+async def test_an_event_becomes_recommendations_a_push_and_trending_in_the_store(pipeline):
+    p = pipeline
+    await _crowd(p)
+    assert [n["item_id"] for n in await p.store.similar("sku-1")][:2] in (["sku-2", "sku-3"], ["sku-3", "sku-2"])
+    assert await p.store.trending() != []  # the population learner (cooc partition 0) published
+    await p.batch([p.record(ev(1, "alice", "sku-1", T0 + 100), "alice")])
+    doc = orjson.loads(await p.store.recs("alice"))
+    assert {i["item_id"] for i in doc["items"][:2]} == {"sku-2", "sku-3"}, doc
+    assert all(i["reason"] for i in doc["items"])
+    (push,) = [orjson.loads(m[1]) for m in p.producer.take(p.s.topics.push)]
+    assert push["user_id"] == "alice" and push["channel"] == "email" and push["variant"] in ("A", "B")
+    assert push["items"][0]["item_id"] in ("sku-2", "sku-3")
+    assert p.worker.stats.events_ok == 25 and p.worker.stats.pushes == 1
+
+
+async def test_feedback_on_a_push_counts_for_its_variant(pipeline):
+    p = pipeline
+    await _crowd(p)
+    await p.batch([p.record(ev(1, "alice", "sku-1", T0 + 100), "alice")])
+    (push,) = [orjson.loads(m[1]) for m in p.producer.take(p.s.topics.push)]
+    context = {k: push[k] for k in ("message_id", "campaign", "channel", "variant")}
+    await p.batch([p.record(ev(2, "alice", push["items"][0]["item_id"], T0 + 200, "push_click", context=context),
+                            "alice")])
+    counts = await p.store.read_experiment("exp1")
+    assert sum(c.sent for c in counts.values()) == 1 and sum(c.clicks for c in counts.values()) == 1
+    assert {s.variant for s, c in counts.items() if c.clicks} == {push["variant"]}
+
+
+async def test_a_bad_record_goes_to_the_dead_letter_topic_and_the_batch_goes_on(pipeline):
+    p = pipeline
+    await p.batch([p.record(b"{not json", "bob"), p.record(ev(1, "bob", "sku-4", T0 + 10), "bob")])
+    (dead,) = p.producer.take(p.s.topics.dlq)
+    assert dead[1] == b"{not json" and dict(dead[3])["reason_code"] == b"not_json"
+    assert await p.store.recs("bob") is not None
+
+
+async def test_a_forget_event_erases_the_user_for_good(pipeline):
+    p = pipeline
+    await _crowd(p)
+    await p.batch([p.record(ev(1, "alice", "sku-1", T0 + 100), "alice")])
+    assert await p.store.recs("alice") is not None
+    await p.batch([p.record(ev(2, "alice", None, T0 + 110, "forget"), "alice")])
+    assert await p.store.recs("alice") is None and await p.store.segment("alice") is None
+    ledger = p.producer.take(p.s.topics.erasures)
+    assert len(ledger) == 1 and ledger[0][2] == p.worker.core.erasures.digest("alice").encode()
+    assert [(m[1], m[2]) for m in p.producer.take(p.s.topics.users)] == [(None, b"alice")]  # the users tombstone
+    await p.batch([p.record(ev(3, "alice", "sku-2", T0 + 120), "alice")])  # a late event: never learned
+    assert await p.store.recs("alice") is None and not p.worker.engine.known_user("alice")
+    assert p.worker.stats.erased_events == 1 and p.worker.stats.erased_users == 1
+    assert "alice" not in p.worker.core.prefs
+
+
+def test_the_stream_core_and_the_store_interface_import_no_kafka_or_redis():
+    """The pure core (``stream/core``), the store interface and the in-memory store run without a broker
+    library: importing them loads neither aiokafka nor redis."""
+    code = ("import sys, importlib, pkgutil, stream.core\n"
+            "for m in pkgutil.iter_modules(stream.core.__path__): importlib.import_module('stream.core.' + m.name)\n"
+            "import stream.store, stream.store.memory, stream.neighbour_cache\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'aiokafka', 'kafka', 'redis', 'faust', 'aiohttp'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
