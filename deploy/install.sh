@@ -62,8 +62,8 @@ say "fetching the Kafka jars (deploy/pom.xml)"
 (cd "$ROOT" && "$PYTHON" -c '
 import logging
 logging.basicConfig(level=logging.INFO, format="[install] %(message)s")
-from stream.local import fetch_kafka_jars
-from stream.settings import load
+from infogap.stream.tools.local import fetch_kafka_jars
+from infogap.stream.settings import load
 fetch_kafka_jars(load())
 ')
 say "done; start the local servers with: infogap up"

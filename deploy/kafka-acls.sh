@@ -1,5 +1,5 @@
 #!/usr/bin/env sh
-# infogap's Kafka ACLs (stream/acls.py): who may read and write which topic, for the topic prefix and
+# infogap's Kafka ACLs (stream/tools/acls.py): who may read and write which topic, for the topic prefix and
 # consumer group of the environment (INFOGAP_TOPIC_PREFIX, INFOGAP_CONSUMER_GROUP).
 #
 #   deploy/kafka-acls.sh plan                      # the grants, nothing sent (--format kafka-acls: as
@@ -16,5 +16,5 @@
 # The broker must run an authorizer (KRaft: authorizer.class.name=
 # org.apache.kafka.metadata.authorizer.StandardAuthorizer) with allow.everyone.if.no.acl.found=false.
 set -eu
-here=$(CDPATH= cd -- "$(dirname -- "$0")/.." && pwd)
-PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" exec "${PYTHON:-python3}" -m stream.acls "$@"
+# Needs the package installed (deploy/install.sh, or pip install . in the repository).
+exec "${PYTHON:-python3}" -m infogap.stream.tools.acls "$@"

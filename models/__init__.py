@@ -4,7 +4,7 @@
 >>> Engine(EngineConfig(top_n=5)).recommend("nobody")
 []
 """
-from models.engine import DEFAULT_EVENT_WEIGHTS, Engine, EngineConfig, warm_up
-from models.ranker import Neighbour, Recommendation
+from infogap.models.engine import DEFAULT_EVENT_WEIGHTS, Engine, EngineConfig, warm_up
+from infogap.models.ranker import Neighbour, Recommendation
 
 __all__ = ["DEFAULT_EVENT_WEIGHTS", "Engine", "EngineConfig", "Neighbour", "Recommendation", "warm_up"]

@@ -32,8 +32,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import orjson
 
-from models.events import json_type
-from models.scratch import memo_of
+from infogap.models.events import json_type
+from infogap.models.scratch import memo_of
 
 #: At most this many features (category first, then tags) are kept per item.
 MAX_ITEM_FEATURES = 8
@@ -82,7 +82,7 @@ def parse_item(raw: bytes | bytearray | memoryview, key: bytes | None) -> dict:
     >>> parse_item(b'{"item_id": "a"}', b"b")
     Traceback (most recent call last):
     ...
-    models.catalog.InvalidItem: the record key is not the item's 'item_id'; produce items with key=item_id
+    infogap.models.catalog.InvalidItem: the record key is not the item's 'item_id'; produce items with key=item_id
     """
     item = validate_item(load_record(raw, MAX_ITEM_RECORD_BYTES, InvalidItem))
     if key is None:
@@ -154,7 +154,7 @@ def validate_item(doc: object) -> dict:
     >>> validate_item({"item_id": "a", "available": "false"})
     Traceback (most recent call last):
     ...
-    models.catalog.InvalidItem: field 'available' must be true or false, got a string
+    infogap.models.catalog.InvalidItem: field 'available' must be true or false, got a string
     """
     if not isinstance(doc, Mapping):
         raise InvalidItem(f"an items record must be a JSON object, got {json_type(doc)}")
@@ -289,7 +289,7 @@ class Catalog:
         """The rows of ``item_ids``, which another process numbers ``numbers`` in its numbering ``numbering``.
 
         That numbering must be append-only (a number always means the same item), like the rows of a
-        :class:`~models.cooc_shard.CoOccurrenceShard` object; a new object gets a new ``numbering``.
+        :class:`~infogap.models.cooc_shard.CoOccurrenceShard` object; a new object gets a new ``numbering``.
         Numbers seen before map in one numpy take, the ids of only the others are looked up. That
         makes re-reading a row of hundreds of neighbours cheap.
 

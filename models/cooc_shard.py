@@ -1,7 +1,7 @@
 """Sharded co-occurrence: the deltas a user stage emits, and the item-side shard that learns from them.
 
 In the partitioned stream, a user's history lives with the user (partitioned by ``user_id``), but
-item-item rows live with the item (partitioned by ``item_id``). An :class:`~models.engine.Engine`
+item-item rows live with the item (partitioned by ``item_id``). An :class:`~infogap.models.engine.Engine`
 built with ``cooc="remote"`` does not update co-occurrence itself: it records every slot update
 it would have made, unscaled and with its event's time, as :class:`PairDeltas`. The stream splits
 them by the owner of each row (:meth:`PairDeltas.split`), and each owner applies its part to a
@@ -37,9 +37,9 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
-from models.cooccurrence import _SHIFT, CoOccurrence
-from models.ranker import Neighbour
-from models.state_fields import StateError, check, encode_float
+from infogap.models.cooccurrence import _SHIFT, CoOccurrence
+from infogap.models.ranker import Neighbour
+from infogap.models.state_fields import StateError, check, encode_float
 
 _new = tuple.__new__  # a NamedTuple without its keyword-handling constructor
 
@@ -222,7 +222,7 @@ class PairDeltas:
 class CoOccurrenceShard:
     """The co-occurrence rows of the items one stream partition owns, learned from :class:`PairDeltas`.
 
-    Parameters are those of :class:`~models.cooccurrence.CoOccurrence`. ``sources`` holds, per
+    Parameters are those of :class:`~infogap.models.cooccurrence.CoOccurrence`. ``sources`` holds, per
     source, the highest ``seq`` applied (updates at or below it are skipped).
     """
 
@@ -240,20 +240,20 @@ class CoOccurrenceShard:
 
     @classmethod
     def for_engine(cls, config) -> CoOccurrenceShard:
-        """A shard with an :class:`~models.engine.EngineConfig`'s co-occurrence settings."""
+        """A shard with an :class:`~infogap.models.engine.EngineConfig`'s co-occurrence settings."""
         return cls(n_neighbours=config.n_neighbours, half_life_days=config.cooc_half_life_days,
                    evict_fraction=config.evict_fraction, pop_exponent=config.pop_exponent,
                    door_bits=config.door_bits, evict_sym_weight=config.sym_weight)
 
     def to_state(self) -> dict:
-        """The shard as a plain tree for a snapshot (:mod:`models.state_fields`)."""
+        """The shard as a plain tree for a snapshot (:mod:`infogap.models.state_fields`)."""
         return {"co": self.co.to_state(), "ids": self._ids, "sources": [[s, n] for s, n in self.sources.items()],
                 "t0": None if self.t0 is None else encode_float(self.t0), "now": encode_float(self.now),
                 "n_occurrences": self.n_occurrences}
 
     @classmethod
     def from_state(cls, state, arrays=(), where: str = "cooc shard") -> CoOccurrenceShard:
-        """Rebuild from :meth:`to_state`; :class:`~models.state_fields.StateError` if it does not fit.
+        """Rebuild from :meth:`to_state`; :class:`~infogap.models.state_fields.StateError` if it does not fit.
 
         >>> s = CoOccurrenceShard(n_neighbours=8, door_bits=0)
         >>> s.apply(PairDeltas.from_bytes(_example().to_bytes()), source=0)
@@ -328,7 +328,7 @@ class CoOccurrenceShard:
 
     def similar(self, item_id: str, n: int = 10, min_support: int = 2,
                 eligible: Callable[[str], bool] | None = None) -> list[Neighbour]:
-        """Published neighbours of an owned item, as :meth:`models.engine.Engine.similar` gives them."""
+        """Published neighbours of an owned item, as :meth:`infogap.models.engine.Engine.similar` gives them."""
         r = self._rows.get(item_id)
         if r is None or n <= 0:
             return []
@@ -348,11 +348,11 @@ class CoOccurrenceShard:
         return out
 
     def export_row(self, item_id: str) -> dict | None:
-        """Row of an owned item for a read-side copy (:meth:`models.engine.Engine.load_rows`).
+        """Row of an owned item for a read-side copy (:meth:`infogap.models.engine.Engine.load_rows`).
 
         Decayed values are as of ``t`` (the newest event time applied), not of a reference time.
         ``numbers`` are the neighbours' rows in this shard: they only grow, so a reader can translate
-        them once (:meth:`models.catalog.Catalog.translated`) instead of looking every id up again.
+        them once (:meth:`infogap.models.catalog.Catalog.translated`) instead of looking every id up again.
         """
         r = self._rows.get(item_id)
         if r is None:

@@ -31,7 +31,7 @@ addition and values of different ages compare directly; reading multiplies by
 
 **Bounded memory.** A full row that must take a new neighbour first evicts its weakest
 ``evict_fraction`` of slots (by their damped scoring weights, as the ranker sees them), so memory
-is ``O(n_items * M)`` plus a compiled hash index of the live slots (:mod:`models.slot_table`),
+is ``O(n_items * M)`` plus a compiled hash index of the live slots (:mod:`infogap.models.slot_table`),
 whatever the number of distinct pairs. A pair's first sighting only opens an admission "door" (a
 fixed-size bit array), so one-off pairs do not push real neighbours out. A compiled kernel applies
 the updates one by one in event order, so a batch gives exactly the state of the same events one at
@@ -50,9 +50,9 @@ import math
 import numpy as np
 from numba import njit
 
-from models.slot_table import COUNT as LIVE_KEYS
-from models.slot_table import GOLDEN, SlotTable, delete, find, home_slot, insert
-from models.state_fields import Array, StateError, array, put, take
+from infogap.models.slot_table import COUNT as LIVE_KEYS
+from infogap.models.slot_table import GOLDEN, SlotTable, delete, find, home_slot, insert
+from infogap.models.state_fields import Array, StateError, array, put, take
 
 _SHIFT = 32
 _MASK = (1 << _SHIFT) - 1
@@ -172,7 +172,7 @@ class CoOccurrence:
             state["raw_total"], state["raw_pair_total"] = 0.0, math.nan
         self.__dict__.update(state)
 
-    #: what a snapshot holds (:mod:`models.state_fields`); the slot index goes apart, as its two arrays
+    #: what a snapshot holds (:mod:`infogap.models.state_fields`); the slot index goes apart, as its two arrays
     STATE = {"n_neighbours": int, "half_life_days": (float, type(None)), "evict_fraction": float,
              "pop_exponent": float, "door_bits": int, "evict_sym_weight": float, "capacity": int,
              "_door": Array(np.dtype(bool), 1), "lam": float, "block": Array(np.dtype(np.int32), 1),
@@ -822,7 +822,7 @@ def _learn_one(cur, ts, w, scale, rating, mask, ring, hist_item, hist_ts, hist_w
                gap_tau_s, gap_floor, agree, boost, pair_total, block, nb, vals, sq, fill, free_pos, n_free, table, meta,
                door, door_bits, n_evict,
                evict_sym_weight):  # pragma: no cover - compiled; tested through learn_one
-    """One event's slot updates, applied as far as :func:`_update` gets (see :func:`models.learn_core.learn_event`)."""
+    """One event's slot updates, applied as far as :func:`_update` gets (see :func:`infogap.models.learn_core.learn_event`)."""
     k = ring.size
     prev = np.empty(k, np.int64)
     prev_ts = np.empty(k)

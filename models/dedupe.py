@@ -15,7 +15,7 @@ from collections import deque
 
 import numpy as np
 
-from models.state_fields import Array, StateError, check, encode_float
+from infogap.models.state_fields import Array, StateError, check, encode_float
 
 
 class Deduplicator:

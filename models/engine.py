@@ -3,13 +3,13 @@
 It wires the pure models together, all keyed by dense rows (``Catalog`` for items,
 ``Profiles`` for users):
 
-- :class:`~models.profile.Profiles`: decayed behaviour vectors (items, categories/tags), RFM,
+- :class:`~infogap.models.profile.Profiles`: decayed behaviour vectors (items, categories/tags), RFM,
   bounded history, consumed items;
-- :class:`~models.cooccurrence.CoOccurrence`: decayed top-M item-item neighbours, directional and
+- :class:`~infogap.models.cooccurrence.CoOccurrence`: decayed top-M item-item neighbours, directional and
   symmetric, with support/confidence/lift;
-- :class:`~models.segments.Segmenter`: River KMeans segments with stable ids;
-- :class:`~models.trending.Trending`: global and per-segment decayed popularity;
-- :mod:`models.ranker`: the hybrid blend, filters, diversity and reasons.
+- :class:`~infogap.models.segments.Segmenter`: River KMeans segments with stable ids;
+- :class:`~infogap.models.trending.Trending`: global and per-segment decayed popularity;
+- :mod:`infogap.models.ranker`: the hybrid blend, filters, diversity and reasons.
 
 Time is the events' ``ts`` (epoch seconds); the engine's clock is the newest ``ts`` seen. There is
 no I/O, no clock read and no randomness. ``learn_many`` runs the same code as ``learn_one`` over
@@ -31,15 +31,15 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from models.catalog import Catalog
-from models.cooc_shard import CoOccurrenceShard, PairDeltas
-from models.cooccurrence import _MASK, _SHIFT, CoOccurrence, PairWeights
-from models.events import EVENT_TYPES, Event, as_event
-from models.learn_core import learn_event
-from models.population import segmenter_for, trending_for
-from models.profile import Profiles
-from models.ranker import Neighbour, Recommendation, query_tables, rank, settings_for
-from models.slot_table import SlotTable
+from infogap.models.catalog import Catalog
+from infogap.models.cooc_shard import CoOccurrenceShard, PairDeltas
+from infogap.models.cooccurrence import _MASK, _SHIFT, CoOccurrence, PairWeights
+from infogap.models.events import EVENT_TYPES, Event, as_event
+from infogap.models.learn_core import learn_event
+from infogap.models.population import segmenter_for, trending_for
+from infogap.models.profile import Profiles
+from infogap.models.ranker import Neighbour, Recommendation, query_tables, rank, settings_for
+from infogap.models.slot_table import SlotTable
 
 __all__ = ["DEFAULT_EVENT_WEIGHTS", "Engine", "EngineConfig", "Neighbour", "Recommendation", "warm_up"]
 
@@ -65,7 +65,7 @@ _Columns = tuple[list, list, list, list, list, list]
 
 
 def _columns(events: list) -> _Columns:
-    """Events (contract dicts or :class:`~models.events.Event`) as columns: a list per field is a tenth of
+    """Events (contract dicts or :class:`~infogap.models.events.Event`) as columns: a list per field is a tenth of
     the cost of building an ``Event`` per dict, and ``learn_many`` reads every field of every event."""
     if len(events) == 1 and type(events[0]) is dict:  # learn_one: a fifth of the cost of the lists below
         e = events[0]
@@ -125,7 +125,7 @@ class EngineConfig:
         fewer than ``new_item_max_events`` events, for users whose mix has that category.
     n_segments, segment_every, segment_step, segment_categories, segment_margin, seed
         River KMeans segments: updated on a user's 1st, 2nd, 4th, ... event and every
-        ``segment_every`` events (see :class:`~models.segments.Segmenter`).
+        ``segment_every`` events (see :class:`~infogap.models.segments.Segmenter`).
     trending_half_life_days
         Half-life of global and per-segment trending.
 
@@ -256,10 +256,10 @@ class Engine:
             if mode not in ("local", "remote"):
                 raise ValueError(f"{name} must be 'local' or 'remote', got {mode!r}")
         self.config = cfg
-        #: "remote": co-occurrence is learned elsewhere (see :mod:`models.cooc_shard`); this engine
+        #: "remote": co-occurrence is learned elsewhere (see :mod:`infogap.models.cooc_shard`); this engine
         #: emits its pair updates (:meth:`drain_pair_deltas`) and ranks with rows given to :meth:`load_rows`.
         self.cooc_mode = cooc
-        #: "remote": segment centers and trending are learned elsewhere (:mod:`models.population`); this
+        #: "remote": segment centers and trending are learned elsewhere (:mod:`infogap.models.population`); this
         #: engine emits samples (:meth:`drain_population`) and uses what :meth:`load_population` gives it.
         self.population_mode = population
         self._pop_seg: list[list] = []
@@ -293,7 +293,7 @@ class Engine:
 
     # ------------------------------------------------------------------ learning
     def learn_one(self, event: Event | Mapping) -> None:
-        """Learn from one event (a contract dict or an :class:`~models.events.Event`)."""
+        """Learn from one event (a contract dict or an :class:`~infogap.models.events.Event`)."""
         if event.__class__ is dict and self._learn_entry(event):
             return
         cols = _columns([event])
@@ -586,7 +586,7 @@ class Engine:
         """The segment samples and trend entries learned since the last call (``population="remote"``
         engines), or None: ``{"seg": [[seq, {category: share}, frequency, monetary, gap_days or None]],
         "trend": [[seq, item_id, segment, weight, ts]]}`` with ``seq`` as in :meth:`drain_pair_deltas`,
-        for :meth:`models.population.PopulationLearner.learn`."""
+        for :meth:`infogap.models.population.PopulationLearner.learn`."""
         if not self._pop_seg and not self._pop_trend:
             return None
         out = {"seg": self._pop_seg, "trend": self._pop_trend}
@@ -595,10 +595,10 @@ class Engine:
 
     def load_population(self, model: Mapping | None, trending: Mapping[int | None, list[tuple[str, float]]],
                         at: float, momentum: tuple[list[str], list[float]] | None = None) -> list[str]:
-        """Assign segments with ``model``'s centers (:meth:`models.population.PopulationLearner.model`)
+        """Assign segments with ``model``'s centers (:meth:`infogap.models.population.PopulationLearner.model`)
         and rank with ``trending`` (``{None: global, segment: ...}`` lists of ``(item_id, score at
         time at)``; items not listed score 0) and ``momentum`` (``(item ids, values at time at)``,
-        :meth:`~models.population.PopulationLearner.momentum`). For ``population="remote"`` engines.
+        :meth:`~infogap.models.population.PopulationLearner.momentum`). For ``population="remote"`` engines.
 
         The lists replace the engine's trending scores; until the next load, this engine's own events
         add to them as usual (so a new deployment's first users see what is trending at once, and
@@ -660,10 +660,10 @@ class Engine:
         return [ids(i) for i in items.tolist() if i >= 0]
 
     def load_rows(self, rows: Iterable[Mapping]) -> None:
-        """Take co-occurrence rows learned elsewhere (:meth:`models.cooc_shard.CoOccurrenceShard.export_row`).
+        """Take co-occurrence rows learned elsewhere (:meth:`infogap.models.cooc_shard.CoOccurrenceShard.export_row`).
 
         A row that also carries its sender's ``numbering`` and the neighbours' ``numbers`` in it has
-        them translated (:meth:`models.catalog.Catalog.translated`) instead of looked up by id.
+        them translated (:meth:`infogap.models.catalog.Catalog.translated`) instead of looked up by id.
         """
         co, cat = self._cooc, self._catalog
         pop_rows, pop_values, raw_values, sizes, factors, times = [], [], [], [], [], []
@@ -709,8 +709,8 @@ class Engine:
 
     def reserve_rows(self, n: int) -> None:
         """Room for ``n`` rows given to :meth:`load_rows`, taken at once: a cache that holds at most ``n``
-        (:class:`stream.neighbour_cache.NeighbourCache`) then never waits on the rows' arrays growing
-        (:meth:`models.cooccurrence.CoOccurrence.reserve_blocks`)."""
+        (:class:`infogap.stream.neighbour_cache.NeighbourCache`) then never waits on the rows' arrays growing
+        (:meth:`infogap.models.cooccurrence.CoOccurrence.reserve_blocks`)."""
         self._cooc.reserve_blocks(n)
 
     def _update_segment(self, u: int, ts: float, prev_ts: float, seq: int) -> None:
@@ -816,8 +816,8 @@ class Engine:
         ``explain=False`` skips building the reasons (they are then empty strings).
         ``overrides`` (an experiment variant's ranker settings, e.g. ``{"w_segment": 0.5}``) replace
         those config fields for this call only; keys outside
-        :data:`models.experiments.RANKER_OVERRIDES` raise ``ValueError``. The derived settings are
-        cached outside the engine's state (see :func:`models.ranker.settings_for`).
+        :data:`infogap.models.experiments.RANKER_OVERRIDES` raise ``ValueError``. The derived settings are
+        cached outside the engine's state (see :func:`infogap.models.ranker.settings_for`).
         """
         n = self.config.top_n if n is None else int(n)
         settings = settings_for(self, overrides) if overrides else None

@@ -85,7 +85,7 @@ class Limits:
 
     max_bytes: int = 16_384
     min_ts: float = 631_152_000.0  # 1990-01-01T00:00:00Z
-    max_future_s: float = 300.0  # minutes, not a day: a skewed clock must not pass (see stream.core.ingest)
+    max_future_s: float = 300.0  # minutes, not a day: a skewed clock must not pass (see infogap.stream.core.ingest)
     allow_unknown_types: bool = False
 
 

@@ -69,8 +69,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from models.events import Event, as_event
-from models.state_fields import StateError, check, decode_float, encode_float
+from infogap.models.events import Event, as_event
+from infogap.models.state_fields import StateError, check, decode_float, encode_float
 
 #: z of a two-sided 95 % interval.
 Z95 = 1.959963984540054
@@ -229,7 +229,7 @@ class Experiment:
 
 
 #: The ranker settings a variant may change per request (``Engine.recommend(..., overrides=...)``):
-#: the fields of ``EngineConfig`` that :mod:`models.ranker` reads at query time -> (type, low, high,
+#: the fields of ``EngineConfig`` that :mod:`infogap.models.ranker` reads at query time -> (type, low, high,
 #: low excluded). Everything else is fixed per engine because it is learned into the state: windows,
 #: decays and half-lives of the learning, ``pop_exponent`` (folded into the stored popularity
 #: normaliser ``ipop``), ``min_support`` (a privacy threshold, not a ranking knob).
@@ -638,7 +638,7 @@ class ExperimentMetrics:
         return user_id in self._touch or user_id in self._by_user
 
     def to_state(self) -> dict:
-        """The metrics as a plain tree for a snapshot (:mod:`models.state_fields`), messages as columns:
+        """The metrics as a plain tree for a snapshot (:mod:`infogap.models.state_fields`), messages as columns:
         every segment once, then per message its id, segment, user, time, flags and revenue."""
         seg_no: dict[Segment, int] = {}
 

@@ -1,6 +1,6 @@
 """One learned item event in one compiled call: its trending, occurrence, pairs and history entry.
 
-After :meth:`models.engine.Engine.learn_one` has updated the user's profile in Python, the rest
+After :meth:`infogap.models.engine.Engine.learn_one` has updated the user's profile in Python, the rest
 of an event that enters the user's history touches only arrays: the item's event count, its
 global, segment and momentum popularity (and their maxima), its occurrence count and popularity
 normaliser, the pairs with the user's recent items, and the ring-buffer entry. Done as five calls
@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from models.cooccurrence import _learn_one
-from models.scratch import forget_memo, scratch
+from infogap.models.cooccurrence import _learn_one
+from infogap.models.scratch import forget_memo, scratch
 
 
 @njit(cache=True, nogil=True)

@@ -2,15 +2,15 @@
 
 Users are partitioned across user stages, but a segment id must mean the same group of people on
 every worker (``ig:segment:{user}``, segment trending, push targeting), and trending must count
-every user's events. So each user stage (an :class:`~models.engine.Engine` with
+every user's events. So each user stage (an :class:`~infogap.models.engine.Engine` with
 ``population="remote"``) hands what it learns from to one :class:`PopulationLearner`:
 
 - a **segment sample** at each scheduled segment update: the user's category mix by name and
-  decayed RFM figures. The learner runs River's KMeans on them (:class:`~models.segments.Segmenter`).
+  decayed RFM figures. The learner runs River's KMeans on them (:class:`~infogap.models.segments.Segmenter`).
 - a **trend entry** per positive item event: item id, the user's segment, the type weight and time.
 
 The learner's model (centers and category slots by name) and trending lists go back to the user
-stages (:meth:`models.engine.Engine.load_population`), which then assign segments with those
+stages (:meth:`infogap.models.engine.Engine.load_population`), which then assign segments with those
 centers without learning. Entries carry a sequence number per source (the stream: the ``events``
 offset per partition), and the learner skips what it has applied, so a replay after a crash counts
 nothing twice. Item ids and category names cross the boundary, never engine-local rows.
@@ -33,10 +33,10 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from models.catalog import Catalog
-from models.segments import Segmenter
-from models.state_fields import StateError, check, encode_float
-from models.trending import Trending
+from infogap.models.catalog import Catalog
+from infogap.models.segments import Segmenter
+from infogap.models.state_fields import StateError, check, encode_float
+from infogap.models.trending import Trending
 
 #: Renormalise the stored trending scores before exp(lambda * (t - t0)) exceeds e ** 40.
 _RENORM_EXPONENT = 40.0
@@ -83,7 +83,7 @@ class PopulationLearner:
     Parameters
     ----------
     config
-        The user stages' :class:`~models.engine.EngineConfig` (segments, trending half-life).
+        The user stages' :class:`~infogap.models.engine.EngineConfig` (segments, trending half-life).
 
     Examples
     --------
@@ -108,7 +108,7 @@ class PopulationLearner:
         self.applied = 0
 
     def learn(self, batch: Mapping, source: int) -> int:
-        """Apply a user stage's entries (:meth:`models.engine.Engine.drain_population`, sequence numbers
+        """Apply a user stage's entries (:meth:`infogap.models.engine.Engine.drain_population`, sequence numbers
         increasing per source); entries at or below the source's high-water mark are skipped. Returns
         how many were applied."""
         return self.learn_checked(*check_batch(batch), source)  # all or nothing: a bad batch changes no state
@@ -164,7 +164,7 @@ class PopulationLearner:
             self.trend.add(items, segs, x, xm)
 
     def to_state(self) -> dict:
-        """The learner as a plain tree for a snapshot (:mod:`models.state_fields`): the segment centers by
+        """The learner as a plain tree for a snapshot (:mod:`infogap.models.state_fields`): the segment centers by
         category name, trending's scores, and the item ids and category names in their numbering."""
         names = self._names
         return {"model": self.segmenter.export_model(names.feature_name), "trend": self.trend.to_state(),
@@ -216,7 +216,7 @@ class PopulationLearner:
 
     # ------------------------------------------------------------------ reading
     def model(self) -> dict:
-        """Segment centers and category slots by name, for :meth:`models.engine.Engine.load_population`."""
+        """Segment centers and category slots by name, for :meth:`infogap.models.engine.Engine.load_population`."""
         return {**self.segmenter.export_model(self._names.feature_name), "applied": self.applied}
 
     def momentum(self) -> tuple[list[str], list[float]]:

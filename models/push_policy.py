@@ -27,8 +27,8 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
-from models.catalog import check_id, decode_key, json_type, load_record
-from models.state_fields import StateError, check
+from infogap.models.catalog import check_id, decode_key, json_type, load_record
+from infogap.models.state_fields import StateError, check
 
 CHANNELS = ("email", "app", "ads")
 #: A raw ``users`` record larger than this is refused before it is decoded.
@@ -248,7 +248,7 @@ class PushPolicy:
         """Messages to send now for ``prefs.user_id`` given their fresh top-N (may be empty).
 
         ``title`` names an item for the person who reads the message (e.g.
-        :meth:`models.engine.Engine.title`): each item then carries its ``title``, and the message's
+        :meth:`infogap.models.engine.Engine.title`): each item then carries its ``title``, and the message's
         reason names the first item by it instead of by its id.
         """
         if prefs is None or not recs:

@@ -1,12 +1,12 @@
 """The ranker in one compiled call: query weights, votes, candidates, blend, filters, picks, reasons' data.
 
-:func:`models.ranker.rank` used to spend more time between its kernels than in them: a dozen numpy
+:func:`infogap.models.ranker.rank` used to spend more time between its kernels than in them: a dozen numpy
 calls to weigh the recent items, a kernel call each for the votes, the top candidates, the pick and
 the reasons, the arrays passed between them, and for many requests a second round (too few voted
 candidates, or the category cap relaxed: the trending items join) or the content component of a
 user with few items. :func:`rank_core` does all of that in one call of :func:`_core`, built from the
-same kernels (:mod:`models.votes`, :mod:`models.selection`) in the order the module docstring of
-:mod:`models.ranker` describes. Only two things go back to Python: the trending lists, asked for
+same kernels (:mod:`infogap.models.votes`, :mod:`infogap.models.selection`) in the order the module docstring of
+:mod:`infogap.models.ranker` describes. Only two things go back to Python: the trending lists, asked for
 (and then passed in) when a request needs them, and the ids a request excludes, whose rows are
 blocked and the request run again when one was picked. The call that asks for the trending lists
 keeps the request's votes in scratch arrays, and the next call starts from them: on the synthetic
@@ -18,10 +18,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from models.cooccurrence import pair_lift
-from models.scratch import scratch
-from models.selection import _choose, _why
-from models.votes import MOMENTUM_RESOLUTION_S, _anchors, _dense, _MomentumMemo, _positions, _top, _votes
+from infogap.models.cooccurrence import pair_lift
+from infogap.models.scratch import scratch
+from infogap.models.selection import _choose, _why
+from infogap.models.votes import MOMENTUM_RESOLUTION_S, _anchors, _dense, _MomentumMemo, _positions, _top, _votes
 
 #: rows of the packed result (one float64 array, written into a buffer the thread reuses: a new array
 #: per request cost more to return than to fill); the whole numbers DOMINANT ... ANCHOR_TYPE side by

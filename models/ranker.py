@@ -10,7 +10,7 @@ scaled by ``pop(h) ** -e * pop(j) ** -e`` and by how close in time h is to the u
 ``q_dir`` decays fast and covers only the last ``query_dir_len`` items (the sequential "A then B"
 signal), ``q_sym`` decays slowly (the current taste); the square root damps very frequent pairs;
 ``e`` (``pop_exponent``) trades popularity for novelty; a ``momentum`` factor favours items whose
-recent popularity exceeds their long-run one (read at the hour: :data:`models.votes.MOMENTUM_RESOLUTION_S`).
+recent popularity exceeds their long-run one (read at the hour: :data:`infogap.models.votes.MOMENTUM_RESOLUTION_S`).
 The best ``3n + 10`` voted items are the candidates; when there are too few (new users, or too few
 categories for the diversity rule), the user's segment trending and the global trending add theirs.
 
@@ -30,11 +30,11 @@ A pair is cited only when its lift shows above 1 (:data:`REASON_MIN_LIFT`) and a
 the item, then its segment or global trend. Reads never change the engine.
 
 **Where it runs.** All of the above up to the picks and their reasons' data is one compiled call
-(:mod:`models.rank_core`); this module turns its picks into :class:`Recommendation` objects, adds the
+(:mod:`infogap.models.rank_core`); this module turns its picks into :class:`Recommendation` objects, adds the
 new-item slots and, when the picks run short, popular items, and writes the reasons.
 
 **Per-request settings.** :func:`settings_for` gives the query-time settings with an experiment
-variant's overrides applied (:data:`models.experiments.RANKER_OVERRIDES`), cached per engine and
+variant's overrides applied (:data:`infogap.models.experiments.RANKER_OVERRIDES`), cached per engine and
 overrides outside the engine's state, so ``rank(..., settings=...)`` costs the same as the default.
 """
 from __future__ import annotations
@@ -48,10 +48,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from models.events import EVENT_TYPES
-from models.experiments import validate_overrides
-from models.rank_core import ANCHOR_TYPE, DOMINANT, LIFT, SCORE, rank_core
-from models.selection import PARTS
+from infogap.models.events import EVENT_TYPES
+from infogap.models.experiments import validate_overrides
+from infogap.models.rank_core import ANCHOR_TYPE, DOMINANT, LIFT, SCORE, rank_core
+from infogap.models.selection import PARTS
 
 
 class Recommendation(NamedTuple):
@@ -97,7 +97,7 @@ _VERBS = {"purchase": ("bought", "bought"), "add_to_cart": ("bought", "put in yo
 
 #: By event type code: the verb of "<verb> together with X".
 _TOGETHER = tuple(_VERBS.get(t, ("chosen", "chose"))[0] for t in EVENT_TYPES)
-#: The dominant part's codes (:data:`models.selection.PARTS`).
+#: The dominant part's codes (:data:`infogap.models.selection.PARTS`).
 _COOC, _SEGMENT, _GLOBAL = (PARTS.index(p) for p in ("cooc", "segment", "global"))
 
 
@@ -291,7 +291,7 @@ def _cold(engine, n: int, excl) -> list[Recommendation]:
 
 def _explain(engine, cfg, u: int, picked: list[int], picks: list[int], packed: np.ndarray) -> list[Recommendation]:
     """The recommendations ``picked``, with their reasons: from the reasons' data that
-    :func:`models.rank_core.rank_core` packed for its ``picks`` (the component that contributed most,
+    :func:`infogap.models.rank_core.rank_core` packed for its ``picks`` (the component that contributed most,
     the history item behind the votes), or for items added after it (new items, popular fill, score
     0) from their catalog data."""
     cat = engine._catalog

@@ -2,7 +2,7 @@
 
 Given the candidate rows (sorted) and their neighbour votes, one compiled call blends the scores
 (``w_cooc * votes / max(votes) + segment trending + global trending + extra``, added in that order,
-as :mod:`models.ranker` documents), orders the candidates best first (ties: the lower row), and walks
+as :mod:`infogap.models.ranker` documents), orders the candidates best first (ties: the lower row), and walks
 them keeping what the user may get: not had, not blocked, available, at most ``cap`` per category.
 When the cap leaves fewer than ``n``, the capped items fill the rest and ``relaxed`` says so.
 
@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
-from models.scratch import scratch
+from infogap.models.scratch import scratch
 
 #: marks over the catalog (all zero at rest; the kernel leaves them so)
 _HAD, _BLOCKED = 1, 2
@@ -174,7 +174,7 @@ def why(sel: np.ndarray, cand: np.ndarray, votes: np.ndarray, w_cooc: float, seg
     """For the picked candidates ``cand[sel]`` (components as :func:`choose` takes them): the index in
     :data:`PARTS` of the component that contributed most to each (the first of equals; -1 when none
     did), and for those the votes made, the recent history item that voted most (``anchor``: each
-    pick's from :meth:`models.votes.Votes.anchors`, ``items``/``types``: the history newest first) as
+    pick's from :meth:`infogap.models.votes.Votes.anchors`, ``items``/``types``: the history newest first) as
     ``{row: (history item, pair count, lift, its newest event type code)}``."""
     dom, a_row, count, n_pair, a_type = _why(sel, cand, votes, float(w_cooc), seg_row, float(w_seg), glob,
                                              float(w_glob), extra, anchor, items, types, cooc.n_neighbours,

@@ -3,7 +3,7 @@
 Open addressing with linear probing in a power-of-two table kept at most half full, Fibonacci
 hashing of the key, and deletion by shifting the following entries back (no tombstones, so probe
 chains stay short however many slots come and go). The arrays live in the :class:`SlotTable`; the
-``njit`` functions here operate on them, so compiled kernels (``models.cooccurrence``) look up,
+``njit`` functions here operate on them, so compiled kernels (``infogap.models.cooccurrence``) look up,
 insert and delete without calling back into Python. One entry costs 16 bytes at 50-100 % headroom,
 against ~100 for a Python ``dict`` of ints.
 
@@ -143,7 +143,7 @@ class SlotTable:
         >>> SlotTable.from_arrays(t.table, t.meta).get(3)
         9
         """
-        from models.state_fields import StateError  # a leaf module: imported where snapshots are read
+        from infogap.models.state_fields import StateError  # a leaf module: imported where snapshots are read
 
         ok = (isinstance(table, np.ndarray) and isinstance(meta, np.ndarray) and table.dtype == np.int64
               and meta.dtype == np.int64 and table.ndim == 2 and table.shape[1] == 2 and meta.shape == (2,))

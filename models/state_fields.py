@@ -4,7 +4,7 @@ Snapshots travel through Kafka topics that other clients may be able to write, s
 pickles: a model object gives its state as a plain tree (dicts with string keys, lists, strings,
 numbers, booleans, None and numpy arrays of plain numeric dtypes), and is rebuilt from such a tree
 by its own ``from_state``, which names every field it reads and checks its type. Reading a tree can
-build nothing but those plain values (see :mod:`stream.snapshots` for the bytes), and a tree
+build nothing but those plain values (see :mod:`infogap.stream.snapshots` for the bytes), and a tree
 that does not fit the schema is refused with :class:`StateError` saying which field is wrong.
 
 A schema maps each field name to what it must be: a numpy dtype (an array of that dtype, of any
@@ -22,7 +22,7 @@ ints and the non-finite floats written as strings; ``int`` refuses bools).
 >>> put(Box.__new__(Box), {**tree, "hits": "rm -rf /"}, Box.STATE, "box")
 Traceback (most recent call last):
 ...
-models.state_fields.StateError: box: field 'hits' must be an array of int64, not str
+infogap.models.state_fields.StateError: box: field 'hits' must be an array of int64, not str
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def take(obj, schema: Mapping[str, object]) -> dict:
 
 def check(state, schema: Mapping[str, object], where: str, arrays: Sequence[np.ndarray] = ()) -> dict:
     """``state`` checked against ``schema``: a dict with every field, each of its kind (floats decoded,
-    arrays looked up in ``arrays`` where the tree holds ``{"$nd": index}``, see :mod:`stream.snapshots`)."""
+    arrays looked up in ``arrays`` where the tree holds ``{"$nd": index}``, see :mod:`infogap.stream.snapshots`)."""
     if not isinstance(state, Mapping):
         raise StateError(f"{where}: expected an object, not {type(state).__name__}")
     missing = [k for k in schema if k not in state]

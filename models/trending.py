@@ -18,8 +18,8 @@ import math
 
 import numpy as np
 
-from models.scratch import forget_memo, memo_of
-from models.state_fields import Array, StateError, check, take
+from infogap.models.scratch import forget_memo, memo_of
+from infogap.models.state_fields import Array, StateError, check, take
 
 
 class Trending:
@@ -59,7 +59,7 @@ class Trending:
         self.segment_max = np.zeros(n_segments)
         self.n_items = 0
 
-    #: what a snapshot holds of the scores (:mod:`models.state_fields`); the settings come from the config
+    #: what a snapshot holds of the scores (:mod:`infogap.models.state_fields`); the settings come from the config
     STATE = {"momentum_": Array(np.dtype(np.float64), 1), "global_": Array(np.dtype(np.float64), 1),
              "segment_": Array(np.dtype(np.float64), 2), "global_max": float,
              "segment_max": Array(np.dtype(np.float64), 1), "n_items": int}

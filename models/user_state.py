@@ -8,7 +8,7 @@ exporter's ``t0`` and decay rate and the importer converts them to its own ``t0`
 
 Kept out on purpose: what many users feed (item co-occurrence, popularity/trending, segment centers).
 In the stream those are learned once for every partition (the item stage's shards and
-:mod:`models.population`), and a user's share of them holds no user id (see :mod:`models.engine`,
+:mod:`infogap.models.population`), and a user's share of them holds no user id (see :mod:`infogap.models.engine`,
 "What forget_user keeps"). The segment id moves as it is: with one population learner it names the
 same center in the exporter and the importer.
 """
@@ -19,9 +19,9 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from models.events import EVENT_TYPES
-from models.profile import _HIST_FIELDS as HIST_FIELDS, ROW_SCALARS, records
-from models.state_fields import StateError, array, check
+from infogap.models.events import EVENT_TYPES
+from infogap.models.profile import _HIST_FIELDS as HIST_FIELDS, ROW_SCALARS, records
+from infogap.models.state_fields import StateError, array, check
 
 #: 2: columns (numpy arrays) for all the users; 1: a dict of records per user (still imported)
 STATE_VERSION = 2
@@ -31,7 +31,7 @@ _READABLE = (1, STATE_VERSION)
 def export_users(engine, user_ids: Iterable[str]) -> dict:
     """A picklable, self-contained record of everything ``engine`` keeps for ``user_ids`` (unknown ids
     are skipped): ``{"version", "t0", "lam", "users": [user ids], "items": [...], "features": [...],
-    "types": [...]}`` and the columns of :meth:`models.profile.Profiles.get_rows`, in which item rows
+    "types": [...]}`` and the columns of :meth:`infogap.models.profile.Profiles.get_rows`, in which item rows
     are indexes into ``items`` (-1 for none), feature ids indexes into ``features`` and type codes
     indexes into ``types``. Columns of numpy arrays: a checkpoint of 20,000 users exports and pickles
     in milliseconds, where a dict per user took 17 us a user, and as long again to pickle.
@@ -68,7 +68,7 @@ def export_users(engine, user_ids: Iterable[str]) -> dict:
 def users_from_state(state, arrays=(), where: str = "users") -> dict:
     """An :func:`export_users` record read from a snapshot's tree (its arrays in ``arrays``), checked so
     that every index points inside its table and every column has the length its users need;
-    :class:`~models.state_fields.StateError` otherwise.
+    :class:`~infogap.models.state_fields.StateError` otherwise.
 
     >>> from models import Engine
     >>> a = Engine(); a.learn_one({"event_id": "e1", "user_id": "ann", "type": "view", "ts": 1000.0, "item_id": "tea"})
@@ -115,7 +115,7 @@ def users_from_state(state, arrays=(), where: str = "users") -> dict:
 
 def user_records(state: Mapping) -> dict[str, dict]:
     """The users of an :func:`export_users` record one by one: ``{user_id: record}``, each record as
-    :meth:`models.profile.Profiles.set_row` takes it but with item ids (None for none), category/tag
+    :meth:`infogap.models.profile.Profiles.set_row` takes it but with item ids (None for none), category/tag
     names and event type names. Version 1 records are such a dict already."""
     if state.get("version") not in _READABLE:
         raise ValueError(f"unsupported user state version {state.get('version')!r}; expected one of {_READABLE}")

@@ -1,6 +1,6 @@
 """Neighbour votes: the ranker's inner loop, compiled with numba.
 
-A user's recent items vote for their stored co-occurrence neighbours (see :mod:`models.ranker` for
+A user's recent items vote for their stored co-occurrence neighbours (see :mod:`infogap.models.ranker` for
 the weights). With numpy this was a gather of ``k x M`` slots, a ``bincount`` into a dense array
 over the whole catalog and a handful of catalog-sized passes: ~40 numpy calls per request, most of
 their time spent on call overhead and on items nobody voted for. The compiled loop adds each slot's
@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from models.scratch import scratch
+from infogap.models.scratch import scratch
 
 
 #: Momentum is read at the hour (its half-life is weeks): requests within an hour share the factors, so

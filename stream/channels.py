@@ -34,11 +34,11 @@ from pathlib import Path
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from models.dedupe import Deduplicator
-from models.experiments import unit_hash
-from models.push_policy import CHANNELS
-from stream import connections
-from stream.settings import Settings
+from infogap.models.dedupe import Deduplicator
+from infogap.models.experiments import unit_hash
+from infogap.models.push_policy import CHANNELS
+from infogap.stream import connections
+from infogap.stream.settings import Settings
 
 log = logging.getLogger("infogap.channel")
 

@@ -17,8 +17,8 @@ import orjson
 import redis
 from pydantic import SecretStr
 
-from stream.pseudonym import Pseudonymizer
-from stream.store.keys import RedisKeys
+from infogap.stream.pseudonym import Pseudonymizer
+from infogap.stream.store.keys import RedisKeys
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +72,7 @@ class InfogapClient:
                  pseudonym_key: SecretStr | str | bytes | None = None, **kwargs) -> InfogapClient:
         """``kwargs`` go to ``redis.Redis.from_url`` (``username=``, ``password=``, ``ssl_ca_certs=`` ...); a
         ``redis+cluster://host:port[,host:port...]`` URL reads from Redis Cluster."""
-        from stream.settings import redis_nodes
+        from infogap.stream.settings import redis_nodes
 
         if url.partition("://")[0].endswith("+cluster"):
             from redis.cluster import ClusterNode
@@ -85,8 +85,8 @@ class InfogapClient:
 
     @classmethod
     def from_settings(cls, settings, **kwargs) -> InfogapClient:
-        """Address, credentials, TLS, key prefix and pseudonym key from :class:`stream.settings.Settings`."""
-        from stream import connections
+        """Address, credentials, TLS, key prefix and pseudonym key from :class:`infogap.stream.settings.Settings`."""
+        from infogap.stream import connections
 
         return cls(connections.redis_sync(settings, **kwargs), settings.redis_prefix,
                    pseudonym_key=settings.pseudonym_key)

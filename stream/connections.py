@@ -9,7 +9,7 @@ or the default user's ``requirepass``), TLS with ``rediss://`` and ``redis_ssl_c
 The options returned by :func:`kafka_options` and :func:`redis_options` hold passwords in clear: pass them to
 a client, never to a log. This module logs what it connects to and how, never a secret.
 
->>> from stream.settings import Settings
+>>> from infogap.stream.settings import Settings
 >>> kafka_options(Settings(kafka_bootstrap="127.0.0.1:19092"))
 {'bootstrap_servers': '127.0.0.1:19092'}
 >>> redis_options(Settings(redis_url="redis://127.0.0.1:6379/0"))
@@ -29,7 +29,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.helpers import create_ssl_context
 
-from stream.settings import Settings, redis_nodes
+from infogap.stream.settings import Settings, redis_nodes
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ async def check_topics(producer: AIOKafkaProducer, topics: list[str], wait_s: fl
                 f"Kafka topic{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
                 f"{'do' if len(missing) > 1 else 'does'} not exist at {where} (or this client may "
                 f"not describe {'them' if len(missing) > 1 else 'it'}); create the topics with `infogap up` (local) or "
-                f"`python -m stream.local ensure-topics --replication-factor 3`, and allow the worker to describe, "
+                f"`python -m infogap.stream.tools.local ensure-topics --replication-factor 3`, and allow the worker to describe, "
                 f"read and write them")
         await asyncio.sleep(0.5)
     await asyncio.gather(*(producer.client.add_topic(t) for t in topics))

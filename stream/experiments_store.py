@@ -7,9 +7,9 @@ Layout (``RedisKeys.experiment``)::
         "{shard}|{campaign}|{channel}|{count}" -> number
     e.g. HGETALL ig:exp:ranker-v2:B  ->  0|recs|email|sent 120, 0|recs|email|clicks 9, 0|recs|email|revenue 310.5, ...
 
-``count`` is one of :data:`models.experiments.COUNT_FIELDS` (sent, impressions, opens, clicks,
+``count`` is one of :data:`infogap.models.experiments.COUNT_FIELDS` (sent, impressions, opens, clicks,
 conversions, revenue, revenue_sq, cost): additive sums only; rates, ROI and intervals are derived
-when read (:func:`models.experiments.summarize`), so every reader computes them the same way.
+when read (:func:`infogap.models.experiments.summarize`), so every reader computes them the same way.
 
 Values are written with HSET, never HINCRBY: a batch replayed after a crash rewrites the same
 absolute values instead of counting twice. The shard (a partition of ``events``, see
@@ -26,10 +26,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 
-from models.experiments import (COUNT_FIELDS, NO_VARIANT, Counts, Experiment, MetricsConfig, Segment,
+from infogap.models.experiments import (COUNT_FIELDS, NO_VARIANT, Counts, Experiment, MetricsConfig, Segment,
                                 validate_overrides)
-from models.push_policy import PushConfig
-from stream.settings import TOPIC_PARTITIONS, Settings
+from infogap.models.push_policy import PushConfig
+from infogap.stream.settings import TOPIC_PARTITIONS, Settings
 
 _SEP = "|"
 _ESCAPES = {"%": "%25", ":": "%3A", "|": "%7C"}

@@ -1,22 +1,22 @@
 """The item stage: co-occurrence rows partitioned by item, fed by the ``cooc`` topic.
 
-User stages emit their pair updates (:class:`models.cooc_shard.PairDeltas`) to ``cooc``, one
+User stages emit their pair updates (:class:`infogap.models.cooc_shard.PairDeltas`) to ``cooc``, one
 record per (batch, events partition, cooc partition), sent to the partition that owns the rows
 (:func:`owner`); the record's ``source`` header names the events partition it came from. Each
-``cooc`` partition is one :class:`~models.cooc_shard.CoOccurrenceShard`, so a rebalance moves
+``cooc`` partition is one :class:`~infogap.models.cooc_shard.CoOccurrenceShard`, so a rebalance moves
 whole shards: the state of partition ``p`` is snapshotted to partition ``p`` of ``state.items``
 with the offset it covers, and the offsets are committed only after that.
 
 Changed rows are published at most every ``publish_interval_s``: the contract's
 ``ig:similar:{item}`` and the internal ``ig:nbrow:{item}`` that user stages rank with
-(:mod:`stream.neighbour_cache`). Under a backlog nearly every row changes between two publishes, and
+(:mod:`infogap.stream.neighbour_cache`). Under a backlog nearly every row changes between two publishes, and
 encoding and writing a row takes 70-140 µs of CPU: the next publish then waits at least the CPU time
 the last one took divided by ``publish_max_share``, so that publishing takes at most about that
 share of the stage's time (the rows' changes coalesce into fewer publishes).
 
 **The population learner** lives with ``cooc`` partition 0 (:data:`POPULATION_PARTITION`): user
 stages send it their segment samples and trend entries (records with the header ``kind:
-population``; :mod:`models.population`), so segment ids mean the same on every worker and trending
+population``; :mod:`infogap.models.population`), so segment ids mean the same on every worker and trending
 counts every user. Its owner publishes the contract's ``ig:trending`` sets and the internal
 ``ig:segments:model`` that the user stages assign segments with, and snapshots the learner with
 partition 0's shard.
@@ -30,15 +30,15 @@ from collections.abc import Awaitable, Callable
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
-from models import EngineConfig
-from models.state_fields import StateError
-from stream import connections
-from stream.core.ingest import DeadLetter
-from stream.core.item_shards import ItemShards
-from stream.observability import WorkerStats
-from stream.settings import Settings
-from stream.snapshots import SnapshotError, SnapshotStore, SnapshotTurns, snapshot_bytes
-from stream.store import Store
+from infogap.models import EngineConfig
+from infogap.models.state_fields import StateError
+from infogap.stream import connections
+from infogap.stream.core.ingest import DeadLetter
+from infogap.stream.core.item_shards import ItemShards
+from infogap.stream.observability import WorkerStats
+from infogap.stream.settings import Settings
+from infogap.stream.snapshots import SnapshotError, SnapshotStore, SnapshotTurns, snapshot_bytes
+from infogap.stream.store import Store
 
 log = logging.getLogger("infogap.items")
 

@@ -4,7 +4,7 @@ The item stage owns co-occurrence rows (partitioned by item) and writes each cha
 ``{prefix}nbrow:{item}`` (:func:`encode_row`). A user stage ranks with the rows of its users'
 recent items: before ranking a batch it asks :class:`NeighbourCache` for them; rows it does not
 hold, or holds for longer than ``max_age_s``, are read in one request (``MGET``) and given to the engine
-(:meth:`models.engine.Engine.load_rows`); beyond ``capacity`` rows the least recently used are
+(:meth:`infogap.models.engine.Engine.load_rows`); beyond ``capacity`` rows the least recently used are
 dropped from the engine. So memory on a user stage is bounded by the cache, not the catalog's
 pairs, and a neighbour list is at most ``max_age_s`` (plus the item stage's publish interval) old.
 
@@ -25,10 +25,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from models import Engine
-from models.cooc_shard import owner
-from stream.core.neighbour_rows import decode_row
-from stream.store import Store
+from infogap.models import Engine
+from infogap.models.cooc_shard import owner
+from infogap.stream.core.neighbour_rows import decode_row
+from infogap.stream.store import Store
 
 log = logging.getLogger("infogap.neighbours")
 

@@ -18,7 +18,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
-from models.events import REASON_CODES, ReasonCode
+from infogap.models.events import REASON_CODES, ReasonCode
 
 log = logging.getLogger("infogap.http")
 #: the DLQ metric's label values, as plain strings: the fixed set of reason codes
@@ -79,7 +79,7 @@ class WorkerStats:
     dead_letters: int = 0
     duplicates: int = 0
     erased_users: int = 0
-    erased_events: int = 0  # events of erased users, not learned (stream/erasures.py)
+    erased_events: int = 0  # events of erased users, not learned (stream/core/erasures.py)
     #: feedback the experiment metrics did not attribute: naming no known campaign/variant, or past the segment cap
     experiment_unattributed: int = 0
     experiment_overflow: int = 0
@@ -156,7 +156,7 @@ class StatsCollector:
                                   "loss", s.redis_keys_rematerialised)):
             yield CounterMetricFamily(f"infogap_{name}", doc, value=value)
         dlq = CounterMetricFamily("infogap_dlq", "records sent to the dead-letter topic, by reason "
-                                  "code (models.events.ReasonCode)", labels=["reason"])
+                                  "code (infogap.models.events.ReasonCode)", labels=["reason"])
         for reason, n in s.dlq_by_reason.items():
             dlq.add_metric([reason], n)
         yield dlq

@@ -4,7 +4,7 @@ With a key (``INFOGAP_PSEUDONYM_KEY``), every user id the workers keep (model st
 the ``push`` topic) is ``p_`` followed by the first :data:`HEX_CHARS` hex digits (128 bits) of
 ``HMAC-SHA256(key, user_id as UTF-8)``. Without the key the id cannot be computed from a guess, nor the raw id
 recovered from the pseudonym. App backends that hold the key compute the same pseudonym to read
-(:class:`stream.client.InfogapClient` does it for them). Without a key, ids pass through unchanged.
+(:class:`infogap.stream.client.InfogapClient` does it for them). Without a key, ids pass through unchanged.
 
 Idempotent: an id that already is a pseudonym (``p_`` and 32 lower-case hex digits) is kept as it is, so
 feedback events built from the ``push`` topic (impressions, opens, clicks of a pseudonymous user) reach the

@@ -42,7 +42,7 @@ class Topics:
     push: str
     state_users: str
     state_items: str
-    erasures: str  # the erased users' digests (stream/erasures.py), compacted, kept for good
+    erasures: str  # the erased users' digests (stream/core/erasures.py), compacted, kept for good
 
     def all(self) -> dict[str, str]:
         """Contract name -> real topic name."""
@@ -124,7 +124,7 @@ class Settings(BaseSettings):
 
     snapshot_interval_s: float = 10.0  # state snapshot + offset commit cadence; 0: commit every batch, no snapshots
 
-    # --- per-user memory (stream/user_partition.py): users leave the worker's memory, not Redis (recs expire
+    # --- per-user memory (stream/core/user_partition.py): users leave the worker's memory, not Redis (recs expire
     # with recs_ttl_s); not an erasure; a user who comes back starts fresh
     user_idle_evict_s: float = Field(30 * 86_400.0, ge=0)  # event time without an event before eviction; 0: never
     # past it the least recent go first (down to 90 %); 0: no cap. ~3 kB a user: at most ~150 MB a partition,
@@ -245,7 +245,7 @@ class Settings(BaseSettings):
     # segments (campaign, channel, variant) made from feedback contexts per partition; past it: ``overflow``
     experiment_max_segments: int = Field(1_000, ge=1)
     # DEPRECATED alias of INFOGAP_EXPERIMENT's "overrides" (variant -> ranker settings), merged into them with
-    # a warning; keys: models.experiments.RANKER_OVERRIDES, checked here so that a typo stops the process at start
+    # a warning; keys: infogap.models.experiments.RANKER_OVERRIDES, checked here so that a typo stops the process at start
     experiment_overrides: dict[str, dict[str, float]] = Field(default_factory=dict)
 
     @field_validator("experiment_overrides", mode="before")
@@ -261,7 +261,7 @@ class Settings(BaseSettings):
 
     def engine_config(self):
         """The workers' :class:`models.EngineConfig`: its defaults, ``half_life_days``, ``top_n``, ``engine``."""
-        from models.engine import EngineConfig
+        from infogap.models.engine import EngineConfig
 
         return EngineConfig(**{"half_life_days": self.half_life_days, "top_n": self.top_n, **self.engine})
 
@@ -294,7 +294,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _experiment_is_valid(self) -> Settings:
         """INFOGAP_EXPERIMENT (with its variants' "overrides", the one way to set them) checked at start."""
-        from stream.experiments_store import experiment_from_settings
+        from infogap.stream.experiments_store import experiment_from_settings
 
         if self.experiment_overrides:
             warnings.warn("INFOGAP_EXPERIMENT_OVERRIDES is deprecated: put the variants' ranker settings in "
@@ -395,7 +395,7 @@ def redis_nodes(url: str) -> list[tuple[str, int]]:
 
 
 def _checked_overrides(v: dict) -> dict:
-    from models.experiments import validate_overrides
+    from infogap.models.experiments import validate_overrides
     out = {}
     for variant, overrides in v.items():
         try:

@@ -10,9 +10,9 @@ applied twice. Only the last record of a state partition matters (compaction kee
 zstd-compressed body. The body is a JSON header (orjson) followed by the raw bytes of the numpy
 arrays it refers to: ``{"kind", "partition", "offset", "state", "arrays": [[dtype, shape], ...]}``,
 where an array in ``state`` is the object ``{"$nd": index}``. Reading builds only JSON values and
-arrays of plain numeric dtypes (:data:`models.state_fields.ARRAY_DTYPES`), never objects: the
+arrays of plain numeric dtypes (:data:`infogap.models.state_fields.ARRAY_DTYPES`), never objects: the
 model objects are rebuilt by their own ``from_state`` against an explicit schema
-(:mod:`models.state_fields`). Nothing read from the topic can run code.
+(:mod:`infogap.models.state_fields`). Nothing read from the topic can run code.
 
 The digest is HMAC-SHA256 of the kind, partition and compressed body under ``INFOGAP_STATE_KEY``
 when one is set (flag bit 0), else their SHA-256 (a checksum: it catches corruption, not forgery;
@@ -36,9 +36,9 @@ import orjson
 import zstandard
 from aiokafka import AIOKafkaProducer, TopicPartition
 
-from models.state_fields import ARRAY_DTYPES, StateError
-from stream import connections
-from stream.settings import Settings
+from infogap.models.state_fields import ARRAY_DTYPES, StateError
+from infogap.stream import connections
+from infogap.stream.settings import Settings
 
 log = logging.getLogger("infogap.snapshots")
 
@@ -115,7 +115,7 @@ class SnapshotTurns:
 def snapshot_bytes(kind: str, partition: int, offset: int, state: object) -> bytes:
     """The body of a snapshot (not yet sealed): taken while its state must not change.
 
-    ``state`` is a plain tree (see :mod:`models.state_fields`) whose numpy arrays are written as
+    ``state`` is a plain tree (see :mod:`infogap.models.state_fields`) whose numpy arrays are written as
     raw bytes after the JSON header.
     """
     arrays: list[np.ndarray] = []

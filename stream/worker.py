@@ -12,10 +12,10 @@ events partition: ingest (validate, dedupe, DLQ) → ``Engine.learn_many`` (an e
 ``cooc="remote"``: it learns profiles, segments and trending, and emits its co-occurrence updates)
 → the updates go to the ``cooc`` topic, split by the partition owning each item's row. Then the
 neighbour rows of the touched users' recent items are made current from Redis
-(:class:`~stream.neighbour_cache.NeighbourCache`), each touched user is ranked, the push policy
+(:class:`~infogap.stream.neighbour_cache.NeighbourCache`), each touched user is ranked, the push policy
 runs, and one Redis pipeline plus the ``push``/``cooc``/DLQ produces complete the batch.
 
-The **item stage** (:class:`~stream.item_stage.ItemStage`) runs in the same process as a second
+The **item stage** (:class:`~infogap.stream.item_stage.ItemStage`) runs in the same process as a second
 consumer group on ``cooc``; more processes split both stages' partitions.
 """
 from __future__ import annotations
@@ -30,17 +30,17 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaConnectionError, KafkaError, KafkaTimeoutError
 
-from models import Engine, warm_up
-from models.state_fields import StateError
-from stream import connections
-from stream.core.ingest import DeadLetter
-from stream.core.user_stage import UserStage
-from stream.item_stage import ItemStage
-from stream.neighbour_cache import NeighbourCache
-from stream.observability import WorkerStats, build_app, serve
-from stream.settings import Settings
-from stream.snapshots import SnapshotError, SnapshotStore, SnapshotTurns, snapshot_bytes
-from stream.store import Store, StoreUnavailable, WrongTypeError, open_store
+from infogap.models import Engine, warm_up
+from infogap.models.state_fields import StateError
+from infogap.stream import connections
+from infogap.stream.core.ingest import DeadLetter
+from infogap.stream.core.user_stage import UserStage
+from infogap.stream.item_stage import ItemStage
+from infogap.stream.neighbour_cache import NeighbourCache
+from infogap.stream.observability import WorkerStats, build_app, serve
+from infogap.stream.settings import Settings
+from infogap.stream.snapshots import SnapshotError, SnapshotStore, SnapshotTurns, snapshot_bytes
+from infogap.stream.store import Store, StoreUnavailable, WrongTypeError, open_store
 
 log = logging.getLogger("infogap.worker")
 
@@ -708,8 +708,8 @@ class Worker:
 
         ``fn`` is one whole write of absolute values: a retry rewrites whole what a failed try half wrote.
         The store unreachable, or refusing the write (OOM, READONLY, a cluster failover, ...:
-        :class:`~stream.store.StoreUnavailable`): an outage, waited through with ``/health`` 503 and the
-        reason. Keys of another type (:class:`~stream.store.WrongTypeError`, infogap's keys): logged by name,
+        :class:`~infogap.stream.store.StoreUnavailable`): an outage, waited through with ``/health`` 503 and the
+        reason. Keys of another type (:class:`~infogap.stream.store.WrongTypeError`, infogap's keys): logged by name,
         counted, deleted, written.
         """
         delay, token, repair, repaired = 0.1, object(), [], False
@@ -746,7 +746,7 @@ class Worker:
     # ------------------------------------------------------------------ erasure and DLQ
     async def erase_user(self, user_id: str, *, partition: int | None = None, raw_key: bytes | None = None) -> None:
         """Remove every trace of a user for good: model state, push state, preferences, Redis keys; record it
-        in the ``erasures`` ledger (:mod:`stream.core.erasures`), and snapshot the user's events ``partition``
+        in the ``erasures`` ledger (:mod:`infogap.stream.core.erasures`), and snapshot the user's events ``partition``
         (if this worker owns it) at the next turn, so that no snapshot read after it holds the user.
         ``raw_key``: the user's ``users`` key (a ``forget`` event's), whose record is then deleted too."""
         if not self.core.erase(user_id):  # erased before (a tombstone re-read at start, a forget replayed): its keys went then

@@ -13,8 +13,8 @@ import pytest
 
 
 def pytest_configure(config):
-    """Kernels cached from an older models/ would be loaded stale (see stream.kernel_cache)."""
-    from stream.kernel_cache import drop_stale_kernels
+    """Kernels cached from an older models/ would be loaded stale (see infogap.stream.tools.kernel_cache)."""
+    from infogap.stream.tools.kernel_cache import drop_stale_kernels
 
     drop_stale_kernels()
 
@@ -28,8 +28,8 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session")
 def local_stack():
     """Kafka and Redis on loopback, started by the project's own `up` if not already answering."""
-    from stream import local
-    from stream.settings import load
+    from infogap.stream.tools import local
+    from infogap.stream.settings import load
 
     settings = load()
     local.up(settings)
@@ -40,8 +40,8 @@ def local_stack():
 def redis_cluster():
     """The ``redis+cluster://`` URL of a Redis Cluster on loopback (3 masters, 1 replica each, 127.0.0.1:7100-7105),
     started by `cluster_up` if not already healthy and, like `local_stack`, left running."""
-    from stream import local
-    from stream.settings import load
+    from infogap.stream.tools import local
+    from infogap.stream.settings import load
 
     return local.cluster_up(load(), masters=3, replicas=1, base_port=7100)
 
@@ -49,7 +49,7 @@ def redis_cluster():
 @pytest.fixture
 def settings(local_stack):
     """Settings with per-test topics, Redis prefix and consumer group; the topics are created."""
-    from stream import local
+    from infogap.stream.tools import local
 
     tag = uuid.uuid4().hex[:10]
     s = local_stack.model_copy(update={"topic_prefix": f"t{tag}.", "redis_prefix": f"test:{tag}:",
@@ -65,7 +65,7 @@ def settings(local_stack):
 def scoped_settings(local_stack):
     """A factory of settings with their own topics (created), Redis prefix and consumer group, for tests
     that run several independent streams; everything they created is dropped afterwards."""
-    from stream import local
+    from infogap.stream.tools import local
 
     made = []
 
@@ -85,7 +85,7 @@ def scoped_settings(local_stack):
 
 def _delete_keys(s) -> None:
     """Drop a test's Redis keys, so the shared server does not grow run after run."""
-    from stream import connections
+    from infogap.stream import connections
 
     r = connections.redis_sync(s)
     try:
@@ -105,7 +105,7 @@ def _delete_keys(s) -> None:
 
 def _delete_topics(s) -> None:
     """Drop a test's topics so the local broker does not accumulate partitions run after run."""
-    from stream import connections
+    from infogap.stream import connections
 
     async def drop():
         admin = connections.admin(s)

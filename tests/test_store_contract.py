@@ -13,9 +13,9 @@ import uuid
 import orjson
 import pytest
 
-from models.experiments import Counts, Segment
-from stream.store import MemoryStore, RedisKeys, Store, StoreUnavailable, WrongTypeError, open_store
-from stream.store.redis_node import SET_WITH_TTL_KEYS
+from infogap.models.experiments import Counts, Segment
+from infogap.stream.store import MemoryStore, RedisKeys, Store, StoreUnavailable, WrongTypeError, open_store
+from infogap.stream.store.redis_node import SET_WITH_TTL_KEYS
 
 BACKENDS = [pytest.param("memory"), pytest.param("redis", marks=pytest.mark.integration),
             pytest.param("cluster", marks=pytest.mark.integration)]
@@ -35,7 +35,7 @@ class _Clock:
 async def make_store(request):
     """A factory of stores of one backend, each with its own key prefix; ``ttl`` the recommendations' TTL.
     Memory stores share a clock that ``advance`` moves; for the servers it waits."""
-    from stream.settings import load
+    from infogap.stream.settings import load
 
     backend = request.param
     base = (request.getfixturevalue("local_stack") if backend == "redis" else
@@ -187,8 +187,8 @@ SERVERS = [pytest.param("redis", marks=pytest.mark.integration),
 @pytest.fixture(params=SERVERS)
 async def server_store(request):
     """A store on one Redis or on Redis Cluster, and a plain client of the same server."""
-    from stream import connections
-    from stream.settings import load
+    from infogap.stream import connections
+    from infogap.stream.settings import load
 
     prefix = f"test:{uuid.uuid4().hex[:10]}:"
     if request.param == "redis":
@@ -223,7 +223,7 @@ async def test_keys_of_another_type_are_overwritten_or_named(server_store):
 
 async def test_a_server_that_does_not_answer_is_unavailable_with_the_reason(request):
     from tests.integration.kafka_helpers import free_port
-    from stream.settings import load
+    from infogap.stream.settings import load
 
     for url in (f"redis://127.0.0.1:{free_port()}/0", f"redis+cluster://127.0.0.1:{free_port()}"):
         store = open_store(load(redis_url=url), socket_connect_timeout=0.5, socket_timeout=0.5)
@@ -239,7 +239,7 @@ async def test_a_server_that_does_not_answer_is_unavailable_with_the_reason(requ
 async def test_on_a_cluster_a_users_keys_share_a_slot(request):
     from redis.crc import key_slot
 
-    from stream.settings import load
+    from infogap.stream.settings import load
 
     store = open_store(load(redis_url=request.getfixturevalue("redis_cluster"), redis_prefix="t:"))
     assert store.keys.cluster

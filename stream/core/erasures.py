@@ -8,7 +8,7 @@ topic, key the user's digest (keyed BLAKE2b of the pseudonymous id: never the id
 worker reads that topic whole, like ``items`` and ``users``. Then:
 
 - a restored partition's users are checked against it, and the erased ones forgotten before the
-  partition serves anything (:meth:`stream.worker.Worker.restore_partition`);
+  partition serves anything (:meth:`infogap.stream.worker.Worker.restore_partition`);
 - an event of an erased user is not learned (nor ranked, nor pushed): erasure is for good, a
   person who comes back gets a new id (the ``users`` record of an erased id is ignored too).
 

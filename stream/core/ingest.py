@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from models.dedupe import Deduplicator
-from models.events import REASON_CODES, UNCHECKED, Event, InvalidEvent, Limits, ReasonCode, parse_event
+from infogap.models.dedupe import Deduplicator
+from infogap.models.events import REASON_CODES, UNCHECKED, Event, InvalidEvent, Limits, ReasonCode, parse_event
 
 #: Bounds of a dead letter as produced: its value, its key and the text of its ``reason`` header. Their sum
 #: with the other headers stays far below the producer's max_request_size and the brokers' default
@@ -30,7 +30,7 @@ _CODE_OF_TOPIC = (("items", ReasonCode.BAD_ITEMS_RECORD), ("users", ReasonCode.B
 class DeadLetter:
     """A rejected record, as it will be written to the dead-letter topic.
 
-    ``code`` is one of :data:`models.events.REASON_CODES` (the metric label); left out or unknown, it is
+    ``code`` is one of :data:`infogap.models.events.REASON_CODES` (the metric label); left out or unknown, it is
     derived from the source topic (``bad_items_record``, ...) or is ``other``: never free text.
     """
 
@@ -78,7 +78,7 @@ class IngestResult:
 
 
 class Ingest:
-    """Validate, normalise and deduplicate records (see :mod:`models.events`).
+    """Validate, normalise and deduplicate records (see :mod:`infogap.models.events`).
 
     ``max_skew_s`` bounds how far one event can move time forward: the partition's lateness watermark and
     the dedupe horizon advance with the event time cut to the record's timestamp (the broker's or the

@@ -1,18 +1,18 @@
 """The item stage's logic, without Kafka or Redis: ``cooc`` records in; neighbour rows, ``similar`` lists,
 trending and the population model out, as one write for the store.
 
-Each owned ``cooc`` partition is one :class:`~models.cooc_shard.CoOccurrenceShard`; the owner of partition
-:data:`~stream.core.user_stage.POPULATION_PARTITION` also runs the population learner. The shell
-(:mod:`stream.item_stage`) consumes, paces the publishes and checkpoints; this module decides what each
+Each owned ``cooc`` partition is one :class:`~infogap.models.cooc_shard.CoOccurrenceShard`; the owner of partition
+:data:`~infogap.stream.core.user_stage.POPULATION_PARTITION` also runs the population learner. The shell
+(:mod:`infogap.stream.item_stage`) consumes, paces the publishes and checkpoints; this module decides what each
 record changes and what a publish writes.
 
 >>> from models import Engine, EngineConfig
->>> from stream.settings import Settings
+>>> from infogap.stream.settings import Settings
 >>> shards = ItemShards(Settings(), EngineConfig())
 >>> shards.take(1)
 >>> users = Engine(EngineConfig(), cooc="remote")  # a user stage's engine: "a" and "b" seen together
 >>> users.learn_many([{"user_id": "u", "item_id": i, "type": "purchase", "ts": float(t)} for t, i in enumerate("ab")])
->>> from stream.core.user_stage import Record
+>>> from infogap.stream.core.user_stage import Record
 >>> shards.apply(1, [Record("cooc", 1, 0, None, users.drain_pair_deltas().to_bytes(), headers=(("source", b"0"),))])
 []
 >>> pub = shards.publication()
@@ -29,25 +29,25 @@ from collections.abc import Callable
 import numpy as np
 import orjson
 
-from models import EngineConfig
-from models.cooc_shard import CoOccurrenceShard, PairDeltas
-from models.population import PopulationLearner, check_batch
-from models.state_fields import StateError
-from stream.core.ingest import DeadLetter
-from stream.core.user_stage import POPULATION_KIND, POPULATION_PARTITION
-from stream.core.neighbour_rows import encode_row
-from stream.settings import Settings
+from infogap.models import EngineConfig
+from infogap.models.cooc_shard import CoOccurrenceShard, PairDeltas
+from infogap.models.population import PopulationLearner, check_batch
+from infogap.models.state_fields import StateError
+from infogap.stream.core.ingest import DeadLetter
+from infogap.stream.core.user_stage import POPULATION_KIND, POPULATION_PARTITION
+from infogap.stream.core.neighbour_rows import encode_row
+from infogap.stream.settings import Settings
 
 
 class Publication:
     """One publish: the rows changed since the last one, encoded a chunk at a time (:meth:`encode`, so that the
     shell can yield between chunks), then :meth:`write`, the keyword arguments of
-    :meth:`~stream.store.Store.write`."""
+    :meth:`~infogap.stream.store.Store.write`."""
 
     def __init__(self, shards: ItemShards, dirty: dict[int, set[str]], population: dict | None):
         self._shards = shards
         self._todo = [(p, item) for p, items in dirty.items() if p in shards.shards for item in items]
-        #: a new token per partition with changed rows: user stages re-read its rows (stream.neighbour_cache)
+        #: a new token per partition with changed rows: user stages re-read its rows (infogap.stream.neighbour_cache)
         self.tokens = {p: secrets.token_hex(8) for p, items in dirty.items() if items and p in shards.shards}
         self.similar: dict[str, list] = {}
         self.rows: dict[str, bytes] = {}
@@ -81,7 +81,7 @@ class ItemShards:
         self.eligible = eligible
         self.shards: dict[int, CoOccurrenceShard] = {}
         #: per partition, a random number naming its shard object's numbering of items (rows published
-        #: with it are translated by readers, :meth:`models.catalog.Catalog.translated`); new per object
+        #: with it are translated by readers, :meth:`infogap.models.catalog.Catalog.translated`); new per object
         self.numbering: dict[int, int] = {}
         #: the population learner, while this stage owns POPULATION_PARTITION
         self.population: PopulationLearner | None = None
@@ -102,7 +102,7 @@ class ItemShards:
     # ------------------------------------------------------------------ partitions
     def take(self, p: int, state=None, arrays=(), where: str = "") -> None:
         """Own partition ``p``: its shard (and learner) from a snapshot's ``state``, or new (None). Raises
-        :class:`~models.state_fields.StateError` when the snapshot does not fit the schemas."""
+        :class:`~infogap.models.state_fields.StateError` when the snapshot does not fit the schemas."""
         if state is None:
             shard, pop = CoOccurrenceShard.for_engine(self.config), PopulationLearner(self.config)
         else:

@@ -9,10 +9,10 @@ import orjson
 
 
 def encode_row(row: dict, numbering: int | None = None) -> bytes:
-    """A row of :meth:`models.cooc_shard.CoOccurrenceShard.export_row` as bytes: a JSON head, the
+    """A row of :meth:`infogap.models.cooc_shard.CoOccurrenceShard.export_row` as bytes: a JSON head, the
     values as float64s, the neighbours' ``numbers`` in the shard as int64s, and their ids as JSON.
 
-    ``numbering`` names the shard's numbering (see :meth:`models.catalog.Catalog.translated`): a
+    ``numbering`` names the shard's numbering (see :meth:`infogap.models.catalog.Catalog.translated`): a
     reader that knows it translates the numbers, and reads the ids only of numbers new to it.
 
     >>> raw = encode_row({"item_id": "a", "t": 5.0, "pop": 2.0, "total": 9.0, "pair_total": 4.0,

@@ -2,7 +2,7 @@
 
 A user's events all arrive on one partition (the key is ``user_id``), so everything about a user
 belongs to that partition: their model state (exported from the engine with
-:func:`models.user_state.export_users` at checkpoint time), the event ids seen (dedupe), the push
+:func:`infogap.models.user_state.export_users` at checkpoint time), the event ids seen (dedupe), the push
 history (caps, repeats), the experiment attribution and the partition's lateness watermark. Each
 partition's state is one snapshot record with the offset it covers; a worker that is assigned the
 partition (after a restart, or from another worker) imports it and resumes from that offset.
@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from models.dedupe import Deduplicator
-from models.experiments import ExperimentMetrics
-from models.push_policy import PushConfig, PushPolicy
-from models.state_fields import StateError, check, encode_float
-from stream.experiments_store import metrics_config
-from stream.settings import Settings
+from infogap.models.dedupe import Deduplicator
+from infogap.models.experiments import ExperimentMetrics
+from infogap.models.push_policy import PushConfig, PushPolicy
+from infogap.models.state_fields import StateError, check, encode_float
+from infogap.stream.experiments_store import metrics_config
+from infogap.stream.settings import Settings
 
 
 @dataclass
@@ -45,7 +45,7 @@ class UserPartition:
 
     def to_state(self) -> dict:
         """The partition's dedupe window, push history, experiment attribution, users and watermark as a
-        plain tree (:mod:`models.state_fields`); the model state of its users goes beside it."""
+        plain tree (:mod:`infogap.models.state_fields`); the model state of its users goes beside it."""
         return {"dedupe": self.dedupe.to_state(), "push": self.push.to_state(),
                 "experiments": self.experiments.to_state(), "users": sorted(self.users),
                 "watermark": encode_float(self.watermark)}

@@ -1,7 +1,7 @@
 """The user stage's logic, without Kafka or Redis: records, state and event time in; recommendations,
 pushes, co-occurrence updates, dead letters and counters out.
 
-The worker (:mod:`stream.worker`) is the I/O shell around it: it fetches records, calls the steps of a
+The worker (:mod:`infogap.stream.worker`) is the I/O shell around it: it fetches records, calls the steps of a
 batch in order, and between them produces what they return and reads and writes the store.
 
 A batch, per ``events`` partition and in order: :meth:`UserStage.learn` (ingest: validate, dedupe, DLQ;
@@ -10,7 +10,7 @@ neighbour rows of :meth:`UserStage.wanted_items` current (the store), then :meth
 touched user ranked, the push policy, experiment counts, eviction). Side records (``erasures``, ``items``,
 ``users``) are applied by :meth:`UserStage.apply_side`.
 
->>> from stream.settings import Settings
+>>> from infogap.stream.settings import Settings
 >>> stage = UserStage(Settings(), clock=lambda: 1.7e9)
 >>> learned = stage.learn({0: [Record.event(0, 0, {"event_id": "e1", "user_id": "u1", "item_id": "a",
 ...                                                 "type": "view", "ts": 1.7e9 - 60})]}, now=1.7e9, cooc_partitions=12)
@@ -30,21 +30,21 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import orjson
 
-from models import Engine
-from models.catalog import MAX_ID_CHARS, decode_key, parse_item
-from models.cooc_shard import owner
-from models.dedupe import Deduplicator
-from models.events import Event, Limits
-from models.experiments import FEEDBACK_TYPES, Counts, Segment, kafka_partition
-from models.push_policy import PushConfig, PushMessage, UserPrefs
-from models.state_fields import StateError
-from models.user_state import export_users, import_users, users_from_state
-from stream.core.erasures import ErasureLedger
-from stream.core.ingest import DeadLetter, Ingest
-from stream.core.user_partition import UserPartition
-from stream.experiments_store import experiment_from_settings
-from stream.pseudonym import Pseudonymizer
-from stream.settings import Settings
+from infogap.models import Engine
+from infogap.models.catalog import MAX_ID_CHARS, decode_key, parse_item
+from infogap.models.cooc_shard import owner
+from infogap.models.dedupe import Deduplicator
+from infogap.models.events import Event, Limits
+from infogap.models.experiments import FEEDBACK_TYPES, Counts, Segment, kafka_partition
+from infogap.models.push_policy import PushConfig, PushMessage, UserPrefs
+from infogap.models.state_fields import StateError
+from infogap.models.user_state import export_users, import_users, users_from_state
+from infogap.stream.core.erasures import ErasureLedger
+from infogap.stream.core.ingest import DeadLetter, Ingest
+from infogap.stream.core.user_partition import UserPartition
+from infogap.stream.experiments_store import experiment_from_settings
+from infogap.stream.pseudonym import Pseudonymizer
+from infogap.stream.settings import Settings
 
 log = logging.getLogger("infogap.worker")
 
@@ -119,7 +119,7 @@ class SideOutcome:
 
 
 def population_records(batch: dict, limit: int = POPULATION_RECORD_BYTES) -> list[bytes]:
-    """A batch of :meth:`models.engine.Engine.drain_population` entries (in ``seq`` order) as JSON records of
+    """A batch of :meth:`infogap.models.engine.Engine.drain_population` entries (in ``seq`` order) as JSON records of
     at most ``limit`` bytes, in ``seq`` order. The learner skips entries at or below the last ``seq`` it
     applied from a source, so the entries of one event are never cut apart (a single event's entries
     over the limit stay one record).
@@ -201,7 +201,7 @@ class UserStage:
 
     def restore_partition(self, partition: int, state, arrays=(), where: str | None = None) -> None:
         """Take a partition's state from its snapshot (``state``, ``arrays``), checked against the schema first
-        (:class:`~models.state_fields.StateError` when it does not fit; the stage is then unchanged)."""
+        (:class:`~infogap.models.state_fields.StateError` when it does not fit; the stage is then unchanged)."""
         where = where or f"partition {partition}"
         tree = state if isinstance(state, dict) else {}
         part = UserPartition.new(partition, self.settings, self.push_config)
@@ -283,7 +283,7 @@ class UserStage:
         return SideOutcome(erase=erase, partition=partition)
 
     def _apply_item(self, rec) -> None:
-        """An ``items`` record checked (:func:`models.catalog.parse_item`) and applied; a tombstone deletes."""
+        """An ``items`` record checked (:func:`infogap.models.catalog.parse_item`) and applied; a tombstone deletes."""
         if rec.value is None:
             item_id = tombstone_key(rec.key, "item_id")
             self.engine.remove_item(item_id)
@@ -421,7 +421,7 @@ class UserStage:
 
     # ------------------------------------------------------------------ the population and the store's loss
     def load_population(self, got: dict) -> dict[str, int | None]:
-        """Take the population model read from the store (:meth:`~stream.store.Store.read_population`); returns
+        """Take the population model read from the store (:meth:`~infogap.stream.store.Store.read_population`); returns
         the segments of the users it assigned one for the first time (to write)."""
         assigned = self.engine.load_population(got["model"], got["trending"], got["at"], got["momentum"])
         for user_id in assigned:

@@ -1,6 +1,6 @@
 """The store: one interface (:class:`Store`), three implementations, picked by ``INFOGAP_REDIS_URL``.
 
->>> from stream.settings import Settings
+>>> from infogap.stream.settings import Settings
 >>> type(open_store(Settings(redis_url="redis+cluster://127.0.0.1:7100"))).__name__
 'RedisClusterStore'
 >>> open_store(Settings(redis_url="redis://127.0.0.1:6379/0")).keys
@@ -8,9 +8,9 @@ RedisKeys(prefix='ig:', cluster=False)
 """
 from __future__ import annotations
 
-from stream.store.base import Store, StoreError, StoreUnavailable, WrongTypeError
-from stream.store.keys import RedisKeys
-from stream.store.memory import MemoryStore
+from infogap.stream.store.base import Store, StoreError, StoreUnavailable, WrongTypeError
+from infogap.stream.store.keys import RedisKeys
+from infogap.stream.store.memory import MemoryStore
 
 __all__ = ["MemoryStore", "RedisKeys", "Store", "StoreError", "StoreUnavailable", "WrongTypeError", "open_store",
            "keys_for"]
@@ -24,9 +24,9 @@ def keys_for(settings) -> RedisKeys:
 def open_store(settings, **client_kwargs) -> Store:
     """The Redis or Redis Cluster store that ``settings`` name (``client_kwargs`` go to the client, such as
     ``socket_timeout``). Nothing connects until the first call."""
-    from stream import connections
-    from stream.store.redis_cluster import RedisClusterStore
-    from stream.store.redis_node import RedisStore
+    from infogap.stream import connections
+    from infogap.stream.store.redis_cluster import RedisClusterStore
+    from infogap.stream.store.redis_node import RedisStore
 
     client = connections.redis_async(settings, **client_kwargs)
     cls = RedisClusterStore if settings.redis_cluster else RedisStore

@@ -2,18 +2,18 @@
 
 The store is the shared read model, never the only copy of state: everything in it can be rebuilt
 from the workers' state (:meth:`Store.generation` tells when it was lost). Three implementations share
-this interface and one test suite (``tests/store_suite.py``): :class:`~stream.store.memory.MemoryStore`
-(tests and the pure pipeline), :class:`~stream.store.redis_node.RedisStore` (one Redis) and
-:class:`~stream.store.redis_cluster.RedisClusterStore` (Redis Cluster); :func:`stream.store.open_store`
+this interface and one test suite (``tests/store_suite.py``): :class:`~infogap.stream.store.memory.MemoryStore`
+(tests and the pure pipeline), :class:`~infogap.stream.store.redis_node.RedisStore` (one Redis) and
+:class:`~infogap.stream.store.redis_cluster.RedisClusterStore` (Redis Cluster); :func:`infogap.stream.store.open_store`
 picks one from ``INFOGAP_REDIS_URL``.
 
-What is kept (key names in :class:`~stream.store.keys.RedisKeys`, formats in docs/contracts.md):
+What is kept (key names in :class:`~infogap.stream.store.keys.RedisKeys`, formats in docs/contracts.md):
 
 - per user, written by the user stage: recommendations (a JSON document, with a TTL) and segment;
 - per item, written by the item stage: ``similar`` (JSON) and the neighbour row the user stages rank
   with, with a token per ``cooc`` partition that changes at each publish;
 - the population's trending sets (global and per segment), segment model and momentum;
-- experiment counters, absolute values per segment (:mod:`stream.experiments_store`);
+- experiment counters, absolute values per segment (:mod:`infogap.stream.experiments_store`);
 - the generation marker.
 
 Every write sets absolute values, so a write that failed half way is retried whole. Failures are
@@ -28,8 +28,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import orjson
 
-from models.experiments import Counts, Segment
-from stream.store.keys import RedisKeys
+from infogap.models.experiments import Counts, Segment
+from infogap.stream.store.keys import RedisKeys
 
 
 class StoreError(Exception):
@@ -132,7 +132,7 @@ class Store(ABC):
 
     @abstractmethod
     async def read_population(self, n_segments: int, n: int) -> dict:
-        """What :meth:`models.engine.Engine.load_population` takes: the population ``model`` (with ``at``,
+        """What :meth:`infogap.models.engine.Engine.load_population` takes: the population ``model`` (with ``at``,
         the time the scores are decayed to; None before the learner has published), the top ``n`` of
         each ``trending`` set and the ``momentum`` of every item."""
 

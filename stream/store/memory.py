@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import orjson
 
-from models.experiments import Counts, Segment
-from stream.store.base import Store, encode_momentum, population_reply
-from stream.store.keys import RedisKeys
+from infogap.models.experiments import Counts, Segment
+from infogap.stream.store.base import Store, encode_momentum, population_reply
+from infogap.stream.store.keys import RedisKeys
 
 
 class MemoryStore(Store):

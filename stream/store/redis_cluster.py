@@ -1,7 +1,7 @@
 """The store on Redis Cluster: the same writes as on one server, grouped per node.
 
 Redis Cluster refuses a command whose declared keys span slots. The keys about one user carry it as a hash
-tag (:class:`~stream.store.keys.RedisKeys` with ``cluster=True``), so that a user's recommendations and
+tag (:class:`~infogap.stream.store.keys.RedisKeys` with ``cluster=True``), so that a user's recommendations and
 segment share a slot. A batch's keys (thousands of users, thousands of rows: as many slots) are grouped by
 the node that serves them, and each node gets one script call per 1,000 keys, flagged
 ``allow-cross-slot-keys`` (Redis >= 7.0) and naming its keys in ARGV: a command per slot cost the
@@ -9,7 +9,7 @@ client ~30 us each and a third of the worker's throughput. Reads of rows go the 
 whole (``EVAL``): a replica promoted by a failover has no script cache.
 
 When a slot has moved (a failover, a resharding), a node refuses the call; the error is a
-:class:`~stream.store.base.StoreUnavailable`, the cluster's layout is read again, and the caller's retry
+:class:`~infogap.stream.store.base.StoreUnavailable`, the cluster's layout is read again, and the caller's retry
 groups the keys anew.
 
 A reader that sees a ``cooc`` partition's new token must see the rows published with it: the tokens are
@@ -27,9 +27,9 @@ from collections.abc import Iterable, Mapping, Sequence
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
-from stream.store.base import StoreUnavailable
-from stream.store.keys import RedisKeys
-from stream.store.redis_node import REPLACE_ZSET, SET_WITH_TTL_KEYS, RedisStore, translated
+from infogap.stream.store.base import StoreUnavailable
+from infogap.stream.store.keys import RedisKeys
+from infogap.stream.store.redis_node import REPLACE_ZSET, SET_WITH_TTL_KEYS, RedisStore, translated
 
 #: ``SET key value [EX ttl]`` for keys of one node, any slots (ARGV: the TTL or 0, the keys, then the values).
 SET_ON_NODE = """#!lua flags=allow-cross-slot-keys

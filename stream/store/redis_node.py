@@ -2,7 +2,7 @@
 
 Error replies: pipelines are run by :func:`execute`, which reads every reply and then raises the first
 refusal (OOM, READONLY, ...: :func:`refusal` says why, for logs and ``/health``) as
-:class:`~stream.store.base.StoreUnavailable`, or :class:`~stream.store.base.WrongTypeError` naming the
+:class:`~infogap.stream.store.base.StoreUnavailable`, or :class:`~infogap.stream.store.base.WrongTypeError` naming the
 keys that hold another type. Every write sets absolute values, so the caller retries the whole write
 (``Worker._store_retrying``): a batch half written is rewritten whole.
 """
@@ -17,10 +17,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import (ConnectionError as RedisConnectionError, OutOfMemoryError, ReadOnlyError,
                               RedisClusterException, ResponseError, TimeoutError as RedisTimeoutError)
 
-from models.experiments import Counts, Segment
-from stream.experiments_store import escape, field_name, glob_escape, parse_fields, unescape
-from stream.store.base import (Store, StoreUnavailable, WrongTypeError, encode_momentum, population_reply)
-from stream.store.keys import RedisKeys
+from infogap.models.experiments import Counts, Segment
+from infogap.stream.experiments_store import escape, field_name, glob_escape, parse_fields, unescape
+from infogap.stream.store.base import (Store, StoreUnavailable, WrongTypeError, encode_momentum, population_reply)
+from infogap.stream.store.keys import RedisKeys
 
 
 #: error codes (the reply's first word, or words in a script's error text) -> what they mean

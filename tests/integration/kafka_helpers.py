@@ -9,7 +9,7 @@ import time
 import orjson
 from aiokafka import TopicPartition
 
-from stream import connections
+from infogap.stream import connections
 
 
 def free_port() -> int:
@@ -62,8 +62,8 @@ async def read_topic(settings, topic: str, *, until=None, deadline_s: float = 20
 
 @contextlib.asynccontextmanager
 async def running_worker(settings, **kwargs):
-    """A :class:`stream.worker.Worker` running as a task; stopped (and checked for errors) on exit."""
-    from stream.worker import Worker
+    """A :class:`infogap.stream.worker.Worker` running as a task; stopped (and checked for errors) on exit."""
+    from infogap.stream.worker import Worker
 
     worker = Worker(settings, **kwargs)
     stop = asyncio.Event()
@@ -86,12 +86,12 @@ async def model_from_snapshots(settings, item_ids: list[str]):
 
     Returns (engine, {partition: Snapshot}); the engine holds every snapshotted partition's users.
     """
-    from models import Engine
-    from models.user_state import import_users, users_from_state
-    from stream.core.neighbour_rows import decode_row
-    from stream.store.keys import RedisKeys
-    from stream.store.redis_node import RedisStore
-    from stream.snapshots import SnapshotStore
+    from infogap.models import Engine
+    from infogap.models.user_state import import_users, users_from_state
+    from infogap.stream.core.neighbour_rows import decode_row
+    from infogap.stream.store.keys import RedisKeys
+    from infogap.stream.store.redis_node import RedisStore
+    from infogap.stream.snapshots import SnapshotStore
     
     snaps = await SnapshotStore(settings, settings.topics.state_users, "users").load(list(range(6)))
     engine = Engine(settings.engine_config(), cooc="remote", population="remote")
@@ -112,7 +112,7 @@ async def model_from_snapshots(settings, item_ids: list[str]):
 
 def experiment_counts(snap) -> dict:
     """The experiment counters a user-stage snapshot holds: ``{Segment: Counts}``."""
-    from models.experiments import ExperimentMetrics
+    from infogap.models.experiments import ExperimentMetrics
 
     metrics = ExperimentMetrics()
     metrics.restore_state(snap.state["part"]["experiments"], snap.arrays)

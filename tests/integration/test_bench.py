@@ -4,7 +4,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from stream.bench import run, summary_rows
+from infogap.stream.tools.bench import run, summary_rows
 
 
 async def test_bench_repeats_each_measurement_and_reports_its_median_run(settings, tmp_path):

@@ -10,8 +10,8 @@ from email import policy
 import orjson
 from aiosmtpd.controller import Controller
 
-from models.events import parse_event
-from stream.channels import ChannelConfig, ChannelWorker, feedback_events
+from infogap.models.events import parse_event
+from infogap.stream.channels import ChannelConfig, ChannelWorker, feedback_events
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import free_port, produce, read_topic
 

@@ -6,9 +6,9 @@ import asyncio
 import orjson
 import pytest
 
-from models import Engine
-from stream import connections
-from stream.client import InfogapClient
+from infogap.models import Engine
+from infogap.stream import connections
+from infogap.stream.client import InfogapClient
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import produce, running_worker
 

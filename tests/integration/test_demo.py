@@ -6,7 +6,7 @@ import socket
 
 from typer.testing import CliRunner
 
-from stream.cli import app
+from infogap.stream.tools.cli import app
 from tests.conftest import _delete_topics
 
 

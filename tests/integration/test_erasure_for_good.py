@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 from aiokafka import TopicPartition
 
-from models.experiments import kafka_partition
-from stream import connections
-from stream.bench import WorkerProcess
-from stream.snapshots import SnapshotStore
+from infogap.models.experiments import kafka_partition
+from infogap.stream import connections
+from infogap.stream.tools.bench import WorkerProcess
+from infogap.stream.snapshots import SnapshotStore
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import produce, read_topic, running_worker
 
@@ -184,7 +184,7 @@ async def test_superseded_snapshots_holding_an_erased_user_are_compacted_away(se
             await produce(s, s.topics.events, [(ZOE, {"event_id": f"tick-{k}", "user_id": ZOE, "type": "forget",
                                                      "ts": T0 + 6 + k})])
             records = await read_topic(s, s.topics.state_users)
-            from stream.snapshots import decode
+            from infogap.stream.snapshots import decode
             held = [decode(r.value, "users", r.partition).state["users"]["users"] for r in records
                     if r.partition == p]
             return len(held) >= 1 and not any(ZOE in users for users in held)

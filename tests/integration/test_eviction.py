@@ -8,8 +8,8 @@ import time
 import orjson
 import pytest
 
-from stream import connections
-from stream.store.keys import RedisKeys
+from infogap.stream import connections
+from infogap.stream.store.keys import RedisKeys
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import produce, running_worker
 

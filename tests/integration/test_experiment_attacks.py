@@ -13,10 +13,10 @@ import random
 
 import orjson
 
-from models.experiments import Experiment, summarize
-from stream import connections
-from stream.store.redis_node import RedisStore
-from stream.store.keys import RedisKeys
+from infogap.models.experiments import Experiment, summarize
+from infogap.stream import connections
+from infogap.stream.store.redis_node import RedisStore
+from infogap.stream.store.keys import RedisKeys
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import produce, read_topic, running_worker
 
@@ -190,7 +190,7 @@ async def _all_written(recs, users) -> bool:
 
 
 async def test_names_with_the_stores_separators_read_back_exactly(settings):
-    from models.experiments import Counts, Segment
+    from infogap.models.experiments import Counts, Segment
 
     counts = {Segment(0, "c|1:2", "e:m|x", "v:1|%3A"): Counts(sent=2, clicks=1),
               Segment(1, "recs", "email", "B"): Counts(sent=1)}

@@ -7,10 +7,10 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from models.events import parse_event
-from models.experiments import ExperimentMetrics, MetricsConfig, kafka_partition, summarize
-from stream.store.redis_node import RedisStore
-from stream.store.keys import RedisKeys
+from infogap.models.events import parse_event
+from infogap.models.experiments import ExperimentMetrics, MetricsConfig, kafka_partition, summarize
+from infogap.stream.store.redis_node import RedisStore
+from infogap.stream.store.keys import RedisKeys
 from tests.integration.kafka_helpers import produce, read_topic
 
 T0 = 1_732_460_000.0
@@ -115,7 +115,7 @@ async def test_metrics_of_a_known_feedback_stream_stored_in_redis_equal_hand_com
 async def test_report_command_prints_the_stored_metrics(settings, monkeypatch):
     from typer.testing import CliRunner
 
-    from stream.cli import app
+    from infogap.stream.tools.cli import app
 
     metrics = ExperimentMetrics(CFG)
     metrics.record_sends(SENDS)

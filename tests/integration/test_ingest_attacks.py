@@ -10,9 +10,9 @@ import orjson
 import pytest
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from models.events import REASON_CODES
-from stream import connections
-from stream.core.ingest import MAX_DLQ_VALUE_BYTES
+from infogap.models.events import REASON_CODES
+from infogap.stream import connections
+from infogap.stream.core.ingest import MAX_DLQ_VALUE_BYTES
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import free_port, produce, read_topic, running_worker
 

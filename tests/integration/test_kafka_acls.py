@@ -1,6 +1,6 @@
-"""The ACLs of stream/acls.py against a real broker with SASL/PLAIN and the KRaft StandardAuthorizer.
+"""The ACLs of stream/tools/acls.py against a real broker with SASL/PLAIN and the KRaft StandardAuthorizer.
 
-A private broker and redis-server are started by stream/local.py on free ports from a temporary local_dir (the
+A private broker and redis-server are started by stream/tools/local.py on free ports from a temporary local_dir (the
 default stack is not touched) and stopped at the end. One SASL user per role; the administrator is the only
 super user besides the broker itself.
 """
@@ -17,8 +17,9 @@ from aiokafka import TopicPartition
 from aiokafka.errors import TopicAuthorizationFailedError
 from pydantic import SecretStr
 
-from stream import acls, connections, local
-from stream.settings import Settings, load
+from infogap.stream import connections
+from infogap.stream.tools import acls, local
+from infogap.stream.settings import Settings, load
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import free_port, produce, running_worker
 

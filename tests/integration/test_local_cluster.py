@@ -1,4 +1,4 @@
-"""The local Redis Cluster that ``stream.local.cluster_up`` starts (3 masters, 1 replica each, 127.0.0.1:7100-7105).
+"""The local Redis Cluster that ``infogap.stream.tools.local.cluster_up`` starts (3 masters, 1 replica each, 127.0.0.1:7100-7105).
 
 The shared cluster is left running; restarting a broken cluster and ``cluster_down`` are tested on a second one
 with its own ports and ``local_dir``.
@@ -14,8 +14,8 @@ import pytest
 import redis
 from redis.cluster import ClusterNode
 
-from stream import local
-from stream.settings import load
+from infogap.stream.tools import local
+from infogap.stream.settings import load
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""The local Kafka and Redis that ``stream.local.up`` starts (settings from the environment).
+"""The local Kafka and Redis that ``infogap.stream.tools.local.up`` starts (settings from the environment).
 
 The shared servers are never stopped here; ``down`` is tested on a second instance with its own ports and
 ``local_dir``.
@@ -16,8 +16,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from stream import local
-from stream.settings import COMPACTED_TOPICS, TOPIC_PARTITIONS
+from infogap.stream.tools import local
+from infogap.stream.settings import COMPACTED_TOPICS, TOPIC_PARTITIONS
 
 pytestmark = pytest.mark.integration
 

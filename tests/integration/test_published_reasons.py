@@ -5,7 +5,7 @@ import re
 
 import orjson
 
-from stream import connections
+from infogap.stream import connections
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import produce, running_worker
 from tests.integration.test_experiment_attacks import produce_many

@@ -6,11 +6,12 @@ import asyncio
 import orjson
 import pytest
 
-from stream import connections, local
-from stream.bench import WorkerProcess
-from stream.store.redis_node import RedisStore
-from stream.store.keys import RedisKeys
-from stream.synthetic import SyntheticStream
+from infogap.stream import connections
+from infogap.stream.tools import local
+from infogap.stream.tools.bench import WorkerProcess
+from infogap.stream.store.redis_node import RedisStore
+from infogap.stream.store.keys import RedisKeys
+from infogap.stream.tools.synthetic import SyntheticStream
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import experiment_counts, free_port, model_from_snapshots, produce, running_worker
 

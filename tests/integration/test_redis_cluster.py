@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from stream import local
-from stream.client import InfogapClient
-from stream.store import open_store
+from infogap.stream.tools import local
+from infogap.stream.client import InfogapClient
+from infogap.stream.store import open_store
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import produce, running_worker
 
@@ -79,7 +79,7 @@ async def test_a_master_killed_mid_stream_loses_nothing_once_its_replica_takes_o
     import os
     import signal
 
-    from stream.settings import load
+    from infogap.stream.settings import load
 
     s = settings.model_copy(update={"redis_url": redis_cluster})
     client = InfogapClient.from_settings(s)

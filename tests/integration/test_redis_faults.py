@@ -17,7 +17,7 @@ import aiohttp
 import orjson
 import redis.asyncio as aioredis
 
-from stream import connections
+from infogap.stream import connections
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import free_port, produce
 
@@ -59,7 +59,7 @@ async def _ping(client) -> bool:
 @contextlib.asynccontextmanager
 async def worker_task(settings):
     """A worker running as a task: yields (worker, alive), ``alive()`` raising the worker's error if it died."""
-    from stream.worker import Worker
+    from infogap.stream.worker import Worker
 
     worker = Worker(settings)
     stop = asyncio.Event()

@@ -7,9 +7,9 @@ import time
 import orjson
 from prometheus_client import CollectorRegistry, generate_latest
 
-from stream import connections
-from stream.observability import StatsCollector
-from stream.store.keys import RedisKeys
+from infogap.stream import connections
+from infogap.stream.observability import StatsCollector
+from infogap.stream.store.keys import RedisKeys
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import produce, running_worker
 

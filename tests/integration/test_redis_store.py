@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import orjson
 
-from models import Engine
-from models.cooc_shard import owner
-from stream import connections
-from stream.core.neighbour_rows import encode_row
-from stream.neighbour_cache import NeighbourCache
-from stream.store.keys import RedisKeys
-from stream.store.redis_node import SET_WITH_TTL_KEYS, RedisStore
+from infogap.models import Engine
+from infogap.models.cooc_shard import owner
+from infogap.stream import connections
+from infogap.stream.core.neighbour_rows import encode_row
+from infogap.stream.neighbour_cache import NeighbourCache
+from infogap.stream.store.keys import RedisKeys
+from infogap.stream.store.redis_node import SET_WITH_TTL_KEYS, RedisStore
 
 
 async def test_a_batch_larger_than_one_script_call_writes_every_key_with_its_ttl(settings):
@@ -71,7 +71,7 @@ def test_a_ttl_redis_would_refuse_is_refused_when_the_settings_are_read():
     import pytest
     from pydantic import ValidationError
 
-    from stream.settings import Settings
+    from infogap.stream.settings import Settings
 
     with pytest.raises(ValidationError, match="recs_ttl_s"):
         Settings(recs_ttl_s=0)

@@ -1,13 +1,13 @@
 """The red-team run of issue 18 ("Done when"), at a small scale: hostile records of every shape on every input
 topic, faults in Redis and Kafka, crashes around erasure, against real worker processes (``infogap redteam``,
-:mod:`stream.redteam`). Every check must pass: no worker crashed, no good event lost or applied twice, no code
+:mod:`infogap.stream.tools.redteam`). Every check must pass: no worker crashed, no good event lost or applied twice, no code
 run from a record, no erased user back."""
 from __future__ import annotations
 
 import orjson
 import pytest
 
-from stream.redteam import run
+from infogap.stream.tools.redteam import run
 
 pytestmark = pytest.mark.slow
 

@@ -6,12 +6,12 @@ import orjson
 import pytest
 from aiokafka import TopicPartition
 
-from models import Engine
-from models.population import PopulationLearner
-from stream import connections
-from stream.bench import WorkerProcess
-from stream.store.keys import RedisKeys
-from stream.synthetic import SyntheticStream
+from infogap.models import Engine
+from infogap.models.population import PopulationLearner
+from infogap.stream import connections
+from infogap.stream.tools.bench import WorkerProcess
+from infogap.stream.store.keys import RedisKeys
+from infogap.stream.tools.synthetic import SyntheticStream
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import model_from_snapshots, produce
 

@@ -1,6 +1,6 @@
 """Kafka with SASL/PLAIN and Redis with passwords (requirepass and an ACL user) on loopback.
 
-A second broker and a second redis-server are started by stream/local.py on free ports from a temporary
+A second broker and a second redis-server are started by stream/tools/local.py on free ports from a temporary
 local_dir (the default stack is not touched) and stopped at the end. Every client is built by
 stream/connections.py from the settings, as the worker builds its own.
 """
@@ -18,8 +18,9 @@ from aiokafka.errors import KafkaConnectionError
 from pydantic import SecretStr
 from redis.exceptions import AuthenticationError
 
-from stream import connections, local
-from stream.settings import Settings, load
+from infogap.stream import connections
+from infogap.stream.tools import local
+from infogap.stream.settings import Settings, load
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import produce, read_topic, running_worker
 
@@ -150,8 +151,8 @@ async def test_worker_consumes_with_sasl_and_writes_to_password_protected_redis(
 
 
 async def test_pseudonymised_worker_writes_no_raw_user_id_and_the_client_reads_by_raw_id(secured):
-    from stream.client import InfogapClient
-    from stream.pseudonym import Pseudonymizer
+    from infogap.stream.client import InfogapClient
+    from infogap.stream.pseudonym import Pseudonymizer
 
     s, _ = secured
     s = _with(s, pseudonym_key=SecretStr(secrets.token_hex(32)), redis_prefix="psec:", consumer_group="psec-workers")

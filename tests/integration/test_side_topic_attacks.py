@@ -11,10 +11,10 @@ import time
 import orjson
 from pydantic import SecretStr
 
-from models.catalog import MAX_TITLE_CHARS
-from models.push_policy import PushConfig
-from stream import connections
-from stream.pseudonym import Pseudonymizer
+from infogap.models.catalog import MAX_TITLE_CHARS
+from infogap.models.push_policy import PushConfig
+from infogap.stream import connections
+from infogap.stream.pseudonym import Pseudonymizer
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import produce, read_topic, running_worker
 

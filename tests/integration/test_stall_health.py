@@ -10,7 +10,8 @@ import aiohttp
 import orjson
 import pytest
 
-from stream import connections, local
+from infogap.stream import connections
+from infogap.stream.tools import local
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import free_port, produce, read_topic, running_worker
 

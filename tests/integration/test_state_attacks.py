@@ -12,9 +12,9 @@ import pytest
 import zstandard
 from aiokafka import TopicPartition
 
-from models.experiments import kafka_partition
-from stream import connections
-from stream.snapshots import encode
+from infogap.models.experiments import kafka_partition
+from infogap.stream import connections
+from infogap.stream.snapshots import encode
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import free_port, produce, read_topic, running_worker
 
@@ -136,12 +136,12 @@ async def test_hostile_and_unreadable_snapshots_stop_only_their_partitions_and_r
 async def test_a_pickled_snapshot_of_an_older_version_migrates_and_restores(settings):
     """The upgrade path: a partition stopped on a pickle is rewritten by `infogap state migrate`, then
     restored with every user and the offset it covered."""
-    from models import Engine
-    from models.user_state import export_users
-    from stream.settings import load as load_settings
-    from stream.state_migration import migrate
-    from stream.core.user_partition import UserPartition
-    from models.push_policy import PushConfig
+    from infogap.models import Engine
+    from infogap.models.user_state import export_users
+    from infogap.stream.settings import load as load_settings
+    from infogap.stream.tools.state_migration import migrate
+    from infogap.stream.core.user_partition import UserPartition
+    from infogap.models.push_policy import PushConfig
 
     p = 3
     users = [u for u in users_by_partition(4)[p]]

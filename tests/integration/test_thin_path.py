@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import orjson
-from stream import connections
+from infogap.stream import connections
 
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import produce, read_topic, running_worker

@@ -1,13 +1,13 @@
-"""stream/acls.py without a broker: the grants per role, the principals, the check for stray writers; and the
-authorizer option of stream/local.py's server_properties (tests/integration/test_kafka_acls.py runs them)."""
+"""stream/tools/acls.py without a broker: the grants per role, the principals, the check for stray writers; and the
+authorizer option of stream/tools/local.py's server_properties (tests/integration/test_kafka_acls.py runs them)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from stream import acls, local
-from stream.settings import Settings
+from infogap.stream.tools import acls, local
+from infogap.stream.settings import Settings
 
 S = Settings(topic_prefix="p.", consumer_group="g")
 P = acls.Principals.from_mapping({"worker": "w", "producers": "User:a,User:b", "catalog": "c",

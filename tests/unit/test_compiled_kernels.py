@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.selection import choose
-from models.slot_table import SlotTable
-from models.votes import Votes
+from infogap.models.selection import choose
+from infogap.models.slot_table import SlotTable
+from infogap.models.votes import Votes
 
 
 @settings(max_examples=300, deadline=None)
@@ -112,7 +112,7 @@ def test_slot_table_pickled_as_separate_arrays_still_loads():
 
 def test_votes_momentum_follows_its_inputs_through_the_memo():
     """The momentum factor is memoised per item; a changed count, popularity or decay is seen at once."""
-    from models.votes import vote
+    from infogap.models.votes import vote
 
     nb = np.array([[-1, -1, -1], [1, 2, 3], [0, 2, -1]], np.int32)
     sq = np.array([0, 0, 0, 1.0, 2.0, 3.0, 1.5, 0.5, 0])
@@ -141,7 +141,7 @@ def test_votes_momentum_follows_its_inputs_through_the_memo():
 @given(st.data())
 def test_votes_and_anchors_match_a_plain_loop_whether_marks_are_scanned_or_touches_noted(data):
     """Small catalogs next to k x M slots scan the marks; large ones note first touches: same answer."""
-    from models.votes import vote
+    from infogap.models.votes import vote
 
     m = data.draw(st.integers(2, 5))
     n_blocks = data.draw(st.integers(1, 6))

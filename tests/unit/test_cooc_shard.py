@@ -7,8 +7,8 @@ import zlib
 import numpy as np
 import pytest
 
-from models import Engine, EngineConfig
-from models.cooc_shard import CoOccurrenceShard, PairDeltas
+from infogap.models import Engine, EngineConfig
+from infogap.models.cooc_shard import CoOccurrenceShard, PairDeltas
 
 from .test_models_support import group_stream
 
@@ -185,7 +185,7 @@ def _state_by_id(eng: Engine) -> tuple[dict, dict]:
 def test_rows_read_by_their_shards_numbers_give_the_same_state_as_rows_read_by_ids(stream):
     """The wire form carries the shard's numbers: a reader translates them (ids read only for new
     numbers) and holds exactly what reading every id gives, over refreshes and a restored shard."""
-    from stream.core.neighbour_rows import decode_row, encode_row
+    from infogap.stream.core.neighbour_rows import decode_row, encode_row
 
     evs, items = stream
     learner = Engine(CFG, cooc="remote")
@@ -211,7 +211,7 @@ def test_rows_read_by_their_shards_numbers_give_the_same_state_as_rows_read_by_i
 def test_popularity_of_several_rows_at_once_is_as_row_by_row():
     """Rows published at different times carry their neighbours' counts of then: set together, each
     item ends with its newest count (the later one on a tie), as when set row by row."""
-    from models.cooccurrence import CoOccurrence
+    from infogap.models.cooccurrence import CoOccurrence
 
     rows = [np.array([0, 1, 2]), np.array([1, 3]), np.array([2, 1])]
     pops = [np.array([5.0, 4.0, 3.0]), np.array([7.0, 1.0]), np.array([9.0, 8.0])]
@@ -268,7 +268,7 @@ def test_the_compact_layout_takes_half_the_bytes_and_the_full_one_still_reads():
 def test_a_row_written_before_numbers_still_reads():
     import orjson
 
-    from stream.core.neighbour_rows import decode_row
+    from infogap.stream.core.neighbour_rows import decode_row
 
     head = orjson.dumps({"item_id": "a", "t": 5.0, "pop": 2.0, "total": 9.0, "pair_total": 4.0, "neighbours": ["b"]})
     raw = len(head).to_bytes(4, "big") + head + np.arange(5.0).tobytes()

@@ -1,4 +1,4 @@
-"""stream/local.py without Kafka or Redis: configuration, pid-file safety, error messages."""
+"""stream/tools/local.py without Kafka or Redis: configuration, pid-file safety, error messages."""
 from __future__ import annotations
 
 import base64
@@ -11,8 +11,8 @@ import time
 import pytest
 from pydantic import SecretStr
 
-from stream import local
-from stream.settings import Settings
+from infogap.stream.tools import local
+from infogap.stream.settings import Settings
 
 
 @pytest.fixture
@@ -88,7 +88,7 @@ def test_down_without_pid_files_is_a_no_op(settings):
 
 def test_down_stops_what_it_started(settings, caplog):
     """A process whose cmdline matches ours is stopped with SIGTERM (and reaped, no zombie left)."""
-    caplog.set_level(logging.INFO, logger="stream.local")
+    caplog.set_level(logging.INFO, logger="infogap.stream.tools.local")
     p = local.paths(settings)
     p.redis_dir.mkdir(parents=True)
     # `exec -a` gives the process the argv of a redis-server on our port

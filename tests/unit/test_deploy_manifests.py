@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stream.settings import TOPIC_PARTITIONS, Settings
+from infogap.stream.settings import TOPIC_PARTITIONS, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -185,7 +185,7 @@ def test_compose_workers_env_replicas_and_order(compose):
 def test_compose_topics_job_uses_our_ensure_topics(compose):
     topics = compose["services"]["topics"]
     assert topics["image"] == compose["services"]["worker"]["image"]
-    assert topics["entrypoint"][:4] == ["python", "-m", "stream.local", "ensure-topics"]
+    assert topics["entrypoint"][:4] == ["python", "-m", "infogap.stream.tools.local", "ensure-topics"]
     assert topics["restart"] == "no"
     assert _env(topics)["INFOGAP_KAFKA_BOOTSTRAP"] == "kafka:9092"
 
@@ -271,7 +271,7 @@ def test_k8s_pdb_selects_the_workers(k8s):
 def test_k8s_topics_job(k8s):
     job = k8s["Job/infogap-topics"]
     c = job["spec"]["template"]["spec"]["containers"][0]
-    assert c["command"][:4] == ["python", "-m", "stream.local", "ensure-topics"]
+    assert c["command"][:4] == ["python", "-m", "infogap.stream.tools.local", "ensure-topics"]
     assert c["image"] == _worker_container(k8s)["image"]
     assert {"configMapRef": {"name": "infogap-config"}} in c["envFrom"]
     assert job["spec"]["template"]["spec"]["restartPolicy"] in ("OnFailure", "Never")

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.evaluation import (DecayedPopularity, Popularity, PrequentialResult, hit_rate, hr_curve, ndcg,
+from infogap.models.evaluation import (DecayedPopularity, Popularity, PrequentialResult, hit_rate, hr_curve, ndcg,
                                prequential)
-from models.events import Event
+from infogap.models.events import Event
 
 
 def ev(user, item, ts, type_="rate"):
@@ -162,7 +162,7 @@ def test_hr_curve_window_and_cumulative():
 
 
 def test_the_engine_fits_the_protocol():
-    from models import Engine
+    from infogap.models import Engine
 
     rng = np.random.default_rng(0)
     stream, t = [], 0.0

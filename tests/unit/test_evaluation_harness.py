@@ -1,4 +1,4 @@
-"""stream/evaluate.py: event files, the implicit peers behind the online protocol, the run and the command."""
+"""stream/tools/evaluate.py: event files, the implicit peers behind the online protocol, the run and the command."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-from models.evaluation import prequential
-from stream.evaluate import (EvalOptions, ImplicitPeer, Report, load_dataset, make_model, parse_models, parse_refit,
+from infogap.models.evaluation import prequential
+from infogap.stream.tools.evaluate import (EvalOptions, ImplicitPeer, Report, load_dataset, make_model, parse_models, parse_refit,
                              read_event_file, run_model, table)
 
 
@@ -115,7 +115,7 @@ def test_infogap_ranks_the_same_with_or_without_reasons(events_file):
 def test_evaluate_command_end_to_end(events_file, tmp_path):
     from typer.testing import CliRunner
 
-    from stream.cli import app
+    from infogap.stream.tools.cli import app
 
     out = tmp_path / "out"
     res = CliRunner().invoke(app, ["evaluate", "--events-file", str(events_file), "--models", "pop,knn",
@@ -135,7 +135,7 @@ def test_evaluate_command_end_to_end(events_file, tmp_path):
 def test_evaluate_command_rejects_bad_options(events_file):
     from typer.testing import CliRunner
 
-    from stream.cli import app
+    from infogap.stream.tools.cli import app
 
     res = CliRunner().invoke(app, ["evaluate", "--events-file", str(events_file), "--models", "svd"])
     assert res.exit_code == 2 and "unknown model" in res.output
@@ -159,7 +159,7 @@ def test_table_names_the_ratio_to_the_best_peer():
 def test_evaluate_repeats_each_model_and_reports_its_median_run(events_file, tmp_path):
     from typer.testing import CliRunner
 
-    from stream.cli import app
+    from infogap.stream.tools.cli import app
 
     out = tmp_path / "out"
     res = CliRunner().invoke(app, ["evaluate", "--events-file", str(events_file), "--models", "infogap,pop",

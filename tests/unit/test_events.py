@@ -7,9 +7,9 @@ import orjson
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from models.dedupe import Deduplicator
-from models.events import EVENT_TYPES, Event, InvalidEvent, Limits, as_event, parse_event, validate_event
-from stream.core.ingest import Ingest
+from infogap.models.dedupe import Deduplicator
+from infogap.models.events import EVENT_TYPES, Event, InvalidEvent, Limits, as_event, parse_event, validate_event
+from infogap.stream.core.ingest import Ingest
 
 NOW = 1_800_000_000.0
 GOOD = {"event_id": "e1", "user_id": "u1", "item_id": "sku-1", "type": "click", "ts": 1_700_000_000.0}
@@ -158,9 +158,9 @@ def test_ingest_keeps_every_field_of_an_event_but_its_user_id_which_it_pseudonym
 
     import orjson
 
-    from models.dedupe import Deduplicator
-    from models.events import Event, Limits
-    from stream.core.ingest import Ingest
+    from infogap.models.dedupe import Deduplicator
+    from infogap.models.events import Event, Limits
+    from infogap.stream.core.ingest import Ingest
 
     doc = {"event_id": "e1", "user_id": "alice", "type": "purchase", "ts": 1.7e9, "item_id": "i1", "value": 9.5,
            "rating": 4.0, "session_id": "s1", "context": {"campaign": "c"}}
@@ -190,7 +190,7 @@ def code_of(doc_or_raw, **kwargs) -> str:
     ({**GOOD, "value": 1e300}, "bad_value"), ({**GOOD, "context": "email"}, "bad_type"),
 ])
 def test_each_rejection_has_a_code_from_the_fixed_set(doc, code):
-    from models.events import REASON_CODES
+    from infogap.models.events import REASON_CODES
 
     assert code_of(doc) == code and code in REASON_CODES
     with pytest.raises(InvalidEvent, match="empty record") as exc:
@@ -201,7 +201,7 @@ def test_each_rejection_has_a_code_from_the_fixed_set(doc, code):
 @hsettings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200) | st.dictionaries(st.sampled_from(sorted(GOOD) + ["context"]), json_values))
 def test_every_rejection_of_arbitrary_input_has_a_known_code(raw):
-    from models.events import REASON_CODES
+    from infogap.models.events import REASON_CODES
 
     try:
         if isinstance(raw, bytes):
@@ -241,7 +241,7 @@ def test_unknown_types_when_allowed_are_still_bounded():
 
 
 def test_the_record_key_must_name_the_events_user():
-    from stream.pseudonym import Pseudonymizer
+    from infogap.stream.pseudonym import Pseudonymizer
 
     raw = orjson.dumps(GOOD)
     assert parse_event(raw, now=NOW, key=b"u1").user_id == "u1"
@@ -306,7 +306,7 @@ def test_ingest_sends_a_mismatched_key_to_the_dlq_with_its_code():
 
 
 def test_a_dead_letter_has_a_code_from_the_fixed_set_and_bounded_size():
-    from stream.core.ingest import MAX_DLQ_KEY_BYTES, MAX_DLQ_VALUE_BYTES, DeadLetter
+    from infogap.stream.core.ingest import MAX_DLQ_KEY_BYTES, MAX_DLQ_VALUE_BYTES, DeadLetter
 
     assert DeadLetter(b"x", None, "bad t.items record: boom", "t.items", 0, 1).code == "bad_items_record"
     assert DeadLetter(b"x", None, "bad", "t1.users", 0, 1).code == "bad_users_record"
@@ -324,7 +324,7 @@ def test_a_dead_letter_has_a_code_from_the_fixed_set_and_bounded_size():
 
 
 def test_the_dlq_metric_is_keyed_by_code_never_by_text():
-    from stream.observability import WorkerStats
+    from infogap.stream.observability import WorkerStats
 
     st = WorkerStats()
     for i in range(1000):

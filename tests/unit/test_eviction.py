@@ -5,10 +5,10 @@ import tracemalloc
 
 import pytest
 
-from models import Engine, EngineConfig
-from models.push_policy import PushConfig, UserPrefs
-from stream.settings import Settings
-from stream.core.user_partition import UserPartition
+from infogap.models import Engine, EngineConfig
+from infogap.models.push_policy import PushConfig, UserPrefs
+from infogap.stream.settings import Settings
+from infogap.stream.core.user_partition import UserPartition
 
 T0 = 1_732_449_600.0  # 2024-11-24 12:00 UTC
 DAY = 86_400.0

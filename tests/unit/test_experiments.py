@@ -10,8 +10,8 @@ import sys
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from models.events import Event
-from models.experiments import (NO_VARIANT, Counts, Experiment, ExperimentMetrics, Figures, MetricsConfig, Segment,
+from infogap.models.events import Event
+from infogap.models.experiments import (NO_VARIANT, Counts, Experiment, ExperimentMetrics, Figures, MetricsConfig, Segment,
                                 kafka_partition, mean_interval, summarize, unit_hash, wilson)
 
 Z = 1.959963984540054
@@ -253,7 +253,7 @@ def test_assignment_is_deterministic_across_processes():
     users = [f"u{i}" for i in range(50)]
     exp = Experiment("ranker-v2", {"A": 0.5, "B": 0.5})
     here = [exp.assign(u) for u in users]
-    code = ("from models.experiments import Experiment; e = Experiment('ranker-v2', {'A': 0.5, 'B': 0.5});"
+    code = ("from infogap.models.experiments import Experiment; e = Experiment('ranker-v2', {'A': 0.5, 'B': 0.5});"
             f"print(','.join(e.assign(f'u{{i}}') for i in range(50)))")
     for seed in ("1", "2"):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -364,7 +364,7 @@ def test_metrics_pickled_before_the_checks_restore_with_their_defaults():
 
 
 def test_store_fields_and_keys_escape_the_separators():
-    from stream.experiments_store import escape, field_name, parse_fields, unescape
+    from infogap.stream.experiments_store import escape, field_name, parse_fields, unescape
 
     seg = Segment(3, "a|b:c%7C", "e|m:x", "v")
     raw = {field_name(seg, "clicks"): "2", field_name(seg, "sent"): "4"}

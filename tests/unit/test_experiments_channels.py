@@ -8,10 +8,10 @@ import orjson
 import pytest
 from hypothesis import given, strategies as st
 
-from models.events import parse_event
-from models.experiments import COUNT_FIELDS, Counts, Segment
-from stream.channels import ChannelConfig, address_for, check_message, email_for, feedback_events
-from stream.experiments_store import field_name, metrics_config, parse_fields
+from infogap.models.events import parse_event
+from infogap.models.experiments import COUNT_FIELDS, Counts, Segment
+from infogap.stream.channels import ChannelConfig, address_for, check_message, email_for, feedback_events
+from infogap.stream.experiments_store import field_name, metrics_config, parse_fields
 
 NOW = 1_732_460_000.0
 

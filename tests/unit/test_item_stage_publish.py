@@ -4,10 +4,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-from models import Engine, EngineConfig
-from stream.item_stage import ItemStage
-from stream.observability import WorkerStats
-from stream.settings import Settings
+from infogap.models import Engine, EngineConfig
+from infogap.stream.item_stage import ItemStage
+from infogap.stream.observability import WorkerStats
+from infogap.stream.settings import Settings
 
 
 class _SlowStore:
@@ -43,7 +43,7 @@ async def _publish_twice(stage: ItemStage | None, force_second: bool = False, **
 
 
 def test_a_publish_that_encodes_slowly_pushes_the_next_one_back_to_keep_its_share_of_the_time(monkeypatch):
-    import stream.core.item_shards as item_shards
+    import infogap.stream.core.item_shards as item_shards
 
     slow = item_shards.encode_row
 
@@ -80,7 +80,7 @@ def test_a_quick_publish_keeps_the_configured_interval_and_a_forced_one_always_g
 def test_after_a_redis_data_loss_every_owned_row_is_published_again_a_chunk_per_publish(monkeypatch):
     """``ItemStage.rematerialise`` (the worker found Redis emptied): rows unchanged since their last publish are
     written again, ``_REFILL_ROWS`` a publish, without waiting the publish interval; counted for /metrics."""
-    import stream.item_stage as item_stage
+    import infogap.stream.item_stage as item_stage
 
     monkeypatch.setattr(item_stage, "_REFILL_ROWS", 1)
     store = _SlowStore(0.0)

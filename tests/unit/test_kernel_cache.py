@@ -1,10 +1,10 @@
-"""Stale compiled kernels are dropped when any models/ source changes (stream.kernel_cache)."""
+"""Stale compiled kernels are dropped when any models/ source changes (infogap.stream.tools.kernel_cache)."""
 from __future__ import annotations
 
 import shutil
 
-from models import warm_up
-from stream.kernel_cache import MODELS_DIR, drop_stale_kernels, models_cache_dir
+from infogap.models import warm_up
+from infogap.stream.tools.kernel_cache import MODELS_DIR, drop_stale_kernels, models_cache_dir
 
 
 def test_the_cache_dir_found_is_where_numba_keeps_the_models_kernels():
@@ -34,14 +34,14 @@ def test_a_change_in_any_models_file_drops_every_cached_kernel(tmp_path):
 _STREAM_PATHS = """
 import numpy as np
 from numba.core.registry import CPUDispatcher
-import models, models.cooccurrence, models.learn_core, models.rank_core, models.selection, models.slot_table
-import models.votes
-from models import Engine, EngineConfig, warm_up
-from models.cooc_shard import CoOccurrenceShard, PairDeltas
+import infogap.models, infogap.models.cooccurrence, infogap.models.learn_core, infogap.models.rank_core, infogap.models.selection, infogap.models.slot_table
+import infogap.models.votes
+from infogap.models import Engine, EngineConfig, warm_up
+from infogap.models.cooc_shard import CoOccurrenceShard, PairDeltas
 
 def signatures():
-    return {(m.__name__, k): tuple(f.signatures) for m in (models.cooccurrence, models.learn_core, models.rank_core,
-            models.selection, models.slot_table, models.votes)
+    return {(m.__name__, k): tuple(f.signatures) for m in (infogap.models.cooccurrence, infogap.models.learn_core, infogap.models.rank_core,
+            infogap.models.selection, infogap.models.slot_table, infogap.models.votes)
             for k, f in vars(m).items() if isinstance(f, CPUDispatcher)}
 
 warm_up()
@@ -67,7 +67,7 @@ shard.similar("i7", 5)
 users.load_rows([shard.export_row(i) for i in shard.owned()])
 users.recommend("u1", 5), users.recommend("u3", 5, explain=False)
 users.drop_rows(["i7"])
-from models.slot_table import SlotTable
+from infogap.models.slot_table import SlotTable
 index = SlotTable(capacity=1)  # grown (rehashed) as a learner's index grows
 index.insert_many(np.arange(100), np.arange(100))
 index.delete_many(np.arange(5))

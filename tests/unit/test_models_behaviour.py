@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from models import Engine, EngineConfig
+from infogap.models import Engine, EngineConfig
 
 from .test_models_support import DAY, T0, adjusted_rand_index, event, group_stream, trained
 

@@ -20,14 +20,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import models.engine as engine_mod
-import models.learn_core as learn_core
-from models import Engine, EngineConfig
-from models.catalog import Catalog
-from models.cooccurrence import CoOccurrence, PairWeights, code
-from models.profile import Profiles
-from models.segments import Segmenter
-from models.trending import Trending
+import infogap.models.engine as engine_mod
+import infogap.models.learn_core as learn_core
+from infogap.models import Engine, EngineConfig
+from infogap.models.catalog import Catalog
+from infogap.models.cooccurrence import CoOccurrence, PairWeights, code
+from infogap.models.profile import Profiles
+from infogap.models.segments import Segmenter
+from infogap.models.trending import Trending
 
 from .test_models_support import DAY, T0, first_difference, group_stream, random_stream, snapshot
 
@@ -311,7 +311,7 @@ def test_event_field_order_and_event_objects_irrelevant():
     a, b, c = Engine(TINY), Engine(TINY), Engine(TINY)
     a.learn_many(xs)
     b.learn_many([dict(reversed(list(e.items()))) for e in xs])
-    from models.events import as_event
+    from infogap.models.events import as_event
     c.learn_many([as_event(e) for e in xs])
     _same(a, b)
     _same(a, c)
@@ -484,7 +484,7 @@ def test_segmenter_nearest_center_is_rivers():
     """The segmenter's KMeans finds the nearest center over its fixed keys: River's answer, faster."""
     from river import cluster
 
-    from models.segments import Segmenter
+    from infogap.models.segments import Segmenter
 
     s = Segmenter(n_segments=6, seed=1)
     rng = random.Random(3)
@@ -502,7 +502,7 @@ def test_segmenter_nearest_follows_its_centers_and_keeps_a_user_within_the_margi
     the centers: learned, seeded or loaded."""
     from river import cluster
 
-    from models.segments import Segmenter
+    from infogap.models.segments import Segmenter
 
     rng = random.Random(5)
 
@@ -551,12 +551,16 @@ def test_models_import_only_compute_libraries(name):
     encodes pair deltas to bytes)."""
     import sys
     tree = ast.parse((MODELS_DIR / name).read_text())
-    allowed = {"numpy", "numba", "orjson", "river", "models"} | set(sys.stdlib_module_names)
+    allowed = {"numpy", "numba", "orjson", "river", "infogap.models"} | set(sys.stdlib_module_names)
+
+    def root(module: str) -> str:  # infogap.models.x -> infogap.models; numpy.linalg -> numpy
+        return "infogap.models" if module.startswith("infogap.models") else module.split(".")[0]
+
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            roots = [a.name.split(".")[0] for a in node.names]
+            roots = [root(a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            roots = [(node.module or "").split(".")[0]] if node.level == 0 else []
+            roots = [root(node.module or "")] if node.level == 0 else []
         else:
             continue
         for r in roots:
@@ -580,7 +584,7 @@ def test_models_read_no_clock_and_no_randomness():
 def test_trending_top_lists_are_remembered_until_the_scores_change_and_go_with_their_object():
     import gc
 
-    from models.scratch import _MEMOS
+    from infogap.models.scratch import _MEMOS
 
     t = Trending(n_segments=2)
     t.ensure(4)

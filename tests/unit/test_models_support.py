@@ -57,7 +57,7 @@ def event(k: int, user: str, item: str | None, ts: float, typ: str = "view", **k
 
 def trained(config, items: list[dict], events: list[dict]):
     """An ``Engine(config)`` told ``items``, then taught ``events``."""
-    from models import Engine
+    from infogap.models import Engine
 
     engine = Engine(config)
     for item in items:

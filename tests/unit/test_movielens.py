@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stream import movielens
-from stream.movielens import MovieLensUnavailable, load_movielens, make_fake_wheel
+from infogap.stream.tools import movielens
+from infogap.stream.tools.movielens import MovieLensUnavailable, load_movielens, make_fake_wheel
 
 INTER = ("user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
          "7\t3\t5\t300\n2\t10\t1\t300\n2\t3\t4\t300\n1\t1\t3\t100\n")

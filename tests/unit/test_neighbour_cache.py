@@ -5,9 +5,9 @@ import asyncio
 
 import pytest
 
-from models.cooc_shard import owner
-from stream.neighbour_cache import ABSENT_RETRY_S, UNCHANGED_MAX_S, NeighbourCache
-from stream.store import MemoryStore, RedisKeys
+from infogap.models.cooc_shard import owner
+from infogap.stream.neighbour_cache import ABSENT_RETRY_S, UNCHANGED_MAX_S, NeighbourCache
+from infogap.stream.store import MemoryStore, RedisKeys
 
 
 class _Redis(MemoryStore):
@@ -39,7 +39,7 @@ class _Engine:
 
 
 def test_a_missing_row_is_asked_again_soon_and_a_present_one_after_its_max_age(monkeypatch):
-    monkeypatch.setattr("stream.neighbour_cache.decode_row", lambda raw: {"raw": raw})
+    monkeypatch.setattr("infogap.stream.neighbour_cache.decode_row", lambda raw: {"raw": raw})
     redis, engine, keys = _Redis(), _Engine(), RedisKeys("t:")
     cache = NeighbourCache(redis, capacity=10, max_age_s=2.0)
 
@@ -56,7 +56,7 @@ def test_a_missing_row_is_asked_again_soon_and_a_present_one_after_its_max_age(m
 
 
 def test_a_row_past_its_max_age_is_read_again_only_when_its_shard_has_published_since(monkeypatch):
-    monkeypatch.setattr("stream.neighbour_cache.decode_row", lambda raw: {"raw": raw})
+    monkeypatch.setattr("infogap.stream.neighbour_cache.decode_row", lambda raw: {"raw": raw})
     redis, engine, keys = _Redis(), _Engine(), RedisKeys("t:")
     cache = NeighbourCache(redis, capacity=10, max_age_s=2.0, partitions=3)
     shard = {i: owner(i, 3) for i in ("a", "b", "c", "d")}
@@ -86,7 +86,7 @@ def test_a_row_past_its_max_age_is_read_again_only_when_its_shard_has_published_
 
 def test_without_a_token_a_row_past_its_max_age_is_read_again(monkeypatch):
     """Rows written by an item stage that writes no token (or with the partition count unknown)."""
-    monkeypatch.setattr("stream.neighbour_cache.decode_row", lambda raw: {"raw": raw})
+    monkeypatch.setattr("infogap.stream.neighbour_cache.decode_row", lambda raw: {"raw": raw})
     redis, engine, keys = _Redis(), _Engine(), RedisKeys("t:")
     redis.rows[keys.neighbour_row("a")] = b"row-a"
     for partitions in (2, None):
@@ -99,8 +99,8 @@ def test_reading_rows_is_paced_by_its_cost(monkeypatch):
     """Loading rows that took a quarter of the time (a backlog) stretches the max age until it would
     take the share allowed; cheap reads bring it back to max_age_s."""
     cpu = [0.0]
-    monkeypatch.setattr("stream.neighbour_cache.time.thread_time", lambda: cpu[0])
-    monkeypatch.setattr("stream.neighbour_cache.decode_row", lambda raw: {"raw": raw})
+    monkeypatch.setattr("infogap.stream.neighbour_cache.time.thread_time", lambda: cpu[0])
+    monkeypatch.setattr("infogap.stream.neighbour_cache.decode_row", lambda raw: {"raw": raw})
     redis, keys = _Redis(), RedisKeys("t:")
 
     class Slow(_Engine):
@@ -128,7 +128,7 @@ def test_reading_rows_is_paced_by_its_cost(monkeypatch):
 
 
 def test_a_max_age_of_zero_reads_every_time(monkeypatch):
-    monkeypatch.setattr("stream.neighbour_cache.decode_row", lambda raw: {"raw": raw})
+    monkeypatch.setattr("infogap.stream.neighbour_cache.decode_row", lambda raw: {"raw": raw})
     redis, engine, keys = _Redis(), _Engine(), RedisKeys("t:")
     redis.rows[keys.neighbour_row("a")] = b"row-a"
     cache = NeighbourCache(redis, capacity=10, max_age_s=0.0, read_max_share=0.05)

@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from models import Engine, EngineConfig
-from models.population import PopulationLearner
+from infogap.models import Engine, EngineConfig
+from infogap.models.population import PopulationLearner
 
 from .test_models_support import adjusted_rand_index, group_stream, random_stream
 

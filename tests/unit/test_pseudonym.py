@@ -12,9 +12,9 @@ import pytest
 from hypothesis import assume, given, settings as hsettings, strategies as st
 from pydantic import SecretStr
 
-from stream.client import InfogapClient
-from stream.pseudonym import HEX_CHARS, PREFIX, PSEUDONYM_LENGTH, Pseudonymizer, pseudonymize
-from stream.settings import Settings
+from infogap.stream.client import InfogapClient
+from infogap.stream.pseudonym import HEX_CHARS, PREFIX, PSEUDONYM_LENGTH, Pseudonymizer, pseudonymize
+from infogap.stream.settings import Settings
 
 KEY = "k" * 16 + "-test-key-0001"
 FORMAT = re.compile(rf"^{PREFIX}[0-9a-f]{{{HEX_CHARS}}}$")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from models.push_policy import PushConfig, PushPolicy, UserPrefs
+from infogap.models.push_policy import PushConfig, PushPolicy, UserPrefs
 
 NOON_UTC = 1_732_449_600.0  # 2024-11-24 12:00 UTC
 

@@ -11,19 +11,19 @@ import math
 import numpy as np
 import pytest
 
-import models.rank_core as rank_core
-import models.ranker as ranker
-from models import Engine, EngineConfig
-from models.rank_core import ANCHOR_ROW, ANCHOR_TYPE, COUNT, DOMINANT, LIFT, PICK, SCORE
-from models.ranker import PARTS, Recommendation, settings_for
-from models.selection import choose, why
-from models.votes import MOMENTUM_RESOLUTION_S, vote
+import infogap.models.rank_core as rank_core
+import infogap.models.ranker as ranker
+from infogap.models import Engine, EngineConfig
+from infogap.models.rank_core import ANCHOR_ROW, ANCHOR_TYPE, COUNT, DOMINANT, LIFT, PICK, SCORE
+from infogap.models.ranker import PARTS, Recommendation, settings_for
+from infogap.models.selection import choose, why
+from infogap.models.votes import MOMENTUM_RESOLUTION_S, vote
 
 from .test_models_support import group_stream
 
 
 def _step_by_step(engine, cfg, qd_tab, qs_tab, u: int, k: int, n: int, cap: int, excl, explain: bool):
-    """The ranker as it was before models.rank_core: numpy between one kernel call per step. Returns
+    """The ranker as it was before infogap.models.rank_core: numpy between one kernel call per step. Returns
     ``(picked, score_of, dominant, anchors, mix)``."""
     cat = engine._catalog
     co = engine._cooc
@@ -35,7 +35,7 @@ def _step_by_step(engine, cfg, qd_tab, qs_tab, u: int, k: int, n: int, cap: int,
     cand = np.zeros(0, np.int64)
     votes = None
     if k and cfg.w_cooc > 0:
-        # neighbours of the recent items vote (models.votes: only voted items are touched)
+        # neighbours of the recent items vote (infogap.models.votes: only voted items are touched)
         idx = engine._ring_idx[prof.n_push[u] % prof.history_len, :k]
         items = prof.hist_item[u, idx]
         ts = prof.hist_ts[u, idx]
@@ -196,7 +196,7 @@ def test_variant_overrides_rank_with_their_own_settings(learned):
 def test_an_older_event_that_arrives_last_does_not_break_ranking(late_by):
     """A user's latest-arriving event older than an earlier one by the gap time constant (60 s) divided by
     zero in the compiled ranker (ZeroDivisionError, on every restart); a larger gap made the weight negative."""
-    from models import Engine
+    from infogap.models import Engine
 
     e = Engine()
     t = 1_700_000_000.0

@@ -1,5 +1,5 @@
 """Per-request ranker overrides (A/B variants): ``Engine.recommend(..., overrides=...)``, their
-validation (``models.experiments.validate_overrides``) and ``INFOGAP_EXPERIMENT_OVERRIDES``."""
+validation (``infogap.models.experiments.validate_overrides``) and ``INFOGAP_EXPERIMENT_OVERRIDES``."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-import models.rank_core as rank_core
-import models.ranker as ranker
-from models import Engine, EngineConfig
-from models.experiments import RANKER_OVERRIDES, validate_overrides
-from stream.settings import Settings
+import infogap.models.rank_core as rank_core
+import infogap.models.ranker as ranker
+from infogap.models import Engine, EngineConfig
+from infogap.models.experiments import RANKER_OVERRIDES, validate_overrides
+from infogap.stream.settings import Settings
 
 from .test_models_support import T0, event, random_stream, snapshot
 
@@ -250,7 +250,7 @@ def test_settings_engine_sets_the_workers_engine_config(monkeypatch):
 
 # ------------------------------------------------------------------------------ one way: INFOGAP_EXPERIMENT
 def test_the_experiment_carries_its_variants_ranker_settings(monkeypatch):
-    from stream.experiments_store import experiment_from_settings
+    from infogap.stream.experiments_store import experiment_from_settings
 
     monkeypatch.setenv("INFOGAP_EXPERIMENT", '{"name": "recs-v2", "variants": {"A": 0.5, "B": 0.5}, '
                                              '"overrides": {"B": {"w_segment": 1, "new_item_slots": 2.0}}}')
@@ -274,7 +274,7 @@ def test_a_bad_experiment_override_stops_the_process_at_start(monkeypatch, overr
 
 
 def test_the_old_overrides_setting_is_a_deprecated_alias(monkeypatch):
-    from stream.experiments_store import experiment_from_settings
+    from infogap.stream.experiments_store import experiment_from_settings
 
     monkeypatch.setenv("INFOGAP_EXPERIMENT", '{"name": "x", "variants": {"A": 1, "B": 1}}')
     monkeypatch.setenv("INFOGAP_EXPERIMENT_OVERRIDES", '{"B": {"w_segment": 0.5}}')
@@ -291,7 +291,7 @@ def test_the_old_overrides_setting_is_a_deprecated_alias(monkeypatch):
 
 
 def test_feedback_campaigns_and_segment_cap_come_from_the_settings(monkeypatch):
-    from stream.experiments_store import metrics_config
+    from infogap.stream.experiments_store import metrics_config
 
     monkeypatch.setenv("INFOGAP_EXPERIMENT", '{"name": "x", "variants": {"A": 1, "B": 1}}')
     monkeypatch.setenv("INFOGAP_EXPERIMENT_CAMPAIGNS", '["winter"]')

@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-import models.ranker as ranker
-from models import Engine, EngineConfig
-from models.experiments import validate_overrides
+import infogap.models.ranker as ranker
+from infogap.models import Engine, EngineConfig
+from infogap.models.experiments import validate_overrides
 
 T0 = 1_732_460_000.0
 CITED = re.compile(r"together with .+ by (\d+) users \(lift (\d+\.\d+)\)$")

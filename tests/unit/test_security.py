@@ -8,8 +8,8 @@ import ssl
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from stream import connections
-from stream.settings import Settings, load
+from infogap.stream import connections
+from infogap.stream.settings import Settings, load
 
 KAFKA_PW = "kafka-Pa55-7f3e9"
 REDIS_PW = "redis-Pa55-c0ffee"
@@ -200,7 +200,7 @@ async def test_building_every_client_logs_nothing_secret(pem, caplog):
     assert "sends the password unencrypted" in text  # SASL PLAIN without TLS off loopback is called out
     for secret in SECRETS:
         assert secret not in text
-    assert all(r.name.startswith(("stream.connections", "aiokafka", "asyncio")) for r in caplog.records), \
+    assert all(r.name.startswith(("infogap.stream.connections", "aiokafka", "asyncio")) for r in caplog.records), \
         {r.name for r in caplog.records}
 
 

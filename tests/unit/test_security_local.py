@@ -1,4 +1,4 @@
-"""The secured local servers of stream/local.py (SASL broker, Redis with passwords) without starting them."""
+"""The secured local servers of stream/tools/local.py (SASL broker, Redis with passwords) without starting them."""
 from __future__ import annotations
 
 import hashlib
@@ -6,8 +6,8 @@ import stat
 
 import pytest
 
-from stream import local
-from stream.settings import Settings
+from infogap.stream.tools import local
+from infogap.stream.settings import Settings
 
 PW = "alice-Pa55-9d2"
 

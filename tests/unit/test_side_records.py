@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import orjson
 import pytest
 
-from models.catalog import (MAX_ITEM_RECORD_BYTES, MAX_TAGS, MAX_TITLE_CHARS, Catalog, InvalidItem, parse_item,
+from infogap.models.catalog import (MAX_ITEM_RECORD_BYTES, MAX_TAGS, MAX_TITLE_CHARS, Catalog, InvalidItem, parse_item,
                             validate_item)
-from models.push_policy import MAX_USERS_RECORD_BYTES, PushConfig, PushPolicy, UserPrefs
-from stream.settings import Settings
-from stream.worker import Worker
+from infogap.models.push_policy import MAX_USERS_RECORD_BYTES, PushConfig, PushPolicy, UserPrefs
+from infogap.stream.settings import Settings
+from infogap.stream.worker import Worker
 
 NOON_UTC = 1_732_449_600.0
 

@@ -11,17 +11,17 @@ import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from models import Engine, EngineConfig
-from models.cooc_shard import CoOccurrenceShard
-from models.events import Event
-from models.experiments import ExperimentMetrics
-from models.population import PopulationLearner
-from models.push_policy import PushConfig, UserPrefs
-from models.state_fields import StateError
-from models.user_state import export_users, import_users, users_from_state
-from stream.settings import load
-from stream.snapshots import SnapshotError, decode, encode
-from stream.core.user_partition import UserPartition
+from infogap.models import Engine, EngineConfig
+from infogap.models.cooc_shard import CoOccurrenceShard
+from infogap.models.events import Event
+from infogap.models.experiments import ExperimentMetrics
+from infogap.models.population import PopulationLearner
+from infogap.models.push_policy import PushConfig, UserPrefs
+from infogap.models.state_fields import StateError
+from infogap.models.user_state import export_users, import_users, users_from_state
+from infogap.stream.settings import load
+from infogap.stream.snapshots import SnapshotError, decode, encode
+from infogap.stream.core.user_partition import UserPartition
 
 from .test_models_support import group_stream
 
@@ -143,7 +143,7 @@ def test_records_that_were_altered_copied_or_signed_otherwise_are_refused():
     damaged[-3] ^= 0x40
     with pytest.raises(SnapshotError, match="checksum does not match"):
         decode(bytes(damaged), "users", 1)
-    from stream.snapshots import _parse, snapshot_bytes
+    from infogap.stream.snapshots import _parse, snapshot_bytes
     with pytest.raises(SnapshotError, match="'items' snapshot of partition 1, found where 'users'"):
         _parse(snapshot_bytes("items", 1, 5, {}), "users", 1)
 
@@ -153,7 +153,7 @@ def test_arrays_of_objects_never_enter_or_leave_a_snapshot():
         encode("users", 0, 1, {"a": np.array([object()])})
     with pytest.raises(TypeError, match="cannot go in a snapshot"):
         encode("users", 0, 1, {"a": _RunsAShellCommand("/nonexistent")})
-    from stream.snapshots import _parse, snapshot_bytes
+    from infogap.stream.snapshots import _parse, snapshot_bytes
     body = snapshot_bytes("users", 0, 1, {"a": np.arange(2)}).replace(b'"<i8"', b'"|O8"')
     with pytest.raises(SnapshotError, match="not allowed in a snapshot"):
         _parse(body, "users", 0)
@@ -175,7 +175,7 @@ def test_a_state_that_does_not_fit_its_schema_names_the_field():
 
 
 def test_a_record_claiming_a_huge_body_is_refused_before_decompressing(monkeypatch):
-    from stream import snapshots
+    from infogap.stream import snapshots
 
     def record(payload: bytes) -> bytes:
         return snapshots.MAGIC + bytes([snapshots.FORMAT, 0]) + snapshots._digest(None, "users", 0, payload) + payload
@@ -212,7 +212,7 @@ def test_any_damage_to_a_record_is_a_snapshot_error_never_a_crash(data):
 
 def test_any_damage_to_a_body_with_a_good_digest_is_refused_or_fits_the_schema():
     """Bodies forged with a valid checksum (a writer without a key): parsing and the schemas refuse them."""
-    from stream.snapshots import _parse, snapshot_bytes
+    from infogap.stream.snapshots import _parse, snapshot_bytes
 
     _, shard, learner, _, _ = _LEARNED
     body = snapshot_bytes("items", 0, 3, {"shard": shard.to_state(), "population": learner.to_state()})
@@ -236,7 +236,7 @@ _RECORD = encode("items", 0, 3, {"shard": _LEARNED[1].to_state(), "population": 
 
 
 def test_pickled_snapshots_of_before_format_3_migrate_through_the_allow_list():
-    from stream.state_migration import load_legacy, tree_of
+    from infogap.stream.tools.state_migration import load_legacy, tree_of
 
     users, shard, learner, evs, _ = _LEARNED
     part = UserPartition.new(1, load(), PushConfig())
@@ -263,8 +263,23 @@ def test_pickled_snapshots_of_before_format_3_migrate_through_the_allow_list():
             assert PopulationLearner.from_state(CFG, snap.state["population"], snap.arrays).model() == learner.model()
 
 
+def test_a_pickle_naming_the_modules_of_before_the_infogap_package_migrates():
+    """Snapshots pickled before the packages were installed as ``infogap.*`` name ``models.dedupe`` and
+    ``stream.user_partition``: the migration finds those classes where they live now."""
+    from infogap.stream.tools.state_migration import load_legacy
+
+    part = UserPartition.new(2, load(), PushConfig())
+    part.touch("u1")
+    raw = pickle.dumps((2, 5, {"part": part}), protocol=3)  # module names as text lines (GLOBAL): renamed below
+    raw = raw.replace(b"cinfogap.stream.core.user_partition\n", b"cstream.user_partition\n")
+    raw = raw.replace(b"cinfogap.models.", b"cmodels.")
+    assert b"infogap" not in raw
+    p, off, state = load_legacy(zlib.compress(raw))
+    assert (p, off, state["part"].users) == (2, 5, {"u1"})
+
+
 def test_the_migration_refuses_what_a_snapshot_never_held(tmp_path):
-    from stream.state_migration import load_legacy
+    from infogap.stream.tools.state_migration import load_legacy
 
     marker = tmp_path / "pwned"
     blob = zlib.compress(pickle.dumps((0, 1, {"part": _RunsAShellCommand(str(marker))})))

@@ -1,8 +1,8 @@
 """The whole stream without a broker or Redis: both stages' batches, end to end, on the in-memory store.
 
-The user stage's batch is the worker's own (:meth:`stream.worker.Worker.process`), with its producer a list
-and its store a :class:`~stream.store.MemoryStore`; the ``cooc`` records it produces are applied by the item
-stage (:class:`~stream.item_stage.ItemStage`, publishing to the same store), whose rows the user stage then
+The user stage's batch is the worker's own (:meth:`infogap.stream.worker.Worker.process`), with its producer a list
+and its store a :class:`~infogap.stream.store.MemoryStore`; the ``cooc`` records it produces are applied by the item
+stage (:class:`~infogap.stream.item_stage.ItemStage`, publishing to the same store), whose rows the user stage then
 ranks with. What a person would check is asserted: the recommendations in the store, the push message, the
 dead letter, the experiment counts, the erasure. No server runs (``pytest -m "not integration"``).
 """
@@ -15,13 +15,13 @@ import sys
 import orjson
 import pytest
 
-from models.experiments import kafka_partition
-from stream.core.user_stage import Record
-from stream.item_stage import ItemStage
-from stream.neighbour_cache import NeighbourCache
-from stream.settings import Settings
-from stream.store import MemoryStore, keys_for
-from stream.worker import Worker
+from infogap.models.experiments import kafka_partition
+from infogap.stream.core.user_stage import Record
+from infogap.stream.item_stage import ItemStage
+from infogap.stream.neighbour_cache import NeighbourCache
+from infogap.stream.settings import Settings
+from infogap.stream.store import MemoryStore, keys_for
+from infogap.stream.worker import Worker
 
 T0 = 1_732_460_000.0  # 2024-11-24 14:53 UTC: outside quiet hours
 N_EVENTS, N_COOC = 6, 4
@@ -164,9 +164,9 @@ async def test_a_forget_event_erases_the_user_for_good(pipeline):
 def test_the_stream_core_and_the_store_interface_import_no_kafka_or_redis():
     """The pure core (``stream/core``), the store interface and the in-memory store run without a broker
     library: importing them loads neither aiokafka nor redis."""
-    code = ("import sys, importlib, pkgutil, stream.core\n"
-            "for m in pkgutil.iter_modules(stream.core.__path__): importlib.import_module('stream.core.' + m.name)\n"
-            "import stream.store, stream.store.memory, stream.neighbour_cache\n"
+    code = ("import sys, importlib, pkgutil, infogap.stream.core\n"
+            "for m in pkgutil.iter_modules(infogap.stream.core.__path__): importlib.import_module('infogap.stream.core.' + m.name)\n"
+            "import infogap.stream.store, infogap.stream.store.memory, infogap.stream.neighbour_cache\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'aiokafka', 'kafka', 'redis', 'faust', 'aiohttp'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

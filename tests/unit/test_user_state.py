@@ -9,8 +9,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from models import Engine, EngineConfig
-from models.user_state import export_users, import_users, user_records
+from infogap.models import Engine, EngineConfig
+from infogap.models.user_state import export_users, import_users, user_records
 
 from .test_models_support import event, group_stream, random_stream
 

@@ -6,8 +6,8 @@ import asyncio
 import pytest
 from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 
-from stream.settings import Settings
-from stream.worker import Worker
+from infogap.stream.settings import Settings
+from infogap.stream.worker import Worker
 
 
 class _Producer:
@@ -61,10 +61,10 @@ def test_a_large_population_batch_goes_in_records_under_the_limit_that_teach_the
     worker stopped. Cut by event, the records are small and the learner ends where the whole batch takes it."""
     import orjson
 
-    from models import Engine, EngineConfig
-    from models.population import PopulationLearner
-    from stream.synthetic import SyntheticStream
-    from stream.core.user_stage import population_records
+    from infogap.models import Engine, EngineConfig
+    from infogap.models.population import PopulationLearner
+    from infogap.stream.tools.synthetic import SyntheticStream
+    from infogap.stream.core.user_stage import population_records
 
     cfg = EngineConfig()
     engine = Engine(cfg, cooc="remote", population="remote")

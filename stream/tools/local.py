@@ -39,13 +39,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
-from stream.settings import COMPACTED_TOPICS, TOPIC_CONFIGS, TOPIC_PARTITIONS, Settings
+from infogap.stream.settings import COMPACTED_TOPICS, TOPIC_CONFIGS, TOPIC_PARTITIONS, Settings
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-POM = Path(__file__).resolve().parent.parent / "deploy" / "pom.xml"
+POM = Path(__file__).resolve().parents[2] / "deploy" / "pom.xml"
 KAFKA_MAIN = "kafka.Kafka"
 STORAGE_TOOL = "kafka.tools.StorageTool"
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -192,7 +192,7 @@ def status(settings: Settings) -> dict[str, Any]:
 def ensure_topics(settings: Settings, *, replication_factor: int = 1) -> None:
     """Create the contract topics (``TOPIC_PARTITIONS``, prefix applied, compaction for ``COMPACTED_TOPICS``);
     existing topics are kept and only checked. ``replication_factor`` 1 suits the single local node; use 3 on a
-    production cluster (``python -m stream.local ensure-topics --replication-factor 3``)."""
+    production cluster (``python -m infogap.stream.tools.local ensure-topics --replication-factor 3``)."""
     _run(_ensure_topics(settings, replication_factor))
 
 
@@ -205,7 +205,7 @@ def reset_topics(settings: Settings) -> None:
 async def _delete_topics(settings: Settings) -> None:
     from aiokafka.admin import AIOKafkaAdminClient
 
-    from stream import connections
+    from infogap.stream import connections
 
     admin = AIOKafkaAdminClient(**connections.kafka_options(settings), client_id="infogap-local")
     await admin.start()
@@ -393,7 +393,7 @@ async def _kafka_answers(settings: Settings, timeout: float = 5.0) -> bool:
         return False
     from aiokafka.admin import AIOKafkaAdminClient
 
-    from stream import connections
+    from infogap.stream import connections
 
     admin = AIOKafkaAdminClient(**connections.kafka_options(settings), client_id="infogap-local",
                                 request_timeout_ms=int(timeout * 1000))
@@ -416,7 +416,7 @@ async def _kafka_answers(settings: Settings, timeout: float = 5.0) -> bool:
 async def _redis_answers(settings: Settings, timeout: float = 2.0) -> bool:
     if urlparse(settings.redis_url).scheme != "unix" and not _tcp_open(settings.redis_host, settings.redis_port):
         return False
-    from stream import connections
+    from infogap.stream import connections
 
     try:
         await connections.check_redis(settings, timeout)
@@ -568,12 +568,12 @@ def _java() -> str:
 def _write_kafka_config(settings: Settings, p: Paths, sasl_users: Mapping[str, str] | None = None,
                         super_users: Collection[str] | None = None) -> None:
     p.kafka_dir.mkdir(parents=True, exist_ok=True)
-    lines = ["# written by infogap (stream/local.py); edits are overwritten by `infogap up`"]
+    lines = ["# written by infogap (stream/tools/local.py); edits are overwritten by `infogap up`"]
     lines += [f"{k}={v}" for k, v in server_properties(settings, sasl_users=sasl_users,
                                                         super_users=super_users).items()]
     _write_private(p.kafka_props, "\n".join(lines) + "\n")
     p.kafka_log4j.write_text(
-        "# written by infogap (stream/local.py)\n"
+        "# written by infogap (stream/tools/local.py)\n"
         "status = warn\n"
         "shutdownHook = disable\n"  # else log4j stops before Kafka has logged its controlled shutdown
         "appender.console.type = Console\n"
@@ -690,7 +690,7 @@ def _start_redis(settings: Settings, p: Paths, redis_users: Mapping[str, str] | 
     cmd = [exe]
     if acl:  # passwords (as hashes) in a private config file, never on the command line or in the log
         conf = p.redis_dir / "acl.conf"
-        _write_private(conf, "# written by infogap (stream/local.py)\n"
+        _write_private(conf, "# written by infogap (stream/tools/local.py)\n"
                        + "".join(_redis_acl_line(u, pw) + "\n" for u, pw in acl.items()))
         cmd.append(str(conf))
     cmd += ["--bind", settings.redis_host, "--port", str(settings.redis_port), "--protected-mode", "yes",
@@ -1007,7 +1007,7 @@ def _start_cluster_nodes(p: Paths, ports: list[int], auth: RedisAuth) -> None:
         conf = None
         if password is not None:  # the settings' credentials; replicas use them to reach their master
             conf = d / "auth.conf"
-            _write_private(conf, "# written by infogap (stream/local.py)\n"
+            _write_private(conf, "# written by infogap (stream/tools/local.py)\n"
                            f"{_redis_acl_line(user or 'default', password)}\n"
                            + (f"masteruser {user}\n" if user else "")
                            + 'masterauth "{}"\n'.format(password.replace("\\", "\\\\").replace('"', '\\"')))
@@ -1090,7 +1090,7 @@ async def _describe_topics(settings: Settings, names: list[str]) -> dict[str, in
     """Existing topics among ``names`` -> partition count."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    from stream import connections
+    from infogap.stream import connections
 
     admin = AIOKafkaAdminClient(**connections.kafka_options(settings), client_id="infogap-local")
     await admin.start()
@@ -1108,7 +1108,7 @@ async def _ensure_topics(settings: Settings, replication_factor: int = 1) -> Non
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
     names = settings.topics.all()
-    from stream import connections
+    from infogap.stream import connections
 
     admin = AIOKafkaAdminClient(**connections.kafka_options(settings), client_id="infogap-local",
                                 request_timeout_ms=15_000)
@@ -1169,7 +1169,7 @@ async def _wait_until_servable(settings: Settings, partitions: dict[str, list[in
     succeeds at once."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from stream import connections
+    from infogap.stream import connections
 
     consumer = AIOKafkaConsumer(**connections.kafka_options(settings), client_id="infogap-local",
                                 enable_auto_commit=False, request_timeout_ms=int(TOPIC_TIMEOUT_S * 1000),
@@ -1230,14 +1230,14 @@ def wait_for_kafka(settings: Settings, timeout_s: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m stream.local {up,down,status,ensure-topics}``: the same operations without the infogap CLI
+    """``python -m infogap.stream.tools.local {up,down,status,ensure-topics}``: the same operations without the infogap CLI
     (the topic job of deploy/docker-compose.yml and deploy/k8s/ runs ``ensure-topics``)."""
     import argparse
     import json
 
-    from stream.settings import load
+    from infogap.stream.settings import load
 
-    parser = argparse.ArgumentParser(prog="python -m stream.local", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m infogap.stream.tools.local", description=main.__doc__)
     parser.add_argument("command", choices=["up", "down", "status", "ensure-topics"])
     parser.add_argument("--replication-factor", type=int, default=1, help="ensure-topics: replication factor")
     parser.add_argument("--wait", type=float, default=0.0, help="ensure-topics: wait this long for Kafka first")

@@ -1,11 +1,11 @@
 """``infogap evaluate``: prequential evaluation of infogap against baselines and batch peers.
 
-Every model runs the same test-then-learn protocol (:func:`models.evaluation.prequential`) over the
+Every model runs the same test-then-learn protocol (:func:`infogap.models.evaluation.prequential`) over the
 same events: MovieLens-100K from the ``recbole`` wheel (default) or any JSON-lines file of contract
 events. The models:
 
 - ``infogap``: :class:`models.Engine` with its default configuration, told the catalogue first;
-- ``popularity`` and ``decayed-popularity``: the pure baselines of :mod:`models.evaluation`;
+- ``popularity`` and ``decayed-popularity``: the pure baselines of :mod:`infogap.models.evaluation`;
 - ``implicit-itemknn`` and ``implicit-als``: the ``implicit`` library's cosine item-kNN and ALS,
   refit every K interactions (default 1000, per peer) on all interactions so far (binary user x item
   matrix), asked with the user's current items (so a user seen since the last fit is served too,
@@ -39,10 +39,10 @@ from typing import Any
 import numpy as np
 import orjson
 
-from models.evaluation import (INTERACTION_TYPES, DecayedPopularity, Popularity, PrequentialResult, hr_curve,
+from infogap.models.evaluation import (INTERACTION_TYPES, DecayedPopularity, Popularity, PrequentialResult, hr_curve,
                                prequential)
-from models.events import InvalidEvent, Limits, validate_event
-from stream.repeats import median_run
+from infogap.models.events import InvalidEvent, Limits, validate_event
+from infogap.stream.tools.repeats import median_run
 
 MODEL_NAMES = ("infogap", "popularity", "decayed-popularity", "implicit-itemknn", "implicit-als")
 IMPLICIT_PEERS = ("implicit-itemknn", "implicit-als")
@@ -180,7 +180,7 @@ def load_dataset(opts: EvalOptions) -> Dataset:
             raise ValueError(f"{opts.events_file} holds no valid event "
                              f"({ds.n_invalid} invalid; {'; '.join(ds.invalid_examples)})")
     else:
-        from stream.movielens import load_movielens
+        from infogap.stream.tools.movielens import load_movielens
 
         ml = load_movielens(opts.cache_dir)
         ds = Dataset("movielens-100k", ml.events, ml.items, frozenset(i["item_id"] for i in ml.items))
@@ -312,7 +312,7 @@ def make_model(name: str, opts: EvalOptions, items: list[dict]) -> Any:
     if name == HARNESS:
         return _NullModel()
     if name == "infogap":
-        from models import Engine
+        from infogap.models import Engine
 
         engine = Engine()
         for item in items:
@@ -339,7 +339,7 @@ def make_model(name: str, opts: EvalOptions, items: list[dict]) -> Any:
 def model_config(name: str, opts: EvalOptions) -> dict:
     """The settings a model ran with, for the JSON report."""
     if name == "infogap":
-        from models import EngineConfig
+        from infogap.models import EngineConfig
 
         return {**asdict(EngineConfig()), "reasons": opts.reasons}
     if name == "decayed-popularity":
@@ -394,7 +394,7 @@ def run_model(name: str, opts: EvalOptions, progress_queue: Any = None,
         import implicit.nearest_neighbours  # noqa: F401
         import scipy.sparse  # noqa: F401
     if name == "infogap":
-        from models import warm_up
+        from infogap.models import warm_up
 
         warm_up()  # the JIT compiler's memory is not the model's
     with threadpool_limits(limits=1):
@@ -420,7 +420,7 @@ def run_model(name: str, opts: EvalOptions, progress_queue: Any = None,
 def learn_many_rate(ds: Dataset, repeats: int = 3) -> float:
     """Events/s of ``Engine.learn_many`` over the whole stream in one call (median of ``repeats``
     fresh engines): learning alone, without the top-10 per event of the prequential run."""
-    from models import Engine
+    from infogap.models import Engine
 
     rates = []
     for _ in range(repeats):

@@ -20,14 +20,14 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 _STAMP = "infogap-models.sha256"
 
 
 def models_cache_dir() -> Path | None:
     """Where numba keeps the kernels of ``models/`` (None when it has nowhere to keep them, or its
     internals changed)."""
-    from models import votes
+    from infogap.models import votes
 
     func = votes._top.py_func
     try:

@@ -24,13 +24,13 @@ default) and ``super.users`` (they bypass every ACL: keep it to the brokers and 
 aiokafka's admin client has no ACL calls; the CreateAcls / DescribeAcls requests are sent with its
 protocol classes (version 1, which Kafka 2.0 to 4.x accept).
 
-    python -m stream.acls plan [--format kafka-acls]   # what would be granted (no connection)
-    python -m stream.acls apply                        # grant, then check (as a principal that may alter ACLs)
-    python -m stream.acls check                        # exit 2 when a grant is missing or another may write
+    python -m infogap.stream.tools.acls plan [--format kafka-acls]   # what would be granted (no connection)
+    python -m infogap.stream.tools.acls apply                        # grant, then check (as a principal that may alter ACLs)
+    python -m infogap.stream.tools.acls check                        # exit 2 when a grant is missing or another may write
 
 >>> p = Principals.from_mapping({"worker": "w", "producers": "p", "catalog": "c", "preferences": "pr",
 ...                              "channels": "ch"})
->>> from stream.settings import Settings
+>>> from infogap.stream.settings import Settings
 >>> bs = bindings(Settings(topic_prefix="t."), p)
 >>> [(b.resource_name, b.operation_name) for b in bs if b.principal == "User:p"]
 [('t.events', 'WRITE')]
@@ -57,7 +57,7 @@ from aiokafka.protocol.admin import (
 )
 from aiokafka.protocol.api import Request
 
-from stream.settings import Settings
+from infogap.stream.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ class _DescribeAcls(Request[DescribeAclsRequest_v1]):
 
 
 def _admin(settings: Settings):
-    from stream import connections
+    from infogap.stream import connections
 
     return connections.admin(settings, client_id="infogap-acls")
 
@@ -386,11 +386,11 @@ async def apply(settings: Settings, principals: Principals) -> Report:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m stream.acls {plan,apply,check}``: infogap's Kafka ACLs for the settings' topic prefix and
+    """``python -m infogap.stream.tools.acls {plan,apply,check}``: infogap's Kafka ACLs for the settings' topic prefix and
     consumer group. Connection and admin credentials come from INFOGAP_KAFKA_* (the administrator's)."""
-    from stream.settings import load
+    from infogap.stream.settings import load
 
-    parser = argparse.ArgumentParser(prog="python -m stream.acls", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m infogap.stream.tools.acls", description=main.__doc__)
     parser.add_argument("command", choices=["plan", "apply", "check"])
     for role in ROLES:
         parser.add_argument(f"--{role}", metavar="PRINCIPALS",
@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from aiokafka.errors import KafkaError
 
-    from stream import local
+    from infogap.stream.tools import local
 
     try:
         if args.wait > 0:

@@ -1,6 +1,6 @@
 """``infogap state migrate``: rewrite the pickled snapshots of infogap before format 3 in format 3.
 
-Workers never unpickle (a pickle can run code, :mod:`stream.snapshots`); a partition whose last
+Workers never unpickle (a pickle can run code, :mod:`infogap.stream.snapshots`); a partition whose last
 snapshot is a pickle is stopped and says so. An operator who knows that the state topics were
 written only by infogap's own workers runs this once, with the workers stopped: it reads each
 partition's last record and, if it is a pickle, loads it with an unpickler that builds only the
@@ -19,23 +19,24 @@ import zlib
 
 import zstandard
 
-from stream import connections
-from stream.settings import Settings
-from stream.snapshots import _ZSTD_MAGIC, MAGIC, SnapshotStore, snapshot_bytes
+from infogap.stream import connections
+from infogap.stream.settings import Settings
+from infogap.stream.snapshots import _ZSTD_MAGIC, MAGIC, SnapshotStore, snapshot_bytes
 
 log = logging.getLogger("infogap.migrate")
 
-#: (module, name) pairs a pre-format-3 snapshot could hold; nothing else is ever built
+#: (module, name) pairs a pre-format-3 snapshot could hold (its module names as they are now: :func:`_module_now`);
+#: nothing else is ever built
 _ALLOWED = {
-    ("stream.core.user_partition", "UserPartition"), ("models.dedupe", "Deduplicator"),
-    ("models.push_policy", "PushPolicy"), ("models.push_policy", "PushConfig"),
-    ("models.push_policy", "_UserPushState"), ("models.experiments", "ExperimentMetrics"),
-    ("models.experiments", "MetricsConfig"), ("models.experiments", "Segment"), ("models.experiments", "Counts"),
-    ("models.experiments", "_Msg"), ("models.cooc_shard", "CoOccurrenceShard"),
-    ("models.cooccurrence", "CoOccurrence"), ("models.slot_table", "SlotTable"),
-    ("models.population", "PopulationLearner"), ("models.engine", "EngineConfig"),
-    ("models.segments", "Segmenter"), ("models.segments", "_KMeans"), ("models.trending", "Trending"),
-    ("models.catalog", "Catalog"), ("collections", "deque"), ("collections", "defaultdict"),
+    ("infogap.stream.core.user_partition", "UserPartition"), ("infogap.models.dedupe", "Deduplicator"),
+    ("infogap.models.push_policy", "PushPolicy"), ("infogap.models.push_policy", "PushConfig"),
+    ("infogap.models.push_policy", "_UserPushState"), ("infogap.models.experiments", "ExperimentMetrics"),
+    ("infogap.models.experiments", "MetricsConfig"), ("infogap.models.experiments", "Segment"), ("infogap.models.experiments", "Counts"),
+    ("infogap.models.experiments", "_Msg"), ("infogap.models.cooc_shard", "CoOccurrenceShard"),
+    ("infogap.models.cooccurrence", "CoOccurrence"), ("infogap.models.slot_table", "SlotTable"),
+    ("infogap.models.population", "PopulationLearner"), ("infogap.models.engine", "EngineConfig"),
+    ("infogap.models.segments", "Segmenter"), ("infogap.models.segments", "_KMeans"), ("infogap.models.trending", "Trending"),
+    ("infogap.models.catalog", "Catalog"), ("collections", "deque"), ("collections", "defaultdict"),
     ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "dict"),
     ("builtins", "float"), ("functools", "partial"), ("random", "Random"), ("_random", "Random"),
     ("river.base.estimator", "EstimatorMeta"), ("numpy", "dtype"), ("numpy", "ndarray"),
@@ -44,6 +45,19 @@ _ALLOWED = {
     ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
 }
 _ALLOWED_PREFIXES = ("numpy.dtypes",)
+#: where the modules such a snapshot names live now
+_MOVED = {"stream.user_partition": "infogap.stream.core.user_partition"}
+
+
+def _module_now(module: str) -> str:
+    """``models.x`` -> ``infogap.models.x``; ``stream.user_partition`` -> ``infogap.stream.core.user_partition``.
+
+    >>> _module_now("models.dedupe"), _module_now("numpy"), _module_now("stream.user_partition")
+    ('infogap.models.dedupe', 'numpy', 'infogap.stream.core.user_partition')
+    """
+    if module in _MOVED:
+        return _MOVED[module]
+    return f"infogap.{module}" if module.startswith("models.") else module
 
 
 def _bound_gauss(obj, name: str):
@@ -57,6 +71,7 @@ class _AllowListUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) == ("builtins", "getattr"):
             return _bound_gauss
+        module = _module_now(module)
         if (module, name) in _ALLOWED or (module.startswith(_ALLOWED_PREFIXES) and name.endswith("DType")):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not something an infogap snapshot holds; refused")

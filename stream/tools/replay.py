@@ -1,6 +1,6 @@
 """Publish a clickstream to Kafka: an event file or the built-in MovieLens sample.
 
-The sample is MovieLens-100K (see :mod:`stream.movielens`): items go to ``items``, each
+The sample is MovieLens-100K (see :mod:`infogap.stream.tools.movielens`): items go to ``items``, each
 user gets a synthetic marketing-preferences record on ``users`` (consent, time zone, quiet
 hours; deterministic per user id, no PII), and the ratings go to ``events`` as ``rate``
 events in timestamp order, keyed by ``user_id``.
@@ -16,8 +16,8 @@ from pathlib import Path
 import orjson
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from stream import connections
-from stream.settings import Settings
+from infogap.stream import connections
+from infogap.stream.settings import Settings
 
 _TIMEZONES = ("America/New_York", "America/Chicago", "America/Los_Angeles", "Europe/London", "Europe/Paris")
 
@@ -98,7 +98,7 @@ async def publish(settings: Settings, events: Iterable[bytes | dict], *, total: 
 async def publish_sample(settings: Settings, *, limit: int | None = None, rate: float | None = None,
                          progress: bool = True) -> int:
     """Publish the MovieLens-100K sample (first ``limit`` ratings in time order)."""
-    from stream.movielens import load_movielens
+    from infogap.stream.tools.movielens import load_movielens
 
     ml = load_movielens()
     events = ml.events if limit is None else ml.events[:limit]

@@ -50,13 +50,14 @@ import orjson
 import zstandard
 from aiokafka import TopicPartition
 
-from models.events import REASON_CODES
-from models.experiments import kafka_partition
-from stream import connections, local
-from stream.bench import WorkerProcess
-from stream.core.erasures import ErasureLedger
-from stream.settings import Settings
-from stream.snapshots import MAGIC, SnapshotStore, encode
+from infogap.models.events import REASON_CODES
+from infogap.models.experiments import kafka_partition
+from infogap.stream import connections
+from infogap.stream.tools import local
+from infogap.stream.tools.bench import WorkerProcess
+from infogap.stream.core.erasures import ErasureLedger
+from infogap.stream.settings import Settings
+from infogap.stream.snapshots import MAGIC, SnapshotStore, encode
 
 T_GOOD = "good"
 #: what must become of a record: dead-lettered, applied (never dead-lettered), skipped as a duplicate or as an
@@ -720,7 +721,7 @@ class RedTeam:
 
     async def snapshot_checks(self, when: str) -> None:
         """Every good event applied exactly once (each user's n_events in the last snapshots) and no victim."""
-        from models.user_state import users_from_state
+        from infogap.models.user_state import users_from_state
 
         snaps = await self.last_snapshots("users")
         bad = [f"{p}: {s}" for p, s in snaps.items() if isinstance(s, Exception)]
@@ -911,7 +912,7 @@ class RedTeam:
         ends = await self.ends(self.topic("events"))
         done = await self.committed(self.s.consumer_group, self.topic("events"))
         waiting = {p: ends[p] - done[p] for p in users_planted}
-        from stream.state_migration import migrate
+        from infogap.stream.tools.state_migration import migrate
 
         quiet = logging.getLogger("infogap.migrate")
         level = quiet.level
@@ -1014,7 +1015,7 @@ _STATS = ("events_in", "events_ok", "dead_letters", "duplicates", "erased_users"
 
 
 def _cooc_record(now: float, row: int) -> bytes:
-    from models.cooc_shard import PairDeltas
+    from infogap.models.cooc_shard import PairDeltas
 
     return PairDeltas(items=["rt-i0"], row=np.array([row]), nb=np.array([0]), d=np.ones((1, 4)),
                       ts=np.array([now]), seq=np.array([1]), occ=np.array([0]), occ_ts=np.array([now]),
@@ -1024,7 +1025,7 @@ def _cooc_record(now: float, row: int) -> bytes:
 def _sealed_raw(kind: str, partition: int, body: bytes) -> bytes:
     """An IGSNAP record with a valid checksum whose body is ``body`` (here a pickle): anyone can forge one
     without INFOGAP_STATE_KEY."""
-    from stream.snapshots import seal
+    from infogap.stream.snapshots import seal
 
     return seal(kind, partition, body)
 

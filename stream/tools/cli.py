@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from stream import connections
-from stream.settings import load
+from infogap.stream import connections
+from infogap.stream.settings import load
 
 app = typer.Typer(help="infogap: real-time personalization from Kafka clickstreams to Redis and push.",
                   no_args_is_help=True, add_completion=False)
@@ -30,7 +30,7 @@ def _logging(level: str) -> None:
 @app.callback()
 def _main(log_level: str = typer.Option("INFO", help="Logging level (DEBUG, INFO, WARNING).")) -> None:
     _logging(log_level)
-    from stream.kernel_cache import drop_stale_kernels
+    from infogap.stream.tools.kernel_cache import drop_stale_kernels
 
     if drop_stale_kernels():
         logging.getLogger("infogap").info("models/ changed since its kernels were compiled: compiling them anew")
@@ -41,7 +41,7 @@ def up(redis_cluster: int = typer.Option(0, "--redis-cluster", min=0, metavar="N
                                          help="Also start a Redis Cluster of N masters (N >= 3), 1 replica each, "
                                               "on 127.0.0.1:7100.. (0: none).")) -> None:
     """Start Kafka (KRaft) and Redis on loopback if they are not answering, and create the topics."""
-    from stream import local
+    from infogap.stream.tools import local
 
     if 0 < redis_cluster < 3:
         raise typer.BadParameter("a Redis Cluster needs at least 3 masters", param_hint="--redis-cluster")
@@ -60,7 +60,7 @@ def up(redis_cluster: int = typer.Option(0, "--redis-cluster", min=0, metavar="N
 @app.command()
 def down() -> None:
     """Stop the Kafka, Redis and Redis Cluster that `infogap up` started (by pid; nothing else)."""
-    from stream import local
+    from infogap.stream.tools import local
 
     local.down(load())
     console.print("stopped")
@@ -69,7 +69,7 @@ def down() -> None:
 @app.command()
 def status() -> None:
     """Show what `infogap up` started and whether it answers."""
-    from stream import local
+    from infogap.stream.tools import local
 
     console.print_json(orjson.dumps(local.status(load()), default=str).decode())
 
@@ -80,7 +80,7 @@ def worker(
                                          "both): run the stages in separate processes to give each a core."),
 ) -> None:
     """Run a stream worker: consume `events`, write recommendations to Redis, emit pushes."""
-    from stream.worker import Worker
+    from infogap.stream.worker import Worker
 
     settings = load()
     if stages is not None:
@@ -109,7 +109,7 @@ def replay(
     limit: Optional[int] = typer.Option(None, help="Send at most this many events."),
 ) -> None:
     """Publish a clickstream to the `events` topic (the sample also fills `items` and `users`)."""
-    from stream.replay import publish, publish_sample, read_event_file
+    from infogap.stream.tools.replay import publish, publish_sample, read_event_file
 
     settings = load()
     if file is None:
@@ -128,7 +128,7 @@ def replay(
 @app.command()
 def recs(user: str = typer.Argument(..., help="User id, as in the events.")) -> None:
     """Print a user's recommendations as stored in Redis."""
-    from stream.client import InfogapClient
+    from infogap.stream.client import InfogapClient
 
     settings = load()
     found = InfogapClient(connections.redis_sync(settings), settings.redis_prefix).recommendations(user)
@@ -158,7 +158,7 @@ def demo(
     users: int = typer.Option(3, help="How many users' recommendations to print."),
 ) -> None:
     """Start the servers, run a worker, replay the sample and show recommendations and a push."""
-    from stream import local
+    from infogap.stream.tools import local
 
     base = load()
     t0 = time.perf_counter()
@@ -179,10 +179,10 @@ DEMO_RATE = 5_000
 async def _demo(settings, limit: int, n_users: int) -> None:
     from aiokafka import TopicPartition
 
-    from stream.client import InfogapClient
-    from stream.movielens import load_movielens
-    from stream.replay import publish_sample
-    from stream.worker import Worker
+    from infogap.stream.client import InfogapClient
+    from infogap.stream.tools.movielens import load_movielens
+    from infogap.stream.tools.replay import publish_sample
+    from infogap.stream.worker import Worker
 
     load_movielens()  # download before the clock starts
     w = Worker(settings)
@@ -260,7 +260,7 @@ def report(
 
 
 async def _read_experiments(settings, only: str | None) -> dict:
-    from stream.store import open_store
+    from infogap.stream.store import open_store
 
     store = open_store(settings)
     try:
@@ -279,7 +279,7 @@ def _experiment_tables(name: str, counts) -> tuple[Table, Table]:
     its figures' 95 % intervals on a line of their own, so that both fit an 80-column terminal."""
     from rich import box
 
-    from models.experiments import summarize
+    from infogap.models.experiments import summarize
 
     def ci(x, bounds, fmt) -> str:
         if x is None:
@@ -329,7 +329,7 @@ def channel(
                                                      "for replays of historical data, whose pushes are born expired."),
 ) -> None:
     """Run a channel worker: deliver the channel's `push` messages and report impressions (and opens/clicks)."""
-    from stream.channels import ChannelConfig, ChannelWorker
+    from infogap.stream.channels import ChannelConfig, ChannelWorker
 
     settings = load()
     try:
@@ -367,8 +367,8 @@ def evaluate(
                                "events/s (this machine's speed drifts: use 3 or more for speed figures)."),
 ) -> None:
     """Prequential (test-then-learn) HR@k, NDCG@k, coverage, events/s and memory: infogap vs baselines and implicit."""
-    from stream.evaluate import EvalOptions, evaluate as run_evaluation, parse_models, parse_refit, table
-    from stream.movielens import MovieLensUnavailable
+    from infogap.stream.tools.evaluate import EvalOptions, evaluate as run_evaluation, parse_models, parse_refit, table
+    from infogap.stream.tools.movielens import MovieLensUnavailable
 
     if events_file is None and dataset.lower() not in ("movielens", "ml-100k", "movielens-100k"):
         raise typer.BadParameter(f"unknown dataset {dataset!r}; use movielens or --events-file PATH",
@@ -407,7 +407,7 @@ def bench(
                                               "(this machine's speed drifts: use 3 or more for figures)."),
 ) -> None:
     """End to end with real Kafka, Redis and a worker process: throughput, freshness, lag, memory."""
-    from stream.bench import run, summary_rows
+    from infogap.stream.tools.bench import run, summary_rows
 
     settings = load()
     res = asyncio.run(run(settings, events=events, rate=rate, seconds=seconds, out=out, memory=memory,
@@ -429,7 +429,7 @@ def redteam(
     out: Path = typer.Option(Path("out/redteam"), help="Where redteam.json and the worker logs go."),
 ) -> None:
     """Hostile records on every input topic, Redis and Kafka faults, crashes around erasure; exit 1 if a check fails."""
-    from stream.redteam import family_rows, run
+    from infogap.stream.tools.redteam import family_rows, run
 
     res = asyncio.run(run(load(), scale=scale, out=out))
     families = Table(title=f"infogap redteam: {res['counts']['hostile']:,} hostile records, "
@@ -463,7 +463,7 @@ def state_migrate(dry_run: bool = typer.Option(False, "--dry-run", help="Only sa
     Run it only if the state topics were written by your own workers alone: it unpickles (through an
     allow-list of the classes snapshots held) what the workers refuse to read.
     """
-    from stream.state_migration import run
+    from infogap.stream.tools.state_migration import run
 
     counts = run(load(), dry_run=dry_run)
     console.print(", ".join(f"{n} {what}" for what, n in counts.items()))

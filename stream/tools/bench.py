@@ -15,7 +15,7 @@ Three measurements, each on its own topics, consumer group and Redis prefix:
    flood of 200k one-event user ids evicted as a worker's partition does (``max_users_per_partition``).
 
 With ``repeat``, the runs of 1 and 2 take turns that many times and each is reported as its median
-run (:func:`stream.repeats.median_run`): this machine's speed drifts by up to a third within minutes.
+run (:func:`infogap.stream.tools.repeats.median_run`): this machine's speed drifts by up to a third within minutes.
 """
 from __future__ import annotations
 
@@ -33,12 +33,13 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from stream import connections, local
-from stream.repeats import median_run
-from stream.replay import publish
-from stream.settings import Settings
-from stream.store import open_store
-from stream.synthetic import SyntheticStream
+from infogap.stream import connections
+from infogap.stream.tools import local
+from infogap.stream.tools.repeats import median_run
+from infogap.stream.tools.replay import publish
+from infogap.stream.settings import Settings
+from infogap.stream.store import open_store
+from infogap.stream.tools.synthetic import SyntheticStream
 
 
 def _free_port() -> int:
@@ -68,7 +69,7 @@ class WorkerProcess:
                "INFOGAP_CONSUMER_GROUP": settings.consumer_group, "INFOGAP_REDIS_PREFIX": settings.redis_prefix,
                "INFOGAP_HTTP_HOST": "127.0.0.1", "INFOGAP_HTTP_PORT": str(self.port), **(extra_env or {})}
         self._log = open(log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "--log-level", "WARNING", "worker"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "infogap.stream.tools.cli", "--log-level", "WARNING", "worker"],
                                      env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     async def stats(self) -> dict | None:
@@ -250,9 +251,9 @@ def _row_bytes(engine) -> int:
 
 def _flood(engine, held: list[str], n: int, items: int, t0: float, settings: Settings) -> dict:
     """``n`` one-event user ids learned after the users ``held``, one partition's eviction after each batch
-    of ``batch_max_records`` events (as :meth:`stream.worker.Worker.process`); users at the end."""
-    from models.push_policy import PushConfig
-    from stream.core.user_partition import UserPartition
+    of ``batch_max_records`` events (as :meth:`infogap.stream.worker.Worker.process`); users at the end."""
+    from infogap.models.push_policy import PushConfig
+    from infogap.stream.core.user_partition import UserPartition
 
     part = UserPartition.new(0, settings, PushConfig())
     part.users.update(held)
@@ -273,7 +274,7 @@ def model_memory(users: int = 100_000, items: int = 10_000, events_per_user: int
     """Traced memory of an in-process Engine: per 10k items (catalog + co-occurrence) and per 100k users,
     and the users' memory before and after a flood of ``flood`` one-event user ids, evicted as a worker's
     partition does with ``settings`` (``max_users_per_partition``...; 0 there: no cap)."""
-    from models import Engine, EngineConfig
+    from infogap.models import Engine, EngineConfig
 
     stream = SyntheticStream(n_users=users, n_items=items, groups=16, seed=7)
     engine = Engine(EngineConfig())
