@@ -1,6 +1,6 @@
 """The pure model core of infogap: no I/O, no clock reads, time comes from the events.
 
->>> from models import Engine, EngineConfig
+>>> from infogap.models import Engine, EngineConfig
 >>> Engine(EngineConfig(top_n=5)).recommend("nobody")
 []
 """

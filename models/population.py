@@ -15,7 +15,7 @@ centers without learning. Entries carry a sequence number per source (the stream
 offset per partition), and the learner skips what it has applied, so a replay after a crash counts
 nothing twice. Item ids and category names cross the boundary, never engine-local rows.
 
->>> from models import Engine, EngineConfig
+>>> from infogap.models import Engine, EngineConfig
 >>> cfg = EngineConfig(n_segments=2)
 >>> user_stage, learner = Engine(cfg, population="remote"), PopulationLearner(cfg)
 >>> user_stage.learn_one({"event_id": "e1", "user_id": "ann", "type": "purchase", "ts": 1000.0, "item_id": "tea"})
@@ -87,7 +87,7 @@ class PopulationLearner:
 
     Examples
     --------
-    >>> from models import EngineConfig
+    >>> from infogap.models import EngineConfig
     >>> p = PopulationLearner(EngineConfig(n_segments=2))
     >>> p.learn({"seg": [[0, {"Tea": 1.0}, 1.0, 0.0, None]], "trend": [[0, "sencha", 0, 2.0, 50.0]]}, source=3)
     2
@@ -177,7 +177,7 @@ class PopulationLearner:
     def from_state(cls, config, state, arrays=(), where: str = "population learner") -> PopulationLearner:
         """A learner of ``config`` that goes on from :meth:`to_state` (it learns on from the centers).
 
-        >>> from models import EngineConfig
+        >>> from infogap.models import EngineConfig
         >>> p = PopulationLearner(EngineConfig(n_segments=2))
         >>> _ = p.learn({"seg": [[0, {"Tea": 1.0}, 1.0, 0.0, None]], "trend": [[0, "sencha", 0, 2.0, 50.0]]}, 3)
         >>> q = PopulationLearner.from_state(EngineConfig(n_segments=2), p.to_state())

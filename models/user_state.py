@@ -37,7 +37,7 @@ def export_users(engine, user_ids: Iterable[str]) -> dict:
     in milliseconds, where a dict per user took 17 us a user, and as long again to pickle.
     :func:`user_records` reads it a user at a time.
 
-    >>> from models import Engine
+    >>> from infogap.models import Engine
     >>> a, b = Engine(), Engine()
     >>> a.upsert_item({"item_id": "tea", "category": "Drinks"})
     >>> a.learn_one({"event_id": "e1", "user_id": "ann", "type": "purchase", "ts": 1000.0, "item_id": "tea"})
@@ -70,7 +70,7 @@ def users_from_state(state, arrays=(), where: str = "users") -> dict:
     that every index points inside its table and every column has the length its users need;
     :class:`~infogap.models.state_fields.StateError` otherwise.
 
-    >>> from models import Engine
+    >>> from infogap.models import Engine
     >>> a = Engine(); a.learn_one({"event_id": "e1", "user_id": "ann", "type": "view", "ts": 1000.0, "item_id": "tea"})
     >>> state = export_users(a, ["ann"]); b = Engine(); import_users(b, users_from_state(state))
     >>> b.profile("ann") == a.profile("ann")

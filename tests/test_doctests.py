@@ -7,6 +7,7 @@ from __future__ import annotations
 import doctest
 import importlib
 import pkgutil
+import sys
 
 import pytest
 
@@ -31,3 +32,5 @@ def test_docstring_examples(name):
         runner.run(test)
     failed, attempted = runner.summarize(verbose=False)
     assert failed == 0, f"{failed} of {attempted} examples failed in {name} (the output above shows which)"
+    # an example importing the folders as top-level packages passes only from the repository's root
+    assert not {"models", "stream"} & set(sys.modules), f"{name}: an example imports models/stream, not infogap.*"

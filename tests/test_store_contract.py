@@ -251,3 +251,31 @@ async def test_on_a_cluster_a_users_keys_share_a_slot(request):
 test_a_server_that_does_not_answer_is_unavailable_with_the_reason = pytest.mark.integration(
     test_a_server_that_does_not_answer_is_unavailable_with_the_reason)
 test_on_a_cluster_a_users_keys_share_a_slot = pytest.mark.integration(test_on_a_cluster_a_users_keys_share_a_slot)
+
+
+@pytest.mark.integration
+async def test_on_a_cluster_a_master_that_lost_its_data_alone_is_noticed(request):
+    """A master restarted empty before its replica took over loses only its own keys: the generation markers it
+    held are gone, and the token changes (the workers then write every key again)."""
+    from infogap.stream import connections
+    from infogap.stream.settings import load
+
+    s = load(redis_url=request.getfixturevalue("redis_cluster"), redis_prefix=f"test:{uuid.uuid4().hex[:10]}:")
+    store, raw = open_store(s), connections.redis_async(s)
+    try:
+        token, missing = await store.generation()
+        assert missing and await store.generation() == (token, False)
+        await raw.initialize()
+        node = raw.get_primaries()[0]
+        lost = [m for m in store.generation_markers() if raw.nodes_manager.get_node_from_slot(
+            raw.keyslot(m)).name == node.name]
+        assert 0 < len(lost) < len(store.generation_markers())
+        for marker in lost:  # that master's data gone: its markers with it
+            await raw.delete(marker)
+        again, missing = await store.generation()
+        assert missing and again != token
+        assert await store.generation() == (again, False)
+    finally:
+        await store.clear()
+        await store.close()
+        await raw.aclose()

@@ -6,7 +6,7 @@ Each owned ``cooc`` partition is one :class:`~infogap.models.cooc_shard.CoOccurr
 (:mod:`infogap.stream.item_stage`) consumes, paces the publishes and checkpoints; this module decides what each
 record changes and what a publish writes.
 
->>> from models import Engine, EngineConfig
+>>> from infogap.models import Engine, EngineConfig
 >>> from infogap.stream.settings import Settings
 >>> shards = ItemShards(Settings(), EngineConfig())
 >>> shards.take(1)

@@ -2,7 +2,7 @@
 
 The store is the shared read model, never the only copy of state: everything in it can be rebuilt
 from the workers' state (:meth:`Store.generation` tells when it was lost). Three implementations share
-this interface and one test suite (``tests/store_suite.py``): :class:`~infogap.stream.store.memory.MemoryStore`
+this interface and one test suite (``tests/test_store_contract.py``): :class:`~infogap.stream.store.memory.MemoryStore`
 (tests and the pure pipeline), :class:`~infogap.stream.store.redis_node.RedisStore` (one Redis) and
 :class:`~infogap.stream.store.redis_cluster.RedisClusterStore` (Redis Cluster); :func:`infogap.stream.store.open_store`
 picks one from ``INFOGAP_REDIS_URL``.

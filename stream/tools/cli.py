@@ -218,7 +218,8 @@ async def _demo(settings, limit: int, n_users: int) -> None:
                 shown += 1
             if shown >= n_users:
                 break
-        console.print(f"    (any user: infogap recs USER, or redis-cli GET {settings.redis_prefix}recs:USER)")
+        cli = "redis-cli -c" if settings.redis_cluster else "redis-cli"
+        console.print(f"    (any user: infogap recs USER, or {cli} GET '{client.keys.recs('USER')}')")
         for tp in parts:
             push.seek(tp, start[tp])
         end = await push.end_offsets(parts)
