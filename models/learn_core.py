@@ -53,28 +53,28 @@ def _learn_event(u, i, s, x, xm, ts, w, typ, rating, scale, neg_exponent, ring, 
     return global_max, total, codes.size, k, pt, need
 
 
-def learn_event(engine, u: int, i: int, s: int, x: float, xm: float, ts: float, w: float, c: int, typ: int,
-                scale: float, rating: float) -> None:
-    """Learn user row ``u``'s event on item row ``i`` that enters the history as its ``c``-th entry:
-    trending weight ``x`` (momentum ``xm``) in segment ``s`` (-1: none), pair weight ``w``, type code
-    ``typ``, occurrence ``scale`` (``exp(lambda (ts - t0))``) and ``rating`` (0: none). For an engine
-    that learns its pairs itself (``cooc="local"``); the profile is already updated."""
-    prof, co, tr, pw = engine._profiles, engine._cooc, engine._trending, engine._pairs
+def learn_event(state, pairs, window: int, u: int, i: int, s: int, x: float, xm: float, ts: float, w: float, c: int,
+                typ: int, scale: float, rating: float) -> None:
+    """Learn, into a :class:`~infogap.models.model_state.ModelState`, user row ``u``'s event on item row ``i``
+    that enters the history as its ``c``-th entry: trending weight ``x`` (momentum ``xm``) in segment ``s``
+    (-1: none), pair weight ``w`` against the user's last ``window`` entries (weighed by ``pairs``, a
+    :class:`~infogap.models.cooccurrence.PairWeights`), type code ``typ``, occurrence ``scale``
+    (``exp(lambda (ts - t0))``) and ``rating`` (0: none). For an engine that learns its pairs itself
+    (``cooc="local"``); the profile is already updated."""
+    prof, co, tr = state.profiles, state.cooc, state.trending
     head = c % prof.history_len
-    index = co._learner_index()
+    slots = co.slot_arrays()
     forget_memo(tr)  # the trending top lists
-    window = engine.config.window
     codes, deltas = scratch("learn_event", 2 * window, _out)
     tr.global_max, co.total, n, k, pt, need = _learn_event(
         u, i, s, x, xm, float(ts), w, typ, float(rating), scale, -co.pop_exponent,
-        engine._ring_idx[head, :min(window, c)], tr.global_max, co.total, engine._item_events, tr.momentum_,
+        prof.ring_order[head, :min(window, c)], tr.global_max, co.total, state.item_events, tr.momentum_,
         tr.global_, tr.segment_, tr.segment_max, co.pop, co.ipop, co.raw_pop, prof.hist_item, prof.hist_ts, prof.hist_w,
-        prof.hist_type, prof.hist_rating, engine._catalog.feat_mask, pw.dtab, pw.stab, float(pw.gap_tau_s),
-        float(pw.gap_floor), float(pw.agreement), float(pw.feature_boost), co.pair_total, co.block, co.nb, co.vals,
-        co.sq, co.fill, co.free_pos, co.n_free, index.table, index.meta, co._door, co.door_bits,
-        co._n_evict, co.evict_sym_weight, head, codes, deltas)
+        prof.hist_type, prof.hist_rating, state.catalog.feat_mask, pairs.dtab, pairs.stab, float(pairs.gap_tau_s),
+        float(pairs.gap_floor), float(pairs.agreement), float(pairs.feature_boost), co.pair_total, *slots, head, codes,
+        deltas)
     if k < n:  # stopped for a block or index room
-        co._apply(codes[:n].copy(), deltas[:n].copy(), k, pt, need)
+        co.finish_update(codes[:n].copy(), deltas[:n].copy(), k, pt, need)
     else:
         co.pair_total = pt
     co.raw_total += 1.0  # the raw counts lift is computed on (two updates per pair)
