@@ -320,18 +320,10 @@ class CoOccurrence:
 
     # ------------------------------------------------------------------ learning
     def add_occurrences(self, rows: list[int], scaled: list[float]) -> None:
-        """Count item occurrences (``scaled`` = exp(lambda (t - t0)) per event), in order."""
-        pop, ipop = self.pop, self.ipop
-        e = -self.pop_exponent
-        total = self.total
-        np.add.at(pop, rows, scaled)
-        np.add.at(self.raw_pop, rows, 1.0)
+        """Count item occurrences (``scaled`` = exp(lambda (t - t0)) per event), in order (:func:`count_occurrence`)."""
+        self.total = _count_occurrences(np.asarray(rows, np.int64), np.asarray(scaled, np.float64), self.pop, self.ipop,
+                                        self.raw_pop, float(self.total), -float(self.pop_exponent))
         self.raw_total += len(rows)
-        for x in scaled:
-            total += x
-        for r in set(rows):
-            ipop[r] = float(pop[r]) ** e
-        self.total = total
 
     def update(self, codes, deltas: np.ndarray) -> None:
         """Apply slot updates in order: slot ``codes[j]`` gains ``deltas[j]`` (w_dir, w_sym, n_pair, count).
@@ -591,6 +583,27 @@ def _write_row(nb, vals, sq, fill, n_free, b, neighbours, values, factor, k):
         sq[1, lo + j] = 0.0
     fill[b] = k
     n_free[b] = 0
+
+
+@njit(cache=True, nogil=True)
+def count_occurrence(i, scale, pop, ipop, raw_pop, total, neg_exponent):  # pragma: no cover - compiled
+    """The occurrence step of one event of item ``i`` entering a history (``scale`` = exp(lambda (t - t0))):
+    its decayed and raw counts, its popularity normaliser ``ipop`` and the decayed total (returned). The one
+    definition: :meth:`CoOccurrence.add_occurrences` (``learn_many``, the shards) runs it for a batch, the
+    one-event kernel (:mod:`infogap.models.learn_core`) for one event. (The raw total is the caller's.)"""
+    pop[i] += scale
+    total += scale
+    ipop[i] = pop[i] ** neg_exponent
+    raw_pop[i] += 1.0
+    return total
+
+
+@njit(cache=True, nogil=True)
+def _count_occurrences(rows, scaled, pop, ipop, raw_pop, total, neg_exponent):  # pragma: no cover - compiled
+    """:func:`count_occurrence` of each entry in turn."""
+    for j in range(rows.size):
+        total = count_occurrence(rows[j], scaled[j], pop, ipop, raw_pop, total, neg_exponent)
+    return total
 
 
 @njit(cache=True, nogil=True)

@@ -441,15 +441,7 @@ class Engine:
         else:
             self.state.cooc.update(codes, deltas)
             self.state.cooc.raw_pair_total += len(codes) // 2  # (two updates per pair)
-        # ring writes: only each user's last `h` pushes of the batch survive
-        final = np.asarray(prof.n_push, np.int64)[pu]
-        keep = pc >= final - h
-        ru, rc = pu[keep], pc[keep] % h
-        prof.hist_item[ru, rc] = pi[keep]
-        prof.hist_ts[ru, rc] = pts[keep]
-        prof.hist_w[ru, rc] = pw[keep]
-        prof.hist_type[ru, rc] = ptype[keep]
-        prof.hist_rating[ru, rc] = prt[keep]
+        prof.write_entries(pu, pc, pi, pts, pw, ptype, prt)
 
     def drain_pair_deltas(self) -> PairDeltas | None:
         """The co-occurrence updates learned since the last call (``cooc="remote"`` engines), or None.

@@ -31,6 +31,7 @@ from itertools import chain
 from operator import itemgetter
 
 import numpy as np
+from numba import njit
 
 
 #: The history ring's arrays and their empty value.
@@ -421,14 +422,19 @@ class Profiles:
     def push(self, r: int, item: int, ts: float, w: float, type_code: int = 0, rating: float = 0.0) -> None:
         """Append one item event to the user's history (single-event path)."""
         c = self.n_push[r]
-        j = c % self.history_len
-        self.hist_item[r, j] = item
-        self.hist_ts[r, j] = ts
-        self.hist_w[r, j] = w
-        self.hist_type[r, j] = type_code
-        self.hist_rating[r, j] = rating
+        write_entry(self.hist_item, self.hist_ts, self.hist_w, self.hist_type, self.hist_rating, r, c % self.history_len,
+                    item, float(ts), float(w), type_code, float(rating))
         self.n_push[r] = c + 1
         self.last_item[r] = item
+
+    def write_entries(self, users: np.ndarray, entries: np.ndarray, items: np.ndarray, ts: np.ndarray, w: np.ndarray,
+                      types: np.ndarray, ratings: np.ndarray) -> None:
+        """Write history entries (their numbers ``entries``, taken by :meth:`enter`) into the ring, in order:
+        an entry that the ring has no room for any more is overwritten by a later one, as one at a time."""
+        _write_entries(self.hist_item, self.hist_ts, self.hist_w, self.hist_type, self.hist_rating,
+                       np.asarray(users, np.int64), np.asarray(entries, np.int64) % self.history_len,
+                       np.asarray(items, np.int64), np.asarray(ts, np.float64), np.asarray(w, np.float64),
+                       np.asarray(types, np.int64), np.asarray(ratings, np.float64))
 
     # ------------------------------------------------------------------ reading
     def consumed(self, r: int) -> np.ndarray:
@@ -475,3 +481,25 @@ class Profiles:
         rec = (now - last) / 86400.0 if math.isfinite(last) and math.isfinite(now) else math.nan
         return {"recency_days": max(rec, 0.0) if rec == rec else rec,
                 "frequency": self.freq[r] * decay, "monetary": self.money[r] * decay}
+
+
+@njit(cache=True, nogil=True)
+def write_entry(hist_item, hist_ts, hist_w, hist_type, hist_rating, u, j, item, ts, w, typ,
+                rating):  # pragma: no cover - compiled
+    """The history step: user row ``u``'s ring position ``j`` holds the entry (item, time, pair weight, type code,
+    rating or 0). The one definition: :meth:`Profiles.write_entries` (``learn_many``), :meth:`Profiles.push` and
+    the one-event kernel (:mod:`infogap.models.learn_core`) write with it."""
+    hist_item[u, j] = item
+    hist_ts[u, j] = ts
+    hist_w[u, j] = w
+    hist_type[u, j] = typ
+    hist_rating[u, j] = rating
+
+
+@njit(cache=True, nogil=True)
+def _write_entries(hist_item, hist_ts, hist_w, hist_type, hist_rating, users, positions, items, ts, w, types,
+                   ratings):  # pragma: no cover - compiled
+    """:func:`write_entry` of each entry in turn."""
+    for k in range(users.size):
+        write_entry(hist_item, hist_ts, hist_w, hist_type, hist_rating, users[k], positions[k], items[k], ts[k], w[k],
+                    types[k], ratings[k])
