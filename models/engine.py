@@ -54,6 +54,9 @@ _DOOR_PERIOD = 128 * _CHUNK
 
 
 _new = tuple.__new__  # a NamedTuple without its keyword-handling constructor
+#: Fields of a trend entry (item row, segment, scaled weight, scaled momentum weight) and of a history entry
+#: (user row, item row, ts, pair weight, entry number, type code, occurrence scale, seq, rating) in a block's lists.
+_TREND, _ENTRY = 4, 9
 
 #: An event block as columns: user ids, types, timestamps, item ids, values, ratings.
 _Columns = tuple[list, list, list, list, list, list]
@@ -342,8 +345,9 @@ class Engine:
                      value: float | None, rating: float | None, seq: int) -> None:
         """The steps of one event that are not array arithmetic, in order, for ``learn_one`` and ``learn_many``
         alike: the clock, the event's weights, the user's profile, then for an item event with a positive
-        weight a trend entry (appended to ``trends``) and, unless it repeats the user's last item, a history
-        entry (appended to ``entries``); last the user's segment when due. :meth:`_finish_block` applies
+        weight a trend entry (its _TREND fields appended to ``trends``) and, unless it repeats the user's last
+        item, a history entry (its _ENTRY fields appended to ``entries``; flat lists of numbers: no object per
+        entry for the garbage collector to track); last the user's segment when due. :meth:`_finish_block` applies
         the entries to the arrays. ``seq``: the event's sequence number (:attr:`n_learned` before it)."""
         st = self.state
         prof = st.profiles
@@ -362,13 +366,13 @@ class Engine:
             prof.learn_item(u, i, cat.features(i), w, su, weights.owns(typ))
             if w > 0.0:
                 tr, segment = st.trending, prof.segment[u]
-                trends.append((i, segment, w * exp(tr.lam * (ts - t0)), exp(tr.lam_m * (ts - t0))))
+                trends += i, segment, w * exp(tr.lam * (ts - t0)), exp(tr.lam_m * (ts - t0))
                 if remote_population:
                     self._pop_trend.append([seq, item_id, int(segment), w, ts])
                 c = prof.enter(u, i)
                 if c >= 0:  # (a remote co-occurrence gets the pairs unscaled: the shard scales by event time)
-                    entries.append((u, i, ts, pair_w, c, TYPE_CODE.get(typ, 0),
-                                    1.0 if self.cooc_mode == "remote" else exp(st.cooc.lam * (ts - t0)), seq, rating))
+                    entries += (u, i, ts, pair_w, c, TYPE_CODE.get(typ, 0),
+                                1.0 if self.cooc_mode == "remote" else exp(st.cooc.lam * (ts - t0)), seq, rating)
         if not n & (n - 1) or n % self.config.segment_every == 0:  # n = 1, 2, 4, 8, ... and every `segment_every`
             self._update_segment(u, ts, prev_ts, seq)
         elif remote_population and prof.segment[u] < 0 and st.segmenter.n_seeded:
@@ -382,9 +386,9 @@ class Engine:
         if len(st.catalog) > st.trending.n_items:  # events brought new items
             st.ensure_items(len(st.catalog))
         remote = self.cooc_mode == "remote"
-        if len(entries) == 1 and len(trends) == 1 and not remote:  # one event into the history: one compiled call
-            u, i, ts, pair_w, c, type_code, scale, _, rating = entries[0]
-            _, segment, x, xm = trends[0]
+        if len(entries) == _ENTRY and len(trends) == _TREND and not remote:  # one history entry: one compiled call
+            u, i, ts, pair_w, c, type_code, scale, _, rating = entries
+            _, segment, x, xm = trends
             learn_event(st, self._pairs, self.config.window, u, i, segment, x, xm, ts, pair_w, c, type_code, scale,
                         rating)
         else:
@@ -396,11 +400,11 @@ class Engine:
         """A block's trend entries and history entries, in order."""
         st = self.state
         if trends:
-            ti, tseg, tx, tm = map(list, zip(*trends))
+            ti, tseg, tx, tm = (trends[k::_TREND] for k in range(_TREND))
             np.add.at(st.item_events, ti, 1)
             st.trending.add(ti, tseg, tx, tm)
         if entries:
-            pu, pi, pts, pw, pc, ptype, psc, pseq, prt = map(list, zip(*entries))
+            pu, pi, pts, pw, pc, ptype, psc, pseq, prt = (entries[k::_ENTRY] for k in range(_ENTRY))
             if not remote:
                 st.cooc.add_occurrences(pi, psc)
             self._learn_pairs(np.asarray(pu, np.int64), np.asarray(pi, np.int64), np.asarray(pts), np.asarray(pw),
