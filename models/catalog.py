@@ -320,6 +320,16 @@ class Catalog:
         """The id of a row."""
         return self._ids[row]
 
+    @property
+    def ids(self) -> list[str]:
+        """Every item id, by row (the catalog's own list: read it, never change it)."""
+        return self._ids
+
+    @property
+    def titles(self) -> list[str | None]:
+        """Every item title by row, None where none was given (the catalog's own list: read only)."""
+        return self._titles
+
     def _grow(self, cap: int) -> None:
         def grow(a: np.ndarray, fill) -> np.ndarray:
             out = np.full(cap, fill, a.dtype)
@@ -417,6 +427,11 @@ class Catalog:
     def recent_rows(self) -> list[int]:
         """Rows of the most recently upserted items, newest last."""
         return list(self._recent)
+
+    @property
+    def recent(self) -> deque[int]:
+        """:meth:`recent_rows` without the copy (the catalog's own deque: read it, never change it)."""
+        return self._recent
 
     def recent_dated(self) -> np.ndarray:
         """Rows of the most recently upserted items that have an added time (those upserted before any

@@ -38,13 +38,12 @@ import numpy as np
 import orjson
 
 from infogap.models.cooccurrence import _SHIFT, CoOccurrence
+from infogap.models.model_state import RENORM_EXPONENT
 from infogap.models.ranker import Neighbour
 from infogap.models.state_fields import StateError, check, encode_float
 
 _new = tuple.__new__  # a NamedTuple without its keyword-handling constructor
 
-#: The shard moves its reference time when ``lambda * (t - t0)`` passes this (as the engine does).
-_RENORM_EXPONENT = 40.0
 #: The admission door is reset after this many occurrences (as the engine does, per learned events).
 _DOOR_PERIOD = 128 * 1024
 _ARRAYS = (("row", np.int32), ("nb", np.int32), ("ts", np.float64), ("seq", np.int64), ("occ", np.int32),
@@ -296,7 +295,7 @@ class CoOccurrenceShard:
         if self.t0 is None:
             self.t0 = float(times.min())
         newest = float(times.max())
-        if co.lam * (newest - self.t0) > _RENORM_EXPONENT:
+        if co.lam * (newest - self.t0) > RENORM_EXPONENT:
             co.rescale(math.exp(-co.lam * (newest - self.t0)))
             self.t0 = newest
         self.now = max(self.now, newest)

@@ -46,6 +46,7 @@ a time.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit
@@ -56,10 +57,31 @@ from infogap.models.state_fields import Array, StateError, array, put, take
 
 _SHIFT = 32
 _MASK = (1 << _SHIFT) - 1
+_new = tuple.__new__  # a NamedTuple without its keyword-handling constructor (once per learned event)
 #: Rows of ``vals`` (one contiguous array per quantity, so the ranker gathers only what it needs).
 W_DIR, W_SYM, N_PAIR, COUNT = 0, 1, 2, 3
 #: What the update kernel stops for: a block for a row's first neighbour, room in the slot index.
 _NEED_BLOCK, _NEED_ROOM = 1, 2
+
+
+class SlotArrays(NamedTuple):
+    """What the compiled slot update (``_update``) takes of a :class:`CoOccurrence`, in its order: the rows
+    (``block`` per item, ``nb``/``vals``/``sq`` per slot, ``fill``/``free_pos``/``n_free`` per block), the
+    slot index (``table``, ``meta``), the admission door and the eviction settings."""
+
+    block: np.ndarray
+    nb: np.ndarray
+    vals: np.ndarray
+    sq: np.ndarray
+    fill: np.ndarray
+    free_pos: np.ndarray
+    n_free: np.ndarray
+    table: np.ndarray
+    meta: np.ndarray
+    door: np.ndarray
+    door_bits: int
+    n_evict: int
+    evict_sym_weight: float
 
 
 def code(row: int, col: int) -> int:
@@ -298,18 +320,10 @@ class CoOccurrence:
 
     # ------------------------------------------------------------------ learning
     def add_occurrences(self, rows: list[int], scaled: list[float]) -> None:
-        """Count item occurrences (``scaled`` = exp(lambda (t - t0)) per event), in order."""
-        pop, ipop = self.pop, self.ipop
-        e = -self.pop_exponent
-        total = self.total
-        np.add.at(pop, rows, scaled)
-        np.add.at(self.raw_pop, rows, 1.0)
+        """Count item occurrences (``scaled`` = exp(lambda (t - t0)) per event), in order (:func:`count_occurrence`)."""
+        self.total = _count_occurrences(np.asarray(rows, np.int64), np.asarray(scaled, np.float64), self.pop, self.ipop,
+                                        self.raw_pop, float(self.total), -float(self.pop_exponent))
         self.raw_total += len(rows)
-        for x in scaled:
-            total += x
-        for r in set(rows):
-            ipop[r] = float(pop[r]) ** e
-        self.total = total
 
     def update(self, codes, deltas: np.ndarray) -> None:
         """Apply slot updates in order: slot ``codes[j]`` gains ``deltas[j]`` (w_dir, w_sym, n_pair, count).
@@ -321,29 +335,35 @@ class CoOccurrence:
         u = len(codes)
         if u == 0:
             return
-        self._learner_index()
+        self.slot_arrays()  # (refuses a read-side copy)
         codes = np.asarray(codes, np.int64)
         deltas = np.ascontiguousarray(deltas, np.float64)
-        self._apply(codes, deltas, 0, self.pair_total, 0)
+        self.finish_update(codes, deltas, 0, self.pair_total, 0)
 
-    def _learner_index(self) -> SlotTable:
-        """The slot index learning needs (a read-side copy has none, and does not learn)."""
-        if self._index is None:
+    def slot_arrays(self) -> SlotArrays:
+        """The rows and their index as the compiled slot update takes them (``RuntimeError`` for a read-side
+        copy, which has no index and does not learn pairs).
+
+        >>> co = CoOccurrence(n_neighbours=4, door_bits=3)
+        >>> s = co.slot_arrays(); s.nb is co.nb, s.door.size, s.n_evict
+        (True, 8, 1)
+        """
+        index = self._index
+        if index is None:
             raise RuntimeError("a read-side copy (indexed=False) takes rows with set_row; it does not learn pairs")
-        return self._index
+        return _new(SlotArrays, (self.block, self.nb, self.vals, self.sq, self.fill, self.free_pos, self.n_free,
+                                 index.table, index.meta, self._door, self.door_bits, self._n_evict, self.evict_sym_weight))
 
-    def _apply(self, codes: np.ndarray, deltas: np.ndarray, k: int, pt: float, need: int) -> None:
-        """Go on with the updates from ``k`` (``pt``: the pair total so far) after what stopped them
-        (``need``; 0 when nothing did)."""
+    def finish_update(self, codes: np.ndarray, deltas: np.ndarray, k: int, pt: float, need: int) -> None:
+        """Go on with slot updates from ``k`` (``pt``: the pair total so far) after what stopped the compiled
+        update (``need``: a block for a row, room in the index; 0 when nothing did), to the end."""
         index = self._index
         while k < codes.size:
             if need == _NEED_BLOCK:  # the row's first neighbour: take its block, go on
                 self._block_for(int(codes[k] >> _SHIFT))
             elif need == _NEED_ROOM:  # the index is half full: double it (at the same points whatever the batching)
                 index.reserve(1)
-            k, pt, need = _update(codes, deltas, k, pt, self.block, self.nb, self.vals, self.sq, self.fill,
-                                  self.free_pos, self.n_free, index.table, index.meta, self._door,
-                                  self.door_bits, self._n_evict, self.evict_sym_weight)
+            k, pt, need = _update(codes, deltas, k, pt, *self.slot_arrays())
         self.pair_total = pt
 
     def reset_door(self) -> None:
@@ -563,6 +583,27 @@ def _write_row(nb, vals, sq, fill, n_free, b, neighbours, values, factor, k):
         sq[1, lo + j] = 0.0
     fill[b] = k
     n_free[b] = 0
+
+
+@njit(cache=True, nogil=True)
+def count_occurrence(i, scale, pop, ipop, raw_pop, total, neg_exponent):  # pragma: no cover - compiled
+    """The occurrence step of one event of item ``i`` entering a history (``scale`` = exp(lambda (t - t0))):
+    its decayed and raw counts, its popularity normaliser ``ipop`` and the decayed total (returned). The one
+    definition: :meth:`CoOccurrence.add_occurrences` (``learn_many``, the shards) runs it for a batch, the
+    one-event kernel (:mod:`infogap.models.learn_core`) for one event. (The raw total is the caller's.)"""
+    pop[i] += scale
+    total += scale
+    ipop[i] = pop[i] ** neg_exponent
+    raw_pop[i] += 1.0
+    return total
+
+
+@njit(cache=True, nogil=True)
+def _count_occurrences(rows, scaled, pop, ipop, raw_pop, total, neg_exponent):  # pragma: no cover - compiled
+    """:func:`count_occurrence` of each entry in turn."""
+    for j in range(rows.size):
+        total = count_occurrence(rows[j], scaled[j], pop, ipop, raw_pop, total, neg_exponent)
+    return total
 
 
 @njit(cache=True, nogil=True)

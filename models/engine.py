@@ -34,31 +34,29 @@ import numpy as np
 from infogap.models.catalog import Catalog
 from infogap.models.cooc_shard import CoOccurrenceShard, PairDeltas
 from infogap.models.cooccurrence import _MASK, _SHIFT, CoOccurrence, PairWeights
+from infogap.models.event_weights import DEFAULT_EVENT_WEIGHTS, TYPE_CODE, EventWeights
 from infogap.models.events import EVENT_TYPES, Event, as_event
 from infogap.models.learn_core import learn_event
+from infogap.models.model_state import ModelState
 from infogap.models.population import segmenter_for, trending_for
 from infogap.models.profile import Profiles
-from infogap.models.ranker import Neighbour, Recommendation, query_tables, rank, settings_for
+from infogap.models.ranker import Neighbour, Recommendation, RankerSettings, query_tables, rank, settings_for
 from infogap.models.slot_table import SlotTable
 
 __all__ = ["DEFAULT_EVENT_WEIGHTS", "Engine", "EngineConfig", "Neighbour", "Recommendation", "warm_up"]
 
-#: Weight of each event type in the behaviour vector; ``rate`` is scaled by ``rating / rating_scale``.
-#: Non-positive weights never enter the history or the co-occurrence; a negative weight lowers the
-#: user's affinity for the item's categories.
-DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
-    "view": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0, "rate": 3.0,
-    "impression": 0.0, "dismiss": -2.0, "push_open": 0.5, "push_click": 2.0,
-}
-_TYPE_CODE = {t: i for i, t in enumerate(EVENT_TYPES)}
-#: The reference time is moved when ``lambda * (ts - t0)`` of the fastest decay passes this.
-_RENORM_EXPONENT = 40.0
-STATE_VERSION = 1
+#: 2: the learned parts in ``state`` (:class:`~infogap.models.model_state.ModelState`); 1: as engine attributes
+STATE_VERSION = 2
 #: learn_many works through batches of at most this many events (bounds temporary arrays).
 _CHUNK = 1024
 #: The co-occurrence admission door is reset every this many learned events (a multiple of _CHUNK).
 _DOOR_PERIOD = 128 * _CHUNK
 
+
+_new = tuple.__new__  # a NamedTuple without its keyword-handling constructor
+#: Fields of a trend entry (item row, segment, scaled weight, scaled momentum weight) and of a history entry
+#: (user row, item row, ts, pair weight, entry number, type code, occurrence scale, seq, rating) in a block's lists.
+_TREND, _ENTRY = 4, 9
 
 #: An event block as columns: user ids, types, timestamps, item ids, values, ratings.
 _Columns = tuple[list, list, list, list, list, list]
@@ -266,117 +264,53 @@ class Engine:
         self._pop_trend: list[list] = []
         #: per push batch: (codes, deltas, ts, seq, occurrence rows, their ts, pairs made, seq)
         self._outbox: list[tuple] = []
-        self._weights = {t: float(cfg.event_weights.get(t, DEFAULT_EVENT_WEIGHTS.get(t, 0.0))) for t in EVENT_TYPES}
-        self._exclude_types = frozenset(cfg.exclude_types)
-        self._catalog = Catalog()
-        self._profiles = Profiles(history_len=cfg.history_len, half_life_days=cfg.half_life_days,
-                                  max_consumed=cfg.max_consumed)
-        self._cooc = CoOccurrence(n_neighbours=cfg.n_neighbours, half_life_days=cfg.cooc_half_life_days,
-                                  evict_fraction=cfg.evict_fraction, pop_exponent=cfg.pop_exponent,
-                                  door_bits=cfg.door_bits, evict_sym_weight=cfg.sym_weight,
-                                  indexed=cooc == "local")
-        self._segmenter = segmenter_for(cfg)
-        self._segmenter.frozen = population == "remote"
-        self._trending = trending_for(cfg)
-        self._item_events = np.zeros(self._catalog.category.shape[0], np.int64)
+        self._weights = EventWeights.for_config(cfg)
+        segmenter = segmenter_for(cfg)
+        segmenter.frozen = population == "remote"
+        #: what the engine has learned, by name: what the ranker reads and the learning steps write
+        self.state = ModelState(
+            Catalog(),
+            Profiles(history_len=cfg.history_len, half_life_days=cfg.half_life_days, max_consumed=cfg.max_consumed),
+            CoOccurrence(n_neighbours=cfg.n_neighbours, half_life_days=cfg.cooc_half_life_days,
+                         evict_fraction=cfg.evict_fraction, pop_exponent=cfg.pop_exponent, door_bits=cfg.door_bits,
+                         evict_sym_weight=cfg.sym_weight, indexed=cooc == "local"),
+            trending_for(cfg), segmenter)
         self._pairs = PairWeights(window=cfg.window, dir_window=cfg.dir_window, dir_decay=cfg.dir_decay,
                                   sym_decay=cfg.sym_decay, gap_tau_s=cfg.gap_tau_s, gap_floor=cfg.gap_floor,
                                   agreement=cfg.pair_agreement, feature_boost=cfg.pair_feature_boost)
-        h = cfg.history_len
-        #: ring positions of the newest..oldest entries, per ring head: row c % h -> (c - 1 - k) % h
-        self._ring_idx = (np.arange(h)[:, None] - 1 - np.arange(h)[None, :]) % h
-        self._qd_tab, self._qs_tab = query_tables(cfg)
-        self._t0: float | None = None
-        self._now = -math.inf
-        self._lam_max = max(self._profiles.lam, self._cooc.lam, self._trending.lam, self._trending.lam_m)
+        self._query_tables = query_tables(cfg)
         self.n_learned = 0
+
+    @property
+    def ranker_settings(self) -> RankerSettings:
+        """What :meth:`recommend` ranks with: the config and its query weight tables
+        (:func:`infogap.models.ranker.query_tables`)."""
+        return _new(RankerSettings, (self.config, *self._query_tables))
 
     # ------------------------------------------------------------------ learning
     def learn_one(self, event: Event | Mapping) -> None:
         """Learn from one event (a contract dict or an :class:`~infogap.models.events.Event`)."""
-        if event.__class__ is dict and self._learn_entry(event):
-            return
-        cols = _columns([event])
-        t0 = self._t0
-        if cols[1][0] != "forget" and t0 is not None and self._lam_max * (cols[2][0] - t0) <= _RENORM_EXPONENT:
-            self._learn_block(cols, 0, 1)  # what _learn does with one such event
-        else:
-            self._learn(cols)
-
-    def _learn_entry(self, e: dict) -> bool:
-        """:meth:`_learn_block` for the commonest single event: an item event with a positive weight that
-        enters the user's history, learned locally with no renormalisation due. Returns False, having
-        changed nothing but perhaps added the user's and the item's rows (as the block would first),
-        for any other event.
-
-        The same steps in the same order as the block's loop, without its columns and per-field lists
-        (a fifth of a prequential ``learn_one``); the generic checks hold the two to the same state
-        (``learn_many`` against a ``learn_one`` loop, bit for bit).
-        """
-        item_id, typ, ts = e.get("item_id"), e["type"], e["ts"]
-        t0 = self._t0
-        if item_id is None or t0 is None or self._lam_max * (ts - t0) > _RENORM_EXPONENT or \
-                self.cooc_mode == "remote" or self.population_mode == "remote":
-            return False
-        w = tw_ = self._weights.get(typ, 0.0)
-        rating = e.get("rating")
-        rt = 0.0
-        cfg = self.config
-        if typ == "rate" and rating is not None:
-            rt = rating
-            w *= rating / cfg.rating_scale
-            if cfg.rating_in_pairs:
-                tw_ = w
-        if not w > 0.0:
-            return False
-        prof, cat = self._profiles, self._catalog
-        u, i = prof.row(e["user_id"]), cat.row(item_id)
-        if i == prof.last_item[u]:
-            return False
-        if ts > self._now:
-            self._now = ts
-        n = prof.n_events[u] + 1
-        prof.n_events[u] = n
-        prev_ts = prof.last_ts[u]
-        if not prev_ts >= ts:
-            prof.last_ts[u] = ts
-        if n == 1:
-            prof.first_ts[u] = ts
-        su = math.exp(prof.lam * (ts - t0))
-        prof.freq[u] += su
-        value = e.get("value")
-        if value is not None:
-            prof.money[u] += value * su
-        feats = cat._feat_lists[i]
-        if feats:
-            prof.add_features(u, feats, w * su)
-        if typ in self._exclude_types:
-            prof.consume(u, i)
-        seg = prof.segment[u]
-        c = prof.n_push[u]
-        prof.n_push[u] = c + 1
-        prof.last_item[u] = i
-        seq = self.n_learned
-        if not n & (n - 1) or n % cfg.segment_every == 0:
-            self._update_segment(u, ts, prev_ts, seq)
-        self.n_learned = seq + 1
-        if len(cat._ids) > self._trending.n_items:
-            self._ensure_items(len(cat._ids))
-        tr = self._trending
-        learn_event(self, u, i, seg, w * math.exp(tr.lam * (ts - t0)), math.exp(tr.lam_m * (ts - t0)), ts, tw_, c,
-                    _TYPE_CODE.get(typ, 0), math.exp(self._cooc.lam * (ts - t0)), rt)
-        if self.n_learned % _DOOR_PERIOD == 0:
-            self._cooc.reset_door()
-        return True
+        st = self.state
+        if event.__class__ is dict:  # the commonest case, without the columns of _learn
+            typ, ts = event["type"], event["ts"]
+            if typ != "forget" and st.t0 is not None and not st.renormalisation_due(ts):
+                trends, entries = [], []
+                self._learn_event(trends, entries, event["user_id"], typ, ts, event.get("item_id"),
+                                  event.get("value"), event.get("rating"), self.n_learned)
+                self._finish_block(trends, entries, 1)
+                return
+        self._learn(_columns([event]))
 
     def learn_many(self, events: Iterable[Event | Mapping]) -> None:
         """Learn from events in order: the same state as ``learn_one`` in a loop, much faster."""
         self._learn(_columns(events if isinstance(events, list) else list(events)))
 
     def _learn(self, cols: _Columns) -> None:
+        """Events in blocks: cut where a block reaches a multiple of _CHUNK learned events, at a forget and
+        where the reference time must move first."""
         users, types, tss = cols[0], cols[1], cols[2]
+        st = self.state
         start = 0
-        lam = self._lam_max
         chunk = _CHUNK
         for k in range(len(types)):
             if k > start and (self.n_learned + k - start) % chunk == 0:
@@ -387,131 +321,92 @@ class Engine:
                 self.forget_user(users[k])
                 start = k + 1
                 continue
-            if self._t0 is None:
-                self._t0 = tss[k]
-            elif lam * (tss[k] - self._t0) > _RENORM_EXPONENT:
+            if st.t0 is None:
+                st.t0 = tss[k]
+            elif st.renormalisation_due(tss[k]):
                 self._learn_block(cols, start, k)
-                self._renormalise(tss[k])
+                st.renormalise(tss[k])
                 start = k
         self._learn_block(cols, start, len(types))
 
-    def _renormalise(self, t_new: float) -> None:
-        dt = t_new - self._t0
-        self._profiles.rescale(math.exp(-self._profiles.lam * dt))
-        self._cooc.rescale(math.exp(-self._cooc.lam * dt))
-        self._trending.rescale(math.exp(-self._trending.lam * dt), math.exp(-self._trending.lam_m * dt))
-        self._t0 = t_new
-
     def _learn_block(self, cols: _Columns, start: int, end: int) -> None:
-        """Learn events ``start:end`` of ``cols`` (no forget among them, no renormalisation due).
-
-        :meth:`_learn_entry` takes the commonest single event through the same steps without the
-        columns: a change to the steps here goes there too (the generic checks compare the two)."""
+        """Learn events ``start:end`` of ``cols`` (no forget among them, no renormalisation due)."""
         if end <= start:
             return
-        cfg = self.config
-        cat, prof = self._catalog, self._profiles
-        weights, excl, codes = self._weights, self._exclude_types, _TYPE_CODE
-        rate_scale = cfg.rating_scale
-        rating_pairs = cfg.rating_in_pairs
-        every = cfg.segment_every
-        t0 = self._t0
-        remote = self.cooc_mode == "remote"
-        pop_remote = self.population_mode == "remote"
-        seeded = self._segmenter._n_seeded > 0
-        lam_p, lam_t = prof.lam, self._trending.lam
-        lam_c = 0.0 if remote else self._cooc.lam  # remote: unscaled, the shard scales by event time
-        seq0 = self.n_learned - start  # event k's sequence number is seq0 + k
-        pseq = []
-        exp = math.exp
-        now = self._now
-        user_row, item_row = prof.row, cat.row
-        n_events, n_push, last_item = prof.n_events, prof.n_push, prof.last_item
-        last_ts, first_ts, freq, money, segment = prof.last_ts, prof.first_ts, prof.freq, prof.money, prof.segment
-        feat_lists = cat._feat_lists
-        # per push (history entry), and per positive item event (trending)
-        pu, pi, pts, pw, pc, ptype, psc, prt = [], [], [], [], [], [], [], []
-        ti, tseg, tx, tm = [], [], [], []
-        lam_m = self._trending.lam_m
         users, types, tss, items, values, ratings = cols
+        seq0 = self.n_learned - start  # event k's sequence number is seq0 + k
+        trends, entries = [], []
+        learn = self._learn_event
         for k in range(start, end):
-            ts = tss[k]
-            if ts > now:
-                now = ts
-            u = user_row(users[k])
-            typ = types[k]
-            w = tw_ = weights.get(typ, 0.0)
-            rating = ratings[k]
-            rt = 0.0
-            if typ == "rate" and rating is not None:
-                rt = rating
-                w *= rating / rate_scale
-                if rating_pairs:
-                    tw_ = w
-            n = n_events[u] + 1
-            n_events[u] = n
-            prev_ts = last_ts[u]
-            if not prev_ts >= ts:
-                last_ts[u] = ts
-            if n == 1:
-                first_ts[u] = ts
-            su = exp(lam_p * (ts - t0))
-            freq[u] += su
-            value = values[k]
-            if value is not None:
-                money[u] += value * su
-            item_id = items[k]
-            if item_id is not None:
-                i = item_row(item_id)
-                feats = feat_lists[i]
-                if feats and w != 0.0:
-                    prof.add_features(u, feats, w * su)
-                if typ in excl:
-                    prof.consume(u, i)
-                if w > 0.0:
-                    ti.append(i)
-                    tseg.append(segment[u])
-                    tx.append(w * exp(lam_t * (ts - t0)))
-                    tm.append(exp(lam_m * (ts - t0)))
-                    if pop_remote:
-                        self._pop_trend.append([seq0 + k, item_id, int(segment[u]), w, ts])
-                    if i != last_item[u]:
-                        c = n_push[u]
-                        pu.append(u)
-                        pi.append(i)
-                        pts.append(ts)
-                        pw.append(tw_)
-                        pc.append(c)
-                        ptype.append(codes.get(typ, 0))
-                        prt.append(rt)
-                        psc.append(exp(lam_c * (ts - t0)))
-                        pseq.append(seq0 + k)
-                        n_push[u] = c + 1
-                        last_item[u] = i
-            if not n & (n - 1) or n % every == 0:  # n = 1, 2, 4, 8, ... and every `segment_every`
-                self._update_segment(u, ts, prev_ts, seq0 + k)
-            elif pop_remote and segment[u] < 0 and seeded:  # the centers arrived after the user's last update
-                self._update_segment(u, ts, prev_ts, -1)
-        self._now = now
-        n_block = end - start
-        self.n_learned += n_block
-        if len(cat._ids) > self._trending.n_items:  # events brought new items
-            self._ensure_items(len(cat._ids))
-        if len(pu) == 1 and len(ti) == 1 and not remote:  # one event into the history: one compiled call
-            learn_event(self, pu[0], pi[0], tseg[0], tx[0], tm[0], pts[0], pw[0], pc[0], ptype[0], psc[0], prt[0])
-        else:
-            self._learn_arrays(ti, tseg, tx, tm, pu, pi, pts, pw, pc, ptype, psc, pseq, prt, remote)
-        if not remote and self.n_learned % _DOOR_PERIOD < n_block:  # the block ended on a multiple of the period
-            self._cooc.reset_door()
+            learn(trends, entries, users[k], types[k], tss[k], items[k], values[k], ratings[k], seq0 + k)
+        self._finish_block(trends, entries, end - start)
 
-    def _learn_arrays(self, ti, tseg, tx, tm, pu, pi, pts, pw, pc, ptype, psc, pseq, prt, remote: bool) -> None:
-        """The block's trending entries (``ti``...) and history entries (``pu``...), in order."""
-        if ti:
-            np.add.at(self._item_events, ti, 1)
-            self._trending.add(ti, tseg, tx, tm)
-        if pu:
+    def _learn_event(self, trends: list, entries: list, user_id: str, typ: str, ts: float, item_id: str | None,
+                     value: float | None, rating: float | None, seq: int) -> None:
+        """The steps of one event that are not array arithmetic, in order, for ``learn_one`` and ``learn_many``
+        alike: the clock, the event's weights, the user's profile, then for an item event with a positive
+        weight a trend entry (its _TREND fields appended to ``trends``) and, unless it repeats the user's last
+        item, a history entry (its _ENTRY fields appended to ``entries``; flat lists of numbers: no object per
+        entry for the garbage collector to track); last the user's segment when due. :meth:`_finish_block` applies
+        the entries to the arrays. ``seq``: the event's sequence number (:attr:`n_learned` before it)."""
+        st = self.state
+        prof = st.profiles
+        if ts > st.now:
+            st.now = ts
+        u = prof.row(user_id)
+        weights = self._weights
+        w, pair_w, rating = weights.of(typ, rating)
+        exp, t0 = math.exp, st.t0
+        su = exp(prof.lam * (ts - t0))
+        n, prev_ts = prof.record(u, ts, su, value)
+        remote_population = self.population_mode == "remote"
+        if item_id is not None:
+            cat = st.catalog
+            i = cat.row(item_id)
+            prof.learn_item(u, i, cat.features(i), w, su, weights.owns(typ))
+            if w > 0.0:
+                tr, segment = st.trending, prof.segment[u]
+                trends += i, segment, w * exp(tr.lam * (ts - t0)), exp(tr.lam_m * (ts - t0))
+                if remote_population:
+                    self._pop_trend.append([seq, item_id, int(segment), w, ts])
+                c = prof.enter(u, i)
+                if c >= 0:  # (a remote co-occurrence gets the pairs unscaled: the shard scales by event time)
+                    entries += (u, i, ts, pair_w, c, TYPE_CODE.get(typ, 0),
+                                1.0 if self.cooc_mode == "remote" else exp(st.cooc.lam * (ts - t0)), seq, rating)
+        if not n & (n - 1) or n % self.config.segment_every == 0:  # n = 1, 2, 4, 8, ... and every `segment_every`
+            self._update_segment(u, ts, prev_ts, seq)
+        elif remote_population and prof.segment[u] < 0 and st.segmenter.n_seeded:
+            self._update_segment(u, ts, prev_ts, -1)  # the centers arrived after the user's last update
+
+    def _finish_block(self, trends: list, entries: list, n_block: int) -> None:
+        """After the ``n_block`` events of a block: their trend and history entries into the arrays (one
+        entry: one compiled call), and the admission door reset when the block ended on its period."""
+        st = self.state
+        self.n_learned += n_block
+        if len(st.catalog) > st.trending.n_items:  # events brought new items
+            st.ensure_items(len(st.catalog))
+        remote = self.cooc_mode == "remote"
+        if len(entries) == _ENTRY and len(trends) == _TREND and not remote:  # one history entry: one compiled call
+            u, i, ts, pair_w, c, type_code, scale, _, rating = entries
+            _, segment, x, xm = trends
+            learn_event(st, self._pairs, self.config.window, u, i, segment, x, xm, ts, pair_w, c, type_code, scale,
+                        rating)
+        else:
+            self._learn_arrays(trends, entries, remote)
+        if not remote and self.n_learned % _DOOR_PERIOD < n_block:  # the block ended on a multiple of the period
+            st.cooc.reset_door()
+
+    def _learn_arrays(self, trends: list, entries: list, remote: bool) -> None:
+        """A block's trend entries and history entries, in order."""
+        st = self.state
+        if trends:
+            ti, tseg, tx, tm = (trends[k::_TREND] for k in range(_TREND))
+            np.add.at(st.item_events, ti, 1)
+            st.trending.add(ti, tseg, tx, tm)
+        if entries:
+            pu, pi, pts, pw, pc, ptype, psc, pseq, prt = (entries[k::_ENTRY] for k in range(_ENTRY))
             if not remote:
-                self._cooc.add_occurrences(pi, psc)
+                st.cooc.add_occurrences(pi, psc)
             self._learn_pairs(np.asarray(pu, np.int64), np.asarray(pi, np.int64), np.asarray(pts), np.asarray(pw),
                               np.asarray(pc, np.int64), np.asarray(ptype, np.int8), np.asarray(psc),
                               np.asarray(pseq, np.int64), np.asarray(prt))
@@ -519,7 +414,7 @@ class Engine:
     def _learn_pairs(self, pu, pi, pts, pw, pc, ptype, scale, pseq, prt) -> None:
         """A batch of pushes: history windows (ring + earlier pushes of the batch), pairs, ring writes."""
         cfg = self.config
-        prof = self._profiles
+        prof = self.state.profiles
         h, w = cfg.history_len, cfg.window
         p = pu.shape[0]
         order = np.argsort(pu, kind="stable")
@@ -540,7 +435,7 @@ class Engine:
         prev_ts = np.where(inb, pts[src], prof.hist_ts[urow, ridx])
         prev_w = np.where(inb, pw[src], prof.hist_w[urow, ridx])
         prev_rt = np.where(inb, prt[src], prof.hist_rating[urow, ridx])
-        fm = self._catalog.feat_mask
+        fm = self.state.catalog.feat_mask
         codes, deltas, ev = self._pairs.many(pi, pts, pw, scale, prev_items, prev_ts, prev_w, prt, prev_rt, fm[pi],
                                              fm[prev_items])
         if self.cooc_mode == "remote":
@@ -548,17 +443,9 @@ class Engine:
             self._outbox.append((np.asarray(codes, np.int64), deltas, pts[ev2], pseq[ev2], pi, pts,
                                  np.bincount(ev, minlength=p).astype(np.float64), pseq))
         else:
-            self._cooc.update(codes, deltas)
-            self._cooc.raw_pair_total += len(codes) // 2  # (two updates per pair)
-        # ring writes: only each user's last `h` pushes of the batch survive
-        final = np.asarray(prof.n_push, np.int64)[pu]
-        keep = pc >= final - h
-        ru, rc = pu[keep], pc[keep] % h
-        prof.hist_item[ru, rc] = pi[keep]
-        prof.hist_ts[ru, rc] = pts[keep]
-        prof.hist_w[ru, rc] = pw[keep]
-        prof.hist_type[ru, rc] = ptype[keep]
-        prof.hist_rating[ru, rc] = prt[keep]
+            self.state.cooc.update(codes, deltas)
+            self.state.cooc.raw_pair_total += len(codes) // 2  # (two updates per pair)
+        prof.write_entries(pu, pc, pi, pts, pw, ptype, prt)
 
     def drain_pair_deltas(self) -> PairDeltas | None:
         """The co-occurrence updates learned since the last call (``cooc="remote"`` engines), or None.
@@ -571,13 +458,13 @@ class Engine:
         self._outbox = []
         rows, nbs = codes >> _SHIFT, codes & _MASK
         every = np.concatenate([rows, nbs, occ.astype(np.int64)])
-        where = np.zeros(len(self._catalog), np.int64)  # np.unique's (used, inverse), without its sort
+        where = np.zeros(len(self.state.catalog), np.int64)  # np.unique's (used, inverse), without its sort
         where[every] = 1
         used = np.flatnonzero(where)
         where[used] = np.arange(used.size)
         inverse = where[every]
         n, m = rows.size, occ.size
-        ids = self._catalog.item_id
+        ids = self.state.catalog.item_id
         return PairDeltas(items=[ids(r) for r in used.tolist()], row=inverse[:n], nb=inverse[n: 2 * n], d=d,
                           ts=ts, seq=seq, occ=inverse[2 * n: 2 * n + m], occ_ts=occ_ts, occ_pairs=occ_pairs,
                           occ_seq=occ_seq)
@@ -605,22 +492,22 @@ class Engine:
         events the learner had not applied yet at ``at`` are counted by the next load, not twice).
         Users still without a segment get one from the loaded centers; returns their ids.
         """
-        cat, tr = self._catalog, self._trending
+        cat, tr = self.state.catalog, self.state.trending
         if model is not None and model.get("n_seeded"):
-            self._segmenter.load_model(model, cat.feature)
-        if self._t0 is None:
-            self._t0 = at
-        scale = math.exp(tr.lam * (at - self._t0))
+            self.state.segmenter.load_model(model, cat.feature)
+        if self.state.t0 is None:
+            self.state.t0 = at
+        scale = math.exp(tr.lam * (at - self.state.t0))
         loaded = {seg: (np.fromiter((cat.row(i) for i, _ in lst), np.int64, len(lst)),
                         np.fromiter((s for _, s in lst), np.float64, len(lst)) * scale)
                   for seg, lst in trending.items()}
         if momentum is not None:
             rows_m = np.fromiter(map(cat.row, momentum[0]), np.int64, len(momentum[0]))
         n = len(cat)
-        self._ensure_items(n)
+        self.state.ensure_items(n)
         if momentum is not None:
             tr.momentum_[:] = 0.0
-            tr.momentum_[rows_m] = np.asarray(momentum[1], np.float64) * math.exp(tr.lam_m * (at - self._t0))
+            tr.momentum_[rows_m] = np.asarray(momentum[1], np.float64) * math.exp(tr.lam_m * (at - self.state.t0))
         tr.global_[:] = 0.0
         tr.segment_[:] = 0.0
         for seg, (rows, scores) in loaded.items():
@@ -636,27 +523,26 @@ class Engine:
     def _assign_unassigned(self) -> list[str]:
         """Users without a segment (all their scheduled updates came before any centers) get their
         nearest one now; returns their ids."""
-        seg, prof = self._segmenter, self._profiles
-        if not seg._n_seeded or self._t0 is None or sum(seg.sizes()) == len(prof):  # everyone has one
+        seg, prof = self.state.segmenter, self.state.profiles
+        if not seg.n_seeded or self.state.t0 is None or sum(seg.sizes()) == len(prof):  # everyone has one
             return []
         done = []
         for u, sg in enumerate(prof.segment):
             uid = prof.user_id(u) if sg < 0 else None
             if uid is not None:
-                self._update_segment(u, self._now, prof.last_ts[u], -1)
+                self._update_segment(u, self.state.now, prof.last_ts[u], -1)
                 done.append(uid)
         return done
 
     def query_items(self, user_id: str) -> list[str]:
         """The recent items whose neighbour rows :meth:`recommend` reads for this user (newest first)."""
-        prof = self._profiles
+        prof = self.state.profiles
         u = prof.find(user_id)
         if u is None:
             return []
-        h, c = prof.history_len, prof.n_push[u]
-        k = min(self.config.query_len, c, h)
-        items = prof.hist_item[u, self._ring_idx[c % h, :k]]
-        ids = self._catalog.item_id
+        k = min(self.config.query_len, prof.n_push[u], prof.history_len)
+        items = prof.hist_item[u, prof.recent_positions(u, k)]
+        ids = self.state.catalog.item_id
         return [ids(i) for i in items.tolist() if i >= 0]
 
     def load_rows(self, rows: Iterable[Mapping]) -> None:
@@ -665,7 +551,7 @@ class Engine:
         A row that also carries its sender's ``numbering`` and the neighbours' ``numbers`` in it has
         them translated (:meth:`infogap.models.catalog.Catalog.translated`) instead of looked up by id.
         """
-        co, cat = self._cooc, self._catalog
+        co, cat = self.state.cooc, self.state.catalog
         pop_rows, pop_values, raw_values, sizes, factors, times = [], [], [], [], [], []
         newest = None  # (t, total, pair_total, raw counts) of the newest row: the totals as of then
         with_raw = True  # every row carries raw counts (rows from before them do not)
@@ -674,11 +560,11 @@ class Engine:
             numbering = doc.get("numbering")
             nbs = (cat.rows(doc["neighbours"]) if numbering is None
                    else cat.translated(numbering, doc["numbers"], doc["neighbours"]))
-            self._ensure_items(len(cat))
+            self.state.ensure_items(len(cat))
             t = float(doc["t"])
-            if self._t0 is None:
-                self._t0 = t
-            factor = math.exp(co.lam * (t - self._t0))
+            if self.state.t0 is None:
+                self.state.t0 = t
+            factor = math.exp(co.lam * (t - self.state.t0))
             co.set_row(r, nbs, np.asarray(doc["values"], np.float64).reshape(4, -1), factor)
             pop_rows += (nbs, (r,))
             pop_values += (doc["neighbour_pop"], (doc["pop"],))
@@ -703,61 +589,53 @@ class Engine:
     def drop_rows(self, item_ids: Iterable[str]) -> None:
         """Forget rows given to :meth:`load_rows` (a bounded cache evicting them)."""
         for item_id in item_ids:
-            r = self._catalog.find(item_id)
+            r = self.state.catalog.find(item_id)
             if r is not None:
-                self._cooc.clear_row(r)
+                self.state.cooc.clear_row(r)
 
     def reserve_rows(self, n: int) -> None:
         """Room for ``n`` rows given to :meth:`load_rows`, taken at once: a cache that holds at most ``n``
         (:class:`infogap.stream.neighbour_cache.NeighbourCache`) then never waits on the rows' arrays growing
         (:meth:`infogap.models.cooccurrence.CoOccurrence.reserve_blocks`)."""
-        self._cooc.reserve_blocks(n)
+        self.state.cooc.reserve_blocks(n)
 
     def _update_segment(self, u: int, ts: float, prev_ts: float, seq: int) -> None:
-        prof = self._profiles
-        decay = math.exp(-prof.lam * (ts - self._t0))
+        prof = self.state.profiles
+        decay = math.exp(-prof.lam * (ts - self.state.t0))
         gap_days = (ts - prev_ts) / 86400.0 if prev_ts == prev_ts else math.inf
         mix, frequency, monetary = prof.mix(u), prof.freq[u] * decay, prof.money[u] * decay
-        x = self._segmenter.features(mix, frequency, monetary, gap_days)
+        x = self.state.segmenter.features(mix, frequency, monetary, gap_days)
         old = prof.segment[u]
         if self.population_mode == "remote":  # the learner learns; this engine assigns with its centers
             if seq >= 0:  # a scheduled update (seq -1: only an assignment)
-                name = self._catalog.feature_name
+                name = self.state.catalog.feature_name
                 self._pop_seg.append([seq, {name(f): v for f, v in mix.items()}, frequency, monetary,
                                       gap_days if math.isfinite(gap_days) else None])
-            new = self._segmenter.nearest(x, old)
+            new = self.state.segmenter.nearest(x, old)
         else:
-            new = self._segmenter.assign(x, old)
+            new = self.state.segmenter.assign(x, old)
         if new != old:
-            self._segmenter.set_member(u, old, new)
+            self.state.segmenter.set_member(u, old, new)
             prof.segment[u] = new
 
-    def _ensure_items(self, n: int) -> None:
-        self._cooc.ensure(n)
-        self._trending.ensure(n)
-        cap = self._item_events.shape[0]
-        if n > cap:
-            grown = np.zeros(max(n, 2 * cap), np.int64)
-            grown[:cap] = self._item_events
-            self._item_events = grown
 
     # ------------------------------------------------------------------ catalog and users
     def upsert_item(self, item: Mapping) -> None:
         """Insert or update an item from the ``items`` topic (item_id, title, category, tags, price, available)."""
-        self._catalog.upsert(item, now=self._now if self._now > -math.inf else None)
-        self._ensure_items(len(self._catalog))
+        self.state.catalog.upsert(item, now=self.state.now if self.state.now > -math.inf else None)
+        self.state.ensure_items(len(self.state.catalog))
 
     def remove_item(self, item_id: str) -> None:
         """Remove an item from the catalog: it is no longer recommended (its statistics remain)."""
-        self._catalog.remove(str(item_id))
+        self.state.catalog.remove(str(item_id))
 
     def forget_user(self, user_id: str) -> None:
         """Erase every per-user trace of ``user_id`` (see the module docstring for aggregates)."""
-        r = self._profiles.find(user_id)
+        r = self.state.profiles.find(user_id)
         if r is None:
             return
-        self._segmenter.remove_member(r, self._profiles.segment[r])
-        self._profiles.forget(user_id)
+        self.state.segmenter.remove_member(r, self.state.profiles.segment[r])
+        self.state.profiles.forget(user_id)
 
     def stale_users(self, user_ids: Collection[str], now: float, idle_s: float = math.inf,
                     keep: int | None = None) -> list[str]:
@@ -771,7 +649,7 @@ class Engine:
         (['a'], ['a', 'b'])
         """
         ids = list(user_ids)
-        ts = self._profiles.last_seen(ids)
+        ts = self.state.profiles.last_seen(ids)
         gone = ts < now - idle_s
         extra = int(ts.size - gone.sum()) - (ts.size if keep is None else max(int(keep), 0))
         if extra > 0:  # the least recent of those left
@@ -788,7 +666,7 @@ class Engine:
         >>> e.evict_users(["a", "zed"]), e.known_user("a"), e.stats()["users"]
         (1, False, 0)
         """
-        prof, seg = self._profiles, self._segmenter
+        prof, seg = self.state.profiles, self.state.segmenter
         rows = sorted(r for r in map(prof.find, dict.fromkeys(user_ids)) if r is not None)
         for r in rows:
             seg.remove_member(r, prof.segment[r])
@@ -797,15 +675,9 @@ class Engine:
 
     def known_user(self, user_id: str) -> bool:
         """Whether the engine holds state for ``user_id``."""
-        return self._profiles.find(user_id) is not None
+        return self.state.profiles.find(user_id) is not None
 
     # ------------------------------------------------------------------ reading (never mutates)
-    def _decay(self, lam: float, resolution_s: float = 0.0) -> float:
-        """The stored values' decay factor now (``now`` rounded down to ``resolution_s`` when given)."""
-        if self._t0 is None or not math.isfinite(self._now):
-            return 1.0
-        now = self._now - self._now % resolution_s if resolution_s > 0 else self._now
-        return math.exp(-lam * (now - self._t0))
 
     def recommend(self, user_id: str, n: int | None = None, *, exclude: Iterable[str] | None = None,
                   explain: bool = True, overrides: Mapping[str, float] | None = None) -> list[Recommendation]:
@@ -820,8 +692,8 @@ class Engine:
         cached outside the engine's state (see :func:`infogap.models.ranker.settings_for`).
         """
         n = self.config.top_n if n is None else int(n)
-        settings = settings_for(self, overrides) if overrides else None
-        return rank(self, self._profiles.find(user_id), n, exclude, explain, settings)
+        settings = settings_for(self, overrides) if overrides else self.ranker_settings
+        return rank(self.state, settings, self.state.profiles.find(user_id), n, exclude, explain)
 
     def recommend_ids(self, user_id: str, n: int | None = None, *, exclude: Iterable[str] | None = None,
                       overrides: Mapping[str, float] | None = None) -> list[str]:
@@ -835,18 +707,18 @@ class Engine:
         True
         """
         n = self.config.top_n if n is None else int(n)
-        settings = settings_for(self, overrides) if overrides else None
-        return rank(self, self._profiles.find(user_id), n, exclude, False, settings, ids=True)
+        settings = settings_for(self, overrides) if overrides else self.ranker_settings
+        return rank(self.state, settings, self.state.profiles.find(user_id), n, exclude, False, ids=True)
 
     def similar(self, item_id: str, n: int = 10) -> list[Neighbour]:
         """Published neighbours of ``item_id`` (support >= ``min_support``), by cosine, best first."""
-        r = self._catalog.find(item_id)
+        r = self.state.catalog.find(item_id)
         if r is None or n <= 0:
             return []
-        co = self._cooc
-        nb, cos, support, conf, lift = co.published(r, self.config.min_support, self._catalog.available)
-        decay = self._decay(co.lam)
-        ids = self._catalog.item_id
+        co = self.state.cooc
+        nb, cos, support, conf, lift = co.published(r, self.config.min_support, self.state.catalog.available)
+        decay = self.state.decay(co.lam)
+        ids = self.state.catalog.item_id
         return [Neighbour(ids(b), c, s * decay, cf, lf) for b, c, s, cf, lf in
                 zip(nb[:n].tolist(), cos[:n].tolist(), support[:n].tolist(), conf[:n].tolist(), lift[:n].tolist())]
 
@@ -857,45 +729,45 @@ class Engine:
         >>> e.title("sku-7"), e.title("sku-8")
         ('Red shoes', 'sku-8')
         """
-        r = self._catalog.find(item_id)
-        return item_id if r is None else self._catalog.title(r)
+        r = self.state.catalog.find(item_id)
+        return item_id if r is None else self.state.catalog.title(r)
 
     def segment(self, user_id: str) -> int | None:
         """The user's segment id (stable over time), or None when unknown/unassigned."""
-        r = self._profiles.find(user_id)
+        r = self.state.profiles.find(user_id)
         if r is None:
             return None
-        s = self._profiles.segment[r]
+        s = self.state.profiles.segment[r]
         return s if s >= 0 else None
 
     def trending(self, n: int = 10, segment: int | None = None) -> list[tuple[str, float]]:
         """``(item_id, decayed score)`` of the top trending available items, globally or in a segment."""
-        t = self._trending
-        decay = self._decay(t.lam)
-        scores, avail = t.scores(segment), self._catalog.available
-        return [(self._catalog.item_id(r), float(scores[r] * decay))
+        t = self.state.trending
+        decay = self.state.decay(t.lam)
+        scores, avail = t.scores(segment), self.state.catalog.available
+        return [(self.state.catalog.item_id(r), float(scores[r] * decay))
                 for r in t.top_kept(n, segment, avail.__getitem__)] if n > 0 else []
 
     def profile(self, user_id: str) -> dict | None:
         """RFM figures, top categories/tags and segment of a user (None when unknown)."""
-        prof = self._profiles
+        prof = self.state.profiles
         r = prof.find(user_id)
         if r is None:
             return None
-        out = prof.rfm(r, self._now, self._decay(prof.lam))
+        out = prof.rfm(r, self.state.now, self.state.decay(prof.lam))
         mix = prof.mix(r)
         top = sorted(((f, round(s, 4)) for f, s in mix.items()), key=lambda kv: (-kv[1], kv[0]))[:5]
-        out["categories"] = {self._catalog.feature_name(f): s for f, s in top if s > 0}  # shares that round to 0: none
+        out["categories"] = {self.state.catalog.feature_name(f): s for f, s in top if s > 0}  # shares that round to 0: none
         out["events"] = prof.n_events[r]
         out["segment"] = self.segment(user_id)
         return out
 
     def stats(self) -> dict[str, int]:
         """Sizes of the state, for memory monitoring (``user_rows``: user rows allocated, in use or free)."""
-        prof, co = self._profiles, self._cooc
-        return {"users": len(prof), "user_rows": len(prof._ids), "items": len(self._catalog), "cooc_slots": co.n_slots,
+        prof, co = self.state.profiles, self.state.cooc
+        return {"users": len(prof), "user_rows": prof.n_rows, "items": len(self.state.catalog), "cooc_slots": co.n_slots,
                 "cooc_slot_capacity": int(co.nb.size), "history_capacity": int(prof.hist_item.size),
-                "consumed": int(sum(prof._cons_n)), "segments": self.config.n_segments,
+                "consumed": int(prof.n_consumed), "segments": self.config.n_segments,
                 "events_learned": self.n_learned}
 
     # ------------------------------------------------------------------ persistence

@@ -5,16 +5,21 @@ of an event that enters the user's history touches only arrays: the item's event
 global, segment and momentum popularity (and their maxima), its occurrence count and popularity
 normaliser, the pairs with the user's recent items, and the ring-buffer entry. Done as five calls
 between Python and numpy, that cost ~3 us of a prequential ``learn_one``'s ~26; :func:`learn_event`
-does it in one compiled call with the same arithmetic in the same order, so the state is
-bit-identical to the batch path of ``learn_many`` (which a test checks).
+does it in one compiled call. It defines none of these steps: it calls the compiled step of each
+part, the one its batch path runs too (:func:`infogap.models.trending.count_trend`,
+:func:`infogap.models.cooccurrence.count_occurrence`, the pair updates of
+:class:`~infogap.models.cooccurrence.PairWeights` and the slot update, :func:`infogap.models.profile.write_entry`),
+so the state is bit-identical to the batch path of ``learn_many`` (which a test checks).
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
-from infogap.models.cooccurrence import _learn_one
+from infogap.models.cooccurrence import _learn_one, count_occurrence
+from infogap.models.profile import write_entry
 from infogap.models.scratch import forget_memo, scratch
+from infogap.models.trending import count_trend
 
 
 @njit(cache=True, nogil=True)
@@ -26,55 +31,41 @@ def _learn_event(u, i, s, x, xm, ts, w, typ, rating, scale, neg_exponent, ring, 
     """Returns the new maxima and totals, and where the pair updates stopped (see ``_update``); when
     they stopped early, the updates are left in ``codes_out``/``deltas_out`` for Python to go on with."""
     item_events[i] += 1
-    momentum[i] += xm
-    glob[i] += x
-    if glob[i] > global_max:
-        global_max = glob[i]
-    if s >= 0:
-        seg_scores[s, i] += x
-        if seg_scores[s, i] > segment_max[s]:
-            segment_max[s] = seg_scores[s, i]
-    pop[i] += scale
-    total += scale
-    ipop[i] = pop[i] ** neg_exponent
-    raw_pop[i] += 1.0
+    global_max = count_trend(i, s, x, xm, momentum, glob, seg_scores, segment_max, global_max)
+    total = count_occurrence(i, scale, pop, ipop, raw_pop, total, neg_exponent)
     codes, deltas, k, pt, need = _learn_one(i, ts, w, scale, rating, feat_mask[i], ring, hist_item[u], hist_ts[u],
                                             hist_w[u], hist_rating[u], feat_mask, dtab, stab, gap_tau_s, gap_floor,
                                             agree, boost, pair_total, block, nb, vals, sq, fill, free_pos, n_free,
                                             table, meta, door, door_bits, n_evict, evict_sym_weight)
-    hist_item[u, j] = i
-    hist_ts[u, j] = ts
-    hist_w[u, j] = w
-    hist_type[u, j] = typ
-    hist_rating[u, j] = rating
+    write_entry(hist_item, hist_ts, hist_w, hist_type, hist_rating, u, j, i, ts, w, typ, rating)
     if k < codes.size:
         codes_out[:codes.size] = codes
         deltas_out[:codes.size] = deltas
     return global_max, total, codes.size, k, pt, need
 
 
-def learn_event(engine, u: int, i: int, s: int, x: float, xm: float, ts: float, w: float, c: int, typ: int,
-                scale: float, rating: float) -> None:
-    """Learn user row ``u``'s event on item row ``i`` that enters the history as its ``c``-th entry:
-    trending weight ``x`` (momentum ``xm``) in segment ``s`` (-1: none), pair weight ``w``, type code
-    ``typ``, occurrence ``scale`` (``exp(lambda (ts - t0))``) and ``rating`` (0: none). For an engine
-    that learns its pairs itself (``cooc="local"``); the profile is already updated."""
-    prof, co, tr, pw = engine._profiles, engine._cooc, engine._trending, engine._pairs
+def learn_event(state, pairs, window: int, u: int, i: int, s: int, x: float, xm: float, ts: float, w: float, c: int,
+                typ: int, scale: float, rating: float) -> None:
+    """Learn, into a :class:`~infogap.models.model_state.ModelState`, user row ``u``'s event on item row ``i``
+    that enters the history as its ``c``-th entry: trending weight ``x`` (momentum ``xm``) in segment ``s``
+    (-1: none), pair weight ``w`` against the user's last ``window`` entries (weighed by ``pairs``, a
+    :class:`~infogap.models.cooccurrence.PairWeights`), type code ``typ``, occurrence ``scale``
+    (``exp(lambda (ts - t0))``) and ``rating`` (0: none). For an engine that learns its pairs itself
+    (``cooc="local"``); the profile is already updated."""
+    prof, co, tr = state.profiles, state.cooc, state.trending
     head = c % prof.history_len
-    index = co._learner_index()
+    slots = co.slot_arrays()
     forget_memo(tr)  # the trending top lists
-    window = engine.config.window
     codes, deltas = scratch("learn_event", 2 * window, _out)
     tr.global_max, co.total, n, k, pt, need = _learn_event(
         u, i, s, x, xm, float(ts), w, typ, float(rating), scale, -co.pop_exponent,
-        engine._ring_idx[head, :min(window, c)], tr.global_max, co.total, engine._item_events, tr.momentum_,
+        prof.ring_order[head, :min(window, c)], tr.global_max, co.total, state.item_events, tr.momentum_,
         tr.global_, tr.segment_, tr.segment_max, co.pop, co.ipop, co.raw_pop, prof.hist_item, prof.hist_ts, prof.hist_w,
-        prof.hist_type, prof.hist_rating, engine._catalog.feat_mask, pw.dtab, pw.stab, float(pw.gap_tau_s),
-        float(pw.gap_floor), float(pw.agreement), float(pw.feature_boost), co.pair_total, co.block, co.nb, co.vals,
-        co.sq, co.fill, co.free_pos, co.n_free, index.table, index.meta, co._door, co.door_bits,
-        co._n_evict, co.evict_sym_weight, head, codes, deltas)
+        prof.hist_type, prof.hist_rating, state.catalog.feat_mask, pairs.dtab, pairs.stab, float(pairs.gap_tau_s),
+        float(pairs.gap_floor), float(pairs.agreement), float(pairs.feature_boost), co.pair_total, *slots, head, codes,
+        deltas)
     if k < n:  # stopped for a block or index room
-        co._apply(codes[:n].copy(), deltas[:n].copy(), k, pt, need)
+        co.finish_update(codes[:n].copy(), deltas[:n].copy(), k, pt, need)
     else:
         co.pair_total = pt
     co.raw_total += 1.0  # the raw counts lift is computed on (two updates per pair)

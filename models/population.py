@@ -34,12 +34,11 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from infogap.models.catalog import Catalog
+from infogap.models.model_state import RENORM_EXPONENT
 from infogap.models.segments import Segmenter
 from infogap.models.state_fields import StateError, check, encode_float
 from infogap.models.trending import Trending
 
-#: Renormalise the stored trending scores before exp(lambda * (t - t0)) exceeds e ** 40.
-_RENORM_EXPONENT = 40.0
 
 
 def segmenter_for(cfg) -> Segmenter:
@@ -145,7 +144,7 @@ class PopulationLearner:
         for _, item_id, segment, w, ts in entries:
             if self._t0 is None:
                 self._t0 = ts
-            elif lam_max * (ts - self._t0) > _RENORM_EXPONENT:
+            elif lam_max * (ts - self._t0) > RENORM_EXPONENT:
                 self._flush(items, segs, x, xm)
                 items, segs, x, xm = [], [], [], []
                 tr.rescale(math.exp(-lam * (ts - self._t0)), math.exp(-lam_m * (ts - self._t0)))

@@ -31,6 +31,7 @@ from itertools import chain
 from operator import itemgetter
 
 import numpy as np
+from numba import njit
 
 
 #: The history ring's arrays and their empty value.
@@ -38,6 +39,11 @@ _HIST_FIELDS = (("hist_item", -1), ("hist_ts", 0.0), ("hist_w", 0.0), ("hist_typ
 #: A user's scalars (lists of :class:`Profiles`) and their dtype in :meth:`Profiles.get_rows`.
 ROW_SCALARS = (("n_events", np.int64), ("n_push", np.int64), ("last_item", np.int64), ("first_ts", np.float64),
                ("last_ts", np.float64), ("freq", np.float64), ("money", np.float64), ("segment", np.int64))
+
+
+def _ring_order(h: int) -> np.ndarray:
+    """``[h, h]``: row ``c % h`` holds the ring positions ``(c - 1 - k) % h`` of the entries newest first."""
+    return (np.arange(h)[:, None] - 1 - np.arange(h)[None, :]) % h
 
 
 def records(cols: Mapping[str, np.ndarray]) -> list[dict]:
@@ -117,12 +123,17 @@ class Profiles:
         self.hist_w = np.zeros((cap, h))
         self.hist_type = np.zeros((cap, h), np.int8)
         self.hist_rating = np.zeros((cap, h))  # the event's rating, 0 for none
+        #: ring positions of a user's entries, newest first, by ring head: ``ring_order[c % h, k]`` is where
+        #: the k-th most recent of ``c`` entries is (``(c - 1 - k) % h``); what the compiled steps index with
+        self.ring_order = _ring_order(h)
 
     def __setstate__(self, state: dict) -> None:
-        """Unpickle, also a snapshot from before ``hist_rating`` (no ratings then)."""
+        """Unpickle, also a snapshot from before ``hist_rating`` (no ratings then) or ``ring_order``."""
         self.__dict__.update(state)
         if "hist_rating" not in state:
             self.hist_rating = np.zeros(self.hist_type.shape)
+        if "ring_order" not in state:
+            self.ring_order = _ring_order(self.history_len)
 
     # ------------------------------------------------------------------ rows
     def __len__(self) -> int:
@@ -131,6 +142,27 @@ class Profiles:
     def find(self, user_id: str) -> int | None:
         """The row of ``user_id`` or None (read only)."""
         return self._index.get(user_id)
+
+    @property
+    def n_rows(self) -> int:
+        """User rows allocated: in use or free for reuse."""
+        return len(self._ids)
+
+    @property
+    def n_consumed(self) -> int:
+        """Owned items remembered, over all users."""
+        return sum(self._cons_n)
+
+    def recent_positions(self, r: int, k: int) -> np.ndarray:
+        """Ring positions of user ``r``'s ``k`` most recent entries, newest first (``k`` at most the
+        entries held; a view of :attr:`ring_order`).
+
+        >>> p = Profiles(history_len=3); u = p.row("u")
+        >>> for item in (7, 8, 9, 10): p.push(u, item=item, ts=0.0, w=1.0)
+        >>> p.hist_item[u, p.recent_positions(u, 3)].tolist()
+        [10, 9, 8]
+        """
+        return self.ring_order[self.n_push[r] % self.history_len, :k]
 
     def user_id(self, row: int) -> str | None:
         """The id of a row (None for a freed row)."""
@@ -307,6 +339,52 @@ class Profiles:
             a[r, idx] = vals[len(vals) - k:]
 
     # ------------------------------------------------------------------ updates
+    def record(self, r: int, ts: float, scale: float, value: float | None) -> tuple[int, float]:
+        """Count an event of user ``r`` at ``ts`` (any event): its number, first and last time, decayed
+        frequency and monetary value (``scale`` = ``exp(lambda (ts - t0))``). Returns the user's number of
+        events with it, and the last event time before it (NaN for none).
+
+        >>> p = Profiles(); u = p.row("u")
+        >>> p.record(u, 10.0, 1.0, 5.0), p.record(u, 4.0, 1.0, None), p.rfm(u, 10.0, 1.0)["monetary"]
+        ((1, nan), (2, 10.0), 5.0)
+        """
+        n = self.n_events[r] + 1
+        self.n_events[r] = n
+        prev_ts = self.last_ts[r]
+        if not prev_ts >= ts:
+            self.last_ts[r] = ts
+        if n == 1:
+            self.first_ts[r] = ts
+        self.freq[r] += scale
+        if value is not None:
+            self.money[r] += value * scale
+        return n, prev_ts
+
+    def learn_item(self, r: int, item: int, feats: tuple[int, ...], w: float, scale: float, owned: bool) -> None:
+        """User ``r``'s event on ``item`` (its features ``feats``) of weight ``w`` (any sign; ``scale`` as in
+        :meth:`record`): the weight into the category/tag vector, and the item into the owned ones if
+        ``owned``. (Entering the history is :meth:`enter`'s, for positive weights only.)"""
+        if feats and w != 0.0:
+            self.add_features(r, feats, w * scale)
+        if owned:
+            self.consume(r, item)
+
+    def enter(self, r: int, item: int) -> int:
+        """Take the next history entry of user ``r`` for ``item`` and return its number (the entries before it),
+        or -1 when ``item`` is the user's last entry's: a repeat enters nothing. The ring arrays are
+        written by the caller (:func:`infogap.models.learn_core.learn_event` and ``learn_many``'s batch step).
+
+        >>> p = Profiles(history_len=2); u = p.row("u")
+        >>> p.enter(u, 7), p.enter(u, 7), p.enter(u, 8), p.n_push[u], p.last_item[u]
+        (0, -1, 1, 2, 8)
+        """
+        if item == self.last_item[r]:
+            return -1
+        c = self.n_push[r]
+        self.n_push[r] = c + 1
+        self.last_item[r] = item
+        return c
+
     def add_features(self, r: int, feats: tuple[int, ...], w: float) -> None:
         """Add ``w`` (already scaled) split over ``feats`` to the user's category/tag vector."""
         if not feats:
@@ -344,14 +422,19 @@ class Profiles:
     def push(self, r: int, item: int, ts: float, w: float, type_code: int = 0, rating: float = 0.0) -> None:
         """Append one item event to the user's history (single-event path)."""
         c = self.n_push[r]
-        j = c % self.history_len
-        self.hist_item[r, j] = item
-        self.hist_ts[r, j] = ts
-        self.hist_w[r, j] = w
-        self.hist_type[r, j] = type_code
-        self.hist_rating[r, j] = rating
+        write_entry(self.hist_item, self.hist_ts, self.hist_w, self.hist_type, self.hist_rating, r, c % self.history_len,
+                    item, float(ts), float(w), type_code, float(rating))
         self.n_push[r] = c + 1
         self.last_item[r] = item
+
+    def write_entries(self, users: np.ndarray, entries: np.ndarray, items: np.ndarray, ts: np.ndarray, w: np.ndarray,
+                      types: np.ndarray, ratings: np.ndarray) -> None:
+        """Write history entries (their numbers ``entries``, taken by :meth:`enter`) into the ring, in order:
+        an entry that the ring has no room for any more is overwritten by a later one, as one at a time."""
+        _write_entries(self.hist_item, self.hist_ts, self.hist_w, self.hist_type, self.hist_rating,
+                       np.asarray(users, np.int64), np.asarray(entries, np.int64) % self.history_len,
+                       np.asarray(items, np.int64), np.asarray(ts, np.float64), np.asarray(w, np.float64),
+                       np.asarray(types, np.int64), np.asarray(ratings, np.float64))
 
     # ------------------------------------------------------------------ reading
     def consumed(self, r: int) -> np.ndarray:
@@ -398,3 +481,25 @@ class Profiles:
         rec = (now - last) / 86400.0 if math.isfinite(last) and math.isfinite(now) else math.nan
         return {"recency_days": max(rec, 0.0) if rec == rec else rec,
                 "frequency": self.freq[r] * decay, "monetary": self.money[r] * decay}
+
+
+@njit(cache=True, nogil=True)
+def write_entry(hist_item, hist_ts, hist_w, hist_type, hist_rating, u, j, item, ts, w, typ,
+                rating):  # pragma: no cover - compiled
+    """The history step: user row ``u``'s ring position ``j`` holds the entry (item, time, pair weight, type code,
+    rating or 0). The one definition: :meth:`Profiles.write_entries` (``learn_many``), :meth:`Profiles.push` and
+    the one-event kernel (:mod:`infogap.models.learn_core`) write with it."""
+    hist_item[u, j] = item
+    hist_ts[u, j] = ts
+    hist_w[u, j] = w
+    hist_type[u, j] = typ
+    hist_rating[u, j] = rating
+
+
+@njit(cache=True, nogil=True)
+def _write_entries(hist_item, hist_ts, hist_w, hist_type, hist_rating, users, positions, items, ts, w, types,
+                   ratings):  # pragma: no cover - compiled
+    """:func:`write_entry` of each entry in turn."""
+    for k in range(users.size):
+        write_entry(hist_item, hist_ts, hist_w, hist_type, hist_rating, users[k], positions[k], items[k], ts[k], w[k],
+                    types[k], ratings[k])

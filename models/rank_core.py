@@ -132,13 +132,14 @@ def _core(nb, sq, block, ipop, pop, vals, raw_pop, dec_scale, raw_scale, mom_cou
     return sel.size, joined, rows.size
 
 
-def rank_core(engine, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: int, cap: int, excl,
+def rank_core(state, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: int, cap: int, excl,
               explain: bool) -> tuple[np.ndarray, list[int], dict[int, float] | None]:
     """The picks of user row ``u`` packed (rows :data:`PICK` ... :data:`LIFT`, one column per pick,
     best first; the reasons' rows only with ``explain``; a view of this thread's buffer, valid until its
     next request), the picked rows as a list, and the user's category mix when the request computed it
-    (else None). ``excl``: a container of excluded item ids, or None."""
-    co, cat, prof, tr = engine._cooc, engine._catalog, engine._profiles, engine._trending
+    (else None). ``state``: a :class:`~infogap.models.model_state.ModelState`; ``excl``: a container of
+    excluded item ids, or None."""
+    co, cat, prof, tr = state.cooc, state.catalog, state.profiles, state.trending
     c = int(prof.n_push[u])  # the user's history entries so far
     k = min(cfg.query_len, c, prof.history_len)
     seg = prof.segment[u]
@@ -158,15 +159,15 @@ def rank_core(engine, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: in
     if sc.out.shape[1] < n:
         sc.picks_room(n)
     out, picked = sc.out, sc.picked
-    now = engine._now
+    now = state.now
     momentum = float(cfg.momentum)
-    moment = (now - now % MOMENTUM_RESOLUTION_S, engine._t0, tr.lam_m, co.lam, momentum)  # (nan before any event)
+    moment = (now - now % MOMENTUM_RESOLUTION_S, state.t0, tr.lam_m, co.lam, momentum)  # (nan before any event)
     if sc.moment != moment:  # the momentum decays of this hour (the same for every request in it)
-        decays = (engine._decay(tr.lam_m, MOMENTUM_RESOLUTION_S), engine._decay(co.lam, MOMENTUM_RESOLUTION_S))
+        decays = (state.decay(tr.lam_m, MOMENTUM_RESOLUTION_S), state.decay(co.lam, MOMENTUM_RESOLUTION_S))
         sc.moment, sc.decays, sc.gen = moment, decays, sc.memo.generation((*decays, momentum))
     (mom_decay, pop_decay), gen = sc.decays, sc.gen
-    kk = min(len(cat._ids), 3 * n + 10)
-    ring = engine._ring_idx[c % prof.history_len, :k if cfg.w_cooc > 0 else 0]
+    kk = min(len(cat), 3 * n + 10)
+    ring = prof.ring_order[c % prof.history_len, :k if cfg.w_cooc > 0 else 0]
     blocked = _NO_ROWS
     trend_a = trend_b = _NO_ROWS
     # When most recent requests needed the trending lists (few voted candidates, or the category cap
@@ -193,7 +194,7 @@ def rank_core(engine, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: in
             continue
         picks = picked[:n_picked].tolist()
         if excl:  # excluded ids among the picks: block their rows, pick again
-            ids = cat._ids
+            ids = cat.ids
             if not excl.isdisjoint(map(ids.__getitem__, picks)):
                 blocked = np.union1d(blocked, [r for r in picks if ids[r] in excl]).astype(np.int64)
                 continue

@@ -113,7 +113,7 @@ class RankerSettings(NamedTuple):
 
 
 def query_tables(cfg) -> tuple[np.ndarray, np.ndarray]:
-    """``(qd_tab, qs_tab)`` of a config (the same arrays ``Engine`` keeps as ``_qd_tab``/``_qs_tab``).
+    """``(qd_tab, qs_tab)`` of a config (those of :attr:`infogap.models.engine.Engine.ranker_settings`).
 
     >>> from types import SimpleNamespace
     >>> qd, qs = query_tables(SimpleNamespace(query_len=3, query_dir_len=2, query_dir_decay=0.5,
@@ -143,7 +143,7 @@ def settings_for(engine, overrides: Mapping[str, float] | None) -> RankerSetting
     base = engine.config
     ov = validate_overrides(overrides)
     if not ov:
-        return RankerSettings(base, engine._qd_tab, engine._qs_tab)
+        return engine.ranker_settings
     key = tuple(ov.items())
     entry = _SETTINGS_CACHE.get(engine)
     if entry is None or entry[0] is not base:  # first use, or engine.config was replaced
@@ -174,76 +174,73 @@ def _as_container(exclude):
     return set(exclude)
 
 
-def rank(engine, u: int | None, n: int, exclude, explain: bool = True,
-         settings: RankerSettings | None = None, ids: bool = False) -> list[Recommendation] | list[str]:
-    """Top-``n`` recommendations for user row ``u`` (None: unknown user); never mutates ``engine``.
-
-    ``settings`` (from :func:`settings_for`) replaces ``engine.config`` and its query tables. With
-    ``ids``, only the item ids (those ``explain=False`` would return): a list of ten Recommendations
-    cost ~2 us, a tenth of a ranking.
+def rank(state, settings: RankerSettings, u: int | None, n: int, exclude, explain: bool = True,
+         ids: bool = False) -> list[Recommendation] | list[str]:
+    """Top-``n`` recommendations for user row ``u`` (None: unknown user) of a
+    :class:`~infogap.models.model_state.ModelState`, ranked with ``settings`` (an engine's
+    :attr:`~infogap.models.engine.Engine.ranker_settings`, or :func:`settings_for`); never mutates ``state``.
+    With ``ids``, only the item ids (those ``explain=False`` would return): a list of ten
+    Recommendations cost ~2 us, a tenth of a ranking.
     """
-    cat = engine._catalog
-    if n <= 0 or not cat._ids:
+    cat = state.catalog
+    if n <= 0 or not len(cat):
         return []
     excl = exclude if exclude.__class__ is set else _as_container(exclude)
     if u is None:
-        cold = _cold(engine, n, excl)
+        cold = _cold(state, n, excl)
         return [r.item_id for r in cold] if ids else cold
-    if settings is None:
-        cfg, qd_tab, qs_tab = engine.config, engine._qd_tab, engine._qs_tab
-    else:
-        cfg, qd_tab, qs_tab = settings
+    cfg, qd_tab, qs_tab = settings
     share = cfg.max_category_share
     cap = n if share >= 1.0 else max(1, math.ceil(share * n))
-    packed, picks, mix = rank_core(engine, u, cfg, qd_tab, qs_tab, n, cap, excl, explain)
+    packed, picks, mix = rank_core(state, u, cfg, qd_tab, qs_tab, n, cap, excl, explain)
     picked = picks
-    if cfg.new_item_slots > 0 and cat._recent:
-        picked = _new_item_slots(engine, cfg, u, mix, picked, excl, n)
+    if cfg.new_item_slots > 0 and cat.recent:
+        picked = _new_item_slots(state, cfg, u, mix, picked, excl, n)
     if len(picked) < n:
-        picked = _fill_popular(engine, list(picked), excl, n, u)  # (it appends: ``picks`` stays the core's)
+        picked = _fill_popular(state, list(picked), excl, n, u)  # (it appends: ``picks`` stays the core's)
     if ids:
-        return list(map(cat._ids.__getitem__, picked))
+        return list(map(cat.ids.__getitem__, picked))
     if explain:
-        return _explain(engine, cfg, u, picked, picks, packed)
+        return _explain(state, cfg, u, picked, picks, packed)
     scores = packed[SCORE].tolist()
     if picked is picks:  # the core's picks as they are
-        return list(map(_new, repeat(Recommendation), zip(map(cat._ids.__getitem__, picks), scores, repeat(""))))
-    ids, get = cat._ids, dict(zip(picks, scores)).get
+        return list(map(_new, repeat(Recommendation), zip(map(cat.ids.__getitem__, picks), scores, repeat(""))))
+    ids, get = cat.ids, dict(zip(picks, scores)).get
     return [_new(Recommendation, (ids[r], get(r, 0.0), "")) for r in picked]
 
 
-def _blocked(engine, u: int | None, r: int, excl) -> bool:
-    cat = engine._catalog
+def _blocked(state, u: int | None, r: int, excl) -> bool:
+    cat = state.catalog
     if not cat.available[r]:
         return True
-    if excl and cat._ids[r] in excl:
+    if excl and cat.ids[r] in excl:
         return True
-    return u is not None and engine._profiles.has(u, r)
+    return u is not None and state.profiles.has(u, r)
 
 
-def _new_item_slots(engine, cfg, u: int, mix: dict[int, float] | None, picked: list[int], excl,
+def _new_item_slots(state, cfg, u: int, mix: dict[int, float] | None, picked: list[int], excl,
                     n: int) -> list[int]:
     """``picked`` with its last places given to new items in the user's categories (``mix``: the user's
     category mix, computed here when None and needed)."""
-    cat = engine._catalog
+    cat = state.catalog
     recent = cat.recent_dated()
     if not recent.size:
         return picked
-    now = engine._now
+    now = state.now
     horizon = cfg.new_item_days * 86400.0
     best: list[tuple[float, int]] = []
-    fresh = recent[(engine._item_events[recent] < cfg.new_item_max_events) & (now - cat.added_ts[recent] <= horizon)]
+    fresh = recent[(state.item_events[recent] < cfg.new_item_max_events) & (now - cat.added_ts[recent] <= horizon)]
     if not fresh.size:
         return picked
     if mix is None:
-        mix = engine._profiles.mix(u)
+        mix = state.profiles.mix(u)
     if not mix:
         return picked
     for r in fresh.tolist():
         if r in picked:
             continue
         s = max((mix.get(f, 0.0) for f in cat.features(r)), default=0.0)
-        if s >= cfg.new_item_min_share and not _blocked(engine, u, r, excl):
+        if s >= cfg.new_item_min_share and not _blocked(state, u, r, excl):
             best.append((-s, r))
     if not best:
         return picked
@@ -252,16 +249,16 @@ def _new_item_slots(engine, cfg, u: int, mix: dict[int, float] | None, picked: l
     return picked[: max(n - len(new), 0)] + new
 
 
-def _fill_popular(engine, picked: list[int], excl, n: int, u: int | None) -> list[int]:
+def _fill_popular(state, picked: list[int], excl, n: int, u: int | None) -> list[int]:
     taken = set(picked)
     want = n + len(taken) + 16
-    tr = engine._trending
+    tr = state.trending
     while True:
         top = tr.top(want)
         for r in top.tolist():
             if len(picked) >= n:
                 return picked
-            if r not in taken and not _blocked(engine, u, r, excl):
+            if r not in taken and not _blocked(state, u, r, excl):
                 picked.append(r)
                 taken.add(r)
         if top.size < want:
@@ -269,32 +266,32 @@ def _fill_popular(engine, picked: list[int], excl, n: int, u: int | None) -> lis
         want *= 4
 
 
-def _cold(engine, n: int, excl) -> list[Recommendation]:
+def _cold(state, n: int, excl) -> list[Recommendation]:
     """Unknown user: what is trending, then the newest catalog items."""
-    tr = engine._trending
+    tr = state.trending
     mx = tr.global_max
-    cat = engine._catalog
+    cat = state.catalog
     out = [Recommendation(cat.item_id(r), float(tr.global_[r] / mx) if mx > 0 else 0.0, "trending now")
-           for r in _fill_popular(engine, [], excl, n, None) if tr.global_[r] > 0]
+           for r in _fill_popular(state, [], excl, n, None) if tr.global_[r] > 0]
     if len(out) < n:
         taken = {x.item_id for x in out}
-        for r in reversed(cat._recent):
+        for r in reversed(cat.recent):
             if len(out) >= n:
                 break
             iid = cat.item_id(r)
-            if iid in taken or _blocked(engine, None, r, excl):
+            if iid in taken or _blocked(state, None, r, excl):
                 continue
             c = cat.category_name(r)
             out.append(Recommendation(iid, 0.0, f"new in {c}" if c else "new arrival"))
     return out
 
 
-def _explain(engine, cfg, u: int, picked: list[int], picks: list[int], packed: np.ndarray) -> list[Recommendation]:
+def _explain(state, cfg, u: int, picked: list[int], picks: list[int], packed: np.ndarray) -> list[Recommendation]:
     """The recommendations ``picked``, with their reasons: from the reasons' data that
     :func:`infogap.models.rank_core.rank_core` packed for its ``picks`` (the component that contributed most,
     the history item behind the votes), or for items added after it (new items, popular fill, score
     0) from their catalog data."""
-    cat = engine._catalog
+    cat = state.catalog
     if not picked:
         return []
     scores = packed[SCORE].tolist()
@@ -308,7 +305,7 @@ def _explain(engine, cfg, u: int, picked: list[int], picks: list[int], packed: n
     weights = None  # the user's category weights, read once a request needs them
     liked: dict = {}  # feature ids of an item -> the liked category's name (or None), once per request
     out = []
-    ids, titles = cat._ids, cat._titles
+    ids, titles = cat.ids, cat.titles
     min_support = max(cfg.min_support, cfg.reason_min_support)
     for i, r in zip(at, picked):
         d = dom[i] if i >= 0 else -1
@@ -320,8 +317,8 @@ def _explain(engine, cfg, u: int, picked: list[int], picks: list[int], packed: n
             else:  # the pair would argue against the item (lift <= 1) or rest on a few users: the next true reason
                 feats = cat.features(r)
                 if feats and weights is None:
-                    weights = engine._profiles.feats[u]
-                reason = (feats and _liked(engine, cfg, r, feats, weights, liked)) or _trend_reason(engine, u, r) \
+                    weights = state.profiles.feats[u]
+                reason = (feats and _liked(state, cfg, r, feats, weights, liked)) or _trend_reason(state, u, r) \
                     or "picked for you"
         elif d == _SEGMENT:
             reason = "trending in your segment"
@@ -329,8 +326,8 @@ def _explain(engine, cfg, u: int, picked: list[int], picks: list[int], packed: n
             reason = "trending now"
         else:
             if weights is None:
-                weights = engine._profiles.feats[u]
-            reason = _liked(engine, cfg, r, cat.features(r), weights, liked) or "popular right now"
+                weights = state.profiles.feats[u]
+            reason = _liked(state, cfg, r, cat.features(r), weights, liked) or "popular right now"
         out.append(_new(Recommendation, (ids[r], scores[i] if i >= 0 else 0.0, reason)))
     return out
 
@@ -340,25 +337,25 @@ def _explain(engine, cfg, u: int, picked: list[int], picks: list[int], packed: n
 REASON_MIN_LIFT = 1.05
 
 
-def _liked(engine, cfg, r: int, feats, weights: dict[int, float], memo: dict) -> str | None:
+def _liked(state, cfg, r: int, feats, weights: dict[int, float], memo: dict) -> str | None:
     """"new/popular in <category>, which you like" when one of item ``r``'s categories ``feats`` has a
     positive weight in the user's decayed vector ``weights`` (the heaviest of them); ``memo`` keeps the
     answer per ``feats`` for the rest of the request (a top-N shares a few categories)."""
     fav = memo.get(feats, 0)
     if fav == 0:
         best = max(feats, key=lambda x: weights.get(x, 0.0)) if feats else None
-        fav = memo[feats] = (engine._catalog.feature_name(best) or None
+        fav = memo[feats] = (state.catalog.feature_name(best) or None
                              if best is not None and weights.get(best, 0.0) > 0 else None)
     if fav is None:
         return None
-    return f"new in {fav}, which you like" if engine._item_events[r] < cfg.new_item_max_events else \
+    return f"new in {fav}, which you like" if state.item_events[r] < cfg.new_item_max_events else \
         f"popular in {fav}, which you like"
 
 
-def _trend_reason(engine, u: int, r: int) -> str | None:
+def _trend_reason(state, u: int, r: int) -> str | None:
     """"trending in your segment" / "trending now" when item ``r`` has a trending score there."""
-    tr = engine._trending
-    seg = int(engine._profiles.segment[u])
+    tr = state.trending
+    seg = int(state.profiles.segment[u])
     if 0 <= seg < tr.n_segments and tr.segment_.item(seg, r) > 0:
         return "trending in your segment"
     return "trending now" if tr.global_.item(r) > 0 else None

@@ -219,6 +219,11 @@ class Segmenter:
             return current  # (what _settle decides: its _dist is this math.dist squared)
         return c
 
+    @property
+    def n_seeded(self) -> int:
+        """How many centers have been seeded (0: none yet, so no user can be assigned)."""
+        return self._n_seeded
+
     def export_model(self, feature_name) -> dict:
         """The centers and category slots (by name, via ``feature_name(id)``), for :meth:`load_model`."""
         return {"n_seeded": self._n_seeded, "slots": {feature_name(f): k for f, k in self._slot_of.items()},

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numba import njit
 
 from infogap.models.scratch import forget_memo, memo_of
 from infogap.models.state_fields import Array, StateError, check, take
@@ -123,19 +124,11 @@ class Trending:
         (stored scores only grow between rescalings).
         """
         forget_memo(self)
-        if not items:
+        if not len(items):
             return
-        g, sg = self.global_, self.segment_
-        it = np.asarray(items, np.int64)
-        sc = np.asarray(scaled)
-        np.add.at(self.momentum_, it, scaled_m)
-        np.add.at(g, it, sc)
-        self.global_max = max(self.global_max, float(g[it].max()))
-        se = np.asarray(segments, np.int64)
-        m = se >= 0
-        if m.any():
-            np.add.at(sg, (se[m], it[m]), sc[m])
-            np.maximum.at(self.segment_max, se[m], sg[se[m], it[m]])
+        self.global_max = _count_trends(np.asarray(items, np.int64), np.asarray(segments, np.int64),
+                                        np.asarray(scaled, np.float64), np.asarray(scaled_m, np.float64), self.momentum_,
+                                        self.global_, self.segment_, self.segment_max, float(self.global_max))
 
     def scores(self, segment: int | None = None) -> np.ndarray:
         """Scores of the items (a view, in reference-time units): global, or of one segment."""
@@ -179,3 +172,30 @@ class Trending:
             cand = cand[v >= cut]
         order = np.lexsort((cand, -s[cand]))
         return cand[order[:n]]
+
+
+@njit(cache=True, nogil=True)
+def count_trend(i, s, x, xm, momentum, glob, seg_scores, segment_max, global_max):  # pragma: no cover - compiled
+    """The trending step of one positive event on item ``i`` in segment ``s`` (-1: none): ``x`` into its
+    global and segment scores (and their maxima), ``xm`` into its momentum. Returns the new global maximum.
+    The one definition: :meth:`Trending.add` runs it for a batch, the one-event kernel
+    (:mod:`infogap.models.learn_core`) for one event."""
+    momentum[i] += xm
+    glob[i] += x
+    if glob[i] > global_max:
+        global_max = glob[i]
+    if s >= 0:
+        seg_scores[s, i] += x
+        if seg_scores[s, i] > segment_max[s]:
+            segment_max[s] = seg_scores[s, i]
+    return global_max
+
+
+@njit(cache=True, nogil=True)
+def _count_trends(items, segments, x, xm, momentum, glob, seg_scores, segment_max,
+                  global_max):  # pragma: no cover - compiled
+    """:func:`count_trend` of each entry in turn."""
+    for j in range(items.size):
+        global_max = count_trend(items[j], segments[j], x[j], xm[j], momentum, glob, seg_scores, segment_max,
+                                 global_max)
+    return global_max

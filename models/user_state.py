@@ -47,7 +47,7 @@ def export_users(engine, user_ids: Iterable[str]) -> dict:
     >>> import_users(b, state); b.profile("ann") == a.profile("ann")
     True
     """
-    prof, cat = engine._profiles, engine._catalog
+    prof, cat = engine.state.profiles, engine.state.catalog
     ids, rows = [], []
     for uid in dict.fromkeys(user_ids):
         r = prof.find(uid)
@@ -60,7 +60,7 @@ def export_users(engine, user_ids: Iterable[str]) -> dict:
     for name, a in (("hist_item", hist), ("last_item", last), ("consumed", cons)):
         cols[name] = np.where(a >= 0, np.searchsorted(used, a), -1)
     feats, cols["feat_key"] = np.unique(cols["feat_key"], return_inverse=True)
-    return {"version": STATE_VERSION, "t0": engine._t0, "lam": prof.lam, "users": ids,
+    return {"version": STATE_VERSION, "t0": engine.state.t0, "lam": prof.lam, "users": ids,
             "items": [cat.item_id(i) for i in used.tolist()], "features": [cat.feature_name(f) for f in feats.tolist()],
             "types": list(EVENT_TYPES), **cols}
 
@@ -139,17 +139,18 @@ def import_users(engine, state: Mapping) -> None:
     learned nothing yet adopts the record's ``t0``; the engine's clock moves to the users' newest
     event if that is later."""
     users = user_records(state)
-    seg = engine._segmenter
+    learned = engine.state
+    seg = learned.segmenter
     bad = sorted(u for u, rec in users.items() if rec["segment"] >= seg.n_segments)
     if bad:
         raise ValueError(f"users {bad[:5]} are in segments beyond this engine's {seg.n_segments}")
-    prof, cat = engine._profiles, engine._catalog
-    if engine._t0 is None:
-        engine._t0 = state["t0"]
+    prof, cat = learned.profiles, learned.catalog
+    if learned.t0 is None:
+        learned.t0 = state["t0"]
     t0 = state["t0"]
-    if t0 is not None and t0 > engine._t0:
-        engine._renormalise(t0)  # values newer than this engine's reference time: move it, no overflow
-    scale = 1.0 if t0 is None or engine._t0 is None else math.exp(state["lam"] * (t0 - engine._t0))
+    if t0 is not None and t0 > learned.t0:
+        learned.renormalise(t0)  # values newer than this engine's reference time: move it, no overflow
+    scale = 1.0 if t0 is None or learned.t0 is None else math.exp(state["lam"] * (t0 - learned.t0))
 
     def row(i: str | None) -> int:
         return cat.row(i) if i is not None else -1
@@ -163,6 +164,6 @@ def import_users(engine, state: Mapping) -> None:
                          "hist_type": [EVENT_TYPES.index(t) for t in rec["hist_type"]],
                          "consumed": [cat.row(i) for i in rec["consumed"]]})
         seg.set_member(r, -1, rec["segment"])
-        if rec["last_ts"] > engine._now:
-            engine._now = rec["last_ts"]
-    engine._ensure_items(len(cat))
+        if rec["last_ts"] > learned.now:
+            learned.now = rec["last_ts"]
+    learned.ensure_items(len(cat))

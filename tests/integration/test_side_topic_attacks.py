@@ -138,8 +138,8 @@ async def test_an_items_record_with_100k_tags_is_handled_in_well_under_a_second(
                 await produce(s, s.topics.items, [("many", many), ("after", None)])
             await wait_for(lambda: len(took) >= 2, deadline_s=120, what="both records applied")
             assert max(took.values()) < 2.0, took  # generous: it was 95 s
-            assert "many" not in worker.core.catalog_ids or len(worker.engine._catalog.features(
-                worker.engine._catalog.find("many"))) <= 8
+            assert "many" not in worker.core.catalog_ids or len(worker.engine.state.catalog.features(
+                worker.engine.state.catalog.find("many"))) <= 8
             await produce(s, s.topics.events, [(f"u{start}", view(1, f"u{start}", "after"))])
             await wait_for(lambda: _recs(s, f"u{start}"), what="the worker still serving")
 
@@ -175,7 +175,7 @@ async def test_items_are_validated_as_strictly_as_events(settings):
         await wait_for(lambda: "42" in worker.core.catalog_ids, what="the good items applied")
         await wait_for(lambda: "sku-gone" not in worker.core.catalog_ids and "sku-gone" in worker.core.unavailable,
                        what="the tombstone applied")
-        cat = worker.engine._catalog
+        cat = worker.engine.state.catalog
         assert worker.core.catalog_ids == {"sku-ok", "42"}
         assert cat.find("sku-gone") is not None and not cat.available[cat.find("sku-gone")]
         for key, value, _ in BAD_ITEMS:

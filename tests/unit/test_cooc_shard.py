@@ -103,13 +103,13 @@ def test_a_read_side_copy_keeps_no_slot_index_yet_answers_pairs_and_counts_like_
         local.upsert_item(it)
     local.learn_many(evs)
     remote, _ = _sharded(evs, items, 3)
-    assert remote._cooc._index is None
+    assert remote.state.cooc._index is None
     assert remote.stats()["cooc_slots"] == local.stats()["cooc_slots"] > 0
-    lc, rc = local._cooc, remote._cooc
-    a = remote._catalog.row(items[0]["item_id"])
+    lc, rc = local.state.cooc, remote.state.cooc
+    a = remote.state.catalog.row(items[0]["item_id"])
     for n in local.similar(items[0]["item_id"], n=5):
-        la, lb = local._catalog.row(items[0]["item_id"]), local._catalog.row(n.item_id)
-        want, got = lc.pair(la, lb), rc.pair(a, remote._catalog.row(n.item_id))
+        la, lb = local.state.catalog.row(items[0]["item_id"]), local.state.catalog.row(n.item_id)
+        want, got = lc.pair(la, lb), rc.pair(a, remote.state.catalog.row(n.item_id))
         assert got is not None and got["count"] == want["count"] and np.isclose(got["lift"], want["lift"])
     assert rc.pair(a, a) is None
     remote.drop_rows([items[0]["item_id"]])
@@ -129,7 +129,7 @@ def test_rows_within_the_reservation_load_without_growing_the_arrays_and_rank_th
         reserved.upsert_item(it)
     reserved.learn_many(evs)
     reserved.reserve_rows(len(rows))
-    co = reserved._cooc
+    co = reserved.state.cooc
     arrays = [co.nb, co.vals, co.sq, co.fill]
     reserved.load_rows(rows)
     assert all(a is b for a, b in zip(arrays, [co.nb, co.vals, co.sq, co.fill]))
@@ -138,7 +138,7 @@ def test_rows_within_the_reservation_load_without_growing_the_arrays_and_rank_th
     small = Engine(CFG, cooc="remote")  # past a reservation, the arrays grow as they did
     small.reserve_rows(2)
     small.load_rows(rows)
-    assert small._cooc.nb.shape[0] > len(rows) and small.stats()["cooc_slots"] == reserved.stats()["cooc_slots"]
+    assert small.state.cooc.nb.shape[0] > len(rows) and small.stats()["cooc_slots"] == reserved.stats()["cooc_slots"]
 
 
 def test_a_remote_engine_does_not_learn_rows_itself_and_drains_once(stream):
@@ -173,7 +173,7 @@ def test_a_batch_cut_into_pieces_is_applied_as_the_whole(stream):
 
 def _state_by_id(eng: Engine) -> tuple[dict, dict]:
     """Each loaded row as {item: (neighbour ids, values)}, and each item's popularity, by id."""
-    co, cat = eng._cooc, eng._catalog
+    co, cat = eng.state.cooc, eng.state.catalog
     rows = {}
     for r in range(len(cat)):
         if co.block[r]:
@@ -201,8 +201,8 @@ def test_rows_read_by_their_shards_numbers_give_the_same_state_as_rows_read_by_i
         by_ids.load_rows(rows)
         by_numbers.load_rows(decode_row(encode_row(r, numbering)) for r in rows)
         assert _state_by_id(by_numbers) == _state_by_id(by_ids)
-        assert by_numbers._cooc.total == by_ids._cooc.total and by_numbers._cooc.pair_total == by_ids._cooc.pair_total
-    assert set(by_numbers._catalog._foreign) == {11, 12}
+        assert by_numbers.state.cooc.total == by_ids.state.cooc.total and by_numbers.state.cooc.pair_total == by_ids.state.cooc.pair_total
+    assert set(by_numbers.state.catalog._foreign) == {11, 12}
     for u in sorted({e["user_id"] for e in evs})[:10]:
         learner_recs = by_ids.recommend(u)
         assert by_numbers.recommend(u) == learner_recs
@@ -328,5 +328,5 @@ def test_state_from_before_raw_counts_keeps_its_decayed_lifts_and_publishes_rows
     assert "raw_pop" not in old.export_row(item) and "raw_pop" in shard.export_row(item)
     reader = Engine(CFG, cooc="remote")
     reader.load_rows([old.export_row(item)])  # a reader given such rows falls back to the decayed lift too
-    assert np.isclose(reader._cooc.pair(reader._catalog.row(item), reader._catalog.row(old.similar(item, 1)[0].item_id))["lift"],
+    assert np.isclose(reader.state.cooc.pair(reader.state.catalog.row(item), reader.state.catalog.row(old.similar(item, 1)[0].item_id))["lift"],
                       old.similar(item, 1)[0].lift)

@@ -52,10 +52,10 @@ def test_an_evicted_users_row_is_reused_clean_and_a_returning_user_starts_fresh(
     rows = e.stats()["user_rows"]
     assert e.evict_users(["ann", "ann", "nobody"]) == 1
     assert not e.known_user("ann") and e.profile("ann") is None and e.segment("ann") is None
-    assert sum(e._segmenter.sizes()) == len(e._profiles) == 1  # segment membership left with the row
+    assert sum(e.state.segmenter.sizes()) == len(e.state.profiles) == 1  # segment membership left with the row
     e.learn_one(view("cat", "i7", T0 + 20))  # takes ann's row: nothing of ann in it
     assert e.stats()["user_rows"] == rows and e.query_items("cat") == ["i7"]
-    assert e._profiles.consumed(e._profiles.find("cat")).size == 0 and e.profile("cat")["events"] == 1
+    assert e.state.profiles.consumed(e.state.profiles.find("cat")).size == 0 and e.profile("cat")["events"] == 1
     assert e.profile("cat")["categories"] == {"c3": pytest.approx(0.5), "t1": pytest.approx(0.5)}
     e.learn_one(view("ann", "i9", T0 + 30))  # ann comes back: a new user
     assert e.profile("ann")["events"] == 1 and e.query_items("ann") == ["i9"]

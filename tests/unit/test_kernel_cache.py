@@ -35,13 +35,15 @@ _STREAM_PATHS = """
 import numpy as np
 from numba.core.registry import CPUDispatcher
 import infogap.models, infogap.models.cooccurrence, infogap.models.learn_core, infogap.models.rank_core, infogap.models.selection, infogap.models.slot_table
+import infogap.models.profile, infogap.models.trending
 import infogap.models.votes
 from infogap.models import Engine, EngineConfig, warm_up
 from infogap.models.cooc_shard import CoOccurrenceShard, PairDeltas
 
 def signatures():
     return {(m.__name__, k): tuple(f.signatures) for m in (infogap.models.cooccurrence, infogap.models.learn_core, infogap.models.rank_core,
-            infogap.models.selection, infogap.models.slot_table, infogap.models.votes)
+            infogap.models.selection, infogap.models.slot_table, infogap.models.votes, infogap.models.profile,
+            infogap.models.trending)
             for k, f in vars(m).items() if isinstance(f, CPUDispatcher)}
 
 warm_up()

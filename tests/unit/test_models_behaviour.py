@@ -46,7 +46,7 @@ def test_segments_recover_the_groups_and_stay_stable(groups):
     f.learn_many([dict(x, ts=x["ts"] + shift, event_id="m" + x["event_id"]) for x in more])
     again = [f.segment(u) for u in users]
     assert sum(a == b for a, b in zip(found, again)) / len(found) >= 0.95
-    sizes = f._segmenter.sizes()
+    sizes = f.state.segmenter.sizes()
     assert sum(sizes) == len(users)
 
 
@@ -222,7 +222,7 @@ def test_diversity_caps_the_share_of_one_category():
     e = trained(EngineConfig(max_category_share=0.4), items, evs)
     for u in ("g0-u0", "g1-u4"):
         recs = e.recommend(u, 5)
-        cats = [e._catalog.category_name(e._catalog.find(r.item_id)) for r in recs]
+        cats = [e.state.catalog.category_name(e.state.catalog.find(r.item_id)) for r in recs]
         assert max(cats.count(c) for c in set(cats)) <= 2
 
 
@@ -272,17 +272,17 @@ def test_forget_user_leaves_no_trace(groups):
     e, evs, _, _ = groups
     f = pickle.loads(pickle.dumps(e))
     u = "g1-u5"
-    row = f._profiles.find(u)
+    row = f.state.profiles.find(u)
     seg = f.segment(u)
-    assert f.known_user(u) and seg is not None and row in f._segmenter.members(seg)
+    assert f.known_user(u) and seg is not None and row in f.state.segmenter.members(seg)
     f.forget_user(u)
     assert not f.known_user(u) and f.segment(u) is None and f.profile(u) is None
-    assert all(row not in f._segmenter.members(s) for s in range(f.config.n_segments))
+    assert all(row not in f.state.segmenter.members(s) for s in range(f.config.n_segments))
     assert u.encode() not in pickle.dumps(f)
     assert f.recommend(u, 5) == f.recommend("never-seen", 5)
     # the same id comes back as a brand-new user
     f.learn_one(event(1, u, "g2-i0", evs[-1]["ts"] + 5))
-    assert f.profile(u)["events"] == 1 and len(f._profiles.consumed(f._profiles.find(u))) == 0
+    assert f.profile(u)["events"] == 1 and len(f.state.profiles.consumed(f.state.profiles.find(u))) == 0
     # an in-stream "forget" event does the same
     f.learn_one({"event_id": "x", "user_id": u, "type": "forget", "ts": evs[-1]["ts"] + 6})
     assert not f.known_user(u) and u.encode() not in pickle.dumps(f)
@@ -304,7 +304,7 @@ def test_memory_stays_within_the_stated_bounds():
     for k, it in enumerate(rng.sample(range(n_items), 200)):
         e.upsert_item({"item_id": f"i{it}", "category": f"c{k % 40}", "tags": [f"t{k % 7}", f"t{k % 11}"]})
     e.learn_many(evs)
-    co, prof = e._cooc, e._profiles
+    co, prof = e.state.cooc, e.state.profiles
     st = e.stats()
     assert st["items"] <= n_items and st["users"] <= n_users
     assert max(co.fill) <= m and st["cooc_slots"] <= st["items"] * m
@@ -312,7 +312,7 @@ def test_memory_stays_within_the_stated_bounds():
     assert prof.hist_item.shape[1] == h and prof.hist_item.shape[0] <= 2 * max(1024, st["users"])
     assert max(prof._cons_n) <= cons and all(len(s) <= cons for s in prof._cons_set)
     assert max(len(d) for d in prof.feats) <= prof.max_features
-    assert e._trending.segment_.shape[0] == cfg.n_segments
+    assert e.state.trending.segment_.shape[0] == cfg.n_segments
     # grows with users and items, not with pairs: the same users and items, twice the events
     slots_before = st["cooc_slots"]
     e.learn_many([dict(x, ts=x["ts"] + 1e5) for x in evs])

@@ -341,8 +341,8 @@ def test_renormalisation_keeps_values_and_equivalence():
     for x in xs:
         b.learn_one(x)
     _same(a, b)
-    assert a._t0 > T0 + 365 * DAY
-    assert np.isfinite(a._cooc.vals).all() and np.isfinite(a._trending.global_).all()
+    assert a.state.t0 > T0 + 365 * DAY
+    assert np.isfinite(a.state.cooc.vals).all() and np.isfinite(a.state.trending.global_).all()
     assert all(np.isfinite(r.score) for r in a.recommend("u1", 5))
 
 
@@ -468,13 +468,13 @@ def test_a_snapshot_from_before_ratings_and_feature_masks_loads_and_learns_on():
     e.upsert_item({"item_id": "i1", "category": "A"})
     xs = random_stream(300, n_users=10, n_items=12, seed=5)
     e.learn_many(xs[:200])
-    masks = e._catalog.feat_mask.copy()
-    for obj, name in ((e._profiles, "hist_rating"), (e._catalog, "feat_mask"), (e._pairs, "agreement"),
+    masks = e.state.catalog.feat_mask.copy()
+    for obj, name in ((e.state.profiles, "hist_rating"), (e.state.catalog, "feat_mask"), (e._pairs, "agreement"),
                       (e._pairs, "feature_boost")):
         delattr(obj, name)
     old = pickle.loads(pickle.dumps(e))
-    assert not old._profiles.hist_rating.any() and old._profiles.hist_rating.shape == old._profiles.hist_type.shape
-    assert np.array_equal(old._catalog.feat_mask, masks) and masks[old._catalog.find("i0")] != 0
+    assert not old.state.profiles.hist_rating.any() and old.state.profiles.hist_rating.shape == old.state.profiles.hist_type.shape
+    assert np.array_equal(old.state.catalog.feat_mask, masks) and masks[old.state.catalog.find("i0")] != 0
     assert old._pairs.agreement == 0.0 and old._pairs.feature_boost == 0.0
     old.learn_many(xs[200:])
     assert len(old.recommend("u1", 5)) == 5

@@ -25,10 +25,10 @@ from .test_models_support import group_stream
 def _step_by_step(engine, cfg, qd_tab, qs_tab, u: int, k: int, n: int, cap: int, excl, explain: bool):
     """The ranker as it was before infogap.models.rank_core: numpy between one kernel call per step. Returns
     ``(picked, score_of, dominant, anchors, mix)``."""
-    cat = engine._catalog
-    co = engine._cooc
-    prof = engine._profiles
-    tr = engine._trending
+    cat = engine.state.catalog
+    co = engine.state.cooc
+    prof = engine.state.profiles
+    tr = engine.state.trending
     kk = min(len(cat), 3 * n + 10)
     idx = items = np.zeros(0, np.int64)
     anchors: dict = {}
@@ -36,7 +36,7 @@ def _step_by_step(engine, cfg, qd_tab, qs_tab, u: int, k: int, n: int, cap: int,
     votes = None
     if k and cfg.w_cooc > 0:
         # neighbours of the recent items vote (infogap.models.votes: only voted items are touched)
-        idx = engine._ring_idx[prof.n_push[u] % prof.history_len, :k]
+        idx = prof.ring_order[prof.n_push[u] % prof.history_len, :k]
         items = prof.hist_item[u, idx]
         ts = prof.hist_ts[u, idx]
         g = cfg.query_gap_floor
@@ -44,8 +44,8 @@ def _step_by_step(engine, cfg, qd_tab, qs_tab, u: int, k: int, n: int, cap: int,
         kd = min(k, cfg.query_dir_len)
         votes = vote(co.nb, co.sq[0], co.sq[1], co.block[items], qs_tab[:k] * ip, qd_tab[:kd] * ip[:kd],
                      ipop=co.ipop, available=cat.available, consumed=prof.consumed(u),
-                     mom_count=tr.momentum_, mom_decay=engine._decay(tr.lam_m, MOMENTUM_RESOLUTION_S),
-                     pop=co.pop, pop_decay=engine._decay(co.lam, MOMENTUM_RESOLUTION_S), momentum=cfg.momentum)
+                     mom_count=tr.momentum_, mom_decay=engine.state.decay(tr.lam_m, MOMENTUM_RESOLUTION_S),
+                     pop=co.pop, pop_decay=engine.state.decay(co.lam, MOMENTUM_RESOLUTION_S), momentum=cfg.momentum)
         top = votes.top(kk)
         cand = voted = votes.rows[top]
     mix = None
@@ -102,18 +102,18 @@ def _step_by_step(engine, cfg, qd_tab, qs_tab, u: int, k: int, n: int, cap: int,
 
 def _reference(engine: Engine, user: str, n: int = 10, exclude=None, explain: bool = True, overrides=None):
     """``Engine.recommend`` with the step-by-step ranker in place of the compiled one."""
-    u = engine._profiles.find(user)
-    cat = engine._catalog
+    u = engine.state.profiles.find(user)
+    cat = engine.state.catalog
     excl = ranker._as_container(exclude)
     cfg, qd_tab, qs_tab = settings_for(engine, overrides)
-    prof = engine._profiles
+    prof = engine.state.profiles
     k = min(cfg.query_len, prof.n_push[u], prof.history_len)
     cap = n if cfg.max_category_share >= 1.0 else max(1, math.ceil(cfg.max_category_share * n))
     picked, score_of, dominant, anchors, mix = _step_by_step(engine, cfg, qd_tab, qs_tab, u, k, n, cap, excl, explain)
     if cfg.new_item_slots > 0 and cat._recent:
-        picked = ranker._new_item_slots(engine, cfg, u, mix, picked, excl, n)
+        picked = ranker._new_item_slots(engine.state, cfg, u, mix, picked, excl, n)
     if len(picked) < n:
-        picked = ranker._fill_popular(engine, picked, excl, n, u)
+        picked = ranker._fill_popular(engine.state, picked, excl, n, u)
     if not explain:
         return [Recommendation(cat._ids[r], score_of.get(r, 0.0), "") for r in picked]
     rows = list(dominant)  # the reasons' data of the picks, packed as rank_core packs it
@@ -124,7 +124,7 @@ def _reference(engine: Engine, user: str, n: int = 10, exclude=None, explain: bo
         if r in anchors:
             a, cnt, lf, t = anchors[r]
             packed[ANCHOR_ROW, i], packed[COUNT, i], packed[LIFT, i], packed[ANCHOR_TYPE, i] = a, cnt, lf, t
-    return ranker._explain(engine, cfg, u, picked, rows, packed)
+    return ranker._explain(engine.state, cfg, u, picked, rows, packed)
 
 
 @pytest.fixture(scope="module")

@@ -145,7 +145,7 @@ def test_derived_settings_are_cached_outside_the_state(planted):
     assert len(s1.qd_tab) == len(s1.qs_tab) == 4
     assert ranker.settings_for(planted, {"sym_weight": 0.0}).qs_tab.tolist() == [0.0] * 20
     plain = ranker.settings_for(planted, None)
-    assert plain.config is planted.config and plain.qd_tab is planted._qd_tab
+    assert plain.config is planted.config and plain.qd_tab is planted.ranker_settings.qd_tab
     # an entry goes with its engine
     e = _planted()
     ranker.settings_for(e, {"w_global": 1.0})

@@ -199,4 +199,4 @@ def test_no_exception_from_one_side_record_stops_the_worker_and_each_goes_to_the
     asyncio.run(worker._apply_side(_record(items, b"a", b'{"item_id": "a", "available": false}')))
     assert "ann" in worker.core.prefs and worker.core.catalog_ids == {"a"} and worker.core.unavailable == {"a"}
     asyncio.run(worker._apply_side(_record(items, b" a ", None)))  # (users tombstones: tests of erasure)
-    assert not worker.core.catalog_ids and worker.core.unavailable == {"a"} and not worker.engine._catalog.available[0]
+    assert not worker.core.catalog_ids and worker.core.unavailable == {"a"} and not worker.engine.state.catalog.available[0]

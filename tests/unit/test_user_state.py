@@ -85,19 +85,19 @@ def test_moved_users_arrive_whole_in_an_engine_with_other_numbering(seed, pick, 
     a = engine(CONFIGS[cfg], items, evs)
     # B learned only the other users' events, and saw the items in another order (other rows)
     b = engine(CONFIGS[cfg], items[::-1], [e for e in evs if e["user_id"] not in moved])
-    assert any(a._catalog.find(i["item_id"]) != b._catalog.find(i["item_id"]) for i in items)
+    assert any(a.state.catalog.find(i["item_id"]) != b.state.catalog.find(i["item_id"]) for i in items)
 
     state = export_users(a, moved + ["nobody"])
     import_users(b, state)
 
     assert sorted(state["users"]) == sorted(moved)
-    assert b._now == a._now
-    assert_same_records(absolute(state, a._now), absolute(export_users(b, moved), b._now))
-    n_items = len(b._catalog)
+    assert b.state.now == a.state.now
+    assert_same_records(absolute(state, a.state.now), absolute(export_users(b, moved), b.state.now))
+    n_items = len(b.state.catalog)
     for u in moved:
         assert_same_profile(a.profile(u), b.profile(u))
         assert b.segment(u) == a.segment(u)
-        assert [b._profiles.find(u) in m for m in map(b._segmenter.members, range(b.config.n_segments))].count(True) == \
+        assert [b.state.profiles.find(u) in m for m in map(b.state.segmenter.members, range(b.config.n_segments))].count(True) == \
             (b.segment(u) is not None)
         owned = set(user_records(state)[u]["consumed"])
         assert not owned & {r.item_id for r in b.recommend(u, n_items)}
@@ -131,21 +131,21 @@ def test_import_replaces_existing_state_and_an_empty_engine_adopts_t0():
     a = engine(EngineConfig(), items, evs)
     u = evs[-1]["user_id"]  # the newest event is theirs: an engine of only this user has a's clock
     state = export_users(a, [u])
-    a.learn_one({"event_id": "late", "user_id": u, "type": "purchase", "ts": a._now, "item_id": "brand-new"})
+    a.learn_one({"event_id": "late", "user_id": u, "type": "purchase", "ts": a.state.now, "item_id": "brand-new"})
     import_users(a, state)
     assert user_records(export_users(a, [u])) == user_records(state)
 
     fresh = Engine()
     import_users(fresh, state)
-    assert fresh._t0 == a._t0 and fresh.profile(u) == a.profile(u)
-    assert fresh._catalog.find(user_records(state)[u]["hist_item"][-1]) is not None  # rows made for unknown items
+    assert fresh.state.t0 == a.state.t0 and fresh.profile(u) == a.profile(u)
+    assert fresh.state.catalog.find(user_records(state)[u]["hist_item"][-1]) is not None  # rows made for unknown items
 
 
 def test_record_holds_ids_not_rows():
     evs, items, users = stream(7)
     a = engine(FAST, items, evs)
     state = export_users(a, users)
-    known = {a._catalog.item_id(r) for r in range(len(a._catalog))}
+    known = {a.state.catalog.item_id(r) for r in range(len(a.state.catalog))}
     for rec in user_records(state).values():
         assert all(isinstance(i, str) and i in known for i in rec["hist_item"] + rec["consumed"] + [rec["last_item"]])
         assert all(isinstance(f, str) for f in rec["feats"])
