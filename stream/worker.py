@@ -733,7 +733,7 @@ class Worker:
                         repaired = True
                         continue
                 except StoreUnavailable as exc:
-                    if not exc.reason.startswith("Redis unreachable"):  # refused: /health says why
+                    if exc.refused:  # PING still answers: /health says why
                         self._redis_refused[token] = exc.reason
                     log.warning("Redis unavailable or refusing (%s); retrying the whole write in %.1f s",
                                 exc.reason, delay)

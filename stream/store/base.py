@@ -38,11 +38,13 @@ class StoreError(Exception):
 
 class StoreUnavailable(StoreError):
     """The store cannot be reached, or refuses the operation for now (out of memory, a failover, ...);
-    ``reason`` says which, for logs and ``/health`` (never a value or a secret)."""
+    ``reason`` says which, for logs and ``/health`` (never a value or a secret); ``refused``: the store answered
+    (a PING would pass, so ``/health`` reports the reason)."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, refused: bool = False):
         super().__init__(reason)
         self.reason = reason
+        self.refused = refused
 
 
 class WrongTypeError(StoreError):

@@ -146,16 +146,11 @@ class RedisClusterStore(RedisStore):
                 pass
             raise
 
-    async def write(self, recs: Iterable[Mapping] = (), segments: Mapping[str, int | None] | None = None,
-                    similar: Mapping[str, list] | None = None, rows: Mapping[str, bytes] | None = None,
-                    trending: Mapping[int | None, list[tuple[str, float]]] | None = None,
-                    population: Mapping | None = None,
-                    momentum: tuple[list[str], list[float]] | None = None,
-                    rows_published: Mapping[int, str] | None = None) -> None:
-        """As on one server; the rows' tokens once the rows are written."""
+    async def write(self, rows_published: Mapping[int, str] | None = None, **parts) -> None:
+        """As on one server (:meth:`Store.write`); the rows' tokens once the rows are written."""
         with translated():
             await self.client.initialize()  # the layout the keys are grouped by
-        await self._relayout_on_failure(super().write(recs, segments, similar, rows, trending, population, momentum))
+        await self._relayout_on_failure(super().write(**parts))
         if rows_published:
             await self._relayout_on_failure(super().write(rows_published=rows_published))
 

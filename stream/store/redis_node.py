@@ -119,21 +119,6 @@ return #KEYS
 """
 #: Keys per call of :data:`SET_WITH_TTL`: Redis serves no other client while a script runs (~2 ms per 1,000).
 SET_WITH_TTL_KEYS = 1000
-
-
-#: ``SET key value EX ttl`` for every key given (ARGV: the TTL, then the values in the keys' order), one reply
-#: in all. In a pipeline redis-py spends ~30 us of client CPU per command, packing it and parsing its
-#: reply; a batch's 6,000 keys (recommendations and segments of 3,000 users) took 95 ms of the worker's
-#: CPU as SETs and 18 ms as this script's calls.
-SET_WITH_TTL = """
-local ttl = ARGV[1]
-for i = 1, #KEYS do
-  redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ttl)
-end
-return #KEYS
-"""
-#: Keys per call of :data:`SET_WITH_TTL`: Redis serves no other client while a script runs (~2 ms per 1,000).
-SET_WITH_TTL_KEYS = 1000
 #: A sorted set replaced whole (ARGV: score, member, score, member, ...): readers never see it half written
 #: or empty, and it is one key (a slot of its own on Redis Cluster, where a rename from a key aside may not be).
 REPLACE_ZSET = """
@@ -158,12 +143,12 @@ def translated() -> Iterator[None]:
     except ResponseError as exc:
         if is_wrong_type(exc):  # a single command's reply (a pipeline's are named by execute)
             raise WrongTypeError([]) from None
-        raise StoreUnavailable(refusal(exc)) from None
+        raise StoreUnavailable(refusal(exc), refused=True) from None
     except _UNREACHABLE as exc:
         raise StoreUnavailable(f"Redis unreachable ({type(exc).__name__})") from None
     except RedisClusterException as exc:  # no node answers, a slot uncovered, or a command routed by a stale layout
         unreachable = "unreachable" if "Unreachable" in type(exc).__name__ or "connected" in str(exc) else "refusing"
-        raise StoreUnavailable(f"Redis Cluster {unreachable} ({type(exc).__name__})") from None
+        raise StoreUnavailable(f"Redis Cluster {unreachable} ({type(exc).__name__})", refused=True) from None
 
 
 class RedisStore(Store):
