@@ -347,7 +347,8 @@ class Engine:
         alike: the clock, the event's weights, the user's profile, then for an item event with a positive
         weight a trend entry (its _TREND fields appended to ``trends``) and, unless it repeats the user's last
         item, a history entry (its _ENTRY fields appended to ``entries``; flat lists of numbers: no object per
-        entry for the garbage collector to track); last the user's segment when due. :meth:`_finish_block` applies
+        entry for the garbage collector to track); last the user's segment when due. A new item gets its room in the
+        per-item arrays at once. :meth:`_finish_block` applies
         the entries to the arrays. ``seq``: the event's sequence number (:attr:`n_learned` before it)."""
         st = self.state
         prof = st.profiles
@@ -358,18 +359,20 @@ class Engine:
         w, pair_w, rating = weights.of(typ, rating)
         exp, t0 = math.exp, st.t0
         su = exp(prof.lam * (ts - t0))
-        n, prev_ts = prof.record(u, ts, su, value)
         remote_population = self.population_mode == "remote"
-        if item_id is not None:
+        if item_id is None:
+            n, c, prev_ts = prof.learn(u, ts, su, value)
+        else:
             cat = st.catalog
             i = cat.row(item_id)
-            prof.learn_item(u, i, cat.features(i), w, su, weights.owns(typ))
+            if i >= st.trending.n_items:  # a new item: room in every per-item array
+                st.ensure_items(len(cat))
+            n, c, prev_ts = prof.learn(u, ts, su, value, i, cat.features(i), w, typ in weights.owning_types)
             if w > 0.0:
                 tr, segment = st.trending, prof.segment[u]
                 trends += i, segment, w * exp(tr.lam * (ts - t0)), exp(tr.lam_m * (ts - t0))
                 if remote_population:
                     self._pop_trend.append([seq, item_id, int(segment), w, ts])
-                c = prof.enter(u, i)
                 if c >= 0:  # (a remote co-occurrence gets the pairs unscaled: the shard scales by event time)
                     entries += (u, i, ts, pair_w, c, TYPE_CODE.get(typ, 0),
                                 1.0 if self.cooc_mode == "remote" else exp(st.cooc.lam * (ts - t0)), seq, rating)
@@ -383,10 +386,8 @@ class Engine:
         entry: one compiled call), and the admission door reset when the block ended on its period."""
         st = self.state
         self.n_learned += n_block
-        if len(st.catalog) > st.trending.n_items:  # events brought new items
-            st.ensure_items(len(st.catalog))
         remote = self.cooc_mode == "remote"
-        if len(entries) == _ENTRY and len(trends) == _TREND and not remote:  # one history entry: one compiled call
+        if n_block == 1 and entries and not remote:  # one history entry (so one trend entry): one compiled call
             u, i, ts, pair_w, c, type_code, scale, _, rating = entries
             _, segment, x, xm = trends
             learn_event(st, self._pairs, self.config.window, u, i, segment, x, xm, ts, pair_w, c, type_code, scale,

@@ -339,14 +339,26 @@ class Profiles:
             a[r, idx] = vals[len(vals) - k:]
 
     # ------------------------------------------------------------------ updates
-    def record(self, r: int, ts: float, scale: float, value: float | None) -> tuple[int, float]:
-        """Count an event of user ``r`` at ``ts`` (any event): its number, first and last time, decayed
-        frequency and monetary value (``scale`` = ``exp(lambda (ts - t0))``). Returns the user's number of
-        events with it, and the last event time before it (NaN for none).
+    def learn(self, r: int, ts: float, scale: float, value: float | None, item: int = -1,
+              feats: tuple[int, ...] = (), w: float = 0.0, owned: bool = False) -> tuple[int, int, float]:
+        """User ``r``'s event at ``ts``, the whole profile step (``scale`` = ``exp(lambda (ts - t0))``):
 
-        >>> p = Profiles(); u = p.row("u")
-        >>> p.record(u, 10.0, 1.0, 5.0), p.record(u, 4.0, 1.0, None), p.rfm(u, 10.0, 1.0)["monetary"]
-        ((1, nan), (2, 10.0), 5.0)
+        - any event counts: the user's number of events, first and last time, decayed frequency and
+          monetary ``value``;
+        - an event on item row ``item`` (-1: none; ``feats``, its features) adds its weight ``w`` (any
+          sign) to the category/tag vector, and makes the item the user's if ``owned``;
+        - with a positive weight it takes the next history entry, unless ``item`` is the user's last
+          entry's (a repeat enters nothing). The ring arrays are written by the caller
+          (:func:`infogap.models.learn_core.learn_event` and ``learn_many``'s batch step).
+
+        Returns the user's number of events with this one, the history entry's number (the entries
+        before it; -1 for none) and the last event time before it (NaN for none).
+
+        >>> p = Profiles(history_len=2); u = p.row("u")
+        >>> p.learn(u, 10.0, 1.0, 5.0), p.learn(u, 4.0, 1.0, None), p.rfm(u, 10.0, 1.0)["monetary"]
+        ((1, -1, nan), (2, -1, 10.0), 5.0)
+        >>> [p.learn(u, 11.0, 1.0, None, item, (0,), 1.0)[1] for item in (7, 7, 8)], p.last_item[u], p.mix(u)
+        ([0, -1, 1], 8, {0: 1.0})
         """
         n = self.n_events[r] + 1
         self.n_events[r] = n
@@ -358,32 +370,18 @@ class Profiles:
         self.freq[r] += scale
         if value is not None:
             self.money[r] += value * scale
-        return n, prev_ts
-
-    def learn_item(self, r: int, item: int, feats: tuple[int, ...], w: float, scale: float, owned: bool) -> None:
-        """User ``r``'s event on ``item`` (its features ``feats``) of weight ``w`` (any sign; ``scale`` as in
-        :meth:`record`): the weight into the category/tag vector, and the item into the owned ones if
-        ``owned``. (Entering the history is :meth:`enter`'s, for positive weights only.)"""
+        if item < 0:
+            return n, -1, prev_ts
         if feats and w != 0.0:
             self.add_features(r, feats, w * scale)
         if owned:
             self.consume(r, item)
-
-    def enter(self, r: int, item: int) -> int:
-        """Take the next history entry of user ``r`` for ``item`` and return its number (the entries before it),
-        or -1 when ``item`` is the user's last entry's: a repeat enters nothing. The ring arrays are
-        written by the caller (:func:`infogap.models.learn_core.learn_event` and ``learn_many``'s batch step).
-
-        >>> p = Profiles(history_len=2); u = p.row("u")
-        >>> p.enter(u, 7), p.enter(u, 7), p.enter(u, 8), p.n_push[u], p.last_item[u]
-        (0, -1, 1, 2, 8)
-        """
-        if item == self.last_item[r]:
-            return -1
+        if not w > 0.0 or item == self.last_item[r]:
+            return n, -1, prev_ts
         c = self.n_push[r]
         self.n_push[r] = c + 1
         self.last_item[r] = item
-        return c
+        return n, c, prev_ts
 
     def add_features(self, r: int, feats: tuple[int, ...], w: float) -> None:
         """Add ``w`` (already scaled) split over ``feats`` to the user's category/tag vector."""
@@ -429,7 +427,7 @@ class Profiles:
 
     def write_entries(self, users: np.ndarray, entries: np.ndarray, items: np.ndarray, ts: np.ndarray, w: np.ndarray,
                       types: np.ndarray, ratings: np.ndarray) -> None:
-        """Write history entries (their numbers ``entries``, taken by :meth:`enter`) into the ring, in order:
+        """Write history entries (their numbers ``entries``, taken by :meth:`learn`) into the ring, in order:
         an entry that the ring has no room for any more is overwritten by a later one, as one at a time."""
         _write_entries(self.hist_item, self.hist_ts, self.hist_w, self.hist_type, self.hist_rating,
                        np.asarray(users, np.int64), np.asarray(entries, np.int64) % self.history_len,
