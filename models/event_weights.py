@@ -41,12 +41,12 @@ class EventWeights:
         A ``rate`` event weighs ``rating / rating_scale`` times its type's weight (in the pairs too
         with ``rating_in_pairs``).
     owning_types
-        Types that make the item the user's.
+        Types that make the item the user's (a frozenset).
 
     Examples
     --------
     >>> w = EventWeights({"rate": 3.0}, rating_scale=3.0, owning_types=("purchase", "rate"))
-    >>> w.of("view", None), w.of("rate", 4.0), w.of("rate", None), w.owns("rate")
+    >>> w.of("view", None), w.of("rate", 4.0), w.of("rate", None), "rate" in w.owning_types
     ((1.0, 1.0, 0.0), (4.0, 3.0, 4.0), (3.0, 3.0, 0.0), True)
     """
 
@@ -70,7 +70,3 @@ class EventWeights:
             scaled = w * (rating / self.rating_scale)
             return scaled, scaled if self.rating_in_pairs else w, rating
         return w, w, 0.0
-
-    def owns(self, typ: str) -> bool:
-        """Whether an event of type ``typ`` makes the item the user's."""
-        return typ in self.owning_types
