@@ -40,6 +40,7 @@ from infogap.models.learn_core import learn_event
 from infogap.models.model_state import ModelState
 from infogap.models.population import segmenter_for, trending_for
 from infogap.models.profile import Profiles
+from infogap.models.candidate_sources import active_sources
 from infogap.models.ranker import Neighbour, Recommendation, RankerSettings, query_tables, rank, settings_for
 from infogap.models.slot_table import SlotTable
 
@@ -118,6 +119,9 @@ class EngineConfig:
     w_cooc, w_segment, w_global, w_content, content_history
         Blend weights of the candidate sources (content only for users with fewer than
         ``content_history`` items).
+    w_cart
+        Blend weight of the items still in the user's cart (0: off;
+        :class:`~infogap.models.candidate_sources.StillInCart`).
     max_category_share, new_item_slots, new_item_days, new_item_max_events, new_item_min_share
         Diversity cap per category; slots for catalog items added within ``new_item_days`` with
         fewer than ``new_item_max_events`` events, for users whose mix has that category.
@@ -175,6 +179,7 @@ class EngineConfig:
     w_global: float = 0.01
     w_content: float = 0.01
     content_history: int = 5
+    w_cart: float = 0.0
     max_category_share: float = 0.8
     new_item_slots: int = 1
     new_item_days: float = 14.0
@@ -279,13 +284,14 @@ class Engine:
                                   sym_decay=cfg.sym_decay, gap_tau_s=cfg.gap_tau_s, gap_floor=cfg.gap_floor,
                                   agreement=cfg.pair_agreement, feature_boost=cfg.pair_feature_boost)
         self._query_tables = query_tables(cfg)
+        self._sources = active_sources(cfg)
         self.n_learned = 0
 
     @property
     def ranker_settings(self) -> RankerSettings:
-        """What :meth:`recommend` ranks with: the config and its query weight tables
-        (:func:`infogap.models.ranker.query_tables`)."""
-        return _new(RankerSettings, (self.config, *self._query_tables))
+        """What :meth:`recommend` ranks with: the config, its query weight tables
+        (:func:`infogap.models.ranker.query_tables`) and its candidate sources."""
+        return _new(RankerSettings, (self.config, *self._query_tables, self._sources))
 
     # ------------------------------------------------------------------ learning
     def learn_one(self, event: Event | Mapping) -> None:

@@ -247,6 +247,7 @@ RANKER_OVERRIDES: dict[str, tuple[type, float, float, bool]] = {
     "w_global": (float, 0.0, math.inf, False),
     "w_content": (float, 0.0, math.inf, False),
     "content_history": (int, 0, math.inf, False),
+    "w_cart": (float, 0.0, math.inf, False),
     "max_category_share": (float, 0.0, 1.0, True),
     "new_item_slots": (int, 0, math.inf, False),
     "new_item_days": (float, 0.0, math.inf, False),

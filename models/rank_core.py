@@ -18,9 +18,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from infogap.models.candidate_sources import proposals
 from infogap.models.cooccurrence import pair_lift
 from infogap.models.scratch import scratch
-from infogap.models.selection import _choose, _why
+from infogap.models.selection import PARTS, _choose, _why
 from infogap.models.votes import MOMENTUM_RESOLUTION_S, _anchors, _dense, _MomentumMemo, _positions, _top, _votes
 
 #: rows of the packed result (one float64 array, written into a buffer the thread reuses: a new array
@@ -30,6 +31,8 @@ PICK, SCORE, DOMINANT, ANCHOR_ROW, COUNT, ANCHOR_TYPE, LIFT = range(7)
 #: what :func:`_core` answers besides picks: done (without the trending lists, or with them joined), or
 #: "call again with the trending lists"
 _DONE, _JOINED, _NEED_TRENDING = 0, 1, 2
+#: the category share's code among the parts of a score (:data:`infogap.models.selection.PARTS`)
+_CONTENT = PARTS.index("content")
 
 
 @njit(cache=True, nogil=True)
@@ -39,11 +42,49 @@ def _union(cand, a, b):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
+def _join(cand, v, rows, pos):  # pragma: no cover - compiled
+    """The candidates with ``rows`` joined (sorted, unique), and their votes (0 for the joined ones)."""
+    merged = np.unique(np.concatenate((cand, rows)))
+    if not v.size:
+        return merged, v
+    for t in range(cand.size):
+        pos[cand[t]] = t + 1
+    out = np.zeros(merged.size)
+    for i in range(merged.size):
+        p = pos[merged[i]]
+        if p > 0:
+            out[i] = v[p - 1]
+    for t in range(cand.size):
+        pos[cand[t]] = 0
+    return merged, out
+
+
+@njit(cache=True, nogil=True)
+def _add_sources(cand, extra, rows, score, code, pos):  # pragma: no cover - compiled
+    """Add the sources' weighted scores to the candidates' ``extra`` (the category share); returns per
+    candidate the part that gave most of it (its source's code, or :data:`_CONTENT`)."""
+    part = np.full(cand.size, _CONTENT, np.int64)
+    best = extra.copy()
+    for i in range(cand.size):
+        pos[cand[i]] = i + 1
+    for t in range(rows.size):
+        p = pos[rows[t]]
+        if p > 0:
+            extra[p - 1] += score[t]
+            if score[t] > best[p - 1]:
+                best[p - 1] = score[t]
+                part[p - 1] = code[t]
+    for i in range(cand.size):
+        pos[cand[i]] = 0
+    return part
+
+
+@njit(cache=True, nogil=True)
 def _core(nb, sq, block, ipop, pop, vals, raw_pop, dec_scale, raw_scale, mom_count, mom_decay, pop_decay, momentum,
           available, category, consumed, blocked, u, hist_item, hist_ts, hist_type, ring, qs_tab, qd_tab, kd, gap_floor,
-          inv_tau, w_cooc, seg_row, w_seg, glob, w_glob, share, w_content, trend_a, trend_b, have_trending, kk, n,
-          cap, n_anchor, acc, mark, memo, gen, marks, pos, kept_rows, kept_votes, n_kept, out,
-          picked):  # pragma: no cover - compiled; tested against a step-by-step reference
+          inv_tau, w_cooc, seg_row, w_seg, glob, w_glob, share, w_content, src_rows, src_score, src_part, trend_a,
+          trend_b, have_trending, kk, n, cap, n_anchor, acc, mark, memo, gen, marks, pos, kept_rows, kept_votes,
+          n_kept, out, picked):  # pragma: no cover - compiled; tested against a step-by-step reference
     """Writes the picks' columns into ``out`` (rows :data:`PICK` ... :data:`LIFT`, at least ``n``
     columns) and their rows into ``picked``; returns how many, the status and the number of voted items."""
     k = ring.size  # 0: no votes (no history, or w_cooc 0)
@@ -75,6 +116,7 @@ def _core(nb, sq, block, ipop, pop, vals, raw_pop, dec_scale, raw_scale, mom_cou
     w_c = w_cooc if k > 0 else 0.0
     widened = False
     joined = _DONE
+    part = np.empty(0, np.int64)  # which part the extra score of each candidate is mostly (with sources)
     while True:
         if cand.size < n or widened:  # few co-occurrence candidates (or too few categories): trending joins
             if not have_trending:  # keep the votes for the call with the trending lists
@@ -92,11 +134,16 @@ def _core(nb, sq, block, ipop, pop, vals, raw_pop, dec_scale, raw_scale, mom_cou
                     v[i] = votes[p - 1]
             for t in range(rows.size):
                 pos[rows[t]] = 0
+        if src_rows.size:  # the candidate sources' rows join (infogap.models.candidate_sources)
+            cand, v = _join(cand, v, src_rows, pos)
         if not cand.size:
             return 0, joined, rows.size
-        content = np.zeros(cand.size if share.size else 0)
-        for i in range(content.size):
-            content[i] = share[category[cand[i]]] * w_content  # category -1 reads the trailing 0
+        content = np.zeros(cand.size if share.size or src_rows.size else 0)
+        if share.size:
+            for i in range(content.size):
+                content[i] = share[category[cand[i]]] * w_content  # category -1 reads the trailing 0
+        if src_rows.size:
+            part = _add_sources(cand, content, src_rows, src_score, src_part, pos)
         order, score, keep, relaxed = _choose(cand, v, w_c, seg_row, w_seg, glob, w_glob, content, category,
                                               available, consumed, blocked, n, cap, marks)
         if relaxed and not widened:
@@ -118,8 +165,8 @@ def _core(nb, sq, block, ipop, pop, vals, raw_pop, dec_scale, raw_scale, mom_cou
         types = np.empty(k, np.int64)
         for h in range(k):
             types[h] = hist_type[u, ring[h]]
-        dom, a_row, count, n_pair, a_type = _why(sel, cand, v, w_c, seg_row, w_seg, glob, w_glob, content, anchor,
-                                                 items, types, nb.shape[1], vals, block)
+        dom, a_row, count, n_pair, a_type = _why(sel, cand, v, w_c, seg_row, w_seg, glob, w_glob, content, part,
+                                                 anchor, items, types, nb.shape[1], vals, block)
         for i in range(sel.size):
             out[DOMINANT, i] = dom[i]
             out[ANCHOR_ROW, i] = a_row[i]
@@ -132,12 +179,13 @@ def _core(nb, sq, block, ipop, pop, vals, raw_pop, dec_scale, raw_scale, mom_cou
     return sel.size, joined, rows.size
 
 
-def rank_core(state, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: int, cap: int, excl,
+def rank_core(state, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, sources: tuple, n: int, cap: int, excl,
               explain: bool) -> tuple[np.ndarray, list[int], dict[int, float] | None]:
     """The picks of user row ``u`` packed (rows :data:`PICK` ... :data:`LIFT`, one column per pick,
     best first; the reasons' rows only with ``explain``; a view of this thread's buffer, valid until its
     next request), the picked rows as a list, and the user's category mix when the request computed it
-    (else None). ``state``: a :class:`~infogap.models.model_state.ModelState`; ``excl``: a container of
+    (else None). ``state``: a :class:`~infogap.models.model_state.ModelState`; ``sources``: the active
+    candidate sources (:func:`infogap.models.candidate_sources.active_sources`); ``excl``: a container of
     excluded item ids, or None."""
     co, cat, prof, tr = state.cooc, state.catalog, state.profiles, state.trending
     c = int(prof.n_push[u])  # the user's history entries so far
@@ -179,13 +227,14 @@ def rank_core(state, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, n: int
         trend_a, trend_b = _trending_rows(sc, tr, kk, seg)
     n_kept = -1  # the votes are computed by the first call, and kept for the next ones of this request
     lift_scales = co.lift_scales() if explain else _NO_LIFT  # (only the reasons cite a lift)
+    src_rows, src_score, src_part = proposals(state, sources, u, kk)
     while True:
         n_picked, status, n_voted = _core(
             co.nb, co.sq, co.block, co.ipop, co.pop, co.vals, co.raw_pop, *lift_scales, tr.momentum_, mom_decay,
             pop_decay, momentum, cat.available, cat.category, prof.consumed(u), blocked, u, prof.hist_item,
             prof.hist_ts, prof.hist_type, ring, qs_tab, qd_tab, min(k, cfg.query_dir_len), float(cfg.query_gap_floor),
             1.0 / cfg.query_gap_tau_s, float(cfg.w_cooc), seg_row, float(w_s), glob, float(w_g), share,
-            float(cfg.w_content), trend_a, trend_b, have_trending, kk, n, cap, _ANCHOR_ROWS if explain else 0, sc.acc,
+            float(cfg.w_content), src_rows, src_score, src_part, trend_a, trend_b, have_trending, kk, n, cap, _ANCHOR_ROWS if explain else 0, sc.acc,
             sc.mark, sc.memo.table, gen, sc.marks, sc.pos, sc.kept_rows, sc.kept_votes, n_kept, out, picked)
         if status == _NEED_TRENDING:
             n_kept = n_voted

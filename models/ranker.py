@@ -48,6 +48,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from infogap.models.candidate_sources import FIRST_SOURCE, SOURCES, active_sources
 from infogap.models.events import EVENT_TYPES
 from infogap.models.experiments import validate_overrides
 from infogap.models.rank_core import ANCHOR_TYPE, DOMINANT, LIFT, SCORE, rank_core
@@ -102,14 +103,17 @@ _COOC, _SEGMENT, _GLOBAL = (PARTS.index(p) for p in ("cooc", "segment", "global"
 
 
 class RankerSettings(NamedTuple):
-    """What the ranker reads besides the learned state: a config and its query weight tables.
+    """What the ranker reads besides the learned state: a config, its query weight tables and its
+    candidate sources.
 
-    ``qd_tab[k]`` / ``qs_tab[k]``: weight of the k-th most recent item's directional / symmetric votes.
+    ``qd_tab[k]`` / ``qs_tab[k]``: weight of the k-th most recent item's directional / symmetric votes;
+    ``sources``: :func:`infogap.models.candidate_sources.active_sources` of the config.
     """
 
     config: Any
     qd_tab: np.ndarray
     qs_tab: np.ndarray
+    sources: tuple
 
 
 def query_tables(cfg) -> tuple[np.ndarray, np.ndarray]:
@@ -155,7 +159,7 @@ def settings_for(engine, overrides: Mapping[str, float] | None) -> RankerSetting
         # shared between calls, yet writeable: a read-only array is another numba type, for which the
         # compiled ranker would be compiled again (seconds, in the middle of a stream batch)
         qd, qs = query_tables(cfg)
-        cached = RankerSettings(cfg, qd, qs)
+        cached = RankerSettings(cfg, qd, qs, active_sources(cfg))
         if len(entry[1]) >= _SETTINGS_CACHE_MAX:
             entry[1].clear()
         entry[1][key] = cached
@@ -189,10 +193,10 @@ def rank(state, settings: RankerSettings, u: int | None, n: int, exclude, explai
     if u is None:
         cold = _cold(state, n, excl)
         return [r.item_id for r in cold] if ids else cold
-    cfg, qd_tab, qs_tab = settings
+    cfg, qd_tab, qs_tab, sources = settings
     share = cfg.max_category_share
     cap = n if share >= 1.0 else max(1, math.ceil(share * n))
-    packed, picks, mix = rank_core(state, u, cfg, qd_tab, qs_tab, n, cap, excl, explain)
+    packed, picks, mix = rank_core(state, u, cfg, qd_tab, qs_tab, sources, n, cap, excl, explain)
     picked = picks
     if cfg.new_item_slots > 0 and cat.recent:
         picked = _new_item_slots(state, cfg, u, mix, picked, excl, n)
@@ -324,6 +328,8 @@ def _explain(state, cfg, u: int, picked: list[int], picks: list[int], packed: np
             reason = "trending in your segment"
         elif d == _GLOBAL:
             reason = "trending now"
+        elif d >= FIRST_SOURCE:
+            reason = SOURCES[d - FIRST_SOURCE].reason(state, u, r)
         else:
             if weights is None:
                 weights = state.profiles.feats[u]

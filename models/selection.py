@@ -123,12 +123,14 @@ def choose(cand: np.ndarray, votes: np.ndarray, w_cooc: float, seg_row: np.ndarr
         blocked = np.r_[blocked, out]
 
 
-#: What :func:`why` names as the component that contributed most to a picked item.
+#: What :func:`why` names as the component that contributed most to a picked item (the candidate
+#: sources of :mod:`infogap.models.candidate_sources` follow, numbered from ``len(PARTS)``).
 PARTS = ("cooc", "segment", "global", "content")
+_NO_PART = np.zeros(0, np.int64)
 
 
 @njit(cache=True, nogil=True)
-def _why(sel, cand, votes, w_cooc, seg_row, w_seg, glob, w_glob, extra, anchor, items, types, m, vals,
+def _why(sel, cand, votes, w_cooc, seg_row, w_seg, glob, w_glob, extra, extra_part, anchor, items, types, m, vals,
          block):  # pragma: no cover - compiled; tested through the ranker's reasons
     n = sel.size
     dom = np.full(n, -1, np.int64)
@@ -149,7 +151,7 @@ def _why(sel, cand, votes, w_cooc, seg_row, w_seg, glob, w_glob, extra, anchor, 
         if glob.size and glob[r] * w_glob > best:
             best, which = glob[r] * w_glob, 2
         if extra.size and extra[j] > best:
-            best, which = extra[j], 3
+            best, which = extra[j], extra_part[j] if extra_part.size else 3
         if not best > 0:
             continue
         dom[i] = which
@@ -170,15 +172,16 @@ def _why(sel, cand, votes, w_cooc, seg_row, w_seg, glob, w_glob, extra, anchor, 
 
 def why(sel: np.ndarray, cand: np.ndarray, votes: np.ndarray, w_cooc: float, seg_row: np.ndarray, w_seg: float,
         glob: np.ndarray, w_glob: float, extra: np.ndarray, *, anchor: np.ndarray, items: np.ndarray,
-        types: np.ndarray, cooc) -> tuple[list[int], dict[int, tuple[int, int, float, int]]]:
+        types: np.ndarray, cooc, extra_part: np.ndarray | None = None
+        ) -> tuple[list[int], dict[int, tuple[int, int, float, int]]]:
     """For the picked candidates ``cand[sel]`` (components as :func:`choose` takes them): the index in
     :data:`PARTS` of the component that contributed most to each (the first of equals; -1 when none
-    did), and for those the votes made, the recent history item that voted most (``anchor``: each
+    did; ``extra_part``, when given, names each candidate's part of ``extra``), and for those the votes made, the recent history item that voted most (``anchor``: each
     pick's from :meth:`infogap.models.votes.Votes.anchors`, ``items``/``types``: the history newest first) as
     ``{row: (history item, pair count, lift, its newest event type code)}``."""
     dom, a_row, count, n_pair, a_type = _why(sel, cand, votes, float(w_cooc), seg_row, float(w_seg), glob,
-                                             float(w_glob), extra, anchor, items, types, cooc.n_neighbours,
-                                             cooc.vals, cooc.block)
+                                             float(w_glob), extra, _NO_PART if extra_part is None else extra_part,
+                                             anchor, items, types, cooc.n_neighbours, cooc.vals, cooc.block)
     rows = cand[sel]
     has = a_row >= 0
     lift = cooc.lift(a_row[has], rows[has], n_pair[has], count[has])

@@ -14,12 +14,17 @@ import pytest
 import infogap.models.rank_core as rank_core
 import infogap.models.ranker as ranker
 from infogap.models import Engine, EngineConfig
+from infogap.models.candidate_sources import SOURCES, active_sources, proposals
 from infogap.models.rank_core import ANCHOR_ROW, ANCHOR_TYPE, COUNT, DOMINANT, LIFT, PICK, SCORE
 from infogap.models.ranker import PARTS, Recommendation, settings_for
 from infogap.models.selection import choose, why
 from infogap.models.votes import MOMENTUM_RESOLUTION_S, vote
 
 from .test_models_support import group_stream
+
+
+#: the parts a score is made of, then the candidate sources (by their settings)
+_PART_NAMES = PARTS + tuple(s.setting for s in SOURCES)
 
 
 def _step_by_step(engine, cfg, qd_tab, qs_tab, u: int, k: int, n: int, cap: int, excl, explain: bool):
@@ -53,6 +58,7 @@ def _step_by_step(engine, cfg, qd_tab, qs_tab, u: int, k: int, n: int, cap: int,
     dominant: dict[int, str] = {}
     score_of: dict[int, float] = {}
     widened = False
+    src_rows, src_score, src_part = proposals(engine.state, active_sources(cfg), u, kk)  # (the candidate sources)
     while True:
         if cand.size < n or widened:
             # few co-occurrence candidates (or too few categories): add what is trending
@@ -61,6 +67,8 @@ def _step_by_step(engine, cfg, qd_tab, qs_tab, u: int, k: int, n: int, cap: int,
             if seg >= 0:
                 extra.append(tr.top(kk))
             cand = np.unique(np.concatenate(extra))
+        if src_rows.size:
+            cand = np.unique(np.concatenate([cand, src_rows]))
         if not cand.size:
             break
         # the blend's components, each already scaled as the score adds them (for the reasons, too)
@@ -81,6 +89,13 @@ def _step_by_step(engine, cfg, qd_tab, qs_tab, u: int, k: int, n: int, cap: int,
                 share = np.zeros(cat.n_features + 1)
                 share[list(mix)] = list(mix.values())
                 content = share[cat.category[cand]] * cfg.w_content  # category -1 reads the trailing 0
+        part = None
+        if src_rows.size:  # the sources' scores join the category share; the larger names the part
+            content = content if content.size else np.zeros(cand.size)
+            added = np.zeros((len(SOURCES), cand.size))
+            np.add.at(added, (src_part - len(PARTS), np.searchsorted(cand, src_rows)), src_score)
+            part = np.where(added.max(axis=0) > content, len(PARTS) + added.argmax(axis=0), PARTS.index("content"))
+            content = content + added.sum(axis=0)
         order, score, keep, relaxed = choose(cand, v, w_c, seg_row, w_s, glob, w_g, content, category=cat.category,
                                              available=cat.available, consumed=prof.consumed(u), n=n, cap=cap,
                                              exclude=excl, item_ids=cat._ids)
@@ -94,8 +109,8 @@ def _step_by_step(engine, cfg, qd_tab, qs_tab, u: int, k: int, n: int, cap: int,
             anchor = (np.full(sel.size, -1, np.int64) if votes is None
                       else votes.anchors(cand[sel], rank_core._ANCHOR_ROWS))
             dom, anchors = why(sel, cand, v, w_c, seg_row, w_s, glob, w_g, content, anchor=anchor,
-                               items=items, types=prof.hist_type[u, idx], cooc=co)
-            dominant = {r: PARTS[d] for r, d in zip(picked, dom) if d >= 0}
+                               items=items, types=prof.hist_type[u, idx], cooc=co, extra_part=part)
+            dominant = {r: _PART_NAMES[d] for r, d in zip(picked, dom) if d >= 0}
         break
     return picked, score_of, dominant, anchors, mix
 
@@ -105,7 +120,7 @@ def _reference(engine: Engine, user: str, n: int = 10, exclude=None, explain: bo
     u = engine.state.profiles.find(user)
     cat = engine.state.catalog
     excl = ranker._as_container(exclude)
-    cfg, qd_tab, qs_tab = settings_for(engine, overrides)
+    cfg, qd_tab, qs_tab, _ = settings_for(engine, overrides)
     prof = engine.state.profiles
     k = min(cfg.query_len, prof.n_push[u], prof.history_len)
     cap = n if cfg.max_category_share >= 1.0 else max(1, math.ceil(cfg.max_category_share * n))
@@ -119,7 +134,7 @@ def _reference(engine: Engine, user: str, n: int = 10, exclude=None, explain: bo
     rows = list(dominant)  # the reasons' data of the picks, packed as rank_core packs it
     packed = np.zeros((7, len(rows)))
     for i, r in enumerate(rows):
-        packed[PICK, i], packed[SCORE, i], packed[DOMINANT, i] = r, score_of[r], PARTS.index(dominant[r])
+        packed[PICK, i], packed[SCORE, i], packed[DOMINANT, i] = r, score_of[r], _PART_NAMES.index(dominant[r])
         packed[ANCHOR_ROW, i] = -1
         if r in anchors:
             a, cnt, lf, t = anchors[r]
@@ -134,7 +149,9 @@ def learned():
     for name, cfg in {"default": EngineConfig(door_bits=0),
                       "tight cap": EngineConfig(door_bits=0, max_category_share=0.2, n_neighbours=8),
                       "small": EngineConfig(door_bits=0, n_neighbours=4, query_len=3, momentum=0.0),
-                      "no votes": EngineConfig(door_bits=0, w_cooc=0.0)}.items():
+                      "no votes": EngineConfig(door_bits=0, w_cooc=0.0),
+                      "cart": EngineConfig(door_bits=0, w_cart=0.5),
+                      "cart, no votes": EngineConfig(door_bits=0, w_cart=0.5, w_cooc=0.0)}.items():
         eng = Engine(cfg)
         for it in items:
             eng.upsert_item(it)
@@ -157,7 +174,7 @@ def trending(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("name", ["default", "tight cap", "small", "no votes", "young"])
+@pytest.mark.parametrize("name", ["default", "tight cap", "small", "no votes", "young", "cart", "cart, no votes"])
 @pytest.mark.parametrize("explain", [False, True])
 def test_the_compiled_ranker_gives_the_step_by_step_rankers_items_scores_and_reasons(learned, name, explain,
                                                                                    trending):
@@ -186,7 +203,7 @@ def test_excluded_ids_are_blocked_and_the_rest_picked_as_the_step_by_step_ranker
 
 def test_variant_overrides_rank_with_their_own_settings(learned):
     engines, users, _ = learned
-    ov = {"w_segment": 0.5, "query_len": 5, "max_category_share": 0.5, "w_content": 0.3}
+    ov = {"w_segment": 0.5, "query_len": 5, "max_category_share": 0.5, "w_content": 0.3, "w_cart": 0.4}
     for u in users[:10]:
         assert engines["default"].recommend(u, n=8, overrides=ov) == _reference(engines["default"], u, n=8,
                                                                                 overrides=ov)

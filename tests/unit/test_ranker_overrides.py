@@ -15,6 +15,7 @@ from pydantic import ValidationError
 import infogap.models.rank_core as rank_core
 import infogap.models.ranker as ranker
 from infogap.models import Engine, EngineConfig
+from infogap.models.candidate_sources import SOURCES
 from infogap.models.experiments import RANKER_OVERRIDES, validate_overrides
 from infogap.stream.settings import Settings
 
@@ -196,7 +197,8 @@ def test_allowed_keys_are_exactly_the_query_time_fields():
     read = {name for module in (ranker, rank_core)
             for name in re.findall(r"\bcfg\.(\w+)", Path(module.__file__).read_text())}
     tables = {"query_dir_len", "query_dir_decay", "query_sym_decay", "sym_weight", "query_len"}
-    assert read - {"min_support"} | tables == set(RANKER_OVERRIDES)
+    sources = {s.setting for s in SOURCES}  # (read by name: getattr(cfg, source.setting))
+    assert read - {"min_support"} | tables | sources == set(RANKER_OVERRIDES)
 
 
 def test_settings_parse_the_env_json(monkeypatch):
