@@ -37,15 +37,13 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
-from infogap.models.cooccurrence import _SHIFT, CoOccurrence
+from infogap.models.cooccurrence import _SHIFT, DOOR_PERIOD, CoOccurrence
 from infogap.models.model_state import RENORM_EXPONENT
 from infogap.models.ranker import Neighbour
 from infogap.models.state_fields import StateError, check, encode_float
 
 _new = tuple.__new__  # a NamedTuple without its keyword-handling constructor
 
-#: The admission door is reset after this many occurrences (as the engine does, per learned events).
-_DOOR_PERIOD = 128 * 1024
 _ARRAYS = (("row", np.int32), ("nb", np.int32), ("ts", np.float64), ("seq", np.int64), ("occ", np.int32),
            ("occ_ts", np.float64), ("occ_pairs", np.float64), ("occ_seq", np.int64))
 
@@ -306,7 +304,7 @@ class CoOccurrenceShard:
             co.raw_pair_total += float(deltas.occ_pairs[occ_new].sum())
             before = self.n_occurrences
             self.n_occurrences += int(occ_new.sum())
-            if self.n_occurrences // _DOOR_PERIOD != before // _DOOR_PERIOD:
+            if self.n_occurrences // DOOR_PERIOD != before // DOOR_PERIOD:
                 co.reset_door()
         if new.any():
             d = deltas.d[new].copy()

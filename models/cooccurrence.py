@@ -60,6 +60,9 @@ _MASK = (1 << _SHIFT) - 1
 _new = tuple.__new__  # a NamedTuple without its keyword-handling constructor (once per learned event)
 #: Rows of ``vals`` (one contiguous array per quantity, so the ranker gathers only what it needs).
 W_DIR, W_SYM, N_PAIR, COUNT = 0, 1, 2, 3
+#: The admission door forgets its sightings each time a count passes a multiple of this: the learned
+#: events of an engine that learns its pairs, the occurrences of a co-occurrence shard.
+DOOR_PERIOD = 128 * 1024
 #: What the update kernel stops for: a block for a row's first neighbour, room in the slot index.
 _NEED_BLOCK, _NEED_ROOM = 1, 2
 

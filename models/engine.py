@@ -33,7 +33,7 @@ import numpy as np
 
 from infogap.models.catalog import Catalog
 from infogap.models.cooc_shard import CoOccurrenceShard, PairDeltas
-from infogap.models.cooccurrence import _MASK, _SHIFT, CoOccurrence, PairWeights
+from infogap.models.cooccurrence import _MASK, _SHIFT, DOOR_PERIOD, CoOccurrence, PairWeights
 from infogap.models.event_weights import DEFAULT_EVENT_WEIGHTS, TYPE_CODE, EventWeights
 from infogap.models.events import EVENT_TYPES, Event, as_event
 from infogap.models.learn_core import learn_event
@@ -50,8 +50,6 @@ __all__ = ["DEFAULT_EVENT_WEIGHTS", "Engine", "EngineConfig", "Neighbour", "Reco
 STATE_VERSION = 2
 #: learn_many works through batches of at most this many events (bounds temporary arrays).
 _CHUNK = 1024
-#: The co-occurrence admission door is reset every this many learned events (a multiple of _CHUNK).
-_DOOR_PERIOD = 128 * _CHUNK
 
 
 _new = tuple.__new__  # a NamedTuple without its keyword-handling constructor
@@ -400,7 +398,7 @@ class Engine:
                         rating)
         else:
             self._learn_arrays(trends, entries, remote)
-        if not remote and self.n_learned % _DOOR_PERIOD < n_block:  # the block ended on a multiple of the period
+        if not remote and self.n_learned % DOOR_PERIOD < n_block:  # the block passed a multiple of the period
             st.cooc.reset_door()
 
     def _learn_arrays(self, trends: list, entries: list, remote: bool) -> None:

@@ -349,7 +349,7 @@ def test_renormalisation_keeps_values_and_equivalence():
 def test_chunked_learn_many_crosses_door_resets(monkeypatch):
     """Blocks end at fixed multiples of the learned-event count whatever the call boundaries."""
     monkeypatch.setattr(engine_mod, "_CHUNK", 16)
-    monkeypatch.setattr(engine_mod, "_DOOR_PERIOD", 64)
+    monkeypatch.setattr(engine_mod, "DOOR_PERIOD", 64)
     xs = random_stream(500, n_users=12, n_items=20, seed=11)
     a, b, c = Engine(TINY), Engine(TINY), Engine(TINY)
     a.learn_many(xs)
