@@ -432,7 +432,12 @@ def redteam(
     """Hostile records on every input topic, Redis and Kafka faults, crashes around erasure; exit 1 if a check fails."""
     from infogap.stream.tools.redteam import family_rows, run
 
-    res = asyncio.run(run(load(), scale=scale, out=out))
+    settings = load()
+    if settings.redis_cluster:  # it plants and reads raw keys of one server
+        console.print("[red]infogap redteam runs against one Redis server[/]: set INFOGAP_REDIS_URL to a redis:// "
+                      "URL (a cluster's failover and erasure are tested by tests/integration/test_redis_cluster.py)")
+        raise typer.Exit(2)
+    res = asyncio.run(run(settings, scale=scale, out=out))
     families = Table(title=f"infogap redteam: {res['counts']['hostile']:,} hostile records, "
                            f"{res['counts']['good_events']:,} good events of {res['counts']['good_users']:,} users")
     for col in ("topic", "family", "expected", "sent", "DLQ", "refused"):

@@ -243,3 +243,16 @@ def test_child_env_makes_a_child_connect_like_the_parent(pem, monkeypatch):
     a, b = connections.kafka_options(child), connections.kafka_options(parent)
     assert {k: v for k, v in a.items() if k != "ssl_context"} == {k: v for k, v in b.items() if k != "ssl_context"}
     assert child.pseudonym_key == parent.pseudonym_key and child.redis_url == parent.redis_url
+
+
+def test_redteam_refuses_a_cluster_url_with_a_message_not_a_traceback(monkeypatch):
+    """It plants wrong-type values at raw keys and scans one server: against a cluster it says so, before
+    touching anything."""
+    from typer.testing import CliRunner
+
+    from infogap.stream.tools.cli import app
+
+    monkeypatch.setenv("INFOGAP_REDIS_URL", "redis+cluster://127.0.0.1:7100")
+    res = CliRunner().invoke(app, ["redteam", "--scale", "1"])
+    assert res.exit_code == 2, res.output
+    assert "runs against one Redis server" in res.output and "Traceback" not in res.output
