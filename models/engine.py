@@ -52,7 +52,6 @@ STATE_VERSION = 2
 _CHUNK = 1024
 
 
-_new = tuple.__new__  # a NamedTuple without its keyword-handling constructor
 #: Fields of a trend entry (item row, segment, scaled weight, scaled momentum weight) and of a history entry
 #: (user row, item row, ts, pair weight, entry number, type code, occurrence scale, seq, rating) in a block's lists.
 _TREND, _ENTRY = 4, 9
@@ -281,15 +280,10 @@ class Engine:
         self._pairs = PairWeights(window=cfg.window, dir_window=cfg.dir_window, dir_decay=cfg.dir_decay,
                                   sym_decay=cfg.sym_decay, gap_tau_s=cfg.gap_tau_s, gap_floor=cfg.gap_floor,
                                   agreement=cfg.pair_agreement, feature_boost=cfg.pair_feature_boost)
-        self._query_tables = query_tables(cfg)
-        self._sources = active_sources(cfg)
+        #: what :meth:`recommend` ranks with: the config, its query weight tables
+        #: (:func:`infogap.models.ranker.query_tables`) and its candidate sources (read only)
+        self.ranker_settings = RankerSettings(cfg, *query_tables(cfg), active_sources(cfg))
         self.n_learned = 0
-
-    @property
-    def ranker_settings(self) -> RankerSettings:
-        """What :meth:`recommend` ranks with: the config, its query weight tables
-        (:func:`infogap.models.ranker.query_tables`) and its candidate sources."""
-        return _new(RankerSettings, (self.config, *self._query_tables, self._sources))
 
     # ------------------------------------------------------------------ learning
     def learn_one(self, event: Event | Mapping) -> None:

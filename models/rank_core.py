@@ -227,7 +227,7 @@ def rank_core(state, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, source
         trend_a, trend_b = _trending_rows(sc, tr, kk, seg)
     n_kept = -1  # the votes are computed by the first call, and kept for the next ones of this request
     lift_scales = co.lift_scales() if explain else _NO_LIFT  # (only the reasons cite a lift)
-    src_rows, src_score, src_part = proposals(state, sources, u, kk)
+    src_rows, src_score, src_part = proposals(state, sources, u, kk) if sources else _NO_PROPOSALS
     while True:
         n_picked, status, n_voted = _core(
             co.nb, co.sq, co.block, co.ipop, co.pop, co.vals, co.raw_pop, *lift_scales, tr.momentum_, mom_decay,
@@ -275,6 +275,7 @@ _UPFRONT_RATE = 0.5
 _ANCHOR_ROWS = 8
 _NO_ROWS = np.zeros(0, np.int64)
 _NO_LIFT = (0.0, 0.0)
+_NO_PROPOSALS = (_NO_ROWS, np.zeros(0), _NO_ROWS)
 
 
 class _Scratch:
