@@ -60,20 +60,22 @@ def _join(cand, v, rows, pos):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _add_sources(cand, extra, rows, score, code, pos):  # pragma: no cover - compiled
-    """Add the sources' weighted scores to the candidates' ``extra`` (the category share); returns per
-    candidate the part that gave most of it (its source's code, or :data:`_CONTENT`)."""
+def _add_sources(cand, extra, src, pos):  # pragma: no cover - compiled
+    """Add the sources' weighted scores (``src``: rows, scores, codes) to the candidates' ``extra`` (the
+    category share); returns per candidate the part that gave most of it (its source's code, or
+    :data:`_CONTENT`)."""
     part = np.full(cand.size, _CONTENT, np.int64)
     best = extra.copy()
     for i in range(cand.size):
         pos[cand[i]] = i + 1
-    for t in range(rows.size):
-        p = pos[rows[t]]
+    for t in range(src.shape[1]):
+        p = pos[np.int64(src[0, t])]
+        score = src[1, t]
         if p > 0:
-            extra[p - 1] += score[t]
-            if score[t] > best[p - 1]:
-                best[p - 1] = score[t]
-                part[p - 1] = code[t]
+            extra[p - 1] += score
+            if score > best[p - 1]:
+                best[p - 1] = score
+                part[p - 1] = np.int64(src[2, t])
     for i in range(cand.size):
         pos[cand[i]] = 0
     return part
@@ -82,7 +84,7 @@ def _add_sources(cand, extra, rows, score, code, pos):  # pragma: no cover - com
 @njit(cache=True, nogil=True)
 def _core(nb, sq, block, ipop, pop, vals, raw_pop, dec_scale, raw_scale, mom_count, mom_decay, pop_decay, momentum,
           available, category, consumed, blocked, u, hist_item, hist_ts, hist_type, ring, qs_tab, qd_tab, kd, gap_floor,
-          inv_tau, w_cooc, seg_row, w_seg, glob, w_glob, share, w_content, src_rows, src_score, src_part, trend_a,
+          inv_tau, w_cooc, seg_row, w_seg, glob, w_glob, share, w_content, src, trend_a,
           trend_b, have_trending, kk, n, cap, n_anchor, acc, mark, memo, gen, marks, pos, kept_rows, kept_votes,
           n_kept, out, picked):  # pragma: no cover - compiled; tested against a step-by-step reference
     """Writes the picks' columns into ``out`` (rows :data:`PICK` ... :data:`LIFT`, at least ``n``
@@ -117,6 +119,7 @@ def _core(nb, sq, block, ipop, pop, vals, raw_pop, dec_scale, raw_scale, mom_cou
     widened = False
     joined = _DONE
     part = np.empty(0, np.int64)  # which part the extra score of each candidate is mostly (with sources)
+    n_src = src.shape[1]  # the sources' proposals: rows, weighted scores, codes
     while True:
         if cand.size < n or widened:  # few co-occurrence candidates (or too few categories): trending joins
             if not have_trending:  # keep the votes for the call with the trending lists
@@ -134,16 +137,16 @@ def _core(nb, sq, block, ipop, pop, vals, raw_pop, dec_scale, raw_scale, mom_cou
                     v[i] = votes[p - 1]
             for t in range(rows.size):
                 pos[rows[t]] = 0
-        if src_rows.size:  # the candidate sources' rows join (infogap.models.candidate_sources)
-            cand, v = _join(cand, v, src_rows, pos)
+        if n_src:  # the candidate sources' rows join (infogap.models.candidate_sources)
+            cand, v = _join(cand, v, src[0].astype(np.int64), pos)
         if not cand.size:
             return 0, joined, rows.size
-        content = np.zeros(cand.size if share.size or src_rows.size else 0)
+        content = np.zeros(cand.size if share.size or n_src else 0)
         if share.size:
             for i in range(content.size):
                 content[i] = share[category[cand[i]]] * w_content  # category -1 reads the trailing 0
-        if src_rows.size:
-            part = _add_sources(cand, content, src_rows, src_score, src_part, pos)
+        if n_src:
+            part = _add_sources(cand, content, src, pos)
         order, score, keep, relaxed = _choose(cand, v, w_c, seg_row, w_seg, glob, w_glob, content, category,
                                               available, consumed, blocked, n, cap, marks)
         if relaxed and not widened:
@@ -227,15 +230,16 @@ def rank_core(state, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, source
         trend_a, trend_b = _trending_rows(sc, tr, kk, seg)
     n_kept = -1  # the votes are computed by the first call, and kept for the next ones of this request
     lift_scales = co.lift_scales() if explain else _NO_LIFT  # (only the reasons cite a lift)
-    src_rows, src_score, src_part = proposals(state, sources, u, kk) if sources else _NO_PROPOSALS
+    # the candidate sources' proposals as one argument (rows and codes as floats, exact below 2 ** 53)
+    src = np.stack(proposals(state, sources, u, kk)) if sources else _NO_PROPOSALS
     while True:
         n_picked, status, n_voted = _core(
             co.nb, co.sq, co.block, co.ipop, co.pop, co.vals, co.raw_pop, *lift_scales, tr.momentum_, mom_decay,
             pop_decay, momentum, cat.available, cat.category, prof.consumed(u), blocked, u, prof.hist_item,
             prof.hist_ts, prof.hist_type, ring, qs_tab, qd_tab, min(k, cfg.query_dir_len), float(cfg.query_gap_floor),
             1.0 / cfg.query_gap_tau_s, float(cfg.w_cooc), seg_row, float(w_s), glob, float(w_g), share,
-            float(cfg.w_content), src_rows, src_score, src_part, trend_a, trend_b, have_trending, kk, n, cap, _ANCHOR_ROWS if explain else 0, sc.acc,
-            sc.mark, sc.memo.table, gen, sc.marks, sc.pos, sc.kept_rows, sc.kept_votes, n_kept, out, picked)
+            float(cfg.w_content), src, trend_a, trend_b, have_trending, kk, n, cap, _ANCHOR_ROWS if explain else 0,
+            sc.acc, sc.mark, sc.memo.table, gen, sc.marks, sc.pos, sc.kept_rows, sc.kept_votes, n_kept, out, picked)
         if status == _NEED_TRENDING:
             n_kept = n_voted
             trend_a, trend_b = _trending_rows(sc, tr, kk, seg)
@@ -275,7 +279,7 @@ _UPFRONT_RATE = 0.5
 _ANCHOR_ROWS = 8
 _NO_ROWS = np.zeros(0, np.int64)
 _NO_LIFT = (0.0, 0.0)
-_NO_PROPOSALS = (_NO_ROWS, np.zeros(0), _NO_ROWS)
+_NO_PROPOSALS = np.zeros((3, 0))
 
 
 class _Scratch:

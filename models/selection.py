@@ -176,8 +176,9 @@ def why(sel: np.ndarray, cand: np.ndarray, votes: np.ndarray, w_cooc: float, seg
         ) -> tuple[list[int], dict[int, tuple[int, int, float, int]]]:
     """For the picked candidates ``cand[sel]`` (components as :func:`choose` takes them): the index in
     :data:`PARTS` of the component that contributed most to each (the first of equals; -1 when none
-    did; ``extra_part``, when given, names each candidate's part of ``extra``), and for those the votes made, the recent history item that voted most (``anchor``: each
-    pick's from :meth:`infogap.models.votes.Votes.anchors`, ``items``/``types``: the history newest first) as
+    did; ``extra_part``, when given, names each candidate's part of ``extra``), and for those the votes
+    made, the recent history item that voted most (``anchor``: each pick's from
+    :meth:`infogap.models.votes.Votes.anchors`, ``items``/``types``: the history newest first) as
     ``{row: (history item, pair count, lift, its newest event type code)}``."""
     dom, a_row, count, n_pair, a_type = _why(sel, cand, votes, float(w_cooc), seg_row, float(w_seg), glob,
                                              float(w_glob), extra, _NO_PART if extra_part is None else extra_part,

@@ -65,7 +65,8 @@ def test_the_cart_score_halves_every_half_life_of_event_time():
     e = _engine(w_cart=1.0)
     u = e.state.profiles.find("ann")
     (rows, scores, _) = proposals(e.state, active_sources(e.config), u, 10)
-    assert e.state.catalog.ids[int(rows[0])] == "kettle" and scores[0] == pytest.approx(0.5 ** (1 / 86400 / 3.0))  # (a second ago)
+    assert e.state.catalog.ids[int(rows[0])] == "kettle"
+    assert scores[0] == pytest.approx(0.5 ** (1 / 86400 / 3.0))  # (put in the cart a second ago)
     e.learn_one({"event_id": "x", "user_id": "s0", "type": "view", "ts": T0 + 3 * DAY + 60, "item_id": "jam"})
     rows, scores, codes = proposals(e.state, active_sources(e.config), u, 10)
     assert scores.tolist() == pytest.approx([0.5], rel=1e-3) and codes.tolist() == [4]
