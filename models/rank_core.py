@@ -42,21 +42,19 @@ def _union(cand, a, b):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _join(cand, v, rows, pos):  # pragma: no cover - compiled
-    """The candidates with ``rows`` joined (sorted, unique), and their votes (0 for the joined ones)."""
-    merged = np.unique(np.concatenate((cand, rows)))
-    if not v.size:
-        return merged, v
-    for t in range(cand.size):
-        pos[cand[t]] = t + 1
-    out = np.zeros(merged.size)
-    for i in range(merged.size):
-        p = pos[merged[i]]
+def _votes_on(cand, rows, votes, pos):  # pragma: no cover - compiled
+    """The votes of the candidates ``cand``, read from ``votes`` of ``rows`` (0 for a candidate without);
+    ``pos`` is all zero over the catalog, and left so."""
+    for t in range(rows.size):
+        pos[rows[t]] = t + 1
+    out = np.zeros(cand.size)
+    for i in range(cand.size):
+        p = pos[cand[i]]
         if p > 0:
-            out[i] = v[p - 1]
-    for t in range(cand.size):
-        pos[cand[t]] = 0
-    return merged, out
+            out[i] = votes[p - 1]
+    for t in range(rows.size):
+        pos[rows[t]] = 0
+    return out
 
 
 @njit(cache=True, nogil=True)
@@ -128,17 +126,12 @@ def _core(nb, sq, block, ipop, pop, vals, raw_pop, dec_scale, raw_scale, mom_cou
                 return 0, _NEED_TRENDING, rows.size
             cand = _union(cand, trend_a, trend_b)
             joined = _JOINED
-            for t in range(rows.size):  # the votes of the joined candidates (0 for those without)
-                pos[rows[t]] = t + 1
-            v = np.zeros(cand.size)
-            for i in range(cand.size):
-                p = pos[cand[i]]
-                if p > 0:
-                    v[i] = votes[p - 1]
-            for t in range(rows.size):
-                pos[rows[t]] = 0
+            v = _votes_on(cand, rows, votes, pos)  # the votes of the joined candidates (0 for those without)
         if n_src:  # the candidate sources' rows join (infogap.models.candidate_sources)
-            cand, v = _join(cand, v, src[0].astype(np.int64), pos)
+            merged = np.unique(np.concatenate((cand, src[0].astype(np.int64))))
+            if v.size:
+                v = _votes_on(merged, cand, v, pos)
+            cand = merged
         if not cand.size:
             return 0, joined, rows.size
         content = np.zeros(cand.size if share.size or n_src else 0)
