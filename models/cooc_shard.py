@@ -56,6 +56,11 @@ def _example() -> PairDeltas:
                       occ_pairs=np.array([0.0, 1.0]), occ_seq=np.array([6, 7]))
 
 
+#: The ``cooc`` partition whose owner runs the population learner, and the header value that marks its records.
+POPULATION_PARTITION = 0
+POPULATION_KIND = b"population"
+
+
 def owner(item_id: str, n_partitions: int) -> int:
     """The shard (``cooc`` partition) that owns an item's row: stable across processes and restarts.
 

@@ -14,7 +14,7 @@ encoding and writing a row takes 70-140 µs of CPU: the next publish then waits 
 the last one took divided by ``publish_max_share``, so that publishing takes at most about that
 share of the stage's time (the rows' changes coalesce into fewer publishes).
 
-**The population learner** lives with ``cooc`` partition 0 (:data:`POPULATION_PARTITION`): user
+**The population learner** lives with ``cooc`` partition 0 (:data:`~infogap.models.cooc_shard.POPULATION_PARTITION`): user
 stages send it their segment samples and trend entries (records with the header ``kind:
 population``; :mod:`infogap.models.population`), so segment ids mean the same on every worker and trending
 counts every user. Its owner publishes the contract's ``ig:trending`` sets and the internal
@@ -245,7 +245,7 @@ class ItemStage:
                     if snap is None:
                         self.core.take(p)
                     else:
-                        self.core.take(p, snap.state, snap.arrays, snap.where)
+                        self.core.restore(p, snap.state, snap.arrays, snap.where)
                 except StateError as exc:
                     self._stop_partition(p, str(exc))
                     continue

@@ -2,7 +2,7 @@
 trending and the population model out, as one write for the store.
 
 Each owned ``cooc`` partition is one :class:`~infogap.models.cooc_shard.CoOccurrenceShard`; the owner of partition
-:data:`~infogap.stream.core.user_stage.POPULATION_PARTITION` also runs the population learner. The shell
+:data:`~infogap.models.cooc_shard.POPULATION_PARTITION` also runs the population learner. The shell
 (:mod:`infogap.stream.item_stage`) consumes, paces the publishes and checkpoints; this module decides what each
 record changes and what a publish writes.
 
@@ -30,11 +30,10 @@ import numpy as np
 import orjson
 
 from infogap.models import EngineConfig
-from infogap.models.cooc_shard import CoOccurrenceShard, PairDeltas
+from infogap.models.cooc_shard import POPULATION_KIND, POPULATION_PARTITION, CoOccurrenceShard, PairDeltas
 from infogap.models.population import PopulationLearner, check_batch
 from infogap.models.state_fields import StateError
 from infogap.stream.core.ingest import DeadLetter
-from infogap.stream.core.user_stage import POPULATION_KIND, POPULATION_PARTITION
 from infogap.stream.core.neighbour_rows import encode_row
 from infogap.stream.settings import Settings
 
@@ -47,6 +46,7 @@ class Publication:
     def __init__(self, shards: ItemShards, dirty: dict[int, set[str]], population: dict | None):
         self._shards = shards
         self._todo = [(p, item) for p, items in dirty.items() if p in shards.shards for item in items]
+        self._done = 0  # rows of _todo encoded (a backlog makes every row dirty: no copy of the rest per chunk)
         #: a new token per partition with changed rows: user stages re-read its rows (infogap.stream.neighbour_cache)
         self.tokens = {p: secrets.token_hex(8) for p, items in dirty.items() if items and p in shards.shards}
         self.similar: dict[str, list] = {}
@@ -57,12 +57,12 @@ class Publication:
         """Encode up to ``n`` more rows; returns whether rows remain."""
         s = self._shards
         k, min_support = s.settings.similar_n, s.config.min_support
-        todo, self._todo = self._todo[:n], self._todo[n:]
-        for p, item in todo:
+        start, self._done = self._done, min(self._done + n, len(self._todo))
+        for p, item in self._todo[start:self._done]:
             shard = s.shards[p]
             self.similar[item] = [nb._asdict() for nb in shard.similar(item, k, min_support, s.eligible)]
             self.rows[item] = encode_row(shard.export_row(item), s.numbering[p])
-        return bool(self._todo)
+        return self._done < len(self._todo)
 
     def __bool__(self) -> bool:
         return bool(self.rows or self.population)
@@ -100,20 +100,25 @@ class ItemShards:
         self.events_ends: dict[int, int] | None = None
 
     # ------------------------------------------------------------------ partitions
-    def take(self, p: int, state=None, arrays=(), where: str = "") -> None:
-        """Own partition ``p``: its shard (and learner) from a snapshot's ``state``, or new (None). Raises
-        :class:`~infogap.models.state_fields.StateError` when the snapshot does not fit the schemas."""
-        if state is None:
-            shard, pop = CoOccurrenceShard.for_engine(self.config), PopulationLearner(self.config)
-        else:
-            tree = state if isinstance(state, dict) else {}
-            shard = CoOccurrenceShard.from_state(tree.get("shard"), arrays, f"{where}: shard")
-            pop = tree.get("population")
-            if p == POPULATION_PARTITION:
-                pop = (PopulationLearner(self.config) if pop is None else
-                       PopulationLearner.from_state(self.config, pop, arrays, f"{where}: population"))
-            elif pop is not None:
-                raise StateError(f"{where}: a population learner on partition {p}, not {POPULATION_PARTITION}")
+    def take(self, p: int) -> None:
+        """Own partition ``p`` with a new shard (and learner): a partition without a snapshot."""
+        self._own(p, CoOccurrenceShard.for_engine(self.config), PopulationLearner(self.config))
+
+    def restore(self, p: int, state, arrays=(), where: str = "") -> None:
+        """Own partition ``p`` with its shard (and learner) from a snapshot's ``state``. Raises
+        :class:`~infogap.models.state_fields.StateError` when the snapshot does not fit the schemas (a
+        snapshot without a state too)."""
+        tree = state if isinstance(state, dict) else {}
+        shard = CoOccurrenceShard.from_state(tree.get("shard"), arrays, f"{where}: shard")
+        pop = tree.get("population")
+        if p == POPULATION_PARTITION:
+            pop = (PopulationLearner(self.config) if pop is None else
+                   PopulationLearner.from_state(self.config, pop, arrays, f"{where}: population"))
+        elif pop is not None:
+            raise StateError(f"{where}: a population learner on partition {p}, not {POPULATION_PARTITION}")
+        self._own(p, shard, pop)
+
+    def _own(self, p: int, shard: CoOccurrenceShard, pop: PopulationLearner | None) -> None:
         self.shards[p] = shard
         self.numbering[p] = secrets.randbits(63)
         if p == POPULATION_PARTITION:

@@ -32,7 +32,7 @@ import orjson
 
 from infogap.models import Engine
 from infogap.models.catalog import MAX_ID_CHARS, decode_key, parse_item
-from infogap.models.cooc_shard import owner
+from infogap.models.cooc_shard import POPULATION_KIND, POPULATION_PARTITION, owner
 from infogap.models.dedupe import Deduplicator
 from infogap.models.events import Event, Limits
 from infogap.models.experiments import FEEDBACK_TYPES, Counts, Segment, kafka_partition
@@ -52,9 +52,6 @@ log = logging.getLogger("infogap.worker")
 COOC_RECORD_UPDATES = 8_000
 #: A population record larger than this is cut in two (by event), and so on.
 POPULATION_RECORD_BYTES = 512 * 1024
-#: The ``cooc`` partition whose owner runs the population learner, and the header value that marks its records.
-POPULATION_PARTITION = 0
-POPULATION_KIND = b"population"
 
 #: A message to produce: (topic, value, key, headers[, partition]).
 Message = tuple
@@ -99,13 +96,12 @@ class Learned:
 @dataclass
 class Ranked:
     """What :meth:`UserStage.rank` produced: the ``recs`` documents and segments to write, the pushes to send,
-    the experiment counts changed, and the users evicted from memory."""
+    and the experiment counts changed."""
 
     docs: list[dict] = field(default_factory=list)
     segments: dict[str, int | None] = field(default_factory=dict)
     pushes: list[PushMessage] = field(default_factory=list)
     experiments: dict[Segment, Counts] = field(default_factory=dict)
-    evicted: int = 0
 
 
 @dataclass
@@ -331,9 +327,8 @@ class UserStage:
                 if e.type == "forget":
                     self._learn(chunk)
                     chunk = []
-                    if self.erasures.add(e.user_id):
+                    if self.erase(e.user_id):
                         out.erased.append((e.user_id, partition, next(r.key for r in recs if r.offset == offset)))
-                    self.forget(e.user_id)
                     out.touched.pop(e.user_id, None)
                     continue
                 if self.erasures and not self.engine.known_user(e.user_id) and self.erasures.erased(e.user_id):
@@ -399,8 +394,7 @@ class UserStage:
                     out.pushes += sent
         for p, n in learned.records.items():  # idle users and the least recent past the cap leave memory
             if p in self.parts:
-                out.evicted += len(self.parts[p].evict(self.engine, self.ingest.watermarks.get((self.topics.events, p)),
-                                                       n, self.settings))
+                self.parts[p].evict(self.engine, self.ingest.watermarks.get((self.topics.events, p)), n, self.settings)
         out.experiments = {seg: c for part in self.parts.values() for seg, c in part.experiments.drain_changed().items()}
         return out
 

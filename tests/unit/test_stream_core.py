@@ -15,6 +15,7 @@ import sys
 import orjson
 import pytest
 
+from infogap.models import EngineConfig
 from infogap.models.experiments import kafka_partition
 from infogap.stream.core.user_stage import Record
 from infogap.stream.item_stage import ItemStage
@@ -170,3 +171,18 @@ def test_the_stream_core_and_the_store_interface_import_no_kafka_or_redis():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'aiokafka', 'kafka', 'redis', 'faust', 'aiohttp'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_an_item_snapshot_without_a_state_is_refused_not_taken_as_a_new_shard():
+    """A snapshot record whose state is missing or null cannot stand for the updates before its offset:
+    restoring it raises (the shell then stops the partition) instead of starting an empty shard there."""
+    from infogap.models.state_fields import StateError
+    from infogap.stream.core.item_shards import ItemShards
+
+    shards = ItemShards(Settings(), EngineConfig())
+    for state in (None, {}, "not a tree"):
+        with pytest.raises(StateError, match="shard"):
+            shards.restore(1, state, (), "state.items partition 1")
+    assert 1 not in shards.shards
+    shards.take(1)
+    assert 1 in shards.shards
