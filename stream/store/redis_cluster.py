@@ -53,6 +53,14 @@ for i = 2, #ARGV do
 end
 return #ARGV - 1
 """
+#: ``DEL`` of keys of one node, any slots (ARGV: the keys); the number deleted, as ``DEL`` answers.
+DEL_ON_NODE = """#!lua flags=allow-cross-slot-keys
+local n = 0
+for i = 1, #ARGV do
+  n = n + redis.call('DEL', ARGV[i])
+end
+return n
+"""
 #: Generation markers, spread over the slots by their hash tags (``ig:generation:{0}`` ...): a master that loses
 #: its data alone (restarted empty before its replica took over) loses the markers it held. With 1,024 of them a
 #: master serving 1 % of the slots holds none with a chance of 3 in 100,000.
@@ -115,13 +123,18 @@ class RedisClusterStore(RedisStore):
         self._queue_set(pipe, list(items), list(items.values()), 0)
 
     def _queue_delete(self, pipe, keys: list[str]) -> None:
-        for positions in by_slot(keys).values():
-            pipe.execute_command("DEL", *(keys[k] for k in positions))
+        for node, part in self._by_node(keys):
+            pipe.execute_command("EVAL", DEL_ON_NODE, 1, keys[part[0]], *(keys[k] for k in part), target_nodes=node)
+
+    async def _layout(self) -> None:
+        """The cluster's layout, read when the client has none yet: what the keys are grouped by."""
+        with translated():
+            await self.client.initialize()
 
     async def _mget(self, keys: list[str]) -> list:
         if not keys:
             return []
-        await self.client.initialize()
+        await self._layout()
         pipe = self.client.pipeline(transaction=False)
         parts = self._by_node(keys)
         for node, part in parts:
@@ -148,11 +161,18 @@ class RedisClusterStore(RedisStore):
 
     async def write(self, rows_published: Mapping[int, str] | None = None, **parts) -> None:
         """As on one server (:meth:`Store.write`); the rows' tokens once the rows are written."""
-        with translated():
-            await self.client.initialize()  # the layout the keys are grouped by
+        await self._layout()
         await self._relayout_on_failure(super().write(**parts))
         if rows_published:
             await self._relayout_on_failure(super().write(rows_published=rows_published))
+
+    async def erase_user(self, user_id: str) -> int:
+        await self._layout()
+        return await self._relayout_on_failure(super().erase_user(user_id))
+
+    async def delete_own(self, keys: list[str]) -> list[str]:
+        await self._layout()
+        return await self._relayout_on_failure(super().delete_own(keys))
 
     def generation_markers(self) -> list[str]:
         return [f"{self.keys.generation()}:{{{k}}}" for k in range(GENERATION_MARKERS)]

@@ -335,8 +335,7 @@ class RedisStore(Store):
         own = [k for k in keys if k.startswith(self.keys.prefix)]
         if own:
             pipe = self.client.pipeline(transaction=False)
-            for key in own:
-                pipe.delete(key)
+            self._queue_delete(pipe, own)
             with translated():
                 await execute(pipe)
         return [k for k in keys if not k.startswith(self.keys.prefix)]
