@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from infogap.models.candidate_sources import active_sources
 from infogap.models.catalog import Catalog
 from infogap.models.cooc_shard import CoOccurrenceShard, PairDeltas
 from infogap.models.cooccurrence import _MASK, _SHIFT, DOOR_PERIOD, CoOccurrence, PairWeights
@@ -40,7 +41,6 @@ from infogap.models.learn_core import learn_event
 from infogap.models.model_state import ModelState
 from infogap.models.population import segmenter_for, trending_for
 from infogap.models.profile import Profiles
-from infogap.models.candidate_sources import active_sources
 from infogap.models.ranker import Neighbour, Recommendation, RankerSettings, query_tables, rank, settings_for
 from infogap.models.slot_table import SlotTable
 
@@ -345,9 +345,9 @@ class Engine:
         alike: the clock, the event's weights, the user's profile, then for an item event with a positive
         weight a trend entry (its _TREND fields appended to ``trends``) and, unless it repeats the user's last
         item, a history entry (its _ENTRY fields appended to ``entries``; flat lists of numbers: no object per
-        entry for the garbage collector to track); last the user's segment when due. A new item gets its room in the
-        per-item arrays at once. :meth:`_finish_block` applies
-        the entries to the arrays. ``seq``: the event's sequence number (:attr:`n_learned` before it)."""
+        entry for the garbage collector to track); last the user's segment when due. A new item gets its room in
+        the per-item arrays at once. :meth:`_finish_block` applies the entries to the arrays. ``seq``: the
+        event's sequence number (:attr:`n_learned` before it)."""
         st = self.state
         prof = st.profiles
         if ts > st.now:
@@ -496,7 +496,7 @@ class Engine:
             self.state.segmenter.load_model(model, cat.feature)
         if self.state.t0 is None:
             self.state.t0 = at
-        scale = math.exp(tr.lam * (at - self.state.t0))
+        scale = self.state.growth(tr.lam, at)
         loaded = {seg: (np.fromiter((cat.row(i) for i, _ in lst), np.int64, len(lst)),
                         np.fromiter((s for _, s in lst), np.float64, len(lst)) * scale)
                   for seg, lst in trending.items()}
@@ -506,7 +506,7 @@ class Engine:
         self.state.ensure_items(n)
         if momentum is not None:
             tr.momentum_[:] = 0.0
-            tr.momentum_[rows_m] = np.asarray(momentum[1], np.float64) * math.exp(tr.lam_m * (at - self.state.t0))
+            tr.momentum_[rows_m] = np.asarray(momentum[1], np.float64) * self.state.growth(tr.lam_m, at)
         tr.global_[:] = 0.0
         tr.segment_[:] = 0.0
         for seg, (rows, scores) in loaded.items():
@@ -563,7 +563,7 @@ class Engine:
             t = float(doc["t"])
             if self.state.t0 is None:
                 self.state.t0 = t
-            factor = math.exp(co.lam * (t - self.state.t0))
+            factor = self.state.growth(co.lam, t)
             co.set_row(r, nbs, np.asarray(doc["values"], np.float64).reshape(4, -1), factor)
             pop_rows += (nbs, (r,))
             pop_values += (doc["neighbour_pop"], (doc["pop"],))
@@ -616,7 +616,6 @@ class Engine:
         if new != old:
             self.state.segmenter.set_member(u, old, new)
             prof.segment[u] = new
-
 
     # ------------------------------------------------------------------ catalog and users
     def upsert_item(self, item: Mapping) -> None:
