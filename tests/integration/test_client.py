@@ -31,11 +31,19 @@ async def test_the_client_reads_what_the_worker_wrote(settings):
         await produce(s, s.topics.items, [(it["item_id"], it) for it in CATALOG])
         await produce(s, s.topics.events, [(e["user_id"], e) for e in events])
         await wait_for(lambda: worker.stats.events_ok >= len(events), what="all events applied")
-        expected_segment = worker.engine.segment("u3")
         # trending is published by the population learner on its own cadence, after the events are applied;
         # the four items are bought 9 times each, so the order is decided by recency alone
         await wait_for(lambda: [i for i, _ in client.trending(n=5)] == [i for i, _ in expected_trending],
                        what=f"ig:trending ordered as the pure engine's {expected_trending}")
+        # segments come from the population model: a user it reached after their last event has ig:segment now,
+        # and shows it in ig:recs from their next event (CHANGELOG), here one that changes no item's figures
+        await wait_for(lambda: client.segment("u3") is not None, what="u3's segment from the population model")
+        await produce(s, s.topics.events, [("u3", {"event_id": "e3-open", "user_id": "u3", "type": "push_open",
+                                                   "ts": T0 + 200})])
+        await wait_for(lambda: worker.stats.events_ok >= len(events) + 1, what="u3's next event applied")
+        expected_segment = worker.engine.segment("u3")
+        await wait_for(lambda: getattr(client.recommendations("u3"), "segment", "none yet") == expected_segment,
+                       what=f"u3's recs written again with segment {expected_segment}")
     raw = orjson.loads(await asyncio.to_thread(connections.redis_sync(s).get, f"{s.redis_prefix}recs:u3"))
     recs = await asyncio.to_thread(client.recommendations, "u3")
     assert recs is not None and recs.user_id == "u3" and recs.model_version == s.model_version
