@@ -36,7 +36,7 @@ from infogap.models.catalog import Catalog
 from infogap.models.cooc_shard import CoOccurrenceShard, PairDeltas
 from infogap.models.cooccurrence import _MASK, _SHIFT, DOOR_PERIOD, CoOccurrence, PairWeights
 from infogap.models.event_weights import DEFAULT_EVENT_WEIGHTS, TYPE_CODE, EventWeights
-from infogap.models.events import EVENT_TYPES, Event, as_event
+from infogap.models.events import EVENT_TYPES, NOT_LEARNED_TYPES, Event, as_event
 from infogap.models.learn_core import learn_event
 from infogap.models.model_state import ModelState
 from infogap.models.population import segmenter_for, trending_for
@@ -287,11 +287,12 @@ class Engine:
 
     # ------------------------------------------------------------------ learning
     def learn_one(self, event: Event | Mapping) -> None:
-        """Learn from one event (a contract dict or an :class:`~infogap.models.events.Event`)."""
+        """Learn from one event (a contract dict or an :class:`~infogap.models.events.Event`). A ``forget`` event
+        forgets its user; ``unsubscribe`` and ``push_bounce`` events (consent, not behaviour) are not learned."""
         st = self.state
         if event.__class__ is dict:  # the commonest case, without the columns of _learn
             typ, ts = event["type"], event["ts"]
-            if typ != "forget" and st.t0 is not None and not st.renormalisation_due(ts):
+            if typ not in NOT_LEARNED_TYPES and st.t0 is not None and not st.renormalisation_due(ts):
                 trends, entries = [], []
                 self._learn_event(trends, entries, event["user_id"], typ, ts, event.get("item_id"),
                                   event.get("value"), event.get("rating"), self.n_learned)
@@ -304,8 +305,9 @@ class Engine:
         self._learn(_columns(events if isinstance(events, list) else list(events)))
 
     def _learn(self, cols: _Columns) -> None:
-        """Events in blocks: cut where a block reaches a multiple of _CHUNK learned events, at a forget and
-        where the reference time must move first."""
+        """Events in blocks: cut where a block reaches a multiple of _CHUNK learned events, at a forget (or
+        another type not learned, :data:`~infogap.models.events.NOT_LEARNED_TYPES`) and where the reference time must
+        move first."""
         users, types, tss = cols[0], cols[1], cols[2]
         st = self.state
         start = 0
@@ -314,9 +316,10 @@ class Engine:
             if k > start and (self.n_learned + k - start) % chunk == 0:
                 self._learn_block(cols, start, k)  # blocks end at multiples of _CHUNK learned events
                 start = k
-            if types[k] == "forget":
+            if types[k] in NOT_LEARNED_TYPES:  # forget, and the consent events: no behaviour
                 self._learn_block(cols, start, k)
-                self.forget_user(users[k])
+                if types[k] == "forget":
+                    self.forget_user(users[k])
                 start = k + 1
                 continue
             if st.t0 is None:

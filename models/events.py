@@ -23,11 +23,21 @@ from datetime import datetime
 
 import orjson
 
-#: Event types of the contract. ``forget`` is the in-stream erasure request.
+#: Event types of the contract. ``forget`` is the in-stream erasure request; ``unsubscribe`` (a person
+#: followed a message's unsubscribe link) and ``push_bounce`` (a delivery service reported a permanent
+#: failure, a hard bounce) turn off the consent of their ``context.channel`` in the user's ``users`` record.
+#: Those three are not behaviour: the engine never learns them. New types go at the end: a type's position
+#: is its code in the learned history (:data:`infogap.models.event_weights.TYPE_CODE`).
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "rate", "impression", "dismiss",
-               "push_open", "push_click", "forget")
+               "push_open", "push_click", "forget", "unsubscribe", "push_bounce")
 #: Types that concern one item and so must carry ``item_id``.
 ITEM_EVENT_TYPES = frozenset({"view", "click", "add_to_cart", "purchase", "rate", "impression", "dismiss"})
+#: The channels a push goes out on (:mod:`infogap.models.push_policy`), and that consent is given for.
+CHANNELS = ("email", "app", "ads")
+#: Types that turn off the consent of one channel, named by ``context.channel`` (one of :data:`CHANNELS`).
+CONSENT_OFF_TYPES = frozenset({"unsubscribe", "push_bounce"})
+#: Types the engine does not learn: they are no behaviour (the stream acts on them instead).
+NOT_LEARNED_TYPES = frozenset({"forget"}) | CONSENT_OFF_TYPES
 #: Fields that would identify a person; dropped at ingest wherever they appear.
 PII_FIELDS = frozenset({"email", "phone", "ip", "name", "first_name", "last_name", "full_name",
                         "phone_number", "ip_address", "address", "email_address"})
@@ -186,11 +196,33 @@ def validate_event(doc: object, *, now: float, limits: Limits = Limits(),
     rating = _optional_number(doc, "rating", 0.0, 10.0)
     session_id = _optional_id(doc, "session_id")
     context = _context(doc.get("context"))
+    if etype in CONSENT_OFF_TYPES:
+        _check_channel(etype, context)
     if key is not UNCHECKED and key != user_id.encode():  # the fast path: one compare of the raw ids
         _check_key(key, user_id, user_id_of)
     if user_id_of is not None:
         user_id = user_id_of(user_id)
     return Event(event_id, user_id, etype, ts, item_id, value, rating, session_id, context)
+
+
+def _check_channel(etype: str, context: dict[str, str] | None) -> None:
+    """An ``unsubscribe`` or ``push_bounce`` event must name the channel whose consent it turns off.
+
+    >>> try:
+    ...     _check_channel("unsubscribe", {"channel": "sms"})
+    ... except InvalidEvent as exc:
+    ...     print(exc.code, "|", exc.reason)  # doctest: +ELLIPSIS
+    bad_value | field 'context.channel' is 'sms'; 'unsubscribe' events need one of email, app, ads (the channel...)
+    """
+    channel = (context or {}).get("channel")
+    if channel is None:
+        raise InvalidEvent(f"field 'context.channel' is required for {etype!r} events: the channel whose consent "
+                           f"it turns off, one of {', '.join(CHANNELS)} (copy it from the push message)",
+                           ReasonCode.MISSING_FIELD)
+    if channel not in CHANNELS:
+        raise InvalidEvent(f"field 'context.channel' is {channel[:40]!r}; {etype!r} events need one of "
+                           f"{', '.join(CHANNELS)} (the channel of the message, as on the push topic)",
+                           ReasonCode.BAD_VALUE)
 
 
 def _check_key(key: object, user_id: str, user_id_of: Callable[[str], str] | None) -> None:

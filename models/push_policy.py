@@ -21,16 +21,16 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
 
 import orjson
 
 from infogap.models.catalog import check_id, decode_key, json_type, load_record
+from infogap.models.events import CHANNELS  # the push channels (unsubscribe/push_bounce events name one)
 from infogap.models.state_fields import StateError, check
 
-CHANNELS = ("email", "app", "ads")
 #: A raw ``users`` record larger than this is refused before it is decoded.
 MAX_USERS_RECORD_BYTES = 16 * 1024
 #: Limits of ``consent``: keys, and the length of each.
@@ -115,6 +115,38 @@ class UserPrefs:
         if decode_key(key) != prefs.user_id:
             raise ValueError("the record key is not the user's 'user_id'; produce users records with key=user_id")
         return prefs
+
+    def without_consent(self, channel: str) -> UserPrefs:
+        """These preferences with ``channel``'s consent off (an ``unsubscribe`` or ``push_bounce`` event); the other
+        channels and settings kept. The consent stays within :data:`MAX_CONSENT_KEYS`: past it, the other refusals
+        (false) are left out, and then ``channel`` itself (absent or false, only true consents).
+
+        >>> p = UserPrefs("u1", {"email": True, "app": True}, "Europe/Paris", None).without_consent("email")
+        >>> p.consent, p.timezone, p.quiet_hours
+        ({'email': False, 'app': True}, 'Europe/Paris', None)
+        >>> many = UserPrefs("u1", {f"c{i}": i < 8 for i in range(16)}).without_consent("email").consent
+        >>> len(many), many["email"], any(v is False for k, v in many.items() if k != "email")
+        (9, False, False)
+        """
+        consent = {**self.consent, channel: False}
+        if len(consent) > MAX_CONSENT_KEYS:
+            consent = {k: v for k, v in consent.items() if v or k == channel}
+            if len(consent) > MAX_CONSENT_KEYS:
+                del consent[channel]
+        return replace(self, consent=consent)
+
+    def to_record(self, user_id: str | None = None) -> dict:
+        """The ``users`` record of these preferences (:meth:`from_record` reads it back equal), naming the user
+        ``user_id`` (the record's key as produced, raw) instead of :attr:`user_id` when given.
+
+        >>> doc = UserPrefs("u1", {"email": False, "app": True}).to_record()
+        >>> doc
+        {'user_id': 'u1', 'consent': {'email': False, 'app': True}, 'timezone': 'UTC', 'quiet_hours': [22, 8]}
+        >>> UserPrefs.from_record(doc) == UserPrefs("u1", {"email": False, "app": True})
+        True
+        """
+        return {"user_id": self.user_id if user_id is None else user_id, "consent": dict(self.consent),
+                "timezone": self.timezone, "quiet_hours": None if self.quiet_hours is None else list(self.quiet_hours)}
 
 
 @dataclass(frozen=True, slots=True)

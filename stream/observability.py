@@ -80,6 +80,8 @@ class WorkerStats:
     duplicates: int = 0
     erased_users: int = 0
     erased_events: int = 0  # events of erased users, not learned (stream/core/erasures.py)
+    #: users records written with a channel's consent turned off (unsubscribe and push_bounce events)
+    consent_withdrawn: int = 0
     #: feedback the experiment metrics did not attribute: naming no known campaign/variant, or past the segment cap
     experiment_unattributed: int = 0
     experiment_overflow: int = 0
@@ -143,6 +145,8 @@ class StatsCollector:
                                  ("duplicates", "events skipped as duplicates by event_id", s.duplicates),
                                  ("erasures", "users erased", s.erased_users),
                                  ("erased_events", "events of erased users, not learned", s.erased_events),
+                                 ("consent_withdrawn", "users records written with a channel's consent turned "
+                                  "off (unsubscribe and push_bounce events)", s.consent_withdrawn),
                                  ("batches", "micro-batches processed", s.batches),
                                  ("recs_written", "ig:recs documents written", s.recs_written),
                                  ("redis_retries", "Redis writes retried after an error", s.redis_retries),

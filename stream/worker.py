@@ -439,7 +439,8 @@ class Worker:
 
     def _output_topics(self) -> list[str]:
         """The topics this worker writes: dead letters and erasures; push, cooc, snapshots and the ``users``
-        tombstones of ``forget`` events for a user stage; snapshots for an item stage."""
+        tombstones of ``forget`` events and records of consents turned off (``unsubscribe``, ``push_bounce``) for a
+        user stage; snapshots for an item stage."""
         t, snapshots = self.topics, self.settings.snapshot_interval_s > 0
         out = [t.dlq, t.erasures]
         if self.run_users:
@@ -552,7 +553,9 @@ class Worker:
             await self._store_retrying(self.store.write_experiment, core.exp_name, ranked.experiments)
         for user_id, partition, raw_key in learned.erased:
             await self._publish_erasure(user_id, partition, raw_key)
-        await self._send_all(core.push_messages(ranked.pushes) + self._dead_messages(learned.dead))
+        # the users records of consents turned off (unsubscribe, push_bounce) go with the pushes, acked before
+        # the commit: a restart reads them back with the users topic
+        await self._send_all(learned.users + core.push_messages(ranked.pushes) + self._dead_messages(learned.dead))
         created = np.fromiter((r.timestamp for r in records if r.timestamp is not None), float)
         st.freshness_seconds.add_many(done - created / 1000.0)
         for d in learned.dead:
@@ -561,6 +564,7 @@ class Worker:
             st.pushes_by_channel[m.channel] = st.pushes_by_channel.get(m.channel, 0) + 1
         st.duplicates += learned.duplicates
         st.erased_events += learned.erased_events
+        st.consent_withdrawn += len(learned.users)
         st.pushes += len(ranked.pushes)
         st.events_ok += learned.n_ok
         st.events_in += len(records)  # counted with the batch's other counters, once it is done

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from infogap.models.dedupe import Deduplicator
-from infogap.models.events import REASON_CODES, UNCHECKED, Event, InvalidEvent, Limits, ReasonCode, parse_event
+from infogap.models.events import (NOT_LEARNED_TYPES, REASON_CODES, UNCHECKED, Event, InvalidEvent, Limits, ReasonCode,
+                                   parse_event)
 
 #: Bounds of a dead letter as produced: its value, its key and the text of its ``reason`` header. Their sum
 #: with the other headers stays far below the producer's max_request_size and the brokers' default
@@ -130,7 +131,9 @@ class Ingest:
             where = (rec.topic, rec.partition)
             newest = self.watermarks.get(where, float("-inf"))
             ts = event.ts
-            if ts < newest - lateness:
+            # an erasure or a consent withdrawn holds however late: it changes no model, and a person's request
+            # must never be dropped
+            if ts < newest - lateness and event.type not in NOT_LEARNED_TYPES:
                 out.dead.append(DeadLetter(rec.value, rec.key,
                                            f"late event: {newest - ts:.0f} s older than the newest event of its "
                                            f"partition, more than the {lateness:.0f} s of lateness accepted "

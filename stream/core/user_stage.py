@@ -5,7 +5,8 @@ The worker (:mod:`infogap.stream.worker`) is the I/O shell around it: it fetches
 batch in order, and between them produces what they return and reads and writes the store.
 
 A batch, per ``events`` partition and in order: :meth:`UserStage.learn` (ingest: validate, dedupe, DLQ;
-``forget`` erases at once; the engine learns; the ``cooc`` records of the updates), then the shell makes the
+``forget`` erases at once; ``unsubscribe`` and ``push_bounce`` turn a channel's consent off at once, the ``users``
+records saying so to produce; the engine learns; the ``cooc`` records of the updates), then the shell makes the
 neighbour rows of :meth:`UserStage.wanted_items` current (the store), then :meth:`UserStage.rank` (each
 touched user ranked, the push policy, experiment counts, eviction). Side records (``erasures``, ``items``,
 ``users``) are applied by :meth:`UserStage.apply_side`.
@@ -34,7 +35,7 @@ from infogap.models import Engine
 from infogap.models.catalog import MAX_ID_CHARS, decode_key, parse_item
 from infogap.models.cooc_shard import POPULATION_KIND, POPULATION_PARTITION, owner
 from infogap.models.dedupe import Deduplicator
-from infogap.models.events import Event, Limits
+from infogap.models.events import CONSENT_OFF_TYPES, Event, Limits
 from infogap.models.experiments import FEEDBACK_TYPES, Counts, Segment, kafka_partition
 from infogap.models.push_policy import PushConfig, PushMessage, UserPrefs
 from infogap.models.state_fields import StateError
@@ -84,6 +85,9 @@ class Learned:
     #: users erased by ``forget`` events in this batch, new to the ledger: (user, partition, the record's key)
     erased: list[tuple[str, int, bytes | None]] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
+    #: the ``users`` records of the consents turned off by ``unsubscribe`` / ``push_bounce`` events in this batch
+    #: (one per user and record key, with the user's preferences at the end of the batch), to produce
+    users: list[Message] = field(default_factory=list)
     #: the ``cooc`` records of the updates learned, and the population learner's
     cooc: list[Message] = field(default_factory=list)
     #: per events partition, the records read (every one, learned or not)
@@ -248,6 +252,30 @@ class UserStage:
             out.append((self.topics.users, None, raw_key, None))
         return out
 
+    # ------------------------------------------------------------------ consent
+    def consent_off(self, user_id: str, channel: str) -> bool:
+        """Turn ``channel``'s consent off in the user's preferences (an ``unsubscribe`` or ``push_bounce`` event):
+        no push decided after this uses it. A user without preferences gets the defaults with that channel
+        off. Returns whether anything changed (False if the consent was off already)."""
+        prefs = self.prefs.get(user_id)
+        if prefs is None:
+            prefs = UserPrefs(user_id, {})
+        elif prefs.consent.get(channel) is False:
+            return False
+        self.prefs[user_id] = prefs.without_consent(channel)
+        return True
+
+    def users_message(self, user_id: str, raw_key: bytes) -> Message | None:
+        """The ``users`` record of the user's preferences as this stage holds them, under ``raw_key`` (the key of
+        the event that changed them: the id as produced, before any pseudonym), read back by every worker as
+        the same preferences. None if the user has none (erased since: no record after the erasure's tombstone), or if
+        the key cannot name a user (the change then stays in memory only)."""
+        prefs = self.prefs.get(user_id)
+        name = decode_key(raw_key)
+        if prefs is None or not name or len(name) > MAX_ID_CHARS or not name.isprintable():
+            return None
+        return self.topics.users, orjson.dumps(prefs.to_record(name)), raw_key, None
+
     # ------------------------------------------------------------------ side topics
     def apply_side(self, rec) -> SideOutcome:
         """Apply one ``erasures``, ``items`` or ``users`` record. One that cannot be applied is a dead letter with
@@ -311,8 +339,11 @@ class UserStage:
     def learn(self, by_partition: Mapping[int, list], now: float, cooc_partitions: int) -> Learned:
         """Ingest and learn the records of each events partition (in offset order); ``now``: wall-clock
         seconds (for events from the future). ``forget`` events erase at once: a later event of the batch is
-        not learned."""
+        not learned. ``unsubscribe`` and ``push_bounce`` events are not learned either: they turn their channel's
+        consent off at once (:meth:`consent_off`; :meth:`rank` then sends nothing on it), and
+        :attr:`Learned.users` holds the ``users`` records saying so."""
         out = Learned()
+        consent_keys: dict[bytes, str] = {}  # record key -> user, of the consents turned off
         for partition, recs in by_partition.items():
             part = self.part(partition)
             self.ingest.dedupe = part.dedupe  # event ids are deduplicated per partition (a user's events share one)
@@ -331,6 +362,14 @@ class UserStage:
                         out.erased.append((e.user_id, partition, next(r.key for r in recs if r.offset == offset)))
                     out.touched.pop(e.user_id, None)
                     continue
+                if e.type in CONSENT_OFF_TYPES:  # no behaviour: never learned, ranked or counted
+                    if self.erasures and self.erasures.erased(e.user_id):
+                        out.erased_events += 1
+                    elif self.consent_off(e.user_id, e.context["channel"]):
+                        key = next(r.key for r in recs if r.offset == offset)
+                        if key is not None:
+                            consent_keys[key] = e.user_id
+                    continue
                 if self.erasures and not self.engine.known_user(e.user_id) and self.erasures.erased(e.user_id):
                     out.erased_events += 1  # erased for good: never learned again
                     continue
@@ -344,6 +383,7 @@ class UserStage:
             self._learn(chunk)
             out.n_ok += len(result.events)
             out.cooc += self.cooc_messages(partition, base, learned, cooc_partitions)
+        out.users = [m for key, user_id in consent_keys.items() if (m := self.users_message(user_id, key)) is not None]
         return out
 
     def _learn(self, events: list[Event]) -> None:

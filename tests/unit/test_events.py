@@ -71,6 +71,39 @@ def test_raw_level_rejections():
         parse_event(None, now=NOW)
 
 
+CONSENT = {"event_id": "unsub-m-1", "user_id": "u42", "type": "unsubscribe", "ts": 1_700_000_000.0,
+           "context": {"channel": "email", "campaign": "recs", "variant": "B", "message_id": "m-1"}}
+
+
+@pytest.mark.parametrize("typ", ["unsubscribe", "push_bounce", "Push_Bounce"])
+@pytest.mark.parametrize("channel", ["email", "app", "ads"])
+def test_unsubscribe_and_push_bounce_name_a_channel_and_need_no_item(typ, channel):
+    e = parse_event(orjson.dumps({**CONSENT, "type": typ, "context": {**CONSENT["context"], "channel": channel}}),
+                    now=NOW, key=b"u42")
+    assert (e.type, e.item_id, e.user_id) == (typ.lower(), None, "u42")
+    assert e.context == {**CONSENT["context"], "channel": channel}
+
+
+@pytest.mark.parametrize("typ", ["unsubscribe", "push_bounce"])
+@pytest.mark.parametrize("context, code, reason", [
+    (None, "missing_field", "field 'context.channel' is required for '{typ}' events: the channel whose consent it "
+                            "turns off, one of email, app, ads"),
+    ({"campaign": "recs", "message_id": "m-1"}, "missing_field", "field 'context.channel' is required for '{typ}'"),
+    ({"channel": None}, "missing_field", "field 'context.channel' is required"),  # null values are dropped
+    ({"channel": "sms"}, "bad_value", "field 'context.channel' is 'sms'; '{typ}' events need one of email, app, ads"),
+    ({"channel": "Email"}, "bad_value", "field 'context.channel' is 'Email'; '{typ}' events need one of email"),
+    ({"channel": 3}, "bad_value", "field 'context.channel' is '3'"),
+    ({"channel": ""}, "bad_value", "field 'context.channel' is ''"),
+])
+def test_unsubscribe_and_push_bounce_without_a_known_channel_are_refused_with_a_reason(typ, context, code, reason):
+    doc = {k: v for k, v in CONSENT.items() if k != "context"}
+    doc["type"] = typ
+    if context is not None:
+        doc["context"] = context
+    assert reason_of(doc).startswith(reason.format(typ=typ))
+    assert code_of(doc) == code
+
+
 def test_unknown_types_pass_when_configured():
     e = parse_event(orjson.dumps({**GOOD, "type": "wishlist"}), now=NOW, limits=Limits(allow_unknown_types=True))
     assert e.type == "wishlist"
@@ -293,6 +326,23 @@ def test_a_record_stamped_in_the_future_is_bounded_by_the_workers_clock():
     odd.timestamp, odd.partition = -1, 1  # no timestamp (an old message format): the worker's clock bounds it
     ingest.accept([odd], now=NOW)
     assert ingest.watermarks[("events", 1)] == NOW + 300
+
+
+def test_an_erasure_or_a_consent_withdrawn_is_applied_however_late():
+    """A bounce report or an unsubscribe may arrive hours after the user's last click: it is a person's request,
+    not behaviour, and is never dropped as late (a late click is)."""
+    ingest = Ingest(Limits(max_future_s=86_400), Deduplicator(), max_lateness_s=600, max_skew_s=300)
+    old = NOW - 7200
+    recs = [TimedRec({**GOOD, "ts": NOW}, 0, NOW),
+            TimedRec({**GOOD, "event_id": "late-view", "ts": old}, 1, NOW),
+            TimedRec({"event_id": "b", "user_id": "u1", "type": "push_bounce", "ts": old,
+                      "context": {"channel": "email"}}, 2, NOW),
+            TimedRec({"event_id": "s", "user_id": "u1", "type": "unsubscribe", "ts": old,
+                      "context": {"channel": "app"}}, 3, NOW),
+            TimedRec({"event_id": "f", "user_id": "u1", "type": "forget", "ts": old}, 4, NOW)]
+    out = ingest.accept(recs, now=NOW)
+    assert [e.event_id for e in out.events] == ["e1", "b", "s", "f"]
+    assert [(d.offset, d.code) for d in out.dead] == [(1, "late")]
 
 
 def test_ingest_sends_a_mismatched_key_to_the_dlq_with_its_code():

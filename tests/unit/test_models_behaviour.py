@@ -288,6 +288,25 @@ def test_forget_user_leaves_no_trace(groups):
     assert not f.known_user(u) and u.encode() not in pickle.dumps(f)
 
 
+def test_unsubscribe_and_push_bounce_events_are_not_learned(groups):
+    """Consent events are no behaviour: an engine fed them (one by one or among others) holds what it would hold
+    without them."""
+    e, evs, _, _ = groups
+    t = evs[-1]["ts"]
+    consent = [{"event_id": f"c{k}", "user_id": u, "type": typ, "ts": t + k, "context": {"channel": "email"}}
+               for k, (u, typ) in enumerate([("g1-u5", "unsubscribe"), ("newcomer", "push_bounce")])]
+    more = [event(90 + k, "g1-u5", f"g1-i{k}", t + 10 + k) for k in range(3)]
+    plain, fed_many, fed_one = (pickle.loads(pickle.dumps(e)) for _ in range(3))
+    plain.learn_many(more)
+    fed_many.learn_many([consent[0], more[0], consent[1], *more[1:]])
+    for x in consent + more:
+        fed_one.learn_one(x)
+    for f in (fed_many, fed_one):
+        assert not f.known_user("newcomer") and f.n_learned == plain.n_learned
+        assert f.profile("g1-u5") == plain.profile("g1-u5") and f.stats() == plain.stats()
+        assert f.recommend("g1-u5", 5) == plain.recommend("g1-u5", 5)
+
+
 def test_memory_stays_within_the_stated_bounds():
     m, h, cons = 8, 6, 4
     cfg = EngineConfig(n_neighbours=m, history_len=h, window=4, query_len=4, max_consumed=cons, n_segments=4,

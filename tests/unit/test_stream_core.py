@@ -162,6 +162,124 @@ async def test_a_forget_event_erases_the_user_for_good(pipeline):
     assert "alice" not in p.worker.core.prefs
 
 
+# --- unsubscribe and push_bounce: a channel's consent off in the users record, no later push on it
+
+BOTH = {"consent": {"email": True, "app": True}, "timezone": "UTC", "quiet_hours": None}
+
+
+def consent_event(n: int, user: str, typ: str, channel: str, t: float) -> dict:
+    return {"event_id": f"{typ}-{user}-{n}", "user_id": user, "type": typ, "ts": t,
+            "context": {"channel": channel, "campaign": "recs", "variant": "B", "message_id": f"m-{n}"}}
+
+
+def read_back(p: Pipeline, message: tuple) -> None:
+    """The worker reads its own users record back (it reads the topic whole), as it would from Kafka."""
+    topic, value, key, _, _ = message
+    assert p.worker.core.apply_side(Record(topic, 0, 99, key, value)).dead is None
+
+
+async def test_an_unsubscribe_turns_the_channel_off_in_the_users_record_and_no_later_push_uses_it(pipeline):
+    p = pipeline
+    p.side(p.s.topics.users, "carol", {"user_id": "carol", **BOTH})
+    await _crowd(p)
+    n_learned, experiments = p.worker.engine.n_learned, await p.store.read_experiment("exp1")
+    await p.batch([p.record(consent_event(1, "carol", "unsubscribe", "email", T0 + 50), "carol")])
+    (record,) = p.producer.take(p.s.topics.users)
+    assert record[2] == b"carol" and record[1] == (b'{"user_id":"carol","consent":{"email":false,"app":true},'
+                                                   b'"timezone":"UTC","quiet_hours":null}')
+    # no behaviour: not learned, not ranked, not pushed, not counted by the experiment
+    assert p.worker.engine.n_learned == n_learned and not p.worker.engine.known_user("carol")
+    assert await p.store.recs("carol") is None and p.producer.take(p.s.topics.push) == []
+    assert await p.store.read_experiment("exp1") == experiments
+    assert p.worker.stats.events_ok == 25 and p.worker.stats.consent_withdrawn == 1
+    held = p.worker.core.prefs["carol"]
+    read_back(p, record)
+    assert p.worker.core.prefs["carol"] == held and held.consent == {"email": False, "app": True}
+    # later behaviour: pushed on app, never on email
+    await p.batch([p.record(ev(1, "carol", "sku-1", T0 + 100), "carol")])
+    pushes = [orjson.loads(m[1]) for m in p.producer.take(p.s.topics.push)]
+    assert [(m["user_id"], m["channel"]) for m in pushes] == [("carol", "app")]
+    # a second unsubscribe of the same channel writes no second record
+    await p.batch([p.record(consent_event(2, "carol", "unsubscribe", "email", T0 + 150), "carol")])
+    assert p.producer.take(p.s.topics.users) == [] and p.worker.stats.consent_withdrawn == 1
+    await p.batch([p.record(ev(2, "carol", "sku-7", T0 + 200), "carol"),
+                   p.record(ev(3, "carol", "sku-8", T0 + 201), "carol"),
+                   p.record(ev(4, "carol", "sku-9", T0 + 202), "carol")])
+    assert all(orjson.loads(m[1])["channel"] != "email" for m in p.producer.take(p.s.topics.push))
+
+
+async def test_a_hard_bounce_turns_the_channel_off_before_the_pushes_of_its_own_batch(pipeline):
+    p = pipeline
+    p.side(p.s.topics.users, "dave", {"user_id": "dave", **BOTH})
+    await _crowd(p)
+    n_learned = p.worker.engine.n_learned
+    # the bounce comes after dave's click in the batch: ranking (after learning) already has email off
+    await p.batch([p.record(ev(1, "dave", "sku-1", T0 + 100), "dave"),
+                   p.record(consent_event(1, "dave", "push_bounce", "email", T0 + 101), "dave")])
+    assert [orjson.loads(m[1])["channel"] for m in p.producer.take(p.s.topics.push)] == ["app"]
+    (record,) = p.producer.take(p.s.topics.users)
+    assert record[2] == b"dave" and orjson.loads(record[1]) == {
+        "user_id": "dave", "consent": {"email": False, "app": True}, "timezone": "UTC", "quiet_hours": None}
+    read_back(p, record)
+    assert p.worker.core.prefs["dave"].consent == {"email": False, "app": True}
+    # a second bounce writes nothing; a bounce on app turns that off too, keeping email off
+    await p.batch([p.record(consent_event(2, "dave", "push_bounce", "email", T0 + 110), "dave")])
+    assert p.producer.take(p.s.topics.users) == []
+    await p.batch([p.record(consent_event(3, "dave", "push_bounce", "app", T0 + 120), "dave"),
+                   p.record(consent_event(4, "dave", "unsubscribe", "app", T0 + 121), "dave")])
+    (record,) = p.producer.take(p.s.topics.users)
+    assert orjson.loads(record[1])["consent"] == {"email": False, "app": False}
+    await p.batch([p.record(ev(k, "dave", f"sku-{k}", T0 + 130 + k), "dave") for k in range(6, 12)])
+    assert p.producer.take(p.s.topics.push) == []
+    assert p.worker.engine.n_learned == n_learned + 7  # the seven clicks, none of the four consent events
+
+
+async def test_an_erased_users_unsubscribe_writes_no_users_record(pipeline):
+    p = pipeline
+    await p.batch([p.record(ev(1, "alice", "sku-1", T0 + 100), "alice")])
+    # an unsubscribe followed by a forget in one batch: only the forget's tombstone
+    await p.batch([p.record(consent_event(1, "alice", "unsubscribe", "email", T0 + 110), "alice"),
+                   p.record(ev(2, "alice", None, T0 + 111, "forget"), "alice")])
+    assert [(m[1], m[2]) for m in p.producer.take(p.s.topics.users)] == [(None, b"alice")]
+    # after the erasure: nothing, and the preferences stay gone
+    await p.batch([p.record(consent_event(2, "alice", "push_bounce", "email", T0 + 120), "alice")])
+    assert p.producer.take(p.s.topics.users) == [] and "alice" not in p.worker.core.prefs
+    assert p.worker.stats.erased_events == 1 and p.worker.stats.consent_withdrawn == 0
+
+
+async def test_an_unsubscribe_of_a_user_without_a_users_record_writes_one_with_the_defaults(pipeline):
+    p = pipeline
+    await p.batch([p.record(consent_event(1, "erin", "unsubscribe", "ads", T0 + 10), "erin")])
+    (record,) = p.producer.take(p.s.topics.users)
+    assert record[2] == b"erin" and orjson.loads(record[1]) == {"user_id": "erin", "consent": {"ads": False},
+                                                                "timezone": "UTC", "quiet_hours": [22, 8]}
+    held = p.worker.core.prefs["erin"]
+    read_back(p, record)
+    assert p.worker.core.prefs["erin"] == held
+
+
+async def test_with_pseudonyms_the_record_is_keyed_by_the_events_key_and_reads_back_as_the_same_user():
+    """Channel workers send feedback with the pseudonym as user_id and key (from the push message): the record
+    is written under the pseudonym (the preference source's record stays under the raw id)."""
+    from infogap.stream.pseudonym import Pseudonymizer
+
+    s = Settings(http_port=None, pseudonym_key="a test pseudonym key of 32 bytes.")
+    p = Pipeline(s)
+    try:
+        p.side(s.topics.users, "carol", {"user_id": "carol", **BOTH})
+        pseudonym = Pseudonymizer(s.pseudonym_key)("carol")
+        assert p.worker.core.prefs[pseudonym].consent == {"email": True, "app": True}
+        await p.batch([p.record(consent_event(1, pseudonym, "unsubscribe", "email", T0 + 10), pseudonym)])
+        (record,) = p.producer.take(s.topics.users)
+        assert record[2] == pseudonym.encode() and orjson.loads(record[1])["user_id"] == pseudonym
+        held = p.worker.core.prefs[pseudonym]
+        assert held.consent == {"email": False, "app": True}
+        read_back(p, record)
+        assert p.worker.core.prefs[pseudonym] == held
+    finally:
+        await p.close()
+
+
 def test_the_stream_core_and_the_store_interface_import_no_kafka_or_redis():
     """The pure core (``stream/core``), the store interface and the in-memory store run without a broker
     library: importing them loads neither aiokafka nor redis."""
