@@ -19,7 +19,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Partition counts of the contract topics (events is keyed by user_id; 6 lets up to 6 workers share it).
-TOPIC_PARTITIONS = {"events": 6, "events.dlq": 1, "items": 3, "users": 6, "cooc": 6, "push": 6,
+TOPIC_PARTITIONS = {"events": 6, "events.dlq": 1, "items": 3, "users": 6, "cooc": 6, "push": 6, "push.dlq": 1,
                     "state.users": 6, "state.items": 6, "erasures": 1}
 COMPACTED_TOPICS = ("items", "users", "state.users", "state.items", "erasures")
 #: Extra topic configs: state snapshots (one compressed record per partition) can be large.
@@ -40,6 +40,7 @@ class Topics:
     users: str
     cooc: str
     push: str
+    push_dlq: str  # push messages a channel could not deliver, with the reason (stream/channels/)
     state_users: str
     state_items: str
     erasures: str  # the erased users' digests (stream/core/erasures.py), compacted, kept for good
@@ -47,7 +48,7 @@ class Topics:
     def all(self) -> dict[str, str]:
         """Contract name -> real topic name."""
         return {"events": self.events, "events.dlq": self.dlq, "items": self.items,
-                "users": self.users, "cooc": self.cooc, "push": self.push,
+                "users": self.users, "cooc": self.cooc, "push": self.push, "push.dlq": self.push_dlq,
                 "state.users": self.state_users, "state.items": self.state_items, "erasures": self.erasures}
 
 
@@ -167,11 +168,12 @@ class Settings(BaseSettings):
     def _mechanism_spelling(cls, v: object) -> object:
         return v.strip().upper().replace("_", "-") if isinstance(v, str) else v  # scram_sha_256 -> SCRAM-SHA-256
 
-    @field_validator("pseudonym_key", "state_key")
+    @field_validator("pseudonym_key", "state_key", "unsubscribe_key")
     @classmethod
     def _key_long_enough(cls, v: SecretStr | None, info) -> SecretStr | None:
         if v is not None and len(v.get_secret_value().encode()) < 16:
-            unset = "to keep user ids as given" if info.field_name == "pseudonym_key" else "to check snapshots by SHA-256 only"
+            unset = {"pseudonym_key": "to keep user ids as given", "state_key": "to check snapshots by SHA-256 only",
+                     "unsubscribe_key": "to use the state or pseudonym key"}[info.field_name]
             raise ValueError(f"INFOGAP_{info.field_name.upper()} must be at least 16 bytes long (unset it {unset}); "
                              "generate one with: python -c 'import secrets; print(secrets.token_hex(32))'")
         return v
@@ -320,10 +322,22 @@ class Settings(BaseSettings):
     channel_smtp_timeout_s: float = 10.0
     channel_email_from: str = "infogap@example.invalid"
     channel_email_domain: str = "example.invalid"
-    channel_sink_dir: Path | None = None  # None: <local_dir>/channels
     channel_open_rate: float = 0.0
     channel_click_rate: float = 0.0
     channel_skip_expired: bool = True
+    channel_rate_per_s: dict[str, float] = Field(default_factory=lambda: {"email": 50.0, "app": 200.0, "ads": 200.0})
+    channel_max_attempts: int = 6  # transient failures (SMTP 4xx, HTTP 429/5xx, timeouts): tries before push.dlq
+    channel_retry_base_s: float = 0.5  # backoff: base * 2^attempt, at most 30 s
+    channel_status_url: str | None = "http://127.0.0.1:8025/v1/messages/"  # the email service status API, {url}{message_id}
+    channel_app_url: str = "http://127.0.0.1:8025/v1/app/send"  # the app-push service
+    channel_ads_url: str = "http://127.0.0.1:8025/v1/ads/send"  # the ad platform
+    channel_http_timeout_s: float = 10.0
+    channel_web_host: str = "127.0.0.1"  # the email worker's unsubscribe endpoint and every worker's /stats
+    channel_web_port: int | None = None  # None: 6070 email, 6071 app, 6072 ads
+    channel_instance_id: str | None = None  # a stable id unique per worker (e.g. the pod name): restarts rejoin at once
+    channel_unsubscribe_url: str | None = None  # the public https base of the unsubscribe endpoint
+    channel_unsubscribe_ttl_s: float = 60 * 86_400.0
+    unsubscribe_key: SecretStr | None = None  # HMAC key of unsubscribe tokens; None: state_key, pseudonym_key or a local file
 
     @field_validator("kafka_bootstrap")
     @classmethod
@@ -350,7 +364,7 @@ class Settings(BaseSettings):
     def topics(self) -> Topics:
         p = self.topic_prefix
         return Topics(events=f"{p}events", dlq=f"{p}events.dlq", items=f"{p}items",
-                      users=f"{p}users", cooc=f"{p}cooc", push=f"{p}push",
+                      users=f"{p}users", cooc=f"{p}cooc", push=f"{p}push", push_dlq=f"{p}push.dlq",
                       state_users=f"{p}state.users", state_items=f"{p}state.items", erasures=f"{p}erasures")
 
     @property

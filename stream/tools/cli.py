@@ -322,26 +322,33 @@ def channel(
     name: str = typer.Argument(..., metavar="CHANNEL", help="The channel: email, app or ads."),
     smtp_host: Optional[str] = typer.Option(None, help="SMTP server for email (default 127.0.0.1)."),
     smtp_port: Optional[int] = typer.Option(None, help="SMTP port for email (default 1025)."),
-    sink_dir: Optional[Path] = typer.Option(None, help="Where app/ads append {channel}.jsonl (default ~/.infogap/channels)."),
+    status_url: Optional[str] = typer.Option(None, help="The email service's status API, {url}{message_id} "
+                                             "(asked about messages in doubt after a crash)."),
+    rate: Optional[float] = typer.Option(None, help="Messages per second at most (default: channel_rate_per_s)."),
+    web_port: Optional[int] = typer.Option(None, help="Port of /stats and, for email, /unsubscribe "
+                                           "(default 6070 email, 6071 app, 6072 ads)."),
     simulate_open_rate: Optional[float] = typer.Option(None, help="Report this share of deliveries as opened (demo)."),
     simulate_click_rate: Optional[float] = typer.Option(None, help="Report this share of opens as clicked (demo)."),
     skip_expired: Optional[bool] = typer.Option(None, "--skip-expired/--no-skip-expired",
                                                 help="Skip messages past expires_at (default); --no-skip-expired "
                                                      "for replays of historical data, whose pushes are born expired."),
 ) -> None:
-    """Run a channel worker: deliver the channel's `push` messages and report impressions (and opens/clicks)."""
-    from infogap.stream.channels import ChannelConfig, ChannelWorker
+    """Run a channel worker (faust-streaming): deliver the channel's `push` messages once each, under consent."""
+    from infogap.stream.channels import ChannelConfig
+    from infogap.stream.channels.app import ChannelApp
 
     settings = load()
     try:
-        cfg = ChannelConfig.from_settings(settings, name, smtp_host=smtp_host, smtp_port=smtp_port, sink_dir=sink_dir,
+        cfg = ChannelConfig.from_settings(settings, name, smtp_host=smtp_host, smtp_port=smtp_port,
+                                          status_url=status_url, rate_per_s=rate, web_port=web_port,
                                           open_rate=simulate_open_rate, click_rate=simulate_click_rate,
                                           skip_expired=skip_expired)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    target = f"{cfg.smtp_host}:{cfg.smtp_port}" if name == "email" else str(cfg.sink_dir / f"{name}.jsonl")
-    console.print(f"{name} channel: {settings.topics.push} -> {target}; reporting to {settings.topics.events}")
-    asyncio.run(_run_worker(ChannelWorker(settings, cfg)))
+    target = f"{cfg.smtp_host}:{cfg.smtp_port}" if name == "email" else (cfg.app_url if name == "app" else cfg.ads_url)
+    console.print(f"{name} channel: {settings.topics.push} -> {target} at {cfg.rate_per_s:g}/s; reporting to "
+                  f"{settings.topics.events}; http://{cfg.web_host}:{cfg.web_port}/stats")
+    ChannelApp(settings, cfg).run()
 
 
 # ----------------------------------------------------------------------- evaluate (owned by the eval helper)
@@ -421,6 +428,40 @@ def bench(
         table.add_row(*row)
     console.print(table)
     console.print(f"JSON: {out / 'bench.json'}")
+
+
+@app.command()
+def providers(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    smtp_port: int = typer.Option(1025, help="SMTP port (the email service)."),
+    http_port: int = typer.Option(8025, help="HTTP port (app push, ads, and the status API)."),
+    spool: Optional[Path] = typer.Option(None, help="Append each accepted message to {spool}/{channel}.jsonl."),
+) -> None:
+    """Run local stand-ins of the email service, the app-push service and the ad platform (until Ctrl-C)."""
+    from infogap.stream.tools.provider_standin import serve
+
+    serve(host, smtp_port, http_port, spool, echo=console.print)
+
+
+@app.command("channel-bench")
+def channel_bench(
+    channel: list[str] = typer.Option(["app", "email"], help="Channels to measure (repeatable)."),
+    messages: int = typer.Option(3_000, help="Push messages per run."),
+    repeat: int = typer.Option(3, min=1, help="Runs per channel; the median is reported."),
+    out: Path = typer.Option(Path("out/channel-bench"), help="Where channel-bench.json and the worker logs go."),
+) -> None:
+    """Messages/s of a channel worker (faust-streaming) against the provider stand-in, over real Kafka."""
+    from infogap.stream.tools.channel_bench import run
+
+    res = asyncio.run(run(load(), channel, messages, repeat, out))
+    table = Table(title=f"infogap channel-bench ({res['machine']['cores']} cores, {messages:,} messages a run)")
+    table.add_column("channel")
+    table.add_column("messages/s (median)", justify="right")
+    table.add_column("runs", justify="right")
+    for name, r in res["channels"].items():
+        table.add_row(name, f"{r['msgs_per_s_median']:,.0f}", ", ".join(f"{x['msgs_per_s']:,.0f}" for x in r["runs"]))
+    console.print(table)
+    console.print(f"JSON: {out / 'channel-bench.json'}")
 
 
 @app.command()

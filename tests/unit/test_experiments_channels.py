@@ -12,6 +12,7 @@ from infogap.models.events import parse_event
 from infogap.models.experiments import COUNT_FIELDS, Counts, Segment
 from infogap.stream.channels import ChannelConfig, address_for, check_message, email_for, feedback_events
 from infogap.stream.experiments_store import field_name, metrics_config, parse_fields
+from infogap.stream.settings import Settings
 
 NOW = 1_732_460_000.0
 
@@ -54,19 +55,25 @@ def test_checks_and_email():
     assert "items" in check_message(msg(1, items=[]))
     assert "message_id" in check_message({k: v for k, v in msg(1).items() if k != "message_id"})
     assert check_message([1]) is not None
-    em = email_for(msg(7), ChannelConfig(channel="email"))
+    em = email_for(msg(7), ChannelConfig(channel="email"), NOW)
     assert em["To"] == "u7@example.invalid" and em["X-Infogap-Message-Id"] == "m-7"
     assert "- sku-1: popular" in em.get_content() and "- sku-2" in em.get_content()
     titled = email_for(msg(7, items=[{"item_id": "sku-1", "title": "Red shoes", "reason": "popular"}]),
-                       ChannelConfig(channel="email"))
+                       ChannelConfig(channel="email"), NOW)
     assert "- Red shoes: popular" in titled.get_content() and "sku-1" not in titled.get_content()
     assert address_for("..", "d.invalid") == "_@d.invalid"
 
 
 def test_channel_config_from_settings_and_validation(tmp_path):
-    s = SimpleNamespace(local_dir=tmp_path, channel_smtp_port=2525, channel_open_rate=0.5)
-    cfg = ChannelConfig.from_settings(s, "app", click_rate=0.1)
-    assert (cfg.smtp_port, cfg.open_rate, cfg.click_rate, cfg.sink_dir) == (2525, 0.5, 0.1, tmp_path / "channels")
+    s = Settings(local_dir=tmp_path, channel_smtp_port=2525, channel_open_rate=0.5, channel_rate_per_s={"app": 7})
+    cfg = ChannelConfig.from_settings(s, "app", click_rate=0.1, web_port=9999)
+    assert (cfg.smtp_port, cfg.open_rate, cfg.click_rate, cfg.rate_per_s) == (2525, 0.5, 0.1, 7.0)
+    assert cfg.unsubscribe_url == "http://127.0.0.1:9999"
+    key = cfg.unsubscribe_key  # no key in the settings: one kept in the local dir, the same after a restart
+    assert len(key) == 32 and ChannelConfig.from_settings(s, "email").unsubscribe_key == key
+    assert (tmp_path / "unsubscribe.key").stat().st_mode & 0o777 == 0o600
+    keyed = Settings(local_dir=tmp_path, unsubscribe_key="a" * 32)
+    assert ChannelConfig.from_settings(keyed, "email").unsubscribe_key == b"a" * 32
     with pytest.raises(ValueError, match="unknown channel"):
         ChannelConfig(channel="sms")
     with pytest.raises(ValueError, match="open_rate"):

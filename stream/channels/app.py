@@ -1,0 +1,386 @@
+"""A channel worker: a faust-streaming app that delivers one channel's ``push`` messages exactly once.
+
+``infogap channel email|app|ads`` runs :class:`ChannelApp`: one agent over ``push`` (its own consumer
+group, ``{consumer_group}.channel.{channel}``: every channel sees every message and keeps its own), taking
+messages in batches. For each batch it:
+
+1. reads ``users`` and ``erasures`` up to their end offsets (:mod:`.permissions`): a consent withdrawn or an
+   erasure before the batch holds for all of it;
+2. looks each message up in the ``outcomes`` table (:mod:`.outcomes`): a message with a final outcome is
+   never handed over again; one left ``pending`` by a crash is in doubt: the email service's status API
+   says whether it took it (else it is sent again), an HTTP service gets it again under the same
+   idempotency key;
+3. skips messages it may not send (no consent, erased, suppressed, expired), writes ``pending`` for the rest
+   and waits for Kafka to acknowledge it, then hands them over at ``rate_per_s`` at most;
+4. records each outcome: ``sent`` (and an ``impression`` event, plus simulated opens and clicks), ``bounced``
+   (a ``push_bounce`` event, a ``push.dlq`` record, and the user suppressed on this channel), or, after
+   ``max_attempts`` transient failures with exponential backoff, ``failed`` (a ``push.dlq`` record);
+5. returns, and Faust commits the offsets.
+
+A worker killed anywhere in between finds, after its restart, the messages of the uncommitted batches again,
+and the table as Kafka last acknowledged it: each message is handed over once (see docs/channels.md).
+
+The suppression list is a Faust global table (every worker holds it whole) of keyed digests of
+(channel, user): a hard bounce or an unsubscribe puts the user in it for good; it survives restarts in its
+changelog topic and holds no user id. The email worker serves the unsubscribe links of its mails
+(``/unsubscribe``, RFC 8058 one-click); every worker serves ``/stats``.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import html
+import logging
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import faust
+import orjson
+
+from infogap.stream import connections
+from infogap.stream.channels import outcomes, unsubscribe
+from infogap.stream.channels.config import ChannelConfig
+from infogap.stream.channels.messages import (bounce_event, check_message, dead_letter, feedback_events,
+                                              unsubscribe_event)
+from infogap.stream.channels.permissions import PermissionReader, Permissions
+from infogap.stream.channels.providers import Attempt, provider_for
+from infogap.stream.core.erasures import ErasureLedger
+from infogap.stream.pseudonym import Pseudonymizer
+from infogap.stream.settings import TOPIC_PARTITIONS, Settings
+
+log = logging.getLogger("infogap.channel")
+
+#: Test seam: ``point:n`` kills the worker with SIGKILL the n-th time it reaches ``point`` (one of
+#: :data:`CRASH_POINTS`), to prove that a crash there sends nothing twice (tests/integration/test_channels.py).
+CRASH_ENV = "INFOGAP_CHANNEL_CRASH_AT"
+CRASH_POINTS = ("before_delivery", "after_accept", "before_commit")
+#: Entries of messages that carry no expiry stay in the outcomes table this long.
+KEEP_WITHOUT_EXPIRY_S = 2 * 86_400.0
+MAX_BACKOFF_S = 30.0
+
+
+@dataclass
+class ChannelStats:
+    received: int = 0
+    sent: int = 0
+    other_channel: int = 0
+    duplicates: int = 0
+    in_doubt: int = 0
+    invalid: int = 0
+    bounced: int = 0
+    failed: int = 0
+    retries: int = 0
+    events_out: int = 0
+    batches: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "skipped": dict(self.skipped)}
+
+
+@dataclass
+class _Todo:
+    partition: int
+    msg: dict
+    key: bytes
+    keep_until: float
+    doubt: bool
+    last: Attempt | None = None
+
+
+def _credentials(settings: Settings):
+    opts = connections.kafka_options(settings)
+    proto = opts.get("security_protocol", "PLAINTEXT")
+    if proto.startswith("SASL_"):
+        return faust.SASLCredentials(username=opts["sasl_plain_username"], password=opts["sasl_plain_password"],
+                                     mechanism=opts["sasl_mechanism"], ssl_context=opts.get("ssl_context"))
+    if proto == "SSL":
+        return faust.SSLCredentials(opts["ssl_context"])
+    return None
+
+
+class ChannelApp:
+    """The channel worker of ``config.channel``; :meth:`run` blocks until SIGINT/SIGTERM.
+
+    >>> app = ChannelApp(Settings(consumer_group="shop"), ChannelConfig(channel="app"))
+    >>> app.app.conf.id, app.outcomes.name, app.suppression_key("u42") == app.suppression_key("u43")
+    ('shop.channel.app', 'outcomes', False)
+    """
+
+    def __init__(self, settings: Settings, config: ChannelConfig, *, provider=None,
+                 clock: Callable[[], float] = time.time):
+        s, t, cfg = settings, settings.topics, config
+        self.settings, self.config, self.channel, self.clock = s, config, config.channel, clock
+        self.provider = provider or provider_for(config)
+        self.stats = ChannelStats()
+        partitions = TOPIC_PARTITIONS["push"]
+        datadir = Path(s.local_dir).expanduser() / "faust"
+        datadir.mkdir(parents=True, exist_ok=True)
+        self.app = faust.App(
+            f"{s.consumer_group}.channel.{cfg.channel}",
+            broker=[f"kafka://{h.strip()}" for h in s.kafka_bootstrap.split(",")],
+            broker_credentials=_credentials(s), store="memory://", topic_partitions=partitions,
+            producer_acks=-1, producer_linger=0.005, consumer_auto_offset_reset="earliest", stream_wait_empty=False,
+            consumer_group_instance_id=cfg.instance_id, broker_session_timeout=10.0, broker_heartbeat_interval=3.0,
+            datadir=str(datadir / cfg.channel),
+            web_enabled=True, web_host=cfg.web_host, web_port=cfg.web_port, web_bind=cfg.web_host,
+            web_router_enabled=False, web_tables_enabled=False, web_graph_enabled=False,
+            web_stats_enabled=False, web_metrics_enabled=False)
+        raw = {"key_type": bytes, "value_type": bytes}
+        topic = {**raw, "key_serializer": "raw", "value_serializer": "raw"}
+        self.push_topic = self.app.topic(t.push, **topic)
+        self.events_topic = self.app.topic(t.events, **topic)
+        self.dlq_topic = self.app.topic(t.push_dlq, **topic)
+        self.outcomes = self.app.Table("outcomes", partitions=partitions, **raw)
+        self.suppressed = self.app.GlobalTable("suppressed", partitions=partitions, **raw)
+        ledger_key = s.state_key or s.pseudonym_key
+        self._digest_key = ledger_key.get_secret_value().encode()[:64] if ledger_key is not None else b""
+        self.permissions = Permissions(cfg.channel, Pseudonymizer.from_settings(s),
+                                       ErasureLedger(self._digest_key or None))
+        self.reader = PermissionReader(s, self.permissions)
+        self.bucket = outcomes.TokenBucket(cfg.rate_per_s, max(1.0, cfg.rate_per_s), time.monotonic())
+        self._started = False
+        self._futures: list = []
+        crash = os.environ.get(CRASH_ENV, "")
+        point, _, nth = crash.partition(":")
+        self._crash_at = (point, int(nth or 1)) if point in CRASH_POINTS else None
+        self._crash_seen = 0
+        self.app.agent(self.push_topic, name=f"infogap.channel.{cfg.channel}.deliver")(self._deliver)
+        self.app.timer(60.0)(self._forget_expired)
+        self._routes()
+
+    # ------------------------------------------------------------------ running
+    def run(self) -> None:
+        """Run the Faust worker in this process until SIGINT/SIGTERM."""
+        worker = faust.Worker(self.app, loglevel=logging.getLevelName(log.getEffectiveLevel()).lower(),
+                              quiet=True, override_logging=False)
+        worker.execute_from_commandline()
+
+    async def _deliver(self, stream):
+        async for events in stream.take_events(self.config.batch_max_records, within=self.config.batch_within_s):
+            if not self._started:
+                await self.reader.start()
+                self._started = True
+            await self.handle(events)
+            self._crash("before_commit")
+
+    # ------------------------------------------------------------------ one batch
+    async def handle(self, events) -> None:
+        """Deliver one batch of ``push`` records (see the module's docstring); returns once every outcome,
+        event and dead letter is acknowledged by Kafka."""
+        st, cfg = self.stats, self.config
+        now = self.clock()
+        await self.reader.sync()
+        todo: list[_Todo] = []
+        seen: set[bytes] = set()
+        for ev in events:
+            st.received += 1
+            try:
+                msg = orjson.loads(ev.value) if ev.value is not None else None
+            except orjson.JSONDecodeError:
+                msg = None
+            reason = check_message(msg)
+            if reason is not None:
+                st.invalid += 1
+                self._dead(None, ev.value, ev.key, "invalid", reason, now)
+                continue
+            if msg["channel"] != self.channel:
+                st.other_channel += 1
+                continue
+            key = msg["message_id"].encode()
+            doc = outcomes.decode(self.outcomes.get(key))
+            if outcomes.is_final(doc) or key in seen:
+                st.duplicates += 1
+                continue
+            seen.add(key)
+            expires = msg.get("expires_at")
+            has_expiry = isinstance(expires, (int, float)) and not isinstance(expires, bool)
+            keep = (float(expires) + 3_600.0 if has_expiry and cfg.skip_expired else now + KEEP_WITHOUT_EXPIRY_S)
+            item = _Todo(ev.message.partition, msg, key, keep, doubt=doc is not None)
+            if item.doubt:
+                st.in_doubt += 1
+                if not self.provider.idempotent and await self._settle_doubt(item, now):
+                    continue
+            why = self.permissions.why_not(msg["user_id"]) or self._suppressed_why(msg["user_id"])
+            if why is None and cfg.skip_expired and has_expiry and expires <= now:
+                why = "expired"
+                self._dead(msg, None, ev.key, "expired", f"expired at {expires} before it could be sent", now)
+            if why is not None:
+                st.skipped[why] += 1
+                self._record(item, "skipped", now, why)
+                continue
+            todo.append(item)
+        if todo:
+            await asyncio.gather(*[self._record(i, "pending", now) for i in todo])
+            await self._send_all(todo)
+        st.batches += 1
+        futures, self._futures = self._futures, []
+        await asyncio.gather(*futures)
+
+    async def _settle_doubt(self, item: _Todo, now: float) -> bool:
+        """A message left ``pending`` by a crash, on a provider without idempotency: True if settled (the
+        provider took it, or cannot tell: then it is not repeated), False to send it again."""
+        accepted = await self.provider.accepted(item.msg["message_id"])
+        if accepted is True:
+            self._sent(item, now)
+            return True
+        if accepted is None:
+            self._record(item, "unknown", now, "in doubt after a crash; the provider's status is unknown")
+            self._dead(item.msg, None, None, "in_doubt", "the worker stopped while handing the message over and "
+                       "the provider's status API cannot tell whether it was accepted; not repeated", now)
+            return True
+        return False
+
+    async def _send_all(self, todo: list[_Todo]) -> None:
+        cfg, st = self.config, self.stats
+        for attempt in range(cfg.max_attempts):
+            if attempt:
+                st.retries += 1
+                await asyncio.sleep(min(MAX_BACKOFF_S, cfg.retry_base_s * 2 ** (attempt - 1)))
+            again = []
+            for item in todo:
+                wait = self.bucket.wait(time.monotonic())
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                self._crash("before_delivery")
+                now = self.clock()
+                item.last = result = await self.provider.send(item.msg, now)
+                if result.outcome == "accepted":
+                    self._crash("after_accept")
+                    self._sent(item, now)
+                elif result.outcome == "permanent":
+                    self._bounced(item, now)
+                else:
+                    again.append(item)
+            todo = again
+            if not todo:
+                return
+        now = self.clock()
+        for item in todo:
+            st.failed += 1
+            reason = f"gave up after {cfg.max_attempts} attempts; last: {item.last.reason}"
+            self._record(item, "failed", now, reason)
+            self._dead(item.msg, None, None, "gave_up", reason, now)
+
+    # ------------------------------------------------------------------ outcomes
+    def _sent(self, item: _Todo, now: float) -> None:
+        self.stats.sent += 1
+        self._record(item, "sent", now)
+        events = feedback_events(item.msg, now, self.config.open_rate, self.config.click_rate)
+        self._emit(item.msg["user_id"], events)
+
+    def _bounced(self, item: _Todo, now: float) -> None:
+        self.stats.bounced += 1
+        reason = item.last.reason
+        self._record(item, "bounced", now, reason)
+        self._emit(item.msg["user_id"], [bounce_event(item.msg, now)])
+        self._dead(item.msg, None, None, "bounced", f"refused for good by the {self.channel} provider: {reason}",
+                   now)
+        self._suppress(item.msg["user_id"], "hard_bounce", now, item.partition)
+
+    def _record(self, item: _Todo, state: str, now: float, why: str | None = None):
+        """Set the message's outcome; the returned future resolves once Kafka has the changelog record."""
+        value = outcomes.encode(state, now, item.partition, item.keep_until, why)
+        fut = self.outcomes.send_changelog(item.partition, item.key, value)
+        self.outcomes.data[item.key] = value
+        self._futures.append(fut)
+        return fut
+
+    def _emit(self, user_id: str, events: list[dict]) -> None:
+        for ev in events:
+            self._futures.append(self.events_topic.send_soon(key=user_id.encode(), value=orjson.dumps(ev)))
+        self.stats.events_out += len(events)
+
+    def _dead(self, msg, raw, key, code: str, reason: str, now: float) -> None:
+        if code not in ("invalid", "expired"):
+            log.warning("message %s to push.dlq: %s", msg and msg.get("message_id"), reason)
+        value = dead_letter(msg, raw, self.channel, code, reason, now)
+        key = msg["user_id"].encode() if msg is not None else key
+        self._futures.append(self.dlq_topic.send_soon(key=key, value=value))
+
+    # ------------------------------------------------------------------ suppression
+    def suppression_key(self, user_id: str) -> bytes:
+        """The suppression list's key of a user on this channel: a keyed digest, never the id."""
+        return hashlib.blake2b(f"{self.channel}|{user_id}".encode(), digest_size=16, key=self._digest_key,
+                               person=b"infogap-suppress").hexdigest().encode()
+
+    def _suppressed_why(self, user_id: str) -> str | None:
+        return "suppressed" if self.suppression_key(user_id) in self.suppressed.data else None
+
+    def _suppress(self, user_id: str, why: str, now: float, partition: int = 0):
+        key = self.suppression_key(user_id)
+        value = orjson.dumps({"why": why, "at": now})
+        fut = self.suppressed.send_changelog(partition, key, value)
+        self.suppressed.data[key] = value
+        self._futures.append(fut)
+        return fut
+
+    async def _forget_expired(self) -> None:
+        """Entries of messages that can no longer be delivered leave the table (and its changelog)."""
+        now = self.clock()
+        for key, value in list(self.outcomes.data.items()):
+            doc = outcomes.decode(value)
+            if outcomes.expired(doc, now):
+                self.outcomes.send_changelog(int(doc.get("p", 0)), key, None, value_serializer="raw")
+                self.outcomes.data.pop(key, None)
+
+    # ------------------------------------------------------------------ crash seam
+    def _crash(self, point: str) -> None:
+        if self._crash_at is not None and self._crash_at[0] == point:
+            self._crash_seen += 1
+            if self._crash_seen == self._crash_at[1]:
+                log.warning("%s=%s: SIGKILL now", CRASH_ENV, os.environ.get(CRASH_ENV))
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    # ------------------------------------------------------------------ web
+    def _routes(self) -> None:
+        channel_app = self
+
+        class Unsubscribe(faust.web.View):
+            async def get(self, request):
+                token = request.query.get("t", "")
+                try:
+                    unsubscribe.verify(channel_app.config.unsubscribe_key, token, channel_app.clock())
+                except ValueError as exc:
+                    return self.html(_page(str(exc).capitalize() + "."), status=400)
+                form = (f'<form method="post" action="?t={html.escape(token, quote=True)}">'
+                        '<button type="submit">Unsubscribe</button></form>')
+                return self.html(_page(f"Stop receiving {channel_app.channel} messages from us?", form))
+
+            async def post(self, request):
+                status, text = await channel_app.unsubscribe(request.query.get("t", ""))
+                return self.html(_page(text), status=status)
+
+        class Stats(faust.web.View):
+            async def get(self, request):
+                return self.json({"channel": channel_app.channel, **channel_app.stats.as_dict(),
+                                  "outcomes": len(channel_app.outcomes.data),
+                                  "suppressed": len(channel_app.suppressed.data),
+                                  "users_with_consent": len(channel_app.permissions)})
+
+        self.app.page("/unsubscribe")(Unsubscribe)
+        self.app.page("/stats")(Stats)
+
+    async def unsubscribe(self, token: str) -> tuple[int, str]:
+        """Act on a one-click unsubscribe: suppress the user on the token's channel, and report an
+        ``unsubscribe`` event (the user stage turns the consent off in the ``users`` record)."""
+        now = self.clock()
+        try:
+            user_id, channel = unsubscribe.verify(self.config.unsubscribe_key, token, now)
+        except ValueError as exc:
+            return 400, str(exc).capitalize() + "."
+        if channel == self.channel:
+            await self._suppress(user_id, "unsubscribe", now)
+        await (await self.events_topic.send(key=user_id.encode(),
+                                            value=orjson.dumps(unsubscribe_event(user_id, channel, now))))
+        return 200, f"You are unsubscribed from our {channel} messages."
+
+
+def _page(text: str, extra: str = "") -> str:
+    return (f"<!doctype html><html><head><meta charset=utf-8><title>Unsubscribe</title></head>"
+            f"<body><p>{html.escape(text)}</p>{extra}</body></html>")
