@@ -61,7 +61,12 @@ CRASH_ENV = "INFOGAP_CHANNEL_CRASH_AT"
 CRASH_POINTS = ("before_delivery", "after_accept", "before_commit")
 #: Entries of messages that carry no expiry stay in the outcomes table this long.
 KEEP_WITHOUT_EXPIRY_S = 2 * 86_400.0
+#: ... and no entry longer than this (a message may claim to expire in a thousand years).
+MAX_KEEP_S = 7 * 86_400.0
 MAX_BACKOFF_S = 30.0
+#: The exit code of a worker that could not complete a batch (a Faust agent that raised would stay down while
+#: its process lives on): its supervisor restarts it, and the batch is taken again.
+EXIT_BATCH_FAILED = 70
 
 
 @dataclass
@@ -73,6 +78,7 @@ class ChannelStats:
     in_doubt: int = 0
     invalid: int = 0
     bounced: int = 0
+    refused: int = 0
     failed: int = 0
     retries: int = 0
     events_out: int = 0
@@ -163,10 +169,15 @@ class ChannelApp:
 
     async def _deliver(self, stream):
         async for events in stream.take_events(self.config.batch_max_records, within=self.config.batch_within_s):
-            if not self._started:
-                await self.reader.start()
-                self._started = True
-            await self.handle(events)
+            try:
+                if not self._started:
+                    await self.reader.start()
+                    self._started = True
+                await self.handle(events)
+            except Exception:  # Kafka refusing the outcomes, a bug: stop, and let the restart take the batch again
+                log.critical("the %s channel worker stops: a batch could not be completed; its messages are taken "
+                             "again after the restart, each still sent once", self.channel, exc_info=True)
+                os._exit(EXIT_BATCH_FAILED)
             self._crash("before_commit")
 
     # ------------------------------------------------------------------ one batch
@@ -200,7 +211,8 @@ class ChannelApp:
             seen.add(key)
             expires = msg.get("expires_at")
             has_expiry = isinstance(expires, (int, float)) and not isinstance(expires, bool)
-            keep = (float(expires) + 3_600.0 if has_expiry and cfg.skip_expired else now + KEEP_WITHOUT_EXPIRY_S)
+            keep = (min(float(expires), now + MAX_KEEP_S) + 3_600.0 if has_expiry and cfg.skip_expired
+                    else now + KEEP_WITHOUT_EXPIRY_S)
             item = _Todo(ev.message.partition, msg, key, keep, doubt=doc is not None)
             if item.doubt:
                 st.in_doubt += 1
@@ -253,8 +265,10 @@ class ChannelApp:
                 if result.outcome == "accepted":
                     self._crash("after_accept")
                     self._sent(item, now)
-                elif result.outcome == "permanent":
+                elif result.bounce:
                     self._bounced(item, now)
+                elif result.outcome == "permanent":
+                    self._refused(item, now)
                 else:
                     again.append(item)
             todo = again
@@ -282,6 +296,14 @@ class ChannelApp:
         self._dead(item.msg, None, None, "bounced", f"refused for good by the {self.channel} provider: {reason}",
                    now)
         self._suppress(item.msg["user_id"], "hard_bounce", now, item.partition)
+
+    def _refused(self, item: _Todo, now: float) -> None:
+        """The service refused this message for good, not the address: no bounce, no suppression."""
+        self.stats.refused += 1
+        reason = item.last.reason
+        self._record(item, "refused", now, reason)
+        self._dead(item.msg, None, None, "refused", f"this message was refused for good by the {self.channel} "
+                   f"provider (the address was not): {reason}", now)
 
     def _record(self, item: _Todo, state: str, now: float, why: str | None = None):
         """Set the message's outcome; the returned future resolves once Kafka has the changelog record."""
@@ -314,7 +336,7 @@ class ChannelApp:
 
     def _suppress(self, user_id: str, why: str, now: float, partition: int = 0):
         key = self.suppression_key(user_id)
-        value = orjson.dumps({"why": why, "at": now})
+        value = outcomes.compact(orjson.dumps({"why": why, "at": now}))
         fut = self.suppressed.send_changelog(partition, key, value)
         self.suppressed.data[key] = value
         self._futures.append(fut)

@@ -1,6 +1,9 @@
 """The delivery services a channel worker hands messages to, each answering one message at a time with an
 :class:`Attempt`: ``accepted``, ``transient`` (try again later: SMTP 4xx, HTTP 429/5xx, timeouts, refused
-connections) or ``permanent`` (SMTP 5xx such as an unknown recipient, HTTP 4xx: never again).
+connections) or ``permanent`` (SMTP 5xx, HTTP 4xx: never again). A permanent failure is a *bounce* when it
+is the address the service refuses (SMTP 5xx to RCPT, such as ``550 user unknown``; HTTP 404 or 410: the
+device or audience member is gone): the person is then suppressed on the channel. When the service refuses
+the message itself (SMTP 5xx to DATA, such as ``552`` too large; other HTTP 4xx), the address stays.
 
 * :class:`SmtpProvider` (``email``): SMTP with stdlib smtplib in a thread, one connection kept open. SMTP has
   no idempotency: a message in doubt after a crash is looked up in the service's status API
@@ -31,14 +34,17 @@ class Attempt:
 
     outcome: str  # "accepted", "transient" or "permanent"
     reason: str = ""
+    bounce: bool = False  # permanent, and about the address: the person is suppressed on the channel
 
 
 ACCEPTED = Attempt("accepted")
 
 
-def _smtp_attempt(code: int, text: object) -> Attempt:
+def _smtp_attempt(code: int, text: object, recipient: bool) -> Attempt:
     detail = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
-    return Attempt("permanent" if code >= 500 else "transient", f"SMTP {code} {detail}"[:300])
+    permanent = code >= 500
+    return Attempt("permanent" if permanent else "transient", f"SMTP {code} {detail}"[:300],
+                   bounce=permanent and recipient)
 
 
 class SmtpProvider:
@@ -67,9 +73,10 @@ class SmtpProvider:
             return ACCEPTED
         except smtplib.SMTPRecipientsRefused as exc:
             (code, text), = exc.recipients.values()
-            return _smtp_attempt(code, text)
+            return _smtp_attempt(code, text, recipient=True)
         except (smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as exc:
-            return _smtp_attempt(exc.smtp_code, exc.smtp_error)
+            self._close()  # the session is mid-transaction: start the next message on a fresh one
+            return _smtp_attempt(exc.smtp_code, exc.smtp_error, recipient=False)
         except (OSError, smtplib.SMTPException) as exc:  # connection refused, lost or timed out: again later
             self._close()
             return Attempt("transient", f"SMTP {cfg.smtp_host}:{cfg.smtp_port}: {type(exc).__name__}: {exc}"[:300])
@@ -129,7 +136,7 @@ class HttpProvider:
                     return ACCEPTED
                 text = (await resp.text(errors="replace"))[:200]
                 kind = "transient" if resp.status in (408, 425, 429) or resp.status >= 500 else "permanent"
-                return Attempt(kind, f"HTTP {resp.status} {text}")
+                return Attempt(kind, f"HTTP {resp.status} {text}", bounce=resp.status in (404, 410))
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             return Attempt("transient", f"{self.url}: {type(exc).__name__}: {exc}"[:300])
 

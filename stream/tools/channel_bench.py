@@ -67,7 +67,8 @@ async def once(settings: Settings, channel: str, messages: int, out: Path) -> di
                                            "reason": "new picks", "campaign": "bench", "created_at": now,
                                            "expires_at": now + 3600}) for i, u in enumerate(users)])
     out.mkdir(parents=True, exist_ok=True)
-    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every command at INFO
+    for name in ("mail.log", "aiohttp.access"):  # aiosmtpd and aiohttp log every command and request at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
     with ProviderStandIn() as standin, open(out / f"channel-{channel}-{tag}.log", "wb") as log:
         env = {**os.environ, **connections.child_env(s), "INFOGAP_TOPIC_PREFIX": s.topic_prefix,
                "INFOGAP_CONSUMER_GROUP": s.consumer_group, "INFOGAP_LOCAL_DIR": str(out / tag),
@@ -94,12 +95,69 @@ async def once(settings: Settings, channel: str, messages: int, out: Path) -> di
     return {"channel": channel, "messages": messages, "seconds": seconds, "msgs_per_s": (messages - 1) / seconds}
 
 
-async def run(settings: Settings, channels: list[str], messages: int, repeat: int, out: Path) -> dict:
-    """Median messages/s per channel over ``repeat`` runs; writes ``channel-bench.json`` in ``out``."""
+async def run(settings: Settings, channels: list[str], messages: int, repeat: int, out: Path,
+              faust_events: int = 0) -> dict:
+    """Median messages/s per channel over ``repeat`` runs, and with ``faust_events`` the events/s of a bare Faust
+    agent on that many events; writes ``channel-bench.json`` in ``out``."""
     res: dict = {"machine": {"cores": os.cpu_count()}, "messages": messages, "channels": {}}
     for channel in channels:
         runs = [await once(settings, channel, messages, out) for _ in range(repeat)]
         res["channels"][channel] = {"msgs_per_s_median": statistics.median(r["msgs_per_s"] for r in runs),
                                     "runs": runs}
+    if faust_events:
+        runs = [await faust_events_rate(settings, faust_events, out) for _ in range(repeat)]
+        res["faust_events"] = {"events": faust_events, "events_per_s_median": statistics.median(runs), "runs": runs}
     (out / "channel-bench.json").write_bytes(orjson.dumps(res, option=orjson.OPT_INDENT_2))
     return res
+
+
+# ---------------------------------------------------------------------------------------------- the events path
+def _faust_events_consumer(bootstrap: str, topic: str, group: str, expected: int, result: str) -> None:
+    """Child process: a Faust agent that reads ``topic`` in batches (``take_events``) and decodes each event, the
+    least a Faust agent on the ``events`` path would do; writes its rate to ``result`` and exits."""
+    import faust
+
+    app = faust.App(group, broker=f"kafka://{bootstrap}", store="memory://", web_enabled=False,
+                    consumer_auto_offset_reset="earliest", stream_wait_empty=False)
+    source = app.topic(topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    seen = {"n": 0, "first": None}
+
+    @app.agent(source)
+    async def count(stream):
+        async for events in stream.take_events(1000, within=0.2):
+            if seen["first"] is None:
+                seen["first"] = time.perf_counter()
+            for ev in events:
+                orjson.loads(ev.value)
+            seen["n"] += len(events)
+            if seen["n"] >= expected:
+                rate = (seen["n"] - len(events)) / max(1e-9, time.perf_counter() - seen["first"])
+                Path(result).write_text(str(rate))
+                os._exit(0)
+
+    faust.Worker(app, loglevel="warning", quiet=True).execute_from_commandline()
+
+
+async def faust_events_rate(settings: Settings, events: int, out: Path) -> float:
+    """Events/s of a bare faust-streaming agent over ``events`` contract events (nothing learned)."""
+    from infogap.stream.tools.synthetic import SyntheticStream
+
+    tag = uuid.uuid4().hex[:8]
+    s = settings.model_copy(update={"topic_prefix": f"chbench-{tag}.", "consumer_group": f"chbench-{tag}"})
+    local.ensure_topics(s)
+    stream = SyntheticStream(seed=7)
+    await _produce(s, s.topics.events, [(e["user_id"], e) for e in stream.events(events, start_ts=time.time() - 3600)])
+    out.mkdir(parents=True, exist_ok=True)
+    result = (out / f"faust-events-{tag}.txt").resolve()
+    code = ("from infogap.stream.tools.channel_bench import _faust_events_consumer as f; "
+            f"f({s.kafka_bootstrap!r}, {s.topics.events!r}, {s.consumer_group!r}, {events}, {str(result)!r})")
+    with open(out / f"faust-events-{tag}.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT,
+                                cwd=out)
+        try:
+            proc.wait(300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    await _drop(s)
+    return float(result.read_text())

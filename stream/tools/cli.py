@@ -449,11 +449,13 @@ def channel_bench(
     messages: int = typer.Option(3_000, help="Push messages per run."),
     repeat: int = typer.Option(3, min=1, help="Runs per channel; the median is reported."),
     out: Path = typer.Option(Path("out/channel-bench"), help="Where channel-bench.json and the worker logs go."),
+    faust_events: int = typer.Option(0, help="Also time a bare Faust agent decoding this many events (the "
+                                             "events path's alternative to aiokafka batches); 0: skip."),
 ) -> None:
     """Messages/s of a channel worker (faust-streaming) against the provider stand-in, over real Kafka."""
     from infogap.stream.tools.channel_bench import run
 
-    res = asyncio.run(run(load(), channel, messages, repeat, out))
+    res = asyncio.run(run(load(), channel, messages, repeat, out, faust_events))
     table = Table(title=f"infogap channel-bench ({res['machine']['cores']} cores, {messages:,} messages a run)")
     table.add_column("channel")
     table.add_column("messages/s (median)", justify="right")
@@ -461,6 +463,10 @@ def channel_bench(
     for name, r in res["channels"].items():
         table.add_row(name, f"{r['msgs_per_s_median']:,.0f}", ", ".join(f"{x['msgs_per_s']:,.0f}" for x in r["runs"]))
     console.print(table)
+    if "faust_events" in res:
+        f = res["faust_events"]
+        console.print(f"bare Faust agent on events (take_events(1000), JSON decode only): "
+                      f"{f['events_per_s_median']:,.0f} events/s (runs: {', '.join(f'{x:,.0f}' for x in f['runs'])})")
     console.print(f"JSON: {out / 'channel-bench.json'}")
 
 

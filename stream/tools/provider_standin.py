@@ -34,7 +34,7 @@ CHANNELS = ("email", "app", "ads")
 MAX_BODY = 1 << 20
 KEPT_HEADERS = ("Message-ID", "X-Infogap-Message-Id", "List-Unsubscribe", "List-Unsubscribe-Post", "Subject",
                 "From", "To")
-_HTTP_REJECT = {"app": (404, "unregistered"), "ads": (400, "invalid audience member")}
+_HTTP_REJECT = {"app": (404, "unregistered"), "ads": (404, "unknown audience member")}
 
 
 class ProviderStandIn:

@@ -313,3 +313,33 @@ async def test_an_unsubscribe_event_stops_a_message_already_on_push_through_the_
     await wait_for(lambda: all_committed(settings, f"{settings.consumer_group}.channel.email"), deadline_s=30,
                    what="every push record committed")
     assert standin.count("m-pia") == 0 and worker.stats()["skipped"] == {"no_consent": 1}
+
+
+async def test_a_refused_address_is_a_bounce_but_a_refused_message_is_not(standin):
+    """550 to RCPT (user unknown) and HTTP 404 name the address: the person is suppressed. 552 to DATA (too
+    large) names the message: the address stays good for the next one."""
+    from infogap.stream.channels import ChannelConfig
+    from infogap.stream.channels.providers import HttpProvider, SmtpProvider
+
+    now = time.time()
+    standin.reject("gone", "email")
+    standin.reject("gone", "app")
+    smtp = SmtpProvider(ChannelConfig(channel="email", smtp_port=standin.smtp_port))
+    huge = push("m-huge", "ok", now=now)
+    huge["items"][0]["title"] = "x" * (2 << 20)  # over the service's 1 MiB limit
+    try:
+        gone = await smtp.send(push("m-gone", "gone", now=now), now)
+        too_large = await smtp.send(huge, now)
+        fine = await smtp.send(push("m-fine", "ok", now=now), now)  # the same connection goes on
+    finally:
+        await smtp.close()
+    assert (gone.outcome, gone.bounce) == ("permanent", True) and "550" in gone.reason
+    assert (too_large.outcome, too_large.bounce) == ("permanent", False) and "552" in too_large.reason
+    assert fine.outcome == "accepted" and standin.count("m-fine") == 1
+    app = HttpProvider(standin.app_url, 5.0)
+    try:
+        unregistered = await app.send(push("m-a", "gone", "app", now=now), now)
+        bad = await app.send({"message_id": "m-b", "channel": "app"}, now)  # no user_id: a bad request
+    finally:
+        await app.close()
+    assert (unregistered.bounce, bad.outcome, bad.bounce) == (True, "permanent", False)

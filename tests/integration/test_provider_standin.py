@@ -179,11 +179,11 @@ def test_app_push_rejected_is_404_and_deferred_is_503_with_retry_after(providers
     assert (status, headers["Retry-After"]) == (429, "1")
 
 
-def test_ads_rejected_is_400(providers):
+def test_ads_rejected_is_404(providers):
     user, mid = _id("u"), _id()
     providers.reject(user, "ads")
     status, _, body = _http(providers.ads_url, _push(user, mid))
-    assert (status, body) == (400, {"error": "invalid audience member"})
+    assert (status, body) == (404, {"error": "unknown audience member"})
     assert providers.count(mid) == 0
     assert _http(providers.app_url, _push(user, mid))[0] == 200
 
