@@ -246,10 +246,13 @@ class UserStage:
         return new
 
     def erasure_messages(self, user_id: str, raw_key: bytes | None) -> list[Message]:
-        """The ledger's record of an erasure, and the ``users`` tombstone of a ``forget`` event's key."""
+        """The ledger's record of an erasure, and the ``users`` tombstones of a ``forget`` event's key and, with
+        pseudonyms, of the pseudonym (the key of the records an ``unsubscribe`` or ``push_bounce`` wrote)."""
         out = [(self.topics.erasures, b"{}", self.erasures.digest(user_id).encode(), None)]
         if raw_key is not None:
             out.append((self.topics.users, None, raw_key, None))
+        if self.pseudonymize.enabled and user_id.encode() != raw_key:
+            out.append((self.topics.users, None, user_id.encode(), None))
         return out
 
     # ------------------------------------------------------------------ consent

@@ -276,6 +276,10 @@ async def test_with_pseudonyms_the_record_is_keyed_by_the_events_key_and_reads_b
         assert held.consent == {"email": False, "app": True}
         read_back(p, record)
         assert p.worker.core.prefs[pseudonym] == held
+        # erasure: the raw id's record and the pseudonym's (written above) are both tombstoned
+        await p.batch([p.record({"event_id": "f1", "user_id": "carol", "type": "forget", "ts": T0 + 20}, "carol")])
+        assert {(k, v) for _, v, k, *_ in p.producer.take(s.topics.users)} == {(b"carol", None),
+                                                                               (pseudonym.encode(), None)}
     finally:
         await p.close()
 
