@@ -20,8 +20,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Partition counts of the contract topics (events is keyed by user_id; 6 lets up to 6 workers share it).
 TOPIC_PARTITIONS = {"events": 6, "events.dlq": 1, "items": 3, "users": 6, "cooc": 6, "push": 6, "push.dlq": 1,
-                    "state.users": 6, "state.items": 6, "erasures": 1}
-COMPACTED_TOPICS = ("items", "users", "state.users", "state.items", "erasures")
+                    "state.users": 6, "state.items": 6, "erasures": 1, "suppressions": 1}
+COMPACTED_TOPICS = ("items", "users", "state.users", "state.items", "erasures", "suppressions")
 #: Extra topic configs: state snapshots (one compressed record per partition) can be large.
 #: Segments roll every minute and the cleaner may take a closed one at once, so a superseded snapshot (which may
 #: hold a user erased since) stops being readable about a minute plus one cleaner pass after (docs/operations.md).
@@ -44,12 +44,14 @@ class Topics:
     state_users: str
     state_items: str
     erasures: str  # the erased users' digests (stream/core/erasures.py), compacted, kept for good
+    suppressions: str  # the channels' suppression list (stream/channels/permissions.py), compacted, kept for good
 
     def all(self) -> dict[str, str]:
         """Contract name -> real topic name."""
         return {"events": self.events, "events.dlq": self.dlq, "items": self.items,
                 "users": self.users, "cooc": self.cooc, "push": self.push, "push.dlq": self.push_dlq,
-                "state.users": self.state_users, "state.items": self.state_items, "erasures": self.erasures}
+                "state.users": self.state_users, "state.items": self.state_items, "erasures": self.erasures,
+                "suppressions": self.suppressions}
 
 
 class Settings(BaseSettings):
@@ -365,7 +367,8 @@ class Settings(BaseSettings):
         p = self.topic_prefix
         return Topics(events=f"{p}events", dlq=f"{p}events.dlq", items=f"{p}items",
                       users=f"{p}users", cooc=f"{p}cooc", push=f"{p}push", push_dlq=f"{p}push.dlq",
-                      state_users=f"{p}state.users", state_items=f"{p}state.items", erasures=f"{p}erasures")
+                      state_users=f"{p}state.users", state_items=f"{p}state.items", erasures=f"{p}erasures",
+                      suppressions=f"{p}suppressions")
 
     @property
     def kafka_host(self) -> str:

@@ -4,31 +4,33 @@
 group, ``{consumer_group}.channel.{channel}``: every channel sees every message and keeps its own), taking
 messages in batches. For each batch it:
 
-1. reads ``users`` and ``erasures`` up to their end offsets (:mod:`.permissions`): a consent withdrawn or an
-   erasure before the batch holds for all of it;
+1. reads ``users``, ``erasures`` and ``suppressions`` up to their end offsets (:mod:`.permissions`): a consent
+   withdrawn, an erasure or a suppression before the batch holds for all of it (and they are read again
+   before each round of retries, and checked again right before each message is handed over);
 2. looks each message up in the ``outcomes`` table (:mod:`.outcomes`): a message with a final outcome is
    never handed over again; one left ``pending`` by a crash is in doubt: the email service's status API
    says whether it took it (else it is sent again), an HTTP service gets it again under the same
    idempotency key;
-3. skips messages it may not send (no consent, erased, suppressed, expired), writes ``pending`` for the rest
-   and waits for Kafka to acknowledge it, then hands them over at ``rate_per_s`` at most;
+3. skips messages it may not send (no consent, erased, suppressed, expired), and for the rest, a window at a
+   time, writes ``pending`` and waits for Kafka to acknowledge it, then hands them over at ``rate_per_s``
+   at most (the window is one message when a message in doubt could not be looked up);
 4. records each outcome: ``sent`` (and an ``impression`` event, plus simulated opens and clicks), ``bounced``
-   (a ``push_bounce`` event, a ``push.dlq`` record, and the user suppressed on this channel), or, after
-   ``max_attempts`` transient failures with exponential backoff, ``failed`` (a ``push.dlq`` record);
-5. returns, and Faust commits the offsets.
+   (a ``push_bounce`` event, a ``push.dlq`` record, and the user suppressed on this channel), ``refused``
+   (the message, not the address: a ``push.dlq`` record), or, after ``max_attempts`` transient failures of
+   the message with exponential backoff, ``failed`` (a ``push.dlq`` record). While the service itself is
+   unreachable or overloaded, every message waits, however long, without counting attempts;
+5. returns, and Faust commits the offsets. A stop or a rebalance waits for the batch to end
+   (``stream_wait_empty``); a batch that cannot end (Kafka refusing a write, a bug, a cancellation) ends
+   the process instead (exit 70), so that nothing of it is committed.
 
 A worker killed anywhere in between finds, after its restart, the messages of the uncommitted batches again,
-and the table as Kafka last acknowledged it: each message is handed over once (see docs/channels.md).
-
-The suppression list is a Faust global table (every worker holds it whole) of keyed digests of
-(channel, user): a hard bounce or an unsubscribe puts the user in it for good; it survives restarts in its
-changelog topic and holds no user id. The email worker serves the unsubscribe links of its mails
-(``/unsubscribe``, RFC 8058 one-click); every worker serves ``/stats``.
+and the table as Kafka last acknowledged it: each message is handed over once (see docs/channels.md). The
+email worker serves the unsubscribe links of its mails (``/unsubscribe``, RFC 8058 one-click); every worker
+serves ``/stats``.
 """
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import html
 import logging
 import os
@@ -41,6 +43,7 @@ from pathlib import Path
 
 import faust
 import orjson
+from faust.types import TP
 
 from infogap.stream import connections
 from infogap.stream.channels import outcomes, unsubscribe
@@ -64,6 +67,8 @@ KEEP_WITHOUT_EXPIRY_S = 2 * 86_400.0
 #: ... and no entry longer than this (a message may claim to expire in a thousand years).
 MAX_KEEP_S = 7 * 86_400.0
 MAX_BACKOFF_S = 30.0
+#: Messages whose ``pending`` is written (and acknowledged) together before they are handed over, one by one.
+PENDING_WINDOW = 50
 #: The exit code of a worker that could not complete a batch (a Faust agent that raised would stay down while
 #: its process lives on): its supervisor restarts it, and the batch is taken again.
 EXIT_BATCH_FAILED = 70
@@ -76,6 +81,8 @@ class ChannelStats:
     other_channel: int = 0
     duplicates: int = 0
     in_doubt: int = 0
+    held: int = 0
+    revoked: int = 0
     invalid: int = 0
     bounced: int = 0
     refused: int = 0
@@ -96,6 +103,9 @@ class _Todo:
     key: bytes
     keep_until: float
     doubt: bool
+    expires: float | None = None
+    pending: bool = False
+    attempts: int = 0
     last: Attempt | None = None
 
 
@@ -131,7 +141,7 @@ class ChannelApp:
             f"{s.consumer_group}.channel.{cfg.channel}",
             broker=[f"kafka://{h.strip()}" for h in s.kafka_bootstrap.split(",")],
             broker_credentials=_credentials(s), store="memory://", topic_partitions=partitions,
-            producer_acks=-1, producer_linger=0.005, consumer_auto_offset_reset="earliest", stream_wait_empty=False,
+            producer_acks=-1, producer_linger=0.005, consumer_auto_offset_reset="earliest", stream_wait_empty=True,
             consumer_group_instance_id=cfg.instance_id, broker_session_timeout=10.0, broker_heartbeat_interval=3.0,
             datadir=str(datadir / cfg.channel),
             web_enabled=True, web_host=cfg.web_host, web_port=cfg.web_port, web_bind=cfg.web_host,
@@ -142,12 +152,13 @@ class ChannelApp:
         self.push_topic = self.app.topic(t.push, **topic)
         self.events_topic = self.app.topic(t.events, **topic)
         self.dlq_topic = self.app.topic(t.push_dlq, **topic)
+        self.suppressions_topic = self.app.topic(t.suppressions, **topic)
         self.outcomes = self.app.Table("outcomes", partitions=partitions, **raw)
-        self.suppressed = self.app.GlobalTable("suppressed", partitions=partitions, **raw)
-        ledger_key = s.state_key or s.pseudonym_key
-        self._digest_key = ledger_key.get_secret_value().encode()[:64] if ledger_key is not None else b""
+        self.partitions = partitions
+        ledger_key = s.state_key or s.pseudonym_key  # the user stage's: the same digests
         self.permissions = Permissions(cfg.channel, Pseudonymizer.from_settings(s),
-                                       ErasureLedger(self._digest_key or None))
+                                       ErasureLedger(ledger_key.get_secret_value().encode() if ledger_key else None),
+                                       suppression_key=cfg.unsubscribe_key)
         self.reader = PermissionReader(s, self.permissions)
         self.bucket = outcomes.TokenBucket(cfg.rate_per_s, max(1.0, cfg.rate_per_s), time.monotonic())
         self._started = False
@@ -174,7 +185,7 @@ class ChannelApp:
                     await self.reader.start()
                     self._started = True
                 await self.handle(events)
-            except Exception:  # Kafka refusing the outcomes, a bug: stop, and let the restart take the batch again
+            except BaseException:  # Kafka refusing a write, a bug, a cancellation mid-batch: Faust would ack it
                 log.critical("the %s channel worker stops: a batch could not be completed; its messages are taken "
                              "again after the restart, each still sent once", self.channel, exc_info=True)
                 os._exit(EXIT_BATCH_FAILED)
@@ -210,76 +221,125 @@ class ChannelApp:
                 continue
             seen.add(key)
             expires = msg.get("expires_at")
-            has_expiry = isinstance(expires, (int, float)) and not isinstance(expires, bool)
-            keep = (min(float(expires), now + MAX_KEEP_S) + 3_600.0 if has_expiry and cfg.skip_expired
+            expires = float(expires) if isinstance(expires, (int, float)) and not isinstance(expires, bool) else None
+            keep = (min(expires, now + MAX_KEEP_S) + 3_600.0 if expires is not None and cfg.skip_expired
                     else now + KEEP_WITHOUT_EXPIRY_S)
-            item = _Todo(ev.message.partition, msg, key, keep, doubt=doc is not None)
-            if item.doubt:
-                st.in_doubt += 1
-                if not self.provider.idempotent and await self._settle_doubt(item, now):
-                    continue
-            why = self.permissions.why_not(msg["user_id"]) or self._suppressed_why(msg["user_id"])
-            if why is None and cfg.skip_expired and has_expiry and expires <= now:
-                why = "expired"
-                self._dead(msg, None, ev.key, "expired", f"expired at {expires} before it could be sent", now)
-            if why is not None:
-                st.skipped[why] += 1
-                self._record(item, "skipped", now, why)
-                continue
+            item = _Todo(ev.message.partition, msg, key, keep, doubt=doc is not None,
+                         expires=expires if cfg.skip_expired else None, pending=doc is not None)
+            st.in_doubt += item.doubt
             todo.append(item)
-        if todo:
-            await asyncio.gather(*[self._record(i, "pending", now) for i in todo])
-            await self._send_all(todo)
+        await self._send_all(todo)
         st.batches += 1
         futures, self._futures = self._futures, []
         await asyncio.gather(*futures)
 
-    async def _settle_doubt(self, item: _Todo, now: float) -> bool:
-        """A message left ``pending`` by a crash, on a provider without idempotency: True if settled (the
-        provider took it, or cannot tell: then it is not repeated), False to send it again."""
+    def _blocked(self, item: _Todo, now: float) -> bool:
+        """Whether the message may not go out now (recorded ``skipped`` with the reason); also when a rebalance
+        gave its partition to another worker (then left alone: that worker sends it)."""
+        if TP(self.push_topic.get_topic_name(), item.partition) not in self.app.consumer.assignment():
+            self.stats.revoked += 1
+            return True
+        why = self.permissions.why_not(item.msg["user_id"])
+        if why is None and item.expires is not None and item.expires <= now:
+            why = "expired"
+            self._dead(item.msg, None, None, "expired", f"expired at {item.expires} before it could be sent", now)
+        if why is None:
+            return False
+        self.stats.skipped[why] += 1
+        self._record(item, "skipped", now, why)
+        return True
+
+    async def _send_all(self, todo: list[_Todo]) -> None:
+        """Hand the messages over (see the module's docstring), until each has a final outcome."""
+        cfg, st = self.config, self.stats
+        window = 1 if not (self.provider.idempotent or cfg.status_url) else PENDING_WINDOW
+        delay = cfg.retry_base_s
+        while todo:
+            again: list[_Todo] = []
+            held = False
+            for start in range(0, len(todo), window):
+                now = self.clock()
+                ready = []
+                for item in todo[start:start + window]:
+                    if held:
+                        again.append(item)
+                    elif self._blocked(item, now):
+                        continue
+                    elif item.doubt and not self.provider.idempotent:
+                        settled = await self._settle(item, now)
+                        if settled is None:  # the status API cannot tell now: hold, ask again later
+                            held = True
+                            again.append(item)
+                        elif not settled:
+                            ready.append(item)
+                    else:
+                        ready.append(item)
+                fresh = [i for i in ready if not i.pending]
+                if fresh:
+                    await asyncio.gather(*[self._record(i, "pending", now) for i in fresh])
+                    for i in fresh:
+                        i.pending = True
+                for item in ready:
+                    if held:
+                        again.append(item)
+                        continue
+                    held = await self._hand_over(item, again)
+            todo = again
+            if todo:
+                st.retries += 1
+                st.held += held
+                await asyncio.sleep(delay)
+                delay = min(MAX_BACKOFF_S, delay * 2)
+                await self.reader.sync()
+
+    async def _hand_over(self, item: _Todo, again: list[_Todo]) -> bool:
+        """One message to the provider; True if the service is unreachable or overloaded (hold the rest)."""
+        wait = self.bucket.wait(time.monotonic())
+        if wait > 0:
+            await asyncio.sleep(wait)
+        now = self.clock()
+        if self._blocked(item, now):  # an unsubscribe served, or a rebalance, while this batch ran
+            return False
+        self._crash("before_delivery")
+        item.last = result = await self.provider.send(item.msg, now)
+        now = self.clock()
+        if result.outcome == "accepted":
+            self._crash("after_accept")
+            self._sent(item, now)
+        elif result.outcome == "doubt":  # the data went out and the answer did not come back: ask first
+            item.doubt = True
+            again.append(item)
+        elif result.bounce:
+            self._bounced(item, now)
+        elif result.outcome == "permanent":
+            self._refused(item, now)
+        elif result.service:
+            again.append(item)
+            return True
+        else:
+            item.attempts += 1
+            if item.attempts < self.config.max_attempts:
+                again.append(item)
+            else:
+                self._failed(item, now)
+        return False
+
+    async def _settle(self, item: _Todo, now: float) -> bool | None:
+        """A message in doubt, on a provider without idempotency: True if settled (the provider took it, or
+        there is no way to ask: then not repeated), False to send it, None if the status API cannot tell now."""
         accepted = await self.provider.accepted(item.msg["message_id"])
         if accepted is True:
             self._sent(item, now)
             return True
-        if accepted is None:
-            self._record(item, "unknown", now, "in doubt after a crash; the provider's status is unknown")
-            self._dead(item.msg, None, None, "in_doubt", "the worker stopped while handing the message over and "
-                       "the provider's status API cannot tell whether it was accepted; not repeated", now)
-            return True
-        return False
-
-    async def _send_all(self, todo: list[_Todo]) -> None:
-        cfg, st = self.config, self.stats
-        for attempt in range(cfg.max_attempts):
-            if attempt:
-                st.retries += 1
-                await asyncio.sleep(min(MAX_BACKOFF_S, cfg.retry_base_s * 2 ** (attempt - 1)))
-            again = []
-            for item in todo:
-                wait = self.bucket.wait(time.monotonic())
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                self._crash("before_delivery")
-                now = self.clock()
-                item.last = result = await self.provider.send(item.msg, now)
-                if result.outcome == "accepted":
-                    self._crash("after_accept")
-                    self._sent(item, now)
-                elif result.bounce:
-                    self._bounced(item, now)
-                elif result.outcome == "permanent":
-                    self._refused(item, now)
-                else:
-                    again.append(item)
-            todo = again
-            if not todo:
-                return
-        now = self.clock()
-        for item in todo:
-            st.failed += 1
-            reason = f"gave up after {cfg.max_attempts} attempts; last: {item.last.reason}"
-            self._record(item, "failed", now, reason)
-            self._dead(item.msg, None, None, "gave_up", reason, now)
+        if accepted is False:
+            item.doubt = False
+            return False
+        if self.config.status_url:
+            return None
+        self._record(item, "unknown", now, "in_doubt")
+        self._dead(item.msg, None, None, "in_doubt", "the worker stopped while handing the message over, and "
+                   "no status API (INFOGAP_CHANNEL_STATUS_URL) can tell whether it was taken; not repeated", now)
+        return True
 
     # ------------------------------------------------------------------ outcomes
     def _sent(self, item: _Todo, now: float) -> None:
@@ -290,23 +350,28 @@ class ChannelApp:
 
     def _bounced(self, item: _Todo, now: float) -> None:
         self.stats.bounced += 1
-        reason = item.last.reason
-        self._record(item, "bounced", now, reason)
+        self._record(item, "bounced", now)
         self._emit(item.msg["user_id"], [bounce_event(item.msg, now)])
-        self._dead(item.msg, None, None, "bounced", f"refused for good by the {self.channel} provider: {reason}",
-                   now)
-        self._suppress(item.msg["user_id"], "hard_bounce", now, item.partition)
+        self._dead(item.msg, None, None, "bounced", f"the {self.channel} provider refused the address for good: "
+                   f"{item.last.reason}", now)
+        self._suppress(item.msg["user_id"], "hard_bounce", now)
 
     def _refused(self, item: _Todo, now: float) -> None:
         """The service refused this message for good, not the address: no bounce, no suppression."""
         self.stats.refused += 1
-        reason = item.last.reason
-        self._record(item, "refused", now, reason)
-        self._dead(item.msg, None, None, "refused", f"this message was refused for good by the {self.channel} "
-                   f"provider (the address was not): {reason}", now)
+        self._record(item, "refused", now)
+        self._dead(item.msg, None, None, "refused", f"the {self.channel} provider refused this message for good "
+                   f"(the address stays): {item.last.reason}", now)
+
+    def _failed(self, item: _Todo, now: float) -> None:
+        self.stats.failed += 1
+        self._record(item, "failed", now)
+        self._dead(item.msg, None, None, "gave_up", f"gave up after {item.attempts} attempts; last: "
+                   f"{item.last.reason}", now)
 
     def _record(self, item: _Todo, state: str, now: float, why: str | None = None):
-        """Set the message's outcome; the returned future resolves once Kafka has the changelog record."""
+        """Set the message's outcome (``why``: a code, never a provider's text, which may hold an address); the
+        returned future resolves once Kafka has the changelog record."""
         value = outcomes.encode(state, now, item.partition, item.keep_until, why)
         fut = self.outcomes.send_changelog(item.partition, item.key, value)
         self.outcomes.data[item.key] = value
@@ -320,36 +385,41 @@ class ChannelApp:
 
     def _dead(self, msg, raw, key, code: str, reason: str, now: float) -> None:
         if code not in ("invalid", "expired"):
-            log.warning("message %s to push.dlq: %s", msg and msg.get("message_id"), reason)
+            log.warning("message %s to push.dlq (%s)", msg and msg.get("message_id"), code)
         value = dead_letter(msg, raw, self.channel, code, reason, now)
-        key = msg["user_id"].encode() if msg is not None else key
+        key = msg["user_id"].encode() if msg is not None else (key[:256] if key is not None else None)
         self._futures.append(self.dlq_topic.send_soon(key=key, value=value))
 
     # ------------------------------------------------------------------ suppression
     def suppression_key(self, user_id: str) -> bytes:
         """The suppression list's key of a user on this channel: a keyed digest, never the id."""
-        return hashlib.blake2b(f"{self.channel}|{user_id}".encode(), digest_size=16, key=self._digest_key,
-                               person=b"infogap-suppress").hexdigest().encode()
+        return self.permissions.suppression_key(user_id)
 
-    def _suppressed_why(self, user_id: str) -> str | None:
-        return "suppressed" if self.suppression_key(user_id) in self.suppressed.data else None
-
-    def _suppress(self, user_id: str, why: str, now: float, partition: int = 0):
+    def _suppress(self, user_id: str, why: str, now: float):
+        """Put the user on the suppression list (here at once; every worker on its next read)."""
         key = self.suppression_key(user_id)
-        value = outcomes.compact(orjson.dumps({"why": why, "at": now}))
-        fut = self.suppressed.send_changelog(partition, key, value)
-        self.suppressed.data[key] = value
+        if key in self.permissions.suppressed:
+            return None
+        self.permissions.suppressed.add(key)
+        fut = self.suppressions_topic.send_soon(key=key, value=orjson.dumps({"why": why, "at": now}))
         self._futures.append(fut)
         return fut
 
     async def _forget_expired(self) -> None:
-        """Entries of messages that can no longer be delivered leave the table (and its changelog)."""
+        """Entries of messages that can no longer be delivered leave the table (and its changelog): final ones
+        only (a ``pending`` entry stays until it is settled), of this worker's partitions."""
         now = self.clock()
-        for key, value in list(self.outcomes.data.items()):
-            doc = outcomes.decode(value)
-            if outcomes.expired(doc, now):
-                self.outcomes.send_changelog(int(doc.get("p", 0)), key, None, value_serializer="raw")
-                self.outcomes.data.pop(key, None)
+        mine = {tp.partition for tp in self.app.consumer.assignment() if tp.topic == self.push_topic.get_topic_name()}
+        try:
+            for key, value in list(self.outcomes.data.items()):
+                doc = outcomes.decode(value)
+                p = doc.get("p")
+                if (outcomes.is_final(doc) and outcomes.expired(doc, now) and isinstance(p, int)
+                        and not isinstance(p, bool) and p in mine):
+                    self.outcomes.send_changelog(p, key, None, value_serializer="raw")
+                    self.outcomes.data.pop(key, None)
+        except Exception:  # never fatal: the entries stay until the next pass
+            log.exception("could not drop expired outcomes")
 
     # ------------------------------------------------------------------ crash seam
     def _crash(self, point: str) -> None:
@@ -382,10 +452,11 @@ class ChannelApp:
             async def get(self, request):
                 return self.json({"channel": channel_app.channel, **channel_app.stats.as_dict(),
                                   "outcomes": len(channel_app.outcomes.data),
-                                  "suppressed": len(channel_app.suppressed.data),
+                                  "suppressed": len(channel_app.permissions.suppressed),
                                   "users_with_consent": len(channel_app.permissions)})
 
-        self.app.page("/unsubscribe")(Unsubscribe)
+        if self.channel == "email":  # the only channel whose messages carry unsubscribe links
+            self.app.page("/unsubscribe")(Unsubscribe)
         self.app.page("/stats")(Stats)
 
     async def unsubscribe(self, token: str) -> tuple[int, str]:
@@ -396,10 +467,14 @@ class ChannelApp:
             user_id, channel = unsubscribe.verify(self.config.unsubscribe_key, token, now)
         except ValueError as exc:
             return 400, str(exc).capitalize() + "."
-        if channel == self.channel:
-            await self._suppress(user_id, "unsubscribe", now)
-        await (await self.events_topic.send(key=user_id.encode(),
-                                            value=orjson.dumps(unsubscribe_event(user_id, channel, now))))
+        if self.permissions.ledger.erased(user_id):  # nothing to write about a person erased
+            return 200, f"You are unsubscribed from our {channel} messages."
+        key = self.permissions.suppression_key(user_id, channel)
+        if key not in self.permissions.suppressed:
+            self.permissions.suppressed.add(key)
+            await (await self.suppressions_topic.send(key=key, value=orjson.dumps({"why": "unsubscribe", "at": now})))
+            await (await self.events_topic.send(key=user_id.encode(),
+                                                value=orjson.dumps(unsubscribe_event(user_id, channel, now))))
         return 200, f"You are unsubscribed from our {channel} messages."
 
 

@@ -1,7 +1,9 @@
 """What a channel worker needs beyond the Kafka connection: its provider, its pace, its unsubscribe endpoint."""
 from __future__ import annotations
 
+import os
 import secrets
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -87,11 +89,21 @@ def unsubscribe_key(settings: Settings) -> bytes:
         if key is not None:
             return key.get_secret_value().encode()
     path = Path(settings.local_dir).expanduser() / "unsubscribe.key"
-    try:
-        return bytes.fromhex(path.read_text().strip())
-    except (OSError, ValueError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        key = secrets.token_bytes(32)
-        path.write_text(key.hex())
-        path.chmod(0o600)
-        return key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:  # created once (O_EXCL): workers started together must not each write a key of their own
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_bytes(32).hex())
+    for _ in range(50):  # a worker that lost the race may read before the winner wrote
+        try:
+            key = bytes.fromhex(path.read_text().strip())
+        except ValueError:
+            key = b""
+        if len(key) >= 16:
+            return key
+        time.sleep(0.02)
+    raise ValueError(f"{path} does not hold an unsubscribe key (hex, at least 16 bytes); delete it to make a new "
+                     "one, or set INFOGAP_UNSUBSCRIBE_KEY")

@@ -24,6 +24,8 @@ from infogap.stream.channels.config import ChannelConfig
 _MAIL_POLICY = email.policy.SMTP.clone(max_line_length=998)
 #: A push.dlq record keeps at most this many bytes of a record that was not a push message.
 MAX_RAW_PREVIEW = 4096
+#: A push.dlq record keeps a message whole up to this size as JSON, else a preview of MAX_RAW_PREVIEW bytes.
+MAX_DLQ_MESSAGE_BYTES = 64 * 1024
 
 
 def address_for(user_id: str, domain: str) -> str:
@@ -99,15 +101,21 @@ def bounce_event(msg: Mapping, at: float) -> dict:
 
 def unsubscribe_event(user_id: str, channel: str, at: float) -> dict:
     """The ``unsubscribe`` event of a person who followed a message's unsubscribe link."""
-    digest = hashlib.blake2b(f"{channel}|{user_id}|{at!r}".encode(), digest_size=8).hexdigest()
+    digest = hashlib.blake2b(f"{channel}|{user_id}".encode(), digest_size=8).hexdigest()  # repeats count once
     return {"event_id": f"unsub-{digest}", "user_id": user_id, "type": "unsubscribe",
             "ts": at, "context": {"channel": channel}}
 
 
 def dead_letter(msg: Mapping | None, raw: bytes | None, channel: str, code: str, reason: str, at: float) -> bytes:
-    """A ``push.dlq`` record: the message (or a preview of the raw record), why and when (docs/contracts.md)."""
-    message = msg if msg is not None else (raw or b"")[:MAX_RAW_PREVIEW].decode("utf-8", "replace")
-    return orjson.dumps({"message": message, "channel": channel, "reason": reason, "code": code, "at": at})
+    """A ``push.dlq`` record: the message (or a preview of the raw record), why and when (docs/contracts.md).
+    A message over :data:`MAX_DLQ_MESSAGE_BYTES` as JSON is kept as a preview of its text: the record must stay
+    under the producer's request size."""
+    if msg is not None:
+        text = orjson.dumps(msg)
+        message = msg if len(text) <= MAX_DLQ_MESSAGE_BYTES else text[:MAX_RAW_PREVIEW].decode("utf-8", "replace")
+    else:
+        message = (raw or b"")[:MAX_RAW_PREVIEW].decode("utf-8", "replace")
+    return orjson.dumps({"message": message, "channel": channel, "reason": reason[:1000], "code": code, "at": at})
 
 
 def email_for(msg: Mapping, cfg: ChannelConfig, now: float) -> EmailMessage:

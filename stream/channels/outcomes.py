@@ -47,7 +47,7 @@ def decode(value: bytes | None) -> dict | None:
         doc = orjson.loads(value)
     except orjson.JSONDecodeError:
         doc = None
-    if not isinstance(doc, dict) or doc.get("s") not in STATES:
+    if not isinstance(doc, dict) or not isinstance(doc.get("s"), str) or doc["s"] not in STATES:
         return {"s": "pending", "t": 0.0, "p": 0, "k": float("inf")}
     return doc
 

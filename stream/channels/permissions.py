@@ -1,10 +1,16 @@
-"""Whom a channel worker may still contact: consent from ``users``, erasures from ``erasures``.
+"""Whom a channel worker may still contact: consent from ``users``, erasures from ``erasures``, and the
+suppression list from ``suppressions``.
 
-Every channel worker reads both compacted topics whole, as the user stage does, and reads them up to their
-end offsets again before each batch of messages: a consent withdrawn (an ``unsubscribe`` event, a hard
-bounce, or the app backend's own ``users`` record) or an erasure that is on its topic before a batch starts
-holds for every message of that batch, including messages put on ``push`` before it. Only the channel's
-consent bit is kept per user, under the pseudonymous id ``push`` messages carry.
+Every channel worker reads the three compacted topics whole, as the user stage reads the first two, and reads
+them up to their end offsets again before each batch of messages and each round of retries: a consent
+withdrawn (an ``unsubscribe`` event, a hard bounce, or the app backend's own ``users`` record), an erasure or
+a suppression that is on its topic before then holds for every message after, including messages put on
+``push`` before it. Only the channel's consent bit is kept per user, under the pseudonymous id ``push``
+messages carry.
+
+The suppression list is shared by every channel worker of every channel: its records are keyed by a keyed
+digest of (channel, user id) (:meth:`Permissions.suppression_key`, never the id), written by the worker that
+saw the hard bounce or served the unsubscribe link, and never deleted by infogap.
 
 >>> p = Permissions("email", Pseudonymizer(None), ErasureLedger())
 >>> p.apply_users(b'{"user_id": "u1", "consent": {"email": true}}', b"u1"); p.why_not("u1"), p.why_not("u2")
@@ -14,15 +20,17 @@ consent bit is kept per user, under the pseudonymous id ``push`` messages carry.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from infogap.models.push_policy import UserPrefs
 from infogap.stream import connections
+from infogap.stream.channels import unsubscribe
 from infogap.stream.core.erasures import ErasureLedger
 from infogap.stream.pseudonym import Pseudonymizer
-from infogap.stream.settings import Settings
+from infogap.stream.settings import TOPIC_PARTITIONS, Settings
 
 log = logging.getLogger("infogap.channel")
 
@@ -30,12 +38,29 @@ log = logging.getLogger("infogap.channel")
 class Permissions:
     """The consent of one channel per (pseudonymous) user, and the erasure ledger."""
 
-    def __init__(self, channel: str, pseudonymize: Pseudonymizer, ledger: ErasureLedger):
+    def __init__(self, channel: str, pseudonymize: Pseudonymizer, ledger: ErasureLedger,
+                 suppression_key: bytes = b""):
         self.channel = channel
         self.pseudonymize = pseudonymize
         self.ledger = ledger
         self._consent: dict[str, bool] = {}
+        self._suppression_key = unsubscribe.subkey(suppression_key, b"suppression")
+        self.suppressed: set[bytes] = set()
         self.bad_records = 0
+
+    def suppression_key(self, user_id: str, channel: str | None = None) -> bytes:
+        """The suppression list's key of a user on a channel (this one by default): keyed BLAKE2b, hex."""
+        return hashlib.blake2b(f"{channel or self.channel}|{user_id}".encode(), digest_size=16,
+                               key=self._suppression_key[:64], person=b"infogap-suppress").hexdigest().encode()
+
+    def apply_suppression(self, key: bytes | None, value: bytes | None) -> None:
+        """One ``suppressions`` record (its key is the digest; a tombstone lifts it: an operator's decision)."""
+        if key is None or len(key) != 32:
+            return
+        if value is None:
+            self.suppressed.discard(bytes(key))
+        else:
+            self.suppressed.add(bytes(key))
 
     def __len__(self) -> int:
         return len(self._consent)
@@ -61,11 +86,13 @@ class Permissions:
 
     def why_not(self, user_id: str) -> str | None:
         """Why ``user_id`` may not get a message of this channel now (``erased``, ``no_consent``: none on record,
-        or withdrawn), or None if they may."""
+        or withdrawn; ``suppressed``), or None if they may."""
         if self.ledger.erased(user_id):
             return "erased"
         if not self._consent.get(user_id):
             return "no_consent"
+        if self.suppression_key(user_id) in self.suppressed:
+            return "suppressed"
         return None
 
 
@@ -83,9 +110,13 @@ class PermissionReader:
         self._consumer = connections.consumer(self.settings, group_id=None, enable_auto_commit=False)
         await self._consumer.start()
         parts = []
-        for topic in (t.erasures, t.users):
+        for topic in (t.erasures, t.users, t.suppressions):
             partitions = await connections.wait_partitions(self._consumer, topic)
             parts += [TopicPartition(topic, p) for p in sorted(partitions)]
+        push = await connections.wait_partitions(self._consumer, t.push)
+        if len(push) != TOPIC_PARTITIONS["push"]:  # the outcomes table is partitioned like push, by count
+            raise ValueError(f"topic {t.push} has {len(push)} partitions; channel workers need "
+                             f"{TOPIC_PARTITIONS['push']} (the partitions of their outcomes table)")
         self._consumer.assign(parts)
         await self._consumer.seek_to_beginning(*parts)
         self._parts = parts
@@ -94,7 +125,7 @@ class PermissionReader:
         """Apply every record up to the topics' current end offsets; the number applied."""
         consumer, n = self._consumer, 0
         ends = await consumer.end_offsets(self._parts)
-        erasures = self.settings.topics.erasures
+        erasures, suppressions = self.settings.topics.erasures, self.settings.topics.suppressions
         while True:
             behind = [tp for tp in self._parts if await consumer.position(tp) < ends[tp]]
             if not behind:
@@ -104,6 +135,8 @@ class PermissionReader:
                 for rec in recs:
                     if tp.topic == erasures:
                         self.permissions.ledger.apply_record(rec.key)
+                    elif tp.topic == suppressions:
+                        self.permissions.apply_suppression(rec.key, rec.value)
                     else:
                         self.permissions.apply_users(rec.value, rec.key)
                     n += 1

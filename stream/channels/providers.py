@@ -1,9 +1,16 @@
 """The delivery services a channel worker hands messages to, each answering one message at a time with an
-:class:`Attempt`: ``accepted``, ``transient`` (try again later: SMTP 4xx, HTTP 429/5xx, timeouts, refused
-connections) or ``permanent`` (SMTP 5xx, HTTP 4xx: never again). A permanent failure is a *bounce* when it
-is the address the service refuses (SMTP 5xx to RCPT, such as ``550 user unknown``; HTTP 404 or 410: the
-device or audience member is gone): the person is then suppressed on the channel. When the service refuses
-the message itself (SMTP 5xx to DATA, such as ``552`` too large; other HTTP 4xx), the address stays.
+:class:`Attempt`:
+
+* ``accepted``;
+* ``transient``, about this message (SMTP 4xx to RCPT, such as greylisting; HTTP 408, 409, 425): tried again
+  up to ``max_attempts``; or about the service (refused or lost connections, timeouts, SMTP 421, HTTP 429
+  and 5xx): the worker holds every message until the service answers again, however long;
+* ``permanent`` (SMTP 5xx, other HTTP 4xx, redirects): never again. It is a *bounce* only when the service
+  says the address is gone: an SMTP enhanced status 5.1.x or 5.2.1 to RCPT (``550 5.1.1 user unknown``),
+  HTTP 410, or HTTP 404 with a JSON ``error`` that says unregistered or unknown. Relaying denied, a
+  blocklist, a wrong URL or a message too large say nothing of the person, who is then not suppressed;
+* ``doubt``: the connection broke after the mail's data was sent, so the service may have taken it: the
+  worker asks the status API before sending it again.
 
 * :class:`SmtpProvider` (``email``): SMTP with stdlib smtplib in a thread, one connection kept open. SMTP has
   no idempotency: a message in doubt after a crash is looked up in the service's status API
@@ -15,15 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import smtplib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import quote
 
 import aiohttp
+import orjson
 
 from infogap.stream.channels.config import ChannelConfig
-from infogap.stream.channels.messages import email_for
+from infogap.stream.channels.messages import address_for, email_for
 
 log = logging.getLogger("infogap.channel")
 
@@ -32,19 +41,33 @@ log = logging.getLogger("infogap.channel")
 class Attempt:
     """What the provider said about one message."""
 
-    outcome: str  # "accepted", "transient" or "permanent"
+    outcome: str  # "accepted", "transient", "permanent" or "doubt"
     reason: str = ""
     bounce: bool = False  # permanent, and about the address: the person is suppressed on the channel
+    service: bool = False  # transient, and about the service: hold every message, count no attempt
 
 
 ACCEPTED = Attempt("accepted")
+_ENHANCED = re.compile(r"\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 
-def _smtp_attempt(code: int, text: object, recipient: bool) -> Attempt:
+def smtp_attempt(code: int, text: object, recipient: bool) -> Attempt:
+    """An SMTP reply that is not success, as an :class:`Attempt` (see the module's docstring).
+
+    >>> smtp_attempt(550, b"5.1.1 <u1@example.invalid>: user unknown", recipient=True).bounce
+    True
+    >>> [smtp_attempt(550, t, True).bounce for t in (b"5.7.1 relaying denied", b"user unknown")]
+    [False, False]
+    >>> smtp_attempt(421, b"4.3.2 shutting down", recipient=False).service
+    True
+    """
     detail = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
-    permanent = code >= 500
-    return Attempt("permanent" if permanent else "transient", f"SMTP {code} {detail}"[:300],
-                   bounce=permanent and recipient)
+    reason = f"SMTP {code} {detail}"[:300]
+    if code >= 500:
+        m = _ENHANCED.match(detail)
+        gone = m is not None and (m.group(2) == "1" or (m.group(2), m.group(3)) == ("2", "1"))
+        return Attempt("permanent", reason, bounce=recipient and gone)
+    return Attempt("transient", reason, service=code == 421 or not recipient)
 
 
 class SmtpProvider:
@@ -58,28 +81,43 @@ class SmtpProvider:
         self._http: aiohttp.ClientSession | None = None
 
     async def send(self, msg: Mapping, now: float) -> Attempt:
-        try:
-            mail = email_for(msg, self.cfg, now)
-        except (ValueError, TypeError) as exc:  # a header a mail cannot carry: this message never can
-            return Attempt("permanent", f"cannot build the mail: {exc}"[:300])
-        return await asyncio.to_thread(self._send, mail)
+        try:  # a message whose mail cannot be written (an odd id, a header): this message never can be
+            raw = email_for(msg, self.cfg, now).as_bytes()
+        except Exception as exc:
+            return Attempt("permanent", f"cannot write the mail: {type(exc).__name__}: {exc}"[:300])
+        return await asyncio.to_thread(self._send, raw, address_for(msg["user_id"], self.cfg.email_domain))
 
-    def _send(self, mail) -> Attempt:
+    def _send(self, raw: bytes, to: str) -> Attempt:
+        """One SMTP transaction, step by step: a connection lost after the data went out is ``doubt``."""
         cfg = self.cfg
         try:
             if self._smtp is None:
                 self._smtp = smtplib.SMTP(cfg.smtp_host, cfg.smtp_port, timeout=cfg.smtp_timeout_s)
-            self._smtp.send_message(mail)
-            return ACCEPTED
-        except smtplib.SMTPRecipientsRefused as exc:
-            (code, text), = exc.recipients.values()
-            return _smtp_attempt(code, text, recipient=True)
-        except (smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as exc:
-            self._close()  # the session is mid-transaction: start the next message on a fresh one
-            return _smtp_attempt(exc.smtp_code, exc.smtp_error, recipient=False)
-        except (OSError, smtplib.SMTPException) as exc:  # connection refused, lost or timed out: again later
+                self._smtp.ehlo_or_helo_if_needed()
+            smtp = self._smtp
+            code, text = smtp.mail(cfg.email_from)
+            if code != 250:
+                smtp.rset()
+                return smtp_attempt(code, text, recipient=False)
+            code, text = smtp.rcpt(to)
+            if code not in (250, 251):
+                smtp.rset()
+                return smtp_attempt(code, text, recipient=True)
+        except (OSError, smtplib.SMTPException) as exc:  # refused, lost or timed out before the data: again later
             self._close()
-            return Attempt("transient", f"SMTP {cfg.smtp_host}:{cfg.smtp_port}: {type(exc).__name__}: {exc}"[:300])
+            return Attempt("transient", f"SMTP {cfg.smtp_host}:{cfg.smtp_port}: {type(exc).__name__}: {exc}"[:300],
+                           service=True)
+        try:
+            code, text = smtp.data(raw)
+        except smtplib.SMTPDataError as exc:  # DATA itself refused: nothing was sent
+            self._close()
+            return smtp_attempt(exc.smtp_code, exc.smtp_error, recipient=False)
+        except (OSError, smtplib.SMTPException) as exc:
+            self._close()
+            return Attempt("doubt", f"SMTP connection lost after the data was sent: {type(exc).__name__}")
+        if code != 250:
+            return smtp_attempt(code, text, recipient=False)
+        return ACCEPTED
 
     async def accepted(self, message_id: str) -> bool | None:
         """Whether the service accepted ``message_id``; None when it cannot tell (no status API, unreachable)."""
@@ -88,7 +126,8 @@ class SmtpProvider:
         if self._http is None:
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.cfg.http_timeout_s))
         try:
-            async with self._http.get(self.cfg.status_url + quote(message_id, safe="")) as resp:
+            async with self._http.get(self.cfg.status_url + quote(message_id, safe=""),
+                                      allow_redirects=False) as resp:
                 if resp.status == 200:
                     return True
                 if resp.status == 404:
@@ -117,6 +156,29 @@ class SmtpProvider:
             await self._http.close()
 
 
+def http_attempt(status: int, body: bytes) -> Attempt:
+    """An HTTP answer that is not 2xx, as an :class:`Attempt` (see the module's docstring).
+
+    >>> [http_attempt(404, b'{"error": "unregistered"}').bounce, http_attempt(404, b"404: Not Found").bounce]
+    [True, False]
+    >>> http_attempt(503, b"").service, http_attempt(409, b"").outcome, http_attempt(302, b"").outcome
+    (True, 'transient', 'permanent')
+    """
+    reason = f"HTTP {status} {body[:200].decode('utf-8', 'replace')}"
+    if status in (408, 409, 425):
+        return Attempt("transient", reason)
+    if status == 429 or status >= 500:
+        return Attempt("transient", reason, service=True)
+    gone = status == 410
+    if status == 404:
+        try:
+            error = orjson.loads(body).get("error")
+        except (orjson.JSONDecodeError, AttributeError):
+            error = None
+        gone = isinstance(error, str) and any(w in error.lower() for w in ("unregistered", "unknown"))
+    return Attempt("permanent", reason, bounce=gone)
+
+
 class HttpProvider:
     """An app-push service or an ad platform: ``POST url`` with the message as JSON, ``Idempotency-Key``."""
 
@@ -130,15 +192,15 @@ class HttpProvider:
         if self._http is None:
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
         try:
-            async with self._http.post(self.url, json=dict(msg),
-                                       headers={"Idempotency-Key": msg["message_id"]}) as resp:
+            async with self._http.post(self.url, json=dict(msg), headers={"Idempotency-Key": msg["message_id"]},
+                                       allow_redirects=False) as resp:
                 if 200 <= resp.status < 300:
                     return ACCEPTED
-                text = (await resp.text(errors="replace"))[:200]
-                kind = "transient" if resp.status in (408, 425, 429) or resp.status >= 500 else "permanent"
-                return Attempt(kind, f"HTTP {resp.status} {text}", bounce=resp.status in (404, 410))
+                return http_attempt(resp.status, await resp.content.read(2048))
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            return Attempt("transient", f"{self.url}: {type(exc).__name__}: {exc}"[:300])
+            return Attempt("transient", f"{self.url}: {type(exc).__name__}: {exc}"[:300], service=True)
+        except (TypeError, ValueError) as exc:  # a header value aiohttp will not send: this message never can be
+            return Attempt("permanent", f"cannot send the request: {type(exc).__name__}: {exc}"[:300])
 
     async def accepted(self, message_id: str) -> bool | None:
         return None  # not needed: a message in doubt is sent again under its idempotency key

@@ -30,8 +30,8 @@ from infogap.models.push_policy import CHANNELS
 
 #: Bytes of the HMAC kept in a token (128 bits).
 MAC_BYTES = 16
-#: A token longer than this is refused before it is decoded.
-MAX_TOKEN_CHARS = 512
+#: A token longer than this is refused before it is decoded (an id of 256 characters of 4 UTF-8 bytes fits).
+MAX_TOKEN_CHARS = 1536
 _DOMAIN = b"infogap-unsubscribe\n"
 
 
@@ -43,10 +43,16 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def subkey(key: bytes, purpose: bytes) -> bytes:
+    """A key of its own for one purpose, derived from the worker's unsubscribe key: the token MAC and the
+    suppression digests never share a key with each other, nor with the pseudonyms (HMAC-SHA256 too)."""
+    return hmac.new(key, b"infogap/" + purpose, hashlib.sha256).digest()
+
+
 def sign(key: bytes, user_id: str, channel: str, expires_at: float) -> str:
     """A token for ``user_id`` to leave ``channel`` until ``expires_at`` (epoch seconds)."""
     payload = f"{channel}\n{int(expires_at)}\n{user_id}".encode()
-    mac = hmac.new(key, _DOMAIN + payload, hashlib.sha256).digest()[:MAC_BYTES]
+    mac = hmac.new(subkey(key, b"unsubscribe-token"), _DOMAIN + payload, hashlib.sha256).digest()[:MAC_BYTES]
     return f"{_b64(payload)}.{_b64(mac)}"
 
 
@@ -60,7 +66,7 @@ def verify(key: bytes, token: object, now: float) -> tuple[str, str]:
         payload, mac_raw = _unb64(body), _unb64(mac)
     except ValueError:
         raise invalid from None
-    expected = hmac.new(key, _DOMAIN + payload, hashlib.sha256).digest()[:MAC_BYTES]
+    expected = hmac.new(subkey(key, b"unsubscribe-token"), _DOMAIN + payload, hashlib.sha256).digest()[:MAC_BYTES]
     if not hmac.compare_digest(mac_raw, expected):
         raise invalid
     try:

@@ -10,7 +10,9 @@ worker         read ``events``, ``items``, ``users``, ``cooc``, ``state.users``,
 producers      write ``events`` (the clickstream)
 catalog        write ``items``
 preferences    write ``users``
-channels       read ``push``, write ``events`` (feedback), read the groups ``<consumer_group>.channel.*``
+channels       read ``push``, ``users``, ``erasures``, ``suppressions``; write ``events`` (feedback),
+               ``push.dlq``, ``suppressions``; read the groups ``<consumer_group>.channel.*``; read, write
+               and create the topics ``<consumer_group>.channel.*`` (the Faust apps' changelogs)
 operators      read ``events.dlq`` (optional: no operator principal, no grant)
 =============  ====================================================================================
 
@@ -203,9 +205,12 @@ def bindings(settings: Settings, principals: Principals) -> list[Binding]:
     grant(principals.producers, topic, [t["events"]], write)
     grant(principals.catalog, topic, [t["items"]], write)
     grant(principals.preferences, topic, [t["users"]], write)
-    grant(principals.channels, topic, [t["push"]], read)
-    grant(principals.channels, topic, [t["events"]], write)
+    grant(principals.channels, topic, [t[n] for n in ("push", "users", "erasures", "suppressions")], read)
+    grant(principals.channels, topic, [t[n] for n in ("events", "push.dlq", "suppressions")], write)
     grant(principals.channels, grp, [f"{group}.channel."], read, pre)
+    # the Faust apps' own topics: the outcomes changelogs and the assignor's, named after their group
+    for op in (read, write, OPERATION["CREATE"]):
+        grant(principals.channels, topic, [f"{group}.channel."], op, pre)
     grant(principals.operators, topic, [t["events.dlq"]], read)
     return list(dict.fromkeys(out))
 

@@ -20,6 +20,7 @@ import orjson
 import pytest
 
 from infogap.stream import connections
+from infogap.stream.channels.app import EXIT_BATCH_FAILED
 from infogap.stream.tools.provider_standin import ProviderStandIn
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import free_port, produce, read_topic, running_worker
@@ -192,6 +193,9 @@ async def test_a_hard_bounce_is_reported_dead_lettered_and_suppresses_the_user(s
     await wait_for(lambda: (worker.stats() or {}).get("skipped", {}).get("suppressed") == 1,
                    what="the next message to the bounced user suppressed")
     assert [a["user_id"] for a in standin.attempts if a["user_id"] == "gone"] == ["gone"]  # never tried again
+    (entry,) = await read_topic(settings, settings.topics.suppressions, until=lambda rs: len(rs) >= 1)
+    assert len(entry.key) == 32 and b"gone" not in entry.key + entry.value  # a keyed digest, never the id
+    assert orjson.loads(entry.value)["why"] == "hard_bounce"
 
 
 async def test_transient_failures_are_retried_with_backoff_then_dead_lettered(settings, standin, channels):
@@ -343,3 +347,50 @@ async def test_a_refused_address_is_a_bounce_but_a_refused_message_is_not(standi
     finally:
         await app.close()
     assert (unregistered.bounce, bad.outcome, bad.bounce) == (True, "permanent", False)
+
+
+async def test_a_stop_or_a_second_worker_mid_batch_loses_and_repeats_nothing(settings, standin, channels):
+    """SIGTERM in the middle of a batch (every deploy): the worker ends the batch, then stops. A second worker
+    joining while the first is sending (a rebalance): partitions move. Each message goes out once."""
+    now = time.time()
+    users = [f"w{i}" for i in range(32)]
+    await consent(settings, *users)
+    msgs = [push(f"m-w{i}", u, now=now) for i, u in enumerate(users)]
+    await produce(settings, settings.topics.push, [(m["user_id"], m) for m in msgs[:16]])
+    first = channels("email", INFOGAP_CHANNEL_RATE_PER_S='{"email": 4}')
+    first.start()
+    await wait_for(lambda: len(standin.accepted("email")) >= 3, deadline_s=40, what="three mails")
+    first.proc.send_signal(signal.SIGTERM)
+    first.proc.wait(60)
+    assert first.proc.returncode in (0, EXIT_BATCH_FAILED), first.tail()
+    assert all(standin.count(m["message_id"]) <= 1 for m in msgs)
+
+    await produce(settings, settings.topics.push, [(m["user_id"], m) for m in msgs[16:]])
+    first.start()
+    await wait_for(lambda: len(standin.accepted("email")) >= 20, deadline_s=40, what="twenty mails")
+    second = channels("email", INFOGAP_CHANNEL_RATE_PER_S='{"email": 4}', INFOGAP_CHANNEL_INSTANCE_ID="test-email-2")
+    second.start()  # joins the group: partitions move while the first is sending
+    group = f"{settings.consumer_group}.channel.email"
+    await wait_for(lambda: all_committed(settings, group), deadline_s=90, what="every push record committed")
+    assert {m["message_id"]: standin.count(m["message_id"]) for m in msgs} == {m["message_id"]: 1 for m in msgs}
+
+
+async def test_an_outage_of_the_email_service_holds_messages_until_it_is_back(settings, channels, tmp_path):
+    """Refused connections are the service's, not the messages': no attempt is counted, nothing is given up."""
+    now = time.time()
+    port = free_port()
+    await consent(settings, "oli", "pat")
+    with ProviderStandIn(smtp_port=free_port()) as status:  # the status API stays up; SMTP is down at first
+        worker = channels("email", INFOGAP_CHANNEL_SMTP_PORT=port, INFOGAP_CHANNEL_MAX_ATTEMPTS=2,
+                          INFOGAP_CHANNEL_STATUS_URL=status.status_url)
+        worker.start()
+        await produce(settings, settings.topics.push, [(u, push(f"m-{u}", u, now=now)) for u in ("oli", "pat")])
+        await wait_for(lambda: ((worker.stats() or {}).get("held") or 0) >= 3, deadline_s=40,
+                       what="three rounds held while the service is down")
+        with ProviderStandIn(smtp_port=port) as back:
+            await wait_for(lambda: back.count("m-oli") == 1 and back.count("m-pat") == 1, deadline_s=60,
+                           what="both mails once the service is back")
+        stats = worker.stats()
+        assert (stats["sent"], stats["failed"]) == (2, 0), stats
+    dlq = await read_topic(settings, settings.topics.push_dlq, deadline_s=2)
+    assert dlq == []

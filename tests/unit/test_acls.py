@@ -26,8 +26,10 @@ def test_each_role_gets_exactly_its_grants():
     expected |= {("w", "READ", "g", "LITERAL"), ("w", "READ", "g.items", "LITERAL")}
     expected |= {("a", "WRITE", "p.events", "LITERAL"), ("b", "WRITE", "p.events", "LITERAL"),
                  ("c", "WRITE", "p.items", "LITERAL"), ("pr", "WRITE", "p.users", "LITERAL"),
-                 ("ch", "READ", "p.push", "LITERAL"), ("ch", "WRITE", "p.events", "LITERAL"),
                  ("ch", "READ", "g.channel.", "PREFIXED"), ("ops", "READ", "p.events.dlq", "LITERAL")}
+    expected |= {("ch", "READ", t, "LITERAL") for t in ["p.push", "p.users", "p.erasures", "p.suppressions"]}
+    expected |= {("ch", "WRITE", t, "LITERAL") for t in ["p.events", "p.push.dlq", "p.suppressions"]}
+    expected |= {("ch", op, "g.channel.", "PREFIXED") for op in ("READ", "WRITE", "CREATE")}  # Faust's own topics
     assert _grants() == expected
     writers = {who for who, op, name, _ in _grants() if op == "WRITE" and name in internal}
     assert writers == {"w"}

@@ -64,7 +64,7 @@ def test_a_push_record_that_could_inject_headers_is_refused_before_any_mail_is_b
 
 def test_outcomes_decode_anything_unreadable_as_in_doubt_never_as_not_sent():
     assert outcomes.decode(None) is None
-    for junk in (b"", b"[]", b'{"s": "maybe"}', b"\xff"):
+    for junk in (b"", b"[]", b'{"s": "maybe"}', b"\xff", b'{"s": []}', b'{"s": {}}'):
         assert outcomes.decode(junk)["s"] == "pending" and not outcomes.is_final(outcomes.decode(junk))
     sent = outcomes.decode(outcomes.encode("sent", NOW, 3, NOW + 10, "x" * 500))
     assert outcomes.is_final(sent) and sent["p"] == 3 and len(sent["why"]) == 200
@@ -81,7 +81,7 @@ def test_the_token_bucket_paces_to_its_rate_after_the_burst():
 
 def test_permissions_follow_consent_tombstones_erasures_and_pseudonyms():
     ledger = ErasureLedger(KEY)
-    p = Permissions("app", Pseudonymizer("a pseudonym key of 32 bytes....."), ledger)
+    p = Permissions("app", Pseudonymizer("a pseudonym key of 32 bytes....."), ledger, suppression_key=KEY)
     p.apply_users(b'{"user_id": "u1", "consent": {"app": true, "email": false}}', b"u1")
     p.apply_users(b'{"user_id": "u2", "consent": {"email": true}}', b"u2")
     p.apply_users(b'{"user_id": "victim", "consent": {"app": true}}', b"mallory")  # key mismatch: ignored
@@ -90,8 +90,13 @@ def test_permissions_follow_consent_tombstones_erasures_and_pseudonyms():
     assert (p.why_not(u1), p.why_not(p.pseudonymize("u2")), p.why_not(p.pseudonymize("victim"))) == (
         None, "no_consent", "no_consent")
     assert p.bad_records == 2
+    p.apply_suppression(p.suppression_key(u1), b"{}")
+    assert p.why_not(u1) == "suppressed" and p.suppression_key(u1, "email") != p.suppression_key(u1)
+    assert len(p.suppression_key(u1)) == 32 and u1.encode() not in p.suppression_key(u1)
     ledger.add(u1)
     assert p.why_not(u1) == "erased"
+    p.apply_suppression(p.suppression_key(u1), None)  # a tombstone lifts it
+    assert not p.suppressed
 
 
 def test_reports_name_the_message_and_keep_raw_records_short():
@@ -101,3 +106,5 @@ def test_reports_name_the_message_and_keep_raw_records_short():
     import orjson
     doc = orjson.loads(dead_letter(None, b"x" * 10_000, "email", "invalid", "not a push message", NOW))
     assert len(doc["message"]) == 4096 and doc["code"] == "invalid"
+    big = orjson.loads(dead_letter(msg(reason="y" * 100_000), None, "email", "expired", "late", NOW))
+    assert isinstance(big["message"], str) and len(big["message"]) == 4096
