@@ -42,7 +42,7 @@ from infogap.stream.store import open_store
 from infogap.stream.tools.synthetic import SyntheticStream
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -64,7 +64,7 @@ class WorkerProcess:
 
     def __init__(self, settings: Settings, log_path: Path, extra_env: dict[str, str] | None = None):
         self.settings = settings
-        self.port = _free_port()
+        self.port = free_port()
         env = {**os.environ, **connections.child_env(settings), "INFOGAP_TOPIC_PREFIX": settings.topic_prefix,
                "INFOGAP_CONSUMER_GROUP": settings.consumer_group, "INFOGAP_REDIS_PREFIX": settings.redis_prefix,
                "INFOGAP_HTTP_HOST": "127.0.0.1", "INFOGAP_HTTP_PORT": str(self.port), **(extra_env or {})}

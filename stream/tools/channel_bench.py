@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,13 +21,8 @@ import orjson
 from infogap.stream import connections
 from infogap.stream.settings import Settings
 from infogap.stream.tools import local
+from infogap.stream.tools.bench import free_port
 from infogap.stream.tools.provider_standin import ProviderStandIn
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def _produce(settings: Settings, topic: str, records) -> None:
@@ -75,7 +69,7 @@ async def once(settings: Settings, channel: str, messages: int, out: Path) -> di
                "INFOGAP_CHANNEL_SMTP_PORT": str(standin.smtp_port), "INFOGAP_CHANNEL_STATUS_URL": standin.status_url,
                "INFOGAP_CHANNEL_APP_URL": standin.app_url, "INFOGAP_CHANNEL_ADS_URL": standin.ads_url,
                "INFOGAP_CHANNEL_RATE_PER_S": orjson.dumps({channel: 1e9}).decode(),
-               "INFOGAP_CHANNEL_WEB_PORT": str(_free_port()), "INFOGAP_CHANNEL_BATCH_MAX_RECORDS": "500"}
+               "INFOGAP_CHANNEL_WEB_PORT": str(free_port()), "INFOGAP_CHANNEL_BATCH_MAX_RECORDS": "500"}
         proc = subprocess.Popen([sys.executable, "-m", "infogap.stream.tools.cli", "--log-level", "WARNING",
                                  "channel", channel], env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
