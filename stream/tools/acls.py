@@ -38,7 +38,8 @@ protocol classes (version 1, which Kafka 2.0 to 4.x accept).
 [('t.events', 'WRITE')]
 >>> [b.resource_name for b in bs if b.operation_name == "WRITE" and b.resource_name == "t.state.users"]
 ['t.state.users']
->>> {b.principal for b in bs if b.operation_name == "WRITE" and b.resource_name in protected_topics(Settings(topic_prefix="t."))}
+>>> internal = protected_topics(Settings(topic_prefix="t."))
+>>> {b.principal for b in bs if b.operation_name == "WRITE" and b.resource_name in internal}
 {'User:w'}
 """
 from __future__ import annotations
