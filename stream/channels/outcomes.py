@@ -6,8 +6,9 @@ The table (a Faust table, backed by a compacted changelog topic) maps a ``messag
   *before* the provider sees the message: a worker that finds ``pending`` after a restart knows the message
   may have been accepted, and asks the provider (``status_url``) or repeats it under the same idempotency key;
 * ``sent``, ``bounced`` (the address refused for good), ``refused`` (the message refused for good),
-  ``failed`` (transient failures until ``max_attempts``), ``skipped`` (no consent, suppressed, erased, expired) and ``unknown`` (in doubt, with no way to ask the
-  provider: not repeated, so at most once): final, the message is never handed over again.
+  ``failed`` (transient failures until ``max_attempts``), ``skipped`` (no consent, suppressed, erased,
+  expired) and ``unknown`` (in doubt, with no way to ask the provider: not repeated, so at most once): final,
+  the message is never handed over again.
 
 Values are small JSON objects (``{"s": state, "t": time, "p": partition, "k": keep until}``); a value that does
 not decode is taken as ``pending`` (in doubt), never as "not sent".

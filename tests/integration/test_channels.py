@@ -235,7 +235,8 @@ async def test_the_rate_limit_paces_deliveries(settings, standin, channels):
     users = [f"r{i}" for i in range(12)]
     await consent(settings, *users)
     channels("ads", INFOGAP_CHANNEL_RATE_PER_S='{"ads": 4}').start()
-    await produce(settings, settings.topics.push, [(u, push(f"m-r{i}", u, "ads", now=now)) for i, u in enumerate(users)])
+    await produce(settings, settings.topics.push,
+                  [(u, push(f"m-r{i}", u, "ads", now=now)) for i, u in enumerate(users)])
     await wait_for(lambda: len(standin.accepted("ads")) == 12, deadline_s=40, what="12 ad messages")
     times = [a["accepted_at"] for a in standin.accepted("ads")]
     # 4 per second with a burst of 4: the last of 12 comes at least (12 - 4) / 4 = 2 s after the first
@@ -307,8 +308,8 @@ async def test_an_unsubscribe_event_stops_a_message_already_on_push_through_the_
         await produce(settings, settings.topics.events, [("pia", event)])
 
         def email_off(recs) -> bool:
-            return any(r.key == b"pia" and r.value is not None and orjson.loads(r.value)["consent"].get("email") is False
-                       for r in recs)
+            return any(r.key == b"pia" and r.value is not None
+                       and orjson.loads(r.value)["consent"].get("email") is False for r in recs)
 
         users = await read_topic(settings, settings.topics.users, until=email_off, deadline_s=15)
         assert email_off(users)
