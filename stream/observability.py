@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import orjson
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
 from infogap.models.events import REASON_CODES, ReasonCode
@@ -96,6 +96,7 @@ class WorkerStats:
     redis_rematerialisations: int = 0
     redis_keys_rematerialised: int = 0
     redis_rematerialise_pending: int = 0  # users and rows still to write again (0: Redis is whole)
+    checkpoints: int = 0  # checkpoints written (snapshots of this worker's partitions, then the commit)
     checkpoint_seconds: float = 0.0  # how long the last checkpoint took (snapshot of every partition + commit)
     checkpoint_locked_seconds: float = 0.0  # the part of it that held batches back (taking the state)
     last_batch_s: float = 0.0
@@ -148,6 +149,8 @@ class StatsCollector:
                                  ("consent_withdrawn", "users records written with a channel's consent turned "
                                   "off (unsubscribe and push_bounce events)", s.consent_withdrawn),
                                  ("batches", "micro-batches processed", s.batches),
+                                 ("checkpoints", "checkpoints written (state snapshots, then the offsets)",
+                                  s.checkpoints),
                                  ("recs_written", "ig:recs documents written", s.recs_written),
                                  ("redis_retries", "Redis writes retried after an error", s.redis_retries),
                                  ("kafka_retries", "Kafka operations retried after an error", s.kafka_retries),
@@ -179,6 +182,10 @@ class StatsCollector:
         yield GaugeMetricFamily("infogap_experiment_overflow", "feedback events of the partitions this worker owns "
                                 "past INFOGAP_EXPERIMENT_MAX_SEGMENTS, not counted", value=s.experiment_overflow)
         yield GaugeMetricFamily("infogap_consumer_lag", "records behind the end of the events topic", value=s.lag)
+        yield GaugeMetricFamily("infogap_checkpoint_seconds", "how long the last checkpoint took",
+                                value=s.checkpoint_seconds)
+        yield GaugeMetricFamily("infogap_checkpoint_locked_seconds", "the part of the last checkpoint that held "
+                                "batches back", value=s.checkpoint_locked_seconds)
         yield GaugeMetricFamily("infogap_redis_rematerialise_pending", "users and neighbour rows still to write "
                                 "again after a Redis data loss (0: nothing pending)",
                                 value=s.redis_rematerialise_pending)
@@ -232,6 +239,7 @@ def build_app(stats: WorkerStats, checks: dict[str, Callable[[], Awaitable[bool 
     findings (see :func:`health_report`)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StatsCollector(stats))
+    ProcessCollector(registry=registry)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
 
     async def health(_request: web.Request) -> web.Response:
         ok, body = await health_report(checks, faults)

@@ -319,6 +319,7 @@ class Worker:
                 log.warning("could not commit offsets after a checkpoint (%s); the snapshots hold them",
                             type(exc).__name__)
             self.stats.checkpoint_seconds = time.perf_counter() - t0
+            self.stats.checkpoints += 1
             log.info("checkpoint: %d bytes, offsets %s (%.2f s, %.3f s of it holding batches)", size,
                      {tp.partition: o for tp, o in offsets.items()}, self.stats.checkpoint_seconds,
                      self.stats.checkpoint_locked_seconds)

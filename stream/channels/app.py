@@ -44,6 +44,8 @@ from pathlib import Path
 import faust
 import orjson
 from faust.types import TP
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from infogap.stream import connections
 from infogap.stream.channels import outcomes, unsubscribe
@@ -455,9 +457,18 @@ class ChannelApp:
                                   "suppressed": len(channel_app.permissions.suppressed),
                                   "users_with_consent": len(channel_app.permissions)})
 
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_StatsCollector(self))
+        ProcessCollector(registry=registry)
+
+        class Metrics(faust.web.View):
+            async def get(self, request):
+                return self.bytes(generate_latest(registry), content_type="text/plain; version=0.0.4")
+
         if self.channel == "email":  # the only channel whose messages carry unsubscribe links
             self.app.page("/unsubscribe")(Unsubscribe)
         self.app.page("/stats")(Stats)
+        self.app.page("/metrics")(Metrics)
 
     async def unsubscribe(self, token: str) -> tuple[int, str]:
         """Act on a one-click unsubscribe: suppress the user on the token's channel, and report an
@@ -476,6 +487,34 @@ class ChannelApp:
             await (await self.events_topic.send(key=user_id.encode(),
                                                 value=orjson.dumps(unsubscribe_event(user_id, channel, now))))
         return 200, f"You are unsubscribed from our {channel} messages."
+
+
+class _StatsCollector:
+    """A channel worker's :class:`ChannelStats` for Prometheus, read at scrape time. Label values come from a
+    fixed set (outcomes, skip reasons), never from input."""
+
+    def __init__(self, channel_app: ChannelApp):
+        self.app = channel_app
+
+    def collect(self):
+        st, channel = self.app.stats, self.app.channel
+        messages = CounterMetricFamily("infogap_channel_messages", "push messages of this channel by outcome "
+                                       "(sent, bounced, refused, failed, skipped_<reason>, duplicate, invalid)",
+                                       labels=["channel", "outcome"])
+        for outcome, n in (("sent", st.sent), ("bounced", st.bounced), ("refused", st.refused),
+                           ("failed", st.failed), ("duplicate", st.duplicates), ("invalid", st.invalid),
+                           *((f"skipped_{why}", n) for why, n in st.skipped.items())):
+            messages.add_metric([channel, outcome], n)
+        yield messages
+        for name, doc, value in (("channel_retry_rounds", "rounds of retries (transient failures, outages)",
+                                  st.retries),
+                                 ("channel_held_rounds", "rounds held because the service was unreachable or "
+                                  "overloaded", st.held),
+                                 ("channel_in_doubt", "messages found pending after a restart", st.in_doubt),
+                                 ("channel_batches", "batches of push records completed", st.batches)):
+            family = CounterMetricFamily(f"infogap_{name}", doc, labels=["channel"])
+            family.add_metric([channel], value)
+            yield family
 
 
 def _page(text: str, extra: str = "") -> str:

@@ -299,3 +299,26 @@ def test_k8s_runs_the_user_and_item_stages_as_two_deployments(k8s):
     (c,) = items["spec"]["template"]["spec"]["containers"]
     assert c["image"] == _worker_container(k8s)["image"]
     assert c["readinessProbe"]["httpGet"]["path"] == "/health"
+
+
+def test_compose_prometheus_and_grafana_are_provisioned_with_what_exists(compose):
+    """Grafana loads the dashboard from the mounted folder through the datasource uid it names; Prometheus scrapes
+    the services that exist, on the ports they serve."""
+    import json
+
+    services = compose["services"]
+    for name in ("prometheus", "grafana"):
+        for volume in services[name]["volumes"]:
+            assert (DEPLOY / volume.split(":")[0]).exists(), volume
+        assert all(p.startswith("127.0.0.1:") for p in services[name]["ports"]), "bound to loopback only"
+    dash = json.loads((DEPLOY / "grafana" / "dashboards" / "infogap.json").read_text())
+    source = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    uids = {d["uid"] for d in source["datasources"]}
+    assert {t["datasource"]["uid"] for p in dash["panels"] for t in p["targets"]} <= uids
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
+    jobs = {j["job_name"]: j for j in scrape}
+    (worker_sd,) = jobs["infogap-workers"]["dns_sd_configs"]
+    assert worker_sd["names"] == ["worker"] and str(worker_sd["port"]) == _env(services["worker"])["INFOGAP_HTTP_PORT"]
+    for target in jobs["infogap-channels"]["static_configs"][0]["targets"]:
+        host, port = target.split(":")
+        assert _env(services[host])["INFOGAP_CHANNEL_WEB_PORT"] == port
