@@ -183,6 +183,27 @@ class PushMessage:
                 "variant": self.variant, "created_at": self.created_at, "expires_at": self.expires_at}
 
 
+#: Why a push was held back: no material change of the top-N; no consent (the channel's, or a user without
+#: preferences); the user's quiet hours; the channel's daily cap; every item pushed within the repeat window;
+#: a message over ``max_message_bytes`` even with one item; nothing ranked.
+RULES = ("no_change", "no_consent", "quiet_hours", "daily_cap", "repeat", "too_large", "no_recommendations")
+
+
+@dataclass(frozen=True, slots=True)
+class PushDecision:
+    """One push decision: ``message`` sent on ``channel``, or held back by ``rule`` (one of :data:`RULES`);
+    ``channel`` is None when the rule held for every channel. ``at`` is the event time it was decided at."""
+
+    channel: str | None
+    rule: str | None
+    at: float
+    message: PushMessage | None = None
+
+    @property
+    def sent(self) -> bool:
+        return self.message is not None
+
+
 def in_quiet_hours(local_hour: int, quiet: tuple[int, int] | None) -> bool:
     """True if ``local_hour`` falls in ``[start, end)``, wrapping past midnight when start > end.
 
@@ -277,14 +298,31 @@ class PushPolicy:
 
     def decide(self, prefs: UserPrefs | None, recs: Sequence, now: float,
                variant: str | None = None, title: Callable[[str], str] | None = None) -> list[PushMessage]:
-        """Messages to send now for ``prefs.user_id`` given their fresh top-N (may be empty).
+        """Messages to send now for ``prefs.user_id`` given their fresh top-N (may be empty): the messages of
+        :meth:`decisions`."""
+        if prefs is None or not recs:  # most users ranked have no preferences: no decision to build
+            return []
+        return [d.message for d in self.decisions(prefs, recs, now, variant, title) if d.message is not None]
+
+    def decisions(self, prefs: UserPrefs | None, recs: Sequence, now: float, variant: str | None = None,
+                  title: Callable[[str], str] | None = None) -> list[PushDecision]:
+        """What was decided for ``prefs.user_id`` given their fresh top-N, and why: a message per channel sent,
+        or the rule that held it back (:data:`RULES`). One decision without a channel when the rule holds for
+        all (``no_change``, ``quiet_hours``, ``no_consent`` for every channel, nothing to rank).
 
         ``title`` names an item for the person who reads the message (e.g.
         :meth:`infogap.models.engine.Engine.title`): each item then carries its ``title``, and the message's
         reason names the first item by it instead of by its id.
+
+        >>> policy = PushPolicy(PushConfig(min_new_items=1, daily_cap={"email": 1, "app": 0}))
+        >>> prefs = UserPrefs("u1", {"email": True, "app": True}, quiet_hours=None)
+        >>> [(d.channel, d.rule) for d in policy.decisions(prefs, [("sku-1", 0.9, "popular")], now=1732446000.0)]
+        [('email', None), ('app', 'daily_cap'), ('ads', 'no_consent')]
+        >>> [(d.channel, d.rule) for d in policy.decisions(prefs, [("sku-1", 0.9, "popular")], now=1732446060.0)]
+        [(None, 'no_change')]
         """
         if prefs is None or not recs:
-            return []
+            return [PushDecision(None, "no_recommendations" if prefs is not None else "no_consent", now)]
         cfg = self.config
         recs = [r if isinstance(r, tuple) else (r.item_id, r.score, r.reason) for r in recs]
         state = self._users.get(prefs.user_id)
@@ -294,34 +332,40 @@ class PushPolicy:
         changed = len(top - state.last_top) >= min(cfg.min_new_items, len(top))
         state.last_top = top
         if not changed:
-            return []
-        channels = [c for c in CHANNELS if prefs.consent.get(c) is True and cfg.daily_cap.get(c, 0) > 0]
-        if not channels:
-            return []
+            return [PushDecision(None, "no_change", now)]
+        consented = [c for c in CHANNELS if prefs.consent.get(c) is True]
+        if not consented:
+            return [PushDecision(None, "no_consent", now)]
         local = datetime.fromtimestamp(now, tz=timezone.utc).astimezone(ZoneInfo(prefs.timezone))
         if in_quiet_hours(local.hour, prefs.quiet_hours):
-            return []
+            return [PushDecision(None, "quiet_hours", now)]
         horizon = now - cfg.repeat_window_s
         state.pushed_at = {i: t for i, t in state.pushed_at.items() if t >= horizon}
         fresh = [r for r in recs if r[0] not in state.pushed_at][: cfg.items_per_push]
         if not fresh:
-            return []
+            return [PushDecision(None, "repeat", now)]
         day = local.date().isoformat()
         out = []
-        for channel in channels:
+        for channel in CHANNELS:
+            if channel not in consented:
+                out.append(PushDecision(channel, "no_consent", now))
+                continue
             sent_day, count = state.sent_today.get(channel, (day, 0))
             if sent_day != day:
                 count = 0
-            if count >= cfg.daily_cap[channel]:
+            if count >= cfg.daily_cap.get(channel, 0):
+                out.append(PushDecision(channel, "daily_cap", now))
                 continue
             message = self._message(prefs.user_id, channel, fresh, now, variant, title)
             if message is None:  # cannot fit max_message_bytes even with one item: not sent, not counted
+                out.append(PushDecision(channel, "too_large", now))
                 continue
             state.sent_today[channel] = (day, count + 1)
-            out.append(message)
-        for message in out:  # the items sent (a message cut to its size limit holds fewer)
-            for it in message.items:
-                state.pushed_at[it["item_id"]] = now
+            out.append(PushDecision(channel, None, now, message))
+        for d in out:  # the items sent (a message cut to its size limit holds fewer)
+            if d.message is not None:
+                for it in d.message.items:
+                    state.pushed_at[it["item_id"]] = now
         return out
 
     def _message(self, user_id: str, channel: str, fresh: list, now: float, variant: str | None,

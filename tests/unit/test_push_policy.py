@@ -80,3 +80,36 @@ def test_a_message_names_its_items_by_title_for_the_person_who_reads_it():
 def test_bad_users_records_are_explained(doc, reason):
     with pytest.raises(ValueError, match=reason):
         UserPrefs.from_record(doc)
+
+
+def test_each_decision_names_the_rule_that_held_a_push_back():
+    """What a person looking at one user would ask: why did she get no email today? Each decision says it."""
+    from infogap.models.push_policy import RULES
+
+    p = PushPolicy(PushConfig(min_new_items=1, daily_cap={"email": 1, "app": 3, "ads": 5}))
+    u = prefs()
+
+    def why(items, at, who=u):
+        return [(d.channel, d.rule, d.sent) for d in p.decisions(who, recs(*items), now=at)]
+
+    assert why(["a"], NOON_UTC) == [("email", None, True), ("app", None, True), ("ads", "no_consent", False)]
+    assert why(["a"], NOON_UTC + 60) == [(None, "no_change", False)]
+    assert why(["a", "b"], NOON_UTC + 120) == [("email", "daily_cap", False), ("app", None, True),
+                                              ("ads", "no_consent", False)]
+    assert why(["c"], NOON_UTC + 11 * 3600) == [(None, "quiet_hours", False)]  # 23:00 UTC
+    assert why(["a"], NOON_UTC + 22 * 3600) == [(None, "repeat", False)]  # 'a' pushed within the repeat window
+    assert why(["d"], NOON_UTC + 240, prefs(consent={"email": False})) == [(None, "no_consent", False)]
+    assert why([], NOON_UTC + 300) == [(None, "no_recommendations", False)]
+    assert p.decisions(None, recs("e"), now=NOON_UTC)[0].rule == "no_consent"
+    big = PushPolicy(PushConfig(min_new_items=1, max_message_bytes=10))
+    assert {d.rule for d in big.decisions(u, recs("a"), now=NOON_UTC) if d.channel != "ads"} == {"too_large"}
+    assert {d.rule for d in p.decisions(u, recs("z1", "z2"), now=NOON_UTC + 400)} <= set(RULES) | {None}
+
+
+def test_decide_is_the_messages_of_the_decisions():
+    a, b = PushPolicy(PushConfig(min_new_items=1)), PushPolicy(PushConfig(min_new_items=1))
+    for k, items in enumerate([["a"], ["a", "b"], ["c"], ["c", "d", "e"]]):
+        at = NOON_UTC + 60 * k
+        sent = [d.message for d in b.decisions(prefs(), recs(*items), now=at) if d.sent]
+        assert a.decide(prefs(), recs(*items), now=at) == sent
+    assert a.to_state() == b.to_state()
