@@ -39,6 +39,7 @@ from infogap.stream.item_stage import ItemStage
 from infogap.stream.neighbour_cache import NeighbourCache
 from infogap.stream.observability import WorkerStats, build_app, serve
 from infogap.stream.settings import Settings
+from infogap.stream.side_topics import SideTopics
 from infogap.stream.snapshots import SnapshotError, SnapshotStore, SnapshotTurns, snapshot_bytes
 from infogap.stream.store import Store, StoreUnavailable, WrongTypeError, open_store
 
@@ -100,12 +101,9 @@ class Worker:
         #: this process consumes events (the user stage) / cooc (the item stage); one deployment needs both
         self.run_users, self.run_items = "users" in stages, "items" in stages
         self._consumer: AIOKafkaConsumer | None = None
-        self._side: AIOKafkaConsumer | None = None
-        self._side_ends: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         #: the read model (Redis, Redis Cluster; from the settings unless given)
         self.store: Store | None = store
-        self._side_parts: list[TopicPartition] = []
         self.items: ItemStage | None = None
         #: held by a batch from ingest to its last produce, and by checkpoints: a rebalance waits for the
         #: batch in flight, so a partition's co-occurrence updates are all sent before its new owner sends any
@@ -151,13 +149,7 @@ class Worker:
                 s, group_id=s.consumer_group,
                 enable_auto_commit=False, auto_offset_reset="earliest",
                 max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=32 * 1024 * 1024)
-        # items and users, read whole; _side_ends only asks their end offsets before each batch, on a
-        # connection of its own: the broker answers a connection's requests in order, and on the fetching
-        # one each answer waited behind a long poll (20 ms a batch with fetch_max_wait_ms=20, 0.2-0.5 s
-        # with the default), the largest fixed cost of a small batch
-        self._side = connections.consumer(s, group_id=None, enable_auto_commit=False,
-                                          auto_offset_reset="earliest", fetch_max_wait_ms=20)
-        self._side_ends = connections.consumer(s, group_id=None, enable_auto_commit=False)
+        self._side = SideTopics(s, (self.topics.erasures, self.topics.items, self.topics.users))
         self._snapshots = (SnapshotStore(s, self.topics.state_users, "users")
                            if s.snapshot_interval_s > 0 and self.run_users else None)
         self._cache = NeighbourCache(self.store, s.neighbour_cache_items,
@@ -241,7 +233,7 @@ class Worker:
         finally:
             if item_task is not None and not item_task.done():
                 item_task.cancel()
-            closers = [self._side.stop, self._side_ends.stop, self._producer.stop, self.store.close]
+            closers = [self._side.stop, self._producer.stop, self.store.close]
             if self._consumer is not None:
                 closers.append(self._consumer.stop)
             if self.items is not None:
@@ -262,8 +254,6 @@ class Worker:
         if self._snapshots is not None:
             await self._snapshots.start()
         await self._side.start()
-        await self._side_ends.start()
-        await self._assign_side()
         self._cooc_partitions = len(await self._producer.partitions_for(self.topics.cooc))
         self.core.events_partitions = len(await self._producer.partitions_for(self.topics.events))
         self._cache.partitions = self._cooc_partitions
@@ -494,29 +484,10 @@ class Worker:
         return lag
 
     # ------------------------------------------------------------------ side topics
-    async def _assign_side(self) -> None:
-        parts = []
-        for topic in (self.topics.erasures, self.topics.items, self.topics.users):
-            partitions = await connections.wait_partitions(self._side, topic)
-            parts += [TopicPartition(topic, p) for p in sorted(partitions)]
-        self._side.assign(parts)
-        await self._side.seek_to_beginning(*parts)
-        self._side_parts = parts
-
     async def _sync_side(self, only: str | None = None) -> None:
         """Apply ``erasures``, ``items`` and ``users`` records (or those of topic ``only``) up to their current
         end offsets."""
-        side = self._side
-        parts = [tp for tp in self._side_parts if only is None or tp.topic == only]
-        ends = await self._side_ends.end_offsets(parts)
-        while True:
-            behind = [tp for tp in parts if await side.position(tp) < ends[tp]]
-            if not behind:
-                return
-            batch = await side.getmany(*behind, timeout_ms=200, max_records=10_000)
-            for tp, recs in batch.items():
-                for rec in recs:
-                    await self._apply_side(rec)
+        await self._side.sync(self._apply_side, only)
 
     async def _apply_side(self, rec) -> None:
         """Apply one ``erasures``, ``items`` or ``users`` record (:meth:`UserStage.apply_side`): a bad one goes to

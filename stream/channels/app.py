@@ -126,7 +126,8 @@ class ChannelApp:
     """The channel worker of ``config.channel``; :meth:`run` blocks until SIGINT/SIGTERM.
 
     >>> app = ChannelApp(Settings(consumer_group="shop"), ChannelConfig(channel="app"))
-    >>> app.app.conf.id, app.outcomes.name, app.suppression_key("u42") == app.suppression_key("u43")
+    >>> keys = app.permissions.suppression_key
+    >>> app.app.conf.id, app.outcomes.name, keys("u42") == keys("u43")
     ('shop.channel.app', 'outcomes', False)
     """
 
@@ -156,7 +157,6 @@ class ChannelApp:
         self.dlq_topic = self.app.topic(t.push_dlq, **topic)
         self.suppressions_topic = self.app.topic(t.suppressions, **topic)
         self.outcomes = self.app.Table("outcomes", partitions=partitions, **raw)
-        self.partitions = partitions
         ledger_key = s.state_key or s.pseudonym_key  # the user stage's: the same digests
         self.permissions = Permissions(cfg.channel, Pseudonymizer.from_settings(s),
                                        ErasureLedger(ledger_key.get_secret_value().encode() if ledger_key else None),
@@ -356,7 +356,9 @@ class ChannelApp:
         self._emit(item.msg["user_id"], [bounce_event(item.msg, now)])
         self._dead(item.msg, None, None, "bounced", f"the {self.channel} provider refused the address for good: "
                    f"{item.last.reason}", now)
-        self._suppress(item.msg["user_id"], "hard_bounce", now)
+        fut = self._suppress(item.msg["user_id"], self.channel, "hard_bounce", now)
+        if fut is not None:
+            self._futures.append(fut)
 
     def _refused(self, item: _Todo, now: float) -> None:
         """The service refused this message for good, not the address: no bounce, no suppression."""
@@ -393,19 +395,14 @@ class ChannelApp:
         self._futures.append(self.dlq_topic.send_soon(key=key, value=value))
 
     # ------------------------------------------------------------------ suppression
-    def suppression_key(self, user_id: str) -> bytes:
-        """The suppression list's key of a user on this channel: a keyed digest, never the id."""
-        return self.permissions.suppression_key(user_id)
-
-    def _suppress(self, user_id: str, why: str, now: float):
-        """Put the user on the suppression list (here at once; every worker on its next read)."""
-        key = self.suppression_key(user_id)
+    def _suppress(self, user_id: str, channel: str, why: str, now: float):
+        """Put the user on ``channel``'s suppression list (here at once; every worker on its next read); the
+        future of its record, or None if they were on it already."""
+        key = self.permissions.suppression_key(user_id, channel)
         if key in self.permissions.suppressed:
             return None
         self.permissions.suppressed.add(key)
-        fut = self.suppressions_topic.send_soon(key=key, value=orjson.dumps({"why": why, "at": now}))
-        self._futures.append(fut)
-        return fut
+        return self.suppressions_topic.send_soon(key=key, value=orjson.dumps({"why": why, "at": now}))
 
     async def _forget_expired(self) -> None:
         """Entries of messages that can no longer be delivered leave the table (and its changelog): final ones
@@ -480,10 +477,9 @@ class ChannelApp:
             return 400, str(exc).capitalize() + "."
         if self.permissions.ledger.erased(user_id):  # nothing to write about a person erased
             return 200, f"You are unsubscribed from our {channel} messages."
-        key = self.permissions.suppression_key(user_id, channel)
-        if key not in self.permissions.suppressed:
-            self.permissions.suppressed.add(key)
-            await (await self.suppressions_topic.send(key=key, value=orjson.dumps({"why": "unsubscribe", "at": now})))
+        suppressed = self._suppress(user_id, channel, "unsubscribe", now)
+        if suppressed is not None:  # the first click: a repeated one writes nothing more
+            await suppressed
             await (await self.events_topic.send(key=user_id.encode(),
                                                 value=orjson.dumps(unsubscribe_event(user_id, channel, now))))
         return 200, f"You are unsubscribed from our {channel} messages."

@@ -23,14 +23,12 @@ from __future__ import annotations
 import hashlib
 import logging
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-
 from infogap.models.push_policy import UserPrefs
-from infogap.stream import connections
 from infogap.stream.channels import unsubscribe
 from infogap.stream.core.erasures import ErasureLedger
 from infogap.stream.pseudonym import Pseudonymizer
 from infogap.stream.settings import TOPIC_PARTITIONS, Settings
+from infogap.stream.side_topics import SideTopics
 
 log = logging.getLogger("infogap.channel")
 
@@ -51,7 +49,7 @@ class Permissions:
     def suppression_key(self, user_id: str, channel: str | None = None) -> bytes:
         """The suppression list's key of a user on a channel (this one by default): keyed BLAKE2b, hex."""
         return hashlib.blake2b(f"{channel or self.channel}|{user_id}".encode(), digest_size=16,
-                               key=self._suppression_key[:64], person=b"infogap-suppress").hexdigest().encode()
+                               key=self._suppression_key, person=b"infogap-suppress").hexdigest().encode()
 
     def apply_suppression(self, key: bytes | None, value: bytes | None) -> None:
         """One ``suppressions`` record (its key is the digest; a tombstone lifts it: an operator's decision)."""
@@ -97,50 +95,33 @@ class Permissions:
 
 
 class PermissionReader:
-    """Keeps :class:`Permissions` current from the ``users`` and ``erasures`` topics (plain aiokafka)."""
+    """Keeps :class:`Permissions` current from the ``users``, ``erasures`` and ``suppressions`` topics."""
 
     def __init__(self, settings: Settings, permissions: Permissions):
         self.settings = settings
         self.permissions = permissions
-        self._consumer: AIOKafkaConsumer | None = None
-        self._parts: list[TopicPartition] = []
+        t = settings.topics
+        self._side = SideTopics(settings, (t.erasures, t.users, t.suppressions))
 
     async def start(self) -> None:
-        t = self.settings.topics
-        self._consumer = connections.consumer(self.settings, group_id=None, enable_auto_commit=False)
-        await self._consumer.start()
-        parts = []
-        for topic in (t.erasures, t.users, t.suppressions):
-            partitions = await connections.wait_partitions(self._consumer, topic)
-            parts += [TopicPartition(topic, p) for p in sorted(partitions)]
-        push = await connections.wait_partitions(self._consumer, t.push)
+        await self._side.start()
+        push = await self._side.partitions(self.settings.topics.push)
         if len(push) != TOPIC_PARTITIONS["push"]:  # the outcomes table is partitioned like push, by count
-            raise ValueError(f"topic {t.push} has {len(push)} partitions; channel workers need "
+            raise ValueError(f"topic {self.settings.topics.push} has {len(push)} partitions; channel workers need "
                              f"{TOPIC_PARTITIONS['push']} (the partitions of their outcomes table)")
-        self._consumer.assign(parts)
-        await self._consumer.seek_to_beginning(*parts)
-        self._parts = parts
 
     async def sync(self) -> int:
         """Apply every record up to the topics' current end offsets; the number applied."""
-        consumer, n = self._consumer, 0
-        ends = await consumer.end_offsets(self._parts)
-        erasures, suppressions = self.settings.topics.erasures, self.settings.topics.suppressions
-        while True:
-            behind = [tp for tp in self._parts if await consumer.position(tp) < ends[tp]]
-            if not behind:
-                return n
-            batch = await consumer.getmany(*behind, timeout_ms=200, max_records=10_000)
-            for tp, recs in batch.items():
-                for rec in recs:
-                    if tp.topic == erasures:
-                        self.permissions.ledger.apply_record(rec.key)
-                    elif tp.topic == suppressions:
-                        self.permissions.apply_suppression(rec.key, rec.value)
-                    else:
-                        self.permissions.apply_users(rec.value, rec.key)
-                    n += 1
+        return await self._side.sync(self._apply)
+
+    def _apply(self, rec) -> None:
+        t = self.settings.topics
+        if rec.topic == t.erasures:
+            self.permissions.ledger.apply_record(rec.key)
+        elif rec.topic == t.suppressions:
+            self.permissions.apply_suppression(rec.key, rec.value)
+        else:
+            self.permissions.apply_users(rec.value, rec.key)
 
     async def stop(self) -> None:
-        if self._consumer is not None:
-            await self._consumer.stop()
+        await self._side.stop()
