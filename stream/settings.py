@@ -142,6 +142,10 @@ class Settings(BaseSettings):
     push_repeat_window_s: float = 7 * 86_400.0
     push_ttl_s: float = 86_400.0
     push_items: int = 5
+    # each user's push decisions (sent, or the rule that held it back) in Redis, for the console: the newest
+    # decision_log_max, kept decision_log_ttl_s after the last; 0 keeps no log
+    decision_log_max: int = Field(50, ge=0, le=1_000)
+    decision_log_ttl_s: int = Field(7 * 86_400, gt=0)
 
     # --- security (docs/security.md; secrets are SecretStr: repr, str and dumps show '**********')
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"

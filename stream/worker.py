@@ -518,7 +518,8 @@ class Worker:
                                    time.monotonic())
         st.neighbour_max_age_s = self._cache.age_s
         ranked = core.rank(learned, now)
-        await self._store_retrying(self.store.write, recs=ranked.docs, segments=ranked.segments)
+        await self._store_retrying(self.store.write, recs=ranked.docs, segments=ranked.segments,
+                                   decisions=ranked.decisions)
         done = self.clock()  # the recommendations are readable in Redis
         await self._confirm(learned.cooc, cooc_sent)
         if ranked.experiments:

@@ -279,3 +279,39 @@ async def test_on_a_cluster_a_master_that_lost_its_data_alone_is_noticed(request
         await store.clear()
         await store.close()
         await raw.aclose()
+
+
+async def test_push_decisions_read_back_newest_first_with_repeats_merged_and_replays_not_added(make_store):
+    from infogap.stream.store.base import decision_entry as d
+
+    store = make_store()
+    users = ["ann", *AWKWARD_IDS]
+    batch1 = [d("email", None, 100.0, "m-1", ["i1", "i2"]), d("app", "daily_cap", 100.0), d("ads", "no_consent", 100.0)]
+    await store.write(decisions={u: batch1 for u in users})
+    for t in (160.0, 220.0, 280.0):  # nothing new: one entry, not three
+        await store.write(decisions={"ann": [d(None, "no_change", t)]})
+    await store.write(decisions={"ann": batch1 + [d(None, "no_change", 220.0)]})  # a batch replayed: nothing added
+    log = await store.decisions("ann")
+    assert log == [{"rule": "no_change", "channel": None, "at": 280.0, "since": 160.0, "n": 3},
+                   {"rule": "no_consent", "channel": "ads", "at": 100.0},
+                   {"rule": "daily_cap", "channel": "app", "at": 100.0},
+                   {"rule": "sent", "channel": "email", "at": 100.0, "message_id": "m-1", "items": ["i1", "i2"]}]
+    for user in AWKWARD_IDS:
+        assert [e["rule"] for e in await store.decisions(user)] == ["no_consent", "daily_cap", "sent"], user
+    await store.write(decisions={"ann": [d(None, "quiet_hours", 300.0)]})
+    assert [e["rule"] for e in await store.decisions("ann", n=2)] == ["quiet_hours", "no_change"]
+    assert await store.decisions("nobody") == []
+
+
+async def test_a_decision_log_keeps_the_newest_and_goes_with_the_user(make_store):
+    from infogap.stream.store.base import decision_entry as d
+
+    store = make_store()
+    cap = store.decisions_max
+    await store.write(decisions={"zoe": [d("email", None, float(t), f"m-{t}", ["i"]) for t in range(cap + 5)],
+                                 "ann": [d(None, "repeat", 1.0)]})
+    log = await store.decisions("zoe", n=cap + 10)
+    assert len(log) == cap and log[0]["message_id"] == f"m-{cap + 4}" and log[-1]["message_id"] == "m-5"
+    await store.write(recs=[_doc("zoe")], segments={"zoe": 1})
+    assert await store.erase_user("zoe") == 3
+    assert await store.decisions("zoe") == [] and await store.decisions("ann") != []

@@ -46,6 +46,7 @@ from infogap.stream.core.user_partition import UserPartition
 from infogap.stream.experiments_store import experiment_from_settings
 from infogap.stream.pseudonym import Pseudonymizer
 from infogap.stream.settings import Settings
+from infogap.stream.store.base import decision_entry
 
 log = logging.getLogger("infogap.worker")
 
@@ -105,6 +106,8 @@ class Ranked:
     docs: list[dict] = field(default_factory=list)
     segments: dict[str, int | None] = field(default_factory=dict)
     pushes: list[PushMessage] = field(default_factory=list)
+    #: user -> the push decisions of this batch (:func:`~infogap.stream.store.base.decision_entry`), for the log
+    decisions: dict[str, list[dict]] = field(default_factory=dict)
     experiments: dict[Segment, Counts] = field(default_factory=dict)
 
 
@@ -423,7 +426,7 @@ class UserStage:
         """Rank every user the batch touched, decide their pushes (at the user's event time), count the sends,
         drain the experiment counts changed, and evict idle users (memory, not the store)."""
         out = Ranked()
-        push = self.settings.push_enabled
+        push, log = self.settings.push_enabled, self.settings.decision_log_max > 0
         for user_id, (user_ts, partition) in learned.touched.items():
             variant, recs, doc = self.ranked(user_id, now)
             out.segments[user_id] = doc["segment"]
@@ -432,9 +435,15 @@ class UserStage:
                 prefs = self.prefs.get(user_id)
                 if prefs is not None:
                     part = self.parts[partition]
-                    sent = part.push.decide(prefs, recs, now=user_ts, variant=variant, title=self.engine.title)
+                    decided = part.push.decisions(prefs, recs, now=user_ts, variant=variant, title=self.engine.title)
+                    sent = [d.message for d in decided if d.message is not None]
                     part.experiments.record_sends(sent)
                     out.pushes += sent
+                    if log:
+                        out.decisions[user_id] = [
+                            decision_entry(d.channel, d.rule, d.at, *((d.message.message_id,
+                                           [x["item_id"] for x in d.message.items]) if d.message else ()))
+                            for d in decided]
         for p, n in learned.records.items():  # idle users and the least recent past the cap leave memory
             if p in self.parts:
                 self.parts[p].evict(self.engine, self.ingest.watermarks.get((self.topics.events, p)), n, self.settings)

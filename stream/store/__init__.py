@@ -30,4 +30,5 @@ def open_store(settings, **client_kwargs) -> Store:
 
     client = connections.redis_async(settings, **client_kwargs)
     cls = RedisClusterStore if settings.redis_cluster else RedisStore
-    return cls(client, keys_for(settings), settings.recs_ttl_s)
+    return cls(client, keys_for(settings), settings.recs_ttl_s, decisions_max=settings.decision_log_max,
+               decisions_ttl_s=settings.decision_log_ttl_s)

@@ -9,7 +9,9 @@ picks one from ``INFOGAP_REDIS_URL``.
 
 What is kept (key names in :class:`~infogap.stream.store.keys.RedisKeys`, formats in docs/contracts.md):
 
-- per user, written by the user stage: recommendations (a JSON document, with a TTL) and segment;
+- per user, written by the user stage: recommendations (a JSON document, with a TTL), segment, and the push
+  decisions (the newest :attr:`Store.decisions_max`, each sent or held back by a rule; kept
+  :attr:`Store.decisions_ttl_s` after the last);
 - per item, written by the item stage: ``similar`` (JSON) and the neighbour row the user stages rank
   with, with a token per ``cooc`` partition that changes at each publish;
 - the population's trending sets (global and per segment), segment model and momentum;
@@ -70,6 +72,56 @@ def decode_momentum(raw: bytes) -> tuple[list[str], list[float]]:
     return orjson.loads(raw[4: 4 + size]), np.frombuffer(raw[4 + size:], "<f8").tolist()
 
 
+def decision_entry(channel: str | None, rule: str | None, at: float, message_id: str | None = None,
+                   items: Sequence[str] = ()) -> dict:
+    """One entry of a user's push decision log: ``rule`` ``"sent"`` (with the ``message_id`` and ``items``) or
+    the rule that held the push back (:data:`infogap.models.push_policy.RULES`); ``channel`` None when the rule
+    held for every channel; ``at`` the event time, to the millisecond.
+
+    >>> decision_entry("email", None, 10.0001, "m-1", ["a"])
+    {'rule': 'sent', 'channel': 'email', 'at': 10.0, 'message_id': 'm-1', 'items': ['a']}
+    """
+    at = round(float(at), 3)
+    if rule is None:
+        return {"rule": "sent", "channel": channel, "at": at, "message_id": message_id, "items": list(items)}
+    return {"rule": rule, "channel": channel, "at": at}
+
+
+#: How many of a log's newest entries are looked at for a decision already logged (a batch replayed).
+DECISIONS_LOOKBACK = 8
+
+
+def add_decision(log: list[dict], new: Mapping) -> None:
+    """Add ``new`` to ``log`` (newest first), as every store does (Redis: :data:`~infogap.stream.store.redis_node.PUSH_DECISIONS`):
+
+    - a decision already logged (a batch replayed after a crash: older than the newest entry, or the same
+      time, rule and channel as one of the newest) is not added again;
+    - the same rule holding for every channel again (``no_change`` at each batch, ``quiet_hours`` through the
+      night) is merged into the newest entry, with ``since`` (when the run began) and ``n`` (how many).
+
+    >>> log = []
+    >>> for t in (10.0, 20.0, 30.0, 20.0): add_decision(log, decision_entry(None, "no_change", t))
+    >>> log
+    [{'rule': 'no_change', 'channel': None, 'at': 30.0, 'since': 10.0, 'n': 3}]
+    >>> add_decision(log, decision_entry("email", None, 40.0, "m-2", ["x"])); [e["rule"] for e in log]
+    ['sent', 'no_change']
+    """
+    head = log[0] if log else None
+    if head is not None:
+        if new["at"] < head["at"]:
+            return
+        for old in log[:DECISIONS_LOOKBACK]:
+            if old["at"] != new["at"]:
+                break
+            if old["rule"] == new["rule"] and old["channel"] == new["channel"]:
+                return
+        if (new["channel"] is None and new["rule"] != "sent" and head["channel"] is None
+                and head["rule"] == new["rule"]):
+            log[0] = {**new, "since": head.get("since", head["at"]), "n": head.get("n", 1) + 1}
+            return
+    log.insert(0, dict(new))
+
+
 def population_reply(model_raw: bytes | None, momentum_raw: bytes | None,
                      trending: Mapping[int | None, list[tuple[str, float]]]) -> dict:
     """What :meth:`Store.read_population` returns, from the raw values read."""
@@ -79,10 +131,13 @@ def population_reply(model_raw: bytes | None, momentum_raw: bytes | None,
 
 
 class Store(ABC):
-    """The interface of every store. ``keys`` is its key layout; ``recs_ttl_s`` the recommendations' TTL."""
+    """The interface of every store. ``keys`` is its key layout; ``recs_ttl_s`` the recommendations' TTL;
+    ``decisions_max`` and ``decisions_ttl_s`` bound each user's push decision log."""
 
     keys: RedisKeys
     recs_ttl_s: int
+    decisions_max: int = 50
+    decisions_ttl_s: int = 7 * 86_400
 
     # ------------------------------------------------------------------ writes
     @abstractmethod
@@ -91,8 +146,11 @@ class Store(ABC):
                     trending: Mapping[int | None, list[tuple[str, float]]] | None = None,
                     population: Mapping | None = None,
                     momentum: tuple[list[str], list[float]] | None = None,
-                    rows_published: Mapping[int, str] | None = None) -> None:
-        """Write one batch of results: ``recs`` (documents with a ``user_id``, kept ``recs_ttl_s``),
+                    rows_published: Mapping[int, str] | None = None,
+                    decisions: Mapping[str, Sequence[Mapping]] | None = None) -> None:
+        """Write one batch of results: ``recs`` (documents with a ``user_id``, kept ``recs_ttl_s``), each user's
+        new push ``decisions`` (:func:`decision_entry`, oldest first: added to the user's log by
+        :func:`add_decision`),
         ``segments`` (user -> segment, None deletes; kept as long as the recommendations), ``similar`` and
         neighbour ``rows`` per item, each ``cooc`` partition's new token in ``rows_published`` (a reader
         that sees a token sees the rows published with it), ``trending`` per segment (None: global; a
@@ -115,6 +173,10 @@ class Store(ABC):
     @abstractmethod
     async def segment(self, user_id: str) -> int | None:
         """A user's segment, or None."""
+
+    @abstractmethod
+    async def decisions(self, user_id: str, n: int = 50) -> list[dict]:
+        """A user's newest ``n`` push decisions, newest first (entries that cannot be read are left out)."""
 
     @abstractmethod
     async def similar(self, item_id: str) -> list[dict]:

@@ -8,8 +8,8 @@ On Redis Cluster (``cluster=True``) the keys about one user or one item carry it
 what is written together lands in one slot and is written in one command:
 
 >>> c = RedisKeys("ig:", cluster=True)
->>> c.recs("u42"), c.segment("u42"), c.similar("sku-7"), c.neighbour_row("sku-7"), c.trending(3)
-('ig:recs:{u42}', 'ig:segment:{u42}', 'ig:similar:{sku-7}', 'ig:nbrow:{sku-7}', 'ig:trending:seg:3')
+>>> c.recs("u42"), c.decisions("u42"), c.similar("sku-7"), c.neighbour_row("sku-7"), c.trending(3)
+('ig:recs:{u42}', 'ig:decisions:{u42}', 'ig:similar:{sku-7}', 'ig:nbrow:{sku-7}', 'ig:trending:seg:3')
 """
 from __future__ import annotations
 
@@ -33,6 +33,10 @@ class RedisKeys:
 
     def similar(self, item_id: str) -> str:
         return self._entity("similar", item_id)
+
+    def decisions(self, user_id: str) -> str:
+        """A user's push decisions, newest first (a list of JSON entries, capped, with a TTL)."""
+        return self._entity("decisions", user_id)
 
     def neighbour_row(self, item_id: str) -> str:
         """Internal: the item stage's full co-occurrence row, read by the user stages' neighbour caches."""
@@ -64,5 +68,5 @@ class RedisKeys:
 
     def user_keys(self, user_id: str) -> list[str]:
         """Every key that holds data about one user (for erasure)."""
-        return [self.recs(user_id), self.segment(user_id)]
+        return [self.recs(user_id), self.segment(user_id), self.decisions(user_id)]
 

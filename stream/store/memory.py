@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import orjson
 
 from infogap.models.experiments import Counts, Segment
-from infogap.stream.store.base import Store, encode_momentum, population_reply
+from infogap.stream.store.base import Store, encode_momentum, add_decision, population_reply
 from infogap.stream.store.keys import RedisKeys
 
 
@@ -24,9 +24,11 @@ class MemoryStore(Store):
     (monotonic seconds; tests move it)."""
 
     def __init__(self, keys: RedisKeys | None = None, recs_ttl_s: int = 86_400,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, decisions_max: int = 50,
+                 decisions_ttl_s: int = 7 * 86_400):
         self.keys = keys or RedisKeys()
         self.recs_ttl_s = recs_ttl_s
+        self.decisions_max, self.decisions_ttl_s = decisions_max, decisions_ttl_s
         self.clock = clock
         self._values: dict[str, object] = {}
         self._expires: dict[str, float] = {}
@@ -57,9 +59,15 @@ class MemoryStore(Store):
                     trending: Mapping[int | None, list[tuple[str, float]]] | None = None,
                     population: Mapping | None = None,
                     momentum: tuple[list[str], list[float]] | None = None,
-                    rows_published: Mapping[int, str] | None = None) -> None:
+                    rows_published: Mapping[int, str] | None = None,
+                    decisions: Mapping[str, Sequence[Mapping]] | None = None) -> None:
         k, ttl = self.keys, self.recs_ttl_s
         self.writes += 1
+        for user_id, entries in (decisions or {}).items():
+            log = [orjson.loads(e) for e in self._get(k.decisions(user_id)) or []]  # newest first
+            for entry in entries:
+                add_decision(log, entry)
+            self._set(k.decisions(user_id), [orjson.dumps(e) for e in log[: self.decisions_max]], self.decisions_ttl_s)
         for doc in recs:
             self._set(k.recs(doc["user_id"]), orjson.dumps(doc), ttl)
         for user_id, seg in (segments or {}).items():
@@ -97,6 +105,9 @@ class MemoryStore(Store):
     async def segment(self, user_id: str) -> int | None:
         raw = self._get(self.keys.segment(user_id))
         return None if raw is None else int(raw)
+
+    async def decisions(self, user_id: str, n: int = 50) -> list[dict]:
+        return [orjson.loads(e) for e in (self._get(self.keys.decisions(user_id)) or [])[:n]]
 
     async def similar(self, item_id: str) -> list[dict]:
         raw = self._get(self.keys.similar(item_id))

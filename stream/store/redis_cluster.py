@@ -31,7 +31,8 @@ from redis.crc import key_slot
 
 from infogap.stream.store.base import StoreUnavailable
 from infogap.stream.store.keys import RedisKeys
-from infogap.stream.store.redis_node import REPLACE_ZSET, SET_WITH_TTL_KEYS, RedisStore, translated
+from infogap.stream.store.redis_node import (PUSH_DECISIONS, REPLACE_ZSET, SET_WITH_TTL_KEYS, RedisStore,
+                                             decisions_args, translated)
 
 #: ``SET key value [EX ttl]`` for keys of one node, any slots (ARGV: the TTL or 0, the keys, then the values).
 SET_ON_NODE = """#!lua flags=allow-cross-slot-keys
@@ -93,10 +94,10 @@ def by_slot(keys: Iterable[str]) -> dict[int, list[int]]:
 class RedisClusterStore(RedisStore):
     """The store on Redis Cluster (``redis.asyncio.RedisCluster``)."""
 
-    def __init__(self, client: aioredis.RedisCluster, keys: RedisKeys, recs_ttl_s: int):
+    def __init__(self, client: aioredis.RedisCluster, keys: RedisKeys, recs_ttl_s: int, **bounds):
         if not keys.cluster:
             raise ValueError("Redis Cluster needs the key layout with hash tags: RedisKeys(prefix, cluster=True)")
-        super().__init__(client, keys, recs_ttl_s)
+        super().__init__(client, keys, recs_ttl_s, **bounds)
 
     def _by_node(self, keys: Sequence[str]) -> list[tuple[object, list[int]]]:
         """(node, positions of ``keys`` it serves), in chunks of at most ``SET_WITH_TTL_KEYS``."""
@@ -115,6 +116,12 @@ class RedisClusterStore(RedisStore):
 
     async def _queue_set_with_ttl(self, pipe, keys: list[str], values: list) -> None:
         self._queue_set(pipe, keys, values, self.recs_ttl_s)
+
+    async def _queue_decisions(self, pipe, keys: list[str], entries: list[list[bytes]]) -> None:
+        for node, part in self._by_node(keys):
+            pipe.execute_command("EVAL", PUSH_DECISIONS, 1, keys[part[0]],
+                                 *decisions_args(self, [keys[k] for k in part], [entries[k] for k in part]),
+                                 target_nodes=node)
 
     async def _queue_replace_zset(self, pipe, key: str, ranked: list[tuple[str, float]]) -> None:
         pipe.eval(REPLACE_ZSET, 1, key, *(x for item, score in ranked for x in (float(score), item)))

@@ -19,7 +19,8 @@ from redis.exceptions import (ConnectionError as RedisConnectionError, OutOfMemo
 
 from infogap.models.experiments import Counts, Segment
 from infogap.stream.experiments_store import escape, field_name, glob_escape, parse_fields, unescape
-from infogap.stream.store.base import (Store, StoreUnavailable, WrongTypeError, encode_momentum, population_reply)
+from infogap.stream.store.base import (DECISIONS_LOOKBACK, Store, StoreUnavailable, WrongTypeError, encode_momentum,
+                                        population_reply)
 from infogap.stream.store.keys import RedisKeys
 
 
@@ -129,8 +130,75 @@ end
 return #ARGV / 2
 """
 
+#: Push decisions added to users' logs (ARGV: the TTL, the cap, then per log its key, how many entries and the
+#: entries, oldest first), as :func:`~infogap.stream.store.base.add_decision` adds them. The keys are in ARGV (any
+#: slots of one node: on Redis Cluster, one call per node).
+PUSH_DECISIONS = """#!lua flags=allow-cross-slot-keys
+local ttl, cap, lookback, a = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), 4
+local function decode(x)
+  local ok, d = pcall(cjson.decode, x)
+  if ok and type(d) == 'table' and type(d.at) == 'number' then return d end
+  return nil
+end
+local logs = 0
+while a <= #ARGV do
+  local key, n = ARGV[a], tonumber(ARGV[a + 1])
+  a = a + 2
+  for j = 1, n do
+    local e = ARGV[a]
+    a = a + 1
+    local new = decode(e)
+    local recent = redis.call('LRANGE', key, 0, lookback - 1)
+    local head = recent[1] and decode(recent[1])
+    local action = 'push'
+    if new and head then
+      if new.at < head.at then action = 'skip' end
+      for _, x in ipairs(recent) do
+        if action == 'skip' then break end
+        local old = decode(x)
+        if not old or old.at ~= new.at then break end
+        if old.rule == new.rule and old.channel == new.channel then action = 'skip' end
+      end
+      if action == 'push' and new.channel == cjson.null and new.rule ~= 'sent' and head.channel == cjson.null
+          and head.rule == new.rule then
+        new.since = head.since or head.at
+        new.n = (head.n or 1) + 1
+        redis.call('LSET', key, 0, cjson.encode(new))
+        action = 'merged'
+      end
+    end
+    if action == 'push' then redis.call('LPUSH', key, e) end
+  end
+  redis.call('LTRIM', key, 0, cap - 1)
+  redis.call('EXPIRE', key, ttl)
+  logs = logs + 1
+end
+return logs
+"""
+
 #: errors that mean the server (or a slot's master) cannot be reached now: waited through
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def decisions_args(store, keys: list[str], entries: list[list[bytes]]) -> list:
+    """The ARGV of :data:`PUSH_DECISIONS` for ``keys`` and their encoded entries."""
+    args: list = [store.decisions_ttl_s, store.decisions_max, DECISIONS_LOOKBACK]
+    for key, mine in zip(keys, entries):
+        args += [key, len(mine), *mine]
+    return args
+
+
+def decode_decisions(raw: list) -> list[dict]:
+    """A decision log's entries as read (LRANGE), those that are not JSON objects left out."""
+    out = []
+    for e in raw:
+        try:
+            entry = orjson.loads(e)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(entry, dict):
+            out.append(entry)
+    return out
 
 
 @contextmanager
@@ -154,11 +222,14 @@ def translated() -> Iterator[None]:
 class RedisStore(Store):
     """The store on one Redis server (``redis.asyncio.Redis``)."""
 
-    def __init__(self, client: aioredis.Redis, keys: RedisKeys, recs_ttl_s: int):
+    def __init__(self, client: aioredis.Redis, keys: RedisKeys, recs_ttl_s: int, decisions_max: int = 50,
+                 decisions_ttl_s: int = 7 * 86_400):
         self.client = client
         self.keys = keys
         self.recs_ttl_s = recs_ttl_s
+        self.decisions_max, self.decisions_ttl_s = decisions_max, decisions_ttl_s
         self._set_with_ttl = client.register_script(SET_WITH_TTL)
+        self._push_decisions = client.register_script(PUSH_DECISIONS)
         self._replace_zset = client.register_script(REPLACE_ZSET)
 
     # ---------------------------------------------------------------- how commands are grouped (Cluster: per slot)
@@ -169,6 +240,11 @@ class RedisStore(Store):
 
     async def _queue_replace_zset(self, pipe, key: str, ranked: list[tuple[str, float]]) -> None:
         await self._replace_zset([key], [x for item, score in ranked for x in (float(score), item)], client=pipe)
+
+    async def _queue_decisions(self, pipe, keys: list[str], entries: list[list[bytes]]) -> None:
+        for i in range(0, len(keys), SET_WITH_TTL_KEYS):
+            await self._push_decisions(keys[i: i + 1], decisions_args(self, keys[i: i + SET_WITH_TTL_KEYS],
+                                                                      entries[i: i + SET_WITH_TTL_KEYS]), client=pipe)
 
     def _queue_mset(self, pipe, items: dict) -> None:
         pipe.mset(items)  # one command for all of them: per-command overhead dominates thousands of small SETs
@@ -185,7 +261,8 @@ class RedisStore(Store):
                     trending: Mapping[int | None, list[tuple[str, float]]] | None = None,
                     population: Mapping | None = None,
                     momentum: tuple[list[str], list[float]] | None = None,
-                    rows_published: Mapping[int, str] | None = None) -> None:
+                    rows_published: Mapping[int, str] | None = None,
+                    decisions: Mapping[str, Sequence[Mapping]] | None = None) -> None:
         """One pipeline (not a transaction); ``rows`` and ``rows_published`` in one ``MSET``."""
         k = self.keys
         pipe = self.client.pipeline(transaction=False)
@@ -202,6 +279,9 @@ class RedisStore(Store):
         if gone:
             self._queue_delete(pipe, gone)
         await self._queue_set_with_ttl(pipe, keys, values)
+        if decisions:
+            await self._queue_decisions(pipe, [k.decisions(u) for u in decisions],
+                                        [[orjson.dumps(e) for e in entries] for entries in decisions.values()])
         items = {k.similar(i): orjson.dumps(neighbours) for i, neighbours in (similar or {}).items()}
         items.update((k.neighbour_row(i), row) for i, row in (rows or {}).items())
         items.update((k.rows_published(p), token) for p, token in (rows_published or {}).items())
@@ -250,6 +330,11 @@ class RedisStore(Store):
         with translated():
             raw = await self.client.get(self.keys.segment(user_id))
         return None if raw is None else int(raw)
+
+    async def decisions(self, user_id: str, n: int = 50) -> list[dict]:
+        with translated():
+            raw = await self.client.lrange(self.keys.decisions(user_id), 0, n - 1)
+        return decode_decisions(raw)
 
     async def similar(self, item_id: str) -> list[dict]:
         with translated():

@@ -125,6 +125,24 @@ async def test_an_event_becomes_recommendations_a_push_and_trending_in_the_store
     assert p.worker.stats.events_ok == 25 and p.worker.stats.pushes == 1
 
 
+async def test_each_push_decision_is_logged_for_the_user_sent_or_held_back_with_its_rule(pipeline):
+    p = pipeline
+    await _crowd(p)
+    await p.batch([p.record(ev(1, "alice", "sku-1", T0 + 100), "alice")])
+    (push,) = [orjson.loads(m[1]) for m in p.producer.take(p.s.topics.push)]
+    await p.batch([p.record(ev(2, "alice", "sku-1", T0 + 200), "alice")])  # the same top-N: nothing new
+    await p.batch([p.record(ev(3, "alice", "sku-1", T0 + 300), "alice")])
+    log = await p.store.decisions("alice")
+    assert log[0] == {"rule": "no_change", "channel": None, "at": T0 + 300, "since": T0 + 200, "n": 2}
+    assert log[-1] == {"rule": "sent", "channel": "email", "at": T0 + 100, "message_id": push["message_id"],
+                       "items": [x["item_id"] for x in push["items"]]}
+    assert {(e["channel"], e["rule"]) for e in log[1:-1]} == {("app", "no_consent"), ("ads", "no_consent")}
+    await p.batch([p.record(ev(4, "crowd1", "sku-1", T0 + 300), "crowd1")])  # no users record: no decision
+    assert await p.store.decisions("crowd1") == []
+    await p.batch([p.record(ev(5, "alice", None, T0 + 400, "forget"), "alice")])
+    assert await p.store.decisions("alice") == []
+
+
 async def test_feedback_on_a_push_counts_for_its_variant(pipeline):
     p = pipeline
     await _crowd(p)
