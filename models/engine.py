@@ -763,6 +763,61 @@ class Engine:
         out["segment"] = self.segment(user_id)
         return out
 
+    def item(self, item_id: str) -> dict | None:
+        """The catalog's entry of an item (``item_id``, ``title``, ``category``, ``tags``, ``price``, ``available``),
+        or None when the catalog does not hold it.
+
+        >>> e = Engine(EngineConfig()); e.upsert_item({"item_id": "sku-1", "title": "Tea", "category": "Drinks"})
+        >>> e.item("sku-1")["title"], e.item("nope")
+        ('Tea', None)
+        """
+        cat = self.state.catalog
+        r = cat.find(item_id)
+        if r is None or not cat.in_catalog[r]:
+            return None
+        names = cat.feature_names(r)
+        category = cat.category_name(r)
+        price = float(cat.price[r])
+        return {"item_id": item_id, "title": cat.title(r), "category": category,
+                "tags": names[1:] if category is not None else names, "price": price if price == price else None,
+                "available": bool(cat.available[r])}
+
+    def recent_items(self, user_id: str, n: int = 10) -> list[dict]:
+        """The user's ``n`` most recent item events, newest first: ``item_id``, ``title``, ``at`` (event time) and
+        ``weight`` (of the event's type).
+
+        >>> e = Engine(EngineConfig()); e.learn_one({"event_id": "1", "user_id": "u", "item_id": "a", "type": "view", "ts": 5.0})
+        >>> [(x["item_id"], x["at"]) for x in e.recent_items("u")]
+        [('a', 5.0)]
+        """
+        prof, cat = self.state.profiles, self.state.catalog
+        r = prof.find(user_id)
+        if r is None:
+            return []
+        items, ts, w = prof.history(r, n)
+        return [{"item_id": cat.item_id(i), "title": cat.title(i), "at": float(t), "weight": round(float(x), 4)}
+                for i, t, x in zip(items.tolist(), ts.tolist(), w.tolist()) if i >= 0]
+
+    def segments(self) -> list[dict]:
+        """Every seeded segment as this engine holds it: ``segment``, ``users`` (members known here), what
+        characterises it (``categories``: the center's top category shares, by name; ``frequency``,
+        ``monetary`` and ``active``: its RFM coordinates, scaled to [0, 1]).
+
+        >>> Engine(EngineConfig()).segments()
+        []
+        """
+        seg, cat = self.state.segmenter, self.state.catalog
+        names = {k: cat.feature_name(f) for f, k in seg._slot_of.items() if f < cat.n_features}
+        sizes = seg.sizes()
+        w = seg.rfm_weight or 1.0
+        out = []
+        for c, center in enumerate(seg.centers()):
+            shares = sorted(((names[k], v) for k, v in center.items() if k in names and v > 0.01),
+                            key=lambda kv: (-kv[1], kv[0]))[:5]
+            out.append({"segment": c, "users": sizes[c], "categories": {k: round(v, 3) for k, v in shares},
+                        **{k: round(center.get(k, 0.0) / w, 3) for k in ("frequency", "monetary", "active")}})
+        return out
+
     def stats(self) -> dict[str, int]:
         """Sizes of the state, for memory monitoring (``user_rows``: user rows allocated, in use or free)."""
         prof, co = self.state.profiles, self.state.cooc

@@ -112,6 +112,8 @@ class WorkerStats:
     unreadable_state: dict[str, str] = field(default_factory=dict)
     dlq_by_reason: dict[str, int] = field(default_factory=dict)
     pushes_by_channel: dict[str, int] = field(default_factory=dict)
+    #: push decisions held back, by rule (infogap.models.push_policy.RULES): the rule held for every channel, or one
+    pushes_held: dict[str, int] = field(default_factory=dict)
     batch_seconds: Reservoir = field(default_factory=lambda: Reservoir(10_000))
     freshness_seconds: Reservoir = field(default_factory=Reservoir)
 
@@ -127,6 +129,7 @@ class WorkerStats:
         d["dlq_by_reason"] = dict(self.dlq_by_reason)
         d["unreadable_state"] = dict(self.unreadable_state)
         d["pushes_by_channel"] = dict(self.pushes_by_channel)
+        d["pushes_held"] = dict(self.pushes_held)
         d["batch_seconds"] = self.batch_seconds.percentiles()
         d["freshness_seconds"] = self.freshness_seconds.percentiles()
         d["freshness_samples"] = self.freshness_seconds.count
@@ -177,6 +180,11 @@ class StatsCollector:
         for channel, n in s.pushes_by_channel.items():
             pushes.add_metric([channel], n)
         yield pushes
+        held = CounterMetricFamily("infogap_pushes_held", "push decisions held back, by rule "
+                                   "(infogap.models.push_policy.RULES)", labels=["rule"])
+        for rule, n in s.pushes_held.items():
+            held.add_metric([rule], n)
+        yield held
         yield GaugeMetricFamily("infogap_experiment_unattributed", "feedback events of the partitions this worker "
                                 "owns that named no known campaign or variant, not counted", value=s.experiment_unattributed)
         yield GaugeMetricFamily("infogap_experiment_overflow", "feedback events of the partitions this worker owns "

@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     dedupe_max_ids: int = 2_000_000
 
     # --- health and metrics (None: no HTTP server)
-    http_host: str = "0.0.0.0"
+    http_host: str = "127.0.0.1"  # containers set 0.0.0.0 (probes, Prometheus); /inspect then needs console_token
     http_port: int | None = 8080
     # /health fails (503, with the reason) when no batch completed for this long while input waits
     stall_s: float = Field(30.0, gt=0)
@@ -147,6 +147,13 @@ class Settings(BaseSettings):
     decision_log_max: int = Field(50, ge=0, le=1_000)
     decision_log_ttl_s: int = Field(7 * 86_400, gt=0)
 
+    # --- the console (infogap console; docs/console.md)
+    console_host: str = "127.0.0.1"  # bound elsewhere, the console needs console_token
+    console_port: int = 8090
+    # the workers the console reads (/stats, /health, /inspect): their base URLs
+    console_workers: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8080"])
+    console_refresh_s: float = Field(2.0, gt=0)  # how often the console samples the workers and pages refresh
+
     # --- security (docs/security.md; secrets are SecretStr: repr, str and dumps show '**********')
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
@@ -161,6 +168,9 @@ class Settings(BaseSettings):
     redis_ssl_cafile: Path | None = None  # rediss:// only
     redis_ssl_certfile: Path | None = None
     redis_ssl_keyfile: Path | None = None
+    # the console's login, and the workers' /inspect routes' (stream/web_access.py): required where either is
+    # bound to a non-loopback address
+    console_token: SecretStr | None = None
     pseudonym_key: SecretStr | None = None  # HMAC key of user ids (stream/pseudonym.py); None: ids as given
     state_key: SecretStr | None = None  # HMAC-SHA256 key of state snapshots (stream/snapshots.py); None: SHA-256 only
 
@@ -174,12 +184,15 @@ class Settings(BaseSettings):
     def _mechanism_spelling(cls, v: object) -> object:
         return v.strip().upper().replace("_", "-") if isinstance(v, str) else v  # scram_sha_256 -> SCRAM-SHA-256
 
-    @field_validator("pseudonym_key", "state_key", "unsubscribe_key")
+    @field_validator("pseudonym_key", "state_key", "unsubscribe_key", "console_token")
     @classmethod
     def _key_long_enough(cls, v: SecretStr | None, info) -> SecretStr | None:
+        if v is not None and not v.get_secret_value().strip():  # an empty variable (compose's default) is unset
+            return None
         if v is not None and len(v.get_secret_value().encode()) < 16:
             unset = {"pseudonym_key": "to keep user ids as given", "state_key": "to check snapshots by SHA-256 only",
-                     "unsubscribe_key": "to use the state or pseudonym key"}[info.field_name]
+                     "unsubscribe_key": "to use the state or pseudonym key",
+                     "console_token": "to serve per-user pages on loopback only"}[info.field_name]
             raise ValueError(f"INFOGAP_{info.field_name.upper()} must be at least 16 bytes long (unset it {unset}); "
                              "generate one with: python -c 'import secrets; print(secrets.token_hex(32))'")
         return v

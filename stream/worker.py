@@ -32,7 +32,7 @@ from aiokafka.errors import CommitFailedError, KafkaConnectionError, KafkaError,
 
 from infogap.models import Engine, warm_up
 from infogap.models.state_fields import StateError
-from infogap.stream import connections
+from infogap.stream import connections, inspection, web_access
 from infogap.stream.core.ingest import DeadLetter
 from infogap.stream.core.user_stage import UserStage
 from infogap.stream.item_stage import ItemStage
@@ -167,9 +167,12 @@ class Worker:
         http = None
         try:
             if s.http_port is not None:
-                http = await serve(build_app(self.stats, {"kafka": self._kafka_ok, "redis": self._redis_ok,
-                                                           "state": self._state_ok}, faults=self._faults),
-                                   s.http_host, s.http_port)
+                app = build_app(self.stats, {"kafka": self._kafka_ok, "redis": self._redis_ok, "state": self._state_ok},
+                                faults=self._faults)
+                if self.run_users:  # what it holds about a user, an item, the segments: for the console
+                    inspection.add_routes(app, self)
+                    app.middlewares.append(web_access.guard(s.http_host, s.console_token, prefix="/inspect/"))
+                http = await serve(app, s.http_host, s.http_port)
             if self.run_users:
                 self._consumer.subscribe([self.topics.events], listener=_Rebalance(self))
             # before any partition is restored: a Redis found empty gets the restored partitions' keys again
@@ -535,6 +538,8 @@ class Worker:
             st.count_dead(d.code)
         for m in ranked.pushes:
             st.pushes_by_channel[m.channel] = st.pushes_by_channel.get(m.channel, 0) + 1
+        for rule, n in ranked.held.items():
+            st.pushes_held[rule] = st.pushes_held.get(rule, 0) + n
         st.duplicates += learned.duplicates
         st.erased_events += learned.erased_events
         st.consent_withdrawn += len(learned.users)

@@ -108,6 +108,8 @@ class Ranked:
     pushes: list[PushMessage] = field(default_factory=list)
     #: user -> the push decisions of this batch (:func:`~infogap.stream.store.base.decision_entry`), for the log
     decisions: dict[str, list[dict]] = field(default_factory=dict)
+    #: rule -> pushes held back by it in this batch (a decision for every channel counts once)
+    held: dict[str, int] = field(default_factory=dict)
     experiments: dict[Segment, Counts] = field(default_factory=dict)
 
 
@@ -439,6 +441,9 @@ class UserStage:
                     sent = [d.message for d in decided if d.message is not None]
                     part.experiments.record_sends(sent)
                     out.pushes += sent
+                    for d in decided:
+                        if d.rule is not None:
+                            out.held[d.rule] = out.held.get(d.rule, 0) + 1
                     if log:
                         out.decisions[user_id] = [
                             decision_entry(d.channel, d.rule, d.at, *((d.message.message_id,
