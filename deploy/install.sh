@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what infogap needs on a fresh Debian/Ubuntu machine; safe to run again.
 #   - redis-server and redis-tools (redis-cli) (apt, only if missing; needs root or sudo)
+#   - chromium and chromium-driver (apt, only if missing): the console's browser tests
 #   - the infogap package with its test extras, editable, from this checkout
 #   - the Apache Kafka jars of deploy/pom.xml, copied by Maven into $INFOGAP_LOCAL_DIR/kafka-libs (~/.infogap)
 # Java 17+ and Maven are prerequisites (apt-get install -y openjdk-17-jre-headless maven).
@@ -45,6 +46,16 @@ else
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server redis-tools
     command -v redis-server >/dev/null 2>&1 || die "redis-server still not on PATH after apt-get install"
     command -v redis-cli >/dev/null 2>&1 || die "redis-cli still not on PATH after apt-get install"
+fi
+
+# --- Chromium and its driver (Debian's packages) for the console's browser tests (tests/integration/test_console.py)
+if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+    say "chromium present: $(chromium --version 2>/dev/null | head -1)"
+else
+    say "installing chromium and chromium-driver (apt)"
+    as_root apt-get update
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver
+    command -v chromedriver >/dev/null 2>&1 || die "chromedriver still not on PATH after apt-get install chromium-driver"
 fi
 
 # --- the Python package

@@ -445,6 +445,49 @@ def summarize(counts: Mapping[Segment, Counts], by: Iterable[str] = ("campaign",
     return {k: Figures.from_counts(v, z) for k, v in sorted(sums.items())}
 
 
+def difference_interval(k1: float, n1: float, k2: float, n2: float, z: float = Z95) -> tuple[float, tuple[float, float]] | None:
+    """The difference of two proportions ``k2/n2 - k1/n1`` and its interval by Newcombe's hybrid score method
+    (from the two Wilson intervals: good with small counts and rates near 0); None when either ``n`` is 0.
+
+    >>> d, (lo, hi) = difference_interval(50, 1000, 80, 1000); round(d, 3), round(lo, 4), round(hi, 4)
+    (0.03, 0.0084, 0.052)
+    """
+    a, b = wilson(k1, n1, z), wilson(k2, n2, z)
+    if a is None or b is None:
+        return None
+    p1, p2 = min(k1, n1) / n1, min(k2, n2) / n2
+    d = p2 - p1
+    return d, (d - math.sqrt((p2 - b[0]) ** 2 + (a[1] - p1) ** 2), d + math.sqrt((b[1] - p2) ** 2 + (p1 - a[0]) ** 2))
+
+
+#: a variant is compared only once each side has sent this many messages
+MIN_SENT_TO_COMPARE = 30
+
+
+def verdict(control: str, a: Figures, variant: str, b: Figures, metric: str = "ctr") -> str:
+    """A plain-language verdict on ``variant`` against ``control`` for one rate (``ctr``, ``conversion_rate`` or
+    ``open_rate``): ahead or behind by how many points when the 95 % interval of the difference excludes 0.
+
+    >>> A = Figures.from_counts(Counts(sent=1000, clicks=50)); B = Figures.from_counts(Counts(sent=1000, clicks=80))
+    >>> verdict("A", A, "B", B)
+    'B ahead of A on CTR: +3.0 points, 95 % interval [+0.8, +5.2] excludes 0'
+    >>> verdict("A", A, "B", Figures.from_counts(Counts(sent=1000, clicks=55)))
+    'no clear difference on CTR yet: B vs A +0.5 points, 95 % interval [-1.5, +2.5] includes 0'
+    >>> verdict("A", A, "B", Figures.from_counts(Counts(sent=10, clicks=5)))
+    'not enough data yet: B has sent 10 messages, A 1,000 (at least 30 each)'
+    """
+    name = {"ctr": "CTR", "conversion_rate": "conversion", "open_rate": "open rate"}[metric]
+    numerator = {"ctr": "clicks", "conversion_rate": "conversions", "open_rate": "opens"}[metric]
+    if min(a.sent, b.sent) < MIN_SENT_TO_COMPARE:
+        return (f"not enough data yet: {variant} has sent {b.sent:,} messages, {control} {a.sent:,} "
+                f"(at least {MIN_SENT_TO_COMPARE} each)")
+    d, (lo, hi) = difference_interval(getattr(a, numerator), a.sent, getattr(b, numerator), b.sent)
+    span = f"95 % interval [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+    if lo > 0 or hi < 0:
+        return f"{variant} {'ahead of' if d > 0 else 'behind'} {control} on {name}: {100 * d:+.1f} points, {span} excludes 0"
+    return f"no clear difference on {name} yet: {variant} vs {control} {100 * d:+.1f} points, {span} includes 0"
+
+
 # ---------------------------------------------------------------------------------------- attribution
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:

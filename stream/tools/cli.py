@@ -102,6 +102,41 @@ async def _run_worker(w) -> None:
     await w.run(stop)
 
 
+@app.command("console")
+def console_cmd(
+    port: Optional[int] = typer.Option(None, help="Port (default INFOGAP_CONSOLE_PORT, 8090)."),
+    host: Optional[str] = typer.Option(None, help="Address to bind (default INFOGAP_CONSOLE_HOST, 127.0.0.1); "
+                                       "beyond loopback it needs INFOGAP_CONSOLE_TOKEN."),
+    workers: Optional[str] = typer.Option(None, help="Comma-separated base URLs of the workers to read "
+                                          "(default INFOGAP_CONSOLE_WORKERS, http://127.0.0.1:8080)."),
+) -> None:
+    """Serve the web console: live overview, users, items, segments, experiments, dead letters (read-only)."""
+    import signal
+
+    from infogap.stream.console.app import run_console
+
+    settings = load()
+    update = {k: v for k, v in (("console_port", port), ("console_host", host),
+                                ("console_workers", workers.split(",") if workers else None)) if v is not None}
+    settings = settings.model_copy(update=update)
+
+    async def serve() -> None:
+        stop, ready = asyncio.Event(), asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        task = asyncio.create_task(run_console(settings, ready, stop))
+        await asyncio.wait([task, asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if ready.is_set():
+            console.print(f"console on http://{settings.console_host}:{settings.console_port}/ (Ctrl-C stops it)")
+        await task
+
+    try:
+        asyncio.run(serve())
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--host") from None
+
+
 @app.command()
 def replay(
     file: Optional[Path] = typer.Argument(None, help="JSON-lines event file; default: the MovieLens-100K sample."),
@@ -156,8 +191,11 @@ def _print_recs(r, title=None) -> None:
 def demo(
     limit: int = typer.Option(20_000, help="How many MovieLens ratings to replay."),
     users: int = typer.Option(3, help="How many users' recommendations to print."),
+    no_console: bool = typer.Option(False, "--no-console", help="End after the replay instead of serving the "
+                                    "console until Ctrl-C."),
 ) -> None:
-    """Start the servers, run a worker, replay the sample and show recommendations and a push."""
+    """Start the servers, run a worker, replay the sample and show recommendations and a push; then serve the
+    web console on the running worker until Ctrl-C."""
     from infogap.stream.tools import local
 
     base = load()
@@ -169,14 +207,14 @@ def demo(
     local.reset_topics(settings)
     console.print(f"[bold]1.[/] Kafka and Redis up ({time.perf_counter() - t0:.1f} s); demo topics "
                   f"{settings.topics.events}, {settings.topics.push}, ... created empty")
-    asyncio.run(_demo(settings, limit, users))
+    asyncio.run(_demo(settings, limit, users, console_after=not no_console))
 
 
 #: events/s of the demo's replay (20,000 ratings in 4 s)
 DEMO_RATE = 5_000
 
 
-async def _demo(settings, limit: int, n_users: int) -> None:
+async def _demo(settings, limit: int, n_users: int, console_after: bool = False) -> None:
     from aiokafka import TopicPartition
 
     from infogap.stream.client import InfogapClient
@@ -233,10 +271,37 @@ async def _demo(settings, limit: int, n_users: int) -> None:
             console.print_json(max(msgs, key=lambda m: m.timestamp).value.decode())
         else:
             console.print(f"[bold]4.[/] no push message arrived on `{settings.topics.push}` within 10 s")
+        if console_after:
+            await _demo_console(settings, task)
     finally:
         stop.set()
         await push.stop()
         await asyncio.wait_for(task, 30)
+
+
+async def _demo_console(settings, worker_task) -> None:
+    """Serve the console on the demo's worker until Ctrl-C (or the worker stops)."""
+    import signal
+
+    from infogap.stream.console.app import run_console
+
+    if settings.http_port is None:
+        return
+    s = settings.model_copy(update={"console_workers": [f"http://127.0.0.1:{settings.http_port}"]})
+    stop, ready = asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    task = asyncio.create_task(run_console(s, ready, stop))
+    await asyncio.wait([task, asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()
+    users = f"http://{s.console_host}:{s.console_port}/users?q=USER"
+    console.print(f"[bold]5.[/] the console: [bold]http://{s.console_host}:{s.console_port}/[/] "
+                  f"(a user: {users}); Ctrl-C ends the demo")
+    await asyncio.wait([task, worker_task], return_when=asyncio.FIRST_COMPLETED)
+    stop.set()
+    await task
 
 
 # ----------------------------------------------------------------------- report and channel (experiments helper)

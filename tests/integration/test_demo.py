@@ -22,7 +22,7 @@ def test_the_demo_shows_named_recommendations_from_redis_and_a_push_message(sett
                         ("INFOGAP_HTTP_PORT", str(_free_port())), ("COLUMNS", "200")):
         monkeypatch.setenv(name, value)
     try:
-        res = CliRunner().invoke(app, ["demo", "--limit", "4000", "--users", "2"])
+        res = CliRunner().invoke(app, ["demo", "--limit", "4000", "--users", "2", "--no-console"])
     finally:  # the demo's own topics, beside the fixture's
         _delete_topics(settings.model_copy(update={"topic_prefix": f"{settings.topic_prefix}demo."}))
     assert res.exit_code == 0, res.output

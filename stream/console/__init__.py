@@ -1,0 +1,1 @@
+"""The web console: ``infogap console`` (docs/console.md)."""

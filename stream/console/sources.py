@@ -1,0 +1,326 @@
+"""What the console reads, and nothing it writes: the workers' HTTP endpoints, the store, the dead-letter topics.
+
+- :class:`Sampler` asks every worker's ``/stats`` and ``/health`` (and a user stage's ``/inspect/segments``)
+  every ``console_refresh_s`` and keeps the last :data:`HISTORY` samples in memory: the overview's charts and
+  the segments' sizes over time. A worker that does not answer is shown down, never waited for.
+- :class:`Sources` reads one user, one item, the segments, the experiments and the latest dead letters on
+  demand. Per-user data comes from the store (recommendations, segment, push decisions) and from the worker that
+  holds the user (``/inspect/users/{id}``); with pseudonymisation on, the id asked for is turned into its
+  pseudonym first, and only the pseudonym is shown.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+from aiokafka import TopicPartition
+
+from infogap.models.events import PII_FIELDS
+from infogap.stream import connections
+from infogap.stream.pseudonym import Pseudonymizer
+from infogap.stream.settings import Settings
+from infogap.stream.store import Store, StoreUnavailable, open_store
+
+log = logging.getLogger("infogap.console")
+
+#: samples kept per worker: 10 minutes at one every 2 s
+HISTORY = 300
+#: a worker's answer is waited for this long
+WORKER_TIMEOUT_S = 1.5
+#: dead letters shown per topic, and the bytes of each shown
+DLQ_SHOWN = 50
+PREVIEW_BYTES = 300
+
+
+@dataclass
+class WorkerView:
+    """What the console knows of one worker: its URL, the samples ``(monotonic time, /stats)``, its health."""
+
+    url: str
+    samples: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
+    health: dict | None = None  # the /health body; None: did not answer
+    segments: dict | None = None  # /inspect/segments of a user stage
+
+    @property
+    def kind(self) -> str:
+        last = self.samples[-1][1] if self.samples else {}
+        return "channel" if "channel" in last else "stream" if "events_in" in last else "unknown"
+
+    @property
+    def last(self) -> dict:
+        return self.samples[-1][1] if self.samples else {}
+
+    def rate(self, name: str) -> list[tuple[float, float]]:
+        """Per-second rate of a counter between samples: ``(time, rate)``."""
+        out, prev = [], None
+        for t, s in self.samples:
+            if prev is not None and t > prev[0] and name in s and name in prev[1]:
+                out.append((t, max(0.0, (s[name] - prev[1][name]) / (t - prev[0]))))
+            prev = (t, s)
+        return out
+
+    def series(self, name: str, key: str | None = None, scale: float = 1.0) -> list[tuple[float, float]]:
+        """A gauge over the samples (``key``: inside a dict such as ``freshness_seconds``)."""
+        out = []
+        for t, s in self.samples:
+            v = s.get(name)
+            if key is not None:
+                v = v.get(key) if isinstance(v, dict) else None
+            if isinstance(v, (int, float)):
+                out.append((t, v * scale))
+        return out
+
+
+class Sampler:
+    """Samples every worker each ``refresh_s`` in the background (:meth:`run`)."""
+
+    def __init__(self, settings: Settings, session: aiohttp.ClientSession):
+        self.settings = settings
+        self.session = session
+        self.workers = [WorkerView(u.rstrip("/")) for u in settings.console_workers]
+        self.headers = auth_headers(settings)
+        #: segment -> [(time, users)], summed over the user stages
+        self.segment_sizes: dict[int, deque] = {}
+
+    async def _get(self, url: str) -> tuple[int, dict] | None:
+        try:
+            async with self.session.get(url, headers=self.headers,
+                                        timeout=aiohttp.ClientTimeout(total=WORKER_TIMEOUT_S)) as r:
+                body = await r.read()
+                doc = orjson.loads(body) if r.content_type == "application/json" else None
+                return r.status, doc if isinstance(doc, dict) else {}
+        except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError, OSError):
+            return None
+
+    async def sample_once(self) -> None:
+        now = time.monotonic()
+
+        async def one(w: WorkerView) -> None:
+            stats, health = await asyncio.gather(self._get(w.url + "/stats"), self._get(w.url + "/health"))
+            if stats is not None and stats[0] == 200:
+                w.samples.append((now, stats[1]))
+            w.health = health[1] if health is not None else None
+            if w.kind == "stream" and stats is not None:
+                got = await self._get(w.url + "/inspect/segments")
+                w.segments = got[1] if got is not None and got[0] == 200 else None
+
+        await asyncio.gather(*(one(w) for w in self.workers))
+        sizes: dict[int, int] = {}
+        for w in self.workers:
+            for seg in (w.segments or {}).get("segments", []):
+                sizes[seg["segment"]] = sizes.get(seg["segment"], 0) + seg["users"]
+        for seg, n in sizes.items():
+            self.segment_sizes.setdefault(seg, deque(maxlen=HISTORY)).append((now, n))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.sample_once()
+            except Exception:  # a sample lost is shown as a gap; the console goes on
+                log.exception("sampling the workers failed")
+            try:
+                await asyncio.wait_for(stop.wait(), self.settings.console_refresh_s)
+            except asyncio.TimeoutError:
+                pass
+
+
+def auth_headers(settings: Settings) -> dict[str, str]:
+    """The token the workers' ``/inspect`` routes ask for when they are not on loopback."""
+    token = settings.console_token
+    return {"Authorization": f"Bearer {token.get_secret_value()}"} if token is not None else {}
+
+
+def preview(raw: bytes | None, hidden=PII_FIELDS) -> str:
+    """The first :data:`PREVIEW_BYTES` of a record as text (bytes that are not UTF-8 shown as U+FFFD; control
+    characters but tab and newline as ``\\xNN``), the string values of ``hidden`` fields (PII; with
+    pseudonymisation on, ``user_id`` too) replaced by ``"…"``. The page escapes it like any other text.
+
+    >>> print(preview(b'{"email": "a@b.c", "a": 1}\\x00<script>'))
+    {"email": "…", "a": 1}\\x00<script>
+    """
+    if raw is None:
+        return "(null)"
+    text = raw[:PREVIEW_BYTES].decode("utf-8", errors="replace")
+    text = _hidden_values(hidden).sub(lambda m: m[1] + '"…"', text)
+    text = "".join(c if c.isprintable() or c in "\t\n" else f"\\x{ord(c):02x}" for c in text)
+    return text + (" …" if len(raw) > PREVIEW_BYTES else "")
+
+
+@functools.cache
+def _hidden_values(names: frozenset) -> re.Pattern:
+    """``"name": "value"`` of any of ``names`` (a value cut by the preview's end too)."""
+    alt = "|".join(sorted(map(re.escape, names)))
+    return re.compile(rf'("(?:{alt})"\s*:\s*)"(?:[^"\\]|\\.)*"?', re.IGNORECASE)
+
+
+class Sources:
+    """The console's reads (see the module)."""
+
+    def __init__(self, settings: Settings, store: Store | None = None):
+        self.settings = settings
+        self.store = store or open_store(settings, socket_timeout=2.0)
+        self.pseudonym = Pseudonymizer(settings.pseudonym_key)
+        self.session: aiohttp.ClientSession | None = None
+        self.sampler: Sampler | None = None
+        self._dlq = None
+        self._dlq_lock = asyncio.Lock()
+        self._dlq_cache: tuple[float, dict] | None = None
+        self._experiments_cache: tuple[float, dict] | None = None
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession()
+        self.sampler = Sampler(self.settings, self.session)
+
+    async def close(self) -> None:
+        if self._dlq is not None:
+            await self._dlq.stop()
+        if self.session is not None:
+            await self.session.close()
+        await self.store.close()
+
+    @property
+    def workers(self) -> list[WorkerView]:
+        return self.sampler.workers
+
+    # ------------------------------------------------------------------ health
+    async def redis_ok(self) -> str:
+        try:
+            await asyncio.wait_for(self.store.ping(), 2.0)
+            return "up"
+        except StoreUnavailable as exc:
+            return f"down: {exc.reason}"
+        except (asyncio.TimeoutError, OSError) as exc:
+            return f"down: {type(exc).__name__}"
+
+    async def kafka_ok(self) -> str:
+        try:
+            consumer = await self._dlq_consumer()
+            await asyncio.wait_for(consumer.topics(), 3.0)
+            return "up"
+        except Exception as exc:  # any failure to reach it is the answer
+            return f"down: {type(exc).__name__}"
+
+    # ------------------------------------------------------------------ a user, an item, the segments
+    def user_id(self, raw: str) -> str:
+        """The id the workers keep for ``raw`` (its pseudonym when pseudonymisation is on)."""
+        return self.pseudonym(raw)
+
+    async def _inspect(self, path: str) -> dict | None:
+        """The first stream worker's answer to ``/inspect{path}`` that is 200 (the one holding it)."""
+        for w in self.workers:
+            if w.kind == "channel":
+                continue
+            got = await self.sampler._get(w.url + "/inspect" + path)
+            if got is not None and got[0] == 200:
+                return got[1]
+        return None
+
+    async def user(self, user_id: str) -> dict:
+        recs, segment, decisions, held = await asyncio.gather(
+            self.store.recs(user_id), self.store.segment(user_id), self.store.decisions(user_id),
+            self._inspect(f"/users/{quote(user_id, safe='')}"))
+        return {"user_id": user_id, "recs": orjson.loads(recs) if recs is not None else None, "segment": segment,
+                "decisions": decisions, "held": held}
+
+    async def item(self, item_id: str) -> dict:
+        similar, held = await asyncio.gather(self.store.similar(item_id),
+                                             self._inspect(f"/items/{quote(item_id, safe='')}"))
+        return {"item_id": item_id, "similar": similar, "held": held}
+
+    async def segments(self) -> dict:
+        views = [w.segments for w in self.workers if w.segments]
+        merged: dict[int, dict] = {}
+        for view in views:
+            for seg in view.get("segments", []):
+                m = merged.setdefault(seg["segment"], {**seg, "users": 0})
+                m["users"] += seg["users"]
+        trending = await asyncio.gather(*(self.store.trending(s, 5) for s in merged))
+        for (s, m), top in zip(merged.items(), trending):
+            m["trending"] = top
+            m["history"] = list(self.sampler.segment_sizes.get(s, ()))
+        return {"segments": [merged[s] for s in sorted(merged)], "global": await self.store.trending(None, 10),
+                "workers": len(views)}
+
+    # ------------------------------------------------------------------ experiments (a SCAN: cached)
+    async def experiments(self) -> dict:
+        now = time.monotonic()
+        if self._experiments_cache is not None and now - self._experiments_cache[0] < self.settings.console_refresh_s:
+            return self._experiments_cache[1]
+        found = await self.store.experiments()
+        data = {}
+        for name, variants in found.items():
+            counts = await self.store.read_experiment(name, variants)
+            if counts:
+                data[name] = counts
+        self._experiments_cache = (now, data)
+        return data
+
+    # ------------------------------------------------------------------ dead letters
+    async def _dlq_consumer(self):
+        if self._dlq is None:
+            consumer = connections.consumer(self.settings, group_id=None, enable_auto_commit=False)
+            await consumer.start()
+            self._dlq = consumer
+        return self._dlq
+
+    async def dead_letters(self) -> dict:
+        """The latest :data:`DLQ_SHOWN` records of ``events.dlq`` and of ``push.dlq``, newest first, each with its
+        reason, code, source and a preview; cached for one refresh."""
+        async with self._dlq_lock:
+            now = time.monotonic()
+            if self._dlq_cache is not None and now - self._dlq_cache[0] < self.settings.console_refresh_s:
+                return self._dlq_cache[1]
+            consumer = await self._dlq_consumer()
+            topics = self.settings.topics
+            out = {}
+            for topic in (topics.dlq, topics.push_dlq):
+                out[topic] = await self._tail(consumer, topic)
+            self._dlq_cache = (now, out)
+            return out
+
+    async def _tail(self, consumer, topic: str) -> list[dict]:
+        try:
+            parts = await connections.wait_partitions(consumer, topic, deadline_s=3.0)
+        except RuntimeError:  # the topic does not exist (yet): nothing to show
+            return []
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        begins = await consumer.beginning_offsets(tps)
+        for tp in tps:
+            consumer.seek(tp, max(begins[tp], ends[tp] - DLQ_SHOWN))
+        records = []
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and any([await consumer.position(tp) < ends[tp] for tp in tps]):
+            got = await consumer.getmany(*tps, timeout_ms=300, max_records=DLQ_SHOWN * len(tps))
+            records += [r for rs in got.values() for r in rs if r.offset < ends[TopicPartition(r.topic, r.partition)]]
+        rows = []
+        hidden = PII_FIELDS | {"user_id"} if self.settings.pseudonym_key is not None else PII_FIELDS
+        for r in sorted(records, key=lambda r: r.timestamp, reverse=True)[:DLQ_SHOWN]:
+            h = {k: v.decode("utf-8", errors="replace")[:500] for k, v in (r.headers or ())}
+            code, reason = h.get("reason_code"), h.get("reason", "")
+            if code is None:  # push.dlq: the reason is in the value ({"message", "channel", "reason", "code", "at"})
+                try:
+                    doc = orjson.loads(r.value or b"")
+                except orjson.JSONDecodeError:
+                    doc = None
+                if isinstance(doc, dict):
+                    code, reason = str(doc.get("code", "?"))[:40], str(doc.get("reason", ""))[:500]
+            rows.append({"topic": r.topic, "partition": r.partition, "offset": r.offset, "timestamp": r.timestamp / 1000,
+                         "code": code or "?", "reason": reason,
+                         "source": (f"{h['source_topic']}[{h.get('source_partition', '?')}]@{h.get('source_offset', '?')}"
+                                    if "source_topic" in h else f"{r.topic}[{r.partition}]@{r.offset}"),
+                         # the key of events.dlq is the raw user id: not shown when ids are pseudonymised
+                         "key": "(hidden)" if "user_id" in hidden else preview(r.key, hidden)[:80],
+                         "preview": preview(r.value, hidden)})
+        return rows

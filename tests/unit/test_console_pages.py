@@ -1,0 +1,115 @@
+"""The console's pages without servers: an in-memory store, no worker; what a person (or an attacker) sees."""
+from __future__ import annotations
+
+import base64
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from infogap.stream.console.app import Console
+from infogap.stream.console.sources import Sources
+from infogap.stream.settings import Settings
+from infogap.stream.store import MemoryStore, keys_for
+from infogap.stream.store.base import decision_entry
+
+KEY = "a pseudonym key of at least 32 bytes....."
+
+
+async def _client(settings: Settings, store: MemoryStore) -> TestClient:
+    console = Console(settings.model_copy(update={"console_workers": []}), Sources(settings, store=store))
+    client = TestClient(TestServer(console.app()))
+    await client.start_server()
+    return client
+
+
+@pytest.fixture
+def store():
+    return MemoryStore(keys_for(Settings()))
+
+
+async def test_a_users_page_shows_recommendations_and_decisions_escaped_with_a_strict_policy(store):
+    doc = {"user_id": "u1", "items": [{"item_id": "<i>x", "score": 0.5, "reason": "<script>alert(1)</script>"}],
+           "segment": 2, "generated_at": 1.7e9, "model_version": "t"}
+    await store.write(recs=[doc], decisions={"u1": [decision_entry("email", "daily_cap", 1.7e9)]})
+    client = await _client(Settings(), store)
+    try:
+        r = await client.get("/users/u1")
+        html = await r.text()
+        assert r.status == 200 and "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script>alert" not in html
+        assert "/items/%3Ci%3Ex" in html and "held: the channel&#39;s daily cap is reached" in html
+        assert "script-src 'self'" in r.headers["Content-Security-Policy"]
+        fragment = await (await client.get("/users/u1", headers={"X-Fragment": "1"})).text()
+        assert "<html" not in fragment and 'id="recs"' in fragment
+        assert "No data about this user" in await (await client.get("/users/nobody")).text()
+    finally:
+        await client.close()
+
+
+async def test_with_pseudonyms_a_raw_id_is_looked_up_by_its_pseudonym_and_never_shown(store):
+    s = Settings(pseudonym_key=KEY)
+    pseudonym = Sources(s, store=store).user_id("alice")
+    await store.write(recs=[{"user_id": pseudonym, "items": [], "segment": None, "generated_at": 1.0,
+                             "model_version": "t"}])
+    client = await _client(s, store)
+    try:
+        for url in ("/users?q=alice", "/users/alice"):
+            r = await client.get(url)
+            html = await r.text()
+            assert r.status == 200 and str(r.url).endswith(f"/users/{pseudonym}"), url
+            assert pseudonym in html and "alice" not in html, url
+    finally:
+        await client.close()
+
+
+async def test_bound_beyond_loopback_the_console_needs_a_token_and_asks_every_request_for_it(store):
+    with pytest.raises(ValueError, match="INFOGAP_CONSOLE_TOKEN"):
+        Console(Settings(console_host="0.0.0.0"))
+    token = "a console token of some length"
+    client = await _client(Settings(console_host="0.0.0.0", console_token=token), store)
+    try:
+        r = await client.get("/users/u1")
+        assert r.status == 401 and r.headers["WWW-Authenticate"].startswith("Basic")
+        wrong = base64.b64encode(b"ops:guess").decode()
+        assert (await client.get("/", headers={"Authorization": f"Basic {wrong}"})).status == 401
+        good = base64.b64encode(f"ops:{token}".encode()).decode()
+        assert (await client.get("/users/u1", headers={"Authorization": f"Basic {good}"})).status == 200
+        assert (await client.get("/users/u1", headers={"Authorization": f"Bearer {token}"})).status == 200
+    finally:
+        await client.close()
+
+
+async def test_the_console_only_reads(store):
+    client = await _client(Settings(), store)
+    try:
+        for method in ("POST", "PUT", "DELETE"):
+            assert (await client.request(method, "/users/u1")).status == 405
+        assert (await client.get("/static/../app.py")).status in (403, 404)
+        assert orjson.loads(orjson.dumps(store.writes)) == 0
+    finally:
+        await client.close()
+
+
+async def test_a_workers_inspect_routes_refuse_beyond_loopback_without_a_token():
+    from aiohttp import web
+
+    from infogap.stream import web_access
+
+    async def user(_request):
+        return web.json_response({"user_id": "u1"})
+
+    for host, token, headers, status in (("0.0.0.0", None, {}, 403), ("0.0.0.0", KEY, {}, 401),
+                                         ("0.0.0.0", KEY, {"Authorization": f"Bearer {KEY}"}, 200),
+                                         ("127.0.0.1", None, {}, 200)):
+        from pydantic import SecretStr
+
+        app = web.Application(middlewares=[web_access.guard(host, SecretStr(token) if token else None, "/inspect/")])
+        app.router.add_get("/inspect/users/u1", user)
+        app.router.add_get("/health", user)
+        client = TestClient(TestServer(app))
+        await client.start_server()
+        try:
+            assert (await client.get("/inspect/users/u1", headers=headers)).status == status, (host, token, headers)
+            assert (await client.get("/health")).status == 200  # probes need no token
+        finally:
+            await client.close()
