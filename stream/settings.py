@@ -187,8 +187,8 @@ class Settings(BaseSettings):
     @field_validator("pseudonym_key", "state_key", "unsubscribe_key", "console_token")
     @classmethod
     def _key_long_enough(cls, v: SecretStr | None, info) -> SecretStr | None:
-        if v is not None and not v.get_secret_value().strip():  # an empty variable (compose's default) is unset
-            return None
+        if info.field_name == "console_token" and v is not None and not v.get_secret_value().strip():
+            return None  # compose passes it empty when unset
         if v is not None and len(v.get_secret_value().encode()) < 16:
             unset = {"pseudonym_key": "to keep user ids as given", "state_key": "to check snapshots by SHA-256 only",
                      "unsubscribe_key": "to use the state or pseudonym key",
