@@ -111,25 +111,13 @@ def console_cmd(
                                           "(default INFOGAP_CONSOLE_WORKERS, http://127.0.0.1:8080)."),
 ) -> None:
     """Serve the web console: live overview, users, items, segments, experiments, dead letters (read-only)."""
-    import signal
-
-    from infogap.stream.console.app import run_console
-
     settings = load()
     update = {k: v for k, v in (("console_port", port), ("console_host", host),
                                 ("console_workers", workers.split(",") if workers else None)) if v is not None}
     settings = settings.model_copy(update=update)
 
     async def serve() -> None:
-        stop, ready = asyncio.Event(), asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        task = asyncio.create_task(run_console(settings, ready, stop))
-        await asyncio.wait([task, asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
-        if ready.is_set():
-            console.print(f"console on http://{settings.console_host}:{settings.console_port}/ (Ctrl-C stops it)")
-        await task
+        await _serve_console(settings, lambda url: console.print(f"console on {url} (Ctrl-C stops it)"))
 
     try:
         asyncio.run(serve())
@@ -279,29 +267,33 @@ async def _demo(settings, limit: int, n_users: int, console_after: bool = False)
         await asyncio.wait_for(task, 30)
 
 
-async def _demo_console(settings, worker_task) -> None:
-    """Serve the console on the demo's worker until Ctrl-C (or the worker stops)."""
+async def _serve_console(settings, started, alongside: asyncio.Task | None = None) -> None:
+    """Serve the console until SIGINT or SIGTERM (or until ``alongside`` ends); ``started(url)`` once it listens."""
     import signal
 
     from infogap.stream.console.app import run_console
 
-    if settings.http_port is None:
-        return
-    s = settings.model_copy(update={"console_workers": [f"http://127.0.0.1:{settings.http_port}"]})
     stop, ready = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    task = asyncio.create_task(run_console(s, ready, stop))
+    task = asyncio.create_task(run_console(settings, ready, stop))
     await asyncio.wait([task, asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
     if task.done():
-        task.result()
-    users = f"http://{s.console_host}:{s.console_port}/users?q=USER"
-    console.print(f"[bold]5.[/] the console: [bold]http://{s.console_host}:{s.console_port}/[/] "
-                  f"(a user: {users}); Ctrl-C ends the demo")
-    await asyncio.wait([task, worker_task], return_when=asyncio.FIRST_COMPLETED)
+        task.result()  # raises why it could not start
+    started(f"http://{settings.console_host}:{settings.console_port}/")
+    await asyncio.wait([task] + ([alongside] if alongside else []), return_when=asyncio.FIRST_COMPLETED)
     stop.set()
     await task
+
+
+async def _demo_console(settings, worker_task) -> None:
+    """Serve the console on the demo's worker until Ctrl-C (or the worker stops)."""
+    if settings.http_port is None:
+        return
+    s = settings.model_copy(update={"console_workers": [f"http://127.0.0.1:{settings.http_port}"]})
+    await _serve_console(s, lambda url: console.print(f"[bold]5.[/] the console: [bold]{url}[/] (a user: "
+                                                      f"{url}users?q=USER); Ctrl-C ends the demo"), worker_task)
 
 
 # ----------------------------------------------------------------------- report and channel (experiments helper)
