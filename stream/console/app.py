@@ -192,13 +192,16 @@ class Console:
         for name, counts in (await self.sources.experiments()).items():
             by_variant = {k[0]: f for k, f in summarize(counts, by=("variant",)).items()}
             spec = self.settings.experiment or {}
-            if spec.get("name") == name:  # variants configured that have sent nothing yet are shown too
-                for v in spec.get("variants") or {}:
-                    by_variant.setdefault(str(v), Figures.from_counts(Counts()))
+            configured = [str(v) for v in spec.get("variants") or {}] if spec.get("name") == name else []
+            for v in configured:  # variants configured that have sent nothing yet are shown too
+                by_variant.setdefault(v, Figures.from_counts(Counts()))
             rows = {k: f for k, f in summarize(counts, by=("variant", "campaign", "channel")).items()}
             by_variant = dict(sorted(by_variant.items()))
             variants = list(by_variant)
-            control = variants[0]
+            # the control: a variant named so, else the first of the configuration (its order is the buckets'),
+            # else the first by name
+            control = "control" if "control" in by_variant else (configured or variants)[0]
+            variants = [control] + [v for v in variants if v != control]
             verdicts = [verdict(control, by_variant[control], v, by_variant[v], metric)
                         for v in variants[1:] for metric in ("ctr", "conversion_rate")]
             out.append({"name": name, "variants": by_variant, "rows": rows, "control": control, "verdicts": verdicts,

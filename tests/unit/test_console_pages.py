@@ -113,3 +113,19 @@ async def test_a_workers_inspect_routes_refuse_beyond_loopback_without_a_token()
             assert (await client.get("/health")).status == 200  # probes need no token
         finally:
             await client.close()
+
+
+async def test_the_experiments_page_gives_each_variant_its_intervals_and_a_verdict_against_the_control(store):
+    from infogap.models.experiments import Counts, Segment
+
+    await store.write_experiment("winter", {Segment(0, "recs", "email", "new"): Counts(sent=1000, clicks=80),
+                                            Segment(1, "recs", "email", "control"): Counts(sent=1000, clicks=50)})
+    s = Settings(experiment={"name": "winter", "variants": {"control": 1, "new": 1, "late": 1}})
+    client = await _client(s, store)
+    try:
+        html = await (await client.get("/experiments")).text()
+        assert "new ahead of control on CTR: +3.0 points, 95 % interval [+0.8, +5.2] excludes 0" in html
+        assert "not enough data yet: late has sent 0 messages, control 1,000" in html
+        assert "8.0% <span class=\"ci\">[6.5%, 9.8%]</span>" in html  # new's CTR and its Wilson interval
+    finally:
+        await client.close()
