@@ -3,11 +3,11 @@
 Routes on the worker's HTTP server (beside ``/health``, ``/metrics``, ``/stats``), guarded by
 :mod:`infogap.stream.web_access`:
 
-- ``GET /inspect/users/{user_id}``: 404 unless this worker holds the user (its partition is here); else the
+- ``GET /inspect/users/{user_id}`` (or ``/inspect/users?id=``, for any id): 404 unless this worker holds the user (its partition is here); else the
   decayed profile (RFM, top categories, events), the recent items, the segment, the experiment variant and the
   push preferences (consent per channel, time zone, quiet hours). ``user_id`` is the id as kept: the
   pseudonym when pseudonymisation is on (the console computes it).
-- ``GET /inspect/items/{item_id}``: the catalog entry and the item's trending rank, overall and per segment
+- ``GET /inspect/items/{item_id}`` (or ``?id=``): the catalog entry and the item's trending rank, overall and per segment
   (among the top :data:`TRENDING_DEPTH`); 404 for an item the catalog does not hold.
 - ``GET /inspect/segments``: every segment with the users held here and what characterises it.
 
@@ -31,7 +31,7 @@ def add_routes(app: web.Application, worker) -> None:
     """Add the ``/inspect`` routes reading ``worker``'s user stage (a :class:`~infogap.stream.worker.Worker`)."""
 
     async def user(request: web.Request) -> web.Response:
-        user_id = request.match_info["user_id"]
+        user_id = request.match_info.get("user_id") or request.query.get("id", "")
         core, engine = worker.core, worker.engine
         held = [p for p, part in core.parts.items() if user_id in part.users]
         if not held or not engine.known_user(user_id) or (core.erasures and core.erasures.erased(user_id)):
@@ -45,7 +45,7 @@ def add_routes(app: web.Application, worker) -> None:
                                                             "quiet_hours": prefs.quiet_hours}})
 
     async def item(request: web.Request) -> web.Response:
-        item_id = request.match_info["item_id"]
+        item_id = request.match_info.get("item_id") or request.query.get("id", "")
         engine = worker.engine
         entry = engine.item(item_id)
         if entry is None:
@@ -62,6 +62,8 @@ def add_routes(app: web.Application, worker) -> None:
     async def segments(_request: web.Request) -> web.Response:
         return _json({"segments": worker.engine.segments(), "users": len(worker.engine.state.profiles)})
 
-    app.router.add_get("/inspect/users/{user_id}", user)
-    app.router.add_get("/inspect/items/{item_id}", item)
+    app.router.add_get("/inspect/users/{user_id:[^/]+}", user)
+    app.router.add_get("/inspect/users", user)  # ?id=: any id, "." and ".." too
+    app.router.add_get("/inspect/items/{item_id:[^/]+}", item)
+    app.router.add_get("/inspect/items", item)
     app.router.add_get("/inspect/segments", segments)

@@ -221,6 +221,26 @@ async def test_keys_of_another_type_are_overwritten_or_named(server_store):
     assert await store.read_experiment("e") == counts
 
 
+async def test_a_decision_log_of_another_type_is_named_and_nothing_else_is_touched(server_store):
+    """One log key holding another type fails the batch's decisions naming that key only (the worker deletes
+    it and writes again): a good log is neither emptied nor, after the retry, written twice (on a cluster a log on
+    another node may have been written by the first try)."""
+    from infogap.stream.store.base import decision_entry as d
+
+    store, raw = server_store
+    await store.write(decisions={"good": [d("email", None, 1.0, "m-0", ["i"])]})
+    await raw.set(store.keys.decisions("bad"), "x")
+    batch = {"good": [d("email", None, 2.0, "m-1", ["i"])], "bad": [d(None, "no_change", 2.0)]}
+    with pytest.raises(WrongTypeError) as got:
+        await store.write(decisions=batch)
+    assert got.value.keys == [store.keys.decisions("bad")]
+    assert [e["message_id"] for e in await store.decisions("good")][-1] == "m-0"
+    await store.delete_own(got.value.keys)
+    await store.write(decisions=batch)
+    assert [e["message_id"] for e in await store.decisions("good")] == ["m-1", "m-0"]
+    assert [e["rule"] for e in await store.decisions("bad")] == ["no_change"]
+
+
 async def test_a_server_that_does_not_answer_is_unavailable_with_the_reason(request):
     from tests.integration.kafka_helpers import free_port
     from infogap.stream.settings import load
@@ -298,8 +318,12 @@ async def test_push_decisions_read_back_newest_first_with_repeats_merged_and_rep
                    {"rule": "sent", "channel": "email", "at": 100.0, "message_id": "m-1", "items": ["i1", "i2"]}]
     for user in AWKWARD_IDS:
         assert [e["rule"] for e in await store.decisions(user)] == ["no_consent", "daily_cap", "sent"], user
+    # a late event's push (older than the newest entry) and a second send in the same second are real decisions
+    await store.write(decisions={"ann": [d("email", None, 90.0, "m-late", ["i3"])]})
+    await store.write(decisions={"ann": [d("email", None, 90.0, "m-same-second", ["i4"])]})
+    assert [e.get("message_id") for e in (await store.decisions("ann"))[:2]] == ["m-same-second", "m-late"]
     await store.write(decisions={"ann": [d(None, "quiet_hours", 300.0)]})
-    assert [e["rule"] for e in await store.decisions("ann", n=2)] == ["quiet_hours", "no_change"]
+    assert [e["rule"] for e in await store.decisions("ann", n=2)] == ["quiet_hours", "sent"]
     assert await store.decisions("nobody") == []
 
 

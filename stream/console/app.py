@@ -26,7 +26,7 @@ from infogap.models.experiments import Counts, Figures, summarize, verdict
 from infogap.models.push_policy import RULES
 from infogap.stream import web_access
 from infogap.stream.console import charts
-from infogap.stream.console.sources import Sources
+from infogap.stream.console.sources import KafkaUnavailable, Sources
 from infogap.stream.settings import Settings
 from infogap.stream.store import StoreUnavailable
 
@@ -48,16 +48,31 @@ SECURITY_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src '
 
 
 def _when(ts) -> str:
-    if not isinstance(ts, (int, float)):
+    try:
+        return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (TypeError, ValueError, OverflowError, OSError):  # not a time, or out of range
         return "-"
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def page_of(kind: str, value) -> str:
+    """The address of a user's or an item's page: ``/{kind}/{id}`` with the id escaped as one path segment, or
+    ``/{kind}?id=`` for ``.`` and ``..`` (which every URL library folds into the path).
+
+    >>> page_of("users", "a b/c"), page_of("items", ".."), page_of("items", "sku-7")
+    ('/users/a%20b%2Fc', '/items?id=..', '/items/sku-7')
+    """
+    value = str(value)
+    if value in (".", ".."):
+        return f"/{kind}?id={quote(value, safe='')}"
+    return f"/{kind}/{quote(value, safe='')}"
 
 
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["when"] = _when
-    env.filters["url"] = lambda s: quote(str(s), safe="")
+    env.filters["user_page"] = lambda v: page_of("users", v)
+    env.filters["item_page"] = lambda v: page_of("items", v)
     env.filters["pct"] = lambda v: "-" if v is None else f"{100 * v:.1f}%"
     env.filters["num"] = lambda v: "-" if v is None else f"{v:,.2f}"
     env.filters["ci"] = lambda b, pct=False: "" if not b else (
@@ -81,12 +96,15 @@ class Console:
 
     def app(self) -> web.Application:
         s = self.settings
-        app = web.Application(middlewares=[web_access.guard(s.console_host, s.console_token), self._headers])
+        # the headers outermost: on every answer, the login's 401 and redirects included
+        app = web.Application(middlewares=[self._headers, web_access.guard(s.console_host, s.console_token)])
         app.router.add_get("/", self.overview)
         app.router.add_get("/users", self.find_user)
-        app.router.add_get("/users/{user_id}", self.user)
+        app.router.add_post("/users", self.find_user)  # the search box: the raw id stays out of the address
+        app.router.add_get("/users/{user_id:[^/]+}", self.user)
         app.router.add_get("/items", self.find_item)
-        app.router.add_get("/items/{item_id}", self.item)
+        app.router.add_post("/items", self.find_item)
+        app.router.add_get("/items/{item_id:[^/]+}", self.item)
         app.router.add_get("/segments", self.segments)
         app.router.add_get("/experiments", self.experiments)
         app.router.add_get("/dlq", self.dlq)
@@ -97,7 +115,10 @@ class Console:
 
     async def _start(self, _app) -> None:
         await self.sources.start()
-        await self.sources.sampler.sample_once()  # the first page has numbers
+        try:
+            await self.sources.sampler.sample_once()  # the first page has numbers
+        except Exception:  # never keeps the console from starting: the sampler goes on in the background
+            log.exception("the first sample of the workers failed")
         self._sampler = asyncio.create_task(self.sources.sampler.run(self._stop))
 
     async def _cleanup(self, _app) -> None:
@@ -110,8 +131,15 @@ class Console:
     async def _headers(self, request: web.Request, handler):
         try:
             response = await handler(request)
+        except web.HTTPException as exc:  # redirects, 404, 405: with the same headers
+            exc.headers.update(SECURITY_HEADERS)
+            raise
         except StoreUnavailable as exc:
-            response = self._page(request, "unavailable.html", "Store unavailable", reason=exc.reason, status=503)
+            response = self._page(request, "unavailable.html", "Store unavailable", what="The store",
+                                  reason=exc.reason, status=503)
+        except KafkaUnavailable as exc:
+            response = self._page(request, "unavailable.html", "Kafka unavailable", what="Kafka",
+                                  reason=str(exc), status=503)
         response.headers.update(SECURITY_HEADERS)
         return response
 
@@ -157,28 +185,39 @@ class Console:
                           totals=totals, redis=redis, kafka=kafka, label=label,
                           events=sum(w.last.get("events_in", 0) for w in stream))
 
+    async def _asked(self, request: web.Request) -> str:
+        """The id typed in a search box (a form POST, or ``?q=``)."""
+        if request.method == "POST":
+            form = await request.post()
+            return str(form.get("q", "")).strip()[:1000]
+        return request.query.get("q", "").strip()[:1000]
+
     async def find_user(self, request: web.Request) -> web.Response:
-        q = request.query.get("q", "").strip()
+        if "id" in request.query:  # the page of an id that cannot be a path segment
+            return await self.user(request, request.query["id"])
+        q = await self._asked(request)
         if not q:
             return self._page(request, "find.html", "Users", what="user", action="/users")
-        raise web.HTTPFound("/users/" + quote(self.sources.user_id(q), safe=""))
+        raise web.HTTPSeeOther(page_of("users", self.sources.user_id(q)))
 
-    async def user(self, request: web.Request) -> web.Response:
-        raw = request.match_info["user_id"]
+    async def user(self, request: web.Request, raw: str | None = None) -> web.Response:
+        raw = request.match_info["user_id"] if raw is None else raw
         user_id = self.sources.user_id(raw)
         if user_id != raw:  # a raw id with pseudonymisation on: never kept in the address or the page
-            raise web.HTTPFound("/users/" + quote(user_id, safe=""))
+            raise web.HTTPSeeOther(page_of("users", user_id))
         data = await self.sources.user(user_id)
         return self._page(request, "user.html", f"User {user_id}", **data)
 
     async def find_item(self, request: web.Request) -> web.Response:
-        q = request.query.get("q", "").strip()
+        if "id" in request.query:
+            return await self.item(request, request.query["id"])
+        q = await self._asked(request)
         if not q:
             return self._page(request, "find.html", "Items", what="item", action="/items")
-        raise web.HTTPFound("/items/" + quote(q, safe=""))
+        raise web.HTTPSeeOther(page_of("items", q))
 
-    async def item(self, request: web.Request) -> web.Response:
-        data = await self.sources.item(request.match_info["item_id"])
+    async def item(self, request: web.Request, item_id: str | None = None) -> web.Response:
+        data = await self.sources.item(request.match_info["item_id"] if item_id is None else item_id)
         return self._page(request, "item.html", f"Item {data['item_id']}", **data)
 
     async def segments(self, request: web.Request) -> web.Response:

@@ -35,9 +35,15 @@ log = logging.getLogger("infogap.console")
 HISTORY = 300
 #: a worker's answer is waited for this long
 WORKER_TIMEOUT_S = 1.5
+#: how long the console waits for Kafka (starting its consumer, metadata, one topic's tail)
+KAFKA_TIMEOUT_S = 5.0
 #: dead letters shown per topic, and the bytes of each shown
 DLQ_SHOWN = 50
 PREVIEW_BYTES = 300
+
+
+class KafkaUnavailable(Exception):
+    """Kafka did not answer the console (the reason: the exception's type, never a value)."""
 
 
 @dataclass
@@ -91,8 +97,9 @@ class Sampler:
         self.segment_sizes: dict[int, deque] = {}
 
     async def _get(self, url: str) -> tuple[int, dict] | None:
+        headers = self.headers if "/inspect/" in url else {}  # the token goes only where it is asked for
         try:
-            async with self.session.get(url, headers=self.headers,
+            async with self.session.get(url, headers=headers,
                                         timeout=aiohttp.ClientTimeout(total=WORKER_TIMEOUT_S)) as r:
                 body = await r.read()
                 doc = orjson.loads(body) if r.content_type == "application/json" else None
@@ -115,7 +122,7 @@ class Sampler:
         await asyncio.gather(*(one(w) for w in self.workers))
         sizes: dict[int, int] = {}
         for w in self.workers:
-            for seg in (w.segments or {}).get("segments", []):
+            for seg in segment_rows(w.segments):
                 sizes[seg["segment"]] = sizes.get(seg["segment"], 0) + seg["users"]
         for seg, n in sizes.items():
             self.segment_sizes.setdefault(seg, deque(maxlen=HISTORY)).append((now, n))
@@ -132,26 +139,61 @@ class Sampler:
                 pass
 
 
+def segment_rows(view) -> list[dict]:
+    """The well-formed rows of a worker's ``/inspect/segments`` answer (another shape is ignored, not fatal)."""
+    rows = view.get("segments") if isinstance(view, dict) else None
+    if not isinstance(rows, list):
+        return []
+    return [r for r in rows if isinstance(r, dict) and type(r.get("segment")) is int and type(r.get("users")) is int]
+
+
 def auth_headers(settings: Settings) -> dict[str, str]:
     """The token the workers' ``/inspect`` routes ask for when they are not on loopback."""
     token = settings.console_token
     return {"Authorization": f"Bearer {token.get_secret_value()}"} if token is not None else {}
 
 
-def preview(raw: bytes | None, hidden=PII_FIELDS) -> str:
-    """The first :data:`PREVIEW_BYTES` of a record as text (bytes that are not UTF-8 shown as U+FFFD; control
-    characters but tab and newline as ``\\xNN``), the string values of ``hidden`` fields (PII; with
-    pseudonymisation on, ``user_id`` too) replaced by ``"…"``. The page escapes it like any other text.
+def preview(raw: bytes | None, hidden=PII_FIELDS, text_ok: bool = True) -> str:
+    """The first :data:`PREVIEW_BYTES` of a record as text, for a person; the page escapes it like any other text.
 
-    >>> print(preview(b'{"email": "a@b.c", "a": 1}\\x00<script>'))
-    {"email": "…", "a": 1}\\x00<script>
+    A JSON record is shown with the values of ``hidden`` fields (PII; with pseudonymisation on, ``user_id`` too),
+    at any depth and of any type, replaced by ``"…"``. Anything else is shown as text (bytes that are not UTF-8
+    as U+FFFD, control characters but tab and newline as ``\\xNN``) with the string values of hidden fields cut
+    out, or, when ``text_ok`` is false (pseudonymisation on: a raw id could be anywhere in it), only its length.
+
+    >>> print(preview(b'{"email": "a@b.c", "a": 1, "user_id": 4711, "ctx": {"phone": 5}}', PII_FIELDS | {"user_id"}))
+    {"email":"…","a":1,"user_id":"…","ctx":{"phone":"…"}}
+    >>> print(preview(b'not json, "email": "a@b.c"\\x00<script>'))
+    not json, "email": "…"\\x00<script>
+    >>> preview(b"user=bob", text_ok=False)
+    '(8 bytes, not JSON: not shown while ids are pseudonymised)'
     """
     if raw is None:
         return "(null)"
-    text = raw[:PREVIEW_BYTES].decode("utf-8", errors="replace")
-    text = _hidden_values(hidden).sub(lambda m: m[1] + '"…"', text)
-    text = "".join(c if c.isprintable() or c in "\t\n" else f"\\x{ord(c):02x}" for c in text)
-    return text + (" …" if len(raw) > PREVIEW_BYTES else "")
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        doc = None
+    if doc is not None:
+        text = orjson.dumps(_redacted(doc, frozenset(h.lower() for h in hidden))).decode()
+    elif not text_ok:
+        return f"({len(raw)} bytes, not JSON: not shown while ids are pseudonymised)"
+    else:
+        text = raw[:PREVIEW_BYTES].decode("utf-8", errors="replace")
+        text = _hidden_values(hidden).sub(lambda m: m[1] + '"…"', text)
+    cut = len(text) > PREVIEW_BYTES or (doc is None and len(raw) > PREVIEW_BYTES)
+    text = "".join(c if c.isprintable() or c in "\t\n" else f"\\x{ord(c):02x}" for c in text[:PREVIEW_BYTES])
+    return text + (" …" if cut else "")
+
+
+def _redacted(doc, hidden: frozenset, depth: int = 0):
+    if depth > 20:
+        return "…"
+    if isinstance(doc, dict):
+        return {k: "…" if k.lower() in hidden else _redacted(v, hidden, depth + 1) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [_redacted(v, hidden, depth + 1) for v in doc]
+    return doc
 
 
 @functools.cache
@@ -202,8 +244,9 @@ class Sources:
 
     async def kafka_ok(self) -> str:
         try:
-            consumer = await self._dlq_consumer()
-            await asyncio.wait_for(consumer.topics(), 3.0)
+            async with self._dlq_lock:
+                consumer = await self._dlq_consumer()
+                await asyncio.wait_for(consumer.topics(), KAFKA_TIMEOUT_S)
             return "up"
         except Exception as exc:  # any failure to reach it is the answer
             return f"down: {type(exc).__name__}"
@@ -214,11 +257,10 @@ class Sources:
         return self.pseudonym(raw)
 
     async def _inspect(self, path: str) -> dict | None:
-        """The first stream worker's answer to ``/inspect{path}`` that is 200 (the one holding it)."""
-        for w in self.workers:
-            if w.kind == "channel":
-                continue
-            got = await self.sampler._get(w.url + "/inspect" + path)
+        """The answer to ``/inspect{path}`` of the stream worker that holds it (200), asked of all at once; workers
+        that did not answer the last sample are not asked."""
+        asked = [w for w in self.workers if w.kind == "stream" and w.health is not None]
+        for got in await asyncio.gather(*(self.sampler._get(w.url + "/inspect" + path) for w in asked)):
             if got is not None and got[0] == 200:
                 return got[1]
         return None
@@ -226,20 +268,20 @@ class Sources:
     async def user(self, user_id: str) -> dict:
         recs, segment, decisions, held = await asyncio.gather(
             self.store.recs(user_id), self.store.segment(user_id), self.store.decisions(user_id),
-            self._inspect(f"/users/{quote(user_id, safe='')}"))
+            self._inspect(f"/users?id={quote(user_id, safe='')}"))
         return {"user_id": user_id, "recs": orjson.loads(recs) if recs is not None else None, "segment": segment,
                 "decisions": decisions, "held": held}
 
     async def item(self, item_id: str) -> dict:
         similar, held = await asyncio.gather(self.store.similar(item_id),
-                                             self._inspect(f"/items/{quote(item_id, safe='')}"))
+                                             self._inspect(f"/items?id={quote(item_id, safe='')}"))
         return {"item_id": item_id, "similar": similar, "held": held}
 
     async def segments(self) -> dict:
         views = [w.segments for w in self.workers if w.segments]
         merged: dict[int, dict] = {}
         for view in views:
-            for seg in view.get("segments", []):
+            for seg in segment_rows(view):
                 m = merged.setdefault(seg["segment"], {**seg, "users": 0})
                 m["users"] += seg["users"]
         trending = await asyncio.gather(*(self.store.trending(s, 5) for s in merged))
@@ -265,24 +307,32 @@ class Sources:
 
     # ------------------------------------------------------------------ dead letters
     async def _dlq_consumer(self):
+        """The console's one consumer (no group, never commits); call under ``_dlq_lock``."""
         if self._dlq is None:
             consumer = connections.consumer(self.settings, group_id=None, enable_auto_commit=False)
-            await consumer.start()
+            try:
+                await asyncio.wait_for(consumer.start(), KAFKA_TIMEOUT_S)
+            except BaseException:
+                await consumer.stop()
+                raise
             self._dlq = consumer
         return self._dlq
 
     async def dead_letters(self) -> dict:
         """The latest :data:`DLQ_SHOWN` records of ``events.dlq`` and of ``push.dlq``, newest first, each with its
-        reason, code, source and a preview; cached for one refresh."""
+        reason, code, source and a preview; cached for one refresh. Raises :class:`KafkaUnavailable`."""
         async with self._dlq_lock:
             now = time.monotonic()
             if self._dlq_cache is not None and now - self._dlq_cache[0] < self.settings.console_refresh_s:
                 return self._dlq_cache[1]
-            consumer = await self._dlq_consumer()
-            topics = self.settings.topics
-            out = {}
-            for topic in (topics.dlq, topics.push_dlq):
-                out[topic] = await self._tail(consumer, topic)
+            try:
+                consumer = await self._dlq_consumer()
+                topics = self.settings.topics
+                out = {}
+                for topic in (topics.dlq, topics.push_dlq):
+                    out[topic] = await asyncio.wait_for(self._tail(consumer, topic), 2 * KAFKA_TIMEOUT_S)
+            except Exception as exc:
+                raise KafkaUnavailable(type(exc).__name__) from None
             self._dlq_cache = (now, out)
             return out
 
@@ -307,7 +357,7 @@ class Sources:
         rows = []
         hidden = PII_FIELDS | {"user_id"} if self.settings.pseudonym_key is not None else PII_FIELDS
         for r in sorted(records, key=lambda r: r.timestamp, reverse=True)[:DLQ_SHOWN]:
-            h = {k: v.decode("utf-8", errors="replace")[:500] for k, v in (r.headers or ())}
+            h = {k: (v or b"").decode("utf-8", errors="replace")[:500] for k, v in (r.headers or ())}
             code, reason = h.get("reason_code"), h.get("reason", "")
             if code is None:  # push.dlq: the reason is in the value ({"message", "channel", "reason", "code", "at"})
                 try:
@@ -322,5 +372,5 @@ class Sources:
                                     if "source_topic" in h else f"{r.topic}[{r.partition}]@{r.offset}"),
                          # the key of events.dlq is the raw user id: not shown when ids are pseudonymised
                          "key": "(hidden)" if "user_id" in hidden else preview(r.key, hidden)[:80],
-                         "preview": preview(r.value, hidden)})
+                         "preview": preview(r.value, hidden, text_ok="user_id" not in hidden)})
         return rows

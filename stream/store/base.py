@@ -91,11 +91,23 @@ def decision_entry(channel: str | None, rule: str | None, at: float, message_id:
 DECISIONS_LOOKBACK = 8
 
 
-def add_decision(log: list[dict], new: Mapping) -> None:
-    """Add ``new`` to ``log`` (newest first), as every store does (Redis: :data:`~infogap.stream.store.redis_node.PUSH_DECISIONS`):
+def _already_logged(old: Mapping, new: Mapping) -> bool:
+    """Whether ``old`` records ``new`` (a batch replayed after a crash decides the same again): the same message,
+    or the same held rule and channel at the same time (or within a merged run)."""
+    if old.get("rule") != new["rule"] or old.get("channel") != new["channel"]:
+        return False
+    if new["rule"] == "sent":
+        return old.get("message_id") == new.get("message_id")
+    at = old.get("at")
+    return at == new["at"] or (isinstance(at, (int, float)) and old.get("since", at) <= new["at"] <= at)
 
-    - a decision already logged (a batch replayed after a crash: older than the newest entry, or the same
-      time, rule and channel as one of the newest) is not added again;
+
+def add_decision(log: list[dict], new: Mapping) -> None:
+    """Add ``new`` to ``log`` (newest first), as every store does (Redis:
+    :data:`~infogap.stream.store.redis_node.PUSH_DECISIONS`):
+
+    - a decision already logged (:func:`_already_logged`, among the newest :data:`DECISIONS_LOOKBACK`) is not
+      added again: a batch replayed after a crash;
     - the same rule holding for every channel again (``no_change`` at each batch, ``quiet_hours`` through the
       night) is merged into the newest entry, with ``since`` (when the run began) and ``n`` (how many).
 
@@ -103,22 +115,19 @@ def add_decision(log: list[dict], new: Mapping) -> None:
     >>> for t in (10.0, 20.0, 30.0, 20.0): add_decision(log, decision_entry(None, "no_change", t))
     >>> log
     [{'rule': 'no_change', 'channel': None, 'at': 30.0, 'since': 10.0, 'n': 3}]
-    >>> add_decision(log, decision_entry("email", None, 40.0, "m-2", ["x"])); [e["rule"] for e in log]
-    ['sent', 'no_change']
+    >>> for m in ("m-1", "m-2", "m-1"): add_decision(log, decision_entry("email", None, 40.0, m, ["x"]))
+    >>> [e.get("message_id", e["rule"]) for e in log]
+    ['m-2', 'm-1', 'no_change']
     """
+    for old in log[:DECISIONS_LOOKBACK]:
+        if _already_logged(old, new):
+            return
     head = log[0] if log else None
-    if head is not None:
-        if new["at"] < head["at"]:
-            return
-        for old in log[:DECISIONS_LOOKBACK]:
-            if old["at"] != new["at"]:
-                break
-            if old["rule"] == new["rule"] and old["channel"] == new["channel"]:
-                return
-        if (new["channel"] is None and new["rule"] != "sent" and head["channel"] is None
-                and head["rule"] == new["rule"]):
-            log[0] = {**new, "since": head.get("since", head["at"]), "n": head.get("n", 1) + 1}
-            return
+    if (head is not None and new["channel"] is None and new["rule"] != "sent" and head.get("channel") is None
+            and head.get("rule") == new["rule"] and isinstance(head.get("at"), (int, float))):
+        log[0] = {**head, "at": max(head["at"], new["at"]), "since": min(head.get("since", head["at"]), new["at"]),
+                  "n": head.get("n", 1) + 1}
+        return
     log.insert(0, dict(new))
 
 

@@ -104,7 +104,19 @@ async def execute(pipe) -> list:
     other = next((r for _args, r in errors if not is_wrong_type(r)), None)
     if other is not None:
         raise other
-    raise WrongTypeError(list(dict.fromkeys(k for args, _r in errors for k in _command_keys(args))))
+    raise WrongTypeError(list(dict.fromkeys(k for args, r in errors for k in _keys_named(r) or _command_keys(args))))
+
+
+def _keys_named(exc: ResponseError) -> list[str]:
+    """The keys a script names in its WRONGTYPE error (``WRONGTYPE ["key", ...]``), else none."""
+    detail = str(exc).rpartition("caused error: ")[2]
+    if not detail.startswith("WRONGTYPE ["):
+        return []
+    try:
+        keys = orjson.loads(detail[len("WRONGTYPE "):])
+    except orjson.JSONDecodeError:
+        return []
+    return [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
 
 
 #: ``SET key value EX ttl`` for every key given (ARGV: the TTL, then the values in the keys' order), one reply
@@ -130,50 +142,64 @@ end
 return #ARGV / 2
 """
 
-#: Push decisions added to users' logs (ARGV: the TTL, the cap, then per log its key, how many entries and the
-#: entries, oldest first), as :func:`~infogap.stream.store.base.add_decision` adds them. The keys are in ARGV (any
-#: slots of one node: on Redis Cluster, one call per node).
+#: Push decisions added to users' logs (ARGV: the TTL, the cap, the lookback, how many logs, their keys (any slots of
+#: one node; KEYS names the first, to route the call), then per log how many entries and the entries, oldest
+#: first), as :func:`~infogap.stream.store.base.add_decision` adds them. A log key of another type fails the call
+#: before anything is written, naming every such key (``WRONGTYPE ["key", ...]``: :func:`execute` raises them as
+#: :class:`WrongTypeError`, which the worker repairs).
 PUSH_DECISIONS = """#!lua flags=allow-cross-slot-keys
-local ttl, cap, lookback, a = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), 4
+local ttl, cap, lookback, nk = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local keys, bad = {}, {}
+for i = 1, nk do
+  keys[i] = ARGV[4 + i]
+  local t = redis.call('TYPE', keys[i]).ok
+  if t ~= 'list' and t ~= 'none' then bad[#bad + 1] = keys[i] end
+end
+if #bad > 0 then return redis.error_reply('WRONGTYPE ' .. cjson.encode(bad)) end
 local function decode(x)
   local ok, d = pcall(cjson.decode, x)
   if ok and type(d) == 'table' and type(d.at) == 'number' then return d end
   return nil
 end
-local logs = 0
-while a <= #ARGV do
-  local key, n = ARGV[a], tonumber(ARGV[a + 1])
-  a = a + 2
+local function logged(old, new)
+  if old.rule ~= new.rule or old.channel ~= new.channel then return false end
+  if new.rule == 'sent' then return old.message_id == new.message_id end
+  return old.at == new.at or ((old.since or old.at) <= new.at and new.at <= old.at)
+end
+local a = 5 + nk
+for i = 1, nk do
+  local key, n = keys[i], tonumber(ARGV[a])
+  a = a + 1
   for j = 1, n do
-    local e = ARGV[a]
+    local e, new = ARGV[a], decode(ARGV[a])
     a = a + 1
-    local new = decode(e)
-    local recent = redis.call('LRANGE', key, 0, lookback - 1)
-    local head = recent[1] and decode(recent[1])
-    local action = 'push'
-    if new and head then
-      if new.at < head.at then action = 'skip' end
-      for _, x in ipairs(recent) do
-        if action == 'skip' then break end
+    if new then
+      local seen, head = false, nil
+      for k, x in ipairs(redis.call('LRANGE', key, 0, lookback - 1)) do
         local old = decode(x)
-        if not old or old.at ~= new.at then break end
-        if old.rule == new.rule and old.channel == new.channel then action = 'skip' end
+        if k == 1 then head = old end
+        if old and logged(old, new) then
+          seen = true
+          break
+        end
       end
-      if action == 'push' and new.channel == cjson.null and new.rule ~= 'sent' and head.channel == cjson.null
-          and head.rule == new.rule then
-        new.since = head.since or head.at
-        new.n = (head.n or 1) + 1
-        redis.call('LSET', key, 0, cjson.encode(new))
-        action = 'merged'
+      if not seen then
+        if head and new.channel == cjson.null and new.rule ~= 'sent' and head.channel == cjson.null
+            and head.rule == new.rule then
+          head.since = math.min(head.since or head.at, new.at)
+          head.at = math.max(head.at, new.at)
+          head.n = (head.n or 1) + 1
+          redis.call('LSET', key, 0, cjson.encode(head))
+        else
+          redis.call('LPUSH', key, e)
+        end
       end
     end
-    if action == 'push' then redis.call('LPUSH', key, e) end
   end
-  redis.call('LTRIM', key, 0, cap - 1)
+  if cap > 0 then redis.call('LTRIM', key, 0, cap - 1) else redis.call('DEL', key) end
   redis.call('EXPIRE', key, ttl)
-  logs = logs + 1
 end
-return logs
+return nk
 """
 
 #: errors that mean the server (or a slot's master) cannot be reached now: waited through
@@ -181,10 +207,10 @@ _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 def decisions_args(store, keys: list[str], entries: list[list[bytes]]) -> list:
-    """The ARGV of :data:`PUSH_DECISIONS` for ``keys`` and their encoded entries."""
-    args: list = [store.decisions_ttl_s, store.decisions_max, DECISIONS_LOOKBACK]
-    for key, mine in zip(keys, entries):
-        args += [key, len(mine), *mine]
+    """The ARGV of :data:`PUSH_DECISIONS` for the logs ``keys`` and their encoded entries."""
+    args: list = [store.decisions_ttl_s, store.decisions_max, DECISIONS_LOOKBACK, len(keys), *keys]
+    for mine in entries:
+        args += [len(mine), *mine]
     return args
 
 

@@ -278,13 +278,19 @@ async def _serve_console(settings, started, alongside: asyncio.Task | None = Non
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     task = asyncio.create_task(run_console(settings, ready, stop))
-    await asyncio.wait([task, asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        task.result()  # raises why it could not start
-    started(f"http://{settings.console_host}:{settings.console_port}/")
-    await asyncio.wait([task] + ([alongside] if alongside else []), return_when=asyncio.FIRST_COMPLETED)
-    stop.set()
-    await task
+    waiting = asyncio.create_task(ready.wait())
+    try:
+        await asyncio.wait([task, waiting], return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # raises why it could not start
+        started(f"http://{settings.console_host}:{settings.console_port}/")
+        await asyncio.wait([task] + ([alongside] if alongside else []), return_when=asyncio.FIRST_COMPLETED)
+        stop.set()
+        await task
+    finally:
+        waiting.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 async def _demo_console(settings, worker_task) -> None:

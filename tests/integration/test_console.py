@@ -89,7 +89,6 @@ async def test_every_page_shows_what_the_stream_knows_in_a_real_browser(console,
     total = int((await browser.wait_text("#events-total", lambda t: t.replace(",", "").isdigit()
                                          and int(t.replace(",", "")) >= len(first))).replace(",", ""))
     assert "ok" in await browser.text(".health")
-    await browser.screenshot("overview")
     more = crowd(start=100)
     await produce_many(s, s.topics.events, [(e["user_id"], e) for e in more])
     await browser.wait_text("#events-total", lambda t: int(t.replace(",", "") or 0) >= total + len(more),
@@ -161,6 +160,8 @@ async def test_every_page_shows_what_the_stream_knows_in_a_real_browser(console,
     for page in ("/segments", "/experiments", "/"):
         await browser.open(url + page)
         assert "alice" not in await browser.text("body"), page
+    await browser.wait_text("#pushes-sent", lambda t: "email" in t, what="the push counted on the overview")
+    await browser.screenshot("overview")  # last: the charts have the whole test's samples
 
 
 async def worker_segments(s) -> list[dict]:

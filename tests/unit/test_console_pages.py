@@ -129,3 +129,53 @@ async def test_the_experiments_page_gives_each_variant_its_intervals_and_a_verdi
         assert "8.0% <span class=\"ci\">[6.5%, 9.8%]</span>" in html  # new's CTR and its Wilson interval
     finally:
         await client.close()
+
+
+async def test_odd_ids_reach_their_own_page_and_every_answer_carries_the_security_headers(store):
+    odd = ["..", ".", "a{b}c", "with space", "x/y", "ünï"]
+    await store.write(recs=[{"user_id": u, "items": [{"item_id": u, "score": 0.5, "reason": "r"}], "segment": None,
+                             "generated_at": 1.0, "model_version": "t"} for u in odd])
+    client = await _client(Settings(), store)
+    try:
+        for user in odd:
+            r = await client.post("/users", data={"q": user}, allow_redirects=False)
+            assert r.status == 303 and "Content-Security-Policy" in r.headers, user
+            page = await client.get(r.headers["Location"])
+            assert page.status == 200 and 'id="recs"' in await page.text(), (user, r.headers["Location"])
+        assert "Content-Security-Policy" in (await client.get("/nowhere")).headers
+    finally:
+        await client.close()
+
+
+async def test_on_loopback_a_request_under_another_sites_name_is_refused(store):
+    """DNS rebinding: a page of evil.example whose name now resolves to 127.0.0.1 must not read the console."""
+    client = await _client(Settings(), store)
+    try:
+        r = await client.get("/users/u1", headers={"Host": "evil.example:8090"})
+        assert r.status == 421 and "Content-Security-Policy" in r.headers
+        assert (await client.get("/users/u1", headers={"Host": "localhost:8090"})).status == 200
+    finally:
+        await client.close()
+
+
+async def test_a_malformed_login_is_refused_not_a_server_error(store):
+    token = "a console token of some length"
+    client = await _client(Settings(console_host="0.0.0.0", console_token=token), store)
+    try:
+        for value in ("Bearer \udcff\udcfe", "Basic !!!", "Basic " + base64.b64encode(b"\xff\xfe").decode(), "Digest x"):
+            r = await client.get("/", headers={"Authorization": value.encode("utf-8", "surrogateescape").decode("latin-1")})
+            assert r.status == 401 and "Content-Security-Policy" in r.headers, value
+    finally:
+        await client.close()
+
+
+async def test_without_kafka_the_dead_letter_page_says_so(store):
+    from tests.integration.kafka_helpers import free_port
+
+    s = Settings(kafka_bootstrap=f"127.0.0.1:{free_port()}")  # nothing listens there
+    client = await _client(s, store)
+    try:
+        r = await client.get("/dlq")
+        assert r.status == 503 and "Kafka does not answer the console" in await r.text()
+    finally:
+        await client.close()
