@@ -192,16 +192,33 @@ RULES = ("no_change", "no_consent", "quiet_hours", "daily_cap", "repeat", "too_l
 @dataclass(frozen=True, slots=True)
 class PushDecision:
     """One push decision: ``message`` sent on ``channel``, or held back by ``rule`` (one of :data:`RULES`);
-    ``channel`` is None when the rule held for every channel. ``at`` is the event time it was decided at."""
+    ``channel`` is None when the rule held for every channel. ``at`` is the event time it was decided at;
+    ``repeat`` that the same rule held the push back on the same channel (or on every channel) at its previous
+    decision too (since this policy was created or restored: it is not part of the snapshot)."""
 
     channel: str | None
     rule: str | None
     at: float
     message: PushMessage | None = None
+    #: the same rule held the push back on this channel (or on every channel) at its previous decision too (a log
+    #: may skip it)
+    repeat: bool = False
 
     @property
     def sent(self) -> bool:
         return self.message is not None
+
+
+#: every combination of last rules met, each kept once: a user's state points to a shared tuple
+_RULES_SEEN: dict[tuple, tuple] = {}
+#: where a channel's last rule is in ``_UserPushState.last_rules`` (None: a rule for every channel)
+_RULE_SLOT = {None: 0, **{c: k + 1 for k, c in enumerate(CHANNELS)}}
+_NO_RULES = (None,) * (len(CHANNELS) + 1)
+
+
+def _rules_seen(rules: tuple) -> tuple:
+    """The shared copy of ``rules`` (a rule or None per slot of :data:`_RULE_SLOT`: a few hundred combinations)."""
+    return _RULES_SEEN.setdefault(rules, rules)
 
 
 def in_quiet_hours(local_hour: int, quiet: tuple[int, int] | None) -> bool:
@@ -221,6 +238,8 @@ class _UserPushState:
     last_top: frozenset = frozenset()
     pushed_at: dict = field(default_factory=dict)  # item_id -> last push time
     sent_today: dict = field(default_factory=dict)  # channel -> (local date iso, count)
+    #: the last rule of every channel at once, then of each of CHANNELS ("sent", or None before any): not saved
+    last_rules: tuple | None = None
 
 
 class PushPolicy:
@@ -320,14 +339,35 @@ class PushPolicy:
         [('email', None), ('app', 'daily_cap'), ('ads', 'no_consent')]
         >>> [(d.channel, d.rule) for d in policy.decisions(prefs, [("sku-1", 0.9, "popular")], now=1732446060.0)]
         [(None, 'no_change')]
+        >>> [(d.rule, d.repeat) for d in policy.decisions(prefs, [("sku-1", 0.9, "popular")], now=1732446120.0)]
+        [('no_change', True)]
         """
         if prefs is None or not recs:
             return [PushDecision(None, "no_recommendations" if prefs is not None else "no_consent", now)]
-        cfg = self.config
-        recs = [r if isinstance(r, tuple) else (r.item_id, r.score, r.reason) for r in recs]
         state = self._users.get(prefs.user_id)
         if state is None:
             state = self._users[prefs.user_id] = _UserPushState()
+        out = self._decide(state, prefs, recs, now, variant, title)
+        last = state.last_rules or _NO_RULES
+        if len(out) == 1 and out[0].channel is None:  # most decisions: one rule for every channel
+            rule = out[0].rule
+            if last[0] == rule:
+                return [PushDecision(None, rule, now, None, True)]
+            state.last_rules = _rules_seen((rule, *last[1:]))
+            return out
+        rules = list(last)
+        for k, d in enumerate(out):
+            at = _RULE_SLOT[d.channel]
+            if d.rule is not None and last[at] == d.rule:
+                out[k] = PushDecision(d.channel, d.rule, now, None, True)
+            rules[at] = d.rule or "sent"
+        state.last_rules = _rules_seen(tuple(rules))
+        return out
+
+    def _decide(self, state: _UserPushState, prefs: UserPrefs, recs: Sequence, now: float, variant: str | None,
+                title: Callable[[str], str] | None) -> list[PushDecision]:
+        cfg = self.config
+        recs = [r if isinstance(r, tuple) else (r.item_id, r.score, r.reason) for r in recs]
         top = frozenset(r[0] for r in recs)
         changed = len(top - state.last_top) >= min(cfg.min_new_items, len(top))
         state.last_top = top

@@ -444,11 +444,12 @@ class UserStage:
                     for d in decided:
                         if d.rule is not None:
                             out.held[d.rule] = out.held.get(d.rule, 0) + 1
-                    if log:
+                    new = [d for d in decided if not d.repeat] if log else ()  # a rule holding again: logged once
+                    if new:
                         out.decisions[user_id] = [
                             decision_entry(d.channel, d.rule, d.at, *((d.message.message_id,
                                            [x["item_id"] for x in d.message.items]) if d.message else ()))
-                            for d in decided]
+                            for d in new]
         for p, n in learned.records.items():  # idle users and the least recent past the cap leave memory
             if p in self.parts:
                 self.parts[p].evict(self.engine, self.ingest.watermarks.get((self.topics.events, p)), n, self.settings)

@@ -91,23 +91,18 @@ def decision_entry(channel: str | None, rule: str | None, at: float, message_id:
 DECISIONS_LOOKBACK = 8
 
 
-def _already_logged(old: Mapping, new: Mapping) -> bool:
-    """Whether ``old`` records ``new`` (a batch replayed after a crash decides the same again): the same message,
-    or the same held rule and channel at the same time (or within a merged run)."""
-    if old.get("rule") != new["rule"] or old.get("channel") != new["channel"]:
-        return False
-    if new["rule"] == "sent":
-        return old.get("message_id") == new.get("message_id")
-    at = old.get("at")
-    return at == new["at"] or (isinstance(at, (int, float)) and old.get("since", at) <= new["at"] <= at)
+def mergeable(entry: Mapping) -> bool:
+    """Whether an entry may merge into a run: a rule that held the push back on every channel."""
+    return entry["channel"] is None and entry["rule"] != "sent"
 
 
 def add_decision(log: list[dict], new: Mapping) -> None:
     """Add ``new`` to ``log`` (newest first), as every store does (Redis:
     :data:`~infogap.stream.store.redis_node.PUSH_DECISIONS`):
 
-    - a decision already logged (:func:`_already_logged`, among the newest :data:`DECISIONS_LOOKBACK`) is not
-      added again: a batch replayed after a crash;
+    - a decision already logged is not added again (a batch replayed after a crash decides the same again):
+      an equal entry among the newest :data:`DECISIONS_LOOKBACK`, or a rule held for every channel at a time
+      within the newest entry's run of that rule;
     - the same rule holding for every channel again (``no_change`` at each batch, ``quiet_hours`` through the
       night) is merged into the newest entry, with ``since`` (when the run began) and ``n`` (how many).
 
@@ -119,12 +114,13 @@ def add_decision(log: list[dict], new: Mapping) -> None:
     >>> [e.get("message_id", e["rule"]) for e in log]
     ['m-2', 'm-1', 'no_change']
     """
-    for old in log[:DECISIONS_LOOKBACK]:
-        if _already_logged(old, new):
-            return
+    if any(old == new for old in log[:DECISIONS_LOOKBACK]):
+        return
     head = log[0] if log else None
-    if (head is not None and new["channel"] is None and new["rule"] != "sent" and head.get("channel") is None
-            and head.get("rule") == new["rule"] and isinstance(head.get("at"), (int, float))):
+    if (head is not None and mergeable(new) and head.get("channel") is None and head.get("rule") == new["rule"]
+            and isinstance(head.get("at"), (int, float))):
+        if head.get("since", head["at"]) <= new["at"] <= head["at"]:
+            return  # within the run already counted
         log[0] = {**head, "at": max(head["at"], new["at"]), "since": min(head.get("since", head["at"]), new["at"]),
                   "n": head.get("n", 1) + 1}
         return

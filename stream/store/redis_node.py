@@ -20,7 +20,7 @@ from redis.exceptions import (ConnectionError as RedisConnectionError, OutOfMemo
 from infogap.models.experiments import Counts, Segment
 from infogap.stream.experiments_store import escape, field_name, glob_escape, parse_fields, unescape
 from infogap.stream.store.base import (DECISIONS_LOOKBACK, Store, StoreUnavailable, WrongTypeError, encode_momentum,
-                                        population_reply)
+                                        mergeable, population_reply)
 from infogap.stream.store.keys import RedisKeys
 
 
@@ -144,61 +144,67 @@ return #ARGV / 2
 
 #: Push decisions added to users' logs (ARGV: the TTL, the cap, the lookback, how many logs, their keys (any slots of
 #: one node; KEYS names the first, to route the call), then per log how many entries and the entries, oldest
-#: first), as :func:`~infogap.stream.store.base.add_decision` adds them. A log key of another type fails the call
-#: before anything is written, naming every such key (``WRONGTYPE ["key", ...]``: :func:`execute` raises them as
-#: :class:`WrongTypeError`, which the worker repairs).
+#: first, each prefixed ``m`` when it may merge into a run, else ``p``), as
+#: :func:`~infogap.stream.store.base.add_decision` adds them: an entry equal to one of the newest is a replay (no
+#: JSON is decoded but the head's, for a mergeable entry). Per log: one LRANGE, one LPUSH of its new entries, one
+#: EXPIRE. Log keys of another type are left alone and named at the end (``WRONGTYPE ["key", ...]``:
+#: :func:`execute` raises them as :class:`WrongTypeError`; the worker deletes them and writes again, and the
+#: other logs then find their entries already there).
 PUSH_DECISIONS = """#!lua flags=allow-cross-slot-keys
 local ttl, cap, lookback, nk = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local keys, bad = {}, {}
-for i = 1, nk do
-  keys[i] = ARGV[4 + i]
-  local t = redis.call('TYPE', keys[i]).ok
-  if t ~= 'list' and t ~= 'none' then bad[#bad + 1] = keys[i] end
-end
-if #bad > 0 then return redis.error_reply('WRONGTYPE ' .. cjson.encode(bad)) end
 local function decode(x)
   local ok, d = pcall(cjson.decode, x)
   if ok and type(d) == 'table' and type(d.at) == 'number' then return d end
   return nil
 end
-local function logged(old, new)
-  if old.rule ~= new.rule or old.channel ~= new.channel then return false end
-  if new.rule == 'sent' then return old.message_id == new.message_id end
-  return old.at == new.at or ((old.since or old.at) <= new.at and new.at <= old.at)
-end
+local bad = {}
 local a = 5 + nk
 for i = 1, nk do
-  local key, n = keys[i], tonumber(ARGV[a])
-  a = a + 1
-  for j = 1, n do
-    local e, new = ARGV[a], decode(ARGV[a])
-    a = a + 1
-    if new then
-      local seen, head = false, nil
-      for k, x in ipairs(redis.call('LRANGE', key, 0, lookback - 1)) do
-        local old = decode(x)
-        if k == 1 then head = old end
-        if old and logged(old, new) then
-          seen = true
+  local key, n = ARGV[4 + i], tonumber(ARGV[a])
+  local first = a + 1
+  a = a + 1 + n
+  local recent = redis.pcall('LRANGE', key, 0, lookback - 1)
+  if recent.err then
+    bad[#bad + 1] = key
+  else
+    local push = {}
+    for j = first, first + n - 1 do
+      local mergeable, e = string.sub(ARGV[j], 1, 1) == 'm', string.sub(ARGV[j], 2)
+      local done = false
+      for k = 1, math.min(#recent, lookback) do
+        if recent[k] == e then
+          done = true
           break
         end
       end
-      if not seen then
-        if head and new.channel == cjson.null and new.rule ~= 'sent' and head.channel == cjson.null
-            and head.rule == new.rule then
-          head.since = math.min(head.since or head.at, new.at)
-          head.at = math.max(head.at, new.at)
-          head.n = (head.n or 1) + 1
-          redis.call('LSET', key, 0, cjson.encode(head))
-        else
-          redis.call('LPUSH', key, e)
+      if not done and mergeable and recent[1] then
+        local head, new = decode(recent[1]), decode(e)
+        if head and new and head.channel == cjson.null and head.rule == new.rule then
+          done = true
+          local since = head.since or head.at
+          if not (since <= new.at and new.at <= head.at) then
+            head.since = math.min(since, new.at)
+            head.at = math.max(head.at, new.at)
+            head.n = (head.n or 1) + 1
+            recent[1] = cjson.encode(head)
+            if #push > 0 then push[#push] = recent[1] else redis.call('LSET', key, 0, recent[1]) end
+          end
         end
       end
+      if not done then
+        push[#push + 1] = e
+        table.insert(recent, 1, e)
+      end
+    end
+    if cap <= 0 then
+      redis.call('DEL', key)
+    else
+      if #push > 0 and redis.call('LPUSH', key, unpack(push)) > cap then redis.call('LTRIM', key, 0, cap - 1) end
+      redis.call('EXPIRE', key, ttl)
     end
   end
-  if cap > 0 then redis.call('LTRIM', key, 0, cap - 1) else redis.call('DEL', key) end
-  redis.call('EXPIRE', key, ttl)
 end
+if #bad > 0 then return redis.error_reply('WRONGTYPE ' .. cjson.encode(bad)) end
 return nk
 """
 
@@ -307,7 +313,8 @@ class RedisStore(Store):
         await self._queue_set_with_ttl(pipe, keys, values)
         if decisions:
             await self._queue_decisions(pipe, [k.decisions(u) for u in decisions],
-                                        [[orjson.dumps(e) for e in entries] for entries in decisions.values()])
+                                        [[(b"m" if mergeable(e) else b"p") + orjson.dumps(e) for e in entries]
+                                         for entries in decisions.values()])
         items = {k.similar(i): orjson.dumps(neighbours) for i, neighbours in (similar or {}).items()}
         items.update((k.neighbour_row(i), row) for i, row in (rows or {}).items())
         items.update((k.rows_published(p), token) for p, token in (rows_published or {}).items())

@@ -113,3 +113,24 @@ def test_decide_is_the_messages_of_the_decisions():
         sent = [d.message for d in b.decisions(prefs(), recs(*items), now=at) if d.sent]
         assert a.decide(prefs(), recs(*items), now=at) == sent
     assert a.to_state() == b.to_state()
+
+
+def test_a_rule_that_holds_again_on_the_same_channel_says_it_repeats():
+    """What the decision log skips: the rule that held a channel (or every channel) back last time, again."""
+    p = PushPolicy(PushConfig(min_new_items=1, daily_cap={"email": 1, "app": 0}))
+    u = prefs(consent={"email": True, "app": True})
+
+    def repeat(items, at):
+        return [(d.channel, d.rule, d.repeat) for d in p.decisions(u, recs(*items), now=at)]
+
+    assert repeat(["a"], NOON_UTC) == [("email", None, False), ("app", "daily_cap", False), ("ads", "no_consent", False)]
+    assert repeat(["a"], NOON_UTC + 60) == [(None, "no_change", False)]
+    assert repeat(["a"], NOON_UTC + 120) == [(None, "no_change", True)]
+    # a material change: email's cap is new, app's cap and ads' consent held last time too
+    assert repeat(["b"], NOON_UTC + 180) == [("email", "daily_cap", False), ("app", "daily_cap", True),
+                                             ("ads", "no_consent", True)]
+    assert repeat(["c"], NOON_UTC + 240) == [("email", "daily_cap", True), ("app", "daily_cap", True),
+                                             ("ads", "no_consent", True)]
+    restored = PushPolicy(p.config)
+    restored.restore_state(p.to_state())  # not part of the snapshot: the first decisions after a restart are new
+    assert [d.repeat for d in restored.decisions(u, recs("d"), now=NOON_UTC + 300)] == [False, False, False]
