@@ -36,7 +36,7 @@ import orjson
 from infogap.stream import connections
 from infogap.stream.tools import local
 from infogap.stream.tools.repeats import median_run
-from infogap.stream.tools.replay import publish
+from infogap.stream.tools.replay import publish, sample_prefs
 from infogap.stream.settings import Settings
 from infogap.stream.store import open_store
 from infogap.stream.tools.synthetic import SyntheticStream
@@ -134,8 +134,14 @@ def _workers(s: Settings, out: Path, name: str, split: bool) -> tuple[WorkerProc
             WorkerProcess(s, out / f"bench-worker-{name}-items.log", {"INFOGAP_STAGES": "items"}))
 
 
+def _prefs(stream: SyntheticStream, prefs: bool) -> list[dict]:
+    """A ``users`` record for every user of ``stream`` when ``prefs`` (the push policy and the decision log then
+    run for each user ranked), else none."""
+    return [sample_prefs(f"u{k}") for k in range(stream.n_users)] if prefs else []
+
+
 async def throughput(settings: Settings, n: int, stream: SyntheticStream, out: Path, bad_per_good: int = 0,
-                     split: bool = False) -> dict:
+                     split: bool = False, prefs: bool = False) -> dict:
     """Drain ``n`` preloaded good events (with ``bad_per_good`` bad records after each, for the flood run)."""
     s = _scoped(settings, ("fl-" if bad_per_good else "tp-") + uuid.uuid4().hex[:6])
     local.ensure_topics(s)
@@ -144,7 +150,7 @@ async def throughput(settings: Settings, n: int, stream: SyntheticStream, out: P
               for x in [g] + [BAD_RECORDS[(k + j) % len(BAD_RECORDS)] for j in range(bad_per_good)]]
     n = len(events)
     t0 = time.perf_counter()
-    await publish(s, events, total=n, items=stream.items(), progress=False)
+    await publish(s, events, total=n, items=stream.items(), users=_prefs(stream, prefs), progress=False)
     produce_s = time.perf_counter() - t0
     worker, items = _workers(s, out, "flood" if bad_per_good else "throughput", split)
     try:
@@ -179,7 +185,7 @@ async def throughput(settings: Settings, n: int, stream: SyntheticStream, out: P
 
 
 async def freshness(settings: Settings, rate: float, seconds: float, stream: SyntheticStream, out: Path,
-                    split: bool = False) -> dict:
+                    split: bool = False, prefs: bool = False) -> dict:
     s = _scoped(settings, "fr-" + uuid.uuid4().hex[:6])
     local.ensure_topics(s)
     n = int(rate * seconds)
@@ -187,7 +193,7 @@ async def freshness(settings: Settings, rate: float, seconds: float, stream: Syn
                                                      prefix="f")]
     worker, items = _workers(s, out, "freshness", split)
     try:
-        await publish(s, [], items=stream.items(), progress=False)
+        await publish(s, [], items=stream.items(), users=_prefs(stream, prefs), progress=False)
         await worker.wait_until(lambda st: st["batches"] >= 0, 120, "the worker to start")
         await asyncio.sleep(2.0)  # the worker joins its group and catches up on the catalog
         lags: list[int] = []
@@ -313,7 +319,7 @@ def model_memory(users: int = 100_000, items: int = 10_000, events_per_user: int
 
 async def run(settings: Settings, *, events: int, rate: float, seconds: float, out: Path,
               users: int = 20_000, items: int = 5_000, memory: bool = True, split: bool = False,
-              repeat: int = 1) -> dict:
+              repeat: int = 1, prefs: bool = False) -> dict:
     """Every measurement ``repeat`` times (in turn, so a drift in the machine's speed reaches each
     alike); each reported as its median run, with every run's headline figure."""
     if repeat < 1:
@@ -325,12 +331,12 @@ async def run(settings: Settings, *, events: int, rate: float, seconds: float, o
     for r in range(repeat):
         logs = out if repeat == 1 else out / f"run-{r + 1}"  # each run's worker logs kept
         logs.mkdir(exist_ok=True)
-        runs["throughput"].append(await throughput(settings, events, stream, logs, split=split))
+        runs["throughput"].append(await throughput(settings, events, stream, logs, split=split, prefs=prefs))
         runs["flood"].append(await throughput(settings, max(1, events // 10), stream, logs, bad_per_good=10,
-                                              split=split))
-        runs["freshness"].append(await freshness(settings, rate, seconds, stream, logs, split=split))
+                                              split=split, prefs=prefs))
+        runs["freshness"].append(await freshness(settings, rate, seconds, stream, logs, split=split, prefs=prefs))
     result = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]}, "split": split,
-              "repeat": repeat,
+              "repeat": repeat, "prefs": prefs,
               "throughput": median_run(runs["throughput"], "runs_events_per_s", lambda r: r["events_per_s"]),
               "flood": median_run(runs["flood"], "runs_good_events_per_s", lambda r: r["good_events_per_s"]),
               "freshness": median_run(runs["freshness"], "runs_p99_ms", lambda r: r["freshness_ms"]["p99"])}

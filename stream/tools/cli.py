@@ -476,15 +476,17 @@ def bench(
     split: bool = typer.Option(False, help="Run the item stage in a second process (INFOGAP_STAGES)."),
     repeat: int = typer.Option(1, min=1, help="Run each measurement this many times and report its median run "
                                               "(this machine's speed drifts: use 3 or more for figures)."),
+    prefs: bool = typer.Option(False, help="Give every user a users record (consent, time zone, quiet hours): the "
+                               "push policy and the push decision log run for every user ranked."),
 ) -> None:
     """End to end with real Kafka, Redis and a worker process: throughput, freshness, lag, memory."""
     from infogap.stream.tools.bench import run, summary_rows
 
     settings = load()
     res = asyncio.run(run(settings, events=events, rate=rate, seconds=seconds, out=out, memory=memory,
-                          split=split, repeat=repeat))
+                          split=split, repeat=repeat, prefs=prefs))
     table = Table(title=f"infogap bench ({res['machine']['cores']} cores"
-                        f"{', item stage in its own process' if split else ''})")
+                        f"{', item stage in its own process' if split else ''}{', users with preferences' if prefs else ''})")
     table.add_column("measure")
     table.add_column("value", justify="right")
     for row in summary_rows(res):

@@ -6,6 +6,8 @@ console's sampling. ``python -m infogap.stream.tools.console_bench [--users 1000
    (medians of 50 requests).
 2. Starts a worker process (``infogap worker``, idle), and reads its CPU seconds (``/proc``) over ``seconds``
    without the console, then with a console sampling it every ``refresh`` seconds.
+3. Times what a busy worker does for one ``/stats`` read (``WorkerStats.to_dict`` with its latency reservoirs
+   full: 100,000 freshness samples), which an idle worker's reservoirs do not show.
 """
 from __future__ import annotations
 
@@ -111,12 +113,33 @@ async def main(users: int, seconds: float, refresh: float) -> None:
               f"{100 * sampled:.2f} % (+{100 * (sampled - idle):.2f} points)")
         for page, ms in pages.items():
             print(f"{page}: median {ms:.1f} ms per request ({users:,} users in Redis)")
+        busy = _busy_stats_ms()
+        print(f"/stats of a busy worker (reservoirs full): {busy:.2f} ms of CPU per read, "
+              f"{100 * busy / 1000 / refresh:.3f} % of a core at one read every {refresh:g} s")
     finally:
         worker.terminate()
         worker.wait(30)
         store = open_store(s)
         await store.clear()
         await store.close()  # (its few topics, prefixed cbench*, stay: `infogap down` and up again drop them)
+
+
+def _busy_stats_ms(n: int = 50) -> float:
+    """Median time of ``WorkerStats.to_dict`` with full reservoirs (what ``/stats`` computes)."""
+    import numpy as np
+
+    from infogap.stream.observability import WorkerStats
+
+    stats = WorkerStats()
+    rng = np.random.default_rng(0)
+    stats.freshness_seconds.add_many(rng.random(100_000))
+    stats.batch_seconds.add_many(rng.random(10_000))
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        stats.to_dict()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
 
 
 async def _time_users(session, url: str, users: int, n: int = 50) -> float:
