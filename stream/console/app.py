@@ -241,8 +241,8 @@ class Console:
             # else the first by name
             control = "control" if "control" in by_variant else (configured or variants)[0]
             variants = [control] + [v for v in variants if v != control]
-            verdicts = [verdict(control, by_variant[control], v, by_variant[v], metric)
-                        for v in variants[1:] for metric in ("ctr", "conversion_rate")]
+            verdicts = list(dict.fromkeys(verdict(control, by_variant[control], v, by_variant[v], metric)
+                                          for v in variants[1:] for metric in ("ctr", "conversion_rate")))
             out.append({"name": name, "variants": by_variant, "rows": rows, "control": control, "verdicts": verdicts,
                         "ctr_chart": charts.interval_chart([(v, f.ctr, f.ctr_ci) for v, f in by_variant.items()], True),
                         "conv_chart": charts.interval_chart([(v, f.conversion_rate, f.conversion_rate_ci)
