@@ -35,6 +35,8 @@ log = logging.getLogger("infogap.console")
 HISTORY = 300
 #: a worker's answer is waited for this long
 WORKER_TIMEOUT_S = 1.5
+#: how often the console looks for new experiments and variants (a SCAN of the keyspace)
+EXPERIMENT_LIST_S = 30.0
 #: how long the console waits for Kafka (starting its consumer, metadata, one topic's tail)
 KAFKA_TIMEOUT_S = 5.0
 #: dead letters shown per topic, and the bytes of each shown
@@ -216,6 +218,7 @@ class Sources:
         self._dlq_lock = asyncio.Lock()
         self._dlq_cache: tuple[float, dict] | None = None
         self._experiments_cache: tuple[float, dict] | None = None
+        self._experiment_list: tuple[float, dict] | None = None
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession()
@@ -291,14 +294,18 @@ class Sources:
         return {"segments": [merged[s] for s in sorted(merged)], "global": await self.store.trending(None, 10),
                 "workers": len(views)}
 
-    # ------------------------------------------------------------------ experiments (a SCAN: cached)
+    # ------------------------------------------------------------------ experiments
     async def experiments(self) -> dict:
+        """Every experiment's counts, read at most once per refresh. Which experiments and variants exist is a
+        SCAN of the whole keyspace (0.36 s with 100,000 users' keys): found again every
+        :data:`EXPERIMENT_LIST_S` only."""
         now = time.monotonic()
         if self._experiments_cache is not None and now - self._experiments_cache[0] < self.settings.console_refresh_s:
             return self._experiments_cache[1]
-        found = await self.store.experiments()
+        if self._experiment_list is None or now - self._experiment_list[0] >= EXPERIMENT_LIST_S:
+            self._experiment_list = (now, await self.store.experiments())
         data = {}
-        for name, variants in found.items():
+        for name, variants in self._experiment_list[1].items():
             counts = await self.store.read_experiment(name, variants)
             if counts:
                 data[name] = counts

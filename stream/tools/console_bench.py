@@ -104,6 +104,13 @@ async def main(users: int, seconds: float, refresh: float) -> None:
             c0 = _cpu_s(worker.pid)
             await asyncio.sleep(seconds)
             sampled = (_cpu_s(worker.pid) - c0) / seconds
+            scans = []
+            store = open_store(s)
+            for _ in range(5):  # what /experiments does once per refresh: a SCAN of the whole keyspace
+                t0 = time.perf_counter()
+                await store.experiments()
+                scans.append(time.perf_counter() - t0)
+            await store.close()
             pages = {"/users/{random}": await _time_users(session, url, users),
                      "/experiments": await _time(session, url + "/experiments"),
                      "/": await _time(session, url + "/"), "/segments": await _time(session, url + "/segments")}
@@ -113,6 +120,7 @@ async def main(users: int, seconds: float, refresh: float) -> None:
               f"{100 * sampled:.2f} % (+{100 * (sampled - idle):.2f} points)")
         for page, ms in pages.items():
             print(f"{page}: median {ms:.1f} ms per request ({users:,} users in Redis)")
+        print(f"/experiments uncached (the SCAN, once per refresh): median {1000 * statistics.median(scans):.0f} ms")
         busy = _busy_stats_ms()
         print(f"/stats of a busy worker (reservoirs full): {busy:.2f} ms of CPU per read, "
               f"{100 * busy / 1000 / refresh:.3f} % of a core at one read every {refresh:g} s")
