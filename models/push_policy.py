@@ -200,8 +200,8 @@ class PushDecision:
     rule: str | None
     at: float
     message: PushMessage | None = None
-    #: the same rule held the push back on this channel (or on every channel) at its previous decision too (a log
-    #: may skip it)
+    #: the same rule held the push back on this channel (or on every channel) at the last decision about it too (a
+    #: log may skip it; "no_change" decides nothing about a channel)
     repeat: bool = False
 
     @property
@@ -342,8 +342,14 @@ class PushPolicy:
         >>> [(d.rule, d.repeat) for d in policy.decisions(prefs, [("sku-1", 0.9, "popular")], now=1732446120.0)]
         [('no_change', True)]
         """
-        if prefs is None or not recs:
-            return [PushDecision(None, "no_recommendations" if prefs is not None else "no_consent", now)]
+        if prefs is None:
+            return [PushDecision(None, "no_consent", now)]
+        if not recs:
+            state = self._users.get(prefs.user_id)
+            repeat = state is not None and state.last_rules is not None and state.last_rules[0] == "no_recommendations"
+            if state is not None and not repeat:
+                state.last_rules = _rules_seen(("no_recommendations", *_NO_RULES[1:]))
+            return [PushDecision(None, "no_recommendations", now, None, repeat)]
         state = self._users.get(prefs.user_id)
         if state is None:
             state = self._users[prefs.user_id] = _UserPushState()
@@ -353,9 +359,12 @@ class PushPolicy:
             rule = out[0].rule
             if last[0] == rule:
                 return [PushDecision(None, rule, now, None, True)]
-            state.last_rules = _rules_seen((rule, *last[1:]))
+            # no material change decides nothing about a channel: their last rules stay; any other rule held
+            # each channel back, and is each channel's last decision
+            state.last_rules = _rules_seen((rule, *(last[1:] if rule == "no_change" else _NO_RULES[1:])))
             return out
         rules = list(last)
+        rules[0] = None  # a decision per channel ends any run of a rule for every channel
         for k, d in enumerate(out):
             at = _RULE_SLOT[d.channel]
             if d.rule is not None and last[at] == d.rule:

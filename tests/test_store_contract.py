@@ -336,6 +336,44 @@ async def test_a_decision_log_keeps_the_newest_and_goes_with_the_user(make_store
                                  "ann": [d(None, "repeat", 1.0)]})
     log = await store.decisions("zoe", n=cap + 10)
     assert len(log) == cap and log[0]["message_id"] == f"m-{cap + 4}" and log[-1]["message_id"] == "m-5"
+    store.decisions_max = 2  # the cap lowered: the next write, even one that adds nothing, cuts the log to it
+    await store.write(decisions={"zoe": [d("email", None, float(cap + 4), f"m-{cap + 4}", ["i"])]})
+    assert [e["message_id"] for e in await store.decisions("zoe", n=cap)] == [f"m-{cap + 4}", f"m-{cap + 3}"]
     await store.write(recs=[_doc("zoe")], segments={"zoe": 1})
     assert await store.erase_user("zoe") == 3
     assert await store.decisions("zoe") == [] and await store.decisions("ann") != []
+
+
+@pytest.mark.integration
+async def test_on_a_cluster_a_log_on_another_node_is_a_stale_layout_not_a_wrong_type(redis_cluster):
+    """A script sent to a node that does not serve one of its logs (a slot moved since the layout was read) must
+    fail as a refusal, so that the store reads the layout again and retries: never as WRONGTYPE, which would make
+    the worker delete a good log."""
+    import redis as sync_redis
+    from redis.crc import key_slot
+
+    from infogap.stream.settings import load
+    from infogap.stream.store.base import decision_entry as d
+    from infogap.stream.store.redis_node import DECISIONS_LOOKBACK, PUSH_DECISIONS, is_wrong_type
+
+    s = load(redis_url=redis_cluster, redis_prefix=f"test:{uuid.uuid4().hex[:10]}:")
+    store = open_store(s)
+    try:
+        await store.write(decisions={"warm": [d(None, "no_change", 1.0)]})  # reads the layout
+        nodes = store.client.nodes_manager
+        users = [f"u{k}" for k in range(64)]
+        node_of = {u: nodes.get_node_from_slot(key_slot(store.keys.decisions(u).encode())) for u in users}
+        a = users[0]
+        b = next(u for u in users if node_of[u].name != node_of[a].name)
+        await store.write(decisions={b: [d("email", None, 1.0, "m-0", ["i"])]})
+        node = sync_redis.Redis(host=node_of[a].host, port=node_of[a].port)
+        entry = b"p" + orjson.dumps(d("email", "daily_cap", 2.0))
+        with pytest.raises(sync_redis.ResponseError) as got:
+            node.eval(PUSH_DECISIONS, 1, store.keys.decisions(a), 60, 50, DECISIONS_LOOKBACK, 2,
+                      store.keys.decisions(a), store.keys.decisions(b), 1, entry, 1, entry)
+        assert not is_wrong_type(got.value), str(got.value)
+        assert [e["message_id"] for e in await store.decisions(b)] == ["m-0"]
+        node.close()
+    finally:
+        await store.clear()
+        await store.close()

@@ -117,8 +117,9 @@ def add_decision(log: list[dict], new: Mapping) -> None:
     if any(old == new for old in log[:DECISIONS_LOOKBACK]):
         return
     head = log[0] if log else None
-    if (head is not None and mergeable(new) and head.get("channel") is None and head.get("rule") == new["rule"]
-            and isinstance(head.get("at"), (int, float))):
+    if (head is not None and mergeable(new) and "channel" in head and head["channel"] is None
+            and head.get("rule") == new["rule"] and all(type(head.get(f, 0.0)) in (int, float) for f in ("at", "since", "n"))
+            and "at" in head):
         if head.get("since", head["at"]) <= new["at"] <= head["at"]:
             return  # within the run already counted
         log[0] = {**head, "at": max(head["at"], new["at"]), "since": min(head.get("since", head["at"]), new["at"]),

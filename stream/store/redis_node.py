@@ -146,15 +146,17 @@ return #ARGV / 2
 #: one node; KEYS names the first, to route the call), then per log how many entries and the entries, oldest
 #: first, each prefixed ``m`` when it may merge into a run, else ``p``), as
 #: :func:`~infogap.stream.store.base.add_decision` adds them: an entry equal to one of the newest is a replay (no
-#: JSON is decoded but the head's, for a mergeable entry). Per log: one LRANGE, one LPUSH of its new entries, one
-#: EXPIRE. Log keys of another type are left alone and named at the end (``WRONGTYPE ["key", ...]``:
+#: JSON is decoded but the head's, for a mergeable entry). Per log: one LRANGE, one LPUSH of its new entries, LTRIM
+#: and EXPIRE. Log keys of another type are left alone and named at the end (``WRONGTYPE ["key", ...]``:
 #: :func:`execute` raises them as :class:`WrongTypeError`; the worker deletes them and writes again, and the
-#: other logs then find their entries already there).
+#: other logs then find their entries already there). Any other refusal (a key this node no longer serves, after
+#: a slot moved) fails the call as it is: the store reads the cluster's layout again and the write is retried.
 PUSH_DECISIONS = """#!lua flags=allow-cross-slot-keys
 local ttl, cap, lookback, nk = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local function decode(x)
   local ok, d = pcall(cjson.decode, x)
-  if ok and type(d) == 'table' and type(d.at) == 'number' then return d end
+  if ok and type(d) == 'table' and type(d.at) == 'number' and (d.since == nil or type(d.since) == 'number')
+      and (d.n == nil or type(d.n) == 'number') then return d end
   return nil
 end
 local bad = {}
@@ -164,7 +166,9 @@ for i = 1, nk do
   local first = a + 1
   a = a + 1 + n
   local recent = redis.pcall('LRANGE', key, 0, lookback - 1)
-  if recent.err then
+  if recent.err and string.sub(recent.err, 1, 9) ~= 'WRONGTYPE' then
+    return redis.error_reply(recent.err)  -- not this node's key (a slot moved): re-read the layout, write again
+  elseif recent.err then
     bad[#bad + 1] = key
   else
     local push = {}
@@ -199,7 +203,8 @@ for i = 1, nk do
     if cap <= 0 then
       redis.call('DEL', key)
     else
-      if #push > 0 and redis.call('LPUSH', key, unpack(push)) > cap then redis.call('LTRIM', key, 0, cap - 1) end
+      if #push > 0 then redis.call('LPUSH', key, unpack(push)) end
+      redis.call('LTRIM', key, 0, cap - 1)
       redis.call('EXPIRE', key, ttl)
     end
   end

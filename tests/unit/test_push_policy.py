@@ -134,3 +134,16 @@ def test_a_rule_that_holds_again_on_the_same_channel_says_it_repeats():
     restored = PushPolicy(p.config)
     restored.restore_state(p.to_state())  # not part of the snapshot: the first decisions after a restart are new
     assert [d.repeat for d in restored.decisions(u, recs("d"), now=NOON_UTC + 300)] == [False, False, False]
+
+
+def test_a_rule_for_every_channel_that_comes_back_after_a_send_is_not_a_repeat():
+    """Quiet hours on night 1, an email on day 2, quiet hours on night 2: the night-2 hold is a decision of its own."""
+    p = PushPolicy(PushConfig(min_new_items=1))
+    u = prefs(consent={"email": True})  # quiet hours 22-8 UTC
+    night, day = NOON_UTC + 11 * 3600, NOON_UTC + 24 * 3600
+    assert [(d.rule, d.repeat) for d in p.decisions(u, recs("a"), now=night)] == [("quiet_hours", False)]
+    assert [d.sent for d in p.decisions(u, recs("b"), now=day)][0]
+    assert [(d.rule, d.repeat) for d in p.decisions(u, recs("c"), now=night + 86_400)] == [("quiet_hours", False)]
+    assert [(d.rule, d.repeat) for d in p.decisions(u, recs("d"), now=night + 86_460)] == [("quiet_hours", True)]
+    assert [(d.rule, d.repeat) for d in p.decisions(u, [], now=night + 86_520)] == [("no_recommendations", False)]
+    assert [(d.rule, d.repeat) for d in p.decisions(u, recs("e"), now=night + 86_580)] == [("quiet_hours", False)]
