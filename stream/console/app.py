@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,7 +27,7 @@ from infogap.models.experiments import Counts, Figures, summarize, verdict
 from infogap.models.push_policy import RULES
 from infogap.stream import web_access
 from infogap.stream.console import charts
-from infogap.stream.console.sources import KafkaUnavailable, Sources
+from infogap.stream.console.sources import KafkaUnavailable, Sources, summed
 from infogap.stream.settings import Settings
 from infogap.stream.store import StoreUnavailable
 
@@ -175,11 +176,8 @@ class Console:
             "pushes/s": chart([(label(w), w.rate("pushes")) for w in stream], "msg/s"),
             "dead letters/s": chart([(label(w), w.rate("dead_letters")) for w in stream], "rec/s"),
         }
-        totals: dict[str, dict] = {"dlq": {}, "sent": {}, "held": {}}
-        for w in stream:
-            for key, name in (("dlq", "dlq_by_reason"), ("sent", "pushes_by_channel"), ("held", "pushes_held")):
-                for k, n in (w.last.get(name) or {}).items():
-                    totals[key][k] = totals[key].get(k, 0) + n
+        totals = {key: summed(stream, name) for key, name in
+                  (("dlq", "dlq_by_reason"), ("sent", "pushes_by_channel"), ("held", "pushes_held"))}
         redis, kafka = await asyncio.gather(src.redis_ok(), src.kafka_ok())
         return self._page(request, "overview.html", "Overview", graphs=graphs, stream=stream, channel=channel,
                           totals=totals, redis=redis, kafka=kafka, label=label,
@@ -251,14 +249,8 @@ class Console:
 
     async def dlq(self, request: web.Request) -> web.Response:
         tails = await self.sources.dead_letters()
-        counts: dict[str, dict[str, int]] = {}
-        for topic, rows in tails.items():
-            for r in rows:
-                counts.setdefault(topic, {})[r["code"]] = counts.setdefault(topic, {}).get(r["code"], 0) + 1
-        since_start: dict[str, int] = {}
-        for w in self.sources.workers:
-            for k, n in (w.last.get("dlq_by_reason") or {}).items():
-                since_start[k] = since_start.get(k, 0) + n
+        counts = {topic: dict(Counter(r["code"] for r in rows)) for topic, rows in tails.items() if rows}
+        since_start = summed(self.sources.workers, "dlq_by_reason")
         return self._page(request, "dlq.html", "Dead letters", tails=tails, counts=counts, since_start=since_start)
 
 

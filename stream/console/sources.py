@@ -59,7 +59,7 @@ class WorkerView:
 
     @property
     def kind(self) -> str:
-        last = self.samples[-1][1] if self.samples else {}
+        last = self.last
         return "channel" if "channel" in last else "stream" if "events_in" in last else "unknown"
 
     @property
@@ -85,6 +85,20 @@ class WorkerView:
             if isinstance(v, (int, float)):
                 out.append((t, v * scale))
         return out
+
+
+def summed(workers, name: str) -> dict[str, int]:
+    """A counter by label (``dlq_by_reason``, ``pushes_by_channel``, ...) of the workers' last samples, summed.
+
+    >>> w = WorkerView("a"); w.samples.append((0.0, {"dlq_by_reason": {"not_json": 2}}))
+    >>> summed([w, w], "dlq_by_reason")
+    {'not_json': 4}
+    """
+    out: dict[str, int] = {}
+    for w in workers:
+        for k, n in (w.last.get(name) or {}).items():
+            out[k] = out.get(k, 0) + n
+    return out
 
 
 class Sampler:
