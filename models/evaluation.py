@@ -9,7 +9,10 @@ recommendations are a list of item ids or a list of objects with an ``item_id`` 
 
 Metrics: HR@k (share of evaluated events that are hits), NDCG@k (``1/log2(rank+2)`` for a hit at
 0-based ``rank``, else 0; one relevant item so the ideal DCG is 1), catalogue coverage (distinct
-items ever recommended / catalogue size) and the HR curve over the stream (:func:`hr_curve`).
+items ever recommended / catalogue size) and the HR curve over the stream (:func:`hr_curve`); and
+from the lists and the stream, once the replay is over, the figures of :mod:`infogap.models.fairness`:
+exposure Gini over the catalogue, long-tail share, novelty, intra-list diversity (with item
+features) and HR per user group (with user attributes).
 
 Pure: numpy and the standard library; time is measured only through a ``clock`` the caller passes.
 
@@ -22,15 +25,20 @@ Pure: numpy and the standard library; time is measured only through a ``clock`` 
 >>> r = prequential(Popularity(), stream, k=10)
 >>> r.n_evaluated, r.hits, r.hr, r.ndcg, r.coverage
 (2, 1, 0.5, 0.5, 0.5)
+>>> r.exposure_gini, r.long_tail_share  # only y listed, of {x, y}; before it x had 2 of 3: the head
+(0.5, 1.0)
 """
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+
+from infogap.models import fairness as fair
 
 #: Event types that are interactions: they are tested (for known users) and make an item "had".
 INTERACTION_TYPES = frozenset({"view", "click", "add_to_cart", "purchase", "rate"})
@@ -47,7 +55,9 @@ class OnlineRecommender(Protocol):
 @dataclass
 class PrequentialResult:
     """What one prequential run measured. ``ranks[j]`` is the 0-based rank of the interacted item in
-    the ``j``-th evaluated top-k (-1 for a miss); ``positions[j]`` is that event's index in the stream."""
+    the ``j``-th evaluated top-k (-1 for a miss); ``positions[j]`` is that event's index in the stream.
+    The last fields are the figures of :mod:`infogap.models.fairness` (None when there was no list,
+    ``ild`` also without item features); ``group_hr``: attribute -> :func:`~infogap.models.fairness.group_hit_rates`."""
 
     name: str
     k: int
@@ -65,6 +75,12 @@ class PrequentialResult:
     model_seconds: float | None
     ranks: np.ndarray = field(repr=False)
     positions: np.ndarray = field(repr=False)
+    exposure_gini: float | None = None
+    long_tail_share: float | None = None
+    novelty: float | None = None
+    ild: float | None = None
+    head_items: int | None = None
+    group_hr: dict = field(default_factory=dict, repr=False)
 
     @property
     def events_per_s(self) -> float | None:
@@ -80,7 +96,10 @@ class PrequentialResult:
                 "hits": self.hits, "n_recommended_items": self.n_recommended_items,
                 "catalog_size": self.catalog_size, "n_skipped_repeats": self.n_skipped_repeats,
                 "n_excluded_returned": self.n_excluded_returned, "seconds": self.seconds,
-                "model_seconds": self.model_seconds, "events_per_s": self.events_per_s}
+                "model_seconds": self.model_seconds, "events_per_s": self.events_per_s,
+                "exposure_gini": self.exposure_gini, "long_tail_share": self.long_tail_share,
+                "novelty": self.novelty, "ild": self.ild, "head_items": self.head_items,
+                "group_hr": self.group_hr}
 
 
 def hit_rate(ranks: np.ndarray) -> float:
@@ -109,7 +128,10 @@ def ndcg(ranks: np.ndarray) -> float:
 def prequential(model: OnlineRecommender, events: Iterable[Mapping], *, k: int = 10, name: str = "",
                 catalog: Iterable[str] | None = None, interaction_types: Iterable[str] = INTERACTION_TYPES,
                 clock: Callable[[], float] | None = None, progress: Callable[[int], None] | None = None,
-                progress_every: int = 1000) -> PrequentialResult:
+                progress_every: int = 1000, item_features: Mapping[str, Iterable[str]] | None = None,
+                user_groups: Mapping[str, Mapping[str, str]] | None = None,
+                min_group_events: int = fair.MIN_GROUP_EVENTS,
+                head_share: float = fair.HEAD_SHARE) -> PrequentialResult:
     """Replay ``events`` (timestamp order) through ``model``, testing before learning.
 
     Parameters
@@ -131,13 +153,37 @@ def prequential(model: OnlineRecommender, events: Iterable[Mapping], *, k: int =
         A monotonic clock in seconds (a function the caller passes); without one no time is reported.
     progress
         Called with the number of events done, every ``progress_every`` events and at the end.
+    item_features
+        Item id -> its features (MovieLens: genres), for the intra-list diversity; without them
+        ``ild`` is None.
+    user_groups
+        User id -> ``{attribute: group}`` (:func:`infogap.models.fairness.user_groups`), for HR per
+        group; groups with fewer than ``min_group_events`` tested events are not in the gap.
+    head_share
+        The head items take this share of the interactions so far (long-tail share).
+
+    For those figures the replay keeps each list's ids, the tested user and item, and each user's
+    first interaction (a few appends an event, ~0.3 us); turning the ids into item indices (every
+    ``_FLUSH`` lists) is left out of ``seconds``, and the figures are computed after the clock stops.
     """
     itypes = frozenset(interaction_types)
+    catalog = None if catalog is None else list(catalog)
     history: dict[str, set[str]] = {}
     stream_items: set[str] = set()
     recommended: set[str] = set()
     ranks: list[int] = []
     positions: list[int] = []
+    # for the fairness figures: the lists (their ids appended to one flat list, padded with None to k,
+    # turned into item indices every _FLUSH lists with the clock paused: no list is kept, so the
+    # garbage collector has no more to do), the tested users and items, and each user's first
+    # interaction; the stream's new (user, item) pairs are the tested events and the first interactions
+    lists = _Lists(catalog, k)
+    pending, flush, flush_at, pad = lists.pending, lists.flush, _FLUSH * k, [None] * k
+    keep = pending.extend
+    tested_users: list[str] = []
+    tested_items: list[str] = []
+    first_pos, first_items = array("q"), []
+    paused = 0.0
     repeats = violations = 0
     model_s = 0.0
     last_ts = -math.inf
@@ -177,28 +223,101 @@ def prequential(model: OnlineRecommender, events: Iterable[Mapping], *, k: int =
                         violations += sum(map(seen.__contains__, ids))
                     ranks.append(ids.index(item) if item in ids else -1)
                     positions.append(pos)
+                    keep(ids)
+                    if len(ids) < k:
+                        keep(pad[len(ids):])
+                    tested_users.append(user)
+                    tested_items.append(item)
             learn(e)
             if clock:
                 model_s += clock() - t0
             if seen is None:
                 history[user] = {item}
+                first_pos.append(pos)
+                first_items.append(item)
             else:
                 seen.add(item)
+                if len(pending) >= flush_at:
+                    if clock:
+                        t0 = clock()
+                        flush()
+                        paused += clock() - t0
+                    else:
+                        flush()
         if progress is not None and (pos + 1) % progress_every == 0:
             progress(pos + 1)
-    seconds = clock() - t_start if clock else None
+    seconds = clock() - t_start - paused if clock else None
     if progress is not None:
         progress(pos + 1)
     r = np.asarray(ranks, dtype=np.int16)
     cat = stream_items if catalog is None else set(catalog)
     size = len(cat)
+    tested = np.asarray(positions, dtype=np.int64)
+    figures = _fairness(lists, tested, r, tested_users, tested_items, np.frombuffer(first_pos, dtype=np.int64),
+                        first_items, cat, item_features, user_groups, min_group_events, head_share)
     return PrequentialResult(
         name=name or type(model).__name__, k=k, n_events=pos + 1, n_evaluated=int(r.size),
         hits=int((r >= 0).sum()), hr=hit_rate(r), ndcg=ndcg(r),
         coverage=len(recommended & cat) / size if size else 0.0, n_recommended_items=len(recommended),
         catalog_size=size, n_skipped_repeats=repeats, n_excluded_returned=violations,
         seconds=seconds, model_seconds=model_s if clock else None,
-        ranks=r, positions=np.asarray(positions, dtype=np.int64))
+        ranks=r, positions=tested, **figures)
+
+
+#: Lists kept as given before they are turned into item indices (with the clock paused).
+_FLUSH = 4096
+
+
+class _Lists:
+    """The top-k lists of a run as rows of item indices (``-1`` pads a short list). The replay extends
+    :attr:`pending` with each list's ids, padded with None to ``k``; :meth:`flush` turns them into
+    indices (4 bytes a slot). Catalogue items first, in the catalogue's order, then others as they come."""
+
+    def __init__(self, catalog: list[str] | None, k: int):
+        self.index: dict[str, int] = {}
+        for i in catalog or ():
+            self.index.setdefault(i, len(self.index))
+        self.k = k
+        self.pending: list[str | None] = []
+        self._rows = array("i")
+
+    def row(self, item: str) -> int:
+        return self.index.setdefault(item, len(self.index))
+
+    def flush(self) -> None:
+        row = self.row
+        self._rows.extend([-1 if i is None else row(i) for i in self.pending])
+        self.pending.clear()
+
+    def rows(self) -> np.ndarray:
+        """Every list so far, shape ``(lists, k)``."""
+        self.flush()
+        return np.frombuffer(self._rows, dtype=np.int32).reshape(-1, self.k) if self.k > 0 else \
+            np.empty((0, 0), dtype=np.int32)
+
+
+def _fairness(lists: _Lists, tested: np.ndarray, ranks: np.ndarray, users: list[str], items: list[str],
+              first_pos: np.ndarray, first_items: list[str], catalog: set[str],
+              item_features: Mapping[str, Iterable[str]] | None, user_groups: Mapping[str, Mapping[str, str]] | None,
+              min_group_events: int, head_share: float) -> dict:
+    """The figures of :mod:`infogap.models.fairness` from what :func:`prequential` collected."""
+    rows = lists.rows()
+    # the new (user, item) pairs in stream order: the tested events and the users' first interactions
+    pair_pos = np.concatenate([tested, first_pos])
+    order = np.argsort(pair_pos, kind="stable")
+    row = lists.row
+    pair_items = np.fromiter((row(i) for i in (*items, *first_items)), dtype=np.int64, count=pair_pos.size)[order]
+    catalog_rows = np.fromiter((lists.index.get(c, -1) for c in catalog), dtype=np.int64, count=len(catalog))
+    masks = None if item_features is None else fair.feature_masks([item_features.get(i) for i in lists.index])
+    out = fair.list_figures(rows, tested, catalog_rows, pair_items, pair_pos[order], first_pos, masks,
+                            head_share=head_share)
+    if out and user_groups is not None and users:
+        hits = ranks >= 0
+        of_user = [user_groups.get(u) or {} for u in users]
+        attrs = list(dict.fromkeys(a for g in user_groups.values() for a in g))
+        out["group_hr"] = {a: fair.group_hit_rates(hits, [g.get(a) for g in of_user], min_n=min_group_events)
+                           for a in attrs}
+    return out
 
 
 def hr_curve(result: PrequentialResult, *, window: int = 5000, points: int = 200) -> dict[str, list]:

@@ -18,7 +18,15 @@ memory can be measured cleanly: the peak RSS above the RSS once the data is load
 Events/s is the whole prequential loop's throughput (learn every event, top-k before every tested
 one, refits included) measured with ``time.perf_counter``.
 
-Outputs: a rich table, ``evaluation.json`` and ``hr_curve.png`` (HR@k over the stream) in ``out_dir``.
+Beside accuracy, every model's lists are measured for exposure and over-personalisation
+(:mod:`infogap.models.fairness`): exposure Gini over the catalogue, long-tail share, novelty,
+intra-list diversity of the genres, and HR@k per user group (MovieLens' gender, age band and
+occupation) with the best/worst gap. ``tradeoff`` reruns infogap at each value of one
+``EngineConfig`` setting (default ``pop_exponent``, the ranker's popularity penalty) for the
+accuracy/exposure trade-off curve.
+
+Outputs: rich tables, ``evaluation.json``, ``hr_curve.png`` (HR@k over the stream) and, with a
+trade-off, ``tradeoff.png`` (HR@k against exposure Gini) in ``out_dir``.
 """
 from __future__ import annotations
 
@@ -31,7 +39,7 @@ import warnings
 from array import array
 from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +49,7 @@ import orjson
 from infogap.models.evaluation import (INTERACTION_TYPES, DecayedPopularity, Popularity, PrequentialResult, hr_curve,
                                prequential)
 from infogap.models.events import InvalidEvent, Limits, validate_event
+from infogap.models.fairness import MIN_GROUP_EVENTS, user_groups
 from infogap.stream.tools.repeats import median_run
 
 MODEL_NAMES = ("infogap", "popularity", "decayed-popularity", "implicit-itemknn", "implicit-als")
@@ -48,6 +57,9 @@ IMPLICIT_PEERS = ("implicit-itemknn", "implicit-als")
 DEFAULT_REFIT_EVERY = 1000
 #: Issue 3's targets for infogap on MovieLens-100K: HR@10 and its ratio to the best implicit peer.
 TARGET_HR, TARGET_RATIO = 0.22, 1.5
+#: Column headers where the table is narrow.
+SHORT_NAMES = {"popularity": "pop", "decayed-popularity": "decayed", "implicit-itemknn": "itemknn",
+               "implicit-als": "als"}
 #: Short names accepted on the command line.
 ALIASES = {"pop": "popularity", "decayed": "decayed-popularity", "dpop": "decayed-popularity",
            "knn": "implicit-itemknn", "itemknn": "implicit-itemknn", "als": "implicit-als", "engine": "infogap"}
@@ -92,6 +104,43 @@ def parse_refit(specs: list[str]) -> tuple[int, dict[str, int]]:
     return default, per
 
 
+#: The settings ``--tradeoff KEY`` sweeps when no values are given.
+DEFAULT_TRADEOFF = {"pop_exponent": (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)}
+
+
+def parse_tradeoff(spec: str) -> tuple[str, tuple[float, ...]]:
+    """``"pop_exponent=0,0.3"`` -> the ``EngineConfig`` setting and its values; a bare key takes
+    :data:`DEFAULT_TRADEOFF`'s values. Each value must make a valid ``EngineConfig``.
+
+    >>> parse_tradeoff("pop_exponent=0, 0.3"), parse_tradeoff("pop_exponent")[1][:3]
+    (('pop_exponent', (0.0, 0.3)), (0.0, 0.1, 0.2))
+    """
+    from infogap.models import EngineConfig
+
+    key, sep, values = (p.strip() for p in spec.partition("="))
+    fields = EngineConfig.__dataclass_fields__
+    if key not in fields or fields[key].type not in ("float", "int", "float | None"):
+        numeric = [k for k, f in fields.items() if f.type in ("float", "int")]
+        raise ValueError(f"--tradeoff {spec!r}: {key!r} is not a numeric EngineConfig setting; "
+                         f"use pop_exponent (the popularity penalty) or one of {', '.join(numeric)}")
+    if not sep:
+        if key not in DEFAULT_TRADEOFF:
+            raise ValueError(f"--tradeoff {spec!r}: give the values, e.g. {key}=1,2,3")
+        return key, DEFAULT_TRADEOFF[key]
+    try:
+        out = tuple(dict.fromkeys(float(v) for v in values.split(",") if v.strip()))
+    except ValueError:
+        raise ValueError(f"--tradeoff {spec!r}: expected KEY=V1,V2,... with numbers") from None
+    if not out:
+        raise ValueError(f"--tradeoff {spec!r}: no values")
+    for v in out:
+        try:
+            EngineConfig(**{key: int(v) if fields[key].type == "int" else v})
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"--tradeoff {spec!r}: {exc}") from None
+    return key, out
+
+
 @dataclass(frozen=True)
 class EvalOptions:
     """What to evaluate and how (see the module docstring)."""
@@ -113,6 +162,11 @@ class EvalOptions:
     window: int = 5000
     reasons: bool = False
     repeat: int = 1
+    min_group_events: int = MIN_GROUP_EVENTS
+    #: ``EngineConfig`` settings that differ from the defaults (infogap only).
+    engine: Mapping[str, float] = field(default_factory=dict)
+    #: ``(setting, values)``: rerun infogap at each value for the trade-off curve (:func:`parse_tradeoff`).
+    tradeoff: tuple[str, tuple[float, ...]] | None = None
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.models if m not in MODEL_NAMES]
@@ -127,6 +181,15 @@ class EvalOptions:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
         if self.repeat < 1:
             raise ValueError(f"--repeat must be >= 1, got {self.repeat}")
+        if self.min_group_events < 1:
+            raise ValueError(f"--min-group-events must be >= 1, got {self.min_group_events}")
+
+    def engine_config(self):
+        """The infogap model's ``EngineConfig``: the defaults with :attr:`engine` applied."""
+        from infogap.models import EngineConfig
+
+        fields = EngineConfig.__dataclass_fields__
+        return EngineConfig(**{k: int(v) if fields[k].type == "int" else v for k, v in self.engine.items()})
 
     def refit_for(self, name: str) -> int:
         return int(self.refit_every.get(name, self.default_refit_every))
@@ -141,6 +204,7 @@ class Dataset:
     n_invalid: int = 0
     invalid_examples: list[str] = field(default_factory=list)
     n_duplicates: int = 0
+    users: list[dict] = field(default_factory=list)  # user records with attributes (MovieLens), for HR per group
 
 
 def read_event_file(path: Path) -> Dataset:
@@ -182,7 +246,8 @@ def load_dataset(opts: EvalOptions) -> Dataset:
         from infogap.stream.tools.movielens import load_movielens
 
         ml = load_movielens(opts.cache_dir)
-        ds = Dataset("movielens-100k", ml.events, ml.items, frozenset(i["item_id"] for i in ml.items))
+        ds = Dataset("movielens-100k", ml.events, ml.items, frozenset(i["item_id"] for i in ml.items),
+                     users=ml.users)
     if opts.limit is not None:
         ds.events = ds.events[:opts.limit]
     return ds
@@ -313,7 +378,7 @@ def make_model(name: str, opts: EvalOptions, items: list[dict]) -> Any:
     if name == "infogap":
         from infogap.models import Engine
 
-        engine = Engine()
+        engine = Engine(opts.engine_config()) if opts.engine else Engine()
         for item in items:
             engine.upsert_item(item)
         return engine if opts.reasons else Unexplained(engine)
@@ -338,9 +403,7 @@ def make_model(name: str, opts: EvalOptions, items: list[dict]) -> Any:
 def model_config(name: str, opts: EvalOptions) -> dict:
     """The settings a model ran with, for the JSON report."""
     if name == "infogap":
-        from infogap.models import EngineConfig
-
-        return {**asdict(EngineConfig()), "reasons": opts.reasons}
+        return {**asdict(opts.engine_config()), "reasons": opts.reasons}
     if name == "decayed-popularity":
         return {"half_life_days": opts.half_life_days}
     if name == "implicit-itemknn":
@@ -375,19 +438,22 @@ def _reset_peak() -> bool:
 
 
 def run_model(name: str, opts: EvalOptions, progress_queue: Any = None,
-              dataset: Dataset | None = None, run: int = 0) -> dict:
+              dataset: Dataset | None = None, run: int = 0, *, label: str | None = None,
+              learn_many: bool = True) -> dict:
     """Evaluate one model (meant to run in its own process); a JSON-ready dict with arrays as lists.
     ``run``: which of the ``opts.repeat`` runs of the model this is (its progress counts on from the
-    runs before)."""
+    runs before). ``label``: the name to report under (a trade-off point); ``learn_many``: infogap's
+    ``learn_many`` alone is timed too."""
     from threadpoolctl import threadpool_limits
 
     ds = dataset if dataset is not None else load_dataset(opts)
+    label = label or name
     progress = None
     if progress_queue is not None:
         before = run * len(ds.events)
 
         def progress(done: int) -> None:
-            progress_queue.put((name, before + done))
+            progress_queue.put((label, before + done))
     if any(m in IMPLICIT_PEERS for m in opts.models):  # load every BLAS/OpenMP library before limiting them
         import implicit.als  # noqa: F401
         import implicit.nearest_neighbours  # noqa: F401
@@ -402,8 +468,11 @@ def run_model(name: str, opts: EvalOptions, progress_queue: Any = None,
         if not precise:
             rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         model = make_model(name, opts, ds.items)
-        res = prequential(model, ds.events, k=opts.k, name=name, catalog=ds.catalog,
-                          clock=time.perf_counter, progress=progress, progress_every=2000)
+        res = prequential(model, ds.events, k=opts.k, name=label, catalog=ds.catalog,
+                          clock=time.perf_counter, progress=progress, progress_every=2000,
+                          item_features=_item_features(ds.items),
+                          user_groups=user_groups(ds.users) if ds.users else None,
+                          min_group_events=opts.min_group_events)
         peak = _rss_kb("VmHWM") if precise else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = _result_dict(res)
     out["peak_rss_delta_mb"] = max(0, peak - rss0) / 1024 if peak is not None else None
@@ -411,19 +480,25 @@ def run_model(name: str, opts: EvalOptions, progress_queue: Any = None,
     out["config"] = model_config(name, opts)
     if isinstance(model, ImplicitPeer):
         out["fits"], out["fit_seconds"] = model.fits, model.fit_seconds
-    if name == "infogap":
-        out["learn_many_events_per_s"] = learn_many_rate(ds)
+    if name == "infogap" and learn_many:
+        out["learn_many_events_per_s"] = learn_many_rate(ds, opts=opts)
     return out
 
 
-def learn_many_rate(ds: Dataset, repeats: int = 3) -> float:
+def _item_features(items: list[dict]) -> dict[str, list[str]] | None:
+    """Item id -> its genres (``tags``, else ``category``), for the intra-list diversity; None without items."""
+    feats = {i["item_id"]: list(i.get("tags") or ([i["category"]] if i.get("category") else [])) for i in items}
+    return feats if any(feats.values()) else None
+
+
+def learn_many_rate(ds: Dataset, repeats: int = 3, opts: EvalOptions | None = None) -> float:
     """Events/s of ``Engine.learn_many`` over the whole stream in one call (median of ``repeats``
     fresh engines): learning alone, without the top-10 per event of the prequential run."""
     from infogap.models import Engine
 
     rates = []
     for _ in range(repeats):
-        engine = Engine()
+        engine = Engine(opts.engine_config()) if opts is not None and opts.engine else Engine()
         for item in ds.items:
             engine.upsert_item(item)
         t0 = time.perf_counter()
@@ -434,6 +509,11 @@ def learn_many_rate(ds: Dataset, repeats: int = 3) -> float:
 
 def _harness_summary(r: dict) -> dict:
     return {k: r[k] for k in ("events_per_s", "seconds", "peak_rss_delta_mb", "memory_method")}
+
+
+#: The figures a trade-off point keeps (with its setting).
+TRADEOFF_FIGURES = ("hr@{k}", "ndcg@{k}", "coverage", "exposure_gini", "long_tail_share", "novelty", "ild",
+                    "events_per_s")
 
 
 def _result_dict(res: PrequentialResult) -> dict:
@@ -464,6 +544,8 @@ class Report:
     seconds: float
     n_invalid: int = 0
     harness: dict | None = None
+    #: ``{"setting", "default", "points": [{"value", <TRADEOFF_FIGURES>}]}`` with ``--tradeoff``.
+    tradeoff: dict | None = None
 
     def best_peer(self) -> tuple[str, float] | None:
         peers = [(m, r[f"hr@{r['k']}"]) for m, r in self.models.items() if m in IMPLICIT_PEERS]
@@ -472,7 +554,7 @@ class Report:
     def to_json(self) -> dict:
         out = {"dataset": self.dataset, "n_events": self.n_events, "catalog_size": self.catalog_size,
                "options": self.options, "seconds": self.seconds, "n_invalid_lines": self.n_invalid,
-               "harness_alone": self.harness, "models": {}}
+               "harness_alone": self.harness, "models": {}, "tradeoff": self.tradeoff}
         for name, r in self.models.items():
             out["models"][name] = {k: v for k, v in r.items() if k not in ("ranks", "positions")}
             out["models"][name]["curve"] = hr_curve(_to_result(r), window=self.options["window"])
@@ -486,8 +568,13 @@ class Report:
         return out
 
 
+def _tradeoff_label(key: str, value: float) -> str:
+    return f"{key}={value:g}"
+
+
 def evaluate(opts: EvalOptions, out_dir: Path, *, console=None, show_progress: bool = True) -> Report:
-    """Run every model of ``opts``, write ``evaluation.json`` and ``hr_curve.png`` to ``out_dir``."""
+    """Run every model of ``opts``, write ``evaluation.json`` and ``hr_curve.png`` to ``out_dir``; with
+    ``opts.tradeoff`` also infogap at each setting, and ``tradeoff.png``."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     t0 = time.perf_counter()
@@ -502,13 +589,21 @@ def evaluate(opts: EvalOptions, out_dir: Path, *, console=None, show_progress: b
         q = manager.Queue()
         n, repeat = len(ds.events), opts.repeat
         tasks = {m: bar.add_task(m, total=repeat * n, rate="") for m in opts.models}
+        points = {}  # trade-off label -> setting value
+        if opts.tradeoff:
+            key = opts.tradeoff[0]
+            points = {_tradeoff_label(key, v): v for v in opts.tradeoff[1]}
+            tasks.update({lab: bar.add_task(lab, total=n, rate="") for lab in points})
         first: dict[str, tuple[float, int]] = {}
-        runs: dict[str, dict[int, dict]] = {m: {} for m in (HARNESS, *opts.models)}  # model -> run -> result
+        runs: dict[str, dict[int, dict]] = {m: {} for m in (HARNESS, *opts.models, *points)}  # model -> run -> result
         with ProcessPoolExecutor(max_workers=max(1, opts.jobs), mp_context=ctx, max_tasks_per_child=1) as pool:
             # the models take turns run by run, so a drift in the machine's speed reaches each alike
             futures = {(HARNESS, 0): pool.submit(run_model, HARNESS, opts, q)}
             for r in range(repeat):
                 futures.update({(m, r): pool.submit(run_model, m, opts, q, run=r) for m in opts.models})
+            for lab, v in points.items():  # once each: their quality figures are the point
+                o = replace(opts, engine={**opts.engine, opts.tradeoff[0]: v})
+                futures[(lab, 0)] = pool.submit(run_model, "infogap", o, q, label=lab, learn_many=False)
             pending = set(futures)
             try:
                 while pending:
@@ -534,14 +629,22 @@ def evaluate(opts: EvalOptions, out_dir: Path, *, console=None, show_progress: b
     # deterministic), with every run's events/s
     results = {m: median_run([rs[r] for r in sorted(rs)], "runs_events_per_s", lambda r: r["events_per_s"])
                for m, rs in runs.items()}
+    tradeoff = None
+    if opts.tradeoff:
+        key = opts.tradeoff[0]
+        figures = [f.format(k=opts.k) for f in TRADEOFF_FIGURES]
+        tradeoff = {"setting": key, "default": getattr(replace(opts, engine={}).engine_config(), key),
+                    "points": [{"value": v, **{f: results[lab][f] for f in figures}} for lab, v in points.items()]}
     report = Report(ds.name, len(ds.events), len(ds.catalog),
                     {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
                      "refit_every": {m: opts.refit_for(m) for m in IMPLICIT_PEERS}},
                     {m: results[m] for m in opts.models}, time.perf_counter() - t0, ds.n_invalid,
-                    harness=_harness_summary(results[HARNESS]))
+                    harness=_harness_summary(results[HARNESS]), tradeoff=tradeoff)
     (out_dir / "evaluation.json").write_bytes(
         orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY, default=str))
     plot(report, out_dir / "hr_curve.png")
+    if tradeoff:
+        plot_tradeoff(report, out_dir / "tradeoff.png")
     return report
 
 
@@ -582,10 +685,143 @@ def table(report: Report):
     if report.harness:
         h = report.harness
         notes.append(f"harness alone (no model): {h['events_per_s']:,.0f} ev/s, {h['peak_rss_delta_mb']:.1f} MB "
-                     f"(its per-user history), included in every row")
+                     f"(its per-user history and the lists kept for the fairness figures), included in every row")
     t.caption = "\n".join(notes) or None
     t.caption_justify = "left"
     return t
+
+
+def _num(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _gap(g: dict | None) -> str:
+    gap = (g or {}).get("gap")
+    if not gap:
+        return "-"
+    return f"{gap['abs']:.3f} " + ("-" if gap["ratio"] is None else f"{gap['ratio']:.1f}x")
+
+
+def fairness_table(report: Report):
+    """Exposure, long tail, novelty and diversity of each model's lists (fits in 80 columns)."""
+    from rich import box
+    from rich.table import Table
+
+    k = report.options["k"]
+    t = Table(title=f"Exposure and over-personalisation of the top-{k} lists", box=box.SIMPLE_HEAD,
+              pad_edge=False, padding=(0, 0, 0, 1))
+    t.add_column("model", no_wrap=True)
+    for col in (f"HR@{k}", "Gini", "tail", "novelty", "ILD"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for name, r in report.models.items():
+        t.add_row(name, f"{r[f'hr@{k}']:.4f}", _num(r.get("exposure_gini"), ".3f"),
+                  _num(r.get("long_tail_share"), ".3f"), _num(r.get("novelty"), ".2f"), _num(r.get("ild"), ".3f"))
+    heads = [r.get("head_items") for r in report.models.values() if r.get("head_items") is not None]
+    t.caption = (f"Gini: of the catalogue's exposure (times in a top-{k}; never recommended = 0); tail: share "
+                 f"of the slots outside the head (the most popular items taking 20 % of the interactions "
+                 f"before the list{f'; {heads[0]} items at the end' if heads else ''}); novelty: mean "
+                 f"-log2(pop/users) before the list, in bits; ILD: mean 1 - Jaccard of the genres within a list")
+    t.caption_justify = "left"
+    return t
+
+
+def group_table(report: Report):
+    """HR@k per user group and model (``±`` half the Wilson 95 % interval) and, per attribute, the gap
+    between the best- and the worst-served groups; None without user groups (fits in 80 columns)."""
+    from rich import box
+    from rich.table import Table
+
+    k = report.options["k"]
+    min_n = report.options.get("min_group_events", MIN_GROUP_EVENTS)
+    per = {m: r.get("group_hr") or {} for m, r in report.models.items()}
+    attrs = list(dict.fromkeys(a for g in per.values() for a in g))
+    if not attrs:
+        return None
+    t = Table(title=f"HR@{k} per user group (n: tested events)", box=box.SIMPLE_HEAD, pad_edge=False,
+              padding=(0, 0))
+    t.add_column("group", no_wrap=True)
+    t.add_column("n", justify="right", no_wrap=True)
+    for m in report.models:
+        t.add_column(SHORT_NAMES.get(m, m), justify="right", no_wrap=True)
+    for a in attrs:
+        groups = list(dict.fromkeys(g for m in per for g in per[m].get(a, {}).get("groups", {})))
+        t.add_row(f"[bold]{a}[/]", *[""] * (len(report.models) + 1))
+        for g in groups:
+            cells, n = [], None
+            for m in report.models:
+                v = per[m].get(a, {}).get("groups", {}).get(g)
+                if v is None:
+                    cells.append("-")
+                    continue
+                n = v["n"]
+                lo, hi = v["ci95"]
+                cells.append(f"{v['hr']:.3f}±{(hi - lo) / 2:.3f}".replace("±0.", "±."))
+            t.add_row(f" {g}{'*' if n is not None and n < min_n else ''}", "-" if n is None else f"{n:,}", *cells)
+        t.add_row(" [italic]gap[/]", "", *(_gap(per[m].get(a)) for m in report.models), end_section=True)
+    first = next(iter(report.models))
+    named = [f"{a} {g['gap']['best']} / {g['gap']['worst']}" for a, g in per[first].items() if g.get("gap")]
+    t.caption = (f"±: half the Wilson 95 % interval (bounds in evaluation.json); gap: HR@{k} of the best- minus "
+                 f"the worst-served group, and their ratio, among the groups with >= {min_n:,} tested events "
+                 f"(*: fewer, left out)" + (f"; {first}'s best / worst: {', '.join(named)}" if named else ""))
+    t.caption_justify = "left"
+    return t
+
+
+def tradeoff_table(report: Report):
+    """infogap at each setting of the trade-off knob; None without a trade-off."""
+    from rich import box
+    from rich.table import Table
+
+    if not report.tradeoff:
+        return None
+    k, tr = report.options["k"], report.tradeoff
+    t = Table(title=f"Trade-off: infogap at each {tr['setting']} (default {tr['default']:g})",
+              box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 1))
+    for col in (tr["setting"], f"HR@{k}", f"NDCG@{k}", "Gini", "tail", "novelty", "ILD", "cover"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for pt in tr["points"]:
+        mark = " (default)" if pt["value"] == tr["default"] else ""
+        t.add_row(f"{pt['value']:g}{mark}", f"{pt[f'hr@{k}']:.4f}", f"{pt[f'ndcg@{k}']:.4f}",
+                  _num(pt["exposure_gini"], ".3f"), _num(pt["long_tail_share"], ".3f"), _num(pt["novelty"], ".2f"),
+                  _num(pt["ild"], ".3f"), f"{pt['coverage']:.3f}")
+    return t
+
+
+def plot_tradeoff(report: Report, path: Path) -> None:
+    """HR@k (y) against exposure Gini (x): infogap at each setting of the knob, a line through them in
+    setting order, each point labelled; the run's other models as reference points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import logging
+
+    import matplotlib.pyplot as plt
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    k, tr = report.options["k"], report.tradeoff
+    pts = [p for p in tr["points"] if p["exposure_gini"] is not None]
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    x, y = [p["exposure_gini"] for p in pts], [p[f"hr@{k}"] for p in pts]
+    ax.plot(x, y, color="C0", lw=1.5, marker="o", label=f"infogap, {tr['setting']} as labelled")
+    for p in pts:
+        default = p["value"] == tr["default"]
+        ax.annotate(f"{p['value']:g}{' (default)' if default else ''}", (p["exposure_gini"], p[f"hr@{k}"]),
+                    textcoords="offset points", xytext=(6, 4), fontsize=8, fontweight="bold" if default else None)
+    others = [(name, r) for name, r in report.models.items()
+              if name != "infogap" and r.get("exposure_gini") is not None]
+    for i, (name, r) in enumerate(others):
+        ax.scatter([r["exposure_gini"]], [r[f"hr@{k}"]], color=f"C{i + 1}", marker="sD^v<>"[i % 6], s=30,
+                   label=f"{name} (defaults)")
+    ax.set_xlabel("exposure Gini over the catalogue (lower: exposure spread more evenly)")
+    ax.set_ylabel(f"HR@{k}")
+    ax.set_title(f"Accuracy against exposure on {report.dataset}: infogap at each {tr['setting']}", fontsize=10)
+    ax.margins(x=0.12, y=0.1)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def plot(report: Report, path: Path) -> None:

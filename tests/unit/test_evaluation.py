@@ -193,3 +193,63 @@ def test_accounting_invariants_on_any_stream(rows, k):
         assert r.n_skipped_repeats == len(inter) - len(set(inter))
         assert 0.0 <= r.ndcg <= r.hr <= 1.0 and 0.0 <= r.coverage <= 1.0
         assert r.n_excluded_returned == 0 and r.ranks.max(initial=-1) < k
+
+
+def test_prequential_reports_exposure_long_tail_novelty_diversity_and_groups():
+    # u1, u2, u3 arrive; then three tests with scripted lists (k = 2) over the catalogue a, b, c, d
+    stream = [ev("u1", "a", 0), ev("u2", "a", 1), ev("u3", "b", 2),
+              ev("u1", "b", 3),   # [c, b]: hit. Before it: a 2, b 1 of 3 -> head {a} (threshold 2)
+              ev("u2", "c", 4),   # [b, d]: miss. Before: a 2, b 2 -> head {a, b}
+              ev("u3", "a", 5)]   # [a, c]: hit. Before: a 2, b 2, c 1 -> head {a, b}
+    model = Scripted([["c", "b"], ["b", "d"], ["a", "c"]])
+    genres = {"a": ["Drama"], "b": ["Drama", "War"], "c": ["Drama", "Comedy"], "d": []}
+    groups = {"u1": {"gender": "F"}, "u2": {"gender": "M"}, "u3": {"gender": "F"}}
+    r = prequential(model, stream, k=2, catalog="abcd", item_features=genres, user_groups=groups,
+                    min_group_events=1)
+    assert r.ranks.tolist() == [1, -1, 0]
+    # exposure a 1, b 2, c 2, d 1: sorted 1, 1, 2, 2 -> (-3 - 1 + 2 + 6) / (4 * 6)
+    assert r.exposure_gini == pytest.approx(4 / 24)
+    # tail slots: c (0), b (1 < 2) | d | c: 4 of 6
+    assert r.long_tail_share == pytest.approx(4 / 6)
+    # 3 users before each test; pops c 0 (as 1), b 1 | b 2, d 0 | a 2, c 1
+    assert r.novelty == pytest.approx((4 * math.log2(3) + 2 * math.log2(3 / 2)) / 6)
+    # [c, b]: 1 - 1/3; [b, d]: d has no genre, left out; [a, c]: 1 - 1/2
+    assert r.ild == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert r.head_items == 1  # at the end a 3, b 2, c 1: a alone takes >= 20 %
+    g = r.group_hr["gender"]
+    assert {k: (v["n"], v["hits"]) for k, v in g["groups"].items()} == {"F": (2, 2), "M": (1, 0)}
+    assert g["gap"]["best"] == "F" and g["gap"]["abs"] == 1.0 and g["gap"]["ratio"] is None
+    s = r.summary()
+    assert s["exposure_gini"] == r.exposure_gini and s["group_hr"]["gender"]["groups"]["M"]["hr"] == 0.0
+
+
+def test_fairness_figures_without_features_groups_or_lists():
+    r = prequential(Popularity(), STREAM, k=3)
+    assert r.ild is None and r.group_hr == {} and r.exposure_gini is not None
+    empty = prequential(Scripted([[], [], []]), STREAM)
+    assert (empty.exposure_gini, empty.long_tail_share, empty.novelty, empty.ild) == (None, None, None, None)
+    # a catalogue given as a one-pass iterator is read once, for coverage and exposure alike
+    r = prequential(Scripted([["b", "c"], ["x", "y", "c"], ["a", "e"]]), STREAM, catalog=iter("abcd"))
+    assert r.catalog_size == 4 and r.coverage == pytest.approx(3 / 4)
+    assert r.exposure_gini == pytest.approx(gini_of([1, 1, 2, 0]))
+
+
+def gini_of(x):
+    from infogap.models.fairness import gini
+
+    return gini(x)
+
+
+def test_lists_are_the_same_across_flushes(monkeypatch):
+    from infogap.models import evaluation
+
+    rng = np.random.default_rng(3)
+    stream = [ev(f"u{rng.integers(8)}", f"i{rng.integers(14)}", t) for t in range(200)]
+    answers = [[f"i{j}" for j in rng.choice(14, size=int(rng.integers(0, 4)), replace=False)] for _ in range(200)]
+    genres = {f"i{j}": [f"g{j % 3}", f"g{j % 5}"] for j in range(14)}
+    whole = prequential(Scripted(answers), stream, k=3, item_features=genres)
+    monkeypatch.setattr(evaluation, "_FLUSH", 2)  # flush every two lists, short lists included
+    split = prequential(Scripted(answers), stream, k=3, item_features=genres)
+    assert whole.n_evaluated > 50
+    for f in ("exposure_gini", "long_tail_share", "novelty", "ild", "head_items"):
+        assert getattr(split, f) == pytest.approx(getattr(whole, f)), f

@@ -175,3 +175,95 @@ def test_evaluate_repeats_each_model_and_reports_its_median_run(events_file, tmp
     assert "median run of 3 by events/s; infogap's runs: " + ", ".join(f"{v:,.0f}" for v in infogap) in printed
     res = CliRunner().invoke(app, ["evaluate", "--events-file", str(events_file), "--repeat", "0"])
     assert res.exit_code == 2 and "--repeat must be >= 1" in res.output
+
+
+def test_parse_tradeoff():
+    from infogap.stream.tools.evaluate import DEFAULT_TRADEOFF, parse_tradeoff
+
+    assert parse_tradeoff("pop_exponent") == ("pop_exponent", DEFAULT_TRADEOFF["pop_exponent"])
+    assert parse_tradeoff(" pop_exponent = 0, 0.5,0.5 ") == ("pop_exponent", (0.0, 0.5))
+    assert parse_tradeoff("w_global=0.01,0.1") == ("w_global", (0.01, 0.1))
+    for bad, why in (("popexponent", "not a numeric EngineConfig setting"), ("seed", "give the values"),
+                     ("pop_exponent=a,b", "expected KEY=V1,V2"), ("window=0,8", "window must be >= 1"),
+                     ("pop_exponent=", "no values"), ("event_weights=1", "not a numeric")):
+        with pytest.raises(ValueError, match=why):
+            parse_tradeoff(bad)
+
+
+def users_of(stream):
+    """Group 0's users are 'F', group 1's 'M'; ages on both sides of 25."""
+    return [{"user_id": u, "gender": "F" if u.startswith("u0") else "M", "age": 20 + 3 * int(u.split("-")[1]) % 40,
+             "occupation": "student"} for u in sorted({e["user_id"] for e in stream})]
+
+
+def test_run_model_reports_fairness_figures_and_group_hit_rates(events_file):
+    from dataclasses import replace
+
+    opts = EvalOptions(events_file=events_file, min_group_events=100)
+    ds = load_dataset(opts)
+    ds = replace(ds, items=[{"item_id": i, "tags": [i.split("-")[0]]} for i in sorted(ds.catalog)],
+                 users=users_of(ds.events))
+    out = run_model("popularity", opts, dataset=ds)
+    assert 0 < out["exposure_gini"] < 1 and 0 <= out["long_tail_share"] <= 1 and out["novelty"] > 0
+    assert out["ild"] is not None and 0 <= out["ild"] <= 1
+    g = out["group_hr"]["gender"]
+    assert sum(v["n"] for v in g["groups"].values()) == out["n_evaluated"]
+    assert sum(v["hits"] for v in g["groups"].values()) == out["hits"]
+    assert g["min_n"] == 100 and (g["gap"] is None or g["gap"]["abs"] >= 0)
+    assert list(out["group_hr"]) == ["gender", "age", "occupation"]
+    assert out["group_hr"]["occupation"]["gap"] is None  # one group: nothing to compare
+
+
+def test_fairness_tables_fit_in_80_columns():
+    from rich.console import Console
+
+    from infogap.stream.tools.evaluate import fairness_table, group_table, tradeoff_table
+
+    groups = {"gender": {"groups": {"F": {"n": 25_467, "hits": 5600, "hr": 0.2199, "ci95": [0.2148, 0.2250]},
+                                    "M": {"n": 73_590, "hits": 16212, "hr": 0.2203, "ci95": [0.2173, 0.2233]}},
+                         "gap": {"best": "M", "worst": "F", "abs": 0.0004, "ratio": 1.002, "groups_compared": 2},
+                         "min_n": 1000, "skipped": []},
+              "occupation": {"groups": {"entertainment": {"n": 2077, "hits": 520, "hr": 0.2504,
+                                                          "ci95": [0.232, 0.269]},
+                                        "homemaker": {"n": 292, "hits": 111, "hr": 0.3801, "ci95": [0.33, 0.43]}},
+                             "gap": None, "min_n": 1000, "skipped": ["homemaker"]}}
+    row = {"k": 10, "hr@10": 0.2202, "ndcg@10": 0.11, "coverage": 0.94, "exposure_gini": 0.8469,
+           "long_tail_share": 0.6009, "novelty": 2.254, "ild": 0.7438, "head_items": 60, "group_hr": groups}
+    models = {m: dict(row) for m in ("infogap", "popularity", "decayed-popularity", "implicit-itemknn",
+                                     "implicit-als")}
+    point = {"value": 0.2, "hr@10": 0.2202, "ndcg@10": 0.11, "coverage": 0.94, "exposure_gini": 0.85,
+             "long_tail_share": 0.6, "novelty": 2.25, "ild": 0.74, "events_per_s": 1.0}
+    report = Report("d", 10, 5, {"k": 10, "window": 5, "min_group_events": 1000}, models, 1.0,
+                    tradeoff={"setting": "pop_exponent", "default": 0.2, "points": [point]})
+    console = Console(width=80, record=True)
+    for t in (fairness_table(report), group_table(report), tradeoff_table(report)):
+        console.print(t)
+    text = console.export_text()
+    assert "…" not in text and max(map(len, text.splitlines())) <= 80
+    assert "0.847" in text and "0.000 1.0x" in text and "0.220±.003" in text and "homemaker*" in text
+    assert "0.2 (default)" in text and "infogap's best / worst: gender M / F" in " ".join(text.split())
+
+
+def test_tradeoff_option_writes_the_curve_and_its_points(events_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from infogap.stream.tools.cli import app
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["evaluate", "--events-file", str(events_file), "--models", "pop",
+                                   "--tradeoff", "pop_exponent=0,0.6", "--out", str(out), "--no-progress",
+                                   "--jobs", "2"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "evaluation.json").read_text())
+    tr = report["tradeoff"]
+    assert tr["setting"] == "pop_exponent" and tr["default"] == 0.2
+    assert [p["value"] for p in tr["points"]] == [0.0, 0.6]
+    for p in tr["points"]:
+        assert 0 < p["hr@10"] <= 1 and 0 <= p["exposure_gini"] <= 1 and p["long_tail_share"] is not None
+    assert tr["points"][0]["exposure_gini"] != tr["points"][1]["exposure_gini"]  # the knob moves exposure
+    png = (out / "tradeoff.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "Trade-off" in res.output and "tradeoff.png" in " ".join(res.output.split())
+    assert list(report["models"]) == ["popularity"] and "exposure_gini" in report["models"]["popularity"]
+    res = CliRunner().invoke(app, ["evaluate", "--events-file", str(events_file), "--tradeoff", "nope=1"])
+    assert res.exit_code == 2 and "'nope' is not a numeric" in res.output
