@@ -12,6 +12,9 @@ weighs is a change here (and to its setting in :class:`~infogap.models.engine.En
   the event in the co-occurrence pairs it makes;
 - its **rating** (0 for none): the pairs of two rated events weigh by how alike the ratings are;
 - whether it makes the item the user's (``exclude_types``): never recommended to them again.
+
+A ``review`` weighs by what it says (:meth:`EventWeights.review`): its type's weight times its sentiment
+in [-1, 1], so a liked item counts like a strong signal and a disliked one against the item.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from infogap.models.events import EVENT_TYPES
 #: user's affinity for the item's categories.
 DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
     "view": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0, "rate": 3.0,
-    "impression": 0.0, "dismiss": -2.0, "push_open": 0.5, "push_click": 2.0,
+    "impression": 0.0, "dismiss": -2.0, "push_open": 0.5, "push_click": 2.0, "review": 6.0,
 }
 #: An event type's code in the history (``hist_type``): its position in :data:`~infogap.models.events.EVENT_TYPES`.
 TYPE_CODE: dict[str, int] = {t: i for i, t in enumerate(EVENT_TYPES)}
@@ -62,6 +65,17 @@ class EventWeights:
     def for_config(cls, cfg) -> EventWeights:
         """The weights of an :class:`~infogap.models.engine.EngineConfig`."""
         return cls(cfg.event_weights, cfg.rating_scale, cfg.rating_in_pairs, tuple(cfg.exclude_types))
+
+    def review(self, sentiment: float) -> tuple[float, float, float]:
+        """``(weight, pair weight, 0)`` of a review whose sentiment is ``sentiment`` (-1 disliked ... 1 liked): the
+        ``review`` weight times the sentiment in both. A negative weight never makes pairs; the engine keeps it
+        in the history as a vote against the item's neighbours.
+
+        >>> EventWeights().review(1.0), EventWeights().review(-0.5)
+        ((6.0, 6.0, 0.0), (-3.0, -3.0, 0.0))
+        """
+        w = self.by_type.get("review", 0.0) * sentiment
+        return w, w, 0.0
 
     def of(self, typ: str, rating: float | None) -> tuple[float, float, float]:
         """``(weight, pair weight, rating or 0)`` of an event of type ``typ`` (see the module docstring)."""

@@ -60,10 +60,17 @@ def add_routes(app: web.Application, worker) -> None:
                       "segment_ranks": {str(s): rank(s) for s in segments}, "trending_depth": TRENDING_DEPTH})
 
     async def segments(_request: web.Request) -> web.Response:
-        return _json({"segments": worker.engine.segments(), "users": len(worker.engine.state.profiles)})
+        return _json(segments_view(worker.engine))
 
     app.router.add_get("/inspect/users/{user_id:[^/]+}", user)
     app.router.add_get("/inspect/users", user)  # ?id=: any id, "." and ".." too
     app.router.add_get("/inspect/items/{item_id:[^/]+}", item)
     app.router.add_get("/inspect/items", item)
     app.router.add_get("/inspect/segments", segments)
+
+
+def segments_view(engine) -> dict:
+    """The answer of ``/inspect/segments``: every segment as the engine holds it (:meth:`Engine.segments`), the users
+    held, and each review topic with its top words (none before the topic model has learned)."""
+    return {"segments": engine.segments(), "users": len(engine.state.profiles),
+            "topics": engine.topics.describe(6) if engine.topics.n_learned else []}

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from infogap.stream.tools.downloads import DownloadFailed, pip_download
 
 #: The wheel that carries the data, and where inside it the files are.
 RECBOLE_REQUIREMENT = "recbole==1.2.1"
@@ -102,17 +102,10 @@ def extract_from_wheel(wheel: Path, cache_dir: Path) -> None:
 
 def _download_wheel(dest: Path) -> Path:
     """``pip download recbole==1.2.1 --no-deps --only-binary=:all:`` into ``dest``; the wheel's path."""
-    cmd = [sys.executable, "-m", "pip", "download", RECBOLE_REQUIREMENT, "--no-deps",
-           "--only-binary=:all:", "--disable-pip-version-check", "-q", "-d", str(dest)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise MovieLensUnavailable(_help(f"could not run pip ({exc})")) from exc
-    wheels = sorted(dest.glob("recbole-*.whl"))
-    if proc.returncode != 0 or not wheels:
-        tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-5:])
-        raise MovieLensUnavailable(_help(f"`{' '.join(cmd[1:])}` failed (exit {proc.returncode}):\n{tail}"))
-    return wheels[0]
+        return pip_download(RECBOLE_REQUIREMENT, dest, "recbole-*.whl", binary=True, timeout=300)
+    except DownloadFailed as exc:
+        raise MovieLensUnavailable(_help(str(exc))) from exc
 
 
 def _help(what: str) -> str:

@@ -118,8 +118,10 @@ async def test_a_workers_inspect_routes_refuse_beyond_loopback_without_a_token()
 async def test_the_experiments_page_gives_each_variant_its_intervals_and_a_verdict_against_the_control(store):
     from infogap.models.experiments import Counts, Segment
 
-    await store.write_experiment("winter", {Segment(0, "recs", "email", "new"): Counts(sent=1000, clicks=80),
-                                            Segment(1, "recs", "email", "control"): Counts(sent=1000, clicks=50)})
+    many = (1 << 60) - 1  # the users' bitmap: 60 users behind each variant (the privacy floor shows them)
+    await store.write_experiment("winter", {Segment(0, "recs", "email", "new"): Counts(sent=1000, clicks=80, users=many),
+                                            Segment(1, "recs", "email", "control"): Counts(sent=1000, clicks=50,
+                                                                                           users=many)})
     s = Settings(experiment={"name": "winter", "variants": {"control": 1, "new": 1, "late": 1}})
     client = await _client(s, store)
     try:
@@ -177,5 +179,30 @@ async def test_without_kafka_the_dead_letter_page_says_so(store):
     try:
         r = await client.get("/dlq")
         assert r.status == 503 and "Kafka does not answer the console" in await r.text()
+    finally:
+        await client.close()
+
+
+async def test_the_segments_page_shows_each_segments_review_topics_and_what_each_topic_is_about(store):
+    from infogap.models import Engine, EngineConfig
+    from infogap.stream.console.sources import WorkerView
+    from infogap.stream.inspection import segments_view
+
+    e = Engine(EngineConfig(n_topics=2, n_segments=2))
+    for k in range(60):  # battery people and screen people, each writing about their topic
+        words = "battery charge power lasts" if k % 2 else "screen display bright <b>pixels</b>"
+        e.learn_one({"event_id": str(k), "user_id": f"u{k % 6}", "type": "review", "ts": 100.0 + k,
+                     "item_id": f"i{k % 3}", "text": words})
+    sources = Sources(Settings(), store=store)
+    console = Console(Settings().model_copy(update={"console_workers": []}), sources)
+    client = TestClient(TestServer(console.app()))
+    await client.start_server()
+    # a worker's /inspect/segments answer, as the sampler keeps it (it never asks a worker without /stats samples)
+    sources.workers.append(WorkerView("http://127.0.0.1:1", segments=orjson.loads(orjson.dumps(segments_view(e)))))
+    try:
+        html = await (await client.get("/segments")).text()
+        assert 'id="topics"' in html and "battery" in html and "screen" in html
+        assert "pixels" in html and "<b>" not in html  # (tokens are words: markup never survives)
+        assert "topic 0" in html or "topic 1" in html  # a segment's topic shares
     finally:
         await client.close()

@@ -195,8 +195,8 @@ def test_ingest_keeps_every_field_of_an_event_but_its_user_id_which_it_pseudonym
     from infogap.models.events import Event, Limits
     from infogap.stream.core.ingest import Ingest
 
-    doc = {"event_id": "e1", "user_id": "alice", "type": "purchase", "ts": 1.7e9, "item_id": "i1", "value": 9.5,
-           "rating": 4.0, "session_id": "s1", "context": {"campaign": "c"}}
+    doc = {"event_id": "e1", "user_id": "alice", "type": "review", "ts": 1.7e9, "item_id": "i1", "value": 9.5,
+           "rating": 4.0, "session_id": "s1", "context": {"campaign": "c"}, "text": "Great tea, 很好喝"}
     rec = type("Rec", (), {"value": orjson.dumps(doc), "key": b"alice", "topic": "events", "partition": 0, "offset": 3})
     ingest = Ingest(Limits(), Deduplicator(60.0, 100), pseudonymize=lambda u: f"p-{u}")
     (e,) = ingest.accept([rec], now=1.7e9).events

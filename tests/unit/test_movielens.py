@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from infogap.stream.tools import downloads
 from infogap.stream.tools import movielens
 from infogap.stream.tools.movielens import MovieLensUnavailable, load_movielens, make_fake_wheel
 
@@ -64,7 +65,7 @@ def test_failed_download_says_what_to_do(tmp_path, monkeypatch):
     def fail(cmd, **kw):
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found for recbole==1.2.1")
 
-    monkeypatch.setattr(movielens.subprocess, "run", fail)
+    monkeypatch.setattr(downloads.subprocess, "run", fail)
     with pytest.raises(MovieLensUnavailable) as info:
         load_movielens(tmp_path / "cache")
     msg = str(info.value)
