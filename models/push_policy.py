@@ -29,6 +29,7 @@ import orjson
 
 from infogap.models.catalog import check_id, decode_key, json_type, load_record
 from infogap.models.events import CHANNELS  # the push channels (unsubscribe/push_bounce events name one)
+from infogap.models.retention import ControlGroup, in_control_group
 from infogap.models.state_fields import StateError, check
 
 #: A raw ``users`` record larger than this is refused before it is decoded.
@@ -161,6 +162,9 @@ class PushConfig:
     campaign: str = "recs"
     #: A message is at most this many bytes as JSON: longer titles and reasons are cut, then items dropped.
     max_message_bytes: int = 64 * 1024
+    #: The global control group's share of users (:class:`~infogap.models.retention.ControlGroup`): they are
+    #: never sent anything (rule ``control_group``); 0 keeps nobody out.
+    control_share: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,8 +189,10 @@ class PushMessage:
 
 #: Why a push was held back: no material change of the top-N; no consent (the channel's, or a user without
 #: preferences); the user's quiet hours; the channel's daily cap; every item pushed within the repeat window;
-#: a message over ``max_message_bytes`` even with one item; nothing ranked.
-RULES = ("no_change", "no_consent", "quiet_hours", "daily_cap", "repeat", "too_large", "no_recommendations")
+#: a message over ``max_message_bytes`` even with one item; nothing ranked; the user is in the global control group
+#: (the message that would have been sent is the decision's ``ghost``, see :mod:`infogap.models.retention`).
+RULES = ("no_change", "no_consent", "quiet_hours", "daily_cap", "repeat", "too_large", "no_recommendations",
+         "control_group")
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +200,8 @@ class PushDecision:
     """One push decision: ``message`` sent on ``channel``, or held back by ``rule`` (one of :data:`RULES`);
     ``channel`` is None when the rule held for every channel. ``at`` is the event time it was decided at;
     ``repeat`` that the same rule held the push back on the same channel (or on every channel) at its previous
-    decision too (since this policy was created or restored: it is not part of the snapshot)."""
+    decision too (since this policy was created or restored: it is not part of the snapshot). ``ghost``: under
+    rule ``control_group``, the message that every other rule let through, never sent (a ghost push)."""
 
     channel: str | None
     rule: str | None
@@ -203,6 +210,8 @@ class PushDecision:
     #: the same rule held the push back on this channel (or on every channel) at the last decision about it too (a
     #: log may skip it; "no_change" decides nothing about a channel)
     repeat: bool = False
+    #: rule "control_group": what would have been sent (its campaign, channel, variant and time), not sent
+    ghost: PushMessage | None = None
 
     @property
     def sent(self) -> bool:
@@ -252,6 +261,7 @@ class PushPolicy:
     def __init__(self, config: PushConfig | None = None):
         self.config = config or PushConfig()
         self._users: dict[str, _UserPushState] = {}
+        ControlGroup(self.config.control_share)  # checked
 
     def __len__(self) -> int:
         return len(self._users)
@@ -341,6 +351,14 @@ class PushPolicy:
         [(None, 'no_change')]
         >>> [(d.rule, d.repeat) for d in policy.decisions(prefs, [("sku-1", 0.9, "popular")], now=1732446120.0)]
         [('no_change', True)]
+
+        A user of the control group is sent nothing; every other rule applies as to anyone (the ghost counts
+        towards the caps), and the decision carries the message that would have gone out:
+
+        >>> control = PushPolicy(PushConfig(min_new_items=1, control_share=0.5))
+        >>> [(d.channel, d.rule, d.ghost.channel if d.ghost else None)
+        ...  for d in control.decisions(replace(prefs, user_id="u3"), [("sku-1", 0.9, "popular")], now=1732446000.0)]
+        [('email', 'control_group', 'email'), ('app', 'control_group', 'app'), ('ads', 'no_consent', None)]
         """
         if prefs is None:
             return [PushDecision(None, "no_consent", now)]
@@ -354,6 +372,12 @@ class PushPolicy:
         if state is None:
             state = self._users[prefs.user_id] = _UserPushState()
         out = self._decide(state, prefs, recs, now, variant, title)
+        share = self.config.control_share
+        if share and any(d.message is not None for d in out) and in_control_group(prefs.user_id, share):
+            # a ghost push: decided by every rule, counted by the caps and repeats as sent (so that the control
+            # group enters its cohorts exactly where it would have been pushed), never sent
+            out = [PushDecision(d.channel, "control_group", now, None, False, d.message) if d.message is not None
+                   else d for d in out]
         last = state.last_rules or _NO_RULES
         if len(out) == 1 and out[0].channel is None:  # most decisions: one rule for every channel
             rule = out[0].rule

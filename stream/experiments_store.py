@@ -10,12 +10,25 @@ Layout (``RedisKeys.experiment``)::
 ``count`` is one of :data:`infogap.models.experiments.COUNT_FIELDS` (sent, impressions, opens, clicks,
 conversions, revenue, revenue_sq, cost): additive sums only; rates, ROI and intervals are derived
 when read (:func:`infogap.models.experiments.summarize`), so every reader computes them the same way.
+And ``users``: a 64-bit bitmap of the users behind the segment's counts (decimal; readers combine shards with
+OR, not +), by which a report shows a cell only once ``min_users`` distinct users stand behind it
+(:mod:`infogap.models.privacy`).
 
 Values are written with HSET, never HINCRBY: a batch replayed after a crash rewrites the same
 absolute values instead of counting twice. The shard (a partition of ``events``, see
 ``MetricsConfig.shards``) gives every field a single writer when several workers share the topic;
 readers sum over shards. Campaign, channel and variant are escaped (``%``, ``:`` and ``|`` as
 ``%25``, ``%3A``, ``%7C``), so no value is misread however it is spelt.
+
+Cohort figures of the control group (:mod:`infogap.models.retention`) go beside them, one hash per experiment
+(``RedisKeys.retention``)::
+
+    ig:ret:{experiment}               a hash; one field per shard, campaign, channel, variant, arm and count:
+        "{shard}|{campaign}|{channel}|{variant}|{arm}|{count}" -> number
+    e.g. HGETALL ig:ret:ranker-v2  ->  0|recs|email|B|treated|entered 950, 0|recs|email|B|control|entered 48, ...
+
+``count`` is one of :data:`infogap.models.retention.RETENTION_FIELDS`, written the same way (HSET of absolute
+values, one writer per shard); a cohort whose records all left (erased, past the horizon) is written as zeros.
 
 Only known segments reach the store: :func:`metrics_config` gives the worker's metrics the push
 campaign, ``INFOGAP_EXPERIMENT_CAMPAIGNS`` and the experiment's variants, and at most
@@ -29,6 +42,7 @@ from dataclasses import replace
 from infogap.models.experiments import (COUNT_FIELDS, NO_VARIANT, Counts, Experiment, MetricsConfig, Segment,
                                 validate_overrides)
 from infogap.models.push_policy import PushConfig
+from infogap.models.retention import ARMS, RETENTION_FIELDS, Cohort, CohortCounts, RetentionConfig
 from infogap.stream.settings import TOPIC_PARTITIONS, Settings
 
 _SEP = "|"
@@ -80,6 +94,53 @@ def parse_fields(variant: str, raw: Mapping) -> dict[Segment, Counts]:
             continue
         grouped.setdefault(Segment(int(shard), unescape(campaign), unescape(channel), variant), {})[tail] = v
     return {seg: Counts.from_dict(d) for seg, d in grouped.items()}
+
+
+def cohort_field(cohort: Cohort, count: str) -> str:
+    """The hash field of one count of one cohort (the experiment is in the key).
+
+    >>> cohort_field(Cohort(2, "recs", "e|mail", "B", "control"), "entered")
+    '2|recs|e%7Cmail|B|control|entered'
+    """
+    return _SEP.join((str(cohort.shard), escape(cohort.campaign), escape(cohort.channel), escape(cohort.variant),
+                      cohort.arm, count))
+
+
+def parse_cohort_fields(raw: Mapping) -> dict[Cohort, CohortCounts]:
+    """A retention hash as HGETALL returns it (bytes or str) -> counts per cohort; unknown fields ignored.
+
+    >>> got = parse_cohort_fields({b"0|recs|email|B|treated|entered": b"3", b"0|recs|email|B|treated|revenue": b"2.5",
+    ...                            "0|recs|email|B|nope|entered": "1", "junk": "1"})
+    >>> [(k.arm, c.entered, c.revenue) for k, c in got.items()]
+    [('treated', 3, 2.5)]
+    """
+    grouped: dict[Cohort, dict[str, str]] = {}
+    for f, v in raw.items():
+        f = f.decode() if isinstance(f, bytes) else f
+        v = v.decode() if isinstance(v, bytes) else v
+        parts = f.split(_SEP)
+        if len(parts) != 6 or not parts[0].isdigit() or parts[4] not in ARMS or parts[5] not in RETENTION_FIELDS:
+            continue
+        cohort = Cohort(int(parts[0]), unescape(parts[1]), unescape(parts[2]), unescape(parts[3]), parts[4])
+        grouped.setdefault(cohort, {})[parts[5]] = v
+    return {k: CohortCounts.from_dict(d) for k, d in grouped.items()}
+
+
+def retention_config(settings: Settings, shard: int = 0) -> RetentionConfig:
+    """The cohorts' settings (``retention_*``, and the cost per message of the experiments) for one shard.
+
+    >>> from types import SimpleNamespace
+    >>> cfg = retention_config(SimpleNamespace(retention_horizon_s=864000.0, retention_max_records=10), shard=3)
+    >>> cfg.horizon_s, cfg.max_records, cfg.shard, cfg.cost_per_message["email"]
+    (864000.0, 10, 3, 0.001)
+    """
+    values: dict = {"shard": shard}
+    for name, attr in (("horizon_s", "retention_horizon_s"), ("max_records", "retention_max_records"),
+                       ("cost_per_message", "experiment_cost_per_message")):
+        v = getattr(settings, attr, None)
+        if v is not None:
+            values[name] = dict(v) if name == "cost_per_message" else v
+    return replace(RetentionConfig(), **values)
 
 
 def experiment_from_settings(settings: Settings) -> Experiment | None:

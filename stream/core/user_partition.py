@@ -3,7 +3,8 @@
 A user's events all arrive on one partition (the key is ``user_id``), so everything about a user
 belongs to that partition: their model state (exported from the engine with
 :func:`infogap.models.user_state.export_users` at checkpoint time), the event ids seen (dedupe), the push
-history (caps, repeats), the experiment attribution and the partition's lateness watermark. Each
+history (caps, repeats), the experiment attribution, the control group's cohort records and the partition's
+lateness watermark. Each
 partition's state is one snapshot record with the offset it covers; a worker that is assigned the
 partition (after a restart, or from another worker) imports it and resumes from that offset.
 
@@ -20,8 +21,9 @@ from dataclasses import dataclass, field
 from infogap.models.dedupe import Deduplicator
 from infogap.models.experiments import ExperimentMetrics
 from infogap.models.push_policy import PushConfig, PushPolicy
+from infogap.models.retention import Cohorts
 from infogap.models.state_fields import StateError, check, encode_float
-from infogap.stream.experiments_store import metrics_config
+from infogap.stream.experiments_store import metrics_config, retention_config
 from infogap.stream.settings import Settings
 
 
@@ -33,6 +35,8 @@ class UserPartition:
     experiments: ExperimentMetrics
     users: set[str] = field(default_factory=set)
     watermark: float = float("-inf")
+    #: the control group's cohort records (:mod:`infogap.models.retention`); kept whatever the eviction of users
+    retention: Cohorts = field(default_factory=Cohorts)
 
     def touch(self, user_id: str) -> None:
         """A user of this partition learned something: their state belongs to the next snapshot."""
@@ -41,17 +45,19 @@ class UserPartition:
     @classmethod
     def new(cls, partition: int, settings: Settings, push: PushConfig) -> UserPartition:
         return cls(partition, Deduplicator(settings.dedupe_window_s, settings.dedupe_max_ids), PushPolicy(push),
-                   ExperimentMetrics(metrics_config(settings, shard=partition)))
+                   ExperimentMetrics(metrics_config(settings, shard=partition)),
+                   retention=Cohorts(retention_config(settings, shard=partition)))
 
     def to_state(self) -> dict:
-        """The partition's dedupe window, push history, experiment attribution, users and watermark as a
-        plain tree (:mod:`infogap.models.state_fields`); the model state of its users goes beside it."""
+        """The partition's dedupe window, push history, experiment attribution, cohort records, users and watermark
+        as a plain tree (:mod:`infogap.models.state_fields`); the model state of its users goes beside it."""
         return {"dedupe": self.dedupe.to_state(), "push": self.push.to_state(),
-                "experiments": self.experiments.to_state(), "users": sorted(self.users),
-                "watermark": encode_float(self.watermark)}
+                "experiments": self.experiments.to_state(), "retention": self.retention.to_state(),
+                "users": sorted(self.users), "watermark": encode_float(self.watermark)}
 
     def restore_state(self, state, arrays=(), where: str = "user partition") -> None:
-        """Take :meth:`to_state`'s tree into this partition (made from the current settings)."""
+        """Take :meth:`to_state`'s tree into this partition (made from the current settings). A snapshot written
+        before the cohorts existed has no ``retention``: they start empty."""
         f = check(state, {"dedupe": dict, "push": dict, "experiments": dict, "users": list, "watermark": float},
                   where, arrays)
         if not all(type(u) is str for u in f["users"]):
@@ -59,12 +65,21 @@ class UserPartition:
         self.dedupe.restore_state(f["dedupe"], arrays, f"{where}: dedupe")
         self.push.restore_state(f["push"], f"{where}: push")
         self.experiments.restore_state(f["experiments"], arrays, f"{where}: experiments")
+        if isinstance(state, dict) and "retention" in state:
+            self.retention.restore_state(state["retention"], arrays, f"{where}: retention")
         self.users, self.watermark = set(f["users"]), f["watermark"]
+
+    def __setstate__(self, state: dict) -> None:
+        """A partition pickled before the cohorts existed (read by ``infogap state migrate`` only) has none."""
+        self.__dict__.update(state)
+        if "retention" not in state:
+            self.retention = Cohorts()
 
     def forget_user(self, user_id: str) -> None:
         self.users.discard(user_id)
         self.push.forget_user(user_id)
         self.experiments.forget_user(user_id)
+        self.retention.forget_user(user_id)
 
     #: eviction bookkeeping, not state (a restored partition starts them afresh): the event time of the last
     #: sweep for idle users and the events since
@@ -79,7 +94,8 @@ class UserPartition:
         after ``user_evict_every_s`` of event time and as many events as it holds users: amortised O(1)
         per event.
 
-        Experiment attribution needs nothing here (it keeps users only within its own windows)."""
+        Experiment attribution and the cohorts need nothing here (they keep users only within their own windows:
+        a cohort record stays whether its user is evicted or not)."""
         cap, idle_s = settings.max_users_per_partition, settings.user_idle_evict_s
         self._since_sweep += n_events
         n = len(self.users)

@@ -13,6 +13,7 @@ from hypothesis import given, settings as hsettings, strategies as st
 from infogap.models.events import Event
 from infogap.models.experiments import (NO_VARIANT, Counts, Experiment, ExperimentMetrics, Figures, MetricsConfig, Segment,
                                 kafka_partition, mean_interval, summarize, unit_hash, wilson)
+from infogap.models.privacy import user_mask
 
 Z = 1.959963984540054
 
@@ -86,13 +87,13 @@ def test_counts_and_figures_equal_hand_computation():
     # conversions: m1 (last touch, once) + the context-only purchase of u2 = 2; revenue 30 + 20 + 15 = 65;
     # revenue per message unit: m1 50, context-only 15 -> revenue_sq = 50^2 + 15^2 = 2725.
     assert a_email == Counts(sent=2, impressions=2, opens=1, clicks=1, conversions=2, revenue=65.0,
-                             revenue_sq=2725.0, cost=1.0)
+                             revenue_sq=2725.0, cost=1.0, users=user_mask("u1") | user_mask("u2"))
     # B/email: sent m3, m5; impressions 2; open m3; u3's purchase fell outside the window.
     assert b_email == Counts(sent=2, impressions=2, opens=1, clicks=0, conversions=0, revenue=0.0,
-                             revenue_sq=0.0, cost=1.0)
+                             revenue_sq=0.0, cost=1.0, users=user_mask("u3") | user_mask("u5"))
     # B/app: sent m4 (cost 0.1), impression, click, purchase 10 by message id.
     assert b_app == Counts(sent=1, impressions=1, opens=0, clicks=1, conversions=1, revenue=10.0,
-                           revenue_sq=100.0, cost=0.1)
+                           revenue_sq=100.0, cost=0.1, users=user_mask("u4"))  # (users: the bitmap of who stands behind)
     assert m.unattributed == 1  # event 20
 
     f = Figures.from_counts(a_email)
