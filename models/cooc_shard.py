@@ -13,7 +13,11 @@ then knows the popularity of every item, which cosine and lift need for neighbou
 
 Every update carries ``seq``, its event's position in its source (the stream sets it to the Kafka
 offset of the event in its ``events`` partition): a shard skips what it already applied, so a
-user stage replaying after a crash does not count pairs twice.
+user stage replaying after a crash does not count pairs twice. It also carries its user's bit
+(:func:`infogap.models.privacy.user_bit`, one byte on the wire), which the shard ORs into the slot's user
+bitmap: a slot is published and exported to the user stages only once ``min_users`` distinct users made it
+(the privacy floor). A record written before the bits (format 1) reads with no user bit on any update: it
+adds no user, so it never brings a pair over the floor (conservative).
 
 >>> import numpy as np
 >>> d = PairDeltas(items=["tea", "cup"], row=np.array([0, 1]), nb=np.array([1, 0]),
@@ -39,6 +43,7 @@ import orjson
 
 from infogap.models.cooccurrence import _SHIFT, DOOR_PERIOD, CoOccurrence
 from infogap.models.model_state import RENORM_EXPONENT
+from infogap.models.privacy import BITS, NO_USER, mask_of
 from infogap.models.ranker import Neighbour
 from infogap.models.state_fields import StateError, check, encode_float
 
@@ -75,8 +80,9 @@ class PairDeltas:
     """Slot updates and item occurrences, unscaled, with ids (index into ``items``), in event order.
 
     Slot update j: row item ``items[row[j]]``, neighbour ``items[nb[j]]`` gains ``d[j]``
-    (w_dir, w_sym, n_pair, count) at time ``ts[j]``. Occurrence k: item ``items[occ[k]]`` was
-    seen at ``occ_ts[k]`` and its event made ``occ_pairs[k]`` pairs.
+    (w_dir, w_sym, n_pair, count) at time ``ts[j]``, made by the user of bit ``ubit[j]`` (0..63;
+    :data:`~infogap.models.privacy.NO_USER` when unknown: a record from before the bits). Occurrence k: item
+    ``items[occ[k]]`` was seen at ``occ_ts[k]`` and its event made ``occ_pairs[k]`` pairs.
     """
 
     items: list[str]
@@ -89,6 +95,11 @@ class PairDeltas:
     occ_ts: np.ndarray
     occ_pairs: np.ndarray
     occ_seq: np.ndarray
+    ubit: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.ubit is None:
+            self.ubit = np.full(self.row.size, NO_USER, np.uint8)
 
     def __len__(self) -> int:
         return int(self.row.size)
@@ -101,7 +112,7 @@ class PairDeltas:
         for p in range(n_parts):
             k = np.flatnonzero(dest == p)
             out.append(PairDeltas(self.items, self.row[k], self.nb[k], self.d[k], self.ts[k], self.seq[k],
-                                  self.occ, self.occ_ts, self.occ_pairs, self.occ_seq))
+                                  self.occ, self.occ_ts, self.occ_pairs, self.occ_seq, self.ubit[k]))
         return out
 
     def pieces(self, max_updates: int) -> list[PairDeltas]:
@@ -120,13 +131,13 @@ class PairDeltas:
             k = np.flatnonzero((self.seq >= a) & (self.seq < b))
             o = np.flatnonzero((self.occ_seq >= a) & (self.occ_seq < b))
             out.append(PairDeltas(self.items, self.row[k], self.nb[k], self.d[k], self.ts[k], self.seq[k],
-                                  self.occ[o], self.occ_ts[o], self.occ_pairs[o], self.occ_seq[o]))
+                                  self.occ[o], self.occ_ts[o], self.occ_pairs[o], self.occ_seq[o], self.ubit[k]))
         return out
 
     def with_seq(self, seq_of: np.ndarray, base: int = 0) -> PairDeltas:
         """A copy whose ``seq`` numbers are mapped through ``seq_of[seq - base]`` (e.g. to Kafka offsets)."""
         return PairDeltas(self.items, self.row, self.nb, self.d, self.ts, seq_of[self.seq - base], self.occ,
-                          self.occ_ts, self.occ_pairs, seq_of[self.occ_seq - base])
+                          self.occ_ts, self.occ_pairs, seq_of[self.occ_seq - base], self.ubit)
 
     def to_bytes(self) -> bytes:
         """A compact binary form: a JSON header (ids, sizes, layout), then the arrays' raw bytes.
@@ -134,7 +145,7 @@ class PairDeltas:
         An update's time and sequence number are its event's, which the occurrences hold: each update
         carries the index of its event's occurrence instead (4 bytes, not 16). ``n_pair`` and
         ``count`` are left out when every update has 1 for both (as learning from events gives).
-        About 28 bytes an update instead of 56.
+        About 29 bytes an update instead of 56: the last is the update's user bit (format 2, ``"v": 2``).
         """
         at = self._event_index()
         by_event = at is not None
@@ -144,8 +155,9 @@ class PairDeltas:
                                          np.ascontiguousarray(self.seq, np.int64)]
         arrays += [np.ascontiguousarray(self.occ, np.int32), np.ascontiguousarray(self.occ_ts, np.float64),
                    np.ascontiguousarray(self.occ_pairs, np.float64), np.ascontiguousarray(self.occ_seq, np.int64),
-                   np.ascontiguousarray(self.d[:, :2] if ones else self.d, np.float64)]
-        head = orjson.dumps({"items": self.items, "n": int(self.row.size), "n_occ": int(self.occ.size),
+                   np.ascontiguousarray(self.d[:, :2] if ones else self.d, np.float64),
+                   np.ascontiguousarray(self.ubit, np.uint8)]
+        head = orjson.dumps({"v": 2, "items": self.items, "n": int(self.row.size), "n_occ": int(self.occ.size),
                              "by_event": by_event, "ones": ones})
         return len(head).to_bytes(4, "big") + head + b"".join(a.tobytes() for a in arrays)
 
@@ -162,7 +174,8 @@ class PairDeltas:
     @classmethod
     def from_bytes(cls, raw: bytes) -> PairDeltas:
         """Read :meth:`to_bytes`'s form back, checked: ``ValueError`` unless every index points inside its
-        table and every number is finite (a shard indexes its arrays with them).
+        table and every number is finite (a shard indexes its arrays with them). The forms written before the
+        user bits (the full layout, and the compact one without ``"v": 2``) read with no user bit on any update.
 
         >>> d = _example(); d.row = np.array([7, 1])  # row 7 of two items
         >>> try:
@@ -184,14 +197,16 @@ class PairDeltas:
                 pos += size * np.dtype(dt).itemsize
             arrays["d"] = arrays["d"].reshape(-1, 4)
             return cls(items=head["items"], **arrays)._checked()
-        k, m = head["n"], head["n_occ"]
+        k, m, version = head["n"], head["n_occ"], head.get("v", 1)
         if not (type(k) is int and type(m) is int and 0 <= k and 0 <= m and isinstance(head.get("by_event"), bool)
-                and isinstance(head.get("ones"), bool)):
+                and isinstance(head.get("ones"), bool) and version in (1, 2)):
             raise ValueError("cooc record: bad sizes in its header")
         layout = [("row", np.int32, k), ("nb", np.int32, k)]
         layout += [("at", np.int32, k)] if head["by_event"] else [("ts", np.float64, k), ("seq", np.int64, k)]
         layout += [("occ", np.int32, m), ("occ_ts", np.float64, m), ("occ_pairs", np.float64, m),
                    ("occ_seq", np.int64, m), ("d", np.float64, k * (2 if head["ones"] else 4))]
+        if version >= 2:
+            layout.append(("ubit", np.uint8, k))
         a = {}
         for name, dt, size in layout:
             a[name] = np.frombuffer(raw, dt, size, pos)
@@ -216,6 +231,8 @@ class PairDeltas:
                 raise ValueError(f"cooc record: an index out of range (0..{n - 1} items)")
         if not all(np.isfinite(x).all() for x in (self.d, self.ts, self.occ_ts, self.occ_pairs)):
             raise ValueError("cooc record: a weight or time that is not a finite number")
+        if self.ubit.size != self.row.size or (self.ubit.size and np.any((self.ubit >= BITS) & (self.ubit != NO_USER))):
+            raise ValueError("cooc record: a user bit out of range")
         if (self.seq.size and self.seq.min() < 0) or (self.occ_seq.size and self.occ_seq.min() < 0):
             raise ValueError("cooc record: a negative sequence number")
         return self
@@ -224,15 +241,16 @@ class PairDeltas:
 class CoOccurrenceShard:
     """The co-occurrence rows of the items one stream partition owns, learned from :class:`PairDeltas`.
 
-    Parameters are those of :class:`~infogap.models.cooccurrence.CoOccurrence`. ``sources`` holds, per
-    source, the highest ``seq`` applied (updates at or below it are skipped).
+    Parameters are those of :class:`~infogap.models.cooccurrence.CoOccurrence` (``min_users``: the privacy
+    floor of what :meth:`similar` publishes and :meth:`export_row` exports). ``sources`` holds, per source, the
+    highest ``seq`` applied (updates at or below it are skipped).
     """
 
     def __init__(self, n_neighbours: int = 400, half_life_days: float | None = 200.0, evict_fraction: float = 0.5,
-                 pop_exponent: float = 0.2, door_bits: int = 22, evict_sym_weight: float = 0.5):
+                 pop_exponent: float = 0.2, door_bits: int = 22, evict_sym_weight: float = 0.5, min_users: int = 1):
         self.co = CoOccurrence(n_neighbours=n_neighbours, half_life_days=half_life_days,
                                evict_fraction=evict_fraction, pop_exponent=pop_exponent, door_bits=door_bits,
-                               evict_sym_weight=evict_sym_weight)
+                               evict_sym_weight=evict_sym_weight, min_users=min_users)
         self._rows: dict[str, int] = {}
         self._ids: list[str] = []
         self.sources: dict[int, int] = {}
@@ -245,7 +263,7 @@ class CoOccurrenceShard:
         """A shard with an :class:`~infogap.models.engine.EngineConfig`'s co-occurrence settings."""
         return cls(n_neighbours=config.n_neighbours, half_life_days=config.cooc_half_life_days,
                    evict_fraction=config.evict_fraction, pop_exponent=config.pop_exponent,
-                   door_bits=config.door_bits, evict_sym_weight=config.sym_weight)
+                   door_bits=config.door_bits, evict_sym_weight=config.sym_weight, min_users=config.min_users)
 
     def to_state(self) -> dict:
         """The shard as a plain tree for a snapshot (:mod:`infogap.models.state_fields`)."""
@@ -316,12 +334,17 @@ class CoOccurrenceShard:
             d[:, :3] *= np.exp(co.lam * (deltas.ts[new] - self.t0))[:, None]
             codes = (rows[deltas.row[new]] << _SHIFT) | rows[deltas.nb[new]]
             pair_total = co.pair_total
-            co.update(codes, d)
+            co.update(codes, d, mask_of(deltas.ubit[new]))
             co.pair_total = pair_total  # counted once per pair from the occurrences, not per owned slot
         self.sources[source] = max(done, int(deltas.seq.max(initial=-1)), int(deltas.occ_seq.max(initial=-1)))
 
     def _decay(self) -> float:
         return 1.0 if self.t0 is None else math.exp(-self.co.lam * (self.now - self.t0))
+
+    def set_floor(self, min_users: int) -> None:
+        """Publish and export from now on only what ``min_users`` distinct users made (a configuration read after a
+        restore: :meth:`infogap.models.cooccurrence.CoOccurrence.set_floor`)."""
+        self.co.set_floor(min_users)
 
     def owned(self) -> list[str]:
         """Ids of the items that have a non-empty row here."""
@@ -355,12 +378,14 @@ class CoOccurrenceShard:
         Decayed values are as of ``t`` (the newest event time applied), not of a reference time.
         ``numbers`` are the neighbours' rows in this shard: they only grow, so a reader can translate
         them once (:meth:`infogap.models.catalog.Catalog.translated`) instead of looking every id up again.
+        Only the neighbours at the privacy floor are exported (those below it cast no votes here either, and
+        ``ig:nbrow`` is in Redis: a pair one user made never leaves the item stage).
         """
         r = self._rows.get(item_id)
         if r is None:
             return None
         co = self.co
-        nb, w_dir, w_sym, n_pair, count = co.neighbours(r)
+        nb, w_dir, w_sym, n_pair, count = co.neighbours(r, floor=True)
         decay = self._decay()
         values = np.vstack([w_dir * decay, w_sym * decay, n_pair * decay, count])
         row = {"item_id": item_id, "t": self.now, "pop": float(co.pop[r]) * decay,

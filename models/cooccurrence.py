@@ -37,6 +37,14 @@ fixed-size bit array), so one-off pairs do not push real neighbours out. A compi
 the updates one by one in event order, so a batch gives exactly the state of the same events one at
 a time.
 
+**Privacy floor.** Each slot also keeps a 64-bit user bitmap (``users``): every update ORs in its user's bit
+(:mod:`infogap.models.privacy`). A slot whose bitmap shows fewer than ``min_users`` users keeps its weights
+and counts but no votes: its ``sq`` (what the ranker sums) stays 0 until the ``min_users``-th user, and
+:meth:`CoOccurrence.published` leaves it out. Eviction still ranks such a slot by its weights, so the
+floor changes what is published and voted, never what is learned. Once at the floor (``sq`` positive: a live
+slot's symmetric weight always is), a slot's bitmap is left as it is: the update reads no bitmap then (one
+cache miss fewer for most updates, those of frequent pairs), and the bitmap still shows ``min_users`` users.
+
 >>> co = CoOccurrence(n_neighbours=4, door_bits=0, capacity=4)
 >>> co.ensure(3)
 >>> co.update([code(0, 1), code(1, 0)], np.array([[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0]]))  # 0 then 1
@@ -52,6 +60,7 @@ import numpy as np
 from numba import njit
 
 from infogap.models.slot_table import COUNT as LIVE_KEYS
+from infogap.models.privacy import ALL_USERS, at_floor, floor_mask, mask_of
 from infogap.models.slot_table import GOLDEN, SlotTable, delete, find, home_slot, insert
 from infogap.models.state_fields import Array, StateError, array, put, take
 
@@ -69,13 +78,14 @@ _NEED_BLOCK, _NEED_ROOM = 1, 2
 
 class SlotArrays(NamedTuple):
     """What the compiled slot update (``_update``) takes of a :class:`CoOccurrence`, in its order: the rows
-    (``block`` per item, ``nb``/``vals``/``sq`` per slot, ``fill``/``free_pos``/``n_free`` per block), the
-    slot index (``table``, ``meta``), the admission door and the eviction settings."""
+    (``block`` per item, ``nb``/``vals``/``sq``/``users`` per slot, ``fill``/``free_pos``/``n_free`` per block), the
+    slot index (``table``, ``meta``), the admission door, the eviction settings and the privacy floor."""
 
     block: np.ndarray
     nb: np.ndarray
     vals: np.ndarray
     sq: np.ndarray
+    users: np.ndarray
     fill: np.ndarray
     free_pos: np.ndarray
     n_free: np.ndarray
@@ -85,6 +95,7 @@ class SlotArrays(NamedTuple):
     door_bits: int
     n_evict: int
     evict_sym_weight: float
+    min_users: int
 
 
 def code(row: int, col: int) -> int:
@@ -114,6 +125,9 @@ class CoOccurrence:
         once; keeping them out of the rows avoids evicting real neighbours for noise.
     capacity
         Initial number of item rows (grown with :meth:`ensure`).
+    min_users
+        The privacy floor: a slot votes and is published only once this many distinct users (by their bits,
+        :mod:`infogap.models.privacy`) made it; 1 is no floor.
 
     Examples
     --------
@@ -128,7 +142,7 @@ class CoOccurrence:
 
     def __init__(self, n_neighbours: int = 100, half_life_days: float | None = 60.0,
                  evict_fraction: float = 0.25, pop_exponent: float = 0.2, door_bits: int = 22,
-                 evict_sym_weight: float = 0.5, capacity: int = 1024, indexed: bool = True):
+                 evict_sym_weight: float = 0.5, capacity: int = 1024, indexed: bool = True, min_users: int = 1):
         if n_neighbours < 2:
             raise ValueError(f"n_neighbours must be >= 2, got {n_neighbours}")
         if not 0.0 < evict_fraction < 1.0:
@@ -140,6 +154,7 @@ class CoOccurrence:
         self.door_bits = door_bits
         self.evict_sym_weight = evict_sym_weight
         self.capacity = capacity
+        self.min_users = int(min_users)
         self._door = np.zeros(1 << door_bits if door_bits else 0, bool)
         self.lam = 0.0 if not half_life_days else math.log(2.0) / (half_life_days * 86400.0)
         m = n_neighbours
@@ -149,7 +164,8 @@ class CoOccurrence:
         blocks = 1 + min(cap, 256)
         self.nb = np.full((blocks, m), -1, np.int32)
         self.vals = np.zeros((4, blocks * m))
-        self.sq = np.zeros((2, blocks * m))  # sqrt of the two scoring weights, kept for the ranker
+        self.sq = np.zeros((2, blocks * m))  # sqrt of the two scoring weights, kept for the ranker (0 below the floor)
+        self.users = np.zeros(blocks * m, np.uint64)  # per slot: the bits of the users who made it
         self.fill = np.zeros(blocks, np.int64)  # high-water mark of each block
         self._n_evict = min(m - 1, max(1, int(round(m * evict_fraction))))
         #: per block: the positions its last eviction freed, taken from the end (lowest first)
@@ -195,6 +211,9 @@ class CoOccurrence:
         if "raw_pop" not in state:  # from before raw counts: its slots' counts have no raw totals to go with
             state["raw_pop"] = np.zeros(len(state["pop"]))
             state["raw_total"], state["raw_pair_total"] = 0.0, math.nan
+        if "users" not in state:  # from before the privacy floor: no user known (its weights kept, no floor yet)
+            state["users"] = np.zeros(state["sq"].shape[1], np.uint64)
+            state["min_users"] = 1
         self.__dict__.update(state)
 
     #: what a snapshot holds (:mod:`infogap.models.state_fields`); the slot index goes apart, as its two arrays
@@ -202,7 +221,8 @@ class CoOccurrence:
              "pop_exponent": float, "door_bits": int, "evict_sym_weight": float, "capacity": int,
              "_door": Array(np.dtype(bool), 1), "lam": float, "block": Array(np.dtype(np.int32), 1),
              "nb": Array(np.dtype(np.int32), 2), "vals": Array(np.dtype(np.float64), 2),
-             "sq": Array(np.dtype(np.float64), 2), "fill": Array(np.dtype(np.int64), 1), "_n_evict": int,
+             "sq": Array(np.dtype(np.float64), 2), "users": Array(np.dtype(np.uint64), 1), "min_users": int,
+             "fill": Array(np.dtype(np.int64), 1), "_n_evict": int,
              "free_pos": Array(np.dtype(np.int32), 2), "n_free": Array(np.dtype(np.int64), 1), "_n_blocks": int,
              "_spare": list, "pop": Array(np.dtype(np.float64), 1), "ipop": Array(np.dtype(np.float64), 1),
              "total": float, "pair_total": float, "raw_pop": Array(np.dtype(np.float64), 1), "raw_total": float,
@@ -225,8 +245,16 @@ class CoOccurrence:
         >>> back = CoOccurrence.from_state(co.to_state())
         >>> back.neighbours(0)[0].tolist() == co.neighbours(0)[0].tolist(), len(back._index)
         (True, 1)
+
+        A state from before the privacy floor (no ``users``) is read with empty bitmaps and no floor: the
+        owner then sets its floor (:meth:`set_floor`), and its slots vote again only once they have that many
+        users seen since (conservative).
         """
-        co = put(cls.__new__(cls), state, cls.STATE, where, arrays)
+        old = isinstance(state, dict) and "users" not in state and "min_users" not in state
+        schema = {k: v for k, v in cls.STATE.items() if k not in ("users", "min_users")} if old else cls.STATE
+        co = put(cls.__new__(cls), state, schema, where, arrays)
+        if old:
+            co.users, co.min_users = np.zeros(co.sq.shape[1] if co.sq.ndim == 2 else 0, np.uint64), 1
         index = state.get("index")
         if index is None:
             co._index = None
@@ -236,6 +264,7 @@ class CoOccurrence:
             co._index = SlotTable.from_arrays(array(index[0], arrays), array(index[1], arrays), where)
         m, blocks, cap = co.n_neighbours, co.nb.shape[0], co.block.shape[0]
         shapes_ok = (co.nb.shape[1] == m and co.vals.shape == (4, blocks * m) and co.sq.shape == (2, blocks * m)
+                     and co.users.shape == (blocks * m,) and co.min_users >= 1
                      and co.fill.shape == co.n_free.shape == (blocks,) and co.free_pos.shape == (blocks, co._n_evict)
                      and all(a.shape == (cap,) for a in (co.pop, co.ipop, co.raw_pop, co.pop_at))
                      and 0 <= co.door_bits <= 30 and co._door.shape == ((1 << co.door_bits if co.door_bits else 0),)
@@ -301,9 +330,11 @@ class CoOccurrence:
         vals[:, :cap * m] = self.vals
         sq = np.zeros((2, new * m))
         sq[:, :cap * m] = self.sq
+        users = np.zeros(new * m, np.uint64)
+        users[:cap * m] = self.users
         free_pos = np.zeros((new, self._n_evict), np.int32)
         free_pos[:cap] = self.free_pos
-        self.nb, self.vals, self.sq, self.free_pos = nb, vals, sq, free_pos
+        self.nb, self.vals, self.sq, self.users, self.free_pos = nb, vals, sq, users, free_pos
         self.fill = np.r_[self.fill, np.zeros(new - cap, np.int64)]
         self.n_free = np.r_[self.n_free, np.zeros(new - cap, np.int64)]
 
@@ -315,6 +346,24 @@ class CoOccurrence:
         self.ipop *= factor ** -self.pop_exponent
         self.total *= factor
         self.pair_total *= factor
+
+    def set_floor(self, min_users: int) -> None:
+        """Take the privacy floor ``min_users`` (1: none): every slot's votes (``sq``) follow it from now on.
+
+        >>> co = CoOccurrence(n_neighbours=4, door_bits=0); co.ensure(2)
+        >>> co.update([code(0, 1)], np.ones((1, 4)), np.array([1], np.uint64))  # one user's pair
+        >>> co.sq[:, co.block[0] * 4].tolist(), co.published(0, 1)[0].tolist()
+        ([1.0, 1.0], [1])
+        >>> co.set_floor(2); co.sq[:, co.block[0] * 4].tolist(), co.published(0, 1)[0].tolist()
+        ([0.0, 0.0], [])
+        """
+        min_users = max(int(min_users), 1)
+        if min_users == self.min_users:
+            return
+        self.min_users = min_users
+        mature = (self.nb.ravel() >= 0) & floor_mask(self.users, min_users)
+        self.sq[0] = np.where(mature, np.sqrt(self.vals[W_DIR]), 0.0)
+        self.sq[1] = np.where(mature, np.sqrt(self.vals[W_SYM]), 0.0)
 
     @property
     def n_slots(self) -> int:
@@ -328,8 +377,9 @@ class CoOccurrence:
                                         self.raw_pop, float(self.total), -float(self.pop_exponent))
         self.raw_total += len(rows)
 
-    def update(self, codes, deltas: np.ndarray) -> None:
-        """Apply slot updates in order: slot ``codes[j]`` gains ``deltas[j]`` (w_dir, w_sym, n_pair, count).
+    def update(self, codes, deltas: np.ndarray, users: np.ndarray | None = None) -> None:
+        """Apply slot updates in order: slot ``codes[j]`` gains ``deltas[j]`` (w_dir, w_sym, n_pair, count) and
+        its bitmap the user bits ``users[j]`` (uint64 masks, :func:`infogap.models.privacy.mask_of`; None: no user).
 
         New neighbours take a free slot (after the admission door, when on); a row that is full when
         a new neighbour arrives first evicts its weakest slots. One compiled pass applies the updates
@@ -341,7 +391,8 @@ class CoOccurrence:
         self.slot_arrays()  # (refuses a read-side copy)
         codes = np.asarray(codes, np.int64)
         deltas = np.ascontiguousarray(deltas, np.float64)
-        self.finish_update(codes, deltas, 0, self.pair_total, 0)
+        users = np.zeros(u, np.uint64) if users is None else np.ascontiguousarray(users, np.uint64)
+        self.finish_update(codes, deltas, users, 0, self.pair_total, 0)
 
     def slot_arrays(self) -> SlotArrays:
         """The rows and their index as the compiled slot update takes them (``RuntimeError`` for a read-side
@@ -354,19 +405,22 @@ class CoOccurrence:
         index = self._index
         if index is None:
             raise RuntimeError("a read-side copy (indexed=False) takes rows with set_row; it does not learn pairs")
-        return _new(SlotArrays, (self.block, self.nb, self.vals, self.sq, self.fill, self.free_pos, self.n_free,
-                                 index.table, index.meta, self._door, self.door_bits, self._n_evict, self.evict_sym_weight))
+        return _new(SlotArrays, (self.block, self.nb, self.vals, self.sq, self.users, self.fill, self.free_pos,
+                                 self.n_free, index.table, index.meta, self._door, self.door_bits, self._n_evict,
+                                 self.evict_sym_weight, self.min_users))
 
-    def finish_update(self, codes: np.ndarray, deltas: np.ndarray, k: int, pt: float, need: int) -> None:
-        """Go on with slot updates from ``k`` (``pt``: the pair total so far) after what stopped the compiled
-        update (``need``: a block for a row, room in the index; 0 when nothing did), to the end."""
+    def finish_update(self, codes: np.ndarray, deltas: np.ndarray, users: np.ndarray, k: int, pt: float,
+                      need: int) -> None:
+        """Go on with slot updates from ``k`` (``pt``: the pair total so far; ``users``: each update's user bit
+        mask) after what stopped the compiled update (``need``: a block for a row, room in the index; 0 when
+        nothing did), to the end."""
         index = self._index
         while k < codes.size:
             if need == _NEED_BLOCK:  # the row's first neighbour: take its block, go on
                 self._block_for(int(codes[k] >> _SHIFT))
             elif need == _NEED_ROOM:  # the index is half full: double it (at the same points whatever the batching)
                 index.reserve(1)
-            k, pt, need = _update(codes, deltas, k, pt, *self.slot_arrays())
+            k, pt, need = _update(codes, deltas, users, k, pt, *self.slot_arrays())
         self.pair_total = pt
 
     def reset_door(self) -> None:
@@ -385,7 +439,9 @@ class CoOccurrence:
         decaying ones) times ``factor`` into reference-time units.
 
         For a read-side copy of rows learned elsewhere (a sharded item stage): the row's slots are
-        exactly these, in this order.
+        exactly these, in this order. A shard exports only the slots at its privacy floor
+        (:meth:`infogap.models.cooc_shard.CoOccurrenceShard.export_row`), so these are taken as at the floor
+        (every user bit set).
         """
         k = min(int(neighbours.size), self.n_neighbours)
         if not k or self._index is not None:  # slots are indexed by position: emptied first
@@ -393,7 +449,7 @@ class CoOccurrence:
         if not k:
             return
         b = self._block_for(r)
-        _write_row(self.nb, self.vals, self.sq, self.fill, self.n_free, b, neighbours, values, factor, k)
+        _write_row(self.nb, self.vals, self.sq, self.users, self.fill, self.n_free, b, neighbours, values, factor, k)
         if self._index is not None:
             lo = b * self.n_neighbours
             self._index.insert_many((r << _SHIFT) | neighbours[:k].astype(np.int64), np.arange(lo, lo + k))
@@ -411,6 +467,7 @@ class CoOccurrence:
         self.nb[b, :f] = -1
         self.vals[:, lo: lo + f] = 0.0
         self.sq[:, lo: lo + f] = 0.0
+        self.users[lo: lo + f] = 0
         self.fill[b] = 0
         self.n_free[b] = 0
         self.block[r] = 0
@@ -452,20 +509,26 @@ class CoOccurrence:
 
     # ------------------------------------------------------------------ reading
     def published(self, r: int, min_support: int, eligible: np.ndarray | None = None):
-        """Row ``r``'s neighbours backed by ``min_support`` observations, by cosine (best first, ties by row).
+        """Row ``r``'s neighbours backed by ``min_support`` observations and made by at least ``min_users`` users
+        (the privacy floor), by cosine (best first, ties by row).
 
         Returns (neighbour rows, cosine, support, confidence, lift), support in reference-time units.
         """
         b = int(self.block[r])
-        return _published(self.nb, self.vals, self.pop, self.raw_pop, b, int(self.fill[b]), r, float(min_support),
-                          _ALL if eligible is None else eligible, eligible is not None, *self.lift_scales())
+        return _published(self.nb, self.vals, self.users, self.min_users, self.pop, self.raw_pop, b,
+                          int(self.fill[b]), r, float(min_support), _ALL if eligible is None else eligible,
+                          eligible is not None, *self.lift_scales())
 
-    def neighbours(self, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Row ``r``'s live slots: (neighbour rows, w_dir, w_sym, n_pair, count), reference-time units."""
+    def neighbours(self, r: int, floor: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                                               np.ndarray]:
+        """Row ``r``'s live slots (``floor``: only those at the privacy floor): (neighbour rows, w_dir, w_sym,
+        n_pair, count), reference-time units."""
         b = int(self.block[r])
         f = self.fill[b]
         nb = self.nb[b, :f]
         live = np.flatnonzero(nb >= 0)
+        if floor and self.min_users > 1:
+            live = live[floor_mask(self.users[b * self.n_neighbours + live], self.min_users)]
         v = self.vals[:, b * self.n_neighbours + live]
         return nb[live], v[W_DIR], v[W_SYM], v[N_PAIR], v[COUNT]
 
@@ -506,7 +569,8 @@ class CoOccurrence:
         lift = float(pair_lift(float(v[COUNT]), n_ab, n_a, float(self.pop[b]), float(self.raw_pop[a]),
                                float(self.raw_pop[b]), *self.lift_scales()))
         return {"count": int(v[COUNT]), "support": n_ab * decay, "confidence": conf, "lift": lift,
-                "w_dir": float(v[W_DIR]) * decay, "w_sym": float(v[W_SYM]) * decay}
+                "w_dir": float(v[W_DIR]) * decay, "w_sym": float(v[W_SYM]) * decay,
+                "at_floor": bool(at_floor(self.users[s], self.min_users))}
 
 
 _ALL = np.ones(1, bool)  # (no eligibility array: every row eligible)
@@ -532,14 +596,16 @@ def pair_lift(count, n_pair, pop_a, pop_b, raw_a, raw_b, dec_scale, raw_scale):
 
 
 @njit(cache=True, nogil=True)
-def _published(nb, vals, pop, raw_pop, b, f, r, min_support, eligible, use_eligible, dec_scale, raw_scale):
+def _published(nb, vals, users, min_users, pop, raw_pop, b, f, r, min_support, eligible, use_eligible, dec_scale,
+               raw_scale):
     """:meth:`CoOccurrence.published` of row ``r`` (block ``b``, ``f`` slots used), in one pass and one sort."""
     lo = b * nb.shape[1]
     keep = np.empty(f, np.int64)
     cnt = 0
     for j in range(f):
         x = nb[b, j]
-        if x >= 0 and vals[COUNT, lo + j] >= min_support and (not use_eligible or eligible[x]):
+        if (x >= 0 and vals[COUNT, lo + j] >= min_support and (not use_eligible or eligible[x])
+                and at_floor(users[lo + j], min_users)):
             keep[cnt] = j
             cnt += 1
     rows = np.empty(cnt, np.int64)
@@ -566,13 +632,14 @@ def _published(nb, vals, pop, raw_pop, b, f, r, min_support, eligible, use_eligi
 
 
 @njit(cache=True, nogil=True)
-def _write_row(nb, vals, sq, fill, n_free, b, neighbours, values, factor, k):
-    """Block ``b`` holds ``neighbours[:k]`` with ``values`` (the first three rows times ``factor``),
-    and nothing after them."""
+def _write_row(nb, vals, sq, users, fill, n_free, b, neighbours, values, factor, k):
+    """Block ``b`` holds ``neighbours[:k]`` with ``values`` (the first three rows times ``factor``), taken as
+    at the privacy floor, and nothing after them."""
     m = nb.shape[1]
     lo = b * m
     for j in range(k):
         nb[b, j] = neighbours[j]
+        users[lo + j] = ALL_USERS
         for i in range(4):
             v = values[i, j] * factor if i < 3 else values[i, j]
             vals[i, lo + j] = v
@@ -580,6 +647,7 @@ def _write_row(nb, vals, sq, fill, n_free, b, neighbours, values, factor, k):
                 sq[i, lo + j] = math.sqrt(v)
     for j in range(k, fill[b]):
         nb[b, j] = -1
+        users[lo + j] = 0
         for i in range(4):
             vals[i, lo + j] = 0.0
         sq[0, lo + j] = 0.0
@@ -623,18 +691,20 @@ def _set_popularity(pop, ipop, pop_at, raw_pop, rows, values, raw_values, at, ex
 
 
 @njit(cache=True, nogil=True)
-def _update(codes, deltas, k, pair_total, block, nb, vals, sq, fill, free_pos, n_free, table, meta, door,
-            door_bits, n_evict, evict_sym_weight):  # pragma: no cover - compiled; tested through update()
-    """Apply ``codes[k:]`` one by one; returns (where it stopped, pair_total, what is needed): ``codes.size``
-    when done, else the index of an update whose row has no block yet (``_NEED_BLOCK``) or that would
-    fill the index over half (``_NEED_ROOM``); the caller provides it and resumes there."""
+def _update(codes, deltas, ubits, k, pair_total, block, nb, vals, sq, users, fill, free_pos, n_free, table, meta,
+            door, door_bits, n_evict, evict_sym_weight, min_users):  # pragma: no cover - compiled; tested through update()
+    """Apply ``codes[k:]`` one by one (update j also ORs its user bits ``ubits[j]`` into the slot's bitmap; the
+    slot's votes ``sq`` are set only once the bitmap shows ``min_users`` users); returns (where it stopped,
+    pair_total, what is needed): ``codes.size`` when done, else the index of an update whose row has no block
+    yet (``_NEED_BLOCK``) or that would fill the index over half (``_NEED_ROOM``); the caller provides it and
+    resumes there."""
     m = nb.shape[1]
     u = codes.size
     warmed = k
     while k < u:
         if k == warmed:  # the memory of the next updates, read at once
             warmed = min(k + _WARM, u)
-            pair_total += _warm(codes[k:warmed], table, meta, vals, sq, door, door_bits)  # (+ 0.0)
+            pair_total += _warm(codes[k:warmed], table, meta, vals, sq, users, door, door_bits)  # (+ 0.0)
         c = codes[k]
         # updates come in pairs (prev, cur), (cur, prev): one pair observation each
         pair = deltas[k, N_PAIR] if k % 2 == 0 else 0.0
@@ -659,7 +729,8 @@ def _update(codes, deltas, k, pair_total, block, nb, vals, sq, fill, free_pos, n
                 if p < m:
                     fill[b] = p + 1
                 else:  # full: free the weakest slots
-                    _evict(r, b, nb, vals, sq, free_pos, n_free, table, meta, n_evict, evict_sym_weight)
+                    _evict(r, b, nb, vals, sq, users, free_pos, n_free, table, meta, n_evict, evict_sym_weight,
+                           min_users)
                     nf = n_free[b]
             if nf:
                 p = free_pos[b, nf - 1]
@@ -669,21 +740,33 @@ def _update(codes, deltas, k, pair_total, block, nb, vals, sq, fill, free_pos, n
             insert(table, meta, c, s)
         for q in range(4):
             vals[q, s] += deltas[k, q]
-        sq[0, s] = math.sqrt(vals[0, s])
-        sq[1, s] = math.sqrt(vals[1, s])
+        if sq[1, s] > 0.0:  # at the floor already (a live slot's symmetric weight is positive): its bitmap is done
+            sq[0, s] = math.sqrt(vals[0, s])
+            sq[1, s] = math.sqrt(vals[1, s])
+        else:  # below the privacy floor the slot keeps no votes (sq stays 0) until its min_users-th user
+            um = users[s] | ubits[k]
+            users[s] = um
+            if at_floor(um, min_users):
+                sq[0, s] = math.sqrt(vals[0, s])
+                sq[1, s] = math.sqrt(vals[1, s])
         pair_total += pair
         k += 1
     return k, pair_total, 0
 
 
 @njit(cache=True, nogil=True)
-def _evict(r, b, nb, vals, sq, free_pos, n_free, table, meta, n_evict,
-           evict_sym_weight):  # pragma: no cover - compiled
+def _evict(r, b, nb, vals, sq, users, free_pos, n_free, table, meta, n_evict, evict_sym_weight,
+           min_users):  # pragma: no cover - compiled
     """Free the weakest ``n_evict`` slots of full row ``r`` (block ``b``), by the ranker's view of a slot:
-    its damped weights (ties: lowest position first); the freed positions are taken lowest first."""
+    its damped weights (ties: lowest position first); the freed positions are taken lowest first. A slot below
+    the privacy floor (no votes yet) is ranked by the votes it will have, from its weights."""
     m = nb.shape[1]
     lo = b * m
     key = sq[0, lo: lo + m] + evict_sym_weight * sq[1, lo: lo + m]
+    if min_users > 1:
+        for p in range(m):
+            if not at_floor(users[lo + p], min_users):
+                key[p] = math.sqrt(vals[0, lo + p]) + evict_sym_weight * math.sqrt(vals[1, lo + p])
     # the n_evict smallest keys, ties to the lowest positions, in position order: those under the
     # n_evict-th smallest key, then the first positions that equal it (a selection, not a sort)
     kth = np.partition(key, n_evict - 1)[n_evict - 1]
@@ -709,6 +792,7 @@ def _evict(r, b, nb, vals, sq, free_pos, n_free, table, meta, n_evict,
             vals[q, lo + p] = 0.0
         sq[0, lo + p] = 0.0
         sq[1, lo + p] = 0.0
+        users[lo + p] = 0
         free_pos[b, n_evict - 1 - j] = p
     n_free[b] = n_evict
 
@@ -807,8 +891,10 @@ def _pair_updates(cur, ts, w, scale, prev, prev_ts, prev_w, dtab, stab, gap_tau_
     e, width = prev.shape
     n = 0
     for j in range(e):
+        if w[j] <= 0.0:  # (a disliked item makes no pairs, as cur or as prev)
+            continue
         for k in range(width):
-            if prev[j, k] >= 0 and prev[j, k] != cur[j]:
+            if prev[j, k] >= 0 and prev[j, k] != cur[j] and prev_w[j, k] > 0.0:
                 n += 1
     codes = np.empty(2 * n, np.int64)
     deltas = np.empty((2 * n, 4))
@@ -816,9 +902,11 @@ def _pair_updates(cur, ts, w, scale, prev, prev_ts, prev_w, dtab, stab, gap_tau_
     t = 0
     for j in range(e):
         c = np.int64(cur[j])
+        if w[j] <= 0.0:
+            continue
         for k in range(width):
             p = np.int64(prev[j, k])
-            if p < 0 or p == c:
+            if p < 0 or p == c or prev_w[j, k] <= 0.0:
                 continue
             gapf = 1.0
             if gap_tau_s > 0:
@@ -863,10 +951,12 @@ def _pair_updates_one(cur, ts, w, scale, prev, prev_ts, prev_w, rating, prev_rat
 
 @njit(cache=True, nogil=True)
 def _learn_one(cur, ts, w, scale, rating, mask, ring, hist_item, hist_ts, hist_w, hist_rating, feat_mask, dtab, stab,
-               gap_tau_s, gap_floor, agree, boost, pair_total, block, nb, vals, sq, fill, free_pos, n_free, table, meta,
-               door, door_bits, n_evict,
-               evict_sym_weight):  # pragma: no cover - compiled; tested through learn_one
-    """One event's slot updates, applied as far as :func:`_update` gets (see :func:`infogap.models.learn_core.learn_event`)."""
+               gap_tau_s, gap_floor, agree, boost, ubit, pair_total, block, nb, vals, sq, users, fill, free_pos, n_free,
+               table, meta, door, door_bits, n_evict, evict_sym_weight, min_users,
+               ubits):  # pragma: no cover - compiled; tested through learn_one
+    """One event's slot updates, applied as far as :func:`_update` gets (see :func:`infogap.models.learn_core.learn_event`);
+    ``ubit``: the user's bit mask (uint64), which every update of the event carries (written into ``ubits``, room
+    for ``2 * window`` of them)."""
     k = ring.size
     prev = np.empty(k, np.int64)
     prev_ts = np.empty(k)
@@ -882,8 +972,9 @@ def _learn_one(cur, ts, w, scale, rating, mask, ring, hist_item, hist_ts, hist_w
         prev_mask[j] = feat_mask[prev[j]] if prev[j] >= 0 else np.uint64(0)
     codes, deltas = _pair_updates_one(cur, ts, w, scale, prev, prev_ts, prev_w, rating, prev_rating, mask, prev_mask,
                                       dtab, stab, gap_tau_s, gap_floor, agree, boost)
-    k, pt, need = _update(codes, deltas, 0, pair_total, block, nb, vals, sq, fill, free_pos, n_free, table, meta, door,
-                          door_bits, n_evict, evict_sym_weight)
+    ubits[:codes.size] = ubit
+    k, pt, need = _update(codes, deltas, ubits, 0, pair_total, block, nb, vals, sq, users, fill, free_pos, n_free, table,
+                          meta, door, door_bits, n_evict, evict_sym_weight, min_users)
     return codes, deltas, k, pt, need
 
 
@@ -892,9 +983,9 @@ _WARM = 32
 
 
 @njit(cache=True, nogil=True)
-def _warm(codes, table, meta, vals, sq, door, door_bits):  # pragma: no cover - compiled
+def _warm(codes, table, meta, vals, sq, users, door, door_bits):  # pragma: no cover - compiled
     """Read, all at once, what :func:`_update` will read for ``codes``: their index entries, then their
-    slots' weights (or, for pairs not held, their door bits). The index, weights and door are far larger
+    slots' weights and user bitmaps (or, for pairs not held, their door bits). The index, weights and door are far larger
     than the caches, and :func:`_update`'s lookups, one after another, each waited for memory in turn;
     these reads do not depend on each other, so their misses overlap (``learn_one`` ~12 % faster on
     MovieLens).
@@ -911,6 +1002,8 @@ def _warm(codes, table, meta, vals, sq, door, door_bits):  # pragma: no cover - 
         s = slots[k]
         if s >= 0:
             x += vals[0, s] + vals[1, s] + vals[2, s] + vals[3, s] + sq[0, s] + sq[1, s]
+            if sq[1, s] == 0.0:  # below the floor: its bitmap is read too
+                opened += np.int64(users[s] & np.uint64(1))
         elif door_bits:
             opened += door[home_slot(codes[k], 64 - door_bits)]
     return x * 0.0 + opened * 0.0

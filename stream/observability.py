@@ -114,6 +114,10 @@ class WorkerStats:
     pushes_by_channel: dict[str, int] = field(default_factory=dict)
     #: push decisions held back, by rule (infogap.models.push_policy.RULES): the rule held for every channel, or one
     pushes_held: dict[str, int] = field(default_factory=dict)
+    #: with INFOGAP_PRIVACY_EPSILON: epsilon this worker's publishes spent on noise since it started, per kind
+    #: (similar, trending), and today (UTC) by the ledgers of the partitions it owns (docs/privacy.md)
+    privacy_epsilon_spent: dict[str, float] = field(default_factory=dict)
+    privacy_epsilon_today: dict[str, float] = field(default_factory=dict)
     batch_seconds: Reservoir = field(default_factory=lambda: Reservoir(10_000))
     freshness_seconds: Reservoir = field(default_factory=Reservoir)
 
@@ -132,6 +136,8 @@ class WorkerStats:
         d["unreadable_state"] = dict(self.unreadable_state)
         d["pushes_by_channel"] = dict(self.pushes_by_channel)
         d["pushes_held"] = dict(self.pushes_held)
+        d["privacy_epsilon_spent"] = dict(self.privacy_epsilon_spent)
+        d["privacy_epsilon_today"] = dict(self.privacy_epsilon_today)
         d["batch_seconds"] = self.batch_seconds.percentiles()
         d["freshness_seconds"] = self.freshness_seconds.percentiles()
         d["freshness_samples"] = self.freshness_seconds.count
@@ -187,6 +193,17 @@ class StatsCollector:
         for rule, n in s.pushes_held.items():
             held.add_metric([rule], n)
         yield held
+        eps = CounterMetricFamily("infogap_privacy_epsilon_spent", "epsilon this worker's publishes spent on "
+                                  "Laplace noise since it started (INFOGAP_PRIVACY_EPSILON per publish; "
+                                  "docs/privacy.md)", labels=["kind"])
+        for kind, x in s.privacy_epsilon_spent.items():
+            eps.add_metric([kind], x)
+        yield eps
+        today = GaugeMetricFamily("infogap_privacy_epsilon_today", "epsilon spent on noise today (UTC) by the "
+                                  "publishes of the cooc partitions this worker owns", labels=["kind"])
+        for kind, x in s.privacy_epsilon_today.items():
+            today.add_metric([kind], x)
+        yield today
         yield GaugeMetricFamily("infogap_experiment_unattributed", "feedback events of the partitions this worker "
                                 "owns that named no known campaign or variant, not counted", value=s.experiment_unattributed)
         yield GaugeMetricFamily("infogap_experiment_overflow", "feedback events of the partitions this worker owns "

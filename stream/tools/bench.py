@@ -252,7 +252,7 @@ async def worker_flood(settings: Settings, ids: int, cap: int, out: Path = Path(
 
 def _row_bytes(engine) -> int:
     co = engine.state.cooc
-    return co.nb.nbytes + co.vals.nbytes + co.sq.nbytes + co.slot_arrays().table.nbytes
+    return co.nb.nbytes + co.vals.nbytes + co.sq.nbytes + co.users.nbytes + co.slot_arrays().table.nbytes
 
 
 def _flood(engine, held: list[str], n: int, items: int, t0: float, settings: Settings) -> dict:

@@ -13,6 +13,8 @@ from infogap.models.cooc_shard import CoOccurrenceShard, PairDeltas
 from .test_models_support import group_stream
 
 CFG = EngineConfig(n_neighbours=16, door_bits=0, min_support=1)
+#: without the privacy floor (min_users 1): for streams of groups of fewer than 5 users
+NO_FLOOR = EngineConfig(n_neighbours=16, door_bits=0, min_support=1, min_users=1)
 
 
 def _owner(n_parts: int):
@@ -104,7 +106,9 @@ def test_a_read_side_copy_keeps_no_slot_index_yet_answers_pairs_and_counts_like_
     local.learn_many(evs)
     remote, _ = _sharded(evs, items, 3)
     assert remote.state.cooc._index is None
-    assert remote.stats()["cooc_slots"] == local.stats()["cooc_slots"] > 0
+    lc = local.state.cooc  # the rows exported to a read-side copy hold the slots at the privacy floor only
+    at_floor = sum(lc.neighbours(r, floor=True)[0].size for r in range(len(local.state.catalog)))
+    assert remote.stats()["cooc_slots"] == at_floor > 0 and at_floor < local.stats()["cooc_slots"]
     lc, rc = local.state.cooc, remote.state.cooc
     a = remote.state.catalog.row(items[0]["item_id"])
     for n in local.similar(items[0]["item_id"], n=5):
@@ -113,7 +117,7 @@ def test_a_read_side_copy_keeps_no_slot_index_yet_answers_pairs_and_counts_like_
         assert got is not None and got["count"] == want["count"] and np.isclose(got["lift"], want["lift"])
     assert rc.pair(a, a) is None
     remote.drop_rows([items[0]["item_id"]])
-    assert remote.stats()["cooc_slots"] < local.stats()["cooc_slots"]
+    assert remote.stats()["cooc_slots"] < at_floor
     with pytest.raises(RuntimeError, match="read-side copy"):
         rc.update(np.array([(a << 32) | 1], np.int64), np.ones((1, 4)))
 
@@ -121,10 +125,10 @@ def test_a_read_side_copy_keeps_no_slot_index_yet_answers_pairs_and_counts_like_
 def test_rows_within_the_reservation_load_without_growing_the_arrays_and_rank_the_same():
     # more rows than an engine's arrays start with (256), as a user stage's cache holds
     evs, items, _ = group_stream(n_groups=20, users_per_group=4, items_per_group=16, events_per_user=40, seed=5)
-    grown, shards = _sharded(evs, items, 3)
+    grown, shards = _sharded(evs, items, 3, cfg=NO_FLOOR)  # (groups of 4 users: no pair at a floor of 5)
     rows = [s.export_row(i) for s in shards for i in s.owned()]
     assert len(rows) > 300
-    reserved = Engine(CFG, cooc="remote")
+    reserved = Engine(NO_FLOOR, cooc="remote")
     for it in items:
         reserved.upsert_item(it)
     reserved.learn_many(evs)
@@ -135,7 +139,7 @@ def test_rows_within_the_reservation_load_without_growing_the_arrays_and_rank_th
     assert all(a is b for a, b in zip(arrays, [co.nb, co.vals, co.sq, co.fill]))
     for u in sorted({e["user_id"] for e in evs})[::7]:
         assert reserved.recommend(u) == grown.recommend(u), u
-    small = Engine(CFG, cooc="remote")  # past a reservation, the arrays grow as they did
+    small = Engine(NO_FLOOR, cooc="remote")  # past a reservation, the arrays grow as they did
     small.reserve_rows(2)
     small.load_rows(rows)
     assert small.state.cooc.nb.shape[0] > len(rows) and small.stats()["cooc_slots"] == reserved.stats()["cooc_slots"]
@@ -260,9 +264,9 @@ def test_the_compact_layout_takes_half_the_bytes_and_the_full_one_still_reads():
     full = len(head).to_bytes(4, "big") + head + b"".join(a.tobytes() for a in arrays)  # as written before
     back = PairDeltas.from_bytes(full)
     assert np.array_equal(back.d, d.d) and np.array_equal(back.seq, d.seq) and np.array_equal(back.ts, d.ts)
-    compact = len(d.to_bytes()) - len(orjson.dumps({"items": d.items, "n": 3, "n_occ": 2, "by_event": True,
+    compact = len(d.to_bytes()) - len(orjson.dumps({"v": 2, "items": d.items, "n": 3, "n_occ": 2, "by_event": True,
                                                     "ones": True}))
-    assert compact - 4 == 3 * (4 + 4 + 4 + 16) + 2 * (4 + 8 + 8 + 8)
+    assert compact - 4 == 3 * (4 + 4 + 4 + 16 + 1) + 2 * (4 + 8 + 8 + 8)  # (+ 1: the update's user bit)
 
 
 def test_a_row_written_before_numbers_still_reads():
@@ -278,8 +282,8 @@ def test_a_row_written_before_numbers_still_reads():
 
 
 def _published_reference(co, r, min_support, eligible=None):
-    """What ``published`` is defined as, step by step in numpy."""
-    nb, _, _, n_pair, count = co.neighbours(r)
+    """What ``published`` is defined as, step by step in numpy (the slots at the privacy floor)."""
+    nb, _, _, n_pair, count = co.neighbours(r, floor=True)
     ok = count >= min_support
     if eligible is not None:
         ok &= eligible[nb]
@@ -322,7 +326,7 @@ def test_state_from_before_raw_counts_keeps_its_decayed_lifts_and_publishes_rows
     old = pickle.loads(pickle.dumps(state))
     item = max(old.owned(), key=lambda i: len(old.similar(i, 50)))
     r, co = old._rows[item], old.co
-    nb, _, _, n_pair, _ = co.neighbours(r)
+    nb, _, _, n_pair, _ = co.neighbours(r, floor=True)
     decayed = n_pair * co.total ** 2 / (2 * co.pair_total) / np.maximum(co.pop[r] * co.pop[nb], 1e-300)
     assert np.allclose(sorted(n.lift for n in old.similar(item, 500, min_support=1)), sorted(decayed))
     assert "raw_pop" not in old.export_row(item) and "raw_pop" in shard.export_row(item)

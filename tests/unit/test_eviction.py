@@ -44,7 +44,7 @@ def test_stale_users_are_the_idle_ones_then_the_least_recent_beyond_the_cap():
 
 
 def test_an_evicted_users_row_is_reused_clean_and_a_returning_user_starts_fresh():
-    e = Engine()
+    e = Engine(EngineConfig(min_users=1))  # (two users: under the privacy floor of 5 nothing would be recommended)
     catalog(e)
     for k in range(6):
         e.learn_one(view("ann", f"i{k}", T0 + k, "purchase" if k % 2 else "view"))
@@ -64,7 +64,7 @@ def test_an_evicted_users_row_is_reused_clean_and_a_returning_user_starts_fresh(
 
 def test_eviction_differs_from_erasure_push_state_stays_within_its_windows():
     part, s = partition(user_idle_evict_s=10 * DAY, max_users_per_partition=0)
-    e = Engine()
+    e = Engine(EngineConfig(min_users=1))  # (two users: under the privacy floor of 5 nothing would be recommended)
     catalog(e)
     prefs = UserPrefs("ann", {"app": True}, quiet_hours=None)
     e.learn_one(view("ann", "i1", T0))

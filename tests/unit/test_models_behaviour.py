@@ -188,7 +188,7 @@ def test_a_user_who_owns_the_trending_items_gets_a_full_list_reasons_or_not():
     """The ranker's candidates (votes, trending top 3n + 10) run out for a user who bought 38 of the 40
     best sellers: the list is topped up from further down the popularity ranking, with and without
     reasons (the reasons-free path once returned only the ranker's two)."""
-    e = Engine(EngineConfig(new_item_slots=0))
+    e = Engine(EngineConfig(new_item_slots=0, min_users=1))  # (items i40+ have one user each: under a floor of 5)
     for i in range(100):
         e.upsert_item({"item_id": f"i{i}", "category": f"c{i % 5}", "title": f"T{i}"})
     evs = [event(k, f"p{k % 50}", f"i{k % 40}", T0 + k, "purchase") for k in range(800)]
@@ -239,7 +239,7 @@ def test_reasons_are_readable_and_name_the_right_anchor(groups):
 
 
 def test_similar_publishes_only_pairs_with_minimum_support():
-    e = Engine(EngineConfig(min_support=3, door_bits=0))
+    e = Engine(EngineConfig(min_support=3, door_bits=0, min_users=1))  # (the privacy floor: tests/unit/test_privacy.py)
     evs = [event(0, "a", "x", T0), event(1, "a", "y", T0 + 1)]
     e.learn_many(evs)
     assert e.similar("x") == []
