@@ -18,8 +18,10 @@ whole batches (numpy for the pair generation and array updates), so both give th
 **What ``forget_user`` keeps.** Every per-user structure is erased: history, behaviour vectors,
 RFM, consumed items, segment membership. Aggregates that many users feed are kept: item
 co-occurrence weights and counts, item popularity/trending and the segment centers. They hold no
-user id, and a pair is published by :meth:`Engine.similar` or cited in a reason only once at least
-``min_support`` co-occurrences back it, so a single user's contribution is not exposed.
+user id, and a pair is published by :meth:`Engine.similar`, cited in a reason or even counted in a
+recommendation's votes only once ``min_users`` distinct users made it (the privacy floor, counted by a
+64-bit user bitmap per pair: :mod:`infogap.models.privacy`), and a trending entry is listed only once
+``min_users`` users stand behind it, so a single user's contribution is not exposed.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import hashlib
 import math
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from zlib import crc32
 
 import numpy as np
 
@@ -40,24 +43,42 @@ from infogap.models.events import EVENT_TYPES, NOT_LEARNED_TYPES, Event, as_even
 from infogap.models.learn_core import learn_event
 from infogap.models.model_state import ModelState
 from infogap.models.population import segmenter_for, trending_for
+from infogap.models.privacy import ALL_USERS, NO_USER, mask_of
 from infogap.models.profile import Profiles
 from infogap.models.ranker import Neighbour, Recommendation, RankerSettings, query_tables, rank, settings_for
+from infogap.models.sentiment import SentimentModel, label_of
+from infogap.models.topics import TopicModel, topic_words
 from infogap.models.slot_table import SlotTable
 
 __all__ = ["DEFAULT_EVENT_WEIGHTS", "Engine", "EngineConfig", "Neighbour", "Recommendation", "warm_up"]
 
 #: 2: the learned parts in ``state`` (:class:`~infogap.models.model_state.ModelState`); 1: as engine attributes
 STATE_VERSION = 2
+#: The name prefix of a review topic among a user's profile features: ``topic:3``.
+TOPIC_FEATURE = "topic:"
 #: learn_many works through batches of at most this many events (bounds temporary arrays).
 _CHUNK = 1024
 
 
-#: Fields of a trend entry (item row, segment, scaled weight, scaled momentum weight) and of a history entry
-#: (user row, item row, ts, pair weight, entry number, type code, occurrence scale, seq, rating) in a block's lists.
-_TREND, _ENTRY = 4, 9
+#: Fields of a trend entry (item row, segment, scaled weight, scaled momentum weight, user bit) and of a history
+#: entry (user row, item row, ts, pair weight, entry number, type code, occurrence scale, seq, rating, user bit) in a
+#: block's lists; the user bit is :func:`infogap.models.privacy.user_bit` of the event's user.
+_TREND, _ENTRY = 5, 10
 
-#: An event block as columns: user ids, types, timestamps, item ids, values, ratings.
-_Columns = tuple[list, list, list, list, list, list]
+
+def topic_number(feature: str) -> int | None:
+    """The topic a profile feature name stands for (``topic:3`` -> 3), None for a category or tag.
+
+    >>> topic_number("topic:3"), topic_number("Books"), topic_number("topic:x")
+    (3, None, None)
+    """
+    if feature.startswith(TOPIC_FEATURE) and feature[len(TOPIC_FEATURE):].isdigit():
+        return int(feature[len(TOPIC_FEATURE):])
+    return None
+
+#: An event block as columns: user ids, types, timestamps, item ids, values, ratings, and the texts (None when
+#: the block has no review).
+_Columns = tuple[list, list, list, list, list, list, list | None]
 
 
 def _columns(events: list) -> _Columns:
@@ -65,14 +86,17 @@ def _columns(events: list) -> _Columns:
     the cost of building an ``Event`` per dict, and ``learn_many`` reads every field of every event."""
     if len(events) == 1 and type(events[0]) is dict:  # learn_one: a fifth of the cost of the lists below
         e = events[0]
-        return [e["user_id"]], [e["type"]], [e["ts"]], [e.get("item_id")], [e.get("value")], [e.get("rating")]
+        return [e["user_id"]], [e["type"]], [e["ts"]], [e.get("item_id")], [e.get("value")], [e.get("rating")], \
+            [e.get("text")]
     if all(type(e) is dict for e in events):
-        return ([e["user_id"] for e in events], [e["type"] for e in events], [e["ts"] for e in events],
+        types = [e["type"] for e in events]
+        return ([e["user_id"] for e in events], types, [e["ts"] for e in events],
                 [e.get("item_id") for e in events], [e.get("value") for e in events],
-                [e.get("rating") for e in events])
+                [e.get("rating") for e in events], [e.get("text") for e in events] if "review" in types else None)
     evs = [as_event(e) for e in events]
-    return ([e.user_id for e in evs], [e.type for e in evs], [e.ts for e in evs], [e.item_id for e in evs],
-            [e.value for e in evs], [e.rating for e in evs])
+    types = [e.type for e in evs]
+    return ([e.user_id for e in evs], types, [e.ts for e in evs], [e.item_id for e in evs],
+            [e.value for e in evs], [e.rating for e in evs], [e.text for e in evs] if "review" in types else None)
 
 
 @dataclass(frozen=True)
@@ -91,6 +115,18 @@ class EngineConfig:
         ``rating_in_pairs``). Non-positive weights never enter history or co-occurrence.
     exclude_types
         Event types that make an item the user's: never recommended to them again.
+    review_positive_min, review_negative_max, review_min_confidence, review_dislike
+        Reviews (:mod:`infogap.models.sentiment`): a rating of at least ``review_positive_min`` makes a review
+        liked, at most ``review_negative_max`` disliked (and the sentiment model learns its text so); a review
+        without such a rating is liked or disliked as the model reads its text, with the sentiment
+        ``2 P(liked) - 1``, or neutral (no weight) when that is closer to 0 than ``review_min_confidence``. A
+        review weighs its type's weight times its sentiment: a liked item counts like a strong signal; a
+        disliked one makes no pairs and no trend, lowers the item's categories in the user's profile and stays in
+        the history as a vote against its neighbours, weighing ``review_dislike`` times a liked item's vote.
+    n_topics, topic_weight, topic_min_share
+        Review topics (:mod:`infogap.models.topics`): topics learned; a review adds ``topic_weight`` split by its
+        topic mix (the topics with at least ``topic_min_share`` of it) to the user's decayed profile, as features
+        ``topic:<k>`` beside the categories (so segments see them too).
     history_len, max_consumed
         Per-user memory bounds: ring-buffer history length, remembered owned items.
     cooc_half_life_days, window, dir_window, dir_decay, sym_decay, gap_tau_s, gap_floor
@@ -105,6 +141,10 @@ class EngineConfig:
     n_neighbours, evict_fraction, door_bits, min_support
         Memory bound M per item, share of a full row freed at once, admission door size (0: off),
         co-occurrences needed before a pair is published by :meth:`Engine.similar` or cited.
+    min_users
+        The privacy floor: a pair votes in rankings, is published by :meth:`Engine.similar` and cited in a
+        reason, and a trending entry (global or per segment) is listed, only once at least this many distinct
+        users made it (by their bits in a 64-bit bitmap: :mod:`infogap.models.privacy`). 1 turns it off.
     reason_min_support
         A reason cites a pair ("bought together with X by N users (lift L)") only with at least this many
         co-occurrences (and ``min_support``) and a lift above 1 as shown; else the next true reason.
@@ -144,7 +184,14 @@ class EngineConfig:
     event_weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
     rating_scale: float = 3.0
     rating_in_pairs: bool = False
-    exclude_types: tuple[str, ...] = ("purchase", "rate", "dismiss")
+    exclude_types: tuple[str, ...] = ("purchase", "rate", "dismiss", "review")
+    review_positive_min: float = 4.0
+    review_negative_max: float = 2.0
+    review_min_confidence: float = 0.2
+    review_dislike: float = 1.0
+    n_topics: int = 10
+    topic_weight: float = 2.0
+    topic_min_share: float = 0.1
     history_len: int = 50
     max_consumed: int = 5000
     # co-occurrence (learning)
@@ -160,6 +207,7 @@ class EngineConfig:
     n_neighbours: int = 400
     evict_fraction: float = 0.25
     min_support: int = 2
+    min_users: int = 5
     reason_min_support: int = 3
     door_bits: int = 0
     pop_exponent: float = 0.2
@@ -195,7 +243,7 @@ class EngineConfig:
 
     def __post_init__(self):
         for name in ("top_n", "history_len", "window", "n_neighbours", "query_len", "n_segments", "segment_every",
-                     "reason_min_support"):
+                     "reason_min_support", "min_users"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("window", "query_len"):
@@ -211,9 +259,15 @@ class EngineConfig:
                 raise ValueError(f"{name} must be > 0 days (or None for no decay), got {v}")
         if self.cooc_half_life_days is not None and not self.cooc_half_life_days > 0:
             raise ValueError(f"cooc_half_life_days must be > 0 (or None), got {self.cooc_half_life_days}")
-        for name in ("pair_agreement", "pair_feature_boost"):
+        for name in ("pair_agreement", "pair_feature_boost", "review_min_confidence", "review_dislike", "topic_weight",
+                     "topic_min_share"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.n_topics < 2:
+            raise ValueError(f"n_topics must be >= 2, got {self.n_topics}")
+        if not self.review_negative_max < self.review_positive_min:
+            raise ValueError(f"review_negative_max ({self.review_negative_max}) must be below review_positive_min "
+                             f"({self.review_positive_min})")
         if not self.rating_scale > 0:
             raise ValueError(f"rating_scale must be > 0, got {self.rating_scale}")
         unknown = set(self.event_weights) - set(EVENT_TYPES)
@@ -235,7 +289,7 @@ class Engine:
 
     Examples
     --------
-    >>> e = Engine(EngineConfig(half_life_days=7, top_n=10))
+    >>> e = Engine(EngineConfig(half_life_days=7, top_n=10, min_users=3))  # a pair counts once 3 users made it
     >>> e.upsert_item({"item_id": "tea", "title": "Green tea", "category": "Drinks"})
     >>> baskets = [("a", "tea"), ("a", "cup"), ("b", "tea"), ("b", "cup"), ("c", "tea"), ("c", "cup"),
     ...            ("d", "jam"), ("d", "tea"), ("e", "tea")]
@@ -248,9 +302,17 @@ class Engine:
     ('cup', True, False)
     >>> e.forget_user("c"); e.known_user("c")
     False
+
+    A pair fewer than ``min_users`` users made is never published, cited or voted with (the privacy floor):
+
+    >>> e.learn_many([{"user_id": "d", "type": "view", "ts": 2000.0 + k, "item_id": i} for k, i in
+    ...               enumerate(["tea", "mug"] * 5)])  # d alone, many times
+    >>> [n.item_id for n in e.similar("tea")], [r.item_id for r in e.recommend("e", n=3)]
+    (['cup'], ['cup'])
     """
 
-    def __init__(self, config: EngineConfig | None = None, *, cooc: str = "local", population: str = "local"):
+    def __init__(self, config: EngineConfig | None = None, *, cooc: str = "local", population: str = "local",
+                 sentiment: SentimentModel | None = None):
         cfg = config or EngineConfig()
         for name, mode in (("cooc", cooc), ("population", population)):
             if mode not in ("local", "remote"):
@@ -264,7 +326,8 @@ class Engine:
         self.population_mode = population
         self._pop_seg: list[list] = []
         self._pop_trend: list[list] = []
-        #: per push batch: (codes, deltas, ts, seq, occurrence rows, their ts, pairs made, seq)
+        self._pop_review: list[list] = []
+        #: per push batch: (codes, deltas, ts, seq, occurrence rows, their ts, pairs made, seq, user bits)
         self._outbox: list[tuple] = []
         self._weights = EventWeights.for_config(cfg)
         segmenter = segmenter_for(cfg)
@@ -275,7 +338,7 @@ class Engine:
             Profiles(history_len=cfg.history_len, half_life_days=cfg.half_life_days, max_consumed=cfg.max_consumed),
             CoOccurrence(n_neighbours=cfg.n_neighbours, half_life_days=cfg.cooc_half_life_days,
                          evict_fraction=cfg.evict_fraction, pop_exponent=cfg.pop_exponent, door_bits=cfg.door_bits,
-                         evict_sym_weight=cfg.sym_weight, indexed=cooc == "local"),
+                         evict_sym_weight=cfg.sym_weight, indexed=cooc == "local", min_users=cfg.min_users),
             trending_for(cfg), segmenter)
         self._pairs = PairWeights(window=cfg.window, dir_window=cfg.dir_window, dir_decay=cfg.dir_decay,
                                   sym_decay=cfg.sym_decay, gap_tau_s=cfg.gap_tau_s, gap_floor=cfg.gap_floor,
@@ -283,6 +346,11 @@ class Engine:
         #: what :meth:`recommend` ranks with: the config, its query weight tables
         #: (:func:`infogap.models.ranker.query_tables`) and its candidate sources (read only)
         self.ranker_settings = RankerSettings(cfg, *query_tables(cfg), active_sources(cfg))
+        #: reads the reviews without a telling rating, learns from those with one (the stream passes one that
+        #: segments Chinese words and knows an English lexicon: :mod:`infogap.stream.text`)
+        self.sentiment = sentiment if sentiment is not None else SentimentModel()
+        #: what reviews are about (:mod:`infogap.models.topics`), read with the sentiment model's tokenizer
+        self.topics = TopicModel(n_topics=cfg.n_topics, seed=cfg.seed)
         self.n_learned = 0
 
     # ------------------------------------------------------------------ learning
@@ -295,7 +363,7 @@ class Engine:
             if typ not in NOT_LEARNED_TYPES and st.t0 is not None and not st.renormalisation_due(ts):
                 trends, entries = [], []
                 self._learn_event(trends, entries, event["user_id"], typ, ts, event.get("item_id"),
-                                  event.get("value"), event.get("rating"), self.n_learned)
+                                  event.get("value"), event.get("rating"), self.n_learned, event.get("text"))
                 self._finish_block(trends, entries, 1)
                 return
         self._learn(_columns([event]))
@@ -334,30 +402,35 @@ class Engine:
         """Learn events ``start:end`` of ``cols`` (no forget among them, no renormalisation due)."""
         if end <= start:
             return
-        users, types, tss, items, values, ratings = cols
+        users, types, tss, items, values, ratings, texts = cols
         seq0 = self.n_learned - start  # event k's sequence number is seq0 + k
         trends, entries = [], []
         learn = self._learn_event
         for k in range(start, end):
-            learn(trends, entries, users[k], types[k], tss[k], items[k], values[k], ratings[k], seq0 + k)
+            learn(trends, entries, users[k], types[k], tss[k], items[k], values[k], ratings[k], seq0 + k,
+                  texts[k] if texts is not None else None)
         self._finish_block(trends, entries, end - start)
 
     def _learn_event(self, trends: list, entries: list, user_id: str, typ: str, ts: float, item_id: str | None,
-                     value: float | None, rating: float | None, seq: int) -> None:
+                     value: float | None, rating: float | None, seq: int, text: str | None = None) -> None:
         """The steps of one event that are not array arithmetic, in order, for ``learn_one`` and ``learn_many``
         alike: the clock, the event's weights, the user's profile, then for an item event with a positive
         weight a trend entry (its _TREND fields appended to ``trends``) and, unless it repeats the user's last
         item, a history entry (its _ENTRY fields appended to ``entries``; flat lists of numbers: no object per
         entry for the garbage collector to track); last the user's segment when due. A new item gets its room in
         the per-item arrays at once. :meth:`_finish_block` applies the entries to the arrays. ``seq``: the
-        event's sequence number (:attr:`n_learned` before it)."""
+        event's sequence number (:attr:`n_learned` before it); ``text``: a review's. A disliked item's review takes
+        a history entry with its negative weight (it votes against the item's neighbours) and nothing else."""
         st = self.state
         prof = st.profiles
         if ts > st.now:
             st.now = ts
         u = prof.row(user_id)
         weights = self._weights
-        w, pair_w, rating = weights.of(typ, rating)
+        if typ == "review":
+            w, pair_w, rating = weights.review(self._learn_review(u, ts, text, rating, seq))
+        else:
+            w, pair_w, rating = weights.of(typ, rating)
         exp, t0 = math.exp, st.t0
         su = exp(prof.lam * (ts - t0))
         remote_population = self.population_mode == "remote"
@@ -368,15 +441,21 @@ class Engine:
             i = cat.row(item_id)
             if i >= st.trending.n_items:  # a new item: room in every per-item array
                 st.ensure_items(len(cat))
-            n, c, prev_ts = prof.learn(u, ts, su, value, i, cat.features(i), w, typ in weights.owning_types)
-            if w > 0.0:
+            n, c, prev_ts = prof.learn(u, ts, su, value, i, cat.features(i), w, typ in weights.owning_types,
+                                       against=w < 0.0 and typ == "review")
+            if w < 0.0:
+                if c >= 0:  # a disliked item: its entry (no trend, no pairs, no occurrence)
+                    entries += (u, i, ts, w, c, TYPE_CODE[typ], 0.0, seq, 0.0, NO_USER)
+            elif w > 0.0:
                 tr, segment = st.trending, prof.segment[u]
-                trends += i, segment, w * exp(tr.lam * (ts - t0)), exp(tr.lam_m * (ts - t0))
+                bit = crc32(user_id.encode()) & 63  # user_bit(user_id), inline: the privacy floor's bit of the user
+                trends += i, segment, w * exp(tr.lam * (ts - t0)), exp(tr.lam_m * (ts - t0)), bit
                 if remote_population:
-                    self._pop_trend.append([seq, item_id, int(segment), w, ts])
+                    self._pop_trend.append([seq, item_id, int(segment), w, ts, bit])
                 if c >= 0:  # (a remote co-occurrence gets the pairs unscaled: the shard scales by event time)
                     entries += (u, i, ts, pair_w, c, TYPE_CODE.get(typ, 0),
-                                1.0 if self.cooc_mode == "remote" else exp(st.cooc.lam * (ts - t0)), seq, rating)
+                                1.0 if self.cooc_mode == "remote" else exp(st.cooc.lam * (ts - t0)), seq, rating,
+                                bit)
         if not n & (n - 1) or n % self.config.segment_every == 0:  # n = 1, 2, 4, 8, ... and every `segment_every`
             self._update_segment(u, ts, prev_ts, seq)
         elif remote_population and prof.segment[u] < 0 and st.segmenter.n_seeded:
@@ -388,11 +467,11 @@ class Engine:
         st = self.state
         self.n_learned += n_block
         remote = self.cooc_mode == "remote"
-        if n_block == 1 and entries and not remote:  # one history entry (so one trend entry): one compiled call
-            u, i, ts, pair_w, c, type_code, scale, _, rating = entries
-            _, segment, x, xm = trends
+        if n_block == 1 and trends and entries and not remote:  # one history entry and its trend: one compiled call
+            u, i, ts, pair_w, c, type_code, scale, _, rating, bit = entries
+            _, segment, x, xm, _ = trends
             learn_event(st, self._pairs, self.config.window, u, i, segment, x, xm, ts, pair_w, c, type_code, scale,
-                        rating)
+                        rating, bit)
         else:
             self._learn_arrays(trends, entries, remote)
         if not remote and self.n_learned % DOOR_PERIOD < n_block:  # the block passed a multiple of the period
@@ -402,19 +481,24 @@ class Engine:
         """A block's trend entries and history entries, in order."""
         st = self.state
         if trends:
-            ti, tseg, tx, tm = (trends[k::_TREND] for k in range(_TREND))
+            ti, tseg, tx, tm, tbit = (trends[k::_TREND] for k in range(_TREND))
             np.add.at(st.item_events, ti, 1)
-            st.trending.add(ti, tseg, tx, tm)
+            st.trending.add(ti, tseg, tx, tm, mask_of(tbit))
         if entries:
-            pu, pi, pts, pw, pc, ptype, psc, pseq, prt = (entries[k::_ENTRY] for k in range(_ENTRY))
+            pu, pi, pts, pw, pc, ptype, psc, pseq, prt, pbit = (entries[k::_ENTRY] for k in range(_ENTRY))
             if not remote:
-                st.cooc.add_occurrences(pi, psc)
+                if min(pw) > 0.0:
+                    st.cooc.add_occurrences(pi, psc)
+                else:  # a disliked item is no occurrence
+                    keep = [k for k, w in enumerate(pw) if w > 0.0]
+                    st.cooc.add_occurrences([pi[k] for k in keep], [psc[k] for k in keep])
             self._learn_pairs(np.asarray(pu, np.int64), np.asarray(pi, np.int64), np.asarray(pts), np.asarray(pw),
                               np.asarray(pc, np.int64), np.asarray(ptype, np.int8), np.asarray(psc),
-                              np.asarray(pseq, np.int64), np.asarray(prt))
+                              np.asarray(pseq, np.int64), np.asarray(prt), np.asarray(pbit, np.uint8))
 
-    def _learn_pairs(self, pu, pi, pts, pw, pc, ptype, scale, pseq, prt) -> None:
-        """A batch of pushes: history windows (ring + earlier pushes of the batch), pairs, ring writes."""
+    def _learn_pairs(self, pu, pi, pts, pw, pc, ptype, scale, pseq, prt, pbit) -> None:
+        """A batch of pushes: history windows (ring + earlier pushes of the batch), pairs (each carrying its
+        event's user bit ``pbit``), ring writes."""
         cfg = self.config
         prof = self.state.profiles
         h, w = cfg.history_len, cfg.window
@@ -440,12 +524,13 @@ class Engine:
         fm = self.state.catalog.feat_mask
         codes, deltas, ev = self._pairs.many(pi, pts, pw, scale, prev_items, prev_ts, prev_w, prt, prev_rt, fm[pi],
                                              fm[prev_items])
+        ev2 = np.repeat(ev, 2)
         if self.cooc_mode == "remote":
-            ev2 = np.repeat(ev, 2)
-            self._outbox.append((np.asarray(codes, np.int64), deltas, pts[ev2], pseq[ev2], pi, pts,
-                                 np.bincount(ev, minlength=p).astype(np.float64), pseq))
+            occ = slice(None) if pw.min() > 0.0 else pw > 0.0  # (a disliked item is no occurrence)
+            self._outbox.append((np.asarray(codes, np.int64), deltas, pts[ev2], pseq[ev2], pi[occ], pts[occ],
+                                 np.bincount(ev, minlength=p).astype(np.float64)[occ], pseq[occ], pbit[ev2]))
         else:
-            self.state.cooc.update(codes, deltas)
+            self.state.cooc.update(codes, deltas, mask_of(pbit[ev2]))
             self.state.cooc.raw_pair_total += len(codes) // 2  # (two updates per pair)
         prof.write_entries(pu, pc, pi, pts, pw, ptype, prt)
 
@@ -456,7 +541,7 @@ class Engine:
         """
         if not self._outbox:
             return None
-        codes, d, ts, seq, occ, occ_ts, occ_pairs, occ_seq = (np.concatenate(x) for x in zip(*self._outbox))
+        codes, d, ts, seq, occ, occ_ts, occ_pairs, occ_seq, ubit = (np.concatenate(x) for x in zip(*self._outbox))
         self._outbox = []
         rows, nbs = codes >> _SHIFT, codes & _MASK
         every = np.concatenate([rows, nbs, occ.astype(np.int64)])
@@ -469,17 +554,20 @@ class Engine:
         ids = self.state.catalog.item_id
         return PairDeltas(items=[ids(r) for r in used.tolist()], row=inverse[:n], nb=inverse[n: 2 * n], d=d,
                           ts=ts, seq=seq, occ=inverse[2 * n: 2 * n + m], occ_ts=occ_ts, occ_pairs=occ_pairs,
-                          occ_seq=occ_seq)
+                          occ_seq=occ_seq, ubit=ubit)
 
     def drain_population(self) -> dict[str, list] | None:
-        """The segment samples and trend entries learned since the last call (``population="remote"``
-        engines), or None: ``{"seg": [[seq, {category: share}, frequency, monetary, gap_days or None]],
-        "trend": [[seq, item_id, segment, weight, ts]]}`` with ``seq`` as in :meth:`drain_pair_deltas`,
-        for :meth:`infogap.models.population.PopulationLearner.learn`."""
-        if not self._pop_seg and not self._pop_trend:
+        """The segment samples, trend entries and labelled reviews learned since the last call
+        (``population="remote"`` engines), or None: ``{"seg": [[seq, {category: share}, frequency, monetary,
+        gap_days or None]], "trend": [[seq, item_id, segment, weight, ts, user bit]]}`` and, when there are any,
+        ``"review": [[seq, text, liked]]``, with ``seq`` as in :meth:`drain_pair_deltas`, for
+        :meth:`infogap.models.population.PopulationLearner.learn`."""
+        if not self._pop_seg and not self._pop_trend and not self._pop_review:
             return None
         out = {"seg": self._pop_seg, "trend": self._pop_trend}
-        self._pop_seg, self._pop_trend = [], []
+        if self._pop_review:
+            out["review"] = self._pop_review
+        self._pop_seg, self._pop_trend, self._pop_review = [], [], []
         return out
 
     def load_population(self, model: Mapping | None, trending: Mapping[int | None, list[tuple[str, float]]],
@@ -512,11 +600,14 @@ class Engine:
             tr.momentum_[rows_m] = np.asarray(momentum[1], np.float64) * self.state.growth(tr.lam_m, at)
         tr.global_[:] = 0.0
         tr.segment_[:] = 0.0
+        tr.users_[:] = 0  # (the lists were published at the learner's privacy floor: their entries are at it)
         for seg, (rows, scores) in loaded.items():
             if seg is None:
                 tr.global_[rows] = scores
+                tr.users_[0, rows] = ALL_USERS
             elif 0 <= seg < tr.n_segments:
                 tr.segment_[seg, rows] = scores
+                tr.users_[1 + seg, rows] = ALL_USERS
         tr.global_max = float(tr.global_[:n].max(initial=0.0))
         tr.segment_max[:] = tr.segment_[:, :n].max(axis=1, initial=0.0)
         tr.changed()  # the scores were replaced: the remembered top lists are stale
@@ -619,6 +710,58 @@ class Engine:
         if new != old:
             self.state.segmenter.set_member(u, old, new)
             prof.segment[u] = new
+
+    def review_sentiment(self, text: str | None, rating: float | None) -> float:
+        """A review's sentiment in [-1, 1] (see :class:`EngineConfig`): from its rating when the rating tells, else
+        from its text as the sentiment model reads it, 0 when neutral (read only).
+
+        >>> e = Engine()
+        >>> e.review_sentiment("anything", 5.0), e.review_sentiment("anything", 1.0), e.review_sentiment("", None)
+        (1.0, -1.0, 0.0)
+        """
+        cfg = self.config
+        label = label_of(rating, positive_min=cfg.review_positive_min, negative_max=cfg.review_negative_max)
+        if label is not None:
+            return 1.0 if label else -1.0
+        if not text:
+            return 0.0
+        s = 2.0 * self.sentiment.predict_one(text) - 1.0
+        return s if abs(s) >= cfg.review_min_confidence else 0.0
+
+    def _learn_review(self, u: int, ts: float, text: str | None, rating: float | None, seq: int) -> float:
+        """A review of user row ``u`` at ``ts``, learned: its text teaches the topic model, and the sentiment model
+        when the rating tells (labelled so), here or (``population="remote"``) in the population learner, as a
+        sample ``[seq, text, liked or None]`` of :meth:`drain_population`; its topic mix joins the user's decayed
+        profile (features ``topic:<k>``, ``topic_weight`` split by the mix). Returns its sentiment."""
+        if not text:
+            return self.review_sentiment(text, rating)
+        cfg = self.config
+        label = label_of(rating, positive_min=cfg.review_positive_min, negative_max=cfg.review_negative_max)
+        words = topic_words(self.sentiment.tokenize(text))
+        if self.population_mode == "remote":
+            self._pop_review.append([seq, text, label])
+        else:
+            if label is not None:
+                self.sentiment.learn_one(text, label)
+            self.topics.learn_one(words)
+        if cfg.topic_weight > 0 and self.topics.n_learned:
+            prof, feature = self.state.profiles, self.state.catalog.feature
+            scale = cfg.topic_weight * math.exp(prof.lam * (ts - self.state.t0))
+            for k, share in self.topics.mix(words).items():
+                if share >= cfg.topic_min_share:
+                    prof.add_features(u, (feature(f"{TOPIC_FEATURE}{k}"),), share * scale)
+        return self.review_sentiment(text, rating)
+
+    def load_topics(self, state: Mapping) -> None:
+        """Read reviews' topics with the population learner's topic model (its
+        :meth:`~infogap.models.topics.TopicModel.to_state`); ``ValueError`` for a state that is not one."""
+        self.topics = TopicModel.from_state(state)
+
+    def load_sentiment(self, state: Mapping) -> None:
+        """Read reviews with the population learner's sentiment model (its
+        :meth:`~infogap.models.sentiment.SentimentModel.to_state`), with this engine's tokenizer and lexicon; raises
+        ``ValueError`` for a state that is not one (the model in use stays)."""
+        self.sentiment = SentimentModel.from_state(state, self.sentiment.tokenize, lexicon=self.sentiment.lexicon)
 
     # ------------------------------------------------------------------ catalog and users
     def upsert_item(self, item: Mapping) -> None:
@@ -750,15 +893,21 @@ class Engine:
                 for r in t.top_kept(n, segment, avail.__getitem__)] if n > 0 else []
 
     def profile(self, user_id: str) -> dict | None:
-        """RFM figures, top categories/tags and segment of a user (None when unknown)."""
+        """RFM figures, top categories/tags (shares of the categories), the topics of the user's reviews (shares of
+        the topics, by topic number as a string, as in JSON) and segment of a user (None when unknown)."""
         prof = self.state.profiles
         r = prof.find(user_id)
         if r is None:
             return None
         out = prof.rfm(r, self.state.now, self.state.decay(prof.lam))
-        mix = prof.mix(r)
-        top = sorted(((f, round(s, 4)) for f, s in mix.items()), key=lambda kv: (-kv[1], kv[0]))[:5]
-        out["categories"] = {self.state.catalog.feature_name(f): s for f, s in top if s > 0}  # shares that round to 0: none
+        name = self.state.catalog.feature_name
+        named = [(name(f), s) for f, s in prof.mix(r).items()]
+        cats = [(n, s) for n, s in named if topic_number(n) is None]
+        topics = [(str(topic_number(n)), s) for n, s in named if topic_number(n) is not None]
+        for key, pairs in (("categories", cats), ("topics", topics)):
+            total = sum(s for _, s in pairs) or 1.0
+            top = sorted(((n, round(s / total, 4)) for n, s in pairs), key=lambda kv: (-kv[1], kv[0]))[:5]
+            out[key] = {n: s for n, s in top if s > 0}  # shares that round to 0: none
         out["events"] = prof.n_events[r]
         out["segment"] = self.segment(user_id)
         return out
@@ -800,8 +949,8 @@ class Engine:
 
     def segments(self) -> list[dict]:
         """Every seeded segment as this engine holds it: ``segment``, ``users`` (members known here), what
-        characterises it (``categories``: the center's top category shares, by name; ``frequency``,
-        ``monetary`` and ``active``: its RFM coordinates, scaled to [0, 1]).
+        characterises it (``categories``: the center's top category shares, by name; ``topics``: its review topic
+        shares, by topic number as a string; ``frequency``, ``monetary`` and ``active``: its RFM coordinates, scaled to [0, 1]).
 
         >>> Engine(EngineConfig()).segments()
         []
@@ -813,8 +962,11 @@ class Engine:
         out = []
         for c, center in enumerate(seg.centers()):
             shares = sorted(((names[k], v) for k, v in center.items() if k in names and v > 0.01),
-                            key=lambda kv: (-kv[1], kv[0]))[:5]
+                            key=lambda kv: (-kv[1], kv[0]))
+            topics = [(str(topic_number(n)), v) for n, v in shares if topic_number(n) is not None][:3]
+            shares = [(n, v) for n, v in shares if topic_number(n) is None][:5]
             out.append({"segment": c, "users": sizes[c], "categories": {k: round(v, 3) for k, v in shares},
+                        "topics": {k: round(v, 3) for k, v in topics},
                         **{k: round(center.get(k, 0.0) / w, 3) for k in ("frequency", "monetary", "active")}})
         return out
 
@@ -847,7 +999,7 @@ def warm_up() -> None:
 
     >>> warm_up()
     """
-    engine = Engine(EngineConfig(n_neighbours=4, door_bits=0))
+    engine = Engine(EngineConfig(n_neighbours=4, door_bits=0, min_users=2))  # (3 users: the floor's paths too)
     events = [{"event_id": f"w{k}", "user_id": f"u{k % 3}", "type": "view", "ts": 1.0 + k, "item_id": f"i{k % 5}"}
               for k in range(40)]
     engine.learn_many(events[:30])
@@ -857,7 +1009,7 @@ def warm_up() -> None:
     engine.recommend("u1", 3, explain=False)
     engine.similar("i1", 3)
     # the split stages: a user stage's records, an item stage's shard, its rows loaded by a user stage
-    users = Engine(EngineConfig(n_neighbours=4, door_bits=0), cooc="remote")
+    users = Engine(EngineConfig(n_neighbours=4, door_bits=0, min_users=2), cooc="remote")
     users.learn_many(events)
     shard = CoOccurrenceShard.for_engine(users.config)
     shard.apply(PairDeltas.from_bytes(users.drain_pair_deltas().to_bytes()), source=0)

@@ -70,6 +70,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from infogap.models.events import Event, as_event
+from infogap.models.privacy import bit_count, user_mask
 from infogap.models.state_fields import StateError, check, decode_float, encode_float
 
 #: z of a two-sided 95 % interval.
@@ -254,6 +255,7 @@ RANKER_OVERRIDES: dict[str, tuple[type, float, float, bool]] = {
     "new_item_max_events": (int, 0, math.inf, False),
     "new_item_min_share": (float, 0.0, 1.0, False),
     "reason_min_support": (int, 1, math.inf, False),  # never below min_support: the ranker takes the larger
+    "review_dislike": (float, 0.0, math.inf, False),
 }
 
 
@@ -360,11 +362,17 @@ class Counts:
     revenue: float = 0.0
     revenue_sq: float = 0.0  # sum over messages of (revenue of the message) ** 2
     cost: float = 0.0
+    #: the users behind these counts, as a 64-bit bitmap (one bit per user, :mod:`infogap.models.privacy`): a cell
+    #: is shown only once it shows ``min_users`` users; summed over shards and segments with OR, not +
+    users: int = 0
 
     def add(self, other: Counts) -> Counts:
-        """Add ``other`` into this one (in place) and return self."""
+        """Add ``other`` into this one (in place; the user bitmaps ORed) and return self."""
         for f in fields(Counts):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+            if f.name == "users":
+                self.users |= other.users
+            else:
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
         return self
 
     def copy(self) -> Counts:
@@ -375,12 +383,21 @@ class Counts:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Counts:
-        """From stored values (strings accepted); unknown fields ignored, missing ones 0."""
+        """From stored values (strings accepted); unknown fields ignored, missing ones 0 (the user bitmap too: counts
+        stored before it show no user, so they are shown only once new users fill it).
+
+        >>> Counts.from_dict({"sent": "3", "users": str(2 ** 63 + 1)}).users == 2 ** 63 + 1
+        True
+        """
         out = cls()
         for f in fields(cls):
             if f.name in d:
                 raw = d[f.name]
-                setattr(out, f.name, int(float(raw)) if f.type == "int" else float(raw))
+                if f.name == "users":  # exactly: a bitmap, not a number (float would round its low bits)
+                    value = int(raw.decode() if isinstance(raw, bytes) else raw) & 0xFFFFFFFFFFFFFFFF
+                else:
+                    value = int(float(raw)) if f.type == "int" else float(raw)
+                setattr(out, f.name, value)
         return out
 
 
@@ -408,6 +425,20 @@ class Figures:
     revenue_per_message_ci: tuple[float, float] | None
     roi: float | None
     roi_ci: tuple[float, float] | None
+    #: distinct users behind the figures, at least (the bits set in the counts' user bitmap)
+    users: int = 0
+
+    def shown(self, min_users: int) -> bool:
+        """Whether the figures may be shown: at least ``min_users`` users behind them (the privacy floor; 1: always),
+        or nothing at all (no person stands behind zeros).
+
+        >>> Figures.from_counts(Counts(sent=40, users=0b111)).shown(5), Figures.from_counts(Counts(sent=1)).shown(1)
+        (False, True)
+        >>> Figures.from_counts(Counts()).shown(5)
+        True
+        """
+        return (min_users <= 1 or self.users >= min_users
+                or not (self.sent or self.impressions or self.opens or self.clicks or self.conversions or self.revenue))
 
     @classmethod
     def from_counts(cls, c: Counts, z: float = Z95) -> Figures:
@@ -423,7 +454,8 @@ class Figures:
                    open_rate=rate(c.opens), open_rate_ci=wilson(c.opens, n, z),
                    ctr=rate(c.clicks), ctr_ci=wilson(c.clicks, n, z),
                    conversion_rate=rate(c.conversions), conversion_rate_ci=wilson(c.conversions, n, z),
-                   revenue_per_message=rate(c.revenue), revenue_per_message_ci=rpm_ci, roi=roi, roi_ci=roi_ci)
+                   revenue_per_message=rate(c.revenue), revenue_per_message_ci=rpm_ci, roi=roi, roi_ci=roi_ci,
+                   users=bit_count(c.users))
 
 
 def summarize(counts: Mapping[Segment, Counts], by: Iterable[str] = ("campaign", "channel", "variant"),
@@ -443,6 +475,36 @@ def summarize(counts: Mapping[Segment, Counts], by: Iterable[str] = ("campaign",
         key = tuple(getattr(seg, f) for f in by)
         sums.setdefault(key, Counts()).add(c)
     return {k: Figures.from_counts(v, z) for k, v in sorted(sums.items())}
+
+
+def hidden_cells(counts: Mapping[Segment, Counts], min_users: int,
+                 by: Iterable[str] = ("variant", "campaign", "channel"), total_by: Iterable[str] = ("variant",)) -> set:
+    """The cells of :func:`summarize` (``by``) and their totals (``total_by``, a prefix of ``by``) that must not be
+    shown under the privacy floor: a cell with fewer than ``min_users`` distinct users behind it, and a total whose
+    hidden cells together stand on fewer than ``min_users`` users (its figures minus the shown cells' would give
+    theirs away). Keys as :func:`summarize` gives them; empty when ``min_users <= 1``.
+
+    >>> c = {Segment(0, "recs", "email", "A"): Counts(sent=9, users=0b111111), Segment(0, "recs", "app", "A"): Counts(sent=1, users=0b1)}
+    >>> sorted(hidden_cells(c, 5))
+    [('A',), ('A', 'recs', 'app')]
+    """
+    if min_users <= 1:
+        return set()
+    by, total_by = tuple(by), tuple(total_by)
+    cells: dict[tuple, Counts] = {}
+    totals: dict[tuple, Counts] = {}
+    for seg, c in counts.items():
+        cells.setdefault(tuple(getattr(seg, f) for f in by), Counts()).add(c)
+        totals.setdefault(tuple(getattr(seg, f) for f in total_by), Counts()).add(c)
+    out = {k for k, c in cells.items() if not Figures.from_counts(c).shown(min_users)}
+    for key, total in totals.items():
+        hid = [cells[k] for k in out if k[:len(key)] == key]
+        union = 0
+        for c in hid:
+            union |= c.users
+        if not Figures.from_counts(total).shown(min_users) or (hid and bit_count(union) < min_users):
+            out.add(key)
+    return out
 
 
 def difference_interval(k1: float, n1: float, k2: float, n2: float, z: float = Z95) -> tuple[float, tuple[float, float]] | None:
@@ -596,6 +658,7 @@ class ExperimentMetrics:
         msg.flags |= _SENT
         c = self._counts_for(msg.segment)
         c.sent += 1
+        c.users |= user_mask(str(m["user_id"]))
         c.cost += float(self.config.cost_per_message.get(channel, 0.0))
         self._advance(ts)
         return True
@@ -744,13 +807,14 @@ class ExperimentMetrics:
                 and all(type(x) is str for x in f["mids"][:f["live"]])
                 and all(x is None or type(x) is str for x in f["users"])):
             raise bad
-        width = len(fields(Counts))
+        width = len(fields(Counts))  # (rows from before the user bitmap are one shorter: no user known)
         counts = {}
         for row in f["counts"]:
-            if not (isinstance(row, list) and len(row) == width + 1 and type(row[0]) is int
-                    and 0 <= row[0] < len(segs) and all(type(x) in (int, float) for x in row[1:])):
+            if not (isinstance(row, list) and len(row) in (width, width + 1) and type(row[0]) is int
+                    and 0 <= row[0] < len(segs) and all(type(x) in (int, float) for x in row[1:])
+                    and (len(row) == width or (type(row[-1]) is int and 0 <= row[-1] < 2 ** 64))):
                 raise bad
-            counts[segs[row[0]]] = Counts(*(int(x) if k < 5 else float(x) for k, x in enumerate(row[1:])))
+            counts[segs[row[0]]] = Counts(*(int(x) if k < 5 or k == 8 else float(x) for k, x in enumerate(row[1:])))
         if not all(type(k) is int and 0 <= k < len(segs) for k in f["dirty"]):
             raise bad
         msgs = []
@@ -833,6 +897,7 @@ class ExperimentMetrics:
         else:  # purchase
             flag, name = _CONVERTED, "conversions"
         c = self._counts_for(msg.segment)
+        c.users |= user_mask(e.user_id)
         if not msg.flags & flag:
             msg.flags |= flag
             setattr(c, name, getattr(c, name) + 1)

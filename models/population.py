@@ -7,7 +7,9 @@ every user's events. So each user stage (an :class:`~infogap.models.engine.Engin
 
 - a **segment sample** at each scheduled segment update: the user's category mix by name and
   decayed RFM figures. The learner runs River's KMeans on them (:class:`~infogap.models.segments.Segmenter`).
-- a **trend entry** per positive item event: item id, the user's segment, the type weight and time.
+- a **trend entry** per positive item event: item id, the user's segment, the type weight and time, and the
+  user's bit (:func:`infogap.models.privacy.user_bit`): a trending entry is published only once
+  ``min_users`` distinct users stand behind it (the privacy floor).
 
 The learner's model (centers and category slots by name) and trending lists go back to the user
 stages (:meth:`infogap.models.engine.Engine.load_population`), which then assign segments with those
@@ -16,7 +18,7 @@ offset per partition), and the learner skips what it has applied, so a replay af
 nothing twice. Item ids and category names cross the boundary, never engine-local rows.
 
 >>> from infogap.models import Engine, EngineConfig
->>> cfg = EngineConfig(n_segments=2)
+>>> cfg = EngineConfig(n_segments=2, min_users=1)
 >>> user_stage, learner = Engine(cfg, population="remote"), PopulationLearner(cfg)
 >>> user_stage.learn_one({"event_id": "e1", "user_id": "ann", "type": "purchase", "ts": 1000.0, "item_id": "tea"})
 >>> learner.learn(user_stage.drain_population(), source=0)
@@ -34,11 +36,19 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from infogap.models.catalog import Catalog
+from infogap.models.events import Limits
 from infogap.models.model_state import RENORM_EXPONENT
+from infogap.models.privacy import NO_USER, mask_of
 from infogap.models.segments import Segmenter
+from infogap.models.sentiment import SentimentModel
+from infogap.models.topics import TopicModel, topic_words
 from infogap.models.state_fields import StateError, check, encode_float
 from infogap.models.trending import Trending
 
+
+
+#: The longest review text a sample may carry (the event contract's bound).
+MAX_TEXT_CHARS = Limits().max_text_chars
 
 
 def segmenter_for(cfg) -> Segmenter:
@@ -49,31 +59,45 @@ def segmenter_for(cfg) -> Segmenter:
 
 def trending_for(cfg) -> Trending:
     return Trending(n_segments=cfg.n_segments, half_life_days=cfg.trending_half_life_days,
-                    momentum_half_life_days=cfg.momentum_half_life_days)
+                    momentum_half_life_days=cfg.momentum_half_life_days, min_users=getattr(cfg, "min_users", 1))
 
 
 def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def check_batch(batch) -> tuple[list, list]:
-    """The batch's segment samples and trend entries, or ``ValueError`` naming the first bad one."""
+def check_batch(batch) -> tuple[list, list, list]:
+    """The batch's segment samples, trend entries and labelled reviews, or ``ValueError`` naming the first bad one.
+
+    >>> check_batch({"seg": [], "trend": [], "review": [[7, "很好", True]]})
+    ([], [], [[7, '很好', True]])
+    >>> check_batch({"review": [[7, "", True]]})
+    Traceback (most recent call last):
+    ...
+    ValueError: review 0 is not [seq, text of at most 2000 characters, liked or null]: [7, '', True]
+    """
     if not isinstance(batch, Mapping):
         raise ValueError(f"population batch must be an object, not {type(batch).__name__}")
-    samples, trends = batch.get("seg", []), batch.get("trend", [])
-    if not isinstance(samples, list) or not isinstance(trends, list):
-        raise ValueError("population batch fields 'seg' and 'trend' must be lists")
+    samples, trends, reviews = batch.get("seg", []), batch.get("trend", []), batch.get("review", [])
+    if not isinstance(samples, list) or not isinstance(trends, list) or not isinstance(reviews, list):
+        raise ValueError("population batch fields 'seg', 'trend' and 'review' must be lists")
     for k, e in enumerate(samples):
         if not (isinstance(e, list) and len(e) == 5 and isinstance(e[0], int) and isinstance(e[1], dict)
                 and all(isinstance(n, str) and _number(v) for n, v in e[1].items())
                 and _number(e[2]) and _number(e[3]) and (e[4] is None or _number(e[4]))):
             raise ValueError(f"segment sample {k} is not [seq, {{category: share}}, frequency, monetary, "
                              f"gap_days or null]: {str(e)[:80]}")
-    for k, e in enumerate(trends):
-        if not (isinstance(e, list) and len(e) == 5 and isinstance(e[0], int) and isinstance(e[1], str)
-                and isinstance(e[2], int) and _number(e[3]) and _number(e[4])):
-            raise ValueError(f"trend entry {k} is not [seq, item_id, segment, weight, ts]: {str(e)[:80]}")
-    return samples, trends
+    for k, e in enumerate(trends):  # (the user bit, 6th, since the privacy floor: an entry without adds no user)
+        if not (isinstance(e, list) and len(e) in (5, 6) and isinstance(e[0], int) and isinstance(e[1], str)
+                and isinstance(e[2], int) and _number(e[3]) and _number(e[4])
+                and (len(e) == 5 or (type(e[5]) is int and 0 <= e[5] < 64))):
+            raise ValueError(f"trend entry {k} is not [seq, item_id, segment, weight, ts, user bit]: {str(e)[:80]}")
+    for k, e in enumerate(reviews):
+        if not (isinstance(e, list) and len(e) == 3 and type(e[0]) is int and isinstance(e[1], str)
+                and 0 < len(e[1]) <= MAX_TEXT_CHARS and (e[2] is None or type(e[2]) is bool)):
+            raise ValueError(f"review {k} is not [seq, text of at most {MAX_TEXT_CHARS} characters, liked or null]: "
+                             f"{str(e)[:80]}")
+    return samples, trends, reviews
 
 
 class PopulationLearner:
@@ -87,15 +111,19 @@ class PopulationLearner:
     Examples
     --------
     >>> from infogap.models import EngineConfig
-    >>> p = PopulationLearner(EngineConfig(n_segments=2))
+    >>> p = PopulationLearner(EngineConfig(n_segments=2, min_users=1))
     >>> p.learn({"seg": [[0, {"Tea": 1.0}, 1.0, 0.0, None]], "trend": [[0, "sencha", 0, 2.0, 50.0]]}, source=3)
     2
     >>> p.trending(5, segment=0), p.model()["slots"], p.hwm
     ([('sencha', 2.0)], {'Tea': 'c0'}, {3: 0})
     """
 
-    def __init__(self, config):
+    def __init__(self, config, sentiment: SentimentModel | None = None):
         self.config = config
+        #: learn from every user stage's reviews (the sentiment from those with a telling rating), and are
+        #: published whole (``to_state``); reviews are read with the sentiment model's tokenizer
+        self.sentiment = sentiment if sentiment is not None else SentimentModel()
+        self.topics = TopicModel(n_topics=config.n_topics, seed=config.seed)
         self.segmenter = segmenter_for(config)
         self.trend = trending_for(config)
         self._names = Catalog()  # item ids -> rows, category names -> feature ids (nothing else)
@@ -106,13 +134,22 @@ class PopulationLearner:
         #: entries applied so far (a version for readers)
         self.applied = 0
 
+    def __setstate__(self, state: dict) -> None:
+        """Unpickle (``infogap state migrate``), also a learner pickled before reviews: new review models."""
+        self.__dict__.update(state)
+        if "sentiment" not in state:
+            self.sentiment = SentimentModel()
+        if "topics" not in state:
+            self.topics = TopicModel(n_topics=self.config.n_topics, seed=self.config.seed)
+
     def learn(self, batch: Mapping, source: int) -> int:
         """Apply a user stage's entries (:meth:`infogap.models.engine.Engine.drain_population`, sequence numbers
         increasing per source); entries at or below the source's high-water mark are skipped. Returns
         how many were applied."""
-        return self.learn_checked(*check_batch(batch), source)  # all or nothing: a bad batch changes no state
+        samples, trends, reviews = check_batch(batch)
+        return self.learn_checked(samples, trends, reviews, source)  # all or nothing: a bad batch changes no state
 
-    def learn_checked(self, samples: list, trends: list, source: int) -> int:
+    def learn_checked(self, samples: list, trends: list, reviews: list, source: int) -> int:
         """:meth:`learn` of the entries :func:`check_batch` returned (for a caller that checked them already)."""
         hw = self.hwm.get(source, -1)
         top = hw
@@ -131,6 +168,13 @@ class PopulationLearner:
             self._add_trend(fresh)
             top = max(top, max(e[0] for e in fresh))
             done += len(fresh)
+        for seq, text, liked in reviews:
+            if seq > hw:
+                if liked is not None:
+                    self.sentiment.learn_one(text, liked)
+                self.topics.learn_one(topic_words(self.sentiment.tokenize(text)))
+                top = max(top, seq)
+                done += 1
         if done:
             self.hwm[source] = top
             self.applied += done
@@ -140,13 +184,14 @@ class PopulationLearner:
         tr, row = self.trend, self._names.row
         lam, lam_m = tr.lam, tr.lam_m
         lam_max = max(lam, lam_m)
-        items, segs, x, xm = [], [], [], []
-        for _, item_id, segment, w, ts in entries:
+        items, segs, x, xm, bits = [], [], [], [], []
+        for entry in entries:
+            _, item_id, segment, w, ts = entry[:5]
             if self._t0 is None:
                 self._t0 = ts
             elif lam_max * (ts - self._t0) > RENORM_EXPONENT:
-                self._flush(items, segs, x, xm)
-                items, segs, x, xm = [], [], [], []
+                self._flush(items, segs, x, xm, bits)
+                items, segs, x, xm, bits = [], [], [], [], []
                 tr.rescale(math.exp(-lam * (ts - self._t0)), math.exp(-lam_m * (ts - self._t0)))
                 self._t0 = ts
             if ts > self.now:
@@ -155,12 +200,13 @@ class PopulationLearner:
             segs.append(segment if 0 <= segment < tr.n_segments else -1)
             x.append(w * math.exp(lam * (ts - self._t0)))
             xm.append(w * math.exp(lam_m * (ts - self._t0)))
-        self._flush(items, segs, x, xm)
+            bits.append(entry[5] if len(entry) == 6 else NO_USER)
+        self._flush(items, segs, x, xm, bits)
 
-    def _flush(self, items, segs, x, xm) -> None:
+    def _flush(self, items, segs, x, xm, bits) -> None:
         if items:
             self.trend.ensure(len(self._names))
-            self.trend.add(items, segs, x, xm)
+            self.trend.add(items, segs, x, xm, mask_of(bits))
 
     def to_state(self) -> dict:
         """The learner as a plain tree for a snapshot (:mod:`infogap.models.state_fields`): the segment centers by
@@ -170,22 +216,36 @@ class PopulationLearner:
                 "items": [names.item_id(r) for r in range(len(names))],
                 "features": [names.feature_name(f) for f in range(names.n_features)],
                 "t0": None if self._t0 is None else encode_float(self._t0), "now": encode_float(self.now),
-                "hwm": [[s, n] for s, n in self.hwm.items()], "applied": self.applied}
+                "hwm": [[s, n] for s, n in self.hwm.items()], "applied": self.applied,
+                "sentiment": self.sentiment.to_state(), "topics": self.topics.to_state()}
 
     @classmethod
-    def from_state(cls, config, state, arrays=(), where: str = "population learner") -> PopulationLearner:
-        """A learner of ``config`` that goes on from :meth:`to_state` (it learns on from the centers).
+    def from_state(cls, config, state, arrays=(), where: str = "population learner",
+                   sentiment: SentimentModel | None = None) -> PopulationLearner:
+        """A learner of ``config`` that goes on from :meth:`to_state` (it learns on from the centers, and the
+        sentiment model from its counts, read with the tokenizer and lexicon of ``sentiment`` when given).
 
         >>> from infogap.models import EngineConfig
-        >>> p = PopulationLearner(EngineConfig(n_segments=2))
+        >>> p = PopulationLearner(EngineConfig(n_segments=2, min_users=1))
         >>> _ = p.learn({"seg": [[0, {"Tea": 1.0}, 1.0, 0.0, None]], "trend": [[0, "sencha", 0, 2.0, 50.0]]}, 3)
-        >>> q = PopulationLearner.from_state(EngineConfig(n_segments=2), p.to_state())
+        >>> q = PopulationLearner.from_state(EngineConfig(n_segments=2, min_users=1), p.to_state())
         >>> q.trending(5, segment=0), q.model() == p.model(), q.hwm
         ([('sencha', 2.0)], True, {3: 0})
         """
         f = check(state, {"model": dict, "trend": dict, "items": list, "features": list, "t0": (float, type(None)),
                           "now": float, "hwm": list, "applied": int}, where, arrays)
-        out = cls(config)
+        out = cls(config, sentiment)
+        if state.get("sentiment") is not None:  # (a snapshot from before reviews has none: a new model)
+            try:
+                out.sentiment = SentimentModel.from_state(state["sentiment"], out.sentiment.tokenize,
+                                                          lexicon=out.sentiment.lexicon)
+            except ValueError as exc:
+                raise StateError(f"{where}: sentiment: {exc}") from None
+        if state.get("topics") is not None:
+            try:
+                out.topics = TopicModel.from_state(state["topics"])
+            except ValueError as exc:
+                raise StateError(f"{where}: topics: {exc}") from None
         if not all(type(x) is str for x in f["items"] + f["features"]):
             raise StateError(f"{where}: item ids and category names must be strings")
         if len(set(f["items"])) != len(f["items"]) or len(set(f["features"])) != len(f["features"]):

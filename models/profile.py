@@ -340,7 +340,8 @@ class Profiles:
 
     # ------------------------------------------------------------------ updates
     def learn(self, r: int, ts: float, scale: float, value: float | None, item: int = -1,
-              feats: tuple[int, ...] = (), w: float = 0.0, owned: bool = False) -> tuple[int, int, float]:
+              feats: tuple[int, ...] = (), w: float = 0.0, owned: bool = False,
+              against: bool = False) -> tuple[int, int, float]:
         """User ``r``'s event at ``ts``, the whole profile step (``scale`` = ``exp(lambda (ts - t0))``):
 
         - any event counts: the user's number of events, first and last time, decayed frequency and
@@ -348,7 +349,9 @@ class Profiles:
         - an event on item row ``item`` (-1: none; ``feats``, its features) adds its weight ``w`` (any
           sign) to the category/tag vector, and makes the item the user's if ``owned``;
         - with a positive weight it takes the next history entry, unless ``item`` is the user's last
-          entry's (a repeat enters nothing). The ring arrays are written by the caller
+          entry's (a repeat enters nothing); with a negative weight only when ``against`` (a disliked item: its
+          entry votes against its neighbours, even right after an entry of the same item). The ring arrays are
+          written by the caller
           (:func:`infogap.models.learn_core.learn_event` and ``learn_many``'s batch step).
 
         Returns the user's number of events with this one, the history entry's number (the entries
@@ -376,6 +379,10 @@ class Profiles:
             self.add_features(r, feats, w * scale)
         if owned:
             self.consume(r, item)
+        if against and w < 0.0:
+            c = self.n_push[r]
+            self.n_push[r] = c + 1
+            return n, c, prev_ts
         if not w > 0.0 or item == self.last_item[r]:
             return n, -1, prev_ts
         c = self.n_push[r]

@@ -81,12 +81,14 @@ def _add_sources(cand, extra, src, pos):  # pragma: no cover - compiled
 
 @njit(cache=True, nogil=True)
 def _core(nb, sq, block, ipop, pop, vals, raw_pop, dec_scale, raw_scale, mom_count, mom_decay, pop_decay, momentum,
-          available, category, consumed, blocked, u, hist_item, hist_ts, hist_type, ring, qs_tab, qd_tab, kd, gap_floor,
-          inv_tau, w_cooc, seg_row, w_seg, glob, w_glob, share, w_content, src, trend_a,
+          available, category, consumed, blocked, u, hist_item, hist_ts, hist_type, hist_w, ring, qs_tab, qd_tab, kd,
+          gap_floor, inv_tau, dislike, w_cooc, seg_row, w_seg, glob, w_glob, share, w_content, src, trend_a,
           trend_b, have_trending, kk, n, cap, n_anchor, acc, mark, memo, gen, marks, pos, kept_rows, kept_votes,
           n_kept, out, picked):  # pragma: no cover - compiled; tested against a step-by-step reference
     """Writes the picks' columns into ``out`` (rows :data:`PICK` ... :data:`LIFT`, at least ``n``
-    columns) and their rows into ``picked``; returns how many, the status and the number of voted items."""
+    columns) and their rows into ``picked``; returns how many, the status and the number of voted items.
+    A history entry with a negative weight (a disliked item) votes against its neighbours, ``dislike`` times
+    as much as it would for them."""
     k = ring.size  # 0: no votes (no history, or w_cooc 0)
     sq_dir, sq_sym = sq[0], sq[1]
     items = np.empty(k, np.int64)
@@ -101,6 +103,8 @@ def _core(nb, sq, block, ipop, pop, vals, raw_pop, dec_scale, raw_scale, mom_cou
     for h in range(k):
         gap = ts[0] - ts[h]  # an older event that arrived later (within the lateness) counts as the newest
         ip = ipop[items[h]] * (gap_floor + g1 / (1.0 + (gap if gap > 0.0 else 0.0) * inv_tau))
+        if hist_w[u, ring[h]] < 0.0:
+            ip *= -dislike
         a_sym[h] = qs_tab[h] * ip
         if h < kd:
             a_dir[h] = qd_tab[h] * ip
@@ -229,8 +233,9 @@ def rank_core(state, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, source
         n_picked, status, n_voted = _core(
             co.nb, co.sq, co.block, co.ipop, co.pop, co.vals, co.raw_pop, *lift_scales, tr.momentum_, mom_decay,
             pop_decay, momentum, cat.available, cat.category, prof.consumed(u), blocked, u, prof.hist_item,
-            prof.hist_ts, prof.hist_type, ring, qs_tab, qd_tab, min(k, cfg.query_dir_len), float(cfg.query_gap_floor),
-            1.0 / cfg.query_gap_tau_s, float(cfg.w_cooc), seg_row, float(w_s), glob, float(w_g), share,
+            prof.hist_ts, prof.hist_type, prof.hist_w, ring, qs_tab, qd_tab, min(k, cfg.query_dir_len),
+            float(cfg.query_gap_floor), 1.0 / cfg.query_gap_tau_s, float(cfg.review_dislike), float(cfg.w_cooc), seg_row,
+            float(w_s), glob, float(w_g), share,
             float(cfg.w_content), src, trend_a, trend_b, have_trending, kk, n, cap, _ANCHOR_ROWS if explain else 0,
             sc.acc, sc.mark, sc.memo.table, gen, sc.marks, sc.pos, sc.kept_rows, sc.kept_votes, n_kept, out, picked)
         if status == _NEED_TRENDING:

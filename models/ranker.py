@@ -23,8 +23,8 @@ only when nothing else is left); up to ``new_item_slots`` positions go to items 
 catalog with few interactions, for users whose category mix covers them (cold items).
 
 **Reasons.** Every item names the component that contributed most: the recent item that voted most
-for it with the pair's support and lift ("bought together with X by 42 users (lift 3.1)"), "trending
-in your segment", "trending now", "new in Comedy, which you like", "popular in Comedy, which you like".
+for it with the pair's support and lift ("bought together with X by 42 users (lift 3.1)", or "you liked X
+(review): chosen together with it by ..." when X's event was a liked review), "trending in your segment", "trending now", "new in Comedy, which you like", "popular in Comedy, which you like".
 A pair is cited only when its lift shows above 1 (:data:`REASON_MIN_LIFT`) and at least
 ``reason_min_support`` users back it; otherwise the reason is the next true one: a liked category of
 the item, then its segment or global trend. Reads never change the engine.
@@ -98,6 +98,8 @@ _VERBS = {"purchase": ("bought", "bought"), "add_to_cart": ("bought", "put in yo
 
 #: By event type code: the verb of "<verb> together with X".
 _TOGETHER = tuple(_VERBS.get(t, ("chosen", "chose"))[0] for t in EVENT_TYPES)
+#: The type code of a review: a liked item's reason says so.
+_REVIEW = EVENT_TYPES.index("review")
 #: The dominant part's codes (:data:`infogap.models.selection.PARTS`).
 _COOC, _SEGMENT, _GLOBAL = (PARTS.index(p) for p in ("cooc", "segment", "global"))
 
@@ -316,18 +318,20 @@ def _explain(state, cfg, u: int, picked: list[int], picks: list[int], packed: np
         if d == _COOC:
             a = anchor[i]
             if a >= 0 and count[i] >= min_support and lifts[i] >= REASON_MIN_LIFT:
-                reason = (f"{_TOGETHER[atype[i]]} together with {titles[a] or ids[a]} by {count[i]} users "
-                          f"(lift {lifts[i]:.1f})")
+                if atype[i] == _REVIEW:
+                    reason = (f"you liked {titles[a] or ids[a]} (review): chosen together with it by {count[i]} users "
+                              f"(lift {lifts[i]:.1f})")
+                else:
+                    reason = (f"{_TOGETHER[atype[i]]} together with {titles[a] or ids[a]} by {count[i]} users "
+                              f"(lift {lifts[i]:.1f})")
             else:  # the pair would argue against the item (lift <= 1) or rest on a few users: the next true reason
                 feats = cat.features(r)
                 if feats and weights is None:
                     weights = state.profiles.feats[u]
                 reason = (feats and _liked(state, cfg, r, feats, weights, liked)) or _trend_reason(state, u, r) \
                     or "picked for you"
-        elif d == _SEGMENT:
-            reason = "trending in your segment"
-        elif d == _GLOBAL:
-            reason = "trending now"
+        elif d in (_SEGMENT, _GLOBAL) and (trend := _trend_reason(state, u, r, d == _SEGMENT)):
+            reason = trend
         elif d >= FIRST_SOURCE:
             reason = SOURCES[d - FIRST_SOURCE].reason(state, u, r)
         else:
@@ -358,10 +362,11 @@ def _liked(state, cfg, r: int, feats, weights: dict[int, float], memo: dict) -> 
         f"popular in {fav}, which you like"
 
 
-def _trend_reason(state, u: int, r: int) -> str | None:
-    """"trending in your segment" / "trending now" when item ``r`` has a trending score there."""
+def _trend_reason(state, u: int, r: int, segment: bool = True) -> str | None:
+    """"trending in your segment" (unless not ``segment``) / "trending now" when item ``r`` has a trending score
+    there that ``min_users`` users stand behind (the privacy floor, :meth:`infogap.models.trending.Trending.shows`)."""
     tr = state.trending
     seg = int(state.profiles.segment[u])
-    if 0 <= seg < tr.n_segments and tr.segment_.item(seg, r) > 0:
+    if segment and 0 <= seg < tr.n_segments and tr.segment_.item(seg, r) > 0 and tr.shows(r, seg):
         return "trending in your segment"
-    return "trending now" if tr.global_.item(r) > 0 else None
+    return "trending now" if tr.global_.item(r) > 0 and tr.shows(r) else None

@@ -93,10 +93,10 @@ def _votes(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, ipop, mom_count, mom_decay,
             n = _add_row(nb[b], sq_sym, sq_dir, b * m, a_sym[h], a_dir[h], True, acc, mark, rows, n, scan)
         else:
             n = _add_row(nb[b], sq_sym, sq_dir, b * m, a_sym[h], 0.0, False, acc, mark, rows, n, scan)
-    if scan:  # the voted items, by row (every vote is positive: a slot's weights are)
+    if scan:  # the voted items, by row (a slot's weights are positive; a disliked item's votes are negative)
         for j in range(size):
             rows[n] = j
-            n += acc[j] > 0.0
+            n += acc[j] != 0.0
     for i in range(consumed.size):
         j = consumed[i]
         if acc[j] > 0.0:
@@ -138,7 +138,7 @@ def _anchors(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, n_anchor, picks, pos):  #
         pos[picks[i]] = i + 1
     for h in range(min(n_anchor, blocks.size)):
         b = blocks[h]
-        if b == 0:
+        if b == 0 or a_sym[h] < 0.0:  # (a disliked item is no reason)
             continue
         base = b * m
         for s in range(m):

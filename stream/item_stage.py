@@ -157,7 +157,7 @@ class ItemStage:
             if st is not None:
                 st.redis_keys_rematerialised += 2 * taken  # similar and nbrow
         spent, t = 0.0, time.thread_time()  # this thread's CPU time encoding, without the yields
-        pub = core.publication()
+        pub = core.publication(now)
         while pub.encode(_PUBLISH_CHUNK):
             spent += time.thread_time() - t
             await asyncio.sleep(0)  # a user stage in this process ranks meanwhile
@@ -171,6 +171,9 @@ class ItemStage:
             t = time.thread_time()
             await self._redis(self.store.write, **pub.write())
             spent += time.thread_time() - t  # packing and sending ~20 kB a row (waits on Redis are not CPU)
+            if core.noise is not None and st is not None:  # the noise's epsilon (docs/privacy.md)
+                st.privacy_epsilon_spent = dict(core.noise.spent)
+                st.privacy_epsilon_today = core.noise.today(core.ledgers.values())
         # paced by the CPU time publishing took: not by the yields to a user stage in this process, nor by
         # a Redis outage the write waited through
         s = self.settings

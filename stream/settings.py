@@ -110,6 +110,8 @@ class Settings(BaseSettings):
     # reload the population as often). ~4k changed rows a second at 2,000 events/s cost an item stage 15-20 %
     # of a core; every 2 s halves that: in one process freshness p99 went 600-800 -> 416-472 ms
     publish_interval_s: float = 2.0
+    # the population learner's sentiment model (JSON, a few MB at most) is written for the user stages at most this often
+    review_models_publish_s: float = Field(30.0, ge=0)
     # ...and under a backlog further apart: the next publish waits at least (the CPU time the last one took /
     # this share), so publishing takes at most about this share of an item stage's time (a backlog's rows
     # coalesce into fewer, larger publishes; one process draining a backlog: +14-38 % events/s)
@@ -124,6 +126,12 @@ class Settings(BaseSettings):
     #: models.EngineConfig fields over its defaults (JSON), the same for every worker of a group, e.g.
     #: {"door_bits": 22}: the admission door for catalogs with many one-off pairs (docs/configuration.md)
     engine: dict[str, Any] = Field(default_factory=dict)
+    # Laplace noise on the counts the item stage publishes (ig:similar support, trending scores), epsilon per
+    # publish; None: no noise. Each publish's epsilon is entered per UTC day in ig:privacy:{partition} and shown by
+    # infogap report (docs/privacy.md). The privacy floor itself is the engine's min_users (INFOGAP_ENGINE).
+    privacy_epsilon: float | None = Field(None, gt=0)
+    # the most one event changes a published count, the noise's scale is sensitivity / epsilon
+    privacy_sensitivity: float = Field(1.0, gt=0)
 
     snapshot_interval_s: float = 10.0  # state snapshot + offset commit cadence; 0: commit every batch, no snapshots
 
@@ -265,6 +273,13 @@ class Settings(BaseSettings):
     experiment_campaigns: list[str] = Field(default_factory=list)
     # segments (campaign, channel, variant) made from feedback contexts per partition; past it: ``overflow``
     experiment_max_segments: int = Field(1_000, ge=1)
+    # the global control group (docs/experiments.md, "Control group and retention"): this share of users is never
+    # pushed (rule control_group) but ghost-pushed, so that retention and ROI can be measured on the increment; 0
+    # turns it and the cohorts off. Cohort records are kept retention_horizon_s of event time after entry (the
+    # figures are of the cohorts that entered within it), at most retention_max_records per events partition.
+    control_share: float = Field(0.05, ge=0.0, lt=1.0)
+    retention_horizon_s: float = Field(30 * 86_400.0, ge=8 * 86_400.0)
+    retention_max_records: int = Field(500_000, ge=1)
     # DEPRECATED alias of INFOGAP_EXPERIMENT's "overrides" (variant -> ranker settings), merged into them with
     # a warning; keys: infogap.models.experiments.RANKER_OVERRIDES, checked here so that a typo stops the process at start
     experiment_overrides: dict[str, dict[str, float]] = Field(default_factory=dict)

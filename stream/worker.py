@@ -94,6 +94,7 @@ class Worker:
         self._in_flight = 0
         self._progress_at = time.monotonic()
         self._population_loaded_at = float("-inf")
+        self._review_models_loaded_at = float("-inf")
         self.ready = asyncio.Event()
         stages = {x.strip() for x in settings.stages.split(",") if x.strip()}
         if not stages or stages - {"users", "items"}:
@@ -209,6 +210,7 @@ class Worker:
                 await self._kafka_retrying("read items and users", self._sync_side)
                 async with self._batch_lock:  # also when idle: the first centers give waiting users a segment
                     await self._load_population()
+                    await self._load_review_models()
                 if records:
                     async with self._batch_lock:
                         await self.process(records)
@@ -527,6 +529,8 @@ class Worker:
         await self._confirm(learned.cooc, cooc_sent)
         if ranked.experiments:
             await self._store_retrying(self.store.write_experiment, core.exp_name, ranked.experiments)
+        if ranked.retention:  # the cohorts changed (an erasure of this batch included)
+            await self._store_retrying(self.store.write_retention, core.exp_name, ranked.retention)
         for user_id, partition, raw_key in learned.erased:
             await self._publish_erasure(user_id, partition, raw_key)
         # the users records of consents turned off (unsubscribe, push_bounce) go with the pushes, acked before
@@ -598,6 +602,29 @@ class Worker:
         if segments:  # users seen before the first centers: their segment now, without waiting for an event
             await self._store_retrying(self.store.write, segments=segments)
 
+    async def _load_review_models(self) -> None:
+        """The population learner's sentiment and topic models (via Redis), looked for every
+        ``review_models_publish_s``: the engine reads reviews with them. A store that refuses, or a model that cannot
+        be read, keeps the last."""
+        now = time.monotonic()
+        if now - self._review_models_loaded_at < self.settings.review_models_publish_s:
+            return
+        self._review_models_loaded_at = now
+        for name in ("sentiment", "topics"):
+            try:
+                raw = await self.store.read_model(name)
+            except StoreUnavailable as exc:
+                self.stats.redis_retries += 1
+                log.warning("could not read the %s model (%s); keeping the last one", name, exc.reason)
+                return
+            except WrongTypeError as exc:
+                self.stats.redis_wrong_type += len(exc.keys)
+                log.error("could not read the %s model (%s); keeping the last one", name, exc)
+                continue
+            if raw is not None and not self.core.load_review_model(name, raw):
+                log.error("the %s model in the store cannot be read; keeping the last one until the item stage "
+                          "rewrites it", name)
+
     # ------------------------------------------------------------------ Redis data loss
     async def _check_generation(self) -> None:
         """Every ``redis_check_interval_s``, read the generation marker (``{prefix}generation``, a random token
@@ -656,6 +683,10 @@ class Worker:
                     await self._store_retrying(self.store.write_experiment, self.core.exp_name, counts)
                     self.stats.redis_keys_rematerialised += len({seg.variant for seg in counts})
                 segments = len(counts)
+                cohorts = self.core.retention_counts(live)
+                if cohorts:
+                    await self._store_retrying(self.store.write_retention, self.core.exp_name, cohorts)
+                    self.stats.redis_keys_rematerialised += 1
         log.warning("Redis lost its data (%s was gone or changed): writing every key again from state: "
                     "recommendations of %d users, %d neighbour rows, %d experiment segments",
                     self.store.keys.generation(), len(self._refill), rows, segments)
@@ -737,6 +768,9 @@ class Worker:
 
     async def _publish_erasure(self, user_id: str, partition: int | None, raw_key: bytes | None) -> None:
         await self._store_retrying(self.store.erase_user, user_id)
+        cohorts = self.core.drain_retention()  # the user's contribution out of the cohort figures
+        if cohorts:
+            await self._store_retrying(self.store.write_retention, self.core.exp_name, cohorts)
         await self._send_all(self.core.erasure_messages(user_id, raw_key))
         if partition is not None and partition in self.core.parts:
             self._turns.hurry(partition)

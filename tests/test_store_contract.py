@@ -143,10 +143,19 @@ async def test_the_population_reads_back_in_one_call(make_store):
                    "trending": {None: [("a", 2.0)], 0: [], 1: [("b", 1.0)]}}
 
 
+async def test_a_learned_model_is_replaced_whole_and_read_back_by_name(make_store):
+    store = make_store()
+    assert await store.read_model("sentiment") is None
+    await store.write(models={"sentiment": b'{"n_learned": 1}'})
+    await store.write(models={"sentiment": b'{"n_learned": 2, "vocab": ["\xe5\xa5\xbd"]}', "topics": b"{}"})
+    assert await store.read_model("sentiment") == b'{"n_learned": 2, "vocab": ["\xe5\xa5\xbd"]}'
+    assert await store.read_model("topics") == b"{}" and await store.read_model("other") is None
+
+
 async def test_experiment_counts_are_absolute_and_names_read_back_exactly(make_store):
     store = make_store()
-    counts = {Segment(0, "c|1:2", "e:m|x", "v:1|%3A"): Counts(sent=2, clicks=1, revenue=12.5),
-              Segment(1, "recs", "email", "B"): Counts(sent=1)}
+    counts = {Segment(0, "c|1:2", "e:m|x", "v:1|%3A"): Counts(sent=2, clicks=1, revenue=12.5, users=(1 << 63) | 5),
+              Segment(1, "recs", "email", "B"): Counts(sent=1)}  # (users: a 64-bit bitmap, read back exactly)
     assert await store.write_experiment("exp:one", counts) == 2
     assert await store.write_experiment("exp:one", counts) == 2  # replayed: nothing doubles
     await store.write_experiment("other", {Segment(0, "recs", "app", "A"): Counts(opens=3)})
@@ -154,6 +163,27 @@ async def test_experiment_counts_are_absolute_and_names_read_back_exactly(make_s
     assert await store.read_experiment("exp:one") == counts
     assert await store.read_experiment("exp:one", ["B"]) == {Segment(1, "recs", "email", "B"): Counts(sent=1)}
     assert await store.read_experiment("none") == {}
+
+
+async def test_retention_counts_are_absolute_per_cohort_and_read_back_exactly(make_store):
+    """The control group's cohort figures: absolute values (a replay doubles nothing), awkward names read back,
+    a cohort written as zeros (its records erased or past the horizon) is no longer read."""
+    from infogap.models.retention import Cohort, CohortCounts
+
+    store = make_store()
+    counts = {Cohort(0, "c|1:2", "e:m|x", "v:1|%3A", "treated"): CohortCounts(entered=3, d1_users=2, d1_returned=1,
+                                                                               revenue=12.5, revenue_sq=156.25,
+                                                                               cost=0.75, messages=3),
+              Cohort(1, "recs", "email", "B", "control"): CohortCounts(entered=1, users_7d=1, conversions=1)}
+    assert await store.write_retention("exp:one", counts) == 2
+    assert await store.write_retention("exp:one", counts) == 2  # replayed: nothing doubles
+    await store.write_retention("other", {Cohort(2, "recs", "app", "none", "treated"): CohortCounts(entered=1)})
+    assert await store.retention_names() == ["exp:one", "other"]
+    assert await store.read_retention("exp:one") == counts
+    assert await store.read_retention("none") == {}
+    await store.write_retention("exp:one", {Cohort(1, "recs", "email", "B", "control"): CohortCounts()})
+    assert await store.read_retention("exp:one") == {k: c for k, c in counts.items() if k.arm == "treated"}
+    assert await store.experiments() == {}  # experiment counts are other keys
 
 
 async def test_the_generation_marker_says_when_the_data_was_lost(make_store):

@@ -23,7 +23,7 @@ import jinja2
 from aiohttp import web
 from markupsafe import Markup
 
-from infogap.models.experiments import Counts, Figures, summarize, verdict
+from infogap.models.experiments import Counts, Figures, hidden_cells, summarize, verdict
 from infogap.models.push_policy import RULES
 from infogap.stream import web_access
 from infogap.stream.console import charts
@@ -38,7 +38,8 @@ HERE = Path(__file__).parent
 RULE_TEXT = {"sent": "sent", "no_change": "held: no material change of the recommendations",
              "no_consent": "held: no consent for the channel", "quiet_hours": "held: the user's quiet hours",
              "daily_cap": "held: the channel's daily cap is reached", "repeat": "held: every item was pushed recently",
-             "too_large": "held: the message is too large", "no_recommendations": "held: nothing to recommend"}
+             "too_large": "held: the message is too large", "no_recommendations": "held: nothing to recommend",
+             "control_group": "held: the user is in the control group (a ghost push recorded, nothing sent)"}
 assert set(RULE_TEXT) == {"sent", *RULES}
 
 SECURITY_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
@@ -239,12 +240,19 @@ class Console:
             # else the first by name
             control = "control" if "control" in by_variant else (configured or variants)[0]
             variants = [control] + [v for v in variants if v != control]
+            # the privacy floor: a variant or row with fewer than min_users users behind it shows no figures
+            k = self.settings.engine_config().min_users
+            hidden = hidden_cells(counts, k)
+            hidden |= {v for v, f in by_variant.items() if (v,) in hidden or not f.shown(k)}  # (variants by name)
+            shown = {v: f for v, f in by_variant.items() if v not in hidden}
             verdicts = list(dict.fromkeys(verdict(control, by_variant[control], v, by_variant[v], metric)
-                                          for v in variants[1:] for metric in ("ctr", "conversion_rate")))
+                                          for v in variants[1:] if control in shown and v in shown
+                                          for metric in ("ctr", "conversion_rate")))
             out.append({"name": name, "variants": by_variant, "rows": rows, "control": control, "verdicts": verdicts,
-                        "ctr_chart": charts.interval_chart([(v, f.ctr, f.ctr_ci) for v, f in by_variant.items()], True),
+                        "hidden": hidden, "min_users": k,
+                        "ctr_chart": charts.interval_chart([(v, f.ctr, f.ctr_ci) for v, f in shown.items()], True),
                         "conv_chart": charts.interval_chart([(v, f.conversion_rate, f.conversion_rate_ci)
-                                                             for v, f in by_variant.items()], True)})
+                                                             for v, f in shown.items()], True)})
         return self._page(request, "experiments.html", "Experiments", experiments=out)
 
     async def dlq(self, request: web.Request) -> web.Response:

@@ -160,7 +160,23 @@ def segment_rows(view) -> list[dict]:
     rows = view.get("segments") if isinstance(view, dict) else None
     if not isinstance(rows, list):
         return []
-    return [r for r in rows if isinstance(r, dict) and type(r.get("segment")) is int and type(r.get("users")) is int]
+    rows = [r for r in rows if isinstance(r, dict) and type(r.get("segment")) is int and type(r.get("users")) is int]
+    for r in rows:  # (a worker from before review topics has none)
+        topics = r.get("topics")
+        r["topics"] = {k: v for k, v in topics.items() if isinstance(k, str) and k.isdigit()
+                       and isinstance(v, (int, float))} if isinstance(topics, dict) else {}
+    return rows
+
+
+def topic_rows(topics: list) -> list[dict]:
+    """The well-formed topics of a worker's ``/inspect/segments`` answer: ``{"topic", "words", "share"}``.
+
+    >>> topic_rows([{"topic": 0, "words": ["battery", "charge"], "share": 0.4}, {"topic": "x"}, 7])
+    [{'topic': 0, 'words': ['battery', 'charge'], 'share': 0.4}]
+    """
+    return [{"topic": t["topic"], "words": [w for w in t["words"] if isinstance(w, str)], "share": t["share"]}
+            for t in topics if isinstance(t, dict) and type(t.get("topic")) is int
+            and isinstance(t.get("words"), list) and isinstance(t.get("share"), (int, float))]
 
 
 def auth_headers(settings: Settings) -> dict[str, str]:
@@ -305,8 +321,10 @@ class Sources:
         for (s, m), top in zip(merged.items(), trending):
             m["trending"] = top
             m["history"] = list(self.sampler.segment_sizes.get(s, ()))
+        topics = next((v["topics"] for v in views if isinstance(v, dict) and isinstance(v.get("topics"), list)
+                       and v["topics"]), [])
         return {"segments": [merged[s] for s in sorted(merged)], "global": await self.store.trending(None, 10),
-                "workers": len(views)}
+                "workers": len(views), "topics": topic_rows(topics)}
 
     # ------------------------------------------------------------------ experiments
     async def experiments(self) -> dict:

@@ -23,6 +23,7 @@ record changes and what a publish writes.
 """
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Callable
 
@@ -32,10 +33,13 @@ import orjson
 from infogap.models import EngineConfig
 from infogap.models.cooc_shard import POPULATION_KIND, POPULATION_PARTITION, CoOccurrenceShard, PairDeltas
 from infogap.models.population import PopulationLearner, check_batch
+from infogap.models.privacy import PrivacyLedger
 from infogap.models.state_fields import StateError
 from infogap.stream.core.ingest import DeadLetter
 from infogap.stream.core.neighbour_rows import encode_row
+from infogap.stream.privacy import PublishNoise
 from infogap.stream.settings import Settings
+from infogap.stream.text import sentiment_model
 
 
 class Publication:
@@ -43,7 +47,8 @@ class Publication:
     shell can yield between chunks), then :meth:`write`, the keyword arguments of
     :meth:`~infogap.stream.store.Store.write`."""
 
-    def __init__(self, shards: ItemShards, dirty: dict[int, set[str]], population: dict | None):
+    def __init__(self, shards: ItemShards, dirty: dict[int, set[str]], population: dict | None,
+                 models: dict[str, bytes] | None = None):
         self._shards = shards
         self._todo = [(p, item) for p, items in dirty.items() if p in shards.shards for item in items]
         self._done = 0  # rows of _todo encoded (a backlog makes every row dirty: no copy of the rest per chunk)
@@ -52,23 +57,43 @@ class Publication:
         self.similar: dict[str, list] = {}
         self.rows: dict[str, bytes] = {}
         self.population = population  # trending, model and momentum, when the learner has news
+        self.models = models  # the learner's models published whole (sentiment, topics), when due
+        self._noised: set[int] = set()  # partitions whose similar lists got noise (their ledgers spend at write)
 
     def encode(self, n: int) -> bool:
         """Encode up to ``n`` more rows; returns whether rows remain."""
         s = self._shards
-        k, min_support = s.settings.similar_n, s.config.min_support
+        k, min_support, noise = s.settings.similar_n, s.config.min_support, s.noise
         start, self._done = self._done, min(self._done + n, len(self._todo))
         for p, item in self._todo[start:self._done]:
             shard = s.shards[p]
-            self.similar[item] = [nb._asdict() for nb in shard.similar(item, k, min_support, s.eligible)]
+            similar = [nb._asdict() for nb in shard.similar(item, k, min_support, s.eligible)]
+            if noise is not None:  # (Laplace noise on the support: docs/privacy.md)
+                similar = noise.similar(similar)
+                self._noised.add(p)
+            self.similar[item] = similar
             self.rows[item] = encode_row(shard.export_row(item), s.numbering[p])
         return self._done < len(self._todo)
 
     def __bool__(self) -> bool:
-        return bool(self.rows or self.population)
+        return bool(self.rows or self.population or self.models)
 
     def write(self) -> dict:
-        return {"similar": self.similar, "rows": self.rows, "rows_published": self.tokens, **(self.population or {})}
+        """What to write; with noise on, each partition whose counts got noise enters this publish's epsilon in its
+        ledger (``privacy``, written with them)."""
+        s, spent = self._shards, set()
+        if s.noise is not None:
+            for p in self._noised:
+                if p in s.ledgers:
+                    s.noise.spend(s.ledgers[p], "similar")
+                    spent.add(p)
+            if self.population is not None and POPULATION_PARTITION in s.ledgers:
+                s.noise.spend(s.ledgers[POPULATION_PARTITION], "trending")
+                spent.add(POPULATION_PARTITION)
+            self._noised = set()
+        privacy = {p: orjson.dumps(s.ledgers[p].to_state()) for p in spent}
+        return {"similar": self.similar, "rows": self.rows, "rows_published": self.tokens, **(self.population or {}),
+                **({"models": self.models} if self.models else {}), **({"privacy": privacy} if privacy else {})}
 
 
 class ItemShards:
@@ -86,6 +111,8 @@ class ItemShards:
         #: the population learner, while this stage owns POPULATION_PARTITION
         self.population: PopulationLearner | None = None
         self._population_published = -1
+        #: reviews the published sentiment and topic models had learned, and when (monotonic seconds)
+        self._review_models_published = (-1, -math.inf)
         self.dirty: dict[int, set[str]] = {}
         #: after a store data loss, per partition the owned items still to publish again (:meth:`rematerialise`)
         self.refill: dict[int, list[str]] = {}
@@ -98,11 +125,16 @@ class ItemShards:
         #: end offset of each events partition as last read (a bound on cooc records' sequence numbers); None:
         #: not checked (tests that apply records by hand)
         self.events_ends: dict[int, int] | None = None
+        #: Laplace noise on what is published (INFOGAP_PRIVACY_EPSILON), None: off; the shell may replace it (a clock)
+        self.noise = (PublishNoise(settings.privacy_epsilon, settings.privacy_sensitivity)
+                      if getattr(settings, "privacy_epsilon", None) else None)
+        #: per owned partition, the epsilon its publishes spent per day (in its snapshot; ig:privacy:{partition})
+        self.ledgers: dict[int, PrivacyLedger] = {}
 
     # ------------------------------------------------------------------ partitions
     def take(self, p: int) -> None:
         """Own partition ``p`` with a new shard (and learner): a partition without a snapshot."""
-        self._own(p, CoOccurrenceShard.for_engine(self.config), PopulationLearner(self.config))
+        self._own(p, CoOccurrenceShard.for_engine(self.config), PopulationLearner(self.config, sentiment_model()))
 
     def restore(self, p: int, state, arrays=(), where: str = "") -> None:
         """Own partition ``p`` with its shard (and learner) from a snapshot's ``state``. Raises
@@ -110,26 +142,33 @@ class ItemShards:
         snapshot without a state too)."""
         tree = state if isinstance(state, dict) else {}
         shard = CoOccurrenceShard.from_state(tree.get("shard"), arrays, f"{where}: shard")
+        shard.set_floor(self.config.min_users)  # (the floor configured now; a snapshot from before it: conservative)
+        ledger = (PrivacyLedger.from_state(tree["privacy"], f"{where}: privacy") if tree.get("privacy") is not None
+                  else PrivacyLedger())  # (a snapshot from before the ledger: nothing spent)
         pop = tree.get("population")
         if p == POPULATION_PARTITION:
-            pop = (PopulationLearner(self.config) if pop is None else
-                   PopulationLearner.from_state(self.config, pop, arrays, f"{where}: population"))
+            pop = (PopulationLearner(self.config, sentiment_model()) if pop is None else
+                   PopulationLearner.from_state(self.config, pop, arrays, f"{where}: population", sentiment_model()))
         elif pop is not None:
             raise StateError(f"{where}: a population learner on partition {p}, not {POPULATION_PARTITION}")
-        self._own(p, shard, pop)
+        self._own(p, shard, pop, ledger)
 
-    def _own(self, p: int, shard: CoOccurrenceShard, pop: PopulationLearner | None) -> None:
+    def _own(self, p: int, shard: CoOccurrenceShard, pop: PopulationLearner | None,
+             ledger: PrivacyLedger | None = None) -> None:
         self.shards[p] = shard
+        self.ledgers[p] = ledger if ledger is not None else PrivacyLedger()
         self.numbering[p] = secrets.randbits(63)
         if p == POPULATION_PARTITION:
             self.population = pop
             self._population_published = -1
+            self._review_models_published = (-1, -math.inf)
 
     def release(self, p: int) -> None:
         self.shards.pop(p, None)
         self.numbering.pop(p, None)
         self.dirty.pop(p, None)
         self.refill.pop(p, None)
+        self.ledgers.pop(p, None)
         self.stopped.discard(p)
         if p == POPULATION_PARTITION:
             self.population = None
@@ -137,7 +176,8 @@ class ItemShards:
     def state(self, p: int) -> dict:
         """What partition ``p``'s snapshot holds, as a plain tree: its shard, and the learner for partition 0."""
         pop = self.population if p == POPULATION_PARTITION else None
-        return {"shard": self.shards[p].to_state(), "population": None if pop is None else pop.to_state()}
+        return {"shard": self.shards[p].to_state(), "population": None if pop is None else pop.to_state(),
+                "privacy": self.ledgers[p].to_state()}
 
     # ------------------------------------------------------------------ records
     def _past_events(self, source: int, top: int) -> bool:
@@ -169,13 +209,13 @@ class ItemShards:
                     if partition != POPULATION_PARTITION or self.population is None:
                         raise ValueError(f"population entries on cooc partition {partition}, "
                                          f"not {POPULATION_PARTITION}")
-                    samples, trends = check_batch(orjson.loads(rec.value))
-                    top = max((e[0] for e in samples + trends), default=-1)
+                    samples, trends, reviews = check_batch(orjson.loads(rec.value))
+                    top = max((e[0] for e in samples + trends + reviews), default=-1)
                     if self._past_events(source, top):
                         if not final:
                             return records[k:]
                         raise ValueError(f"sequence number {top} is past the end of events partition {source}")
-                    self.population.learn_checked(samples, trends, source)
+                    self.population.learn_checked(samples, trends, reviews, source)
                     continue
                 deltas = PairDeltas.from_bytes(rec.value)
                 top = max(int(deltas.seq.max(initial=-1)), int(deltas.occ_seq.max(initial=-1)))
@@ -194,18 +234,28 @@ class ItemShards:
         return []
 
     # ------------------------------------------------------------------ publishing
-    def publication(self) -> Publication:
-        """What changed since the last publication (and is now taken as published): the changed rows, and the
-        population's trending sets, model and momentum if the learner applied anything since."""
-        pop, population = self.population, None
+    def publication(self, now: float | None = None) -> Publication:
+        """What changed since the last publication (and is now taken as published): the changed rows, the
+        population's trending sets, model and momentum if the learner applied anything since, and its sentiment
+        and topic models if they learned since and ``review_models_publish_s`` passed since their last publication
+        (``now``: a monotonic clock in seconds; the default publishes them whenever they learned)."""
+        pop, population, models = self.population, None, None
+        n, at = self._review_models_published
+        learned = None if pop is None else pop.sentiment.n_learned + pop.topics.n_learned
+        if pop is not None and learned != n and (now is None or now - at >= self.settings.review_models_publish_s):
+            models = {"sentiment": orjson.dumps(pop.sentiment.to_state()), "topics": orjson.dumps(pop.topics.to_state())}
+            self._review_models_published = (learned, -math.inf if now is None else now)
         if pop is not None and pop.applied > 0 and pop.applied != self._population_published:
-            k = self.settings.trending_n
-            trending = {seg: pop.trending(k, seg, self.eligible) for seg in (None, *range(self.config.n_segments))}
+            k, noise = self.settings.trending_n, self.noise
+            trending = {seg: pop.trending(k if noise is None else 2 * k, seg, self.eligible)
+                        for seg in (None, *range(self.config.n_segments))}
+            if noise is not None:  # noisy scores, the top k of twice as many by them (docs/privacy.md)
+                trending = {seg: noise.trending(lst)[:k] for seg, lst in trending.items()}
             population = {"trending": trending, "population": {**pop.model(), "at": pop.now},
                           "momentum": pop.momentum()}
             self._population_published = pop.applied
         dirty, self.dirty = self.dirty, {}
-        return Publication(self, dirty, population)
+        return Publication(self, dirty, population, models)
 
     def rematerialise(self) -> int:
         """The store lost its data: every owned row's ``similar`` and ``nbrow`` and the population's keys are to
@@ -213,6 +263,7 @@ class ItemShards:
         rows."""
         self.refill = {p: shard.owned() for p, shard in self.shards.items() if p not in self.stopped}
         self._population_published = -1  # the next publication holds the population's keys, changed or not
+        self._review_models_published = (-1, -math.inf)
         self.population_lost = True
         return self.pending_refill()
 

@@ -8,8 +8,8 @@ A batch, per ``events`` partition and in order: :meth:`UserStage.learn` (ingest:
 ``forget`` erases at once; ``unsubscribe`` and ``push_bounce`` turn a channel's consent off at once, the ``users``
 records saying so to produce; the engine learns; the ``cooc`` records of the updates), then the shell makes the
 neighbour rows of :meth:`UserStage.wanted_items` current (the store), then :meth:`UserStage.rank` (each
-touched user ranked, the push policy, experiment counts, eviction). Side records (``erasures``, ``items``,
-``users``) are applied by :meth:`UserStage.apply_side`.
+touched user ranked, the push policy, experiment counts, the control group's cohorts, eviction). Side records
+(``erasures``, ``items``, ``users``) are applied by :meth:`UserStage.apply_side`.
 
 >>> from infogap.stream.settings import Settings
 >>> stage = UserStage(Settings(), clock=lambda: 1.7e9)
@@ -23,7 +23,9 @@ touched user ranked, the push policy, experiment counts, eviction). Side records
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -38,6 +40,7 @@ from infogap.models.dedupe import Deduplicator
 from infogap.models.events import CONSENT_OFF_TYPES, Event, Limits
 from infogap.models.experiments import FEEDBACK_TYPES, Counts, Segment, kafka_partition
 from infogap.models.push_policy import PushConfig, PushMessage, UserPrefs
+from infogap.models.retention import Cohort, CohortCounts
 from infogap.models.state_fields import StateError
 from infogap.models.user_state import export_users, import_users, users_from_state
 from infogap.stream.core.erasures import ErasureLedger
@@ -47,6 +50,7 @@ from infogap.stream.experiments_store import experiment_from_settings
 from infogap.stream.pseudonym import Pseudonymizer
 from infogap.stream.settings import Settings
 from infogap.stream.store.base import decision_entry
+from infogap.stream.text import sentiment_model
 
 log = logging.getLogger("infogap.worker")
 
@@ -111,6 +115,8 @@ class Ranked:
     #: rule -> pushes held back by it in this batch (a decision for every channel counts once)
     held: dict[str, int] = field(default_factory=dict)
     experiments: dict[Segment, Counts] = field(default_factory=dict)
+    #: the control group's cohorts changed (:mod:`infogap.models.retention`), absolute counts to write
+    retention: dict[Cohort, CohortCounts] = field(default_factory=dict)
 
 
 @dataclass
@@ -137,13 +143,14 @@ def population_records(batch: dict, limit: int = POPULATION_RECORD_BYTES) -> lis
     raw = orjson.dumps(batch)
     if len(raw) <= limit:  # every batch: nothing more to do
         return [raw]
-    seqs = sorted(e[0] for part in (batch["seg"], batch["trend"]) for e in part)
+    kinds = [k for k in ("seg", "trend", "review") if k in batch]
+    seqs = sorted(e[0] for k in kinds for e in batch[k])
     if seqs[0] == seqs[-1]:
         return [raw]
     middle = seqs[len(seqs) // 2]
     cut = middle if middle > seqs[0] else middle + 1  # both halves hold entries
-    halves = ({k: [e for e in batch[k] if e[0] < cut] for k in ("seg", "trend")},
-              {k: [e for e in batch[k] if e[0] >= cut] for k in ("seg", "trend")})
+    halves = ({k: [e for e in batch[k] if e[0] < cut] for k in kinds},
+              {k: [e for e in batch[k] if e[0] >= cut] for k in kinds})
     return [r for half in halves for r in population_records(half, limit)]
 
 
@@ -165,7 +172,9 @@ class UserStage:
                  clock: Callable[[], float] = time.time):
         self.settings = settings
         self.topics = settings.topics
-        self.engine = engine or Engine(settings.engine_config(), cooc="remote", population="remote")
+        self.engine = engine or Engine(settings.engine_config(), cooc="remote", population="remote",
+                                       sentiment=sentiment_model())
+        self._model_digests: dict[str, bytes] = {}  # of the review models loaded last, by name
         if self.engine.cooc_mode != "remote":
             raise ValueError("the user stage's engine must be built with cooc='remote' (the item stage learns the rows)")
         self.clock = clock
@@ -182,7 +191,13 @@ class UserStage:
         self.push_config = PushConfig(min_new_items=settings.push_min_new_items,
                                       daily_cap=dict(settings.push_daily_cap),
                                       repeat_window_s=settings.push_repeat_window_s,
-                                      ttl_s=settings.push_ttl_s, items_per_push=settings.push_items)
+                                      ttl_s=settings.push_ttl_s, items_per_push=settings.push_items,
+                                      control_share=settings.control_share)
+        #: cohorts are kept while there is a control group to compare with (docs/experiments.md)
+        self.track_cohorts = settings.control_share > 0
+        #: a window of the cohorts closes once the partition's newest event is this far past its end (no event
+        #: older can still arrive: INFOGAP_MAX_LATENESS_S; without a bound, at once)
+        self.cohort_lateness_s = settings.max_lateness_s if math.isfinite(settings.max_lateness_s) else 0.0
         self.parts: dict[int, UserPartition] = {}  # per assigned events partition
         self.prefs: dict[str, UserPrefs] = {}
         self.experiment = experiment_from_settings(settings)
@@ -218,7 +233,8 @@ class UserStage:
             for user_id in users["users"]:
                 self.engine.forget_user(user_id)
             raise StateError(f"{where}: users: {type(exc).__name__}: {exc}") from None
-        for user_id in [u for u in set(users["users"]) | part.users if self.erasures.erased(u)]:
+        for user_id in [u for u in set(users["users"]) | part.users | part.retention.user_ids()
+                        if self.erasures.erased(u)]:
             self.engine.forget_user(user_id)  # a snapshot from before the erasure: erasure wins
             part.forget_user(user_id)
         self.parts[partition] = part
@@ -354,6 +370,7 @@ class UserStage:
         consent_keys: dict[bytes, str] = {}  # record key -> user, of the consents turned off
         for partition, recs in by_partition.items():
             part = self.part(partition)
+            cohorts = part.retention if self.track_cohorts else None
             self.ingest.dedupe = part.dedupe  # event ids are deduplicated per partition (a user's events share one)
             result = self.ingest.accept(recs, now)
             out.records[partition] = len(recs)
@@ -386,6 +403,8 @@ class UserStage:
                 part.touch(e.user_id)
                 if e.type in FEEDBACK_TYPES:
                     part.experiments.observe(e)
+                if cohorts is not None:
+                    cohorts.observe(e)
                 if e.ts > out.touched.get(e.user_id, (float("-inf"),))[0]:
                     out.touched[e.user_id] = (e.ts, partition)
             self._learn(chunk)
@@ -413,9 +432,10 @@ class UserStage:
                     for p, part in enumerate(deltas.split(lambda i: owner(i, n), n))
                     for piece in part.pieces(COOC_RECORD_UPDATES)]
         population = self.engine.drain_population()
-        if population is not None:  # segment samples and trend entries: to the learner, on partition 0
-            for entry in population["seg"] + population["trend"]:
-                entry[0] = int(seq_of[entry[0] - base])
+        if population is not None:  # segment samples, trend entries, reviews: to the learner, on partition 0
+            for entries in population.values():  # (segment samples, trend entries, reviews)
+                for entry in entries:
+                    entry[0] = int(seq_of[entry[0] - base])
             out += [(self.topics.cooc, raw, None, headers + [("kind", POPULATION_KIND)], POPULATION_PARTITION)
                     for raw in population_records(population)]
         return out
@@ -429,6 +449,7 @@ class UserStage:
         drain the experiment counts changed, and evict idle users (memory, not the store)."""
         out = Ranked()
         push, log = self.settings.push_enabled, self.settings.decision_log_max > 0
+        track = self.track_cohorts
         for user_id, (user_ts, partition) in learned.touched.items():
             variant, recs, doc = self.ranked(user_id, now)
             out.segments[user_id] = doc["segment"]
@@ -440,6 +461,12 @@ class UserStage:
                     decided = part.push.decisions(prefs, recs, now=user_ts, variant=variant, title=self.engine.title)
                     sent = [d.message for d in decided if d.message is not None]
                     part.experiments.record_sends(sent)
+                    if track:  # the first push (treated) or ghost push (control) enters the user's cohort
+                        for d in decided:
+                            if d.message is not None:
+                                part.retention.record_push(d.message, control=False)
+                            elif d.ghost is not None:
+                                part.retention.record_push(d.ghost, control=True)
                     out.pushes += sent
                     for d in decided:
                         if d.rule is not None:
@@ -454,7 +481,23 @@ class UserStage:
             if p in self.parts:
                 self.parts[p].evict(self.engine, self.ingest.watermarks.get((self.topics.events, p)), n, self.settings)
         out.experiments = {seg: c for part in self.parts.values() for seg, c in part.experiments.drain_changed().items()}
+        if track:
+            for p in learned.records:
+                part = self.parts.get(p)
+                newest = self.ingest.watermarks.get((self.topics.events, p))
+                if part is not None and newest is not None:
+                    part.retention.advance(newest - self.cohort_lateness_s)
+        out.retention = self.drain_retention()
         return out
+
+    def drain_retention(self) -> dict[Cohort, CohortCounts]:
+        """The cohorts changed since the last drain, in every partition (what to write: after a batch, and after
+        an erasure outside one)."""
+        return {k: c for part in self.parts.values() for k, c in part.retention.drain_changed().items()}
+
+    def retention_counts(self, partitions) -> dict[Cohort, CohortCounts]:
+        """Every cohort's counts of ``partitions`` (to write again whole)."""
+        return {k: c for p in partitions if p in self.parts for k, c in self.parts[p].retention.counts().items()}
 
     def ranked(self, user_id: str, now: float) -> tuple[str | None, list, dict]:
         """A user's experiment variant, recommendations (with its variant's ranker settings) and the
@@ -481,6 +524,21 @@ class UserStage:
                 if user_id in part.users:
                     part.touch(user_id)
         return {u: self.engine.segment(u) for u in assigned}
+
+    def load_review_model(self, name: str, raw: bytes) -> bool:
+        """Read reviews with the population learner's ``sentiment`` or ``topics`` model as read from the store (JSON
+        bytes; the same bytes as last time change nothing). False when they are not such a model (the one in use
+        stays)."""
+        digest = hashlib.blake2b(raw, digest_size=16).digest()
+        if digest == self._model_digests.get(name):
+            return True
+        load = {"sentiment": self.engine.load_sentiment, "topics": self.engine.load_topics}[name]
+        try:
+            load(orjson.loads(raw))
+        except ValueError:  # (orjson's errors too)
+            return False
+        self._model_digests[name] = digest
+        return True
 
     def users_to_rematerialise(self, partitions) -> list[tuple[int, str]]:
         """The users of ``partitions`` whose keys are to be written again after the store lost its data: all but

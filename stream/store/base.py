@@ -16,6 +16,7 @@ What is kept (key names in :class:`~infogap.stream.store.keys.RedisKeys`, format
   with, with a token per ``cooc`` partition that changes at each publish;
 - the population's trending sets (global and per segment), segment model and momentum;
 - experiment counters, absolute values per segment (:mod:`infogap.stream.experiments_store`);
+- the control group's cohort figures, absolute values per cohort (:mod:`infogap.models.retention`);
 - the generation marker.
 
 Every write sets absolute values, so a write that failed half way is retried whole. Failures are
@@ -31,6 +32,7 @@ import numpy as np
 import orjson
 
 from infogap.models.experiments import Counts, Segment
+from infogap.models.retention import Cohort, CohortCounts
 from infogap.stream.store.keys import RedisKeys
 
 
@@ -153,19 +155,27 @@ class Store(ABC):
                     population: Mapping | None = None,
                     momentum: tuple[list[str], list[float]] | None = None,
                     rows_published: Mapping[int, str] | None = None,
-                    decisions: Mapping[str, Sequence[Mapping]] | None = None) -> None:
+                    decisions: Mapping[str, Sequence[Mapping]] | None = None,
+                    models: Mapping[str, bytes] | None = None,
+                    privacy: Mapping[int, bytes] | None = None) -> None:
         """Write one batch of results: ``recs`` (documents with a ``user_id``, kept ``recs_ttl_s``), each user's
         new push ``decisions`` (:func:`decision_entry`, oldest first: added to the user's log by
         :func:`add_decision`),
         ``segments`` (user -> segment, None deletes; kept as long as the recommendations), ``similar`` and
         neighbour ``rows`` per item, each ``cooc`` partition's new token in ``rows_published`` (a reader
         that sees a token sees the rows published with it), ``trending`` per segment (None: global; a
-        set is replaced whole, never seen half written; empty deletes it), the ``population`` model and
-        the ``momentum`` (item ids, values)."""
+        set is replaced whole, never seen half written; empty deletes it), the ``population`` model,
+        the ``momentum`` (item ids, values), learned ``models`` by name (JSON bytes, each replaced whole) and each
+        ``cooc`` partition's ``privacy`` ledger (JSON bytes, replaced whole)."""
 
     @abstractmethod
     async def write_experiment(self, experiment: str, counts: Mapping[Segment, Counts]) -> int:
         """Set the absolute counts of the given segments of ``experiment``; returns how many segments."""
+
+    @abstractmethod
+    async def write_retention(self, experiment: str, counts: Mapping[Cohort, CohortCounts]) -> int:
+        """Set the absolute counts of the given cohorts of ``experiment`` (zeros included: a cohort whose records
+        all left); returns how many cohorts."""
 
     @abstractmethod
     async def erase_user(self, user_id: str) -> int:
@@ -207,12 +217,28 @@ class Store(ABC):
         each ``trending`` set and the ``momentum`` of every item."""
 
     @abstractmethod
+    async def read_model(self, name: str) -> bytes | None:
+        """A learned model the population learner published under ``name`` (``write(models=...)``), or None."""
+
+    @abstractmethod
+    async def read_privacy(self, partitions: int) -> list[bytes | None]:
+        """The privacy ledger of each of ``partitions`` ``cooc`` partitions (None: none written)."""
+
+    @abstractmethod
     async def experiments(self) -> dict[str, list[str]]:
         """Experiment name -> its variants found in the store."""
 
     @abstractmethod
     async def read_experiment(self, experiment: str, variants: list[str] | None = None) -> dict[Segment, Counts]:
         """Every segment of ``experiment`` (all variants found, or the ones given), per shard."""
+
+    @abstractmethod
+    async def retention_names(self) -> list[str]:
+        """The experiments (or push campaigns) with cohort figures in the store, sorted."""
+
+    @abstractmethod
+    async def read_retention(self, experiment: str) -> dict[Cohort, CohortCounts]:
+        """Every cohort of ``experiment``, per shard (empty when none); cohorts with nobody entered are left out."""
 
     # ------------------------------------------------------------------ upkeep
     @abstractmethod

@@ -58,6 +58,11 @@ class RedisKeys:
         """Internal: the population learner's slow-decayed popularity of every item (binary)."""
         return f"{self.prefix}momentum"
 
+    def learned_model(self, name: str) -> str:
+        """Internal: a model the population learner publishes whole for the user stages, by name (``sentiment``:
+        JSON, :meth:`infogap.models.sentiment.SentimentModel.to_state`)."""
+        return f"{self.prefix}model:{name}"
+
     def generation(self) -> str:
         """Internal: a random token set once per life of Redis's data; gone (or another) means Redis lost
         its data (restarted without persistence, flushed), so the workers write every key again."""
@@ -65,6 +70,25 @@ class RedisKeys:
 
     def experiment(self, experiment: str, variant: str) -> str:
         return f"{self.prefix}exp:{experiment}:{variant}"
+
+    def retention(self, experiment: str) -> str:
+        """The control group's cohort figures of an experiment (or of the push campaign, without one): one hash,
+        a field per shard, segment, arm and count (:mod:`infogap.stream.experiments_store`). Each command names
+        this one key, so Redis Cluster needs no hash tag.
+
+        >>> RedisKeys("ig:").retention("ranker-v2"), RedisKeys("ig:", cluster=True).retention("recs")
+        ('ig:ret:ranker-v2', 'ig:ret:recs')
+        """
+        return f"{self.prefix}ret:{experiment}"
+
+    def privacy(self, partition: int) -> str:
+        """The epsilon a ``cooc`` partition's publishes spent on noise, per day (JSON,
+        :meth:`infogap.models.privacy.PrivacyLedger.to_state`; docs/privacy.md).
+
+        >>> RedisKeys("ig:").privacy(3)
+        'ig:privacy:3'
+        """
+        return f"{self.prefix}privacy:{partition}"
 
     def user_keys(self, user_id: str) -> list[str]:
         """Every key that holds data about one user (for erasure)."""

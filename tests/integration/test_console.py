@@ -52,7 +52,8 @@ async def console(settings):
     s = settings.model_copy(update={
         "http_port": free_port(), "http_host": "127.0.0.1", "console_port": free_port(), "console_refresh_s": 0.5,
         "neighbour_max_age_s": 0.0, "publish_interval_s": 0.3, "push_min_new_items": 1,
-        "experiment": {"name": "exp1", "variants": {"A": 1, "B": 1}}})
+        "experiment": {"name": "exp1", "variants": {"A": 1, "B": 1}},
+        "engine": {"min_users": 1}})  # a handful of users: below the privacy floor every cell would read "< 5 users"
     s = s.model_copy(update={"console_workers": [f"http://127.0.0.1:{s.http_port}"]})
     async with running_worker(s) as worker:
         stop, ready = asyncio.Event(), asyncio.Event()

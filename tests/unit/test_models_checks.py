@@ -463,7 +463,7 @@ def test_pair_weights_rating_agreement_and_shared_features_follow_the_formula():
 def test_a_snapshot_from_before_ratings_and_feature_masks_loads_and_learns_on():
     """Pickles written before the history kept ratings and the catalog feature bits: those are rebuilt
     (masks) or empty (ratings), and the pickled pair weights keep both new factors off."""
-    e = Engine()
+    e = Engine(EngineConfig(min_users=1))  # (10 users: at a privacy floor of 5, too few items for 5 recommendations)
     e.upsert_item({"item_id": "i0", "category": "A", "tags": ["x"]})
     e.upsert_item({"item_id": "i1", "category": "A"})
     xs = random_stream(300, n_users=10, n_items=12, seed=5)

@@ -93,7 +93,7 @@ def ev(n: int, user: str, item: str | None, t: float, typ: str = "click", **extr
 
 @pytest.fixture
 async def pipeline():
-    s = Settings(http_port=None, experiment={"name": "exp1", "variants": {"A": 1, "B": 1}})
+    s = Settings(http_port=None, experiment={"name": "exp1", "variants": {"A": 1, "B": 1}}, review_models_publish_s=0.0)
     p = Pipeline(s)
     for item in CATALOG:
         p.side(s.topics.items, item["item_id"], item)
@@ -326,3 +326,28 @@ def test_an_item_snapshot_without_a_state_is_refused_not_taken_as_a_new_shard():
     assert 1 not in shards.shards
     shards.take(1)
     assert 1 in shards.shards
+
+
+async def test_a_disliked_item_in_a_review_takes_its_neighbours_down_in_the_stored_recommendations(pipeline):
+    p = pipeline
+    await _crowd(p)  # sku-1 goes with sku-2 and sku-3
+    await p.batch([p.record(ev(k, f"hat{i}", item, T0 + 50 + i), f"hat{i}")  # and sku-7 with sku-8
+                   for i in range(8) for k, item in enumerate(("sku-7", "sku-8"))])
+    await p.batch([p.record(ev(1, "alice", "sku-1", T0 + 100), "alice"),
+                   p.record(ev(2, "alice", "sku-7", T0 + 101), "alice")])
+    top = [i["item_id"] for i in orjson.loads(await p.store.recs("alice"))["items"]]
+    assert top[0] == "sku-8" and "sku-2" in top[:3]
+    support = {n["item_id"]: n["support"] for n in await p.store.similar("sku-7")}
+    await p.batch([p.record(ev(3, "alice", "sku-7", T0 + 102, "review", text="质量很差，戴了一天就坏了，很失望",
+                                rating=1), "alice")])
+    top = [i["item_id"] for i in orjson.loads(await p.store.recs("alice"))["items"]]
+    assert top[:2] in (["sku-2", "sku-3"], ["sku-3", "sku-2"]) and "sku-7" not in top
+    assert "sku-8" not in top[:2]
+    assert {n["item_id"]: n["support"] for n in await p.store.similar("sku-7")} == pytest.approx(support, rel=1e-3)
+    profile = p.worker.engine.profile("alice")["categories"]
+    assert profile.get("hats", 0.0) < profile["shoes"]
+    # the rated review taught the population learner, whose model the user stage then reads reviews with
+    assert p.items.core.population.sentiment.n_learned == 1
+    assert await p.store.read_model("sentiment") is not None
+    await p.worker._load_review_models()
+    assert p.worker.engine.sentiment.n_learned == 1
