@@ -144,8 +144,7 @@ class EngineConfig:
     min_users
         The privacy floor: a pair votes in rankings, is published by :meth:`Engine.similar` and cited in a
         reason, and a trending entry (global or per segment) is listed, only once at least this many distinct
-        users made it (by their bits in a 64-bit bitmap: :mod:`infogap.models.privacy`). 1 (the default for now) turns it
-        off; 5 is the floor docs/privacy.md measures.
+        users made it (by their bits in a 64-bit bitmap: :mod:`infogap.models.privacy`). 1 turns it off.
     reason_min_support
         A reason cites a pair ("bought together with X by N users (lift L)") only with at least this many
         co-occurrences (and ``min_support``) and a lift above 1 as shown; else the next true reason.
@@ -208,7 +207,7 @@ class EngineConfig:
     n_neighbours: int = 400
     evict_fraction: float = 0.25
     min_support: int = 2
-    min_users: int = 1
+    min_users: int = 5
     reason_min_support: int = 3
     door_bits: int = 0
     pop_exponent: float = 0.2

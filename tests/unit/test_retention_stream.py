@@ -76,7 +76,7 @@ def control_user(share: float, want: bool, start: int = 0) -> str:
 
 
 async def test_a_control_user_gets_no_push_but_a_ghost_push_that_enters_the_cohorts():
-    st = Stream()  # the default share, 5 %
+    st = Stream(control_share=0.05)
     p = st.p
     ctl, trt = control_user(0.05, True), control_user(0.05, False)
     st.prefs([ctl, trt])
@@ -96,7 +96,7 @@ async def test_a_control_user_gets_no_push_but_a_ghost_push_that_enters_the_coho
 
 
 async def test_an_erasure_takes_the_user_out_of_the_stored_cohort_figures():
-    st = Stream()
+    st = Stream(control_share=0.05)
     p = st.p
     ctl, ctl2 = control_user(0.05, True), control_user(0.05, True, start=int(control_user(0.05, True)[1:]) + 1)
     trt = control_user(0.05, False)
@@ -254,7 +254,7 @@ async def test_the_cohorts_travel_in_the_partitions_snapshot_and_an_erasure_sinc
     from infogap.stream.core.user_stage import UserStage
     from infogap.stream.snapshots import decode, encode
 
-    st = Stream()
+    st = Stream(control_share=0.05)
     p = st.p
     ctl = control_user(0.05, True)
     trt = control_user(0.05, False)
