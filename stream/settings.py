@@ -275,7 +275,7 @@ class Settings(BaseSettings):
     experiment_max_segments: int = Field(1_000, ge=1)
     # the global control group (docs/experiments.md, "Control group and retention"): this share of users is never
     # pushed (rule control_group) but ghost-pushed, so that retention and ROI can be measured on the increment; 0
-    # turns it and the cohorts off. Cohort records are kept retention_horizon_s of event time after entry (the
+    # (the default: it stops pushes to that share of users, a choice for each deployment) turns it and the cohorts off. Cohort records are kept retention_horizon_s of event time after entry (the
     # figures are of the cohorts that entered within it), at most retention_max_records per events partition.
     control_share: float = Field(0.0, ge=0.0, lt=1.0)
     retention_horizon_s: float = Field(30 * 86_400.0, ge=8 * 86_400.0)
