@@ -242,7 +242,8 @@ class ItemShards:
         pop, population, models = self.population, None, None
         n, at = self._review_models_published
         learned = None if pop is None else pop.sentiment.n_learned + pop.topics.n_learned
-        if pop is not None and learned != n and (now is None or now - at >= self.settings.review_models_publish_s):
+        if pop is not None and learned and learned != n and (now is None or
+                                                             now - at >= self.settings.review_models_publish_s):
             models = {"sentiment": orjson.dumps(pop.sentiment.to_state()), "topics": orjson.dumps(pop.topics.to_state())}
             self._review_models_published = (learned, -math.inf if now is None else now)
         if pop is not None and pop.applied > 0 and pop.applied != self._population_published:

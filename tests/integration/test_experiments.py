@@ -125,6 +125,7 @@ async def test_report_command_prints_the_stored_metrics(settings, monkeypatch):
     await r.aclose()
     monkeypatch.setenv("INFOGAP_REDIS_URL", settings.redis_url)
     monkeypatch.setenv("INFOGAP_REDIS_PREFIX", settings.redis_prefix)
+    monkeypatch.setenv("INFOGAP_ENGINE", orjson.dumps(settings.engine).decode())  # the stream's privacy floor (off)
     monkeypatch.setenv("COLUMNS", "80")  # a terminal's default width: nothing cut short
     res = await _in_thread(CliRunner().invoke, app, ["report", "--experiment", EXPERIMENT])
     assert res.exit_code == 0, res.output

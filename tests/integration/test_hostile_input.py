@@ -77,39 +77,43 @@ async def test_out_of_order_events_within_the_lateness_are_applied(settings):
     assert profile is not None
 
 
+#: long enough that its bytes cannot turn up by chance in the state's float arrays (a pickle of 10 MB: "zoe" did)
+ZOE = "zoe-erased-7f3c9a1e"
+
+
 async def test_erasure_leaves_no_trace_in_redis_or_state_within_5_seconds(settings):
     import time
 
     s = settings.model_copy(update={"experiment": {"name": "e1", "variants": {"A": 0.5, "B": 0.5}}})
-    prefs = {"user_id": "zoe", "consent": {"email": True, "app": True}, "timezone": "UTC", "quiet_hours": None}
+    prefs = {"user_id": ZOE, "consent": {"email": True, "app": True}, "timezone": "UTC", "quiet_hours": None}
     crowd = [(f"c{i}", good(k, f"c{i}", f"sku-{k}")) for i in range(5) for k in range(6)]
     r = connections.redis_async(s)
     async with running_worker(s) as worker:
-        await produce(s, s.topics.users, [("zoe", prefs)])
-        await produce(s, s.topics.events, crowd + [("zoe", good(k, "zoe", f"sku-{k}")) for k in range(3)] + [
-            ("zoe", {"event_id": "fb1", "user_id": "zoe", "type": "push_click", "ts": T0 + 9,
+        await produce(s, s.topics.users, [(ZOE, prefs)])
+        await produce(s, s.topics.events, crowd + [(ZOE, good(k, ZOE, f"sku-{k}")) for k in range(3)] + [
+            (ZOE, {"event_id": "fb1", "user_id": ZOE, "type": "push_click", "ts": T0 + 9,
                      "context": {"campaign": "recs", "channel": "email", "variant": "A", "message_id": "m-1"}})])
-        await wait_for(lambda: r.exists(f"{s.redis_prefix}recs:zoe"), what="zoe's recs")
+        await wait_for(lambda: r.exists(f"{s.redis_prefix}recs:{ZOE}"), what="zoe's recs")
         parts = list(worker.core.parts.values())
-        assert any(p.push.knows("zoe") for p in parts) and any(p.experiments.knows_user("zoe") for p in parts)
+        assert any(p.push.knows(ZOE) for p in parts) and any(p.experiments.knows_user(ZOE) for p in parts)
         t0 = time.monotonic()
-        await produce(s, s.topics.events, [("zoe", {"event_id": "bye", "user_id": "zoe", "type": "forget",
+        await produce(s, s.topics.events, [(ZOE, {"event_id": "bye", "user_id": ZOE, "type": "forget",
                                                      "ts": T0 + 10})])
 
         async def erased() -> bool:
-            keys = [k async for k in r.scan_iter(match=f"{s.redis_prefix}*zoe*", count=1000)]
-            return not keys and not worker.engine.known_user("zoe")
+            keys = [k async for k in r.scan_iter(match=f"{s.redis_prefix}*{ZOE}*", count=1000)]
+            return not keys and not worker.engine.known_user(ZOE)
 
         await wait_for(erased, deadline_s=5, what="zoe erased from Redis and the model")
         took = time.monotonic() - t0
         state = {"engine": worker.engine, "partitions": [worker.core.partition_state(p) for p in worker.core.parts]}
     assert took < 5
-    assert not worker.engine.known_user("zoe") and worker.engine.profile("zoe") is None
-    assert not any(p.push.knows("zoe") or p.experiments.knows_user("zoe") or "zoe" in p.users for p in parts)
-    assert "zoe" not in worker.core.prefs
+    assert not worker.engine.known_user(ZOE) and worker.engine.profile(ZOE) is None
+    assert not any(p.push.knows(ZOE) or p.experiments.knows_user(ZOE) or ZOE in p.users for p in parts)
+    assert ZOE not in worker.core.prefs
     import pickle
     blob = pickle.dumps(state)
-    assert b"zoe" not in blob  # not in any state store: model, snapshots (users, dedupe, push, experiments)
+    assert ZOE.encode() not in blob  # not in any state store: model, snapshots (users, dedupe, push, experiments)
     await r.aclose()
 
 
