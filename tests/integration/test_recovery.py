@@ -37,7 +37,8 @@ def stream_with_feedback(n: int = 6_000) -> tuple[list, list, list[str]]:
 async def run_to_end(s, tmp_path, name: str, events, *, crash_after: int | None = None) -> None:
     env = {"INFOGAP_SNAPSHOT_INTERVAL_S": "0.5", "INFOGAP_EXPERIMENT": orjson.dumps(EXPERIMENT).decode(),
            "INFOGAP_EXPERIMENT_CAMPAIGNS": '["winter"]',  # its feedback is attributed by context alone
-           "INFOGAP_BATCH_MAX_RECORDS": "500"}
+           "INFOGAP_BATCH_MAX_RECORDS": "500",
+           "INFOGAP_ENGINE": '{"min_users": 1}'}  # (the privacy floor off: a few hundred users, full top-10s)
     worker = WorkerProcess(s, tmp_path / f"{name}.log", env)
     try:
         if crash_after is not None:
