@@ -560,7 +560,7 @@ class Engine:
         """The segment samples, trend entries and labelled reviews learned since the last call
         (``population="remote"`` engines), or None: ``{"seg": [[seq, {category: share}, frequency, monetary,
         gap_days or None]], "trend": [[seq, item_id, segment, weight, ts, user bit]]}`` and, when there are any,
-        ``"review": [[seq, text, liked]]``, with ``seq`` as in :meth:`drain_pair_deltas`, for
+        ``"review": [[seq, text, liked or None]]``, with ``seq`` as in :meth:`drain_pair_deltas`, for
         :meth:`infogap.models.population.PopulationLearner.learn`."""
         if not self._pop_seg and not self._pop_trend and not self._pop_review:
             return None
@@ -719,24 +719,31 @@ class Engine:
         >>> e.review_sentiment("anything", 5.0), e.review_sentiment("anything", 1.0), e.review_sentiment("", None)
         (1.0, -1.0, 0.0)
         """
+        return self._sentiment(self._label(rating), text)
+
+    def _label(self, rating: float | None) -> bool | None:
+        """What a review's rating says: liked (True), disliked (False) or nothing (None)."""
         cfg = self.config
-        label = label_of(rating, positive_min=cfg.review_positive_min, negative_max=cfg.review_negative_max)
+        return label_of(rating, positive_min=cfg.review_positive_min, negative_max=cfg.review_negative_max)
+
+    def _sentiment(self, label: bool | None, text: str | None) -> float:
+        """The sentiment of a review with the rating's ``label``: +-1 from it, else as the model reads ``text``."""
         if label is not None:
             return 1.0 if label else -1.0
         if not text:
             return 0.0
         s = 2.0 * self.sentiment.predict_one(text) - 1.0
-        return s if abs(s) >= cfg.review_min_confidence else 0.0
+        return s if abs(s) >= self.config.review_min_confidence else 0.0
 
     def _learn_review(self, u: int, ts: float, text: str | None, rating: float | None, seq: int) -> float:
         """A review of user row ``u`` at ``ts``, learned: its text teaches the topic model, and the sentiment model
         when the rating tells (labelled so), here or (``population="remote"``) in the population learner, as a
         sample ``[seq, text, liked or None]`` of :meth:`drain_population`; its topic mix joins the user's decayed
         profile (features ``topic:<k>``, ``topic_weight`` split by the mix). Returns its sentiment."""
+        label = self._label(rating)
         if not text:
-            return self.review_sentiment(text, rating)
+            return self._sentiment(label, text)
         cfg = self.config
-        label = label_of(rating, positive_min=cfg.review_positive_min, negative_max=cfg.review_negative_max)
         words = topic_words(self.sentiment.tokenize(text))
         if self.population_mode == "remote":
             self._pop_review.append([seq, text, label])
@@ -750,7 +757,7 @@ class Engine:
             for k, share in self.topics.mix(words).items():
                 if share >= cfg.topic_min_share:
                     prof.add_features(u, (feature(f"{TOPIC_FEATURE}{k}"),), share * scale)
-        return self.review_sentiment(text, rating)
+        return self._sentiment(label, text)
 
     def load_topics(self, state: Mapping) -> None:
         """Read reviews' topics with the population learner's topic model (its

@@ -27,11 +27,12 @@ Pure: numpy and the standard library.
 """
 from __future__ import annotations
 
-import math
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
+
+from infogap.models import experiments
 
 #: Share of the interactions (so far) that the head items take together.
 HEAD_SHARE = 0.2
@@ -277,17 +278,13 @@ def list_figures(lists: np.ndarray, tested: np.ndarray, catalog_rows: np.ndarray
 
 
 def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a proportion ``hits / n`` (``(0.0, 1.0)`` for ``n == 0``).
+    """Wilson score interval of a proportion ``hits / n`` (:func:`infogap.models.experiments.wilson`), ``(0.0, 1.0)``
+    for ``n == 0`` (a group with no tested event says nothing).
 
     >>> [round(v, 4) for v in wilson(20, 100)]
     [0.1334, 0.2888]
     """
-    if n <= 0:
-        return 0.0, 1.0
-    p, z2 = hits / n, z * z
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return experiments.wilson(hits, n, z) or (0.0, 1.0)
 
 
 def _group_order(g: str) -> tuple[int, str]:
