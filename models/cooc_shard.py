@@ -43,7 +43,7 @@ import orjson
 
 from infogap.models.cooccurrence import _SHIFT, DOOR_PERIOD, CoOccurrence
 from infogap.models.model_state import RENORM_EXPONENT
-from infogap.models.privacy import BITS, NO_USER, mask_of
+from infogap.models.privacy import BITS, NO_USER
 from infogap.models.ranker import Neighbour
 from infogap.models.state_fields import StateError, check, encode_float
 
@@ -334,7 +334,7 @@ class CoOccurrenceShard:
             d[:, :3] *= np.exp(co.lam * (deltas.ts[new] - self.t0))[:, None]
             codes = (rows[deltas.row[new]] << _SHIFT) | rows[deltas.nb[new]]
             pair_total = co.pair_total
-            co.update(codes, d, mask_of(deltas.ubit[new]))
+            co.update(codes, d, deltas.ubit[new])
             co.pair_total = pair_total  # counted once per pair from the occurrences, not per owned slot
         self.sources[source] = max(done, int(deltas.seq.max(initial=-1)), int(deltas.occ_seq.max(initial=-1)))
 

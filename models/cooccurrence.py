@@ -60,7 +60,7 @@ import numpy as np
 from numba import njit
 
 from infogap.models.slot_table import COUNT as LIVE_KEYS
-from infogap.models.privacy import ALL_USERS, at_floor, floor_mask, mask_of
+from infogap.models.privacy import ALL_USERS, NO_USER, at_floor, floor_mask, mask
 from infogap.models.slot_table import GOLDEN, SlotTable, delete, find, home_slot, insert
 from infogap.models.state_fields import Array, StateError, array, put, take
 
@@ -351,7 +351,7 @@ class CoOccurrence:
         """Take the privacy floor ``min_users`` (1: none): every slot's votes (``sq``) follow it from now on.
 
         >>> co = CoOccurrence(n_neighbours=4, door_bits=0); co.ensure(2)
-        >>> co.update([code(0, 1)], np.ones((1, 4)), np.array([1], np.uint64))  # one user's pair
+        >>> co.update([code(0, 1)], np.ones((1, 4)), np.array([0], np.uint8))  # one pair, by the user of bit 0
         >>> co.sq[:, co.block[0] * 4].tolist(), co.published(0, 1)[0].tolist()
         ([1.0, 1.0], [1])
         >>> co.set_floor(2); co.sq[:, co.block[0] * 4].tolist(), co.published(0, 1)[0].tolist()
@@ -377,9 +377,10 @@ class CoOccurrence:
                                         self.raw_pop, float(self.total), -float(self.pop_exponent))
         self.raw_total += len(rows)
 
-    def update(self, codes, deltas: np.ndarray, users: np.ndarray | None = None) -> None:
+    def update(self, codes, deltas: np.ndarray, bits: np.ndarray | None = None) -> None:
         """Apply slot updates in order: slot ``codes[j]`` gains ``deltas[j]`` (w_dir, w_sym, n_pair, count) and
-        its bitmap the user bits ``users[j]`` (uint64 masks, :func:`infogap.models.privacy.mask_of`; None: no user).
+        its bitmap the bit ``bits[j]`` of the user who made it (uint8, 0..63, :func:`infogap.models.privacy.user_bit`;
+        :data:`~infogap.models.privacy.NO_USER` or None: no user known).
 
         New neighbours take a free slot (after the admission door, when on); a row that is full when
         a new neighbour arrives first evicts its weakest slots. One compiled pass applies the updates
@@ -391,8 +392,8 @@ class CoOccurrence:
         self.slot_arrays()  # (refuses a read-side copy)
         codes = np.asarray(codes, np.int64)
         deltas = np.ascontiguousarray(deltas, np.float64)
-        users = np.zeros(u, np.uint64) if users is None else np.ascontiguousarray(users, np.uint64)
-        self.finish_update(codes, deltas, users, 0, self.pair_total, 0)
+        bits = np.full(u, NO_USER, np.uint8) if bits is None else np.ascontiguousarray(bits, np.uint8)
+        self.finish_update(codes, deltas, bits, 0, self.pair_total, 0)
 
     def slot_arrays(self) -> SlotArrays:
         """The rows and their index as the compiled slot update takes them (``RuntimeError`` for a read-side
@@ -409,10 +410,10 @@ class CoOccurrence:
                                  self.n_free, index.table, index.meta, self._door, self.door_bits, self._n_evict,
                                  self.evict_sym_weight, self.min_users))
 
-    def finish_update(self, codes: np.ndarray, deltas: np.ndarray, users: np.ndarray, k: int, pt: float,
+    def finish_update(self, codes: np.ndarray, deltas: np.ndarray, bits: np.ndarray, k: int, pt: float,
                       need: int) -> None:
-        """Go on with slot updates from ``k`` (``pt``: the pair total so far; ``users``: each update's user bit
-        mask) after what stopped the compiled update (``need``: a block for a row, room in the index; 0 when
+        """Go on with slot updates from ``k`` (``pt``: the pair total so far; ``bits``: each update's user bit)
+        after what stopped the compiled update (``need``: a block for a row, room in the index; 0 when
         nothing did), to the end."""
         index = self._index
         while k < codes.size:
@@ -420,7 +421,7 @@ class CoOccurrence:
                 self._block_for(int(codes[k] >> _SHIFT))
             elif need == _NEED_ROOM:  # the index is half full: double it (at the same points whatever the batching)
                 index.reserve(1)
-            k, pt, need = _update(codes, deltas, users, k, pt, *self.slot_arrays())
+            k, pt, need = _update(codes, deltas, bits, k, pt, *self.slot_arrays())
         self.pair_total = pt
 
     def reset_door(self) -> None:
@@ -691,9 +692,9 @@ def _set_popularity(pop, ipop, pop_at, raw_pop, rows, values, raw_values, at, ex
 
 
 @njit(cache=True, nogil=True)
-def _update(codes, deltas, ubits, k, pair_total, block, nb, vals, sq, users, fill, free_pos, n_free, table, meta,
+def _update(codes, deltas, bits, k, pair_total, block, nb, vals, sq, users, fill, free_pos, n_free, table, meta,
             door, door_bits, n_evict, evict_sym_weight, min_users):  # pragma: no cover - compiled; tested through update()
-    """Apply ``codes[k:]`` one by one (update j also ORs its user bits ``ubits[j]`` into the slot's bitmap; the
+    """Apply ``codes[k:]`` one by one (update j also ORs its user's bit ``bits[j]`` into the slot's bitmap; the
     slot's votes ``sq`` are set only once the bitmap shows ``min_users`` users); returns (where it stopped,
     pair_total, what is needed): ``codes.size`` when done, else the index of an update whose row has no block
     yet (``_NEED_BLOCK``) or that would fill the index over half (``_NEED_ROOM``); the caller provides it and
@@ -744,7 +745,7 @@ def _update(codes, deltas, ubits, k, pair_total, block, nb, vals, sq, users, fil
             sq[0, s] = math.sqrt(vals[0, s])
             sq[1, s] = math.sqrt(vals[1, s])
         else:  # below the privacy floor the slot keeps no votes (sq stays 0) until its min_users-th user
-            um = users[s] | ubits[k]
+            um = users[s] | mask(bits[k])
             users[s] = um
             if at_floor(um, min_users):
                 sq[0, s] = math.sqrt(vals[0, s])
@@ -951,12 +952,12 @@ def _pair_updates_one(cur, ts, w, scale, prev, prev_ts, prev_w, rating, prev_rat
 
 @njit(cache=True, nogil=True)
 def _learn_one(cur, ts, w, scale, rating, mask, ring, hist_item, hist_ts, hist_w, hist_rating, feat_mask, dtab, stab,
-               gap_tau_s, gap_floor, agree, boost, ubit, pair_total, block, nb, vals, sq, users, fill, free_pos, n_free,
+               gap_tau_s, gap_floor, agree, boost, bit, pair_total, block, nb, vals, sq, users, fill, free_pos, n_free,
                table, meta, door, door_bits, n_evict, evict_sym_weight, min_users,
-               ubits):  # pragma: no cover - compiled; tested through learn_one
+               bits):  # pragma: no cover - compiled; tested through learn_one
     """One event's slot updates, applied as far as :func:`_update` gets (see :func:`infogap.models.learn_core.learn_event`);
-    ``ubit``: the user's bit mask (uint64), which every update of the event carries (written into ``ubits``, room
-    for ``2 * window`` of them)."""
+    ``bit``: the user's bit, which every update of the event carries (written into ``bits``, room for
+    ``2 * window`` of them)."""
     k = ring.size
     prev = np.empty(k, np.int64)
     prev_ts = np.empty(k)
@@ -972,8 +973,8 @@ def _learn_one(cur, ts, w, scale, rating, mask, ring, hist_item, hist_ts, hist_w
         prev_mask[j] = feat_mask[prev[j]] if prev[j] >= 0 else np.uint64(0)
     codes, deltas = _pair_updates_one(cur, ts, w, scale, prev, prev_ts, prev_w, rating, prev_rating, mask, prev_mask,
                                       dtab, stab, gap_tau_s, gap_floor, agree, boost)
-    ubits[:codes.size] = ubit
-    k, pt, need = _update(codes, deltas, ubits, 0, pair_total, block, nb, vals, sq, users, fill, free_pos, n_free, table,
+    bits[:codes.size] = bit
+    k, pt, need = _update(codes, deltas, bits, 0, pair_total, block, nb, vals, sq, users, fill, free_pos, n_free, table,
                           meta, door, door_bits, n_evict, evict_sym_weight, min_users)
     return codes, deltas, k, pt, need
 

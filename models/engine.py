@@ -530,7 +530,7 @@ class Engine:
             self._outbox.append((np.asarray(codes, np.int64), deltas, pts[ev2], pseq[ev2], pi[occ], pts[occ],
                                  np.bincount(ev, minlength=p).astype(np.float64)[occ], pseq[occ], pbit[ev2]))
         else:
-            self.state.cooc.update(codes, deltas, mask_of(pbit[ev2]))
+            self.state.cooc.update(codes, deltas, pbit[ev2])
             self.state.cooc.raw_pair_total += len(codes) // 2  # (two updates per pair)
         prof.write_entries(pu, pc, pi, pts, pw, ptype, prt)
 

@@ -28,19 +28,19 @@ def _learn_event(u, i, s, x, xm, ts, w, typ, rating, scale, neg_exponent, bit, r
                  momentum, glob, seg_scores, segment_max, trend_users, pop, ipop, raw_pop, hist_item, hist_ts, hist_w,
                  hist_type, hist_rating, feat_mask, dtab, stab, gap_tau_s, gap_floor, agree, boost, pair_total, block, nb,
                  vals, sq, users, fill, free_pos, n_free, table, meta, door, door_bits, n_evict, evict_sym_weight,
-                 min_users, j, codes_out, deltas_out, ubits):  # pragma: no cover - compiled; tested against the batch path
+                 min_users, j, codes_out, deltas_out, bits_out):  # pragma: no cover - compiled; tested against the batch path
     """Returns the new maxima and totals, and where the pair updates stopped (see ``_update``); when
     they stopped early, the updates are left in ``codes_out``/``deltas_out`` for Python to go on with.
-    ``ubits``: room for the updates' user bits (every one the user's; a scratch array, not one made per event)."""
+    ``bits_out``: room for the updates' user bits (every one the user's; a scratch array, not one made per event)."""
     item_events[i] += 1
     ubit = mask(bit)
     global_max = count_trend(i, s, x, xm, ubit, momentum, glob, seg_scores, segment_max, trend_users, global_max)
     total = count_occurrence(i, scale, pop, ipop, raw_pop, total, neg_exponent)
     codes, deltas, k, pt, need = _learn_one(i, ts, w, scale, rating, feat_mask[i], ring, hist_item[u], hist_ts[u],
                                             hist_w[u], hist_rating[u], feat_mask, dtab, stab, gap_tau_s, gap_floor,
-                                            agree, boost, ubit, pair_total, block, nb, vals, sq, users, fill,
+                                            agree, boost, bit, pair_total, block, nb, vals, sq, users, fill,
                                             free_pos, n_free, table, meta, door, door_bits, n_evict, evict_sym_weight,
-                                            min_users, ubits)
+                                            min_users, bits_out)
     write_entry(hist_item, hist_ts, hist_w, hist_type, hist_rating, u, j, i, ts, w, typ, rating)
     if k < codes.size:
         codes_out[:codes.size] = codes
@@ -61,16 +61,16 @@ def learn_event(state, pairs, window: int, u: int, i: int, s: int, x: float, xm:
     head = c % prof.history_len
     slots = co.slot_arrays()
     forget_memo(tr)  # the trending top lists
-    codes, deltas, ubits = scratch("learn_event", 2 * window, _out)
+    codes, deltas, bits = scratch("learn_event", 2 * window, _out)
     tr.global_max, co.total, n, k, pt, need = _learn_event(
         u, i, s, x, xm, float(ts), w, typ, float(rating), scale, -co.pop_exponent, bit,
         prof.ring_order[head, :min(window, c)], tr.global_max, co.total, state.item_events, tr.momentum_,
         tr.global_, tr.segment_, tr.segment_max, tr.users_, co.pop, co.ipop, co.raw_pop, prof.hist_item, prof.hist_ts, prof.hist_w,
         prof.hist_type, prof.hist_rating, state.catalog.feat_mask, pairs.dtab, pairs.stab, float(pairs.gap_tau_s),
         float(pairs.gap_floor), float(pairs.agreement), float(pairs.feature_boost), co.pair_total, *slots, head, codes,
-        deltas, ubits)
+        deltas, bits)
     if k < n:  # stopped for a block or index room
-        co.finish_update(codes[:n].copy(), deltas[:n].copy(), ubits[:n].copy(), k, pt, need)
+        co.finish_update(codes[:n].copy(), deltas[:n].copy(), bits[:n].copy(), k, pt, need)
     else:
         co.pair_total = pt
     co.raw_total += 1.0  # the raw counts lift is computed on (two updates per pair)
@@ -79,4 +79,4 @@ def learn_event(state, pairs, window: int, u: int, i: int, s: int, x: float, xm:
 
 def _out(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Room for the slot updates of an event whose updates stopped early, and for their user bits."""
-    return np.zeros(size, np.int64), np.zeros((size, 4)), np.zeros(size, np.uint64)
+    return np.zeros(size, np.int64), np.zeros((size, 4)), np.zeros(size, np.uint8)

@@ -15,6 +15,8 @@ from .test_models_support import group_stream
 CFG = EngineConfig(n_neighbours=16, door_bits=0, min_support=1)
 #: without the privacy floor (min_users 1): for streams of groups of fewer than 5 users
 NO_FLOOR = EngineConfig(n_neighbours=16, door_bits=0, min_support=1, min_users=1)
+#: with the privacy floor at 5 (docs/privacy.md): only the pairs at it are exported and vote
+FLOOR = EngineConfig(n_neighbours=16, door_bits=0, min_support=1, min_users=5)
 
 
 def _owner(n_parts: int):
@@ -44,14 +46,15 @@ def stream():
     return evs, items
 
 
+@pytest.mark.parametrize("cfg", [NO_FLOOR, FLOOR], ids=["no-floor", "floor-5"])
 @pytest.mark.parametrize("n_parts", [1, 3])
-def test_sharded_rows_give_the_local_engines_recommendations(stream, n_parts):
+def test_sharded_rows_give_the_local_engines_recommendations(stream, n_parts, cfg):
     evs, items = stream
-    local = Engine(CFG)
+    local = Engine(cfg)
     for it in items:
         local.upsert_item(it)
     local.learn_many(evs)
-    remote, shards = _sharded(evs, items, n_parts)
+    remote, shards = _sharded(evs, items, n_parts, cfg=cfg)
     users = sorted({e["user_id"] for e in evs})
     for u in users:
         a, b = local.recommend(u), remote.recommend(u)
@@ -61,7 +64,7 @@ def test_sharded_rows_give_the_local_engines_recommendations(stream, n_parts):
     for it in items[:10]:
         owner = shards[_owner(n_parts)(it["item_id"])]
         want = {n.item_id: n for n in local.similar(it["item_id"], n=100)}
-        got = {n.item_id: n for n in owner.similar(it["item_id"], n=100, min_support=CFG.min_support)}
+        got = {n.item_id: n for n in owner.similar(it["item_id"], n=100, min_support=cfg.min_support)}
         assert want.keys() == got.keys() and want  # equal scores may come in another order (ties by row)
         for k, n in want.items():
             assert np.allclose(n[1:], got[k][1:])
@@ -100,11 +103,11 @@ def test_a_replay_that_overlaps_what_was_applied_adds_only_the_new_part(stream):
 
 def test_a_read_side_copy_keeps_no_slot_index_yet_answers_pairs_and_counts_like_the_local_engine(stream):
     evs, items = stream
-    local = Engine(CFG)
+    local = Engine(FLOOR)
     for it in items:
         local.upsert_item(it)
     local.learn_many(evs)
-    remote, _ = _sharded(evs, items, 3)
+    remote, _ = _sharded(evs, items, 3, cfg=FLOOR)
     assert remote.state.cooc._index is None
     lc = local.state.cooc  # the rows exported to a read-side copy hold the slots at the privacy floor only
     at_floor = sum(lc.neighbours(r, floor=True)[0].size for r in range(len(local.state.catalog)))
@@ -295,9 +298,10 @@ def _published_reference(co, r, min_support, eligible=None):
     return nb, cos, n_pair, n_pair / pa, co.lift(np.full(nb.size, r), nb, n_pair, count)
 
 
-def test_published_neighbours_are_the_reference_computation_exactly(stream):
+@pytest.mark.parametrize("cfg", [NO_FLOOR, FLOOR], ids=["no-floor", "floor-5"])
+def test_published_neighbours_are_the_reference_computation_exactly(stream, cfg):
     evs, _ = stream
-    learner, shard = Engine(CFG, cooc="remote"), CoOccurrenceShard.for_engine(CFG)
+    learner, shard = Engine(cfg, cooc="remote"), CoOccurrenceShard.for_engine(cfg)
     learner.learn_many(evs)
     shard.apply(learner.drain_pair_deltas(), source=0)
     co = shard.co

@@ -18,7 +18,7 @@ from infogap.models.privacy import NO_USER, PrivacyLedger, user_bit
 from infogap.models.trending import Trending
 from infogap.stream.core.neighbour_rows import decode_row
 
-from .test_stream_core import CATALOG, T0, Pipeline, ev, pipeline  # noqa: F401 (the fixture)
+from .test_stream_core import CATALOG, T0, Pipeline, ev
 
 DAY = 86_400.0
 
@@ -119,8 +119,12 @@ def test_an_engines_trending_and_trend_reasons_keep_the_floor():
         r for r in cold if r.item_id in ("a", "b") and r.reason != "new in c"]
 
 
+#: the floor these tests check (EngineConfig's default may be another: docs/privacy.md)
+FLOOR = EngineConfig(door_bits=0, min_support=1, min_users=5)
+
+
 def _deltas() -> PairDeltas:
-    eng = Engine(EngineConfig(door_bits=0, min_support=1), cooc="remote")
+    eng = Engine(FLOOR, cooc="remote")
     eng.learn_many(_stream())
     return eng.drain_pair_deltas()
 
@@ -136,8 +140,7 @@ def test_a_cooc_record_of_the_format_before_user_bits_reads_and_adds_no_user():
     old = len(old_head).to_bytes(4, "big") + old_head + raw[4 + n: len(raw) - len(d)]
     back = PairDeltas.from_bytes(old)
     assert np.array_equal(back.row, d.row) and np.array_equal(back.d, d.d) and (back.ubit == NO_USER).all()
-    cfg = EngineConfig(door_bits=0, min_support=1)
-    shard = CoOccurrenceShard.for_engine(cfg)
+    shard = CoOccurrenceShard.for_engine(FLOOR)
     shard.apply(back, source=0)
     assert shard.similar("x", min_support=1) == [] and not shard.co.users.any()  # no user known: none at the floor
     shard.set_floor(1)
@@ -148,7 +151,7 @@ def test_a_cooc_record_of_the_format_before_user_bits_reads_and_adds_no_user():
 
 
 def test_a_shard_snapshot_without_bitmaps_restores_with_none_and_publishes_only_what_new_users_make():
-    cfg = EngineConfig(door_bits=0, min_support=1)
+    cfg = FLOOR
     shard = CoOccurrenceShard.for_engine(cfg)
     shard.apply(_deltas(), source=0)
     assert [n.item_id for n in shard.similar("x", min_support=1)] == ["y"]
@@ -158,7 +161,7 @@ def test_a_shard_snapshot_without_bitmaps_restores_with_none_and_publishes_only_
     old = CoOccurrenceShard.from_state(state)
     old.set_floor(cfg.min_users)
     assert old.similar("x", min_support=1) == [] and old.export_row("x")["neighbours"] == []
-    eng = Engine(EngineConfig(door_bits=0, min_support=1), cooc="remote")
+    eng = Engine(FLOOR, cooc="remote")
     users = _distinct_users(5, "new")
     eng.learn_many([view(k, u, i, T0 + 9000 + k) for k, (u, i) in enumerate((u, i) for u in users for i in "xy")])
     old.apply(eng.drain_pair_deltas(), source=1)
@@ -173,8 +176,22 @@ def test_a_shard_snapshot_without_bitmaps_restores_with_none_and_publishes_only_
     assert back.top(5).size == 0 and back.users_.shape == (3, tr.users_.shape[1])
 
 
+@pytest.fixture
+async def pipeline():
+    """test_stream_core's pipeline, with the privacy floor at 5."""
+    from infogap.stream.settings import Settings
+
+    s = Settings(http_port=None, engine={"min_users": 5})
+    p = Pipeline(s)
+    for item in CATALOG:
+        p.side(s.topics.items, item["item_id"], item)
+    yield p
+    await p.close()
+
+
 async def test_the_planted_pair_never_reaches_the_store_nor_a_reason(pipeline):
     p = pipeline
+    assert p.worker.engine.config.min_users == 5
     crowd = _distinct_users(8, "crowd")
     await p.batch([p.record(ev(k, u, item, T0 + i), u) for i, u in enumerate(crowd)
                    for k, item in enumerate(("sku-1", "sku-2", "sku-3"))])
