@@ -15,8 +15,9 @@ Every update carries ``seq``, its event's position in its source (the stream set
 offset of the event in its ``events`` partition): a shard skips what it already applied, so a
 user stage replaying after a crash does not count pairs twice. It also carries its user's bit
 (:func:`infogap.models.privacy.user_bit`, one byte on the wire), which the shard ORs into the slot's user
-bitmap: a slot is published and exported to the user stages only once ``min_users`` distinct users made it
-(the privacy floor). A record written before the bits (format 1) reads with no user bit on any update: it
+bitmap: a slot is published only once ``min_users`` distinct users made it (the privacy floor); it is exported
+to the user stages marked private until then, to vote but never be cited (or not at all, under ``floor_votes``,
+until it votes). A record written before the bits (format 1) reads with no user bit on any update: it
 adds no user, so it never brings a pair over the floor (conservative).
 
 >>> import numpy as np
@@ -242,15 +243,17 @@ class CoOccurrenceShard:
     """The co-occurrence rows of the items one stream partition owns, learned from :class:`PairDeltas`.
 
     Parameters are those of :class:`~infogap.models.cooccurrence.CoOccurrence` (``min_users``: the privacy
-    floor of what :meth:`similar` publishes and :meth:`export_row` exports). ``sources`` holds, per source, the
+    floor of what :meth:`similar` publishes and :meth:`export_row` marks public; ``floor_votes``: whether the slots
+    below it are left out of the rows exported to vote). ``sources`` holds, per source, the
     highest ``seq`` applied (updates at or below it are skipped).
     """
 
     def __init__(self, n_neighbours: int = 400, half_life_days: float | None = 200.0, evict_fraction: float = 0.5,
-                 pop_exponent: float = 0.2, door_bits: int = 22, evict_sym_weight: float = 0.5, min_users: int = 1):
+                 pop_exponent: float = 0.2, door_bits: int = 22, evict_sym_weight: float = 0.5, min_users: int = 1,
+                 floor_votes: bool = False):
         self.co = CoOccurrence(n_neighbours=n_neighbours, half_life_days=half_life_days,
                                evict_fraction=evict_fraction, pop_exponent=pop_exponent, door_bits=door_bits,
-                               evict_sym_weight=evict_sym_weight, min_users=min_users)
+                               evict_sym_weight=evict_sym_weight, min_users=min_users, floor_votes=floor_votes)
         self._rows: dict[str, int] = {}
         self._ids: list[str] = []
         self.sources: dict[int, int] = {}
@@ -263,7 +266,8 @@ class CoOccurrenceShard:
         """A shard with an :class:`~infogap.models.engine.EngineConfig`'s co-occurrence settings."""
         return cls(n_neighbours=config.n_neighbours, half_life_days=config.cooc_half_life_days,
                    evict_fraction=config.evict_fraction, pop_exponent=config.pop_exponent,
-                   door_bits=config.door_bits, evict_sym_weight=config.sym_weight, min_users=config.min_users)
+                   door_bits=config.door_bits, evict_sym_weight=config.sym_weight, min_users=config.min_users,
+                   floor_votes=config.floor_votes)
 
     def to_state(self) -> dict:
         """The shard as a plain tree for a snapshot (:mod:`infogap.models.state_fields`)."""
@@ -341,10 +345,10 @@ class CoOccurrenceShard:
     def _decay(self) -> float:
         return 1.0 if self.t0 is None else math.exp(-self.co.lam * (self.now - self.t0))
 
-    def set_floor(self, min_users: int) -> None:
-        """Publish and export from now on only what ``min_users`` distinct users made (a configuration read after a
-        restore: :meth:`infogap.models.cooccurrence.CoOccurrence.set_floor`)."""
-        self.co.set_floor(min_users)
+    def set_floor(self, min_users: int, floor_votes: bool = False) -> None:
+        """Publish from now on only what ``min_users`` distinct users made, and under ``floor_votes`` export only
+        that to vote (a configuration read after a restore: :meth:`infogap.models.cooccurrence.CoOccurrence.set_floor`)."""
+        self.co.set_floor(min_users, floor_votes)
 
     def owned(self) -> list[str]:
         """Ids of the items that have a non-empty row here."""
@@ -378,20 +382,25 @@ class CoOccurrenceShard:
         Decayed values are as of ``t`` (the newest event time applied), not of a reference time.
         ``numbers`` are the neighbours' rows in this shard: they only grow, so a reader can translate
         them once (:meth:`infogap.models.catalog.Catalog.translated`) instead of looking every id up again.
-        Only the neighbours at the privacy floor are exported (those below it cast no votes here either, and
-        ``ig:nbrow`` is in Redis: a pair one user made never leaves the item stage).
+        The neighbours that vote are exported; ``private`` lists the positions of those below the privacy floor
+        (the reader's ranking may use them, its reasons and :meth:`similar` never do). Under ``floor_votes`` those
+        do not vote and are not exported: a pair fewer than ``min_users`` users made then never leaves the item
+        stage (``ig:nbrow`` is in Redis).
         """
         r = self._rows.get(item_id)
         if r is None:
             return None
         co = self.co
-        nb, w_dir, w_sym, n_pair, count = co.neighbours(r, floor=True)
+        slots = co.slots(r, voting=True)
+        nb, w_dir, w_sym, n_pair, count = co.neighbours(r, slots=slots)
         decay = self._decay()
         values = np.vstack([w_dir * decay, w_sym * decay, n_pair * decay, count])
         row = {"item_id": item_id, "t": self.now, "pop": float(co.pop[r]) * decay,
                "total": co.total * decay, "pair_total": co.pair_total * decay,
                "neighbours": [self._ids[b] for b in nb.tolist()], "numbers": nb.astype(np.int64), "values": values,
                "neighbour_pop": co.pop[nb] * decay}
+        if co.min_users > 1:
+            row["private"] = np.flatnonzero(~co.is_public(slots))
         if not math.isnan(co.raw_pair_total):  # raw counts, for lift (a shard from before them has none)
             row.update(raw_pop=float(co.raw_pop[r]), raw_total=co.raw_total, raw_pair_total=co.raw_pair_total,
                        neighbour_raw_pop=co.raw_pop[nb])

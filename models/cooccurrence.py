@@ -38,12 +38,12 @@ the updates one by one in event order, so a batch gives exactly the state of the
 a time.
 
 **Privacy floor.** Each slot also keeps a 64-bit user bitmap (``users``): every update ORs in its user's bit
-(:mod:`infogap.models.privacy`). A slot whose bitmap shows fewer than ``min_users`` users keeps its weights
-and counts but no votes: its ``sq`` (what the ranker sums) stays 0 until the ``min_users``-th user, and
-:meth:`CoOccurrence.published` leaves it out. Eviction still ranks such a slot by its weights, so the
-floor changes what is published and voted, never what is learned. Once at the floor (``sq`` positive: a live
-slot's symmetric weight always is), a slot's bitmap is left as it is: the update reads no bitmap then (one
-cache miss fewer for most updates, those of frequent pairs), and the bitmap still shows ``min_users`` users.
+(:mod:`infogap.models.privacy`). A slot whose bitmap shows fewer than ``min_users`` users is not published
+(:meth:`CoOccurrence.published` leaves it out, a read-side copy gets it marked private, and a reason never cites
+it). Whether it *votes* is a second setting, ``vote_min_users``: 1 (the engine's default: every pair ranks, as
+ranking publishes no pair) or ``min_users`` (strict: a slot's ``sq``, what the ranker sums, stays 0 until its
+``min_users``-th user). Eviction ranks a slot by its weights either way, so the floor changes what is
+published and voted, never what is learned.
 
 >>> co = CoOccurrence(n_neighbours=4, door_bits=0, capacity=4)
 >>> co.ensure(3)
@@ -95,7 +95,7 @@ class SlotArrays(NamedTuple):
     door_bits: int
     n_evict: int
     evict_sym_weight: float
-    min_users: int
+    vote_min_users: int
 
 
 def code(row: int, col: int) -> int:
@@ -126,8 +126,10 @@ class CoOccurrence:
     capacity
         Initial number of item rows (grown with :meth:`ensure`).
     min_users
-        The privacy floor: a slot votes and is published only once this many distinct users (by their bits,
+        The privacy floor: a slot is published only once this many distinct users (by their bits,
         :mod:`infogap.models.privacy`) made it; 1 is no floor.
+    floor_votes
+        Whether a slot also votes only from then (strict); by default every slot votes.
 
     Examples
     --------
@@ -142,7 +144,8 @@ class CoOccurrence:
 
     def __init__(self, n_neighbours: int = 100, half_life_days: float | None = 60.0,
                  evict_fraction: float = 0.25, pop_exponent: float = 0.2, door_bits: int = 22,
-                 evict_sym_weight: float = 0.5, capacity: int = 1024, indexed: bool = True, min_users: int = 1):
+                 evict_sym_weight: float = 0.5, capacity: int = 1024, indexed: bool = True, min_users: int = 1,
+                 floor_votes: bool = False):
         if n_neighbours < 2:
             raise ValueError(f"n_neighbours must be >= 2, got {n_neighbours}")
         if not 0.0 < evict_fraction < 1.0:
@@ -154,7 +157,9 @@ class CoOccurrence:
         self.door_bits = door_bits
         self.evict_sym_weight = evict_sym_weight
         self.capacity = capacity
-        self.min_users = int(min_users)
+        self.min_users = max(int(min_users), 1)
+        #: the floor on votes: 1 (every slot votes) or ``min_users`` (``floor_votes``)
+        self.vote_min_users = self.min_users if floor_votes else 1
         self._door = np.zeros(1 << door_bits if door_bits else 0, bool)
         self.lam = 0.0 if not half_life_days else math.log(2.0) / (half_life_days * 86400.0)
         m = n_neighbours
@@ -164,7 +169,7 @@ class CoOccurrence:
         blocks = 1 + min(cap, 256)
         self.nb = np.full((blocks, m), -1, np.int32)
         self.vals = np.zeros((4, blocks * m))
-        self.sq = np.zeros((2, blocks * m))  # sqrt of the two scoring weights, kept for the ranker (0 below the floor)
+        self.sq = np.zeros((2, blocks * m))  # sqrt of the two scoring weights, for the ranker (0 below the vote floor)
         self.users = np.zeros(blocks * m, np.uint64)  # per slot: the bits of the users who made it
         self.fill = np.zeros(blocks, np.int64)  # high-water mark of each block
         self._n_evict = min(m - 1, max(1, int(round(m * evict_fraction))))
@@ -214,6 +219,7 @@ class CoOccurrence:
         if "users" not in state:  # from before the privacy floor: no user known (its weights kept, no floor yet)
             state["users"] = np.zeros(state["sq"].shape[1], np.uint64)
             state["min_users"] = 1
+        state.setdefault("vote_min_users", state["min_users"])  # (from when the floor was on the votes too)
         self.__dict__.update(state)
 
     #: what a snapshot holds (:mod:`infogap.models.state_fields`); the slot index goes apart, as its two arrays
@@ -222,7 +228,7 @@ class CoOccurrence:
              "_door": Array(np.dtype(bool), 1), "lam": float, "block": Array(np.dtype(np.int32), 1),
              "nb": Array(np.dtype(np.int32), 2), "vals": Array(np.dtype(np.float64), 2),
              "sq": Array(np.dtype(np.float64), 2), "users": Array(np.dtype(np.uint64), 1), "min_users": int,
-             "fill": Array(np.dtype(np.int64), 1), "_n_evict": int,
+             "vote_min_users": int, "fill": Array(np.dtype(np.int64), 1), "_n_evict": int,
              "free_pos": Array(np.dtype(np.int32), 2), "n_free": Array(np.dtype(np.int64), 1), "_n_blocks": int,
              "_spare": list, "pop": Array(np.dtype(np.float64), 1), "ipop": Array(np.dtype(np.float64), 1),
              "total": float, "pair_total": float, "raw_pop": Array(np.dtype(np.float64), 1), "raw_total": float,
@@ -247,14 +253,18 @@ class CoOccurrence:
         (True, 1)
 
         A state from before the privacy floor (no ``users``) is read with empty bitmaps and no floor: the
-        owner then sets its floor (:meth:`set_floor`), and its slots vote again only once they have that many
-        users seen since (conservative).
+        owner then sets its floor (:meth:`set_floor`), and its slots are published (and, under ``floor_votes``,
+        vote) again only once they have that many users seen since (conservative). A state from before
+        ``vote_min_users`` had its votes under the floor: it keeps them so until the owner's :meth:`set_floor`.
         """
         old = isinstance(state, dict) and "users" not in state and "min_users" not in state
-        schema = {k: v for k, v in cls.STATE.items() if k not in ("users", "min_users")} if old else cls.STATE
-        co = put(cls.__new__(cls), state, schema, where, arrays)
+        no_vote_floor = isinstance(state, dict) and "vote_min_users" not in state
+        drop = ("users", "min_users", "vote_min_users") if old else ("vote_min_users",) if no_vote_floor else ()
+        co = put(cls.__new__(cls), state, {k: v for k, v in cls.STATE.items() if k not in drop}, where, arrays)
         if old:
             co.users, co.min_users = np.zeros(co.sq.shape[1] if co.sq.ndim == 2 else 0, np.uint64), 1
+        if no_vote_floor:
+            co.vote_min_users = co.min_users
         index = state.get("index")
         if index is None:
             co._index = None
@@ -265,6 +275,7 @@ class CoOccurrence:
         m, blocks, cap = co.n_neighbours, co.nb.shape[0], co.block.shape[0]
         shapes_ok = (co.nb.shape[1] == m and co.vals.shape == (4, blocks * m) and co.sq.shape == (2, blocks * m)
                      and co.users.shape == (blocks * m,) and co.min_users >= 1
+                     and co.vote_min_users in (1, co.min_users)
                      and co.fill.shape == co.n_free.shape == (blocks,) and co.free_pos.shape == (blocks, co._n_evict)
                      and all(a.shape == (cap,) for a in (co.pop, co.ipop, co.raw_pop, co.pop_at))
                      and 0 <= co.door_bits <= 30 and co._door.shape == ((1 << co.door_bits if co.door_bits else 0),)
@@ -347,21 +358,26 @@ class CoOccurrence:
         self.total *= factor
         self.pair_total *= factor
 
-    def set_floor(self, min_users: int) -> None:
-        """Take the privacy floor ``min_users`` (1: none): every slot's votes (``sq``) follow it from now on.
+    def set_floor(self, min_users: int, floor_votes: bool = False) -> None:
+        """Take the privacy floor ``min_users`` (1: none) on what is published, and on the votes (``sq``) too
+        when ``floor_votes``; every slot follows it from now on.
 
         >>> co = CoOccurrence(n_neighbours=4, door_bits=0); co.ensure(2)
         >>> co.update([code(0, 1)], np.ones((1, 4)), np.array([0], np.uint8))  # one pair, by the user of bit 0
         >>> co.sq[:, co.block[0] * 4].tolist(), co.published(0, 1)[0].tolist()
         ([1.0, 1.0], [1])
-        >>> co.set_floor(2); co.sq[:, co.block[0] * 4].tolist(), co.published(0, 1)[0].tolist()
-        ([0.0, 0.0], [])
+        >>> co.set_floor(2); co.sq[:, co.block[0] * 4].tolist(), co.published(0, 1)[0].tolist()  # votes, unpublished
+        ([1.0, 1.0], [])
+        >>> co.set_floor(2, floor_votes=True); co.sq[:, co.block[0] * 4].tolist()
+        [0.0, 0.0]
         """
         min_users = max(int(min_users), 1)
-        if min_users == self.min_users:
-            return
+        vote_min_users = min_users if floor_votes else 1
         self.min_users = min_users
-        mature = (self.nb.ravel() >= 0) & floor_mask(self.users, min_users)
+        if vote_min_users == self.vote_min_users:
+            return
+        self.vote_min_users = vote_min_users
+        mature = (self.nb.ravel() >= 0) & floor_mask(self.users, vote_min_users)
         self.sq[0] = np.where(mature, np.sqrt(self.vals[W_DIR]), 0.0)
         self.sq[1] = np.where(mature, np.sqrt(self.vals[W_SYM]), 0.0)
 
@@ -408,7 +424,7 @@ class CoOccurrence:
             raise RuntimeError("a read-side copy (indexed=False) takes rows with set_row; it does not learn pairs")
         return _new(SlotArrays, (self.block, self.nb, self.vals, self.sq, self.users, self.fill, self.free_pos,
                                  self.n_free, index.table, index.meta, self._door, self.door_bits, self._n_evict,
-                                 self.evict_sym_weight, self.min_users))
+                                 self.evict_sym_weight, self.vote_min_users))
 
     def finish_update(self, codes: np.ndarray, deltas: np.ndarray, bits: np.ndarray, k: int, pt: float,
                       need: int) -> None:
@@ -435,14 +451,16 @@ class CoOccurrence:
             live = self._index.live_keys()
             self._door[((live.astype(np.uint64) * GOLDEN) >> np.uint64(64 - self.door_bits)).astype(np.int64)] = True
 
-    def set_row(self, r: int, neighbours: np.ndarray, values: np.ndarray, factor: float = 1.0) -> None:
+    def set_row(self, r: int, neighbours: np.ndarray, values: np.ndarray, factor: float = 1.0,
+                private: np.ndarray | None = None) -> None:
         """Replace row ``r`` with given neighbours and their ``[4, K]`` values, the first three (the
         decaying ones) times ``factor`` into reference-time units.
 
         For a read-side copy of rows learned elsewhere (a sharded item stage): the row's slots are
-        exactly these, in this order. A shard exports only the slots at its privacy floor
-        (:meth:`infogap.models.cooc_shard.CoOccurrenceShard.export_row`), so these are taken as at the floor
-        (every user bit set).
+        exactly these, in this order, and they all vote (a shard exports the slots that vote:
+        :meth:`infogap.models.cooc_shard.CoOccurrenceShard.export_row`). Those at ``private`` positions are below
+        the privacy floor where they were learned (no user bit here: never published nor cited); the others
+        are taken as at it (every user bit set).
         """
         k = min(int(neighbours.size), self.n_neighbours)
         if not k or self._index is not None:  # slots are indexed by position: emptied first
@@ -451,6 +469,8 @@ class CoOccurrence:
             return
         b = self._block_for(r)
         _write_row(self.nb, self.vals, self.sq, self.users, self.fill, self.n_free, b, neighbours, values, factor, k)
+        if private is not None and private.size:
+            self.users[b * self.n_neighbours + private[private < k]] = 0
         if self._index is not None:
             lo = b * self.n_neighbours
             self._index.insert_many((r << _SHIFT) | neighbours[:k].astype(np.int64), np.arange(lo, lo + k))
@@ -520,18 +540,26 @@ class CoOccurrence:
                           int(self.fill[b]), r, float(min_support), _ALL if eligible is None else eligible,
                           eligible is not None, *self.lift_scales())
 
-    def neighbours(self, r: int, floor: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
-                                                               np.ndarray]:
-        """Row ``r``'s live slots (``floor``: only those at the privacy floor): (neighbour rows, w_dir, w_sym,
-        n_pair, count), reference-time units."""
+    def slots(self, r: int, *, voting: bool = False, public: bool = False) -> np.ndarray:
+        """Row ``r``'s live slots, in position order: all, or those that vote (``voting``: at ``vote_min_users``),
+        or those at the privacy floor (``public``: at ``min_users``)."""
         b = int(self.block[r])
-        f = self.fill[b]
-        nb = self.nb[b, :f]
-        live = np.flatnonzero(nb >= 0)
-        if floor and self.min_users > 1:
-            live = live[floor_mask(self.users[b * self.n_neighbours + live], self.min_users)]
-        v = self.vals[:, b * self.n_neighbours + live]
-        return nb[live], v[W_DIR], v[W_SYM], v[N_PAIR], v[COUNT]
+        lo = b * self.n_neighbours
+        s = lo + np.flatnonzero(self.nb[b, :self.fill[b]] >= 0)
+        k = self.min_users if public else self.vote_min_users if voting else 1
+        return s[floor_mask(self.users[s], k)] if k > 1 else s
+
+    def is_public(self, slots: np.ndarray) -> np.ndarray:
+        """Per slot, whether it is at the privacy floor (may be published and cited)."""
+        return floor_mask(self.users[slots], self.min_users)
+
+    def neighbours(self, r: int, *, voting: bool = False, public: bool = False,
+                   slots: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Row ``r``'s live slots (or ``slots`` of it; ``voting``, ``public``: as :meth:`slots`): (neighbour rows,
+        w_dir, w_sym, n_pair, count), reference-time units."""
+        s = self.slots(r, voting=voting, public=public) if slots is None else slots
+        v = self.vals[:, s]
+        return self.nb.ravel()[s], v[W_DIR], v[W_SYM], v[N_PAIR], v[COUNT]
 
     def pair(self, a: int, b: int, decay: float = 1.0) -> dict | None:
         """Association figures of "a with b" (``decay`` = exp(-lambda (now - t0))), or None."""
@@ -635,7 +663,7 @@ def _published(nb, vals, users, min_users, pop, raw_pop, b, f, r, min_support, e
 @njit(cache=True, nogil=True)
 def _write_row(nb, vals, sq, users, fill, n_free, b, neighbours, values, factor, k):
     """Block ``b`` holds ``neighbours[:k]`` with ``values`` (the first three rows times ``factor``), taken as
-    at the privacy floor, and nothing after them."""
+    at the privacy floor (the caller clears the bitmaps of those that are not), and nothing after them."""
     m = nb.shape[1]
     lo = b * m
     for j in range(k):
@@ -693,9 +721,9 @@ def _set_popularity(pop, ipop, pop_at, raw_pop, rows, values, raw_values, at, ex
 
 @njit(cache=True, nogil=True)
 def _update(codes, deltas, bits, k, pair_total, block, nb, vals, sq, users, fill, free_pos, n_free, table, meta,
-            door, door_bits, n_evict, evict_sym_weight, min_users):  # pragma: no cover - compiled; tested through update()
+            door, door_bits, n_evict, evict_sym_weight, vote_min_users):  # pragma: no cover - compiled; tested through update()
     """Apply ``codes[k:]`` one by one (update j also ORs its user's bit ``bits[j]`` into the slot's bitmap; the
-    slot's votes ``sq`` are set only once the bitmap shows ``min_users`` users); returns (where it stopped,
+    slot's votes ``sq`` are set only once the bitmap shows ``vote_min_users`` users); returns (where it stopped,
     pair_total, what is needed): ``codes.size`` when done, else the index of an update whose row has no block
     yet (``_NEED_BLOCK``) or that would fill the index over half (``_NEED_ROOM``); the caller provides it and
     resumes there."""
@@ -731,7 +759,7 @@ def _update(codes, deltas, bits, k, pair_total, block, nb, vals, sq, users, fill
                     fill[b] = p + 1
                 else:  # full: free the weakest slots
                     _evict(r, b, nb, vals, sq, users, free_pos, n_free, table, meta, n_evict, evict_sym_weight,
-                           min_users)
+                           vote_min_users)
                     nf = n_free[b]
             if nf:
                 p = free_pos[b, nf - 1]
@@ -741,15 +769,13 @@ def _update(codes, deltas, bits, k, pair_total, block, nb, vals, sq, users, fill
             insert(table, meta, c, s)
         for q in range(4):
             vals[q, s] += deltas[k, q]
-        if sq[1, s] > 0.0:  # at the floor already (a live slot's symmetric weight is positive): its bitmap is done
+        um = users[s] | mask(bits[k])
+        users[s] = um
+        # below the vote floor the slot keeps no votes (sq stays 0) until its vote_min_users-th user (a live
+        # slot's symmetric weight is positive: sq[1] > 0 is "votes already")
+        if vote_min_users <= 1 or sq[1, s] > 0.0 or at_floor(um, vote_min_users):
             sq[0, s] = math.sqrt(vals[0, s])
             sq[1, s] = math.sqrt(vals[1, s])
-        else:  # below the privacy floor the slot keeps no votes (sq stays 0) until its min_users-th user
-            um = users[s] | mask(bits[k])
-            users[s] = um
-            if at_floor(um, min_users):
-                sq[0, s] = math.sqrt(vals[0, s])
-                sq[1, s] = math.sqrt(vals[1, s])
         pair_total += pair
         k += 1
     return k, pair_total, 0
@@ -757,16 +783,16 @@ def _update(codes, deltas, bits, k, pair_total, block, nb, vals, sq, users, fill
 
 @njit(cache=True, nogil=True)
 def _evict(r, b, nb, vals, sq, users, free_pos, n_free, table, meta, n_evict, evict_sym_weight,
-           min_users):  # pragma: no cover - compiled
+           vote_min_users):  # pragma: no cover - compiled
     """Free the weakest ``n_evict`` slots of full row ``r`` (block ``b``), by the ranker's view of a slot:
     its damped weights (ties: lowest position first); the freed positions are taken lowest first. A slot below
-    the privacy floor (no votes yet) is ranked by the votes it will have, from its weights."""
+    the vote floor (no votes yet) is ranked by the votes it will have, from its weights."""
     m = nb.shape[1]
     lo = b * m
     key = sq[0, lo: lo + m] + evict_sym_weight * sq[1, lo: lo + m]
-    if min_users > 1:
+    if vote_min_users > 1:
         for p in range(m):
-            if not at_floor(users[lo + p], min_users):
+            if not at_floor(users[lo + p], vote_min_users):
                 key[p] = math.sqrt(vals[0, lo + p]) + evict_sym_weight * math.sqrt(vals[1, lo + p])
     # the n_evict smallest keys, ties to the lowest positions, in position order: those under the
     # n_evict-th smallest key, then the first positions that equal it (a selection, not a sort)
@@ -953,7 +979,7 @@ def _pair_updates_one(cur, ts, w, scale, prev, prev_ts, prev_w, rating, prev_rat
 @njit(cache=True, nogil=True)
 def _learn_one(cur, ts, w, scale, rating, mask, ring, hist_item, hist_ts, hist_w, hist_rating, feat_mask, dtab, stab,
                gap_tau_s, gap_floor, agree, boost, bit, pair_total, block, nb, vals, sq, users, fill, free_pos, n_free,
-               table, meta, door, door_bits, n_evict, evict_sym_weight, min_users,
+               table, meta, door, door_bits, n_evict, evict_sym_weight, vote_min_users,
                bits):  # pragma: no cover - compiled; tested through learn_one
     """One event's slot updates, applied as far as :func:`_update` gets (see :func:`infogap.models.learn_core.learn_event`);
     ``bit``: the user's bit, which every update of the event carries (written into ``bits``, room for
@@ -975,7 +1001,7 @@ def _learn_one(cur, ts, w, scale, rating, mask, ring, hist_item, hist_ts, hist_w
                                       dtab, stab, gap_tau_s, gap_floor, agree, boost)
     bits[:codes.size] = bit
     k, pt, need = _update(codes, deltas, bits, 0, pair_total, block, nb, vals, sq, users, fill, free_pos, n_free, table,
-                          meta, door, door_bits, n_evict, evict_sym_weight, min_users)
+                          meta, door, door_bits, n_evict, evict_sym_weight, vote_min_users)
     return codes, deltas, k, pt, need
 
 
@@ -1003,8 +1029,7 @@ def _warm(codes, table, meta, vals, sq, users, door, door_bits):  # pragma: no c
         s = slots[k]
         if s >= 0:
             x += vals[0, s] + vals[1, s] + vals[2, s] + vals[3, s] + sq[0, s] + sq[1, s]
-            if sq[1, s] == 0.0:  # below the floor: its bitmap is read too
-                opened += np.int64(users[s] & np.uint64(1))
+            opened += np.int64(users[s] & np.uint64(1))  # (its bitmap, which every update ORs into)
         elif door_bits:
             opened += door[home_slot(codes[k], 64 - door_bits)]
     return x * 0.0 + opened * 0.0

@@ -18,10 +18,11 @@ whole batches (numpy for the pair generation and array updates), so both give th
 **What ``forget_user`` keeps.** Every per-user structure is erased: history, behaviour vectors,
 RFM, consumed items, segment membership. Aggregates that many users feed are kept: item
 co-occurrence weights and counts, item popularity/trending and the segment centers. They hold no
-user id, and a pair is published by :meth:`Engine.similar`, cited in a reason or even counted in a
-recommendation's votes only once ``min_users`` distinct users made it (the privacy floor, counted by a
-64-bit user bitmap per pair: :mod:`infogap.models.privacy`), and a trending entry is listed only once
-``min_users`` users stand behind it, so a single user's contribution is not exposed.
+user id, and a pair is published by :meth:`Engine.similar` or cited in a reason only once ``min_users``
+distinct users made it (the privacy floor, counted by a 64-bit user bitmap per pair:
+:mod:`infogap.models.privacy`), and a trending entry is listed only once ``min_users`` users stand behind it,
+so nothing published singles a person out. A pair below the floor still votes in rankings unless
+``floor_votes`` is set (docs/privacy.md says what each setting protects against).
 """
 from __future__ import annotations
 
@@ -142,9 +143,12 @@ class EngineConfig:
         Memory bound M per item, share of a full row freed at once, admission door size (0: off),
         co-occurrences needed before a pair is published by :meth:`Engine.similar` or cited.
     min_users
-        The privacy floor: a pair votes in rankings, is published by :meth:`Engine.similar` and cited in a
-        reason, and a trending entry (global or per segment) is listed, only once at least this many distinct
-        users made it (by their bits in a 64-bit bitmap: :mod:`infogap.models.privacy`). 1 turns it off.
+        The privacy floor: a pair is published by :meth:`Engine.similar` and cited in a reason, and a trending
+        entry (global or per segment) is listed, only once at least this many distinct users made it (by their
+        bits in a 64-bit bitmap: :mod:`infogap.models.privacy`). 1 turns it off.
+    floor_votes
+        Whether a pair also votes in rankings only from its ``min_users``-th user (strict: what one person did
+        then cannot shape another's list; it costs HR@10, docs/privacy.md). By default every pair votes.
     reason_min_support
         A reason cites a pair ("bought together with X by N users (lift L)") only with at least this many
         co-occurrences (and ``min_support``) and a lift above 1 as shown; else the next true reason.
@@ -208,6 +212,7 @@ class EngineConfig:
     evict_fraction: float = 0.25
     min_support: int = 2
     min_users: int = 5
+    floor_votes: bool = False
     reason_min_support: int = 3
     door_bits: int = 0
     pop_exponent: float = 0.2
@@ -303,12 +308,13 @@ class Engine:
     >>> e.forget_user("c"); e.known_user("c")
     False
 
-    A pair fewer than ``min_users`` users made is never published, cited or voted with (the privacy floor):
+    A pair fewer than ``min_users`` users made is never published nor cited (the privacy floor); it votes in
+    rankings unless ``floor_votes`` is set:
 
     >>> e.learn_many([{"user_id": "d", "type": "view", "ts": 2000.0 + k, "item_id": i} for k, i in
     ...               enumerate(["tea", "mug"] * 5)])  # d alone, many times
-    >>> [n.item_id for n in e.similar("tea")], [r.item_id for r in e.recommend("e", n=3)]
-    (['cup'], ['cup'])
+    >>> [n.item_id for n in e.similar("tea")], [r.reason for r in e.recommend("e", n=3) if r.item_id == "mug"]
+    (['cup'], ['picked for you'])
     """
 
     def __init__(self, config: EngineConfig | None = None, *, cooc: str = "local", population: str = "local",
@@ -338,7 +344,8 @@ class Engine:
             Profiles(history_len=cfg.history_len, half_life_days=cfg.half_life_days, max_consumed=cfg.max_consumed),
             CoOccurrence(n_neighbours=cfg.n_neighbours, half_life_days=cfg.cooc_half_life_days,
                          evict_fraction=cfg.evict_fraction, pop_exponent=cfg.pop_exponent, door_bits=cfg.door_bits,
-                         evict_sym_weight=cfg.sym_weight, indexed=cooc == "local", min_users=cfg.min_users),
+                         evict_sym_weight=cfg.sym_weight, indexed=cooc == "local", min_users=cfg.min_users,
+                         floor_votes=cfg.floor_votes),
             trending_for(cfg), segmenter)
         self._pairs = PairWeights(window=cfg.window, dir_window=cfg.dir_window, dir_decay=cfg.dir_decay,
                                   sym_decay=cfg.sym_decay, gap_tau_s=cfg.gap_tau_s, gap_floor=cfg.gap_floor,
@@ -658,7 +665,8 @@ class Engine:
             if self.state.t0 is None:
                 self.state.t0 = t
             factor = self.state.growth(co.lam, t)
-            co.set_row(r, nbs, np.asarray(doc["values"], np.float64).reshape(4, -1), factor)
+            co.set_row(r, nbs, np.asarray(doc["values"], np.float64).reshape(4, -1), factor,
+                       private=np.asarray(doc.get("private", ()), np.int64))
             pop_rows += (nbs, (r,))
             pop_values += (doc["neighbour_pop"], (doc["pop"],))
             if with_raw and doc.get("raw_pop") is not None:

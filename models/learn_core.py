@@ -28,7 +28,7 @@ def _learn_event(u, i, s, x, xm, ts, w, typ, rating, scale, neg_exponent, bit, r
                  momentum, glob, seg_scores, segment_max, trend_users, pop, ipop, raw_pop, hist_item, hist_ts, hist_w,
                  hist_type, hist_rating, feat_mask, dtab, stab, gap_tau_s, gap_floor, agree, boost, pair_total, block, nb,
                  vals, sq, users, fill, free_pos, n_free, table, meta, door, door_bits, n_evict, evict_sym_weight,
-                 min_users, j, codes_out, deltas_out, bits_out):  # pragma: no cover - compiled; tested against the batch path
+                 vote_min_users, j, codes_out, deltas_out, bits_out):  # pragma: no cover - compiled; tested against the batch path
     """Returns the new maxima and totals, and where the pair updates stopped (see ``_update``); when
     they stopped early, the updates are left in ``codes_out``/``deltas_out`` for Python to go on with.
     ``bits_out``: room for the updates' user bits (every one the user's; a scratch array, not one made per event)."""
@@ -40,7 +40,7 @@ def _learn_event(u, i, s, x, xm, ts, w, typ, rating, scale, neg_exponent, bit, r
                                             hist_w[u], hist_rating[u], feat_mask, dtab, stab, gap_tau_s, gap_floor,
                                             agree, boost, bit, pair_total, block, nb, vals, sq, users, fill,
                                             free_pos, n_free, table, meta, door, door_bits, n_evict, evict_sym_weight,
-                                            min_users, bits_out)
+                                            vote_min_users, bits_out)
     write_entry(hist_item, hist_ts, hist_w, hist_type, hist_rating, u, j, i, ts, w, typ, rating)
     if k < codes.size:
         codes_out[:codes.size] = codes

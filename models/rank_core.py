@@ -80,7 +80,7 @@ def _add_sources(cand, extra, src, pos):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _core(nb, sq, block, ipop, pop, vals, raw_pop, dec_scale, raw_scale, mom_count, mom_decay, pop_decay, momentum,
+def _core(nb, sq, block, ipop, pop, vals, users, min_users, raw_pop, dec_scale, raw_scale, mom_count, mom_decay, pop_decay, momentum,
           available, category, consumed, blocked, u, hist_item, hist_ts, hist_type, hist_w, ring, qs_tab, qd_tab, kd,
           gap_floor, inv_tau, dislike, w_cooc, seg_row, w_seg, glob, w_glob, share, w_content, src, trend_a,
           trend_b, have_trending, kk, n, cap, n_anchor, acc, mark, memo, gen, marks, pos, kept_rows, kept_votes,
@@ -159,7 +159,7 @@ def _core(nb, sq, block, ipop, pop, vals, raw_pop, dec_scale, raw_scale, mom_cou
         out[DOMINANT:, i] = 0.0  # (the buffer is reused: no reasons' data from an earlier request)
     if n_anchor > 0 and sel.size:  # the reasons' data
         if k > 0:
-            anchor = _anchors(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, n_anchor, picks, pos)
+            anchor = _anchors(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, n_anchor, picks, pos, users, min_users)
         else:
             anchor = np.full(sel.size, -1, np.int64)
         types = np.empty(k, np.int64)
@@ -231,7 +231,7 @@ def rank_core(state, u: int, cfg, qd_tab: np.ndarray, qs_tab: np.ndarray, source
     src = np.stack(proposals(state, sources, u, kk)) if sources else _NO_PROPOSALS
     while True:
         n_picked, status, n_voted = _core(
-            co.nb, co.sq, co.block, co.ipop, co.pop, co.vals, co.raw_pop, *lift_scales, tr.momentum_, mom_decay,
+            co.nb, co.sq, co.block, co.ipop, co.pop, co.vals, co.users, co.min_users, co.raw_pop, *lift_scales, tr.momentum_, mom_decay,
             pop_decay, momentum, cat.available, cat.category, prof.consumed(u), blocked, u, prof.hist_item,
             prof.hist_ts, prof.hist_type, prof.hist_w, ring, qs_tab, qd_tab, min(k, cfg.query_dir_len),
             float(cfg.query_gap_floor), 1.0 / cfg.query_gap_tau_s, float(cfg.review_dislike), float(cfg.w_cooc), seg_row,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from infogap.models.privacy import at_floor
 from infogap.models.scratch import scratch
 
 
@@ -127,9 +128,11 @@ def _votes(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, ipop, mom_count, mom_decay,
 
 
 @njit(cache=True, nogil=True)
-def _anchors(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, n_anchor, picks, pos):  # pragma: no cover - compiled
+def _anchors(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, n_anchor, picks, pos, users,
+             min_users):  # pragma: no cover - compiled
     """For each of ``picks``: ``h * M + slot`` of the largest vote it got from the ``n_anchor`` newest
-    items (the first of equals, in the order the votes were added), -1 when none voted for it."""
+    items (the first of equals, in the order the votes were added) through a slot at the privacy floor
+    (``users``' bitmap shows ``min_users``: a reason cites it), -1 when none voted for it so."""
     m = nb.shape[1]
     kd = a_dir.size
     best = np.full(picks.size, -1.0)
@@ -143,7 +146,7 @@ def _anchors(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, n_anchor, picks, pos):  #
         base = b * m
         for s in range(m):
             j = nb[b, s]
-            if j < 0 or pos[j] == 0:
+            if j < 0 or pos[j] == 0 or not at_floor(users[base + s], min_users):
                 continue
             c = sq_sym[base + s] * a_sym[h]
             if h < kd:
@@ -284,10 +287,14 @@ class Votes:
     ([2], [0.0, 5.0])
 
     ``anchors(items, n_anchor)``: for each item, ``h * M + slot`` of the strongest vote it got from one of
-    the ``n_anchor`` most recent items (``h`` = 0 is the newest), -1 when none of those voted for it:
+    the ``n_anchor`` most recent items (``h`` = 0 is the newest), -1 when none of those voted for it; with
+    ``users`` (per slot bitmaps) and ``min_users``, through a slot at that privacy floor only:
 
     >>> v.anchors(np.array([2, 1, 0]), 1).tolist()
     [0, 1, -1]
+    >>> users = np.array([0, 0, 0b11, 0b1, 0, 0], np.uint64)  # two users made slot 2 (item 2), one slot 3
+    >>> v.anchors(np.array([2, 1, 0]), 1, users, min_users=2).tolist()
+    [0, -1, -1]
     """
 
     __slots__ = ("rows", "votes", "_order", "_inputs")
@@ -317,14 +324,19 @@ class Votes:
         pos = self.index(items)
         return np.where(pos >= 0, self.votes[pos], 0.0) if self.rows.size else np.zeros(len(items))
 
-    def anchors(self, items: np.ndarray, n_anchor: int) -> np.ndarray:
+    def anchors(self, items: np.ndarray, n_anchor: int, users: np.ndarray | None = None,
+                min_users: int = 1) -> np.ndarray:
         """Where each of ``items`` (distinct rows) got its strongest vote among the ``n_anchor`` newest
-        items (see the class example)."""
+        items, through a slot at the privacy floor ``min_users`` of ``users`` (see the class example)."""
         if not self._inputs or not len(items):
             return np.full(len(items), -1, np.int64)
         *inputs, size = self._inputs
         pos = scratch("votes.pos", size, _positions)
-        return _anchors(*inputs, int(n_anchor), np.asarray(items, np.int64), pos)
+        users = _NO_USERS if users is None or min_users <= 1 else users
+        return _anchors(*inputs, int(n_anchor), np.asarray(items, np.int64), pos, users, int(min_users))
+
+
+_NO_USERS = np.zeros(0, np.uint64)  # (no floor: the bitmaps are not read)
 
 
 def vote(nb: np.ndarray, sq_dir: np.ndarray, sq_sym: np.ndarray, blocks: np.ndarray, a_sym: np.ndarray,

@@ -142,7 +142,7 @@ class ItemShards:
         snapshot without a state too)."""
         tree = state if isinstance(state, dict) else {}
         shard = CoOccurrenceShard.from_state(tree.get("shard"), arrays, f"{where}: shard")
-        shard.set_floor(self.config.min_users)  # (the floor configured now; a snapshot from before it: conservative)
+        shard.set_floor(self.config.min_users, self.config.floor_votes)  # (configured now; a snapshot from before the floor: conservative)
         ledger = (PrivacyLedger.from_state(tree["privacy"], f"{where}: privacy") if tree.get("privacy") is not None
                   else PrivacyLedger())  # (a snapshot from before the ledger: nothing spent)
         pop = tree.get("population")

@@ -31,10 +31,20 @@ def encode_row(row: dict, numbering: int | None = None) -> bytes:
     ...                              "raw_pair_total": 8.0, "neighbour_raw_pop": np.array([5.0])}, numbering=12))
     >>> row["raw_pop"], row["raw_total"], row["neighbour_raw_pop"].tolist(), row["numbers"].tolist()
     (7.0, 20.0, [5.0], [3])
+
+    The positions of neighbours below the privacy floor go in the head as ``private`` (none: every one is public):
+
+    >>> decode_row(encode_row({"item_id": "a", "t": 5.0, "pop": 2.0, "total": 9.0, "pair_total": 4.0,
+    ...                        "neighbours": ["b", "c"], "numbers": np.array([3, 4]), "values": np.ones((4, 2)),
+    ...                        "neighbour_pop": np.ones(2), "private": np.array([1])}))["private"].tolist()
+    [1]
     """
     k = len(row["neighbours"])
     head = {"item_id": row["item_id"], "t": row["t"], "pop": row["pop"], "total": row["total"],
             "pair_total": row["pair_total"], "k": k, "numbering": numbering}
+    private = row.get("private")
+    if private is not None and len(private):
+        head["private"] = np.asarray(private, np.int64).tolist()
     body = [np.asarray(row["values"], np.float64), np.asarray(row["neighbour_pop"], np.float64)[None]]
     if "raw_pop" in row:
         head.update(raw_pop=row["raw_pop"], raw_total=row["raw_total"], raw_pair_total=row["raw_pair_total"])
@@ -70,6 +80,10 @@ def decode_row(raw: bytes) -> dict:
         row["values"], row["neighbour_pop"] = body[:4], body[4]
         return row
     k = row.pop("k")
+    private = np.asarray(row.get("private", ()), np.int64).ravel()  # (a row not an item stage's: a ValueError)
+    if private.size and not (private.min() >= 0 and private.max() < k):
+        raise ValueError("private positions outside the row")
+    row["private"] = private
     n_rows = 6 if "raw_pop" in row else 5  # (raw counts: written since lift is computed on them)
     body = np.frombuffer(raw, np.float64, count=n_rows * k, offset=at).reshape(n_rows, k)
     row["values"], row["neighbour_pop"] = body[:4], body[4]

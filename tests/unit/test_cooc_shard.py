@@ -1,6 +1,7 @@
 """Sharded co-occurrence: a remote engine plus item shards give the local engine's results."""
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import zlib
 
@@ -101,18 +102,25 @@ def test_a_replay_that_overlaps_what_was_applied_adds_only_the_new_part(stream):
     assert partial.co.pop.tolist() == pytest.approx(all_once.co.pop.tolist())
 
 
-def test_a_read_side_copy_keeps_no_slot_index_yet_answers_pairs_and_counts_like_the_local_engine(stream):
+@pytest.mark.parametrize("floor_votes", [False, True], ids=["votes-unfloored", "floor-votes"])
+def test_a_read_side_copy_keeps_no_slot_index_yet_answers_pairs_and_counts_like_the_local_engine(stream, floor_votes):
     evs, items = stream
-    local = Engine(FLOOR)
+    cfg = dataclasses.replace(FLOOR, floor_votes=floor_votes)
+    local = Engine(cfg)
     for it in items:
         local.upsert_item(it)
     local.learn_many(evs)
-    remote, _ = _sharded(evs, items, 3, cfg=FLOOR)
+    remote, _ = _sharded(evs, items, 3, cfg=cfg)
     assert remote.state.cooc._index is None
-    lc = local.state.cooc  # the rows exported to a read-side copy hold the slots at the privacy floor only
-    at_floor = sum(lc.neighbours(r, floor=True)[0].size for r in range(len(local.state.catalog)))
-    assert remote.stats()["cooc_slots"] == at_floor > 0 and at_floor < local.stats()["cooc_slots"]
-    lc, rc = local.state.cooc, remote.state.cooc
+    # the rows exported to a read-side copy hold every slot that votes: with the pairs below the privacy floor
+    # marked private, or (floor_votes) without them
+    lc, n_items = local.state.cooc, len(local.state.catalog)
+    at_floor = sum(lc.slots(r, public=True).size for r in range(n_items))
+    assert 0 < at_floor < local.stats()["cooc_slots"]
+    assert remote.stats()["cooc_slots"] == (at_floor if floor_votes else local.stats()["cooc_slots"])
+    rc = remote.state.cooc
+    assert sum(rc.slots(r, public=True).size for r in range(len(remote.state.catalog))) == at_floor
+    held = remote.stats()["cooc_slots"]
     a = remote.state.catalog.row(items[0]["item_id"])
     for n in local.similar(items[0]["item_id"], n=5):
         la, lb = local.state.catalog.row(items[0]["item_id"]), local.state.catalog.row(n.item_id)
@@ -120,7 +128,7 @@ def test_a_read_side_copy_keeps_no_slot_index_yet_answers_pairs_and_counts_like_
         assert got is not None and got["count"] == want["count"] and np.isclose(got["lift"], want["lift"])
     assert rc.pair(a, a) is None
     remote.drop_rows([items[0]["item_id"]])
-    assert remote.stats()["cooc_slots"] < at_floor
+    assert remote.stats()["cooc_slots"] < held
     with pytest.raises(RuntimeError, match="read-side copy"):
         rc.update(np.array([(a << 32) | 1], np.int64), np.ones((1, 4)))
 
@@ -286,7 +294,7 @@ def test_a_row_written_before_numbers_still_reads():
 
 def _published_reference(co, r, min_support, eligible=None):
     """What ``published`` is defined as, step by step in numpy (the slots at the privacy floor)."""
-    nb, _, _, n_pair, count = co.neighbours(r, floor=True)
+    nb, _, _, n_pair, count = co.neighbours(r, public=True)
     ok = count >= min_support
     if eligible is not None:
         ok &= eligible[nb]
@@ -330,7 +338,7 @@ def test_state_from_before_raw_counts_keeps_its_decayed_lifts_and_publishes_rows
     old = pickle.loads(pickle.dumps(state))
     item = max(old.owned(), key=lambda i: len(old.similar(i, 50)))
     r, co = old._rows[item], old.co
-    nb, _, _, n_pair, _ = co.neighbours(r, floor=True)
+    nb, _, _, n_pair, _ = co.neighbours(r, public=True)
     decayed = n_pair * co.total ** 2 / (2 * co.pair_total) / np.maximum(co.pop[r] * co.pop[nb], 1e-300)
     assert np.allclose(sorted(n.lift for n in old.similar(item, 500, min_support=1)), sorted(decayed))
     assert "raw_pop" not in old.export_row(item) and "raw_pop" in shard.export_row(item)

@@ -55,24 +55,37 @@ def _engine(min_users: int = 5, **cfg) -> Engine:
     return e
 
 
-def test_a_pair_one_user_made_is_never_published_cited_or_voted_with():
+def test_a_pair_one_user_made_is_never_published_nor_cited():
     e = _engine()
     e.learn_many(_stream())
     assert "b" not in [n.item_id for n in e.similar("a", 100)] and "a" not in [n.item_id for n in e.similar("b", 100)]
     assert [n.item_id for n in e.similar("x")] == ["y"]  # twelve users made that one
     co, cat = e.state.cooc, e.state.catalog
     s = co._index.get((cat.row("a") << 32) | cat.row("b"))
-    assert s >= 0 and co.vals[COUNT, s] >= 19 and co.sq[:, s].tolist() == [0.0, 0.0]  # learned, but no votes
-    e.learn_one(view(999, "newcomer", "a", T0 + 9000))  # someone views a: b is not recommended because of a
+    assert s >= 0 and co.vals[COUNT, s] >= 19 and co.sq[1, s] > 0  # learned, and it votes (floor_votes is off)
+    assert co.pair(cat.row("a"), cat.row("b"))["at_floor"] is False
+    e.learn_one(view(999, "newcomer", "a", T0 + 9000))  # someone views a: b may rank, but the pair is never cited
     recs = e.recommend("newcomer", 20)
-    assert "b" not in [r.item_id for r in recs]
-    assert not [r.reason for r in recs if "Alpha" in r.reason]
-    # the same stream without the floor: the pair is published, and b recommended because of a
+    assert "b" in [r.item_id for r in recs]
+    assert not [r.reason for r in recs if "Alpha" in r.reason or "by 1 users" in r.reason]
+    # the same stream without the floor: the pair is published and cited
     off = _engine(min_users=1)
     off.learn_many(_stream())
     off.learn_one(view(999, "newcomer", "a", T0 + 9000))
     assert "b" in [n.item_id for n in off.similar("a")]
     assert [r.reason for r in off.recommend("newcomer", 20) if r.item_id == "b"][0].startswith("viewed together with Alpha")
+
+
+def test_with_floor_votes_a_pair_below_the_floor_does_not_rank_either():
+    e = _engine(floor_votes=True)
+    e.learn_many(_stream())
+    co, cat = e.state.cooc, e.state.catalog
+    s = co._index.get((cat.row("a") << 32) | cat.row("b"))
+    assert s >= 0 and co.vals[COUNT, s] >= 19 and co.sq[:, s].tolist() == [0.0, 0.0]  # learned, but no votes
+    e.learn_one(view(999, "newcomer", "a", T0 + 9000))  # someone views a: b is not recommended because of a
+    recs = e.recommend("newcomer", 20)
+    assert "b" not in [r.item_id for r in recs] and not [r.reason for r in recs if "Alpha" in r.reason]
+    assert [n.item_id for n in e.similar("x")] == ["y"]
 
 
 def test_a_pair_becomes_public_at_the_kth_distinct_user_and_not_before():
@@ -85,9 +98,10 @@ def test_a_pair_becomes_public_at_the_kth_distinct_user_and_not_before():
     assert e.similar("x") == []
 
 
-def test_learn_one_and_learn_many_give_the_same_bitmaps_and_votes():
+@pytest.mark.parametrize("floor_votes", [False, True])
+def test_learn_one_and_learn_many_give_the_same_bitmaps_and_votes(floor_votes):
     evs = _stream()
-    one, many = _engine(), _engine()
+    one, many = _engine(floor_votes=floor_votes), _engine(floor_votes=floor_votes)
     for x in evs:
         one.learn_one(x)
     many.learn_many(evs)
@@ -155,12 +169,17 @@ def test_a_shard_snapshot_without_bitmaps_restores_with_none_and_publishes_only_
     shard = CoOccurrenceShard.for_engine(cfg)
     shard.apply(_deltas(), source=0)
     assert [n.item_id for n in shard.similar("x", min_support=1)] == ["y"]
-    assert "b" not in shard.export_row("a")["neighbours"] and shard.export_row("x")["neighbours"] == ["y"]
+    row = shard.export_row("a")  # the user stages may rank with a -> b, never cite it
+    assert list(row["neighbours"]) == ["b"] and row["private"].tolist() == [0]
+    assert shard.export_row("x")["neighbours"] == ["y"] and shard.export_row("x")["private"].tolist() == []
     state = shard.to_state()
-    del state["co"]["users"], state["co"]["min_users"]  # as snapshotted before the privacy floor
+    del state["co"]["users"], state["co"]["min_users"], state["co"]["vote_min_users"]  # as before the floor
     old = CoOccurrenceShard.from_state(state)
     old.set_floor(cfg.min_users)
-    assert old.similar("x", min_support=1) == [] and old.export_row("x")["neighbours"] == []
+    assert old.similar("x", min_support=1) == [] and old.export_row("x")["private"].tolist() == [0]
+    strict = CoOccurrenceShard.from_state(state)
+    strict.set_floor(cfg.min_users, floor_votes=True)
+    assert strict.export_row("x")["neighbours"] == []
     eng = Engine(FLOOR, cooc="remote")
     users = _distinct_users(5, "new")
     eng.learn_many([view(k, u, i, T0 + 9000 + k) for k, (u, i) in enumerate((u, i) for u in users for i in "xy")])
@@ -176,12 +195,12 @@ def test_a_shard_snapshot_without_bitmaps_restores_with_none_and_publishes_only_
     assert back.top(5).size == 0 and back.users_.shape == (3, tr.users_.shape[1])
 
 
-@pytest.fixture
-async def pipeline():
-    """test_stream_core's pipeline, with the privacy floor at 5."""
+@pytest.fixture(params=[False, True], ids=["votes-unfloored", "floor-votes"])
+async def pipeline(request):
+    """test_stream_core's pipeline, with the privacy floor at 5, on the votes too or not."""
     from infogap.stream.settings import Settings
 
-    s = Settings(http_port=None, engine={"min_users": 5})
+    s = Settings(http_port=None, engine={"min_users": 5, "floor_votes": request.param})
     p = Pipeline(s)
     for item in CATALOG:
         p.side(s.topics.items, item["item_id"], item)
@@ -201,13 +220,19 @@ async def test_the_planted_pair_never_reaches_the_store_nor_a_reason(pipeline):
                    p.record(ev(1, "bob", "sku-1", T0 + 400), "bob")])
     assert "sku-11" not in [n["item_id"] for n in await p.store.similar("sku-10")]  # the Redis value
     assert "sku-10" not in [n["item_id"] for n in await p.store.similar("sku-11")]
-    for item in ("sku-10", "sku-11"):  # the rows the user stages rank with (Redis ig:nbrow) do not hold it either
+    strict = p.worker.engine.config.floor_votes
+    for item in ("sku-10", "sku-11"):  # the rows the user stages rank with (Redis ig:nbrow): private, or absent
         raw = (await p.store.read_rows([item]))[0]
-        assert raw is None or {"sku-10", "sku-11"}.isdisjoint(decode_row(raw)["neighbours"])
+        row = decode_row(raw)
+        other = ({"sku-10", "sku-11"} - {item}).pop()
+        if strict:
+            assert other not in row["neighbours"]
+        else:
+            assert list(row["neighbours"]).index(other) in row["private"].tolist()
     assert {"sku-2", "sku-3"} <= {n["item_id"] for n in await p.store.similar("sku-1")}  # eight users: published
     alice = orjson.loads(await p.store.recs("alice"))
-    assert "sku-11" not in [i["item_id"] for i in alice["items"]]
-    assert not [i for i in alice["items"] if "Product 10" in i["reason"]], alice
+    assert ("sku-11" in [i["item_id"] for i in alice["items"]]) is not strict  # votes, unless floor_votes
+    assert not [i for i in alice["items"] if "Product 10" in i["reason"] or "by 1 users" in i["reason"]], alice
     bob = orjson.loads(await p.store.recs("bob"))
     assert {i["item_id"] for i in bob["items"][:2]} == {"sku-2", "sku-3"}, bob  # votes of a pair of eight users
     trending = [i for i, _ in await p.store.trending(None, 20)]

@@ -107,7 +107,7 @@ def _step_by_step(engine, cfg, qd_tab, qs_tab, u: int, k: int, n: int, cap: int,
         score_of = dict(zip(picked, score[sel].tolist()))
         if explain and picked:  # which component made each pick, and the history item behind its votes
             anchor = (np.full(sel.size, -1, np.int64) if votes is None
-                      else votes.anchors(cand[sel], rank_core._ANCHOR_ROWS))
+                      else votes.anchors(cand[sel], rank_core._ANCHOR_ROWS, co.users, co.min_users))
             dom, anchors = why(sel, cand, v, w_c, seg_row, w_s, glob, w_g, content, anchor=anchor,
                                items=items, types=prof.hist_type[u, idx], cooc=co, extra_part=part)
             dominant = {r: _PART_NAMES[d] for r, d in zip(picked, dom) if d >= 0}
