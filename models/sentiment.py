@@ -50,7 +50,6 @@ import re
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 
-from river import linear_model, naive_bayes, optim
 
 Tokenizer = Callable[[str], list[str]]
 
@@ -350,19 +349,37 @@ def _sigmoid(z: float) -> float:
     return e / (1.0 + e)
 
 
-class _MultinomialNB(naive_bayes.MultinomialNB):
-    """River's multinomial naive Bayes with a faster ``learn_one``: the same updates of the same attributes
-    (``class_counts``, ``feature_counts``, ``class_totals``; a test checks it against River's), as plain dict
-    increments instead of two ``Counter.update`` calls per token, which were half the cost of learning a review."""
+@functools.cache
+def _river() -> tuple[type, type, type]:
+    """River's naive Bayes (as :class:`_MultinomialNB`), ``LogisticRegression`` and ``SGD``, imported at the first
+    model that learns or reads a state: ``river.naive_bayes`` brings ``scipy.stats`` (~60 MB and half a second a
+    process), which a worker that never sees a review does not need."""
+    from river import linear_model, naive_bayes, optim
 
-    def learn_one(self, x, y):
-        self.class_counts[y] += 1
-        counts = self.feature_counts
-        total = 0
-        for f, n in x.items():
-            counts[f][y] += n
-            total += n
-        self.class_totals[y] += total
+    class _MultinomialNB(naive_bayes.MultinomialNB):
+        """River's multinomial naive Bayes with a faster ``learn_one``: the same updates of the same attributes
+        (``class_counts``, ``feature_counts``, ``class_totals``; a test checks it against River's), as plain dict
+        increments instead of two ``Counter.update`` calls per token, which were half the cost of learning a
+        review."""
+
+        def learn_one(self, x, y):
+            self.class_counts[y] += 1
+            counts = self.feature_counts
+            total = 0
+            for f, n in x.items():
+                counts[f][y] += n
+                total += n
+            self.class_totals[y] += total
+
+    _MultinomialNB.__qualname__ = "_MultinomialNB"  # pickled by reference: found by the module's __getattr__
+    return _MultinomialNB, linear_model.LogisticRegression, optim.SGD
+
+
+def __getattr__(name: str):
+    """``_MultinomialNB``, made on first use (:func:`_river`): what a pickled model refers to."""
+    if name == "_MultinomialNB":
+        return _river()[0]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class SentimentModel:
@@ -420,11 +437,18 @@ class SentimentModel:
         self.nb_scale = float(nb_scale)
         self.lexicon_weight = float(lexicon_weight)
         self.n_learned = 0
-        self._nb = _MultinomialNB(alpha=self.alpha)
-        self._stack = linear_model.LogisticRegression(optimizer=optim.SGD(self.lr), intercept_lr=self.lr, l2=0.0)
-        self._stack._weights["lex"] = self.lexicon_weight
-        self._stack._weights["nb"] = 0.0
+        self._nb = self._stack = None  # River's parts, made when first needed (:meth:`_parts`)
         self._prune_at = self.max_vocab + int(self.max_vocab * self.prune_slack)
+
+    def _parts(self):
+        """The naive Bayes and the stacker, made (and River imported) on first use."""
+        if self._nb is None:
+            nb_class, log_reg, sgd = _river()
+            self._nb = nb_class(alpha=self.alpha)
+            self._stack = log_reg(optimizer=sgd(self.lr), intercept_lr=self.lr, l2=0.0)
+            self._stack._weights["lex"] = self.lexicon_weight
+            self._stack._weights["nb"] = 0.0
+        return self._nb, self._stack
 
     # -- features
     def _tokens(self, text: str) -> dict[str, int]:
@@ -436,6 +460,8 @@ class SentimentModel:
         ``MultinomialNB.joint_log_likelihood(known)[True] - [...][False]`` (a test checks), read from its counts
         directly (River's method recomputes the vocabulary size and the class total for every token)."""
         nb = self._nb
+        if nb is None:
+            return 0.0
         n_pos, n_neg = nb.class_counts.get(_POS, 0), nb.class_counts.get(_NEG, 0)
         if not n_pos or not n_neg:
             return 0.0
@@ -468,10 +494,11 @@ class SentimentModel:
         if not isinstance(positive, bool):
             raise ValueError(f"positive must be True or False, got {positive!r}")
         x, f = self._features(text)
-        self._stack.learn_one(f, positive)
-        self._nb.learn_one(x, positive)
+        nb, stack = self._parts()
+        stack.learn_one(f, positive)
+        nb.learn_one(x, positive)
         self.n_learned += 1
-        if len(self._nb.feature_counts) > self._prune_at:
+        if len(nb.feature_counts) > self._prune_at:
             self._prune()
 
     def _prune(self) -> None:
@@ -498,7 +525,7 @@ class SentimentModel:
     @property
     def vocabulary_size(self) -> int:
         """Tokens the naive Bayes holds counts for (at most ``max_vocab * (1 + prune_slack)``)."""
-        return len(self._nb.feature_counts)
+        return len(self._nb.feature_counts) if self._nb is not None else 0
 
     # -- state
     def to_state(self) -> dict:
@@ -509,7 +536,7 @@ class SentimentModel:
         ``.optimizer.n_iterations``. The tokenizer and the lexicon are configuration, not state: pass them again to
         :meth:`from_state`.
         """
-        nb, st = self._nb, self._stack
+        nb, st = self._parts()
         return {
             "format": STATE_FORMAT,
             "config": {"seed": self.seed, "alpha": self.alpha, "max_vocab": self.max_vocab,
@@ -550,7 +577,7 @@ class SentimentModel:
         _check(isinstance(tokens, list), f"tokens is {_short(tokens)}, expected a list of [token, neg, pos]")
         _check(len(tokens) <= model._prune_at, f"tokens holds {len(tokens)} entries, more than this configuration "
                                                 f"keeps ({model._prune_at}: max_vocab with its slack)")
-        nb = model._nb
+        nb, stack_model = model._parts()
         for i, row in enumerate(tokens):
             _check(isinstance(row, list) and len(row) == 3 and isinstance(row[0], str)
                    and all(_is_int(c) and 0 <= c <= n_learned for c in row[1:]) and row[1] + row[2] > 0,
@@ -574,10 +601,10 @@ class SentimentModel:
         _check(_is_number(stack["intercept"]), f"stack.intercept is {stack['intercept']!r}, expected a finite number")
         _check(_is_int(stack["n_iterations"]) and stack["n_iterations"] >= 0,
                f"stack.n_iterations is {stack['n_iterations']!r}, expected an integer >= 0")
-        model._stack.intercept = float(stack["intercept"])
+        stack_model.intercept = float(stack["intercept"])
         for k in ("nb", "lex"):
-            model._stack._weights[k] = float(weights[k])
-        model._stack.optimizer.n_iterations = stack["n_iterations"]
+            stack_model._weights[k] = float(weights[k])
+        stack_model.optimizer.n_iterations = stack["n_iterations"]
         model.n_learned = n_learned
         return model
 

@@ -51,21 +51,23 @@ def _jieba_tokenizer():
 def tokenizer() -> Tokenizer:
     """A tokenizer for :class:`~infogap.models.sentiment.SentimentModel`: jieba words for CJK runs, the rules of
     :func:`~infogap.models.sentiment.plain_tokens` for the rest (:func:`jieba_tokens`, a module-level function, so
-    that an engine holding it pickles). jieba is loaded here, once per process (about a second the first time,
-    then from its cache). One instance may be shared by the threads of one worker: jieba's ``lcut`` holds no
-    per-call state on the tokenizer once it is initialised."""
-    _jieba_tokenizer()
+    that an engine holding it pickles). jieba is loaded at the first Chinese text, once per process (about a
+    second the first time, then from its cache, and ~70 MB: a worker that never reads a Chinese review never
+    pays them). One instance may be shared by the threads of one worker: jieba's ``lcut`` holds no per-call
+    state on the tokenizer once it is initialised."""
     return jieba_tokens
 
 
 def jieba_tokens(text: str) -> list[str]:
-    """The tokens of :func:`tokenizer` (loads jieba on first use)."""
-    cut = _jieba_tokenizer().lcut
+    """The tokens of :func:`tokenizer` (loads jieba at the first CJK run)."""
+    cut = None
     out: list[str] = []
     pos = 0
     for m in _CJK_RUN.finditer(text):
         if m.start() > pos:
             out += plain_tokens(text[pos:m.start()])
+        if cut is None:
+            cut = _jieba_tokenizer().lcut
         out += cut(m.group(), HMM=True)
         pos = m.end()
     if pos < len(text):

@@ -11,30 +11,19 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from infogap.models.privacy import user_bit
 from infogap.stream import connections
 from infogap.stream.core.neighbour_rows import decode_row
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import produce, running_worker
+from tests.unit.test_privacy import _distinct_users
 
 T0 = 1_732_460_000.0
 ITEMS = [("tea", "Green tea"), ("cup", "Tea cup"), ("lamp", "Desk lamp"), ("rug", "Wool rug")]
 
 
-def _distinct(n: int, prefix: str) -> list[str]:
-    """``n`` user ids of distinct bits (each counts in a bitmap)."""
-    out, bits, k = [], set(), 0
-    while len(out) < n:
-        if user_bit(u := f"{prefix}{k}") not in bits:
-            bits.add(user_bit(u))
-            out.append(u)
-        k += 1
-    return out
-
-
 def _events() -> list[dict]:
     evs = []
-    for n, u in enumerate(_distinct(6, "crowd")):
+    for n, u in enumerate(_distinct_users(6, "crowd")):
         evs += [{"event_id": f"c{n}-{i}", "user_id": u, "type": "purchase", "item_id": item, "ts": T0 + 10 * n + i}
                 for i, item in enumerate(("tea", "cup"))]
     evs += [{"event_id": f"l{j}", "user_id": "loner", "type": "view", "item_id": "lamp" if j % 2 == 0 else "rug",

@@ -283,7 +283,7 @@ def test_a_report_cell_below_k_users_shows_no_figures_nor_a_total_that_gives_it_
 
 
 def test_experiment_counts_keep_their_users_bitmap_through_sends_feedback_and_shards():
-    from infogap.models.experiments import Counts, ExperimentMetrics, MetricsConfig, Segment, summarize
+    from infogap.models.experiments import Counts, ExperimentMetrics, MetricsConfig, summarize
 
     m = ExperimentMetrics(MetricsConfig(shards=2))
     users = _distinct_users(5, "m")

@@ -252,7 +252,7 @@ def test_plain_tokens_on_mixed_chinese_and_english():
 def test_the_faster_learn_one_updates_river_naive_bayes_as_river_does():
     from river import naive_bayes
 
-    ours, river = SentimentModel()._nb, naive_bayes.MultinomialNB(alpha=0.5)
+    ours, river = SentimentModel()._parts()[0], naive_bayes.MultinomialNB(alpha=0.5)
     for text, positive in planted(200, seed=12, zh=True):
         x = dict.fromkeys(plain_tokens(text), 1)
         ours.learn_one(x, positive)
@@ -261,3 +261,20 @@ def test_the_faster_learn_one_updates_river_naive_bayes_as_river_does():
     assert dict(ours.feature_counts) == dict(river.feature_counts)
     x = dict.fromkeys(plain_tokens("甲乙东西"), 1)
     assert ours.joint_log_likelihood(x) == river.joint_log_likelihood(x)
+
+
+def test_a_worker_that_reads_no_review_loads_neither_jieba_nor_rivers_naive_bayes():
+    """jieba's dictionary (~70 MB) and River's naive Bayes with scipy.stats (~60 MB) are loaded by the first
+    Chinese review and the first model that learns, not by every worker at start."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import infogap.stream.worker; from infogap.stream.text import sentiment_model; "
+            "m = sentiment_model(); p = m.predict_one('fine, thanks'); "
+            "print(sorted(x for x in ('jieba', 'river.naive_bayes', 'scipy.stats') if x in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stderr
+    code = ("import sys; from infogap.stream.text import sentiment_model; m = sentiment_model(); "
+            "m.learn_one('质量很好', True); print(sorted(x for x in ('jieba', 'river.naive_bayes') if x in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "['jieba', 'river.naive_bayes']", out.stderr
