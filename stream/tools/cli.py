@@ -340,10 +340,12 @@ def report(
                       + (f" A row with fewer than {min_users} distinct users behind it shows no figures (the "
                          "privacy floor, docs/privacy.md)." if min_users > 1 else ""))
     for name, counts in cohorts.items():
-        for table in _retention_tables(name, counts):
+        for table in _retention_tables(name, counts, min_users):
             console.print(table)
     if cohorts:
-        console.print(RETENTION_LEGEND)
+        console.print(RETENTION_LEGEND + (f" An arm of fewer than {min_users} users shows no figures, nor does its "
+                                          "segment's increment (the privacy floor, docs/privacy.md)."
+                                          if min_users > 1 else ""))
 
 
 #: what the retention tables mean, printed under them
@@ -368,10 +370,12 @@ async def _read_retention(settings, only: str | None) -> dict:
         await store.close()
 
 
-def _retention_tables(name: str, counts) -> tuple[Table, Table]:
+def _retention_tables(name: str, counts, min_users: int = 1) -> tuple[Table, Table]:
     """The control group's figures of an experiment (or push campaign), per segment (variant, campaign,
     channel): each arm's retention, conversion and revenue per user, and the treated arm's difference; then the
-    increment of conversions and revenue, its cost and ROI. Intervals on a line of their own: 100 columns."""
+    increment of conversions and revenue, its cost and ROI. Intervals on a line of their own: 100 columns. An arm
+    of fewer than ``min_users`` users (a cohort counts each user once) shows "< k users" instead of its figures,
+    and its segment's lift and increment are not shown (they are differences with that arm: the privacy floor)."""
     from rich import box
 
     from infogap.models.retention import summarize
@@ -406,12 +410,20 @@ def _retention_tables(name: str, counts) -> tuple[Table, Table]:
                                                              "conversion", "revenue/user"))
     money = table(f"{name}: increment of pushing, within 7 days of entry",
                   ("segment", "treated", "conversions", "revenue", "cost", "ROI"))
+    few = f"< {min_users} users"
     for (campaign, channel, variant), inc in summarize(counts, by=("campaign", "channel", "variant")).items():
         seg = f"{variant} {campaign} {channel}"
         for arm, f in (("treated", inc.treated), ("control", inc.control)):
+            if 0 < f.entered < min_users:
+                arms.add_row(seg if arm == "treated" else "", arm, few, "", "", "", "")
+                continue
             arms.add_row(seg if arm == "treated" else "", arm, f"{f.entered:,}", ci(f.d1_rate, f.d1_ci, pct),
                          ci(f.d7_rate, f.d7_ci, pct), ci(f.conversion_rate, f.conversion_ci, pct),
                          ci(f.revenue_per_user, f.revenue_per_user_ci, num))
+        if any(0 < f.entered < min_users for f in (inc.treated, inc.control)):
+            arms.add_section()
+            money.add_row(seg, few, "", "", "", "")
+            continue
         per_user = None if inc.revenue is None or not inc.treated.users_7d else inc.revenue / inc.treated.users_7d
         per_user_ci = None if inc.revenue_ci is None else tuple(x / inc.treated.users_7d for x in inc.revenue_ci)
         conv = None if inc.conversions is None else inc.conversions / inc.treated.users_7d

@@ -4,6 +4,7 @@ report`` prints them, and a ``forget`` takes the user out of them."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 
 from infogap.models.retention import ControlGroup
@@ -59,6 +60,8 @@ async def test_a_control_user_is_ghost_pushed_and_both_arms_reach_redis_and_the_
             assert res.exit_code == 0, res.output
             assert "recs: retention, treated vs control" in res.output and "…" not in res.output
             assert "none recs email" in res.output and "control" in res.output
+            # one user an arm: the privacy floor shows no rate (a figure like "100.0%")
+            assert "< 5 users" in res.output and not re.search(r"\d%", res.output), res.output
 
             await produce(s, s.topics.events, [(ctl, {"event_id": "f1", "user_id": ctl, "type": "forget",
                                                       "ts": T0 + 200})])

@@ -280,3 +280,32 @@ def test_reads_do_not_change_the_records():
     assert before.keys() == after.keys() and all(
         np.array_equal(before[k], after[k]) if isinstance(before[k], np.ndarray) else before[k] == after[k]
         for k in before)
+
+
+def test_the_report_shows_no_figures_of_an_arm_of_fewer_than_k_users_nor_its_increment():
+    """The privacy floor on the retention tables: a control arm of 3 users would tell whether each came back."""
+    from rich.console import Console
+
+    from infogap.stream.tools.cli import _retention_tables
+
+    counts = {Cohort(0, "recs", "email", "A", "treated"): CohortCounts(entered=40, d1_users=40, d1_returned=12,
+                                                                      users_7d=40, conversions=4, revenue=80.0,
+                                                                      revenue_sq=1600.0, cost=4.0),
+              Cohort(0, "recs", "email", "A", "control"): CohortCounts(entered=3, d1_users=3, d1_returned=1,
+                                                                      users_7d=3, conversions=1, revenue=20.0,
+                                                                      revenue_sq=400.0),
+              Cohort(0, "winter", "app", "A", "treated"): CohortCounts(entered=6, d1_users=6, d1_returned=3),
+              Cohort(0, "winter", "app", "A", "control"): CohortCounts(entered=5, d1_users=5, d1_returned=1)}
+
+    def text(min_users: int) -> str:
+        out = Console(width=120, record=True, file=open("/dev/null", "w"))
+        for table in _retention_tables("recs", counts, min_users):
+            out.print(table)
+        return out.export_text()
+
+    floored = text(5)
+    assert "33.3%" not in floored and "< 5 users" in floored  # the 3 users' day-1 return rate is not shown
+    assert "30.0%" in floored  # the treated arm of 40: shown
+    assert "50.0%" in floored and "20.0%" in floored  # winter: both arms at the floor
+    assert "-3.3 pts" not in floored  # recs' lift (30.0 - 33.3) would give the control arm away
+    assert "33.3%" in text(1) and "-3.3 pts" in text(1)
