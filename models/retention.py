@@ -244,6 +244,15 @@ class ArmFigures:
                    c.users_7d, c.conversions, _rate(c.conversions, c.users_7d), wilson(c.conversions, c.users_7d, z),
                    c.revenue, mean, ci, c.messages, c.cost)
 
+    def below_floor(self, min_users: int) -> bool:
+        """Whether the arm has users but fewer than ``min_users`` (the privacy floor: its figures, and the
+        differences with it, are not shown; a cohort counts each user once).
+
+        >>> ArmFigures.from_counts(CohortCounts(entered=3)).below_floor(5), ArmFigures.from_counts(CohortCounts()).below_floor(5)
+        (True, False)
+        """
+        return 0 < self.entered < min_users
+
 
 @dataclass(frozen=True, slots=True)
 class Increment:

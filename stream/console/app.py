@@ -24,6 +24,7 @@ from aiohttp import web
 from markupsafe import Markup
 
 from infogap.models.experiments import Counts, Figures, hidden_cells, summarize, verdict
+from infogap.models.retention import summarize as retention_summary
 from infogap.models.push_policy import RULES
 from infogap.stream import web_access
 from infogap.stream.console import charts
@@ -76,6 +77,7 @@ def _environment() -> jinja2.Environment:
     env.filters["user_page"] = lambda v: page_of("users", v)
     env.filters["item_page"] = lambda v: page_of("items", v)
     env.filters["pct"] = lambda v: "-" if v is None else f"{100 * v:.1f}%"
+    env.filters["pts"] = lambda v: "-" if v is None else f"{100 * v:+.1f} pts"
     env.filters["num"] = lambda v: "-" if v is None else f"{v:,.2f}"
     env.filters["ci"] = lambda b, pct=False: "" if not b else (
         f"[{100 * b[0]:.1f}%, {100 * b[1]:.1f}%]" if pct else f"[{b[0]:,.2f}, {b[1]:,.2f}]")
@@ -253,7 +255,13 @@ class Console:
                         "ctr_chart": charts.interval_chart([(v, f.ctr, f.ctr_ci) for v, f in shown.items()], True),
                         "conv_chart": charts.interval_chart([(v, f.conversion_rate, f.conversion_rate_ci)
                                                              for v, f in shown.items()], True)})
-        return self._page(request, "experiments.html", "Experiments", experiments=out)
+        k = self.settings.engine_config().min_users
+        retention = [{"name": name, "min_users": k,
+                      "segments": [(f"{variant} {campaign} {channel}", inc,
+                                    inc.treated.below_floor(k) or inc.control.below_floor(k))
+                                   for (campaign, channel, variant), inc in retention_summary(cohorts).items()]}
+                     for name, cohorts in (await self.sources.retention()).items()]
+        return self._page(request, "experiments.html", "Experiments", experiments=out, retention=retention)
 
     async def dlq(self, request: web.Request) -> web.Response:
         tails = await self.sources.dead_letters()

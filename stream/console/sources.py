@@ -248,6 +248,7 @@ class Sources:
         self._dlq_lock = asyncio.Lock()
         self._dlq_cache: tuple[float, dict] | None = None
         self._experiments_cache: tuple[float, dict] | None = None
+        self._retention_cache: tuple[float, dict] | None = None
         self._experiment_list: tuple[float, dict] | None = None
 
     async def start(self) -> None:
@@ -327,6 +328,19 @@ class Sources:
                 "workers": len(views), "topics": topic_rows(topics)}
 
     # ------------------------------------------------------------------ experiments
+    async def retention(self) -> dict:
+        """Every experiment's (or push campaign's) control-group cohorts (``ig:ret``), read at most once per refresh."""
+        now = time.monotonic()
+        if self._retention_cache is not None and now - self._retention_cache[0] < self.settings.console_refresh_s:
+            return self._retention_cache[1]
+        data = {}
+        for name in await self.store.retention_names():
+            cohorts = await self.store.read_retention(name)
+            if cohorts:
+                data[name] = cohorts
+        self._retention_cache = (now, data)
+        return data
+
     async def experiments(self) -> dict:
         """Every experiment's counts, read at most once per refresh. Which experiments and variants exist is a
         SCAN of the whole keyspace (0.36 s with 100,000 users' keys): found again every

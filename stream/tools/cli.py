@@ -414,13 +414,13 @@ def _retention_tables(name: str, counts, min_users: int = 1) -> tuple[Table, Tab
     for (campaign, channel, variant), inc in summarize(counts, by=("campaign", "channel", "variant")).items():
         seg = f"{variant} {campaign} {channel}"
         for arm, f in (("treated", inc.treated), ("control", inc.control)):
-            if 0 < f.entered < min_users:
+            if f.below_floor(min_users):
                 arms.add_row(seg if arm == "treated" else "", arm, few, "", "", "", "")
                 continue
             arms.add_row(seg if arm == "treated" else "", arm, f"{f.entered:,}", ci(f.d1_rate, f.d1_ci, pct),
                          ci(f.d7_rate, f.d7_ci, pct), ci(f.conversion_rate, f.conversion_ci, pct),
                          ci(f.revenue_per_user, f.revenue_per_user_ci, num))
-        if any(0 < f.entered < min_users for f in (inc.treated, inc.control)):
+        if inc.treated.below_floor(min_users) or inc.control.below_floor(min_users):
             arms.add_section()
             money.add_row(seg, few, "", "", "", "")
             continue

@@ -12,6 +12,7 @@ from infogap.stream import connections
 from infogap.stream.store import open_store
 from tests.conftest import wait_for
 from tests.integration.kafka_helpers import produce, read_topic, running_worker
+from tests.unit.test_console_pages import _client as console_client
 
 T0 = 1_732_460_000.0  # 2024-11-24 14:53 UTC: outside quiet hours
 CATALOG = [{"item_id": f"sku-{i}", "title": f"Product {i}", "category": f"c{i % 3}", "tags": [], "available": True}
@@ -23,7 +24,7 @@ def view(n: int, user: str, item: str, t: float) -> tuple[str, dict]:
     return user, {"event_id": f"{user}-{n}", "user_id": user, "item_id": item, "type": "view", "ts": t}
 
 
-async def test_a_control_user_is_ghost_pushed_and_both_arms_reach_redis_and_the_report(settings, monkeypatch):
+async def test_a_control_user_is_ghost_pushed_and_both_arms_reach_redis_the_report_and_the_console(settings, monkeypatch):
     from typer.testing import CliRunner
 
     from infogap.stream.tools.cli import app
@@ -62,6 +63,13 @@ async def test_a_control_user_is_ghost_pushed_and_both_arms_reach_redis_and_the_
             assert "none recs email" in res.output and "control" in res.output
             # one user an arm: the privacy floor shows no rate (a figure like "100.0%")
             assert "< 5 users" in res.output and not re.search(r"\d%", res.output), res.output
+            # the console's experiments page, from this Redis, with the default privacy floor (the fixture's is off)
+            client = await console_client(s.model_copy(update={"engine": {}}), store)
+            try:
+                html = await (await client.get("/experiments")).text()
+            finally:
+                await client.close()
+            assert "recs: retention, treated vs control" in html and "&lt; 5 users" in html
 
             await produce(s, s.topics.events, [(ctl, {"event_id": "f1", "user_id": ctl, "type": "forget",
                                                       "ts": T0 + 200})])

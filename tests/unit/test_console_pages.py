@@ -206,3 +206,22 @@ async def test_the_segments_page_shows_each_segments_review_topics_and_what_each
         assert "topic 0" in html or "topic 1" in html  # a segment's topic shares
     finally:
         await client.close()
+
+
+async def test_the_experiments_page_shows_the_control_groups_retention_under_the_privacy_floor(store):
+    from infogap.models.retention import Cohort, CohortCounts
+
+    await store.write_retention("recs", {
+        Cohort(0, "recs", "email", "A", "treated"): CohortCounts(entered=40, d1_users=40, d1_returned=12),
+        Cohort(0, "recs", "email", "A", "control"): CohortCounts(entered=3, d1_users=3, d1_returned=1),
+        Cohort(0, "winter", "app", "A", "treated"): CohortCounts(entered=20, d1_users=20, d1_returned=10),
+        Cohort(0, "winter", "app", "A", "control"): CohortCounts(entered=10, d1_users=10, d1_returned=2)})
+    client = await _client(Settings(), store)
+    try:
+        html = await (await client.get("/experiments")).text()
+        assert "recs: retention, treated vs control" in html
+        assert "30.0%" in html and "33.3%" not in html and "&lt; 5 users" in html  # 3 control users: hidden
+        assert "-3.3 pts" not in html  # nor the lift, which would give them away
+        assert "50.0%" in html and "20.0%" in html and "+30.0 pts" in html  # winter: both arms at the floor
+    finally:
+        await client.close()
