@@ -399,7 +399,7 @@ class CoOccurrenceShard:
                "total": co.total * decay, "pair_total": co.pair_total * decay,
                "neighbours": [self._ids[b] for b in nb.tolist()], "numbers": nb.astype(np.int64), "values": values,
                "neighbour_pop": co.pop[nb] * decay}
-        if co.min_users > 1:
+        if co.min_users > co.vote_min_users:  # (under floor_votes every exported slot is at the floor)
             row["private"] = np.flatnonzero(~co.is_public(slots))
         if not math.isnan(co.raw_pair_total):  # raw counts, for lift (a shard from before them has none)
             row.update(raw_pop=float(co.raw_pop[r]), raw_total=co.raw_total, raw_pair_total=co.raw_pair_total,

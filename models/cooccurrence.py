@@ -219,7 +219,7 @@ class CoOccurrence:
         if "users" not in state:  # from before the privacy floor: no user known (its weights kept, no floor yet)
             state["users"] = np.zeros(state["sq"].shape[1], np.uint64)
             state["min_users"] = 1
-        state.setdefault("vote_min_users", state["min_users"])  # (from when the floor was on the votes too)
+        state.setdefault("vote_min_users", 1)  # (from before the floor: no floor)
         self.__dict__.update(state)
 
     #: what a snapshot holds (:mod:`infogap.models.state_fields`); the slot index goes apart, as its two arrays
@@ -254,17 +254,14 @@ class CoOccurrence:
 
         A state from before the privacy floor (no ``users``) is read with empty bitmaps and no floor: the
         owner then sets its floor (:meth:`set_floor`), and its slots are published (and, under ``floor_votes``,
-        vote) again only once they have that many users seen since (conservative). A state from before
-        ``vote_min_users`` had its votes under the floor: it keeps them so until the owner's :meth:`set_floor`.
+        vote) again only once they have that many users seen since (conservative).
         """
         old = isinstance(state, dict) and "users" not in state and "min_users" not in state
-        no_vote_floor = isinstance(state, dict) and "vote_min_users" not in state
-        drop = ("users", "min_users", "vote_min_users") if old else ("vote_min_users",) if no_vote_floor else ()
+        drop = ("users", "min_users", "vote_min_users") if old else ()
         co = put(cls.__new__(cls), state, {k: v for k, v in cls.STATE.items() if k not in drop}, where, arrays)
         if old:
-            co.users, co.min_users = np.zeros(co.sq.shape[1] if co.sq.ndim == 2 else 0, np.uint64), 1
-        if no_vote_floor:
-            co.vote_min_users = co.min_users
+            co.users = np.zeros(co.sq.shape[1] if co.sq.ndim == 2 else 0, np.uint64)
+            co.min_users = co.vote_min_users = 1
         index = state.get("index")
         if index is None:
             co._index = None

@@ -113,7 +113,8 @@ class EngineConfig:
     event_weights, rating_scale, rating_in_pairs
         Weight per event type (:data:`DEFAULT_EVENT_WEIGHTS` for missing ones); ``rate`` is scaled by
         ``rating / rating_scale`` in the profile and trending (and in the pairs if
-        ``rating_in_pairs``). Non-positive weights never enter history or co-occurrence.
+        ``rating_in_pairs``). Non-positive weights never enter co-occurrence, nor the history but for a disliked
+        item's review (a vote against its neighbours).
     exclude_types
         Event types that make an item the user's: never recommended to them again.
     review_positive_min, review_negative_max, review_min_confidence, review_dislike
@@ -455,7 +456,7 @@ class Engine:
                     entries += (u, i, ts, w, c, TYPE_CODE[typ], 0.0, seq, 0.0, NO_USER)
             elif w > 0.0:
                 tr, segment = st.trending, prof.segment[u]
-                bit = crc32(user_id.encode()) & 63  # user_bit(user_id), inline: the privacy floor's bit of the user
+                bit = crc32(user_id.encode()) & 63  # privacy.user_bit(user_id) inline (BITS - 1 = 63): the user's bit
                 trends += i, segment, w * exp(tr.lam * (ts - t0)), exp(tr.lam_m * (ts - t0)), bit
                 if remote_population:
                     self._pop_trend.append([seq, item_id, int(segment), w, ts, bit])
@@ -734,13 +735,14 @@ class Engine:
         cfg = self.config
         return label_of(rating, positive_min=cfg.review_positive_min, negative_max=cfg.review_negative_max)
 
-    def _sentiment(self, label: bool | None, text: str | None) -> float:
-        """The sentiment of a review with the rating's ``label``: +-1 from it, else as the model reads ``text``."""
+    def _sentiment(self, label: bool | None, text: str | None, tokens: list[str] | None = None) -> float:
+        """The sentiment of a review with the rating's ``label``: +-1 from it, else as the model reads ``text``
+        (``tokens``: its tokens, when the caller has them)."""
         if label is not None:
             return 1.0 if label else -1.0
         if not text:
             return 0.0
-        s = 2.0 * self.sentiment.predict_one(text) - 1.0
+        s = 2.0 * self.sentiment.predict_one(text, tokens) - 1.0
         return s if abs(s) >= self.config.review_min_confidence else 0.0
 
     def _learn_review(self, u: int, ts: float, text: str | None, rating: float | None, seq: int) -> float:
@@ -752,12 +754,13 @@ class Engine:
         if not text:
             return self._sentiment(label, text)
         cfg = self.config
-        words = topic_words(self.sentiment.tokenize(text))
+        tokens = self.sentiment.tokenize(text)  # (once, for both models)
+        words = topic_words(tokens)
         if self.population_mode == "remote":
             self._pop_review.append([seq, text, label])
         else:
             if label is not None:
-                self.sentiment.learn_one(text, label)
+                self.sentiment.learn_one(text, label, tokens)
             self.topics.learn_one(words)
         if cfg.topic_weight > 0 and self.topics.n_learned:
             prof, feature = self.state.profiles, self.state.catalog.feature
@@ -765,7 +768,7 @@ class Engine:
             for k, share in self.topics.mix(words).items():
                 if share >= cfg.topic_min_share:
                     prof.add_features(u, (feature(f"{TOPIC_FEATURE}{k}"),), share * scale)
-        return self._sentiment(label, text)
+        return self._sentiment(label, text, tokens)
 
     def load_topics(self, state: Mapping) -> None:
         """Read reviews' topics with the population learner's topic model (its

@@ -1,13 +1,15 @@
 """What one event weighs in what it feeds: the user's profile and trending, the item pairs, ownership.
 
 Every learning path (:meth:`infogap.models.engine.Engine.learn_one`, ``learn_many``) asks
-:meth:`EventWeights.of` and nothing else what an event counts for, so a new rule for what an event
+:meth:`EventWeights.of` (:meth:`EventWeights.review` for a review, by its sentiment) and nothing else what an
+event counts for, so a new rule for what an event
 weighs is a change here (and to its setting in :class:`~infogap.models.engine.EngineConfig`).
 
 - the **weight** of its type (:data:`DEFAULT_EVENT_WEIGHTS` for types the config leaves out), a ``rate``
   scaled by ``rating / rating_scale``: added to the profile's category/tag vector and, when positive,
-  to trending; a non-positive weight never enters the history or the co-occurrence, and a negative
-  one lowers the user's affinity for the item's categories;
+  to trending; a non-positive weight never enters the co-occurrence, nor the history but for a disliked item's
+  review (a vote against its neighbours), and a negative one lowers the user's affinity for the item's
+  categories;
 - the **pair weight**, the type's weight unscaled by the rating unless ``rating_in_pairs``: the weight of
   the event in the co-occurrence pairs it makes;
 - its **rating** (0 for none): the pairs of two rated events weigh by how alike the ratings are;

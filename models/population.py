@@ -170,9 +170,10 @@ class PopulationLearner:
             done += len(fresh)
         for seq, text, liked in reviews:
             if seq > hw:
+                tokens = self.sentiment.tokenize(text)  # (once, for both models)
                 if liked is not None:
-                    self.sentiment.learn_one(text, liked)
-                self.topics.learn_one(topic_words(self.sentiment.tokenize(text)))
+                    self.sentiment.learn_one(text, liked, tokens)
+                self.topics.learn_one(topic_words(tokens))
                 top = max(top, seq)
                 done += 1
         if done:

@@ -41,7 +41,7 @@ Erasure and the **horizon**: the aggregates are always the sum over the records 
 :meth:`Cohorts.forget_user` takes a user's contribution out of every figure. A record is kept
 ``RetentionConfig.horizon_s`` of event time after its entry (30 days by default; at least the 8 days its
 windows need), then dropped, and its contribution with it: the published figures are those of the cohorts
-that entered within the horizon, a rolling window. At most ``max_records`` are kept; past it the oldest go
+that entered within the horizon, a rolling window. At most ``max_records`` are kept; past it the first added go
 first (counted in :attr:`Cohorts.dropped`).
 
 >>> group = ControlGroup(0.5)
@@ -74,7 +74,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from infogap.models.events import Event, as_event
-from infogap.models.experiments import NO_VARIANT, UNKNOWN, Z95, difference_interval, unit_hash, wilson
+from infogap.models.experiments import (NO_VARIANT, UNKNOWN, Z95, difference_interval, mean_interval, unit_hash,
+                                        wilson)
 from infogap.models.state_fields import StateError, check, encode_float
 
 #: One day of event time, in seconds.
@@ -366,13 +367,7 @@ def _rate(k: int, n: int) -> float | None:
 
 
 def _mean(total: float, total_sq: float, n: int, z: float) -> tuple[float | None, tuple[float, float] | None]:
-    if n == 0:
-        return None, None
-    if n < 2:
-        return total / n, None
-    m = total / n
-    half = z * math.sqrt(max(0.0, (total_sq - n * m * m) / (n - 1)) / n)
-    return m, (m - half, m + half)
+    return (total / n if n else None), mean_interval(total, total_sq, n, z)
 
 
 def _lift(k1: int, n1: int, k2: int, n2: int, z: float) -> tuple[float | None, tuple[float, float] | None]:
@@ -667,10 +662,6 @@ class Cohorts:
             self._apply(rec, 1)
         self.watermark, self.dropped = f["watermark"], f["dropped"]
         self._dirty = set(self._counts)
-
-    def reconfigure(self, config: RetentionConfig) -> None:
-        """Use ``config`` from now on (e.g. the current settings' after a restore); the records are kept."""
-        self.config = config
 
     # ------------------------------------------------------------------ internals
     def _schedule(self, rec: _Rec) -> None:

@@ -32,7 +32,7 @@ drops all but the ``max_vocab`` most frequent (newest first among ties) and thei
 **State.** :meth:`SentimentModel.to_state` is plain JSON-safe data (about 1 MB at 50,000 tokens),
 :meth:`SentimentModel.from_state` validates it and restores a model that predicts identically.
 
-Pure: no I/O, no clock, no randomness. Reads never change the model.
+Pure: no I/O, no clock, no randomness. Reads never change what the model predicts.
 
 >>> m = SentimentModel()
 >>> m.predict_one("今天到的"), round(m.predict_one("很满意"), 2)
@@ -451,9 +451,10 @@ class SentimentModel:
         return self._nb, self._stack
 
     # -- features
-    def _tokens(self, text: str) -> dict[str, int]:
-        """Binary bag of tokens (presence, not counts: better on short reviews), in first-seen order."""
-        return dict.fromkeys(self.tokenize(text), 1)
+    def _tokens(self, text: str, tokens: Iterable[str] | None = None) -> dict[str, int]:
+        """Binary bag of tokens (presence, not counts: better on short reviews), in first-seen order; ``tokens``:
+        the text's, when the caller has them already (``tokenize(text)``)."""
+        return dict.fromkeys(self.tokenize(text) if tokens is None else tokens, 1)
 
     def _log_odds(self, x: Mapping[str, int]) -> float:
         """``log P(pos | x) - log P(neg | x)`` of the naive Bayes over the tokens it knows: exactly
@@ -478,22 +479,24 @@ class SentimentModel:
             z -= m * (log(nb.class_totals[_POS] + v) - log(nb.class_totals[_NEG] + v))
         return z
 
-    def _features(self, text: str) -> tuple[dict[str, int], dict[str, float]]:
-        x = self._tokens(text)
+    def _features(self, text: str, tokens: Iterable[str] | None = None) -> tuple[dict[str, int], dict[str, float]]:
+        x = self._tokens(text, tokens)
         z = self._log_odds(x) / self.nb_scale
         return x, {"nb": max(-5.0, min(5.0, z)), "lex": self.lexicon.score_text(text)}
 
     # -- the protocol
-    def predict_one(self, text: str) -> float:
-        """P(positive) in [0, 1]; before any learning, the lexicon prior alone (0.5 when no lexicon word)."""
-        _, f = self._features(text)
+    def predict_one(self, text: str, tokens: Iterable[str] | None = None) -> float:
+        """P(positive) in [0, 1]; before any learning, the lexicon prior alone (0.5 when no lexicon word).
+        ``tokens``: ``tokenize(text)``, when the caller has them already."""
+        _, f = self._features(text, tokens)
         return self._stack.predict_proba_one(f)[True] if self.n_learned else _sigmoid(self.lexicon_weight * f["lex"])
 
-    def learn_one(self, text: str, positive: bool) -> None:
-        """Learn one labelled review: the stacker first, on the features before the naive Bayes has seen it."""
+    def learn_one(self, text: str, positive: bool, tokens: Iterable[str] | None = None) -> None:
+        """Learn one labelled review: the stacker first, on the features before the naive Bayes has seen it.
+        ``tokens``: ``tokenize(text)``, when the caller has them already."""
         if not isinstance(positive, bool):
             raise ValueError(f"positive must be True or False, got {positive!r}")
-        x, f = self._features(text)
+        x, f = self._features(text, tokens)
         nb, stack = self._parts()
         stack.learn_one(f, positive)
         nb.learn_one(x, positive)

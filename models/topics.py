@@ -120,7 +120,7 @@ class TopicModel:
     max_words
         Words remembered with their counts (for the top words); the least frequent go first past it.
     seed
-        The topics' random start.
+        The topics' start (a hash of the seed and the position, no random generator).
 
     Examples
     --------
@@ -150,7 +150,6 @@ class TopicModel:
         #: word -> how often it was learned (at most about max_words of them); bucket -> its most frequent word
         self.word_count: dict[str, int] = {}
         self.bucket_word: dict[int, str] = {}
-        self._elog = None  # (E[log beta] over every bucket, its exp): what reading needs, until the next step
 
     # ------------------------------------------------------------------ the model
     def _lam(self, cols: np.ndarray) -> np.ndarray:
@@ -183,8 +182,7 @@ class TopicModel:
         return gamma, e_theta, e_theta @ exp_elog_beta + 1e-100
 
     def _exp_elog_beta(self, cols: np.ndarray) -> np.ndarray:
-        if self._elog is not None:
-            return self._elog[1][:, cols]
+        """exp E[log beta] of buckets ``cols`` only: a step or a read costs the review's length, not the vocabulary's."""
         return np.exp(psi(self._lam(cols)) - psi(self._lam_sum())[:, None])
 
     def learn_one(self, words: Iterable[str]) -> None:
@@ -193,7 +191,6 @@ class TopicModel:
         cols, counts = self._bag(words)
         if not cols.size:
             return
-        self._elog = None
         beta = self._exp_elog_beta(cols)
         _, e_theta, phinorm = self._estep(beta, counts)
         sstats = np.outer(e_theta, counts / phinorm) * beta  # [topics, the review's buckets]
@@ -229,10 +226,7 @@ class TopicModel:
         cols, counts = self._bag(words)
         if not cols.size:
             return {}
-        if self._elog is None:
-            elog = psi(self.scale * self.mu + self.eta) - psi(self._lam_sum())[:, None]
-            self._elog = (elog, np.exp(elog))
-        gamma, _, _ = self._estep(self._elog[1][:, cols], counts)
+        gamma, _, _ = self._estep(self._exp_elog_beta(cols), counts)
         theta = gamma / gamma.sum()
         return {k: float(v) for k, v in enumerate(theta.tolist())}
 
@@ -303,14 +297,5 @@ class TopicModel:
 
     def __repr__(self) -> str:
         return f"TopicModel(n_topics={self.n_topics}, n_buckets={self.n_buckets}, n_learned={self.n_learned})"
-
-
-def dominant(mix: Mapping[int, float]) -> int | None:
-    """The topic with the largest share, or None.
-
-    >>> dominant({0: 0.2, 1: 0.8}), dominant({})
-    (1, None)
-    """
-    return max(mix, key=lambda k: (mix[k], -k)) if mix else None
 
 

@@ -202,7 +202,10 @@ class Trending:
 
     def _top(self, n: int, segment: int | None) -> np.ndarray:
         s = self.scores(segment)
-        cand = np.flatnonzero((s > 0) & self.at_floor(segment)) if self.min_users > 1 else np.flatnonzero(s > 0)
+        cand = np.flatnonzero(s > 0)
+        if self.min_users > 1:  # the privacy floor, read for the scored items only
+            cand = cand[floor_mask(self.users_[0 if segment is None or segment < 0 else 1 + segment, cand],
+                                   self.min_users)]
         if n <= 0 or cand.size == 0:
             return cand[:0]
         if n < cand.size:

@@ -5,7 +5,7 @@ the weights). With numpy this was a gather of ``k x M`` slots, a ``bincount`` in
 over the whole catalog and a handful of catalog-sized passes: ~40 numpy calls per request, most of
 their time spent on call overhead and on items nobody voted for. The compiled loop adds each slot's
 vote into a dense accumulator; the voted items are then collected (by a scan of the accumulator for
-positive votes when the catalog is small next to the ``k x M`` slots, else by marking each first
+non-zero votes, a disliked item's being negative, when the catalog is small next to the ``k x M`` slots, else by marking each first
 touch as it happens: the test on every slot cost more than the adds, and marking in the first case
 too cost a tenth of the votes), scaled by popularity and momentum, and filtered. Which recent item
 voted most for an item (the anchor its reason cites) is asked only for the items picked, by a second

@@ -110,7 +110,8 @@ class Settings(BaseSettings):
     # reload the population as often). ~4k changed rows a second at 2,000 events/s cost an item stage 15-20 %
     # of a core; every 2 s halves that: in one process freshness p99 went 600-800 -> 416-472 ms
     publish_interval_s: float = 2.0
-    # the population learner's sentiment model (JSON, a few MB at most) is written for the user stages at most this often
+    # the population learner's review models (sentiment and topics, JSON, a few MB at most) are written for the user
+    # stages at most this often, and the user stages read them as often
     review_models_publish_s: float = Field(30.0, ge=0)
     # ...and under a backlog further apart: the next publish waits at least (the CPU time the last one took /
     # this share), so publishing takes at most about this share of an item stage's time (a backlog's rows
@@ -126,8 +127,8 @@ class Settings(BaseSettings):
     #: models.EngineConfig fields over its defaults (JSON), the same for every worker of a group, e.g.
     #: {"door_bits": 22}: the admission door for catalogs with many one-off pairs (docs/configuration.md)
     engine: dict[str, Any] = Field(default_factory=dict)
-    # Laplace noise on the counts the item stage publishes (ig:similar support, trending scores), epsilon per
-    # publish; None: no noise. Each publish's epsilon is entered per UTC day in ig:privacy:{partition} and shown by
+    # Laplace noise on the counts the item stage publishes (ig:similar support, trending scores) and on those
+    # infogap report shows, epsilon per publish (per report run); None: no noise. Each publish's epsilon is entered per UTC day in ig:privacy:{partition} and shown by
     # infogap report (docs/privacy.md). The privacy floor itself is the engine's min_users (INFOGAP_ENGINE).
     privacy_epsilon: float | None = Field(None, gt=0)
     # the most one event changes a published count, the noise's scale is sensitivity / epsilon

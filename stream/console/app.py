@@ -229,6 +229,7 @@ class Console:
 
     async def experiments(self, request: web.Request) -> web.Response:
         out = []
+        k = self.settings.engine_config().min_users  # the privacy floor: a row of fewer users shows no figures
         for name, counts in (await self.sources.experiments()).items():
             by_variant = {k[0]: f for k, f in summarize(counts, by=("variant",)).items()}
             spec = self.settings.experiment or {}
@@ -242,8 +243,6 @@ class Console:
             # else the first by name
             control = "control" if "control" in by_variant else (configured or variants)[0]
             variants = [control] + [v for v in variants if v != control]
-            # the privacy floor: a variant or row with fewer than min_users users behind it shows no figures
-            k = self.settings.engine_config().min_users
             hidden = hidden_cells(counts, k)
             hidden |= {v for v, f in by_variant.items() if (v,) in hidden or not f.shown(k)}  # (variants by name)
             shown = {v: f for v, f in by_variant.items() if v not in hidden}
@@ -255,7 +254,6 @@ class Console:
                         "ctr_chart": charts.interval_chart([(v, f.ctr, f.ctr_ci) for v, f in shown.items()], True),
                         "conv_chart": charts.interval_chart([(v, f.conversion_rate, f.conversion_rate_ci)
                                                              for v, f in shown.items()], True)})
-        k = self.settings.engine_config().min_users
         retention = [{"name": name, "min_users": k,
                       "segments": [(f"{variant} {campaign} {channel}", inc,
                                     inc.treated.below_floor(k) or inc.control.below_floor(k))

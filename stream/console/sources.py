@@ -249,6 +249,7 @@ class Sources:
         self._dlq_cache: tuple[float, dict] | None = None
         self._experiments_cache: tuple[float, dict] | None = None
         self._retention_cache: tuple[float, dict] | None = None
+        self._retention_list: tuple[float, list] | None = None
         self._experiment_list: tuple[float, dict] | None = None
 
     async def start(self) -> None:
@@ -329,12 +330,15 @@ class Sources:
 
     # ------------------------------------------------------------------ experiments
     async def retention(self) -> dict:
-        """Every experiment's (or push campaign's) control-group cohorts (``ig:ret``), read at most once per refresh."""
+        """Every experiment's (or push campaign's) control-group cohorts (``ig:ret``), read at most once per refresh;
+        which exist is a SCAN, found again every :data:`EXPERIMENT_LIST_S` only (as for :meth:`experiments`)."""
         now = time.monotonic()
         if self._retention_cache is not None and now - self._retention_cache[0] < self.settings.console_refresh_s:
             return self._retention_cache[1]
+        if self._retention_list is None or now - self._retention_list[0] >= EXPERIMENT_LIST_S:
+            self._retention_list = (now, await self.store.retention_names())
         data = {}
-        for name in await self.store.retention_names():
+        for name in self._retention_list[1]:
             cohorts = await self.store.read_retention(name)
             if cohorts:
                 data[name] = cohorts

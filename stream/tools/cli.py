@@ -370,6 +370,17 @@ async def _read_retention(settings, only: str | None) -> dict:
         await store.close()
 
 
+def _ci(x, bounds, fmt, unit: str = "") -> str:
+    """A figure and, on the line under it, its interval (``-`` when there is no figure)."""
+    if x is None:
+        return "-"
+    return fmt(x) + unit + (f"\n[{fmt(bounds[0])}, {fmt(bounds[1])}]" if bounds else "")
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.1f}%"
+
+
 def _retention_tables(name: str, counts, min_users: int = 1) -> tuple[Table, Table]:
     """The control group's figures of an experiment (or push campaign), per segment (variant, campaign,
     channel): each arm's retention, conversion and revenue per user, and the treated arm's difference; then the
@@ -379,14 +390,6 @@ def _retention_tables(name: str, counts, min_users: int = 1) -> tuple[Table, Tab
     from rich import box
 
     from infogap.models.retention import summarize
-
-    def ci(x, bounds, fmt, unit="") -> str:
-        if x is None:
-            return "-"
-        return fmt(x) + unit + (f"\n[{fmt(bounds[0])}, {fmt(bounds[1])}]" if bounds else "")
-
-    def pct(x):
-        return f"{100 * x:.1f}%"
 
     def pts(x):
         return f"{100 * x:+.1f}"
@@ -417,9 +420,9 @@ def _retention_tables(name: str, counts, min_users: int = 1) -> tuple[Table, Tab
             if f.below_floor(min_users):
                 arms.add_row(seg if arm == "treated" else "", arm, few, "", "", "", "")
                 continue
-            arms.add_row(seg if arm == "treated" else "", arm, f"{f.entered:,}", ci(f.d1_rate, f.d1_ci, pct),
-                         ci(f.d7_rate, f.d7_ci, pct), ci(f.conversion_rate, f.conversion_ci, pct),
-                         ci(f.revenue_per_user, f.revenue_per_user_ci, num))
+            arms.add_row(seg if arm == "treated" else "", arm, f"{f.entered:,}", _ci(f.d1_rate, f.d1_ci, _pct),
+                         _ci(f.d7_rate, f.d7_ci, _pct), _ci(f.conversion_rate, f.conversion_ci, _pct),
+                         _ci(f.revenue_per_user, f.revenue_per_user_ci, num))
         if inc.treated.below_floor(min_users) or inc.control.below_floor(min_users):
             arms.add_section()
             money.add_row(seg, few, "", "", "", "")
@@ -428,12 +431,12 @@ def _retention_tables(name: str, counts, min_users: int = 1) -> tuple[Table, Tab
         per_user_ci = None if inc.revenue_ci is None else tuple(x / inc.treated.users_7d for x in inc.revenue_ci)
         conv = None if inc.conversions is None else inc.conversions / inc.treated.users_7d
         conv_ci = None if inc.conversions_ci is None else tuple(x / inc.treated.users_7d for x in inc.conversions_ci)
-        arms.add_row("", "lift", "", ci(inc.d1_lift, inc.d1_lift_ci, pts, " pts"),
-                     ci(inc.d7_lift, inc.d7_lift_ci, pts, " pts"), ci(conv, conv_ci, pts, " pts"),
-                     ci(per_user, per_user_ci, signed), style="bold")
+        arms.add_row("", "lift", "", _ci(inc.d1_lift, inc.d1_lift_ci, pts, " pts"),
+                     _ci(inc.d7_lift, inc.d7_lift_ci, pts, " pts"), _ci(conv, conv_ci, pts, " pts"),
+                     _ci(per_user, per_user_ci, signed), style="bold")
         arms.add_section()
-        money.add_row(seg, f"{inc.treated.users_7d:,}", ci(inc.conversions, inc.conversions_ci, count),
-                      ci(inc.revenue, inc.revenue_ci, signed), num(inc.cost), ci(inc.roi, inc.roi_ci, signed))
+        money.add_row(seg, f"{inc.treated.users_7d:,}", _ci(inc.conversions, inc.conversions_ci, count),
+                      _ci(inc.revenue, inc.revenue_ci, signed), num(inc.cost), _ci(inc.roi, inc.roi_ci, signed))
     return arms, money
 
 
@@ -532,14 +535,6 @@ def _experiment_tables(name: str, counts, min_users: int = 1) -> tuple[Table, Ta
 
     from infogap.models.experiments import hidden_cells, summarize
 
-    def ci(x, bounds, fmt) -> str:
-        if x is None:
-            return "-"
-        return fmt(x) + (f"\n[{fmt(bounds[0])}, {fmt(bounds[1])}]" if bounds else "")
-
-    def pct(x):
-        return f"{100 * x:.1f}%"
-
     def num(x):
         return f"{x:,.2f}"
 
@@ -563,10 +558,10 @@ def _experiment_tables(name: str, counts, min_users: int = 1) -> tuple[Table, Ta
                 money.add_row(variant, campaign, channel, few, "", "", "", style=style)
                 continue
             engagement.add_row(variant, campaign, channel, f"{f.sent:,}", f"{f.opens:,}", f"{f.clicks:,}",
-                               ci(f.ctr, f.ctr_ci, pct), ci(f.conversion_rate, f.conversion_rate_ci, pct),
+                               _ci(f.ctr, f.ctr_ci, _pct), _ci(f.conversion_rate, f.conversion_rate_ci, _pct),
                                style=style)
             money.add_row(variant, campaign, channel, num(f.revenue), num(f.cost),
-                          ci(f.revenue_per_message, f.revenue_per_message_ci, num), ci(f.roi, f.roi_ci, num),
+                          _ci(f.revenue_per_message, f.revenue_per_message_ci, num), _ci(f.roi, f.roi_ci, num),
                           style=style)
         engagement.add_section()
         money.add_section()

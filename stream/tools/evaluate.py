@@ -378,7 +378,7 @@ def make_model(name: str, opts: EvalOptions, items: list[dict]) -> Any:
     if name == "infogap":
         from infogap.models import Engine
 
-        engine = Engine(opts.engine_config()) if opts.engine else Engine()
+        engine = Engine(opts.engine_config())
         for item in items:
             engine.upsert_item(item)
         return engine if opts.reasons else Unexplained(engine)
@@ -498,7 +498,7 @@ def learn_many_rate(ds: Dataset, repeats: int = 3, opts: EvalOptions | None = No
 
     rates = []
     for _ in range(repeats):
-        engine = Engine(opts.engine_config()) if opts is not None and opts.engine else Engine()
+        engine = Engine(opts.engine_config() if opts is not None else None)
         for item in ds.items:
             engine.upsert_item(item)
         t0 = time.perf_counter()
@@ -787,17 +787,23 @@ def tradeoff_table(report: Report):
     return t
 
 
-def plot_tradeoff(report: Report, path: Path) -> None:
-    """HR@k (y) against exposure Gini (x): infogap at each setting of the knob, a line through them in
-    setting order, each point labelled; the run's other models as reference points."""
+def pyplot():
+    """``matplotlib.pyplot`` for writing files (no display: the Agg backend), its log quiet."""
+    import logging
+
     import matplotlib
 
     matplotlib.use("Agg")
-    import logging
-
     import matplotlib.pyplot as plt
 
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    return plt
+
+
+def plot_tradeoff(report: Report, path: Path) -> None:
+    """HR@k (y) against exposure Gini (x): infogap at each setting of the knob, a line through them in
+    setting order, each point labelled; the run's other models as reference points."""
+    plt = pyplot()
     k, tr = report.options["k"], report.tradeoff
     pts = [p for p in tr["points"] if p["exposure_gini"] is not None]
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
@@ -826,15 +832,8 @@ def plot_tradeoff(report: Report, path: Path) -> None:
 
 def plot(report: Report, path: Path) -> None:
     """HR@k over the stream: moving window (solid) and cumulative (dotted), one colour per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import logging
-
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker  # noqa: F401
-
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    plt = pyplot()
+    import matplotlib.ticker
 
     k, window = report.options["k"], report.options["window"]
     fig, ax = plt.subplots(figsize=(10, 5.5), dpi=120)

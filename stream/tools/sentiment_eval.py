@@ -347,14 +347,9 @@ def topics_table(report: Report):
 
 def plot(report: Report, path: Path) -> None:
     """Windowed accuracy and AUC over the stream, one line per model."""
-    import logging
+    from infogap.stream.tools.evaluate import pyplot
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110)
     for i, (name, r) in enumerate(report.models.items()):
         c = r["curve"]
