@@ -123,8 +123,9 @@ def _delete_topics(s) -> None:
         pass
 
 
-async def wait_for(predicate, *, deadline_s: float = 20.0, interval_s: float = 0.05, what: str = "condition"):
-    """Await ``predicate()`` (sync or async) until truthy; fail with ``what`` after the deadline."""
+async def wait_for(predicate, *, deadline_s: float = 60.0, interval_s: float = 0.05, what: str = "condition"):
+    """Await ``predicate()`` (sync or async) until truthy; fail with ``what`` after the deadline (60 s unless told:
+    what passes in a second here has taken over 40 s on a loaded CI machine, and a wait that passes ends early)."""
     end = time.monotonic() + deadline_s
     while True:
         value = predicate()

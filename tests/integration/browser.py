@@ -34,12 +34,19 @@ class Browser:
         await asyncio.to_thread(self.driver.get, url)
 
     def _text(self, css: str) -> str:
+        """The element's visible text, "" when there is none. The pages replace their live part every refresh: an
+        element found just before a refresh is stale when its text is read, so it is found again (a stale read is
+        not an empty page)."""
         from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 
-        try:
-            return self.driver.find_element("css selector", css).text
-        except (NoSuchElementException, StaleElementReferenceException):
-            return ""
+        for _ in range(20):
+            try:
+                return self.driver.find_element("css selector", css).text
+            except NoSuchElementException:
+                return ""
+            except StaleElementReferenceException:
+                time.sleep(0.05)
+        raise AssertionError(f"{css} was replaced 20 times in a row while its text was read")
 
     async def text(self, css: str = "body") -> str:
         return await asyncio.to_thread(self._text, css)

@@ -41,15 +41,15 @@ async def test_a_control_user_is_ghost_pushed_and_both_arms_reach_redis_the_repo
         async with running_worker(s):
             await produce(s, s.topics.events, [view(k, f"crowd{u}", it["item_id"], T0 + k)
                                                for u in range(6) for k, it in enumerate(CATALOG)])
-            await wait_for(lambda: r.exists(f"{s.redis_prefix}similar:sku-0"), deadline_s=15, what="neighbour rows")
+            await wait_for(lambda: r.exists(f"{s.redis_prefix}similar:sku-0"), deadline_s=30, what="neighbour rows")
             await produce(s, s.topics.events, [view(1, ctl, "sku-0", T0 + 100), view(1, trt, "sku-0", T0 + 100)])
 
             async def both_arms() -> bool:
                 got = await store.read_retention("recs")
                 return {k.arm for k in got} == {"treated", "control"}
 
-            await wait_for(both_arms, deadline_s=15, what="both arms' cohorts in Redis")
-            pushes = await read_topic(s, s.topics.push, until=lambda recs: len(recs) >= 1, deadline_s=10)
+            await wait_for(both_arms, deadline_s=30, what="both arms' cohorts in Redis")
+            pushes = await read_topic(s, s.topics.push, until=lambda recs: len(recs) >= 1, deadline_s=30)
             assert [m.key for m in pushes] == [trt.encode()]
             assert await r.exists(f"{s.redis_prefix}recs:{ctl}")  # the app still reads their recommendations
             assert (await store.decisions(ctl))[-1]["rule"] == "control_group"

@@ -66,7 +66,7 @@ async def test_a_killed_worker_and_an_old_snapshot_bring_no_erased_user_back(set
         await first.wait_until(lambda st: st["events_ok"] >= 5 + 2 * len(OTHERS), 60, "zoe's five purchases")
         await wait_for(lambda: redis_keys_of(s, ZOE), what="zoe's recommendations in Redis")
         await produce(s, s.topics.users, [(ZOE, None)])
-        await wait_for(lambda: _none(redis_keys_of(s, ZOE)), deadline_s=5, what="zoe erased from Redis")
+        await wait_for(lambda: _none(redis_keys_of(s, ZOE)), deadline_s=15, what="zoe erased from Redis")
         first.proc.kill()  # SIGKILL right after the erasure, whether or not it snapshotted since
         first.proc.wait(10)
     finally:

@@ -62,7 +62,7 @@ async def test_a_worker_on_redis_cluster_survives_a_failover_and_erases(settings
             await produce(s, s.topics.events, [("alice", {"event_id": "forget-alice", "user_id": "alice",
                                                            "type": "forget", "ts": T0 + 500})])
             await wait_for(lambda: client.recommendations("alice") is None and client.segment("alice") is None,
-                           deadline_s=10, what="alice erased from the cluster")
+                           deadline_s=15, what="alice erased from the cluster")
             assert client.recommendations(USERS[0]) is not None
     finally:
         client.client.close()

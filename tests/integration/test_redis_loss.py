@@ -91,7 +91,7 @@ async def test_every_key_is_written_again_from_state_after_redis_lost_its_data(s
             assert await _delete_all(r, s.redis_prefix) == len(before)
             in_before = worker.stats.events_in
             # no new event: everything comes back from the worker's state
-            after = await wait_for(lambda: _back(r, s.redis_prefix, before), deadline_s=15,
+            after = await wait_for(lambda: _back(r, s.redis_prefix, before), deadline_s=30,
                                    what="every key written again after Redis lost its data")
             assert worker.stats.events_in == in_before
             assert k.recs(GONE) not in after and k.segment(GONE) not in after  # erasure wins
@@ -104,7 +104,7 @@ async def test_every_key_is_written_again_from_state_after_redis_lost_its_data(s
             assert await r.zrange(k.trending(), 0, -1, withscores=True) == trending
             assert 0 < await r.ttl(k.recs("u0")) <= s.recs_ttl_s
 
-            await wait_for(lambda: worker.stats.redis_rematerialise_pending == 0, deadline_s=10,
+            await wait_for(lambda: worker.stats.redis_rematerialise_pending == 0, deadline_s=30,
                            what="nothing left to write again")
             st = worker.stats
             assert st.redis_rematerialisations == 1
@@ -151,7 +151,7 @@ async def test_a_worker_started_on_an_emptied_redis_writes_its_restored_state_ag
                 found = await _keys(r, s.redis_prefix)
                 return {k.recs(u) for u in users} <= found and {k.similar(f"sku-{i}") for i in range(N_ITEMS)
                                                                  if k.similar(f"sku-{i}") in before} <= found
-            await wait_for(back, deadline_s=15, what="the restored state's keys written again")
+            await wait_for(back, deadline_s=30, what="the restored state's keys written again")
             assert again.stats.events_in == 0  # nothing replayed: written from the snapshots' state
             assert k.recs(GONE) not in await _keys(r, s.redis_prefix)
     finally:

@@ -59,7 +59,7 @@ async def test_health_fails_with_the_reason_when_batches_stall_behind_an_undeliv
         await delete_topic(s, s.topics.dlq)
         await produce(s, s.topics.events, [("u2", b"not json")])  # its dead letter cannot be delivered
         t0 = time.monotonic()
-        status, body = await wait_for(lambda: _unhealthy(port), deadline_s=15, what="/health 503 for the stall")
+        status, body = await wait_for(lambda: _unhealthy(port), deadline_s=30, what="/health 503 for the stall")
         assert time.monotonic() - t0 < 2.0 + 5.0  # within the stall time (and a probe's slack)
         reason = body["reasons"]["progress"]
         assert "no batch completed" in reason and s.topics.dlq in reason, body

@@ -148,13 +148,13 @@ async def test_users_tombstone_and_forget_event_erase_the_user_from_redis_and_st
         await produce(settings, settings.topics.events,
                       [("ben", {"event_id": "f1", "user_id": "ben", "type": "forget", "ts": T0 + 5})])
         for u in ("ann", "ben"):
-            await wait_for(lambda: not worker.engine.known_user(u), deadline_s=5, what=f"{u} forgotten")
+            await wait_for(lambda: not worker.engine.known_user(u), deadline_s=15, what=f"{u} forgotten")
             keys = [f"{settings.redis_prefix}recs:{u}", f"{settings.redis_prefix}segment:{u}"]
 
             async def gone():
                 return await r.exists(*keys) == 0
 
-            await wait_for(gone, deadline_s=5, what=f"{u}'s keys deleted")
+            await wait_for(gone, deadline_s=15, what=f"{u}'s keys deleted")
         assert "ann" not in worker.core.prefs and "ben" not in worker.core.prefs
         assert not any(p.push.knows("ann") or p.push.knows("ben") for p in worker.core.parts.values())
     await r.aclose()

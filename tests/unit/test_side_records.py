@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from types import SimpleNamespace
 
 import orjson
@@ -69,17 +68,21 @@ def test_a_long_title_is_cut_not_refused():
     assert c.title(c.upsert({"item_id": "nl", "title": "a\nb"})) == "a b"
 
 
-def test_100k_tags_cost_linear_time_and_only_the_first_features_are_kept():
-    tags = [f"t{i}" for i in range(100_000)]
-    t0 = time.perf_counter()
+def test_100k_tags_are_refused_unread_and_only_the_first_features_are_kept():
+    class Unread(list):
+        """100,000 tags that fail the test if a single one is read."""
+        def __iter__(self):
+            raise AssertionError("the tags were read before the list's length was checked")
+
+        def __getitem__(self, k):
+            raise AssertionError("the tags were read before the list's length was checked")
+
     with pytest.raises(InvalidItem, match="over the limit"):
-        Catalog().upsert({"item_id": "many", "tags": tags})  # refused before the list is read
-    assert time.perf_counter() - t0 < 0.05
+        Catalog().upsert({"item_id": "many", "tags": Unread(f"t{i}" for i in range(100_000))})
+    tags = [f"t{i}" for i in range(MAX_TAGS)]
     c = Catalog()
-    t0 = time.perf_counter()
-    for k in range(200):  # the most tags accepted, all distinct, then all the same: still linear
-        c.upsert({"item_id": f"i{k}", "category": "c", "tags": tags[:MAX_TAGS] if k % 2 else ["x"] * MAX_TAGS})
-    assert time.perf_counter() - t0 < 1.0
+    for k in range(20):  # the most tags accepted, all distinct, then all the same
+        c.upsert({"item_id": f"i{k}", "category": "c", "tags": tags if k % 2 else ["x"] * MAX_TAGS})
     assert c.feature_names(c.find("i1")) == ["c"] + tags[:7]
     assert c.feature_names(c.find("i0")) == ["c", "x"]
 
