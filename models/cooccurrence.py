@@ -16,7 +16,7 @@ unweighted decayed pair count (support) and the raw number of observations (how 
 as a user's window holds an item once per visit). With the admission door on, a pair's first
 sighting only opens the door, so both count from the second sighting (a conservative figure).
 
-**Lift** is computed on raw counts, as the "by N users" of a reason is: ``C_ab N² / (2 P c_a c_b)``
+**Lift** is computed on raw counts, as the "N times" of a reason is: ``C_ab N² / (2 P c_a c_b)``
 with ``C_ab`` the pair's observations, ``c`` the items' occurrences, ``N`` all occurrences and ``P``
 all pair observations (:func:`pair_lift`). On decayed counts it drifted up for pairs whose items had
 both gone quiet (the pair and item counts decay, the totals follow recent activity: lifts of 10^7

@@ -151,7 +151,7 @@ class EngineConfig:
         Whether a pair also votes in rankings only from its ``min_users``-th user (strict: what one person did
         then cannot shape another's list; it costs HR@10, docs/privacy.md). By default every pair votes.
     reason_min_support
-        A reason cites a pair ("bought together with X by N users (lift L)") only with at least this many
+        A reason cites a pair ("bought together with X N times (lift L)") only with at least this many
         co-occurrences (and ``min_support``) and a lift above 1 as shown; else the next true reason.
     pop_exponent, sym_weight, momentum, momentum_half_life_days
         Ranker: neighbour votes are scaled by ``pop ** -pop_exponent`` on both ends, symmetric
@@ -303,7 +303,7 @@ class Engine:
     ...           for k, (u, i) in enumerate(baskets)]
     >>> e.learn_many(events)
     >>> [(r.item_id, r.reason) for r in e.recommend("e", n=1)]
-    [('cup', 'bought together with Green tea by 3 users (lift 2.0)')]
+    [('cup', 'bought together with Green tea 3 times (lift 2.0)')]
     >>> e.similar("tea")[0].item_id, e.segment("c") is not None, e.known_user("zed")
     ('cup', True, False)
     >>> e.forget_user("c"); e.known_user("c")

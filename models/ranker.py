@@ -23,11 +23,13 @@ only when nothing else is left); up to ``new_item_slots`` positions go to items 
 catalog with few interactions, for users whose category mix covers them (cold items).
 
 **Reasons.** Every item names the component that contributed most: the recent item that voted most
-for it with the pair's support and lift ("bought together with X by 42 users (lift 3.1)", or "you liked X
-(review): chosen together with it by ..." when X's event was a liked review), "trending in your segment", "trending now", "new in Comedy, which you like", "popular in Comedy, which you like".
-A pair is cited only when its lift shows above 1 (:data:`REASON_MIN_LIFT`) and at least
-``reason_min_support`` users back it; otherwise the reason is the next true one: a liked category of
-the item, then its segment or global trend. Reads never change the engine.
+for it with the pair's support and lift ("bought together with X 42 times (lift 3.1)", or "you liked X
+(review): chosen together with it 42 times ..." when X's event was a liked review), "trending in your segment", "trending now", "new in Comedy, which you like", "popular in Comedy, which you like".
+"42 times" is the pair's observations (a person who comes back to the pair counts again), not a number of
+people: the privacy floor (``min_users`` distinct people, :mod:`infogap.models.privacy`) is what a cited pair
+always has. A pair is cited only when its lift shows above 1 (:data:`REASON_MIN_LIFT`), it was observed at
+least ``reason_min_support`` times and it is at the floor; otherwise the reason is the next true one: a liked
+category of the item, then its segment or global trend. Reads never change the engine.
 
 **Where it runs.** All of the above up to the picks and their reasons' data is one compiled call
 (:mod:`infogap.models.rank_core`); this module turns its picks into :class:`Recommendation` objects, adds the
@@ -319,10 +321,10 @@ def _explain(state, cfg, u: int, picked: list[int], picks: list[int], packed: np
             a = anchor[i]
             if a >= 0 and count[i] >= min_support and lifts[i] >= REASON_MIN_LIFT:
                 if atype[i] == _REVIEW:
-                    reason = (f"you liked {titles[a] or ids[a]} (review): chosen together with it by {count[i]} users "
-                              f"(lift {lifts[i]:.1f})")
+                    reason = (f"you liked {titles[a] or ids[a]} (review): chosen together with it "
+                              f"{_times(count[i])} (lift {lifts[i]:.1f})")
                 else:
-                    reason = (f"{_TOGETHER[atype[i]]} together with {titles[a] or ids[a]} by {count[i]} users "
+                    reason = (f"{_TOGETHER[atype[i]]} together with {titles[a] or ids[a]} {_times(count[i])} "
                               f"(lift {lifts[i]:.1f})")
             else:  # the pair would argue against the item (lift <= 1) or rest on a few users: the next true reason
                 feats = cat.features(r)
@@ -345,6 +347,15 @@ def _explain(state, cfg, u: int, picked: list[int], picks: list[int], packed: np
 #: A reason cites a pair's lift only when it shows above 1 with one decimal: a lift <= 1 means the two
 #: items go together no more often than by chance, an argument against the item.
 REASON_MIN_LIFT = 1.05
+
+
+def _times(n: int) -> str:
+    """How often a pair was observed, as a reason says it.
+
+    >>> _times(1), _times(2), _times(1204)
+    ('once', 'twice', '1,204 times')
+    """
+    return "once" if n == 1 else "twice" if n == 2 else f"{n:,} times"
 
 
 def _liked(state, cfg, r: int, feats, weights: dict[int, float], memo: dict) -> str | None:

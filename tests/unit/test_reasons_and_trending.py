@@ -11,7 +11,8 @@ from infogap.models import Engine, EngineConfig
 from infogap.models.experiments import validate_overrides
 
 T0 = 1_732_460_000.0
-CITED = re.compile(r"together with .+ by (\d+) users \(lift (\d+\.\d+)\)$")
+#: a reason citing a pair: its observations (at least 3 by default: "once" and "twice" do not match) and lift
+CITED = re.compile(r"together with .+ (\d[\d,]*) times \(lift (\d+\.\d+)\)$")
 
 
 # ------------------------------------------------------------------------------------------ trending
@@ -86,7 +87,7 @@ def test_no_reason_cites_a_lift_at_most_one_or_support_below_the_minimum(stream)
     cited = [(CITED.search(why), u, item) for u, item, why in reasons if "together with" in why]
     assert len(cited) > 100  # pairs still are the commonest reason
     for m, _, _ in cited:
-        assert m is not None and int(m[1]) >= 3 and float(m[2]) > 1.0, m.string if m else None
+        assert m is not None and int(m[1].replace(",", "")) >= 3 and float(m[2]) > 1.0, m.string if m else None
     # the others say something true: a trend the item is in, or a category of the user's
     trending_now = {i for i, s in e.trending(80) if s > 0}
     for u, item, why in reasons:
