@@ -48,7 +48,7 @@ from infogap.models.privacy import ALL_USERS, NO_USER, mask_of
 from infogap.models.profile import Profiles
 from infogap.models.ranker import Neighbour, Recommendation, RankerSettings, query_tables, rank, settings_for
 from infogap.models.sentiment import SentimentModel, label_of
-from infogap.models.topics import TopicModel, topic_words
+from infogap.models.topics import SETTINGS as TOPIC_SETTINGS, TopicModel, topic_words
 from infogap.models.slot_table import SlotTable
 
 __all__ = ["DEFAULT_EVENT_WEIGHTS", "Engine", "EngineConfig", "Neighbour", "Recommendation", "warm_up"]
@@ -269,8 +269,8 @@ class EngineConfig:
                      "topic_min_share"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.n_topics < 2:
-            raise ValueError(f"n_topics must be >= 2, got {self.n_topics}")
+        if not 2 <= self.n_topics <= TOPIC_SETTINGS["n_topics"][2]:
+            raise ValueError(f"n_topics must be in [2, {TOPIC_SETTINGS['n_topics'][2]}], got {self.n_topics}")
         if not self.review_negative_max < self.review_positive_min:
             raise ValueError(f"review_negative_max ({self.review_negative_max}) must be below review_positive_min "
                              f"({self.review_positive_min})")

@@ -50,6 +50,8 @@ import re
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 
+import numpy as np
+
 
 Tokenizer = Callable[[str], list[str]]
 
@@ -340,6 +342,12 @@ class Lexicon:
 # ------------------------------------------------------------------------------------------------ model
 STATE_FORMAT = "infogap.sentiment/1"
 _POS, _NEG = True, False
+#: each setting's kind and range (what a state read from outside may hold); the defaults sit well inside
+SETTINGS = {"seed": (int, 0, (1 << 64) - 1), "alpha": (float, 1e-6, 1e3), "max_vocab": (int, 1, 10_000_000),
+            "prune_slack": (float, 0.0, 10.0), "lr": (float, 1e-9, 10.0), "nb_scale": (float, 1e-6, 1e3),
+            "lexicon_weight": (float, -1e3, 1e3)}
+#: the stacker's weights and intercept at the most, in absolute value, in a state read from outside
+MAX_STACK_WEIGHT = 1e6
 
 
 def _sigmoid(z: float) -> float:
@@ -421,12 +429,12 @@ class SentimentModel:
     def __init__(self, tokenize: Tokenizer | None = None, *, lexicon: Lexicon | None = None, seed: int = 0,
                  alpha: float = 0.5, max_vocab: int = 50_000, prune_slack: float = 0.25, lr: float = 0.05,
                  nb_scale: float = 10.0, lexicon_weight: float = 3.0):
-        if not (alpha > 0.0 and max_vocab >= 1 and prune_slack >= 0.0 and lr > 0.0 and nb_scale > 0.0
-                and math.isfinite(lexicon_weight)):
-            raise ValueError(f"SentimentModel needs alpha > 0, max_vocab >= 1, prune_slack >= 0, lr > 0, "
-                             f"nb_scale > 0 and a finite lexicon_weight (got alpha={alpha}, max_vocab={max_vocab}, "
-                             f"prune_slack={prune_slack}, lr={lr}, nb_scale={nb_scale}, "
-                             f"lexicon_weight={lexicon_weight})")
+        for name, v in (("seed", seed), ("alpha", alpha), ("max_vocab", max_vocab), ("prune_slack", prune_slack),
+                        ("lr", lr), ("nb_scale", nb_scale), ("lexicon_weight", lexicon_weight)):
+            kind, lo, hi = SETTINGS[name]
+            if not ((_is_int(v) if kind is int else _is_number(v)) and lo <= v <= hi):
+                what = f"an integer in [{lo:,}, {hi:,}]" if kind is int else f"a number in [{lo:g}, {hi:g}]"
+                raise ValueError(f"SentimentModel setting {name} is {v!r}; it must be {what}")
         self.tokenize = tokenize if tokenize is not None else plain_tokens
         self.lexicon = lexicon if lexicon is not None else default_seed_lexicon()
         self.seed = int(seed)
@@ -601,7 +609,10 @@ class SentimentModel:
         _check(isinstance(weights, dict) and set(weights) == {"nb", "lex"}
                and all(_is_number(w) for w in weights.values()),
                f"stack.weights is {_short(weights)}, expected finite numbers for 'nb' and 'lex'")
-        _check(_is_number(stack["intercept"]), f"stack.intercept is {stack['intercept']!r}, expected a finite number")
+        _check(all(abs(w) <= MAX_STACK_WEIGHT for w in weights.values()),
+               f"stack.weights is {_short(weights)}, expected each within +-{MAX_STACK_WEIGHT:g}")
+        _check(_is_number(stack["intercept"]) and abs(stack["intercept"]) <= MAX_STACK_WEIGHT,
+               f"stack.intercept is {stack['intercept']!r}, expected a number within +-{MAX_STACK_WEIGHT:g}")
         _check(_is_int(stack["n_iterations"]) and stack["n_iterations"] >= 0,
                f"stack.n_iterations is {stack['n_iterations']!r}, expected an integer >= 0")
         stack_model.intercept = float(stack["intercept"])
@@ -618,11 +629,11 @@ def _check(ok: bool, message: str) -> None:
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _short(v) -> str:

@@ -34,6 +34,7 @@ True
 """
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Iterable, Mapping
 
@@ -104,6 +105,16 @@ def _start(n_topics: int, n_buckets: int, seed: int) -> np.ndarray:
     return (0.83 + 0.34 * u).reshape(n_topics, n_buckets)
 
 
+#: each setting's kind and range (what a state read from outside may hold); the defaults sit well inside
+SETTINGS = {"n_topics": (int, 2, 1000), "n_buckets": (int, 2, 1 << 20), "alpha": (float, 1e-6, 1e3),
+            "eta": (float, 1e-6, 1e3), "tau0": (float, 0.0, 1e9), "kappa": (float, 0.5, 1.0),
+            "n_documents": (float, 1.0, 1e12), "max_iter": (int, 1, 1000), "tol": (float, 1e-9, 1.0),
+            "max_words": (int, 1, 10_000_000), "seed": (int, 0, (1 << 64) - 1)}
+#: weights at the most (``n_topics * n_buckets``): 8 MB of float64, about 20 MB as JSON in the store; the default
+#: 10 x 8192 is 82k
+MAX_CELLS = 1 << 20
+
+
 class TopicModel:
     """Online LDA over hashed words (see the module docstring).
 
@@ -135,14 +146,9 @@ class TopicModel:
     def __init__(self, n_topics: int = 10, n_buckets: int = 8192, *, alpha: float | None = None, eta: float = 0.05,
                  tau0: float = 64.0, kappa: float = 0.7, n_documents: float = 100_000.0, max_iter: int = 50,
                  tol: float = 1e-3, max_words: int = 20_000, seed: int = 0):
-        if not (n_topics >= 2 and n_buckets >= 2 and eta > 0 and tau0 >= 0 and 0.5 < kappa <= 1.0
-                and n_documents > 0 and max_iter >= 1 and tol > 0 and max_words >= 1):
-            raise ValueError("TopicModel needs n_topics >= 2, n_buckets >= 2, eta > 0, tau0 >= 0, kappa in (0.5, 1], "
-                             "n_documents > 0, max_iter >= 1, tol > 0 and max_words >= 1")
-        self.n_topics, self.n_buckets = int(n_topics), int(n_buckets)
-        self.alpha = 1.0 / n_topics if alpha is None else float(alpha)
-        self.eta, self.tau0, self.kappa, self.n_documents = float(eta), float(tau0), float(kappa), float(n_documents)
-        self.max_iter, self.tol, self.max_words, self.seed = int(max_iter), float(tol), int(max_words), int(seed)
+        self._configure(n_topics=n_topics, n_buckets=n_buckets, alpha=1.0 / n_topics if alpha is None else alpha,
+                        eta=eta, tau0=tau0, kappa=kappa, n_documents=n_documents, max_iter=max_iter, tol=tol,
+                        max_words=max_words, seed=seed)
         self.mu = _start(self.n_topics, self.n_buckets, self.seed)  # lambda - eta, over scale
         self.scale = 1.0
         self.mu_sum = self.mu.sum(axis=1)
@@ -150,6 +156,23 @@ class TopicModel:
         #: word -> how often it was learned (at most about max_words of them); bucket -> its most frequent word
         self.word_count: dict[str, int] = {}
         self.bucket_word: dict[int, str] = {}
+
+    def _configure(self, **settings) -> None:
+        """Set the settings, each checked against :data:`SETTINGS` (``ValueError`` naming the first out of range):
+        a state read from outside (Redis, a snapshot) may ask for anything, and a model of a billion buckets or a
+        million E-step iterations would take a worker's memory or time."""
+        for name, (kind, lo, hi) in SETTINGS.items():
+            v = settings[name]
+            integral = isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+            ok = integral if kind is int else (integral or isinstance(v, (float, np.floating))) and math.isfinite(v)
+            if not ok or not lo <= v <= hi or (name == "kappa" and v == lo):
+                what = f"an integer in [{lo:,}, {hi:,}]" if kind is int else \
+                    f"a number in {'(' if name == 'kappa' else '['}{lo:g}, {hi:g}]"
+                raise ValueError(f"TopicModel setting {name} is {v!r}; it must be {what}")
+            setattr(self, name, kind(v))
+        if self.n_topics * self.n_buckets > MAX_CELLS:
+            raise ValueError(f"TopicModel of {self.n_topics} topics x {self.n_buckets} buckets holds more than "
+                             f"{MAX_CELLS:,} weights")
 
     # ------------------------------------------------------------------ the model
     def _lam(self, cols: np.ndarray) -> np.ndarray:
@@ -269,11 +292,11 @@ class TopicModel:
         if not isinstance(state, Mapping) or not isinstance(state.get("settings"), Mapping):
             raise ValueError("a topic model state is an object with 'settings'")
         s = state["settings"]
-        try:
-            m = cls(**{k: s[k] for k in ("n_topics", "n_buckets", "alpha", "eta", "tau0", "kappa", "n_documents",
-                                         "max_iter", "tol", "max_words", "seed")})
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"topic model settings are incomplete or of the wrong type: {exc}") from None
+        missing = sorted(set(SETTINGS) - set(s))
+        if missing:
+            raise ValueError(f"topic model settings lack {missing}")
+        m = cls.__new__(cls)
+        m._configure(**{k: s[k] for k in SETTINGS})  # (checked before the weights are read: no start matrix made)
         try:
             arr = np.asarray(state.get("weights"), np.float64)
         except (TypeError, ValueError):
@@ -283,9 +306,12 @@ class TopicModel:
         n, words, buckets = state.get("n_learned"), state.get("words"), state.get("buckets")
         if type(n) is not int or n < 0 or not isinstance(words, list) or not isinstance(buckets, list):
             raise ValueError("topic model 'n_learned', 'words' and 'buckets' are missing or of the wrong type")
-        if not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and type(p[1]) is int
+        if len(words) > m.max_words * 1.25 + 1 or len(buckets) > m.n_buckets:
+            raise ValueError(f"topic model holds {len(words):,} words and {len(buckets):,} buckets; its settings keep "
+                             f"at most {int(m.max_words * 1.25) + 1:,} and {m.n_buckets:,}")
+        if not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and type(p[1]) is int and p[1] >= 1
                    for p in words):
-            raise ValueError("topic model 'words' must be [word, count] pairs")
+            raise ValueError("topic model 'words' must be [word, count >= 1] pairs")
         if not all(isinstance(p, list) and len(p) == 2 and type(p[0]) is int and 0 <= p[0] < m.n_buckets
                    and isinstance(p[1], str) for p in buckets):
             raise ValueError("topic model 'buckets' must be [bucket, word] pairs")

@@ -58,6 +58,9 @@ log = logging.getLogger("infogap.worker")
 COOC_RECORD_UPDATES = 8_000
 #: A population record larger than this is cut in two (by event), and so on.
 POPULATION_RECORD_BYTES = 512 * 1024
+#: A review model read from the store larger than this is not read (the largest a model's bounded settings allow
+#: is about 20 MB as JSON; the defaults' about 3 MB).
+MAX_REVIEW_MODEL_BYTES = 64 * 1024 * 1024
 
 #: A message to produce: (topic, value, key, headers[, partition]).
 Message = tuple
@@ -529,13 +532,18 @@ class UserStage:
         """Read reviews with the population learner's ``sentiment`` or ``topics`` model as read from the store (JSON
         bytes; the same bytes as last time change nothing). False when they are not such a model (the one in use
         stays)."""
+        if len(raw) > MAX_REVIEW_MODEL_BYTES:
+            return False
         digest = hashlib.blake2b(raw, digest_size=16).digest()
         if digest == self._model_digests.get(name):
             return True
         load = {"sentiment": self.engine.load_sentiment, "topics": self.engine.load_topics}[name]
         try:
             load(orjson.loads(raw))
-        except ValueError:  # (orjson's errors too)
+        except ValueError:  # (orjson's errors too): the models check every field and setting they read
+            return False
+        except Exception:  # a check that missed something: the bytes came from outside, the worker goes on
+            log.exception("the %s model in the store could not be loaded", name)
             return False
         self._model_digests[name] = digest
         return True

@@ -106,3 +106,36 @@ async def test_a_written_review_changes_the_stored_recommendations_and_the_repor
     assert out.exit_code == 0, out.output
     assert "What reviews talk about (42 reviews learned)" in out.output
     assert any(w in out.output for w in ("质量", "失望", "满意")), out.output
+
+
+async def test_a_hostile_review_model_in_redis_is_refused_and_the_learner_s_next_one_is_read(settings):
+    """Redis holds topic and sentiment models that ask for a billion buckets, a runaway learning rate and
+    a huge stacker weight. The worker refuses them (it would otherwise run out of memory at every restart: a
+    crash loop), goes on with the models it has, and reads the learner's own models once it publishes them."""
+    from infogap.models.sentiment import SentimentModel
+    from infogap.models.topics import TopicModel
+
+    settings = settings.model_copy(update={"neighbour_max_age_s": 0.0, "publish_interval_s": 0.2,
+                                           "review_models_publish_s": 0.2, "push_enabled": False})
+    topics = TopicModel(n_topics=2, n_buckets=4).to_state()
+    topics["settings"]["n_buckets"] = 10**9
+    sentiment = SentimentModel().to_state()
+    sentiment["config"]["lr"] = 1e308
+    sentiment["stack"]["weights"]["lex"] = -1e300
+    r = connections.redis_async(settings)
+    try:
+        await r.set(f"{settings.redis_prefix}model:topics", orjson.dumps(topics))
+        await r.set(f"{settings.redis_prefix}model:sentiment", orjson.dumps(sentiment))
+        async with running_worker(settings) as worker:
+            await produce(settings, settings.topics.items,
+                          [(i, {"item_id": i, "title": t, "category": c}) for i, t, c in ITEMS])
+            events = _events()
+            await produce(settings, settings.topics.events, [(e["user_id"], e) for e in events])
+            await wait_for(lambda: worker.stats.events_ok >= len(events), what="every event learned")
+            # the learner's models, learned from the 40 rated reviews, replace the hostile ones in Redis and are read
+            await wait_for(lambda: worker.engine.sentiment.n_learned >= 40 and worker.engine.topics.n_learned >= 40,
+                           what="the worker to read the learner's models")
+            assert worker.engine.topics.n_buckets == TopicModel().n_buckets and worker.engine.sentiment.lr < 1
+            await wait_for(lambda: r.get(f"{settings.redis_prefix}recs:alice"), what="alice's recommendations")
+    finally:
+        await r.aclose()
