@@ -111,8 +111,8 @@ class ItemShards:
         #: the population learner, while this stage owns POPULATION_PARTITION
         self.population: PopulationLearner | None = None
         self._population_published = -1
-        #: reviews the published sentiment and topic models had learned, and when (monotonic seconds)
-        self._review_models_published = (-1, -math.inf)
+        #: per review model, the reviews it had learned when it was last published; and when (monotonic seconds)
+        self._review_models_published: tuple[dict[str, int], float] = ({}, -math.inf)
         self.dirty: dict[int, set[str]] = {}
         #: after a store data loss, per partition the owned items still to publish again (:meth:`rematerialise`)
         self.refill: dict[int, list[str]] = {}
@@ -161,7 +161,7 @@ class ItemShards:
         if p == POPULATION_PARTITION:
             self.population = pop
             self._population_published = -1
-            self._review_models_published = (-1, -math.inf)
+            self._review_models_published = ({}, -math.inf)
 
     def release(self, p: int) -> None:
         self.shards.pop(p, None)
@@ -240,12 +240,14 @@ class ItemShards:
         and topic models if they learned since and ``review_models_publish_s`` passed since their last publication
         (``now``: a monotonic clock in seconds; the default publishes them whenever they learned)."""
         pop, population, models = self.population, None, None
-        n, at = self._review_models_published
-        learned = None if pop is None else pop.sentiment.n_learned + pop.topics.n_learned
-        if pop is not None and learned and learned != n and (now is None or
-                                                             now - at >= self.settings.review_models_publish_s):
-            models = {"sentiment": orjson.dumps(pop.sentiment.to_state()), "topics": orjson.dumps(pop.topics.to_state())}
-            self._review_models_published = (learned, -math.inf if now is None else now)
+        published, at = self._review_models_published
+        if pop is not None and (now is None or now - at >= self.settings.review_models_publish_s):
+            learned = {name: model for name, model in (("sentiment", pop.sentiment), ("topics", pop.topics))
+                       if model.n_learned and model.n_learned != published.get(name)}
+            if learned:  # (only the models that learned: a review without a telling rating teaches topics only)
+                models = {name: orjson.dumps(model.to_state()) for name, model in learned.items()}
+                self._review_models_published = ({**published, **{name: m.n_learned for name, m in learned.items()}},
+                                                  -math.inf if now is None else now)
         if pop is not None and pop.applied > 0 and pop.applied != self._population_published:
             k, noise = self.settings.trending_n, self.noise
             trending = {seg: pop.trending(k if noise is None else 2 * k, seg, self.eligible)
@@ -264,7 +266,7 @@ class ItemShards:
         rows."""
         self.refill = {p: shard.owned() for p, shard in self.shards.items() if p not in self.stopped}
         self._population_published = -1  # the next publication holds the population's keys, changed or not
-        self._review_models_published = (-1, -math.inf)
+        self._review_models_published = ({}, -math.inf)
         self.population_lost = True
         return self.pending_refill()
 

@@ -266,6 +266,24 @@ def test_the_population_learner_learns_topics_from_every_review_and_user_stages_
                                                                            "drains charging".split()
 
 
+def test_the_item_stage_publishes_only_the_review_models_that_learned():
+    """A review without a telling rating teaches topics only: the sentiment model (megabytes of counts) is not
+    written again for it, and a publication with nothing new learned writes neither."""
+    from infogap.models.cooc_shard import POPULATION_PARTITION
+    from infogap.stream.core.item_shards import ItemShards
+    from infogap.stream.settings import Settings
+
+    cfg = EngineConfig(n_topics=2)
+    shards = ItemShards(Settings(review_models_publish_s=0.0), cfg)
+    shards.take(POPULATION_PARTITION)
+    learner = shards.population
+    learner.learn({"seg": [], "trend": [], "review": [[1, "great tea, love it", True]]}, source=0)
+    assert sorted(shards.publication(now=1.0).models) == ["sentiment", "topics"]
+    learner.learn({"seg": [], "trend": [], "review": [[2, "the tea leaves and the pot", None]]}, source=0)
+    assert sorted(shards.publication(now=2.0).models) == ["topics"]
+    assert shards.publication(now=3.0).models is None
+
+
 def test_population_records_cut_between_events_keep_every_review():
     from infogap.stream.core.user_stage import population_records
 
