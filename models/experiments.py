@@ -392,16 +392,41 @@ class Counts:
         out = cls()
         for f in fields(cls):
             if f.name in d:
-                raw = d[f.name]
-                if f.name == "users":  # exactly: a bitmap, not a number (float would round its low bits)
-                    value = int(raw.decode() if isinstance(raw, bytes) else raw) & 0xFFFFFFFFFFFFFFFF
-                else:
-                    value = int(float(raw)) if f.type == "int" else float(raw)
-                setattr(out, f.name, value)
+                # (the bitmap exactly: as a float it would lose its low bits)
+                setattr(out, f.name, stored_value(d[f.name], "bitmap" if f.name == "users" else f.type, f.name))
         return out
 
 
 COUNT_FIELDS = tuple(f.name for f in fields(Counts))
+#: the largest count a store value may hold (exact as a float) and the largest amount of money, in absolute value
+MAX_STORED_COUNT, MAX_STORED_MONEY = 2 ** 53, 1e15
+
+
+def stored_value(raw, kind: str, name: str = "value") -> int | float:
+    """One stored count as the store returns it (bytes or str) as a number of ``kind`` (``"int"``: a count,
+    ``"float"``: money, ``"bitmap"``: 64 user bits); ``ValueError`` for what no worker writes: not UTF-8, not a
+    number, not finite, a negative count or bitmap, beyond :data:`MAX_STORED_COUNT` or :data:`MAX_STORED_MONEY`,
+    a squared or cost field below 0. The readers leave out the cell that holds one (the console, the report).
+
+    >>> stored_value(b"3", "int"), stored_value("2.5", "float"), stored_value(b"18446744073709551615", "bitmap")
+    (3, 2.5, 18446744073709551615)
+    >>> stored_value(b"-1", "bitmap", "users")
+    Traceback (most recent call last):
+    ValueError: stored users is '-1', not a 64-bit bitmap
+    """
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)  # (UnicodeDecodeError is a ValueError)
+    if kind == "bitmap":
+        if not (text.isascii() and text.isdigit() and len(text) <= 20 and int(text) < 1 << 64):
+            raise ValueError(f"stored {name} is {text[:40]!r}, not a 64-bit bitmap")
+        return int(text)
+    if len(text) > 40:
+        raise ValueError(f"stored {name} is {len(text)} characters long, not a number")
+    value = float(text)
+    low = 0.0 if kind == "int" or name.endswith("_sq") or name == "cost" else -MAX_STORED_MONEY
+    high = MAX_STORED_COUNT if kind == "int" else MAX_STORED_MONEY ** (2 if name.endswith("_sq") else 1)
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ValueError(f"stored {name} is {text!r}, outside [{low:g}, {high:g}]")
+    return int(value) if kind == "int" else value
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ generator; here are only the pure parts: :func:`laplace_noised` adds given unit 
 """
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Mapping
 
@@ -170,9 +171,10 @@ class PrivacyLedger:
         if not (isinstance(days, Mapping) and all(
                 isinstance(d, str) and isinstance(kinds, Mapping) and all(
                     isinstance(k, str) and isinstance(e, list) and len(e) == 2
-                    and type(e[0]) in (int, float) and type(e[1]) is int for k, e in kinds.items())
+                    and type(e[0]) in (int, float) and math.isfinite(e[0]) and e[0] >= 0
+                    and type(e[1]) is int and e[1] >= 0 for k, e in kinds.items())
                 for d, kinds in days.items())):
-            raise StateError(f"{where}: 'days' must map day -> kind -> [epsilon, publishes]")
+            raise StateError(f"{where}: 'days' must map day -> kind -> [epsilon >= 0, publishes >= 0]")
         out = cls()
         out.days = {d: {k: [float(e[0]), int(e[1])] for k, e in kinds.items()} for d, kinds in days.items()}
         return out

@@ -74,8 +74,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from infogap.models.events import Event, as_event
-from infogap.models.experiments import (NO_VARIANT, UNKNOWN, Z95, difference_interval, mean_interval, unit_hash,
-                                        wilson)
+from infogap.models.experiments import (NO_VARIANT, UNKNOWN, Z95, difference_interval, mean_interval, stored_value,
+                                        unit_hash, wilson)
 from infogap.models.state_fields import StateError, check, encode_float
 
 #: One day of event time, in seconds.
@@ -195,9 +195,10 @@ class CohortCounts:
         out = cls()
         for f in fields(cls):
             if f.name in d:
-                raw = d[f.name]
-                raw = raw.decode() if isinstance(raw, bytes) else raw
-                setattr(out, f.name, int(float(raw)) if f.type == "int" else float(raw))
+                setattr(out, f.name, stored_value(d[f.name], f.type, f.name))
+        for part, whole in (("d1_returned", "d1_users"), ("d7_returned", "d7_users"), ("conversions", "users_7d")):
+            if getattr(out, part) > getattr(out, whole):  # (a worker adds both in one write)
+                raise ValueError(f"stored {part} ({getattr(out, part)}) is more than {whole} ({getattr(out, whole)})")
         return out
 
     def is_empty(self) -> bool:

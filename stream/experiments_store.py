@@ -36,6 +36,7 @@ campaign, ``INFOGAP_EXPERIMENT_CAMPAIGNS`` and the experiment's variants, and at
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -47,6 +48,8 @@ from infogap.stream.settings import TOPIC_PARTITIONS, Settings
 
 _SEP = "|"
 _ESCAPES = {"%": "%25", ":": "%3A", "|": "%7C"}
+
+log = logging.getLogger("infogap.experiments")
 
 
 def escape(value: str) -> str:
@@ -85,15 +88,15 @@ def parse_fields(variant: str, raw: Mapping) -> dict[Segment, Counts]:
     """
     grouped: dict[Segment, dict[str, str]] = {}
     for f, v in raw.items():
-        f = f.decode() if isinstance(f, bytes) else f
-        v = v.decode() if isinstance(v, bytes) else v
+        f = f.decode(errors="replace") if isinstance(f, bytes) else f
+        v = v.decode(errors="replace") if isinstance(v, bytes) else v  # (then refused as not a number)
         shard, sep, rest = f.partition(_SEP)
         campaign, sep2, tail = rest.rpartition(_SEP)
         campaign, sep3, channel = campaign.rpartition(_SEP)
-        if not (sep and sep2 and sep3 and shard.isdigit() and tail in COUNT_FIELDS):
+        if not (sep and sep2 and sep3 and _is_shard(shard) and tail in COUNT_FIELDS):
             continue
         grouped.setdefault(Segment(int(shard), unescape(campaign), unescape(channel), variant), {})[tail] = v
-    return {seg: Counts.from_dict(d) for seg, d in grouped.items()}
+    return _readable(grouped, Counts.from_dict)
 
 
 def cohort_field(cohort: Cohort, count: str) -> str:
@@ -116,14 +119,32 @@ def parse_cohort_fields(raw: Mapping) -> dict[Cohort, CohortCounts]:
     """
     grouped: dict[Cohort, dict[str, str]] = {}
     for f, v in raw.items():
-        f = f.decode() if isinstance(f, bytes) else f
-        v = v.decode() if isinstance(v, bytes) else v
+        f = f.decode(errors="replace") if isinstance(f, bytes) else f
+        v = v.decode(errors="replace") if isinstance(v, bytes) else v  # (then refused as not a number)
         parts = f.split(_SEP)
-        if len(parts) != 6 or not parts[0].isdigit() or parts[4] not in ARMS or parts[5] not in RETENTION_FIELDS:
+        if len(parts) != 6 or not _is_shard(parts[0]) or parts[4] not in ARMS or parts[5] not in RETENTION_FIELDS:
             continue
         cohort = Cohort(int(parts[0]), unescape(parts[1]), unescape(parts[2]), unescape(parts[3]), parts[4])
         grouped.setdefault(cohort, {})[parts[5]] = v
-    return {k: CohortCounts.from_dict(d) for k, d in grouped.items()}
+    return _readable(grouped, CohortCounts.from_dict)
+
+
+def _is_shard(text: str) -> bool:
+    """A shard number as workers write it (ASCII digits, a few of them: ``int`` of "²" or of 5,000 digits raises)."""
+    return text.isascii() and text.isdigit() and len(text) <= 6
+
+
+def _readable(grouped: dict, read) -> dict:
+    """Each group's counts read with ``read``; a group holding a value no worker writes (not a number, negative,
+    out of range: :func:`infogap.models.experiments.stored_value`) is left out and logged, so one damaged field
+    hides one cell, never the page or the report."""
+    out = {}
+    for key, d in grouped.items():
+        try:
+            out[key] = read(d)
+        except ValueError as exc:
+            log.warning("left out the counts of %s: %s", key, exc)
+    return out
 
 
 def retention_config(settings: Settings, shard: int = 0) -> RetentionConfig:

@@ -372,3 +372,24 @@ def test_store_fields_and_keys_escape_the_separators():
     assert parse_fields("v", raw) == {seg: Counts(sent=4, clicks=2)}
     for s in ("A", "x:y", "a|b", "%3A", "%", "::||%%", ""):
         assert unescape(escape(s)) == s and ":" not in escape(s) and "|" not in escape(s)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("sent", "inf"), ("sent", "nan"), ("sent", "-5"), ("sent", "1e300"), ("revenue", "nan"), ("cost", "-1"),
+    ("revenue_sq", "-1"), ("users", "-1"), ("users", "1e5"), ("users", "abc"), ("users", "1" * 5000),
+    ("clicks", b"\xff"), ("sent", "9" * 100)])
+def test_a_stored_value_no_worker_writes_leaves_out_its_cell_and_only_it(field, value):
+    """A damaged field hides its segment (logged), never the others; ``users`` of -1 must not read as 64 users."""
+    from infogap.stream.experiments_store import field_name, parse_fields
+
+    bad, good = Segment(0, "recs", "app", "B"), Segment(0, "recs", "email", "B")
+    raw = {field_name(good, "sent"): "4", field_name(good, "users"): "31", field_name(bad, "sent"): "4",
+           field_name(bad, field): value}
+    assert parse_fields("B", raw) == {good: Counts(sent=4, users=31)}
+
+
+def test_a_shard_field_that_is_not_ascii_digits_is_ignored():
+    from infogap.stream.experiments_store import parse_cohort_fields, parse_fields
+
+    assert parse_fields("B", {"²|recs|email|sent": "1", "1234567|recs|email|sent": "1"}) == {}
+    assert parse_cohort_fields({"²|recs|email|B|treated|entered": "1"}) == {}

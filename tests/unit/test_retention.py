@@ -309,3 +309,17 @@ def test_the_report_shows_no_figures_of_an_arm_of_fewer_than_k_users_nor_its_inc
     assert "50.0%" in floored and "20.0%" in floored  # winter: both arms at the floor
     assert "-3.3 pts" not in floored  # recs' lift (30.0 - 33.3) would give the control arm away
     assert "33.3%" in text(1) and "-3.3 pts" in text(1)
+
+
+@pytest.mark.parametrize("field,value", [("entered", "inf"), ("d1_returned", "-5"), ("d1_returned", "41"),
+                                         ("conversions", "41"), ("d7_returned", "nan"), ("revenue_sq", "-1")])
+def test_a_damaged_cohort_is_left_out_and_the_others_read(field, value):
+    """41 returned of 40 users, a negative count, a NaN: that cohort is left out (logged), its neighbours read."""
+    from infogap.stream.experiments_store import cohort_field, parse_cohort_fields
+
+    good, bad = Cohort(0, "recs", "email", "B", "treated"), Cohort(0, "recs", "app", "B", "treated")
+    sound = {"entered": "40", "d1_users": "40", "d1_returned": "20", "users_7d": "40", "conversions": "4"}
+    raw = {cohort_field(c, k): v for c in (good, bad) for k, v in sound.items()}
+    raw[cohort_field(bad, field)] = value
+    got = parse_cohort_fields(raw)
+    assert list(got) == [good] and (got[good].entered, got[good].d1_returned) == (40, 20)
