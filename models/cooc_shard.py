@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
+from infogap.models.catalog import MAX_ID_CHARS
 from infogap.models.cooccurrence import _SHIFT, DOOR_PERIOD, CoOccurrence
 from infogap.models.model_state import RENORM_EXPONENT
 from infogap.models.privacy import BITS, NO_USER
@@ -62,9 +63,38 @@ def _example() -> PairDeltas:
                       occ_pairs=np.array([0.0, 1.0]), occ_seq=np.array([6, 7]))
 
 
+#: Event times a ``cooc`` record may carry: epoch seconds from 0 to before year 5138 (a caller that knows the clock
+#: passes a tighter end: ``latest_ts``). A later time would move a shard's clock past every real event for good.
+MIN_TS, MAX_TS = 0.0, 1e11
+#: The largest weight, pair count or occurrence's pair count a record may carry: event weights are single digits
+#: (:data:`~infogap.models.event_weights.DEFAULT_EVENT_WEIGHTS`, at most 8; a rating or a feature boost multiplies
+#: them by a few) and an event makes at most ``window`` pairs; this leaves configured weights in the thousands room,
+#: while sums of billions of updates stay far from overflow.
+MAX_WEIGHT = 1e6
+#: Sequence numbers are Kafka offsets of ``events``: below 2**53 (a million records a second for 285 years).
+MAX_SEQ = 2 ** 53
+#: A rescale by ``exp(-x)`` takes at most this ``x``: what is older is negligible (e**-100) either way, and the
+#: factor stays above zero (a rescale divides by a power of it).
+_MAX_RESCALE_EXPONENT = 100.0
+
 #: The ``cooc`` partition whose owner runs the population learner, and the header value that marks its records.
 POPULATION_PARTITION = 0
 POPULATION_KIND = b"population"
+
+
+def plausible_clock(t0: float | None, now: float) -> bool:
+    """Whether a snapshot's ``t0`` (None: no event yet) and ``now`` (-inf: none yet) are times records could set.
+
+    >>> plausible_clock(None, -math.inf), plausible_clock(1.7e9, 1.7e9 + 5), plausible_clock(math.nan, 1.7e9)
+    (True, True, False)
+    """
+    return ((t0 is None or MIN_TS <= t0 <= MAX_TS) and (now == -math.inf or MIN_TS <= now <= MAX_TS))
+
+
+def plausible_seqs(pairs: list) -> bool:
+    """Whether a snapshot's ``[source, highest sequence number applied]`` pairs are ones records could set."""
+    return all(type(p) is list and len(p) == 2 and type(p[0]) is int and type(p[1]) is int
+               and 0 <= p[0] < 2 ** 31 and -1 <= p[1] < MAX_SEQ for p in pairs)
 
 
 def owner(item_id: str, n_partitions: int) -> int:
@@ -173,10 +203,10 @@ class PairDeltas:
         return at.astype(np.int32) if same else None
 
     @classmethod
-    def from_bytes(cls, raw: bytes) -> PairDeltas:
-        """Read :meth:`to_bytes`'s form back, checked: ``ValueError`` unless every index points inside its
-        table and every number is finite (a shard indexes its arrays with them). The forms written before the
-        user bits (the full layout, and the compact one without ``"v": 2``) read with no user bit on any update.
+    def from_bytes(cls, raw: bytes, latest_ts: float = MAX_TS) -> PairDeltas:
+        """Read :meth:`to_bytes`'s form back, checked (:meth:`_checked`; ``latest_ts``: the latest event time
+        accepted). The forms written before the user bits (the full layout, and the compact one without
+        ``"v": 2``) read with no user bit on any update.
 
         >>> d = _example(); d.row = np.array([7, 1])  # row 7 of two items
         >>> try:
@@ -197,7 +227,7 @@ class PairDeltas:
                 arrays[name] = np.frombuffer(raw, dt, size, pos)
                 pos += size * np.dtype(dt).itemsize
             arrays["d"] = arrays["d"].reshape(-1, 4)
-            return cls(items=head["items"], **arrays)._checked()
+            return cls(items=head["items"], **arrays)._checked(latest_ts)
         k, m, version = head["n"], head["n_occ"], head.get("v", 1)
         if not (type(k) is int and type(m) is int and 0 <= k and 0 <= m and isinstance(head.get("by_event"), bool)
                 and isinstance(head.get("ones"), bool) and version in (1, 2)):
@@ -223,19 +253,32 @@ class PairDeltas:
         if head["ones"]:
             d = np.hstack([d, np.ones((k, 2))])
         a["d"] = d
-        return cls(items=head["items"], **a)._checked()
+        return cls(items=head["items"], **a)._checked(latest_ts)
 
-    def _checked(self) -> PairDeltas:
+    def _checked(self, latest_ts: float = MAX_TS) -> PairDeltas:
+        """``ValueError`` unless every index points inside its table (a shard indexes its arrays with them), every
+        id is at most :data:`~infogap.models.catalog.MAX_ID_CHARS` characters, every time is in
+        [:data:`MIN_TS`, ``latest_ts``] and every weight and count in [0, :data:`MAX_WEIGHT`] (NaN is neither)."""
         n = len(self.items)
         for idx in (self.row, self.nb, self.occ):
             if idx.size and (idx.min() < 0 or idx.max() >= n):
                 raise ValueError(f"cooc record: an index out of range (0..{n - 1} items)")
-        if not all(np.isfinite(x).all() for x in (self.d, self.ts, self.occ_ts, self.occ_pairs)):
-            raise ValueError("cooc record: a weight or time that is not a finite number")
+        if n and not 0 < min(map(len, self.items)) <= max(map(len, self.items)) <= MAX_ID_CHARS:
+            raise ValueError(f"cooc record: an item id empty or over {MAX_ID_CHARS} characters")
+        latest_ts = min(latest_ts, MAX_TS)
+        for x in (self.ts, self.occ_ts):
+            if x.size and not (MIN_TS <= x.min() and x.max() <= latest_ts):  # (NaN fails both)
+                raise ValueError(f"cooc record: an event time outside [{MIN_TS:.0f}, {latest_ts:.0f}] "
+                                 f"(epoch seconds; check the user stage's clock)")
+        for x in (self.d, self.occ_pairs):
+            if x.size and not (0.0 <= x.min() and x.max() <= MAX_WEIGHT):
+                raise ValueError(f"cooc record: a weight or pair count outside [0, {MAX_WEIGHT:g}]")
         if self.ubit.size != self.row.size or (self.ubit.size and np.any((self.ubit >= BITS) & (self.ubit != NO_USER))):
             raise ValueError("cooc record: a user bit out of range")
         if (self.seq.size and self.seq.min() < 0) or (self.occ_seq.size and self.occ_seq.min() < 0):
             raise ValueError("cooc record: a negative sequence number")
+        if (self.seq.size and self.seq.max() >= MAX_SEQ) or (self.occ_seq.size and self.occ_seq.max() >= MAX_SEQ):
+            raise ValueError("cooc record: a sequence number of 2**53 or more (not a Kafka offset)")
         return self
 
 
@@ -292,8 +335,10 @@ class CoOccurrenceShard:
         ids = f["ids"]
         if not all(type(i) is str for i in ids) or len(set(ids)) != len(ids) or len(ids) > shard.co.block.shape[0]:
             raise StateError(f"{where}: 'ids' must be distinct strings, at most one per row")
-        if not all(type(p) is list and len(p) == 2 and all(type(x) is int for x in p) for p in f["sources"]):
-            raise StateError(f"{where}: 'sources' must be [source, sequence number] pairs")
+        if not plausible_seqs(f["sources"]):
+            raise StateError(f"{where}: 'sources' must be [source, sequence number below 2**53] pairs")
+        if not plausible_clock(f["t0"], f["now"]):
+            raise StateError(f"{where}: 't0' and 'now' must be event times (epoch seconds up to {MAX_TS:g})")
         shard._ids, shard._rows = ids, {i: r for r, i in enumerate(ids)}
         shard.sources = {s: n for s, n in f["sources"]}
         shard.t0, shard.now, shard.n_occurrences = f["t0"], f["now"], f["n_occurrences"]
@@ -307,21 +352,24 @@ class CoOccurrenceShard:
         return r
 
     def apply(self, deltas: PairDeltas, source: int) -> None:
-        """Apply the updates of ``source`` newer than what was applied from it, in order."""
+        """Apply the updates of ``source`` newer than what was applied from it, in order (``deltas`` checked, as
+        :meth:`PairDeltas.from_bytes` gives them: nothing here raises once the shard starts changing)."""
         done = self.sources.get(source, -1)
         occ_new = deltas.occ_seq > done
         new = deltas.seq > done
         if not occ_new.any() and not new.any():
             return
-        rows = np.fromiter(map(self._row, deltas.items), np.int64, len(deltas.items))
-        self.co.ensure(len(self._ids))
         co = self.co
         times = np.concatenate([deltas.occ_ts[occ_new], deltas.ts[new]])
-        if self.t0 is None:
-            self.t0 = float(times.min())
+        t0 = float(times.min()) if self.t0 is None else self.t0
         newest = float(times.max())
-        if co.lam * (newest - self.t0) > RENORM_EXPONENT:
-            co.rescale(math.exp(-co.lam * (newest - self.t0)))
+        if not (math.isfinite(t0) and math.isfinite(newest)):
+            raise ValueError("cooc record: an event time that is not a finite number")
+        rows = np.fromiter(map(self._row, deltas.items), np.int64, len(deltas.items))
+        co.ensure(len(self._ids))
+        self.t0 = t0
+        if co.lam * (newest - t0) > RENORM_EXPONENT:
+            co.rescale(math.exp(-min(co.lam * (newest - t0), _MAX_RESCALE_EXPONENT)))
             self.t0 = newest
         self.now = max(self.now, newest)
         if occ_new.any():

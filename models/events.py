@@ -220,10 +220,13 @@ def validate_event(doc: object, *, now: float, limits: Limits = Limits(),
 
 def _review_text(doc: dict, limits: Limits) -> str:
     """A review's ``text``: required, a string of at most ``limits.max_text_chars`` characters; contact details
-    in it are masked and control characters become spaces (only what is said about the item is kept).
+    in it are masked and control characters become spaces (only what is said about the item is kept). The masked
+    text is cut to the limit again: a mask is longer than a short address, and what is sent on must hold to it.
 
     >>> _review_text({"text": "Great kettle! mail me: ann@example.com or +33 6 12 34 56 78"}, Limits())
     'Great kettle! mail me: [contact] or [contact]'
+    >>> len("a@b.cc " * 285), len(_review_text({"text": "a@b.cc " * 285}, Limits())) <= 2000
+    (1995, True)
     """
     v = doc.get("text")
     if v is None:
@@ -239,7 +242,7 @@ def _review_text(doc: dict, limits: Limits) -> str:
         text = _EMAIL.sub("[contact]", text)
     if "://" in text or "www." in text.lower():
         text = _URL.sub("[contact]", text)
-    text = _PHONE.sub("[contact]", text).strip()
+    text = _PHONE.sub("[contact]", text)[:limits.max_text_chars].strip()
     if not text:
         raise InvalidEvent("field 'text' is empty", ReasonCode.BAD_VALUE)
     return text

@@ -32,10 +32,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from functools import partial
 
 import numpy as np
 
-from infogap.models.catalog import Catalog
+from infogap.models.catalog import MAX_ID_CHARS, Catalog
+from infogap.models.catalog import MAX_TEXT_CHARS as MAX_CATEGORY_CHARS
+from infogap.models.cooc_shard import MAX_SEQ, MAX_TS, MAX_WEIGHT, MIN_TS, plausible_clock, plausible_seqs
 from infogap.models.events import Limits
 from infogap.models.model_state import RENORM_EXPONENT
 from infogap.models.privacy import NO_USER, mask_of
@@ -49,6 +52,15 @@ from infogap.models.trending import Trending
 
 #: The longest review text a sample may carry (the event contract's bound).
 MAX_TEXT_CHARS = Limits().max_text_chars
+#: The most categories a segment sample may name: a user's mix holds at most
+#: :class:`~infogap.models.profile.Profiles`' ``max_features`` (32).
+MAX_SAMPLE_CATEGORIES = 256
+#: The largest feature a segment center may hold: features are shares and RFM figures scaled to [0, 1], times
+#: weights below 1 (and NaN is no number within it).
+MAX_CENTER = 1e3
+#: The largest frequency, monetary or gap figure a sample may carry (the segmenter saturates far below: bounded so
+#: that no figure is infinite in a sum).
+MAX_FIGURE = 1e15
 
 
 def segmenter_for(cfg) -> Segmenter:
@@ -62,42 +74,82 @@ def trending_for(cfg) -> Trending:
                     momentum_half_life_days=cfg.momentum_half_life_days, min_users=getattr(cfg, "min_users", 1))
 
 
-def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+def _number(x, lo: float = -math.inf, hi: float = math.inf) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and lo <= x <= hi
 
 
-def check_batch(batch) -> tuple[list, list, list]:
-    """The batch's segment samples, trend entries and labelled reviews, or ``ValueError`` naming the first bad one.
+def _seq(x) -> bool:
+    return type(x) is int and 0 <= x < MAX_SEQ
+
+
+def _sample_error(e) -> str | None:
+    if not (isinstance(e, list) and len(e) == 5 and _seq(e[0]) and isinstance(e[1], dict)):
+        return "is not [seq, {category: share}, frequency, monetary, gap_days or null]"
+    if len(e[1]) > MAX_SAMPLE_CATEGORIES:
+        return f"has {len(e[1])} categories, over {MAX_SAMPLE_CATEGORIES}"
+    if not all(isinstance(n, str) and len(n) <= MAX_CATEGORY_CHARS and _number(v, 0.0, 1.0)
+               for n, v in e[1].items()):
+        return f"has a category name over {MAX_CATEGORY_CHARS} characters or a share outside [0, 1]"
+    if not (_number(e[2], -MAX_FIGURE, MAX_FIGURE) and _number(e[3], -MAX_FIGURE, MAX_FIGURE)
+            and (e[4] is None or _number(e[4], -MAX_FIGURE, MAX_FIGURE))):
+        return f"has a frequency, monetary or gap_days figure that is not a number within {MAX_FIGURE:g}"
+    return None
+
+
+def _trend_error(e, latest_ts: float = MAX_TS) -> str | None:
+    # (the user bit, 6th, since the privacy floor: an entry without adds no user)
+    if not (isinstance(e, list) and len(e) in (5, 6) and _seq(e[0]) and isinstance(e[1], str)
+            and type(e[2]) is int and (len(e) == 5 or (type(e[5]) is int and 0 <= e[5] < 64))):
+        return "is not [seq, item_id, segment, weight, ts, user bit]"
+    if not 0 < len(e[1]) <= MAX_ID_CHARS:
+        return f"has an item id empty or over {MAX_ID_CHARS} characters"
+    if not (_number(e[3], 0.0, MAX_WEIGHT) and e[3] > 0):
+        return f"has a weight outside (0, {MAX_WEIGHT:g}]"
+    if not _number(e[4], MIN_TS, latest_ts):
+        return f"has a time outside [{MIN_TS:.0f}, {latest_ts:.0f}] (epoch seconds)"
+    return None
+
+
+def _review_error(e) -> str | None:
+    if not (isinstance(e, list) and len(e) == 3 and _seq(e[0]) and isinstance(e[1], str)
+            and 0 < len(e[1]) <= MAX_TEXT_CHARS and (e[2] is None or type(e[2]) is bool)):
+        return f"is not [seq, text of at most {MAX_TEXT_CHARS} characters, liked or null]"
+    return None
+
+
+def check_batch(batch, latest_ts: float = MAX_TS) -> tuple[list, list, list, dict]:
+    """The batch's good segment samples, trend entries and labelled reviews, and the bad ones (``{"seg": [...],
+    "trend": [...], "review": [...], "reason": the first one's}``, empty when none): a record carries many users'
+    entries, one bad entry costs only itself. ``ValueError`` when the batch itself is not an object of lists.
+    ``latest_ts``: the latest event time accepted.
 
     >>> check_batch({"seg": [], "trend": [], "review": [[7, "很好", True]]})
-    ([], [], [[7, '很好', True]])
-    >>> check_batch({"review": [[7, "", True]]})
-    Traceback (most recent call last):
-    ...
-    ValueError: review 0 is not [seq, text of at most 2000 characters, liked or null]: [7, '', True]
+    ([], [], [[7, '很好', True]], {})
+    >>> _, _, reviews, bad = check_batch({"review": [[7, "", True], [8, "ok", None]]})
+    >>> reviews, bad["review"]
+    ([[8, 'ok', None]], [[7, '', True]])
+    >>> bad["reason"]
+    "review 0 is not [seq, text of at most 2000 characters, liked or null]: [7, '', True]"
     """
     if not isinstance(batch, Mapping):
         raise ValueError(f"population batch must be an object, not {type(batch).__name__}")
-    samples, trends, reviews = batch.get("seg", []), batch.get("trend", []), batch.get("review", [])
-    if not isinstance(samples, list) or not isinstance(trends, list) or not isinstance(reviews, list):
+    fields = {"seg": batch.get("seg", []), "trend": batch.get("trend", []), "review": batch.get("review", [])}
+    if not all(isinstance(v, list) for v in fields.values()):
         raise ValueError("population batch fields 'seg', 'trend' and 'review' must be lists")
-    for k, e in enumerate(samples):
-        if not (isinstance(e, list) and len(e) == 5 and isinstance(e[0], int) and isinstance(e[1], dict)
-                and all(isinstance(n, str) and _number(v) for n, v in e[1].items())
-                and _number(e[2]) and _number(e[3]) and (e[4] is None or _number(e[4]))):
-            raise ValueError(f"segment sample {k} is not [seq, {{category: share}}, frequency, monetary, "
-                             f"gap_days or null]: {str(e)[:80]}")
-    for k, e in enumerate(trends):  # (the user bit, 6th, since the privacy floor: an entry without adds no user)
-        if not (isinstance(e, list) and len(e) in (5, 6) and isinstance(e[0], int) and isinstance(e[1], str)
-                and isinstance(e[2], int) and _number(e[3]) and _number(e[4])
-                and (len(e) == 5 or (type(e[5]) is int and 0 <= e[5] < 64))):
-            raise ValueError(f"trend entry {k} is not [seq, item_id, segment, weight, ts, user bit]: {str(e)[:80]}")
-    for k, e in enumerate(reviews):
-        if not (isinstance(e, list) and len(e) == 3 and type(e[0]) is int and isinstance(e[1], str)
-                and 0 < len(e[1]) <= MAX_TEXT_CHARS and (e[2] is None or type(e[2]) is bool)):
-            raise ValueError(f"review {k} is not [seq, text of at most {MAX_TEXT_CHARS} characters, liked or null]: "
-                             f"{str(e)[:80]}")
-    return samples, trends, reviews
+    checks = {"seg": ("segment sample", _sample_error), "review": ("review", _review_error),
+              "trend": ("trend entry", partial(_trend_error, latest_ts=min(latest_ts, MAX_TS)))}
+    good, bad = {}, {}
+    for field, entries in fields.items():
+        name, error_of = checks[field]
+        good[field] = []
+        for k, e in enumerate(entries):
+            why = error_of(e)
+            if why is None:
+                good[field].append(e)
+            else:
+                bad.setdefault(field, []).append(e)
+                bad.setdefault("reason", f"{name} {k} {why}: {str(e)[:80]}")
+    return good["seg"], good["trend"], good["review"], bad
 
 
 class PopulationLearner:
@@ -133,10 +185,13 @@ class PopulationLearner:
         self.hwm: dict[int, int] = {}
         #: entries applied so far (a version for readers)
         self.applied = 0
+        #: entries :meth:`learn` refused (not in snapshots)
+        self.refused = 0
 
     def __setstate__(self, state: dict) -> None:
         """Unpickle (``infogap state migrate``), also a learner pickled before reviews: new review models."""
         self.__dict__.update(state)
+        self.__dict__.setdefault("refused", 0)
         if "sentiment" not in state:
             self.sentiment = SentimentModel()
         if "topics" not in state:
@@ -144,10 +199,11 @@ class PopulationLearner:
 
     def learn(self, batch: Mapping, source: int) -> int:
         """Apply a user stage's entries (:meth:`infogap.models.engine.Engine.drain_population`, sequence numbers
-        increasing per source); entries at or below the source's high-water mark are skipped. Returns
-        how many were applied."""
-        samples, trends, reviews = check_batch(batch)
-        return self.learn_checked(samples, trends, reviews, source)  # all or nothing: a bad batch changes no state
+        increasing per source); entries at or below the source's high-water mark are skipped, bad ones
+        (:func:`check_batch`) are counted in :attr:`refused` and change nothing. Returns how many were applied."""
+        samples, trends, reviews, bad = check_batch(batch)
+        self.refused += sum(len(v) for k, v in bad.items() if k != "reason")
+        return self.learn_checked(samples, trends, reviews, source)
 
     def learn_checked(self, samples: list, trends: list, reviews: list, source: int) -> int:
         """:meth:`learn` of the entries :func:`check_batch` returned (for a caller that checked them already)."""
@@ -251,8 +307,10 @@ class PopulationLearner:
             raise StateError(f"{where}: item ids and category names must be strings")
         if len(set(f["items"])) != len(f["items"]) or len(set(f["features"])) != len(f["features"]):
             raise StateError(f"{where}: item ids and category names must be distinct")
-        if not all(type(p) is list and len(p) == 2 and all(type(x) is int for x in p) for p in f["hwm"]):
-            raise StateError(f"{where}: 'hwm' must be [source, sequence number] pairs")
+        if not plausible_seqs(f["hwm"]):
+            raise StateError(f"{where}: 'hwm' must be [source, sequence number below 2**53] pairs")
+        if not plausible_clock(f["t0"], f["now"]):
+            raise StateError(f"{where}: 't0' and 'now' must be event times (epoch seconds up to {MAX_TS:g})")
         for item_id in f["items"]:
             out._names.row(item_id)
         for name in f["features"]:
@@ -265,7 +323,7 @@ class PopulationLearner:
         if not (type(n_seeded) is int and 0 <= n_seeded <= seg.n_segments and isinstance(centers, list)
                 and len(centers) == n_seeded and isinstance(slots, dict)
                 and all(isinstance(c, list) and len(c) == len(seg.keys)
-                        and all(type(v) in (int, float) and math.isfinite(v) for v in c) for c in centers)
+                        and all(type(v) in (int, float) and abs(v) <= MAX_CENTER for v in c) for c in centers)
                 and all(type(k) is str and k in seg.keys for k in slots.values())):
             raise StateError(f"{where}: the segment model does not fit {seg.n_segments} segments of "
                              f"{len(seg.keys)} features")

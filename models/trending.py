@@ -104,6 +104,9 @@ class Trending:
                 or f["segment_max"].shape != (self.n_segments,) or not 0 <= f["n_items"] <= cap
                 or f["users_"].shape != (1 + self.n_segments, cap)):
             raise StateError(f"{where}: the scores do not fit {self.n_segments} segments")
+        scores = (f["momentum_"], f["global_"], f["segment_"], f["segment_max"], np.array([f["global_max"]]))
+        if not all(np.isfinite(x).all() for x in scores):
+            raise StateError(f"{where}: a score that is not a finite number")
         forget_memo(self)
         for name, v in f.items():
             setattr(self, name, v)

@@ -23,8 +23,10 @@ record changes and what a publish writes.
 """
 from __future__ import annotations
 
+import json
 import math
 import secrets
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -122,6 +124,8 @@ class ItemShards:
         self.stopped: set[int] = set()
         self.applied = 0
         self.dead: list[DeadLetter] = []
+        #: the wall clock (epoch seconds) that bounds the event times of records
+        self.clock: Callable[[], float] = time.time
         #: end offset of each events partition as last read (a bound on cooc records' sequence numbers); None:
         #: not checked (tests that apply records by hand)
         self.events_ends: dict[int, int] | None = None
@@ -180,6 +184,11 @@ class ItemShards:
                 "privacy": self.ledgers[p].to_state()}
 
     # ------------------------------------------------------------------ records
+    def _latest_ts(self) -> float:
+        """The latest event time a record may carry: a user stage accepts events up to ``max_future_s`` ahead of
+        its clock, which may be ``max_clock_skew_s`` ahead of this one."""
+        return self.clock() + self.settings.max_future_s + self.settings.max_clock_skew_s
+
     def _past_events(self, source: int, top: int) -> bool:
         """Whether sequence number ``top`` from ``source`` is past the end of that ``events`` partition as last
         read."""
@@ -209,15 +218,21 @@ class ItemShards:
                     if partition != POPULATION_PARTITION or self.population is None:
                         raise ValueError(f"population entries on cooc partition {partition}, "
                                          f"not {POPULATION_PARTITION}")
-                    samples, trends, reviews = check_batch(orjson.loads(rec.value))
+                    samples, trends, reviews, bad = check_batch(orjson.loads(rec.value), self._latest_ts())
+                    if bad and not (samples or trends or reviews):
+                        raise ValueError(bad["reason"])
                     top = max((e[0] for e in samples + trends + reviews), default=-1)
                     if self._past_events(source, top):
                         if not final:
                             return records[k:]
                         raise ValueError(f"sequence number {top} is past the end of events partition {source}")
+                    if bad:  # only the bad entries go to the DLQ: the other users' are learned
+                        reason = f"bad cooc record: some population entries refused, first: {bad.pop('reason')}"[:300]
+                        self.dead.append(DeadLetter(json.dumps(bad).encode(), rec.key, reason, rec.topic,
+                                                    rec.partition, rec.offset))  # (json: ints may pass 64 bits)
                     self.population.learn_checked(samples, trends, reviews, source)
                     continue
-                deltas = PairDeltas.from_bytes(rec.value)
+                deltas = PairDeltas.from_bytes(rec.value, self._latest_ts())
                 top = max(int(deltas.seq.max(initial=-1)), int(deltas.occ_seq.max(initial=-1)))
                 if self._past_events(source, top):
                     if not final:

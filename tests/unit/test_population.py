@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from infogap.models import Engine, EngineConfig
-from infogap.models.population import PopulationLearner
+from infogap.models.population import PopulationLearner, check_batch
 
 from .test_models_support import adjusted_rand_index, group_stream, random_stream
 
@@ -116,12 +116,21 @@ def test_remote_engine_emits_the_same_entries_one_by_one_and_a_load_replaces_its
 @pytest.mark.parametrize("batch, reason", [
     ([1, 2], "must be an object"),
     ({"seg": {}}, "must be lists"),
-    ({"seg": [[0, {"Tea": "lots"}, 1.0, 0.0, None]]}, "segment sample 0"),
-    ({"trend": [[0, "tea", 0, 1.0, 5.0], [1, 7, 0, 1.0, 5.0]]}, "trend entry 1"),
-    ({"trend": [[0, "tea", 0, float("nan"), 5.0]]}, "trend entry 0"),
 ])
-def test_a_bad_batch_is_refused_whole(batch, reason):
+def test_a_batch_that_is_no_object_of_lists_is_refused_whole(batch, reason):
     learner = PopulationLearner(CFG)
     with pytest.raises(ValueError, match=reason):
         learner.learn(batch, source=0)
     assert learner.applied == 0 and learner.hwm == {} and learner.trending(3) == []
+
+
+@pytest.mark.parametrize("batch, applied, reason", [
+    ({"seg": [[0, {"Tea": "lots"}, 1.0, 0.0, None]]}, 0, "segment sample 0"),
+    ({"trend": [[0, "tea", 0, 1.0, 5.0], [1, 7, 0, 1.0, 5.0]]}, 1, "trend entry 1"),
+    ({"trend": [[0, "tea", 0, float("nan"), 5.0]]}, 0, "trend entry 0"),
+])
+def test_a_bad_entry_is_dropped_and_counted_and_the_others_learned(batch, applied, reason):
+    learner = PopulationLearner(CFG)
+    assert check_batch(batch)[3]["reason"].startswith(reason)
+    assert learner.learn(batch, source=0) == applied and learner.applied == applied and learner.refused == 1
+    assert learner.hwm == ({0: 0} if applied else {})
