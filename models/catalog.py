@@ -39,6 +39,9 @@ from infogap.models.scratch import memo_of
 MAX_ITEM_FEATURES = 8
 #: At most this many foreign numberings are remembered (:meth:`Catalog.translated`), the least recent dropped.
 MAX_NUMBERINGS = 64
+#: A foreign numbering's table (:meth:`Catalog.translated`) holds the numbers below this (32 MB of int64s at most);
+#: a row with larger numbers is looked up by its ids, so a number read from outside cannot grow it without bound.
+MAX_TRANSLATED = 1 << 22
 #: Longest ``item_id`` (as the event contract's ids).
 MAX_ID_CHARS = 256
 #: Longest category and tag.
@@ -298,7 +301,16 @@ class Catalog:
         [0, 1]
         >>> c.translated(7, np.array([5, 2]), ["never read", "z"]).tolist()  # 5 is known: its id is not read
         [1, 2]
+
+        A negative number is a ValueError; numbers of :data:`MAX_TRANSLATED` or more are looked up by id:
+
+        >>> c.translated(7, np.array([2, MAX_TRANSLATED]), ["z", "w"]).tolist()
+        [2, 3]
         """
+        if numbers.size and numbers.min() < 0:
+            raise ValueError("a foreign numbering's numbers are never negative")
+        if numbers.size and numbers.max() >= MAX_TRANSLATED:
+            return self.rows(list(item_ids))
         table = self._foreign.pop(numbering, None)  # re-inserted last: the dict keeps recency order
         if table is None:
             table = np.full(64, -1, np.int64)

@@ -42,7 +42,7 @@ from infogap.models.cooccurrence import _MASK, _SHIFT, DOOR_PERIOD, CoOccurrence
 from infogap.models.event_weights import DEFAULT_EVENT_WEIGHTS, TYPE_CODE, EventWeights
 from infogap.models.events import EVENT_TYPES, NOT_LEARNED_TYPES, Event, as_event
 from infogap.models.learn_core import learn_event
-from infogap.models.model_state import ModelState
+from infogap.models.model_state import MAX_STORED_VALUE, RENORM_EXPONENT, ModelState
 from infogap.models.population import segmenter_for, trending_for
 from infogap.models.privacy import ALL_USERS, NO_USER, mask_of
 from infogap.models.profile import Profiles
@@ -59,6 +59,9 @@ STATE_VERSION = 2
 TOPIC_FEATURE = "topic:"
 #: learn_many works through batches of at most this many events (bounds temporary arrays).
 _CHUNK = 1024
+#: :meth:`Engine.load_rows` and :meth:`Engine.load_population` refuse values their time would scale by more than
+#: this (a time read from outside, far ahead of the engine's reference time: the values would overflow).
+MAX_LOAD_GROWTH = math.exp(4 * RENORM_EXPONENT)
 
 
 #: Fields of a trend entry (item row, segment, scaled weight, scaled momentum weight, user bit) and of a history
@@ -589,27 +592,38 @@ class Engine:
         add to them as usual (so a new deployment's first users see what is trending at once, and
         events the learner had not applied yet at ``at`` are counted by the next load, not twice).
         Users still without a segment get one from the loaded centers; returns their ids.
+
+        Values that cannot be loaded (a model that does not fit, scores not finite within
+        :data:`~infogap.models.model_state.MAX_STORED_VALUE`, a time ``at`` so far ahead that they would grow more
+        than :data:`MAX_LOAD_GROWTH` times) are a ValueError (or an OverflowError) before anything changes.
         """
         cat, tr = self.state.catalog, self.state.trending
-        if model is not None and model.get("n_seeded"):
-            self.state.segmenter.load_model(model, cat.feature)
-        if self.state.t0 is None:
-            self.state.t0 = at
-        scale = self.state.growth(tr.lam, at)
+        t0 = at if self.state.t0 is None else self.state.t0
+        scale, scale_m = math.exp(tr.lam * (at - t0)), math.exp(tr.lam_m * (at - t0))
+        if not max(scale, scale_m) <= MAX_LOAD_GROWTH:
+            raise ValueError(f"the population's time {at} is too far ahead of this engine's")
         loaded = {seg: (np.fromiter((cat.row(i) for i, _ in lst), np.int64, len(lst)),
-                        np.fromiter((s for _, s in lst), np.float64, len(lst)) * scale)
+                        np.fromiter((s for _, s in lst), np.float64, len(lst)))
                   for seg, lst in trending.items()}
         if momentum is not None:
             rows_m = np.fromiter(map(cat.row, momentum[0]), np.int64, len(momentum[0]))
+            values_m = np.asarray(momentum[1], np.float64)
+        if not all((np.abs(scores) <= MAX_STORED_VALUE).all() for _, scores in loaded.values()) or \
+                (momentum is not None and not (np.abs(values_m) <= MAX_STORED_VALUE).all()):  # (NaN fails)
+            raise ValueError(f"the population's trending scores or momentum are not finite within {MAX_STORED_VALUE:g}")
+        if model is not None and model.get("n_seeded"):  # (a model that does not fit: a ValueError, nothing changed)
+            self.state.segmenter.load_model(model, cat.feature)
+        self.state.t0 = t0
         n = len(cat)
         self.state.ensure_items(n)
         if momentum is not None:
             tr.momentum_[:] = 0.0
-            tr.momentum_[rows_m] = np.asarray(momentum[1], np.float64) * self.state.growth(tr.lam_m, at)
+            tr.momentum_[rows_m] = values_m * scale_m
         tr.global_[:] = 0.0
         tr.segment_[:] = 0.0
         tr.users_[:] = 0  # (the lists were published at the learner's privacy floor: their entries are at it)
         for seg, (rows, scores) in loaded.items():
+            scores = scores * scale
             if seg is None:
                 tr.global_[rows] = scores
                 tr.users_[0, rows] = ALL_USERS
@@ -651,18 +665,24 @@ class Engine:
 
         A row that also carries its sender's ``numbering`` and the neighbours' ``numbers`` in it has
         them translated (:meth:`infogap.models.catalog.Catalog.translated`) instead of looked up by id.
+
+        Rows as :func:`infogap.stream.core.neighbour_rows.decode_row` checks them load without an error, but for
+        one whose time is so far ahead of the reference time that its values would grow more than
+        :data:`MAX_LOAD_GROWTH` times: a ValueError (or an OverflowError) before that row changes anything.
         """
         co, cat = self.state.cooc, self.state.catalog
         pop_rows, pop_values, raw_values, sizes, factors, times = [], [], [], [], [], []
         newest = None  # (t, total, pair_total, raw counts) of the newest row: the totals as of then
         with_raw = True  # every row carries raw counts (rows from before them do not)
         for doc in rows:
+            t = float(doc["t"])
+            if self.state.t0 is not None and not self.state.growth(co.lam, t) <= MAX_LOAD_GROWTH:
+                raise ValueError(f"the row of {doc['item_id']!r} is of a time too far ahead of this engine's")
             r = cat.row(doc["item_id"])
             numbering = doc.get("numbering")
             nbs = (cat.rows(doc["neighbours"]) if numbering is None
                    else cat.translated(numbering, doc["numbers"], doc["neighbours"]))
             self.state.ensure_items(len(cat))
-            t = float(doc["t"])
             if self.state.t0 is None:
                 self.state.t0 = t
             factor = self.state.growth(co.lam, t)

@@ -30,6 +30,12 @@ from infogap.models.trending import Trending
 #: overflow: every learner of decayed values, the engine, the co-occurrence shard and the population
 #: learner, moves it at this exponent).
 RENORM_EXPONENT = 40.0
+#: Values read from outside the process (neighbour rows, the population model, momentum, trending) are refused
+#: with a time beyond this (2100-01-01 UTC) either side of 0 ...
+MAX_STORED_TS = 4_102_444_800.0
+#: ... or a decayed count (a weight, a popularity, a score) larger than this: far beyond any real count, far
+#: below overflow once scaled to a reference time.
+MAX_STORED_VALUE = 1e15
 
 
 class ModelState:

@@ -88,6 +88,29 @@ def _nearest(centers, ids, keys: tuple[str, ...], x: dict[str, float]):
     return best
 
 
+def check_model(model: object) -> None:
+    """A ValueError unless ``model`` is a segment model as :meth:`Segmenter.export_model` writes it (read from
+    outside): ``n_seeded`` an int >= 0, as many ``centers``, each a list of as many finite numbers as the first,
+    and ``slots`` category names to slot names.
+
+    >>> check_model({"n_seeded": 1, "centers": [[0.5, "x"]], "slots": {}})
+    Traceback (most recent call last):
+    ...
+    ValueError: the segment model's 'centers' are not 1 lists of finite numbers of one length
+    """
+    if type(model) is not dict:
+        raise ValueError("the segment model is not a JSON object")
+    n_seeded, centers, slots = model.get("n_seeded"), model.get("centers"), model.get("slots")
+    if type(n_seeded) is not int or n_seeded < 0:
+        raise ValueError("the segment model's 'n_seeded' is not an int >= 0")
+    if not (type(centers) is list and len(centers) == n_seeded
+            and all(type(c) is list and len(c) == len(centers[0]) for c in centers)
+            and all(type(v) in (int, float) and math.isfinite(v) for c in centers for v in c)):
+        raise ValueError(f"the segment model's 'centers' are not {n_seeded} lists of finite numbers of one length")
+    if not (type(slots) is dict and all(type(v) is str for v in slots.values())):
+        raise ValueError("the segment model's 'slots' are not category names to slot names")
+
+
 class Segmenter:
     """Stable online segments over users' category mix and RFM, with River's KMeans.
 
@@ -232,7 +255,9 @@ class Segmenter:
     def load_model(self, model: dict, feature_id, learning: bool = False) -> None:
         """Assign with centers learned elsewhere from now on (``feature_id(name)`` maps slot names to this
         side's feature ids); :meth:`features` then gives no new slots, the learner does (unless
-        ``learning``: this side goes on learning from the loaded centers).
+        ``learning``: this side goes on learning from the loaded centers). A model that is not one
+        (:func:`check_model`) or does not fit this side's segments and features is a ValueError, before anything
+        changes.
 
         >>> a, b = Segmenter(n_segments=2, seed_distance=0.5), Segmenter(n_segments=2)
         >>> _ = [a.assign(a.features({f: 1.0}, 0.0, 0.0, 0.0), current=-1) for f in (7, 9)]
@@ -240,8 +265,13 @@ class Segmenter:
         >>> b.centers() == a.centers(), b.nearest(b.features({9: 1.0}, 0.0, 0.0, 0.0), current=-1)
         (True, 1)
         """
-        if len(model["centers"]) > self.n_segments:
-            raise ValueError(f"{len(model['centers'])} segment centers; this side has {self.n_segments}")
+        check_model(model)
+        if model["n_seeded"] > self.n_segments:
+            raise ValueError(f"{model['n_seeded']} segment centers; this side has {self.n_segments}")
+        if any(len(values) != len(self.keys) for values in model["centers"]):
+            raise ValueError(f"segment centers of another length than this side's {len(self.keys)} features")
+        if len(model["slots"]) > self.n_category_slots or not all(k in self.keys for k in model["slots"].values()):
+            raise ValueError(f"category slots this side does not have (it has {self.n_category_slots})")
         for c, values in enumerate(model["centers"]):
             self._km.centers[c].update(zip(self.keys, values))
         self._n_seeded = model["n_seeded"]

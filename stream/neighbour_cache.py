@@ -65,8 +65,9 @@ class NeighbourCache:
         self.hits = 0
         #: rows past their max age kept because their shard had not published since
         self.unchanged = 0
-        #: values at a row's key that were not a row (see :meth:`_decoded`)
+        #: values at a row's key that were not a row, or that the engine could not load (see :meth:`_load`)
         self.bad_rows = 0
+        self._logged_bad: set[str] = set()  # items whose bad value was logged (cleared at capacity)
 
     def __len__(self) -> int:
         return len(self._loaded)
@@ -108,7 +109,7 @@ class NeighbourCache:
             return 0
         raws = await self.store.read_rows(want)
         cpu = time.thread_time()  # this thread's CPU loading the rows (not the awaits: other tasks run then)
-        engine.load_rows(self._decoded(want, raws))
+        self._load(engine, want, raws)
         self._pace(now, time.thread_time() - cpu)
         absent_at = now - max_age + min(max_age, ABSENT_RETRY_S)
         for item, raw in zip(want, raws):  # an item without a row yet is asked again soon, not at once
@@ -127,21 +128,41 @@ class NeighbourCache:
             engine.drop_rows(drop)
         return len(want)
 
-    def _decoded(self, items: list[str], raws: list) -> list[dict]:
-        """The rows of ``raws`` decoded; a value that is not a row (not an item stage's) is logged with its key,
-        counted in ``bad_rows`` and taken as absent (its ``raws`` entry set to None), never fatal."""
+    def _load(self, engine: Engine, items: list[str], raws: list) -> None:
+        """Give the rows of ``raws`` to ``engine``: all in one call, or one by one when that call failed. A value
+        that is not a row (not an item stage's), or that the engine cannot load, is logged with its key (once
+        until a row is read there again), counted in ``bad_rows`` and taken as absent (its ``raws`` entry set to
+        None), never fatal."""
         rows = []
         for k, raw in enumerate(raws):
-            if raw is None:
-                continue
-            try:
-                rows.append(decode_row(raw))
-            except (ValueError, TypeError, KeyError, IndexError) as exc:  # orjson's errors are ValueErrors
-                raws[k] = None
-                self.bad_rows += 1
-                log.warning("%s does not hold a neighbour row (%s); taken as absent until the item stage "
-                            "rewrites it", self.store.keys.neighbour_row(items[k]), type(exc).__name__)
-        return rows
+            if raw is not None:
+                try:
+                    rows.append((k, decode_row(raw)))
+                except Exception as exc:  # (decode_row raises ValueErrors; anything else, unforeseen, alike)
+                    self._bad(items, raws, k, exc)
+        try:
+            engine.load_rows([row for _, row in rows])
+        except Exception:  # which row? (a row that loads changes nothing when loaded again)
+            for k, row in rows:
+                try:
+                    engine.load_rows([row])
+                except Exception as exc:
+                    self._bad(items, raws, k, exc)
+        if self._logged_bad:
+            self._logged_bad.difference_update(items[k] for k, raw in enumerate(raws) if raw is not None)
+
+    def _bad(self, items: list[str], raws: list, k: int, exc: Exception) -> None:
+        """``raws[k]`` is not a row: counted, logged, taken as absent."""
+        raws[k] = None
+        self.bad_rows += 1
+        item = items[k]
+        if item in self._logged_bad:
+            return
+        if len(self._logged_bad) >= self.capacity:
+            self._logged_bad.clear()
+        self._logged_bad.add(item)
+        log.warning("%s does not hold a neighbour row (%s: %s); taken as absent until the item stage rewrites it",
+                    self.store.keys.neighbour_row(item), type(exc).__name__, str(exc)[:200])
 
     def _pace(self, now: float, spent: float) -> None:
         """Count ``spent`` CPU seconds of reading; once a max age has passed, scale the max age by the

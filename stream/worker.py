@@ -598,7 +598,12 @@ class Worker:
             return
         if got["at"] is None:
             return
-        segments = self.core.load_population(got)
+        try:
+            segments = self.core.load_population(got)
+        except Exception as exc:  # values the engine cannot take (checked as read: unforeseen), never fatal
+            log.error("could not load the population model (%s: %s); keeping the last one until the item stage "
+                      "rewrites it", type(exc).__name__, str(exc)[:200])
+            return
         if segments:  # users seen before the first centers: their segment now, without waiting for an event
             await self._store_retrying(self.store.write, segments=segments)
 

@@ -7,6 +7,9 @@ from collections.abc import Sequence
 import numpy as np
 import orjson
 
+from infogap.models.catalog import MAX_ID_CHARS
+from infogap.models.model_state import MAX_STORED_TS, MAX_STORED_VALUE
+
 
 def encode_row(row: dict, numbering: int | None = None) -> bytes:
     """A row of :meth:`infogap.models.cooc_shard.CoOccurrenceShard.export_row` as bytes: a JSON head, the
@@ -54,8 +57,15 @@ def encode_row(row: dict, numbering: int | None = None) -> bytes:
                      np.asarray(row["numbers"], np.int64).tobytes(), orjson.dumps(row["neighbours"])))
 
 
+def _ids(ids: object, k: int) -> list[str]:
+    """``ids`` if they are ``k`` item ids (strings of at most :data:`MAX_ID_CHARS`), else a ValueError."""
+    if not (type(ids) is list and len(ids) == k and all(type(i) is str and len(i) <= MAX_ID_CHARS for i in ids)):
+        raise ValueError(f"the row's neighbours are not {k} item ids")
+    return ids
+
+
 class _Ids(Sequence):
-    """A row's neighbour ids, parsed on first use (a reader that knows their numbers never needs them)."""
+    """A row's neighbour ids, parsed (and checked) on first use (a reader that knows their numbers never needs them)."""
 
     __slots__ = ("_raw", "_at", "_k", "_ids")
 
@@ -67,29 +77,64 @@ class _Ids(Sequence):
 
     def __getitem__(self, i):
         if self._ids is None:
-            self._ids = orjson.loads(memoryview(self._raw)[self._at:])
+            self._ids = _ids(orjson.loads(memoryview(self._raw)[self._at:]), self._k)
         return self._ids[i]
 
 
+def _check_head(head: object) -> None:
+    """A ValueError unless ``head`` is a row's head as :func:`encode_row` writes it: ``item_id`` an item id,
+    ``t`` a time within :data:`MAX_STORED_TS`, the counts numbers from 0 to :data:`MAX_STORED_VALUE`,
+    ``numbering`` null or a non-negative int64."""
+    if type(head) is not dict:
+        raise ValueError("the row's head is not a JSON object")
+    item_id = head.get("item_id")
+    if not (type(item_id) is str and 0 < len(item_id) <= MAX_ID_CHARS):
+        raise ValueError("the row's 'item_id' is not an item id")
+    counts = ("pop", "total", "pair_total") + (("raw_pop", "raw_total", "raw_pair_total") if "raw_pop" in head else ())
+    for name, limit in (("t", MAX_STORED_TS), *((c, MAX_STORED_VALUE) for c in counts)):
+        v = head.get(name)
+        if type(v) not in (int, float) or not (name == "t" or v >= 0) or not abs(v) <= limit:  # (not <=: NaN too)
+            raise ValueError(f"the row's {name!r} is not a finite number within {limit:g}"
+                             + ("" if name == "t" else ", at least 0"))
+    numbering = head.get("numbering")
+    if numbering is not None and not (type(numbering) is int and 0 <= numbering < 1 << 63):
+        raise ValueError("the row's 'numbering' is not a non-negative int64")
+
+
 def decode_row(raw: bytes) -> dict:
+    """The row of :func:`encode_row`'s bytes; a ValueError for bytes that are not such a row (another writer's
+    value at the key): every head field, value and number is checked, so a row decoded here loads
+    (:meth:`infogap.models.engine.Engine.load_rows`) without an error, and ranks with finite scores."""
     n = int.from_bytes(raw[:4], "big")
     row = orjson.loads(raw[4: 4 + n])
+    _check_head(row)
     at = 4 + n
     if "k" not in row:  # written before numbers (ids in the head): read as it was written
+        if (len(raw) - at) % 40:
+            raise ValueError("the row's values are not 5 rows of float64s")
         body = np.frombuffer(raw, np.float64, offset=at).reshape(5, -1)
-        row["values"], row["neighbour_pop"] = body[:4], body[4]
-        return row
-    k = row.pop("k")
-    private = np.asarray(row.get("private", ()), np.int64).ravel()  # (a row not an item stage's: a ValueError)
-    if private.size and not (private.min() >= 0 and private.max() < k):
-        raise ValueError("private positions outside the row")
-    row["private"] = private
-    n_rows = 6 if "raw_pop" in row else 5  # (raw counts: written since lift is computed on them)
-    body = np.frombuffer(raw, np.float64, count=n_rows * k, offset=at).reshape(n_rows, k)
+        k = body.shape[1]
+        row["neighbours"] = _ids(row.get("neighbours"), k)
+    else:
+        k = row.pop("k")
+        n_rows = 6 if "raw_pop" in row else 5  # (raw counts: written since lift is computed on them)
+        if not (type(k) is int and 0 <= k and 8 * (n_rows + 1) * k <= len(raw) - at):
+            raise ValueError("the row's 'k' is not its number of neighbours")
+        body = np.frombuffer(raw, np.float64, count=n_rows * k, offset=at).reshape(n_rows, k)
+        if n_rows == 6:
+            row["neighbour_raw_pop"] = body[5]
+        row["numbers"] = np.frombuffer(raw, np.int64, count=k, offset=at + 8 * n_rows * k)
+        if k and row["numbers"].min() < 0:
+            raise ValueError("the row has negative neighbour numbers")
+        at += 8 * (n_rows + 1) * k
+        row["numbering"] = row.get("numbering")
+        row["neighbours"] = (_Ids(raw, at, k) if row["numbering"] is not None
+                             else _ids(orjson.loads(memoryview(raw)[at:]), k))
+    if not ((body >= 0) & (body <= MAX_STORED_VALUE)).all():  # (decayed sums of positive weights; NaN fails too)
+        raise ValueError(f"the row has values that are not numbers from 0 to {MAX_STORED_VALUE:g}")
+    private = row.get("private", [])
+    if not (type(private) is list and all(type(p) is int and 0 <= p < k for p in private)):
+        raise ValueError("the row's 'private' is not a list of positions in the row")
+    row["private"] = np.array(private, np.int64)
     row["values"], row["neighbour_pop"] = body[:4], body[4]
-    if n_rows == 6:
-        row["neighbour_raw_pop"] = body[5]
-    row["numbers"] = np.frombuffer(raw, np.int64, count=k, offset=at + 8 * n_rows * k)
-    at += 8 * (n_rows + 1) * k
-    row["neighbours"] = _Ids(raw, at, k) if row["numbering"] is not None else orjson.loads(memoryview(raw)[at:])
     return row

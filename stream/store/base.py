@@ -31,8 +31,11 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import orjson
 
+from infogap.models.catalog import MAX_ID_CHARS
 from infogap.models.experiments import Counts, Segment
+from infogap.models.model_state import MAX_STORED_TS, MAX_STORED_VALUE
 from infogap.models.retention import Cohort, CohortCounts
+from infogap.models.segments import check_model
 from infogap.stream.store.keys import RedisKeys
 
 
@@ -70,8 +73,27 @@ def encode_momentum(item_ids: list[str], values: list[float]) -> bytes:
 
 
 def decode_momentum(raw: bytes) -> tuple[list[str], list[float]]:
+    """The item ids and values of :func:`encode_momentum`'s bytes; a ValueError unless they are as many item ids as
+    values, each a number from 0 to :data:`~infogap.models.model_state.MAX_STORED_VALUE`.
+
+    >>> decode_momentum(encode_momentum(["a", "b"], [1.5]))
+    Traceback (most recent call last):
+    ...
+    ValueError: the momentum is not as many item ids as values from 0 to 1e+15
+    """
     size = int.from_bytes(raw[:4], "little")
-    return orjson.loads(raw[4: 4 + size]), np.frombuffer(raw[4 + size:], "<f8").tolist()
+    ids = orjson.loads(raw[4: 4 + size])
+    if (len(raw) - 4 - size) % 8:
+        raise ValueError("the momentum's values are not float64s")
+    values = np.frombuffer(raw[4 + size:], "<f8")
+    if not (type(ids) is list and len(ids) == values.size and all(_is_item_id(i) for i in ids)
+            and ((values >= 0) & (values <= MAX_STORED_VALUE)).all()):  # (NaN fails)
+        raise ValueError(f"the momentum is not as many item ids as values from 0 to {MAX_STORED_VALUE:g}")
+    return ids, values.tolist()
+
+
+def _is_item_id(v: object) -> bool:
+    return type(v) is str and 0 < len(v) <= MAX_ID_CHARS
 
 
 def decision_entry(channel: str | None, rule: str | None, at: float, message_id: str | None = None,
@@ -132,9 +154,30 @@ def add_decision(log: list[dict], new: Mapping) -> None:
 
 def population_reply(model_raw: bytes | None, momentum_raw: bytes | None,
                      trending: Mapping[int | None, list[tuple[str, float]]]) -> dict:
-    """What :meth:`Store.read_population` returns, from the raw values read."""
+    """What :meth:`Store.read_population` returns, from the raw values read; a ValueError for values that are not
+    the learner's: a segment ``model`` that is not one (:func:`~infogap.models.segments.check_model`, when it has
+    seeded centers) or whose ``at`` is not a time within :data:`~infogap.models.model_state.MAX_STORED_TS`, a
+    momentum as :func:`decode_momentum` refuses it, or trending entries that are not an item id and a finite score
+    within :data:`~infogap.models.model_state.MAX_STORED_VALUE` (an infinite ZSET score).
+
+    >>> population_reply(b'{"n_seeded": 0, "centers": [], "slots": {}, "at": 1e300}', None, {})
+    Traceback (most recent call last):
+    ...
+    ValueError: the population model's 'at' is not a time within 4.10244e+09
+    """
     model = orjson.loads(model_raw) if model_raw is not None else None
-    return {"model": model, "trending": dict(trending), "at": (model or {}).get("at"),
+    if model is not None:
+        if type(model) is not dict:
+            raise ValueError("the population model is not a JSON object")
+        if model.get("n_seeded"):  # (without seeded centers, the engine reads only 'at')
+            check_model(model)
+        at = model.get("at")
+        if at is not None and (type(at) not in (int, float) or not abs(at) <= MAX_STORED_TS):  # (NaN fails)
+            raise ValueError(f"the population model's 'at' is not a time within {MAX_STORED_TS:g}")
+    for entries in trending.values():
+        if not all(_is_item_id(i) and type(x) in (int, float) and abs(x) <= MAX_STORED_VALUE for i, x in entries):
+            raise ValueError(f"a trending set holds other than item ids scored within {MAX_STORED_VALUE:g}")
+    return {"model": model, "trending": dict(trending), "at": None if model is None else model.get("at"),
             "momentum": decode_momentum(momentum_raw) if momentum_raw is not None else None}
 
 
