@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import orjson
+from numba import njit
 
 from infogap.models.catalog import MAX_ID_CHARS
 from infogap.models.model_state import MAX_STORED_TS, MAX_STORED_VALUE
@@ -59,7 +60,8 @@ def encode_row(row: dict, numbering: int | None = None) -> bytes:
 
 def _ids(ids: object, k: int) -> list[str]:
     """``ids`` if they are ``k`` item ids (strings of at most :data:`MAX_ID_CHARS`), else a ValueError."""
-    if not (type(ids) is list and len(ids) == k and all(type(i) is str and len(i) <= MAX_ID_CHARS for i in ids)):
+    if not (type(ids) is list and len(ids) == k
+            and (not k or set(map(type, ids)) == {str} and max(map(len, ids)) <= MAX_ID_CHARS)):  # (C loops)
         raise ValueError(f"the row's neighbours are not {k} item ids")
     return ids
 
@@ -81,6 +83,43 @@ class _Ids(Sequence):
         return self._ids[i]
 
 
+_COUNTS = ("pop", "total", "pair_total")
+_NO_NUMBERS = np.zeros(0, np.int64)
+_NO_NUMBERS.flags.writeable = False
+_COUNTS_RAW = _COUNTS + ("raw_pop", "raw_total", "raw_pair_total")
+
+
+@njit(cache=True, nogil=True)
+def _sound(values, numbers, private, k, limit):  # pragma: no cover - compiled; tested through decode_row
+    """Whether every value is a number from 0 to ``limit`` (NaN is not), no number is negative and every private
+    position is one of the ``k``: one pass."""
+    for x in values:
+        if not (0.0 <= x <= limit):
+            return False
+    for j in numbers:
+        if j < 0:
+            return False
+    for j in private:
+        if not 0 <= j < k:
+            return False
+    return True
+
+
+def _positions(private: object) -> np.ndarray:
+    """The ``private`` list as int64s (empty when absent); a ValueError for what is not a list of integers."""
+    if type(private) is not list:
+        raise ValueError("the row's 'private' is not a list of positions in the row")
+    if not private:
+        return _NO_NUMBERS
+    try:
+        out = np.array(private)
+    except (ValueError, TypeError, OverflowError):
+        out = None
+    if out is None or out.dtype != np.int64 or out.ndim != 1:  # (floats, strings, lists, ints past int64)
+        raise ValueError("the row's 'private' is not a list of positions in the row")
+    return out
+
+
 def _check_head(head: object) -> None:
     """A ValueError unless ``head`` is a row's head as :func:`encode_row` writes it: ``item_id`` an item id,
     ``t`` a time within :data:`MAX_STORED_TS`, the counts numbers from 0 to :data:`MAX_STORED_VALUE`,
@@ -90,12 +129,13 @@ def _check_head(head: object) -> None:
     item_id = head.get("item_id")
     if not (type(item_id) is str and 0 < len(item_id) <= MAX_ID_CHARS):
         raise ValueError("the row's 'item_id' is not an item id")
-    counts = ("pop", "total", "pair_total") + (("raw_pop", "raw_total", "raw_pair_total") if "raw_pop" in head else ())
-    for name, limit in (("t", MAX_STORED_TS), *((c, MAX_STORED_VALUE) for c in counts)):
-        v = head.get(name)
-        if type(v) not in (int, float) or not (name == "t" or v >= 0) or not abs(v) <= limit:  # (not <=: NaN too)
-            raise ValueError(f"the row's {name!r} is not a finite number within {limit:g}"
-                             + ("" if name == "t" else ", at least 0"))
+    t = head.get("t")
+    if type(t) not in (int, float) or not abs(t) <= MAX_STORED_TS:  # (not <=: NaN too)
+        raise ValueError(f"the row's 't' is not a finite number within {MAX_STORED_TS:g}")
+    counts = [head.get(c) for c in (_COUNTS_RAW if "raw_pop" in head else _COUNTS)]
+    if not (all(type(v) in (int, float) for v in counts) and min(counts) >= 0 and max(counts) <= MAX_STORED_VALUE
+            and sum(counts) == sum(counts)):  # (min and max can step over a NaN; their sum cannot)
+        raise ValueError(f"the row's counts ({', '.join(_COUNTS)}) are not numbers from 0 to {MAX_STORED_VALUE:g}")
     numbering = head.get("numbering")
     if numbering is not None and not (type(numbering) is int and 0 <= numbering < 1 << 63):
         raise ValueError("the row's 'numbering' is not a non-negative int64")
@@ -124,17 +164,14 @@ def decode_row(raw: bytes) -> dict:
         if n_rows == 6:
             row["neighbour_raw_pop"] = body[5]
         row["numbers"] = np.frombuffer(raw, np.int64, count=k, offset=at + 8 * n_rows * k)
-        if k and row["numbers"].min() < 0:
-            raise ValueError("the row has negative neighbour numbers")
         at += 8 * (n_rows + 1) * k
         row["numbering"] = row.get("numbering")
         row["neighbours"] = (_Ids(raw, at, k) if row["numbering"] is not None
                              else _ids(orjson.loads(memoryview(raw)[at:]), k))
-    if not ((body >= 0) & (body <= MAX_STORED_VALUE)).all():  # (decayed sums of positive weights; NaN fails too)
-        raise ValueError(f"the row has values that are not numbers from 0 to {MAX_STORED_VALUE:g}")
-    private = row.get("private", [])
-    if not (type(private) is list and all(type(p) is int and 0 <= p < k for p in private)):
-        raise ValueError("the row's 'private' is not a list of positions in the row")
-    row["private"] = np.array(private, np.int64)
+    private = _positions(row.get("private", []))
+    if not _sound(body.ravel(), row.get("numbers", _NO_NUMBERS), private, k, MAX_STORED_VALUE):
+        raise ValueError(f"the row has values that are not numbers from 0 to {MAX_STORED_VALUE:g} (sums of positive "
+                         f"weights), negative neighbour numbers or private positions outside it")
+    row["private"] = private
     row["values"], row["neighbour_pop"] = body[:4], body[4]
     return row
