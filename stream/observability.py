@@ -91,6 +91,9 @@ class WorkerStats:
     redis_retries: int = 0
     kafka_retries: int = 0
     redis_wrong_type: int = 0  # infogap keys found holding another type (logged with the key; overwritten)
+    #: values read from Redis that are not what infogap writes there (a neighbour row, the population, a review
+    #: model): logged with the key, the last good one kept until an item stage writes the key again
+    redis_unreadable: int = 0
     #: times this worker found that Redis had lost its data (the generation marker gone or changed) and began
     #: writing every key it holds state for again; and the keys written again so far
     redis_rematerialisations: int = 0
@@ -167,6 +170,9 @@ class StatsCollector:
                                  ("kafka_retries", "Kafka operations retried after an error", s.kafka_retries),
                                  ("redis_wrong_type", "infogap keys found holding another Redis type (WRONGTYPE; "
                                   "the key is logged, then overwritten or reported)", s.redis_wrong_type),
+                                 ("redis_unreadable", "values read from Redis that are not what infogap writes "
+                                  "there (a neighbour row, the population, a review model; logged with the key, "
+                                  "the last good one kept)", s.redis_unreadable),
                                  ("redis_rematerialisations", "times Redis was found to have lost its data (the "
                                   "generation marker gone or changed) and every key was written again from "
                                   "state", s.redis_rematerialisations),

@@ -122,6 +122,7 @@ class Worker:
         #: owned events partitions whose snapshot could not be read: paused, never snapshotted
         self._stopped: set[int] = set()
         self._cache: NeighbourCache | None = None
+        self._bad_rows_counted = 0  # the cache's bad_rows already in stats.redis_unreadable
         #: the Redis generation marker's token as last read, and when to read it next (monotonic)
         self._generation: bytes | None = None
         #: the first generation check found no marker: the first partitions restored are written to Redis again
@@ -521,7 +522,7 @@ class Worker:
         cooc_sent = await self._enqueue(learned.cooc)
         await self._store_retrying(self._cache.ensure, self.engine, core.wanted_items(learned.touched),
                                    time.monotonic())
-        st.neighbour_max_age_s = self._cache.age_s
+        self._cache_to_stats()
         ranked = core.rank(learned, now)
         await self._store_retrying(self.store.write, recs=ranked.docs, segments=ranked.segments,
                                    decisions=ranked.decisions)
@@ -577,6 +578,13 @@ class Worker:
                 self._consumer.seek(TopicPartition(self.topics.events, partition), expected)
         return out
 
+    def _cache_to_stats(self) -> None:
+        """The neighbour cache's figures on /stats: its max age, and the rows it found unreadable since the last
+        look (counted in ``redis_unreadable``)."""
+        self.stats.neighbour_max_age_s = self._cache.age_s
+        self.stats.redis_unreadable += self._cache.bad_rows - self._bad_rows_counted
+        self._bad_rows_counted = self._cache.bad_rows
+
     async def _load_population(self) -> None:
         """Segment centers and trending from the population learner (via Redis), at most every
         ``publish_interval_s``: the engine assigns segments and ranks with them."""
@@ -593,6 +601,8 @@ class Worker:
         except (WrongTypeError, ValueError) as exc:  # another type or value at its keys: reported, never fatal
             if isinstance(exc, WrongTypeError):
                 self.stats.redis_wrong_type += len(exc.keys)
+            else:
+                self.stats.redis_unreadable += 1
             log.error("could not read the population model (%s); keeping the last one until the item stage "
                       "rewrites it", exc if isinstance(exc, WrongTypeError) else type(exc).__name__)
             return
@@ -601,6 +611,7 @@ class Worker:
         try:
             segments = self.core.load_population(got)
         except Exception as exc:  # values the engine cannot take (checked as read: unforeseen), never fatal
+            self.stats.redis_unreadable += 1
             log.error("could not load the population model (%s: %s); keeping the last one until the item stage "
                       "rewrites it", type(exc).__name__, str(exc)[:200])
             return
@@ -627,6 +638,7 @@ class Worker:
                 log.error("could not read the %s model (%s); keeping the last one", name, exc)
                 continue
             if raw is not None and not self.core.load_review_model(name, raw):
+                self.stats.redis_unreadable += 1
                 log.error("the %s model in the store cannot be read; keeping the last one until the item stage "
                           "rewrites it", name)
 
@@ -712,6 +724,7 @@ class Worker:
         if chunk:
             await self._store_retrying(self._cache.ensure, self.engine, self.core.wanted_items(chunk),
                                        time.monotonic())
+            self._cache_to_stats()
             now = self.clock()
             docs = [self.core.ranked(user_id, now)[2] for user_id in chunk]
             segments = {doc["user_id"]: doc["segment"] for doc in docs}

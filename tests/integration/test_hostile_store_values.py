@@ -49,5 +49,7 @@ async def test_hostile_rows_a_segment_model_and_momentum_in_redis_are_refused_an
             assert all(np.isfinite(i["score"]) for i in orjson.loads(doc)["items"])
             # the learner's model replaces the hostile one in Redis, and is read
             await wait_for(lambda: worker.engine.state.segmenter.n_seeded > 0, what="the learner's segment model read")
+            # what an operator sees: the refused row and the refused population, on /stats and /metrics
+            assert worker.stats.to_dict()["redis_unreadable"] >= 2, worker.stats.to_dict()
     finally:
         await r.aclose()
