@@ -676,7 +676,8 @@ class Engine:
         with_raw = True  # every row carries raw counts (rows from before them do not)
         for doc in rows:
             t = float(doc["t"])
-            if self.state.t0 is not None and not self.state.growth(co.lam, t) <= MAX_LOAD_GROWTH:
+            factor = 1.0 if self.state.t0 is None else self.state.growth(co.lam, t)  # (the first row sets t0 = t)
+            if not factor <= MAX_LOAD_GROWTH:
                 raise ValueError(f"the row of {doc['item_id']!r} is of a time too far ahead of this engine's")
             r = cat.row(doc["item_id"])
             numbering = doc.get("numbering")
@@ -685,7 +686,6 @@ class Engine:
             self.state.ensure_items(len(cat))
             if self.state.t0 is None:
                 self.state.t0 = t
-            factor = self.state.growth(co.lam, t)
             co.set_row(r, nbs, np.asarray(doc["values"], np.float64).reshape(4, -1), factor,
                        private=np.asarray(doc.get("private", ()), np.int64))
             pop_rows += (nbs, (r,))

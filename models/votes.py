@@ -146,7 +146,7 @@ def _anchors(nb, sq_dir, sq_sym, blocks, a_sym, a_dir, n_anchor, picks, pos, use
         base = b * m
         for s in range(m):
             j = nb[b, s]
-            if j < 0 or pos[j] == 0 or not at_floor(users[base + s], min_users):
+            if j < 0 or pos[j] == 0 or (min_users > 1 and not at_floor(users[base + s], min_users)):  # (no floor: users is empty)
                 continue
             c = sq_sym[base + s] * a_sym[h]
             if h < kd:

@@ -89,7 +89,6 @@ def parse_fields(variant: str, raw: Mapping) -> dict[Segment, Counts]:
     grouped: dict[Segment, dict[str, str]] = {}
     for f, v in raw.items():
         f = f.decode(errors="replace") if isinstance(f, bytes) else f
-        v = v.decode(errors="replace") if isinstance(v, bytes) else v  # (then refused as not a number)
         shard, sep, rest = f.partition(_SEP)
         campaign, sep2, tail = rest.rpartition(_SEP)
         campaign, sep3, channel = campaign.rpartition(_SEP)
@@ -120,7 +119,6 @@ def parse_cohort_fields(raw: Mapping) -> dict[Cohort, CohortCounts]:
     grouped: dict[Cohort, dict[str, str]] = {}
     for f, v in raw.items():
         f = f.decode(errors="replace") if isinstance(f, bytes) else f
-        v = v.decode(errors="replace") if isinstance(v, bytes) else v  # (then refused as not a number)
         parts = f.split(_SEP)
         if len(parts) != 6 or not _is_shard(parts[0]) or parts[4] not in ARMS or parts[5] not in RETENTION_FIELDS:
             continue

@@ -247,10 +247,9 @@ class Sources:
         self._dlq = None
         self._dlq_lock = asyncio.Lock()
         self._dlq_cache: tuple[float, dict] | None = None
-        self._experiments_cache: tuple[float, dict] | None = None
-        self._retention_cache: tuple[float, dict] | None = None
-        self._retention_list: tuple[float, list] | None = None
-        self._experiment_list: tuple[float, dict] | None = None
+        #: per kind of read ("experiments", "retention"): (when, what was read) and (when, the names found)
+        self._read_cache: dict[str, tuple[float, dict]] = {}
+        self._found: dict[str, tuple[float, dict | list]] = {}
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession()
@@ -330,36 +329,32 @@ class Sources:
 
     # ------------------------------------------------------------------ experiments
     async def retention(self) -> dict:
-        """Every experiment's (or push campaign's) control-group cohorts (``ig:ret``), read at most once per refresh;
-        which exist is a SCAN, found again every :data:`EXPERIMENT_LIST_S` only (as for :meth:`experiments`)."""
-        now = time.monotonic()
-        if self._retention_cache is not None and now - self._retention_cache[0] < self.settings.console_refresh_s:
-            return self._retention_cache[1]
-        if self._retention_list is None or now - self._retention_list[0] >= EXPERIMENT_LIST_S:
-            self._retention_list = (now, await self.store.retention_names())
-        data = {}
-        for name in self._retention_list[1]:
-            cohorts = await self.store.read_retention(name)
-            if cohorts:
-                data[name] = cohorts
-        self._retention_cache = (now, data)
-        return data
+        """Every experiment's (or push campaign's) control-group cohorts (``ig:ret``), as :meth:`_read_all` reads."""
+        return await self._read_all("retention", self.store.retention_names,
+                                    lambda name, _: self.store.read_retention(name))
 
     async def experiments(self) -> dict:
-        """Every experiment's counts, read at most once per refresh. Which experiments and variants exist is a
-        SCAN of the whole keyspace (0.36 s with 100,000 users' keys): found again every
-        :data:`EXPERIMENT_LIST_S` only."""
+        """Every experiment's counts, as :meth:`_read_all` reads."""
+        return await self._read_all("experiments", self.store.experiments, self.store.read_experiment)
+
+    async def _read_all(self, what: str, find, read) -> dict:
+        """``read(name, its variants)`` of every name ``find()`` gives (a dict of variants, or a list), those
+        with data, read at most once per refresh. Which exist is a SCAN of the whole keyspace (0.36 s with
+        100,000 users' keys): found again every :data:`EXPERIMENT_LIST_S` only."""
         now = time.monotonic()
-        if self._experiments_cache is not None and now - self._experiments_cache[0] < self.settings.console_refresh_s:
-            return self._experiments_cache[1]
-        if self._experiment_list is None or now - self._experiment_list[0] >= EXPERIMENT_LIST_S:
-            self._experiment_list = (now, await self.store.experiments())
+        cached = self._read_cache.get(what)
+        if cached is not None and now - cached[0] < self.settings.console_refresh_s:
+            return cached[1]
+        found = self._found.get(what)
+        if found is None or now - found[0] >= EXPERIMENT_LIST_S:
+            found = self._found[what] = (now, await find())
+        names = found[1] if isinstance(found[1], dict) else dict.fromkeys(found[1])
         data = {}
-        for name, variants in self._experiment_list[1].items():
-            counts = await self.store.read_experiment(name, variants)
-            if counts:
-                data[name] = counts
-        self._experiments_cache = (now, data)
+        for name, variants in names.items():
+            got = await read(name, variants)
+            if got:
+                data[name] = got
+        self._read_cache[what] = (now, data)
         return data
 
     # ------------------------------------------------------------------ dead letters

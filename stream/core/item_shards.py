@@ -210,6 +210,7 @@ class ItemShards:
         if shard is None:  # records fetched before a revoke reached us; the new owner applies them
             return []
         dirty = self.dirty.setdefault(partition, set())
+        latest_ts = self._latest_ts()  # (once: the records of one call come within milliseconds)
         for k, rec in enumerate(records):
             try:
                 headers = dict(rec.headers or ())
@@ -218,7 +219,7 @@ class ItemShards:
                     if partition != POPULATION_PARTITION or self.population is None:
                         raise ValueError(f"population entries on cooc partition {partition}, "
                                          f"not {POPULATION_PARTITION}")
-                    samples, trends, reviews, bad = check_batch(orjson.loads(rec.value), self._latest_ts())
+                    samples, trends, reviews, bad = check_batch(orjson.loads(rec.value), latest_ts)
                     if bad and not (samples or trends or reviews):
                         raise ValueError(bad["reason"])
                     top = max((e[0] for e in samples + trends + reviews), default=-1)
@@ -232,7 +233,7 @@ class ItemShards:
                                                     rec.partition, rec.offset))  # (json: ints may pass 64 bits)
                     self.population.learn_checked(samples, trends, reviews, source)
                     continue
-                deltas = PairDeltas.from_bytes(rec.value, self._latest_ts())
+                deltas = PairDeltas.from_bytes(rec.value, latest_ts)
                 top = max(int(deltas.seq.max(initial=-1)), int(deltas.occ_seq.max(initial=-1)))
                 if self._past_events(source, top):
                     if not final:
